@@ -1,0 +1,64 @@
+# Atlas — developer entry points. `make dev` starts everything, `make test` runs every tier.
+# Every target does its own set-up on a fresh machine (virtual env, packages, Redis, tools).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv system-deps tools deps test test-unit test-integration test-cluster test-e2e \
+        bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)  ## create .venv and install Atlas with its test dependencies
+
+system-deps:  ## redis-server and wrk from Debian's packages (skipped when present)
+	@bash hack/system-deps.sh
+
+tools:  ## build kube-apiserver, etcd, kubectl and helm from source (cached outside the checkout)
+	@bash hack/tools/build.sh
+
+deps: venv system-deps tools
+
+test: deps  ## run every test tier (unit, integration, cluster, e2e)
+	$(PYTEST) tests
+
+test-unit: venv  ## fast tier: pure functions and fakeredis
+	$(PYTEST) tests/unit
+
+test-integration: venv system-deps  ## real redis-server
+	$(PYTEST) tests/integration
+
+test-cluster: deps  ## real kube-apiserver + etcd + operator
+	$(PYTEST) tests/crdcel tests/cluster tests/chart
+
+test-e2e: deps  ## the dev stack driven by the openai SDK and kubectl
+	$(PYTEST) tests/e2e
+
+bench: venv system-deps  ## gateway overhead, throughput and budget exactness (prints numbers)
+	$(PY) -m benchmarks
+
+dev-up: deps  ## start the whole stack in the background and write .dev/env
+	$(PY) -m atlas_devstack up
+
+dev-down:  ## stop everything dev-up started
+	@if [ -x $(PY) ]; then $(PY) -m atlas_devstack down; fi
+
+dev-logs:
+	$(PY) -m atlas_devstack logs
+
+dev: dev-up  ## dev-up, follow the logs, dev-down on Ctrl-C
+	@trap '$(MAKE) --no-print-directory dev-down' EXIT INT TERM; $(PY) -m atlas_devstack logs --follow
+
+clean: dev-down
+	rm -rf $(VENV) bin .dev .pytest_cache

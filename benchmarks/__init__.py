@@ -1,0 +1,1 @@
+"""`make bench` / `python -m benchmarks`: gateway overhead, throughput and budget exactness."""

@@ -1,0 +1,250 @@
+"""Run the Atlas benchmarks: ``python -m benchmarks`` (``make bench``).
+
+Starts a real redis-server, the mock upstream and the gateway as separate processes on free
+loopback ports, then:
+
+1. wrk (with a Lua script for the POST body, --latency) against the mock directly and
+   through the gateway, at concurrency 1 and 16: p50/p99, req/s, the added p50 at c=1 and the
+   c=16 throughput ratio, against the targets (<= 1 ms, >= 40 %);
+2. the same wrk runs through a minimal proxy using aiohttp and one using httpx (the upstream
+   client choice);
+3. exactness: 200 concurrent requests against a key whose daily budget fits exactly 20.
+
+Environment: BENCH_DURATION (seconds per wrk run, default 8), BENCH_WORKERS (gateway
+ATLAS_WORKERS, default 1), BENCH_SKIP_CLIENTS=1 to skip step 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import redis
+
+from atlas_core import contract
+from atlas_devstack.mock_upstream import MockUpstreamProcess
+from atlas_devstack.redis_server import RedisServer, free_port
+from atlas_gateway.tokens import estimate
+
+TARGET_ADDED_P50_MS = 1.0
+TARGET_RATIO = 0.40
+MODEL = "llama-3.1-8b-instruct"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+        "max_tokens": 16}
+BENCH_KEY = "sk-atlas-bench-0000000000000000000000"
+EXACT_KEY = "sk-atlas-exact-0000000000000000000000"
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready")
+
+
+class Proc:
+    """A Python module run as a server process on a free port, stopped on exit."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, health: str = "/healthz",
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.args = [a.replace("{port}", str(self.port)) for a in args]
+        self.env = {**os.environ, **(env or {})}
+        self.health = health
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Proc":
+        self.proc = subprocess.Popen([sys.executable, *self.args], env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_http(self.url + self.health, proc=self.proc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def gateway(redis_url: str, upstream: str, **extra: str) -> Proc:
+    env = {"ATLAS_REDIS_URL": redis_url, "ATLAS_UPSTREAM_URL": upstream, "ATLAS_LOG_LEVEL": "warning",
+           "ATLAS_WORKERS": os.environ.get("BENCH_WORKERS", "1"), **extra}
+    port = free_port()
+    env["ATLAS_PORT"] = str(port)
+    return Proc(["-m", "atlas_gateway"], env, port=port)
+
+
+def write_key(r: redis.Redis, key: str, name: str, limits: contract.Limits, quota: contract.Limits | None) -> None:
+    key_hash = contract.hash_api_key(key)
+    cfg = contract.KeyConfig("bench", name, contract.key_id_of(key_hash), limits,
+                             quota=f"{name}-quota" if quota else None)
+    r.set(contract.key_config_key(key_hash), cfg.encode())
+    if quota:
+        r.set(contract.quota_config_key("bench", f"{name}-quota"),
+              contract.QuotaConfig("bench", f"{name}-quota", quota).encode())
+
+
+# ------------------------------------------------------------------------------------- wrk
+
+def _to_ms(value: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)", value)
+    if not m:
+        return float("nan")
+    num, unit = float(m.group(1)), m.group(2)
+    return num * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(url: str, connections: int, duration: int, key: str | None, workdir: str) -> dict:
+    script = os.path.join(workdir, "post.lua")
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    with open(script, "w") as fh:
+        fh.write('wrk.method = "POST"\n')
+        fh.write(f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
+        for name, value in headers.items():
+            fh.write(f'wrk.headers["{name}"] = "{value}"\n')
+        # wrk counts non-2xx/3xx responses; print them so a benchmark of errors cannot pass silently
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
+         url + "/v1/chat/completions"],
+        capture_output=True, text=True, timeout=duration + 30,
+    ).stdout
+    res = {"p50": float("nan"), "p99": float("nan"), "rps": 0.0, "errors": 0}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("50%"):
+            res["p50"] = _to_ms(line.split()[1])
+        elif line.startswith("99%"):
+            res["p99"] = _to_ms(line.split()[1])
+        elif line.startswith("Requests/sec:"):
+            res["rps"] = float(line.split()[1])
+        elif line.startswith("Non-2xx or 3xx responses:"):
+            res["errors"] = int(line.split()[-1])
+    return res
+
+
+# ------------------------------------------------------------------------------- exactness
+
+async def exactness(gateway_url: str, redis_url: str, upstream_url: str) -> dict:
+    import aiohttp
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 100}
+    prompt_est, reserve = estimate("chat", body, 4096)
+    budget = 20 * reserve
+    r = redis.Redis.from_url(redis_url)
+    write_key(r, EXACT_KEY, "exact", contract.Limits(tokens_per_day=budget), None)
+    # The mock reports exactly the reservation as usage, so settling refunds nothing and the
+    # budget fits exactly 20 requests; 100 ms latency keeps all 200 truly concurrent.
+    headers = {"Authorization": f"Bearer {EXACT_KEY}", "x-mock-latency-ms": "100",
+               "x-mock-prompt-tokens": str(prompt_est), "x-mock-completion-tokens": str(reserve - prompt_est)}
+    statuses: list[int] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one() -> None:
+            async with session.post(gateway_url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+
+        await asyncio.gather(*(one() for _ in range(200)))
+    day_key, _ = contract.usage_keys(contract.key_subject("bench", "exact"),
+                                     __import__("datetime").datetime.now(__import__("datetime").timezone.utc))
+    settled = int(r.hget(day_key, "settled") or 0)
+    leases = r.zcard(contract.lease_key(contract.key_subject("bench", "exact")))
+    r.close()
+    return {"admitted": statuses.count(200), "rejected_429": statuses.count(429),
+            "other": len(statuses) - statuses.count(200) - statuses.count(429),
+            "reserve_per_request": reserve, "budget": budget, "tokens_settled": settled,
+            "leases_left": leases, "ok": settled <= budget and statuses.count(200) <= 20 and leases == 0}
+
+
+# ------------------------------------------------------------------------------------ main
+
+def fmt(res: dict) -> str:
+    return f"p50 {res['p50']:7.3f} ms  p99 {res['p99']:7.3f} ms  {res['rps']:9.1f} req/s" + (
+        f"  ({res['errors']} non-2xx!)" if res["errors"] else "")
+
+
+def main() -> int:
+    if not shutil.which("wrk"):
+        print("wrk not found: install it (make system-deps)", file=sys.stderr)
+        return 2
+    duration = int(os.environ.get("BENCH_DURATION", "8"))
+    workdir = tempfile.mkdtemp(prefix="atlas-bench-")
+    results: dict[str, dict] = {}
+    started = time.monotonic()
+    print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
+          f"{os.cpu_count()} CPUs; {duration}s per wrk run", flush=True)
+    try:
+        with RedisServer() as rs, MockUpstreamProcess() as mock:
+            r = redis.Redis.from_url(rs.url)
+            # every limit kind on the key and on its quota, set high enough never to bite: the
+            # benchmark measures the full admission script, not a short cut for unlimited keys
+            big = contract.Limits(requests_per_second=1e6, burst=10**6, tokens_per_minute=10**12,
+                                  tokens_per_day=10**13, tokens_per_month=10**14, max_concurrent=10_000)
+            write_key(r, BENCH_KEY, "bench", big, big)
+            r.close()
+            with gateway(rs.url, mock.url) as gw:
+                for c in (1, 16):
+                    wrk(mock.url, c, 2, None, workdir)  # warm-up
+                    results[f"direct c={c}"] = wrk(mock.url, c, duration, None, workdir)
+                    print(f"direct    c={c:<3} {fmt(results[f'direct c={c}'])}", flush=True)
+                    wrk(gw.url, c, 2, BENCH_KEY, workdir)
+                    results[f"gateway c={c}"] = wrk(gw.url, c, duration, BENCH_KEY, workdir)
+                    print(f"gateway   c={c:<3} {fmt(results[f'gateway c={c}'])}", flush=True)
+                exact = asyncio.run(exactness(gw.url, rs.url, mock.url))
+            if os.environ.get("BENCH_SKIP_CLIENTS") != "1":
+                for client in ("aiohttp", "httpx"):
+                    with Proc(["-m", "benchmarks.client_proxy", "--client", client, "--upstream", mock.url,
+                               "--port", "{port}"]) as proxy:
+                        for c in (1, 16):
+                            wrk(proxy.url, c, 2, None, workdir)
+                            results[f"{client} proxy c={c}"] = wrk(proxy.url, c, duration, None, workdir)
+                            print(f"{client:7} proxy c={c:<3} {fmt(results[f'{client} proxy c={c}'])}", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    added = results["gateway c=1"]["p50"] - results["direct c=1"]["p50"]
+    ratio = results["gateway c=16"]["rps"] / results["direct c=16"]["rps"] if results["direct c=16"]["rps"] else 0
+    print("\n=== summary ===")
+    print(f"{'path':24} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>10}")
+    for name, res in results.items():
+        print(f"{name:24} {res['p50']:8.3f} {res['p99']:8.3f} {res['rps']:10.1f}")
+    ok_latency = added <= TARGET_ADDED_P50_MS
+    ok_ratio = ratio >= TARGET_RATIO
+    print(f"\nadded p50 at c=1: {added:.3f} ms (target <= {TARGET_ADDED_P50_MS} ms) -> {'PASS' if ok_latency else 'MISS'}")
+    print(f"c=16 throughput ratio: {ratio:.2f} (target >= {TARGET_RATIO:.2f}) -> {'PASS' if ok_ratio else 'MISS'}")
+    for client in ("aiohttp", "httpx"):
+        if f"{client} proxy c=16" in results:
+            share = results[f"{client} proxy c=16"]["rps"] / results["direct c=16"]["rps"]
+            print(f"{client} minimal proxy c=16 share of direct: {share:.2f}")
+    print(f"exactness: {exact['admitted']} admitted, {exact['rejected_429']} x 429, {exact['other']} other; "
+          f"tokens settled {exact['tokens_settled']} of budget {exact['budget']} "
+          f"({exact['reserve_per_request']} per request); leases left {exact['leases_left']} -> "
+          f"{'PASS' if exact['ok'] else 'FAIL: BUDGET EXCEEDED'}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}; total {time.monotonic() - started:.0f}s")
+    return 0 if exact["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The Redis contract between the Atlas operator and the Atlas gateway.
+
+This module is the single source of truth for every Redis key name Atlas uses and for the
+encoding of what is stored under them. Both processes import it; nothing else builds a key
+name by hand. See docs/redis-contract.md for the operator-facing description.
+
+Ownership (who writes what):
+
+* config (``key:*``, ``quota:*``, ``index:*``, ``config:epoch``): written only by the operator;
+  the gateway only reads it.
+* counters (``usage:*``, ``bucket:*``, ``lease:*``): written only by the gateway (from its Lua
+  scripts); the operator only reads the day/month usage hashes for status write-back.
+
+Every key starts with ``atlas:v1:`` so that an incompatible change of encoding can live next to
+the old one during an upgrade.
+
+Counters are keyed by the AtlasKey's identity (``namespace/name``), not by the key material:
+rotating a key's Secret, or deleting and re-creating the AtlasKey, keeps its usage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+
+PREFIX = "atlas:v1:"
+
+PRIORITIES = ("Critical", "Standard", "Sheddable")
+DEFAULT_PRIORITY = "Standard"
+
+# Written by the operator after every full sync. Its absence tells the operator that Redis lost
+# its data (restart without persistence, FLUSHALL) and that all config must be written again.
+CONFIG_EPOCH = PREFIX + "config:epoch"
+# ``namespace/name`` -> key hash of every AtlasKey the operator has written: lets the operator
+# find (and delete) the config of a previous hash on rotation or deletion without scanning.
+KEY_INDEX = PREFIX + "index:keys"
+# Set of ``namespace/name`` of every AtlasQuota the operator has written.
+QUOTA_INDEX = PREFIX + "index:quotas"
+
+
+# --------------------------------------------------------------------------- key material
+
+
+def hash_api_key(api_key: str) -> str:
+    """SHA-256 hex digest of the key material: the only form Redis ever sees."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def key_id_of(key_hash: str) -> str:
+    """The first 8 hex characters of the hash: safe to show in status, logs and metrics."""
+    return key_hash[:8]
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ``limits`` block shared by AtlasKey and AtlasQuota. ``None`` means "no limit"."""
+
+    requests_per_second: float | None = None
+    burst: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    max_concurrent: int | None = None
+
+    _FIELDS = (
+        ("requestsPerSecond", "requests_per_second"),
+        ("burst", "burst"),
+        ("tokensPerMinute", "tokens_per_minute"),
+        ("tokensPerDay", "tokens_per_day"),
+        ("tokensPerMonth", "tokens_per_month"),
+        ("maxConcurrent", "max_concurrent"),
+    )
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> "Limits":
+        """Build from the CRD's camelCase ``limits`` block (or from :meth:`to_spec` output)."""
+        spec = spec or {}
+        values: dict[str, Any] = {}
+        for camel, attr in cls._FIELDS:
+            raw = spec.get(camel)
+            if raw is None:
+                continue
+            values[attr] = float(raw) if attr == "requests_per_second" else int(raw)
+        return cls(**values)
+
+    def to_spec(self) -> dict[str, Any]:
+        """camelCase dict with only the limits that are set (the stored and shown form)."""
+        out: dict[str, Any] = {}
+        for camel, attr in self._FIELDS:
+            value = getattr(self, attr)
+            if value is not None:
+                out[camel] = value
+        return out
+
+    @property
+    def effective_burst(self) -> int | None:
+        """Token-bucket size for requests: ``burst``, else ``ceil(requestsPerSecond)``."""
+        if self.requests_per_second is None:
+            return None
+        if self.burst is not None:
+            return self.burst
+        whole = int(self.requests_per_second)
+        return whole if whole == self.requests_per_second else whole + 1
+
+
+# --------------------------------------------------------------------------- config
+
+
+def key_config_key(key_hash: str) -> str:
+    return f"{PREFIX}key:{key_hash}"
+
+
+def quota_config_key(namespace: str, name: str) -> str:
+    return f"{PREFIX}quota:{namespace}/{name}"
+
+
+def _dumps(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """What the gateway needs to know about one API key, stored under :func:`key_config_key`.
+
+    ``refusal`` is set when the operator knows the key must not be served (for example its
+    quotaRef does not resolve, or its Secret is invalid): the gateway answers 403 with
+    ``refusal_message`` instead of treating the key as unknown or, worse, unlimited.
+    Suspension and expiry are separate fields so the gateway can enforce ``expires_at`` to the
+    second without waiting for the operator.
+    """
+
+    namespace: str
+    name: str
+    key_id: str
+    limits: Limits = field(default_factory=Limits)
+    quota: str | None = None  # AtlasQuota name, same namespace
+    models: tuple[str, ...] = ()  # allow-list globs; empty = all models
+    priority: str = DEFAULT_PRIORITY
+    suspended: bool = False
+    expires_at: float | None = None  # unix seconds, UTC
+    refusal: str | None = None  # condition reason, e.g. "QuotaNotFound"
+    refusal_message: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def quota_ref(self) -> str | None:
+        return f"{self.namespace}/{self.quota}" if self.quota else None
+
+    def encode(self) -> bytes:
+        doc: dict[str, Any] = {
+            "ns": self.namespace,
+            "name": self.name,
+            "keyId": self.key_id,
+            "limits": self.limits.to_spec(),
+            "priority": self.priority,
+        }
+        if self.quota:
+            doc["quota"] = self.quota
+        if self.models:
+            doc["models"] = list(self.models)
+        if self.suspended:
+            doc["suspended"] = True
+        if self.expires_at is not None:
+            doc["expiresAt"] = self.expires_at
+        if self.refusal:
+            doc["refusal"] = self.refusal
+            doc["refusalMessage"] = self.refusal_message or self.refusal
+        return _dumps(doc)
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "KeyConfig":
+        doc = json.loads(raw)
+        return cls(
+            namespace=doc["ns"],
+            name=doc["name"],
+            key_id=doc["keyId"],
+            limits=Limits.from_spec(doc.get("limits")),
+            quota=doc.get("quota"),
+            models=tuple(doc.get("models") or ()),
+            priority=doc.get("priority", DEFAULT_PRIORITY),
+            suspended=bool(doc.get("suspended", False)),
+            expires_at=doc.get("expiresAt"),
+            refusal=doc.get("refusal"),
+            refusal_message=doc.get("refusalMessage"),
+        )
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """A shared budget, stored under :func:`quota_config_key`."""
+
+    namespace: str
+    name: str
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def encode(self) -> bytes:
+        return _dumps({"ns": self.namespace, "name": self.name, "limits": self.limits.to_spec()})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "QuotaConfig":
+        doc = json.loads(raw)
+        return cls(namespace=doc["ns"], name=doc["name"], limits=Limits.from_spec(doc.get("limits")))
+
+
+# --------------------------------------------------------------------------- counters
+#
+# A "subject" is whatever a limit applies to: an AtlasKey (``k:<ns>/<name>``) or an AtlasQuota
+# (``q:<ns>/<name>``). Per subject the gateway keeps:
+#
+#   usage:<subject>:d:<YYYY-MM-DD>   hash  settled (tokens), requests, last (unix ms)
+#   usage:<subject>:m:<YYYY-MM>      hash  settled (tokens)
+#   bucket:req:<subject>             hash  token bucket for requestsPerSecond/burst
+#   bucket:tok:<subject>             hash  token bucket for tokensPerMinute
+#   lease:<subject>                  zset  in-flight request id -> lease expiry (unix ms)
+#   lease:tok:<subject>              hash  in-flight request id -> tokens reserved
+#
+# A lease is both the concurrency slot and the token reservation of one in-flight request; it
+# carries a TTL so that a gateway that dies mid-request cannot leak either. Day/month budgets
+# are checked against ``settled + sum(reserved of live leases) + this request``.
+
+DAY_TTL_SECONDS = 3 * 24 * 3600  # a day hash outlives its day: late settlements and status
+MONTH_TTL_SECONDS = 35 * 24 * 3600 + 3600
+
+
+def key_subject(namespace: str, name: str) -> str:
+    return f"k:{namespace}/{name}"
+
+
+def quota_subject(namespace: str, name: str) -> str:
+    return f"q:{namespace}/{name}"
+
+
+def day_of(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%d")
+
+
+def month_of(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m")
+
+
+def day_usage_key(subject: str, day: str) -> str:
+    return f"{PREFIX}usage:{subject}:d:{day}"
+
+
+def month_usage_key(subject: str, month: str) -> str:
+    return f"{PREFIX}usage:{subject}:m:{month}"
+
+
+def request_bucket_key(subject: str) -> str:
+    return f"{PREFIX}bucket:req:{subject}"
+
+
+def token_bucket_key(subject: str) -> str:
+    return f"{PREFIX}bucket:tok:{subject}"
+
+
+def lease_key(subject: str) -> str:
+    return f"{PREFIX}lease:{subject}"
+
+
+def lease_tokens_key(subject: str) -> str:
+    return f"{PREFIX}lease:tok:{subject}"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Settled usage of one subject, as shown in ``status.usage`` and ``/v1/usage``."""
+
+    tokens_today: int = 0
+    tokens_this_month: int = 0
+    requests_today: int = 0
+    day: str = ""
+    month: str = ""
+    last_request_ms: int | None = None
+
+    def to_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tokensToday": self.tokens_today,
+            "tokensThisMonth": self.tokens_this_month,
+            "requestsToday": self.requests_today,
+            "day": self.day,
+            "month": self.month,
+        }
+        if self.last_request_ms is not None:
+            stamp = datetime.fromtimestamp(self.last_request_ms / 1000, tz=timezone.utc)
+            out["lastRequestTime"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return out
+
+
+def _int(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bytes):
+        value = value.decode()
+    return int(float(value))
+
+
+def usage_keys(subject: str, now: datetime) -> tuple[str, str]:
+    """The (day hash, month hash) keys holding ``subject``'s usage at ``now``."""
+    return day_usage_key(subject, day_of(now)), month_usage_key(subject, month_of(now))
+
+
+def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now: datetime) -> Usage:
+    """Decode the two hashes of :func:`usage_keys` (as returned by HGETALL) into a :class:`Usage`."""
+
+    def get(h: Mapping[Any, Any], name: str) -> Any:
+        return h.get(name, h.get(name.encode()))
+
+    last = get(day_hash, "last")
+    return Usage(
+        tokens_today=_int(get(day_hash, "settled")),
+        tokens_this_month=_int(get(month_hash, "settled")),
+        requests_today=_int(get(day_hash, "requests")),
+        day=day_of(now),
+        month=month_of(now),
+        last_request_ms=_int(last) if last is not None else None,
+    )
+
+
+async def read_usages(redis: Any, subjects: Iterable[str], now: datetime) -> dict[str, Usage]:
+    """Read the usage of many subjects in one pipelined round trip (redis.asyncio client)."""
+    subjects = list(subjects)
+    pipe = redis.pipeline(transaction=False)
+    for subject in subjects:
+        day_key, month_key = usage_keys(subject, now)
+        pipe.hgetall(day_key)
+        pipe.hgetall(month_key)
+    replies = await pipe.execute() if subjects else []
+    return {
+        subject: parse_usage(replies[2 * i], replies[2 * i + 1], now)
+        for i, subject in enumerate(subjects)
+    }

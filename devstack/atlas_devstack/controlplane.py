@@ -1,0 +1,631 @@
+"""A local Kubernetes control plane: etcd + kube-apiserver built from source (`make tools`).
+
+Like controller-runtime's envtest: real validation, CEL, status subresource, printer
+columns, RBAC, server-side apply, finalizers. There is no kube-controller-manager, so
+nothing reconciles built-in objects:
+  * a deleted namespace stays Terminating forever (no namespace finalization);
+  * no garbage collection of ownerReferences, no Deployments -> Pods, no token controller.
+Tests therefore use a fresh namespace each and never wait for GC. The ServiceAccount
+admission plugin is disabled (as envtest does): without the controller no `default`
+ServiceAccount exists, and Pod creation would otherwise be refused.
+
+Two modes:
+  * ephemeral (default): everything in a temp dir, removed on stop(); the processes die with
+    the Python process (PR_SET_PDEATHSIG) and stop() also runs at exit.
+  * persistent: ControlPlane(state_dir=".dev/controlplane") keeps etcd data, certificates
+    and the kubeconfig there, writes pidfiles and outlives the starting process;
+    ControlPlane.stop_from_state_dir(state_dir) stops it (make dev-down).
+
+    with ControlPlane() as cp:
+        cp.kubectl("get", "atlaskeys", "-A")
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import ctypes
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .tools import REPO_ROOT, find_tool
+
+ATLAS_GROUP_VERSION = "atlas.bugvanquisher.io/v1alpha1"
+ATLAS_RESOURCES = ("atlaskeys", "atlasquotas")
+SERVICE_CIDR = "10.0.0.0/24"
+POLL_INTERVAL = 0.05  # seconds between checks inside a deadline loop
+PROCESSES = ("kube-apiserver", "etcd")  # stop order: API server first, then its storage
+
+
+class ControlPlaneError(RuntimeError):
+    pass
+
+
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:  # CalledProcessError hides stderr; the reason is there
+        return f"{' '.join(map(str, self.cmd))} exited {self.returncode}: {(self.stderr or '').strip()}"
+
+
+# --------------------------------------------------------------------------- certificates
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    # P-256: milliseconds to generate (RSA-2048 costs ~100 ms each on this machine class).
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _issue(ca_key, ca_cert, key, common_name: str, *, orgs: Iterable[str] = (),
+           is_ca: bool = False, server_sans: Iterable[str] = (), client: bool = False,
+           days: int = 365) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    # X.509 suggests CN <= 64 chars, but Kubernetes user names (system:serviceaccount:<ns>:<name>)
+    # can be longer and Go's parser accepts them, so the length check is skipped.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name, _validate=False)]
+    attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+    subject = x509.Name(attrs)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject if ca_cert is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if is_ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                          content_commitment=False, key_encipherment=False, data_encipherment=False,
+                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+    else:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    sans = []
+    for san in server_sans:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(san)))
+        except ValueError:
+            sans.append(x509.DNSName(san))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key if ca_key is not None else key, hashes.SHA256())
+
+
+class _Pki:
+    """CA, serving cert, service-account key pair under <dir>/pki; created once, reused."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "pki"
+        self.ca_crt, self.ca_key = self.dir / "ca.crt", self.dir / "ca.key"
+        self.serving_crt, self.serving_key = self.dir / "apiserver.crt", self.dir / "apiserver.key"
+        self.sa_key, self.sa_pub = self.dir / "sa.key", self.dir / "sa.pub"
+
+    def ensure(self) -> None:
+        if all(p.exists() for p in (self.ca_crt, self.ca_key, self.serving_crt, self.serving_key,
+                                    self.sa_key, self.sa_pub)):
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        ca_key = _new_key()
+        ca_cert = _issue(None, None, ca_key, "atlas-local-ca", is_ca=True, days=3650)
+        serving_key = _new_key()
+        serving = _issue(ca_key, ca_cert, serving_key, "kube-apiserver", server_sans=(
+            "127.0.0.1", "localhost", "10.0.0.1", "kubernetes", "kubernetes.default",
+            "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"))
+        sa_key = _new_key()
+        self._write(self.ca_crt, _cert_pem(ca_cert))
+        self._write(self.ca_key, _key_pem(ca_key))
+        self._write(self.serving_crt, _cert_pem(serving))
+        self._write(self.serving_key, _key_pem(serving_key))
+        self._write(self.sa_key, _key_pem(sa_key))
+        self._write(self.sa_pub, sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        path.write_bytes(data)
+        os.chmod(path, 0o600)
+
+    def client_cert(self, user: str, groups: Iterable[str]) -> tuple[bytes, bytes]:
+        """(cert PEM, key PEM) for `user` in `groups`, signed by the cluster CA."""
+        ca_cert = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+        key = _new_key()
+        cert = _issue(ca_key, ca_cert, key, user, orgs=groups, client=True)
+        return _cert_pem(cert), _key_pem(key)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the Python process dies, even by SIGKILL."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _pid_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _terminate_pid(pid: int, timeout: float) -> None:
+    """SIGTERM, wait until gone or deadline, then SIGKILL."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(POLL_INTERVAL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(POLL_INTERVAL)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _kubeconfig_doc(server: str, ca_pem: bytes, user: str, cert_pem: bytes, key_pem: bytes,
+                    namespace: str | None = None) -> dict:
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    context = {"cluster": "atlas-local", "user": user}
+    if namespace:
+        context["namespace"] = namespace
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "atlas-local",
+                      "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem),
+                                          "client-key-data": b64(key_pem)}}],
+        "contexts": [{"name": "atlas-local", "context": context}],
+        "current-context": "atlas-local",
+        "preferences": {},
+    }
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+# --------------------------------------------------------------------------- control plane
+
+class ControlPlane:
+    """etcd + kube-apiserver on free 127.0.0.1 ports, CRDs from crds/ applied and served."""
+
+    def __init__(self, state_dir: str | Path | None = None, *, crds_dir: str | Path | None = None,
+                 apply_crds: bool = True, startup_timeout: float = 90.0, stop_timeout: float = 10.0,
+                 log: Callable[[str], None] | None = None):
+        self.persistent = state_dir is not None
+        self._state_dir_arg = Path(state_dir).resolve() if state_dir is not None else None
+        self.crds_dir = Path(crds_dir) if crds_dir is not None else REPO_ROOT / "crds"
+        self.apply_crds = apply_crds
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.dir: Path | None = None
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._atexit_registered = False
+        self.etcd_port = self.etcd_peer_port = self.apiserver_port = 0
+        self.startup_seconds: float | None = None
+
+    # ---- public API
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self._require_dir() / "kubeconfig"
+
+    def env(self) -> dict[str, str]:
+        """os.environ plus KUBECONFIG (admin) and a private kubectl discovery cache."""
+        d = self._require_dir()
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBECACHEDIR": str(d / "kube-cache")}
+
+    def start(self) -> "ControlPlane":
+        if self._procs:
+            raise ControlPlaneError("control plane already started")
+        t0 = time.monotonic()
+        etcd_bin, apiserver_bin = find_tool("etcd"), find_tool("kube-apiserver")
+        find_tool("kubectl")  # fail before starting anything when it is missing
+        self._prepare_dir()
+        if not self.persistent and not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        phases: list[str] = []
+
+        def phase(name: str, since: float) -> float:
+            now = time.monotonic()
+            phases.append(f"{name} {now - since:.1f}s")
+            return now
+        try:
+            t = phase("certs", t0)
+            self._start_etcd(etcd_bin)
+            t = phase("etcd", t)
+            self._start_apiserver(apiserver_bin)
+            self._write_admin_kubeconfig()
+            self._wait_apiserver_ready()
+            t = phase("kube-apiserver", t)
+            if self.apply_crds:
+                self._apply_crds()
+                phase("crds", t)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        self._log(f"[controlplane] ready in {self.startup_seconds:.1f}s ({', '.join(phases)}): "
+                  f"kube-apiserver {self.server}, etcd http://127.0.0.1:{self.etcd_port}, "
+                  f"KUBECONFIG={self.kubeconfig}")
+        return self
+
+    def stop(self) -> None:
+        """Stop the processes (SIGTERM, then SIGKILL after stop_timeout); idempotent."""
+        for name in PROCESSES:
+            proc = self._procs.pop(name, None)
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            if self.dir is not None:
+                (self.dir / f"{name}.pid").unlink(missing_ok=True)
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+        if not self.persistent and self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+
+    def __enter__(self) -> "ControlPlane":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def kubectl(self, *args: str, kubeconfig: str | Path | None = None, input: str | None = None,
+                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the built kubectl against this control plane (admin unless kubeconfig given)."""
+        env = self.env()
+        if kubeconfig is not None:
+            env["KUBECONFIG"] = str(kubeconfig)
+        cmd = [str(find_tool("kubectl")), *map(str, args)]
+        res = subprocess.run(cmd, env=env, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise KubectlError(res.returncode, cmd, res.stdout, res.stderr)
+        return res
+
+    def user_kubeconfig(self, user: str, groups: Iterable[str] = (), path: str | Path | None = None,
+                        namespace: str | None = None) -> Path:
+        """Kubeconfig authenticating as `user` in `groups` (client cert signed by the CA).
+
+        RBAC sees exactly that user and those groups (plus system:authenticated)."""
+        return write_user_kubeconfig(self._require_dir(), user, groups, path, namespace=namespace)
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: str | Path | None = None) -> Path:
+        """Kubeconfig with the identity of ServiceAccount namespace/name, as RBAC sees it.
+
+        Authenticates by client cert with the same user name and groups a token would carry,
+        so RoleBindings to `kind: ServiceAccount` subjects apply (e.g. run the operator with
+        exactly the chart's RBAC). The ServiceAccount object itself need not exist."""
+        return write_user_kubeconfig(
+            self._require_dir(), f"system:serviceaccount:{namespace}:{name}",
+            ("system:serviceaccounts", f"system:serviceaccounts:{namespace}"), path, namespace=namespace)
+
+    @classmethod
+    def stop_from_state_dir(cls, state_dir: str | Path, timeout: float = 10.0) -> list[str]:
+        """Stop a persistent control plane by its pidfiles; returns the names stopped."""
+        state = Path(state_dir)
+        stopped = []
+        for name in PROCESSES:
+            pidfile = state / f"{name}.pid"
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            # Only signal the pid if it is still our process (pids get reused).
+            if _pid_alive(pid) and name in _pid_cmdline(pid) and str(state.resolve()) in _pid_cmdline(pid):
+                _terminate_pid(pid, timeout)
+                stopped.append(name)
+            pidfile.unlink(missing_ok=True)
+        return stopped
+
+    @classmethod
+    def is_running(cls, state_dir: str | Path) -> bool:
+        state = Path(state_dir)
+        for name in PROCESSES:
+            try:
+                pid = int((state / f"{name}.pid").read_text().strip())
+            except (OSError, ValueError):
+                return False
+            if not _pid_alive(pid):
+                return False
+        return True
+
+    # ---- internals
+
+    def _require_dir(self) -> Path:
+        if self.dir is None:
+            raise ControlPlaneError("control plane not started")
+        return self.dir
+
+    def _prepare_dir(self) -> None:
+        if self.persistent:
+            self.dir = self._state_dir_arg
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.is_running(self.dir):
+                raise ControlPlaneError(f"a control plane is already running from {self.dir}; "
+                                        "stop it first (ControlPlane.stop_from_state_dir)")
+            self.stop_from_state_dir(self.dir)  # clears stale pidfiles / half-dead leftovers
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix="atlas-controlplane-"))
+        (self.dir / "logs").mkdir(exist_ok=True)
+        _Pki(self.dir).ensure()
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        # Persistent mode keeps etcd's ports: its member record stores the peer URL.
+        ports_file = self.dir / "ports.json"
+        saved = {}
+        if self.persistent and ports_file.exists():
+            saved = json.loads(ports_file.read_text())
+        def pick(key: str) -> int:
+            port = saved.get(key)
+            return port if port and _port_is_free(port) else free_port()
+        self.etcd_port, self.etcd_peer_port, self.apiserver_port = (
+            pick("etcd"), pick("etcd_peer"), pick("apiserver"))
+        ports_file.write_text(json.dumps({"etcd": self.etcd_port, "etcd_peer": self.etcd_peer_port,
+                                          "apiserver": self.apiserver_port}))
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log_path = self.dir / "logs" / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                # Own session: a Ctrl-C meant for pytest / make does not hit them out of order.
+                start_new_session=True,
+                preexec_fn=None if self.persistent else _die_with_parent,
+            )
+        self._procs[name] = proc
+        (self.dir / f"{name}.pid").write_text(f"{proc.pid}\n")
+        return proc
+
+    def _wait(self, what: str, check: Callable[[], bool], timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while True:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise ControlPlaneError(
+                        f"{name} exited with {proc.returncode} while waiting for {what}; log tail:\n"
+                        + _tail(self.dir / "logs" / f"{name}.log"))
+            if check():
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"timed out waiting for {what}; logs in {self.dir / 'logs'}")
+            time.sleep(POLL_INTERVAL)
+
+    def _start_etcd(self, etcd_bin: Path) -> None:
+        client = f"http://127.0.0.1:{self.etcd_port}"
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        argv = [
+            str(etcd_bin), "--name=atlas", f"--data-dir={self.dir / 'etcd'}",
+            f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=atlas={peer}", "--initial-cluster-state=new",
+            "--log-level=warn",
+        ]
+        if not self.persistent:
+            argv.append("--unsafe-no-fsync")  # throwaway data: skip fsync, much faster writes
+        self._spawn("etcd", argv)
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"{client}/health", timeout=1) as resp:
+                    return json.loads(resp.read()).get("health") == "true"
+            except (OSError, ValueError):
+                return False
+        self._wait("etcd /health", healthy)
+
+    def _start_apiserver(self, apiserver_bin: Path) -> None:
+        pki = _Pki(self.dir)
+        argv = [
+            str(apiserver_bin),
+            f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={self.apiserver_port}",
+            f"--cert-dir={self.dir / 'apiserver-certs'}",
+            f"--tls-cert-file={pki.serving_crt}", f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_crt}",
+            f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=RBAC",
+            # No controller-manager: no `default` ServiceAccount would ever exist (as envtest).
+            "--disable-admission-plugins=ServiceAccount",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        ]
+        self._spawn("kube-apiserver", argv)
+
+    def _admin_ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(_Pki(self.dir).ca_crt))
+        ctx.load_cert_chain(self.dir / "pki" / "admin.crt", self.dir / "pki" / "admin.key")
+        return ctx
+
+    def _write_admin_kubeconfig(self) -> None:
+        pki = _Pki(self.dir)
+        admin_crt, admin_key = pki.dir / "admin.crt", pki.dir / "admin.key"
+        if not (admin_crt.exists() and admin_key.exists()):
+            cert, key = pki.client_cert("atlas-admin", ("system:masters",))
+            pki._write(admin_crt, cert)
+            pki._write(admin_key, key)
+        doc = _kubeconfig_doc(self.server, pki.ca_crt.read_bytes(), "atlas-admin",
+                              admin_crt.read_bytes(), admin_key.read_bytes())
+        _write_private(self.kubeconfig, yaml.safe_dump(doc, sort_keys=False))
+        (self.dir / "server").write_text(self.server + "\n")  # for write_user_kubeconfig
+
+    def _get(self, path: str, ctx: ssl.SSLContext) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.server + path, context=ctx, timeout=2) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, b""
+        except OSError:
+            return 0, b""
+
+    def _wait_apiserver_ready(self) -> None:
+        ctx = self._admin_ssl_context()
+        self._wait("kube-apiserver /readyz", lambda: self._get("/readyz", ctx)[0] == 200)
+
+    def _apply_crds(self) -> None:
+        if not self.crds_dir.is_dir() or not any(self.crds_dir.glob("*.y*ml")):
+            raise ControlPlaneError(f"no CRDs found in {self.crds_dir}")
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(self.crds_dir), timeout=60)
+        ctx = self._admin_ssl_context()
+
+        def served() -> bool:
+            status, body = self._get(f"/apis/{ATLAS_GROUP_VERSION}", ctx)
+            if status != 200:
+                return False
+            names = {r.get("name") for r in json.loads(body).get("resources", [])}
+            return all(r in names for r in ATLAS_RESOURCES)
+        self._wait(f"{ATLAS_GROUP_VERSION} {'/'.join(ATLAS_RESOURCES)} in discovery", served)
+        # Established means the storage is ready for writes, not only listed in discovery.
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                     *(f"crd/{r}.{ATLAS_GROUP_VERSION.split('/')[0]}" for r in ATLAS_RESOURCES))
+
+
+def write_user_kubeconfig(state_dir: str | Path, user: str, groups: Iterable[str] = (),
+                          path: str | Path | None = None, namespace: str | None = None) -> Path:
+    """Kubeconfig for `user` in `groups` against the control plane whose dir is state_dir.
+
+    Works for a running persistent control plane from another process (e.g. the dev stack)."""
+    state = Path(state_dir)
+    pki = _Pki(state)
+    server = (state / "server").read_text().strip()
+    cert, key = pki.client_cert(user, list(groups))
+    if path is None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user)
+        path = state / "users" / f"{safe}.kubeconfig"
+    path = Path(path)
+    _write_private(path, yaml.safe_dump(
+        _kubeconfig_doc(server, pki.ca_crt.read_bytes(), user, cert, key, namespace), sort_keys=False))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m atlas_devstack.controlplane [STATE_DIR | --stop STATE_DIR]: manual use."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("state_dir", nargs="?", help="persistent state dir (default: ephemeral, "
+                        "runs until Ctrl-C)")
+    parser.add_argument("--stop", action="store_true", help="stop the control plane of STATE_DIR")
+    args = parser.parse_args(argv)
+    if args.stop:
+        if not args.state_dir:
+            parser.error("--stop needs STATE_DIR")
+        print("stopped:", ", ".join(ControlPlane.stop_from_state_dir(args.state_dir)) or "nothing")
+        return 0
+    cp = ControlPlane(args.state_dir).start()
+    print(f"export KUBECONFIG={cp.kubeconfig}")
+    if args.state_dir:
+        return 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM also cleans up
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cp.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

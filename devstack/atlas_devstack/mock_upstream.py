@@ -1,0 +1,335 @@
+"""A fast OpenAI-compatible mock upstream for tests, benchmarks and ``make dev``.
+
+Run: ``python -m atlas_devstack.mock_upstream --host 127.0.0.1 --port N``.
+
+It is a raw ASGI app on uvicorn (no framework) so that benchmarks measure the gateway, not
+the mock. Endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/models``, and for tests ``/_mock/requests/<id>`` and ``/_mock/reset``.
+
+Per-request controls (request headers; the gateway forwards them):
+
+* ``x-mock-latency-ms``: wait before answering (default ``--latency-ms``)
+* ``x-mock-completion-tokens`` / ``x-mock-prompt-tokens``: token counts reported in ``usage``
+  (default: ``--completion-tokens``, capped by ``max_tokens``; prompt = words / 0.75 + 1)
+* ``x-mock-chunk-delay-ms``: pause between streamed chunks (default ``--chunk-delay-ms``)
+* ``x-mock-fail``: ``500`` (error response), ``hang`` (never answer), ``drop-mid-stream``
+  (stream half the chunks, then cut the connection), ``no-usage`` (omit usage)
+* ``x-mock-id``: a test-chosen id; ``GET /_mock/requests/<id>`` then tells how many times the
+  request was received, the last body, whether ``stream_options.include_usage`` was present,
+  and whether the client went away before the end (``disconnected``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+MODELS = ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct", "text-embedding-3-small"]
+
+
+@dataclass
+class MockSettings:
+    latency_ms: float = 0.0
+    completion_tokens: int = 16
+    chunk_delay_ms: float = 0.0
+    models: tuple[str, ...] = tuple(MODELS)
+
+
+class _Record:
+    __slots__ = ("count", "body", "include_usage", "disconnected", "completed", "headers")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.body: object = None
+        self.include_usage: bool | None = None
+        self.disconnected = False
+        self.completed = False
+        self.headers: dict[str, str] = {}
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "count": self.count,
+            "body": self.body,
+            "include_usage": self.include_usage,
+            "disconnected": self.disconnected,
+            "completed": self.completed,
+            "headers": self.headers,
+        }
+
+
+def _json_response(status: int, doc: object) -> tuple[int, bytes]:
+    return status, json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _prompt_tokens(doc: dict) -> int:
+    text = json.dumps(doc.get("messages") or doc.get("prompt") or doc.get("input") or "")
+    return max(1, int(len(text.split()) / 0.75) + 1)
+
+
+class MockUpstream:
+    """The ASGI app."""
+
+    def __init__(self, settings: MockSettings | None = None) -> None:
+        self.settings = settings or MockSettings()
+        self.records: dict[str, _Record] = {}
+        self._counter = 0
+
+    async def __call__(self, scope, receive, send):  # noqa: C901 - a dispatcher
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+
+        if path == "/v1/models":
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "mock"} for m in self.settings.models]
+            return await self._send(send, *_json_response(200, {"object": "list", "data": data}))
+        if path == "/_mock/reset":
+            self.records.clear()
+            return await self._send(send, *_json_response(200, {"ok": True}))
+        if path.startswith("/_mock/requests/"):
+            rec = self.records.get(path.rsplit("/", 1)[1])
+            return await self._send(send, *_json_response(200, rec.to_json() if rec else {"count": 0}))
+        if path in ("/healthz", "/health"):
+            return await self._send(send, 200, b"ok", b"text/plain")
+        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            return await self._send(send, *_json_response(404, {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}))
+
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return await self._send(send, *_json_response(400, {"error": {"message": "bad json", "type": "invalid_request_error", "param": None, "code": None}}))
+
+        rec = None
+        mock_id = headers.get("x-mock-id")
+        if mock_id:
+            rec = self.records.get(mock_id)
+            if rec is None:
+                rec = self.records[mock_id] = _Record()
+            rec.count += 1
+            rec.body = doc
+            rec.headers = headers
+            opts = doc.get("stream_options") or {}
+            rec.include_usage = bool(opts.get("include_usage")) if "include_usage" in opts else None
+
+        fail = headers.get("x-mock-fail", "")
+        latency = float(headers.get("x-mock-latency-ms", self.settings.latency_ms))
+        if fail == "hang":
+            await self._wait_disconnect(receive, rec)
+            return
+        if latency > 0:
+            await asyncio.sleep(latency / 1000)
+        if fail == "500":
+            return await self._send(send, *_json_response(500, {"error": {"message": "mock failure", "type": "server_error", "param": None, "code": None}}))
+
+        prompt_tokens = int(headers.get("x-mock-prompt-tokens", 0)) or _prompt_tokens(doc)
+        model = doc.get("model", "mock")
+        if path == "/v1/embeddings":
+            inputs = doc.get("input")
+            n = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+            data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4]} for i in range(n)]
+            resp = {"object": "list", "data": data, "model": model,
+                    "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+            if rec:
+                rec.completed = True
+            return await self._send(send, *_json_response(200, resp))
+
+        completion_tokens = int(headers.get("x-mock-completion-tokens", self.settings.completion_tokens))
+        cap = doc.get("max_completion_tokens") or doc.get("max_tokens")
+        if cap is not None:
+            completion_tokens = min(completion_tokens, int(cap))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        chat = path == "/v1/chat/completions"
+        self._counter += 1
+        rid = f"mock-{self._counter}"
+        if not doc.get("stream"):
+            text = "tok " * completion_tokens
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
+                obj = "text_completion"
+            resp = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+            if fail != "no-usage":
+                resp["usage"] = usage
+            if rec:
+                rec.completed = True
+            return await self._send(send, *_json_response(200, resp))
+        await self._stream(send, receive, rec, rid, model, chat, completion_tokens, usage, doc, headers, fail)
+
+    async def _stream(self, send, receive, rec, rid, model, chat, n, usage, doc, headers, fail):
+        include_usage = bool((doc.get("stream_options") or {}).get("include_usage")) and fail != "no-usage"
+        delay = float(headers.get("x-mock-chunk-delay-ms", self.settings.chunk_delay_ms)) / 1000
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    disconnected.set()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        usage_null = ',"usage":null' if include_usage else ""
+        try:
+            stop_at = n // 2 if fail == "drop-mid-stream" else None
+            for i in range(n):
+                if stop_at is not None and i == stop_at:
+                    # Cut the connection without finishing the chunked body: the client sees
+                    # a truncated transfer, exactly like an upstream process dying.
+                    raise _DropConnection
+                if chat:
+                    delta = {"role": "assistant", "content": "tok "} if i == 0 else {"content": "tok "}
+                    choice = {"index": 0, "delta": delta, "finish_reason": None if i < n - 1 else "length"}
+                else:
+                    choice = {"index": 0, "text": "tok ", "finish_reason": None if i < n - 1 else "length", "logprobs": None}
+                chunk = json.dumps({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]},
+                                   separators=(",", ":"))
+                if usage_null:
+                    chunk = chunk[:-1] + usage_null + "}"
+                await send({"type": "http.response.body", "body": b"data: " + chunk.encode() + b"\n\n", "more_body": True})
+                if disconnected.is_set():
+                    break
+                if delay:
+                    try:
+                        await asyncio.wait_for(disconnected.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
+                if disconnected.is_set():
+                    break
+            if disconnected.is_set():
+                if rec:
+                    rec.disconnected = True
+                return
+            if include_usage:
+                chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+                await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            if rec:
+                rec.completed = True
+        finally:
+            watcher.cancel()
+
+    async def _wait_disconnect(self, receive, rec) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                if rec:
+                    rec.disconnected = True
+                return
+
+    @staticmethod
+    async def _send(send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _DropConnection(Exception):
+    """Raised inside a streaming response: uvicorn then closes the connection mid-body."""
+
+
+# ---------------------------------------------------------------------------- process helper
+
+
+class MockUpstreamProcess:
+    """Run the mock as a real process on a free loopback port (tests, benchmarks, dev stack)."""
+
+    def __init__(self, port: int | None = None, *, latency_ms: float = 0, completion_tokens: int = 16,
+                 chunk_delay_ms: float = 0, log_path: str | None = None) -> None:
+        from atlas_devstack.redis_server import free_port
+
+        self.port = port or free_port()
+        self.args = ["--latency-ms", str(latency_ms), "--completion-tokens", str(completion_tokens),
+                     "--chunk-delay-ms", str(chunk_delay_ms)]
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> "MockUpstreamProcess":
+        import urllib.request
+
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "atlas_devstack.mock_upstream", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mock upstream exited with {self._proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=0.5) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("mock upstream did not become ready")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def __enter__(self) -> "MockUpstreamProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="OpenAI-compatible mock upstream")
+    parser.add_argument("--host", default=os.environ.get("MOCK_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("MOCK_PORT", "8000")))
+    parser.add_argument("--latency-ms", type=float, default=float(os.environ.get("MOCK_LATENCY_MS", "0")))
+    parser.add_argument("--completion-tokens", type=int, default=int(os.environ.get("MOCK_COMPLETION_TOKENS", "16")))
+    parser.add_argument("--chunk-delay-ms", type=float, default=float(os.environ.get("MOCK_CHUNK_DELAY_MS", "0")))
+    args = parser.parse_args(argv)
+    app = MockUpstream(MockSettings(args.latency_ms, args.completion_tokens, args.chunk_delay_ms))
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
+                access_log=False, log_level="warning", lifespan="on")
+
+
+if __name__ == "__main__":
+    main()

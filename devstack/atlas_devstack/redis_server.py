@@ -1,0 +1,199 @@
+"""A real ``redis-server`` on a free loopback port, for tests, benchmarks and the dev stack.
+
+Ephemeral mode (``dir=None``): a temporary directory, no RDB/AOF (``--save "" --appendonly no``),
+removed on stop. Persistent mode (``dir=...``): RDB snapshots in that directory and a pidfile
+there, so the dev stack can stop a Redis that an earlier ``make dev-up`` started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str | None:
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+
+
+class RedisServer:
+    """Context manager around one ``redis-server`` process bound to 127.0.0.1.
+
+    ``stop()`` followed by ``start()`` reuses the same port, which lets tests kill Redis and
+    bring it back at the same address (the gateway must recover by itself).
+    """
+
+    def __init__(
+        self,
+        dir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        *,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.persistent = dir is not None
+        self.dir = Path(dir) if dir is not None else None
+        self.port = port or free_port()
+        self.start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmpdir: str | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pidfile(self) -> Path | None:
+        return self.dir / "redis.pid" if self.dir else None
+
+    @property
+    def logfile(self) -> Path:
+        base = self.dir if self.dir else Path(self._tmpdir or tempfile.gettempdir())
+        return base / "redis.log"
+
+    # ------------------------------------------------------------------ lifecycle
+    def _command(self, workdir: Path) -> list[str]:
+        binary = redis_server_binary()
+        if binary is None:
+            raise FileNotFoundError("redis-server not found: install it (make system-deps)")
+        cmd = [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(workdir),
+            "--logfile", str(self.logfile),
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+        ]
+        if self.persistent:
+            cmd += ["--pidfile", str(self.pidfile), "--appendonly", "no", "--save", "60 1"]
+        else:
+            cmd += ["--save", "", "--appendonly", "no"]
+        return cmd
+
+    def start(self) -> "RedisServer":
+        if self._proc is not None and self._proc.poll() is None:
+            return self
+        if self.persistent:
+            assert self.dir is not None
+            self.dir.mkdir(parents=True, exist_ok=True)
+            workdir = self.dir
+        else:
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="atlas-redis-")
+            workdir = Path(self._tmpdir)
+        self._proc = subprocess.Popen(
+            self._command(workdir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal must not reach it before we stop it
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        try:
+            while True:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise RuntimeError(
+                        f"redis-server exited with {self._proc.returncode}; see {self.logfile}"
+                    )
+                try:
+                    if client.ping():
+                        return
+                except redis.exceptions.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"redis-server on port {self.port} not ready in time")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def ping(self) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        try:
+            return bool(client.ping())
+        except redis.exceptions.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # SIGTERM: redis saves (persistent mode) and exits
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+
+    def kill(self) -> None:
+        """Simulate a crash (SIGKILL): nothing is saved."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    # ------------------------------------------------------------------ persistent mode
+    @staticmethod
+    def stop_pidfile(pidfile: str | os.PathLike[str], timeout: float = 10.0) -> bool:
+        """Stop a persistent Redis started earlier (maybe by another process) via its pidfile."""
+        path = Path(pidfile)
+        try:
+            pid = int(path.read_text().strip())
+        except (OSError, ValueError):
+            return False
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+                return True
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        path.unlink(missing_ok=True)
+        return True
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

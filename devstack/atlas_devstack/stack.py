@@ -1,0 +1,335 @@
+"""The whole Atlas dev stack on 127.0.0.1: Redis, the local control plane, the operator, the
+mock upstream (unless ATLAS_UPSTREAM_URL is set), the gateway, and the quickstart example.
+
+`python -m atlas_devstack up|down|logs [--follow]` drives it from a shell (make dev-up /
+dev-down / dev / dev-logs); tests use it as a context manager with a temporary state dir:
+
+    with DevStack(tmp_path / "dev") as stack:
+        stack.env["ATLAS_DEMO_KEY"]
+
+Every process runs in its own session (process group) with a pidfile in the state dir, so
+`down` stops exactly what `up` started, from any later process: SIGTERM to the group, then
+SIGKILL after a deadline. Persistent data (etcd, Redis snapshots) stays in the state dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from .controlplane import ControlPlane
+from .redis_server import RedisServer, free_port
+from .tools import BIN_DIR, REPO_ROOT, find_tool
+
+DEFAULT_STATE_DIR = REPO_ROOT / ".dev"
+QUICKSTART = REPO_ROOT / "examples" / "01-quickstart"
+DEMO_KEY_NAME = "search-frontend"
+DEMO_SECRET = "search-frontend-api-key"
+DEMO_NAMESPACE = "default"
+DEMO_MODEL = "llama-3.1-8b-instruct"
+SERVICES = ("gateway", "operator", "mock-upstream")  # stop order: clients of Redis first
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_group(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, SIGKILL whatever is left at the deadline."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
+            except ChildProcessError:
+                pass
+            if not _alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - reported at the deadline
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise StackError(f"timed out after {timeout:.0f}s waiting for {what}"
+                             + (f" (last error: {last_error})" if last_error else ""))
+        time.sleep(interval)
+
+
+def http(method: str, url: str, body: dict | None = None, headers: dict | None = None,
+         timeout: float = 5.0) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class DevStack:
+    def __init__(self, state_dir: str | Path = DEFAULT_STATE_DIR, *, upstream_url: str | None = None,
+                 usage_interval: float = 2.0, log: Callable[[str], None] | None = None,
+                 timeout: float = 120.0) -> None:
+        self.dir = Path(state_dir).resolve()
+        self.upstream_url = upstream_url if upstream_url is not None else os.environ.get("ATLAS_UPSTREAM_URL")
+        self.usage_interval = usage_interval
+        self.timeout = timeout
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.env: dict[str, str] = {}
+        self.control_plane: ControlPlane | None = None
+        self._redis: RedisServer | None = None
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def env_file(self) -> Path:
+        return self.dir / "env"
+
+    def _pidfile(self, service: str) -> Path:
+        return self.dir / f"{service}.pid"
+
+    # ------------------------------------------------------------------ up
+
+    def up(self) -> dict[str, str]:
+        started = time.monotonic()
+        self.down(quiet=True)  # leftovers of an earlier run (keeps the data)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            redis = self._redis = RedisServer(dir=self.dir / "redis").start()
+            self._link_log("redis", redis.logfile)
+            self._log(f"[dev] redis {redis.url}")
+            cp = ControlPlane(self.dir / "controlplane", log=self._log)
+            cp.start()
+            self.control_plane = cp
+            for path in (cp.dir / "logs").glob("*.log"):
+                self._link_log(path.stem, path)
+            base_env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig),
+                        "PATH": f"{BIN_DIR}{os.pathsep}{find_tool('kubectl').parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+            upstream = self.upstream_url
+            if not upstream:
+                port = free_port()
+                self._spawn("mock-upstream", [sys.executable, "-m", "atlas_devstack.mock_upstream",
+                                              "--host", "127.0.0.1", "--port", str(port)], base_env)
+                upstream = f"http://127.0.0.1:{port}"
+                wait_for("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30)
+
+            self._spawn("operator", [sys.executable, "-m", "atlas_operator"], {
+                **base_env, "ATLAS_REDIS_URL": redis.url, "ATLAS_LIVENESS_PORT": str(free_port()),
+                "ATLAS_USAGE_INTERVAL_SECONDS": str(self.usage_interval)})
+            gateway_port = free_port()
+            gateway_url = f"http://127.0.0.1:{gateway_port}"
+            self._spawn("gateway", [sys.executable, "-m", "atlas_gateway"], {
+                **base_env, "ATLAS_REDIS_URL": redis.url, "ATLAS_UPSTREAM_URL": upstream,
+                "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(gateway_port)})
+            wait_for("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60)
+
+            cp.kubectl("apply", "-n", DEMO_NAMESPACE, "-k", str(QUICKSTART))
+            demo_key = wait_for("the operator to generate the demo key's Secret",
+                                lambda: self._read_demo_key(cp), self.timeout)
+            wait_for("the demo key to work through the gateway",
+                     lambda: self.chat(gateway_url, demo_key)[0] == 200, self.timeout)
+
+            self.env = {
+                "KUBECONFIG": str(cp.kubeconfig),
+                "ATLAS_GATEWAY_URL": gateway_url,
+                "ATLAS_UPSTREAM_URL": upstream,
+                "REDIS_URL": redis.url,
+                "ATLAS_DEMO_KEY": demo_key,
+                "PATH": f"{BIN_DIR}:{find_tool('kubectl').parent}:$PATH",
+            }
+            self._write_env()
+        except BaseException:
+            self._log(f"[dev] start-up failed; logs in {self.logs}")
+            self.down(quiet=True)
+            raise
+        self._log(f"[dev] up in {time.monotonic() - started:.1f}s; env in {self.env_file}")
+        return self.env
+
+    def _read_demo_key(self, cp: ControlPlane) -> str | None:
+        res = cp.kubectl("get", "secret", DEMO_SECRET, "-n", DEMO_NAMESPACE,
+                         "-o", "jsonpath={.data.api-key}", check=False)
+        if res.returncode != 0 or not res.stdout.strip():
+            return None
+        import base64
+        return base64.b64decode(res.stdout.strip()).decode()
+
+    @staticmethod
+    def chat(gateway_url: str, key: str, model: str = DEMO_MODEL) -> tuple[int, bytes]:
+        return http("POST", gateway_url + "/v1/chat/completions",
+                    {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "ping"}]},
+                    {"authorization": f"Bearer {key}"})
+
+    def _spawn(self, service: str, argv: list[str], env: dict[str, str]) -> int:
+        with open(self.logs / f"{service}.log", "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=REPO_ROOT, env=env, start_new_session=True)
+        self._pidfile(service).write_text(f"{proc.pid}\n")
+        self._log(f"[dev] {service} pid {proc.pid}, log {self.logs / (service + '.log')}")
+        return proc.pid
+
+    def _link_log(self, name: str, target: Path) -> None:
+        link = self.logs / f"{name}.log"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+
+    def _write_env(self) -> None:
+        lines = ["# written by `python -m atlas_devstack up`; source it: . .dev/env"]
+        for key, value in self.env.items():
+            rendered = f'"{value}"' if key == "PATH" else shlex.quote(value)
+            lines.append(f"export {key}={rendered}")
+        self.env_file.write_text("\n".join(lines) + "\n")
+        os.chmod(self.env_file, 0o600)  # it holds the demo key
+
+    # ------------------------------------------------------------------ down
+
+    def down(self, quiet: bool = False, timeout: float = 10.0) -> list[str]:
+        stopped = []
+        for service in SERVICES:
+            pidfile = self._pidfile(service)
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            # Only signal it when the pid still runs one of our commands (pids get reused).
+            wanted = {"gateway": "atlas_gateway", "operator": "atlas_operator",
+                      "mock-upstream": "mock_upstream"}[service]
+            if _alive(pid) and wanted in _cmdline(pid):
+                stop_group(pid, timeout)
+                stopped.append(service)
+            pidfile.unlink(missing_ok=True)
+        # Started by this process (tests): stop through the objects so the children are reaped.
+        if self.control_plane is not None and ControlPlane.is_running(self.control_plane.dir):
+            self.control_plane.stop()
+            stopped += ["kube-apiserver", "etcd"]
+        self.control_plane = None
+        if self._redis is not None and self._redis.ping():
+            self._redis.stop(timeout)
+            stopped.append("redis")
+        self._redis = None
+        # Started by an earlier `up` (make dev-up then make dev-down): by pidfile.
+        if (self.dir / "controlplane").is_dir():
+            stopped += ControlPlane.stop_from_state_dir(self.dir / "controlplane", timeout)
+        if RedisServer.stop_pidfile(self.dir / "redis" / "redis.pid", timeout):
+            stopped.append("redis")
+        if not quiet:
+            self._log(f"[dev] stopped: {', '.join(stopped) or 'nothing was running'}")
+        return stopped
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> "DevStack":
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down(quiet=True)
+
+    # ------------------------------------------------------------------ presentation
+
+    def banner(self) -> str:
+        env = self.env
+        kubectl_out = ""
+        if self.control_plane is not None:
+            kubectl_out = self.control_plane.kubectl("get", "atlaskeys,atlasquotas", "-n", DEMO_NAMESPACE).stdout
+        return f"""
+Atlas dev stack is up. In a shell:  source {self.env_file}
+
+curl:
+  curl -s $ATLAS_GATEWAY_URL/v1/chat/completions \\
+    -H "Authorization: Bearer $ATLAS_DEMO_KEY" -H 'content-type: application/json' \\
+    -d '{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "hello"}}]}}'
+
+openai SDK:
+  python - <<'PY'
+  import os
+  from openai import OpenAI
+  client = OpenAI(base_url=os.environ["ATLAS_GATEWAY_URL"] + "/v1", api_key=os.environ["ATLAS_DEMO_KEY"])
+  reply = client.chat.completions.create(model="{DEMO_MODEL}", messages=[{{"role": "user", "content": "hello"}}])
+  print(reply.choices[0].message.content, reply.usage)
+  PY
+
+kubectl get atlaskeys,atlasquotas:
+{kubectl_out}
+gateway {env.get('ATLAS_GATEWAY_URL')}  upstream {env.get('ATLAS_UPSTREAM_URL')}  redis {env.get('REDIS_URL')}
+logs: python -m atlas_devstack logs --follow   (files in {self.logs})
+"""
+
+    def log_files(self) -> list[Path]:
+        return sorted(p for p in self.logs.glob("*.log") if p.exists())
+
+    def follow_logs(self, follow: bool, lines: int = 20) -> None:
+        files = self.log_files()
+        if not files:
+            print(f"no logs in {self.logs} (run `make dev-up` first)")
+            return
+        handles = {}
+        for path in files:
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            for line in text:
+                print(f"{path.stem:>15} | {line}")
+            fh = open(path, errors="replace")
+            fh.seek(0, os.SEEK_END)
+            handles[path] = fh
+        try:
+            while follow:
+                quiet = True
+                for path, fh in handles.items():
+                    for line in fh.readlines():
+                        quiet = False
+                        print(f"{path.stem:>15} | {line.rstrip()}", flush=True)
+                if quiet:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for fh in handles.values():
+                fh.close()

@@ -1,0 +1,78 @@
+"""Locate the binaries built from source by hack/tools/build.sh (`make tools`).
+
+Lookup order for each tool: the repo's bin/ (symlinks made by the build), then the
+per-version cache directory outside the checkout. The pinned versions come from
+hack/tools/versions.env, the single place they are written down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VERSIONS_FILE = REPO_ROOT / "hack" / "tools" / "versions.env"
+BIN_DIR = REPO_ROOT / "bin"
+
+# tool -> (versions.env key, cache directory name template)
+_CACHE_DIRS = {
+    "kube-apiserver": "kubernetes-{KUBERNETES_VERSION}",
+    "kubectl": "kubernetes-{KUBERNETES_VERSION}",
+    "etcd": "etcd-{ETCD_VERSION}",
+    "helm": "helm-{HELM_VERSION}-k8s{KUBE_MAJOR_MINOR}",
+}
+
+
+class ToolNotFound(RuntimeError):
+    """A binary that `make tools` builds is missing."""
+
+
+def pinned_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
+    """Parse versions.env (KEY=value lines, `#` comments)."""
+    versions: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        versions[key.strip()] = value.strip()
+    return versions
+
+
+def cache_root() -> Path:
+    if os.environ.get("ATLAS_TOOLS_CACHE"):
+        return Path(os.environ["ATLAS_TOOLS_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "atlas-tools"
+
+
+def _cache_dir(tool: str) -> Path:
+    versions = pinned_versions()
+    kube = versions["KUBERNETES_VERSION"].lstrip("v").split(".")
+    versions["KUBE_MAJOR_MINOR"] = f"{kube[0]}.{kube[1]}"
+    return cache_root() / _CACHE_DIRS[tool].format(**versions)
+
+
+def find_tool(tool: str) -> Path:
+    """Absolute path of a built tool, or ToolNotFound telling how to build it."""
+    if tool not in _CACHE_DIRS:
+        raise ValueError(f"unknown tool {tool!r}; known: {sorted(_CACHE_DIRS)}")
+    candidates = [BIN_DIR / tool, _cache_dir(tool) / tool]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path.resolve()
+    raise ToolNotFound(
+        f"{tool} not found (looked in {', '.join(str(c) for c in candidates)}); "
+        "run `make tools` (bash hack/tools/build.sh) to build it from source"
+    )
+
+
+def missing_tools(tools: tuple[str, ...] = ("etcd", "kube-apiserver", "kubectl")) -> list[str]:
+    """Names of the given tools that are not built yet (empty when all are present)."""
+    missing = []
+    for tool in tools:
+        try:
+            find_tool(tool)
+        except ToolNotFound:
+            missing.append(tool)
+    return missing

@@ -1,0 +1,177 @@
+"""Admission and settlement: one atomic Lua call each (admit.lua, settle.lua).
+
+``Admission.admit`` checks and reserves across the key's and its quota's limits and returns a
+:class:`Decision` carrying the rate-limit header values; ``Admission.settle`` ends the request.
+Times inside the scripts come from Redis ``TIME`` so that gateway clocks never disagree about
+buckets and leases; only the calendar (which day/month hash) comes from the gateway clock.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+from atlas_core import contract
+
+from . import errors
+from .auth import Principal
+from .fastredis import FastRedis
+from .scripts import FastScript, RedisPyScript
+
+ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
+SETTLE_LUA = resources.files(__package__).joinpath("settle.lua").read_text()
+
+# reasons returned by admit.lua
+OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH = range(7)
+REASON_NAMES = {
+    REQUESTS: "requests_per_second",
+    CONCURRENCY: "concurrency",
+    TOKENS: "tokens_per_minute",
+    TOO_LARGE: "tokens_per_minute",
+    DAY: "tokens_per_day",
+    MONTH: "tokens_per_month",
+}
+
+
+def format_duration(ms: int) -> str:
+    """OpenAI-style reset durations: ``250ms``, ``1.5s``, ``6m0s``, ``2h3m4s``."""
+    if ms < 1000:
+        return f"{max(0, int(ms))}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    whole = int(-(-ms // 1000))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+class Calendar:
+    """UTC day/month strings and the time until each ends, recomputed once per second."""
+
+    __slots__ = ("_second", "day", "month", "day_end", "month_end")
+
+    def __init__(self) -> None:
+        self._second = -1
+
+    def refresh(self, now: float | None = None) -> "Calendar":
+        now = time.time() if now is None else now
+        second = int(now)
+        if second != self._second:
+            moment = datetime.fromtimestamp(second, tz=timezone.utc)
+            self.day = contract.day_of(moment)
+            self.month = contract.month_of(moment)
+            midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+            self.day_end = midnight.timestamp() + 86400
+            if moment.month == 12:
+                nxt = midnight.replace(year=moment.year + 1, month=1, day=1)
+            else:
+                nxt = midnight.replace(month=moment.month + 1, day=1)
+            self.month_end = nxt.timestamp()
+            self._second = second
+        return self
+
+    def ms_until_day_end(self, now: float) -> int:
+        return max(1000, int((self.day_end - now) * 1000))
+
+    def ms_until_month_end(self, now: float) -> int:
+        return max(1000, int((self.month_end - now) * 1000))
+
+
+class Decision:
+    __slots__ = ("admitted", "reason", "subject", "retry_ms", "headers")
+
+    def __init__(self, reply: list[Any]) -> None:
+        self.admitted = reply[0] == 1
+        self.reason = int(reply[1])
+        self.subject = int(reply[2])
+        self.retry_ms = int(reply[3])
+        self.headers = rate_limit_headers(*(int(v) for v in reply[4:10]))
+
+
+def rate_limit_headers(rl: int, rr: int, rs: int, tl: int, tr: int, ts: int) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* for the tightest limit of each kind; a kind with no limit anywhere is omitted."""
+    out: list[tuple[bytes, bytes]] = []
+    if rl >= 0:
+        out += [
+            (b"x-ratelimit-limit-requests", str(rl).encode()),
+            (b"x-ratelimit-remaining-requests", str(rr).encode()),
+            (b"x-ratelimit-reset-requests", format_duration(rs).encode()),
+        ]
+    if tl >= 0:
+        out += [
+            (b"x-ratelimit-limit-tokens", str(tl).encode()),
+            (b"x-ratelimit-remaining-tokens", str(tr).encode()),
+            (b"x-ratelimit-reset-tokens", format_duration(ts).encode()),
+        ]
+    return out
+
+
+class Admission:
+    """``Admission(client)`` runs the scripts through a redis-py-compatible asyncio client
+    (fakeredis in unit tests); ``Admission(fast=FastRedis(...))`` through the hot-path client."""
+
+    def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *, fast: FastRedis | None = None) -> None:
+        if fast is not None:
+            self._admit: Any = FastScript(fast, ADMIT_LUA)
+            self._settle: Any = FastScript(fast, SETTLE_LUA)
+        else:
+            self._admit = RedisPyScript(redis, ADMIT_LUA)
+            self._settle = RedisPyScript(redis, SETTLE_LUA)
+        self.lease_ttl_ms = str(int(lease_ttl_seconds * 1000)).encode()
+        self.calendar = Calendar()
+        self._day_ttl = str(contract.DAY_TTL_SECONDS).encode()
+        self._month_ttl = str(contract.MONTH_TTL_SECONDS).encode()
+
+    async def admit(self, principal: Principal, request_id: str, reserve: int) -> Decision:
+        now = time.time()
+        cal = self.calendar.refresh(now)
+        keys, _ = principal.redis_keys(cal.day, cal.month)
+        args = (
+            request_id.encode(), str(reserve).encode(), self.lease_ttl_ms, principal.subject_count,
+            self._day_ttl, self._month_ttl,
+            str(cal.ms_until_day_end(now)).encode(), str(cal.ms_until_month_end(now)).encode(),
+            *principal.limit_args,
+        )
+        return Decision(await self._admit(keys, args))
+
+    async def settle(self, principal: Principal, request_id: str, reserved: int, actual: int) -> int:
+        cal = self.calendar.refresh()
+        _, keys = principal.redis_keys(cal.day, cal.month)
+        args = (
+            request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode(),
+            principal.subject_count, self._day_ttl, self._month_ttl, *principal.tpm_args,
+        )
+        return int(await self._settle(keys, args))
+
+
+def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.GatewayError:
+    """The 429 a refused admission turns into, with a real Retry-After (seconds, rounded up).
+    The caller adds ``decision.headers`` (the x-ratelimit-* values) itself."""
+    retry_after = max(1, -(-decision.retry_ms // 1000))
+    subject = principal.subjects[decision.subject - 1] if decision.subject else principal.subjects[0]
+    owner = ("AtlasQuota " + subject[2:]) if subject.startswith("q:") else ("AtlasKey " + subject[2:])
+    reason = decision.reason
+    if reason == REQUESTS:
+        err = errors.rate_limited("requests", f"Rate limit reached for requests per second on {owner}.", retry_after)
+    elif reason == CONCURRENCY:
+        err = errors.rate_limited("requests", f"Too many concurrent requests on {owner}.", retry_after)
+    elif reason == TOKENS:
+        err = errors.rate_limited(
+            "tokens", f"Rate limit reached for tokens per minute on {owner}: this request needs {reserve} tokens.",
+            retry_after,
+        )
+    elif reason == TOO_LARGE:
+        err = errors.rate_limited(
+            "tokens", f"Request too large: it needs {reserve} tokens, more than the tokens-per-minute limit of "
+            f"{owner}. Lower max_tokens or the prompt size.", retry_after,
+        )
+    elif reason == DAY:
+        err = errors.quota_exhausted(f"Daily token budget of {owner} is spent (this request needs {reserve} "
+                                     "tokens); it resets at 00:00 UTC.", retry_after)
+    else:
+        err = errors.quota_exhausted(f"Monthly token budget of {owner} is spent (this request needs {reserve} "
+                                     "tokens); it resets on the 1st, 00:00 UTC.", retry_after)
+    return err

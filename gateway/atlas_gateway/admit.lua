@@ -1,0 +1,153 @@
+-- Atlas admission: check every limit of every subject (the key, then its quota) and, only if
+-- all allow the request, reserve in one atomic step. A rejected request writes nothing except
+-- the purge of leases that had already expired (which is housekeeping, not consumption).
+--
+-- KEYS, 6 per subject i (b = (i-1)*6):
+--   b+1 bucket:req   b+2 bucket:tok   b+3 lease (zset)   b+4 lease:tok (hash)
+--   b+5 usage day hash   b+6 usage month hash
+-- ARGV:
+--   1 request id   2 tokens to reserve   3 lease TTL (ms)   4 number of subjects
+--   5 day hash TTL (s)   6 month hash TTL (s)   7 ms until the UTC day ends   8 ms until the month ends
+--   then 6 per subject (a = 8 + (i-1)*6): requestsPerSecond, burst, tokensPerMinute,
+--   tokensPerDay, tokensPerMonth, maxConcurrent   (0 = no limit of that kind)
+-- Returns {admitted 1|0, reason, subject index, retry ms,
+--          req limit, req remaining, req reset ms, tok limit, tok remaining, tok reset ms}
+--   reason: 0 ok, 1 requests/s, 2 concurrency, 3 tokens/min, 4 larger than tokens/min,
+--           5 tokens/day, 6 tokens/month.  Limits of -1 mean "no such limit anywhere".
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local rid = ARGV[1]
+local reserve = tonumber(ARGV[2])
+local lease_ttl = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local day_ttl = tonumber(ARGV[5])
+local month_ttl = tonumber(ARGV[6])
+local day_reset = tonumber(ARGV[7])
+local month_reset = tonumber(ARGV[8])
+
+local reason, who, retry = 0, 0, 0
+local function reject(r, i, ms)
+  if reason == 0 then reason, who, retry = r, i, ms end
+end
+
+-- header candidates: {limit, level before this request, refill per ms (0 = none), fixed reset ms}
+local req_c, tok_c = nil, nil
+local function offer_req(c) if req_c == nil or c[2] < req_c[2] then req_c = c end end
+local function offer_tok(c) if tok_c == nil or c[2] < tok_c[2] then tok_c = c end end
+
+local function bucket_level(key, size, per_ms)
+  local h = redis.call('HMGET', key, 'tokens', 'ts')
+  if not h[1] then return size end
+  local level = tonumber(h[1]) + (now - tonumber(h[2])) * per_ms
+  if level > size then level = size end
+  return level
+end
+
+local state = {}
+for i = 1, n do
+  local k = (i - 1) * 6
+  local a = 8 + (i - 1) * 6
+  local rps, burst, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local s = {rps = rps, burst = burst, tpm = tpm, leased = (maxc > 0 or tpd > 0 or tpmo > 0)}
+  state[i] = s
+
+  -- Purge leases whose TTL passed (a gateway died mid-request): frees their slot and tokens.
+  local lk, ltk = KEYS[k + 3], KEYS[k + 4]
+  local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+    for j = 1, #expired, 500 do
+      redis.call('HDEL', ltk, unpack(expired, j, math.min(j + 499, #expired)))
+    end
+  end
+
+  if rps > 0 then
+    local per_ms = rps / 1000
+    local level = bucket_level(KEYS[k + 1], burst, per_ms)
+    s.req_level = level
+    offer_req({burst, level, per_ms, 0})
+    if level < 1 then reject(1, i, math.ceil((1 - level) / per_ms)) end
+  end
+  if maxc > 0 then
+    local inflight = redis.call('ZCARD', lk)
+    offer_req({maxc, maxc - inflight, 0, 0})
+    if inflight >= maxc then reject(2, i, 1000) end
+  end
+  if tpm > 0 then
+    local per_ms = tpm / 60000
+    local level = bucket_level(KEYS[k + 2], tpm, per_ms)
+    s.tok_level = level
+    offer_tok({tpm, level, per_ms, 0})
+    if reserve > tpm then reject(4, i, 60000)
+    elseif level < reserve then reject(3, i, math.ceil((reserve - level) / per_ms)) end
+  end
+  if tpd > 0 or tpmo > 0 then
+    local live = 0
+    for _, v in ipairs(redis.call('HVALS', ltk)) do live = live + tonumber(v) end
+    if tpd > 0 then
+      local settled = tonumber(redis.call('HGET', KEYS[k + 5], 'settled') or '0')
+      local left = tpd - settled - live
+      offer_tok({tpd, left, 0, day_reset})
+      if left < reserve then reject(5, i, day_reset) end
+    end
+    if tpmo > 0 then
+      local settled = tonumber(redis.call('HGET', KEYS[k + 6], 'settled') or '0')
+      local left = tpmo - settled - live
+      offer_tok({tpmo, left, 0, month_reset})
+      if left < reserve then reject(6, i, month_reset) end
+    end
+  end
+end
+
+local admitted = (reason == 0)
+if admitted then
+  for i = 1, n do
+    local k = (i - 1) * 6
+    local s = state[i]
+    if s.rps > 0 then
+      redis.call('HSET', KEYS[k + 1], 'tokens', s.req_level - 1, 'ts', now)
+      redis.call('PEXPIRE', KEYS[k + 1], math.ceil(s.burst / s.rps * 1000) + 1000)
+    end
+    if s.tpm > 0 then
+      local level = s.tok_level - reserve
+      redis.call('HSET', KEYS[k + 2], 'tokens', level, 'ts', now)
+      -- expire only once the bucket would be full again (a missing bucket reads as full)
+      redis.call('PEXPIRE', KEYS[k + 2], math.ceil((s.tpm - level) / (s.tpm / 60000)) + 1000)
+    end
+    if s.leased then
+      local lk, ltk = KEYS[k + 3], KEYS[k + 4]
+      redis.call('ZADD', lk, now + lease_ttl, rid)
+      redis.call('HSET', ltk, rid, reserve)
+      -- the newest lease expires last: keep both keys at least that long
+      if redis.call('PTTL', lk) < lease_ttl + 60000 then
+        redis.call('PEXPIRE', lk, lease_ttl + 60000)
+        redis.call('PEXPIRE', ltk, lease_ttl + 60000)
+      end
+    end
+    local dk = KEYS[k + 5]
+    redis.call('HINCRBY', dk, 'requests', 1)
+    redis.call('HSET', dk, 'last', now)
+    redis.call('EXPIRE', dk, day_ttl)
+  end
+end
+
+local function render(c, used)
+  if c == nil then return -1, -1, 0 end
+  local level = c[2]
+  if admitted then level = level - used end
+  local remaining = math.floor(level)
+  if remaining < 0 then remaining = 0 end
+  local reset = c[4]
+  if c[3] > 0 then
+    reset = math.ceil((c[1] - level) / c[3])
+    if reset < 0 then reset = 0 end
+  end
+  return c[1], remaining, reset
+end
+
+local rl, rr, rs = render(req_c, 1)
+local tl, tr, ts = render(tok_c, reserve)
+return {admitted and 1 or 0, reason, who, retry, rl, rr, rs, tl, tr, ts}

@@ -1,0 +1,95 @@
+"""The ASGI application.
+
+``create_app()`` returns a FastAPI app with every endpoint registered (so the OpenAPI-free
+FastAPI tooling, lifespan and any later non-hot endpoints work as usual), wrapped in a tiny
+dispatcher that sends the fixed hot paths straight to their raw ASGI endpoints: FastAPI's
+middleware stack and routing would otherwise cost about as much as the proxying itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.routing import Route
+
+from . import errors
+from .endpoints import HealthEndpoint, MetricsEndpoint, ModelsEndpoint, ReadyEndpoint, UsageEndpoint
+from .proxy import InferenceEndpoint
+from .responses import send_error
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger("atlas_gateway")
+
+
+class Gateway:
+    """Owns the runtime; endpoints read ``gateway.runtime`` at call time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: Runtime | None = None
+        self.routes = {
+            "/v1/chat/completions": InferenceEndpoint(self, "chat"),
+            "/v1/completions": InferenceEndpoint(self, "completions"),
+            "/v1/embeddings": InferenceEndpoint(self, "embeddings"),
+            "/v1/models": ModelsEndpoint(self),
+            "/v1/usage": UsageEndpoint(self),
+            "/healthz": HealthEndpoint(self),
+            "/readyz": ReadyEndpoint(self),
+            "/metrics": MetricsEndpoint(self),
+        }
+
+    async def start(self) -> None:
+        self.runtime = Runtime(self.settings)
+        await self.runtime.start()
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.stop()
+            self.runtime = None
+
+
+def build_fastapi(gateway: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="Atlas gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    for path, endpoint in gateway.routes.items():
+        methods = ["POST"] if isinstance(endpoint, InferenceEndpoint) else ["GET"]
+        app.router.routes.append(Route(path, endpoint, methods=methods))
+    app.state.gateway = gateway
+    return app
+
+
+class AtlasASGI:
+    """Dispatcher: known paths go straight to their endpoint, the rest to FastAPI (404s etc.)."""
+
+    def __init__(self, gateway: Gateway, fastapi_app: FastAPI) -> None:
+        self.gateway = gateway
+        self.fastapi = fastapi_app
+        self.routes = gateway.routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            endpoint = self.routes.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+            if scope["path"].startswith("/v1/"):
+                headers = [(b"x-request-id", self.gateway.runtime.new_request_id().encode())] if self.gateway.runtime else []
+                await send_error(send, errors.not_found(scope["path"]), headers)
+                return
+        await self.fastapi(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> AtlasASGI:
+    settings = settings or Settings.from_env()
+    gateway = Gateway(settings)
+    return AtlasASGI(gateway, build_fastapi(gateway))

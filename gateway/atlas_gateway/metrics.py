@@ -1,0 +1,91 @@
+"""Prometheus metrics. Keys appear only as their AtlasKey ``namespace/name``, never as key
+material. With ``ATLAS_WORKERS > 1`` the entry point sets ``PROMETHEUS_MULTIPROC_DIR`` before
+this module is imported, and :func:`render` aggregates every worker's files."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+_FAST = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
+_SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter("atlas_gateway_requests_total", "Requests answered, by AtlasKey, model, status and priority",
+                   ["key", "model", "status", "priority"])
+PROMPT_TOKENS = Counter("atlas_gateway_prompt_tokens_total", "Prompt tokens settled", ["key", "model"])
+COMPLETION_TOKENS = Counter("atlas_gateway_completion_tokens_total", "Completion tokens settled", ["key", "model"])
+REJECTIONS = Counter("atlas_gateway_rejections_total", "Requests refused by the gateway, by reason", ["key", "reason"])
+OVERHEAD = Histogram("atlas_gateway_overhead_seconds",
+                     "Time spent in the gateway itself (request time minus upstream time)", buckets=_FAST)
+UPSTREAM_LATENCY = Histogram("atlas_gateway_upstream_latency_seconds",
+                             "Upstream time: until the full body (or, streaming, until the headers)",
+                             ["model"], buckets=_SLOW)
+INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream",
+                 multiprocess_mode="livesum")
+REDIS_ERRORS = Counter("atlas_gateway_redis_errors_total", "Redis calls that failed", ["op"])
+FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
+
+_MAX_MODELS = 200
+_models: set[str] = set()
+_children: dict[tuple, object] = {}
+
+
+def model_label(model: str) -> str:
+    """Bound the label's cardinality: a client can send any model name."""
+    if model in _models:
+        return model
+    if len(_models) < _MAX_MODELS:
+        _models.add(model)
+        return model
+    return "other"
+
+
+def _child(metric, *labels):
+    key = (id(metric), *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def count_request(key: str, model: str, status: int, priority: str) -> None:
+    _child(REQUESTS, key, model, str(status), priority).inc()
+
+
+def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
+    if prompt:
+        _child(PROMPT_TOKENS, key, model).inc(prompt)
+    if completion:
+        _child(COMPLETION_TOKENS, key, model).inc(completion)
+
+
+def count_rejection(key: str, reason: str) -> None:
+    _child(REJECTIONS, key, reason).inc()
+
+
+def observe_upstream(model: str, seconds: float) -> None:
+    _child(UPSTREAM_LATENCY, model).observe(seconds)
+
+
+def count_redis_error(op: str) -> None:
+    _child(REDIS_ERRORS, op).inc()
+
+
+def render() -> tuple[bytes, str]:
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

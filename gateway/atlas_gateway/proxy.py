@@ -1,0 +1,329 @@
+"""The hot path: /v1/chat/completions, /v1/completions and /v1/embeddings as raw ASGI.
+
+Order of checks (cheapest first, nothing consumed before admission):
+method -> key present -> body size -> key lookup (cached) -> key usable -> JSON/fields ->
+model allowed -> shedding -> admission (1 Redis call) -> upstream -> settlement (1 Redis call).
+
+Every admitted request is settled exactly once (``Ticket``), whatever ends it: a normal
+response, an upstream error, a timeout, a client disconnect or a cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from time import perf_counter
+
+import aiohttp
+from redis.exceptions import RedisError
+
+from atlas_core.contract import hash_api_key
+
+from . import errors, metrics
+from .fastredis import ReplyError
+from .admission import REASON_NAMES, rejection
+from .auth import Principal
+from .priority import effective_priority
+from .responses import read_body, send_bytes, send_error
+from .runtime import Runtime
+from .streaming import StreamState, pump
+from .tokens import estimate, text_tokens
+from .usage import split_usage, usage_from_body
+from .validation import parse_body, validate
+
+log = logging.getLogger("atlas_gateway")
+
+REDIS_FAILURES = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
+
+# Request headers never forwarded upstream: hop-by-hop, the client's Atlas credentials, our own
+# controls, and accept-encoding (the gateway reads usage out of the body, so it wants identity).
+_NOT_FORWARDED = frozenset({
+    b"host", b"content-length", b"authorization", b"x-api-key", b"connection", b"keep-alive",
+    b"transfer-encoding", b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-connection",
+    b"x-atlas-priority", b"accept-encoding", b"expect", b"x-request-id",
+})
+_BEARER = b"bearer "
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
+
+
+class Ticket:
+    """One admitted request's reservation; ``settle`` runs at most once."""
+
+    __slots__ = ("rt", "principal", "request_id", "reserved", "done")
+
+    def __init__(self, rt: Runtime, principal: Principal, request_id: str, reserved: int) -> None:
+        self.rt = rt
+        self.principal = principal
+        self.request_id = request_id
+        self.reserved = reserved
+        self.done = False
+
+    async def settle(self, actual: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            # shielded: a cancellation arriving now must not leave the lease to its TTL
+            await asyncio.shield(
+                self.rt.admission.settle(self.principal, self.request_id, self.reserved, actual)
+            )
+        except REDIS_FAILURES:
+            metrics.count_redis_error("settle")  # the lease expires by its TTL; nothing leaks
+
+
+async def authenticate(rt: Runtime, api_key: str) -> Principal:
+    key_hash = hash_api_key(api_key)
+    try:
+        principal = await rt.cache.lookup(key_hash)
+    except REDIS_FAILURES as exc:
+        metrics.count_redis_error("config")
+        rt.redis_health.failed(rt.settings.fail_open, exc)
+        principal = rt.cache.stale(key_hash) if rt.settings.fail_open else None
+        if principal is None:
+            raise errors.redis_unavailable() from None
+    if principal is None:
+        raise errors.invalid_api_key("Incorrect API key provided.")
+    return principal
+
+
+class InferenceEndpoint:
+    """Raw ASGI endpoint for one of chat / completions / embeddings."""
+
+    def __init__(self, gateway, kind: str) -> None:
+        self.gateway = gateway  # holds .runtime once the lifespan has started
+        self.kind = kind
+        self.path = _PATHS[kind]
+
+    async def __call__(self, scope, receive, send) -> None:
+        rt: Runtime = self.gateway.runtime
+        started = perf_counter()
+        request_id = rt.new_request_id()
+        headers = [(b"x-request-id", request_id.encode())]
+        state = {"ref": "", "model": "", "priority": ""}
+        try:
+            await self._handle(rt, scope, receive, send, request_id, headers, state, started)
+        except errors.GatewayError as err:
+            await send_error(send, err, headers)
+            metrics.count_request(state["ref"], state["model"], err.status, state["priority"])
+            metrics.count_rejection(state["ref"], err.code or err.type)
+            metrics.OVERHEAD.observe(perf_counter() - started)
+        except ConnectionAbortedError:
+            return  # the client left while sending its body: nobody to answer
+        except Exception:
+            log.exception("unexpected error in %s", self.path)
+            try:
+                await send_error(send, errors.GatewayError(500, "Internal gateway error.", "server_error"), headers)
+            except Exception:  # the response had already started: nothing more to say
+                pass
+
+    async def _handle(self, rt: Runtime, scope, receive, send, request_id, headers, state, started) -> None:
+        settings = rt.settings
+        if scope["method"] != "POST":
+            raise errors.method_not_allowed()
+
+        api_key = None
+        priority_header = None
+        content_length = 0
+        forward: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name in _NOT_FORWARDED:
+                if name == b"authorization":
+                    if value[:7].lower() == _BEARER and value[7:].strip():
+                        api_key = value[7:].strip().decode("latin-1")
+                elif name == b"x-api-key":
+                    if api_key is None and value.strip():
+                        api_key = value.strip().decode("latin-1")
+                elif name == b"x-atlas-priority":
+                    priority_header = value.decode("latin-1")
+                elif name == b"content-length":
+                    content_length = int(value) if value.isdigit() else 0
+                continue
+            forward[name.decode("latin-1")] = value.decode("latin-1")
+
+        if api_key is None:
+            raise errors.invalid_api_key("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.")
+        if content_length > settings.max_body_bytes:
+            raise errors.body_too_large(settings.max_body_bytes)
+        raw = await read_body(receive, settings.max_body_bytes)
+        if raw is None:
+            raise errors.body_too_large(settings.max_body_bytes)
+
+        principal = await authenticate(rt, api_key)
+        state["ref"] = principal.ref
+        refusal = principal.refusal(time.time())
+        if refusal is not None:
+            raise refusal
+        doc = parse_body(raw)
+        model = validate(self.kind, doc)
+        state["model"] = metrics.model_label(model)
+        if not principal.allows_model(model):
+            raise errors.permission_denied(
+                f"API key {principal.ref} may not use model '{model}'.", "model_not_allowed"
+            )
+        priority = effective_priority(principal.priority, priority_header)
+        state["priority"] = priority
+        if rt.shedder.should_shed(priority):
+            raise errors.shed()
+
+        prompt_estimate, reserve = estimate(self.kind, doc, settings.default_max_tokens)
+
+        ticket: Ticket | None = None
+        try:
+            decision = await rt.admission.admit(principal, request_id, reserve)
+        except REDIS_FAILURES as exc:
+            metrics.count_redis_error("admit")
+            rt.redis_health.failed(settings.fail_open, exc)
+            if not settings.fail_open:
+                raise errors.redis_unavailable() from None
+            metrics.FAIL_OPEN.inc()
+        else:
+            if rt.redis_health.degraded:
+                rt.redis_health.ok()
+            headers += decision.headers
+            if not decision.admitted:
+                metrics.count_rejection(principal.ref, REASON_NAMES[decision.reason])
+                raise rejection(decision, principal, reserve)
+            ticket = Ticket(rt, principal, request_id, reserve)
+
+        # What goes upstream: the client's bytes, unless we must add include_usage or priority.
+        streaming = self.kind != "embeddings" and doc.get("stream") is True
+        strip_usage = False
+        modified = False
+        if streaming:
+            options = doc.get("stream_options") or {}
+            if not options.get("include_usage"):
+                doc["stream_options"] = {**options, "include_usage": True}
+                strip_usage = modified = True
+        if settings.forward_priority is not None and self.kind != "embeddings":
+            doc["priority"] = settings.forward_priority[priority]
+            modified = True
+        payload = json.dumps(doc, separators=(",", ":")).encode() if modified else raw
+        forward["content-type"] = "application/json"
+        forward["x-request-id"] = request_id
+        if rt.upstream_auth:
+            forward["authorization"] = rt.upstream_auth
+        url = rt.upstreams.base_for(model) + self.path
+
+        call = _UpstreamCall(rt, ticket, state, headers, started, prompt_estimate, reserve)
+        await call.run(scope, receive, send, url, payload, forward, streaming, strip_usage)
+
+
+class _UpstreamCall:
+    """Forward one admitted request and settle it, whatever happens."""
+
+    __slots__ = ("rt", "ticket", "state", "headers", "started", "prompt_estimate", "reserve",
+                 "upstream_seconds", "finishing", "client_gone", "billed")
+
+    def __init__(self, rt, ticket, state, headers, started, prompt_estimate, reserve) -> None:
+        self.rt = rt
+        self.ticket = ticket
+        self.state = state
+        self.headers = headers
+        self.started = started
+        self.prompt_estimate = prompt_estimate
+        self.reserve = reserve
+        self.upstream_seconds = 0.0
+        self.finishing = False
+        self.client_gone = False
+        self.billed = (0, 0)  # (prompt, completion) charged at settlement
+
+    async def _watch_disconnect(self, receive, task: asyncio.Task) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.finishing:
+                    self.client_gone = True
+                    task.cancel()
+                return
+
+    async def run(self, scope, receive, send, url, payload, forward, streaming, strip_usage) -> None:
+        rt = self.rt
+        shedder = rt.shedder
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive, asyncio.current_task()))
+        shedder.inflight += 1
+        metrics.INFLIGHT.inc()
+        status = 0
+        try:
+            t_up = perf_counter()
+            try:
+                async with rt.session.post(url, data=payload, headers=forward) as resp:
+                    if streaming and resp.status == 200:
+                        metrics.observe_upstream(self.state["model"], perf_counter() - t_up)
+                        status = 200
+                        await self._stream(resp, send, strip_usage)
+                        self.upstream_seconds = perf_counter() - t_up
+                    else:
+                        body = await resp.read()
+                        self.upstream_seconds = perf_counter() - t_up
+                        metrics.observe_upstream(self.state["model"], self.upstream_seconds)
+                        status = resp.status
+                        self.billed = self._bill_body(status, body)
+                        self.finishing = True
+                        watcher.cancel()
+                        content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
+                        # answer first, settle right after (in finally): the client does not
+                        # wait for the second Redis round trip; the lease is held until then
+                        await send_bytes(send, status, body, self.headers, content_type)
+            except asyncio.CancelledError:
+                if not self.client_gone:
+                    raise
+                asyncio.current_task().uncancel()
+                status = 499  # client closed the request (nginx's convention), for metrics only
+                if self.billed == (0, 0):
+                    # disconnected before any answer: the upstream has done the prefill
+                    self.billed = (self.prompt_estimate, 0)
+            except asyncio.TimeoutError:
+                status = 504
+                await self._fail(send, errors.upstream_timeout())
+            except aiohttp.ClientError as exc:
+                status = 502
+                await self._fail(send, errors.upstream_unreachable(type(exc).__name__))
+        finally:
+            self.finishing = True
+            watcher.cancel()
+            shedder.inflight -= 1
+            metrics.INFLIGHT.dec()
+            await self._settle()
+            state = self.state
+            metrics.count_request(state["ref"], state["model"], status, state["priority"])
+            metrics.count_tokens(state["ref"], state["model"], self.billed[0], self.billed[1])
+            metrics.OVERHEAD.observe(max(0.0, perf_counter() - self.started - self.upstream_seconds))
+
+    async def _settle(self) -> None:
+        if self.ticket is not None:
+            await self.ticket.settle(self.billed[0] + self.billed[1])
+
+    async def _fail(self, send, err: errors.GatewayError) -> None:
+        self.finishing = True
+        await send_error(send, err, self.headers)
+
+    def _bill_body(self, status: int, body: bytes) -> tuple[int, int]:
+        usage = usage_from_body(body)
+        if usage is not None:
+            prompt, completion, total = split_usage(usage)
+            return prompt, total - prompt
+        if status != 200:
+            return 0, 0  # the upstream refused it: nothing was generated
+        # a 200 without usage: charge the prompt estimate and the body's size as completion
+        return self.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
+                                         max(0, self.reserve - self.prompt_estimate))
+
+    async def _stream(self, resp, send, strip_usage: bool) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.headers})
+        stream = StreamState()
+        try:
+            await pump(resp, send, stream, strip_usage)
+        finally:
+            if stream.usage is not None:
+                prompt, completion, total = split_usage(stream.usage)
+                self.billed = (prompt, total - prompt)
+            else:  # cut short, or an upstream that ignores include_usage: bill what was delivered
+                self.billed = (self.prompt_estimate, stream.delivered)
+            if stream.error is not None or self.client_gone:
+                resp.close()  # abort the upstream request: never read (or pay for) the rest
+        self.finishing = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

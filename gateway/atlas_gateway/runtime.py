@@ -1,0 +1,101 @@
+"""The gateway's long-lived state: Redis client, config cache, admission scripts, the shared
+aiohttp session, the shedder and the Redis health tracker. One per process."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+
+import aiohttp
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .admission import Admission
+from .auth import ConfigCache
+from .fastredis import FastRedis
+from .priority import Shedder
+from .settings import Settings
+from .upstreams import Upstreams
+
+log = logging.getLogger("atlas_gateway")
+
+
+class RedisHealth:
+    """Tracks Redis reachability for fail-open logging: one line when it goes away (then at most
+    one every 10 s while requests keep passing unchecked) and one when it is back."""
+
+    def __init__(self) -> None:
+        self.degraded = False
+        self._last_log = 0.0
+        self._passed = 0
+
+    def failed(self, fail_open: bool, exc: BaseException) -> None:
+        now = time.monotonic()
+        if fail_open:
+            self._passed += 1
+        if not self.degraded or now - self._last_log > 10:
+            mode = "failing open: requests pass unchecked" if fail_open else "failing closed: answering 503"
+            log.warning("Redis unreachable (%s): %s; %d passed unchecked since the last report",
+                        type(exc).__name__, mode, self._passed)
+            self._last_log = now
+            self._passed = 0
+        self.degraded = True
+
+    def ok(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            log.warning("Redis reachable again: enforcing limits")
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # No retries: a retried EVALSHA after a lost reply would reserve or settle twice.
+        self.redis = aioredis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            max_connections=1024,
+        )
+        self.cache = ConfigCache(self.redis, settings.config_ttl)
+        self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
+        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
+        self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
+        self.shedder = Shedder(settings.shed_threshold, settings.shed_threshold_standard,
+                               settings.shed_threshold_critical)
+        self.redis_health = RedisHealth()
+        self.session: aiohttp.ClientSession | None = None
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(6).hex() + "-"
+        auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
+        self.upstream_auth = auth
+
+    def new_request_id(self) -> str:
+        """Unique per request across gateways (random per-process prefix + counter): also the lease
+        member in Redis, so it must never come from the client."""
+        return f"{self._id_prefix}{next(self._ids)}"
+
+    async def start(self) -> None:
+        s = self.settings
+        connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
+                                         keepalive_timeout=30, ttl_dns_cache=60)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, connect=s.upstream_connect_timeout,
+                                          sock_read=s.upstream_timeout),
+            auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        await self.fast_redis.aclose()
+        await self.redis.aclose()

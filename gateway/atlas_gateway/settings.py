@@ -1,0 +1,117 @@
+"""Gateway configuration, read once from the environment at start-up (see docs/gateway.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed: the gateway refuses to start."""
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not a number") from exc
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    return int(_float(env, name, default))
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+DEFAULT_PRIORITY_VALUES = {"Critical": 0, "Standard": 1, "Sheddable": 2}
+
+
+def _priority_values(raw: str | None) -> dict[str, int] | None:
+    """ATLAS_FORWARD_PRIORITY: unset/false = off; true = default map; or a JSON object."""
+    if raw is None or raw.strip().lower() in ("", "0", "false", "no", "off"):
+        return None
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return dict(DEFAULT_PRIORITY_VALUES)
+    try:
+        doc = json.loads(raw)
+        values = {str(k): int(v) for k, v in doc.items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise SettingsError("ATLAS_FORWARD_PRIORITY must be true/false or a JSON object class -> int") from exc
+    return {**DEFAULT_PRIORITY_VALUES, **values}
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream_url: str
+    upstream_models: tuple[tuple[str, str], ...] = ()
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    fail_open: bool = False
+    redis_timeout: float = 0.5
+    config_ttl: float = 1.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    default_max_tokens: int = 4096
+    lease_ttl: float = 300.0
+    upstream_connect_timeout: float = 5.0
+    upstream_timeout: float = 300.0
+    upstream_pool_size: int = 512
+    upstream_api_key: str | None = None
+    shed_threshold: int = 256
+    shed_threshold_standard: int = 512
+    shed_threshold_critical: int = 1024
+    forward_priority: dict[str, int] | None = field(default=None, hash=False)
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        upstream = env.get("ATLAS_UPSTREAM_URL", "").strip()
+        if not upstream:
+            raise SettingsError("ATLAS_UPSTREAM_URL is required (e.g. http://127.0.0.1:8000)")
+        models: tuple[tuple[str, str], ...] = ()
+        raw_models = env.get("ATLAS_UPSTREAM_MODELS", "").strip()
+        if raw_models:
+            try:
+                doc = json.loads(raw_models)
+                models = tuple((str(glob), str(url)) for glob, url in doc.items())
+            except (ValueError, AttributeError) as exc:
+                raise SettingsError("ATLAS_UPSTREAM_MODELS must be a JSON object: model glob -> base URL") from exc
+        fail_mode = env.get("ATLAS_FAIL_MODE", "closed").strip().lower()
+        if fail_mode not in ("closed", "open"):
+            raise SettingsError("ATLAS_FAIL_MODE must be 'closed' or 'open'")
+        shed = _int(env, "ATLAS_SHED_THRESHOLD", 256)
+        return cls(
+            upstream_url=upstream,
+            upstream_models=models,
+            redis_url=env.get("ATLAS_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            host=env.get("ATLAS_HOST", "127.0.0.1"),
+            port=_int(env, "ATLAS_PORT", 8080),
+            workers=max(1, _int(env, "ATLAS_WORKERS", 1)),
+            fail_open=fail_mode == "open",
+            redis_timeout=_float(env, "ATLAS_REDIS_TIMEOUT_SECONDS", 0.5),
+            config_ttl=_float(env, "ATLAS_CONFIG_TTL_SECONDS", 1.0),
+            max_body_bytes=_int(env, "ATLAS_MAX_BODY_BYTES", 4 * 1024 * 1024),
+            default_max_tokens=_int(env, "ATLAS_DEFAULT_MAX_TOKENS", 4096),
+            lease_ttl=_float(env, "ATLAS_LEASE_TTL_SECONDS", 300.0),
+            upstream_connect_timeout=_float(env, "ATLAS_UPSTREAM_CONNECT_TIMEOUT", 5.0),
+            upstream_timeout=_float(env, "ATLAS_UPSTREAM_TIMEOUT", 300.0),
+            upstream_pool_size=_int(env, "ATLAS_UPSTREAM_POOL_SIZE", 512),
+            upstream_api_key=env.get("ATLAS_UPSTREAM_API_KEY") or None,
+            shed_threshold=shed,
+            shed_threshold_standard=_int(env, "ATLAS_SHED_THRESHOLD_STANDARD", shed * 2),
+            shed_threshold_critical=_int(env, "ATLAS_SHED_THRESHOLD_CRITICAL", shed * 4),
+            forward_priority=_priority_values(env.get("ATLAS_FORWARD_PRIORITY")),
+            log_level=env.get("ATLAS_LOG_LEVEL", "info").lower(),
+        )

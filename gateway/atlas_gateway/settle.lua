@@ -1,0 +1,50 @@
+-- Atlas settlement: end one admitted request. Drops its lease (concurrency slot and token
+-- reservation), adds the real tokens to the day/month `settled` counters, and gives the
+-- tokens-per-minute bucket back what was reserved but not used (or takes the overrun).
+--
+-- KEYS, 5 per subject i (b = (i-1)*5):
+--   b+1 bucket:tok   b+2 lease (zset)   b+3 lease:tok (hash)   b+4 usage day hash   b+5 usage month hash
+-- ARGV:
+--   1 request id   2 real tokens   3 tokens reserved at admission   4 number of subjects
+--   5 day hash TTL (s)   6 month hash TTL (s)   then per subject (6 + i): tokensPerMinute (0 = none)
+-- Returns the number of leases that were still present (0 when they had expired or were
+-- already settled: the caller guards against a double settle, this makes it harmless too).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local rid = ARGV[1]
+local actual = tonumber(ARGV[2])
+local reserved = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local day_ttl = tonumber(ARGV[5])
+local month_ttl = tonumber(ARGV[6])
+
+local dropped = 0
+for i = 1, n do
+  local k = (i - 1) * 5
+  local tpm = tonumber(ARGV[6 + i])
+  dropped = dropped + redis.call('ZREM', KEYS[k + 2], rid)
+  redis.call('HDEL', KEYS[k + 3], rid)
+  if actual > 0 then
+    redis.call('HINCRBY', KEYS[k + 4], 'settled', actual)
+    redis.call('EXPIRE', KEYS[k + 4], day_ttl)
+    redis.call('HINCRBY', KEYS[k + 5], 'settled', actual)
+    redis.call('EXPIRE', KEYS[k + 5], month_ttl)
+  end
+  if tpm > 0 and actual ~= reserved then
+    local key = KEYS[k + 1]
+    local per_ms = tpm / 60000
+    local h = redis.call('HMGET', key, 'tokens', 'ts')
+    local level = tpm
+    if h[1] then
+      level = tonumber(h[1]) + (now - tonumber(h[2])) * per_ms
+      if level > tpm then level = tpm end
+    end
+    level = level + reserved - actual
+    if level > tpm then level = tpm end
+    redis.call('HSET', key, 'tokens', level, 'ts', now)
+    redis.call('PEXPIRE', key, math.ceil((tpm - level) / per_ms) + 1000)
+  end
+end
+return dropped

@@ -1,0 +1,91 @@
+"""Server-sent-events pass-through.
+
+Complete events are forwarded as soon as they arrive (one ASGI send per network read that
+completes at least one event). The usage chunk (``"choices": []`` with a ``usage`` object) is
+read for billing and, when the gateway injected ``stream_options.include_usage`` itself,
+removed from what the client receives. Only events that mention ``"usage"`` are parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from .errors import error_body
+from .usage import USAGE_OBJECT
+
+
+class StreamState:
+    __slots__ = ("usage", "delivered", "error")
+
+    def __init__(self) -> None:
+        self.usage: dict | None = None
+        self.delivered = 0  # data events forwarded (vLLM sends about one token per event)
+        self.error: str | None = None
+
+
+def error_event(message: str, code: str) -> bytes:
+    return b"data: " + error_body(message, "server_error", code) + b"\n\n"
+
+
+def _filter(block: bytes, state: StreamState, strip_usage: bool) -> bytes:
+    """Forwardable bytes of ``block`` (one or more complete events), noting usage and counts."""
+    if b'"usage"' not in block or USAGE_OBJECT.search(block) is None:
+        state.delivered += block.count(b"data:") - block.count(b"[DONE]")
+        return block
+    kept = []
+    for event in block.split(b"\n\n"):
+        if not event:
+            continue
+        if USAGE_OBJECT.search(event) is not None:
+            data = event[event.find(b"data:") + 5:].strip()
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+                state.usage = doc["usage"]
+                if strip_usage and not doc.get("choices"):
+                    continue
+        elif event.startswith(b"data:") and b"[DONE]" not in event:
+            state.delivered += 1
+        kept.append(event)
+    return b"".join(e + b"\n\n" for e in kept)
+
+
+async def pump(resp: aiohttp.ClientResponse, send, state: StreamState, strip_usage: bool) -> None:
+    """Copy ``resp``'s event stream to the client until it ends, breaks, or we are cancelled.
+
+    A broken upstream (connection lost, truncated body, read timeout) is recorded in
+    ``state.error`` and reported to the client as a final error event; cancellation (the
+    client went away) propagates to the caller.
+    """
+    buf = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            buf = buf + chunk if buf else chunk
+            if b"\r" in buf:
+                buf = buf.replace(b"\r\n", b"\n")
+            end = buf.rfind(b"\n\n")
+            if end < 0:
+                continue
+            block, buf = buf[: end + 2], buf[end + 2:]
+            out = _filter(block, state, strip_usage)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+    except asyncio.TimeoutError:
+        state.error = "timeout"
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        state.error = "disconnected"
+    if state.error is None and buf.strip():
+        out = _filter(buf.rstrip(b"\n") + b"\n\n", state, strip_usage)
+        if out:
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+    if state.error == "timeout":
+        await send({"type": "http.response.body", "more_body": True,
+                    "body": error_event("The upstream timed out mid-stream.", "upstream_timeout")})
+    elif state.error == "disconnected":
+        await send({"type": "http.response.body", "more_body": True,
+                    "body": error_event("The upstream connection was lost mid-stream.", "upstream_disconnected")})

@@ -1,0 +1,67 @@
+"""metav1.Condition helpers: merge one condition into a list without touching the others.
+
+``lastTransitionTime`` only moves when ``status`` changes, so re-applying the same state is a
+no-op and the status patch that would carry it is skipped entirely.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+READY = "Ready"
+QUOTA_EXHAUSTED = "QuotaExhausted"
+
+# Ready=False reasons (also the KeyConfig.refusal values the gateway understands).
+SECRET_INVALID = "SecretInvalid"
+QUOTA_NOT_FOUND = "QuotaNotFound"
+SUSPENDED = "Suspended"
+EXPIRED = "Expired"
+KEY_CONFLICT = "SecretInvalid"  # the same key material is already used by another AtlasKey
+ACTIVE = "Active"
+
+WITHIN_BUDGET = "WithinBudget"
+DAILY_BUDGET_SPENT = "DailyBudgetSpent"
+MONTHLY_BUDGET_SPENT = "MonthlyBudgetSpent"
+SHARED_BUDGET_SPENT = "SharedQuotaSpent"
+
+
+def rfc3339(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def find(conditions: list[dict[str, Any]] | None, ctype: str) -> dict[str, Any] | None:
+    for cond in conditions or ():
+        if cond.get("type") == ctype:
+            return cond
+    return None
+
+
+def merge(
+    conditions: list[dict[str, Any]] | None,
+    ctype: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """A new list with ``ctype`` set; other conditions are kept unchanged and in order."""
+    wanted = "True" if status else "False"
+    old = find(conditions, ctype)
+    new: dict[str, Any] = {
+        "type": ctype,
+        "status": wanted,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": old["lastTransitionTime"]
+        if old and old.get("status") == wanted and old.get("lastTransitionTime")
+        else rfc3339(now),
+    }
+    if generation is not None:
+        new["observedGeneration"] = generation
+    out = [dict(c) for c in conditions or () if c.get("type") != ctype]
+    # Keep the original position so an unchanged list compares equal.
+    position = next((i for i, c in enumerate(conditions or ()) if c.get("type") == ctype), len(out))
+    out.insert(position, new)
+    return out

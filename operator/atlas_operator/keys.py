@@ -1,0 +1,198 @@
+"""AtlasKey reconcile: one idempotent function for create, update, resume and every re-trigger
+(Secret changed, quota appeared or vanished, expiry reached).
+
+Order of work: Secret (generate when absent) -> key hash -> KeyConfig in Redis (old hash removed
+on rotation) -> status (keyId, observedGeneration, conditions). Each step writes only a
+difference, so calling it again on a settled key makes no write anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from atlas_core import contract
+from atlas_core.contract import KeyConfig, Limits
+
+from . import apikeys, conditions as cond, store
+from .kube import CONFLICT, GONE, KubeApi
+from .settings import KEYS
+
+log = logging.getLogger(__name__)
+
+QuotaExists = Callable[[str, str], bool]
+
+
+class StatusConflict(Exception):
+    """The object changed while we reconciled it: re-read and run again."""
+
+
+@dataclass
+class KeyOutcome:
+    ready: bool
+    reason: str
+    message: str
+    key_hash: str | None = None
+    redis_written: bool = False
+    status_patched: bool = False
+    secret_created: bool = False
+    rotated_from: str | None = None
+    next_check: datetime | None = None  # when the outcome changes by itself (expiresAt)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(timezone.utc)
+
+
+def desired_key_config(
+    namespace: str, name: str, spec: dict[str, Any], key_hash: str, quota_exists: QuotaExists,
+    now: datetime,
+) -> tuple[KeyConfig, bool, str, str]:
+    """The KeyConfig for this spec and the Ready condition it implies (pure)."""
+    quota = spec.get("quotaRef") or None
+    expires = parse_time(spec.get("expiresAt"))
+    suspended = bool(spec.get("suspended", False))
+    refusal = message = None
+    if quota and not quota_exists(namespace, quota):
+        # Never "unlimited": the gateway refuses a key whose shared budget is missing.
+        refusal = cond.QUOTA_NOT_FOUND
+        message = f"AtlasQuota {quota!r} not found in namespace {namespace!r}"
+    config = KeyConfig(
+        namespace=namespace,
+        name=name,
+        key_id=contract.key_id_of(key_hash),
+        limits=Limits.from_spec(spec.get("limits")),
+        quota=quota,
+        models=tuple(spec.get("models") or ()),
+        priority=spec.get("priority") or contract.DEFAULT_PRIORITY,
+        suspended=suspended,
+        expires_at=expires.timestamp() if expires else None,
+        refusal=refusal,
+        refusal_message=message,
+    )
+    if expires is not None and expires <= now:
+        return config, False, cond.EXPIRED, f"the key expired at {cond.rfc3339(expires)}"
+    if suspended:
+        return config, False, cond.SUSPENDED, "spec.suspended is true"
+    if refusal:
+        return config, False, refusal, message or refusal
+    return config, True, cond.ACTIVE, "the key is accepted by the gateway"
+
+
+def _desired_status(
+    obj: dict[str, Any], key_id: str | None, ready: bool, reason: str, message: str, now: datetime
+) -> dict[str, Any]:
+    status = dict(obj.get("status") or {})
+    generation = obj["metadata"].get("generation")
+    conditions = cond.merge(status.get("conditions"), cond.READY, ready, reason, message, generation, now)
+    if cond.find(conditions, cond.QUOTA_EXHAUSTED) is None:
+        # The usage loop owns this one; start it False so the loop only writes real changes.
+        conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED, False, cond.WITHIN_BUDGET,
+                                "no day or month budget is spent", generation, now)
+    out: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
+    out["keyId"] = key_id
+    if "usage" not in status:
+        out["usage"] = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
+    return out
+
+
+def status_delta(current: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``desired`` that differ from ``current`` (None values delete a field)."""
+    current = current or {}
+    return {
+        k: v for k, v in desired.items()
+        if not (current.get(k) == v or (v is None and k not in current))
+    }
+
+
+async def reconcile_key(
+    obj: dict[str, Any],
+    *,
+    kube: KubeApi,
+    redis: Any,
+    quota_exists: QuotaExists,
+    now: datetime | None = None,
+) -> KeyOutcome:
+    now = now or datetime.now(timezone.utc)
+    meta = obj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    spec = obj.get("spec") or {}
+    secret_name = apikeys.secret_name_of(name, spec)
+
+    secret = await kube.get_secret(namespace, secret_name)
+    created = False
+    if secret is None:
+        secret = await kube.create_secret(namespace, apikeys.generated_secret(namespace, secret_name, obj))
+        created = True
+    api_key, problem = apikeys.read_api_key(secret)
+
+    if api_key is None:
+        outcome = KeyOutcome(False, cond.SECRET_INVALID, f"Secret {secret_name!r}: {problem}")
+        # The old key must stop working: its Secret no longer holds it.
+        outcome.redis_written = await store.delete_key_config(redis, namespace, name)
+        key_id = None
+    else:
+        key_hash = contract.hash_api_key(api_key)
+        del api_key
+        owner = await store.owner_of_hash(redis, key_hash)
+        ref = f"{namespace}/{name}"
+        if owner not in (None, ref) and await _still_owned(redis, owner, key_hash):
+            outcome = KeyOutcome(
+                False, cond.KEY_CONFLICT,
+                f"Secret {secret_name!r} holds a key already used by AtlasKey {owner!r}",
+            )
+            outcome.redis_written = await store.delete_key_config(redis, namespace, name)
+            key_id = None
+        else:
+            config, ready, reason, message = desired_key_config(
+                namespace, name, spec, key_hash, quota_exists, now)
+            outcome = KeyOutcome(ready, reason, message, key_hash=key_hash)
+            outcome.redis_written, outcome.rotated_from = await store.write_key_config(
+                redis, key_hash, config)
+            key_id = config.key_id
+            expires = parse_time(spec.get("expiresAt"))
+            if expires is not None and expires > now:
+                outcome.next_check = expires
+    outcome.secret_created = created
+
+    old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
+    desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now)
+    delta = status_delta(obj.get("status"), desired)
+    if delta:
+        if "conditions" in delta:
+            delta["conditions"] = desired["conditions"]
+        result = await kube.patch_status(KEYS, namespace, name, delta, meta.get("resourceVersion"))
+        if result == CONFLICT:
+            raise StatusConflict(f"AtlasKey {namespace}/{name} changed during reconcile")
+        outcome.status_patched = result != GONE
+
+    if created:
+        outcome.events.append(("Normal", "SecretGenerated", f"generated a key in Secret {secret_name!r}"))
+    if outcome.rotated_from:
+        outcome.events.append(("Normal", "KeyRotated",
+                               f"key {contract.key_id_of(outcome.rotated_from)} replaced by {key_id}"))
+    if old_ready is None or (old_ready.get("status"), old_ready.get("reason")) != (
+        "True" if outcome.ready else "False", outcome.reason
+    ):
+        outcome.events.append(("Normal" if outcome.ready else "Warning", outcome.reason, outcome.message))
+    for type_, reason, message in outcome.events:
+        await kube.post_event(KEYS, obj, type_, reason, message)
+    return outcome
+
+
+async def _still_owned(redis: Any, owner: str, key_hash: str) -> bool:
+    indexed = await redis.hget(contract.KEY_INDEX, owner)
+    if isinstance(indexed, bytes):
+        indexed = indexed.decode()
+    return indexed == key_hash
+
+
+async def delete_key(obj: dict[str, Any], *, redis: Any) -> bool:
+    """Finalizer work: drop the key's config so the gateway refuses it; usage stays."""
+    meta = obj["metadata"]
+    return await store.delete_key_config(redis, meta["namespace"], meta["name"])

@@ -1,0 +1,145 @@
+"""kopf wiring only: settings, indexes and handlers that delegate to the plain modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+import redis.asyncio as aioredis
+
+from .keys import StatusConflict
+from .kube import ClientKubeApi
+from .runtime import Runtime
+from .settings import FINALIZER, GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
+from .views import ObjectView, SecretView
+
+RETRY = dict(backoff=2, errors=kopf.ErrorsMode.TEMPORARY)
+
+
+def plain(body: Any) -> dict[str, Any]:
+    return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
+                  atlaskey_views: kopf.Index, atlasquota_views: kopf.Index,
+                  keys_by_secret: kopf.Index, keys_by_quota: kopf.Index,
+                  secret_views: kopf.Index, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING  # our own Events say what changed; no per-handler noise
+    settings.watching.server_timeout = 300
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+
+    config: OperatorSettings = memo.get("config") or OperatorSettings.from_env()
+    kube = ClientKubeApi.from_environment(workers=config.api_workers)
+    redis = aioredis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5,
+                              health_check_interval=30)
+    memo.runtime = Runtime(config, kube, redis, {
+        "atlaskey_views": atlaskey_views, "atlasquota_views": atlasquota_views,
+        "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,
+        "secret_views": secret_views,
+    })
+    memo.runtime.start()
+    logger.info("atlas operator: redis %s, namespaces %s, usage every %ss",
+                config.redis_url.split("@")[-1], ",".join(config.namespaces) or "all",
+                config.usage_interval)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.stop()
+        await runtime.redis.aclose()
+        runtime.kube.close()
+
+
+@kopf.on.probe(id="redis")
+async def redis_alive(memo: kopf.Memo, **_: Any) -> bool:
+    return bool(await memo.runtime.redis.ping())
+
+
+# --------------------------------------------------------------------------- indexes
+
+
+@kopf.index(GROUP, VERSION, KEYS)
+def atlaskey_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): ObjectView.of(body)}
+
+
+@kopf.index(GROUP, VERSION, KEYS)
+def keys_by_secret(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict:
+    return {(namespace, spec.get("secretName") or f"{name}-api-key"): name}
+
+
+@kopf.index(GROUP, VERSION, KEYS)
+def keys_by_quota(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict | None:
+    quota = spec.get("quotaRef")
+    return {(namespace, quota): name} if quota else None
+
+
+@kopf.index(GROUP, VERSION, QUOTAS)
+def atlasquota_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): ObjectView.of(body)}
+
+
+@kopf.index("", "v1", "secrets")
+def secret_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    # Only the SHA-256 of `api-key` is kept: enough to rewrite config without an API call.
+    return {(namespace, name): SecretView.of(body)}
+
+
+# --------------------------------------------------------------------------- AtlasKey
+
+
+@kopf.on.resume(GROUP, VERSION, KEYS, **RETRY)
+@kopf.on.create(GROUP, VERSION, KEYS, **RETRY)
+@kopf.on.update(GROUP, VERSION, KEYS, **RETRY)
+async def atlaskey_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        await memo.runtime.reconcile_key(plain(body))
+    except StatusConflict as exc:
+        raise kopf.TemporaryError(str(exc), delay=0.5) from exc
+
+
+@kopf.on.delete(GROUP, VERSION, KEYS, **RETRY)
+async def atlaskey_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await memo.runtime.delete_key(plain(body))
+
+
+@kopf.on.event("", "v1", "secrets")
+async def secret_event(event: dict, namespace: str, name: str, body: kopf.Body,
+                       memo: kopf.Memo, **_: Any) -> None:
+    if event.get("type") is None:
+        return  # the initial listing: every AtlasKey is resumed on its own
+    await memo.runtime.secret_changed(namespace, name, body, deleted=event["type"] == "DELETED")
+
+
+# --------------------------------------------------------------------------- AtlasQuota
+
+
+@kopf.on.resume(GROUP, VERSION, QUOTAS, **RETRY)
+@kopf.on.create(GROUP, VERSION, QUOTAS, **RETRY)
+@kopf.on.update(GROUP, VERSION, QUOTAS, **RETRY)
+async def atlasquota_changed(body: kopf.Body, reason: str, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        await memo.runtime.reconcile_quota(plain(body))
+    except StatusConflict as exc:
+        raise kopf.TemporaryError(str(exc), delay=0.5) from exc
+    if reason == kopf.Reason.CREATE:
+        # Keys that named this quota before it existed were refused (QuotaNotFound): lift that.
+        await memo.runtime.reconcile_dependents(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.on.delete(GROUP, VERSION, QUOTAS, **RETRY)
+async def atlasquota_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await memo.runtime.delete_quota(plain(body))

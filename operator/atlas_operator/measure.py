@@ -1,0 +1,185 @@
+"""Measure the usage write-back cycle at scale: `python -m atlas_operator.measure --keys 10000`.
+
+A real redis-server (atlas_devstack.redis_server) holds the counters; the Kubernetes API is
+either a counting in-memory fake (default: isolates the operator's own cost) or, with
+`--kubeconfig`, the real API server holding that many AtlasKeys (created by this script in a
+fresh namespace). Prints time per cycle and API writes per cycle for: an idle cycle (nothing
+changed), 1% of keys active, and every key active.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import time
+from datetime import datetime, timezone
+
+import redis.asyncio as aioredis
+
+from atlas_core import contract
+
+from .kube import CONFLICT, PATCHED
+from .usage import usage_cycle
+from .views import ObjectView
+
+
+class CountingKube:
+    """patch_status that only counts and applies to the in-memory views."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    async def patch_status(self, plural, namespace, name, status, resource_version=None):
+        self.writes += 1
+        return PATCHED
+
+
+def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectView], list[ObjectView]]:
+    zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
+    within = [{"type": "QuotaExhausted", "status": "False", "reason": "WithinBudget",
+               "message": "no day or month budget is spent", "lastTransitionTime": "2026-01-01T00:00:00Z",
+               "observedGeneration": 1}]
+    quotas = [ObjectView("bench", f"q{i}", "1", 1, {"limits": {"tokensPerDay": 10**9}},
+                         {"usage": zero, "keys": n_keys // n_quotas, "conditions": within}, False)
+              for i in range(n_quotas)]
+    keys = [ObjectView("bench", f"k{i}", "1", 1,
+                       {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}},
+                       {"usage": zero, "conditions": within}, False)
+            for i in range(n_keys)]
+    return keys, quotas
+
+
+def apply_patches_to_views(views: list[ObjectView], usages_after: dict) -> list[ObjectView]:
+    """What the watch would deliver after the cycle: views whose status carries the new usage."""
+    out = []
+    for v in views:
+        subject = contract.key_subject(v.namespace, v.name) if v.name.startswith("k") else \
+            contract.quota_subject(v.namespace, v.name)
+        status = copy.deepcopy(v.status)
+        if subject in usages_after:
+            status["usage"] = usages_after[subject].to_status()
+        out.append(ObjectView(v.namespace, v.name, v.resource_version, v.generation, v.spec, status, False))
+    return out
+
+
+async def traffic(redis, subjects: list[str], now: datetime, tokens: int) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for s in subjects:
+        day_key, month_key = contract.usage_keys(s, now)
+        pipe.hincrby(day_key, "settled", tokens)
+        pipe.hincrby(day_key, "requests", 1)
+        pipe.hset(day_key, "last", int(now.timestamp() * 1000))
+        pipe.hincrby(month_key, "settled", tokens)
+    await pipe.execute()
+
+
+async def run_fake(n_keys: int, n_quotas: int, redis_url: str) -> None:
+    redis = aioredis.from_url(redis_url)
+    now = datetime.now(timezone.utc)
+    keys, quotas = make_views(n_keys, n_quotas, now)
+    kube = CountingKube()
+    print(f"{n_keys} keys, {n_quotas} quotas, real redis-server, counting fake API")
+
+    async def cycle(label: str) -> None:
+        nonlocal keys, quotas
+        before = kube.writes
+        stats = await usage_cycle(redis, kube, keys, quotas, now)
+        print(f"  {label:<22} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms, "
+              f"{stats.redis_round_trips} round trips)  API writes: {kube.writes - before}")
+        usages = await contract.read_usages(redis, [contract.key_subject("bench", k.name) for k in keys]
+                                            + [contract.quota_subject("bench", q.name) for q in quotas], now)
+        keys = apply_patches_to_views(keys, usages)
+        quotas = apply_patches_to_views(quotas, usages)
+
+    await cycle("idle (nothing changed)")
+    await cycle("idle again")
+    active = [contract.key_subject("bench", f"k{i}") for i in range(0, n_keys, 100)]
+    await traffic(redis, active + [contract.quota_subject("bench", f"q{i}") for i in range(n_quotas)], now, 10)
+    await cycle("1% of keys active")
+    await traffic(redis, [contract.key_subject("bench", k.name) for k in keys], now, 10)
+    await cycle("every key active")
+    await cycle("idle after traffic")
+    await redis.aclose()
+
+
+async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str) -> None:
+    from kubernetes import client, config
+
+    from .kube import ClientKubeApi
+    from .settings import GROUP, KEYS, QUOTAS, VERSION
+
+    config.load_kube_config(config_file=kubeconfig)
+    api = ClientKubeApi.from_environment(workers=8)
+    namespace = f"bench-{int(time.time())}"
+    api.core.create_namespace({"metadata": {"name": namespace}})
+    print(f"creating {n_keys} AtlasKeys and {n_quotas} AtlasQuotas in {namespace} (real API server) ...")
+    t0 = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
+    within = [{"type": "QuotaExhausted", "status": "False", "reason": "WithinBudget",
+               "message": "no day or month budget is spent", "lastTransitionTime": "2026-01-01T00:00:00Z",
+               "observedGeneration": 1}]
+
+    async def create(plural: str, name: str, spec: dict) -> None:
+        await api._run(api.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural,
+                       {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasKey" if plural == KEYS else "AtlasQuota",
+                        "metadata": {"name": name}, "spec": spec})
+        await api.patch_status(plural, namespace, name, {"usage": zero, "conditions": within})
+
+    gate = asyncio.Semaphore(16)
+
+    async def bounded(*a):
+        async with gate:
+            await create(*a)
+
+    await asyncio.gather(*(bounded(QUOTAS, f"q{i}", {"limits": {"tokensPerDay": 10**9}}) for i in range(n_quotas)))
+    await asyncio.gather(*(bounded(KEYS, f"k{i}", {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}})
+                           for i in range(n_keys)))
+    print(f"  created in {time.perf_counter() - t0:.1f}s")
+
+    async def views():
+        out = {}
+        for plural in (KEYS, QUOTAS):
+            items = (await api._run(api.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural))["items"]
+            out[plural] = [ObjectView.of(i) for i in items]
+        return out[KEYS], out[QUOTAS]
+
+    redis = aioredis.from_url(redis_url)
+
+    async def cycle(label: str) -> None:
+        keys, quotas = await views()
+        before = api.writes
+        stats = await usage_cycle(redis, api, keys, quotas, now)
+        print(f"  {label:<22} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms)"
+              f"  API writes: {api.writes - before} (conflicts {stats.conflicts})")
+
+    print(f"{n_keys} keys, {n_quotas} quotas, real redis-server, real kube-apiserver")
+    await cycle("idle (nothing changed)")
+    await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(0, n_keys, 100)]
+                  + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10)
+    await cycle("1% of keys active")
+    await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10)
+    await cycle("every key active")
+    await cycle("idle after traffic")
+    await redis.aclose()
+    api.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=10000)
+    parser.add_argument("--quotas", type=int, default=100)
+    parser.add_argument("--kubeconfig", help="measure against this API server instead of the fake")
+    args = parser.parse_args()
+    from atlas_devstack.redis_server import RedisServer
+
+    with RedisServer() as server:
+        if args.kubeconfig:
+            asyncio.run(run_real(args.keys, args.quotas, server.url, args.kubeconfig))
+        else:
+            asyncio.run(run_fake(args.keys, args.quotas, server.url))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""AtlasQuota reconcile: its QuotaConfig in Redis and its status (keys bound, Ready)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from atlas_core import contract
+from atlas_core.contract import Limits, QuotaConfig
+
+from . import conditions as cond, store
+from .keys import StatusConflict, status_delta
+from .kube import CONFLICT, GONE, KubeApi
+from .settings import QUOTAS
+
+
+@dataclass
+class QuotaOutcome:
+    redis_written: bool = False
+    status_patched: bool = False
+
+
+def desired_quota_config(namespace: str, name: str, spec: dict[str, Any]) -> QuotaConfig:
+    return QuotaConfig(namespace=namespace, name=name, limits=Limits.from_spec(spec.get("limits")))
+
+
+async def reconcile_quota(
+    obj: dict[str, Any], *, kube: KubeApi, redis: Any, key_count: int, now: datetime | None = None
+) -> QuotaOutcome:
+    now = now or datetime.now(timezone.utc)
+    meta = obj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    outcome = QuotaOutcome()
+    outcome.redis_written = await store.write_quota_config(
+        redis, desired_quota_config(namespace, name, obj.get("spec") or {}))
+
+    status = obj.get("status") or {}
+    generation = meta.get("generation")
+    conditions = cond.merge(status.get("conditions"), cond.READY, True, cond.ACTIVE,
+                            "the budget is enforced by the gateway", generation, now)
+    if cond.find(conditions, cond.QUOTA_EXHAUSTED) is None:
+        conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED, False, cond.WITHIN_BUDGET,
+                                "no day or month budget is spent", generation, now)
+    desired: dict[str, Any] = {"observedGeneration": generation, "keys": key_count,
+                               "conditions": conditions}
+    if "usage" not in status:
+        desired["usage"] = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
+    delta = status_delta(status, desired)
+    if delta:
+        result = await kube.patch_status(QUOTAS, namespace, name, delta, meta.get("resourceVersion"))
+        if result == CONFLICT:
+            raise StatusConflict(f"AtlasQuota {namespace}/{name} changed during reconcile")
+        outcome.status_patched = result != GONE
+    if outcome.redis_written and cond.find(status.get("conditions"), cond.READY) is None:
+        await kube.post_event(QUOTAS, obj, "Normal", cond.ACTIVE, "budget written to the gateway's store")
+    return outcome
+
+
+async def delete_quota(obj: dict[str, Any], *, redis: Any) -> bool:
+    meta = obj["metadata"]
+    return await store.delete_quota_config(redis, meta["namespace"], meta["name"])

@@ -1,0 +1,201 @@
+"""The operator's process-wide state and the glue between kopf triggers and the plain
+reconcile functions: per-key locks, re-triggers by name, and the three background loops
+(usage write-back, self-healing, expiry)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+from . import heal, keys, quotas, usage
+from .expiry import ExpiryScheduler
+from .kube import KubeApi
+from .settings import KEYS, QUOTAS, OperatorSettings
+from .views import ObjectView, SecretView
+
+log = logging.getLogger("atlas_operator")
+
+
+def values(index: Any) -> Iterable[Any]:
+    """All values of a kopf index (a mapping of key -> Store of values)."""
+    for store in list(index.values()):
+        yield from list(store)
+
+
+def first(index: Any, key: Any) -> Any:
+    for value in index.get(key, ()):
+        return value
+    return None
+
+
+class SecretMapping(Mapping):
+    """Read-only (namespace, name) -> SecretView view over the kopf secrets index."""
+
+    def __init__(self, index: Any) -> None:
+        self._index = index
+
+    def __getitem__(self, key: Any) -> SecretView:
+        found = first(self._index, key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def __iter__(self):
+        return iter(list(self._index.keys()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class Runtime:
+    def __init__(self, settings: OperatorSettings, kube: KubeApi, redis: Any, indexes: dict[str, Any]):
+        self.settings = settings
+        self.kube = kube
+        self.redis = redis
+        self.indexes = indexes  # kopf indexes by name (live views)
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.applied_hash: dict[tuple[str, str], str | None] = {}
+        self.deleting_quotas: set[tuple[str, str]] = set()
+        self.scheduler = ExpiryScheduler(self.reconcile_key_by_name)
+        self.last_cycle: usage.CycleStats | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lookups
+
+    def quota_exists(self, namespace: str, name: str) -> bool:
+        if (namespace, name) in self.deleting_quotas:
+            return False
+        view = first(self.indexes["atlasquota_views"], (namespace, name))
+        return view is not None and not view.deleting
+
+    def keys_of_quota(self, namespace: str, name: str) -> list[str]:
+        return sorted(set(self.indexes["keys_by_quota"].get((namespace, name), ())))
+
+    def keys_of_secret(self, namespace: str, name: str) -> list[str]:
+        return sorted(set(self.indexes["keys_by_secret"].get((namespace, name), ())))
+
+    def key_count(self, namespace: str, name: str) -> int:
+        count = 0
+        for key_name in self.keys_of_quota(namespace, name):
+            view = first(self.indexes["atlaskey_views"], (namespace, key_name))
+            if view is not None and not view.deleting:
+                count += 1
+        return count
+
+    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self.locks.setdefault((namespace, name), asyncio.Lock())
+
+    # ------------------------------------------------------------------ keys
+
+    async def reconcile_key(self, body: dict[str, Any]) -> keys.KeyOutcome:
+        meta = body["metadata"]
+        ident = (meta["namespace"], meta["name"])
+        async with self._lock(*ident):
+            outcome = await keys.reconcile_key(body, kube=self.kube, redis=self.redis,
+                                               quota_exists=self.quota_exists)
+        self.applied_hash[ident] = outcome.key_hash
+        if outcome.next_check is not None:
+            self.scheduler.schedule(*ident, outcome.next_check)
+        if outcome.redis_written or outcome.status_patched:
+            log.info("AtlasKey %s/%s reconciled: %s (keyId %s)", *ident, outcome.reason,
+                     (outcome.key_hash or "")[:8] or "-")
+        return outcome
+
+    async def reconcile_key_by_name(self, namespace: str, name: str, attempts: int = 5) -> None:
+        """Re-trigger from outside the key's own handler (Secret, quota, expiry)."""
+        for _ in range(attempts):
+            body = await self.kube.get_object(KEYS, namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            try:
+                await self.reconcile_key(body)
+                return
+            except keys.StatusConflict:
+                continue
+        log.warning("AtlasKey %s/%s kept changing; leaving it to its next event", namespace, name)
+
+    async def delete_key(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        ident = (meta["namespace"], meta["name"])
+        async with self._lock(*ident):
+            await keys.delete_key(body, redis=self.redis)
+        self.applied_hash.pop(ident, None)
+        self.locks.pop(ident, None)
+
+    async def secret_changed(self, namespace: str, name: str, body: Any, deleted: bool) -> None:
+        new_hash = None if deleted else SecretView.of(body).key_hash
+        for key_name in self.keys_of_secret(namespace, name):
+            known = self.applied_hash.get((namespace, key_name), "unknown")
+            if new_hash is not None and known == new_hash:
+                continue  # our own create echoing back, or an edit that kept the value
+            await self.reconcile_key_by_name(namespace, key_name)
+
+    # ------------------------------------------------------------------ quotas
+
+    async def reconcile_quota(self, body: dict[str, Any]) -> quotas.QuotaOutcome:
+        meta = body["metadata"]
+        return await quotas.reconcile_quota(body, kube=self.kube, redis=self.redis,
+                                            key_count=self.key_count(meta["namespace"], meta["name"]))
+
+    async def reconcile_dependents(self, namespace: str, name: str) -> None:
+        await asyncio.gather(*(self.reconcile_key_by_name(namespace, k)
+                               for k in self.keys_of_quota(namespace, name)))
+
+    async def delete_quota(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        ident = (meta["namespace"], meta["name"])
+        self.deleting_quotas.add(ident)
+        try:
+            await quotas.delete_quota(body, redis=self.redis)
+            await self.reconcile_dependents(*ident)
+        finally:
+            self.deleting_quotas.discard(ident)
+
+    # ------------------------------------------------------------------ loops
+
+    def key_views(self) -> list[ObjectView]:
+        return list(values(self.indexes["atlaskey_views"]))
+
+    def quota_views(self) -> list[ObjectView]:
+        return list(values(self.indexes["atlasquota_views"]))
+
+    async def usage_once(self) -> usage.CycleStats:
+        stats = await usage.usage_cycle(self.redis, self.kube, self.key_views(), self.quota_views(),
+                                        datetime.now(timezone.utc))
+        self.last_cycle = stats
+        if stats.patches or stats.conflicts:
+            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %.3fs",
+                     stats.subjects, stats.patches, stats.conflicts, stats.seconds)
+        return stats
+
+    async def heal_once(self) -> int | None:
+        rewritten = await heal.heal_if_needed(
+            self.redis, self.key_views(), self.quota_views(),
+            SecretMapping(self.indexes["secret_views"]), datetime.now(timezone.utc))
+        if rewritten is not None:
+            log.warning("Redis had no config epoch: rewrote %d configs from the indexes", rewritten)
+        return rewritten
+
+    async def _every(self, seconds: float, fn: Callable[[], Any], name: str) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a loop must survive Redis or API hiccups; next round retries
+                log.exception("%s failed; retrying in %.1fs", name, seconds)
+
+    def start(self) -> None:
+        self.tasks = [
+            asyncio.create_task(self._every(self.settings.usage_interval, self.usage_once, "usage write-back")),
+            asyncio.create_task(self._every(self.settings.heal_interval, self.heal_once, "self-healing")),
+            asyncio.create_task(self.scheduler.run()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -1,0 +1,50 @@
+"""Operator settings, read once from the environment (see docs/operator.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+GROUP = "atlas.bugvanquisher.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KEYS = "atlaskeys"
+QUOTAS = "atlasquotas"
+KIND_OF = {KEYS: "AtlasKey", QUOTAS: "AtlasQuota"}
+
+FINALIZER = f"{GROUP}/finalizer"
+SECRET_DATA_KEY = "api-key"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "atlas-operator"
+OWNER_LABEL = f"{GROUP}/atlaskey"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    usage_interval: float = 10.0
+    heal_interval: float = 3.0
+    liveness_host: str = "127.0.0.1"
+    liveness_port: int = 8081
+    api_workers: int = 8  # threads running blocking Kubernetes API calls
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
+        env = dict(os.environ if env is None else env)
+        namespaces = tuple(n.strip() for n in env.get("ATLAS_NAMESPACES", "").split(",") if n.strip())
+        return cls(
+            redis_url=env.get("ATLAS_REDIS_URL", cls.redis_url),
+            namespaces=namespaces,
+            usage_interval=float(env.get("ATLAS_USAGE_INTERVAL_SECONDS", cls.usage_interval)),
+            heal_interval=float(env.get("ATLAS_HEAL_INTERVAL_SECONDS", cls.heal_interval)),
+            liveness_host=env.get("ATLAS_LIVENESS_HOST", cls.liveness_host),
+            liveness_port=int(env.get("ATLAS_LIVENESS_PORT", cls.liveness_port)),
+            api_workers=int(env.get("ATLAS_API_WORKERS", cls.api_workers)),
+        )
+
+    @property
+    def liveness_endpoint(self) -> str | None:
+        if self.liveness_port <= 0:
+            return None
+        return f"http://{self.liveness_host}:{self.liveness_port}/healthz"

@@ -1,0 +1,73 @@
+"""Session-wide real processes for the operator's cluster tier: redis-server, the mock
+upstream, the gateway and `python -m atlas_operator`, all on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis as redislib
+
+from atlas_devstack.mock_upstream import MockUpstreamProcess
+from atlas_devstack.redis_server import RedisServer, free_port
+
+from .procs import Gateway, Kube, Proc, operator_proc
+
+
+@pytest.fixture(scope="session")
+def op_redis():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_client(op_redis):
+    client = redislib.Redis.from_url(op_redis.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory):
+    with MockUpstreamProcess(log_path=str(tmp_path_factory.mktemp("upstream") / "mock.log")) as mock:
+        yield mock
+
+
+@pytest.fixture(scope="session")
+def gateway(op_redis, upstream, tmp_path_factory):
+    port = free_port()
+    proc = Proc("atlas_gateway", {"ATLAS_REDIS_URL": op_redis.url, "ATLAS_UPSTREAM_URL": upstream.url,
+                                  "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(port)},
+                tmp_path_factory.mktemp("gateway") / "gateway.log", ready_url=f"http://127.0.0.1:{port}/readyz")
+    proc.start()
+    try:
+        yield Gateway(f"http://127.0.0.1:{port}")
+    finally:
+        proc.stop()
+
+
+RBAC = Path(__file__).with_name("rbac.yaml")
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane, tmp_path_factory) -> Path:
+    """The operator runs as a ServiceAccount holding only rbac.yaml's permissions."""
+    control_plane.kubectl("apply", "-f", str(RBAC))
+    return control_plane.service_account_kubeconfig(
+        "atlas-system", "atlas-operator", tmp_path_factory.mktemp("sa") / "kubeconfig")
+
+
+@pytest.fixture(scope="session")
+def operator(operator_kubeconfig, op_redis, tmp_path_factory):
+    proc = operator_proc(operator_kubeconfig, op_redis.url,
+                         tmp_path_factory.mktemp("operator") / "operator.log")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def kube(kubectl, namespace) -> Kube:
+    return Kube(kubectl, namespace)

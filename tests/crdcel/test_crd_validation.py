@@ -1,0 +1,103 @@
+"""Table-driven CRD validation against the real kube-apiserver (schema, formats, CEL).
+
+One manifest per case in testdata/; a valid case must be accepted by `kubectl apply`, an
+invalid one refused with a message containing the expected substring (which names the field).
+Modelled on envoyproxy/ai-gateway's tests/crdcel.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+
+TESTDATA = Path(__file__).parent / "testdata"
+
+VALID = [
+    "key_minimal",
+    "key_full",
+    "key_burst_equals_rps",
+    "key_fractional_rps",
+    "key_long_name_with_secret_name",
+    "quota_full",
+    "quota_empty",
+]
+
+INVALID = {
+    "key_rps_zero": "spec.limits.requestsPerSecond: Invalid value: 0: spec.limits.requestsPerSecond in body should be greater than 0",
+    "key_rps_negative": "spec.limits.requestsPerSecond: Invalid value: -1",
+    "key_burst_zero": "spec.limits.burst: Invalid value: 0: spec.limits.burst in body should be greater than or equal to 1",
+    "key_burst_below_rps": "spec.limits.burst: Invalid value: burst must be >= requestsPerSecond",
+    "key_burst_without_rps": "spec.limits.burst: Invalid value: burst requires requestsPerSecond",
+    "key_burst_fraction": "spec.limits.burst: Invalid value: \"number\": spec.limits.burst in body must be of type integer",
+    "key_tokens_per_minute_zero": "spec.limits.tokensPerMinute: Invalid value: 0",
+    "key_tokens_per_day_string": "spec.limits.tokensPerDay: Invalid value: \"string\": spec.limits.tokensPerDay in body must be of type integer",
+    "key_tokens_per_month_too_large": "spec.limits.tokensPerMonth: Invalid value: 1000000000000001",
+    "key_month_below_day": "spec.limits.tokensPerMonth: Invalid value: tokensPerMonth must be >= tokensPerDay",
+    "key_max_concurrent_zero": "spec.limits.maxConcurrent: Invalid value: 0",
+    "key_unknown_limit": "unknown field \"spec.limits.tokensPerHour\"",
+    "key_priority_invalid": "spec.priority: Unsupported value: \"Urgent\"",
+    "key_suspended_string": "spec.suspended: Invalid value: \"string\": spec.suspended in body must be of type boolean",
+    "key_expires_not_a_time": "spec.expiresAt: Invalid value: \"next tuesday\": spec.expiresAt in body must be of type date-time",
+    "key_secret_name_invalid": "spec.secretName: Invalid value: \"Not_A_Name\"",
+    "key_quota_ref_invalid": "spec.quotaRef: Invalid value: \"team search\"",
+    "key_models_duplicate": "spec.models[1]: Duplicate value: \"qwen2.5-*\"",
+    "key_models_whitespace": "spec.models[0]: Invalid value: \"llama 3\"",
+    "key_models_empty_string": "spec.models[0]: Invalid value: \"\"",
+    "key_name_too_long_for_secret": "metadata.name must be at most 245 characters when spec.secretName is not set",
+    "quota_burst_below_rps": "spec.limits.burst: Invalid value: burst must be >= requestsPerSecond",
+    "quota_tokens_per_day_zero": "spec.limits.tokensPerDay: Invalid value: 0",
+    "quota_month_below_day": "spec.limits.tokensPerMonth: Invalid value: tokensPerMonth must be >= tokensPerDay",
+    "quota_unknown_field": "unknown field \"spec.keys\"",
+}
+
+
+def test_every_testdata_file_is_in_the_table():
+    files = {p.stem for p in TESTDATA.glob("*.yaml")}
+    assert files == set(VALID) | set(INVALID)
+
+
+@pytest.fixture(scope="module")
+def crd_namespace(control_plane):
+    name = f"crdcel-{secrets.token_hex(3)}"
+    control_plane.kubectl("create", "namespace", name)
+    yield name
+    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("case", VALID)
+def test_valid_manifest_is_accepted(kubectl, crd_namespace, case):
+    result = kubectl("apply", "-n", crd_namespace, "-f", str(TESTDATA / f"{case}.yaml"), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.cluster
+def test_defaults_are_applied(kubectl, crd_namespace):
+    kubectl("apply", "-n", crd_namespace, "-f", str(TESTDATA / "key_minimal.yaml"))
+    obj = json.loads(kubectl("get", "atlaskey", "key-minimal", "-n", crd_namespace, "-o", "json").stdout)
+    assert obj["spec"] == {"priority": "Standard", "suspended": False}
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_manifest_is_refused_naming_the_field(kubectl, crd_namespace, case):
+    result = kubectl("apply", "-n", crd_namespace, "-f", str(TESTDATA / f"{case}.yaml"), check=False)
+    assert result.returncode != 0, f"{case} was accepted"
+    assert INVALID[case] in result.stderr, result.stderr
+
+
+@pytest.mark.cluster
+def test_printer_columns_and_short_names(kubectl, crd_namespace):
+    for case in ("quota_full", "key_minimal"):
+        kubectl("apply", "-n", crd_namespace, "-f", str(TESTDATA / f"{case}.yaml"))
+    keys = kubectl("get", "ak", "-n", crd_namespace).stdout.splitlines()[0].split()
+    assert keys[:2] == ["NAME", "QUOTA"] and "PRIORITY" in keys and "READY" in keys and "AGE" in keys
+    assert " ".join(keys).count("TOKENS") == 3
+    quotas = kubectl("get", "aq", "-n", crd_namespace).stdout.splitlines()[0].split()
+    assert quotas[:2] == ["NAME", "KEYS"] and "READY" in quotas
+    names = kubectl("get", "atlas", "-n", crd_namespace, "-o", "name").stdout.split()
+    assert "atlasquota.atlas.bugvanquisher.io/quota-full" in names
+    assert "atlaskey.atlas.bugvanquisher.io/key-minimal" in names

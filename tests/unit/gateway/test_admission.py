@@ -1,0 +1,191 @@
+"""admit.lua / settle.lua maths on fakeredis: every limit kind, on the key and on its quota."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from atlas_core import contract
+from atlas_gateway import admission as adm
+from atlas_gateway.admission import Admission
+
+from .conftest import make_principal
+
+KEY = contract.key_subject("team", "app")
+QUOTA = contract.quota_subject("team", "shared")
+
+
+async def snapshot(redis) -> dict:
+    """Every key with its full content: proves that a rejection wrote nothing."""
+    out = {}
+    for key in sorted(await redis.keys("*")):
+        kind = (await redis.type(key)).decode()
+        if kind == "hash":
+            out[key] = await redis.hgetall(key)
+        elif kind == "zset":
+            out[key] = await redis.zrange(key, 0, -1, withscores=True)
+        else:
+            out[key] = await redis.get(key)
+    return out
+
+
+def header(decision, name: str) -> str | None:
+    for k, v in decision.headers:
+        if k == name.encode():
+            return v.decode()
+    return None
+
+
+async def test_request_bucket_allows_burst_then_rejects_with_real_wait(admission):
+    p = make_principal(contract.Limits(requests_per_second=2, burst=3))
+    results = [await admission.admit(p, f"r{i}", 10) for i in range(4)]
+    assert [d.admitted for d in results] == [True, True, True, False]
+    refused = results[3]
+    assert refused.reason == adm.REQUESTS and refused.subject == 1
+    assert 0 < refused.retry_ms <= 500  # one request refills in 1/2 s
+    assert header(results[0], "x-ratelimit-limit-requests") == "3"
+    assert header(results[0], "x-ratelimit-remaining-requests") == "2"
+    assert header(results[2], "x-ratelimit-remaining-requests") == "0"
+    assert header(results[0], "x-ratelimit-limit-tokens") is None  # no token limit anywhere
+
+
+async def test_rejection_consumes_nothing(admission, fake_redis):
+    p = make_principal(contract.Limits(requests_per_second=1, burst=1, tokens_per_day=1000, max_concurrent=5))
+    assert (await admission.admit(p, "first", 10)).admitted
+    before = await snapshot(fake_redis)
+    refused = await admission.admit(p, "second", 10)
+    assert not refused.admitted and refused.reason == adm.REQUESTS
+    assert await snapshot(fake_redis) == before
+
+
+async def test_concurrency_lease_released_by_settle(admission, fake_redis):
+    p = make_principal(contract.Limits(max_concurrent=2))
+    assert (await admission.admit(p, "a", 5)).admitted
+    assert (await admission.admit(p, "b", 5)).admitted
+    refused = await admission.admit(p, "c", 5)
+    assert not refused.admitted and refused.reason == adm.CONCURRENCY
+    assert header(refused, "x-ratelimit-remaining-requests") == "0"
+    assert await admission.settle(p, "a", 5, 3) == 1
+    assert (await admission.admit(p, "c", 5)).admitted
+    assert await fake_redis.zcard(contract.lease_key(KEY)) == 2
+
+
+async def test_tokens_per_minute_reserve_refund_and_overrun(admission, fake_redis):
+    p = make_principal(contract.Limits(tokens_per_minute=1000))
+    first = await admission.admit(p, "a", 400)
+    assert first.admitted
+    assert header(first, "x-ratelimit-limit-tokens") == "1000"
+    assert int(header(first, "x-ratelimit-remaining-tokens")) in (600, 601)
+    assert (await admission.admit(p, "b", 400)).admitted
+    refused = await admission.admit(p, "c", 400)
+    assert not refused.admitted and refused.reason == adm.TOKENS
+    assert 11_000 <= refused.retry_ms <= 12_000  # 200 missing tokens at 1000/min
+    await admission.settle(p, "a", 400, 100)  # 300 refunded
+    level = float((await fake_redis.hget(contract.token_bucket_key(KEY), "tokens")))
+    assert 500 <= level <= 510
+    assert (await admission.admit(p, "c", 400)).admitted
+    await admission.settle(p, "b", 400, 900)  # real usage beyond the reservation is charged
+    level = float((await fake_redis.hget(contract.token_bucket_key(KEY), "tokens")))
+    assert level < 0
+
+
+async def test_request_larger_than_tokens_per_minute_never_fits(admission):
+    p = make_principal(contract.Limits(tokens_per_minute=100))
+    refused = await admission.admit(p, "a", 101)
+    assert not refused.admitted and refused.reason == adm.TOO_LARGE
+
+
+async def test_daily_budget_counts_settled_plus_live_reservations(admission, fake_redis):
+    p = make_principal(contract.Limits(tokens_per_day=1000))
+    assert (await admission.admit(p, "a", 400)).admitted
+    assert (await admission.admit(p, "b", 400)).admitted
+    refused = await admission.admit(p, "c", 400)
+    assert not refused.admitted and refused.reason == adm.DAY
+    assert refused.retry_ms >= 1000  # until 00:00 UTC
+    await admission.settle(p, "a", 400, 100)
+    assert (await admission.admit(p, "c", 400)).admitted  # 100 settled + 400 live + 400 <= 1000
+    day_key, month_key = contract.usage_keys(KEY, datetime.now(timezone.utc))
+    assert await fake_redis.hget(day_key, "settled") == b"100"
+    assert await fake_redis.hget(month_key, "settled") == b"100"
+    assert await fake_redis.hget(day_key, "requests") == b"3"  # counted at admission only
+    assert await fake_redis.hget(day_key, "last") is not None
+
+
+async def test_monthly_budget_on_the_quota_is_shared_by_its_keys(admission):
+    quota = contract.Limits(tokens_per_month=500)
+    app = make_principal(contract.Limits(), quota, name="app")
+    other = make_principal(contract.Limits(), quota, name="other")
+    assert (await admission.admit(app, "a", 300)).admitted
+    refused = await admission.admit(other, "b", 300)
+    assert not refused.admitted and refused.reason == adm.MONTH and refused.subject == 2
+    err = adm.rejection(refused, other, 300)
+    assert err.status == 429 and err.type == "insufficient_quota"
+    assert (b"x-should-retry", b"false") in err.headers
+    assert "AtlasQuota team/shared" in err.message
+
+
+async def test_quota_concurrency_and_key_limits_both_apply(admission):
+    p = make_principal(contract.Limits(max_concurrent=5), contract.Limits(max_concurrent=1))
+    assert (await admission.admit(p, "a", 1)).admitted
+    refused = await admission.admit(p, "b", 1)
+    assert refused.reason == adm.CONCURRENCY and refused.subject == 2
+
+
+async def test_expired_leases_are_purged_inside_the_script(admission, fake_redis):
+    p = make_principal(contract.Limits(max_concurrent=1, tokens_per_day=100))
+    assert (await admission.admit(p, "crashed", 80)).admitted
+    assert not (await admission.admit(p, "next", 80)).admitted
+    # the gateway that held "crashed" died: its lease expiry passes
+    await fake_redis.zadd(contract.lease_key(KEY), {"crashed": 1})
+    assert (await admission.admit(p, "next", 80)).admitted
+    assert await fake_redis.hget(contract.lease_tokens_key(KEY), "crashed") is None
+    assert await fake_redis.zrange(contract.lease_key(KEY), 0, -1) == [b"next"]
+
+
+async def test_settle_drops_lease_and_token_reservation(admission, fake_redis):
+    p = make_principal(contract.Limits(tokens_per_day=1000), contract.Limits(tokens_per_month=5000))
+    assert (await admission.admit(p, "a", 300)).admitted
+    assert await fake_redis.hget(contract.lease_tokens_key(QUOTA), "a") == b"300"
+    assert await admission.settle(p, "a", 300, 120) == 2
+    for subject in (KEY, QUOTA):
+        assert await fake_redis.zcard(contract.lease_key(subject)) == 0
+        assert await fake_redis.hlen(contract.lease_tokens_key(subject)) == 0
+    usages = await contract.read_usages(fake_redis, [KEY, QUOTA], datetime.now(timezone.utc))
+    assert usages[KEY].tokens_today == 120 and usages[QUOTA].tokens_this_month == 120
+    assert usages[KEY].requests_today == 1
+
+
+async def test_unlimited_key_is_admitted_without_headers(admission):
+    d = await admission.admit(make_principal(contract.Limits()), "a", 10)
+    assert d.admitted and d.headers == []
+
+
+@pytest.mark.parametrize("ms,text", [(0, "0ms"), (250, "250ms"), (1500, "1.5s"), (60_000, "1m0s"),
+                                     (3_723_000, "1h2m3s")])
+def test_format_duration(ms, text):
+    assert adm.format_duration(ms) == text
+
+
+def test_calendar_month_end_rolls_over_the_year():
+    cal = adm.Calendar().refresh(datetime(2026, 12, 31, 23, 59, 0, tzinfo=timezone.utc).timestamp())
+    assert cal.day == "2026-12-31" and cal.month == "2026-12"
+    assert cal.month_end == datetime(2027, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert cal.day_end == cal.month_end
+
+
+async def test_ticket_settles_exactly_once(admission, fake_redis):
+    from atlas_gateway.proxy import Ticket
+
+    class RT:
+        pass
+
+    rt = RT()
+    rt.admission = admission
+    p = make_principal(contract.Limits(tokens_per_day=1000))
+    assert (await admission.admit(p, "a", 100)).admitted
+    ticket = Ticket(rt, p, "a", 100)
+    await ticket.settle(40)
+    await ticket.settle(40)
+    day_key, _ = contract.usage_keys(KEY, datetime.now(timezone.utc))
+    assert await fake_redis.hget(day_key, "settled") == b"40"

@@ -1,0 +1,197 @@
+"""Pure functions of the gateway: token estimates, error shapes, globs, priority, parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atlas_gateway import errors, tokens
+from atlas_gateway.auth import api_key_from_headers
+from atlas_gateway.fastredis import ReplyError, _Incomplete, pack, parse
+from atlas_gateway.globs import compile_globs, first_match
+from atlas_gateway.priority import Shedder, effective_priority
+from atlas_gateway.settings import Settings, SettingsError
+from atlas_gateway.streaming import StreamState, _filter
+from atlas_gateway.upstreams import Upstreams
+from atlas_gateway.usage import split_usage, usage_from_body
+from atlas_gateway.validation import parse_body, validate
+
+
+# ------------------------------------------------------------------------------- tokens
+
+def test_text_estimate_errs_high_for_english():
+    text = "The quick brown fox jumps over the lazy dog. " * 20  # ~200 real tokens
+    assert tokens.text_tokens(text) >= 250
+
+
+def test_text_estimate_counts_utf8_bytes():
+    assert tokens.text_tokens("日本語") == 3  # 9 bytes / 3
+
+
+def test_chat_reservation_uses_max_tokens_and_n():
+    body = {"messages": [{"role": "user", "content": "abcdef"}], "max_tokens": 50, "n": 2}
+    prompt, reserve = tokens.estimate("chat", body, 4096)
+    assert prompt == tokens.PRIMER + tokens.PER_MESSAGE + 2
+    assert reserve == prompt + 100
+
+
+def test_max_completion_tokens_wins_and_default_applies():
+    body = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7, "max_tokens": 99}
+    assert tokens.estimate("chat", body, 4096)[1] - tokens.estimate("chat", body, 4096)[0] == 7
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    prompt, reserve = tokens.estimate("chat", body, 321)
+    assert reserve - prompt == 321
+
+
+def test_images_and_content_parts():
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "data:" + "A" * 100000}}]}]}
+    prompt, _ = tokens.estimate("chat", body, 1)
+    assert prompt == tokens.PRIMER + tokens.PER_MESSAGE + 1 + tokens.IMAGE_TOKENS
+
+
+def test_token_id_prompts_and_embeddings():
+    assert tokens.estimate("completions", {"prompt": [1, 2, 3], "max_tokens": 5}, 10) == (3, 8)
+    assert tokens.estimate("completions", {"prompt": [[1, 2], [3]], "max_tokens": 0}, 10) == (3, 3)
+    assert tokens.estimate("embeddings", {"input": ["abc", "abcdef"]}, 4096) == (3, 3)
+
+
+# ------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("err,status,type_,code", [
+    (errors.invalid_api_key(), 401, "invalid_request_error", "invalid_api_key"),
+    (errors.permission_denied("no"), 403, "permission_error", None),
+    (errors.bad_request("bad", param="model"), 400, "invalid_request_error", None),
+    (errors.body_too_large(10), 413, "invalid_request_error", "request_too_large"),
+    (errors.rate_limited("requests", "slow down", 3), 429, "requests", "rate_limit_exceeded"),
+    (errors.rate_limited("tokens", "slow down", 3), 429, "tokens", "rate_limit_exceeded"),
+    (errors.quota_exhausted("spent", 60), 429, "insufficient_quota", "insufficient_quota"),
+    (errors.shed(), 503, "server_error", "overloaded"),
+    (errors.redis_unavailable(), 503, "server_error", "quota_store_unavailable"),
+    (errors.upstream_unreachable(), 502, "server_error", "upstream_unreachable"),
+    (errors.upstream_timeout(), 504, "server_error", "upstream_timeout"),
+])
+def test_error_shapes(err, status, type_, code):
+    doc = json.loads(err.body())
+    assert err.status == status
+    assert set(doc["error"]) == {"message", "type", "param", "code"}
+    assert doc["error"]["type"] == type_ and doc["error"]["code"] == code
+
+
+def test_retry_after_headers():
+    assert (b"retry-after", b"3") in errors.rate_limited("requests", "m", 3).headers
+    quota = errors.quota_exhausted("m", 60).headers
+    assert (b"retry-after", b"60") in quota and (b"x-should-retry", b"false") in quota
+
+
+# ------------------------------------------------------------------------------ globs, upstreams
+
+def test_globs():
+    allow = compile_globs(("llama-3.1-8b-instruct", "qwen2.5-*"))
+    assert allow("qwen2.5-7b-instruct") and allow("llama-3.1-8b-instruct")
+    assert not allow("llama-3.1-70b") and not allow("QWEN2.5-7b")
+    assert compile_globs(()) ("anything")
+    assert compile_globs(("a*",)) is compile_globs(("a*",))  # compiled once
+
+
+def test_upstream_map_first_match_and_default():
+    ups = Upstreams("http://default:8000/v1/", (("qwen*", "http://qwen:8000"), ("*", "http://all:8000/v1")))
+    assert ups.base_for("qwen2.5") == "http://qwen:8000"
+    assert ups.base_for("llama") == "http://all:8000"
+    assert Upstreams("http://d:1").base_for("x") == "http://d:1"
+    assert first_match((("a*", "1"),), "b") is None
+
+
+# ------------------------------------------------------------------------------ priority
+
+@pytest.mark.parametrize("key,header,expected", [
+    ("Critical", None, "Critical"), ("Critical", "sheddable", "Sheddable"),
+    ("Sheddable", "Critical", "Sheddable"), ("Standard", "Critical", "Standard"),
+    ("Standard", "bogus", "Standard"), ("Standard", "Sheddable", "Sheddable"),
+])
+def test_priority_may_be_lowered_never_raised(key, header, expected):
+    assert effective_priority(key, header) == expected
+
+
+def test_shedding_order():
+    shedder = Shedder(2, 4, 6)
+    shedder.inflight = 2
+    assert shedder.should_shed("Sheddable") and not shedder.should_shed("Standard")
+    shedder.inflight = 4
+    assert shedder.should_shed("Standard") and not shedder.should_shed("Critical")
+    shedder.inflight = 6
+    assert shedder.should_shed("Critical")
+    assert not Shedder(0, 0, 0).should_shed("Sheddable")  # 0 disables
+
+
+# ------------------------------------------------------------------------------ auth, validation
+
+def test_api_key_extraction():
+    assert api_key_from_headers([(b"authorization", b"Bearer sk-1")]) == "sk-1"
+    assert api_key_from_headers([(b"x-api-key", b"sk-2")]) == "sk-2"
+    assert api_key_from_headers([(b"authorization", b"Basic abc")]) is None
+    assert api_key_from_headers([]) is None
+
+
+def test_validation_errors_name_the_field():
+    with pytest.raises(errors.GatewayError) as exc:
+        parse_body(b"{not json")
+    assert exc.value.status == 400
+    with pytest.raises(errors.GatewayError) as exc:
+        validate("chat", {"model": "m", "messages": []})
+    assert exc.value.param == "messages"
+    with pytest.raises(errors.GatewayError) as exc:
+        validate("chat", {"model": "m", "messages": [{}], "max_tokens": -1})
+    assert exc.value.param == "max_tokens"
+    assert validate("embeddings", {"model": "e", "input": "x"}) == "e"
+
+
+# ------------------------------------------------------------------------------ usage / SSE
+
+def test_usage_from_body():
+    body = b'{"choices":[{"message":{"content":"\\"usage\\": x"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+    assert split_usage(usage_from_body(body)) == (3, 4, 7)
+    assert usage_from_body(b'{"choices":[]}') is None
+
+
+def _event(doc) -> bytes:
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def test_sse_filter_strips_injected_usage_chunk_only():
+    block = (_event({"choices": [{"delta": {"content": "a"}}], "usage": None})
+             + _event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
+             + b"data: [DONE]\n\n")
+    state = StreamState()
+    out = _filter(block, state, strip_usage=True)
+    assert b'"prompt_tokens"' not in out and b"[DONE]" in out and b'"content": "a"' in out
+    assert state.usage["total_tokens"] == 3 and state.delivered == 1
+    kept = _filter(block, StreamState(), strip_usage=False)
+    assert kept == block
+
+
+# ------------------------------------------------------------------------------ RESP, settings
+
+def test_resp_pack_and_parse():
+    assert pack((b"PING",)) == b"*1\r\n$4\r\nPING\r\n"
+    buf = bytearray(b"*3\r\n:1\r\n:-1\r\n$3\r\nabc\r\n-NOSCRIPT x\r\n")
+    value, pos = parse(buf, 0)
+    assert value == [1, -1, b"abc"]
+    err, _ = parse(buf, pos)
+    assert isinstance(err, ReplyError) and str(err).startswith("NOSCRIPT")
+    with pytest.raises(_Incomplete):
+        parse(bytearray(b"*2\r\n:1\r\n"), 0)
+
+
+def test_settings_from_env():
+    with pytest.raises(SettingsError):
+        Settings.from_env({})
+    s = Settings.from_env({"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_FAIL_MODE": "open",
+                           "ATLAS_SHED_THRESHOLD": "10", "ATLAS_FORWARD_PRIORITY": "true",
+                           "ATLAS_UPSTREAM_MODELS": '{"q*": "http://q"}'})
+    assert s.fail_open and s.shed_threshold_standard == 20 and s.shed_threshold_critical == 40
+    assert s.forward_priority["Critical"] < s.forward_priority["Sheddable"]
+    assert s.upstream_models == (("q*", "http://q"),)
+    with pytest.raises(SettingsError):
+        Settings.from_env({"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_FAIL_MODE": "sometimes"})

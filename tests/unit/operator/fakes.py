@@ -1,0 +1,94 @@
+"""An in-memory stand-in for the operator's KubeApi: objects, Secrets, status patches with
+resourceVersion preconditions, and a record of every write."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+from typing import Any
+
+from atlas_operator.kube import CONFLICT, GONE, PATCHED
+from atlas_operator.settings import API_VERSION, KIND_OF
+
+_rv = itertools.count(100)
+_uid = itertools.count(1)
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.patches: list[tuple[str, str, str, dict[str, Any]]] = []
+        self.events: list[tuple[str, str, str, str]] = []
+        self.created_secrets: list[str] = []
+
+    # -- helpers for tests
+    def add(self, plural: str, name: str, spec: dict[str, Any], namespace: str = "team") -> dict[str, Any]:
+        obj = {
+            "apiVersion": API_VERSION,
+            "kind": KIND_OF[plural],
+            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{next(_uid)}",
+                         "generation": 1, "resourceVersion": str(next(_rv))},
+            "spec": copy.deepcopy(spec),
+        }
+        self.objects[(plural, namespace, name)] = obj
+        return copy.deepcopy(obj)
+
+    def update_spec(self, plural: str, name: str, spec: dict[str, Any], namespace: str = "team") -> dict[str, Any]:
+        obj = self.objects[(plural, namespace, name)]
+        obj["spec"] = copy.deepcopy(spec)
+        obj["metadata"]["generation"] += 1
+        obj["metadata"]["resourceVersion"] = str(next(_rv))
+        return copy.deepcopy(obj)
+
+    def get(self, plural: str, name: str, namespace: str = "team") -> dict[str, Any]:
+        return copy.deepcopy(self.objects[(plural, namespace, name)])
+
+    def put_secret(self, name: str, value: str | None, namespace: str = "team", raw: dict | None = None) -> None:
+        data = raw if raw is not None else (
+            {"api-key": base64.b64encode(value.encode()).decode()} if value is not None else {})
+        self.secrets[(namespace, name)] = {
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": str(next(_rv))},
+            "data": data,
+        }
+
+    def secret_value(self, name: str, namespace: str = "team") -> str:
+        return base64.b64decode(self.secrets[(namespace, name)]["data"]["api-key"]).decode()
+
+    # -- KubeApi
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.secrets.get((namespace, name))
+        return copy.deepcopy(found) if found else None
+
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        if (namespace, name) not in self.secrets:
+            stored = copy.deepcopy(body)
+            stored["metadata"]["resourceVersion"] = str(next(_rv))
+            self.secrets[(namespace, name)] = stored
+            self.created_secrets.append(name)
+        return copy.deepcopy(self.secrets[(namespace, name)])
+
+    async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.objects.get((plural, namespace, name))
+        return copy.deepcopy(found) if found else None
+
+    async def patch_status(self, plural, namespace, name, status, resource_version=None) -> str:
+        obj = self.objects.get((plural, namespace, name))
+        if obj is None:
+            return GONE
+        if resource_version and resource_version != obj["metadata"]["resourceVersion"]:
+            return CONFLICT
+        current = obj.setdefault("status", {})
+        for k, v in status.items():
+            if v is None:
+                current.pop(k, None)
+            else:
+                current[k] = copy.deepcopy(v)
+        obj["metadata"]["resourceVersion"] = str(next(_rv))
+        self.patches.append((plural, namespace, name, copy.deepcopy(status)))
+        return PATCHED
+
+    async def post_event(self, plural, obj, type_, reason, message) -> None:
+        self.events.append((obj["metadata"]["name"], type_, reason, message))

@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
         bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,3 +62,6 @@ dev: dev-up  ## dev-up, follow the logs, dev-down on Ctrl-C
 
 clean: dev-down
 	rm -rf $(VENV) bin .dev .pytest_cache
+
+# kind, images and helm targets for users with Docker (see docs/deploy.md)
+include hack/kind.mk

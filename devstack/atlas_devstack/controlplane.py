@@ -56,6 +56,7 @@ ATLAS_RESOURCES = ("atlaskeys", "atlasquotas")
 SERVICE_CIDR = "10.0.0.0/24"
 POLL_INTERVAL = 0.05  # seconds between checks inside a deadline loop
 PROCESSES = ("kube-apiserver", "etcd")  # stop order: API server first, then its storage
+TEMP_PREFIX = "atlas-controlplane-"
 
 
 class ControlPlaneError(RuntimeError):
@@ -185,9 +186,13 @@ def _port_is_free(port: int) -> bool:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the Python process dies, even by SIGKILL."""
+    """preexec_fn: the child is killed when the Python process dies, even by SIGKILL.
+
+    SIGKILL, not SIGTERM: when both get SIGTERM at once, etcd's graceful stop waits for
+    kube-apiserver's watch streams while kube-apiserver waits for etcd, and both hang.
+    Ephemeral data is thrown away anyway."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _pid_alive(pid: int) -> bool:
@@ -229,6 +234,20 @@ def _terminate_pid(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and _pid_alive(pid):
         time.sleep(POLL_INTERVAL)
+
+
+def _remove_orphaned_temp_dirs() -> None:
+    """Temp dirs of ephemeral control planes whose Python process was killed (-9): their
+    processes died with it (PDEATHSIG) but nobody removed the dir."""
+    for d in Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        pids = []
+        for name in PROCESSES:
+            try:
+                pids.append(int((d / f"{name}.pid").read_text()))
+            except (OSError, ValueError):
+                pass
+        if pids and not any(_pid_alive(pid) for pid in pids):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -442,7 +461,8 @@ class ControlPlane:
                                         "stop it first (ControlPlane.stop_from_state_dir)")
             self.stop_from_state_dir(self.dir)  # clears stale pidfiles / half-dead leftovers
         else:
-            self.dir = Path(tempfile.mkdtemp(prefix="atlas-controlplane-"))
+            _remove_orphaned_temp_dirs()
+            self.dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         (self.dir / "logs").mkdir(exist_ok=True)
         _Pki(self.dir).ensure()
         self._pick_ports()

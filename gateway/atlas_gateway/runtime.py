@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from . import metrics
 from .admission import Admission
 from .auth import ConfigCache
 from .fastredis import FastRedis
@@ -70,6 +71,8 @@ class Runtime:
         self.shedder = Shedder(settings.shed_threshold, settings.shed_threshold_standard,
                                settings.shed_threshold_critical)
         self.redis_health = RedisHealth()
+        if not metrics.MULTIPROCESS:  # read at scrape time: no per-request cost
+            metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)
         self.session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex() + "-"

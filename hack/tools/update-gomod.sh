@@ -66,4 +66,18 @@ for d in kube etcd helm; do
   rm -f "${TOOLS_DIR}/${d}/go.sum"
   (cd "${TOOLS_DIR}/${d}" && "$GO" mod tidy)
 done
+# Guard: the wrapper must build kubernetes with exactly the dependency versions kubernetes
+# itself pins (MVS could pick newer ones if a replace target asked for them).
+# (`go list -m all` would add go.mod hashes of the whole graph to go.sum: keep tidy's go.sum.)
+cp "${TOOLS_DIR}/kube/go.sum" "${TOOLS_DIR}/kube/go.sum.tidy"
+mismatch="$(cd "${TOOLS_DIR}/kube" && "$GO" list -m all | awk '
+  NR==FNR { if (NF >= 2 && $2 ~ /^v/ && $2 != "v0.0.0") want[$1] = $2; next }
+  ($1 in want) && want[$1] != $2 { print "  " $1 ": kubernetes pins " want[$1] ", wrapper selects " $2 }
+' <(sed -n '/^require (/,/^)/p' "$kube_mod") -)"
+mv "${TOOLS_DIR}/kube/go.sum.tidy" "${TOOLS_DIR}/kube/go.sum"
+if [ -n "$mismatch" ]; then
+  log "kube wrapper selects other versions than k8s.io/kubernetes ${KUBERNETES_VERSION} pins:"
+  printf '%s\n' "$mismatch" >&2
+  exit 1
+fi
 log "done: review and commit hack/tools/*/go.mod and go.sum"

@@ -107,8 +107,10 @@ def secret_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 async def atlaskey_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     try:
         await memo.runtime.reconcile_key(plain(body))
-    except StatusConflict as exc:
-        raise kopf.TemporaryError(str(exc), delay=0.5) from exc
+    except StatusConflict:
+        # Our view is older than the object (e.g. the usage loop just patched it): re-read
+        # and run again here rather than through a kopf retry (which logs an error Event).
+        await memo.runtime.reconcile_key_by_name(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 @kopf.on.delete(GROUP, VERSION, KEYS, **RETRY)
@@ -133,8 +135,8 @@ async def secret_event(event: dict, namespace: str, name: str, body: kopf.Body,
 async def atlasquota_changed(body: kopf.Body, reason: str, memo: kopf.Memo, **_: Any) -> None:
     try:
         await memo.runtime.reconcile_quota(plain(body))
-    except StatusConflict as exc:
-        raise kopf.TemporaryError(str(exc), delay=0.5) from exc
+    except StatusConflict:
+        await memo.runtime.reconcile_quota_by_name(body["metadata"]["namespace"], body["metadata"]["name"])
     if reason == kopf.Reason.CREATE:
         # Keys that named this quota before it existed were refused (QuotaNotFound): lift that.
         await memo.runtime.reconcile_dependents(body["metadata"]["namespace"], body["metadata"]["name"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import os
 import time
 from datetime import datetime, timezone
 
@@ -103,16 +104,15 @@ async def run_fake(n_keys: int, n_quotas: int, redis_url: str) -> None:
     await redis.aclose()
 
 
-async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str) -> None:
-    from kubernetes import client, config
-
+async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, reuse: str | None) -> None:
     from .kube import ClientKubeApi
     from .settings import GROUP, KEYS, QUOTAS, VERSION
 
-    config.load_kube_config(config_file=kubeconfig)
+    os.environ["KUBECONFIG"] = kubeconfig
     api = ClientKubeApi.from_environment(workers=8)
-    namespace = f"bench-{int(time.time())}"
-    api.core.create_namespace({"metadata": {"name": namespace}})
+    namespace = reuse or f"bench-{int(time.time())}"
+    if not reuse:
+        api.core.create_namespace({"metadata": {"name": namespace}})
     print(f"creating {n_keys} AtlasKeys and {n_quotas} AtlasQuotas in {namespace} (real API server) ...")
     t0 = time.perf_counter()
     now = datetime.now(timezone.utc)
@@ -125,7 +125,10 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str) 
         await api._run(api.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural,
                        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasKey" if plural == KEYS else "AtlasQuota",
                         "metadata": {"name": name}, "spec": spec})
-        await api.patch_status(plural, namespace, name, {"usage": zero, "conditions": within})
+        status = {"usage": zero, "conditions": within}
+        if plural == QUOTAS:
+            status["keys"] = n_keys // n_quotas
+        await api.patch_status(plural, namespace, name, status)
 
     gate = asyncio.Semaphore(16)
 
@@ -133,10 +136,11 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str) 
         async with gate:
             await create(*a)
 
-    await asyncio.gather(*(bounded(QUOTAS, f"q{i}", {"limits": {"tokensPerDay": 10**9}}) for i in range(n_quotas)))
-    await asyncio.gather(*(bounded(KEYS, f"k{i}", {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}})
-                           for i in range(n_keys)))
-    print(f"  created in {time.perf_counter() - t0:.1f}s")
+    if not reuse:
+        await asyncio.gather(*(bounded(QUOTAS, f"q{i}", {"limits": {"tokensPerDay": 10**9}}) for i in range(n_quotas)))
+        await asyncio.gather(*(bounded(KEYS, f"k{i}", {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}})
+                               for i in range(n_keys)))
+        print(f"  created in {time.perf_counter() - t0:.1f}s")
 
     async def views():
         out = {}
@@ -147,21 +151,26 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str) 
 
     redis = aioredis.from_url(redis_url)
 
-    async def cycle(label: str) -> None:
+    async def cycle(label: str, cap: int | None = None) -> None:
         keys, quotas = await views()
         before = api.writes
-        stats = await usage_cycle(redis, api, keys, quotas, now)
-        print(f"  {label:<22} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms)"
-              f"  API writes: {api.writes - before} (conflicts {stats.conflicts})")
+        stats = await usage_cycle(redis, api, keys, quotas, now, max_writes=cap)
+        print(f"  {label:<30} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms)"
+              f"  API writes: {api.writes - before} (conflicts {stats.conflicts}, deferred {stats.deferred})")
 
     print(f"{n_keys} keys, {n_quotas} quotas, real redis-server, real kube-apiserver")
+    if reuse:
+        await cycle("settle leftovers (uncapped)")
     await cycle("idle (nothing changed)")
     await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(0, n_keys, 100)]
                   + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10)
     await cycle("1% of keys active")
     await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10)
-    await cycle("every key active")
-    await cycle("idle after traffic")
+    await cycle("every key active, cap 500", cap=500)
+    await cycle("next cycle, cap 500", cap=500)
+    if os.environ.get("ATLAS_MEASURE_UNCAPPED"):
+        await cycle("every key active, no cap")
+        await cycle("idle after traffic")
     await redis.aclose()
     api.close()
 
@@ -171,12 +180,13 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=10000)
     parser.add_argument("--quotas", type=int, default=100)
     parser.add_argument("--kubeconfig", help="measure against this API server instead of the fake")
+    parser.add_argument("--reuse", metavar="NAMESPACE", help="with --kubeconfig: objects already created there")
     args = parser.parse_args()
     from atlas_devstack.redis_server import RedisServer
 
     with RedisServer() as server:
         if args.kubeconfig:
-            asyncio.run(run_real(args.keys, args.quotas, server.url, args.kubeconfig))
+            asyncio.run(run_real(args.keys, args.quotas, server.url, args.kubeconfig, args.reuse))
         else:
             asyncio.run(run_fake(args.keys, args.quotas, server.url))
 

@@ -114,7 +114,7 @@ class Runtime:
                 return
             except keys.StatusConflict:
                 continue
-        log.warning("AtlasKey %s/%s kept changing; leaving it to its next event", namespace, name)
+        raise keys.StatusConflict(f"AtlasKey {namespace}/{name} kept changing during reconcile")
 
     async def delete_key(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -138,6 +138,18 @@ class Runtime:
         meta = body["metadata"]
         return await quotas.reconcile_quota(body, kube=self.kube, redis=self.redis,
                                             key_count=self.key_count(meta["namespace"], meta["name"]))
+
+    async def reconcile_quota_by_name(self, namespace: str, name: str, attempts: int = 5) -> None:
+        for _ in range(attempts):
+            body = await self.kube.get_object(QUOTAS, namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            try:
+                await self.reconcile_quota(body)
+                return
+            except keys.StatusConflict:
+                continue
+        raise keys.StatusConflict(f"AtlasQuota {namespace}/{name} kept changing during reconcile")
 
     async def reconcile_dependents(self, namespace: str, name: str) -> None:
         await asyncio.gather(*(self.reconcile_key_by_name(namespace, k)
@@ -163,11 +175,12 @@ class Runtime:
 
     async def usage_once(self) -> usage.CycleStats:
         stats = await usage.usage_cycle(self.redis, self.kube, self.key_views(), self.quota_views(),
-                                        datetime.now(timezone.utc))
+                                        datetime.now(timezone.utc),
+                                        max_writes=self.settings.usage_max_writes or None)
         self.last_cycle = stats
-        if stats.patches or stats.conflicts:
-            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %.3fs",
-                     stats.subjects, stats.patches, stats.conflicts, stats.seconds)
+        if stats.patches or stats.conflicts or stats.deferred:
+            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %.3fs",
+                     stats.subjects, stats.patches, stats.conflicts, stats.deferred, stats.seconds)
         return stats
 
     async def heal_once(self) -> int | None:

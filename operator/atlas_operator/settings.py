@@ -25,6 +25,7 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     usage_interval: float = 10.0
     heal_interval: float = 3.0
+    usage_max_writes: int = 500  # status patches per write-back cycle; the rest wait a cycle
     liveness_host: str = "127.0.0.1"
     liveness_port: int = 8081
     api_workers: int = 8  # threads running blocking Kubernetes API calls
@@ -38,6 +39,7 @@ class OperatorSettings:
             namespaces=namespaces,
             usage_interval=float(env.get("ATLAS_USAGE_INTERVAL_SECONDS", cls.usage_interval)),
             heal_interval=float(env.get("ATLAS_HEAL_INTERVAL_SECONDS", cls.heal_interval)),
+            usage_max_writes=int(env.get("ATLAS_USAGE_MAX_WRITES", cls.usage_max_writes)),
             liveness_host=env.get("ATLAS_LIVENESS_HOST", cls.liveness_host),
             liveness_port=int(env.get("ATLAS_LIVENESS_PORT", cls.liveness_port)),
             api_workers=int(env.get("ATLAS_API_WORKERS", cls.api_workers)),

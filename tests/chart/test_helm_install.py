@@ -90,8 +90,12 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
         assert exists(cp, "crd", crd), f"{crd} was deleted although crds.keep=true"
     assert exists(cp, "atlaskey", "survivor", "-n", "keys")
 
-    # --- reinstall adopts the kept CRDs; with crds.keep=false uninstall removes them
-    helm.run("install", RELEASE, CHART, "--namespace", NS, "--values", ci_values("default"),
+    # --- a reinstall adopts the kept CRDs (same release name and namespace)
+    helm.run("install", RELEASE, CHART, "--namespace", NS, "--values", ci_values("default"), kubeconfig=kc)
+    assert exists(cp, "atlaskey", "survivor", "-n", "keys"), "the kept CRDs were replaced, not adopted"
+    # --- switching crds.keep off is an upgrade (helm patches adopted objects without removing
+    # fields, so it has to be a change of the release); then uninstall removes the CRDs.
+    helm.run("upgrade", RELEASE, CHART, "--namespace", NS, "--values", ci_values("default"),
              "--set", "crds.keep=false", kubeconfig=kc)
     for crd in CRDS:
         meta = yaml.safe_load(cp.kubectl("get", "crd", crd, "-o", "yaml").stdout)["metadata"]

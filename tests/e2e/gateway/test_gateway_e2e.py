@@ -284,3 +284,16 @@ def test_metrics_labels_and_no_key_material(gateway, sdk, new_key):
     assert "atlas_gateway_upstream_latency_seconds_bucket" in text
     assert key not in text and contract.hash_api_key(key) not in text
     assert key not in gateway.log()
+
+
+def test_client_disconnect_aborts_non_streaming_request(gateway, new_key, mock_upstream, redis_url):
+    key, name = new_key(contract.Limits(max_concurrent=1, tokens_per_day=100_000))
+    mock_id = uuid.uuid4().hex
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", timeout=0.4,
+                   json={"model": MODEL, "messages": MESSAGES, "max_tokens": 50},
+                   headers={"Authorization": f"Bearer {key}", "x-mock-fail": "hang", "x-mock-id": mock_id})
+    wait_until(lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5, message="upstream aborted")
+    wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
+    assert 0 < usage_of(redis_url, name).tokens_today < 50  # the prompt estimate, no completion
+    assert mock_record(mock_upstream, mock_id)["count"] == 1

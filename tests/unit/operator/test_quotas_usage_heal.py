@@ -134,3 +134,15 @@ async def test_self_heal_keeps_refusal_for_missing_quota(redis):
     await heal_if_needed(redis, [key], [], secrets, NOW)
     raw = await redis.get(contract.key_config_key(contract.hash_api_key("sk-whatever-123")))
     assert KeyConfig.decode(raw).refusal == cond.QUOTA_NOT_FOUND
+
+
+async def test_write_cap_defers_the_least_urgent(kube, redis):
+    await _setup(kube, redis)
+    await settle(redis, contract.key_subject("team", "a"), 100)  # flips QuotaExhausted: most urgent
+    await settle(redis, contract.key_subject("team", "b"), 1)
+    views = lambda: ([view(kube, KEYS, "a"), view(kube, KEYS, "b")], [view(kube, QUOTAS, "team-search")])
+    kube.patches.clear()
+    stats = await usage_cycle(redis, kube, *views(), NOW, max_writes=1)
+    assert (stats.patches, stats.deferred) == (1, 1) and kube.patches[0][2] == "a"
+    stats = await usage_cycle(redis, kube, *views(), NOW, max_writes=1)
+    assert (stats.patches, stats.deferred) == (1, 0) and kube.patches[1][2] == "b"

@@ -316,6 +316,43 @@ class MockUpstreamProcess:
         self.stop()
 
 
+def fastapi_app(settings: MockSettings):
+    """The same non-streaming chat/models/health behaviour as a plain FastAPI app: only for the
+    benchmark's reference run (design.md's performance table was measured against a FastAPI
+    mock, which is several times slower than the raw ASGI one)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    app = FastAPI()
+    counter = {"n": 0}
+
+    @app.get("/healthz")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mock"}
+                                           for m in settings.models]}
+
+    async def chat(request: Request) -> JSONResponse:
+        doc = await request.json()
+        counter["n"] += 1
+        n = min(settings.completion_tokens, int(doc.get("max_tokens") or settings.completion_tokens))
+        prompt = _prompt_tokens(doc)
+        return JSONResponse({
+            "id": f"mock-{counter['n']}", "object": "chat.completion", "created": int(time.time()),
+            "model": doc.get("model"), "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok " * n},
+                                                    "finish_reason": "length"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}})
+
+    # this module uses postponed annotations and Request is imported locally: give FastAPI the
+    # classes themselves, or it would take `request` for a query parameter
+    chat.__annotations__ = {"request": Request, "return": JSONResponse}
+    app.post("/v1/chat/completions")(chat)
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -325,8 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=float(os.environ.get("MOCK_LATENCY_MS", "0")))
     parser.add_argument("--completion-tokens", type=int, default=int(os.environ.get("MOCK_COMPLETION_TOKENS", "16")))
     parser.add_argument("--chunk-delay-ms", type=float, default=float(os.environ.get("MOCK_CHUNK_DELAY_MS", "0")))
+    parser.add_argument("--framework", choices=["asgi", "fastapi"], default="asgi",
+                        help="fastapi: a FastAPI reference implementation (benchmarks only)")
     args = parser.parse_args(argv)
-    app = MockUpstream(MockSettings(args.latency_ms, args.completion_tokens, args.chunk_delay_ms))
+    settings = MockSettings(args.latency_ms, args.completion_tokens, args.chunk_delay_ms)
+    app = fastapi_app(settings) if args.framework == "fastapi" else MockUpstream(settings)
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning", lifespan="on")
 

@@ -5,9 +5,9 @@
 -- KEYS, 6 per subject i (b = (i-1)*6):
 --   b+1 bucket:req   b+2 bucket:tok   b+3 lease (zset)   b+4 lease:tok (hash)
 --   b+5 usage day hash   b+6 usage month hash
--- ARGV:
---   1 request id   2 tokens to reserve   3 lease TTL (ms)   4 number of subjects
---   5 day hash TTL (s)   6 month hash TTL (s)   7 ms until the UTC day ends   8 ms until the month ends
+-- ARGV (what changes per request first, so the gateway can pre-encode the rest):
+--   1 request id   2 tokens to reserve   3 ms until the UTC day ends   4 ms until the month ends
+--   5 lease TTL (ms)   6 number of subjects   7 day hash TTL (s)   8 month hash TTL (s)
 --   then 6 per subject (a = 8 + (i-1)*6): requestsPerSecond, burst, tokensPerMinute,
 --   tokensPerDay, tokensPerMonth, maxConcurrent   (0 = no limit of that kind)
 -- Returns {admitted 1|0, reason, subject index, retry ms,
@@ -20,12 +20,12 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local rid = ARGV[1]
 local reserve = tonumber(ARGV[2])
-local lease_ttl = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local day_ttl = tonumber(ARGV[5])
-local month_ttl = tonumber(ARGV[6])
-local day_reset = tonumber(ARGV[7])
-local month_reset = tonumber(ARGV[8])
+local day_reset = tonumber(ARGV[3])
+local month_reset = tonumber(ARGV[4])
+local lease_ttl = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+local day_ttl = tonumber(ARGV[7])
+local month_ttl = tonumber(ARGV[8])
 
 local reason, who, retry = 0, 0, 0
 local function reject(r, i, ms)
@@ -56,11 +56,13 @@ for i = 1, n do
 
   -- Purge leases whose TTL passed (a gateway died mid-request): frees their slot and tokens.
   local lk, ltk = KEYS[k + 3], KEYS[k + 4]
-  local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
-  if #expired > 0 then
-    redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
-    for j = 1, #expired, 500 do
-      redis.call('HDEL', ltk, unpack(expired, j, math.min(j + 499, #expired)))
+  if s.leased then
+    local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
+    if #expired > 0 then
+      redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+      for j = 1, #expired, 500 do
+        redis.call('HDEL', ltk, unpack(expired, j, math.min(j + 499, #expired)))
+      end
     end
   end
 
@@ -122,15 +124,13 @@ if admitted then
       redis.call('ZADD', lk, now + lease_ttl, rid)
       redis.call('HSET', ltk, rid, reserve)
       -- the newest lease expires last: keep both keys at least that long
-      if redis.call('PTTL', lk) < lease_ttl + 60000 then
-        redis.call('PEXPIRE', lk, lease_ttl + 60000)
-        redis.call('PEXPIRE', ltk, lease_ttl + 60000)
-      end
+      redis.call('PEXPIRE', lk, lease_ttl + 60000)
+      redis.call('PEXPIRE', ltk, lease_ttl + 60000)
     end
     local dk = KEYS[k + 5]
-    redis.call('HINCRBY', dk, 'requests', 1)
+    -- a day hash needs its TTL once, when it is created (the day it counts never moves)
+    if redis.call('HINCRBY', dk, 'requests', 1) == 1 then redis.call('EXPIRE', dk, day_ttl) end
     redis.call('HSET', dk, 'last', now)
-    redis.call('EXPIRE', dk, day_ttl)
   end
 end
 

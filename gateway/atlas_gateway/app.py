@@ -82,10 +82,19 @@ class AtlasASGI:
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
+            runtime = self.gateway.runtime
+            request_id = runtime.new_request_id().encode() if runtime else b"-"
             if scope["path"].startswith("/v1/"):
-                headers = [(b"x-request-id", self.gateway.runtime.new_request_id().encode())] if self.gateway.runtime else []
-                await send_error(send, errors.not_found(scope["path"]), headers)
+                await send_error(send, errors.not_found(scope["path"]), [(b"x-request-id", request_id)])
                 return
+
+            async def send_with_id(message) -> None:  # x-request-id on every response
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
+                await send(message)
+
+            await self.fastapi(scope, receive, send_with_id)
+            return
         await self.fastapi(scope, receive, send)
 
 

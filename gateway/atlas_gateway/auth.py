@@ -41,7 +41,7 @@ class Principal:
 
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "subjects", "subject_count", "limit_args", "tpm_args",
-        "allows_model", "priority", "_keys_day", "_admit_keys", "_settle_keys",
+        "allows_model", "priority", "encoded", "_keys_day", "_admit_keys", "_settle_keys",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -70,6 +70,7 @@ class Principal:
         self.tpm_args = tuple(tpm)
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY
+        self.encoded: tuple | None = None  # admission's pre-encoded script call parts
         self._keys_day = ""
         self._admit_keys: list[bytes] = []
         self._settle_keys: list[bytes] = []

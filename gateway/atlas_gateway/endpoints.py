@@ -11,15 +11,10 @@ import aiohttp
 from atlas_core import contract
 
 from . import errors, metrics
+from .auth import api_key_from_headers
 from .proxy import REDIS_FAILURES, authenticate
 from .responses import send_bytes, send_error, send_json
 from .runtime import Runtime
-
-
-def _api_key(scope) -> str | None:
-    from .auth import api_key_from_headers
-
-    return api_key_from_headers(scope["headers"])
 
 
 class _Endpoint:
@@ -39,7 +34,7 @@ class _Endpoint:
             await send_error(send, err, headers)
 
     async def principal(self, rt: Runtime, scope):
-        key = _api_key(scope)
+        key = api_key_from_headers(scope["headers"])
         if key is None:
             raise errors.invalid_api_key("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.")
         principal = await authenticate(rt, key)
@@ -87,10 +82,6 @@ class ModelsEndpoint(_Endpoint):
         await send_json(send, 200, {"object": "list", "data": data}, headers)
 
 
-def _limits_doc(limits: contract.Limits) -> dict:
-    return limits.to_spec()
-
-
 def _remaining(limits: contract.Limits, usage: contract.Usage) -> dict:
     def left(limit, used):
         return None if limit is None else max(0, limit - used)
@@ -117,7 +108,7 @@ class UsageEndpoint(_Endpoint):
         doc = {
             "key": {"namespace": key.namespace, "name": key.name, "keyId": key.key_id},
             "usage": key_usage.to_status(),
-            "limits": _limits_doc(key.limits),
+            "limits": key.limits.to_spec(),
             "remaining": _remaining(key.limits, key_usage),
             "quota": None,
         }
@@ -126,7 +117,7 @@ class UsageEndpoint(_Endpoint):
             doc["quota"] = {
                 "name": principal.quota.name,
                 "usage": quota_usage.to_status(),
-                "limits": _limits_doc(principal.quota.limits),
+                "limits": principal.quota.limits.to_spec(),
                 "remaining": _remaining(principal.quota.limits, quota_usage),
             }
         await send_json(send, 200, doc, headers)

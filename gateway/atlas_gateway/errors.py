@@ -7,7 +7,7 @@ import json
 
 
 class GatewayError(Exception):
-    __slots__ = ("status", "message", "type", "code", "param", "headers")
+    __slots__ = ("status", "message", "type", "code", "param", "headers", "reason")
 
     def __init__(
         self,
@@ -25,6 +25,7 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or []
+        self.reason: str | None = None  # the metrics label, when more precise than ``code``
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)

@@ -109,7 +109,7 @@ class InferenceEndpoint:
         except errors.GatewayError as err:
             await send_error(send, err, headers)
             metrics.count_request(state["ref"], state["model"], err.status, state["priority"])
-            metrics.count_rejection(state["ref"], err.code or err.type)
+            metrics.count_rejection(state["ref"], err.reason or err.code or err.type)
             metrics.OVERHEAD.observe(perf_counter() - started)
         except ConnectionAbortedError:
             return  # the client left while sending its body: nobody to answer
@@ -185,10 +185,21 @@ class InferenceEndpoint:
                 rt.redis_health.ok()
             headers += decision.headers
             if not decision.admitted:
-                metrics.count_rejection(principal.ref, REASON_NAMES[decision.reason])
-                raise rejection(decision, principal, reserve)
+                err = rejection(decision, principal, reserve)
+                err.reason = REASON_NAMES[decision.reason]
+                raise err
             ticket = Ticket(rt, principal, request_id, reserve)
 
+        try:
+            await self._forward(rt, scope, receive, send, request_id, headers, state, started, doc, raw,
+                                model, priority, forward, ticket, prompt_estimate, reserve)
+        finally:
+            if ticket is not None and not ticket.done:  # a failure before the upstream call
+                await ticket.settle(0)
+
+    async def _forward(self, rt: Runtime, scope, receive, send, request_id, headers, state, started, doc, raw,
+                       model, priority, forward, ticket, prompt_estimate, reserve) -> None:
+        settings = rt.settings
         # What goes upstream: the client's bytes, unless we must add include_usage or priority.
         streaming = self.kind != "embeddings" and doc.get("stream") is True
         strip_usage = False

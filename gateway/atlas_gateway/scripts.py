@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
-from .fastredis import FastRedis, ReplyError
+from .fastredis import FastRedis, ReplyError, pack, pack_args
 
 
 def _b(value: Any) -> bytes:
@@ -33,6 +33,24 @@ class FastScript:
         # NOSCRIPT: the script did not run, so running it now cannot double-count
         await self.client.execute(b"SCRIPT", b"LOAD", self.source)
         return await self.client.execute(b"EVALSHA", self.sha, *tail)
+
+
+    def prefix(self, keys: Sequence[bytes], nargs: int) -> bytes:
+        """The encoded start of an EVALSHA with these keys and ``nargs`` arguments."""
+        head = pack((b"EVALSHA", self.sha, str(len(keys)).encode(), *keys))
+        return b"*%d\r\n" % (3 + len(keys) + nargs) + head[head.index(b"\r\n") + 2:]
+
+    async def call_encoded(self, prefix: bytes, dynamic: Sequence[bytes], suffix: bytes) -> Any:
+        """EVALSHA from pre-encoded parts: ``prefix`` (command, sha, keys), the per-request
+        arguments, then ``suffix`` (the pre-encoded constant arguments)."""
+        command = prefix + pack_args(dynamic) + suffix
+        try:
+            return await self.client.execute_raw(command)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self.client.execute(b"SCRIPT", b"LOAD", self.source)
+        return await self.client.execute_raw(command)
 
 
 class RedisPyScript:

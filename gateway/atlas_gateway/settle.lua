@@ -27,10 +27,13 @@ for i = 1, n do
   dropped = dropped + redis.call('ZREM', KEYS[k + 2], rid)
   redis.call('HDEL', KEYS[k + 3], rid)
   if actual > 0 then
-    redis.call('HINCRBY', KEYS[k + 4], 'settled', actual)
-    redis.call('EXPIRE', KEYS[k + 4], day_ttl)
-    redis.call('HINCRBY', KEYS[k + 5], 'settled', actual)
-    redis.call('EXPIRE', KEYS[k + 5], month_ttl)
+    -- TTL once, when the field is created: a hash without TTL would never go away
+    if redis.call('HINCRBY', KEYS[k + 4], 'settled', actual) == actual then
+      redis.call('EXPIRE', KEYS[k + 4], day_ttl)
+    end
+    if redis.call('HINCRBY', KEYS[k + 5], 'settled', actual) == actual then
+      redis.call('EXPIRE', KEYS[k + 5], month_ttl)
+    end
   end
   if tpm > 0 and actual ~= reserved then
     local key = KEYS[k + 1]

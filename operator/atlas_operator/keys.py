@@ -129,6 +129,8 @@ async def reconcile_key(
     if secret is None:
         secret = await kube.create_secret(namespace, apikeys.generated_secret(namespace, secret_name, obj))
         created = True
+        # Posted at once: a status conflict below re-runs this function, which then finds the Secret.
+        await kube.post_event(KEYS, obj, "Normal", "SecretGenerated", f"generated a key in Secret {secret_name!r}")
     api_key, problem = apikeys.read_api_key(secret)
 
     if api_key is None:
@@ -173,6 +175,9 @@ async def reconcile_key(
 
     if created:
         outcome.events.append(("Normal", "SecretGenerated", f"generated a key in Secret {secret_name!r}"))
+        posted = 1
+    else:
+        posted = 0
     if outcome.rotated_from:
         outcome.events.append(("Normal", "KeyRotated",
                                f"key {contract.key_id_of(outcome.rotated_from)} replaced by {key_id}"))
@@ -180,7 +185,7 @@ async def reconcile_key(
         "True" if outcome.ready else "False", outcome.reason
     ):
         outcome.events.append(("Normal" if outcome.ready else "Warning", outcome.reason, outcome.message))
-    for type_, reason, message in outcome.events:
+    for type_, reason, message in outcome.events[posted:]:
         await kube.post_event(KEYS, obj, type_, reason, message)
     return outcome
 

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 PATCHED, CONFLICT, GONE = "patched", "conflict", "gone"
 
 
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted: nothing can be created in it, and nothing needs to be."""
+
+
 class KubeApi(Protocol):
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
@@ -118,6 +122,8 @@ class ClientKubeApi:
             self.writes += 1
             return self._plain(await self._run(self.core.create_namespaced_secret, namespace, body))
         except self._client.ApiException as exc:
+            if exc.status == 403 and "NamespaceTerminating" in (exc.body or ""):
+                raise NamespaceTerminating(namespace) from None
             if exc.status != 409:
                 raise
         existing = await self.get_secret(namespace, body["metadata"]["name"])
@@ -166,7 +172,11 @@ class ClientKubeApi:
                 self.core.create_namespaced_event,
                 obj["metadata"]["namespace"], event_body(plural, obj, type_, reason, message),
             )
-        except Exception as exc:  # events are best effort: never fail a reconcile on them
+        except self._client.ApiException as exc:  # events are best effort: never fail a reconcile
+            if "NamespaceTerminating" not in (exc.body or ""):
+                log.warning("could not post event %s for %s: HTTP %s %s", reason,
+                            obj["metadata"].get("name"), exc.status, exc.reason)
+        except Exception as exc:
             log.warning("could not post event %s for %s: %s", reason, obj["metadata"].get("name"), exc)
 
     def close(self) -> None:

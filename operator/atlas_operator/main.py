@@ -9,7 +9,7 @@ import kopf
 import redis.asyncio as aioredis
 
 from .keys import StatusConflict
-from .kube import ClientKubeApi
+from .kube import ClientKubeApi, NamespaceTerminating
 from .runtime import Runtime
 from .settings import FINALIZER, GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
 from .views import ObjectView, SecretView
@@ -34,6 +34,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.peering.standalone = True
+    # The CRDs ship with the chart and namespaces are named, not globbed: no cluster-wide
+    # CRD/namespace watches, so the operator needs no cluster-scoped RBAC beyond its own kinds.
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING  # our own Events say what changed; no per-handler noise
     settings.watching.server_timeout = 300
     settings.watching.connect_timeout = 10
@@ -104,9 +107,11 @@ def secret_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 @kopf.on.resume(GROUP, VERSION, KEYS, **RETRY)
 @kopf.on.create(GROUP, VERSION, KEYS, **RETRY)
 @kopf.on.update(GROUP, VERSION, KEYS, **RETRY)
-async def atlaskey_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def atlaskey_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     try:
         await memo.runtime.reconcile_key(plain(body))
+    except NamespaceTerminating:
+        logger.info("namespace is terminating: no Secret generated, nothing to serve")
     except StatusConflict:
         # Our view is older than the object (e.g. the usage loop just patched it): re-read
         # and run again here rather than through a kopf retry (which logs an error Event).

@@ -1,4 +1,5 @@
-"""Measure the usage write-back cycle at scale: `python -m atlas_operator.measure --keys 10000`.
+"""Measure the usage write-back cycle at scale: `python -m atlas_operator.measure --keys 10000`
+(and with `--latency N`: apply-to-working-key and delete-to-refused through the dev stack).
 
 A real redis-server (atlas_devstack.redis_server) holds the counters; the Kubernetes API is
 either a counting in-memory fake (default: isolates the operator's own cost) or, with
@@ -42,11 +43,12 @@ def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectVi
                "message": "no day or month budget is spent", "lastTransitionTime": "2026-01-01T00:00:00Z",
                "observedGeneration": 1}]
     quotas = [ObjectView("bench", f"q{i}", "1", 1, {"limits": {"tokensPerDay": 10**9}},
-                         {"usage": zero, "keys": n_keys // n_quotas, "conditions": within}, False)
+                         {"usage": zero, "keys": n_keys // n_quotas, "conditions": within,
+                          "observedGeneration": 1}, False)
               for i in range(n_quotas)]
     keys = [ObjectView("bench", f"k{i}", "1", 1,
                        {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}},
-                       {"usage": zero, "conditions": within}, False)
+                       {"usage": zero, "conditions": within, "observedGeneration": 1}, False)
             for i in range(n_keys)]
     return keys, quotas
 
@@ -125,7 +127,7 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
         await api._run(api.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural,
                        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasKey" if plural == KEYS else "AtlasQuota",
                         "metadata": {"name": name}, "spec": spec})
-        status = {"usage": zero, "conditions": within}
+        status = {"usage": zero, "conditions": within, "observedGeneration": 1}
         if plural == QUOTAS:
             status["keys"] = n_keys // n_quotas
         await api.patch_status(plural, namespace, name, status)
@@ -175,13 +177,59 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
     api.close()
 
 
+def run_latency(samples: int) -> None:
+    """apply -> first 200 and delete -> first 401 through the whole dev stack (temp state dir)."""
+    import base64
+    import json
+    import statistics
+    import tempfile
+
+    from atlas_devstack.stack import DevStack, wait_for
+
+    with tempfile.TemporaryDirectory() as tmp, DevStack(tmp, upstream_url="", log=lambda m: None) as stack:
+        kubectl = stack.control_plane.kubectl
+        url = stack.env["ATLAS_GATEWAY_URL"]
+        applied, deleted = [], []
+        for i in range(samples):
+            name = f"latency-{i}"
+            manifest = json.dumps({"apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey",
+                                   "metadata": {"name": name}, "spec": {}})
+            started = time.monotonic()
+            kubectl("apply", "-f", "-", input=manifest)
+
+            def key():
+                res = kubectl("get", "secret", f"{name}-api-key", "-o", "jsonpath={.data.api-key}", check=False)
+                return res.returncode == 0 and res.stdout and base64.b64decode(res.stdout).decode()
+
+            value = wait_for("secret", key, 30, interval=0.02)
+            wait_for("accepted", lambda: DevStack.chat(url, value)[0] == 200, 30, interval=0.02)
+            applied.append(time.monotonic() - started)
+            started = time.monotonic()
+            kubectl("delete", "atlaskey", name, "--wait=false")
+            wait_for("refused", lambda: DevStack.chat(url, value)[0] == 401, 30, interval=0.02)
+            deleted.append(time.monotonic() - started)
+
+        def show(label: str, xs: list[float]) -> None:
+            print(f"  {label:<26} median {statistics.median(xs) * 1000:6.0f} ms   "
+                  f"min {min(xs) * 1000:6.0f} ms   max {max(xs) * 1000:6.0f} ms   (n={len(xs)})")
+
+        print("latency through the dev stack (kubectl -> operator -> Redis -> gateway):")
+        show("apply -> key works", applied)
+        show("delete -> key refused", deleted)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=10000)
     parser.add_argument("--quotas", type=int, default=100)
     parser.add_argument("--kubeconfig", help="measure against this API server instead of the fake")
     parser.add_argument("--reuse", metavar="NAMESPACE", help="with --kubeconfig: objects already created there")
+    parser.add_argument("--latency", type=int, metavar="N",
+                        help="instead: N samples of apply->working and delete->refused via the dev stack")
     args = parser.parse_args()
+    if args.latency:
+        run_latency(args.latency)
+        return
     from atlas_devstack.redis_server import RedisServer
 
     with RedisServer() as server:

@@ -51,8 +51,11 @@ def status_patch(
     """The status fields to patch for one object, or None when everything already matches."""
     patch: dict[str, Any] = {}
     wanted_usage = usage.to_status()
-    if view.status.get("usage") != wanted_usage:
-        patch["usage"] = wanted_usage
+    current_usage = view.status.get("usage")
+    if current_usage != wanted_usage:
+        # A merge patch merges nested objects: a field absent from the new figures (a new day
+        # has no lastRequestTime yet) must be deleted explicitly or it would never converge.
+        patch["usage"] = {**{k: None for k in current_usage or {} if k not in wanted_usage}, **wanted_usage}
     if keys is not None and view.status.get("keys") != keys:
         patch["keys"] = keys
     current = cond.find(view.status.get("conditions"), cond.QUOTA_EXHAUSTED)
@@ -77,12 +80,15 @@ def plan(
     keys: Iterable[ObjectView], quotas: Iterable[ObjectView], usages: dict[str, Usage], now: datetime
 ) -> list[tuple[str, ObjectView, dict[str, Any]]]:
     """Every (plural, object, status patch) a cycle must write (pure: the diffing itself)."""
+    # Objects not reconciled yet are left to their reconcile (which writes the first status):
+    # patching them here would only make that reconcile's precondition fail.
     keys = [k for k in keys if not k.deleting]
-    quotas = [q for q in quotas if not q.deleting]
     bound: dict[tuple[str, str], int] = {}
     for key in keys:
         if key.quota:
             bound[(key.namespace, key.quota)] = bound.get((key.namespace, key.quota), 0) + 1
+    keys = [k for k in keys if "observedGeneration" in k.status]
+    quotas = [q for q in quotas if not q.deleting and "observedGeneration" in q.status]
     quota_exhausted: dict[tuple[str, str], tuple[bool, str, str]] = {}
     out: list[tuple[str, ObjectView, dict[str, Any]]] = []
     for quota in quotas:

@@ -31,7 +31,7 @@ def test_fail_closed_then_recovers(own_redis, mock_upstream, start_gateway):
     assert chat(gw, "sk-closed").status_code == 200
     assert httpx.get(gw.url + "/readyz").status_code == 200
 
-    own_redis.stop()
+    own_redis.kill()  # SIGKILL: a crash, not a clean shutdown
     refused = chat(gw, "sk-closed")
     assert refused.status_code == 503
     assert refused.json()["error"]["type"] == "server_error"

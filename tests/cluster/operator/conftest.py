@@ -14,26 +14,26 @@ from atlas_devstack.redis_server import RedisServer, free_port
 from .procs import Gateway, Kube, Proc, operator_proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def op_redis():
     with RedisServer() as server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def redis_client(op_redis):
     client = redislib.Redis.from_url(op_redis.url)
     yield client
     client.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def upstream(tmp_path_factory):
     with MockUpstreamProcess(log_path=str(tmp_path_factory.mktemp("upstream") / "mock.log")) as mock:
         yield mock
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def gateway(op_redis, upstream, tmp_path_factory):
     port = free_port()
     proc = Proc("atlas_gateway", {"ATLAS_REDIS_URL": op_redis.url, "ATLAS_UPSTREAM_URL": upstream.url,
@@ -49,7 +49,7 @@ def gateway(op_redis, upstream, tmp_path_factory):
 RBAC = Path(__file__).with_name("rbac.yaml")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator_kubeconfig(control_plane, tmp_path_factory) -> Path:
     """The operator runs as a ServiceAccount holding only rbac.yaml's permissions."""
     control_plane.kubectl("apply", "-f", str(RBAC))
@@ -57,7 +57,7 @@ def operator_kubeconfig(control_plane, tmp_path_factory) -> Path:
         "atlas-system", "atlas-operator", tmp_path_factory.mktemp("sa") / "kubeconfig")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator(operator_kubeconfig, op_redis, tmp_path_factory):
     proc = operator_proc(operator_kubeconfig, op_redis.url,
                          tmp_path_factory.mktemp("operator") / "operator.log")

@@ -44,6 +44,11 @@ def test_apply_makes_a_working_key_and_usage_shows_in_kubectl(kube, gateway, red
     record("apply_to_working_key", time.monotonic() - started)
 
     obj = kube.get("atlaskey", "frontend")
+    assert obj["metadata"]["finalizers"] == ["atlas.bugvanquisher.io/finalizer"]
+    annotations = obj["metadata"].get("annotations") or {}
+    assert "atlas.bugvanquisher.io/last-handled-configuration" in annotations
+    assert all(a.startswith("atlas.bugvanquisher.io/") for a in annotations if "kopf" in a or "last-handled" in a)
+    assert "kopf" not in obj["status"]
     assert obj["status"]["keyId"] == contract.key_id_of(contract.hash_api_key(key))
     assert kube.condition("atlaskey", "frontend")["status"] == "True"
     secret = kube.get("secret", "frontend-api-key")
@@ -91,7 +96,8 @@ def test_delete_refuses_within_two_seconds_and_keeps_usage(kube, gateway, redis_
     key = wait_until("the generated Secret", lambda: kube.secret_key("gone-api-key"), 30)
     wait_until("accepted", lambda: status_of(gateway, key)() == 200, 30)
     day_key, _ = contract.usage_keys(contract.key_subject(kube.ns, "gone"), datetime.now(timezone.utc))
-    assert int(redis_client.hget(day_key, "settled") or 0) > 0
+    # The gateway settles right after answering: wait for the counter rather than race it.
+    wait_until("usage settled", lambda: int(redis_client.hget(day_key, "settled") or 0) > 0, 5)
     started = time.monotonic()
     kube("delete", "atlaskey", "gone", "--wait=false")
     wait_until("refused after delete", lambda: status_of(gateway, key)() == 401, 5)
@@ -199,6 +205,37 @@ def test_restart_changes_nothing(kube, gateway, redis_client, operator, kubectl)
 
 
 
+def test_namespace_selection(control_plane, kubectl, kube, tmp_path):
+    """ATLAS_NAMESPACES limits what an operator touches: a second operator (own Redis) that
+    watches only this test's namespace writes config for its keys and ignores another one's."""
+    from atlas_devstack.redis_server import RedisServer
+    import redis as redislib
+
+    from .procs import Kube, operator_proc
+
+    other = Kube(kubectl, f"{kube.ns}-x")
+    kubectl("create", "namespace", other.ns)
+    with RedisServer() as own_redis:
+        proc = operator_proc(control_plane.kubeconfig, own_redis.url, tmp_path / "scoped.log")
+        proc.env["ATLAS_NAMESPACES"] = kube.ns
+        proc.start()
+        try:
+            client = redislib.Redis.from_url(own_redis.url)
+            other.apply(key_manifest("outside"))
+            kube.apply(key_manifest("inside"))
+            wait_until("the scoped operator wrote its namespace's key",
+                       lambda: client.hget(contract.KEY_INDEX, f"{kube.ns}/inside"), 30)
+            # "outside" is handled by the session operator (cluster-wide) but never by this one.
+            wait_until("outside Ready (session operator)",
+                       lambda: other.condition("atlaskey", "outside").get("status") == "True", 30)
+            assert client.hget(contract.KEY_INDEX, f"{other.ns}/outside") is None
+            assert f"{other.ns}/outside" not in proc.log_text()
+            client.close()
+        finally:
+            proc.stop()
+            kubectl("delete", "namespace", other.ns, "--wait=false", check=False)
+
+
 def test_events_posted_and_no_permission_errors(kube, operator):
     """Runs last: the operator (with only rbac.yaml's permissions) posted Events and was never
     refused by the API server."""
@@ -209,5 +246,7 @@ def test_events_posted_and_no_permission_errors(kube, operator):
         "-o", "jsonpath={.items[*].reason}").stdout.split()) >= {"SecretGenerated", "QuotaNotFound"} and True, 10)
     assert reasons
     log = operator.log_text()
-    assert "Forbidden" not in log and "forbidden" not in log, log[-3000:]
+    # An RBAC denial reads `... is forbidden: User "system:serviceaccount:..." cannot ...`.
+    assert "is forbidden: User" not in log, log[-3000:]
+    assert "NamespaceTerminating" not in log  # left-over test namespaces are handled quietly
     assert "sk-atlas-" not in log  # no key material in logs

@@ -125,8 +125,8 @@ def test_usage_endpoint(gateway, new_key, redis_url):
 
 # ---------------------------------------------------------------------------- refusals
 
-def test_rate_limit_error_carries_headers(sdk, new_key):
-    key, _ = new_key(contract.Limits(requests_per_second=0.5, burst=1))
+def test_rate_limit_error_carries_headers(sdk, new_key, gateway):
+    key, name = new_key(contract.Limits(requests_per_second=0.5, burst=1))
     client = sdk(key)
     client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     with pytest.raises(openai.RateLimitError) as exc:
@@ -138,6 +138,9 @@ def test_rate_limit_error_carries_headers(sdk, new_key):
     assert headers["x-ratelimit-reset-requests"]
     assert headers["x-request-id"]
     assert exc.value.body["type"] == "requests" and exc.value.body["code"] == "rate_limit_exceeded"
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert f'atlas_gateway_rejections_total{{key="team/{name}",reason="requests_per_second"}} 1.0' in metrics
+    assert f'key="team/{name}",reason="rate_limit_exceeded"' not in metrics  # counted once
 
 
 def test_daily_budget_is_insufficient_quota(sdk, new_key):
@@ -297,3 +300,12 @@ def test_client_disconnect_aborts_non_streaming_request(gateway, new_key, mock_u
     wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
     assert 0 < usage_of(redis_url, name).tokens_today < 50  # the prompt estimate, no completion
     assert mock_record(mock_upstream, mock_id)["count"] == 1
+
+
+def test_request_id_on_every_response(gateway):
+    for method, path in (("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/v1/nope"), ("GET", "/nope"),
+                         ("GET", "/v1/chat/completions"), ("GET", "/v1/models")):
+        r = httpx.request(method, gateway.url + path)
+        assert r.headers.get("x-request-id"), (method, path, r.status_code)
+    assert httpx.get(gateway.url + "/v1/nope").json()["error"]["code"] == "unknown_url"
+    assert httpx.get(gateway.url + "/v1/chat/completions").status_code == 405

@@ -8,7 +8,6 @@ import pytest
 
 from atlas_core import contract
 from atlas_gateway import admission as adm
-from atlas_gateway.admission import Admission
 
 from .conftest import make_principal
 
@@ -189,3 +188,19 @@ async def test_ticket_settles_exactly_once(admission, fake_redis):
     await ticket.settle(40)
     day_key, _ = contract.usage_keys(KEY, datetime.now(timezone.utc))
     assert await fake_redis.hget(day_key, "settled") == b"40"
+
+
+async def test_every_counter_key_gets_a_ttl(admission, fake_redis):
+    p = make_principal(contract.Limits(requests_per_second=5, tokens_per_minute=1000, tokens_per_day=10_000,
+                                       max_concurrent=3), contract.Limits(tokens_per_month=100_000))
+    for rid in ("a", "b"):
+        assert (await admission.admit(p, rid, 100)).admitted
+        await admission.settle(p, rid, 100, 40)
+    assert (await admission.admit(p, "c", 100)).admitted  # leave one lease in flight
+    keys = await fake_redis.keys("*")
+    assert len(keys) >= 10
+    for key in keys:
+        assert await fake_redis.ttl(key) > 0, key
+    day_key, month_key = contract.usage_keys(KEY, datetime.now(timezone.utc))
+    assert await fake_redis.ttl(day_key) > 2 * 86400
+    assert await fake_redis.ttl(month_key) > 30 * 86400

@@ -195,3 +195,13 @@ def test_settings_from_env():
     assert s.upstream_models == (("q*", "http://q"),)
     with pytest.raises(SettingsError):
         Settings.from_env({"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_FAIL_MODE": "sometimes"})
+
+
+def test_pre_encoded_script_call_equals_plain_encoding():
+    from atlas_gateway.fastredis import pack_args
+    from atlas_gateway.scripts import FastScript
+
+    script = FastScript(client=None, source="return 1")
+    keys, dynamic, static = (b"k1", b"k2"), (b"rid", b"12"), (b"a", b"bcd", b"")
+    encoded = script.prefix(keys, len(dynamic) + len(static)) + pack_args(dynamic) + pack_args(static)
+    assert encoded == pack((b"EVALSHA", script.sha, b"2", *keys, *dynamic, *static))

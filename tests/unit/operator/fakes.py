@@ -15,6 +15,20 @@ _rv = itertools.count(100)
 _uid = itertools.count(1)
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it: objects merge, null deletes,
+    everything else (lists too) replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
 class FakeKube:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -80,12 +94,7 @@ class FakeKube:
             return GONE
         if resource_version and resource_version != obj["metadata"]["resourceVersion"]:
             return CONFLICT
-        current = obj.setdefault("status", {})
-        for k, v in status.items():
-            if v is None:
-                current.pop(k, None)
-            else:
-                current[k] = copy.deepcopy(v)
+        obj["status"] = merge_patch(obj.get("status") or {}, status)
         obj["metadata"]["resourceVersion"] = str(next(_rv))
         self.patches.append((plural, namespace, name, copy.deepcopy(status)))
         return PATCHED

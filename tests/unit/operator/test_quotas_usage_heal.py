@@ -99,10 +99,11 @@ async def test_usage_conflict_is_counted_not_forced(kube, redis):
 
 
 def test_plan_counts_keys_per_quota_and_skips_deleting():
-    quota = ObjectView("team", "q", "1", 1, {}, {"keys": 1}, False)
+    quota = ObjectView("team", "q", "1", 1, {}, {"keys": 1, "observedGeneration": 1}, False)
     keys = [ObjectView("team", n, "1", 1, {"quotaRef": "q"}, {}, n == "gone") for n in ("a", "b", "gone")]
     usages = {contract.quota_subject("team", "q"): contract.Usage(day="d", month="m")}
     todo = plan(keys, [quota], usages, NOW)
+    # a and b count for the quota; neither is patched itself before its first reconcile.
     assert [(p[0], p[1].name, p[2]["keys"]) for p in todo] == [(QUOTAS, "q", 2)]
 
 
@@ -146,3 +147,17 @@ async def test_write_cap_defers_the_least_urgent(kube, redis):
     assert (stats.patches, stats.deferred) == (1, 1) and kube.patches[0][2] == "a"
     stats = await usage_cycle(redis, kube, *views(), NOW, max_writes=1)
     assert (stats.patches, stats.deferred) == (1, 0) and kube.patches[1][2] == "b"
+
+
+async def test_usage_patch_deletes_stale_fields_so_it_converges(kube, redis):
+    await _setup(kube, redis)
+    await settle(redis, contract.key_subject("team", "b"), 5)
+    views = lambda: ([view(kube, KEYS, "b")], [])
+    await usage_cycle(redis, kube, *views(), NOW)
+    assert "lastRequestTime" in kube.get(KEYS, "b")["status"]["usage"]
+    await redis.flushall()  # e.g. a new day: no counters, no lastRequestTime
+    kube.patches.clear()
+    await usage_cycle(redis, kube, *views(), NOW)
+    assert kube.patches[0][3]["usage"]["lastRequestTime"] is None
+    assert "lastRequestTime" not in kube.get(KEYS, "b")["status"]["usage"]
+    assert (await usage_cycle(redis, kube, *views(), NOW)).patches == 0

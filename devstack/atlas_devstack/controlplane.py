@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .processes import pid_alive, pid_cmdline
 from .tools import REPO_ROOT, find_tool
 
 ATLAS_GROUP_VERSION = "atlas.bugvanquisher.io/v1alpha1"
@@ -195,27 +196,6 @@ def _die_with_parent() -> None:
     libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _pid_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _terminate_pid(pid: int, timeout: float) -> None:
     """SIGTERM, wait until gone or deadline, then SIGKILL."""
     try:
@@ -224,7 +204,7 @@ def _terminate_pid(pid: int, timeout: float) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(POLL_INTERVAL)
     try:
@@ -232,7 +212,7 @@ def _terminate_pid(pid: int, timeout: float) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(POLL_INTERVAL)
 
 
@@ -246,7 +226,7 @@ def _remove_orphaned_temp_dirs() -> None:
                 pids.append(int((d / f"{name}.pid").read_text()))
             except (OSError, ValueError):
                 pass
-        if pids and not any(_pid_alive(pid) for pid in pids):
+        if pids and not any(pid_alive(pid) for pid in pids):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -427,7 +407,7 @@ class ControlPlane:
             except (OSError, ValueError):
                 continue
             # Only signal the pid if it is still our process (pids get reused).
-            if _pid_alive(pid) and name in _pid_cmdline(pid) and str(state.resolve()) in _pid_cmdline(pid):
+            if pid_alive(pid) and name in pid_cmdline(pid) and str(state.resolve()) in pid_cmdline(pid):
                 _terminate_pid(pid, timeout)
                 stopped.append(name)
             pidfile.unlink(missing_ok=True)
@@ -441,7 +421,7 @@ class ControlPlane:
                 pid = int((state / f"{name}.pid").read_text().strip())
             except (OSError, ValueError):
                 return False
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return False
         return True
 

@@ -30,6 +30,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .processes import stop_process
+
 MODELS = ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct", "text-embedding-3-small"]
 
 
@@ -301,13 +303,7 @@ class MockUpstreamProcess:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
 
     def __enter__(self) -> "MockUpstreamProcess":
         return self.start()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .controlplane import ControlPlane
+from .processes import pid_alive, pid_cmdline
 from .redis_server import RedisServer, free_port
 from .tools import BIN_DIR, REPO_ROOT, find_tool
 
@@ -43,26 +44,6 @@ class StackError(RuntimeError):
     pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def stop_group(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM the process group led by ``pid``, SIGKILL whatever is left at the deadline."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -76,7 +57,7 @@ def stop_group(pid: int, timeout: float = 10.0) -> None:
                 os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
             except ChildProcessError:
                 pass
-            if not _alive(pid):
+            if not pid_alive(pid):
                 return
             time.sleep(0.05)
 
@@ -242,7 +223,7 @@ class DevStack:
             # Only signal it when the pid still runs one of our commands (pids get reused).
             wanted = {"gateway": "atlas_gateway", "operator": "atlas_operator",
                       "mock-upstream": "mock_upstream"}[service]
-            if _alive(pid) and wanted in _cmdline(pid):
+            if pid_alive(pid) and wanted in pid_cmdline(pid):
                 stop_group(pid, timeout)
                 stopped.append(service)
             pidfile.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from .scripts import FastScript, RedisPyScript
 
 ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
 SETTLE_LUA = resources.files(__package__).joinpath("settle.lua").read_text()
+REFRESH_LUA = resources.files(__package__).joinpath("refresh.lua").read_text()
 
 # reasons returned by admit.lua
 OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH = range(7)
@@ -118,10 +119,14 @@ class Admission:
         if fast is not None:
             self._admit: Any = FastScript(fast, ADMIT_LUA)
             self._settle: Any = FastScript(fast, SETTLE_LUA)
+            self._refresh: Any = FastScript(fast, REFRESH_LUA)
         else:
             self._admit = RedisPyScript(redis, ADMIT_LUA)
             self._settle = RedisPyScript(redis, SETTLE_LUA)
+            self._refresh = RedisPyScript(redis, REFRESH_LUA)
         self.lease_ttl_ms = str(int(lease_ttl_seconds * 1000)).encode()
+        # a request still upstream after this long refreshes its leases (and again after as long)
+        self.refresh_interval = lease_ttl_seconds / 3
         self.calendar = Calendar()
         self._day_ttl = str(contract.DAY_TTL_SECONDS).encode()
         self._month_ttl = str(contract.MONTH_TTL_SECONDS).encode()
@@ -166,6 +171,17 @@ class Admission:
             return int(await self._settle.call_encoded(prefix, dynamic, suffix))
         _, keys = principal.redis_keys(cal.day, cal.month)
         return int(await self._settle(keys, dynamic + self._static_settle_args(principal)))
+
+
+    async def refresh(self, principal: Principal, request_id: str) -> int:
+        """Push the leases of a request still in flight forward by the lease TTL (refresh.lua);
+        returns how many were refreshed (0: already settled or expired)."""
+        if not principal.leased:
+            return 0
+        cal = self.calendar.refresh()
+        _, settle_keys = principal.redis_keys(cal.day, cal.month)
+        keys = [k for i, k in enumerate(settle_keys) if i % 5 in (1, 2)]  # lease, lease:tok per subject
+        return int(await self._refresh(keys, (request_id.encode(), self.lease_ttl_ms)))
 
 
 def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.GatewayError:

@@ -41,7 +41,7 @@ class Principal:
 
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "subjects", "subject_count", "limit_args", "tpm_args",
-        "allows_model", "priority", "encoded", "_keys_day", "_admit_keys", "_settle_keys",
+        "allows_model", "priority", "encoded", "leased", "_keys_day", "_admit_keys", "_settle_keys",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -67,6 +67,8 @@ class Principal:
             ]
             tpm.append(_num(limits.tokens_per_minute))
         self.limit_args = tuple(args)
+        # some subject holds a lease per request (admit.lua: maxConcurrent or a day/month budget)
+        self.leased = any(lim.max_concurrent or lim.tokens_per_day or lim.tokens_per_month for _, lim in subjects)
         self.tpm_args = tuple(tpm)
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY

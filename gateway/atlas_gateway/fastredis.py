@@ -5,7 +5,7 @@ Measured on the 2-core bench machine, redis-py's asyncio client spends more CPU 
 whole upstream request. This client keeps one connection, writes pre-encoded commands and
 matches replies to waiters in order (Redis answers a connection's commands in order), so
 concurrent requests are pipelined for free. It does exactly what the hot path needs:
-EVALSHA/SCRIPT LOAD, AUTH and SELECT. Everything else (config reads, /v1/usage, /readyz)
+EVALSHA/SCRIPT LOAD, AUTH and SELECT, over TCP or TLS (``rediss://``). Everything else (config reads, /v1/usage, /readyz)
 uses redis-py.
 
 Failure handling: a lost connection fails every waiting call with ``ConnectionError`` and the
@@ -16,8 +16,9 @@ and drops the connection (its late reply must not be matched to someone else's c
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 class ReplyError(Exception):
@@ -71,9 +72,15 @@ def parse(buf: bytearray, pos: int):
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 0.5) -> None:
         self.buf = bytearray()
-        self.waiters: deque[asyncio.Future] = deque()
+        # (future, deadline) per command sent, in order. Redis answers in order, so only the
+        # oldest can be the first to time out: one watchdog timer per connection checks it,
+        # instead of a timer (and its cancellation) per call, which was a measurable share of
+        # a call's cost.
+        self.waiters: deque[tuple[asyncio.Future, float]] = deque()
+        self.timeout = timeout
+        self.watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         # Commands issued during one event-loop iteration leave together in one write, at the
@@ -83,6 +90,30 @@ class _Protocol(asyncio.Protocol):
         # while a batch is unanswered: that batches more, but a new admission then waits for
         # the previous request's settlement reply, which costs latency at concurrency 1.)
         self.outgoing: list[bytes] = []
+
+    def call(self, command: bytes) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiters.append((fut, loop.time() + self.timeout))
+        self.enqueue(command)
+        if self.watchdog is None:
+            self.watchdog = loop.call_later(self.timeout, self.check_deadline)
+        return fut
+
+    def check_deadline(self) -> None:
+        """Fail the oldest call (and drop the connection) once it is overdue; re-arm otherwise."""
+        self.watchdog = None
+        if not self.waiters or self.closed:
+            return
+        fut, deadline = self.waiters[0]
+        loop = fut.get_loop()
+        if loop.time() >= deadline:
+            if not fut.done():
+                # its late reply must not be matched to someone else's call: drop the connection
+                fut.set_exception(TimeoutError("Redis did not answer in time"))
+            self.close()
+            return
+        self.watchdog = loop.call_at(deadline, self.check_deadline)
 
     def enqueue(self, data: bytes) -> None:
         if not self.outgoing:
@@ -107,7 +138,7 @@ class _Protocol(asyncio.Protocol):
                 value, pos = parse(buf, pos)
             except _Incomplete:
                 break
-            fut = waiters.popleft()
+            fut = waiters.popleft()[0]
             if not fut.done():
                 if isinstance(value, ReplyError):
                     fut.set_exception(value)
@@ -118,8 +149,11 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         while self.waiters:
-            fut = self.waiters.popleft()
+            fut = self.waiters.popleft()[0]
             if not fut.done():
                 fut.set_exception(ConnectionError("connection to Redis lost"))
 
@@ -129,23 +163,47 @@ class _Protocol(asyncio.Protocol):
         self.connection_lost(None)
 
 
-def _expire(fut: asyncio.Future, proto: _Protocol) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError("Redis did not answer in time"))
-        proto.close()
+_FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_context(query: dict[str, list[str]]) -> ssl.SSLContext:
+    """An SSLContext from redis-py's ``rediss://`` URL query parameters (the same URL configures
+    redis-py for config reads, so both clients must read it alike): ``ssl_cert_reqs``
+    (none/optional/required, default required), ``ssl_ca_certs``, ``ssl_check_hostname``
+    (default on when certificates are required), ``ssl_certfile``/``ssl_keyfile`` (client certs)."""
+    def one(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    reqs_raw = (one("ssl_cert_reqs") or "required").lower()
+    if reqs_raw not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs_raw!r}")
+    cert_reqs = _CERT_REQS[reqs_raw]
+    check_raw = one("ssl_check_hostname")
+    check_hostname = cert_reqs != ssl.CERT_NONE if check_raw in (None, "") else check_raw.lower() not in _FALSE
+    context = ssl.create_default_context(cafile=one("ssl_ca_certs"))
+    context.check_hostname = check_hostname and cert_reqs != ssl.CERT_NONE
+    context.verify_mode = cert_reqs
+    certfile = one("ssl_certfile")
+    if certfile:
+        context.load_cert_chain(certfile, one("ssl_keyfile"), one("ssl_password"))
+    return context
 
 
 class FastRedis:
     def __init__(self, url: str, timeout: float = 0.5) -> None:
         parsed = urlparse(url)
-        if parsed.scheme not in ("redis", ""):
-            raise ValueError("the fast Redis client supports redis:// URLs only")
+        if parsed.scheme not in ("redis", "rediss", ""):
+            raise ValueError("the fast Redis client supports redis:// and rediss:// URLs only")
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 6379
         self.username = unquote(parsed.username) if parsed.username else None
         self.password = unquote(parsed.password) if parsed.password else None
+        query = parse_qs(parsed.query)
         path = (parsed.path or "/").lstrip("/")
-        self.db = int(path) if path else 0
+        self.db = int(path) if path else int(query.get("db", ["0"])[-1])  # as redis-py: the path wins
+        self.ssl = tls_context(query) if parsed.scheme == "rediss" else None
         self.timeout = timeout
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
@@ -153,7 +211,9 @@ class FastRedis:
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         _, proto = await asyncio.wait_for(
-            loop.create_connection(_Protocol, self.host, self.port), self.timeout
+            loop.create_connection(self._protocol, self.host, self.port, ssl=self.ssl,
+                                   server_hostname=self.host if self.ssl is not None else None),
+            self.timeout
         )
         self._proto = proto
         if self.password is not None:
@@ -176,13 +236,11 @@ class FastRedis:
     def _call(self, proto: _Protocol, args: tuple[bytes, ...]) -> asyncio.Future:
         return self._send(proto, pack(args))
 
+    def _protocol(self) -> _Protocol:
+        return _Protocol(self.timeout)
+
     def _send(self, proto: _Protocol, command: bytes) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        proto.waiters.append(fut)
-        proto.enqueue(command)
-        handle = fut.get_loop().call_later(self.timeout, _expire, fut, proto)
-        fut.add_done_callback(lambda _f: handle.cancel())
-        return fut
+        return proto.call(command)
 
     async def execute(self, *args: bytes):
         proto = self._proto

@@ -227,7 +227,8 @@ class _UpstreamCall:
     """Forward one admitted request and settle it, whatever happens."""
 
     __slots__ = ("rt", "ticket", "state", "headers", "started", "prompt_estimate", "reserve",
-                 "upstream_seconds", "finishing", "client_gone", "billed", "watcher", "_receive", "_task")
+                 "upstream_seconds", "finishing", "client_gone", "billed", "watcher", "_receive", "_task",
+                 "_refresher", "_refreshing")
 
     # A non-streaming request starts listening for a client disconnect only once it has been
     # upstream this long: the listener task costs ~60 us of CPU (about 40 % of the handler's
@@ -247,15 +248,45 @@ class _UpstreamCall:
         self.client_gone = False
         self.billed = (0, 0)  # (prompt, completion) charged at settlement
         self.watcher: asyncio.Future | None = None
+        self._refresher: asyncio.TimerHandle | None = None
+        self._refreshing: asyncio.Future | None = None
 
     def _start_watcher(self) -> None:
         if not self.finishing and self.watcher is None:
             self.watcher = asyncio.ensure_future(self._watch_disconnect(self._receive, self._task))
+            if self.ticket is not None and self.ticket.principal.leased:
+                self._schedule_refresh()
 
     def _stop_watcher(self) -> None:
         self.finishing = True
         if self.watcher is not None:
             self.watcher.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+
+    # Leases expire after ATLAS_LEASE_TTL_SECONDS (so a crashed gateway leaks nothing); a request
+    # still upstream refreshes its own every TTL/3, one small script call. Scheduled only once
+    # the request is long-lived (a stream, or a non-stream past WATCH_AFTER): no hot-path cost.
+    def _schedule_refresh(self) -> None:
+        interval = self.rt.admission.refresh_interval
+        if interval > 0:
+            self._refresher = asyncio.get_running_loop().call_later(interval, self._refresh_now)
+
+    def _refresh_now(self) -> None:
+        self._refresher = None
+        if self.finishing or self.ticket is None or self.ticket.done:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh_leases())
+        self._schedule_refresh()
+
+    async def _refresh_leases(self) -> None:
+        ticket = self.ticket
+        try:
+            await self.rt.admission.refresh(ticket.principal, ticket.request_id)
+        except REDIS_FAILURES:
+            metrics.count_redis_error("refresh")  # the next attempt (TTL/3 later) may succeed
 
     async def _watch_disconnect(self, receive, task: asyncio.Task) -> None:
         while True:

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from atlas_core import contract
 
-from .kube import CONFLICT, PATCHED
+from .kube import PATCHED
 from .usage import usage_cycle
 from .views import ObjectView
 

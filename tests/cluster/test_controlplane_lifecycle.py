@@ -3,21 +3,12 @@ restart and is stoppable from another process through its pidfiles."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from atlas_devstack.controlplane import ControlPlane
+from atlas_devstack.processes import pid_alive
 
 pytestmark = pytest.mark.cluster
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_ephemeral_stop_removes_processes_and_dir(control_plane):
@@ -27,7 +18,7 @@ def test_ephemeral_stop_removes_processes_and_dir(control_plane):
         workdir = cp.dir
         pids = [p.pid for p in cp._procs.values()]
         assert cp.kubectl("get", "--raw", "/readyz").stdout == "ok"
-    assert pids and not any(_alive(pid) for pid in pids)
+    assert pids and not any(pid_alive(pid) for pid in pids)
     assert not workdir.exists()
 
 
@@ -42,7 +33,7 @@ def test_persistent_mode_restarts_with_its_data_and_stops_by_pidfile(control_pla
     assert sorted(ControlPlane.stop_from_state_dir(state)) == ["etcd", "kube-apiserver"]
     for proc in first._procs.values():
         proc.wait(5)  # reap: this test process is their parent
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
     assert not ControlPlane.is_running(state)
 
     with ControlPlane(state, apply_crds=False) as second:

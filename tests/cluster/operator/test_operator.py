@@ -237,7 +237,7 @@ def test_namespace_selection(control_plane, kubectl, kube, tmp_path):
 
 
 def test_events_posted_and_no_permission_errors(kube, operator):
-    """Runs last: the operator (with only rbac.yaml's permissions) posted Events and was never
+    """Runs last: the operator (with only the chart's RBAC) posted Events and was never
     refused by the API server."""
     kube.apply(key_manifest("evented", quotaRef="missing"))
     wait_until("QuotaNotFound", lambda: kube.condition("atlaskey", "evented").get("reason") == "QuotaNotFound", 30)

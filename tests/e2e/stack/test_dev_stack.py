@@ -10,7 +10,8 @@ import time
 import openai
 import pytest
 
-from atlas_devstack.stack import DevStack, _alive, wait_for
+from atlas_devstack.processes import pid_alive
+from atlas_devstack.stack import DevStack, wait_for
 from atlas_devstack.tools import missing_tools
 
 pytestmark = pytest.mark.e2e
@@ -111,5 +112,5 @@ def test_down_stops_everything_and_is_idempotent(stack):
     assert len(pids) >= 5  # redis, etcd, kube-apiserver, operator, gateway, mock upstream
     stopped = stack.down()
     assert {"gateway", "operator", "mock-upstream", "redis", "kube-apiserver", "etcd"} <= set(stopped)
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if pid_alive(p)]
     assert stack.down() == []

@@ -204,3 +204,31 @@ async def test_every_counter_key_gets_a_ttl(admission, fake_redis):
     day_key, month_key = contract.usage_keys(KEY, datetime.now(timezone.utc))
     assert await fake_redis.ttl(day_key) > 2 * 86400
     assert await fake_redis.ttl(month_key) > 30 * 86400
+
+
+async def test_refresh_pushes_a_live_lease_forward_and_never_resurrects_one(fake_redis):
+    # admitted with a 1 s lease, refreshed by a runner whose TTL is 10 min: the expiry moves
+    # (both subjects), the reservation stays, the purge of admit.lua no longer frees the slot
+    short = adm.Admission(fake_redis, lease_ttl_seconds=1)
+    long = adm.Admission(fake_redis, lease_ttl_seconds=600)
+    p = make_principal(contract.Limits(max_concurrent=1), contract.Limits(tokens_per_day=1000))
+    assert (await short.admit(p, "stream", 100)).admitted
+    before = await fake_redis.zscore(contract.lease_key(KEY), "stream")
+    assert await long.refresh(p, "stream") == 2
+    after = await fake_redis.zscore(contract.lease_key(KEY), "stream")
+    assert after - before >= 599_000
+    assert await fake_redis.zscore(contract.lease_key(QUOTA), "stream") >= after
+    assert await fake_redis.hget(contract.lease_tokens_key(QUOTA), "stream") == b"100"
+    assert await fake_redis.pttl(contract.lease_key(KEY)) > 600_000
+    # settled: a late refresh must not bring the lease back
+    await short.settle(p, "stream", 100, 10)
+    assert await long.refresh(p, "stream") == 0
+    assert await fake_redis.zcard(contract.lease_key(KEY)) == 0
+    assert await fake_redis.hlen(contract.lease_tokens_key(QUOTA)) == 0
+
+
+async def test_refresh_is_a_no_op_for_keys_without_leases(admission, fake_redis):
+    p = make_principal(contract.Limits(requests_per_second=5))
+    assert not p.leased
+    assert (await admission.admit(p, "a", 1)).admitted
+    assert await admission.refresh(p, "a") == 0

@@ -1,4 +1,5 @@
-"""``python -m atlas_gateway`` / ``atlas-gateway``: uvicorn with uvloop + httptools, env config."""
+"""``python -m atlas_gateway`` / ``atlas-gateway``: uvicorn with uvloop + httptools (writes
+coalesced per loop iteration, see server.py), env config."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def main() -> None:
 
     import uvicorn
 
-    common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+    from .server import CoalescingHttpToolsProtocol
+
+    common = dict(host=settings.host, port=settings.port, loop="uvloop", http=CoalescingHttpToolsProtocol,
                   access_log=False, log_level=settings.log_level, lifespan="on",
                   timeout_graceful_shutdown=10, proxy_headers=False, server_header=False)
     try:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from atlas_core import contract
+from atlas_devstack.processes import stop_process
 from atlas_devstack.redis_server import free_port, redis_server_binary
 from atlas_gateway.admission import Admission
 from atlas_gateway.auth import Principal
@@ -105,12 +106,7 @@ def tls_redis():
             wait_until(answers, 10, message="TLS redis-server")
             yield url, ca
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc)
 
 
 async def test_fast_client_admits_and_settles_over_tls(tls_redis):

@@ -58,7 +58,7 @@ dev-logs:
 	$(PY) -m atlas_devstack logs
 
 dev: dev-up  ## dev-up, follow the logs, dev-down on Ctrl-C
-	@trap '$(MAKE) --no-print-directory dev-down' EXIT INT TERM; $(PY) -m atlas_devstack logs --follow
+	@trap '$(MAKE) --no-print-directory dev-down' EXIT; trap 'exit 0' INT TERM; $(PY) -m atlas_devstack logs --follow
 
 clean: dev-down
 	rm -rf $(VENV) bin .dev .pytest_cache

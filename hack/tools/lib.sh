@@ -6,6 +6,9 @@ REPO_ROOT="$(cd "${TOOLS_DIR}/../.." && pwd)"
 # shellcheck source=versions.env
 source "${TOOLS_DIR}/versions.env"
 
+# A bare environment (cron, some CI runners) may lack HOME; Go needs it too.
+: "${HOME:=$(getent passwd "$(id -u)" | cut -d: -f6)}"
+export HOME
 CACHE_ROOT="${ATLAS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/atlas-tools}"
 
 log() { printf '[tools] %s\n' "$*" >&2; }

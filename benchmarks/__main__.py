@@ -128,6 +128,12 @@ def gateway(redis_url: str, upstream: str, **extra: str) -> Proc:
     return Proc(["-m", "atlas_gateway"], env, port=port)
 
 
+# Every limit kind on the benchmark key and on its quota, set high enough never to bite: the
+# benchmark measures the full admission script, not a short cut for unlimited keys.
+NEVER_BITING = contract.Limits(requests_per_second=1e6, burst=10**6, tokens_per_minute=10**12,
+                               tokens_per_day=10**13, tokens_per_month=10**14, max_concurrent=10_000)
+
+
 def write_key(r: redis.Redis, key: str, name: str, limits: contract.Limits, quota: contract.Limits | None) -> None:
     key_hash = contract.hash_api_key(key)
     cfg = contract.KeyConfig("bench", name, contract.key_id_of(key_hash), limits,
@@ -181,8 +187,10 @@ def wrk(url: str, connections: int, duration: int, key: str | None, workdir: str
 REDIS_PID: list[int] = []  # set once Redis runs: its CPU per request is reported too
 
 
-def measure_gateway(gw: Proc, c: int, duration: int, workdir: str, key: str | None = BENCH_KEY) -> dict:
-    wrk(gw.url, c, 2, key, workdir)  # warm-up
+def measure_gateway(gw: Proc, c: int, duration: int, workdir: str, key: str | None = BENCH_KEY,
+                    warmup: int = 2) -> dict:
+    if warmup:
+        wrk(gw.url, c, warmup, key, workdir)
     cpu0 = cpu_seconds(gw.proc.pid)
     redis0 = cpu_seconds(REDIS_PID[0]) if REDIS_PID and key else 0.0
     res = wrk(gw.url, c, duration, key, workdir)
@@ -250,11 +258,7 @@ def main() -> int:
         with RedisServer() as rs, MockUpstreamProcess() as mock:
             REDIS_PID.append(rs._proc.pid)
             r = redis.Redis.from_url(rs.url)
-            # every limit kind on the key and on its quota, set high enough never to bite: the
-            # benchmark measures the full admission script, not a short cut for unlimited keys
-            big = contract.Limits(requests_per_second=1e6, burst=10**6, tokens_per_minute=10**12,
-                                  tokens_per_day=10**13, tokens_per_month=10**14, max_concurrent=10_000)
-            write_key(r, BENCH_KEY, "bench", big, big)
+            write_key(r, BENCH_KEY, "bench", NEVER_BITING, NEVER_BITING)
             r.close()
             with gateway(rs.url, mock.url, ATLAS_WORKERS="1") as gw:
                 for c in (1, 16):

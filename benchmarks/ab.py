@@ -22,11 +22,10 @@ from pathlib import Path
 
 import redis
 
-from atlas_core import contract
 from atlas_devstack.mock_upstream import MockUpstreamProcess
-from atlas_devstack.redis_server import RedisServer, free_port
+from atlas_devstack.redis_server import RedisServer
 
-from .__main__ import BENCH_KEY, Proc, cpu_seconds, wrk, write_key
+from .__main__ import BENCH_KEY, NEVER_BITING, REDIS_PID, Proc, gateway, measure_gateway, wrk, write_key
 
 
 def main(argv: list[str]) -> int:
@@ -40,29 +39,21 @@ def main(argv: list[str]) -> int:
                 if os.environ.get("MOCK") == "fastapi" else MockUpstreamProcess())
     results: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in dirs}
     with RedisServer() as rs, mock_ctx as mock:
+        REDIS_PID.append(rs._proc.pid)
         client = redis.Redis.from_url(rs.url)
-        big = contract.Limits(requests_per_second=1e6, burst=10**6, tokens_per_minute=10**12,
-                              tokens_per_day=10**13, tokens_per_month=10**14, max_concurrent=10_000)
-        write_key(client, BENCH_KEY, "bench", big, big)
+        write_key(client, BENCH_KEY, "bench", NEVER_BITING, NEVER_BITING)
         client.close()
         gateways = {}
         try:
             for name, path in dirs.items():
-                port = free_port()
-                env = {"ATLAS_REDIS_URL": rs.url, "ATLAS_UPSTREAM_URL": mock.url, "ATLAS_LOG_LEVEL": "warning",
-                       "ATLAS_PORT": str(port), "PYTHONPATH": path}
-                gateways[name] = Proc(["-m", "atlas_gateway"], env, port=port).__enter__()
+                gateways[name] = gateway(rs.url, mock.url, PYTHONPATH=path).__enter__()
             for gw in gateways.values():
                 wrk(gw.url, conc, 2, BENCH_KEY, workdir)  # warm-up
             for i in range(rounds):
                 direct = wrk(mock.url, conc, dur, None, workdir)["rps"]
                 for name in (list(dirs) if i % 2 == 0 else list(dirs)[::-1]):
-                    gw = gateways[name]
-                    cpu0, redis0 = cpu_seconds(gw.proc.pid), cpu_seconds(rs._proc.pid)
-                    out = wrk(gw.url, conc, dur, BENCH_KEY, workdir)
-                    n = max(1.0, out["rps"] * dur)
-                    row = (out["rps"], (cpu_seconds(gw.proc.pid) - cpu0) / n * 1e6,
-                           (cpu_seconds(rs._proc.pid) - redis0) / n * 1e6, out["rps"] / direct if direct else 0.0)
+                    out = measure_gateway(gateways[name], conc, dur, workdir, warmup=0)
+                    row = (out["rps"], out["cpu_us"], out["redis_us"], out["rps"] / direct if direct else 0.0)
                     results[name].append(row)
                     print(f"round {i} {name:4}: p50 {out['p50']:.3f} ms, {row[0]:.0f} req/s, gateway {row[1]:.0f} us/req, "
                           f"Redis {row[2]:.0f} us/req, ratio {row[3]:.2f} (direct {direct:.0f}), non-2xx {out['errors']}",

@@ -16,6 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .processes import pid_alive
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -171,9 +174,7 @@ class RedisServer:
                 os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child (else a zombie lingers)
             except ChildProcessError:
                 pass
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not pid_alive(pid):
                 path.unlink(missing_ok=True)
                 return True
             time.sleep(0.02)

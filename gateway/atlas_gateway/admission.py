@@ -172,16 +172,12 @@ class Admission:
         _, keys = principal.redis_keys(cal.day, cal.month)
         return int(await self._settle(keys, dynamic + self._static_settle_args(principal)))
 
-
     async def refresh(self, principal: Principal, request_id: str) -> int:
         """Push the leases of a request still in flight forward by the lease TTL (refresh.lua);
         returns how many were refreshed (0: already settled or expired)."""
         if not principal.leased:
             return 0
-        cal = self.calendar.refresh()
-        _, settle_keys = principal.redis_keys(cal.day, cal.month)
-        keys = [k for i, k in enumerate(settle_keys) if i % 5 in (1, 2)]  # lease, lease:tok per subject
-        return int(await self._refresh(keys, (request_id.encode(), self.lease_ttl_ms)))
+        return int(await self._refresh(principal.lease_keys, (request_id.encode(), self.lease_ttl_ms)))
 
 
 def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.GatewayError:
@@ -211,4 +207,5 @@ def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.
     else:
         err = errors.quota_exhausted(f"Monthly token budget of {owner} is spent (this request needs {reserve} "
                                      "tokens); it resets on the 1st, 00:00 UTC.", retry_after)
+    err.reason = REASON_NAMES[reason]  # the rejections metric's label
     return err

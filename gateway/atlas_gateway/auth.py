@@ -41,7 +41,7 @@ class Principal:
 
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "subjects", "subject_count", "limit_args", "tpm_args",
-        "allows_model", "priority", "encoded", "leased", "_keys_day", "_admit_keys", "_settle_keys",
+        "allows_model", "priority", "encoded", "leased", "lease_keys", "_keys_day", "_admit_keys", "_settle_keys",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -70,6 +70,9 @@ class Principal:
         # some subject holds a lease per request (admit.lua: maxConcurrent or a day/month budget)
         self.leased = any(lim.max_concurrent or lim.tokens_per_day or lim.tokens_per_month for _, lim in subjects)
         self.tpm_args = tuple(tpm)
+        # refresh.lua's KEYS: lease zset and lease:tok hash per subject (not day-dependent)
+        self.lease_keys = [k.encode() for s in self.subjects
+                           for k in (contract.lease_key(s), contract.lease_tokens_key(s))]
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY
         self.encoded: tuple | None = None  # admission's pre-encoded script call parts

@@ -234,13 +234,10 @@ class FastRedis:
             self._connecting = None
 
     def _call(self, proto: _Protocol, args: tuple[bytes, ...]) -> asyncio.Future:
-        return self._send(proto, pack(args))
+        return proto.call(pack(args))
 
     def _protocol(self) -> _Protocol:
         return _Protocol(self.timeout)
-
-    def _send(self, proto: _Protocol, command: bytes) -> asyncio.Future:
-        return proto.call(command)
 
     async def execute(self, *args: bytes):
         proto = self._proto
@@ -253,7 +250,7 @@ class FastRedis:
         proto = self._proto
         if proto is None or proto.closed:
             proto = await self._connection()
-        return await self._send(proto, command)
+        return await proto.call(command)
 
     async def aclose(self) -> None:
         if self._proto is not None:

@@ -23,7 +23,7 @@ from atlas_core.contract import hash_api_key
 
 from . import errors, metrics
 from .fastredis import ReplyError
-from .admission import REASON_NAMES, rejection
+from .admission import rejection
 from .auth import Principal
 from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
@@ -185,9 +185,7 @@ class InferenceEndpoint:
                 rt.redis_health.ok()
             headers += decision.headers
             if not decision.admitted:
-                err = rejection(decision, principal, reserve)
-                err.reason = REASON_NAMES[decision.reason]
-                raise err
+                raise rejection(decision, principal, reserve)
             ticket = Ticket(rt, principal, request_id, reserve)
 
         try:

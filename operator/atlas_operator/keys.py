@@ -125,12 +125,12 @@ async def reconcile_key(
     secret_name = apikeys.secret_name_of(name, spec)
 
     secret = await kube.get_secret(namespace, secret_name)
-    created = False
+    generated = None
     if secret is None:
         secret = await kube.create_secret(namespace, apikeys.generated_secret(namespace, secret_name, obj))
-        created = True
+        generated = ("Normal", "SecretGenerated", f"generated a key in Secret {secret_name!r}")
         # Posted at once: a status conflict below re-runs this function, which then finds the Secret.
-        await kube.post_event(KEYS, obj, "Normal", "SecretGenerated", f"generated a key in Secret {secret_name!r}")
+        await kube.post_event(KEYS, obj, *generated)
     api_key, problem = apikeys.read_api_key(secret)
 
     if api_key is None:
@@ -160,7 +160,7 @@ async def reconcile_key(
             expires = parse_time(spec.get("expiresAt"))
             if expires is not None and expires > now:
                 outcome.next_check = expires
-    outcome.secret_created = created
+    outcome.secret_created = generated is not None
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
     desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now)
@@ -173,20 +173,17 @@ async def reconcile_key(
             raise StatusConflict(f"AtlasKey {namespace}/{name} changed during reconcile")
         outcome.status_patched = result != GONE
 
-    if created:
-        outcome.events.append(("Normal", "SecretGenerated", f"generated a key in Secret {secret_name!r}"))
-        posted = 1
-    else:
-        posted = 0
+    events = []
     if outcome.rotated_from:
-        outcome.events.append(("Normal", "KeyRotated",
-                               f"key {contract.key_id_of(outcome.rotated_from)} replaced by {key_id}"))
+        events.append(("Normal", "KeyRotated",
+                       f"key {contract.key_id_of(outcome.rotated_from)} replaced by {key_id}"))
     if old_ready is None or (old_ready.get("status"), old_ready.get("reason")) != (
         "True" if outcome.ready else "False", outcome.reason
     ):
-        outcome.events.append(("Normal" if outcome.ready else "Warning", outcome.reason, outcome.message))
-    for type_, reason, message in outcome.events[posted:]:
-        await kube.post_event(KEYS, obj, type_, reason, message)
+        events.append(("Normal" if outcome.ready else "Warning", outcome.reason, outcome.message))
+    for event in events:
+        await kube.post_event(KEYS, obj, *event)
+    outcome.events += ([generated] if generated else []) + events
     return outcome
 
 

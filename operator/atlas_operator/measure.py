@@ -108,7 +108,7 @@ async def run_fake(n_keys: int, n_quotas: int, redis_url: str) -> None:
 
 async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, reuse: str | None) -> None:
     from .kube import ClientKubeApi
-    from .settings import GROUP, KEYS, QUOTAS, VERSION
+    from .settings import GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
 
     os.environ["KUBECONFIG"] = kubeconfig
     api = ClientKubeApi.from_environment(workers=8)
@@ -168,8 +168,9 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
                   + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10)
     await cycle("1% of keys active")
     await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10)
-    await cycle("every key active, cap 500", cap=500)
-    await cycle("next cycle, cap 500", cap=500)
+    cap = OperatorSettings.usage_max_writes  # the operator's default per-cycle write cap
+    await cycle(f"every key active, cap {cap}", cap=cap)
+    await cycle(f"next cycle, cap {cap}", cap=cap)
     if os.environ.get("ATLAS_MEASURE_UNCAPPED"):
         await cycle("every key active, no cap")
         await cycle("idle after traffic")

@@ -103,18 +103,22 @@ class Runtime:
                      (outcome.key_hash or "")[:8] or "-")
         return outcome
 
-    async def reconcile_key_by_name(self, namespace: str, name: str, attempts: int = 5) -> None:
+    async def reconcile_key_by_name(self, namespace: str, name: str) -> None:
         """Re-trigger from outside the key's own handler (Secret, quota, expiry)."""
+        await self._reconcile_fresh(KEYS, self.reconcile_key, namespace, name)
+
+    async def _reconcile_fresh(self, plural: str, reconcile, namespace: str, name: str, attempts: int = 5) -> None:
+        """Re-read the object and reconcile it, again while its status patch conflicts."""
         for _ in range(attempts):
-            body = await self.kube.get_object(KEYS, namespace, name)
+            body = await self.kube.get_object(plural, namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             try:
-                await self.reconcile_key(body)
+                await reconcile(body)
                 return
             except keys.StatusConflict:
                 continue
-        raise keys.StatusConflict(f"AtlasKey {namespace}/{name} kept changing during reconcile")
+        raise keys.StatusConflict(f"{plural} {namespace}/{name} kept changing during reconcile")
 
     async def delete_key(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -139,17 +143,8 @@ class Runtime:
         return await quotas.reconcile_quota(body, kube=self.kube, redis=self.redis,
                                             key_count=self.key_count(meta["namespace"], meta["name"]))
 
-    async def reconcile_quota_by_name(self, namespace: str, name: str, attempts: int = 5) -> None:
-        for _ in range(attempts):
-            body = await self.kube.get_object(QUOTAS, namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return
-            try:
-                await self.reconcile_quota(body)
-                return
-            except keys.StatusConflict:
-                continue
-        raise keys.StatusConflict(f"AtlasQuota {namespace}/{name} kept changing during reconcile")
+    async def reconcile_quota_by_name(self, namespace: str, name: str) -> None:
+        await self._reconcile_fresh(QUOTAS, self.reconcile_quota, namespace, name)
 
     async def reconcile_dependents(self, namespace: str, name: str) -> None:
         await asyncio.gather(*(self.reconcile_key_by_name(namespace, k)

@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
         uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
                     access_log=False, log_level="warning", lifespan="on")
-        return 1  # uvicorn returns without a signal only when it could not serve (port taken)
+        return 1  # returned unsignalled: it did not serve (a taken port exits 3 in uvicorn)
     return processes.run("mock-upstream", serve)
 
 

@@ -57,7 +57,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, interval: f
     while True:
         reason = failed() if failed else None
         if reason:
-            raise StackError(f"{reason} while waiting for {what}")
+            raise StackError(f"while waiting for {what}: {reason}")
         try:
             result = check()
             if result:
@@ -205,7 +205,7 @@ class DevStack:
             if proc.poll() is not None:
                 log = self.logs / f"{name}.log"
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
-                return f"{processes.ChildExited(name, proc.returncode)}; log {log}:\n{tail}\n"
+                return f"{processes.ChildExited(name, proc.returncode)}; end of {log}:\n{tail}"
         return None
 
     def _link_log(self, name: str, target: Path) -> None:

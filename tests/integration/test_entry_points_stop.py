@@ -10,9 +10,10 @@ import signal
 import pytest
 
 from atlas_devstack.redis_server import free_port, redis_server_binary
-from tests.fixtures.leftovers import SIGNALS, EntryPoint
+from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports, wait_until
 
-needs_redis = pytest.mark.skipif(redis_server_binary() is None and os.environ.get("CI") is None,
+# Like the redis fixtures: skipped without redis-server, except under CI (nothing is skipped there).
+needs_redis = pytest.mark.skipif(redis_server_binary() is None and not os.environ.get("CI"),
                                  reason="redis-server not installed: run `make system-deps`")
 
 
@@ -25,12 +26,11 @@ def entry_points():
 
 
 def _start(entry_points, tmp_path, module, *args, ready: str) -> tuple[EntryPoint, dict[int, str], set[int]]:
-    from tests.fixtures.leftovers import listening_ports
     ep = EntryPoint(tmp_path, module, *args)
     entry_points.append(ep)
     ep.wait_output(ready, timeout=30)
-    pids = set(ep.descendants()) | {ep.proc.pid}
-    return ep, ep.descendants(), listening_ports(pids)
+    children = ep.descendants()
+    return ep, children, listening_ports(set(children))
 
 
 @needs_redis
@@ -64,7 +64,6 @@ def test_mock_upstream_stops_on_signal(entry_points, tmp_path, sig):
     port = free_port()
     ep = EntryPoint(tmp_path, "atlas_devstack.mock_upstream", "--port", str(port))
     entry_points.append(ep)
-    from tests.fixtures.leftovers import listening_ports, wait_until
     wait_until("the mock to listen", lambda: port in listening_ports({ep.proc.pid}), 30)
     ep.signal(sig)
     # uvicorn turns a hang-up into the SIGTERM it handles gracefully

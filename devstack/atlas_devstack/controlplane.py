@@ -610,9 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.stop or args.detach) and not args.state_dir:
         parser.error(f"{'--stop' if args.stop else '--detach'} needs STATE_DIR")
     if args.stop:
-        with processes.signals_held():
-            print("stopped:", ", ".join(ControlPlane.stop_from_state_dir(args.state_dir)) or "nothing")
-        return 0
+        def stop_by_pidfiles(on_exit: processes.OnExit) -> int:
+            with processes.signals_held():  # a Ctrl-C waits until both are stopped
+                print("stopped:", ", ".join(ControlPlane.stop_from_state_dir(args.state_dir)) or "nothing")
+            return 0
+        return processes.run("controlplane", stop_by_pidfiles)
 
     def body(on_exit: processes.OnExit) -> int:
         cp = ControlPlane(args.state_dir)

@@ -49,8 +49,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .processes import pid_alive, pid_cmdline
-from .tools import REPO_ROOT, find_tool
+from . import processes
+from .processes import pid_alive, pid_cmdline, terminate
+from .tools import REPO_ROOT, ToolNotFound, find_tool
 
 ATLAS_GROUP_VERSION = "atlas.bugvanquisher.io/v1alpha1"
 ATLAS_RESOURCES = ("atlaskeys", "atlasquotas")
@@ -196,26 +197,6 @@ def _die_with_parent() -> None:
     libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def _terminate_pid(pid: int, timeout: float) -> None:
-    """SIGTERM, wait until gone or deadline, then SIGKILL."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(POLL_INTERVAL)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and pid_alive(pid):
-        time.sleep(POLL_INTERVAL)
-
-
 def _remove_orphaned_temp_dirs() -> None:
     """Temp dirs of ephemeral control planes whose Python process was killed (-9): their
     processes died with it (PDEATHSIG) but nobody removed the dir."""
@@ -294,6 +275,11 @@ class ControlPlane:
     def kubeconfig(self) -> Path:
         return self._require_dir() / "kubeconfig"
 
+    @property
+    def processes(self) -> dict[str, subprocess.Popen]:
+        """The running children by name (empty when stopped), e.g. for processes.wait_any()."""
+        return dict(self._procs)
+
     def env(self) -> dict[str, str]:
         """os.environ plus KUBECONFIG (admin) and a private kubectl discovery cache."""
         d = self._require_dir()
@@ -337,6 +323,10 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Stop the processes (SIGTERM, then SIGKILL after stop_timeout); idempotent."""
+        with processes.signals_held():  # a second Ctrl-C must not cut the stop short
+            self._stop()
+
+    def _stop(self) -> None:
         for name in PROCESSES:
             proc = self._procs.pop(name, None)
             if proc is None:
@@ -408,7 +398,7 @@ class ControlPlane:
                 continue
             # Only signal the pid if it is still our process (pids get reused).
             if pid_alive(pid) and name in pid_cmdline(pid) and str(state.resolve()) in pid_cmdline(pid):
-                _terminate_pid(pid, timeout)
+                terminate(pid, timeout)
                 stopped.append(name)
             pidfile.unlink(missing_ok=True)
         return stopped
@@ -463,7 +453,7 @@ class ControlPlane:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log_path = self.dir / "logs" / f"{name}.log"
-        with open(log_path, "ab") as log_file:
+        with open(log_path, "ab") as log_file, processes.signals_held():  # recorded before a signal lands
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=self.dir,
@@ -471,8 +461,8 @@ class ControlPlane:
                 start_new_session=True,
                 preexec_fn=None if self.persistent else _die_with_parent,
             )
-        self._procs[name] = proc
-        (self.dir / f"{name}.pid").write_text(f"{proc.pid}\n")
+            self._procs[name] = proc
+            (self.dir / f"{name}.pid").write_text(f"{proc.pid}\n")
         return proc
 
     def _wait(self, what: str, check: Callable[[], bool], timeout: float | None = None) -> None:
@@ -604,30 +594,42 @@ def write_user_kubeconfig(state_dir: str | Path, user: str, groups: Iterable[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m atlas_devstack.controlplane [STATE_DIR | --stop STATE_DIR]: manual use."""
+    """python -m atlas_devstack.controlplane [STATE_DIR] [--detach] | --stop STATE_DIR"""
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("state_dir", nargs="?", help="persistent state dir (default: ephemeral, "
-                        "runs until Ctrl-C)")
+    parser = argparse.ArgumentParser(
+        prog="python -m atlas_devstack.controlplane", description=__doc__.splitlines()[0],
+        epilog="Runs in the foreground until SIGTERM, SIGINT (Ctrl-C) or SIGHUP, or until etcd or "
+               "kube-apiserver exits (then the other is stopped and the exit status is 1). "
+               "With --detach it returns once the control plane is ready and leaves it running; "
+               "stop it later with --stop STATE_DIR.")
+    parser.add_argument("state_dir", nargs="?", help="keep etcd data, certificates and the kubeconfig "
+                        "here (default: a temporary dir, removed on exit)")
+    parser.add_argument("--detach", action="store_true", help="return once ready; needs STATE_DIR")
     parser.add_argument("--stop", action="store_true", help="stop the control plane of STATE_DIR")
     args = parser.parse_args(argv)
+    if (args.stop or args.detach) and not args.state_dir:
+        parser.error(f"{'--stop' if args.stop else '--detach'} needs STATE_DIR")
     if args.stop:
-        if not args.state_dir:
-            parser.error("--stop needs STATE_DIR")
-        print("stopped:", ", ".join(ControlPlane.stop_from_state_dir(args.state_dir)) or "nothing")
-        return 0
-    cp = ControlPlane(args.state_dir).start()
-    print(f"export KUBECONFIG={cp.kubeconfig}")
-    if args.state_dir:
-        return 0
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM also cleans up
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cp.stop()
-    return 0
+        def stop_by_pidfiles(on_exit: processes.OnExit) -> int:
+            with processes.signals_held():  # a Ctrl-C waits until both are stopped
+                print("stopped:", ", ".join(ControlPlane.stop_from_state_dir(args.state_dir)) or "nothing")
+            return 0
+        return processes.run("controlplane", stop_by_pidfiles)
+
+    def body(on_exit: processes.OnExit) -> int:
+        cp = ControlPlane(args.state_dir)
+
+        def stop() -> None:  # a signal or a failure during start-up stops it, detached or not
+            if not (args.detach and cp.startup_seconds is not None):
+                cp.stop()
+        on_exit(stop)
+        cp.start()
+        print(f"export KUBECONFIG={cp.kubeconfig}", flush=True)
+        if args.detach:
+            return 0
+        name, code = processes.wait_any(cp.processes)
+        raise processes.ChildExited(name, code, "log tail:\n" + _tail(cp.dir / "logs" / f"{name}.log", 10))
+    return processes.run("controlplane", body, errors=(ControlPlaneError, ToolNotFound))
 
 
 if __name__ == "__main__":

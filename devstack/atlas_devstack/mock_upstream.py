@@ -25,11 +25,13 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
+from . import processes
 from .processes import stop_process
 
 MODELS = ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct", "text-embedding-3-small"]
@@ -349,7 +351,9 @@ def fastapi_app(settings: MockSettings):
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM, SIGINT or SIGHUP: uvicorn shuts down gracefully, then the signal is
+    re-raised and ends the process through processes.run (exit 128+N, no traceback)."""
     import uvicorn
 
     parser = argparse.ArgumentParser(description="OpenAI-compatible mock upstream")
@@ -363,9 +367,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = MockSettings(args.latency_ms, args.completion_tokens, args.chunk_delay_ms)
     app = fastapi_app(settings) if args.framework == "fastapi" else MockUpstream(settings)
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning", lifespan="on")
+
+    def serve(on_exit: processes.OnExit) -> int:
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT only, and an exception raised by a signal
+        # handler inside uvloop is logged and lost: make a hang-up a SIGTERM.
+        signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
+                    access_log=False, log_level="warning", lifespan="on")
+        return 1  # returned unsignalled: it did not serve (a taken port exits 3 in uvicorn)
+    return processes.run("mock-upstream", serve)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

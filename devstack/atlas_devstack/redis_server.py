@@ -3,20 +3,25 @@
 Ephemeral mode (``dir=None``): a temporary directory, no RDB/AOF (``--save "" --appendonly no``),
 removed on stop. Persistent mode (``dir=...``): RDB snapshots in that directory and a pidfile
 there, so the dev stack can stop a Redis that an earlier ``make dev-up`` started.
+
+Alone: ``python -m atlas_devstack.redis_server [--dir DIR] [--port N]`` prints
+``export REDIS_URL=...`` once Redis answers and runs in the foreground until SIGTERM, SIGINT
+or SIGHUP (Redis is stopped, exit 128+N) or until redis-server exits by itself (exit 1).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
-import signal
 import socket
+import sys
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from .processes import pid_alive
+from . import processes
 
 
 def free_port() -> int:
@@ -102,13 +107,15 @@ class RedisServer:
             if self._tmpdir is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="atlas-redis-")
             workdir = Path(self._tmpdir)
-        self._proc = subprocess.Popen(
-            self._command(workdir),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C in a terminal must not reach it before we stop it
-        )
+        command = self._command(workdir)
+        with processes.signals_held():  # recorded before a signal can land
+            self._proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in a terminal must not reach it before we stop it
+            )
         self._wait_ready()
         return self
 
@@ -131,15 +138,15 @@ class RedisServer:
         except OSError:
             return False
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The redis-server child while it runs (for processes.wait_any())."""
+        return self._proc
+
     def stop(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()  # SIGTERM: redis saves (persistent mode) and exits
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        with processes.signals_held():  # a second Ctrl-C must not cut the stop short
+            proc, self._proc = self._proc, None
+            processes.stop_process(proc, timeout)  # SIGTERM: redis saves (persistent mode) and exits
 
     def kill(self) -> None:
         """Simulate a crash (SIGKILL): nothing is saved."""
@@ -163,24 +170,10 @@ class RedisServer:
             pid = int(path.read_text().strip())
         except (OSError, ValueError):
             return False
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-            return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child (else a zombie lingers)
-            except ChildProcessError:
-                pass
-            if not pid_alive(pid):
-                path.unlink(missing_ok=True)
-                return True
-            time.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
+        # Only a pid that still runs redis-server (pids get reused).
+        stopped = "redis-server" in processes.pid_cmdline(pid) and processes.terminate(pid, timeout)
         path.unlink(missing_ok=True)
-        return True
+        return stopped
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "RedisServer":
@@ -188,3 +181,30 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m atlas_devstack.redis_server",
+                                     description="A redis-server on 127.0.0.1, in the foreground.")
+    parser.add_argument("--dir", help="keep RDB snapshots and a pidfile here (default: a temporary dir, "
+                        "removed on exit)")
+    parser.add_argument("--port", type=int, help="default: a free port")
+    args = parser.parse_args(argv)
+
+    def body(on_exit: processes.OnExit) -> int:
+        server = RedisServer(dir=args.dir, port=args.port)
+        on_exit(server.cleanup)
+        server.start()
+        print(f"export REDIS_URL={server.url}", flush=True)
+        assert server.process is not None
+        _, code = processes.wait_any({"redis-server": server.process})
+        try:  # the log of an ephemeral Redis goes with its temporary dir: show its end now
+            tail = "\n".join(server.logfile.read_text(errors="replace").splitlines()[-10:])
+        except OSError:
+            tail = "(no log)"
+        raise processes.ChildExited("redis-server", code, f"log {server.logfile}:\n{tail}")
+    return processes.run("redis", body, errors=(FileNotFoundError, RuntimeError, TimeoutError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

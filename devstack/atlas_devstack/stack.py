@@ -9,15 +9,18 @@ dev-down / dev / dev-logs); tests use it as a context manager with a temporary s
 
 Every process runs in its own session (process group) with a pidfile in the state dir, so
 `down` stops exactly what `up` started, from any later process: SIGTERM to the group, then
-SIGKILL after a deadline. Persistent data (etcd, Redis snapshots) stays in the state dir.
+SIGKILL after a deadline. Persistent data (etcd, Redis snapshots) stays in the state dir;
+`.dev/env` is replaced by a file that, sourced, says the stack is down and returns 1.
+If a service exits while `up` waits for the stack to come up, `up` fails at once (the log's
+tail in the error) and stops the rest; a signal during `up` does the same (see processes.py).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from .controlplane import ControlPlane
-from .processes import pid_alive, pid_cmdline
+from . import processes
+from .processes import pid_alive, pid_cmdline, stop_group
 from .redis_server import RedisServer, free_port
 from .tools import BIN_DIR, REPO_ROOT, find_tool
 
@@ -44,28 +48,16 @@ class StackError(RuntimeError):
     pass
 
 
-def stop_group(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid``, SIGKILL whatever is left at the deadline."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
-            except ChildProcessError:
-                pass
-            if not pid_alive(pid):
-                return
-            time.sleep(0.05)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.1) -> object:
+def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.1,
+             failed: Callable[[], str | None] | None = None) -> object:
+    """Poll ``check`` until it returns something truthy or ``timeout`` passes; ``failed``, when
+    given, names a reason to give up at once (a process that exited) or returns None."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while True:
+        reason = failed() if failed else None
+        if reason:
+            raise StackError(f"while waiting for {what}: {reason}")
         try:
             result = check()
             if result:
@@ -102,6 +94,7 @@ class DevStack:
         self.env: dict[str, str] = {}
         self.control_plane: ControlPlane | None = None
         self._redis: RedisServer | None = None
+        self._services: dict[str, subprocess.Popen] = {}  # started by this process
 
     # ------------------------------------------------------------------ paths
 
@@ -140,7 +133,8 @@ class DevStack:
                 self._spawn("mock-upstream", [sys.executable, "-m", "atlas_devstack.mock_upstream",
                                               "--host", "127.0.0.1", "--port", str(port)], base_env)
                 upstream = f"http://127.0.0.1:{port}"
-                wait_for("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30)
+                wait_for("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30,
+                         failed=self._exited_service)
 
             self._spawn("operator", [sys.executable, "-m", "atlas_operator"], {
                 **base_env, "ATLAS_REDIS_URL": redis.url, "ATLAS_LIVENESS_PORT": str(free_port()),
@@ -150,13 +144,15 @@ class DevStack:
             self._spawn("gateway", [sys.executable, "-m", "atlas_gateway"], {
                 **base_env, "ATLAS_REDIS_URL": redis.url, "ATLAS_UPSTREAM_URL": upstream,
                 "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(gateway_port)})
-            wait_for("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60)
+            wait_for("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60,
+                     failed=self._exited_service)
 
             cp.kubectl("apply", "-n", DEMO_NAMESPACE, "-k", str(QUICKSTART))
             demo_key = wait_for("the operator to generate the demo key's Secret",
-                                lambda: self._read_demo_key(cp), self.timeout)
+                                lambda: self._read_demo_key(cp), self.timeout, failed=self._exited_service)
             wait_for("the demo key to work through the gateway",
-                     lambda: self.chat(gateway_url, demo_key)[0] == 200, self.timeout)
+                     lambda: self.chat(gateway_url, demo_key)[0] == 200, self.timeout,
+                     failed=self._exited_service)
 
             self.env = {
                 "KUBECONFIG": str(cp.kubeconfig),
@@ -189,12 +185,28 @@ class DevStack:
                     {"authorization": f"Bearer {key}"})
 
     def _spawn(self, service: str, argv: list[str], env: dict[str, str]) -> int:
-        with open(self.logs / f"{service}.log", "ab") as out:
+        # The pidfile is how `down` finds it: written before a signal can interrupt us.
+        with open(self.logs / f"{service}.log", "ab") as out, processes.signals_held():
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     cwd=REPO_ROOT, env=env, start_new_session=True)
-        self._pidfile(service).write_text(f"{proc.pid}\n")
+            self._services[service] = proc
+            self._pidfile(service).write_text(f"{proc.pid}\n")
         self._log(f"[dev] {service} pid {proc.pid}, log {self.logs / (service + '.log')}")
         return proc.pid
+
+    def _exited_service(self) -> str | None:
+        """Why waiting is pointless: a service (or a control-plane process) we started exited."""
+        children = dict(self._services)
+        if self.control_plane is not None:
+            children.update(self.control_plane.processes)
+        if self._redis is not None and self._redis.process is not None:
+            children["redis"] = self._redis.process
+        for name, proc in children.items():
+            if proc.poll() is not None:
+                log = self.logs / f"{name}.log"
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
+                return f"{processes.ChildExited(name, proc.returncode)}; end of {log}:\n{tail}"
+        return None
 
     def _link_log(self, name: str, target: Path) -> None:
         link = self.logs / f"{name}.log"
@@ -210,10 +222,44 @@ class DevStack:
         self.env_file.write_text("\n".join(lines) + "\n")
         os.chmod(self.env_file, 0o600)  # it holds the demo key
 
+    def _invalidate_env_file(self) -> None:
+        """Replace the env file of a running stack by one that, sourced, says the stack is down,
+        unsets the variables that still point at it and returns 1 (so `. .dev/env && ...` and
+        `set -e` scripts stop there). Left alone when it is missing or already says so."""
+        try:
+            text = self.env_file.read_text()
+        except OSError:
+            return
+        if not text.startswith("# written by `python -m atlas_devstack up`"):
+            return
+        exported = {}
+        for line in text.splitlines():
+            if line.startswith("export ") and "=" in line:
+                key, _, value = line[len("export "):].partition("=")
+                if key != "PATH":  # bin/ first in PATH stays harmless
+                    exported[key] = shlex.split(value)[0] if value else ""
+        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        lines = [f"# written by `python -m atlas_devstack down` at {when}: the dev stack is stopped.",
+                 "# `make dev-up` writes the real file again.",
+                 f"echo {shlex.quote(f'atlas: the dev stack in {self.dir} is down (stopped {when}); run `make dev-up`')} >&2"]
+        # Unset what still points at this stack; the demo key by name (its value stays out of here).
+        lines += [f'[ "${{{key}:-}}" = {shlex.quote(value)} ] && unset {key}'
+                  for key, value in exported.items() if key != "ATLAS_DEMO_KEY"]
+        lines.append("unset ATLAS_DEMO_KEY")
+        lines.append("return 1 2>/dev/null || exit 1")
+        self.env_file.write_text("\n".join(lines) + "\n")
+
     # ------------------------------------------------------------------ down
 
     def down(self, quiet: bool = False, timeout: float = 10.0) -> list[str]:
+        """Stop everything `up` started (by this or an earlier process); idempotent. Runs to its
+        end even when signalled (the signal is delivered afterwards)."""
+        with processes.signals_held():
+            return self._down(quiet, timeout)
+
+    def _down(self, quiet: bool, timeout: float) -> list[str]:
         stopped = []
+        self._invalidate_env_file()  # first: from now on the addresses in it are wrong
         for service in SERVICES:
             pidfile = self._pidfile(service)
             try:
@@ -227,6 +273,9 @@ class DevStack:
                 stop_group(pid, timeout)
                 stopped.append(service)
             pidfile.unlink(missing_ok=True)
+        for proc in self._services.values():
+            proc.poll()  # reap the ones this process started (no zombie left)
+        self._services.clear()
         # Started by this process (tests): stop through the objects so the children are reaped.
         if self.control_plane is not None and ControlPlane.is_running(self.control_plane.dir):
             self.control_plane.stop()

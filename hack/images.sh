@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build Atlas' images with the Docker engine from Debian's packages, without any registry:
 #   bash hack/images.sh [OUTPUT_DIR]     (`make images`; OUTPUT_DIR default .images/)
+#   bash hack/images.sh --no-save        build only (tests/images does this)
 #   bash hack/images.sh --print-tags     the references it builds, one per line
+# ATLAS_PYTHON_IMAGE=python:3.11.11-slim-bookworm (a registry at hand): use that base instead
+# of the debootstrap one (then neither root nor debootstrap is needed).
 #
 # It builds (targets of ./Dockerfile), tagged with the references the chart's DEFAULT values use
 # (charts/atlas/values.yaml repository + Chart.yaml appVersion), so the chart needs no override:
@@ -66,11 +69,17 @@ OPERATOR_REF="$(chart_repository operator):${VERSION}"
 MOCK_REF="localhost/atlas-mock-upstream:${VERSION}"
 case "$GATEWAY_REF$OPERATOR_REF" in :*|*::*) die "no image repository found in charts/atlas/values.yaml" ;; esac
 
-if [ "${1:-}" = "--print-tags" ]; then
-  printf '%s\n' "$GATEWAY_REF" "$OPERATOR_REF" "$MOCK_REF"
-  exit 0
-fi
-OUT_DIR="${1:-${REPO_ROOT}/.images}"
+SAVE=1
+OUT_DIR="${REPO_ROOT}/.images"
+for arg in "$@"; do
+  case "$arg" in
+    --print-tags) printf '%s\n' "$GATEWAY_REF" "$OPERATOR_REF" "$MOCK_REF"; exit 0 ;;
+    --no-save) SAVE=0 ;;
+    -*) die "unknown option $arg (usage: $0 [--no-save|--print-tags] [OUTPUT_DIR])" ;;
+    *) OUT_DIR="$arg" ;;
+  esac
+done
+LOG_DIR="${OUT_DIR}"
 
 BASE_KEY="$(printf '%s\n' "$BASE_SUITE" "$BASE_MIRROR" "$BASE_PACKAGES" "$BASE_RECIPE_REVISION" "$(uname -m)" \
   | sha256sum | cut -c1-12)"
@@ -84,6 +93,7 @@ build_base() {
   exec 9>"${BASE_DIR}/.lock"
   flock 9
   if [ -s "$BASE_TAR" ]; then log "base cached: ${BASE_TAR}"; return; fi
+  [ "$(id -u)" = 0 ] || die "building the base with debootstrap needs root; with a registry at hand set ATLAS_PYTHON_IMAGE=python:3.11.11-slim-bookworm"
   command -v debootstrap >/dev/null || bash "${REPO_ROOT}/hack/docker.sh" deps
   local root="${BASE_DIR}/rootfs-${BASE_KEY}.tmp"
   rm -rf "$root"
@@ -116,8 +126,8 @@ build() {
   [ -s "$CA_BUNDLE" ] && secret=(--secret "id=pip-ca,src=${CA_BUNDLE}")
   DOCKER_BUILDKIT=1 "$DOCKER" build --network host --progress plain \
     --build-arg "PYTHON_IMAGE=${PYTHON_IMAGE:-$BASE_REF}" "${secret[@]}" \
-    --target "$1" -t "$2" "$REPO_ROOT" >"${OUT_DIR}/build-$1.log" 2>&1 \
-    || { tail -n 30 "${OUT_DIR}/build-$1.log" >&2; die "docker build --target $1 failed; see ${OUT_DIR}/build-$1.log"; }
+    --target "$1" -t "$2" "$REPO_ROOT" >"${LOG_DIR}/build-$1.log" 2>&1 \
+    || { tail -n 30 "${LOG_DIR}/build-$1.log" >&2; die "docker build --target $1 failed; see ${LOG_DIR}/build-$1.log"; }
 }
 
 # save REF FILE: docker save, unless FILE already holds this exact image.
@@ -142,12 +152,15 @@ main() {
   timed "build gateway" build gateway "$GATEWAY_REF"
   timed "build operator" build operator "$OPERATOR_REF"
   timed "build mock-upstream" build mock-upstream "$MOCK_REF"
-  timed "save gateway" save "$GATEWAY_REF" "${OUT_DIR}/atlas-gateway.tar"
-  timed "save operator" save "$OPERATOR_REF" "${OUT_DIR}/atlas-operator.tar"
-  timed "save mock-upstream" save "$MOCK_REF" "${OUT_DIR}/atlas-mock-upstream.tar"
+  if [ "$SAVE" = 1 ]; then
+    timed "save gateway" save "$GATEWAY_REF" "${OUT_DIR}/atlas-gateway.tar"
+    timed "save operator" save "$OPERATOR_REF" "${OUT_DIR}/atlas-operator.tar"
+    timed "save mock-upstream" save "$MOCK_REF" "${OUT_DIR}/atlas-mock-upstream.tar"
+  fi
   log "total $((SECONDS - total))s"
   "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' \
     | grep -F -e "$GATEWAY_REF" -e "$OPERATOR_REF" -e "$MOCK_REF" >&2 || true
+  [ "$SAVE" = 1 ] || return 0
   printf '%s\n' "${OUT_DIR}/atlas-gateway.tar" "${OUT_DIR}/atlas-operator.tar" "${OUT_DIR}/atlas-mock-upstream.tar"
 }
 

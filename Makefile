@@ -57,7 +57,7 @@ dev-down:  ## stop everything dev-up started
 	@if [ -x $(PY) ]; then $(PY) -m atlas_devstack down; fi
 
 images:  ## build the gateway, operator and mock-upstream images; docker save them to .images/
-	bash hack/images.sh $(IMAGES_DIR)
+	bash hack/images.sh save $(IMAGES_DIR)
 
 docker-up:  ## start Debian's Docker engine (off the network) unless one answers
 	@bash hack/docker.sh start

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Build Atlas' images with the Docker engine from Debian's packages, without any registry:
-#   bash hack/images.sh [OUTPUT_DIR]     (`make images`; OUTPUT_DIR default .images/)
-#   bash hack/images.sh --no-save        build only (tests/images does this)
-#   bash hack/images.sh --print-tags     the references it builds, one per line
+#   bash hack/images.sh [save] [OUTPUT_DIR]  build, then docker save (`make images`; OUTPUT_DIR
+#                                            default .images/)
+#   bash hack/images.sh build                build only (tests/images does this)
+#   bash hack/images.sh tags                 the references it builds, one per line
 # ATLAS_PYTHON_IMAGE=python:3.11.11-slim-bookworm (a registry at hand): use that base instead
 # of the debootstrap one (then neither root nor debootstrap is needed).
 #
 # It builds (targets of ./Dockerfile), tagged with the references the chart's DEFAULT values use
 # (charts/atlas/values.yaml repository + Chart.yaml appVersion), so the chart needs no override:
-#   ghcr.io/bugvanquisher/atlas-gateway:<appVersion>    -> OUTPUT_DIR/atlas-gateway.tar
-#   ghcr.io/bugvanquisher/atlas-operator:<appVersion>   -> OUTPUT_DIR/atlas-operator.tar
-#   localhost/atlas-mock-upstream:<appVersion>          -> OUTPUT_DIR/atlas-mock-upstream.tar
+#   ghcr.io/bugvanquisher/atlas-gateway:<appVersion>    -> OUTPUT_DIR/gateway.tar
+#   ghcr.io/bugvanquisher/atlas-operator:<appVersion>   -> OUTPUT_DIR/operator.tar
+#   localhost/atlas-mock-upstream:<appVersion>          -> OUTPUT_DIR/mock-upstream.tar
 #     (test fixture for the deploy tier: python -m atlas_devstack.mock_upstream on :8000)
 # The tarballs are `docker save` archives: load them into a node with
-#   ctr -n k8s.io images import OUTPUT_DIR/atlas-gateway.tar
+#   ctr -n k8s.io images import OUTPUT_DIR/gateway.tar
 #
 # Steps (each prints its time):
 #  1. the engine: hack/docker.sh (installs docker.io + debootstrap when missing, starts dockerd);
@@ -70,15 +71,14 @@ MOCK_REF="localhost/atlas-mock-upstream:${VERSION}"
 case "$GATEWAY_REF$OPERATOR_REF" in :*|*::*) die "no image repository found in charts/atlas/values.yaml" ;; esac
 
 SAVE=1
-OUT_DIR="${REPO_ROOT}/.images"
-for arg in "$@"; do
-  case "$arg" in
-    --print-tags) printf '%s\n' "$GATEWAY_REF" "$OPERATOR_REF" "$MOCK_REF"; exit 0 ;;
-    --no-save) SAVE=0 ;;
-    -*) die "unknown option $arg (usage: $0 [--no-save|--print-tags] [OUTPUT_DIR])" ;;
-    *) OUT_DIR="$arg" ;;
-  esac
-done
+case "${1:-save}" in
+  tags) printf '%s\n' "$GATEWAY_REF" "$OPERATOR_REF" "$MOCK_REF"; exit 0 ;;
+  build) SAVE=0; shift ;;
+  save) [ $# -eq 0 ] || shift ;;
+  -*) die "usage: $0 [save [OUTPUT_DIR] | build | tags]" ;;
+  *) ;;  # a bare OUTPUT_DIR: save into it
+esac
+OUT_DIR="${1:-${REPO_ROOT}/.images}"
 LOG_DIR="${OUT_DIR}"
 
 BASE_KEY="$(printf '%s\n' "$BASE_SUITE" "$BASE_MIRROR" "$BASE_PACKAGES" "$BASE_RECIPE_REVISION" "$(uname -m)" \
@@ -153,15 +153,15 @@ main() {
   timed "build operator" build operator "$OPERATOR_REF"
   timed "build mock-upstream" build mock-upstream "$MOCK_REF"
   if [ "$SAVE" = 1 ]; then
-    timed "save gateway" save "$GATEWAY_REF" "${OUT_DIR}/atlas-gateway.tar"
-    timed "save operator" save "$OPERATOR_REF" "${OUT_DIR}/atlas-operator.tar"
-    timed "save mock-upstream" save "$MOCK_REF" "${OUT_DIR}/atlas-mock-upstream.tar"
+    timed "save gateway" save "$GATEWAY_REF" "${OUT_DIR}/gateway.tar"
+    timed "save operator" save "$OPERATOR_REF" "${OUT_DIR}/operator.tar"
+    timed "save mock-upstream" save "$MOCK_REF" "${OUT_DIR}/mock-upstream.tar"
   fi
   log "total $((SECONDS - total))s"
   "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' \
     | grep -F -e "$GATEWAY_REF" -e "$OPERATOR_REF" -e "$MOCK_REF" >&2 || true
   [ "$SAVE" = 1 ] || return 0
-  printf '%s\n' "${OUT_DIR}/atlas-gateway.tar" "${OUT_DIR}/atlas-operator.tar" "${OUT_DIR}/atlas-mock-upstream.tar"
+  printf '%s\n' "${OUT_DIR}/gateway.tar" "${OUT_DIR}/operator.tar" "${OUT_DIR}/mock-upstream.tar"
 }
 
 main

@@ -68,6 +68,7 @@ VERSION="$(app_version)"
 GATEWAY_REF="$(chart_repository gateway):${VERSION}"
 OPERATOR_REF="$(chart_repository operator):${VERSION}"
 MOCK_REF="localhost/atlas-mock-upstream:${VERSION}"
+IMAGE_SOURCE="https://github.com/bugvanquisher/atlas"  # the Dockerfile's source label
 case "$GATEWAY_REF$OPERATOR_REF" in :*|*::*) die "no image repository found in charts/atlas/values.yaml" ;; esac
 
 SAVE=1
@@ -152,6 +153,8 @@ main() {
   timed "build gateway" build gateway "$GATEWAY_REF"
   timed "build operator" build operator "$OPERATOR_REF"
   timed "build mock-upstream" build mock-upstream "$MOCK_REF"
+  # Earlier builds of these images, now untagged: only ours (by label), never anyone else's.
+  "$DOCKER" image prune --force --filter "label=org.opencontainers.image.source=${IMAGE_SOURCE}" >/dev/null
   if [ "$SAVE" = 1 ]; then
     timed "save gateway" save "$GATEWAY_REF" "${OUT_DIR}/gateway.tar"
     timed "save operator" save "$OPERATOR_REF" "${OUT_DIR}/operator.tar"

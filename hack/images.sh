@@ -147,7 +147,7 @@ main() {
   mkdir -p "$OUT_DIR"
   timed "engine" bash "${REPO_ROOT}/hack/docker.sh" start
   if [ -z "$PYTHON_IMAGE" ]; then
-    timed "base (debootstrap, cached)" build_base
+    timed "base (debootstrap once)" build_base
     timed "base import" import_base
   fi
   timed "build gateway" build gateway "$GATEWAY_REF"

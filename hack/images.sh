@@ -19,7 +19,8 @@
 # Steps (each prints its time):
 #  1. the engine: hack/docker.sh (installs docker.io + debootstrap when missing, starts dockerd);
 #  2. the base: Debian bookworm + python3, python3-venv, python-is-python3, ca-certificates, made
-#     with debootstrap from Debian's archive ONCE and cached outside the checkout under
+#     with debootstrap from Debian's archive (then upgraded from bookworm-updates and
+#     bookworm-security) ONCE and cached outside the checkout under
 #     ${ATLAS_TOOLS_CACHE:-~/.cache/atlas-tools}/images/, keyed by the recipe below; imported with
 #     `docker import` and passed as the Dockerfile's PYTHON_IMAGE (a registry's python:*-slim
 #     is what users with network access get by default);
@@ -45,7 +46,8 @@ CA_BUNDLE="${ATLAS_BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 BASE_SUITE=bookworm
 BASE_MIRROR="${ATLAS_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
-BASE_RECIPE_REVISION=1  # bump when the steps in build_base change
+BASE_SECURITY_MIRROR="${ATLAS_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
+BASE_RECIPE_REVISION=2  # bump when the steps in build_base change
 
 log() { printf '[images] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -82,7 +84,8 @@ esac
 OUT_DIR="${1:-${REPO_ROOT}/.images}"
 LOG_DIR="${OUT_DIR}"
 
-BASE_KEY="$(printf '%s\n' "$BASE_SUITE" "$BASE_MIRROR" "$BASE_PACKAGES" "$BASE_RECIPE_REVISION" "$(uname -m)" \
+BASE_KEY="$(printf '%s\n' "$BASE_SUITE" "$BASE_MIRROR" "$BASE_SECURITY_MIRROR" "$BASE_PACKAGES" \
+  "$BASE_RECIPE_REVISION" "$(uname -m)" \
   | sha256sum | cut -c1-12)"
 BASE_DIR="${CACHE_ROOT}/images"
 BASE_TAR="${BASE_DIR}/debian-${BASE_SUITE}-python-${BASE_KEY}.tar"
@@ -102,10 +105,19 @@ build_base() {
   debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$root" "$BASE_MIRROR" \
     >"${BASE_DIR}/debootstrap-${BASE_KEY}.log" 2>&1 \
     || die "debootstrap failed; see ${BASE_DIR}/debootstrap-${BASE_KEY}.log"
+  # The point releases' and security updates, as the official python images carry them.
+  printf 'deb %s %s main\n' "$BASE_MIRROR" "$BASE_SUITE" "$BASE_MIRROR" "${BASE_SUITE}-updates" \
+    "$BASE_SECURITY_MIRROR" "${BASE_SUITE}-security" >"$root/etc/apt/sources.list"
+  log "apt-get upgrade from ${BASE_SUITE}-updates and ${BASE_SUITE}-security"
+  { chroot "$root" apt-get update -qq && DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -qq -y upgrade \
+    && chroot "$root" apt-get clean; } >>"${BASE_DIR}/debootstrap-${BASE_KEY}.log" 2>&1 \
+    || die "upgrading the base failed; see ${BASE_DIR}/debootstrap-${BASE_KEY}.log"
   # What a container never needs: package lists and caches, docs, man pages, translations.
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
     "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
     "$root"/usr/share/locale/* "$root"/var/log/*.log "$root"/tmp/* "$root"/debootstrap
+  # The build host's own name and resolver: the engine provides a container's.
+  rm -f "$root"/etc/resolv.conf "$root"/etc/hostname
   tar --numeric-owner --xattrs -C "$root" -cf "${BASE_TAR}.tmp" .
   mv "${BASE_TAR}.tmp" "$BASE_TAR"
   rm -rf "$root"

@@ -7,9 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
+IMAGES_DIR ?= .images
 
 .PHONY: help venv system-deps tools deps test test-unit test-integration test-cluster test-e2e \
-        bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint
+        bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint \
+        docker-up docker-down test-images
 
 help:  ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -53,6 +55,18 @@ dev-up: deps  ## start the whole stack in the background and write .dev/env
 
 dev-down:  ## stop everything dev-up started
 	@if [ -x $(PY) ]; then $(PY) -m atlas_devstack down; fi
+
+images:  ## build the gateway, operator and mock-upstream images; docker save them to .images/
+	bash hack/images.sh save $(IMAGES_DIR)
+
+docker-up:  ## start Debian's Docker engine (off the network) unless one answers
+	@bash hack/docker.sh start
+
+docker-down:  ## stop the engine docker-up started
+	@bash hack/docker.sh stop
+
+test-images: venv system-deps tools  ## run the images as the chart runs them (needs root for dockerd)
+	$(PYTEST) tests/images
 
 dev-logs:
 	$(PY) -m atlas_devstack logs

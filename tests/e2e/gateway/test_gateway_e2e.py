@@ -13,6 +13,8 @@ import pytest
 import redis
 
 from atlas_core import contract
+from atlas_gateway.settings import Settings
+from atlas_gateway.tokens import Meter
 from tests.fixtures.gateway import wait_until
 
 MODEL = "llama-3.1-8b-instruct"
@@ -298,7 +300,9 @@ def test_client_disconnect_aborts_non_streaming_request(gateway, new_key, mock_u
                    headers={"Authorization": f"Bearer {key}", "x-mock-fail": "hang", "x-mock-id": mock_id})
     wait_until(lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5, message="upstream aborted")
     wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
-    assert 0 < usage_of(redis_url, name).tokens_today < 50  # the prompt estimate, no completion
+    prompt_bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(
+        "chat", {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}).prompt
+    assert usage_of(redis_url, name).tokens_today == prompt_bound  # the prompt bound, no completion
     assert mock_record(mock_upstream, mock_id)["count"] == 1
 
 

@@ -32,7 +32,7 @@ from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
 from .streaming import StreamState, pump
 from . import owned_responses
-from .tokens import GENERATING, apply_cap, text_tokens
+from .tokens import GENERATING, apply_cap, cap_patch, text_tokens
 from .usage import response_id_from_body, split_usage, usage_from_body
 from .validation import parse_body, validate
 
@@ -223,9 +223,11 @@ class InferenceEndpoint:
         streaming = kind in _STREAMING and doc.get("stream") is True
         strip_usage = False
         modified = False
-        if kind in GENERATING:
-            apply_cap(kind, doc, cap)  # the upstream may generate no more than was reserved
-            modified = True
+        patch = None
+        if kind in GENERATING:  # the upstream may generate no more than was reserved
+            patch = cap_patch(kind, doc, cap, raw)
+            apply_cap(kind, doc, cap)
+            modified = patch is None
         if streaming and kind in _INCLUDE_USAGE:
             options = doc.get("stream_options") or {}
             if not options.get("include_usage"):
@@ -234,7 +236,12 @@ class InferenceEndpoint:
         if settings.forward_priority is not None and kind in ("chat", "completions", "responses"):
             doc["priority"] = settings.forward_priority[priority]
             modified = True
-        payload = json.dumps(doc, separators=(",", ":")).encode() if modified else raw
+        if modified:
+            payload = json.dumps(doc, separators=(",", ":")).encode()
+        elif patch:  # only cap fields to add: append them to the client's object
+            payload = raw.rstrip()[:-1] + patch + b"}"
+        else:
+            payload = raw
         forward["content-type"] = "application/json"
         forward["x-request-id"] = request_id
         if rt.upstream_auth:

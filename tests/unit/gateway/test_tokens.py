@@ -7,7 +7,7 @@ import json
 import pytest
 
 from atlas_gateway import errors
-from atlas_gateway.tokens import Meter, apply_cap, rendered_len, utf8_len
+from atlas_gateway.tokens import Meter, apply_cap, cap_patch, rendered_len, utf8_len
 
 METER = Meter(default_cap=100, per_request=10, per_message=5, per_prompt=2, media_part=300)
 
@@ -175,3 +175,37 @@ def test_apply_cap_sets_every_cap_field_coherently():
     doc = {"prompt": "x"}
     apply_cap("completions", doc, 9)
     assert doc == {"prompt": "x", "max_tokens": 9}
+
+
+@pytest.mark.parametrize("kind, doc, cap, patch", [
+    ("chat", {"model": "m", "max_tokens": 16}, 16, b',"max_completion_tokens":16'),
+    ("chat", {"model": "m"}, 100, b',"max_completion_tokens":100,"max_tokens":100'),
+    ("chat", {"model": "m", "max_tokens": 16, "max_completion_tokens": 16}, 16, b""),
+    ("chat", {"model": "m", "max_tokens": 1000, "max_completion_tokens": 0}, 1000, None),
+    ("chat", {"model": "m", "max_tokens": 800}, 200, None),  # shrunk: the field changes
+    ("chat", {"model": "m", "max_tokens": 16, "min_tokens": 20}, 16, None),
+    ("completions", {"model": "m", "max_tokens": 5, "max_completion_tokens": 9}, 5, None),
+    ("responses", {"model": "m"}, 7, b',"max_output_tokens":7'),
+])
+def test_cap_patch_appends_only_missing_fields(kind, doc, cap, patch):
+    raw = json.dumps(doc).encode() + b" \n"
+    assert cap_patch(kind, doc, cap, raw) == patch
+    if patch is not None:  # appended to the client's bytes, it reads back as apply_cap's result
+        patched = json.loads(raw.rstrip()[:-1] + patch + b"}")
+        expected = dict(doc)
+        apply_cap(kind, expected, cap)
+        assert patched == expected
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","max_tokens":5000,"max_tokens":16}',  # duplicate: an upstream may read the first
+    b'{"model":"m","max_tok\\u0065ns":5000,"max_tokens":16}',  # escaped duplicate
+    b'{"model":"m","max_tokens":16,"max_output_tokens":99}',  # a field the route does not read: fine
+])
+def test_cap_patch_refuses_ambiguous_bodies(raw):
+    doc = json.loads(raw)
+    patch = cap_patch("chat", doc, 16, raw)
+    if b"max_output_tokens" in raw:
+        assert patch == b',"max_completion_tokens":16'
+    else:
+        assert patch is None  # re-serialised instead: one key, the cap

@@ -178,3 +178,25 @@ def test_messages_stream_bills_the_last_running_count(gateway, strict_upstream, 
     counted = upstream_get(strict_upstream, "/_strict/ledger/msg")
     assert counted["completion"] == 30
     assert settled(redis_url, contract.key_subject("team", "msg")) == counted["tokens"]
+
+
+def test_openai_sdk_responses_and_shrink_header(gateway, redis_url):
+    import openai
+
+    write_key(redis_url, "sk-sdk-a", "sdk-a", contract.Limits(tokens_per_day=5000),
+              shortfall=contract.Shortfall("Shrink", 16))
+    write_key(redis_url, "sk-sdk-b", "sdk-b", contract.Limits(tokens_per_day=5000))
+    a = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-sdk-a", max_retries=0, timeout=15)
+    b = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-sdk-b", max_retries=0, timeout=15)
+    response = a.responses.create(model=MODEL, input="hello", max_output_tokens=10)
+    assert response.usage.output_tokens == 10
+    assert a.responses.retrieve(response.id).id == response.id
+    with pytest.raises(openai.NotFoundError):
+        b.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.delete(response.id)
+    # Shrink, seen by the SDK: asking for more than is left gets what is left
+    raw = a.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "long"}], max_tokens=100_000)
+    cap = int(raw.headers["x-atlas-max-tokens"])
+    assert 16 <= cap < 5000 and raw.parse().usage.completion_tokens == cap

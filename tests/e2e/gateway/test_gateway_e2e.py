@@ -313,3 +313,23 @@ def test_request_id_on_every_response(gateway):
         assert r.headers.get("x-request-id"), (method, path, r.status_code)
     assert httpx.get(gateway.url + "/v1/nope").json()["error"]["code"] == "unknown_url"
     assert httpx.get(gateway.url + "/v1/chat/completions").status_code == 405
+
+
+def test_usage_above_the_reservation_is_charged_in_full_and_counted(sdk, gateway, new_key, redis_url):
+    key, name = new_key(contract.Limits(tokens_per_day=100_000))
+    completion = sdk(key).chat.completions.create(  # an upstream that counts far more than the bound
+        model=MODEL, messages=MESSAGES, max_tokens=5, extra_headers={"x-mock-prompt-tokens": "5000"})
+    assert completion.usage.total_tokens == 5005
+    wait_until(lambda: usage_of(redis_url, name).tokens_today == 5005, 5, message="charged in full")
+    metrics_text = httpx.get(gateway.url + "/metrics").text
+    assert f'atlas_gateway_usage_overrun_total{{key="team/{name}"}} 1.0' in metrics_text
+
+
+def test_the_cap_is_forwarded_even_when_the_client_sends_none(sdk, new_key, mock_upstream):
+    key, _ = new_key(contract.Limits(tokens_per_day=100_000))
+    mock_id = uuid.uuid4().hex
+    raw = sdk(key).chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, extra_headers={"x-mock-id": mock_id})
+    assert raw.headers["x-atlas-max-tokens"] == "256"  # this gateway's ATLAS_DEFAULT_MAX_TOKENS
+    forwarded = mock_record(mock_upstream, mock_id)["body"]
+    assert forwarded["max_tokens"] == forwarded["max_completion_tokens"] == 256

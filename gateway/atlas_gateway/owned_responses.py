@@ -22,6 +22,10 @@ from .auth import api_key_from_headers
 from .responses import send_error
 
 PREFIX = "/v1/responses/"
+# method -> the sub-paths of /v1/responses/{id} it may reach; nothing else is forwarded, so no
+# path (e.g. one with ../ segments) can reach another upstream route through here
+_SUBPATHS = {"GET": ("", "input_items"), "DELETE": ("",), "POST": ("cancel",)}
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 _FORWARDED = frozenset({b"content-type", b"accept", b"openai-beta"})
 
 
@@ -73,8 +77,12 @@ class StoredResponseEndpoint:
         method = scope["method"]
         path: str = scope["path"]
         response_id, _, rest = path[len(PREFIX):].partition("/")
-        if method not in ("GET", "DELETE", "POST") or not response_id or (method == "POST" and rest != "cancel"):
+        allowed = _SUBPATHS.get(method)
+        if allowed is None:
             raise errors.method_not_allowed()
+        if rest not in allowed or not response_id or response_id.strip(".") == "" \
+                or not _ID_CHARS.issuperset(response_id):
+            raise errors.not_found(path)
         key = api_key_from_headers(scope["headers"])
         if key is None:
             raise errors.invalid_api_key("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.")

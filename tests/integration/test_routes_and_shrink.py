@@ -200,3 +200,18 @@ def test_openai_sdk_responses_and_shrink_header(gateway, redis_url):
         model=MODEL, messages=[{"role": "user", "content": "long"}], max_tokens=100_000)
     cap = int(raw.headers["x-atlas-max-tokens"])
     assert 16 <= cap < 5000 and raw.parse().usage.completion_tokens == cap
+
+
+@pytest.mark.parametrize("method, suffix", [
+    ("GET", "/%2e%2e/%2e%2e/models"), ("GET", "/input_items/%2e%2e/%2e%2e/%2e%2e/models"), ("GET", "/anything"), ("POST", ""),
+    ("DELETE", "/cancel"),
+])
+def test_stored_response_paths_cannot_reach_other_upstream_routes(gateway, strict_upstream, redis_url,
+                                                                  method, suffix):
+    write_key(redis_url, "sk-walker", "walker", contract.Limits(tokens_per_day=1_000_000))
+    rid = post(gateway, "/v1/responses", "sk-walker", {"model": MODEL, "input": "x", "max_output_tokens": 1}).json()["id"]
+    before = routes_seen(strict_upstream)
+    reply = httpx.request(method, f"{gateway.url}/v1/responses/{rid}{suffix}",
+                          headers={"Authorization": "Bearer sk-walker"})
+    assert reply.status_code in (404, 405) and "error" in reply.json()
+    assert routes_seen(strict_upstream) == before

@@ -12,6 +12,9 @@ counts the way vLLM does and at least as finely as a BPE. Per case it asserts th
   a 429, and nothing else happened;
 * the gateway's books (settled tokens in Redis) equal the upstream's count.
 
+A fourth budget, the quota's tokensPerDay with ``onBudgetShortfall: Shrink``, shows the same
+for requests whose cap the gateway lowered at the end of the budget.
+
 Set ATLAS_METERING_TABLE=<path> to have the table (shape, admitted, counted, budget) written.
 """
 
@@ -99,7 +102,7 @@ SHAPES = [
           {"text_1": "a query", "text_2": [f"candidate {i}" for i in range(10)]}, streams=False),
 ]
 
-BUDGETS = ("key tokensPerDay", "quota tokensPerDay", "key tokensPerMinute")
+BUDGETS = ("key tokensPerDay", "quota tokensPerDay", "key tokensPerMinute", "quota tokensPerDay, Shrink")
 
 CASES = [(shape, stream, budget) for shape in SHAPES for stream in ((False, True) if shape.streams else (False,))
          for budget in BUDGETS]
@@ -166,10 +169,18 @@ async def test_upstream_count_never_exceeds_the_budget(case, gateway, strict_ups
     if budget_kind == "key tokensPerDay":
         write_key(redis_server.url, api_key, name, contract.Limits(tokens_per_day=budget))
         subject = contract.key_subject("team", name)
-    elif budget_kind == "quota tokensPerDay":
+    elif budget_kind.startswith("quota tokensPerDay"):
         write_key(redis_server.url, api_key, name, contract.Limits(), quota=f"q-{index}",
                   quota_limits=contract.Limits(tokens_per_day=budget))
         subject = contract.quota_subject("team", f"q-{index}")
+        if budget_kind.endswith("Shrink"):
+            client = redis.Redis.from_url(redis_server.url)
+            try:  # as the operator writes an AtlasQuota with onBudgetShortfall: Shrink
+                client.set(contract.quota_config_key("team", f"q-{index}"), contract.QuotaConfig(
+                    "team", f"q-{index}", contract.Limits(tokens_per_day=budget),
+                    contract.Shortfall("Shrink", 16)).encode())
+            finally:
+                client.close()
     else:
         write_key(redis_server.url, api_key, name, contract.Limits(tokens_per_minute=budget))
         subject = contract.key_subject("team", name)
@@ -183,13 +194,17 @@ async def test_upstream_count_never_exceeds_the_budget(case, gateway, strict_ups
     admitted = statuses.count(200)
     counted = ledger_of(strict_upstream.url, name)
     allowed = budget if budget_kind != "key tokensPerMinute" else budget + int(budget * (elapsed + 1) / 60)
+    shrunk = sum(1 for s, _, h in replies if s == 200 and "x-atlas-max-tokens" in h
+                 and int(h["x-atlas-max-tokens"]) < meter.bound(shape.kind, json.loads(json.dumps(body))).cap)
     ROWS.append({"shape": shape.name, "stream": stream, "budget_kind": budget_kind, "reservation": reserve,
-                 "admitted": admitted, "refused": statuses.count(429), "counted": counted["tokens"],
-                 "budget": budget, "seconds": round(elapsed, 2)})
+                 "admitted": admitted, "shrunk": shrunk, "refused": statuses.count(429),
+                 "counted": counted["tokens"], "budget": budget, "seconds": round(elapsed, 2)})
 
     assert counted["requests"] == admitted  # every admitted request reached the upstream, no refused one did
     assert counted["tokens"] <= allowed, f"upstream counted {counted['tokens']} on a budget of {budget}"
     assert admitted >= min(CONCURRENCY, budget // reserve), f"only {admitted} admitted, {budget // reserve} fit"
+    if not budget_kind.endswith("Shrink"):
+        assert shrunk == 0
     if stream and shape.kind in ("chat", "completions"):
         assert all(b.rstrip().endswith(b"data: [DONE]") for s, b, _ in replies if s == 200)
     client = redis.Redis.from_url(redis_server.url)

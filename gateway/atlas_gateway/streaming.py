@@ -68,7 +68,9 @@ def _filter(block: bytes, state: StreamState, strip_usage: bool) -> bytes:
             usage = event_usage(doc) if isinstance(doc, dict) else None
             if usage is not None:
                 state.usage = usage if state.usage is None else {**state.usage, **usage}
-                if strip_usage and not doc.get("choices"):
+                if doc.get("choices"):
+                    state.delivered += 1  # a content chunk carrying per-frame usage
+                elif strip_usage:
                     continue
         elif b"data:" in event and b"[DONE]" not in event:
             state.delivered += 1

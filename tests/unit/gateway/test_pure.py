@@ -166,3 +166,46 @@ def test_pre_encoded_script_call_equals_plain_encoding():
     keys, dynamic, static = (b"k1", b"k2"), (b"rid", b"12"), (b"a", b"bcd", b"")
     encoded = script.prefix(keys, len(dynamic) + len(static)) + pack_args(dynamic) + pack_args(static)
     assert encoded == pack((b"EVALSHA", script.sha, b"2", *keys, *dynamic, *static))
+
+
+# ------------------------------------------------------------------------------- usage of every route
+
+def test_split_usage_reads_every_routes_fields():
+    assert split_usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}) == (3, 4, 7)
+    assert split_usage({"input_tokens": 5, "output_tokens": 6, "total_tokens": 11}) == (5, 6, 11)
+    # Anthropic counts cache reads and writes apart from input_tokens
+    assert split_usage({"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 10,
+                        "output_tokens": 2}) == (115, 2, 117)
+    assert split_usage({"total_tokens": 42}) == (42, 0, 42)  # rerank: all prompt
+
+
+def sse(event: str | None, doc: dict) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def test_stream_usage_is_cumulative_and_the_last_value_wins():
+    state = StreamState()
+    _filter(sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9,
+                                                                                "output_tokens": 1}}}),
+            state, False)
+    _filter(sse("content_block_delta", {"type": "content_block_delta", "delta": {"text": "x"}}), state, False)
+    _filter(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 15}}), state, False)
+    _filter(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 30}}), state, False)
+    assert split_usage(state.usage) == (9, 30, 39)
+    chat = StreamState()
+    for done in (1, 2, 3):  # per-frame cumulative usage (continuous_usage_stats)
+        _filter(sse(None, {"choices": [{"delta": {"content": "x"}}],
+                           "usage": {"prompt_tokens": 4, "completion_tokens": done, "total_tokens": 4 + done}}),
+                chat, True)
+    assert split_usage(chat.usage) == (4, 3, 7) and chat.delivered == 3
+
+
+def test_responses_stream_notes_the_id_and_the_terminal_usage():
+    state = StreamState(want_id=True)
+    _filter(sse("response.created", {"type": "response.created", "response": {"id": "resp_1", "usage": None}}),
+            state, False)
+    _filter(sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": "x"}), state, False)
+    _filter(sse("response.incomplete", {"type": "response.incomplete", "response": {
+        "id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}}), state, False)
+    assert state.response_id == "resp_1" and split_usage(state.usage) == (7, 3, 10)

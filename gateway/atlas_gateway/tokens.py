@@ -50,6 +50,10 @@ CAP_FIELDS = {
     "messages": ("max_tokens",),
 }
 GENERATING = frozenset(CAP_FIELDS)
+# per route: (field, its quoted name as it appears in a body, the member that appends it)
+_CAP_NEEDLES = {kind: tuple((name, b'"%s"' % name.encode(), b',"%s":' % name.encode()) for name in fields)
+                for kind, fields in CAP_FIELDS.items()}
+_CHAT_STRUCTURED = ("tools", "functions", "documents", "chat_template_kwargs", "response_format")
 
 
 class Bound:
@@ -206,8 +210,14 @@ class Meter:
     def sequences(doc: dict[str, Any]) -> int:
         return max(doc.get("n") or 1, doc.get("best_of") or 1)
 
-    def _structured(self, doc: dict[str, Any], names: tuple[str, ...]) -> int:
-        return sum(rendered_len(doc[n]) for n in names if doc.get(n) is not None)
+    @staticmethod
+    def _structured(doc: dict[str, Any], names: tuple[str, ...]) -> int:
+        total = 0
+        for name in names:
+            value = doc.get(name)
+            if value is not None:
+                total += rendered_len(value)
+        return total
 
     # ------------------------------------------------------------------ routes
 
@@ -217,8 +227,7 @@ class Meter:
             if doc.get("chat_template") is not None:
                 raise _bad("A request-supplied 'chat_template' cannot be metered.", "chat_template")
             _check_tools(doc.get("tools"), "tools", ("function",))
-            prompt = self.per_request + self.messages(doc["messages"]) + self._structured(
-                doc, ("tools", "functions", "documents", "chat_template_kwargs", "response_format"))
+            prompt = self.per_request + self.messages(doc["messages"]) + self._structured(doc, _CHAT_STRUCTURED)
             return Bound(prompt, self.cap(doc, CAP_FIELDS["chat"]), self.sequences(doc))
         if kind == "completions":
             if doc.get("prompt_embeds") is not None:
@@ -325,13 +334,13 @@ def cap_patch(kind: str, doc: dict[str, Any], cap: int, raw: bytes) -> bytes | N
     could be read first-wins by an upstream; re-serialising leaves no such ambiguity."""
     if b"\\u" in raw:
         return None
-    missing = []
-    for name in CAP_FIELDS[kind]:
+    patch = b""
+    for name, quoted, member in _CAP_NEEDLES[kind]:
         present = name in doc
-        if raw.count(b'"' + name.encode() + b'"') != present:
+        if raw.count(quoted) != present:
             return None
         if not present:
-            missing.append(name)
+            patch += member + str(cap).encode()
         elif doc[name] != cap:
             return None
     if kind == "completions" and doc.get("max_completion_tokens", cap) != cap:
@@ -339,7 +348,7 @@ def cap_patch(kind: str, doc: dict[str, Any], cap: int, raw: bytes) -> bytes | N
     min_tokens = doc.get("min_tokens")
     if isinstance(min_tokens, int) and min_tokens > cap:
         return None
-    return b"".join(b',"%s":%d' % (name.encode(), cap) for name in missing)
+    return patch
 
 
 def apply_cap(kind: str, doc: dict[str, Any], cap: int) -> None:

@@ -42,7 +42,8 @@ import redis
 from atlas_core import contract
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer, free_port
-from atlas_gateway.tokens import estimate
+from atlas_gateway.settings import Settings
+from atlas_gateway.tokens import Meter
 
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RATIO = 0.40
@@ -209,7 +210,8 @@ async def exactness(gateway_url: str, redis_url: str, upstream_url: str) -> dict
     import aiohttp
 
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 100}
-    prompt_est, reserve = estimate("chat", body, 4096)
+    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", body)  # the gateway's defaults
+    prompt_est, reserve = bound.prompt, bound.reserve
     budget = 20 * reserve
     r = redis.Redis.from_url(redis_url)
     write_key(r, EXACT_KEY, "exact", contract.Limits(tokens_per_day=budget), None)

@@ -31,6 +31,41 @@ PREFIX = "atlas:v1:"
 PRIORITIES = ("Critical", "Standard", "Sheddable")
 DEFAULT_PRIORITY = "Standard"
 
+# spec.onBudgetShortfall / spec.minCompletionTokens (AtlasKey and AtlasQuota): what admission
+# does when a day/month budget cannot hold a request's full reservation.
+SHORTFALL_POLICIES = ("Reject", "Shrink")
+DEFAULT_SHORTFALL = "Reject"
+DEFAULT_MIN_COMPLETION_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """``Shrink``: lower the completion cap to what the budget still holds, if that is at least
+    ``min_completion_tokens`` (or the request's own cap, when smaller). ``Reject``: 429."""
+
+    policy: str = DEFAULT_SHORTFALL
+    min_completion_tokens: int = DEFAULT_MIN_COMPLETION_TOKENS
+
+    @property
+    def shrink(self) -> bool:
+        return self.policy == "Shrink"
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> "Shortfall":
+        """From an AtlasKey/AtlasQuota spec (or from :meth:`encode_into` output)."""
+        spec = spec or {}
+        policy = spec.get("onBudgetShortfall") or DEFAULT_SHORTFALL
+        minimum = spec.get("minCompletionTokens")
+        return cls(policy if policy in SHORTFALL_POLICIES else DEFAULT_SHORTFALL,
+                   DEFAULT_MIN_COMPLETION_TOKENS if minimum is None else int(minimum))
+
+    def encode_into(self, doc: dict[str, Any]) -> None:
+        """Stored only when not the default, so existing config stays byte-identical."""
+        if self.policy != DEFAULT_SHORTFALL:
+            doc["onBudgetShortfall"] = self.policy
+        if self.min_completion_tokens != DEFAULT_MIN_COMPLETION_TOKENS:
+            doc["minCompletionTokens"] = self.min_completion_tokens
+
 # Written by the operator after every full sync. Its absence tells the operator that Redis lost
 # its data (restart without persistence, FLUSHALL) and that all config must be written again.
 CONFIG_EPOCH = PREFIX + "config:epoch"
@@ -146,6 +181,7 @@ class KeyConfig:
     expires_at: float | None = None  # unix seconds, UTC
     refusal: str | None = None  # condition reason, e.g. "QuotaNotFound"
     refusal_message: str | None = None
+    shortfall: Shortfall = field(default_factory=Shortfall)
 
     @property
     def ref(self) -> str:
@@ -174,6 +210,7 @@ class KeyConfig:
         if self.refusal:
             doc["refusal"] = self.refusal
             doc["refusalMessage"] = self.refusal_message or self.refusal
+        self.shortfall.encode_into(doc)
         return _dumps(doc)
 
     @classmethod
@@ -191,6 +228,7 @@ class KeyConfig:
             expires_at=doc.get("expiresAt"),
             refusal=doc.get("refusal"),
             refusal_message=doc.get("refusalMessage"),
+            shortfall=Shortfall.from_spec(doc),
         )
 
 
@@ -201,18 +239,22 @@ class QuotaConfig:
     namespace: str
     name: str
     limits: Limits = field(default_factory=Limits)
+    shortfall: Shortfall = field(default_factory=Shortfall)
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def encode(self) -> bytes:
-        return _dumps({"ns": self.namespace, "name": self.name, "limits": self.limits.to_spec()})
+        doc: dict[str, Any] = {"ns": self.namespace, "name": self.name, "limits": self.limits.to_spec()}
+        self.shortfall.encode_into(doc)
+        return _dumps(doc)
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "QuotaConfig":
         doc = json.loads(raw)
-        return cls(namespace=doc["ns"], name=doc["name"], limits=Limits.from_spec(doc.get("limits")))
+        return cls(namespace=doc["ns"], name=doc["name"], limits=Limits.from_spec(doc.get("limits")),
+                   shortfall=Shortfall.from_spec(doc))
 
 
 # --------------------------------------------------------------------------- counters
@@ -273,6 +315,29 @@ def lease_key(subject: str) -> str:
 
 def lease_tokens_key(subject: str) -> str:
     return f"{PREFIX}lease:tok:{subject}"
+
+
+# ``response:<id>`` (string, written by the gateway): which AtlasKey created a stored
+# /v1/responses response, and how many tokens it holds (its input plus output), so that only
+# that key can read, delete or continue it, and a continuation (previous_response_id) can be
+# bounded. Kept as long as an upstream typically stores responses.
+RESPONSE_TTL_SECONDS = 30 * 24 * 3600
+
+
+def response_owner_key(response_id: str) -> str:
+    return f"{PREFIX}response:{response_id}"
+
+
+def encode_response_owner(subject: str, tokens: int) -> bytes:
+    return f"{subject}\t{int(tokens)}".encode()
+
+
+def decode_response_owner(raw: bytes | str | None) -> tuple[str, int] | None:
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    subject, _, tokens = text.rpartition("\t")
+    return (subject, int(tokens or 0)) if subject else None
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,10 @@ class Calendar:
 
 
 class Decision:
-    __slots__ = ("admitted", "reason", "subject", "retry_ms", "headers")
+    """``reserved``: the tokens admit.lua reserved, lower than asked when a Shrink budget lowered
+    the completion cap (the caller derives the cap it must forward from it)."""
+
+    __slots__ = ("admitted", "reason", "subject", "retry_ms", "headers", "reserved")
 
     def __init__(self, reply: list[Any]) -> None:
         self.admitted = reply[0] == 1
@@ -90,6 +93,7 @@ class Decision:
         self.subject = int(reply[2])
         self.retry_ms = int(reply[3])
         self.headers = rate_limit_headers(*(int(v) for v in reply[4:10]))
+        self.reserved = int(reply[10])
 
 
 def rate_limit_headers(rl: int, rr: int, rs: int, tl: int, tr: int, ts: int) -> list[tuple[bytes, bytes]]:
@@ -147,16 +151,20 @@ class Admission:
             settle_static = self._static_settle_args(principal)
             cached = principal.encoded = (
                 day,
-                self._admit.prefix(admit_keys, 4 + len(admit_static)), pack_args(admit_static),
+                self._admit.prefix(admit_keys, 6 + len(admit_static)), pack_args(admit_static),
                 self._settle.prefix(settle_keys, 3 + len(settle_static)), pack_args(settle_static),
             )
         return cached
 
-    async def admit(self, principal: Principal, request_id: str, reserve: int) -> Decision:
+    async def admit(self, principal: Principal, request_id: str, reserve: int,
+                    prompt: int | None = None, sequences: int = 0) -> Decision:
+        """Reserve ``reserve`` tokens, of which ``prompt`` are the prompt and the rest a
+        completion cap times ``sequences`` (which a Shrink budget may lower)."""
         now = time.time()
         cal = self.calendar.refresh(now)
         dynamic = (request_id.encode(), str(reserve).encode(),
-                   str(cal.ms_until_day_end(now)).encode(), str(cal.ms_until_month_end(now)).encode())
+                   str(cal.ms_until_day_end(now)).encode(), str(cal.ms_until_month_end(now)).encode(),
+                   str(reserve if prompt is None else prompt).encode(), str(sequences).encode())
         if self.fast:
             _, prefix, suffix, _, _ = self._encoded(principal, cal.day, cal.month)
             return Decision(await self._admit.call_encoded(prefix, dynamic, suffix))

@@ -7,11 +7,18 @@
 --   b+5 usage day hash   b+6 usage month hash
 -- ARGV (what changes per request first, so the gateway can pre-encode the rest):
 --   1 request id   2 tokens to reserve   3 ms until the UTC day ends   4 ms until the month ends
---   5 lease TTL (ms)   6 number of subjects   7 day hash TTL (s)   8 month hash TTL (s)
---   then 6 per subject (a = 8 + (i-1)*6): requestsPerSecond, burst, tokensPerMinute,
---   tokensPerDay, tokensPerMonth, maxConcurrent   (0 = no limit of that kind)
+--   5 prompt tokens (the part of 2 that cannot shrink)   6 sequences generated (0 = none)
+--   7 lease TTL (ms)   8 number of subjects   9 day hash TTL (s)   10 month hash TTL (s)
+--   then 8 per subject (a = 10 + (i-1)*8): requestsPerSecond, burst, tokensPerMinute,
+--   tokensPerDay, tokensPerMonth, maxConcurrent   (0 = no limit of that kind),
+--   shrink (1 = onBudgetShortfall Shrink), minCompletionTokens
+-- Shrink: when a day/month budget of a Shrink subject cannot hold the reservation but can hold
+-- the prompt plus at least min(minCompletionTokens, cap) per sequence, the completion cap is
+-- lowered to what fits it (the lowest over all such budgets); every check then uses the lowered
+-- reservation, which is what is reserved and returned.
 -- Returns {admitted 1|0, reason, subject index, retry ms,
---          req limit, req remaining, req reset ms, tok limit, tok remaining, tok reset ms}
+--          req limit, req remaining, req reset ms, tok limit, tok remaining, tok reset ms,
+--          tokens reserved}
 --   reason: 0 ok, 1 requests/s, 2 concurrency, 3 tokens/min, 4 larger than tokens/min,
 --           5 tokens/day, 6 tokens/month.  Limits of -1 mean "no such limit anywhere".
 
@@ -22,10 +29,13 @@ local rid = ARGV[1]
 local reserve = tonumber(ARGV[2])
 local day_reset = tonumber(ARGV[3])
 local month_reset = tonumber(ARGV[4])
-local lease_ttl = tonumber(ARGV[5])
-local n = tonumber(ARGV[6])
-local day_ttl = tonumber(ARGV[7])
-local month_ttl = tonumber(ARGV[8])
+local prompt = tonumber(ARGV[5])
+local sequences = tonumber(ARGV[6])
+local lease_ttl = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
+local day_ttl = tonumber(ARGV[9])
+local month_ttl = tonumber(ARGV[10])
+local PER = 8
 
 local reason, who, retry = 0, 0, 0
 local function reject(r, i, ms)
@@ -46,14 +56,17 @@ local function bucket_level(key, size, per_ms)
 end
 
 local state = {}
+-- Pass 1: purge expired leases, read what the day/month budgets have left, lower the cap
+-- where a Shrink subject's budget asks for it.
+local cap = 0
+if sequences > 0 then cap = (reserve - prompt) / sequences end
+local full_cap = cap
 for i = 1, n do
   local k = (i - 1) * 6
-  local a = 8 + (i - 1) * 6
-  local rps, burst, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local a = 10 + (i - 1) * PER
   local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  local s = {rps = rps, burst = burst, tpm = tpm, leased = (maxc > 0 or tpd > 0 or tpmo > 0)}
+  local s = {leased = (maxc > 0 or tpd > 0 or tpmo > 0)}
   state[i] = s
-
   -- Purge leases whose TTL passed (a gateway died mid-request): frees their slot and tokens.
   local lk, ltk = KEYS[k + 3], KEYS[k + 4]
   if s.leased then
@@ -65,6 +78,37 @@ for i = 1, n do
       end
     end
   end
+  if tpd > 0 or tpmo > 0 then
+    local live = 0
+    for _, v in ipairs(redis.call('HVALS', ltk)) do live = live + tonumber(v) end
+    if tpd > 0 then
+      s.day_left = tpd - tonumber(redis.call('HGET', KEYS[k + 5], 'settled') or '0') - live
+    end
+    if tpmo > 0 then
+      s.month_left = tpmo - tonumber(redis.call('HGET', KEYS[k + 6], 'settled') or '0') - live
+    end
+    if ARGV[a + 7] == '1' and sequences > 0 then
+      local least = math.min(tonumber(ARGV[a + 8]), full_cap)
+      for _, left in ipairs({s.day_left or reserve, s.month_left or reserve}) do
+        if left < reserve then
+          local fits = math.floor((left - prompt) / sequences)
+          if fits >= least and fits >= 1 and fits < cap then cap = fits end
+        end
+      end
+    end
+  end
+end
+if cap < full_cap then reserve = prompt + cap * sequences end
+
+-- Pass 2: every check, with the (possibly lowered) reservation.
+for i = 1, n do
+  local k = (i - 1) * 6
+  local a = 10 + (i - 1) * PER
+  local rps, burst, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local s = state[i]
+  s.rps, s.burst, s.tpm = rps, burst, tpm
+  local lk = KEYS[k + 3]
 
   if rps > 0 then
     local per_ms = rps / 1000
@@ -86,21 +130,13 @@ for i = 1, n do
     if reserve > tpm then reject(4, i, 60000)
     elseif level < reserve then reject(3, i, math.ceil((reserve - level) / per_ms)) end
   end
-  if tpd > 0 or tpmo > 0 then
-    local live = 0
-    for _, v in ipairs(redis.call('HVALS', ltk)) do live = live + tonumber(v) end
-    if tpd > 0 then
-      local settled = tonumber(redis.call('HGET', KEYS[k + 5], 'settled') or '0')
-      local left = tpd - settled - live
-      offer_tok({tpd, left, 0, day_reset})
-      if left < reserve then reject(5, i, day_reset) end
-    end
-    if tpmo > 0 then
-      local settled = tonumber(redis.call('HGET', KEYS[k + 6], 'settled') or '0')
-      local left = tpmo - settled - live
-      offer_tok({tpmo, left, 0, month_reset})
-      if left < reserve then reject(6, i, month_reset) end
-    end
+  if tpd > 0 then
+    offer_tok({tpd, s.day_left, 0, day_reset})
+    if s.day_left < reserve then reject(5, i, day_reset) end
+  end
+  if tpmo > 0 then
+    offer_tok({tpmo, s.month_left, 0, month_reset})
+    if s.month_left < reserve then reject(6, i, month_reset) end
   end
 end
 
@@ -150,4 +186,4 @@ end
 
 local rl, rr, rs = render(req_c, 1)
 local tl, tr, ts = render(tok_c, reserve)
-return {admitted and 1 or 0, reason, who, retry, rl, rr, rs, tl, tr, ts}
+return {admitted and 1 or 0, reason, who, retry, rl, rr, rs, tl, tr, ts, reserve}

@@ -16,7 +16,8 @@ from starlette.routing import Route
 
 from . import errors
 from .endpoints import HealthEndpoint, MetricsEndpoint, ModelsEndpoint, ReadyEndpoint, UsageEndpoint
-from .proxy import InferenceEndpoint
+from .owned_responses import PREFIX as STORED_RESPONSES, StoredResponseEndpoint
+from .proxy import PATHS, InferenceEndpoint
 from .responses import send_error
 from .runtime import Runtime
 from .settings import Settings
@@ -31,15 +32,14 @@ class Gateway:
         self.settings = settings
         self.runtime: Runtime | None = None
         self.routes = {
-            "/v1/chat/completions": InferenceEndpoint(self, "chat"),
-            "/v1/completions": InferenceEndpoint(self, "completions"),
-            "/v1/embeddings": InferenceEndpoint(self, "embeddings"),
+            **{path: InferenceEndpoint(self, kind) for kind, path in PATHS.items()},
             "/v1/models": ModelsEndpoint(self),
             "/v1/usage": UsageEndpoint(self),
             "/healthz": HealthEndpoint(self),
             "/readyz": ReadyEndpoint(self),
             "/metrics": MetricsEndpoint(self),
         }
+        self.stored_responses = StoredResponseEndpoint(self)
 
     async def start(self) -> None:
         self.runtime = Runtime(self.settings)
@@ -69,7 +69,8 @@ def build_fastapi(gateway: Gateway) -> FastAPI:
 
 
 class AtlasASGI:
-    """Dispatcher: known paths go straight to their endpoint, the rest to FastAPI (404s etc.)."""
+    """Dispatcher: known paths go straight to their endpoint; every other path is an
+    OpenAI-shaped 404 that never reaches the upstream (FastAPI only runs the lifespan)."""
 
     def __init__(self, gateway: Gateway, fastapi_app: FastAPI) -> None:
         self.gateway = gateway
@@ -82,18 +83,12 @@ class AtlasASGI:
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
+            if scope["path"].startswith(STORED_RESPONSES):
+                await self.gateway.stored_responses(scope, receive, send)
+                return
             runtime = self.gateway.runtime
             request_id = runtime.new_request_id().encode() if runtime else b"-"
-            if scope["path"].startswith("/v1/"):
-                await send_error(send, errors.not_found(scope["path"]), [(b"x-request-id", request_id)])
-                return
-
-            async def send_with_id(message) -> None:  # x-request-id on every response
-                if message["type"] == "http.response.start":
-                    message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
-                await send(message)
-
-            await self.fastapi(scope, receive, send_with_id)
+            await send_error(send, errors.not_found(scope["path"]), [(b"x-request-id", request_id)])
             return
         await self.fastapi(scope, receive, send)
 

@@ -49,14 +49,14 @@ class Principal:
         self.quota = quota
         self.quota_missing = bool(key.quota) and quota is None
         self.ref = key.ref
-        subjects = [(contract.key_subject(key.namespace, key.name), key.limits)]
+        subjects = [(contract.key_subject(key.namespace, key.name), key.limits, key.shortfall)]
         if quota is not None:
-            subjects.append((contract.quota_subject(quota.namespace, quota.name), quota.limits))
-        self.subjects = tuple(s for s, _ in subjects)
+            subjects.append((contract.quota_subject(quota.namespace, quota.name), quota.limits, quota.shortfall))
+        self.subjects = tuple(s for s, _, _ in subjects)
         self.subject_count = str(len(subjects)).encode()
         args: list[bytes] = []
         tpm: list[bytes] = []
-        for _, limits in subjects:
+        for _, limits, shortfall in subjects:
             args += [
                 _num(limits.requests_per_second),
                 _num(limits.effective_burst),
@@ -64,11 +64,13 @@ class Principal:
                 _num(limits.tokens_per_day),
                 _num(limits.tokens_per_month),
                 _num(limits.max_concurrent),
+                b"1" if shortfall.shrink else b"0",
+                _num(shortfall.min_completion_tokens),
             ]
             tpm.append(_num(limits.tokens_per_minute))
         self.limit_args = tuple(args)
         # some subject holds a lease per request (admit.lua: maxConcurrent or a day/month budget)
-        self.leased = any(lim.max_concurrent or lim.tokens_per_day or lim.tokens_per_month for _, lim in subjects)
+        self.leased = any(lim.max_concurrent or lim.tokens_per_day or lim.tokens_per_month for _, lim, _ in subjects)
         self.tpm_args = tuple(tpm)
         # refresh.lua's KEYS: lease zset and lease:tok hash per subject (not day-dependent)
         self.lease_keys = [k.encode() for s in self.subjects

@@ -33,6 +33,10 @@ UPSTREAM_LATENCY = Histogram("atlas_gateway_upstream_latency_seconds",
 INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream",
                  multiprocess_mode="livesum")
 REDIS_ERRORS = Counter("atlas_gateway_redis_errors_total", "Redis calls that failed", ["op"])
+OVERRUNS = Counter("atlas_gateway_usage_overrun_total",
+                   "Requests whose upstream-reported usage exceeded their reservation (charged in full)", ["key"])
+OVERRUN_TOKENS = Counter("atlas_gateway_usage_overrun_tokens_total",
+                         "Tokens reported by the upstream beyond the reservation", ["key"])
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200
@@ -75,6 +79,11 @@ def count_rejection(key: str, reason: str) -> None:
 
 def observe_upstream(model: str, seconds: float) -> None:
     _child(UPSTREAM_LATENCY, model).observe(seconds)
+
+
+def count_overrun(key: str, tokens: int) -> None:
+    _child(OVERRUNS, key).inc()
+    _child(OVERRUN_TOKENS, key).inc(tokens)
 
 
 def count_redis_error(op: str) -> None:

@@ -1,8 +1,10 @@
-"""The hot path: /v1/chat/completions, /v1/completions and /v1/embeddings as raw ASGI.
+"""The hot path: every metered route (chat, completions, embeddings, responses, messages,
+rerank, score) and the requests-only /tokenize and /detokenize, as raw ASGI.
 
 Order of checks (cheapest first, nothing consumed before admission):
 method -> key present -> body size -> key lookup (cached) -> key usable -> JSON/fields ->
-model allowed -> shedding -> admission (1 Redis call) -> upstream -> settlement (1 Redis call).
+model allowed -> prompt bound (tokens.py) -> shedding -> admission (1 Redis call) -> upstream
+(with the completion cap the reservation was made for) -> settlement (1 Redis call).
 
 Every admitted request is settled exactly once (``Ticket``), whatever ends it: a normal
 response, an upstream error, a timeout, a client disconnect or a cancellation.
@@ -29,8 +31,9 @@ from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
 from .streaming import StreamState, pump
-from .tokens import estimate, text_tokens
-from .usage import split_usage, usage_from_body
+from . import owned_responses
+from .tokens import GENERATING, apply_cap, cap_patch, text_tokens
+from .usage import response_id_from_body, split_usage, usage_from_body
 from .validation import parse_body, validate
 
 log = logging.getLogger("atlas_gateway")
@@ -47,7 +50,12 @@ _NOT_FORWARDED = frozenset({
 _BEARER = b"bearer "
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
-_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
+         "responses": "/v1/responses", "messages": "/v1/messages", "rerank": "/v1/rerank", "score": "/v1/score",
+         "tokenize": "/tokenize", "detokenize": "/detokenize"}
+_STREAMING = frozenset({"chat", "completions", "responses", "messages"})
+_INCLUDE_USAGE = frozenset({"chat", "completions"})  # routes whose usage chunk must be asked for
+_MAX_TOKENS_HEADER = b"x-atlas-max-tokens"
 
 
 class Ticket:
@@ -91,12 +99,12 @@ async def authenticate(rt: Runtime, api_key: str) -> Principal:
 
 
 class InferenceEndpoint:
-    """Raw ASGI endpoint for one of chat / completions / embeddings."""
+    """Raw ASGI endpoint for one route of :data:`PATHS`."""
 
     def __init__(self, gateway, kind: str) -> None:
         self.gateway = gateway  # holds .runtime once the lifespan has started
         self.kind = kind
-        self.path = _PATHS[kind]
+        self.path = PATHS[kind]
 
     async def __call__(self, scope, receive, send) -> None:
         rt: Runtime = self.gateway.runtime
@@ -169,11 +177,17 @@ class InferenceEndpoint:
         if rt.shedder.should_shed(priority):
             raise errors.shed()
 
-        prompt_estimate, reserve = estimate(self.kind, doc, settings.default_max_tokens)
+        previous_tokens = 0
+        if doc.get("previous_response_id") is not None:
+            # continuing a stored response: only its creator may, and its tokens are re-fed
+            previous_tokens = await owned_responses.tokens_of(rt, principal, doc["previous_response_id"])
+        bound = rt.meter.bound(self.kind, doc, previous_tokens)
+        prompt_estimate = bound.prompt
+        reserve = bound.reserve
 
         ticket: Ticket | None = None
         try:
-            decision = await rt.admission.admit(principal, request_id, reserve)
+            decision = await rt.admission.admit(principal, request_id, reserve, prompt_estimate, bound.sequences)
         except REDIS_FAILURES as exc:
             metrics.count_redis_error("admit")
             rt.redis_health.failed(settings.fail_open, exc)
@@ -186,31 +200,48 @@ class InferenceEndpoint:
             headers += decision.headers
             if not decision.admitted:
                 raise rejection(decision, principal, reserve)
+            if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
+                bound.cap = (decision.reserved - prompt_estimate) // bound.sequences
+                reserve = decision.reserved
             ticket = Ticket(rt, principal, request_id, reserve)
+        if bound.sequences:
+            headers.append((_MAX_TOKENS_HEADER, str(bound.cap).encode()))
 
         try:
             await self._forward(rt, scope, receive, send, request_id, headers, state, started, doc, raw,
-                                model, priority, forward, ticket, prompt_estimate, reserve)
+                                model, priority, forward, ticket, prompt_estimate, reserve, bound.cap)
         finally:
             if ticket is not None and not ticket.done:  # a failure before the upstream call
                 await ticket.settle(0)
 
     async def _forward(self, rt: Runtime, scope, receive, send, request_id, headers, state, started, doc, raw,
-                       model, priority, forward, ticket, prompt_estimate, reserve) -> None:
+                       model, priority, forward, ticket, prompt_estimate, reserve, cap) -> None:
         settings = rt.settings
-        # What goes upstream: the client's bytes, unless we must add include_usage or priority.
-        streaming = self.kind != "embeddings" and doc.get("stream") is True
+        # What goes upstream: the client's bytes, unless we must set the completion cap, add
+        # include_usage or priority.
+        kind = self.kind
+        streaming = kind in _STREAMING and doc.get("stream") is True
         strip_usage = False
         modified = False
-        if streaming:
+        patch = None
+        if kind in GENERATING:  # the upstream may generate no more than was reserved
+            patch = cap_patch(kind, doc, cap, raw)
+            apply_cap(kind, doc, cap)
+            modified = patch is None
+        if streaming and kind in _INCLUDE_USAGE:
             options = doc.get("stream_options") or {}
             if not options.get("include_usage"):
                 doc["stream_options"] = {**options, "include_usage": True}
                 strip_usage = modified = True
-        if settings.forward_priority is not None and self.kind != "embeddings":
+        if settings.forward_priority is not None and kind in ("chat", "completions", "responses"):
             doc["priority"] = settings.forward_priority[priority]
             modified = True
-        payload = json.dumps(doc, separators=(",", ":")).encode() if modified else raw
+        if modified:
+            payload = json.dumps(doc, separators=(",", ":")).encode()
+        elif patch:  # only cap fields to add: append them to the client's object
+            payload = raw.rstrip()[:-1] + patch + b"}"
+        else:
+            payload = raw
         forward["content-type"] = "application/json"
         forward["x-request-id"] = request_id
         if rt.upstream_auth:
@@ -218,6 +249,8 @@ class InferenceEndpoint:
         url = rt.upstreams.base_for(model) + self.path
 
         call = _UpstreamCall(rt, ticket, state, headers, started, prompt_estimate, reserve)
+        if kind == "responses" and ticket is not None:
+            call.owner = ticket.principal.subjects[0]
         await call.run(scope, receive, send, url, payload, forward, streaming, strip_usage)
 
 
@@ -226,7 +259,7 @@ class _UpstreamCall:
 
     __slots__ = ("rt", "ticket", "state", "headers", "started", "prompt_estimate", "reserve",
                  "upstream_seconds", "finishing", "client_gone", "billed", "watcher", "_receive", "_task",
-                 "_refresher", "_refreshing")
+                 "_refresher", "_refreshing", "owner")
 
     # A non-streaming request starts listening for a client disconnect only once it has been
     # upstream this long: the listener task costs ~60 us of CPU (about 40 % of the handler's
@@ -248,6 +281,7 @@ class _UpstreamCall:
         self.watcher: asyncio.Future | None = None
         self._refresher: asyncio.TimerHandle | None = None
         self._refreshing: asyncio.Future | None = None
+        self.owner: str | None = None  # /v1/responses: the key subject a stored response belongs to
 
     def _start_watcher(self) -> None:
         if not self.finishing and self.watcher is None:
@@ -324,6 +358,8 @@ class _UpstreamCall:
                         metrics.observe_upstream(self.state["model"], self.upstream_seconds)
                         status = resp.status
                         self.billed = self._bill_body(status, body)
+                        if self.owner is not None and status == 200:
+                            await self._record_owner(response_id_from_body(body))
                         self._stop_watcher()
                         content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
                         # answer first, settle right after (in finally): the client does not
@@ -358,7 +394,14 @@ class _UpstreamCall:
 
     async def _settle(self) -> None:
         if self.ticket is not None:
-            await self.ticket.settle(self.billed[0] + self.billed[1])
+            actual = self.billed[0] + self.billed[1]
+            if actual > self.reserve:  # a misbehaving upstream: charged in full, and counted
+                metrics.count_overrun(self.state["ref"], actual - self.reserve)
+            await self.ticket.settle(actual)
+
+    async def _record_owner(self, response_id: str | None) -> None:
+        if response_id:
+            await owned_responses.record(self.rt, response_id, self.owner, self.billed[0] + self.billed[1])
 
     async def _fail(self, send, err: errors.GatewayError) -> None:
         self._stop_watcher()
@@ -377,16 +420,22 @@ class _UpstreamCall:
 
     async def _stream(self, resp, send, strip_usage: bool) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.headers})
-        stream = StreamState()
+        stream = StreamState(want_id=self.owner is not None)
         try:
             await pump(resp, send, stream, strip_usage)
         finally:
+            cut = stream.error is not None or self.client_gone
             if stream.usage is not None:
                 prompt, completion, total = split_usage(stream.usage)
-                self.billed = (prompt, total - prompt)
+                completion = total - prompt
+                if cut:  # a running count (message_delta) may lag what was delivered
+                    completion = max(completion, stream.delivered)
+                self.billed = (prompt, completion)
             else:  # cut short, or an upstream that ignores include_usage: bill what was delivered
                 self.billed = (self.prompt_estimate, stream.delivered)
-            if stream.error is not None or self.client_gone:
+            if cut:
                 resp.close()  # abort the upstream request: never read (or pay for) the rest
         self._stop_watcher()
+        if self.owner is not None:
+            await self._record_owner(stream.response_id)
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -19,6 +19,7 @@ from .auth import ConfigCache
 from .fastredis import FastRedis
 from .priority import Shedder
 from .settings import Settings
+from .tokens import Meter
 from .upstreams import Upstreams
 
 log = logging.getLogger("atlas_gateway")
@@ -68,6 +69,7 @@ class Runtime:
         self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
         self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
+        self.meter = Meter.from_settings(settings)
         self.shedder = Shedder(settings.shed_threshold, settings.shed_threshold_standard,
                                settings.shed_threshold_critical)
         self.redis_health = RedisHealth()

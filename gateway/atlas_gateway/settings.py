@@ -63,6 +63,11 @@ class Settings:
     config_ttl: float = 1.0
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_tokens: int = 4096
+    # the prompt bound's allowances (tokens; tokens.py, docs/metering.md)
+    template_tokens_per_request: int = 64
+    template_tokens_per_message: int = 8
+    template_tokens_per_prompt: int = 4
+    media_part_tokens: int = 2048
     lease_ttl: float = 300.0
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 300.0
@@ -103,7 +108,11 @@ class Settings:
             redis_timeout=_float(env, "ATLAS_REDIS_TIMEOUT_SECONDS", 0.5),
             config_ttl=_float(env, "ATLAS_CONFIG_TTL_SECONDS", 1.0),
             max_body_bytes=_int(env, "ATLAS_MAX_BODY_BYTES", 4 * 1024 * 1024),
-            default_max_tokens=_int(env, "ATLAS_DEFAULT_MAX_TOKENS", 4096),
+            default_max_tokens=max(1, _int(env, "ATLAS_DEFAULT_MAX_TOKENS", 4096)),
+            template_tokens_per_request=_int(env, "ATLAS_TEMPLATE_TOKENS_PER_REQUEST", 64),
+            template_tokens_per_message=_int(env, "ATLAS_TEMPLATE_TOKENS_PER_MESSAGE", 8),
+            template_tokens_per_prompt=_int(env, "ATLAS_TEMPLATE_TOKENS_PER_PROMPT", 4),
+            media_part_tokens=_int(env, "ATLAS_MEDIA_PART_TOKENS", 2048),
             lease_ttl=_float(env, "ATLAS_LEASE_TTL_SECONDS", 300.0),
             upstream_connect_timeout=_float(env, "ATLAS_UPSTREAM_CONNECT_TIMEOUT", 5.0),
             upstream_timeout=_float(env, "ATLAS_UPSTREAM_TIMEOUT", 300.0),

@@ -4,6 +4,9 @@ Complete events are forwarded as soon as they arrive (one ASGI send per network 
 completes at least one event). The usage chunk (``"choices": []`` with a ``usage`` object) is
 read for billing and, when the gateway injected ``stream_options.include_usage`` itself,
 removed from what the client receives. Only events that mention ``"usage"`` are parsed.
+Usage figures are cumulative: each event's figures replace the earlier ones field by field
+(per-frame usage in chat chunks, Anthropic's ``message_start`` then running ``message_delta``
+counts, the Responses API's terminal ``response.completed``/``incomplete``/``failed``).
 """
 
 from __future__ import annotations
@@ -14,16 +17,31 @@ import json
 import aiohttp
 
 from .errors import error_body
-from .usage import USAGE_OBJECT
+from .usage import USAGE_OBJECT, event_usage
 
 
 class StreamState:
-    __slots__ = ("usage", "delivered", "error")
+    __slots__ = ("usage", "delivered", "error", "want_id", "response_id")
 
-    def __init__(self) -> None:
+    def __init__(self, want_id: bool = False) -> None:
         self.usage: dict | None = None
         self.delivered = 0  # data events forwarded (vLLM sends about one token per event)
         self.error: str | None = None
+        self.want_id = want_id  # /v1/responses: note the id of the response being created
+        self.response_id: str | None = None
+
+
+def _note_response_id(block: bytes, state: StreamState) -> None:
+    at = block.find(b"data:")
+    end = block.find(b"\n\n", at)
+    try:
+        doc = json.loads(block[at + 5:end if end > 0 else None])
+    except ValueError:
+        return
+    response = doc.get("response") if isinstance(doc, dict) else None
+    if isinstance(response, dict) and isinstance(response.get("id"), str):
+        state.response_id = response["id"]
+        state.want_id = False
 
 
 def error_event(message: str, code: str) -> bytes:
@@ -32,6 +50,8 @@ def error_event(message: str, code: str) -> bytes:
 
 def _filter(block: bytes, state: StreamState, strip_usage: bool) -> bytes:
     """Forwardable bytes of ``block`` (one or more complete events), noting usage and counts."""
+    if state.want_id and b'"response"' in block:
+        _note_response_id(block, state)
     if b'"usage"' not in block or USAGE_OBJECT.search(block) is None:
         state.delivered += block.count(b"data:") - block.count(b"[DONE]")
         return block
@@ -45,11 +65,14 @@ def _filter(block: bytes, state: StreamState, strip_usage: bool) -> bytes:
                 doc = json.loads(data)
             except ValueError:
                 doc = None
-            if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
-                state.usage = doc["usage"]
-                if strip_usage and not doc.get("choices"):
+            usage = event_usage(doc) if isinstance(doc, dict) else None
+            if usage is not None:
+                state.usage = usage if state.usage is None else {**state.usage, **usage}
+                if doc.get("choices"):
+                    state.delivered += 1  # a content chunk carrying per-frame usage
+                elif strip_usage:
                     continue
-        elif event.startswith(b"data:") and b"[DONE]" not in event:
+        elif b"data:" in event and b"[DONE]" not in event:
             state.delivered += 1
         kept.append(event)
     return b"".join(e + b"\n\n" for e in kept)

@@ -25,8 +25,39 @@ def usage_from_body(body: bytes) -> dict | None:
 
 
 def split_usage(usage: dict) -> tuple[int, int, int]:
-    """(prompt, completion, total) with missing figures derived from the others."""
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    total = int(usage.get("total_tokens") or (prompt + completion))
+    """(prompt, completion, total) with missing figures derived from the others.
+
+    Understands OpenAI's chat/completions fields (``prompt_tokens``/``completion_tokens``), the
+    Responses API's and Anthropic's (``input_tokens``/``output_tokens``, plus Anthropic's cache
+    fields, which it counts apart from ``input_tokens``) and the pooling routes' (rerank, score:
+    ``total_tokens`` only, all of it prompt)."""
+    get = usage.get
+    prompt = int(get("prompt_tokens") or get("input_tokens") or 0)
+    prompt += int(get("cache_creation_input_tokens") or 0) + int(get("cache_read_input_tokens") or 0)
+    completion = int(get("completion_tokens") or get("output_tokens") or 0)
+    total = int(get("total_tokens") or 0)
+    if not prompt and not completion:
+        prompt = total
     return prompt, completion, max(total, prompt + completion)
+
+
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+
+
+def response_id_from_body(body: bytes) -> str | None:
+    """The id of a /v1/responses response: its first ``"id"`` (the top-level one comes first)."""
+    match = _RESPONSE_ID.search(body, 0, 4096)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def event_usage(doc: dict) -> dict | None:
+    """The usage an SSE event carries: top-level (chat, completions, Anthropic message_delta),
+    in ``response`` (Responses API terminal events) or in ``message`` (Anthropic message_start)."""
+    usage = doc.get("usage")
+    if isinstance(usage, dict):
+        return usage
+    for holder in ("response", "message"):
+        inner = doc.get(holder)
+        if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+            return inner["usage"]
+    return None

@@ -26,23 +26,35 @@ def _non_negative_int(doc: dict[str, Any], name: str, minimum: int = 0) -> None:
         raise errors.bad_request(f"'{name}' must be an integer >= {minimum}.", param=name)
 
 
+_REQUIRED = {  # route -> (field, accepted types, message)
+    "chat": ("messages", (list,), "'messages' must be a non-empty array."),
+    "completions": ("prompt", (str, list), "'prompt' is required (string or array)."),
+    "embeddings": ("input", (str, list), "'input' is required (string or array)."),
+    "responses": ("input", (str, list), "'input' is required (string or array of input items)."),
+    "messages": ("messages", (list,), "'messages' must be a non-empty array."),
+    "rerank": ("documents", (list,), "'documents' must be a non-empty array."),
+}
+
+
 def validate(kind: str, doc: dict[str, Any]) -> str:
     """Check the fields the gateway relies on; return the model name."""
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise errors.bad_request("'model' is required and must be a non-empty string.", param="model")
-    if kind == "chat":
-        messages = doc.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise errors.bad_request("'messages' must be a non-empty array.", param="messages")
-    elif kind == "completions":
-        if not isinstance(doc.get("prompt"), (str, list)):
-            raise errors.bad_request("'prompt' is required (string or array).", param="prompt")
-    else:
-        if not isinstance(doc.get("input"), (str, list)):
-            raise errors.bad_request("'input' is required (string or array).", param="input")
-    _non_negative_int(doc, "max_tokens")
-    _non_negative_int(doc, "max_completion_tokens")
+    required = _REQUIRED.get(kind)
+    if required is not None:
+        name, types, message = required
+        value = doc.get(name)
+        if not isinstance(value, types) or (isinstance(value, list) and not value and kind != "responses"):
+            raise errors.bad_request(message, param=name)
+    if kind == "rerank" and not isinstance(doc.get("query"), str):
+        raise errors.bad_request("'query' is required and must be a string.", param="query")
+    if kind == "score":
+        for name in ("text_1", "text_2"):
+            if not isinstance(doc.get(name), (str, list)):
+                raise errors.bad_request(f"'{name}' is required (string or array of strings).", param=name)
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens"):
+        _non_negative_int(doc, name)
     _non_negative_int(doc, "n", 1)
     _non_negative_int(doc, "best_of", 1)
     stream = doc.get("stream")
@@ -51,4 +63,7 @@ def validate(kind: str, doc: dict[str, Any]) -> str:
     options = doc.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
+    previous = doc.get("previous_response_id")
+    if previous is not None and (kind != "responses" or not isinstance(previous, str) or not previous):
+        raise errors.bad_request("'previous_response_id' must be a response id.", param="previous_response_id")
     return model

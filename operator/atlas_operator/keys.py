@@ -74,6 +74,7 @@ def desired_key_config(
         expires_at=expires.timestamp() if expires else None,
         refusal=refusal,
         refusal_message=message,
+        shortfall=contract.Shortfall.from_spec(spec),
     )
     if expires is not None and expires <= now:
         return config, False, cond.EXPIRED, f"the key expired at {cond.rfc3339(expires)}"

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from atlas_core import contract
-from atlas_core.contract import Limits, QuotaConfig
+from atlas_core.contract import Limits, QuotaConfig, Shortfall
 
 from . import conditions as cond, store
 from .keys import StatusConflict, status_delta
@@ -22,7 +22,8 @@ class QuotaOutcome:
 
 
 def desired_quota_config(namespace: str, name: str, spec: dict[str, Any]) -> QuotaConfig:
-    return QuotaConfig(namespace=namespace, name=name, limits=Limits.from_spec(spec.get("limits")))
+    return QuotaConfig(namespace=namespace, name=name, limits=Limits.from_spec(spec.get("limits")),
+                       shortfall=Shortfall.from_spec(spec))
 
 
 async def reconcile_quota(

@@ -23,6 +23,8 @@ VALID = [
     "key_long_name_with_secret_name",
     "quota_full",
     "quota_empty",
+    "key_shrink_full",
+    "quota_shrink_month",
 ]
 
 INVALID = {
@@ -51,6 +53,14 @@ INVALID = {
     "quota_tokens_per_day_zero": "spec.limits.tokensPerDay: Invalid value: 0",
     "quota_month_below_day": "spec.limits.tokensPerMonth: Invalid value: tokensPerMonth must be >= tokensPerDay",
     "quota_unknown_field": "unknown field \"spec.keys\"",
+    "key_shortfall_invalid": "spec.onBudgetShortfall: Unsupported value: \"Truncate\"",
+    "key_min_completion_without_shrink":
+        "spec.minCompletionTokens: Invalid value: minCompletionTokens applies only with onBudgetShortfall Shrink",
+    "key_shrink_without_budget": "spec.onBudgetShortfall: Invalid value: onBudgetShortfall Shrink needs a "
+                                 "limits.tokensPerDay or limits.tokensPerMonth budget",
+    "key_min_completion_zero": "spec.minCompletionTokens: Invalid value: 0",
+    "quota_min_completion_above_day":
+        "spec.minCompletionTokens: Invalid value: minCompletionTokens must be below limits.tokensPerDay",
 }
 
 

@@ -4,6 +4,7 @@ rotation, a missing quota, Redis flushed, and an operator restart that changes n
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -250,3 +251,23 @@ def test_events_posted_and_no_permission_errors(kube, operator):
     assert "is forbidden: User" not in log, log[-3000:]
     assert "NamespaceTerminating" not in log  # left-over test namespaces are handled quietly
     assert "sk-atlas-" not in log  # no key material in logs
+
+
+def test_shrink_from_the_manifest_lowers_the_forwarded_cap(kube, gateway):
+    import urllib.request
+
+    kube.apply(key_manifest("shrinker", limits={"tokensPerDay": 300}, onBudgetShortfall="Shrink",
+                            minCompletionTokens=16))
+    key = wait_until("the generated Secret", lambda: kube.secret_key("shrinker-api-key"), 30)
+    wait_until("accepted", lambda: status_of(gateway, key)() == 200, 30)
+    body = json.dumps({"model": "llama-3.1-8b-instruct", "max_tokens": 5000,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = urllib.request.Request(gateway.url + "/v1/chat/completions", body, method="POST", headers={
+        "authorization": f"Bearer {key}", "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200
+        cap = int(resp.headers["x-atlas-max-tokens"])
+    assert 16 <= cap < 300  # what the day budget still held, not a 429
+    kube("patch", "atlaskey", "shrinker", "--type=merge", "-p",
+         '{"spec":{"onBudgetShortfall":"Reject","minCompletionTokens":null}}')
+    wait_until("Reject again: the same request is refused", lambda: gateway.chat(key, tokens=5000)[0] == 429, 15)

@@ -13,6 +13,8 @@ import pytest
 import redis
 
 from atlas_core import contract
+from atlas_gateway.settings import Settings
+from atlas_gateway.tokens import Meter
 from tests.fixtures.gateway import wait_until
 
 MODEL = "llama-3.1-8b-instruct"
@@ -298,7 +300,9 @@ def test_client_disconnect_aborts_non_streaming_request(gateway, new_key, mock_u
                    headers={"Authorization": f"Bearer {key}", "x-mock-fail": "hang", "x-mock-id": mock_id})
     wait_until(lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5, message="upstream aborted")
     wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
-    assert 0 < usage_of(redis_url, name).tokens_today < 50  # the prompt estimate, no completion
+    prompt_bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(
+        "chat", {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}).prompt
+    assert usage_of(redis_url, name).tokens_today == prompt_bound  # the prompt bound, no completion
     assert mock_record(mock_upstream, mock_id)["count"] == 1
 
 
@@ -309,3 +313,23 @@ def test_request_id_on_every_response(gateway):
         assert r.headers.get("x-request-id"), (method, path, r.status_code)
     assert httpx.get(gateway.url + "/v1/nope").json()["error"]["code"] == "unknown_url"
     assert httpx.get(gateway.url + "/v1/chat/completions").status_code == 405
+
+
+def test_usage_above_the_reservation_is_charged_in_full_and_counted(sdk, gateway, new_key, redis_url):
+    key, name = new_key(contract.Limits(tokens_per_day=100_000))
+    completion = sdk(key).chat.completions.create(  # an upstream that counts far more than the bound
+        model=MODEL, messages=MESSAGES, max_tokens=5, extra_headers={"x-mock-prompt-tokens": "5000"})
+    assert completion.usage.total_tokens == 5005
+    wait_until(lambda: usage_of(redis_url, name).tokens_today == 5005, 5, message="charged in full")
+    metrics_text = httpx.get(gateway.url + "/metrics").text
+    assert f'atlas_gateway_usage_overrun_total{{key="team/{name}"}} 1.0' in metrics_text
+
+
+def test_the_cap_is_forwarded_even_when_the_client_sends_none(sdk, new_key, mock_upstream):
+    key, _ = new_key(contract.Limits(tokens_per_day=100_000))
+    mock_id = uuid.uuid4().hex
+    raw = sdk(key).chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, extra_headers={"x-mock-id": mock_id})
+    assert raw.headers["x-atlas-max-tokens"] == "256"  # this gateway's ATLAS_DEFAULT_MAX_TOKENS
+    forwarded = mock_record(mock_upstream, mock_id)["body"]
+    assert forwarded["max_tokens"] == forwarded["max_completion_tokens"] == 256

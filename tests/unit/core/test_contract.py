@@ -85,6 +85,23 @@ def test_minimal_key_config_is_compact_and_decodes_with_defaults():
 def test_quota_config_round_trip():
     cfg = QuotaConfig(namespace="n", name="q", limits=Limits(tokens_per_month=10))
     assert QuotaConfig.decode(cfg.encode()) == cfg
+    shrinking = QuotaConfig(namespace="n", name="q", shortfall=contract.Shortfall("Shrink", 32))
+    assert QuotaConfig.decode(shrinking.encode()) == shrinking
+
+
+def test_shortfall_defaults_are_not_stored_and_decode_back():
+    raw = KeyConfig(namespace="n", name="k", key_id="00000000").encode()
+    assert b"onBudgetShortfall" not in raw and b"minCompletionTokens" not in raw
+    assert KeyConfig.decode(raw).shortfall == contract.Shortfall("Reject", 16)
+    cfg = KeyConfig(namespace="n", name="k", key_id="00000000", shortfall=contract.Shortfall("Shrink", 1))
+    assert KeyConfig.decode(cfg.encode()).shortfall.shrink
+
+
+def test_response_owner_encoding():
+    raw = contract.encode_response_owner("k:team/app", 123)
+    assert contract.decode_response_owner(raw) == ("k:team/app", 123)
+    assert contract.decode_response_owner(None) is None
+    assert contract.response_owner_key("resp_1").startswith(contract.PREFIX)
 
 
 def test_usage_keys_follow_the_utc_calendar():

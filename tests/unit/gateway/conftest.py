@@ -21,8 +21,9 @@ def admission(fake_redis) -> Admission:
 
 
 def make_principal(key_limits: contract.Limits, quota_limits: contract.Limits | None = None,
-                   name: str = "app", **key_fields) -> Principal:
+                   name: str = "app", quota_shortfall: contract.Shortfall | None = None, **key_fields) -> Principal:
     key = contract.KeyConfig("team", name, "0123abcd", key_limits,
                              quota="shared" if quota_limits is not None else None, **key_fields)
-    quota = contract.QuotaConfig("team", "shared", quota_limits) if quota_limits is not None else None
+    quota = (contract.QuotaConfig("team", "shared", quota_limits, quota_shortfall or contract.Shortfall())
+             if quota_limits is not None else None)
     return Principal(key, quota)

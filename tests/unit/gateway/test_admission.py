@@ -232,3 +232,68 @@ async def test_refresh_is_a_no_op_for_keys_without_leases(admission, fake_redis)
     assert not p.leased
     assert (await admission.admit(p, "a", 1)).admitted
     assert await admission.refresh(p, "a") == 0
+
+
+# ------------------------------------------------------------------ onBudgetShortfall: Shrink
+
+SHRINK = contract.Shortfall("Shrink", 16)
+
+
+async def test_shrink_lowers_the_cap_to_what_the_day_budget_holds(admission):
+    p = make_principal(contract.Limits(tokens_per_day=1000), shortfall=SHRINK)
+    assert (await admission.admit(p, "a", 700, 100, 1)).reserved == 700
+    # 300 left: prompt 100 + cap 500 does not fit; 100 + 200 does
+    decision = await admission.admit(p, "b", 600, 100, 1)
+    assert decision.admitted and decision.reserved == 300
+    assert header(decision, "x-ratelimit-remaining-tokens") == "0"
+
+
+async def test_shrink_divides_what_is_left_between_the_sequences(admission):
+    p = make_principal(contract.Limits(tokens_per_day=1000), shortfall=SHRINK)
+    decision = await admission.admit(p, "a", 100 + 4 * 500, 100, 4)  # 900 left for 4 sequences
+    assert decision.admitted and decision.reserved == 100 + 4 * 225
+
+
+async def test_shrink_refuses_below_min_completion_tokens(admission, fake_redis):
+    p = make_principal(contract.Limits(tokens_per_day=1000), shortfall=contract.Shortfall("Shrink", 50))
+    assert (await admission.admit(p, "a", 900, 0, 0)).admitted  # embeddings-like: no shrink
+    before = await snapshot(fake_redis)
+    refused = await admission.admit(p, "b", 200, 60, 1)  # 100 left: 60 + 40 < 60 + 50
+    assert not refused.admitted and refused.reason == adm.DAY
+    assert await snapshot(fake_redis) == before
+
+
+async def test_request_smaller_than_min_completion_may_shrink_to_its_own_cap_only(admission):
+    p = make_principal(contract.Limits(tokens_per_day=100), shortfall=contract.Shortfall("Shrink", 50))
+    refused = await admission.admit(p, "a", 80 + 30, 80, 1)  # fits 20 of its 30: below its own cap
+    assert not refused.admitted
+
+
+async def test_reject_policy_never_shrinks(admission):
+    p = make_principal(contract.Limits(tokens_per_day=1000))
+    assert (await admission.admit(p, "a", 900, 100, 1)).admitted
+    refused = await admission.admit(p, "b", 200, 50, 1)
+    assert not refused.admitted and refused.reason == adm.DAY
+
+
+async def test_shrink_on_the_quota_and_the_lowest_fit_wins(admission):
+    p = make_principal(contract.Limits(tokens_per_day=10_000, tokens_per_month=600),
+                       contract.Limits(tokens_per_day=400), shortfall=SHRINK,
+                       quota_shortfall=SHRINK)
+    decision = await admission.admit(p, "a", 100 + 1000, 100, 1)
+    assert decision.admitted and decision.reserved == 400  # the quota's day budget is the lowest
+
+
+async def test_a_reject_subject_still_refuses_what_a_shrink_subject_would_shrink(admission):
+    p = make_principal(contract.Limits(tokens_per_day=300), contract.Limits(tokens_per_day=10_000),
+                       quota_shortfall=SHRINK)
+    refused = await admission.admit(p, "a", 100 + 1000, 100, 1)
+    assert not refused.admitted and refused.reason == adm.DAY and refused.subject == 1
+
+
+async def test_the_shrunk_reservation_is_what_tokens_per_minute_sees(admission):
+    p = make_principal(contract.Limits(tokens_per_day=500, tokens_per_minute=450), shortfall=SHRINK)
+    decision = await admission.admit(p, "a", 100 + 1000, 100, 1)  # 1100 > tpm, but shrunk to 500
+    assert not decision.admitted and decision.reason == adm.TOO_LARGE  # 500 > 450 still
+    p = make_principal(contract.Limits(tokens_per_day=400, tokens_per_minute=450), shortfall=SHRINK, name="b")
+    assert (await admission.admit(p, "b", 100 + 1000, 100, 1)).reserved == 400

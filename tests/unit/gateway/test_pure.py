@@ -1,4 +1,4 @@
-"""Pure functions of the gateway: token estimates, error shapes, globs, priority, parsing."""
+"""Pure functions of the gateway (prompt bounds: test_tokens.py): error shapes, globs, priority, parsing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from atlas_gateway import errors, tokens
+from atlas_gateway import errors
 from atlas_gateway.auth import api_key_from_headers
 from atlas_gateway.fastredis import ReplyError, _Incomplete, pack, parse
 from atlas_gateway.globs import compile_globs, first_match
@@ -16,45 +16,6 @@ from atlas_gateway.streaming import StreamState, _filter
 from atlas_gateway.upstreams import Upstreams
 from atlas_gateway.usage import split_usage, usage_from_body
 from atlas_gateway.validation import parse_body, validate
-
-
-# ------------------------------------------------------------------------------- tokens
-
-def test_text_estimate_errs_high_for_english():
-    text = "The quick brown fox jumps over the lazy dog. " * 20  # ~200 real tokens
-    assert tokens.text_tokens(text) >= 250
-
-
-def test_text_estimate_counts_utf8_bytes():
-    assert tokens.text_tokens("日本語") == 3  # 9 bytes / 3
-
-
-def test_chat_reservation_uses_max_tokens_and_n():
-    body = {"messages": [{"role": "user", "content": "abcdef"}], "max_tokens": 50, "n": 2}
-    prompt, reserve = tokens.estimate("chat", body, 4096)
-    assert prompt == tokens.PRIMER + tokens.PER_MESSAGE + 2
-    assert reserve == prompt + 100
-
-
-def test_max_completion_tokens_wins_and_default_applies():
-    body = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7, "max_tokens": 99}
-    assert tokens.estimate("chat", body, 4096)[1] - tokens.estimate("chat", body, 4096)[0] == 7
-    body = {"messages": [{"role": "user", "content": "x"}]}
-    prompt, reserve = tokens.estimate("chat", body, 321)
-    assert reserve - prompt == 321
-
-
-def test_images_and_content_parts():
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "data:" + "A" * 100000}}]}]}
-    prompt, _ = tokens.estimate("chat", body, 1)
-    assert prompt == tokens.PRIMER + tokens.PER_MESSAGE + 1 + tokens.IMAGE_TOKENS
-
-
-def test_token_id_prompts_and_embeddings():
-    assert tokens.estimate("completions", {"prompt": [1, 2, 3], "max_tokens": 5}, 10) == (3, 8)
-    assert tokens.estimate("completions", {"prompt": [[1, 2], [3]], "max_tokens": 0}, 10) == (3, 3)
-    assert tokens.estimate("embeddings", {"input": ["abc", "abcdef"]}, 4096) == (3, 3)
 
 
 # ------------------------------------------------------------------------------- errors
@@ -205,3 +166,46 @@ def test_pre_encoded_script_call_equals_plain_encoding():
     keys, dynamic, static = (b"k1", b"k2"), (b"rid", b"12"), (b"a", b"bcd", b"")
     encoded = script.prefix(keys, len(dynamic) + len(static)) + pack_args(dynamic) + pack_args(static)
     assert encoded == pack((b"EVALSHA", script.sha, b"2", *keys, *dynamic, *static))
+
+
+# ------------------------------------------------------------------------------- usage of every route
+
+def test_split_usage_reads_every_routes_fields():
+    assert split_usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}) == (3, 4, 7)
+    assert split_usage({"input_tokens": 5, "output_tokens": 6, "total_tokens": 11}) == (5, 6, 11)
+    # Anthropic counts cache reads and writes apart from input_tokens
+    assert split_usage({"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 10,
+                        "output_tokens": 2}) == (115, 2, 117)
+    assert split_usage({"total_tokens": 42}) == (42, 0, 42)  # rerank: all prompt
+
+
+def sse(event: str | None, doc: dict) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def test_stream_usage_is_cumulative_and_the_last_value_wins():
+    state = StreamState()
+    _filter(sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9,
+                                                                                "output_tokens": 1}}}),
+            state, False)
+    _filter(sse("content_block_delta", {"type": "content_block_delta", "delta": {"text": "x"}}), state, False)
+    _filter(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 15}}), state, False)
+    _filter(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 30}}), state, False)
+    assert split_usage(state.usage) == (9, 30, 39)
+    chat = StreamState()
+    for done in (1, 2, 3):  # per-frame cumulative usage (continuous_usage_stats)
+        _filter(sse(None, {"choices": [{"delta": {"content": "x"}}],
+                           "usage": {"prompt_tokens": 4, "completion_tokens": done, "total_tokens": 4 + done}}),
+                chat, True)
+    assert split_usage(chat.usage) == (4, 3, 7) and chat.delivered == 3
+
+
+def test_responses_stream_notes_the_id_and_the_terminal_usage():
+    state = StreamState(want_id=True)
+    _filter(sse("response.created", {"type": "response.created", "response": {"id": "resp_1", "usage": None}}),
+            state, False)
+    _filter(sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": "x"}), state, False)
+    _filter(sse("response.incomplete", {"type": "response.incomplete", "response": {
+        "id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}}), state, False)
+    assert state.response_id == "resp_1" and split_usage(state.usage) == (7, 3, 10)

@@ -172,3 +172,15 @@ async def test_delete_removes_config_keeps_counters(kube, redis):
     assert await redis.hget(contract.KEY_INDEX, "team/frontend") is None
     assert int(await redis.hget(month_key, "settled")) == 7
     assert not await delete_key(kube.get(KEYS, "frontend"), redis=redis)  # idempotent
+
+
+async def test_budget_shortfall_policy_is_written_for_the_gateway(kube, redis):
+    kube.add(KEYS, "shrinker", {"limits": {"tokensPerDay": 1000}, "onBudgetShortfall": "Shrink",
+                                "minCompletionTokens": 64})
+    await run(kube, redis, name="shrinker")
+    config = await config_for(redis, kube.secret_value("shrinker-api-key"))
+    assert config.shortfall == contract.Shortfall("Shrink", 64)
+    kube.add(KEYS, "plain", {"limits": {"tokensPerDay": 1000}})
+    await run(kube, redis, name="plain")
+    config = await config_for(redis, kube.secret_value("plain-api-key"))
+    assert config.shortfall == contract.Shortfall("Reject", contract.DEFAULT_MIN_COMPLETION_TOKENS)

@@ -161,3 +161,11 @@ async def test_usage_patch_deletes_stale_fields_so_it_converges(kube, redis):
     assert kube.patches[0][3]["usage"]["lastRequestTime"] is None
     assert "lastRequestTime" not in kube.get(KEYS, "b")["status"]["usage"]
     assert (await usage_cycle(redis, kube, *views(), NOW)).patches == 0
+
+
+async def test_quota_budget_shortfall_policy_is_written(kube, redis):
+    kube.add(QUOTAS, "shrinking", {"limits": {"tokensPerDay": 100}, "onBudgetShortfall": "Shrink"})
+    await reconcile_quota(kube.get(QUOTAS, "shrinking"), kube=kube, redis=redis, key_count=0, now=NOW)
+    raw = await redis.get(contract.quota_config_key("team", "shrinking"))
+    assert QuotaConfig.decode(raw).shortfall == contract.Shortfall("Shrink", 16)
+    assert b'"onBudgetShortfall":"Shrink"' in raw and b"minCompletionTokens" not in raw

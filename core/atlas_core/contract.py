@@ -343,3 +343,39 @@ async def read_usages(redis: Any, subjects: Iterable[str], now: datetime) -> dic
         subject: parse_usage(replies[2 * i], replies[2 * i + 1], now)
         for i, subject in enumerate(subjects)
     }
+
+
+# --------------------------------------------------------------------------- forecast history
+#
+# Owned by the operator (derived from the counters it reads; the gateway never touches it):
+#
+#   history:<subject>   list  samples of the subject's month counter, oldest first, each
+#                             "<unix ms> <YYYY-MM> <settled that month> <running total>"
+#
+# The running total never goes down (a new month restarts the raw counter, not the total), so
+# the burn between two samples is one subtraction. A restarted operator reads these lists back
+# instead of forecasting from nothing; a quiet subject's list simply expires.
+
+HISTORY_MAX_SAMPLES = 80  # a little over an hour at one sample a minute
+HISTORY_TTL_SECONDS = 2 * 3600
+
+
+def history_key(subject: str) -> str:
+    return f"{PREFIX}history:{subject}"
+
+
+@dataclass(frozen=True)
+class HistorySample:
+    at_ms: int
+    month: str
+    settled: int  # tokensThisMonth as read
+    total: int  # running total of tokens burnt since the history began
+
+    def encode(self) -> bytes:
+        return f"{self.at_ms} {self.month} {self.settled} {self.total}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "HistorySample":
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        at_ms, month, settled, total = text.split(" ")
+        return cls(int(at_ms), month, int(settled), int(total))

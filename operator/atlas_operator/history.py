@@ -1,0 +1,83 @@
+"""Each subject's counter history, in memory and in Redis (so it survives an operator restart).
+
+The write-back cycle already reads every subject's month counter; :meth:`History.observe` turns
+that reading into a burn rate and, for the subjects whose counter moved and whose last sample
+is at least a minute old, a sample to persist. A quiet subject never costs a Redis write (its
+first reading is a baseline kept in memory only).
+Histories are read from Redis once per subject (the first cycle that sees it), in pipelined
+batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from atlas_core import contract
+from atlas_core.contract import HistorySample
+
+from . import forecast
+
+
+class History:
+    def __init__(self) -> None:
+        self.samples: dict[str, list[HistorySample]] = {}
+        self._pending: list[tuple[str, HistorySample]] = []
+
+    async def load(self, redis: Any, subjects: Iterable[str], batch: int = 5000) -> int:
+        """Read the stored history of every subject not seen yet; returns round trips made."""
+        missing = [s for s in subjects if s not in self.samples]
+        trips = 0
+        for start in range(0, len(missing), batch):
+            chunk = missing[start:start + batch]
+            pipe = redis.pipeline(transaction=False)
+            for subject in chunk:
+                pipe.lrange(contract.history_key(subject), 0, -1)
+            replies = await pipe.execute()
+            trips += 1
+            for subject, raw in zip(chunk, replies):
+                samples = []
+                for item in raw or ():
+                    try:
+                        samples.append(HistorySample.decode(item))
+                    except ValueError:
+                        continue  # a damaged sample is skipped, not fatal
+                samples.sort(key=lambda s: s.at_ms)
+                self.samples[subject] = samples
+        return trips
+
+    def observe(self, subject: str, at_ms: int, month: str, settled: int) -> forecast.BurnRate | None:
+        """Record a reading; the burn rate it implies (None: too little history, or quiet)."""
+        samples = self.samples.setdefault(subject, [])
+        forecast.trim(samples, at_ms)
+        reading = forecast.advance(samples, at_ms, month, settled)
+        rate = forecast.burn_rate(samples, reading)
+        if forecast.should_store(samples, reading):
+            if samples:  # a first sample (the baseline) stays in memory: quiet subjects write nothing
+                self._pending.append((subject, reading))
+            samples.append(reading)
+        return rate
+
+    @property
+    def pending(self) -> int:
+        """Samples waiting for :meth:`flush`."""
+        return len(self._pending)
+
+    def forget(self, live: set[str]) -> None:
+        """Drop the in-memory history of subjects that no longer exist (their Redis list expires)."""
+        for subject in [s for s in self.samples if s not in live]:
+            del self.samples[subject]
+
+    async def flush(self, redis: Any, batch: int = 3000) -> int:
+        """Persist the samples observed since the last flush; returns round trips made."""
+        pending, self._pending = self._pending, []
+        trips = 0
+        for start in range(0, len(pending), batch):
+            pipe = redis.pipeline(transaction=False)
+            for subject, sample in pending[start:start + batch]:
+                key = contract.history_key(subject)
+                pipe.rpush(key, sample.encode())
+                pipe.ltrim(key, -contract.HISTORY_MAX_SAMPLES, -1)
+                pipe.expire(key, contract.HISTORY_TTL_SECONDS)
+            await pipe.execute()
+            trips += 1
+        return trips

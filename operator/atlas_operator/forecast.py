@@ -19,6 +19,7 @@ of history, or nothing burnt over it (a quiet subject), there is no forecast at 
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
@@ -31,7 +32,8 @@ RETENTION = 3600.0  # seconds: the long window (oldest sample kept)
 SPACING = 60.0  # seconds between stored samples of one subject
 
 # "Meaningful" forecast change: only these trigger a status patch of their own.
-RATE_CHANGE = 0.10  # relative change of tokensPerHour
+RATE_CHANGE = 0.10  # relative change of tokensPerHour, while a budget is at risk
+RATE_CHANGE_SAFE = 0.25  # ...and while none is (a key going quiet decays in fewer patches)
 EXHAUSTS_SHIFT = 0.10  # relative shift of the time left until exhaustsAt
 EXHAUSTS_SHIFT_MIN = 60.0  # ...but never less than this many seconds
 
@@ -132,11 +134,13 @@ class Budget:
     resets_at: datetime
 
 
+@functools.lru_cache(maxsize=8)  # one cycle asks once per subject with the same ``now``
 def next_day(now: datetime) -> datetime:
     day = now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     return day + timedelta(days=1)
 
 
+@functools.lru_cache(maxsize=8)
 def next_month(now: datetime) -> datetime:
     now = now.astimezone(timezone.utc)
     year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
@@ -192,10 +196,11 @@ def changed_meaningfully(old: dict[str, Any] | None, new: dict[str, Any] | None,
     """Whether ``status.forecast`` should be rewritten (small jitter is not worth a patch)."""
     if old is None or new is None:
         return (old is None) != (new is None)
-    before, after = old.get("tokensPerHour") or 0, new.get("tokensPerHour") or 0
-    if abs(after - before) > RATE_CHANGE * max(before, 1):
-        return True
     old_at, new_at = old.get("exhaustsAt"), new.get("exhaustsAt")
+    before, after = old.get("tokensPerHour") or 0, new.get("tokensPerHour") or 0
+    threshold = RATE_CHANGE if old_at or new_at else RATE_CHANGE_SAFE
+    if abs(after - before) > threshold * max(before, 1):
+        return True
     if (old_at is None) != (new_at is None):
         return True
     if old_at is None:

@@ -131,6 +131,8 @@ def _forecast(history: History | None, subject: str, limits: Limits, usage: Usag
     if history is None:
         return NO_FORECAST
     rate = history.observe(subject, int(now.timestamp() * 1000), usage.month, usage.tokens_this_month)
+    if rate is None:
+        return None
     return fc.forecast(rate, fc.token_budgets(limits, usage.tokens_today, usage.tokens_this_month, now), now)
 
 

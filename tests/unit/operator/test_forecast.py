@@ -116,7 +116,10 @@ def test_the_soonest_budget_is_named_and_a_spent_one_runs_out_now():
     (None, {"tokensPerHour": 5, "basis": "last 5m"}, True),
     ({"tokensPerHour": 1000, "basis": "last 5m"}, None, True),
     ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1090, "basis": "last 1h"}, False),
-    ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1200, "basis": "last 5m"}, True),
+    ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1200, "basis": "last 5m"}, False),
+    ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1300, "basis": "last 5m"}, True),
+    ({"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
+     {"tokensPerHour": 1150, "exhaustsAt": "2026-11-27T14:00:00Z"}, True),
     ({"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
      {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:05:00Z"}, False),  # 5 min of 2 h
     ({"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},

@@ -39,6 +39,25 @@ CONFIG_EPOCH = PREFIX + "config:epoch"
 KEY_INDEX = PREFIX + "index:keys"
 # Set of ``namespace/name`` of every AtlasQuota the operator has written.
 QUOTA_INDEX = PREFIX + "index:quotas"
+# ``namespace/name`` -> "<key hash> <unix seconds>": the key a rotation replaced, kept working
+# until then (spec.rotationGracePeriod). Its config entry is a copy of the current one (same
+# usage identity) that expires at that time by itself, so no gateway change is needed.
+PREVIOUS_KEY_INDEX = PREFIX + "index:previous-keys"
+
+
+@dataclass(frozen=True)
+class PreviousKey:
+    key_hash: str
+    until: float  # unix seconds: refused from then on
+
+    def encode(self) -> str:
+        return f"{self.key_hash} {self.until:.3f}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "PreviousKey":
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        key_hash, until = text.split(" ")
+        return cls(key_hash, float(until))
 
 
 # --------------------------------------------------------------------------- key material

@@ -185,8 +185,11 @@ class InferenceEndpoint:
                 rt.redis_health.ok()
             headers += decision.headers
             if not decision.admitted:
-                raise rejection(decision, principal, reserve)
+                refused = rejection(decision, principal, reserve)
+                metrics.count_refused(state["model"], refused.reason or refused.code, reserve)
+                raise refused
             ticket = Ticket(rt, principal, request_id, reserve)
+            metrics.count_admitted(state["model"], reserve)
 
         try:
             await self._forward(rt, scope, receive, send, request_id, headers, state, started, doc, raw,
@@ -308,6 +311,7 @@ class _UpstreamCall:
         shedder.inflight += 1
         if metrics.MULTIPROCESS:
             metrics.INFLIGHT.inc()
+        metrics.upstream_started(self.state["model"])
         status = 0
         try:
             t_up = perf_counter()
@@ -350,6 +354,7 @@ class _UpstreamCall:
             shedder.inflight -= 1
             if metrics.MULTIPROCESS:
                 metrics.INFLIGHT.dec()
+            metrics.upstream_finished(self.state["model"])
             await self._settle()
             state = self.state
             metrics.count_request(state["ref"], state["model"], status, state["priority"])

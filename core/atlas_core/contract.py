@@ -383,7 +383,7 @@ def history_key(subject: str) -> str:
     return f"{PREFIX}history:{subject}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # ~15 per subject in the operator's memory
 class HistorySample:
     at_ms: int
     month: str

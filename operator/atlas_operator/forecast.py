@@ -30,6 +30,8 @@ MIN_HISTORY = 60.0  # seconds: never forecast from less
 RECENT = 300.0  # seconds: the recent window
 RETENTION = 3600.0  # seconds: the long window (oldest sample kept)
 SPACING = 60.0  # seconds between stored samples of one subject
+FINE = RECENT + 2 * SPACING  # samples this recent are all kept in memory
+COARSE = 600.0  # older ones one per this many seconds
 
 # "Meaningful" forecast change: only these trigger a status patch of their own.
 RATE_CHANGE = 0.10  # relative change of tokensPerHour, while a budget is at risk
@@ -77,6 +79,19 @@ def trim(samples: list[HistorySample], now_ms: int) -> None:
         drop += 1
     if drop:
         del samples[:drop]
+
+
+def thin(samples: list[HistorySample], now_ms: int) -> None:
+    """Keep every sample of the last FINE seconds (where the recent window starts), but older
+    ones only COARSE apart (the long window needs just its start): ~15 samples per subject."""
+    fine_from = now_ms - FINE * 1000
+    kept: list[HistorySample] = []
+    for i, sample in enumerate(samples):
+        if (not kept or sample.at_ms >= fine_from or i == len(samples) - 1
+                or sample.at_ms - kept[-1].at_ms >= COARSE * 1000):
+            kept.append(sample)
+    if len(kept) != len(samples):
+        samples[:] = kept
 
 
 @dataclass(frozen=True)

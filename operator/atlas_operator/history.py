@@ -42,6 +42,8 @@ class History:
                     except ValueError:
                         continue  # a damaged sample is skipped, not fatal
                 samples.sort(key=lambda s: s.at_ms)
+                if samples:
+                    forecast.thin(samples, samples[-1].at_ms)
                 self.samples[subject] = samples
         return trips
 
@@ -55,6 +57,7 @@ class History:
             if samples:  # a first sample (the baseline) stays in memory: quiet subjects write nothing
                 self._pending.append((subject, reading))
             samples.append(reading)
+            forecast.thin(samples, at_ms)
         return rate
 
     @property

@@ -220,3 +220,16 @@ async def test_quiet_key_gets_neither_forecast_nor_patches(kube, redis):
     status = kube.get(KEYS, "burner")["status"]
     assert "forecast" not in status and cond.find(status["conditions"], cond.BUDGET_AT_RISK) is None
     assert kube.patches == []
+
+
+def test_history_memory_stays_small_over_hours():
+    history = History()
+    t = START
+    for step in range(6 * 360):  # six hours of steady traffic, one reading every 10 s
+        history.observe("k:a/b", ms(t), "2026-11", step * 50)
+        t += timedelta(seconds=10)
+    samples = history.samples["k:a/b"]
+    assert len(samples) <= 16
+    assert (ms(t) - samples[0].at_ms) / 1000 <= fc.RETENTION + fc.COARSE + 20  # the long window's start
+    rate = history.observe("k:a/b", ms(t), "2026-11", 6 * 360 * 50)
+    assert abs(rate.tokens_per_hour - 50 * 360) <= 0.02 * 50 * 360

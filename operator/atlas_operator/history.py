@@ -3,7 +3,7 @@
 The write-back cycle already reads every subject's month counter; :meth:`History.observe` turns
 that reading into a burn rate and, for the subjects whose counter moved and whose last sample
 is at least a minute old, a sample to persist. A quiet subject never costs a Redis write (its
-first reading is a baseline kept in memory only).
+first reading is a baseline kept in memory only until its counter moves).
 Histories are read from Redis once per subject (the first cycle that sees it), in pipelined
 batches.
 """
@@ -22,6 +22,7 @@ class History:
     def __init__(self) -> None:
         self.samples: dict[str, list[HistorySample]] = {}
         self._pending: list[tuple[str, HistorySample]] = []
+        self._baseline_only: set[str] = set()  # first sample still in memory only
 
     async def load(self, redis: Any, subjects: Iterable[str], batch: int = 5000) -> int:
         """Read the stored history of every subject not seen yet; returns round trips made."""
@@ -54,7 +55,14 @@ class History:
         reading = forecast.advance(samples, at_ms, month, settled)
         rate = forecast.burn_rate(samples, reading)
         if forecast.should_store(samples, reading):
-            if samples:  # a first sample (the baseline) stays in memory: quiet subjects write nothing
+            # A first sample (the baseline) stays in memory until the counter moves: quiet
+            # subjects write nothing; an active one persists it with its first change.
+            if not samples:
+                self._baseline_only.add(subject)
+            else:
+                if subject in self._baseline_only:
+                    self._baseline_only.discard(subject)
+                    self._pending.append((subject, samples[0]))
                 self._pending.append((subject, reading))
             samples.append(reading)
             forecast.thin(samples, at_ms)
@@ -69,6 +77,7 @@ class History:
         """Drop the in-memory history of subjects that no longer exist (their Redis list expires)."""
         for subject in [s for s in self.samples if s not in live]:
             del self.samples[subject]
+            self._baseline_only.discard(subject)
 
     async def flush(self, redis: Any, batch: int = 3000) -> int:
         """Persist the samples observed since the last flush; returns round trips made."""

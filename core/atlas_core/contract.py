@@ -368,14 +368,15 @@ async def read_usages(redis: Any, subjects: Iterable[str], now: datetime) -> dic
 #
 # Owned by the operator (derived from the counters it reads; the gateway never touches it):
 #
-#   history:<subject>   list  samples of the subject's month counter, oldest first, each
-#                             "<unix ms> <YYYY-MM> <settled that month> <running total>"
+#   history:<subject>   string  the subject's recent samples of its month counter, oldest first,
+#                               comma-separated, each "<unix ms> <YYYY-MM> <settled that month>
+#                               <running total>"; rewritten whole (one SET) when a sample is added
 #
 # The running total never goes down (a new month restarts the raw counter, not the total), so
-# the burn between two samples is one subtraction. A restarted operator reads these lists back
-# instead of forecasting from nothing; a quiet subject's list simply expires.
+# the burn between two samples is one subtraction. A restarted operator reads these back instead
+# of forecasting from nothing; a quiet subject's entry simply expires.
 
-HISTORY_MAX_SAMPLES = 80  # a little over an hour at one sample a minute
+HISTORY_MAX_SAMPLES = 32  # the operator keeps ~15 (recent ones, then one per 10 minutes)
 HISTORY_TTL_SECONDS = 2 * 3600
 
 
@@ -390,11 +391,30 @@ class HistorySample:
     settled: int  # tokensThisMonth as read
     total: int  # running total of tokens burnt since the history began
 
-    def encode(self) -> bytes:
-        return f"{self.at_ms} {self.month} {self.settled} {self.total}".encode()
+    def encode(self) -> str:
+        return f"{self.at_ms} {self.month} {self.settled} {self.total}"
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "HistorySample":
         text = raw.decode() if isinstance(raw, bytes) else raw
         at_ms, month, settled, total = text.split(" ")
         return cls(int(at_ms), month, int(settled), int(total))
+
+
+def encode_history(samples: Iterable[HistorySample]) -> bytes:
+    return ",".join(s.encode() for s in list(samples)[-HISTORY_MAX_SAMPLES:]).encode()
+
+
+def decode_history(raw: bytes | str | None) -> list[HistorySample]:
+    """The samples of a :func:`history_key` value; damaged entries are skipped."""
+    if not raw:
+        return []
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(HistorySample.decode(item))
+        except ValueError:
+            continue
+    out.sort(key=lambda s: s.at_ms)
+    return out

@@ -21,8 +21,7 @@ from . import forecast
 class History:
     def __init__(self) -> None:
         self.samples: dict[str, list[HistorySample]] = {}
-        self._pending: list[tuple[str, HistorySample]] = []
-        self._baseline_only: set[str] = set()  # first sample still in memory only
+        self._dirty: set[str] = set()  # subjects that gained a sample since the last flush
 
     async def load(self, redis: Any, subjects: Iterable[str], batch: int = 5000) -> int:
         """Read the stored history of every subject not seen yet; returns round trips made."""
@@ -30,19 +29,10 @@ class History:
         trips = 0
         for start in range(0, len(missing), batch):
             chunk = missing[start:start + batch]
-            pipe = redis.pipeline(transaction=False)
-            for subject in chunk:
-                pipe.lrange(contract.history_key(subject), 0, -1)
-            replies = await pipe.execute()
+            replies = await redis.mget([contract.history_key(s) for s in chunk])
             trips += 1
             for subject, raw in zip(chunk, replies):
-                samples = []
-                for item in raw or ():
-                    try:
-                        samples.append(HistorySample.decode(item))
-                    except ValueError:
-                        continue  # a damaged sample is skipped, not fatal
-                samples.sort(key=lambda s: s.at_ms)
+                samples = contract.decode_history(raw)
                 if samples:
                     forecast.thin(samples, samples[-1].at_ms)
                 self.samples[subject] = samples
@@ -57,39 +47,33 @@ class History:
         if forecast.should_store(samples, reading):
             # A first sample (the baseline) stays in memory until the counter moves: quiet
             # subjects write nothing; an active one persists it with its first change.
-            if not samples:
-                self._baseline_only.add(subject)
-            else:
-                if subject in self._baseline_only:
-                    self._baseline_only.discard(subject)
-                    self._pending.append((subject, samples[0]))
-                self._pending.append((subject, reading))
+            if samples:
+                self._dirty.add(subject)
             samples.append(reading)
             forecast.thin(samples, at_ms)
         return rate
 
     @property
     def pending(self) -> int:
-        """Samples waiting for :meth:`flush`."""
-        return len(self._pending)
+        """Subjects whose history waits for :meth:`flush`."""
+        return len(self._dirty)
 
     def forget(self, live: set[str]) -> None:
         """Drop the in-memory history of subjects that no longer exist (their Redis list expires)."""
         for subject in [s for s in self.samples if s not in live]:
             del self.samples[subject]
-            self._baseline_only.discard(subject)
+            self._dirty.discard(subject)
 
-    async def flush(self, redis: Any, batch: int = 3000) -> int:
-        """Persist the samples observed since the last flush; returns round trips made."""
-        pending, self._pending = self._pending, []
+    async def flush(self, redis: Any, batch: int = 5000) -> int:
+        """Persist the histories that gained a sample since the last flush (one SET each);
+        returns round trips made."""
+        subjects, self._dirty = sorted(self._dirty), set()
         trips = 0
-        for start in range(0, len(pending), batch):
+        for start in range(0, len(subjects), batch):
             pipe = redis.pipeline(transaction=False)
-            for subject, sample in pending[start:start + batch]:
-                key = contract.history_key(subject)
-                pipe.rpush(key, sample.encode())
-                pipe.ltrim(key, -contract.HISTORY_MAX_SAMPLES, -1)
-                pipe.expire(key, contract.HISTORY_TTL_SECONDS)
+            for subject in subjects[start:start + batch]:
+                pipe.set(contract.history_key(subject), contract.encode_history(self.samples.get(subject, ())),
+                         ex=contract.HISTORY_TTL_SECONDS)
             await pipe.execute()
             trips += 1
         return trips

@@ -127,10 +127,11 @@ def urgency(item: tuple[str, ObjectView, dict[str, Any]]) -> tuple[int, int]:
     return (0 if "conditions" in patch else 1 if plural == QUOTAS else 2, -abs(new - old))
 
 
-def _forecast(history: History | None, subject: str, limits: Limits, usage: Usage, now: datetime) -> Any:
+def _forecast(history: History | None, subject: str, limits: Limits, usage: Usage, now: datetime,
+              now_ms: int) -> Any:
     if history is None:
         return NO_FORECAST
-    rate = history.observe(subject, int(now.timestamp() * 1000), usage.month, usage.tokens_this_month)
+    rate = history.observe(subject, now_ms, usage.month, usage.tokens_this_month)
     if rate is None:
         return None
     return fc.forecast(rate, fc.token_budgets(limits, usage.tokens_today, usage.tokens_this_month, now), now)
@@ -149,6 +150,7 @@ def plan(
     """
     observed = observed if observed is not None else []
     events = events if events is not None else {}
+    now_ms = int(now.timestamp() * 1000)
     # Objects not reconciled yet are left to their reconcile (which writes the first status):
     # patching them here would only make that reconcile's precondition fail.
     keys = [k for k in keys if not k.deleting]
@@ -167,7 +169,7 @@ def plan(
         limits = Limits.from_spec(quota.spec.get("limits"))
         state = exhaustion(limits, usage)
         quota_exhausted[(quota.namespace, quota.name)] = state
-        forecast = _forecast(history, contract.quota_subject(quota.namespace, quota.name), limits, usage, now)
+        forecast = _forecast(history, contract.quota_subject(quota.namespace, quota.name), limits, usage, now, now_ms)
         if forecast not in (None, NO_FORECAST):
             observed.append((quota.namespace, quota.name, "AtlasQuota", forecast))
         posted: list[tuple[str, str, str]] = []
@@ -186,7 +188,7 @@ def plan(
         shared = quota_exhausted.get((key.namespace, key.quota)) if key.quota else None
         if not state[0] and shared and shared[0]:
             state = (True, cond.SHARED_BUDGET_SPENT, f"AtlasQuota {key.quota!r}: {shared[2]}")
-        forecast = _forecast(history, contract.key_subject(key.namespace, key.name), limits, usage, now)
+        forecast = _forecast(history, contract.key_subject(key.namespace, key.name), limits, usage, now, now_ms)
         if forecast not in (None, NO_FORECAST):
             observed.append((key.namespace, key.name, "AtlasKey", forecast))
         posted = []

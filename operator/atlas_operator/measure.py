@@ -112,9 +112,10 @@ async def run_fake(n_keys: int, n_quotas: int, redis_url: str, forecasting: bool
         nonlocal keys, quotas, now
         before = kube.writes
         stats = await usage_cycle(redis, kube, keys, quotas, now, history=history)
-        print(f"  {label:<26} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms, "
+        print(f"  {label:<26} {stats.seconds * 1000:7.0f} ms/cycle  (usage read {stats.read_seconds * 1000:.0f} ms, "
+              f"diff+forecast {stats.plan_seconds * 1000:.0f} ms, history I/O {stats.history_seconds * 1000:.0f} ms, "
               f"{stats.redis_round_trips} round trips)  API writes: {kube.writes - before}  "
-              f"forecasts: {stats.forecasts}  history samples written: {stats.history_writes}")
+              f"forecasts: {stats.forecasts}  histories written: {stats.history_writes}")
         keys = apply_patches_to_views(keys, kube)
         quotas = apply_patches_to_views(quotas, kube)
         now += timedelta(seconds=61 if forecasting else 0)

@@ -37,6 +37,8 @@ class CycleStats:
     forecasts: int = 0  # subjects with a forecast this cycle
     history_writes: int = 0  # samples persisted to Redis this cycle
     read_seconds: float = 0.0
+    plan_seconds: float = 0.0  # diffing, forecasts included
+    history_seconds: float = 0.0  # reading and writing forecast histories in Redis
     seconds: float = 0.0
 
 
@@ -228,18 +230,24 @@ async def usage_cycle(
     subjects += [contract.quota_subject(q.namespace, q.name) for q in quotas if not q.deleting]
     stats.subjects = len(subjects)
     usages, stats.redis_round_trips = await read_all(redis, subjects, now, batch)
+    stats.read_seconds = time.perf_counter() - started
     if history is not None:
+        mark = time.perf_counter()
         stats.redis_round_trips += await history.load(redis, subjects, batch)
         history.forget(set(subjects))
-    stats.read_seconds = time.perf_counter() - started
+        stats.history_seconds = time.perf_counter() - mark
 
     observed = observed if observed is not None else []
     events: dict[tuple[str, str, str], list[tuple[str, str, str]]] = {}
+    mark = time.perf_counter()
     todo = plan(keys, quotas, usages, now, history=history, observed=observed, events=events)
+    stats.plan_seconds = time.perf_counter() - mark
     stats.forecasts = len(observed)
     if history is not None:
+        mark = time.perf_counter()
         stats.history_writes = history.pending
         stats.redis_round_trips += await history.flush(redis)
+        stats.history_seconds += time.perf_counter() - mark
     if max_writes is not None and len(todo) > max_writes:
         # Protect the API server: each status patch costs it ~10 ms of CPU. What is left out
         # still differs next cycle and is written then (most urgent first).

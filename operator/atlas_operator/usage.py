@@ -35,7 +35,7 @@ class CycleStats:
     conflicts: int = 0
     deferred: int = 0  # changes left for later cycles by the per-cycle write cap
     forecasts: int = 0  # subjects with a forecast this cycle
-    history_writes: int = 0  # samples persisted to Redis this cycle
+    history_writes: int = 0  # subject histories written to Redis this cycle
     read_seconds: float = 0.0
     plan_seconds: float = 0.0  # diffing, forecasts included
     history_seconds: float = 0.0  # reading and writing forecast histories in Redis
@@ -73,9 +73,9 @@ def at_risk_condition(forecast: "fc.Forecast | None") -> tuple[bool, str, str]:
             "at the current burn rate no day or month budget runs out before it resets")
     budget = first.budget
     return True, cond.at_risk_reason(budget.name), (
-        f"{budget.name} ({budget.limit}) runs out at {fc._rfc3339(first.at)} at "
+        f"{budget.name} ({budget.limit}) runs out at {cond.rfc3339(first.at)} at "
         f"{forecast.rate.tokens_per_hour} tokens/hour ({forecast.rate.basis}), before it resets "
-        f"at {fc._rfc3339(budget.resets_at)}")
+        f"at {cond.rfc3339(budget.resets_at)}")
 
 
 def status_patch(
@@ -172,7 +172,7 @@ def plan(
         state = exhaustion(limits, usage)
         quota_exhausted[(quota.namespace, quota.name)] = state
         forecast = _forecast(history, contract.quota_subject(quota.namespace, quota.name), limits, usage, now, now_ms)
-        if forecast not in (None, NO_FORECAST):
+        if isinstance(forecast, fc.Forecast):
             observed.append((quota.namespace, quota.name, "AtlasQuota", forecast))
         posted: list[tuple[str, str, str]] = []
         patch = status_patch(quota, usage, state, now, keys=bound.get((quota.namespace, quota.name), 0),
@@ -191,7 +191,7 @@ def plan(
         if not state[0] and shared and shared[0]:
             state = (True, cond.SHARED_BUDGET_SPENT, f"AtlasQuota {key.quota!r}: {shared[2]}")
         forecast = _forecast(history, contract.key_subject(key.namespace, key.name), limits, usage, now, now_ms)
-        if forecast not in (None, NO_FORECAST):
+        if isinstance(forecast, fc.Forecast):
             observed.append((key.namespace, key.name, "AtlasKey", forecast))
         posted = []
         patch = status_patch(key, usage, state, now, forecast=forecast, events=posted)

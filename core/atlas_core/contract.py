@@ -74,6 +74,25 @@ CONFIG_EPOCH = PREFIX + "config:epoch"
 KEY_INDEX = PREFIX + "index:keys"
 # Set of ``namespace/name`` of every AtlasQuota the operator has written.
 QUOTA_INDEX = PREFIX + "index:quotas"
+# ``namespace/name`` -> "<key hash> <unix seconds>": the key a rotation replaced, kept working
+# until then (spec.rotationGracePeriod). Its config entry is a copy of the current one (same
+# usage identity) that expires at that time by itself, so no gateway change is needed.
+PREVIOUS_KEY_INDEX = PREFIX + "index:previous-keys"
+
+
+@dataclass(frozen=True)
+class PreviousKey:
+    key_hash: str
+    until: float  # unix seconds: refused from then on
+
+    def encode(self) -> str:
+        return f"{self.key_hash} {self.until:.3f}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "PreviousKey":
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        key_hash, until = text.split(" ")
+        return cls(key_hash, float(until))
 
 
 # --------------------------------------------------------------------------- key material
@@ -408,3 +427,59 @@ async def read_usages(redis: Any, subjects: Iterable[str], now: datetime) -> dic
         subject: parse_usage(replies[2 * i], replies[2 * i + 1], now)
         for i, subject in enumerate(subjects)
     }
+
+
+# --------------------------------------------------------------------------- forecast history
+#
+# Owned by the operator (derived from the counters it reads; the gateway never touches it):
+#
+#   history:<subject>   string  the subject's recent samples of its month counter, oldest first,
+#                               comma-separated, each "<unix ms> <YYYY-MM> <settled that month>
+#                               <running total>"; rewritten whole (one SET) when a sample is added
+#
+# The running total never goes down (a new month restarts the raw counter, not the total), so
+# the burn between two samples is one subtraction. A restarted operator reads these back instead
+# of forecasting from nothing; a quiet subject's entry simply expires.
+
+HISTORY_MAX_SAMPLES = 32  # the operator keeps ~15 (recent ones, then one per 10 minutes)
+HISTORY_TTL_SECONDS = 2 * 3600
+
+
+def history_key(subject: str) -> str:
+    return f"{PREFIX}history:{subject}"
+
+
+@dataclass(frozen=True, slots=True)  # ~15 per subject in the operator's memory
+class HistorySample:
+    at_ms: int
+    month: str
+    settled: int  # tokensThisMonth as read
+    total: int  # running total of tokens burnt since the history began
+
+    def encode(self) -> str:
+        return f"{self.at_ms} {self.month} {self.settled} {self.total}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "HistorySample":
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        at_ms, month, settled, total = text.split(" ")
+        return cls(int(at_ms), month, int(settled), int(total))
+
+
+def encode_history(samples: Iterable[HistorySample]) -> bytes:
+    return ",".join(s.encode() for s in list(samples)[-HISTORY_MAX_SAMPLES:]).encode()
+
+
+def decode_history(raw: bytes | str | None) -> list[HistorySample]:
+    """The samples of a :func:`history_key` value; damaged entries are skipped."""
+    if not raw:
+        return []
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(HistorySample.decode(item))
+        except ValueError:
+            continue
+    out.sort(key=lambda s: s.at_ms)
+    return out

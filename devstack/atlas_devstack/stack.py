@@ -136,8 +136,10 @@ class DevStack:
                 wait_for("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30,
                          failed=self._exited_service)
 
+            operator_metrics_port = free_port()
             self._spawn("operator", [sys.executable, "-m", "atlas_operator"], {
                 **base_env, "ATLAS_REDIS_URL": redis.url, "ATLAS_LIVENESS_PORT": str(free_port()),
+                "ATLAS_METRICS_PORT": str(operator_metrics_port),
                 "ATLAS_USAGE_INTERVAL_SECONDS": str(self.usage_interval)})
             gateway_port = free_port()
             gateway_url = f"http://127.0.0.1:{gateway_port}"
@@ -157,6 +159,7 @@ class DevStack:
             self.env = {
                 "KUBECONFIG": str(cp.kubeconfig),
                 "ATLAS_GATEWAY_URL": gateway_url,
+                "ATLAS_OPERATOR_METRICS_URL": f"http://127.0.0.1:{operator_metrics_port}/metrics",
                 "ATLAS_UPSTREAM_URL": upstream,
                 "REDIS_URL": redis.url,
                 "ATLAS_DEMO_KEY": demo_key,

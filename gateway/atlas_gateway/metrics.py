@@ -32,6 +32,15 @@ UPSTREAM_LATENCY = Histogram("atlas_gateway_upstream_latency_seconds",
                              ["model"], buckets=_SLOW)
 INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream",
                  multiprocess_mode="livesum")
+# The capacity view (docs/capacity.md): demand per model, all from figures the hot path already has.
+ADMITTED_TOKENS = Counter("atlas_gateway_admitted_tokens_total",
+                          "Tokens reserved by admitted requests (prompt estimate + completion cap), by model",
+                          ["model"])
+REFUSED_TOKENS = Counter("atlas_gateway_refused_tokens_total",
+                         "Tokens asked for by requests the admission refused (rate limits, budgets), by model",
+                         ["model", "reason"])
+UPSTREAM_INFLIGHT = Gauge("atlas_gateway_upstream_inflight_requests", "Requests in flight to the upstream, by model",
+                          ["model"], multiprocess_mode="livesum")
 REDIS_ERRORS = Counter("atlas_gateway_redis_errors_total", "Redis calls that failed", ["op"])
 OVERRUNS = Counter("atlas_gateway_usage_overrun_total",
                    "Requests whose upstream-reported usage exceeded their reservation (charged in full)", ["key"])
@@ -75,6 +84,22 @@ def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
 
 def count_rejection(key: str, reason: str) -> None:
     _child(REJECTIONS, key, reason).inc()
+
+
+def count_admitted(model: str, tokens: int) -> None:
+    _child(ADMITTED_TOKENS, model).inc(tokens)
+
+
+def count_refused(model: str, reason: str, tokens: int) -> None:
+    _child(REFUSED_TOKENS, model, reason).inc(tokens)
+
+
+def upstream_started(model: str) -> None:
+    _child(UPSTREAM_INFLIGHT, model).inc()
+
+
+def upstream_finished(model: str) -> None:
+    _child(UPSTREAM_INFLIGHT, model).dec()
 
 
 def observe_upstream(model: str, seconds: float) -> None:

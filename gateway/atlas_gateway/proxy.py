@@ -199,11 +199,14 @@ class InferenceEndpoint:
                 rt.redis_health.ok()
             headers += decision.headers
             if not decision.admitted:
-                raise rejection(decision, principal, reserve)
+                refused = rejection(decision, principal, reserve)
+                metrics.count_refused(state["model"], refused.reason or refused.code, reserve)
+                raise refused
             if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
                 bound.cap = (decision.reserved - prompt_estimate) // bound.sequences
                 reserve = decision.reserved
             ticket = Ticket(rt, principal, request_id, reserve)
+            metrics.count_admitted(state["model"], reserve)
         if bound.sequences:
             headers.append((_MAX_TOKENS_HEADER, str(bound.cap).encode()))
 
@@ -342,6 +345,7 @@ class _UpstreamCall:
         shedder.inflight += 1
         if metrics.MULTIPROCESS:
             metrics.INFLIGHT.inc()
+        metrics.upstream_started(self.state["model"])
         status = 0
         try:
             t_up = perf_counter()
@@ -386,6 +390,7 @@ class _UpstreamCall:
             shedder.inflight -= 1
             if metrics.MULTIPROCESS:
                 metrics.INFLIGHT.dec()
+            metrics.upstream_finished(self.state["model"])
             await self._settle()
             state = self.state
             metrics.count_request(state["ref"], state["model"], status, state["priority"])

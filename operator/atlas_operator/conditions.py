@@ -11,6 +11,7 @@ from typing import Any
 
 READY = "Ready"
 QUOTA_EXHAUSTED = "QuotaExhausted"
+BUDGET_AT_RISK = "BudgetAtRisk"  # the forecast says a day/month budget runs out before it resets
 
 # Ready=False reasons (also the KeyConfig.refusal values the gateway understands).
 SECRET_INVALID = "SecretInvalid"
@@ -24,6 +25,13 @@ WITHIN_BUDGET = "WithinBudget"
 DAILY_BUDGET_SPENT = "DailyBudgetSpent"
 MONTHLY_BUDGET_SPENT = "MonthlyBudgetSpent"
 SHARED_BUDGET_SPENT = "SharedQuotaSpent"
+
+NO_FORECAST = "NoForecast"  # BudgetAtRisk=False: too little history, or no recent usage
+# BudgetAtRisk=True reasons name the budget: "TokensPerDayAtRisk", "TokensPerMonthAtRisk".
+
+
+def at_risk_reason(budget: str) -> str:
+    return budget[:1].upper() + budget[1:] + "AtRisk"
 
 
 def rfc3339(now: datetime) -> str:

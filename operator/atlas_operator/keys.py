@@ -16,7 +16,7 @@ from typing import Any, Callable
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
 
-from . import apikeys, conditions as cond, store
+from . import apikeys, conditions as cond, rotation, store
 from .kube import CONFLICT, GONE, KubeApi
 from .settings import KEYS
 
@@ -39,7 +39,9 @@ class KeyOutcome:
     status_patched: bool = False
     secret_created: bool = False
     rotated_from: str | None = None
-    next_check: datetime | None = None  # when the outcome changes by itself (expiresAt)
+    previous: contract.PreviousKey | None = None  # still accepted during rotationGracePeriod
+    retired: str | None = None  # previous key whose grace period ended now
+    next_check: datetime | None = None  # when the outcome changes by itself (expiresAt, grace end)
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
 
@@ -86,7 +88,8 @@ def desired_key_config(
 
 
 def _desired_status(
-    obj: dict[str, Any], key_id: str | None, ready: bool, reason: str, message: str, now: datetime
+    obj: dict[str, Any], key_id: str | None, ready: bool, reason: str, message: str, now: datetime,
+    previous: contract.PreviousKey | None = None,
 ) -> dict[str, Any]:
     status = dict(obj.get("status") or {})
     generation = obj["metadata"].get("generation")
@@ -97,6 +100,10 @@ def _desired_status(
                                 "no day or month budget is spent", generation, now)
     out: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
     out["keyId"] = key_id
+    out["previousKey"] = None if previous is None else {
+        "keyId": contract.key_id_of(previous.key_hash),
+        "expiresAt": cond.rfc3339(datetime.fromtimestamp(previous.until, tz=timezone.utc)),
+    }
     if "usage" not in status:
         out["usage"] = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
     return out
@@ -155,16 +162,20 @@ async def reconcile_key(
             config, ready, reason, message = desired_key_config(
                 namespace, name, spec, key_hash, quota_exists, now)
             outcome = KeyOutcome(ready, reason, message, key_hash=key_hash)
-            outcome.redis_written, outcome.rotated_from = await store.write_key_config(
-                redis, key_hash, config)
+            grace = rotation.parse_duration(spec.get("rotationGracePeriod"))
+            write = await store.write_key_config(redis, key_hash, config, grace, now.timestamp())
+            outcome.redis_written, outcome.rotated_from = write.written, write.rotated_from
+            outcome.previous, outcome.retired = write.previous, write.retired
             key_id = config.key_id
             expires = parse_time(spec.get("expiresAt"))
-            if expires is not None and expires > now:
-                outcome.next_check = expires
+            checks = [t for t in (expires, _time_of(write.previous)) if t is not None and t > now]
+            if checks:
+                outcome.next_check = min(checks)
     outcome.secret_created = generated is not None
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
-    desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now)
+    desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now,
+                              outcome.previous)
     delta = status_delta(obj.get("status"), desired)
     if delta:
         if "conditions" in delta:
@@ -176,8 +187,18 @@ async def reconcile_key(
 
     events = []
     if outcome.rotated_from:
-        events.append(("Normal", "KeyRotated",
-                       f"key {contract.key_id_of(outcome.rotated_from)} replaced by {key_id}"))
+        old_id = contract.key_id_of(outcome.rotated_from)
+        if outcome.previous is not None and outcome.previous.key_hash == outcome.rotated_from:
+            until = cond.rfc3339(_time_of(outcome.previous))
+            events.append(("Normal", "KeyRotated",
+                           f"key {old_id} replaced by {key_id}; {old_id} keeps working until {until} "
+                           f"(rotationGracePeriod {spec.get('rotationGracePeriod')})"))
+        else:
+            events.append(("Normal", "KeyRotated", f"key {old_id} replaced by {key_id}"))
+    if outcome.retired:
+        events.append(("Normal", "PreviousKeyRetired",
+                       f"key {contract.key_id_of(outcome.retired)} is no longer accepted: its "
+                       f"rotationGracePeriod ended; only {key_id} works"))
     if old_ready is None or (old_ready.get("status"), old_ready.get("reason")) != (
         "True" if outcome.ready else "False", outcome.reason
     ):
@@ -186,6 +207,10 @@ async def reconcile_key(
         await kube.post_event(KEYS, obj, *event)
     outcome.events += ([generated] if generated else []) + events
     return outcome
+
+
+def _time_of(previous: contract.PreviousKey | None) -> datetime | None:
+    return None if previous is None else datetime.fromtimestamp(previous.until, tz=timezone.utc)
 
 
 async def _still_owned(redis: Any, owner: str, key_hash: str) -> bool:

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from .keys import StatusConflict
 from .kube import ClientKubeApi, NamespaceTerminating
+from .metrics import serve as serve_metrics
 from .runtime import Runtime
 from .settings import FINALIZER, GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
 from .views import ObjectView, SecretView
@@ -52,6 +53,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         "secret_views": secret_views,
     })
     memo.runtime.start()
+    if config.metrics_port > 0:
+        try:
+            memo.metrics_server = serve_metrics(memo.runtime.metrics, config.metrics_host, config.metrics_port)
+        except OSError as exc:  # metrics are for alerting; never the reason the operator is down
+            logger.warning("no metrics endpoint on %s:%s: %s", config.metrics_host, config.metrics_port, exc)
     logger.info("atlas operator: redis %s, namespaces %s, usage every %ss",
                 config.redis_url.split("@")[-1], ",".join(config.namespaces) or "all",
                 config.usage_interval)
@@ -60,6 +66,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime | None = memo.get("runtime")
+    server = memo.get("metrics_server")
+    if server is not None:
+        server[0].shutdown()
     if runtime is not None:
         await runtime.stop()
         await runtime.redis.aclose()

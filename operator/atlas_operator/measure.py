@@ -5,7 +5,10 @@ A real redis-server (atlas_devstack.redis_server) holds the counters; the Kubern
 either a counting in-memory fake (default: isolates the operator's own cost) or, with
 `--kubeconfig`, the real API server holding that many AtlasKeys (created by this script in a
 fresh namespace). Prints time per cycle and API writes per cycle for: an idle cycle (nothing
-changed), 1% of keys active, and every key active.
+changed), 1% of keys active, and every key active. Forecasting (burn-rate history,
+status.forecast) is on, as in the operator, unless `--no-forecast`; each cycle is then taken a
+minute after the previous one, so every active subject also stores a history sample (the
+cycle's most expensive case).
 """
 
 from __future__ import annotations
@@ -15,26 +18,44 @@ import asyncio
 import copy
 import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import redis.asyncio as aioredis
 
 from atlas_core import contract
 
+from .history import History
 from .kube import PATCHED
 from .usage import usage_cycle
 from .views import ObjectView
 
 
+def merge_patch(target, patch):
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
 class CountingKube:
-    """patch_status that only counts and applies to the in-memory views."""
+    """patch_status that only counts, and remembers the patches for the next cycle's views."""
 
     def __init__(self) -> None:
         self.writes = 0
+        self.patched: dict[str, dict] = {}
 
     async def patch_status(self, plural, namespace, name, status, resource_version=None):
         self.writes += 1
+        self.patched[name] = merge_patch(self.patched.get(name, {}), status)
         return PATCHED
+
+    async def post_event(self, plural, obj, type_, reason, message):
+        self.writes += 1
 
 
 def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectView], list[ObjectView]]:
@@ -53,15 +74,15 @@ def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectVi
     return keys, quotas
 
 
-def apply_patches_to_views(views: list[ObjectView], usages_after: dict) -> list[ObjectView]:
-    """What the watch would deliver after the cycle: views whose status carries the new usage."""
+def apply_patches_to_views(views: list[ObjectView], kube: CountingKube) -> list[ObjectView]:
+    """What the watch would deliver after the cycle: views whose status carries the patches."""
     out = []
     for v in views:
-        subject = contract.key_subject(v.namespace, v.name) if v.name.startswith("k") else \
-            contract.quota_subject(v.namespace, v.name)
-        status = copy.deepcopy(v.status)
-        if subject in usages_after:
-            status["usage"] = usages_after[subject].to_status()
+        patch = kube.patched.pop(v.name, None)
+        if patch is None:
+            out.append(v)
+            continue
+        status = merge_patch(v.status, patch)
         out.append(ObjectView(v.namespace, v.name, v.resource_version, v.generation, v.spec, status, False))
     return out
 
@@ -77,31 +98,41 @@ async def traffic(redis, subjects: list[str], now: datetime, tokens: int) -> Non
     await pipe.execute()
 
 
-async def run_fake(n_keys: int, n_quotas: int, redis_url: str) -> None:
+async def run_fake(n_keys: int, n_quotas: int, redis_url: str, forecasting: bool = True) -> None:
     redis = aioredis.from_url(redis_url)
-    now = datetime.now(timezone.utc)
+    # Mid-day, so that a minute per cycle never crosses midnight during the run.
+    now = datetime.now(timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
     keys, quotas = make_views(n_keys, n_quotas, now)
     kube = CountingKube()
-    print(f"{n_keys} keys, {n_quotas} quotas, real redis-server, counting fake API")
+    history = History() if forecasting else None
+    print(f"{n_keys} keys, {n_quotas} quotas, real redis-server, counting fake API, "
+          f"forecasting {'on' if forecasting else 'off'}")
 
     async def cycle(label: str) -> None:
-        nonlocal keys, quotas
+        nonlocal keys, quotas, now
         before = kube.writes
-        stats = await usage_cycle(redis, kube, keys, quotas, now)
-        print(f"  {label:<22} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms, "
-              f"{stats.redis_round_trips} round trips)  API writes: {kube.writes - before}")
-        usages = await contract.read_usages(redis, [contract.key_subject("bench", k.name) for k in keys]
-                                            + [contract.quota_subject("bench", q.name) for q in quotas], now)
-        keys = apply_patches_to_views(keys, usages)
-        quotas = apply_patches_to_views(quotas, usages)
+        stats = await usage_cycle(redis, kube, keys, quotas, now, history=history)
+        print(f"  {label:<26} {stats.seconds * 1000:7.0f} ms/cycle  (usage read {stats.read_seconds * 1000:.0f} ms, "
+              f"diff+forecast {stats.plan_seconds * 1000:.0f} ms, history I/O {stats.history_seconds * 1000:.0f} ms, "
+              f"{stats.redis_round_trips} round trips)  API writes: {kube.writes - before}  "
+              f"forecasts: {stats.forecasts}  histories written: {stats.history_writes}")
+        keys = apply_patches_to_views(keys, kube)
+        quotas = apply_patches_to_views(quotas, kube)
+        now += timedelta(seconds=61 if forecasting else 0)
 
+    all_keys = [contract.key_subject("bench", k.name) for k in keys]
+    all_quotas = [contract.quota_subject("bench", q.name) for q in quotas]
+    await cycle("idle (first: loads history)")
     await cycle("idle (nothing changed)")
-    await cycle("idle again")
     active = [contract.key_subject("bench", f"k{i}") for i in range(0, n_keys, 100)]
-    await traffic(redis, active + [contract.quota_subject("bench", f"q{i}") for i in range(n_quotas)], now, 10)
+    await traffic(redis, active + all_quotas, now, 10)
     await cycle("1% of keys active")
-    await traffic(redis, [contract.key_subject("bench", k.name) for k in keys], now, 10)
+    await traffic(redis, all_keys + all_quotas, now, 10)
     await cycle("every key active")
+    await traffic(redis, all_keys + all_quotas, now, 10)
+    await cycle("every key active again")
+    await traffic(redis, all_keys + all_quotas, now, 10)
+    await cycle("every key, 3rd minute")
     await cycle("idle after traffic")
     await redis.aclose()
 
@@ -225,6 +256,7 @@ def main() -> None:
     parser.add_argument("--quotas", type=int, default=100)
     parser.add_argument("--kubeconfig", help="measure against this API server instead of the fake")
     parser.add_argument("--reuse", metavar="NAMESPACE", help="with --kubeconfig: objects already created there")
+    parser.add_argument("--no-forecast", action="store_true", help="the write-back without forecasting")
     parser.add_argument("--latency", type=int, metavar="N",
                         help="instead: N samples of apply->working and delete->refused via the dev stack")
     args = parser.parse_args()
@@ -237,7 +269,7 @@ def main() -> None:
         if args.kubeconfig:
             asyncio.run(run_real(args.keys, args.quotas, server.url, args.kubeconfig, args.reuse))
         else:
-            asyncio.run(run_fake(args.keys, args.quotas, server.url))
+            asyncio.run(run_fake(args.keys, args.quotas, server.url, forecasting=not args.no_forecast))
 
 
 if __name__ == "__main__":

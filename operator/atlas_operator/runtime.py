@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import heal, keys, quotas, usage
 from .expiry import ExpiryScheduler
+from .history import History
+from .metrics import OperatorCollector, Snapshot
 from .kube import KubeApi
 from .settings import KEYS, QUOTAS, OperatorSettings
 from .views import ObjectView, SecretView
@@ -60,6 +62,8 @@ class Runtime:
         self.deleting_quotas: set[tuple[str, str]] = set()
         self.scheduler = ExpiryScheduler(self.reconcile_key_by_name)
         self.last_cycle: usage.CycleStats | None = None
+        self.history = History() if settings.forecast else None
+        self.metrics = OperatorCollector()
         self.tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lookups
@@ -169,10 +173,17 @@ class Runtime:
         return list(values(self.indexes["atlasquota_views"]))
 
     async def usage_once(self) -> usage.CycleStats:
-        stats = await usage.usage_cycle(self.redis, self.kube, self.key_views(), self.quota_views(),
+        key_views = self.key_views()
+        observed: usage.Observed = []
+        stats = await usage.usage_cycle(self.redis, self.kube, key_views, self.quota_views(),
                                         datetime.now(timezone.utc),
-                                        max_writes=self.settings.usage_max_writes or None)
+                                        max_writes=self.settings.usage_max_writes or None,
+                                        history=self.history, observed=observed)
         self.last_cycle = stats
+        self.metrics.snapshot = Snapshot(
+            forecasts=observed,
+            keys=[(k.namespace, k.name, k.quota or "") for k in key_views if not k.deleting],
+            cycle_seconds=stats.seconds, subjects=stats.subjects, patches=stats.patches)
         if stats.patches or stats.conflicts or stats.deferred:
             log.info("usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %.3fs",
                      stats.subjects, stats.patches, stats.conflicts, stats.deferred, stats.seconds)

@@ -28,6 +28,9 @@ class OperatorSettings:
     usage_max_writes: int = 500  # status patches per write-back cycle; the rest wait a cycle
     liveness_host: str = "127.0.0.1"
     liveness_port: int = 8081
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 8082  # 0: no metrics endpoint
+    forecast: bool = True  # burn-rate history, status.forecast and BudgetAtRisk
     api_workers: int = 8  # threads running blocking Kubernetes API calls
 
     @classmethod
@@ -42,6 +45,9 @@ class OperatorSettings:
             usage_max_writes=int(env.get("ATLAS_USAGE_MAX_WRITES", cls.usage_max_writes)),
             liveness_host=env.get("ATLAS_LIVENESS_HOST", cls.liveness_host),
             liveness_port=int(env.get("ATLAS_LIVENESS_PORT", cls.liveness_port)),
+            metrics_host=env.get("ATLAS_METRICS_HOST", cls.metrics_host),
+            metrics_port=int(env.get("ATLAS_METRICS_PORT", cls.metrics_port)),
+            forecast=env.get("ATLAS_FORECAST", "true").strip().lower() not in ("0", "false", "no", "off"),
             api_workers=int(env.get("ATLAS_API_WORKERS", cls.api_workers)),
         )
 

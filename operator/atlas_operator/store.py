@@ -7,10 +7,13 @@ difference, so a resumed operator (or a repeated reconcile) makes no Redis write
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from atlas_core import contract
-from atlas_core.contract import KeyConfig, QuotaConfig
+from atlas_core.contract import KeyConfig, PreviousKey, QuotaConfig
+
+from . import rotation
 
 
 def _text(value: Any) -> str | None:
@@ -36,38 +39,91 @@ async def owner_of_hash(redis: Any, key_hash: str) -> str | None:
         return None
 
 
-async def write_key_config(redis: Any, key_hash: str, config: KeyConfig) -> tuple[bool, str | None]:
-    """Make Redis hold ``config`` under ``key_hash`` for this AtlasKey, and nothing under the
-    hash it had before (rotation). Returns (written, previous hash when it changed)."""
+@dataclass(frozen=True)
+class KeyWrite:
+    written: bool
+    rotated_from: str | None = None  # previous hash, when this write rotated the key
+    previous: PreviousKey | None = None  # the previous key still accepted (rotationGracePeriod)
+    retired: str | None = None  # a previous key whose grace period ended with this write
+
+
+async def write_key_config(
+    redis: Any, key_hash: str, config: KeyConfig, grace_seconds: float = 0.0, now: float | None = None,
+) -> KeyWrite:
+    """Make Redis hold ``config`` under ``key_hash`` for this AtlasKey; on rotation drop the
+    hash it had before, or keep it working ``grace_seconds`` longer (rotation.step)."""
+    now = time.time() if now is None else now
     ref = config.ref
     pipe = redis.pipeline(transaction=False)
     pipe.hget(contract.KEY_INDEX, ref)
     pipe.get(contract.key_config_key(key_hash))
-    previous, current = await pipe.execute()
-    previous = _text(previous)
+    pipe.hget(contract.PREVIOUS_KEY_INDEX, ref)
+    served, current, previous_raw = await pipe.execute()
+    served = _text(served)
+    previous = _previous(previous_raw)
+    plan = rotation.step(served, previous, key_hash, grace_seconds, now)
+    if plan.previous is not None and plan.rotated_from and await owner_of_hash(redis, plan.rotated_from) not in (ref, None):
+        plan = rotation.RotationStep(None, rotated_from=plan.rotated_from)  # not ours to keep serving
     encoded = config.encode()
-    if previous == key_hash and _raw(current) == encoded:
-        return False, None
+    previous_encoded = _previous_config(config, plan.previous)
+    unchanged = served == key_hash and _raw(current) == encoded and not plan.drop and plan.previous == previous
+    if unchanged and plan.previous is not None:
+        unchanged = _raw(await redis.get(contract.key_config_key(plan.previous.key_hash))) == previous_encoded
+    if unchanged:
+        return KeyWrite(False, previous=plan.previous)
     tx = redis.pipeline(transaction=True)
     tx.set(contract.key_config_key(key_hash), encoded)
     tx.hset(contract.KEY_INDEX, ref, key_hash)
-    rotated = previous if previous and previous != key_hash else None
-    if rotated and await owner_of_hash(redis, rotated) in (ref, None):
-        tx.delete(contract.key_config_key(rotated))
+    for stale in plan.drop:
+        if stale != key_hash and await owner_of_hash(redis, stale) in (ref, None):
+            tx.delete(contract.key_config_key(stale))
+    if plan.previous is not None:
+        # Expires by itself at the deadline: the old key is refused on time even if the operator is down.
+        tx.set(contract.key_config_key(plan.previous.key_hash), previous_encoded,
+               pxat=int(plan.previous.until * 1000))
+        tx.hset(contract.PREVIOUS_KEY_INDEX, ref, plan.previous.encode())
+    elif previous is not None:
+        tx.hdel(contract.PREVIOUS_KEY_INDEX, ref)
     await tx.execute()
-    return True, rotated
+    return KeyWrite(True, plan.rotated_from, plan.previous, plan.retired)
+
+
+def _previous(raw: Any) -> PreviousKey | None:
+    if raw is None:
+        return None
+    try:
+        return PreviousKey.decode(raw)
+    except ValueError:
+        return None
+
+
+def _previous_config(config: KeyConfig, previous: PreviousKey | None) -> bytes | None:
+    """The previous key's config: the current one (same usage identity) under its own keyId,
+    refused by the gateway from the deadline on (``expiresAt``) even before Redis drops it."""
+    if previous is None:
+        return None
+    until = previous.until if config.expires_at is None else min(config.expires_at, previous.until)
+    return replace(config, key_id=contract.key_id_of(previous.key_hash), expires_at=until).encode()
 
 
 async def delete_key_config(redis: Any, namespace: str, name: str) -> bool:
-    """Remove this AtlasKey's config (the gateway then refuses its key). Usage counters stay."""
+    """Remove this AtlasKey's config, and its previous key's (the gateway then refuses both).
+    Usage counters stay."""
     ref = f"{namespace}/{name}"
-    previous = _text(await redis.hget(contract.KEY_INDEX, ref))
-    if previous is None:
+    pipe = redis.pipeline(transaction=False)
+    pipe.hget(contract.KEY_INDEX, ref)
+    pipe.hget(contract.PREVIOUS_KEY_INDEX, ref)
+    served, previous_raw = await pipe.execute()
+    served = _text(served)
+    previous = _previous(previous_raw)
+    if served is None and previous_raw is None:
         return False
     tx = redis.pipeline(transaction=True)
-    if await owner_of_hash(redis, previous) in (ref, None):
-        tx.delete(contract.key_config_key(previous))
+    for stale in (served, previous.key_hash if previous else None):
+        if stale is not None and await owner_of_hash(redis, stale) in (ref, None):
+            tx.delete(contract.key_config_key(stale))
     tx.hdel(contract.KEY_INDEX, ref)
+    tx.hdel(contract.PREVIOUS_KEY_INDEX, ref)
     await tx.execute()
     return True
 

@@ -1,8 +1,11 @@
-"""Usage write-back: counters from Redis into ``status.usage`` and the QuotaExhausted condition.
+"""Usage write-back: counters from Redis into ``status.usage``, the QuotaExhausted condition,
+and (with a :class:`~.history.History`) ``status.forecast`` and the BudgetAtRisk condition.
 
 One cycle reads every subject's day and month hashes in pipelined batches (a few round trips for
 10,000 keys), diffs them against the status the watch last delivered, and patches only the
-objects whose figures changed. Each patch carries the resourceVersion it was computed from, so a
+objects whose figures changed. A forecast is rewritten only when it changed meaningfully
+(forecast.changed_meaningfully), so a steady burn does not turn every cycle into a patch per
+subject. Each patch carries the resourceVersion it was computed from, so a
 concurrent reconcile is never overwritten: a conflict is simply retried next cycle.
 """
 
@@ -17,7 +20,8 @@ from typing import Any, Iterable
 from atlas_core import contract
 from atlas_core.contract import Limits, Usage
 
-from . import conditions as cond
+from . import conditions as cond, forecast as fc
+from .history import History
 from .kube import CONFLICT, PATCHED, KubeApi
 from .settings import KEYS, QUOTAS
 from .views import ObjectView
@@ -30,7 +34,11 @@ class CycleStats:
     patches: int = 0
     conflicts: int = 0
     deferred: int = 0  # changes left for later cycles by the per-cycle write cap
+    forecasts: int = 0  # subjects with a forecast this cycle
+    history_writes: int = 0  # subject histories written to Redis this cycle
     read_seconds: float = 0.0
+    plan_seconds: float = 0.0  # diffing, forecasts included
+    history_seconds: float = 0.0  # reading and writing forecast histories in Redis
     seconds: float = 0.0
 
 
@@ -44,11 +52,42 @@ def exhaustion(limits: Limits, usage: Usage) -> tuple[bool, str, str]:
     return False, cond.WITHIN_BUDGET, "no day or month budget is spent"
 
 
+# (namespace, name, kind, forecast) of every subject with a forecast, for the operator's metrics
+Observed = list[tuple[str, str, str, "fc.Forecast"]]
+NO_FORECAST = object()  # forecasting off: status.forecast is left alone
+
+
+def _merge_fields(current: dict[str, Any] | None, wanted: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A merge patch turning ``current`` into ``wanted`` (absent fields deleted explicitly)."""
+    if wanted is None:
+        return None
+    return {**{k: None for k in current or {} if k not in wanted}, **wanted}
+
+
+def at_risk_condition(forecast: "fc.Forecast | None") -> tuple[bool, str, str]:
+    if forecast is None:
+        return False, cond.NO_FORECAST, "too little history, or no usage recently, to forecast"
+    first = forecast.first
+    if first is None:
+        return False, cond.WITHIN_BUDGET, (
+            "at the current burn rate no day or month budget runs out before it resets")
+    budget = first.budget
+    return True, cond.at_risk_reason(budget.name), (
+        f"{budget.name} ({budget.limit}) runs out at {cond.rfc3339(first.at)} at "
+        f"{forecast.rate.tokens_per_hour} tokens/hour ({forecast.rate.basis}), before it resets "
+        f"at {cond.rfc3339(budget.resets_at)}")
+
+
 def status_patch(
     view: ObjectView, usage: Usage, exhausted: tuple[bool, str, str], now: datetime,
-    keys: int | None = None,
+    keys: int | None = None, forecast: Any = NO_FORECAST,
+    events: list[tuple[str, str, str]] | None = None,
 ) -> dict[str, Any] | None:
-    """The status fields to patch for one object, or None when everything already matches."""
+    """The status fields to patch for one object, or None when everything already matches.
+
+    ``forecast`` (a Forecast or None) is applied only when it differs meaningfully from what the
+    status shows; an Event for BudgetAtRisk turning True is appended to ``events``.
+    """
     patch: dict[str, Any] = {}
     wanted_usage = usage.to_status()
     current_usage = view.status.get("usage")
@@ -58,13 +97,27 @@ def status_patch(
         patch["usage"] = {**{k: None for k in current_usage or {} if k not in wanted_usage}, **wanted_usage}
     if keys is not None and view.status.get("keys") != keys:
         patch["keys"] = keys
-    current = cond.find(view.status.get("conditions"), cond.QUOTA_EXHAUSTED)
+    conditions = view.status.get("conditions")
+    current = cond.find(conditions, cond.QUOTA_EXHAUSTED)
     is_exhausted, reason, message = exhausted
     if current is None or (current.get("status"), current.get("reason"), current.get("message")) != (
         "True" if is_exhausted else "False", reason, message
     ):
-        patch["conditions"] = cond.merge(view.status.get("conditions"), cond.QUOTA_EXHAUSTED,
-                                         is_exhausted, reason, message, view.generation, now)
+        patch["conditions"] = conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED,
+                                                      is_exhausted, reason, message, view.generation, now)
+    if forecast is not NO_FORECAST:
+        shown = view.status.get("forecast")
+        wanted = forecast.to_status() if forecast is not None else None
+        at_risk = cond.find(conditions, cond.BUDGET_AT_RISK)
+        if fc.changed_meaningfully(shown, wanted, now) or (at_risk is None and wanted is not None):
+            if wanted is not None or shown is not None:
+                patch["forecast"] = _merge_fields(shown, wanted)
+            risky, reason, message = at_risk_condition(forecast)
+            if at_risk is not None or wanted is not None:
+                patch["conditions"] = cond.merge(conditions, cond.BUDGET_AT_RISK, risky, reason,
+                                                 message, view.generation, now)
+                if risky and (at_risk is None or at_risk.get("status") != "True") and events is not None:
+                    events.append(("Warning", cond.BUDGET_AT_RISK, message))
     return patch or None
 
 
@@ -76,10 +129,30 @@ def urgency(item: tuple[str, ObjectView, dict[str, Any]]) -> tuple[int, int]:
     return (0 if "conditions" in patch else 1 if plural == QUOTAS else 2, -abs(new - old))
 
 
+def _forecast(history: History | None, subject: str, limits: Limits, usage: Usage, now: datetime,
+              now_ms: int) -> Any:
+    if history is None:
+        return NO_FORECAST
+    rate = history.observe(subject, now_ms, usage.month, usage.tokens_this_month)
+    if rate is None:
+        return None
+    return fc.forecast(rate, fc.token_budgets(limits, usage.tokens_today, usage.tokens_this_month, now), now)
+
+
 def plan(
-    keys: Iterable[ObjectView], quotas: Iterable[ObjectView], usages: dict[str, Usage], now: datetime
+    keys: Iterable[ObjectView], quotas: Iterable[ObjectView], usages: dict[str, Usage], now: datetime,
+    history: History | None = None, observed: Observed | None = None,
+    events: dict[tuple[str, str, str], list[tuple[str, str, str]]] | None = None,
 ) -> list[tuple[str, ObjectView, dict[str, Any]]]:
-    """Every (plural, object, status patch) a cycle must write (pure: the diffing itself)."""
+    """Every (plural, object, status patch) a cycle must write (the diffing itself).
+
+    With ``history``, each subject's reading also feeds its burn-rate history (the only state
+    this touches); ``observed`` collects every forecast and ``events`` the Events to post once
+    the patch of (plural, namespace, name) is written.
+    """
+    observed = observed if observed is not None else []
+    events = events if events is not None else {}
+    now_ms = int(now.timestamp() * 1000)
     # Objects not reconciled yet are left to their reconcile (which writes the first status):
     # patching them here would only make that reconcile's precondition fail.
     keys = [k for k in keys if not k.deleting]
@@ -95,22 +168,37 @@ def plan(
         usage = usages.get(contract.quota_subject(quota.namespace, quota.name))
         if usage is None:
             continue
-        state = exhaustion(Limits.from_spec(quota.spec.get("limits")), usage)
+        limits = Limits.from_spec(quota.spec.get("limits"))
+        state = exhaustion(limits, usage)
         quota_exhausted[(quota.namespace, quota.name)] = state
-        patch = status_patch(quota, usage, state, now, keys=bound.get((quota.namespace, quota.name), 0))
+        forecast = _forecast(history, contract.quota_subject(quota.namespace, quota.name), limits, usage, now, now_ms)
+        if isinstance(forecast, fc.Forecast):
+            observed.append((quota.namespace, quota.name, "AtlasQuota", forecast))
+        posted: list[tuple[str, str, str]] = []
+        patch = status_patch(quota, usage, state, now, keys=bound.get((quota.namespace, quota.name), 0),
+                             forecast=forecast, events=posted)
         if patch:
             out.append((QUOTAS, quota, patch))
+            if posted:
+                events[(QUOTAS, quota.namespace, quota.name)] = posted
     for key in keys:
         usage = usages.get(contract.key_subject(key.namespace, key.name))
         if usage is None:
             continue
-        state = exhaustion(Limits.from_spec(key.spec.get("limits")), usage)
+        limits = Limits.from_spec(key.spec.get("limits"))
+        state = exhaustion(limits, usage)
         shared = quota_exhausted.get((key.namespace, key.quota)) if key.quota else None
         if not state[0] and shared and shared[0]:
             state = (True, cond.SHARED_BUDGET_SPENT, f"AtlasQuota {key.quota!r}: {shared[2]}")
-        patch = status_patch(key, usage, state, now)
+        forecast = _forecast(history, contract.key_subject(key.namespace, key.name), limits, usage, now, now_ms)
+        if isinstance(forecast, fc.Forecast):
+            observed.append((key.namespace, key.name, "AtlasKey", forecast))
+        posted = []
+        patch = status_patch(key, usage, state, now, forecast=forecast, events=posted)
         if patch:
             out.append((KEYS, key, patch))
+            if posted:
+                events[(KEYS, key.namespace, key.name)] = posted
     return out
 
 
@@ -132,7 +220,10 @@ async def usage_cycle(
     batch: int = 5000,
     concurrency: int = 8,
     max_writes: int | None = None,
+    history: History | None = None,
+    observed: Observed | None = None,
 ) -> CycleStats:
+    """One write-back cycle. With ``history``, forecasts too; ``observed`` collects them."""
     started = time.perf_counter()
     stats = CycleStats()
     subjects = [contract.key_subject(k.namespace, k.name) for k in keys if not k.deleting]
@@ -140,8 +231,23 @@ async def usage_cycle(
     stats.subjects = len(subjects)
     usages, stats.redis_round_trips = await read_all(redis, subjects, now, batch)
     stats.read_seconds = time.perf_counter() - started
+    if history is not None:
+        mark = time.perf_counter()
+        stats.redis_round_trips += await history.load(redis, subjects, batch)
+        history.forget(set(subjects))
+        stats.history_seconds = time.perf_counter() - mark
 
-    todo = plan(keys, quotas, usages, now)
+    observed = observed if observed is not None else []
+    events: dict[tuple[str, str, str], list[tuple[str, str, str]]] = {}
+    mark = time.perf_counter()
+    todo = plan(keys, quotas, usages, now, history=history, observed=observed, events=events)
+    stats.plan_seconds = time.perf_counter() - mark
+    stats.forecasts = len(observed)
+    if history is not None:
+        mark = time.perf_counter()
+        stats.history_writes = history.pending
+        stats.redis_round_trips += await history.flush(redis)
+        stats.history_seconds += time.perf_counter() - mark
     if max_writes is not None and len(todo) > max_writes:
         # Protect the API server: each status patch costs it ~10 ms of CPU. What is left out
         # still differs next cycle and is written then (most urgent first).
@@ -152,7 +258,11 @@ async def usage_cycle(
 
     async def write(plural: str, view: ObjectView, patch: dict[str, Any]) -> str:
         async with gate:
-            return await kube.patch_status(plural, view.namespace, view.name, patch, view.resource_version)
+            result = await kube.patch_status(plural, view.namespace, view.name, patch, view.resource_version)
+            if result == PATCHED:  # a conflicted patch is retried next cycle, with its Event
+                for event in events.get((plural, view.namespace, view.name), ()):
+                    await kube.post_event(plural, view.event_target(), *event)
+            return result
 
     results = await asyncio.gather(*(write(*item) for item in todo))
     stats.patches = sum(1 for r in results if r == PATCHED)

@@ -24,6 +24,7 @@ class ObjectView:
     spec: dict[str, Any]
     status: dict[str, Any]
     deleting: bool
+    uid: str = ""  # for Events about the object (kubectl describe matches them by uid)
 
     @property
     def ref(self) -> str:
@@ -40,7 +41,12 @@ class ObjectView:
             spec=copy.deepcopy(dict(body.get("spec") or {})),
             status=copy.deepcopy(dict(body.get("status") or {})),
             deleting=bool(meta.get("deletionTimestamp")),
+            uid=meta.get("uid") or "",
         )
+
+    def event_target(self) -> dict[str, Any]:
+        """The minimal object an Event about this one needs (KubeApi.post_event)."""
+        return {"metadata": {"namespace": self.namespace, "name": self.name, "uid": self.uid}}
 
     @property
     def secret_name(self) -> str:

@@ -112,12 +112,13 @@ def test_operator_deployment(rendered):
     spec = pod_spec(dep)
     (c,) = spec["containers"]
     port = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert port == {"healthz": 8081}
+    assert port == {"healthz": 8081, "metrics": 8082}
     probe = c["livenessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": "healthz"}
     env = env_of(c)
     assert env["ATLAS_LIVENESS_PORT"]["value"] == "8081"
     assert env["ATLAS_LIVENESS_HOST"]["value"] == "0.0.0.0"
+    assert env["ATLAS_METRICS_PORT"]["value"] == "8082" and env["ATLAS_METRICS_HOST"]["value"] == "0.0.0.0"
     assert env["ATLAS_USAGE_INTERVAL_SECONDS"]["value"] == "10"
     assert env["ATLAS_NAMESPACES"]["value"] == ",".join(values_of(name)["watchNamespaces"])
     assert "ATLAS_REDIS_URL" in env
@@ -286,8 +287,9 @@ def test_every_object_is_labelled_and_namespaced_correctly(rendered):
 
 
 def gateway_metric_names() -> set[str]:
-    """Metric names the gateway registers (prometheus_client adds _total/_bucket/... suffixes)."""
-    source = "\n".join(p.read_text() for p in (REPO_ROOT / "gateway" / "atlas_gateway").glob("*.py"))
+    """Metric names the gateway and the operator export (prometheus_client adds _total/_bucket/...)."""
+    source = "\n".join(p.read_text() for d in ("gateway/atlas_gateway", "operator/atlas_operator")
+                       for p in (REPO_ROOT / d).glob("*.py"))
     names = set(re.findall(r"""["'](atlas_[a-z0-9_]+)["']""", source))
     expanded = set()
     for n in names:
@@ -315,15 +317,26 @@ def test_monitoring_objects(helm):
     assert known, "no atlas_* metrics found in gateway/atlas_gateway"
     known |= kube_state_metric_names()
 
-    sm = objs.one("ServiceMonitor")
+    sm = objs.one("ServiceMonitor", "-gateway")
     svc = objs.one("Service", "-gateway")
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == "http" and sm["spec"]["endpoints"][0]["path"] == "/metrics"
     assert sm["metadata"]["labels"]["release"] == "prometheus"
+    # the operator's /metrics (forecast gauges, atlas_key_info): Service -> pod port named metrics
+    op_sm, op_svc = objs.one("ServiceMonitor", "-operator"), objs.one("Service", "-operator")
+    op_pod = objs.one("Deployment", "-operator")["spec"]["template"]
+    assert op_sm["spec"]["selector"]["matchLabels"].items() <= op_svc["metadata"]["labels"].items()
+    assert op_svc["spec"]["selector"].items() <= op_pod["metadata"]["labels"].items()
+    assert op_sm["spec"]["endpoints"][0]["port"] == op_svc["spec"]["ports"][0]["name"] == "metrics"
+    (container,) = op_pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    port = next(p for p in container["ports"] if p["name"] == "metrics")
+    assert int(env["ATLAS_METRICS_PORT"]) == port["containerPort"] == op_svc["spec"]["ports"][0]["port"]
 
     rule = objs.one("PrometheusRule")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
-    for wanted in ("AtlasKeyQuotaNearlySpent", "AtlasQuotaNearlySpent", "AtlasRedisErrors", "AtlasUpstreamErrors"):
+    for wanted in ("AtlasKeyQuotaNearlySpent", "AtlasQuotaNearlySpent", "AtlasRedisErrors", "AtlasUpstreamErrors",
+                   "AtlasBudgetExhaustionForecast"):
         assert wanted in alerts, sorted(alerts)
     for alert in alerts.values():
         used = metrics_used(alert["expr"])
@@ -331,6 +344,8 @@ def test_monitoring_objects(helm):
         assert alert["labels"]["severity"] in ("warning", "critical")
         assert alert["annotations"]["summary"]
     assert "0.8" in alerts["AtlasKeyQuotaNearlySpent"]["expr"]
+    assert "atlas_budget_exhaustion_seconds" in alerts["AtlasBudgetExhaustionForecast"]["expr"]
+    assert "< 3600" in alerts["AtlasBudgetExhaustionForecast"]["expr"]
     # Label values the rules match on are ones the gateway really emits.
     gateway_source = "\n".join(p.read_text() for p in (REPO_ROOT / "gateway" / "atlas_gateway").glob("*.py"))
     for reason in re.findall(r'reason=~"([^"]+)"', alerts["AtlasKeyBudgetExhausted"]["expr"])[0].split("|"):

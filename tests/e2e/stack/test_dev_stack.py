@@ -107,6 +107,42 @@ def test_key_applied_with_kubectl_works_then_delete_refuses(stack):
     assert time.monotonic() - deleted < 3
 
 
+def test_rotation_grace_both_keys_work_then_only_the_new(stack):
+    """spec.rotationGracePeriod through the whole stack: after the Secret changes, the old key
+    keeps working (same usage) for the grace period, then only the new one does."""
+    first, second = "sk-e2e-grace-first-0123456789", "sk-e2e-grace-second-012345678"
+
+    def secret(value):
+        return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "e2e-grace"},
+                           "stringData": {"api-key": value}})
+
+    kubectl(stack, "apply", "-f", "-", input=secret(first))
+    kubectl(stack, "apply", "-f", "-", input=json.dumps({
+        "apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey", "metadata": {"name": "e2e-grace"},
+        "spec": {"secretName": "e2e-grace", "rotationGracePeriod": "5s"}}))
+
+    def works(key):
+        try:
+            return bool(client(stack, key).chat.completions.create(
+                model="llama-3.1-8b-instruct", max_tokens=2, messages=[{"role": "user", "content": "hi"}]))
+        except (openai.AuthenticationError, openai.PermissionDeniedError):
+            return False
+
+    wait_for("the first key to work", lambda: works(first), 15, interval=0.05)
+    kubectl(stack, "apply", "-f", "-", input=secret(second))
+    rotated = time.monotonic()
+    wait_for("both keys to work during the grace", lambda: works(second) and works(first), 4, interval=0.05)
+    assert time.monotonic() - rotated < 5
+    wait_for("the old key refused after the grace", lambda: not works(first), 15, interval=0.1)
+    assert works(second)
+
+    def status():
+        return json.loads(kubectl(stack, "get", "atlaskey", "e2e-grace", "-o", "json").stdout).get("status") or {}
+
+    wait_for("previousKey gone from status", lambda: "previousKey" not in status(), 10)
+    wait_for("one usage identity for both keys", lambda: (status().get("usage") or {}).get("requestsToday", 0) >= 4, 20)
+
+
 def test_down_stops_everything_and_is_idempotent(stack):
     pids = [int(p.read_text()) for p in stack.dir.glob("**/*.pid")]
     assert len(pids) >= 5  # redis, etcd, kube-apiserver, operator, gateway, mock upstream

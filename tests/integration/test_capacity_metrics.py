@@ -34,7 +34,7 @@ def chat(gw, key, max_tokens=10, **headers):
 
 
 def test_capacity_metrics_per_model(redis_url, mock_upstream, start_gateway):
-    write_key(redis_url, "sk-capacity-0001", "capacity", contract.Limits(tokens_per_day=60))
+    write_key(redis_url, "sk-capacity-0001", "capacity", contract.Limits(tokens_per_day=1000))
     gw = start_gateway(redis_url, mock_upstream.url)
     assert chat(gw, "sk-capacity-0001").status_code == 200
     m = samples(gw)
@@ -45,10 +45,10 @@ def test_capacity_metrics_per_model(redis_url, mock_upstream, start_gateway):
     assert value(m, "atlas_gateway_upstream_latency_seconds_count", model=MODEL) == 1
     assert value(m, "atlas_gateway_upstream_inflight_requests", model=MODEL) == 0
 
-    refused = chat(gw, "sk-capacity-0001", max_tokens=100)  # more than the day's 60 tokens
+    refused = chat(gw, "sk-capacity-0001", max_tokens=2000)  # more than the day's 1000 tokens
     assert refused.status_code == 429
     m = samples(gw)
-    assert value(m, "atlas_gateway_refused_tokens_total", model=MODEL, reason="tokens_per_day") >= 100
+    assert value(m, "atlas_gateway_refused_tokens_total", model=MODEL, reason="tokens_per_day") >= 2000
     assert value(m, "atlas_gateway_admitted_tokens_total", model=MODEL) == admitted  # refused: not admitted
 
     # while a request is upstream, the gauge counts it for its model

@@ -226,6 +226,7 @@ class QuotaConfig:
 #   bucket:tok:<subject>             hash  token bucket for tokensPerMinute
 #   lease:<subject>                  zset  in-flight request id -> lease expiry (unix ms)
 #   lease:tok:<subject>              hash  in-flight request id -> tokens reserved
+#   undone:<subject>                 zset  request ids the gateway undid -> tombstone expiry (unix ms)
 #
 # A lease is both the concurrency slot and the token reservation of one in-flight request; it
 # carries a TTL so that a gateway that dies mid-request cannot leak either. Day/month budgets
@@ -273,6 +274,12 @@ def lease_key(subject: str) -> str:
 
 def lease_tokens_key(subject: str) -> str:
     return f"{PREFIX}lease:tok:{subject}"
+
+
+def undone_key(subject: str) -> str:
+    """Tombstones of requests whose admission or settlement outcome the gateway did not learn
+    (a Redis timeout): undo.lua resolves them, admit.lua refuses to lease a tombstoned id."""
+    return f"{PREFIX}undone:{subject}"
 
 
 @dataclass(frozen=True)

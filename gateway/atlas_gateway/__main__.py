@@ -32,7 +32,11 @@ def main() -> None:
 
     common = dict(host=settings.host, port=settings.port, loop="uvloop", http=CoalescingHttpToolsProtocol,
                   access_log=False, log_level=settings.log_level, lifespan="on",
-                  timeout_graceful_shutdown=10, proxy_headers=False, server_header=False)
+                  timeout_graceful_shutdown=10, proxy_headers=False, server_header=False,
+                  # uvicorn's own bounds; the rest (header size/time, body time, connection cap) are
+                  # enforced by CoalescingHttpToolsProtocol
+                  timeout_keep_alive=settings.keepalive_timeout,
+                  limit_concurrency=settings.max_connections + 1)
     try:
         if settings.workers > 1:
             uvicorn.run("atlas_gateway.app:create_app", factory=True, workers=settings.workers, **common)

@@ -19,6 +19,7 @@ from .endpoints import HealthEndpoint, MetricsEndpoint, ModelsEndpoint, ReadyEnd
 from .proxy import InferenceEndpoint
 from .responses import send_error
 from .runtime import Runtime
+from .server import configure as configure_connections
 from .settings import Settings
 
 log = logging.getLogger("atlas_gateway")
@@ -100,5 +101,6 @@ class AtlasASGI:
 
 def create_app(settings: Settings | None = None) -> AtlasASGI:
     settings = settings or Settings.from_env()
+    configure_connections(settings)
     gateway = Gateway(settings)
     return AtlasASGI(gateway, build_fastapi(gateway))

@@ -33,6 +33,15 @@ UPSTREAM_LATENCY = Histogram("atlas_gateway_upstream_latency_seconds",
 INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream",
                  multiprocess_mode="livesum")
 REDIS_ERRORS = Counter("atlas_gateway_redis_errors_total", "Redis calls that failed", ["op"])
+REDIS_REPLY_ERRORS = Counter("atlas_gateway_redis_reply_errors_total",
+                             "Redis calls Redis refused with an error reply (script error, OOM, NOAUTH): "
+                             "answered 500, never let through", ["op", "kind"])
+REDIS_UNDO_PENDING = Gauge("atlas_gateway_redis_undo_pending",
+                           "Admissions/settlements with an unknown outcome, waiting to be undone in Redis",
+                           multiprocess_mode="livesum")
+REDIS_UNDONE = Counter("atlas_gateway_redis_undone_total",
+                       "Unknown-outcome admissions/settlements resolved in Redis, by whether a lease was found",
+                       ["lease"])
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200
@@ -79,6 +88,10 @@ def observe_upstream(model: str, seconds: float) -> None:
 
 def count_redis_error(op: str) -> None:
     _child(REDIS_ERRORS, op).inc()
+
+
+def count_redis_reply_error(op: str, kind: str) -> None:
+    _child(REDIS_REPLY_ERRORS, op, kind).inc()
 
 
 def render() -> tuple[bytes, str]:

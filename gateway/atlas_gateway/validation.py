@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from . import errors
 
 
+MAX_NESTING = 64  # JSON arrays/objects inside each other; real requests (tool schemas) stay far below
+
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def nesting_depth_exceeds(raw: bytes, limit: int = MAX_NESTING) -> bool:
+    """Whether ``raw`` nests arrays/objects more than ``limit`` deep. The parser and every walk
+    over the document are recursive: a deeper document would end in RecursionError (a 500).
+    Cheap for the usual body: one C-level count proves most bodies shallow. Otherwise only
+    C-level operations: drop escaped characters (then every remaining quote delimits a string),
+    keep the brackets outside strings, and remove innermost pairs one level per pass."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(unescaped.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        shorter = _INNERMOST.sub(b"", brackets)  # one level: a pair exposed by a removal waits
+        if not shorter or shorter == brackets:
+            return False  # fully matched within the limit (or unbalanced: the parser says so)
+        brackets = shorter
+    return True
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
+    if nesting_depth_exceeds(raw):
+        raise errors.bad_request(f"The request body nests JSON deeper than {MAX_NESTING} levels.")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

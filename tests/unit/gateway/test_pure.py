@@ -8,7 +8,7 @@ import pytest
 
 from atlas_gateway import errors, tokens
 from atlas_gateway.auth import api_key_from_headers
-from atlas_gateway.fastredis import ReplyError, _Incomplete, pack, parse
+from atlas_gateway.fastredis import ReplyError, pack, reply_reader
 from atlas_gateway.globs import compile_globs, first_match
 from atlas_gateway.priority import Shedder, effective_priority
 from atlas_gateway.settings import Settings, SettingsError
@@ -175,13 +175,12 @@ def test_sse_filter_strips_injected_usage_chunk_only():
 
 def test_resp_pack_and_parse():
     assert pack((b"PING",)) == b"*1\r\n$4\r\nPING\r\n"
-    buf = bytearray(b"*3\r\n:1\r\n:-1\r\n$3\r\nabc\r\n-NOSCRIPT x\r\n")
-    value, pos = parse(buf, 0)
-    assert value == [1, -1, b"abc"]
-    err, _ = parse(buf, pos)
+    reader = reply_reader()  # hiredis, with our error class
+    reader.feed(b"*3\r\n:1\r\n:-1\r\n$3\r\nabc\r\n-NOSCRIPT x\r\n*2\r\n:1\r\n")
+    assert reader.gets() == [1, -1, b"abc"]
+    err = reader.gets()
     assert isinstance(err, ReplyError) and str(err).startswith("NOSCRIPT")
-    with pytest.raises(_Incomplete):
-        parse(bytearray(b"*2\r\n:1\r\n"), 0)
+    assert reader.gets() is False  # the array is incomplete: wait for more bytes
 
 
 def test_settings_from_env():
@@ -190,7 +189,7 @@ def test_settings_from_env():
     s = Settings.from_env({"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_FAIL_MODE": "open",
                            "ATLAS_SHED_THRESHOLD": "10", "ATLAS_FORWARD_PRIORITY": "true",
                            "ATLAS_UPSTREAM_MODELS": '{"q*": "http://q"}'})
-    assert s.fail_open and s.shed_threshold_standard == 20 and s.shed_threshold_critical == 40
+    assert s.fail_open and s.shed_thresholds() == (10, 384, 512)  # the others follow the pool
     assert s.forward_priority["Critical"] < s.forward_priority["Sheddable"]
     assert s.upstream_models == (("q*", "http://q"),)
     with pytest.raises(SettingsError):

@@ -178,6 +178,7 @@ class InferenceEndpoint:
         prompt_estimate, reserve = estimate(self.kind, doc, settings.default_max_tokens)
 
         ticket: Ticket | None = None
+        rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
         try:
             decision = await rt.admission.admit(principal, request_id, reserve)
         except REDIS_FAILURES as exc:
@@ -197,6 +198,8 @@ class InferenceEndpoint:
             if not decision.admitted:
                 raise rejection(decision, principal, reserve)
             ticket = Ticket(rt, principal, request_id, reserve)
+        finally:
+            rt.shedder.admitting -= 1  # no await until _UpstreamCall.run counts it as in flight
 
         try:
             await self._forward(rt, scope, receive, send, request_id, headers, state, started, doc, raw,

@@ -194,6 +194,7 @@ class InferenceEndpoint:
         else:
             if rt.redis_health.degraded:
                 rt.redis_health.ok()
+                rt.recovery.wake()
             headers += decision.headers
             if not decision.admitted:
                 raise rejection(decision, principal, reserve)

@@ -56,16 +56,22 @@ class Recovery:
             self._task = asyncio.ensure_future(self._run())
         self._wakeup.set()
 
+    def wake(self) -> None:
+        """Redis answered again: retry now rather than after the back-off."""
+        if self.pending:
+            self._wakeup.set()
+
     async def _run(self) -> None:
         delay = self.first_delay
         while self.pending:
+            self._wakeup.clear()  # before the batch: a wake-up during it is not lost
             batch = list(self.pending.items())[: self.BATCH]
             results = await asyncio.gather(*(self._one(rid, item) for rid, item in batch))
             if all(results):
                 delay = self.first_delay
                 continue
-            # Redis still unreachable: wait, but wake at once when a new item arrives
-            self._wakeup.clear()
+            # Redis still unreachable: wait, but wake at once when a new item arrives or a
+            # request gets through to Redis again
             try:
                 await asyncio.wait_for(self._wakeup.wait(), delay)
             except asyncio.TimeoutError:

@@ -18,7 +18,7 @@ from atlas_core.contract import KeyConfig, Limits
 
 from . import apikeys, conditions as cond, store
 from .kube import CONFLICT, GONE, KubeApi
-from .settings import KEYS
+from .settings import KEYS, SECRET_WATCH_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class KeyOutcome:
     status_patched: bool = False
     secret_created: bool = False
     rotated_from: str | None = None
+    secret_watched: bool = True  # the Secret carries the watch label (else its changes go unseen)
     next_check: datetime | None = None  # when the outcome changes by itself (expiresAt)
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -153,7 +154,12 @@ async def reconcile_key(
         else:
             config, ready, reason, message = desired_key_config(
                 namespace, name, spec, key_hash, quota_exists, now)
-            outcome = KeyOutcome(ready, reason, message, key_hash=key_hash)
+            watched = _watched(secret)
+            if ready and not watched:
+                # read by name, so it works; but unwatched, its rotation goes unnoticed (docs/operator.md)
+                message += (f"; Secret {secret_name!r} lacks the label {SECRET_WATCH_LABEL}={name}: until it has "
+                            "it, a change of its key is not noticed")
+            outcome = KeyOutcome(ready, reason, message, key_hash=key_hash, secret_watched=watched)
             outcome.redis_written, outcome.rotated_from = await store.write_key_config(
                 redis, key_hash, config)
             key_id = config.key_id
@@ -185,6 +191,10 @@ async def reconcile_key(
         await kube.post_event(KEYS, obj, *event)
     outcome.events += ([generated] if generated else []) + events
     return outcome
+
+
+def _watched(secret: dict[str, Any]) -> bool:
+    return SECRET_WATCH_LABEL in ((secret.get("metadata") or {}).get("labels") or {})
 
 
 async def _still_owned(redis: Any, owner: str, key_hash: str) -> bool:

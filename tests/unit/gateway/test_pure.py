@@ -204,3 +204,34 @@ def test_pre_encoded_script_call_equals_plain_encoding():
     keys, dynamic, static = (b"k1", b"k2"), (b"rid", b"12"), (b"a", b"bcd", b"")
     encoded = script.prefix(keys, len(dynamic) + len(static)) + pack_args(dynamic) + pack_args(static)
     assert encoded == pack((b"EVALSHA", script.sha, b"2", *keys, *dynamic, *static))
+
+
+def test_shed_thresholds_follow_the_pool_and_never_exceed_it():
+    base = {"ATLAS_UPSTREAM_URL": "http://u"}
+    assert Settings.from_env(base).shed_thresholds() == (256, 384, 512)
+    assert Settings.from_env({**base, "ATLAS_UPSTREAM_POOL_SIZE": "8"}).shed_thresholds() == (4, 6, 8)
+    with pytest.raises(SettingsError, match="exceeds ATLAS_UPSTREAM_POOL_SIZE"):
+        Settings.from_env({**base, "ATLAS_SHED_THRESHOLD_CRITICAL": "1024"})
+    with pytest.raises(SettingsError, match="lower classes shed first"):
+        Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "500", "ATLAS_SHED_THRESHOLD_STANDARD": "100"})
+    assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD_CRITICAL": "0"}).shed_thresholds()[2] == 0
+    with pytest.raises(SettingsError):
+        Settings.from_env({**base, "ATLAS_BODY_TIMEOUT_SECONDS": "0"})
+
+
+def test_shedder_counts_requests_awaiting_admission():
+    shedder = Shedder(1, 2, 3)
+    shedder.admitting = 1
+    assert shedder.should_shed("Sheddable") and not shedder.should_shed("Standard")
+
+
+@pytest.mark.parametrize("depth,refused", [(64, False), (65, True), (900, True)])
+def test_nesting_limit(depth, refused):
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "%s"}], "x": %s}' % (
+        b"[" * 500, b"[" * (depth - 1) + b"]" * (depth - 1))  # brackets in a string do not count
+    if refused:
+        with pytest.raises(errors.GatewayError) as exc:
+            parse_body(body)
+        assert exc.value.status == 400
+    else:
+        assert parse_body(body)["model"] == "m"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from . import errors
@@ -11,37 +10,38 @@ from . import errors
 
 MAX_NESTING = 64  # JSON arrays/objects inside each other; real requests (tool schemas) stay far below
 
-_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
-_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+def _too_deep() -> errors.GatewayError:
+    return errors.bad_request(f"The request body nests JSON deeper than {MAX_NESTING} levels.")
 
 
-def nesting_depth_exceeds(raw: bytes, limit: int = MAX_NESTING) -> bool:
-    """Whether ``raw`` nests arrays/objects more than ``limit`` deep. The parser and every walk
-    over the document are recursive: a deeper document would end in RecursionError (a 500).
-    Cheap for the usual body: one C-level count proves most bodies shallow. Otherwise only
-    C-level operations: drop escaped characters (then every remaining quote delimits a string),
-    keep the brackets outside strings, and remove innermost pairs one level per pass."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return False
-    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    brackets = b"".join(unescaped.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
-    for _ in range(limit):
-        shorter = _INNERMOST.sub(b"", brackets)  # one level: a pair exposed by a removal waits
-        if not shorter or shorter == brackets:
-            return False  # fully matched within the limit (or unbalanced: the parser says so)
-        brackets = shorter
-    return True
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """Whether a parsed document nests arrays/objects more than ``limit`` deep (an explicit
+    stack: no recursion, whatever the depth)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in (value.values() if isinstance(value, dict) else value):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    if nesting_depth_exceeds(raw):
-        raise errors.bad_request(f"The request body nests JSON deeper than {MAX_NESTING} levels.")
     try:
         doc = json.loads(raw)
+    except RecursionError:  # deeper than the interpreter's recursion limit (~1000)
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.bad_request(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise errors.bad_request("The request body must be a JSON object.")
+    # Every walk over the document (the prompt estimate, re-encoding) recurses: bound the depth.
+    # A body with fewer brackets than the limit cannot be deeper, so most skip the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and _deeper_than(doc, MAX_NESTING):
+        raise _too_deep()
     return doc
 
 

@@ -25,6 +25,7 @@ from atlas_core.contract import hash_api_key
 from . import errors, metrics
 from .admission import rejection
 from .auth import Principal
+from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
 from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
@@ -32,7 +33,6 @@ from .streaming import StreamState, pump
 from .tokens import estimate, text_tokens
 from .usage import split_usage, usage_from_body
 from .validation import parse_body, validate
-from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
 
 log = logging.getLogger("atlas_gateway")
 
@@ -68,7 +68,7 @@ class Ticket:
         try:
             # No asyncio.shield (it costs a task per request): the hot-path Redis client queues
             # the command synchronously before its first await, so a cancellation arriving now
-            # still lets the settlement reach Redis. At worst the lease expires by its TTL.
+            # still lets the settlement reach Redis. A failure is resolved by the recovery below.
             await self.rt.admission.settle(self.principal, self.request_id, self.reserved, actual)
         except REDIS_FAILURES as exc:
             if is_transport_failure(exc):

@@ -220,22 +220,26 @@ class FastRedis:
         return _Protocol(self.timeout)
 
     async def _ready(self) -> _Protocol:
-        proto = self._proto
-        if proto is None or proto.closed:
-            try:
-                proto = await self._connection()
-            except ReplyError:
-                raise  # reachable, but the handshake was refused (wrong password, bad db)
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise NotSent(f"cannot connect to Redis: {exc!r}") from exc
-        return proto
+        """A connection whose handshake completed, made (or awaited) now."""
+        try:
+            return await self._connection()
+        except ReplyError:
+            raise  # reachable, but the handshake was refused (wrong password, bad db)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise NotSent(f"cannot connect to Redis: {exc!r}") from exc
 
     async def execute(self, *args: bytes):
-        return await self._call(await self._ready(), args)
+        proto = self._proto
+        if proto is None or proto.closed:
+            proto = await self._ready()
+        return await self._call(proto, args)
 
     async def execute_raw(self, command: bytes):
         """Send one already RESP-encoded command (see scripts.FastScript.call_encoded)."""
-        return await (await self._ready()).call(command)
+        proto = self._proto
+        if proto is None or proto.closed:  # (the check inline: no extra coroutine per call)
+            proto = await self._ready()
+        return await proto.call(command)
 
     async def ping(self) -> None:
         """PING over the hot-path connection (readiness is decided by the client serving traffic)."""

@@ -8,7 +8,9 @@ loopback ports, then:
    c=16 throughput ratio, against the targets (<= 1 ms, >= 40 %);
 2. the same wrk runs through a minimal proxy using aiohttp and one using httpx (the upstream
    client choice);
-3. exactness: 200 concurrent requests against a key whose daily budget fits exactly 20.
+3. exactness: 200 concurrent requests against a key whose daily budget fits exactly 20;
+4. 1,000 slow and hostile clients (benchmarks/slow_clients.py): the gateway's memory and open
+   sockets over time, and a normal client's latency meanwhile.
 
 The gateway runs with ATLAS_WORKERS=1 (the default) and, for c=16, once more with 2 workers.
 The gateway's CPU time per request (from /proc) is printed too: unlike latency it hardly
@@ -20,7 +22,7 @@ makes the throughput ratio much harder to reach).
 
 Environment: BENCH_DURATION (seconds per wrk run, default 6), BENCH_SKIP_CLIENTS=1 to skip
 step 2, BENCH_SKIP_WORKERS=1 to skip the 2-worker run, BENCH_SKIP_REFERENCE=1 to skip the
-FastAPI-mock reference run.
+FastAPI-mock reference run, BENCH_SKIP_SLOW=1 to skip step 4.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer, free_port
 from atlas_gateway.settings import Settings
 from atlas_gateway.tokens import Meter
+
+from . import slow_clients
 
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RATIO = 0.40
@@ -270,6 +274,12 @@ def main() -> int:
                     results[f"gateway c={c}"] = measure_gateway(gw, c, duration, workdir)
                     print(f"gateway   c={c:<3} {fmt(results[f'gateway c={c}'])}", flush=True)
                 exact = asyncio.run(exactness(gw.url, rs.url, mock.url))
+            slow = None
+            if os.environ.get("BENCH_SKIP_SLOW") != "1":
+                with gateway(rs.url, mock.url, ATLAS_HEADER_TIMEOUT_SECONDS="5",
+                             ATLAS_BODY_TIMEOUT_SECONDS="10") as sgw:
+                    slow = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.proc.pid, BENCH_KEY,
+                                                          json.dumps(BODY).encode()))
             if os.environ.get("BENCH_SKIP_WORKERS") != "1":
                 with gateway(rs.url, mock.url, ATLAS_WORKERS="2") as gw2:
                     results["gateway 2 workers c=16"] = measure_gateway(gw2, 16, duration, workdir)
@@ -323,6 +333,10 @@ def main() -> int:
           f"tokens settled {exact['tokens_settled']} of budget {exact['budget']} "
           f"({exact['reserve_per_request']} per request); leases left {exact['leases_left']} -> "
           f"{'PASS' if exact['ok'] else 'FAIL: BUDGET EXCEEDED'}")
+    if slow is not None:
+        print("1,000 slow clients (400 idle, 300 slow headers, 200 slow 4 MB bodies, 100 unknown keys "
+              "sending 4 MB):")
+        print(slow_clients.report(slow))
     invalid = [name for name, res in results.items() if res["errors"]]
     if invalid:
         print(f"INVALID: non-2xx responses in {', '.join(invalid)}: those figures measure errors")

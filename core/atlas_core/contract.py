@@ -287,6 +287,7 @@ class QuotaConfig:
 #   bucket:tok:<subject>             hash  token bucket for tokensPerMinute
 #   lease:<subject>                  zset  in-flight request id -> lease expiry (unix ms)
 #   lease:tok:<subject>              hash  in-flight request id -> tokens reserved
+#   undone:<subject>                 zset  request ids the gateway undid -> tombstone expiry (unix ms)
 #
 # A lease is both the concurrency slot and the token reservation of one in-flight request; it
 # carries a TTL so that a gateway that dies mid-request cannot leak either. Day/month budgets
@@ -357,6 +358,11 @@ def decode_response_owner(raw: bytes | str | None) -> tuple[str, int] | None:
     text = raw.decode() if isinstance(raw, bytes) else raw
     subject, _, tokens = text.rpartition("\t")
     return (subject, int(tokens or 0)) if subject else None
+
+def undone_key(subject: str) -> str:
+    """Tombstones of requests whose admission or settlement outcome the gateway did not learn
+    (a Redis timeout): undo.lua resolves them, admit.lua refuses to lease a tombstoned id."""
+    return f"{PREFIX}undone:{subject}"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import sys
 import subprocess
@@ -50,11 +51,13 @@ class RedisServer:
         port: int | None = None,
         *,
         start_timeout: float = 10.0,
+        password: str | None = None,
     ) -> None:
         self.persistent = dir is not None
         self.dir = Path(dir) if dir is not None else None
         self.port = port or free_port()
         self.start_timeout = start_timeout
+        self.password = password  # --requirepass: clients must AUTH
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: str | None = None
 
@@ -65,7 +68,15 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for(0)
+
+    def url_for(self, db: int) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     @property
     def pidfile(self) -> Path | None:
@@ -90,6 +101,8 @@ class RedisServer:
             "--protected-mode", "yes",
             "--daemonize", "no",
         ]
+        if self.password:
+            cmd += ["--requirepass", self.password]
         if self.persistent:
             cmd += ["--pidfile", str(self.pidfile), "--appendonly", "no", "--save", "60 1"]
         else:
@@ -133,6 +146,10 @@ class RedisServer:
         """One PING over a plain socket: redis-py would retry with back-off for seconds."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                if self.password:
+                    sock.sendall(b"AUTH %s\r\n" % self.password.encode())
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return False
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
@@ -146,7 +163,19 @@ class RedisServer:
     def stop(self, timeout: float = 10.0) -> None:
         with processes.signals_held():  # a second Ctrl-C must not cut the stop short
             proc, self._proc = self._proc, None
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a stalled (paused) Redis cannot act on SIGTERM
             processes.stop_process(proc, timeout)  # SIGTERM: redis saves (persistent mode) and exits
+
+    def pause(self) -> None:
+        """Stall Redis (SIGSTOP): connections stay open, commands queue unanswered."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """End a stall (SIGCONT): Redis runs what queued up meanwhile."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Simulate a crash (SIGKILL): nothing is saved."""

@@ -23,9 +23,11 @@ from .scripts import FastScript, RedisPyScript
 ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
 SETTLE_LUA = resources.files(__package__).joinpath("settle.lua").read_text()
 REFRESH_LUA = resources.files(__package__).joinpath("refresh.lua").read_text()
+UNDO_LUA = resources.files(__package__).joinpath("undo.lua").read_text()
 
 # reasons returned by admit.lua
 OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH = range(7)
+UNDONE = 99  # the request id was undone (undo.lua) before its admission ran
 REASON_NAMES = {
     REQUESTS: "requests_per_second",
     CONCURRENCY: "concurrency",
@@ -33,6 +35,7 @@ REASON_NAMES = {
     TOO_LARGE: "tokens_per_minute",
     DAY: "tokens_per_day",
     MONTH: "tokens_per_month",
+    UNDONE: "undone",
 }
 
 
@@ -124,10 +127,13 @@ class Admission:
             self._admit: Any = FastScript(fast, ADMIT_LUA)
             self._settle: Any = FastScript(fast, SETTLE_LUA)
             self._refresh: Any = FastScript(fast, REFRESH_LUA)
+            self._undo: Any = FastScript(fast, UNDO_LUA)
         else:
             self._admit = RedisPyScript(redis, ADMIT_LUA)
             self._settle = RedisPyScript(redis, SETTLE_LUA)
             self._refresh = RedisPyScript(redis, REFRESH_LUA)
+            self._undo = RedisPyScript(redis, UNDO_LUA)
+        self.lease_ttl_seconds = lease_ttl_seconds
         self.lease_ttl_ms = str(int(lease_ttl_seconds * 1000)).encode()
         # a request still upstream after this long refreshes its leases (and again after as long)
         self.refresh_interval = lease_ttl_seconds / 3
@@ -179,6 +185,18 @@ class Admission:
             return int(await self._settle.call_encoded(prefix, dynamic, suffix))
         _, keys = principal.redis_keys(cal.day, cal.month)
         return int(await self._settle(keys, dynamic + self._static_settle_args(principal)))
+
+    async def undo(self, principal: Principal, request_id: str, reserved: int, actual: int, *,
+                   admission: bool) -> int:
+        """Resolve a request whose admission (``admission=True``) or settlement outcome is
+        unknown (undo.lua): idempotent, so a caller retries it until Redis answers. Returns the
+        leases it dropped."""
+        cal = self.calendar.refresh()
+        admit_keys, settle_keys = principal.redis_keys(cal.day, cal.month)
+        keys = [*settle_keys, admit_keys[-1]]  # + the tombstones admit.lua checks
+        args = (request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode(),
+                *self._static_settle_args(principal), self.lease_ttl_ms, b"1" if admission else b"0")
+        return int(await self._undo(keys, args))
 
     async def refresh(self, principal: Principal, request_id: str) -> int:
         """Push the leases of a request still in flight forward by the lease TTL (refresh.lua);

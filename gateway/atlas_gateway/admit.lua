@@ -5,6 +5,7 @@
 -- KEYS, 6 per subject i (b = (i-1)*6):
 --   b+1 bucket:req   b+2 bucket:tok   b+3 lease (zset)   b+4 lease:tok (hash)
 --   b+5 usage day hash   b+6 usage month hash
+--   then one more, KEYS[n*6+1]: the first subject's undone zset (tombstones, see undo.lua)
 -- ARGV (what changes per request first, so the gateway can pre-encode the rest):
 --   1 request id   2 tokens to reserve   3 ms until the UTC day ends   4 ms until the month ends
 --   5 prompt tokens (the part of 2 that cannot shrink)   6 sequences generated (0 = none)
@@ -20,7 +21,9 @@
 --          req limit, req remaining, req reset ms, tok limit, tok remaining, tok reset ms,
 --          tokens reserved}
 --   reason: 0 ok, 1 requests/s, 2 concurrency, 3 tokens/min, 4 larger than tokens/min,
---           5 tokens/day, 6 tokens/month.  Limits of -1 mean "no such limit anywhere".
+--           5 tokens/day, 6 tokens/month, 99 undone (the gateway gave up on this request id
+--           and undid it: a call that runs late, after a Redis stall, must leave nothing).
+--   Limits of -1 mean "no such limit anywhere".
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -36,6 +39,10 @@ local n = tonumber(ARGV[8])
 local day_ttl = tonumber(ARGV[9])
 local month_ttl = tonumber(ARGV[10])
 local PER = 8
+
+if redis.call('ZSCORE', KEYS[n * 6 + 1], rid) then
+  return {0, 99, 1, 0, -1, -1, 0, -1, -1, 0, 0}
+end
 
 local reason, who, retry = 0, 0, 0
 local function reject(r, i, ms)

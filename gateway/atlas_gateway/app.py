@@ -20,6 +20,7 @@ from .owned_responses import PREFIX as STORED_RESPONSES, StoredResponseEndpoint
 from .proxy import PATHS, InferenceEndpoint
 from .responses import send_error
 from .runtime import Runtime
+from .server import configure as configure_connections
 from .settings import Settings
 
 log = logging.getLogger("atlas_gateway")
@@ -95,5 +96,6 @@ class AtlasASGI:
 
 def create_app(settings: Settings | None = None) -> AtlasASGI:
     settings = settings or Settings.from_env()
+    configure_connections(settings)
     gateway = Gateway(settings)
     return AtlasASGI(gateway, build_fastapi(gateway))

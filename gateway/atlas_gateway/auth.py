@@ -96,6 +96,7 @@ class Principal:
                 lease_tok = contract.lease_tokens_key(subject)
                 admit += [k.encode() for k in (bucket_req, bucket_tok, lease, lease_tok, day_key, month_key)]
                 settle += [k.encode() for k in (bucket_tok, lease, lease_tok, day_key, month_key)]
+            admit.append(contract.undone_key(self.subjects[0]).encode())  # tombstones (undo.lua)
             self._admit_keys, self._settle_keys, self._keys_day = admit, settle, day
         return self._admit_keys, self._settle_keys
 

@@ -12,7 +12,8 @@ from atlas_core import contract
 
 from . import errors, metrics
 from .auth import api_key_from_headers
-from .proxy import REDIS_FAILURES, authenticate
+from .faults import REDIS_FAILURES, is_transport_failure, reply_error, reply_kind
+from .proxy import authenticate
 from .responses import send_bytes, send_error, send_json
 from .runtime import Runtime
 
@@ -100,7 +101,9 @@ class UsageEndpoint(_Endpoint):
         now = datetime.now(timezone.utc)
         try:
             usages = await contract.read_usages(rt.redis, principal.subjects, now)
-        except REDIS_FAILURES:
+        except REDIS_FAILURES as exc:
+            if not is_transport_failure(exc):
+                raise reply_error("usage", exc) from None
             metrics.count_redis_error("usage")
             raise errors.redis_unavailable() from None
         key = principal.key
@@ -129,12 +132,20 @@ class HealthEndpoint(_Endpoint):
 
 
 class ReadyEndpoint(_Endpoint):
+    """Ready when the hot-path Redis client (the one serving admissions) answers a PING; an
+    error reply (NOAUTH, a wrong database...) is as unready as no connection at all."""
+
     async def handle(self, rt, scope, send, headers) -> None:
         try:
-            await rt.redis.ping()
-        except REDIS_FAILURES:
-            metrics.count_redis_error("ping")
-            await send_bytes(send, 503, b"redis unreachable\n", headers, b"text/plain; charset=utf-8")
+            await rt.fast_redis.ping()
+        except REDIS_FAILURES as exc:
+            if is_transport_failure(exc):
+                metrics.count_redis_error("ping")
+                body = b"redis unreachable\n"
+            else:
+                metrics.count_redis_reply_error("ping", reply_kind(exc))
+                body = f"redis refused: {reply_kind(exc)}\n".encode()
+            await send_bytes(send, 503, body, headers, b"text/plain; charset=utf-8")
             return
         await send_bytes(send, 200, b"ready\n", headers, b"text/plain; charset=utf-8")
 

@@ -94,6 +94,18 @@ def redis_unavailable() -> GatewayError:
     )
 
 
+def redis_refused(kind: str) -> GatewayError:
+    return GatewayError(
+        500, f"Quota store refused the request ({kind}); nothing was let through unchecked.",
+        "server_error", "quota_store_error",
+    )
+
+
+def request_timeout(what: str = "body") -> GatewayError:
+    return GatewayError(408, f"The request {what} did not arrive in time.", "invalid_request_error",
+                        "request_timeout")
+
+
 def upstream_unreachable(detail: str = "") -> GatewayError:
     return GatewayError(502, "Upstream model server unreachable." + (f" {detail}" if detail else ""),
                         "server_error", "upstream_unreachable")

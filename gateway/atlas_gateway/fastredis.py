@@ -5,12 +5,14 @@ Measured on the 2-core bench machine, redis-py's asyncio client spends more CPU 
 whole upstream request. This client keeps one connection, writes pre-encoded commands and
 matches replies to waiters in order (Redis answers a connection's commands in order), so
 concurrent requests are pipelined for free. It does exactly what the hot path needs:
-EVALSHA/SCRIPT LOAD, AUTH and SELECT, over TCP or TLS (``rediss://``). Everything else (config reads, /v1/usage, /readyz)
-uses redis-py.
+EVALSHA/SCRIPT LOAD, AUTH and SELECT, over TCP or TLS (``rediss://``); replies are parsed by
+hiredis. /readyz pings through it too; config reads and /v1/usage use redis-py.
 
 Failure handling: a lost connection fails every waiting call with ``ConnectionError`` and the
 next call reconnects; a call that takes longer than ``timeout`` fails with ``TimeoutError``
-and drops the connection (its late reply must not be matched to someone else's call).
+and drops the connection (its late reply must not be matched to someone else's call). Both
+mean "the command may or may not have run"; ``NotSent`` means it certainly did not (no
+connection). A connection is used only once its AUTH/SELECT handshake succeeded.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import ssl
 from collections import deque
 from urllib.parse import parse_qs, unquote, urlparse
 
+import hiredis
+
 
 class ReplyError(Exception):
-    """An error reply from Redis (``-ERR ...``, ``-NOSCRIPT ...``)."""
+    """An error reply from Redis (``-ERR ...``, ``-NOSCRIPT ...``, ``-OOM ...``, ``-NOAUTH ...``):
+    Redis is reachable and refused the command. Not a transport failure."""
 
 
-class _Incomplete(Exception):
-    pass
+class NotSent(ConnectionError):
+    """No connection could be made: the command never left this process (nothing to undo)."""
 
 
 def pack_args(args) -> bytes:
@@ -38,42 +43,14 @@ def pack(args: tuple[bytes, ...]) -> bytes:
     return b"*%d\r\n" % len(args) + pack_args(args)
 
 
-def parse(buf: bytearray, pos: int):
-    """One RESP2 reply from ``buf`` at ``pos`` -> (value, next position); raises _Incomplete."""
-    nl = buf.find(b"\r\n", pos)
-    if nl < 0:
-        raise _Incomplete
-    kind = buf[pos]
-    line = buf[pos + 1:nl]
-    pos = nl + 2
-    if kind == 58:  # ':' integer
-        return int(line), pos
-    if kind == 42:  # '*' array
-        count = int(line)
-        if count < 0:
-            return None, pos
-        out = []
-        for _ in range(count):
-            value, pos = parse(buf, pos)
-            out.append(value)
-        return out, pos
-    if kind == 36:  # '$' bulk string
-        size = int(line)
-        if size < 0:
-            return None, pos
-        if len(buf) < pos + size + 2:
-            raise _Incomplete
-        return bytes(buf[pos:pos + size]), pos + size + 2
-    if kind == 43:  # '+' simple string
-        return bytes(line), pos
-    if kind == 45:  # '-' error
-        return ReplyError(line.decode("utf-8", "replace")), pos
-    raise ReplyError(f"unexpected RESP type byte {kind!r}")
+def reply_reader() -> hiredis.Reader:
+    """hiredis' RESP parser (C): error replies come back as ReplyError instances."""
+    return hiredis.Reader(replyError=ReplyError)
 
 
 class _Protocol(asyncio.Protocol):
     def __init__(self, timeout: float = 0.5) -> None:
-        self.buf = bytearray()
+        self.reader = reply_reader()
         # (future, deadline) per command sent, in order. Redis answers in order, so only the
         # oldest can be the first to time out: one watchdog timer per connection checks it,
         # instead of a timer (and its cancellation) per call, which was a measurable share of
@@ -129,14 +106,12 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
+        reader = self.reader
+        reader.feed(data)
         waiters = self.waiters
         while waiters:
-            try:
-                value, pos = parse(buf, pos)
-            except _Incomplete:
+            value = reader.gets()
+            if value is False:
                 break
             fut = waiters.popleft()[0]
             if not fut.done():
@@ -144,8 +119,6 @@ class _Protocol(asyncio.Protocol):
                     fut.set_exception(value)
                 else:
                     fut.set_result(value)
-        if pos:
-            del buf[:pos]
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -209,19 +182,26 @@ class FastRedis:
         self._connecting: asyncio.Future | None = None
 
     async def _connect(self) -> _Protocol:
+        """A connection that has completed its handshake (AUTH, SELECT). Only then is it
+        published as ``self._proto``: a call made meanwhile waits for this connection instead of
+        running unauthenticated or in database 0. A failed handshake closes it."""
         loop = asyncio.get_running_loop()
         _, proto = await asyncio.wait_for(
             loop.create_connection(self._protocol, self.host, self.port, ssl=self.ssl,
                                    server_hostname=self.host if self.ssl is not None else None),
             self.timeout
         )
+        try:
+            if self.password is not None:
+                auth = (b"AUTH", self.username.encode(), self.password.encode()) if self.username else (
+                    b"AUTH", self.password.encode())
+                await self._call(proto, auth)
+            if self.db:
+                await self._call(proto, (b"SELECT", str(self.db).encode()))
+        except BaseException:
+            proto.close()
+            raise
         self._proto = proto
-        if self.password is not None:
-            auth = (b"AUTH", self.username.encode(), self.password.encode()) if self.username else (
-                b"AUTH", self.password.encode())
-            await self._call(proto, auth)
-        if self.db:
-            await self._call(proto, (b"SELECT", str(self.db).encode()))
         return proto
 
     async def _connection(self) -> _Protocol:
@@ -239,18 +219,31 @@ class FastRedis:
     def _protocol(self) -> _Protocol:
         return _Protocol(self.timeout)
 
+    async def _ready(self) -> _Protocol:
+        """A connection whose handshake completed, made (or awaited) now."""
+        try:
+            return await self._connection()
+        except ReplyError:
+            raise  # reachable, but the handshake was refused (wrong password, bad db)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise NotSent(f"cannot connect to Redis: {exc!r}") from exc
+
     async def execute(self, *args: bytes):
         proto = self._proto
         if proto is None or proto.closed:
-            proto = await self._connection()
+            proto = await self._ready()
         return await self._call(proto, args)
 
     async def execute_raw(self, command: bytes):
         """Send one already RESP-encoded command (see scripts.FastScript.call_encoded)."""
         proto = self._proto
-        if proto is None or proto.closed:
-            proto = await self._connection()
+        if proto is None or proto.closed:  # (the check inline: no extra coroutine per call)
+            proto = await self._ready()
         return await proto.call(command)
+
+    async def ping(self) -> None:
+        """PING over the hot-path connection (readiness is decided by the client serving traffic)."""
+        await self.execute(b"PING")
 
     async def aclose(self) -> None:
         if self._proto is not None:

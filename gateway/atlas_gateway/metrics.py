@@ -46,6 +46,16 @@ OVERRUNS = Counter("atlas_gateway_usage_overrun_total",
                    "Requests whose upstream-reported usage exceeded their reservation (charged in full)", ["key"])
 OVERRUN_TOKENS = Counter("atlas_gateway_usage_overrun_tokens_total",
                          "Tokens reported by the upstream beyond the reservation", ["key"])
+
+REDIS_REPLY_ERRORS = Counter("atlas_gateway_redis_reply_errors_total",
+                             "Redis calls Redis refused with an error reply (script error, OOM, NOAUTH): "
+                             "answered 500, never let through", ["op", "kind"])
+REDIS_UNDO_PENDING = Gauge("atlas_gateway_redis_undo_pending",
+                           "Admissions/settlements with an unknown outcome, waiting to be undone in Redis",
+                           multiprocess_mode="livesum")
+REDIS_UNDONE = Counter("atlas_gateway_redis_undone_total",
+                       "Unknown-outcome admissions/settlements resolved in Redis, by whether a lease was found",
+                       ["lease"])
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200
@@ -113,6 +123,10 @@ def count_overrun(key: str, tokens: int) -> None:
 
 def count_redis_error(op: str) -> None:
     _child(REDIS_ERRORS, op).inc()
+
+
+def count_redis_reply_error(op: str, kind: str) -> None:
+    _child(REDIS_REPLY_ERRORS, op, kind).inc()
 
 
 def render() -> tuple[bytes, str]:

@@ -1,10 +1,12 @@
 """The hot path: every metered route (chat, completions, embeddings, responses, messages,
 rerank, score) and the requests-only /tokenize and /detokenize, as raw ASGI.
 
-Order of checks (cheapest first, nothing consumed before admission):
-method -> key present -> body size -> key lookup (cached) -> key usable -> JSON/fields ->
-model allowed -> prompt bound (tokens.py) -> shedding -> admission (1 Redis call) -> upstream
-(with the completion cap the reservation was made for) -> settlement (1 Redis call).
+Order of checks (cheapest first, nothing consumed before admission; the key is checked from
+the headers before the body is read, so an unknown key costs no body):
+method -> key present -> declared body size -> key lookup (cached) -> key usable -> body (within
+ATLAS_BODY_TIMEOUT_SECONDS, see server.py) -> JSON/fields -> model allowed -> prompt bound
+(tokens.py) -> shedding -> admission (1 Redis call) -> upstream (with the completion cap the
+reservation was made for) -> settlement (1 Redis call).
 
 Every admitted request is settled exactly once (``Ticket``), whatever ends it: a normal
 response, an upstream error, a timeout, a client disconnect or a cancellation.
@@ -19,14 +21,13 @@ import time
 from time import perf_counter
 
 import aiohttp
-from redis.exceptions import RedisError
 
 from atlas_core.contract import hash_api_key
 
 from . import errors, metrics
-from .fastredis import ReplyError
 from .admission import rejection
 from .auth import Principal
+from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
 from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
@@ -37,8 +38,6 @@ from .usage import response_id_from_body, split_usage, usage_from_body
 from .validation import parse_body, validate
 
 log = logging.getLogger("atlas_gateway")
-
-REDIS_FAILURES = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
 
 # Request headers never forwarded upstream: hop-by-hop, the client's Atlas credentials, our own
 # controls, and accept-encoding (the gateway reads usage out of the body, so it wants identity).
@@ -77,10 +76,15 @@ class Ticket:
         try:
             # No asyncio.shield (it costs a task per request): the hot-path Redis client queues
             # the command synchronously before its first await, so a cancellation arriving now
-            # still lets the settlement reach Redis. At worst the lease expires by its TTL.
+            # still lets the settlement reach Redis. A failure is resolved by the recovery below.
             await self.rt.admission.settle(self.principal, self.request_id, self.reserved, actual)
-        except REDIS_FAILURES:
-            metrics.count_redis_error("settle")  # the lease expires by its TTL; nothing leaks
+        except REDIS_FAILURES as exc:
+            if is_transport_failure(exc):
+                metrics.count_redis_error("settle")
+            else:
+                reply_error("settle", exc)
+            # whether it ran is unknown: undo.lua settles it once, when Redis answers again
+            self.rt.recovery.settle_later(self.principal, self.request_id, self.reserved, actual)
 
 
 async def authenticate(rt: Runtime, api_key: str) -> Principal:
@@ -88,6 +92,8 @@ async def authenticate(rt: Runtime, api_key: str) -> Principal:
     try:
         principal = await rt.cache.lookup(key_hash)
     except REDIS_FAILURES as exc:
+        if not is_transport_failure(exc):
+            raise reply_error("config", exc) from None
         metrics.count_redis_error("config")
         rt.redis_health.failed(rt.settings.fail_open, exc)
         principal = rt.cache.stale(key_hash) if rt.settings.fail_open else None
@@ -156,15 +162,15 @@ class InferenceEndpoint:
             raise errors.invalid_api_key("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.")
         if content_length > settings.max_body_bytes:
             raise errors.body_too_large(settings.max_body_bytes)
-        raw = await read_body(receive, settings.max_body_bytes)
-        if raw is None:
-            raise errors.body_too_large(settings.max_body_bytes)
-
+        # who is calling, from the headers alone: an unknown key's body is never read
         principal = await authenticate(rt, api_key)
         state["ref"] = principal.ref
         refusal = principal.refusal(time.time())
         if refusal is not None:
             raise refusal
+        raw = await read_body(receive, settings.max_body_bytes)
+        if raw is None:
+            raise errors.body_too_large(settings.max_body_bytes)
         doc = parse_body(raw)
         model = validate(self.kind, doc)
         state["model"] = metrics.model_label(model)
@@ -186,10 +192,15 @@ class InferenceEndpoint:
         reserve = bound.reserve
 
         ticket: Ticket | None = None
+        rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
         try:
             decision = await rt.admission.admit(principal, request_id, reserve, prompt_estimate, bound.sequences)
         except REDIS_FAILURES as exc:
+            if not is_transport_failure(exc):
+                raise reply_error("admit", exc) from None
             metrics.count_redis_error("admit")
+            if maybe_ran(exc):  # it may still run when Redis resumes: make that leave nothing
+                rt.recovery.undo_admission(principal, request_id, reserve)
             rt.redis_health.failed(settings.fail_open, exc)
             if not settings.fail_open:
                 raise errors.redis_unavailable() from None
@@ -197,6 +208,7 @@ class InferenceEndpoint:
         else:
             if rt.redis_health.degraded:
                 rt.redis_health.ok()
+                rt.recovery.wake()
             headers += decision.headers
             if not decision.admitted:
                 refused = rejection(decision, principal, reserve)
@@ -207,6 +219,8 @@ class InferenceEndpoint:
                 reserve = decision.reserved
             ticket = Ticket(rt, principal, request_id, reserve)
             metrics.count_admitted(state["model"], reserve)
+        finally:
+            rt.shedder.admitting -= 1  # no await until _UpstreamCall.run counts it as in flight
         if bound.sequences:
             headers.append((_MAX_TOKENS_HEADER, str(bound.cap).encode()))
 
@@ -236,8 +250,13 @@ class InferenceEndpoint:
             if not options.get("include_usage"):
                 doc["stream_options"] = {**options, "include_usage": True}
                 strip_usage = modified = True
-        if settings.forward_priority is not None and kind in ("chat", "completions", "responses"):
+        # the upstream's scheduling priority is Atlas's to set, on every route: a client's own
+        # `priority` field is replaced (ATLAS_FORWARD_PRIORITY) or removed
+        if settings.forward_priority is not None:
             doc["priority"] = settings.forward_priority[priority]
+            modified = True
+        elif "priority" in doc:
+            del doc["priority"]
             modified = True
         if modified:
             payload = json.dumps(doc, separators=(",", ":")).encode()
@@ -320,8 +339,11 @@ class _UpstreamCall:
         ticket = self.ticket
         try:
             await self.rt.admission.refresh(ticket.principal, ticket.request_id)
-        except REDIS_FAILURES:
-            metrics.count_redis_error("refresh")  # the next attempt (TTL/3 later) may succeed
+        except REDIS_FAILURES as exc:
+            if is_transport_failure(exc):
+                metrics.count_redis_error("refresh")  # the next attempt (TTL/3 later) may succeed
+            else:
+                reply_error("refresh", exc)
 
     async def _watch_disconnect(self, receive, task: asyncio.Task) -> None:
         while True:

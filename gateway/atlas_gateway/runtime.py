@@ -18,6 +18,7 @@ from .admission import Admission
 from .auth import ConfigCache
 from .fastredis import FastRedis
 from .priority import Shedder
+from .recovery import Recovery
 from .settings import Settings
 from .tokens import Meter
 from .upstreams import Upstreams
@@ -68,10 +69,10 @@ class Runtime:
         self.cache = ConfigCache(self.redis, settings.config_ttl)
         self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
+        self.recovery = Recovery(self.admission)
         self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
         self.meter = Meter.from_settings(settings)
-        self.shedder = Shedder(settings.shed_threshold, settings.shed_threshold_standard,
-                               settings.shed_threshold_critical)
+        self.shedder = Shedder(*settings.shed_thresholds())
         self.redis_health = RedisHealth()
         if not metrics.MULTIPROCESS:  # read at scrape time: no per-request cost
             metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)
@@ -99,6 +100,11 @@ class Runtime:
         )
 
     async def stop(self) -> None:
+        # undo what timed-out calls may have left, while Redis still answers (bounded wait)
+        if not await self.recovery.drain(2.0):
+            log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "
+                        "by ATLAS_LEASE_TTL_SECONDS", len(self.recovery.pending))
+        self.recovery.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -73,11 +73,55 @@ class Settings:
     upstream_timeout: float = 300.0
     upstream_pool_size: int = 512
     upstream_api_key: str | None = None
-    shed_threshold: int = 256
-    shed_threshold_standard: int = 512
-    shed_threshold_critical: int = 1024
+    # None: derived from upstream_pool_size (see shed_thresholds)
+    shed_threshold: int | None = None
+    shed_threshold_standard: int | None = None
+    shed_threshold_critical: int | None = None
     forward_priority: dict[str, int] | None = field(default=None, hash=False)
     log_level: str = "info"
+    # bounds on what a client may cost before (and while) it is authenticated; see server.py
+    body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    max_header_bytes: int = 32 * 1024
+    max_connections: int = 4096
+
+    def shed_thresholds(self) -> tuple[int, int, int]:
+        """In-flight upstream requests at which Sheddable, Standard and Critical requests are
+        shed. They never exceed the upstream pool: a request beyond it would only wait for a
+        pooled connection until the connect timeout and fail with 504 from a healthy upstream,
+        so at the pool's size even Critical requests get an honest 503 + Retry-After. Defaults:
+        1/2, 3/4 and all of the pool."""
+        pool = self.upstream_pool_size
+        return (
+            pool // 2 if self.shed_threshold is None else self.shed_threshold,
+            pool * 3 // 4 if self.shed_threshold_standard is None else self.shed_threshold_standard,
+            pool if self.shed_threshold_critical is None else self.shed_threshold_critical,
+        )
+
+    def __post_init__(self) -> None:
+        names = ("ATLAS_SHED_THRESHOLD", "ATLAS_SHED_THRESHOLD_STANDARD", "ATLAS_SHED_THRESHOLD_CRITICAL")
+        pool = self.upstream_pool_size
+        if pool < 1:
+            raise SettingsError("ATLAS_UPSTREAM_POOL_SIZE must be >= 1")
+        enabled = []
+        for name, value in zip(names, self.shed_thresholds()):
+            if value > pool:
+                raise SettingsError(
+                    f"{name}={value} exceeds ATLAS_UPSTREAM_POOL_SIZE={pool}: requests beyond the pool "
+                    "wait for a connection and time out (504) instead of being shed (503)")
+            if value > 0:
+                enabled.append((name, value))
+        for (lower, low), (higher, high) in zip(enabled, enabled[1:]):
+            if low > high:
+                raise SettingsError(f"{lower}={low} must not exceed {higher}={high}: lower classes shed first")
+        for name, value in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
+                            ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
+                            ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
+                            ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
+                            ("ATLAS_MAX_CONNECTIONS", self.max_connections)):
+            if value <= 0:
+                raise SettingsError(f"{name} must be > 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -96,7 +140,10 @@ class Settings:
         fail_mode = env.get("ATLAS_FAIL_MODE", "closed").strip().lower()
         if fail_mode not in ("closed", "open"):
             raise SettingsError("ATLAS_FAIL_MODE must be 'closed' or 'open'")
-        shed = _int(env, "ATLAS_SHED_THRESHOLD", 256)
+
+        def optional_int(name: str) -> int | None:
+            return None if env.get(name, "") == "" else _int(env, name, 0)
+
         return cls(
             upstream_url=upstream,
             upstream_models=models,
@@ -118,9 +165,14 @@ class Settings:
             upstream_timeout=_float(env, "ATLAS_UPSTREAM_TIMEOUT", 300.0),
             upstream_pool_size=_int(env, "ATLAS_UPSTREAM_POOL_SIZE", 512),
             upstream_api_key=env.get("ATLAS_UPSTREAM_API_KEY") or None,
-            shed_threshold=shed,
-            shed_threshold_standard=_int(env, "ATLAS_SHED_THRESHOLD_STANDARD", shed * 2),
-            shed_threshold_critical=_int(env, "ATLAS_SHED_THRESHOLD_CRITICAL", shed * 4),
+            shed_threshold=optional_int("ATLAS_SHED_THRESHOLD"),
+            shed_threshold_standard=optional_int("ATLAS_SHED_THRESHOLD_STANDARD"),
+            shed_threshold_critical=optional_int("ATLAS_SHED_THRESHOLD_CRITICAL"),
             forward_priority=_priority_values(env.get("ATLAS_FORWARD_PRIORITY")),
             log_level=env.get("ATLAS_LOG_LEVEL", "info").lower(),
+            body_timeout=_float(env, "ATLAS_BODY_TIMEOUT_SECONDS", 30.0),
+            header_timeout=_float(env, "ATLAS_HEADER_TIMEOUT_SECONDS", 10.0),
+            keepalive_timeout=_float(env, "ATLAS_KEEPALIVE_TIMEOUT_SECONDS", 5.0),
+            max_header_bytes=_int(env, "ATLAS_MAX_HEADER_BYTES", 32 * 1024),
+            max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 4096),
         )

@@ -8,13 +8,40 @@ from typing import Any
 from . import errors
 
 
+MAX_NESTING = 64  # JSON arrays/objects inside each other; real requests (tool schemas) stay far below
+
+
+def _too_deep() -> errors.GatewayError:
+    return errors.bad_request(f"The request body nests JSON deeper than {MAX_NESTING} levels.")
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """Whether a parsed document nests arrays/objects more than ``limit`` deep (an explicit
+    stack: no recursion, whatever the depth)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in (value.values() if isinstance(value, dict) else value):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
+    except RecursionError:  # deeper than the interpreter's recursion limit (~1000)
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.bad_request(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise errors.bad_request("The request body must be a JSON object.")
+    # Every walk over the document (the prompt estimate, re-encoding) recurses: bound the depth.
+    # A body with fewer brackets than the limit cannot be deeper, so most skip the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and _deeper_than(doc, MAX_NESTING):
+        raise _too_deep()
     return doc
 
 

@@ -18,7 +18,7 @@ from atlas_core.contract import KeyConfig, Limits
 
 from . import apikeys, conditions as cond, rotation, store
 from .kube import CONFLICT, GONE, KubeApi
-from .settings import KEYS
+from .settings import KEYS, SECRET_WATCH_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class KeyOutcome:
     rotated_from: str | None = None
     previous: contract.PreviousKey | None = None  # still accepted during rotationGracePeriod
     retired: str | None = None  # previous key whose grace period ended now
+    secret_watched: bool = True  # the Secret carries the watch label (else its changes go unseen)
     next_check: datetime | None = None  # when the outcome changes by itself (expiresAt, grace end)
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -161,7 +162,12 @@ async def reconcile_key(
         else:
             config, ready, reason, message = desired_key_config(
                 namespace, name, spec, key_hash, quota_exists, now)
-            outcome = KeyOutcome(ready, reason, message, key_hash=key_hash)
+            watched = _watched(secret)
+            if ready and not watched:
+                # read by name, so it works; but unwatched, its rotation goes unnoticed (docs/operator.md)
+                message += (f"; Secret {secret_name!r} lacks the label {SECRET_WATCH_LABEL}={name}: until it has "
+                            "it, a change of its key is not noticed")
+            outcome = KeyOutcome(ready, reason, message, key_hash=key_hash, secret_watched=watched)
             grace = rotation.parse_duration(spec.get("rotationGracePeriod"))
             write = await store.write_key_config(redis, key_hash, config, grace, now.timestamp())
             outcome.redis_written, outcome.rotated_from = write.written, write.rotated_from
@@ -211,6 +217,10 @@ async def reconcile_key(
 
 def _time_of(previous: contract.PreviousKey | None) -> datetime | None:
     return None if previous is None else datetime.fromtimestamp(previous.until, tz=timezone.utc)
+
+
+def _watched(secret: dict[str, Any]) -> bool:
+    return SECRET_WATCH_LABEL in ((secret.get("metadata") or {}).get("labels") or {})
 
 
 async def _still_owned(redis: Any, owner: str, key_hash: str) -> bool:

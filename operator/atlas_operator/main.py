@@ -12,7 +12,7 @@ from .keys import StatusConflict
 from .kube import ClientKubeApi, NamespaceTerminating
 from .metrics import serve as serve_metrics
 from .runtime import Runtime
-from .settings import FINALIZER, GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
+from .settings import FINALIZER, GROUP, KEYS, QUOTAS, SECRET_WATCH_LABEL, VERSION, OperatorSettings
 from .views import ObjectView, SecretView
 
 RETRY = dict(backoff=2, errors=kopf.ErrorsMode.TEMPORARY)
@@ -38,6 +38,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     # The CRDs ship with the chart and namespaces are named, not globbed: no cluster-wide
     # CRD/namespace watches, so the operator needs no cluster-scoped RBAC beyond its own kinds.
     settings.scanning.disabled = True
+    # Only labelled Secrets are listed and watched (the selector is sent to the API server).
+    settings.watching.label_selectors["", "v1", "secrets"] = SECRET_WATCH_LABEL
     settings.posting.level = logging.WARNING  # our own Events say what changed; no per-handler noise
     settings.watching.server_timeout = 300
     settings.watching.connect_timeout = 10
@@ -104,7 +106,7 @@ def atlasquota_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> di
     return {(namespace, name): ObjectView.of(body)}
 
 
-@kopf.index("", "v1", "secrets")
+@kopf.index("", "v1", "secrets", labels={SECRET_WATCH_LABEL: kopf.PRESENT})
 def secret_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     # Only the SHA-256 of `api-key` is kept: enough to rewrite config without an API call.
     return {(namespace, name): SecretView.of(body)}
@@ -132,7 +134,7 @@ async def atlaskey_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.runtime.delete_key(plain(body))
 
 
-@kopf.on.event("", "v1", "secrets")
+@kopf.on.event("", "v1", "secrets", labels={SECRET_WATCH_LABEL: kopf.PRESENT})
 async def secret_event(event: dict, namespace: str, name: str, body: kopf.Body,
                        memo: kopf.Memo, **_: Any) -> None:
     if event.get("type") is None:

@@ -99,7 +99,8 @@ class Runtime:
         async with self._lock(*ident):
             outcome = await keys.reconcile_key(body, kube=self.kube, redis=self.redis,
                                                quota_exists=self.quota_exists)
-        self.applied_hash[ident] = outcome.key_hash
+        # unwatched Secret: its first event (it was just labelled) must reconcile, hash or not
+        self.applied_hash[ident] = outcome.key_hash if outcome.secret_watched else None
         if outcome.next_check is not None:
             self.scheduler.schedule(*ident, outcome.next_check)
         if outcome.redis_written or outcome.status_patched:

@@ -17,6 +17,10 @@ SECRET_DATA_KEY = "api-key"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "atlas-operator"
 OWNER_LABEL = f"{GROUP}/atlaskey"
+# The operator lists and watches only Secrets carrying this label (a server-side label selector):
+# the ones it generates have it, user-supplied ones are labelled with the AtlasKey's name (see
+# docs/operator.md). Any other Secret never reaches the operator, nor its memory.
+SECRET_WATCH_LABEL = OWNER_LABEL
 
 
 @dataclass(frozen=True)

@@ -163,10 +163,16 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
          "spec": {"limits": {"tokensPerDay": 100000}}},
         {"apiVersion": f"{GROUP}/v1alpha1", "kind": "AtlasKey", "metadata": {"name": "generated"},
          "spec": {"quotaRef": "team", "limits": {"requestsPerSecond": 2, "tokensPerDay": 5000}}},
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "external-key"},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": "external-key", "labels": {"atlas.bugvanquisher.io/atlaskey": "external"}},
          "stringData": {"api-key": external_key}},
         {"apiVersion": f"{GROUP}/v1alpha1", "kind": "AtlasKey", "metadata": {"name": "external"},
          "spec": {"secretName": "external-key", "priority": "Sheddable"}},
+        # as an install from before the label: works, says the label is missing
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "unlabelled-key"},
+         "stringData": {"api-key": "sk-atlas-" + secrets.token_hex(16)}},
+        {"apiVersion": f"{GROUP}/v1alpha1", "kind": "AtlasKey", "metadata": {"name": "unlabelled"},
+         "spec": {"secretName": "unlabelled-key"}},
     ]))
 
     log = tmp_path / "operator.log"
@@ -202,6 +208,18 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
             stored = b"\n".join(client.keys("atlas:v1:*"))
             assert hashlib.sha256(key.encode()).hexdigest().encode() in stored
             assert key.encode() not in stored
+
+            # Migration: an unlabelled Secret works, the message names the label; labelling it
+            # brings it into the (label-selected) watch, which re-reconciles the key.
+            def ready_message(name):
+                obj = get_json(cp, "atlaskey", name, "-n", keys_ns)
+                return next((c.get("message", "") for c in ((obj or {}).get("status") or {}).get("conditions") or []
+                             if c["type"] == "Ready" and c["status"] == "True"), None)
+            wait_for("unlabelled AtlasKey Ready with a hint", lambda: "lacks the label" in (ready_message("unlabelled") or ""),
+                     proc=proc, log=log)
+            cp.kubectl("label", "secret", "unlabelled-key", "-n", keys_ns, f"{GROUP}/atlaskey=unlabelled")
+            wait_for("hint gone once labelled", lambda: (m := ready_message("unlabelled")) is not None
+                     and "lacks the label" not in m, proc=proc, log=log)
 
             # Rotation: the operator notices a changed Secret (watch on secrets) and follows it.
             rotated = "sk-atlas-" + secrets.token_hex(16)

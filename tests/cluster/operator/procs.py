@@ -136,9 +136,12 @@ def quota_manifest(name: str, **limits: Any) -> str:
                        "metadata": {"name": name}, "spec": {"limits": limits}})
 
 
-def secret_manifest(name: str, value: str) -> str:
-    return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
-                       "stringData": {"api-key": value}})
+def secret_manifest(name: str, value: str, atlaskey: str | None = None) -> str:
+    """A user-supplied key Secret; with ``atlaskey`` labelled so that the operator watches it."""
+    meta: dict[str, Any] = {"name": name}
+    if atlaskey:
+        meta["labels"] = {"atlas.bugvanquisher.io/atlaskey": atlaskey}
+    return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": {"api-key": value}})
 
 
 def now() -> float:

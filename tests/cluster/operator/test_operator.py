@@ -111,11 +111,11 @@ def test_delete_refuses_within_two_seconds_and_keeps_usage(kube, gateway, redis_
 
 
 def test_rotation_old_refused_new_accepted_usage_kept(kube, gateway):
-    kube.apply(secret_manifest("ext", "sk-first-0123456789abcdef"))
+    kube.apply(secret_manifest("ext", "sk-first-0123456789abcdef", atlaskey="rot"))
     kube.apply(key_manifest("rot", secretName="ext"))
     wait_until("first key accepted", lambda: status_of(gateway, "sk-first-0123456789abcdef")() == 200, 30)
     wait_until("usage written", lambda: (kube.get("atlaskey", "rot")["status"].get("usage") or {}).get("requestsToday", 0) >= 1, 15)
-    kube.apply(secret_manifest("ext", "sk-second-0123456789abcdef"))
+    kube.apply(secret_manifest("ext", "sk-second-0123456789abcdef", atlaskey="rot"))
     wait_until("new key accepted", lambda: status_of(gateway, "sk-second-0123456789abcdef")() == 200, 15)
     wait_until("old key refused", lambda: status_of(gateway, "sk-first-0123456789abcdef")() == 401, 5)
     wait_until("usage kept across rotation",

@@ -297,3 +297,58 @@ async def test_the_shrunk_reservation_is_what_tokens_per_minute_sees(admission):
     assert not decision.admitted and decision.reason == adm.TOO_LARGE  # 500 > 450 still
     p = make_principal(contract.Limits(tokens_per_day=400, tokens_per_minute=450), shortfall=SHRINK, name="b")
     assert (await admission.admit(p, "b", 100 + 1000, 100, 1)).reserved == 400
+
+# ----------------------------------------------------------------------- undo.lua (issue 10)
+
+
+async def test_undo_of_an_admission_that_ran_leaves_nothing(admission, fake_redis):
+    """The admission ran (its reply was lost): undo drops lease and reservation on every
+    subject, takes back the request count and the tokens-per-minute reservation."""
+    p = make_principal(contract.Limits(max_concurrent=1, tokens_per_minute=1_000),
+                       contract.Limits(tokens_per_day=10_000))
+    assert (await admission.admit(p, "lost", 300)).admitted
+    assert await admission.undo(p, "lost", 300, 0, admission=True) == 2
+    for subject in (KEY, QUOTA):
+        assert await fake_redis.zcard(contract.lease_key(subject)) == 0
+        assert await fake_redis.hlen(contract.lease_tokens_key(subject)) == 0
+        day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc))
+        assert await fake_redis.hget(day_key, "requests") == b"0"
+        assert await fake_redis.hget(day_key, "settled") is None
+    again = await admission.admit(p, "next", 1_000)  # the whole minute bucket is back
+    assert again.admitted, again.reason
+    assert header(again, "x-ratelimit-remaining-tokens") == "0"
+
+
+async def test_undo_before_a_late_admission_makes_it_lease_nothing(admission, fake_redis):
+    """Redis ran the undo first and the stalled admission afterwards: it is refused (99)."""
+    p = make_principal(contract.Limits(max_concurrent=1, tokens_per_day=10_000))
+    assert await admission.undo(p, "late", 100, 0, admission=True) == 0
+    before = await snapshot(fake_redis)
+    late = await admission.admit(p, "late", 100)
+    assert not late.admitted and late.reason == adm.UNDONE
+    assert await snapshot(fake_redis) == before
+    assert (await admission.admit(p, "other", 100)).admitted  # the slot is free
+
+
+async def test_undo_of_a_settlement_bills_once_however_often_retried(admission, fake_redis):
+    p = make_principal(contract.Limits(tokens_per_day=10_000))
+    assert (await admission.admit(p, "s", 100)).admitted
+    for _ in range(3):  # retried: only the first finds the lease
+        await admission.undo(p, "s", 100, 40, admission=False)
+    day_key, month_key = contract.usage_keys(KEY, datetime.now(timezone.utc))
+    assert await fake_redis.hget(day_key, "settled") == b"40"
+    assert await fake_redis.hget(month_key, "settled") == b"40"
+    assert await fake_redis.hget(day_key, "requests") == b"1"
+    # and when the settlement had in fact run before its reply was lost
+    assert (await admission.admit(p, "t", 100)).admitted
+    await admission.settle(p, "t", 100, 10)
+    assert await admission.undo(p, "t", 100, 10, admission=False) == 0
+    assert await fake_redis.hget(day_key, "settled") == b"50"
+
+
+async def test_tombstones_expire(fake_redis):
+    short = adm.Admission(fake_redis, lease_ttl_seconds=0.05)
+    p = make_principal(contract.Limits(max_concurrent=1))
+    await short.undo(p, "a", 1, 0, admission=True)
+    assert await fake_redis.pttl(contract.undone_key(KEY)) > 0
+    assert await fake_redis.zcard(contract.undone_key(KEY)) == 1

@@ -8,7 +8,7 @@ import pytest
 
 from atlas_gateway import errors
 from atlas_gateway.auth import api_key_from_headers
-from atlas_gateway.fastredis import ReplyError, _Incomplete, pack, parse
+from atlas_gateway.fastredis import ReplyError, pack, reply_reader
 from atlas_gateway.globs import compile_globs, first_match
 from atlas_gateway.priority import Shedder, effective_priority
 from atlas_gateway.settings import Settings, SettingsError
@@ -136,13 +136,12 @@ def test_sse_filter_strips_injected_usage_chunk_only():
 
 def test_resp_pack_and_parse():
     assert pack((b"PING",)) == b"*1\r\n$4\r\nPING\r\n"
-    buf = bytearray(b"*3\r\n:1\r\n:-1\r\n$3\r\nabc\r\n-NOSCRIPT x\r\n")
-    value, pos = parse(buf, 0)
-    assert value == [1, -1, b"abc"]
-    err, _ = parse(buf, pos)
+    reader = reply_reader()  # hiredis, with our error class
+    reader.feed(b"*3\r\n:1\r\n:-1\r\n$3\r\nabc\r\n-NOSCRIPT x\r\n*2\r\n:1\r\n")
+    assert reader.gets() == [1, -1, b"abc"]
+    err = reader.gets()
     assert isinstance(err, ReplyError) and str(err).startswith("NOSCRIPT")
-    with pytest.raises(_Incomplete):
-        parse(bytearray(b"*2\r\n:1\r\n"), 0)
+    assert reader.gets() is False  # the array is incomplete: wait for more bytes
 
 
 def test_settings_from_env():
@@ -151,7 +150,7 @@ def test_settings_from_env():
     s = Settings.from_env({"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_FAIL_MODE": "open",
                            "ATLAS_SHED_THRESHOLD": "10", "ATLAS_FORWARD_PRIORITY": "true",
                            "ATLAS_UPSTREAM_MODELS": '{"q*": "http://q"}'})
-    assert s.fail_open and s.shed_threshold_standard == 20 and s.shed_threshold_critical == 40
+    assert s.fail_open and s.shed_thresholds() == (10, 384, 512)  # the others follow the pool
     assert s.forward_priority["Critical"] < s.forward_priority["Sheddable"]
     assert s.upstream_models == (("q*", "http://q"),)
     with pytest.raises(SettingsError):
@@ -209,3 +208,33 @@ def test_responses_stream_notes_the_id_and_the_terminal_usage():
     _filter(sse("response.incomplete", {"type": "response.incomplete", "response": {
         "id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}}), state, False)
     assert state.response_id == "resp_1" and split_usage(state.usage) == (7, 3, 10)
+
+def test_shed_thresholds_follow_the_pool_and_never_exceed_it():
+    base = {"ATLAS_UPSTREAM_URL": "http://u"}
+    assert Settings.from_env(base).shed_thresholds() == (256, 384, 512)
+    assert Settings.from_env({**base, "ATLAS_UPSTREAM_POOL_SIZE": "8"}).shed_thresholds() == (4, 6, 8)
+    with pytest.raises(SettingsError, match="exceeds ATLAS_UPSTREAM_POOL_SIZE"):
+        Settings.from_env({**base, "ATLAS_SHED_THRESHOLD_CRITICAL": "1024"})
+    with pytest.raises(SettingsError, match="lower classes shed first"):
+        Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "500", "ATLAS_SHED_THRESHOLD_STANDARD": "100"})
+    assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD_CRITICAL": "0"}).shed_thresholds()[2] == 0
+    with pytest.raises(SettingsError):
+        Settings.from_env({**base, "ATLAS_BODY_TIMEOUT_SECONDS": "0"})
+
+
+def test_shedder_counts_requests_awaiting_admission():
+    shedder = Shedder(1, 2, 3)
+    shedder.admitting = 1
+    assert shedder.should_shed("Sheddable") and not shedder.should_shed("Standard")
+
+
+@pytest.mark.parametrize("depth,refused", [(64, False), (65, True), (900, True)])
+def test_nesting_limit(depth, refused):
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "%s"}], "x": %s}' % (
+        b"[" * 500, b"[" * (depth - 1) + b"]" * (depth - 1))  # brackets in a string do not count
+    if refused:
+        with pytest.raises(errors.GatewayError) as exc:
+            parse_body(body)
+        assert exc.value.status == 400
+    else:
+        assert parse_body(body)["model"] == "m"

@@ -10,7 +10,7 @@ from atlas_core import contract
 from atlas_core.contract import KeyConfig
 from atlas_operator import conditions as cond
 from atlas_operator.keys import StatusConflict, reconcile_key
-from atlas_operator.settings import KEYS
+from atlas_operator.settings import KEYS, SECRET_WATCH_LABEL
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 GOOD_KEY = "sk-test-0123456789abcdef"
@@ -67,6 +67,23 @@ async def test_existing_secret_is_used_as_is(kube, redis):
     outcome = await run(kube, redis)
     assert outcome.ready and not outcome.secret_created and not kube.created_secrets
     assert (await config_for(redis, GOOD_KEY)).name == "frontend"
+
+
+async def test_unlabelled_secret_works_and_says_how_to_get_it_watched(kube, redis):
+    """Only labelled Secrets are watched; an existing install's unlabelled Secret still works
+    (read by name) and the Ready message names the label to add (the migration)."""
+    kube.put_secret("external", GOOD_KEY)
+    kube.add(KEYS, "frontend", {"secretName": "external"})
+    outcome = await run(kube, redis)
+    assert outcome.ready and f"lacks the label {SECRET_WATCH_LABEL}=frontend" in outcome.message
+    kube.secrets[("team", "external")]["metadata"].setdefault("labels", {})[SECRET_WATCH_LABEL] = "frontend"
+    outcome = await run(kube, redis)
+    assert outcome.ready and "lacks the label" not in outcome.message
+    assert "lacks the label" not in ready(kube.get(KEYS, "frontend"))["message"]
+    kube.add(KEYS, "generated", {})
+    generated = await run(kube, redis, name="generated")  # the operator labels what it generates
+    assert generated.ready and "lacks the label" not in generated.message
+    assert kube.secrets[("team", "generated-api-key")]["metadata"]["labels"][SECRET_WATCH_LABEL] == "generated"
 
 
 @pytest.mark.parametrize("raw", [{}, {"api-key": "%%%not-base64"}, {"api-key": "c2hvcnQ="}])

@@ -1,0 +1,115 @@
+"""Undo what a timed-out Redis call may have done.
+
+An admission or settlement that timed out (or whose connection was lost) may have run, may still
+run when a stalled Redis resumes and reads the queued command, or may never run. The caller has
+moved on (its client got a 503, or, failing open, was let through); this process still owns the
+request id, so it resolves it: ``undo.lua`` is idempotent per request id (a lease is the proof
+that an admission ran unsettled, a tombstone makes a late admission lease nothing), and is
+retried until Redis answers. Only the lease TTL bounds what a gateway that dies meanwhile leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import metrics
+from .admission import Admission
+from .auth import Principal
+from .faults import REDIS_FAILURES, is_transport_failure, reply_kind
+
+log = logging.getLogger("atlas_gateway")
+
+
+class Recovery:
+    BATCH = 64             # undo calls in flight at once (pipelined on the hot-path connection)
+    MAX_PENDING = 100_000  # bounded memory; beyond it, the lease TTL is the bound
+    REPLY_ATTEMPTS = 5     # an undo that Redis refuses (script error) is not retried for ever
+
+    def __init__(self, admission: Admission, first_delay: float = 0.05, max_delay: float = 1.0) -> None:
+        self.admission = admission
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        # request id -> [principal, reserved, actual, admission?, refused attempts]
+        self.pending: dict[str, list] = {}
+        self._task: asyncio.Task | None = None
+        self._wakeup = asyncio.Event()
+        if not metrics.MULTIPROCESS:
+            metrics.REDIS_UNDO_PENDING.set_function(lambda: len(self.pending))
+
+    def undo_admission(self, principal: Principal, request_id: str, reserved: int) -> None:
+        self._add(principal, request_id, reserved, 0, True)
+
+    def settle_later(self, principal: Principal, request_id: str, reserved: int, actual: int) -> None:
+        self._add(principal, request_id, reserved, actual, False)
+
+    def _add(self, principal: Principal, request_id: str, reserved: int, actual: int, admission: bool) -> None:
+        if not principal.leased:
+            return  # nothing it left can outlive a minute: its buckets refill by themselves
+        if len(self.pending) >= self.MAX_PENDING:
+            metrics.count_redis_error("undo_dropped")
+            return
+        self.pending[request_id] = [principal, reserved, actual, admission, 0]
+        if metrics.MULTIPROCESS:
+            metrics.REDIS_UNDO_PENDING.inc()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """Redis answered again: retry now rather than after the back-off."""
+        if self.pending:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        delay = self.first_delay
+        while self.pending:
+            self._wakeup.clear()  # before the batch: a wake-up during it is not lost
+            batch = list(self.pending.items())[: self.BATCH]
+            results = await asyncio.gather(*(self._one(rid, item) for rid, item in batch))
+            if all(results):
+                delay = self.first_delay
+                continue
+            # Redis still unreachable: wait, but wake at once when a new item arrives or a
+            # request gets through to Redis again
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(self.max_delay, delay * 2)
+
+    async def _one(self, request_id: str, item: list) -> bool:
+        principal, reserved, actual, admission, refused = item
+        try:
+            dropped = await self.admission.undo(principal, request_id, reserved, actual, admission=admission)
+        except REDIS_FAILURES as exc:
+            if is_transport_failure(exc):
+                return False
+            item[4] = refused = refused + 1
+            metrics.count_redis_reply_error("undo", reply_kind(exc))
+            if refused < self.REPLY_ATTEMPTS:
+                return False
+            log.error("giving up undoing request %s: Redis refused it %d times (%s)", request_id, refused, exc)
+        else:
+            metrics.REDIS_UNDONE.labels("found" if dropped else "none").inc()
+        self._forget(request_id)
+        return True
+
+    def _forget(self, request_id: str) -> None:
+        if self.pending.pop(request_id, None) is not None and metrics.MULTIPROCESS:
+            metrics.REDIS_UNDO_PENDING.dec()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait (at shutdown) until nothing is pending, at most ``timeout`` seconds."""
+        task = self._task
+        if task is None or task.done():
+            return not self.pending
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return not self.pending
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

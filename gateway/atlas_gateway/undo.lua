@@ -1,0 +1,78 @@
+-- Atlas undo: resolve a request whose admission or settlement outcome the gateway never learnt
+-- (the call timed out or its connection was lost: the script may have run, may run later when a
+-- stalled Redis resumes, or never ran). Idempotent per request id, so the gateway retries it
+-- until Redis answers:
+--   * the request's lease is the proof that its admission ran and was not settled yet: only
+--     then are the counters touched (lease and reservation dropped, `actual` tokens settled,
+--     the tokens-per-minute bucket given back what was reserved but not used, and for an
+--     undone admission its request count taken back);
+--   * the id is tombstoned for `tombstone TTL`: admit.lua refuses to lease a tombstoned id, so
+--     an admission that runs after its undo (queued behind a stall) leaves nothing either.
+-- A lease that already expired (and was purged) is not billed: that is the crash case, where
+-- the TTL is the only bound.
+--
+-- KEYS, 5 per subject i (b = (i-1)*5), as settle.lua:
+--   b+1 bucket:tok   b+2 lease (zset)   b+3 lease:tok (hash)   b+4 usage day hash   b+5 usage month hash
+--   then KEYS[n*5+1]: the first subject's undone zset (the one admit.lua checks)
+-- ARGV:
+--   1 request id   2 real tokens   3 tokens reserved   4 number of subjects
+--   5 day hash TTL (s)   6 month hash TTL (s)   then per subject (6 + i): tokensPerMinute (0 = none)
+--   then (6 + n + 1) tombstone TTL (ms), (6 + n + 2) 1 = undo the admission itself, 0 = a settlement
+-- Returns the number of leases dropped (0: nothing was left to undo).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local rid = ARGV[1]
+local actual = tonumber(ARGV[2])
+local reserved = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local day_ttl = tonumber(ARGV[5])
+local month_ttl = tonumber(ARGV[6])
+local tomb_ttl = tonumber(ARGV[6 + n + 1])
+local admission = ARGV[6 + n + 2] == '1'
+local tomb = KEYS[n * 5 + 1]
+
+local dropped = 0
+for i = 1, n do
+  local k = (i - 1) * 5
+  dropped = dropped + redis.call('ZREM', KEYS[k + 2], rid)
+  redis.call('HDEL', KEYS[k + 3], rid)
+end
+
+if dropped > 0 then
+  for i = 1, n do
+    local k = (i - 1) * 5
+    local tpm = tonumber(ARGV[6 + i])
+    if actual > 0 then
+      if redis.call('HINCRBY', KEYS[k + 4], 'settled', actual) == actual then
+        redis.call('EXPIRE', KEYS[k + 4], day_ttl)
+      end
+      if redis.call('HINCRBY', KEYS[k + 5], 'settled', actual) == actual then
+        redis.call('EXPIRE', KEYS[k + 5], month_ttl)
+      end
+    end
+    if admission and redis.call('EXISTS', KEYS[k + 4]) == 1 then
+      redis.call('HINCRBY', KEYS[k + 4], 'requests', -1)
+    end
+    if tpm > 0 and actual ~= reserved then
+      local key = KEYS[k + 1]
+      local per_ms = tpm / 60000
+      local h = redis.call('HMGET', key, 'tokens', 'ts')
+      local level = tpm
+      if h[1] then
+        level = tonumber(h[1]) + (now - tonumber(h[2])) * per_ms
+        if level > tpm then level = tpm end
+      end
+      level = level + reserved - actual
+      if level > tpm then level = tpm end
+      redis.call('HSET', key, 'tokens', level, 'ts', now)
+      redis.call('PEXPIRE', key, math.ceil((tpm - level) / per_ms) + 1000)
+    end
+  end
+end
+
+redis.call('ZREMRANGEBYSCORE', tomb, '-inf', now)
+redis.call('ZADD', tomb, now + tomb_ttl, rid)
+redis.call('PEXPIRE', tomb, tomb_ttl + 60000)
+return dropped

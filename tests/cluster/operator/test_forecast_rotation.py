@@ -120,11 +120,11 @@ def test_quiet_key_gets_no_forecast(kube, gateway):
 def test_rotation_grace_keeps_both_keys_then_only_the_new(kube, gateway, redis_client):
     first, second = "sk-grace-first-0123456789", "sk-grace-second-012345678"
     h1, h2 = contract.hash_api_key(first), contract.hash_api_key(second)
-    kube.apply(secret_manifest("graced", first))
+    kube.apply(secret_manifest("graced", first, atlaskey="graced"))
     kube.apply(key_manifest("graced", secretName="graced", rotationGracePeriod="8s"))
     wait_until("first key accepted", lambda: gateway.chat(first)[0] == 200, 30)
 
-    kube.apply(secret_manifest("graced", second))
+    kube.apply(secret_manifest("graced", second, atlaskey="graced"))
     wait_until("the new key is served", lambda: redis_client.hget(contract.KEY_INDEX, f"{kube.ns}/graced") == h2.encode(), 15)
     # During the grace: both configs in Redis, one usage identity, both keys work.
     old, new = (contract.KeyConfig.decode(redis_client.get(contract.key_config_key(h))) for h in (h1, h2))

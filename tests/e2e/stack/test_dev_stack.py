@@ -113,7 +113,9 @@ def test_rotation_grace_both_keys_work_then_only_the_new(stack):
     first, second = "sk-e2e-grace-first-0123456789", "sk-e2e-grace-second-012345678"
 
     def secret(value):
-        return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "e2e-grace"},
+        # labelled: the operator watches only Secrets that carry its label (docs/operator.md)
+        return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": "e2e-grace", "labels": {"atlas.bugvanquisher.io/atlaskey": "e2e-grace"}},
                            "stringData": {"api-key": value}})
 
     kubectl(stack, "apply", "-f", "-", input=secret(first))

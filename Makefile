@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv system-deps tools deps test test-unit test-integration test-cluster test-e2e \
+.PHONY: help venv system-deps tools node-tools deps test test-unit test-integration test-cluster test-e2e \
         bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint
 
 help:  ## list targets
@@ -27,6 +27,10 @@ system-deps:  ## redis-server and wrk from Debian's packages (skipped when prese
 
 tools:  ## build kube-apiserver, etcd, kubectl and helm from source (cached outside the checkout)
 	@bash hack/tools/build.sh
+
+node-tools: tools  ## build the deploy node's binaries from source (kubelet, containerd, CNI, CoreDNS...)
+	@bash hack/system-deps.sh node
+	@bash hack/tools/build.sh node
 
 deps: venv system-deps tools
 

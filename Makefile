@@ -7,9 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
+IMAGES_DIR ?= .images
 
 .PHONY: help venv system-deps tools node-tools deps test test-unit test-integration test-cluster test-e2e \
-        bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint
+        bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint \
+        docker-up docker-down test-images deploy-up deploy-down test-deploy
 
 help:  ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -57,6 +59,27 @@ dev-up: deps  ## start the whole stack in the background and write .dev/env
 
 dev-down:  ## stop everything dev-up started
 	@if [ -x $(PY) ]; then $(PY) -m atlas_devstack down; fi
+
+images:  ## build the gateway, operator and mock-upstream images; docker save them to .images/
+	bash hack/images.sh $(IMAGES_DIR)
+
+deploy-up: deps node-tools  ## Atlas as pods on a single-node cluster from source; writes .deploy/env
+	$(PY) -m atlas_devstack.deploy up
+
+deploy-down:  ## remove everything deploy-up started (pods, node, processes, mounts, devices)
+	@if [ -x $(PY) ]; then $(PY) -m atlas_devstack.deploy down; fi
+
+test-deploy: deps node-tools  ## the deploy tier: images as pods on the node, faults under traffic
+	$(PYTEST) tests/deploy
+
+docker-up:  ## start Debian's Docker engine (off the network) unless one answers
+	@bash hack/docker.sh start
+
+docker-down:  ## stop the engine docker-up started
+	@bash hack/docker.sh stop
+
+test-images: venv system-deps tools  ## run the images as the chart runs them (needs root for dockerd)
+	$(PYTEST) tests/images
 
 dev-logs:
 	$(PY) -m atlas_devstack logs

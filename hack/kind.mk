@@ -1,14 +1,15 @@
-# Targets for users with Docker and kind: build the images, run Atlas in a local kind cluster.
+# Targets for users with Docker and kind: run Atlas in a local kind cluster with the images
+# `make images` builds (hack/images.sh, tagged with the chart's default references).
 # Included by the top-level Makefile (`include hack/kind.mk`); docs/deploy.md walks through them.
-#   make kind-up images images-load helm-install
-# Nothing here runs in `make test` (no Docker engine in CI); tests/chart checks the pieces.
+#   make kind-up images-load helm-install
+# Nothing here runs in `make test`; tests/chart checks the pieces, tests/images runs the images.
 
 KIND ?= kind
-DOCKER ?= docker
 KIND_CLUSTER ?= atlas
-IMAGE_TAG ?= dev
-GATEWAY_IMAGE ?= atlas-gateway:$(IMAGE_TAG)
-OPERATOR_IMAGE ?= atlas-operator:$(IMAGE_TAG)
+# The references the chart's defaults use (values.yaml repository : Chart.yaml appVersion).
+IMAGE_REFS := $(shell bash hack/images.sh --print-tags)
+GATEWAY_IMAGE ?= $(word 1,$(IMAGE_REFS))
+OPERATOR_IMAGE ?= $(word 2,$(IMAGE_REFS))
 ATLAS_NAMESPACE ?= atlas-system
 HELM_RELEASE ?= atlas
 KIND_VALUES ?= charts/atlas/ci/kind-values.yaml
@@ -16,7 +17,7 @@ KIND_VALUES ?= charts/atlas/ci/kind-values.yaml
 KIND_HELM ?= $(if $(wildcard bin/helm),bin/helm,helm)
 KIND_KUBECTL ?= $(if $(wildcard bin/kubectl),bin/kubectl,kubectl)
 
-.PHONY: kind-up kind-down images images-load helm-install helm-uninstall chart-crds
+.PHONY: kind-up kind-down images-load helm-install helm-uninstall chart-crds
 
 kind-up:  ## create the kind cluster of kind-config.yaml (gateway on http://127.0.0.1:8080)
 	@$(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' \
@@ -26,10 +27,6 @@ kind-up:  ## create the kind cluster of kind-config.yaml (gateway on http://127.
 kind-down:  ## delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
-images:  ## docker build the gateway and operator images (context: repo root)
-	$(DOCKER) build -f gateway/Dockerfile -t $(GATEWAY_IMAGE) .
-	$(DOCKER) build -f operator/Dockerfile -t $(OPERATOR_IMAGE) .
-
 images-load: images  ## load both images into the kind cluster's node
 	$(KIND) load docker-image --name $(KIND_CLUSTER) $(GATEWAY_IMAGE) $(OPERATOR_IMAGE)
 
@@ -37,10 +34,6 @@ helm-install:  ## helm upgrade --install the chart into kind with charts/atlas/c
 	$(KIND_HELM) upgrade --install $(HELM_RELEASE) charts/atlas \
 	  --namespace $(ATLAS_NAMESPACE) --create-namespace \
 	  --values $(KIND_VALUES) \
-	  --set gateway.image.repository=$(firstword $(subst :, ,$(GATEWAY_IMAGE))) \
-	  --set gateway.image.tag=$(IMAGE_TAG) \
-	  --set operator.image.repository=$(firstword $(subst :, ,$(OPERATOR_IMAGE))) \
-	  --set operator.image.tag=$(IMAGE_TAG) \
 	  $(if $(ATLAS_UPSTREAM_URL),--set gateway.upstream.url=$(ATLAS_UPSTREAM_URL)) \
 	  --wait --timeout 5m
 	$(KIND_KUBECTL) get pods -n $(ATLAS_NAMESPACE)

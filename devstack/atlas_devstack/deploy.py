@@ -44,10 +44,18 @@ NAMESPACE = os.environ.get("ATLAS_NAMESPACE", "atlas-system")
 MOCK_NAME = "atlas-mock-upstream"
 MOCK_PORT = 8000
 SPARE_VOLUMES = 3
+APP_IMAGES = ("gateway", "operator", "mock-upstream")  # hack/images.sh -> atlas-<name>.tar
 
 
 class DeployError(RuntimeError):
     pass
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.2) -> object:
@@ -152,15 +160,15 @@ class DeployStack:
     def build_images(self) -> dict[str, Path]:
         """Image archives: the app images from hack/images.sh (docker save), and the node's own."""
         out = self.images_dir
-        script = REPO_ROOT / "hack" / "images.sh"
-        archives: dict[str, Path] = {}
-        res = subprocess.run(["bash", str(script), "save", str(out)], cwd=REPO_ROOT,
-                             env={**os.environ, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"},
-                             stdout=open(self.logs / "images.log", "ab"), stderr=subprocess.STDOUT)
+        with open(self.logs / "images.log", "ab") as log_file:
+            res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), str(out)], cwd=REPO_ROOT,
+                                 stdout=log_file, stderr=subprocess.STDOUT)
         if res.returncode != 0:
-            raise DeployError(f"hack/images.sh failed ({res.returncode}); see {self.logs / 'images.log'}")
-        for name in ("gateway", "operator", "mock-upstream"):
-            path = out / f"{name}.tar"
+            raise DeployError(f"hack/images.sh failed ({res.returncode}):\n"
+                              + _tail(self.logs / "images.log"))
+        archives: dict[str, Path] = {}
+        for name in APP_IMAGES:
+            path = out / f"atlas-{name}.tar"
             if not path.is_file():
                 raise DeployError(f"hack/images.sh did not write {path}")
             archives[name] = path
@@ -242,7 +250,7 @@ class DeployStack:
     def _image_ref(self, name: str) -> str:
         """The reference an archive from hack/images.sh carries (docker save's manifest)."""
         import tarfile
-        with tarfile.open(self.images_dir / f"{name}.tar") as tar:
+        with tarfile.open(self.images_dir / f"atlas-{name}.tar") as tar:
             manifest = json.load(tar.extractfile("manifest.json"))
         return manifest[0]["RepoTags"][0]
 

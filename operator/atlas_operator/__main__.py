@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import kopf
 
 from .settings import OperatorSettings
+
+
+def own_identity() -> str:
+    """This process's kopf identity, named without the passwd database.
+
+    kopf's default (`user@host/...`) calls `getpass.getuser()`, which raises KeyError in the
+    image: it runs as a bare numeric UID (10001) with no passwd entry. In a pod the hostname is
+    the pod's name, which is what an identity should tell; the pid keeps two local runs apart.
+    """
+    return f"atlas-operator@{socket.gethostname()}/{os.getpid()}"
 
 
 def main() -> None:
@@ -16,6 +27,7 @@ def main() -> None:
 
     kopf.run(
         standalone=True,
+        identity=own_identity(),
         clusterwide=not config.namespaces,
         namespaces=list(config.namespaces),
         liveness_endpoint=config.liveness_endpoint,

@@ -186,7 +186,8 @@ class DeployStack:
     def start_cluster(self) -> None:
         NodeNetwork(self.node_dir).up()
         if not ControlPlane.is_running(self.cp_dir):
-            ControlPlane(self.cp_dir, node_ip=NODE_IP, log=self._log).start()
+            # The chart installs the CRDs (as on any cluster), not the control plane.
+            ControlPlane(self.cp_dir, node_ip=NODE_IP, apply_crds=False, log=self._log).start()
             for path in (self.cp_dir / "logs").glob("*.log"):
                 self._link_log(path.stem, path)
         else:

@@ -28,7 +28,9 @@ def coredns_image() -> str:
 
 
 def redis_version() -> str:
-    out = subprocess.run([_redis_server(), "--version"], capture_output=True, text=True, check=True).stdout
+    # By its own name: Debian's redis-server is a link whose target acts on argv[0].
+    out = subprocess.run([shutil.which("redis-server") or "/usr/bin/redis-server", "--version"],
+                         capture_output=True, text=True, check=True).stdout
     return re.search(r"v=(\S+)", out).group(1)
 
 

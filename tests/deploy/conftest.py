@@ -33,6 +33,10 @@ from atlas_devstack.node import BRIDGE
 from atlas_devstack.tools import REPO_ROOT
 
 MODEL = "llama-3.1-8b-instruct"
+# What a client without retries may see while a gateway pod goes away: a connection refused by
+# an endpoint kube-proxy has not removed yet, or closed before any response. Never a 5xx or a
+# timeout; the openai SDK's default retries absorb both.
+CONNECTION_ERRORS = {"connect-refused", "connection-lost"}
 KEY_NAMESPACE = "default"
 TEST_STATE_DIR = REPO_ROOT / ".deploy-test"
 
@@ -172,7 +176,9 @@ def _classify(exc: Exception) -> str:
     if isinstance(exc, openai.APITimeoutError):
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
-        return "connection"
+        import httpx
+        # Refused before reaching a gateway (an endpoint on its way out) vs cut mid-request.
+        return "connect-refused" if isinstance(exc.__cause__, httpx.ConnectError) else "connection-lost"
     return type(exc).__name__
 
 
@@ -186,11 +192,12 @@ async def one_request(client, result: LoadResult, max_tokens: int = 16) -> None:
         result.outcomes[_classify(exc)] += 1
 
 
-def openai_client(cluster: Cluster, api_key: str, timeout: float = 20.0):
+def openai_client(cluster: Cluster, api_key: str, timeout: float = 20.0, max_retries: int = 0):
+    """max_retries=0 shows every error; the SDK's default (2) is what applications get."""
     import httpx
     import openai
     return openai.AsyncOpenAI(
-        base_url=cluster.gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=timeout,
+        base_url=cluster.gateway_url + "/v1", api_key=api_key, max_retries=max_retries, timeout=timeout,
         # Short-lived connections: each request picks a Service endpoint (kube-proxy balances
         # connections, not requests), as many independent clients would.
         http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)))
@@ -212,14 +219,15 @@ def burst(cluster: Cluster, api_key: str, n: int) -> LoadResult:
 class Load:
     """Steady traffic from a background thread: `concurrency` clients in a loop until stop()."""
 
-    def __init__(self, cluster: Cluster, api_key: str, concurrency: int = 8):
+    def __init__(self, cluster: Cluster, api_key: str, concurrency: int = 8, max_retries: int = 0):
         self.cluster, self.api_key, self.concurrency = cluster, api_key, concurrency
+        self.max_retries = max_retries
         self.result = LoadResult()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _main(self):
-        client = openai_client(self.cluster, self.api_key)
+        client = openai_client(self.cluster, self.api_key, max_retries=self.max_retries)
 
         async def worker():
             while not self._stop.is_set():

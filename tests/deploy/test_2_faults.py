@@ -6,7 +6,7 @@ import time
 
 import openai
 
-from .conftest import MODEL, Cluster, Load, wait_until
+from .conftest import CONNECTION_ERRORS, MODEL, Cluster, Load, wait_until
 
 LEASE_TTL_SECONDS = 300  # the gateway's default ATLAS_LEASE_TTL_SECONDS (the chart does not change it)
 
@@ -21,7 +21,8 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
     api_key = cluster.apply_key(key_name, {"limits": {"maxConcurrent": 64, "tokensPerDay": 10_000_000}})
     victim = cluster.running_pods("gateway")[0]["metadata"]["name"]
     concurrency = 8
-    with Load(cluster, api_key, concurrency=concurrency) as load:
+    with Load(cluster, api_key, concurrency=concurrency) as load, \
+            Load(cluster, api_key, concurrency=2, max_retries=2) as app:
         load.wait_for_requests(100)
         deleted_at = time.time()
         cluster.kubectl("delete", "pod", "-n", cluster.namespace, victim, "--wait=false")
@@ -30,13 +31,15 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
         answered = load.result.total()
         load.wait_for_requests(answered + 100)  # and traffic flows on through both replicas
     result = load.result
-    print(f"\ngateway pod deleted under load: {result.total()} requests, {result.ok} ok, "
-          f"errors {result.errors}")
+    print(f"\ngateway pod deleted under load: raw clients {result.total()} requests, {result.ok} ok, "
+          f"errors {result.errors}; SDK-default clients {app.result.total()} requests, "
+          f"errors {app.result.errors}")
     assert result.ok >= 200
-    # Bounded: at most the requests that were in flight or connecting to the terminating pod
-    # while its endpoint was being removed.
-    assert sum(result.errors.values()) <= 2 * concurrency, result.errors
-    assert set(result.errors) <= {"connection", "502:server_error", "503:server_error"}, result.errors
+    # Bounded: no request that reached the deleted pod is lost (it drains); the only errors
+    # are connections refused while its endpoint was being removed, which the SDK retries.
+    assert set(result.errors) <= CONNECTION_ERRORS, result.errors
+    assert sum(result.errors.values()) <= 0.05 * result.total(), result.errors
+    assert not app.result.errors, app.result.errors
 
     # No lease outlives its TTL: every concurrency slot is released (the killed pod drained),
     # and no entry expires later than a TTL after the kill.

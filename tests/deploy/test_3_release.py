@@ -1,0 +1,72 @@
+"""The release's life cycle under traffic: `helm upgrade` with changed values, `helm uninstall`.
+
+Runs last: the uninstall test removes the release."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from atlas_devstack.deploy import CHART
+
+from .conftest import CONNECTION_ERRORS, Cluster, Load, wait_until
+
+
+def _release(cluster: Cluster) -> str:
+    return cluster.env.get("ATLAS_RELEASE", "atlas")
+
+
+def test_helm_upgrade_with_changed_values_under_traffic(cluster: Cluster, key_name: str):
+    api_key = cluster.apply_key(key_name, {"limits": {"maxConcurrent": 64, "tokensPerDay": 10_000_000}})
+    old_pods = {p["metadata"]["name"] for p in cluster.pods("gateway")}
+    marker = uuid.uuid4().hex[:8]
+    concurrency = 8
+    # Two kinds of clients at once: raw ones (no retries: every error counts) and ones with the
+    # openai SDK's default retries (what an application gets).
+    with Load(cluster, api_key, concurrency=concurrency) as load, \
+            Load(cluster, api_key, concurrency=2, max_retries=2) as app:
+        load.wait_for_requests(100)
+        t0 = time.monotonic()
+        # Changed values that roll the gateway (new pod template) and reconfigure the operator.
+        cluster.helm("upgrade", _release(cluster), str(CHART), "--namespace", cluster.namespace, "--reuse-values",
+                     "--set", f"gateway.podLabels.rollout={marker}",
+                     "--set", "operator.usageIntervalSeconds=5",
+                     "--wait", "--timeout=300s")
+        rollout_seconds = time.monotonic() - t0
+        pods = cluster.wait_ready("gateway", 2, timeout=120)
+        answered = load.result.total()
+        load.wait_for_requests(answered + 50)
+    result = load.result
+    print(f"\nhelm upgrade under traffic ({rollout_seconds:.1f}s): raw clients {result.total()} requests, "
+          f"{result.ok} ok, errors {result.errors}; SDK-default clients {app.result.total()} requests, "
+          f"errors {app.result.errors}")
+    assert not ({p["metadata"]["name"] for p in pods} & old_pods), "the gateway did not roll"
+    assert all(p["metadata"]["labels"].get("rollout") == marker for p in pods)
+    env = {e["name"]: e.get("value") for e in cluster.pods("operator")[0]["spec"]["containers"][0]["env"]}
+    assert env.get("ATLAS_USAGE_INTERVAL_SECONDS") == "5"
+    # maxUnavailable 0 / maxSurge 1 and a draining shutdown: no request that reached a gateway
+    # is lost (no 5xx, none cut off). The rollout's bound: connections refused by a pod whose
+    # endpoint kube-proxy has not removed yet, which the SDK's own retries absorb.
+    assert set(result.errors) <= CONNECTION_ERRORS, result.errors
+    assert sum(result.errors.values()) <= 0.05 * result.total(), result.errors
+    assert not app.result.errors, app.result.errors
+    assert result.ok >= 150 and app.result.ok > 0
+
+
+def test_helm_uninstall_keeps_crds_and_keys(cluster: Cluster, key_name: str):
+    api_key = cluster.apply_key(key_name, {"limits": {"tokensPerDay": 1000}})
+    cluster.helm("uninstall", _release(cluster), "--namespace", cluster.namespace, "--wait",
+                 "--timeout=300s")
+    wait_until("the release's pods gone", lambda: not [
+        p for p in cluster.pods() if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance")
+        == _release(cluster)], timeout=180)
+    crds = cluster.kubectl("get", "crd", "-o", "name").stdout
+    assert "atlaskeys.atlas.bugvanquisher.io" in crds and "atlasquotas.atlas.bugvanquisher.io" in crds
+    keys = cluster.kubectl("get", "atlaskeys", "-A", "-o", "name").stdout.split()
+    assert f"atlaskey.atlas.bugvanquisher.io/{key_name}" in keys
+    secret = cluster.json("get", "secret", "-n", "default", f"{key_name}-api-key")
+    assert secret["data"]["api-key"]
+    # The bundled Redis's claim is retained too (counters survive a reinstall).
+    claims = cluster.kubectl("get", "pvc", "-n", cluster.namespace, "-o", "name").stdout
+    assert "data-" in claims
+    assert api_key

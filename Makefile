@@ -36,7 +36,7 @@ node-tools: tools  ## build the deploy node's binaries from source (kubelet, con
 
 deps: venv system-deps tools
 
-test: deps  ## run every test tier (unit, integration, cluster, e2e)
+test: deps node-tools  ## run every test tier (unit, integration, cluster, e2e, images, deploy)
 	$(PYTEST) tests
 
 test-unit: venv  ## fast tier: pure functions and fakeredis
@@ -87,8 +87,8 @@ dev-logs:
 dev: dev-up  ## dev-up, follow the logs, dev-down on Ctrl-C
 	@trap '$(MAKE) --no-print-directory dev-down' EXIT; trap 'exit 0' INT TERM; $(PY) -m atlas_devstack logs --follow
 
-clean: dev-down
-	rm -rf $(VENV) bin .dev .pytest_cache
+clean: dev-down deploy-down
+	rm -rf $(VENV) bin .dev .deploy .pytest_cache
 
 # kind, images and helm targets for users with Docker (see docs/deploy.md)
 include hack/kind.mk

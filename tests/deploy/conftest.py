@@ -285,3 +285,11 @@ def key_name() -> str:
 
 
 __all__ = ["Cluster", "Load", "LoadResult", "NAMESPACE", "burst", "wait_until", "MODEL"]
+
+
+def pytest_collection_modifyitems(items):
+    """The first test also pays for the session's `deploy-up` (image builds on a cold cache)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.timeout(1800))

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import openai
+
+from atlas_devstack.tools import REPO_ROOT
 
 from .conftest import MODEL, Cluster, burst, wait_until
 
@@ -120,3 +126,23 @@ def test_200_concurrent_requests_over_both_replicas_never_exceed_a_budget_of_20(
     assert result.total() == 200
     served = {pod: after[pod] - before.get(pod, 0) for pod in after}
     assert len(served) == 2 and all(n > 0 for n in served.values()), f"not spread: {served}"
+
+
+def test_the_docs_walkthrough_as_written(cluster: Cluster):
+    """docs/deploy.md's "from zero to a working key" block, run by bash as a user would; the
+    `make deploy-up`/`deploy-down` lines are this session's own stack (up already, down at the end)."""
+    doc = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    block = doc.split("<!-- walkthrough:start", 1)[1].split("<!-- walkthrough:end -->", 1)[0]
+    script = block.split("```sh\n", 1)[1].rsplit("```", 1)[0]
+    lines = script.splitlines()
+    assert lines[0].startswith("make deploy-up") and lines[-1].startswith("make deploy-down")
+    assert lines[1].startswith("source .deploy/env")
+    body = "\n".join([f"source {cluster.stack.env_file}"] + lines[2:-1]) + "\n"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("OPENAI_API_KEY", None)
+    env.pop("OPENAI_BASE_URL", None)
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert "CompletionUsage(" in res.stdout and "my-first-key" in res.stdout
+    assert "Running" in res.stdout  # kubectl get pods

@@ -4,12 +4,21 @@ Runs last: the uninstall test removes the release."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 
-from atlas_devstack.deploy import CHART
+import openai
+import pytest
 
-from .conftest import CONNECTION_ERRORS, Cluster, Load, wait_until
+from atlas_devstack.deploy import CHART, DeployStack
+
+from .conftest import CONNECTION_ERRORS, MODEL, Cluster, Load, wait_until
 
 
 def _release(cluster: Cluster) -> str:
@@ -51,6 +60,44 @@ def test_helm_upgrade_with_changed_values_under_traffic(cluster: Cluster, key_na
     assert sum(result.errors.values()) <= 0.05 * result.total(), result.errors
     assert not app.result.errors, app.result.errors
     assert result.ok >= 150 and app.result.ok > 0
+
+
+def test_deploy_up_again_repoints_the_running_install_at_a_host_upstream(cluster: Cluster, key_name: str):
+    """`ATLAS_UPSTREAM_URL=... make deploy-up` on a running stack: same cluster, upgraded release,
+    the gateway pods reach a server on this host at ATLAS_HOST_FROM_PODS."""
+    if os.environ.get("ATLAS_DEPLOY_REUSE"):
+        pytest.skip("ATLAS_DEPLOY_REUSE: keep the stack's own upstream")
+    host = cluster.env["ATLAS_HOST_FROM_PODS"]
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    mock = subprocess.Popen([sys.executable, "-m", "atlas_devstack.mock_upstream", "--host", host,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until("the host's mock upstream", lambda: urllib.request.urlopen(
+            f"http://{host}:{port}/healthz", timeout=2).status == 200, timeout=30)
+        apiserver_pid = (cluster.stack.cp_dir / "kube-apiserver.pid").read_text()
+        revision = json.loads(cluster.helm("status", _release(cluster), "-n", cluster.namespace,
+                                           "-o", "json").stdout)["version"]
+        upstream = f"http://{host}:{port}"
+        env = DeployStack(cluster.stack.dir, upstream_url=upstream).up()
+        assert env["ATLAS_GATEWAY_URL"] == cluster.gateway_url
+        assert (cluster.stack.cp_dir / "kube-apiserver.pid").read_text() == apiserver_pid  # same cluster
+        status = json.loads(cluster.helm("status", _release(cluster), "-n", cluster.namespace,
+                                         "-o", "json").stdout)
+        assert status["version"] == revision + 1 and status["info"]["status"] == "deployed"
+        assert not cluster.kubectl("get", "deployment", "-n", cluster.namespace, "-o", "name",
+                                   "-l", "app.kubernetes.io/name=atlas-mock-upstream").stdout.strip()
+
+        api_key = cluster.apply_key(key_name, {"limits": {"tokensPerDay": 100000}})
+        client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key=api_key, max_retries=0,
+                               default_headers={"x-mock-id": key_name})
+        client.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}])
+        with urllib.request.urlopen(f"{upstream}/_mock/requests/{key_name}", timeout=5) as resp:
+            assert json.loads(resp.read())["count"] == 1  # served by the host's upstream
+    finally:
+        mock.terminate()
+        mock.wait(10)
 
 
 def test_helm_uninstall_keeps_crds_and_keys(cluster: Cluster, key_name: str):

@@ -34,17 +34,19 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/atlas
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Only what the dependency layers read: a README or source edit must not re-download them.
+COPY pyproject.toml ./
 COPY hack/pyproject_requirements.py hack/
 
 # ---- one build stage per image. Dependencies first, from pyproject.toml alone (a layer that
-# survives source edits), then the project itself without dependencies or build isolation (no
-# network needed), then the installers are dropped.
+# survives source edits), then the project itself (README.md is its long description) without
+# dependencies or build isolation (no network needed), then the installers are dropped.
 FROM venv AS gateway-build
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && python hack/pyproject_requirements.py gateway > /tmp/requirements.txt \
  && /opt/atlas/bin/pip install --no-compile -r /tmp/requirements.txt
+COPY README.md ./
 COPY core/ core/
 COPY gateway/ gateway/
 # The wheel holds atlas_core and atlas_gateway only (setuptools finds what was copied); drop
@@ -58,6 +60,7 @@ RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && python hack/pyproject_requirements.py operator > /tmp/requirements.txt \
  && /opt/atlas/bin/pip install --no-compile -r /tmp/requirements.txt
+COPY README.md ./
 COPY core/ core/
 COPY operator/ operator/
 RUN /opt/atlas/bin/pip install --no-compile --no-deps --no-build-isolation . \
@@ -69,6 +72,7 @@ RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && python hack/pyproject_requirements.py mock-upstream > /tmp/requirements.txt \
  && /opt/atlas/bin/pip install --no-compile -r /tmp/requirements.txt
+COPY README.md ./
 COPY devstack/ devstack/
 RUN /opt/atlas/bin/pip install --no-compile --no-deps --no-build-isolation . \
  && rm -f /opt/atlas/bin/atlas-gateway /opt/atlas/bin/atlas-operator \

@@ -61,7 +61,7 @@ dev-down:  ## stop everything dev-up started
 	@if [ -x $(PY) ]; then $(PY) -m atlas_devstack down; fi
 
 images:  ## build the gateway, operator and mock-upstream images; docker save them to .images/
-	bash hack/images.sh $(IMAGES_DIR)
+	bash hack/images.sh save $(IMAGES_DIR)
 
 deploy-up: deps node-tools  ## Atlas as pods on a single-node cluster from source; writes .deploy/env
 	$(PY) -m atlas_devstack.deploy up

@@ -57,9 +57,9 @@ engine_up() {
   return 1
 }
 
-# wait_for DESCRIPTION SECONDS COMMAND...: poll COMMAND until it succeeds or the deadline passes.
+# wait_for SECONDS COMMAND...: poll COMMAND until it succeeds or the deadline passes.
 wait_for() {
-  local what="$1" deadline=$((SECONDS + $2)); shift 2
+  local deadline=$((SECONDS + $1)); shift
   until "$@"; do
     [ "$SECONDS" -lt "$deadline" ] || return 1
     sleep 0.2
@@ -104,13 +104,18 @@ start() {
   DOCKER_CLI=/usr/bin/docker
   [ "$(id -u)" = 0 ] || die "the engine is not running and starting it needs root"
   write_configs
+  # One starter at a time (e.g. `make deploy-up` and a test session); the second then finds
+  # the engine answering.
+  exec 9>"${RUN_DIR}/.start.lock"
+  flock 9
+  if engine_answers; then log "engine already answering on ${SOCKET}"; return; fi
   if ! pid_alive "${RUN_DIR}/containerd.pid"; then
     log "starting containerd (log: ${RUN_DIR}/containerd.log)"
     # setsid: a daemon of its own, not killed with the shell that started it.
     setsid /usr/bin/containerd --config "${RUN_DIR}/containerd.toml" \
       >>"${RUN_DIR}/containerd.log" 2>&1 </dev/null &
     echo $! >"${RUN_DIR}/containerd.pid"
-    wait_for containerd "$START_TIMEOUT" test -S "${RUN_DIR}/containerd.sock" \
+    wait_for "$START_TIMEOUT" test -S "${RUN_DIR}/containerd.sock" \
       || die "containerd did not open its socket in ${START_TIMEOUT}s; see ${RUN_DIR}/containerd.log"
   fi
   if ! pid_alive "${RUN_DIR}/dockerd.pid"; then
@@ -120,21 +125,27 @@ start() {
     # dockerd writes its own pidfile (dockerd.engine.pid) once up; ours is there at once.
     echo $! >"${RUN_DIR}/dockerd.pid"
   fi
-  wait_for dockerd "$START_TIMEOUT" engine_up || {
+  wait_for "$START_TIMEOUT" engine_up || {
     tail -n 20 "${RUN_DIR}/dockerd.log" >&2 || true
     die "docker info did not answer within ${START_TIMEOUT}s; see ${RUN_DIR}/dockerd.log"
   }
   log "engine ready: $("$DOCKER_CLI" version --format 'server {{.Server.Version}}, API {{.Server.APIVersion}}')"
 }
 
-# stop_pid NAME PIDFILE: SIGTERM, wait up to 30 s, then SIGKILL.
+# stop_pid NAME PIDFILE: SIGTERM, wait up to 30 s, then SIGKILL. Only the process this script
+# started: its command line must name our config in RUN_DIR (a reused pid is left alone).
 stop_pid() {
   local name="$1" file="$2" pid
   pid_alive "$file" || { rm -f "$file"; return 0; }
   pid="$(cat "$file")"
+  if ! tr '\0' ' ' <"/proc/${pid}/cmdline" 2>/dev/null | grep -qF -- "${RUN_DIR}/"; then
+    log "pid ${pid} in ${file} is not our ${name}; leaving it alone"
+    rm -f "$file"
+    return 0
+  fi
   log "stopping ${name} (pid ${pid})"
   kill -TERM "$pid"
-  if ! wait_for "$name" 30 bash -c "! kill -0 $pid 2>/dev/null"; then
+  if ! wait_for 30 bash -c "! kill -0 $pid 2>/dev/null"; then
     log "${name} did not exit in 30s; killing it"
     kill -KILL "$pid" 2>/dev/null || true
   fi

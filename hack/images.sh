@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Build Atlas' images with the Docker engine from Debian's packages, without any registry:
-#   bash hack/images.sh [OUTPUT_DIR]     (`make images`; OUTPUT_DIR default .images/)
-#   bash hack/images.sh --no-save        build only (tests/images does this)
-#   bash hack/images.sh --print-tags     the references it builds, one per line
+#   bash hack/images.sh [save] [OUTPUT_DIR]  build, then docker save (`make images`; OUTPUT_DIR
+#                                            default .images/)
+#   bash hack/images.sh build                build only (tests/images does this)
+#   bash hack/images.sh tags                 the references it builds, one per line
 # ATLAS_PYTHON_IMAGE=python:3.11.11-slim-bookworm (a registry at hand): use that base instead
 # of the debootstrap one (then neither root nor debootstrap is needed).
 #
 # It builds (targets of ./Dockerfile), tagged with the references the chart's DEFAULT values use
 # (charts/atlas/values.yaml repository + Chart.yaml appVersion), so the chart needs no override:
-#   ghcr.io/bugvanquisher/atlas-gateway:<appVersion>    -> OUTPUT_DIR/atlas-gateway.tar
-#   ghcr.io/bugvanquisher/atlas-operator:<appVersion>   -> OUTPUT_DIR/atlas-operator.tar
-#   localhost/atlas-mock-upstream:<appVersion>          -> OUTPUT_DIR/atlas-mock-upstream.tar
+#   ghcr.io/bugvanquisher/atlas-gateway:<appVersion>    -> OUTPUT_DIR/gateway.tar
+#   ghcr.io/bugvanquisher/atlas-operator:<appVersion>   -> OUTPUT_DIR/operator.tar
+#   localhost/atlas-mock-upstream:<appVersion>          -> OUTPUT_DIR/mock-upstream.tar
 #     (test fixture for the deploy tier: python -m atlas_devstack.mock_upstream on :8000)
 # The tarballs are `docker save` archives: load them into a node with
-#   ctr -n k8s.io images import OUTPUT_DIR/atlas-gateway.tar
+#   ctr -n k8s.io images import OUTPUT_DIR/gateway.tar
 #
 # Steps (each prints its time):
 #  1. the engine: hack/docker.sh (installs docker.io + debootstrap when missing, starts dockerd);
 #  2. the base: Debian bookworm + python3, python3-venv, python-is-python3, ca-certificates, made
-#     with debootstrap from Debian's archive ONCE and cached outside the checkout under
+#     with debootstrap from Debian's archive (then upgraded from bookworm-updates and
+#     bookworm-security) ONCE and cached outside the checkout under
 #     ${ATLAS_TOOLS_CACHE:-~/.cache/atlas-tools}/images/, keyed by the recipe below; imported with
 #     `docker import` and passed as the Dockerfile's PYTHON_IMAGE (a registry's python:*-slim
 #     is what users with network access get by default);
@@ -44,7 +46,8 @@ CA_BUNDLE="${ATLAS_BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 BASE_SUITE=bookworm
 BASE_MIRROR="${ATLAS_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
-BASE_RECIPE_REVISION=1  # bump when the steps in build_base change
+BASE_SECURITY_MIRROR="${ATLAS_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
+BASE_RECIPE_REVISION=2  # bump when the steps in build_base change
 
 log() { printf '[images] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -67,21 +70,22 @@ VERSION="$(app_version)"
 GATEWAY_REF="$(chart_repository gateway):${VERSION}"
 OPERATOR_REF="$(chart_repository operator):${VERSION}"
 MOCK_REF="localhost/atlas-mock-upstream:${VERSION}"
+IMAGE_SOURCE="https://github.com/bugvanquisher/atlas"  # the Dockerfile's source label
 case "$GATEWAY_REF$OPERATOR_REF" in :*|*::*) die "no image repository found in charts/atlas/values.yaml" ;; esac
 
 SAVE=1
-OUT_DIR="${REPO_ROOT}/.images"
-for arg in "$@"; do
-  case "$arg" in
-    --print-tags) printf '%s\n' "$GATEWAY_REF" "$OPERATOR_REF" "$MOCK_REF"; exit 0 ;;
-    --no-save) SAVE=0 ;;
-    -*) die "unknown option $arg (usage: $0 [--no-save|--print-tags] [OUTPUT_DIR])" ;;
-    *) OUT_DIR="$arg" ;;
-  esac
-done
+case "${1:-save}" in
+  tags) printf '%s\n' "$GATEWAY_REF" "$OPERATOR_REF" "$MOCK_REF"; exit 0 ;;
+  build) SAVE=0; shift ;;
+  save) [ $# -eq 0 ] || shift ;;
+  -*) die "usage: $0 [save [OUTPUT_DIR] | build | tags]" ;;
+  *) ;;  # a bare OUTPUT_DIR: save into it
+esac
+OUT_DIR="${1:-${REPO_ROOT}/.images}"
 LOG_DIR="${OUT_DIR}"
 
-BASE_KEY="$(printf '%s\n' "$BASE_SUITE" "$BASE_MIRROR" "$BASE_PACKAGES" "$BASE_RECIPE_REVISION" "$(uname -m)" \
+BASE_KEY="$(printf '%s\n' "$BASE_SUITE" "$BASE_MIRROR" "$BASE_SECURITY_MIRROR" "$BASE_PACKAGES" \
+  "$BASE_RECIPE_REVISION" "$(uname -m)" \
   | sha256sum | cut -c1-12)"
 BASE_DIR="${CACHE_ROOT}/images"
 BASE_TAR="${BASE_DIR}/debian-${BASE_SUITE}-python-${BASE_KEY}.tar"
@@ -101,10 +105,19 @@ build_base() {
   debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$root" "$BASE_MIRROR" \
     >"${BASE_DIR}/debootstrap-${BASE_KEY}.log" 2>&1 \
     || die "debootstrap failed; see ${BASE_DIR}/debootstrap-${BASE_KEY}.log"
+  # The point releases' and security updates, as the official python images carry them.
+  printf 'deb %s %s main\n' "$BASE_MIRROR" "$BASE_SUITE" "$BASE_MIRROR" "${BASE_SUITE}-updates" \
+    "$BASE_SECURITY_MIRROR" "${BASE_SUITE}-security" >"$root/etc/apt/sources.list"
+  log "apt-get upgrade from ${BASE_SUITE}-updates and ${BASE_SUITE}-security"
+  { chroot "$root" apt-get update -qq && DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -qq -y upgrade \
+    && chroot "$root" apt-get clean; } >>"${BASE_DIR}/debootstrap-${BASE_KEY}.log" 2>&1 \
+    || die "upgrading the base failed; see ${BASE_DIR}/debootstrap-${BASE_KEY}.log"
   # What a container never needs: package lists and caches, docs, man pages, translations.
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
     "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
     "$root"/usr/share/locale/* "$root"/var/log/*.log "$root"/tmp/* "$root"/debootstrap
+  # The build host's own name and resolver: the engine provides a container's.
+  rm -f "$root"/etc/resolv.conf "$root"/etc/hostname
   tar --numeric-owner --xattrs -C "$root" -cf "${BASE_TAR}.tmp" .
   mv "${BASE_TAR}.tmp" "$BASE_TAR"
   rm -rf "$root"
@@ -146,22 +159,24 @@ main() {
   mkdir -p "$OUT_DIR"
   timed "engine" bash "${REPO_ROOT}/hack/docker.sh" start
   if [ -z "$PYTHON_IMAGE" ]; then
-    timed "base (debootstrap, cached)" build_base
+    timed "base (debootstrap once)" build_base
     timed "base import" import_base
   fi
   timed "build gateway" build gateway "$GATEWAY_REF"
   timed "build operator" build operator "$OPERATOR_REF"
   timed "build mock-upstream" build mock-upstream "$MOCK_REF"
+  # Earlier builds of these images, now untagged: only ours (by label), never anyone else's.
+  "$DOCKER" image prune --force --filter "label=org.opencontainers.image.source=${IMAGE_SOURCE}" >/dev/null
   if [ "$SAVE" = 1 ]; then
-    timed "save gateway" save "$GATEWAY_REF" "${OUT_DIR}/atlas-gateway.tar"
-    timed "save operator" save "$OPERATOR_REF" "${OUT_DIR}/atlas-operator.tar"
-    timed "save mock-upstream" save "$MOCK_REF" "${OUT_DIR}/atlas-mock-upstream.tar"
+    timed "save gateway" save "$GATEWAY_REF" "${OUT_DIR}/gateway.tar"
+    timed "save operator" save "$OPERATOR_REF" "${OUT_DIR}/operator.tar"
+    timed "save mock-upstream" save "$MOCK_REF" "${OUT_DIR}/mock-upstream.tar"
   fi
   log "total $((SECONDS - total))s"
   "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' \
     | grep -F -e "$GATEWAY_REF" -e "$OPERATOR_REF" -e "$MOCK_REF" >&2 || true
   [ "$SAVE" = 1 ] || return 0
-  printf '%s\n' "${OUT_DIR}/atlas-gateway.tar" "${OUT_DIR}/atlas-operator.tar" "${OUT_DIR}/atlas-mock-upstream.tar"
+  printf '%s\n' "${OUT_DIR}/gateway.tar" "${OUT_DIR}/operator.tar" "${OUT_DIR}/mock-upstream.tar"
 }
 
 main

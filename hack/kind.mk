@@ -7,7 +7,7 @@
 KIND ?= kind
 KIND_CLUSTER ?= atlas
 # The references the chart's defaults use (values.yaml repository : Chart.yaml appVersion).
-IMAGE_REFS := $(shell bash hack/images.sh --print-tags)
+IMAGE_REFS := $(shell bash hack/images.sh tags)
 GATEWAY_IMAGE ?= $(word 1,$(IMAGE_REFS))
 OPERATOR_IMAGE ?= $(word 2,$(IMAGE_REFS))
 ATLAS_NAMESPACE ?= atlas-system

@@ -195,7 +195,7 @@ def test_copy_sources_exist_and_survive_dockerignore():
             rel = src.rstrip("/")
             assert not dockerignore_excludes(rel, patterns), f"{src} is excluded by .dockerignore"
     # ...and what must stay out of the context does.
-    for private in (".venv/bin/python", "bin/helm", ".dev/env", ".images/atlas-gateway.tar",
+    for private in (".venv/bin/python", "bin/helm", ".dev/env", ".images/gateway.tar",
                     "tests/conftest.py", "benchmarks/__main__.py", "hack/images.sh",
                     "gateway/atlas_gateway/__pycache__/x.pyc", ".git/config"):
         assert dockerignore_excludes(private, patterns), f"{private} would be sent to the daemon"

@@ -39,7 +39,7 @@ def test_kind_targets_use_the_files_that_exist():
         assert (REPO_ROOT / path).exists(), path
     # `make images` tags the images with the chart's default references, so kind gets exactly
     # those and helm-install needs no image override.
-    tags = subprocess.run(["bash", "hack/images.sh", "--print-tags"], cwd=REPO_ROOT,
+    tags = subprocess.run(["bash", "hack/images.sh", "tags"], cwd=REPO_ROOT,
                           capture_output=True, text=True, check=True).stdout.split()
     assert f"kind load docker-image --name atlas {tags[0]} {tags[1]}" in out
     assert ".image." not in out

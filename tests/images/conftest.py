@@ -55,13 +55,13 @@ def docker_engine():
 def images(docker_engine, request) -> dict[str, str]:
     """target -> image reference, built from this checkout (warm: Docker's layer cache)."""
     log = _reporter_log(request.config)
-    res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "--no-save"],
+    res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "build"],
                          capture_output=True, text=True, timeout=1800)
     for line in res.stderr.splitlines():
         if line.startswith("[images]"):
             log(line)
     assert res.returncode == 0, f"hack/images.sh failed:\n{res.stderr[-4000:]}"
-    tags = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "--print-tags"],
+    tags = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "tags"],
                           capture_output=True, text=True, check=True).stdout.split()
     return dict(zip(TARGETS, tags))
 

@@ -509,8 +509,8 @@ def _pid_of(state: Path, name: str) -> int | None:
 
 def _stop_daemon(state: Path, name: str, timeout: float) -> bool:
     pid = _pid_of(state, name)
-    (state / f"{name}.pid").unlink(missing_ok=True) if pid is None else None
-    if pid is None:
+    if pid is None:  # not running (or the pid was reused): only the stale pidfile goes
+        (state / f"{name}.pid").unlink(missing_ok=True)
         return False
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:

@@ -465,6 +465,16 @@ class ControlPlane:
         return stopped
 
     @classmethod
+    def attach(cls, state_dir: str | Path, node_ip: str | None = None) -> "ControlPlane":
+        """A handle on a persistent control plane another process started (its kubeconfigs,
+        certificates and kubectl), without starting or stopping anything."""
+        cp = cls(state_dir, node_ip=node_ip)
+        cp.dir = cp._state_dir_arg
+        ports = json.loads((cp.dir / "ports.json").read_text())
+        cp.etcd_port, cp.etcd_peer_port, cp.apiserver_port = ports["etcd"], ports["etcd_peer"], ports["apiserver"]
+        return cp
+
+    @classmethod
     def is_running(cls, state_dir: str | Path) -> bool:
         state = Path(state_dir)
         for name in CORE_PROCESSES:

@@ -74,6 +74,17 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, interval: f
         time.sleep(interval)
 
 
+def _other_node(node_dir: Path) -> str | None:
+    """A kubelet of this module's node name started from another state dir, if any."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            cmdline = pid_cmdline(int(proc.name))
+            if "kubelet" in cmdline and f"--hostname-override={NODE_NAME}" in cmdline \
+                    and str(node_dir) not in cmdline:
+                return f"kubelet pid {proc.name}"
+    return None
+
+
 class DeployStack:
     def __init__(self, state_dir: str | Path = DEFAULT_STATE_DIR, *, upstream_url: str | None = None,
                  log: Callable[[str], None] | None = None, timeout: float = 300.0):
@@ -184,6 +195,10 @@ class DeployStack:
     # ---- cluster
 
     def start_cluster(self) -> None:
+        other = _other_node(self.node_dir)
+        if other:
+            raise DeployError(f"another deploy node runs on this machine ({other}); one node per "
+                              "machine: stop it first (python -m atlas_devstack.deploy --state-dir DIR down)")
         NodeNetwork(self.node_dir).up()
         if not ControlPlane.is_running(self.cp_dir):
             # The chart installs the CRDs (as on any cluster), not the control plane.
@@ -193,19 +208,14 @@ class DeployStack:
         else:
             self._log(f"[deploy] control plane already running ({self.cp_dir})")
         if not Node.is_running(self.node_dir):
-            cp = ControlPlane(self.cp_dir, node_ip=NODE_IP, log=self._log)
-            cp.dir = self.cp_dir
-            cp.apiserver_port = json.loads((self.cp_dir / "ports.json").read_text())["apiserver"]
-            Node(self.node_dir, cp, log=self._log).start()
+            self._node().start()
             for path in (self.node_dir / "logs").glob("*.log"):
                 self._link_log(path.stem, path)
         else:
             self._log(f"[deploy] node already running ({self.node_dir})")
 
     def _node(self) -> Node:
-        cp = ControlPlane(self.cp_dir, node_ip=NODE_IP)
-        cp.dir = self.cp_dir
-        return Node(self.node_dir, cp, log=self._log)
+        return Node(self.node_dir, ControlPlane.attach(self.cp_dir, node_ip=NODE_IP), log=self._log)
 
     def _apply_template(self, name: str, **values: str) -> None:
         text = string.Template((MANIFESTS / name).read_text()).substitute(values)

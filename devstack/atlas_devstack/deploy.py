@@ -44,7 +44,7 @@ NAMESPACE = os.environ.get("ATLAS_NAMESPACE", "atlas-system")
 MOCK_NAME = "atlas-mock-upstream"
 MOCK_PORT = 8000
 SPARE_VOLUMES = 3
-APP_IMAGES = ("gateway", "operator", "mock-upstream")  # hack/images.sh -> atlas-<name>.tar
+APP_IMAGES = ("gateway", "operator", "mock-upstream")  # hack/images.sh save DIR -> DIR/<name>.tar
 
 
 class DeployError(RuntimeError):
@@ -172,14 +172,14 @@ class DeployStack:
         """Image archives: the app images from hack/images.sh (docker save), and the node's own."""
         out = self.images_dir
         with open(self.logs / "images.log", "ab") as log_file:
-            res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), str(out)], cwd=REPO_ROOT,
+            res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "save", str(out)], cwd=REPO_ROOT,
                                  stdout=log_file, stderr=subprocess.STDOUT)
         if res.returncode != 0:
             raise DeployError(f"hack/images.sh failed ({res.returncode}):\n"
                               + _tail(self.logs / "images.log"))
         archives: dict[str, Path] = {}
         for name in APP_IMAGES:
-            path = out / f"atlas-{name}.tar"
+            path = out / f"{name}.tar"
             if not path.is_file():
                 raise DeployError(f"hack/images.sh did not write {path}")
             archives[name] = path
@@ -261,7 +261,7 @@ class DeployStack:
     def _image_ref(self, name: str) -> str:
         """The reference an archive from hack/images.sh carries (docker save's manifest)."""
         import tarfile
-        with tarfile.open(self.images_dir / f"atlas-{name}.tar") as tar:
+        with tarfile.open(self.images_dir / f"{name}.tar") as tar:
             manifest = json.load(tar.extractfile("manifest.json"))
         return manifest[0]["RepoTags"][0]
 

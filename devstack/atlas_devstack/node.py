@@ -115,7 +115,15 @@ class NodeNetwork:
 
     State (previous sysctl values) in <dir>/network.json, so `down` restores the host."""
 
-    SYSCTLS = {"net.ipv4.ip_forward": "1", "net.bridge.bridge-nf-call-iptables": "1"}
+    SYSCTLS = {
+        "net.ipv4.ip_forward": "1",
+        "net.bridge.bridge-nf-call-iptables": "1",
+        # Without it conntrack marks some packets of short-lived connections to a ClusterIP
+        # INVALID; they escape kube-proxy's DNAT and the client sees "connection refused"
+        # (measured: 6 in 3026 requests through the Service, 0 with it, 0 to a pod IP). The
+        # same setting as kube-proxy's conntrack.tcpBeLiberal.
+        "net.netfilter.nf_conntrack_tcp_be_liberal": "1",
+    }
 
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
@@ -123,13 +131,15 @@ class NodeNetwork:
 
     def up(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if _read_sysctl("net.bridge.bridge-nf-call-iptables") is None:
-            _run("modprobe", "br_netfilter", check=False)
+        for sysctl, module in (("net.bridge.bridge-nf-call-iptables", "br_netfilter"),
+                               ("net.netfilter.nf_conntrack_tcp_be_liberal", "nf_conntrack")):
+            if _read_sysctl(sysctl) is None:
+                _run("modprobe", module, check=False)
         saved = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         for name, value in self.SYSCTLS.items():
             current = _read_sysctl(name)
             if current is None:
-                raise NodeError(f"sysctl {name} is missing (br_netfilter module not loaded?)")
+                raise NodeError(f"sysctl {name} is missing (kernel module not loaded?)")
             saved.setdefault(name, current)
             if current != value:
                 _write_sysctl(name, value)

@@ -36,7 +36,9 @@ MODEL = "llama-3.1-8b-instruct"
 # What a client without retries may see while a gateway pod goes away: a connection refused by
 # an endpoint kube-proxy has not removed yet, or closed before any response. Never a 5xx or a
 # timeout; the openai SDK's default retries absorb both.
-CONNECTION_ERRORS = {"connect-refused", "connection-lost"}
+CONNECTION_ERRORS = {"connect-refused", "connect-timeout", "connection-lost"}
+# A pod's endpoint leaves kube-proxy's rules a moment after the pod stops serving.
+PROPAGATION_SLACK_SECONDS = 5.0
 KEY_NAMESPACE = "default"
 TEST_STATE_DIR = REPO_ROOT / ".deploy-test"
 
@@ -136,6 +138,26 @@ class Cluster:
                 if line.startswith("atlas_gateway_requests_total{"))
         return out
 
+    def wait_gateways_settled(self, api_key: str, streak: int = 30, timeout: float = 90) -> None:
+        """Until `streak` requests in a row, each on a new connection, succeed: no endpoint of an
+        earlier rollout or kill is left in kube-proxy's rules."""
+        import httpx
+        import openai
+        client = openai.OpenAI(base_url=self.gateway_url + "/v1", api_key=api_key, max_retries=0,
+                               timeout=5, http_client=httpx.Client(
+                                   limits=httpx.Limits(max_keepalive_connections=0)))
+
+        def all_ok() -> bool:
+            for _ in range(streak):
+                try:
+                    client.chat.completions.create(model=MODEL, max_tokens=1,
+                                                   messages=[{"role": "user", "content": "x"}])
+                except openai.OpenAIError:
+                    return False
+            return True
+        with client:
+            wait_until(f"{streak} requests in a row answered", all_ok, timeout)
+
     def apiserver_ssl(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.stack.cp_dir / "pki" / "ca.crt"))
 
@@ -148,6 +170,7 @@ class Cluster:
 @dataclass
 class LoadResult:
     outcomes: Counter = field(default_factory=Counter)  # "200", "429:insufficient_quota", "conn", ...
+    error_times: list = field(default_factory=list)     # (time.monotonic() it was sent, kind) per error
     tokens: int = 0
     started: float = 0.0
     stopped: float = 0.0
@@ -163,6 +186,10 @@ class LoadResult:
     def total(self) -> int:
         return sum(self.outcomes.values())
 
+    def errors_outside(self, start: float, end: float) -> list:
+        """Errors of requests sent outside [start, end] (time.monotonic())."""
+        return [(round(t - start, 1), kind) for t, kind in self.error_times if not start <= t <= end]
+
 
 def _classify(exc: Exception) -> str:
     import openai
@@ -174,7 +201,9 @@ def _classify(exc: Exception) -> str:
             pass
         return f"{exc.status_code}:{code}"
     if isinstance(exc, openai.APITimeoutError):
-        return "timeout"
+        import httpx
+        # A SYN to an endpoint already gone (no answer) vs a request left unanswered.
+        return "connect-timeout" if isinstance(exc.__cause__, httpx.ConnectTimeout) else "timeout"
     if isinstance(exc, openai.APIConnectionError):
         import httpx
         # Refused before reaching a gateway (an endpoint on its way out) vs cut mid-request.
@@ -183,13 +212,16 @@ def _classify(exc: Exception) -> str:
 
 
 async def one_request(client, result: LoadResult, max_tokens: int = 16) -> None:
+    started = time.monotonic()
     try:
         reply = await client.chat.completions.create(
             model=MODEL, max_tokens=max_tokens, messages=[{"role": "user", "content": "ping"}])
         result.outcomes["200"] += 1
         result.tokens += reply.usage.total_tokens
     except Exception as exc:  # noqa: BLE001 - every outcome is counted
-        result.outcomes[_classify(exc)] += 1
+        kind = _classify(exc)
+        result.outcomes[kind] += 1
+        result.error_times.append((started, kind))
 
 
 def openai_client(cluster: Cluster, api_key: str, timeout: float = 20.0, max_retries: int = 0):

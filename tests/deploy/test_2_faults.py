@@ -6,7 +6,7 @@ import time
 
 import openai
 
-from .conftest import CONNECTION_ERRORS, MODEL, Cluster, Load, wait_until
+from .conftest import CONNECTION_ERRORS, MODEL, PROPAGATION_SLACK_SECONDS, Cluster, Load, wait_until
 
 LEASE_TTL_SECONDS = 300  # the gateway's default ATLAS_LEASE_TTL_SECONDS (the chart does not change it)
 
@@ -19,14 +19,16 @@ def _events(cluster: Cluster, key_name: str) -> list[str]:
 
 def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
     api_key = cluster.apply_key(key_name, {"limits": {"maxConcurrent": 64, "tokensPerDay": 10_000_000}})
+    cluster.wait_gateways_settled(api_key)
     victim = cluster.running_pods("gateway")[0]["metadata"]["name"]
     concurrency = 8
     with Load(cluster, api_key, concurrency=concurrency) as load, \
             Load(cluster, api_key, concurrency=2, max_retries=2) as app:
         load.wait_for_requests(100)
-        deleted_at = time.time()
+        deleted_at, t0 = time.time(), time.monotonic()
         cluster.kubectl("delete", "pod", "-n", cluster.namespace, victim, "--wait=false")
         pods = cluster.wait_ready("gateway", 2, timeout=180)
+        replaced = time.monotonic()
         assert victim not in {p["metadata"]["name"] for p in pods}
         answered = load.result.total()
         load.wait_for_requests(answered + 100)  # and traffic flows on through both replicas
@@ -38,7 +40,12 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
     # Bounded: no request that reached the deleted pod is lost (it drains); the only errors
     # are connections refused while its endpoint was being removed, which the SDK retries.
     assert set(result.errors) <= CONNECTION_ERRORS, result.errors
-    assert sum(result.errors.values()) <= 0.05 * result.total(), result.errors
+    outside = result.errors_outside(t0, replaced + PROPAGATION_SLACK_SECONDS)
+    # A few connection refusals also happen outside the kill window (also in steady traffic
+    # through the Service, never to a pod IP): bounded here, see docs/deploy.md.
+    print(f"errors of requests sent outside the kill window: {outside}")
+    assert len(outside) <= 0.01 * result.total(), outside
+    assert sum(result.errors.values()) <= 0.1 * result.total(), result.errors
     assert not app.result.errors, app.result.errors
 
     # No lease outlives its TTL: every concurrency slot is released (the killed pod drained),

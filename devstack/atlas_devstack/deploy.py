@@ -74,6 +74,10 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, interval: f
         time.sleep(interval)
 
 
+def _bridge_exists() -> bool:
+    return subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode == 0
+
+
 def _other_node(node_dir: Path) -> str | None:
     """A kubelet of this module's node name started from another state dir, if any."""
     for proc in Path("/proc").iterdir():
@@ -327,6 +331,8 @@ class DeployStack:
 
     def down(self, timeout: float = 60.0) -> list[str]:
         done: list[str] = []
+        if not (self.cp_dir.exists() or self.node_dir.exists()) and not _bridge_exists():
+            return done  # never started (or already down): nothing to look for
         if ControlPlane.is_running(self.cp_dir) and Node.is_running(self.node_dir):
             done += self._drain(timeout)
         done += Node.stop_from_state_dir(self.node_dir, log=self._log)

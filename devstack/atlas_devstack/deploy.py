@@ -16,7 +16,6 @@ network devices, iptables chains; it keeps `.deploy/logs/` for a post-mortem.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -31,7 +30,8 @@ from typing import Callable
 import yaml
 
 from .controlplane import ControlPlane
-from .node import BRIDGE, CLUSTER_DNS_IP, NODE_IP, NODE_NAME, Node, NodeError, NodeNetwork, _mounts_under
+from .node import CLUSTER_DNS_IP, NODE_NAME, Node, NodeError, _mounts_under
+from .node_network import BRIDGE, NODE_IP, NetworkError, NodeNetwork
 from .node_images import coredns_image, redis_image, write_coredns, write_redis
 from .processes import pid_cmdline
 from .tools import BIN_DIR, REPO_ROOT, find_tool
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             done = stack.down()
             print("deploy-down: " + (", ".join(done) or "nothing was running"))
-    except (DeployError, NodeError) as exc:
+    except (DeployError, NodeError, NetworkError) as exc:
         print(f"deploy-{args.command} failed: {exc}", file=sys.stderr)
         return 1
     return 0

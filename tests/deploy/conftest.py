@@ -28,8 +28,8 @@ from typing import Callable
 import pytest
 import yaml
 
-from atlas_devstack.deploy import NAMESPACE, DeployStack
-from atlas_devstack.node import BRIDGE
+from atlas_devstack.deploy import DeployStack
+from atlas_devstack.node_network import BRIDGE
 from atlas_devstack.tools import REPO_ROOT
 
 MODEL = "llama-3.1-8b-instruct"
@@ -316,7 +316,6 @@ def key_name() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
-__all__ = ["Cluster", "Load", "LoadResult", "NAMESPACE", "burst", "wait_until", "MODEL"]
 
 
 def pytest_collection_modifyitems(items):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from atlas_devstack.node import BRIDGE
+from atlas_devstack.node_network import BRIDGE
 
 from .conftest import Cluster
 

@@ -28,6 +28,7 @@ from typing import Callable
 import pytest
 import yaml
 
+from atlas_core import contract
 from atlas_devstack.deploy import DeployStack
 from atlas_devstack.node_network import BRIDGE
 from atlas_devstack.tools import REPO_ROOT
@@ -114,7 +115,7 @@ class Cluster:
 
     def live_leases(self, key_name: str, namespace: str = KEY_NAMESPACE) -> tuple[int, int]:
         """(leases whose expiry is in the future, all lease entries) of an AtlasKey."""
-        zset = f"atlas:v1:lease:k:{namespace}/{key_name}"
+        zset = contract.lease_key(contract.key_subject(namespace, key_name))
         now_ms = int(time.time() * 1000)
         live = int(self.redis_cli("ZCOUNT", zset, str(now_ms), "+inf").strip() or 0)
         total = int(self.redis_cli("ZCARD", zset).strip() or 0)

@@ -6,6 +6,8 @@ import time
 
 import openai
 
+from atlas_core import contract
+
 from .conftest import CONNECTION_ERRORS, MODEL, PROPAGATION_SLACK_SECONDS, Cluster, Load, wait_until
 
 LEASE_TTL_SECONDS = 300  # the gateway's default ATLAS_LEASE_TTL_SECONDS (the chart does not change it)
@@ -25,6 +27,8 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
     with Load(cluster, api_key, concurrency=concurrency) as load, \
             Load(cluster, api_key, concurrency=2, max_retries=2) as app:
         load.wait_for_requests(100)
+        # (so that "every lease released" below is not true of a key that never had one)
+        wait_until("leases in use under load", lambda: cluster.live_leases(key_name)[0] > 0, timeout=30)
         deleted_at, t0 = time.time(), time.monotonic()
         cluster.kubectl("delete", "pod", "-n", cluster.namespace, victim, "--wait=false")
         pods = cluster.wait_ready("gateway", 2, timeout=180)
@@ -52,7 +56,7 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
     # and no entry expires later than a TTL after the kill.
     live, entries = wait_until("every lease released", lambda: (
         lambda lv: lv if lv[0] == 0 else None)(cluster.live_leases(key_name)), timeout=30)
-    zset = f"atlas:v1:lease:k:default/{key_name}"
+    zset = contract.lease_key(contract.key_subject("default", key_name))
     latest = cluster.redis_cli("ZRANGE", zset, "-1", "-1", "WITHSCORES").split()
     if latest:
         assert float(latest[1]) / 1000 <= deleted_at + LEASE_TTL_SECONDS + 60
@@ -126,3 +130,6 @@ def test_redis_restarted_gateways_fail_closed_then_recover(cluster: Cluster, key
     assert {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
             for p in cluster.pods("gateway")} == restarts_before
     cluster.wait_ready("redis", 1)
+    live, entries = wait_until("every lease released", lambda: (
+        lambda lv: lv if lv[0] == 0 else None)(cluster.live_leases(key_name)), timeout=30)
+    print(f"leases left: live {live}, entries {entries}")

@@ -36,6 +36,7 @@ def test_helm_upgrade_with_changed_values_under_traffic(cluster: Cluster, key_na
     with Load(cluster, api_key, concurrency=concurrency) as load, \
             Load(cluster, api_key, concurrency=2, max_retries=2) as app:
         load.wait_for_requests(100)
+        wait_until("leases in use under load", lambda: cluster.live_leases(key_name)[0] > 0, timeout=30)
         t0 = time.monotonic()
         # Changed values that roll the gateway (new pod template) and reconfigure the operator.
         cluster.helm("upgrade", _release(cluster), str(CHART), "--namespace", cluster.namespace, "--reuse-values",
@@ -69,6 +70,9 @@ def test_helm_upgrade_with_changed_values_under_traffic(cluster: Cluster, key_na
     assert sum(result.errors.values()) <= 0.1 * result.total(), result.errors
     assert not app.result.errors, app.result.errors
     assert result.ok >= 150 and app.result.ok > 0
+    live, entries = wait_until("every lease released", lambda: (
+        lambda lv: lv if lv[0] == 0 else None)(cluster.live_leases(key_name)), timeout=30)
+    print(f"leases left: live {live}, entries {entries}")
 
 
 def test_deploy_up_again_repoints_the_running_install_at_a_host_upstream(cluster: Cluster, key_name: str):

@@ -9,9 +9,9 @@ PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 IMAGES_DIR ?= .images
 
-.PHONY: help venv system-deps tools deps test test-unit test-integration test-cluster test-e2e \
+.PHONY: help venv system-deps tools node-tools deps test test-unit test-integration test-cluster test-e2e \
         bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint \
-        docker-up docker-down test-images
+        docker-up docker-down test-images deploy-up deploy-down test-deploy
 
 help:  ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -30,9 +30,13 @@ system-deps:  ## redis-server and wrk from Debian's packages (skipped when prese
 tools:  ## build kube-apiserver, etcd, kubectl and helm from source (cached outside the checkout)
 	@bash hack/tools/build.sh
 
+node-tools: tools  ## build the deploy node's binaries from source (kubelet, containerd, CNI, CoreDNS...)
+	@bash hack/system-deps.sh node
+	@bash hack/tools/build.sh node
+
 deps: venv system-deps tools
 
-test: deps  ## run every test tier (unit, integration, cluster, e2e)
+test: deps node-tools  ## run every test tier (unit, integration, cluster, e2e, images, deploy)
 	$(PYTEST) tests
 
 test-unit: venv  ## fast tier: pure functions and fakeredis
@@ -59,6 +63,15 @@ dev-down:  ## stop everything dev-up started
 images:  ## build the gateway, operator and mock-upstream images; docker save them to .images/
 	bash hack/images.sh save $(IMAGES_DIR)
 
+deploy-up: deps node-tools  ## Atlas as pods on a single-node cluster from source; writes .deploy/env
+	$(PY) -m atlas_devstack.deploy up
+
+deploy-down:  ## remove everything deploy-up started (pods, node, processes, mounts, devices)
+	@if [ -x $(PY) ]; then $(PY) -m atlas_devstack.deploy down; fi
+
+test-deploy: deps node-tools  ## the deploy tier: images as pods on the node, faults under traffic
+	$(PYTEST) tests/deploy
+
 docker-up:  ## start Debian's Docker engine (off the network) unless one answers
 	@bash hack/docker.sh start
 
@@ -74,8 +87,8 @@ dev-logs:
 dev: dev-up  ## dev-up, follow the logs, dev-down on Ctrl-C
 	@trap '$(MAKE) --no-print-directory dev-down' EXIT; trap 'exit 0' INT TERM; $(PY) -m atlas_devstack logs --follow
 
-clean: dev-down
-	rm -rf $(VENV) bin .dev .pytest_cache
+clean: dev-down deploy-down
+	rm -rf $(VENV) bin .dev .deploy .pytest_cache
 
 # kind, images and helm targets for users with Docker (see docs/deploy.md)
 include hack/kind.mk

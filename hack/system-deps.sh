@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
 # Installs the system packages Atlas' tests and benchmarks use, from Debian's archive:
 # redis-server (integration/cluster/e2e tiers, make dev) and wrk (make bench).
+#   bash hack/system-deps.sh        # the above
+#   bash hack/system-deps.sh node   # also what the deploy tier's node needs (make deploy-up):
+#                                   # runc, iptables, conntrack, iproute2, kmod, and gcc with a
+#                                   # static libc for building pause (hack/tools/build.sh node)
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v wrk >/dev/null || missing+=(wrk)
+if [ "${1:-}" = node ]; then
+  # command -> Debian package; sbin tools may be off a non-root PATH, so look there too.
+  export PATH="${PATH}:/usr/sbin:/sbin"
+  for pair in runc:runc iptables:iptables conntrack:conntrack ip:iproute2 modprobe:kmod \
+              gcc:gcc nsenter:util-linux; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+  done
+  [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/libc.a ] || missing+=(libc6-dev)
+fi
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "missing: ${missing[*]} — install them with: sudo apt-get install -y ${missing[*]}" >&2

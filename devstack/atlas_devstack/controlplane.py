@@ -9,6 +9,12 @@ Tests therefore use a fresh namespace each and never wait for GC. The ServiceAcc
 admission plugin is disabled (as envtest does): without the controller no `default`
 ServiceAccount exists, and Pod creation would otherwise be refused.
 
+Cluster mode (opt-in, `ControlPlane(..., node_ip="10.244.0.1")`, used by `make deploy-up`):
+the API server binds to the node's bridge address instead of loopback (pods reach it through
+the `kubernetes` Service), kube-controller-manager and kube-scheduler run too, the
+ServiceAccount admission plugin and the Node authorizer are on, and the `kubernetes`
+Service's endpoints are reconciled. The tiers above keep the envtest-like default.
+
 Two modes:
   * ephemeral (default): everything in a temp dir, removed on stop(); the processes die with
     the Python process (PR_SET_PDEATHSIG) and stop() also runs at exit.
@@ -57,7 +63,9 @@ ATLAS_GROUP_VERSION = "atlas.bugvanquisher.io/v1alpha1"
 ATLAS_RESOURCES = ("atlaskeys", "atlasquotas")
 SERVICE_CIDR = "10.0.0.0/24"
 POLL_INTERVAL = 0.05  # seconds between checks inside a deadline loop
-PROCESSES = ("kube-apiserver", "etcd")  # stop order: API server first, then its storage
+# Stop order: the API server's clients, the API server, then its storage.
+PROCESSES = ("kube-controller-manager", "kube-scheduler", "kube-apiserver", "etcd")
+CORE_PROCESSES = ("kube-apiserver", "etcd")  # what every mode runs
 TEMP_PREFIX = "atlas-controlplane-"
 
 
@@ -161,6 +169,39 @@ class _Pki:
         path.write_bytes(data)
         os.chmod(path, 0o600)
 
+    def ensure_serving_sans(self, sans: Iterable[str]) -> None:
+        """Reissue the serving cert when it lacks one of `sans` (cluster mode adds the node IP)."""
+        sans = list(sans)
+        cert = x509.load_pem_x509_certificate(self.serving_crt.read_bytes())
+        have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        present = {str(v) for v in have.get_values_for_type(x509.IPAddress)} | set(
+            have.get_values_for_type(x509.DNSName))
+        if all(san in present for san in sans):
+            return
+        ca_cert = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+        key = _new_key()
+        serving = _issue(ca_key, ca_cert, key, "kube-apiserver",
+                         server_sans=[*sorted(present), *(s for s in sans if s not in present)])
+        self._write(self.serving_crt, _cert_pem(serving))
+        self._write(self.serving_key, _key_pem(key))
+
+    def issue_files(self, name: str, common_name: str, orgs: Iterable[str] = (), *,
+                    server_sans: Iterable[str] = ()) -> tuple[Path, Path]:
+        """<pki>/<name>.crt/.key signed by the CA (client cert, or serving cert with SANs);
+        created once, reused."""
+        crt, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if not (crt.exists() and key_path.exists()):
+            ca_cert = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
+            ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+            key = _new_key()
+            server_sans = list(server_sans)
+            cert = _issue(ca_key, ca_cert, key, common_name, orgs=orgs, client=not server_sans,
+                          server_sans=server_sans)
+            self._write(crt, _cert_pem(cert))
+            self._write(key_path, _key_pem(key))
+        return crt, key_path
+
     def client_cert(self, user: str, groups: Iterable[str]) -> tuple[bytes, bytes]:
         """(cert PEM, key PEM) for `user` in `groups`, signed by the cluster CA."""
         ca_cert = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
@@ -251,8 +292,12 @@ class ControlPlane:
 
     def __init__(self, state_dir: str | Path | None = None, *, crds_dir: str | Path | None = None,
                  apply_crds: bool = True, startup_timeout: float = 90.0, stop_timeout: float = 10.0,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, node_ip: str | None = None):
         self.persistent = state_dir is not None
+        # Cluster mode (see the module docstring): the address the API server binds and
+        # advertises, reachable from pods on the node's bridge.
+        self.node_ip = node_ip
+        self.bind_ip = node_ip or "127.0.0.1"
         self._state_dir_arg = Path(state_dir).resolve() if state_dir is not None else None
         self.crds_dir = Path(crds_dir) if crds_dir is not None else REPO_ROOT / "crds"
         self.apply_crds = apply_crds
@@ -269,7 +314,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.bind_ip}:{self.apiserver_port}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -291,6 +336,9 @@ class ControlPlane:
         t0 = time.monotonic()
         etcd_bin, apiserver_bin = find_tool("etcd"), find_tool("kube-apiserver")
         find_tool("kubectl")  # fail before starting anything when it is missing
+        if self.node_ip:
+            controller_bins = {name: find_tool(name) for name in ("kube-controller-manager",
+                                                                   "kube-scheduler")}
         self._prepare_dir()
         if not self.persistent and not self._atexit_registered:
             atexit.register(self.stop)
@@ -309,6 +357,9 @@ class ControlPlane:
             self._write_admin_kubeconfig()
             self._wait_apiserver_ready()
             t = phase("kube-apiserver", t)
+            if self.node_ip:
+                self._start_controllers(controller_bins)
+                t = phase("controllers", t)
             if self.apply_crds:
                 self._apply_crds()
                 phase("crds", t)
@@ -404,9 +455,19 @@ class ControlPlane:
         return stopped
 
     @classmethod
+    def attach(cls, state_dir: str | Path, node_ip: str | None = None) -> "ControlPlane":
+        """A handle on a persistent control plane another process started (its kubeconfigs,
+        certificates and kubectl), without starting or stopping anything."""
+        cp = cls(state_dir, node_ip=node_ip)
+        cp.dir = cp._state_dir_arg
+        ports = json.loads((cp.dir / "ports.json").read_text())
+        cp.etcd_port, cp.etcd_peer_port, cp.apiserver_port = ports["etcd"], ports["etcd_peer"], ports["apiserver"]
+        return cp
+
+    @classmethod
     def is_running(cls, state_dir: str | Path) -> bool:
         state = Path(state_dir)
-        for name in PROCESSES:
+        for name in CORE_PROCESSES:
             try:
                 pid = int((state / f"{name}.pid").read_text().strip())
             except (OSError, ValueError):
@@ -435,6 +496,8 @@ class ControlPlane:
             self.dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         (self.dir / "logs").mkdir(exist_ok=True)
         _Pki(self.dir).ensure()
+        if self.node_ip:
+            _Pki(self.dir).ensure_serving_sans([self.node_ip])
         self._pick_ports()
 
     def _pick_ports(self) -> None:
@@ -448,8 +511,13 @@ class ControlPlane:
             return port if port and _port_is_free(port) else free_port()
         self.etcd_port, self.etcd_peer_port, self.apiserver_port = (
             pick("etcd"), pick("etcd_peer"), pick("apiserver"))
-        ports_file.write_text(json.dumps({"etcd": self.etcd_port, "etcd_peer": self.etcd_peer_port,
-                                          "apiserver": self.apiserver_port}))
+        ports = {"etcd": self.etcd_port, "etcd_peer": self.etcd_peer_port,
+                 "apiserver": self.apiserver_port}
+        if self.node_ip:  # secure (health) ports of the controllers, on loopback
+            self.controller_ports = {name: pick(name) for name in ("kube-controller-manager",
+                                                                    "kube-scheduler")}
+            ports.update(self.controller_ports)
+        ports_file.write_text(json.dumps(ports))
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log_path = self.dir / "logs" / f"{name}.log"
@@ -506,12 +574,12 @@ class ControlPlane:
         argv = [
             str(apiserver_bin),
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--bind-address={self.bind_ip}", f"--advertise-address={self.bind_ip}",
             f"--secure-port={self.apiserver_port}",
             f"--cert-dir={self.dir / 'apiserver-certs'}",
             f"--tls-cert-file={pki.serving_crt}", f"--tls-private-key-file={pki.serving_key}",
             f"--client-ca-file={pki.ca_crt}",
-            f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}",
+            f"--service-account-issuer=https://{self.bind_ip}:{self.apiserver_port}",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
@@ -525,7 +593,77 @@ class ControlPlane:
             "--profiling=false",
             "--v=1",
         ]
+        if self.node_ip:
+            argv = [a for a in argv if a not in (
+                "--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount",
+                "--endpoint-reconciler-type=none")]
+            kubelet_crt, kubelet_key = pki.issue_files(
+                "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",))
+            argv += [
+                # Kubelets get exactly what their own pods need (Node authorizer + NodeRestriction).
+                "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                # For `kubectl logs/exec`: the API server authenticates to the kubelet.
+                f"--kubelet-client-certificate={kubelet_crt}", f"--kubelet-client-key={kubelet_key}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
         self._spawn("kube-apiserver", argv)
+
+    def _component_kubeconfig(self, name: str, user: str, groups: Iterable[str] = ()) -> Path:
+        """<dir>/<name>.kubeconfig: a client cert identity for a cluster component."""
+        pki = _Pki(self.dir)
+        crt, key = pki.issue_files(name, user, groups)
+        path = self.dir / f"{name}.kubeconfig"
+        _write_private(path, yaml.safe_dump(_kubeconfig_doc(
+            self.server, pki.ca_crt.read_bytes(), user, crt.read_bytes(), key.read_bytes()),
+            sort_keys=False))
+        return path
+
+    def node_kubeconfig(self, component: str, user: str, groups: Iterable[str] = ()) -> Path:
+        """Kubeconfig for a node component (kubelet: system:node:<name>/system:nodes,
+        kube-proxy: system:kube-proxy): the identities the default RBAC roles bind."""
+        return self._component_kubeconfig(component, user, groups)
+
+    def _start_controllers(self, bins: dict[str, Path]) -> None:
+        """kube-controller-manager and kube-scheduler, serving health on loopback only."""
+        pki = _Pki(self.dir)
+        kcm = self._component_kubeconfig("kube-controller-manager", "system:kube-controller-manager")
+        sched = self._component_kubeconfig("kube-scheduler", "system:kube-scheduler")
+        self._spawn("kube-controller-manager", [
+            str(bins["kube-controller-manager"]), f"--kubeconfig={kcm}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.controller_ports['kube-controller-manager']}",
+            f"--cert-dir={self.dir / 'kcm-certs'}",
+            # One token identity per controller, and tokens for ServiceAccount Secrets.
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_crt}",
+            f"--cluster-signing-cert-file={pki.ca_crt}", f"--cluster-signing-key-file={pki.ca_key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--allocate-node-cidrs=false",
+            "--leader-elect=false", "--profiling=false", "--v=1",
+        ])
+        self._spawn("kube-scheduler", [
+            str(bins["kube-scheduler"]), f"--kubeconfig={sched}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.controller_ports['kube-scheduler']}",
+            "--leader-elect=false", "--profiling=false", "--v=1",
+        ])
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE  # self-signed serving certs of their own
+
+        def healthy(port: int) -> Callable[[], bool]:
+            def check() -> bool:
+                try:
+                    with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=insecure,
+                                                timeout=2) as resp:
+                        return resp.status == 200
+                except OSError:
+                    return False
+            return check
+        for name, port in self.controller_ports.items():
+            self._wait(f"{name} /healthz", healthy(port))
+        # The token controller's first job: without a `default` ServiceAccount no Pod is admitted.
+        self._wait("ServiceAccount default/default", lambda: self.kubectl(
+            "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0)
 
     def _admin_ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(_Pki(self.dir).ca_crt))

@@ -20,7 +20,21 @@ _CACHE_DIRS = {
     "kubectl": "kubernetes-{KUBERNETES_VERSION}",
     "etcd": "etcd-{ETCD_VERSION}",
     "helm": "helm-{HELM_VERSION}-k8s{KUBE_MAJOR_MINOR}",
+    # The single-node cluster of `make deploy-up` (`bash hack/tools/build.sh node`).
+    "kube-scheduler": "kubernetes-node-{KUBERNETES_VERSION}",
+    "kube-controller-manager": "kubernetes-node-{KUBERNETES_VERSION}",
+    "kubelet": "kubernetes-node-{KUBERNETES_VERSION}",
+    "kube-proxy": "kubernetes-node-{KUBERNETES_VERSION}",
+    "containerd": "containerd-{CONTAINERD_VERSION}",
+    "containerd-shim-runc-v2": "containerd-{CONTAINERD_VERSION}",
+    "ctr": "containerd-{CONTAINERD_VERSION}",
+    "coredns": "coredns-{COREDNS_VERSION}",
+    "pause": "pause-{PAUSE_VERSION}-k8s-{KUBERNETES_VERSION}",
 }
+# CNI plugins live in a directory of their own (containerd's CNI bin dir: plugins only).
+CNI_PLUGINS = ("bridge", "loopback", "host-local", "portmap")
+NODE_TOOLS = ("kube-scheduler", "kube-controller-manager", "kubelet", "kube-proxy", "containerd",
+              "containerd-shim-runc-v2", "ctr", "coredns", "pause")
 
 
 class ToolNotFound(RuntimeError):
@@ -53,6 +67,17 @@ def _cache_dir(tool: str) -> Path:
     return cache_root() / _CACHE_DIRS[tool].format(**versions)
 
 
+def cni_bin_dir() -> Path:
+    """The directory holding the built CNI plugins (bin/cni, or the cache)."""
+    versions = pinned_versions()
+    candidates = [BIN_DIR / "cni", cache_root() / f"cni-plugins-{versions['CNI_PLUGINS_VERSION']}"]
+    for d in candidates:
+        if all((d / p).is_file() for p in CNI_PLUGINS):
+            return (d / CNI_PLUGINS[0]).resolve().parent  # bin/cni holds links into the cache
+    raise ToolNotFound(f"CNI plugins {', '.join(CNI_PLUGINS)} not found in "
+                       f"{', '.join(map(str, candidates))}; run `make node-tools`")
+
+
 def find_tool(tool: str) -> Path:
     """Absolute path of a built tool, or ToolNotFound telling how to build it."""
     if tool not in _CACHE_DIRS:
@@ -63,7 +88,8 @@ def find_tool(tool: str) -> Path:
             return path.resolve()
     raise ToolNotFound(
         f"{tool} not found (looked in {', '.join(str(c) for c in candidates)}); "
-        "run `make tools` (bash hack/tools/build.sh) to build it from source"
+        + ("run `make node-tools` (bash hack/tools/build.sh node)" if tool in NODE_TOOLS
+           else "run `make tools` (bash hack/tools/build.sh)") + " to build it from source"
     )
 
 

@@ -2,8 +2,12 @@
 # Builds kube-apiserver, kubectl, etcd and helm from source (Go module proxy only) at the
 # versions pinned in hack/tools/versions.env, once per version, into a cache outside the
 # checkout, and links them into the repo's gitignored bin/. A second run is a no-op.
+# With `node`, it builds the single-node cluster's binaries instead (make deploy-up):
+# kube-scheduler, kube-controller-manager, kubelet, kube-proxy, containerd (+ its runc shim
+# and ctr), the CNI plugins, CoreDNS and pause.
 #
 #   bash hack/tools/build.sh            # what `make tools` runs
+#   bash hack/tools/build.sh node       # what `make node-tools` runs
 #   ATLAS_TOOLS_CACHE=/some/dir bash hack/tools/build.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -58,6 +62,7 @@ build_family() {
 
 link_bins() {
   local dest="$1" spec; shift
+  mkdir -p "${BIN_DIR}"
   for spec in "$@"; do ln -sfn "${dest}/${spec%%=*}" "${BIN_DIR}/${spec%%=*}"; done
 }
 
@@ -95,8 +100,69 @@ helm_ldflags() {
        "-X ${v}/pkg/lint/rules.k8sVersionMajor=${KUBE_MAJOR} -X ${v}/pkg/lint/rules.k8sVersionMinor=${KUBE_MINOR}"
 }
 
+# containerd: the variables its Makefile sets.
+containerd_ldflags() {
+  local v=github.com/containerd/containerd/v2/version
+  echo "-X ${v}.Version=${CONTAINERD_VERSION} -X ${v}.Revision=${CONTAINERD_VERSION}" \
+       "-X ${v}.Package=github.com/containerd/containerd/v2"
+}
+cni_ldflags() {
+  echo "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=${CNI_PLUGINS_VERSION}"
+}
+coredns_ldflags() { echo "-X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}"; }
+
+# pause: a static C binary (the pod sandbox's init), built as kubernetes' build/pause/Makefile
+# builds it, from the pause.c of the pinned k8s.io/kubernetes module. Needs gcc and a static
+# libc (hack/system-deps.sh node installs them).
+build_pause() {
+  local name="pause-${PAUSE_VERSION}-k8s-${KUBERNETES_VERSION}" dest tmp src
+  dest="${CACHE_ROOT}/${name}"
+  if [ -x "${dest}/pause" ] && [ -f "${dest}/.complete" ]; then
+    log "${name}: cached in ${dest}"
+  else
+    ensure_go
+    src="$(cd "${TOOLS_DIR}/kube-node" && "$GO" mod download -json "k8s.io/kubernetes@${KUBERNETES_VERSION}" |
+      sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')/build/pause/linux/pause.c"
+    tmp="${dest}.tmp.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
+    log "${name}: building pause from ${src}"
+    "${CC:-gcc}" -Os -Wall -Werror -static "-DVERSION=v${PAUSE_VERSION}-atlas" -o "${tmp}/pause" "$src"
+    strip "${tmp}/pause" 2>/dev/null || true
+    echo "${PAUSE_VERSION}" > "${tmp}/.complete"
+    rm -rf "$dest"; mv "$tmp" "$dest"
+  fi
+  ln -sfn "${dest}/pause" "${BIN_DIR}/pause"
+}
+
+build_node() {
+  build_family kube-node "kubernetes-node-${KUBERNETES_VERSION}" kube_ldflags \
+    kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
+    kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+    kubelet=k8s.io/kubernetes/cmd/kubelet \
+    kube-proxy=k8s.io/kubernetes/cmd/kube-proxy
+  build_family containerd "containerd-${CONTAINERD_VERSION}" containerd_ldflags \
+    containerd=github.com/containerd/containerd/v2/cmd/containerd \
+    containerd-shim-runc-v2=github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
+    ctr=github.com/containerd/containerd/v2/cmd/ctr
+  # CNI plugins go to bin/cni/: containerd's CNI bin dir must hold plugins only.
+  BIN_DIR="${BIN_DIR}/cni" build_family cni "cni-plugins-${CNI_PLUGINS_VERSION}" cni_ldflags \
+    bridge=github.com/containernetworking/plugins/plugins/main/bridge \
+    loopback=github.com/containernetworking/plugins/plugins/main/loopback \
+    host-local=github.com/containernetworking/plugins/plugins/ipam/host-local \
+    portmap=github.com/containernetworking/plugins/plugins/meta/portmap
+  build_family coredns "coredns-${COREDNS_VERSION}" coredns_ldflags \
+    coredns=github.com/coredns/coredns
+  build_pause
+}
+
 main() {
   local start; start="$(now)"
+  if [ "${1:-}" = node ]; then
+    build_node
+    log "node tools ready in ${BIN_DIR} ($(( $(now) - start ))s): kube-scheduler" \
+        "kube-controller-manager kubelet kube-proxy containerd containerd-shim-runc-v2 ctr" \
+        "cni/{bridge,loopback,host-local,portmap} coredns pause"
+    return
+  fi
   build_family kube "kubernetes-${KUBERNETES_VERSION}" kube_ldflags \
     kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
     kubectl=k8s.io/kubernetes/cmd/kubectl

@@ -81,10 +81,10 @@ def test_the_chart_runs_both_planes_hardened(pod_specs):
 # Each product image holds its own process and nothing else: no devstack, no other plane, no pip.
 HOLDS = {
     "gateway": ({"atlas_core", "atlas_gateway", "fastapi", "uvicorn", "uvloop", "httptools", "aiohttp",
-                 "redis", "prometheus_client"},
+                 "redis", "hiredis", "prometheus_client"},
                 {"atlas_operator", "atlas_devstack", "kopf", "kubernetes", "benchmarks", "tests", "pip",
                  "setuptools", "openai", "httpx", "yaml", "watchfiles"}),
-    "operator": ({"atlas_core", "atlas_operator", "kopf", "kubernetes", "redis"},
+    "operator": ({"atlas_core", "atlas_operator", "kopf", "kubernetes", "redis", "prometheus_client"},
                  {"atlas_gateway", "atlas_devstack", "fastapi", "uvicorn", "benchmarks", "tests", "pip",
                   "setuptools", "openai"}),
     "mock-upstream": ({"atlas_devstack", "uvicorn", "uvloop", "httptools"},
@@ -109,6 +109,24 @@ def test_an_image_installs_only_what_its_process_needs(images, target):
     others = {"gateway": {"atlas-operator"}, "operator": {"atlas-gateway"},
               "mock-upstream": {"atlas-gateway", "atlas-operator"}}[target]
     assert not others & set(scripts), scripts
+
+
+# The modules each image's process may import at start-up or later: a dependency missing from
+# the plane's extra shows here as an ImportError, not as a CrashLoopBackOff on a cluster.
+IMPORTS = {"gateway": "atlas_gateway", "operator": "atlas_operator", "mock-upstream": "atlas_devstack.mock_upstream"}
+DEV_ONLY = {"atlas_operator.measure", "atlas_operator.forecast_sim"}  # developer tools: they need the devstack
+
+
+@pytest.mark.parametrize("target", sorted(IMPORTS))
+def test_every_module_of_the_plane_imports_in_its_image(images, target):
+    probe = ("import importlib, pkgutil, sys; root = importlib.import_module(sys.argv[1]); "
+             "skip = set(sys.argv[2:]); "
+             "names = [m.name for m in pkgutil.walk_packages(getattr(root, '__path__', []), root.__name__ + '.')]; "
+             "[importlib.import_module(n) for n in names if n not in skip]; print(len(names))")
+    res = docker("run", "--rm", "--network", "none", "--read-only", "--user", "10001:10001",
+                 "--cap-drop", "ALL", "--tmpfs", "/tmp", "--entrypoint", "python", images[target], "-c", probe,
+                 IMPORTS[target], *sorted(DEV_ONLY), check=False)
+    assert res.returncode == 0, f"{target}: {res.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])

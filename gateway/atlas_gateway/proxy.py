@@ -298,7 +298,7 @@ class _UpstreamCall:
 
     __slots__ = ("rt", "ticket", "state", "headers", "started", "prompt_estimate", "reserve",
                  "upstream_seconds", "finishing", "client_gone", "billed", "watcher", "_receive", "_task",
-                 "_refresher", "_refreshing", "owner")
+                 "_refresher", "_refreshing", "owner", "cached")
 
     # A non-streaming request starts listening for a client disconnect only once it has been
     # upstream this long: the listener task costs ~60 us of CPU (about 40 % of the handler's

@@ -20,10 +20,13 @@ rotating a key's Secret, or deleting and re-creating the AtlasKey, keeps its usa
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import ROUND_CEILING, Decimal
 from typing import Any, Iterable, Mapping
 
 PREFIX = "atlas:v1:"
@@ -121,6 +124,8 @@ class Limits:
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
     max_concurrent: int | None = None
+    cost_per_day: float | None = None  # in the price list's currency
+    cost_per_month: float | None = None
 
     _FIELDS = (
         ("requestsPerSecond", "requests_per_second"),
@@ -129,7 +134,10 @@ class Limits:
         ("tokensPerDay", "tokens_per_day"),
         ("tokensPerMonth", "tokens_per_month"),
         ("maxConcurrent", "max_concurrent"),
+        ("costPerDay", "cost_per_day"),
+        ("costPerMonth", "cost_per_month"),
     )
+    _DECIMAL = frozenset({"requests_per_second", "cost_per_day", "cost_per_month"})
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> "Limits":
@@ -140,7 +148,7 @@ class Limits:
             raw = spec.get(camel)
             if raw is None:
                 continue
-            values[attr] = float(raw) if attr == "requests_per_second" else int(raw)
+            values[attr] = float(raw) if attr in cls._DECIMAL else int(raw)
         return cls(**values)
 
     def to_spec(self) -> dict[str, Any]:
@@ -153,6 +161,10 @@ class Limits:
         return out
 
     @property
+    def cost_limited(self) -> bool:
+        return self.cost_per_day is not None or self.cost_per_month is not None
+
+    @property
     def effective_burst(self) -> int | None:
         """Token-bucket size for requests: ``burst``, else ``ceil(requestsPerSecond)``."""
         if self.requests_per_second is None:
@@ -161,6 +173,102 @@ class Limits:
             return self.burst
         whole = int(self.requests_per_second)
         return whole if whole == self.requests_per_second else whole + 1
+
+
+# --------------------------------------------------------------------------- prices
+#
+# Cost is counted in integer micro-units of the price list's currency (1 USD = 1 000 000), so
+# that sums in Redis are exact. A price is "currency per million tokens", so a price quantised to
+# micro-units is also "micro-units per token" times 10^6: the cost of n tokens at price p is
+# n * p_micro / 10^6 micro-units, rounded up (a reservation never undercounts).
+
+MICRO = 1_000_000
+CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")  # ISO-4217-shaped (the CRD enforces the same)
+
+
+def to_micro(value: Any) -> int:
+    """An amount of currency (CRD number or string) as integer micro-units, rounded up."""
+    return int((Decimal(str(value)) * MICRO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def format_micro(micro: int) -> str:
+    """Micro-units as a decimal string without float drift: 1234567 -> ``1.234567``, 0 -> ``0``."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(int(micro)), MICRO)
+    return sign + (f"{whole}.{frac:06d}".rstrip("0").rstrip(".") if frac else str(whole))
+
+
+@dataclass(frozen=True)
+class Price:
+    """Prices of one model glob, in micro-units of currency per million tokens."""
+
+    model: str
+    input: int
+    cached_input: int
+    output: int
+
+    def cost(self, prompt: int, completion: int, cached: int = 0) -> int:
+        """Micro-units for a request; ``cached`` is the part of ``prompt`` read from a cache."""
+        cached = max(0, min(int(cached), int(prompt)))
+        total = (int(prompt) - cached) * self.input + cached * self.cached_input + int(completion) * self.output
+        return -(-total // MICRO)
+
+    def encode(self) -> list[Any]:
+        return [self.model, self.input, self.cached_input, self.output]
+
+    @classmethod
+    def decode(cls, doc: list[Any]) -> "Price":
+        return cls(str(doc[0]), int(doc[1]), int(doc[2]), int(doc[3]))
+
+    @classmethod
+    def from_spec(cls, model: str, spec: Mapping[str, Any]) -> "Price":
+        """From a CRD price entry; ``cachedInput`` defaults to ``input``."""
+        price_in = to_micro(spec.get("input") or 0)
+        cached = spec.get("cachedInput")
+        return cls(model, price_in, price_in if cached is None else to_micro(cached), to_micro(spec.get("output") or 0))
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """An AtlasPriceList resolved by the operator into a key's or quota's config: the gateway
+    never reads Kubernetes, and a changed price list re-writes config (future requests only)."""
+
+    name: str
+    currency: str
+    prices: tuple[Price, ...] = ()
+    default: Price | None = None
+
+    def price_of(self, model: str) -> Price | None:
+        """The first entry whose glob matches ``model`` (case-sensitive), else the default."""
+        for price in self.prices:
+            if fnmatch.fnmatchcase(model, price.model):
+                return price
+        return self.default
+
+    @classmethod
+    def from_spec(cls, name: str, spec: Mapping[str, Any]) -> "PriceTable":
+        default = spec.get("default")
+        return cls(
+            name=name,
+            currency=str(spec.get("currency") or ""),
+            prices=tuple(Price.from_spec(str(p["model"]), p) for p in spec.get("prices") or ()),
+            default=Price.from_spec("*", default) if default else None,
+        )
+
+    def encode_into(self, doc: dict[str, Any]) -> None:
+        out: dict[str, Any] = {"name": self.name, "currency": self.currency,
+                               "prices": [p.encode() for p in self.prices]}
+        if self.default is not None:
+            out["default"] = self.default.encode()
+        doc["priceList"] = out
+
+    @classmethod
+    def decode(cls, doc: Mapping[str, Any] | None) -> "PriceTable | None":
+        if not doc:
+            return None
+        default = doc.get("default")
+        return cls(str(doc["name"]), str(doc["currency"]), tuple(Price.decode(p) for p in doc.get("prices") or ()),
+                   Price.decode(default) if default else None)
 
 
 # --------------------------------------------------------------------------- config
@@ -201,6 +309,7 @@ class KeyConfig:
     refusal: str | None = None  # condition reason, e.g. "QuotaNotFound"
     refusal_message: str | None = None
     shortfall: Shortfall = field(default_factory=Shortfall)
+    price_list: PriceTable | None = None  # spec.priceListRef, resolved by the operator
 
     @property
     def ref(self) -> str:
@@ -230,6 +339,8 @@ class KeyConfig:
             doc["refusal"] = self.refusal
             doc["refusalMessage"] = self.refusal_message or self.refusal
         self.shortfall.encode_into(doc)
+        if self.price_list is not None:
+            self.price_list.encode_into(doc)
         return _dumps(doc)
 
     @classmethod
@@ -248,17 +359,22 @@ class KeyConfig:
             refusal=doc.get("refusal"),
             refusal_message=doc.get("refusalMessage"),
             shortfall=Shortfall.from_spec(doc),
+            price_list=PriceTable.decode(doc.get("priceList")),
         )
 
 
 @dataclass(frozen=True)
 class QuotaConfig:
-    """A shared budget, stored under :func:`quota_config_key`."""
+    """A shared budget, stored under :func:`quota_config_key`. ``refusal``: why keys bound to
+    it must be refused (e.g. ``PriceListNotFound``: never served unpriced)."""
 
     namespace: str
     name: str
     limits: Limits = field(default_factory=Limits)
     shortfall: Shortfall = field(default_factory=Shortfall)
+    price_list: PriceTable | None = None
+    refusal: str | None = None
+    refusal_message: str | None = None
 
     @property
     def ref(self) -> str:
@@ -267,13 +383,19 @@ class QuotaConfig:
     def encode(self) -> bytes:
         doc: dict[str, Any] = {"ns": self.namespace, "name": self.name, "limits": self.limits.to_spec()}
         self.shortfall.encode_into(doc)
+        if self.price_list is not None:
+            self.price_list.encode_into(doc)
+        if self.refusal:
+            doc["refusal"] = self.refusal
+            doc["refusalMessage"] = self.refusal_message or self.refusal
         return _dumps(doc)
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "QuotaConfig":
         doc = json.loads(raw)
         return cls(namespace=doc["ns"], name=doc["name"], limits=Limits.from_spec(doc.get("limits")),
-                   shortfall=Shortfall.from_spec(doc))
+                   shortfall=Shortfall.from_spec(doc), price_list=PriceTable.decode(doc.get("priceList")),
+                   refusal=doc.get("refusal"), refusal_message=doc.get("refusalMessage"))
 
 
 # --------------------------------------------------------------------------- counters
@@ -281,12 +403,14 @@ class QuotaConfig:
 # A "subject" is whatever a limit applies to: an AtlasKey (``k:<ns>/<name>``) or an AtlasQuota
 # (``q:<ns>/<name>``). Per subject the gateway keeps:
 #
-#   usage:<subject>:d:<YYYY-MM-DD>   hash  settled (tokens), requests, last (unix ms)
-#   usage:<subject>:m:<YYYY-MM>      hash  settled (tokens)
+#   usage:<subject>:d:<YYYY-MM-DD>   hash  settled (tokens), requests, last (unix ms), cost (micro)
+#   usage:<subject>:m:<YYYY-MM>      hash  settled (tokens), cost (micro-units, priced subjects)
 #   bucket:req:<subject>             hash  token bucket for requestsPerSecond/burst
 #   bucket:tok:<subject>             hash  token bucket for tokensPerMinute
 #   lease:<subject>                  zset  in-flight request id -> lease expiry (unix ms)
 #   lease:tok:<subject>              hash  in-flight request id -> tokens reserved
+#   lease:cost:<subject>             hash  in-flight request id -> cost reserved (micro-units),
+#                                          only for a subject with costPerDay/costPerMonth
 #   undone:<subject>                 zset  request ids the gateway undid -> tombstone expiry (unix ms)
 #
 # A lease is both the concurrency slot and the token reservation of one in-flight request; it
@@ -337,6 +461,10 @@ def lease_tokens_key(subject: str) -> str:
     return f"{PREFIX}lease:tok:{subject}"
 
 
+def lease_cost_key(subject: str) -> str:
+    return f"{PREFIX}lease:cost:{subject}"
+
+
 # ``response:<id>`` (string, written by the gateway): which AtlasKey created a stored
 # /v1/responses response, and how many tokens it holds (its input plus output), so that only
 # that key can read, delete or continue it, and a continuation (previous_response_id) can be
@@ -375,8 +503,11 @@ class Usage:
     day: str = ""
     month: str = ""
     last_request_ms: int | None = None
+    cost_today: int | None = None  # micro-units; None: nothing was ever priced
+    cost_this_month: int | None = None
 
-    def to_status(self) -> dict[str, Any]:
+    def to_status(self, priced: bool = False) -> dict[str, Any]:
+        """``priced``: the subject names a price list, so cost is shown even while it is 0."""
         out: dict[str, Any] = {
             "tokensToday": self.tokens_today,
             "tokensThisMonth": self.tokens_this_month,
@@ -384,6 +515,9 @@ class Usage:
             "day": self.day,
             "month": self.month,
         }
+        if priced or self.cost_today is not None or self.cost_this_month is not None:
+            out["costToday"] = format_micro(self.cost_today or 0)
+            out["costThisMonth"] = format_micro(self.cost_this_month or 0)
         if self.last_request_ms is not None:
             stamp = datetime.fromtimestamp(self.last_request_ms / 1000, tz=timezone.utc)
             out["lastRequestTime"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -410,6 +544,7 @@ def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now:
         return h.get(name, h.get(name.encode()))
 
     last = get(day_hash, "last")
+    cost_day, cost_month = get(day_hash, "cost"), get(month_hash, "cost")
     return Usage(
         tokens_today=_int(get(day_hash, "settled")),
         tokens_this_month=_int(get(month_hash, "settled")),
@@ -417,6 +552,8 @@ def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now:
         day=day_of(now),
         month=month_of(now),
         last_request_ms=_int(last) if last is not None else None,
+        cost_today=_int(cost_day) if cost_day is not None else None,
+        cost_this_month=_int(cost_month) if cost_month is not None else None,
     )
 
 

@@ -60,7 +60,7 @@ from .processes import pid_alive, pid_cmdline, terminate
 from .tools import REPO_ROOT, ToolNotFound, find_tool
 
 ATLAS_GROUP_VERSION = "atlas.bugvanquisher.io/v1alpha1"
-ATLAS_RESOURCES = ("atlaskeys", "atlasquotas")
+ATLAS_RESOURCES = ("atlaskeys", "atlasquotas", "atlaspricelists")
 SERVICE_CIDR = "10.0.0.0/24"
 POLL_INTERVAL = 0.05  # seconds between checks inside a deadline loop
 # Stop order: the API server's clients, the API server, then its storage.

@@ -16,7 +16,7 @@ from typing import Any
 from atlas_core import contract
 
 from . import errors
-from .auth import Principal
+from .auth import _NO_COST, Principal
 from .fastredis import FastRedis, pack_args
 from .scripts import FastScript, RedisPyScript
 
@@ -26,7 +26,7 @@ REFRESH_LUA = resources.files(__package__).joinpath("refresh.lua").read_text()
 UNDO_LUA = resources.files(__package__).joinpath("undo.lua").read_text()
 
 # reasons returned by admit.lua
-OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH = range(7)
+OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH, COST_DAY, COST_MONTH = range(9)
 UNDONE = 99  # the request id was undone (undo.lua) before its admission ran
 REASON_NAMES = {
     REQUESTS: "requests_per_second",
@@ -35,6 +35,8 @@ REASON_NAMES = {
     TOO_LARGE: "tokens_per_minute",
     DAY: "tokens_per_day",
     MONTH: "tokens_per_month",
+    COST_DAY: "cost_per_day",
+    COST_MONTH: "cost_per_month",
     UNDONE: "undone",
 }
 
@@ -157,29 +159,32 @@ class Admission:
             settle_static = self._static_settle_args(principal)
             cached = principal.encoded = (
                 day,
-                self._admit.prefix(admit_keys, 6 + len(admit_static)), pack_args(admit_static),
-                self._settle.prefix(settle_keys, 3 + len(settle_static)), pack_args(settle_static),
+                self._admit.prefix(admit_keys, 8 + len(admit_static)), pack_args(admit_static),
+                self._settle.prefix(settle_keys, 5 + len(settle_static)), pack_args(settle_static),
             )
         return cached
 
     async def admit(self, principal: Principal, request_id: str, reserve: int,
-                    prompt: int | None = None, sequences: int = 0) -> Decision:
+                    prompt: int | None = None, sequences: int = 0,
+                    costs: tuple[bytes, bytes] = _NO_COST) -> Decision:
         """Reserve ``reserve`` tokens, of which ``prompt`` are the prompt and the rest a
-        completion cap times ``sequences`` (which a Shrink budget may lower)."""
+        completion cap times ``sequences`` (which a Shrink budget may lower), and ``costs``
+        (micro-units per subject, :func:`auth.cost_args`) on cost-limited subjects."""
         now = time.time()
         cal = self.calendar.refresh(now)
         dynamic = (request_id.encode(), str(reserve).encode(),
                    str(cal.ms_until_day_end(now)).encode(), str(cal.ms_until_month_end(now)).encode(),
-                   str(reserve if prompt is None else prompt).encode(), str(sequences).encode())
+                   str(reserve if prompt is None else prompt).encode(), str(sequences).encode(), *costs)
         if self.fast:
             _, prefix, suffix, _, _ = self._encoded(principal, cal.day, cal.month)
             return Decision(await self._admit.call_encoded(prefix, dynamic, suffix))
         keys, _ = principal.redis_keys(cal.day, cal.month)
         return Decision(await self._admit(keys, dynamic + self._static_admit_args(principal)))
 
-    async def settle(self, principal: Principal, request_id: str, reserved: int, actual: int) -> int:
+    async def settle(self, principal: Principal, request_id: str, reserved: int, actual: int,
+                     costs: tuple[bytes, bytes] = _NO_COST) -> int:
         cal = self.calendar.refresh()
-        dynamic = (request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode())
+        dynamic = (request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode(), *costs)
         if self.fast:
             _, _, _, prefix, suffix = self._encoded(principal, cal.day, cal.month)
             return int(await self._settle.call_encoded(prefix, dynamic, suffix))
@@ -187,14 +192,14 @@ class Admission:
         return int(await self._settle(keys, dynamic + self._static_settle_args(principal)))
 
     async def undo(self, principal: Principal, request_id: str, reserved: int, actual: int, *,
-                   admission: bool) -> int:
+                   admission: bool, costs: tuple[bytes, bytes] = _NO_COST) -> int:
         """Resolve a request whose admission (``admission=True``) or settlement outcome is
         unknown (undo.lua): idempotent, so a caller retries it until Redis answers. Returns the
         leases it dropped."""
         cal = self.calendar.refresh()
         admit_keys, settle_keys = principal.redis_keys(cal.day, cal.month)
         keys = [*settle_keys, admit_keys[-1]]  # + the tombstones admit.lua checks
-        args = (request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode(),
+        args = (request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode(), *costs,
                 *self._static_settle_args(principal), self.lease_ttl_ms, b"1" if admission else b"0")
         return int(await self._undo(keys, args))
 
@@ -230,6 +235,12 @@ def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.
     elif reason == DAY:
         err = errors.quota_exhausted(f"Daily token budget of {owner} is spent (this request needs {reserve} "
                                      "tokens); it resets at 00:00 UTC.", retry_after)
+    elif reason == COST_DAY:
+        err = errors.quota_exhausted(f"Daily cost budget of {owner} is spent (or cannot hold this request's "
+                                     "priced reservation); it resets at 00:00 UTC.", retry_after)
+    elif reason == COST_MONTH:
+        err = errors.quota_exhausted(f"Monthly cost budget of {owner} is spent (or cannot hold this request's "
+                                     "priced reservation); it resets on the 1st, 00:00 UTC.", retry_after)
     else:
         err = errors.quota_exhausted(f"Monthly token budget of {owner} is spent (this request needs {reserve} "
                                      "tokens); it resets on the 1st, 00:00 UTC.", retry_after)

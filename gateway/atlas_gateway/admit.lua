@@ -2,26 +2,29 @@
 -- all allow the request, reserve in one atomic step. A rejected request writes nothing except
 -- the purge of leases that had already expired (which is housekeeping, not consumption).
 --
--- KEYS, 6 per subject i (b = (i-1)*6):
+-- KEYS, 7 per subject i (b = (i-1)*7):
 --   b+1 bucket:req   b+2 bucket:tok   b+3 lease (zset)   b+4 lease:tok (hash)
---   b+5 usage day hash   b+6 usage month hash
---   then one more, KEYS[n*6+1]: the first subject's undone zset (tombstones, see undo.lua)
+--   b+5 usage day hash   b+6 usage month hash   b+7 lease:cost (hash)
+--   then one more, KEYS[n*7+1]: the first subject's undone zset (tombstones, see undo.lua)
 -- ARGV (what changes per request first, so the gateway can pre-encode the rest):
 --   1 request id   2 tokens to reserve   3 ms until the UTC day ends   4 ms until the month ends
 --   5 prompt tokens (the part of 2 that cannot shrink)   6 sequences generated (0 = none)
---   7 lease TTL (ms)   8 number of subjects   9 day hash TTL (s)   10 month hash TTL (s)
---   then 8 per subject (a = 10 + (i-1)*8): requestsPerSecond, burst, tokensPerMinute,
+--   7 cost to reserve on subject 1, 8 on subject 2 (micro-units of its price list's currency)
+--   9 lease TTL (ms)   10 number of subjects   11 day hash TTL (s)   12 month hash TTL (s)
+--   then 10 per subject (a = 12 + (i-1)*10): requestsPerSecond, burst, tokensPerMinute,
 --   tokensPerDay, tokensPerMonth, maxConcurrent   (0 = no limit of that kind),
---   shrink (1 = onBudgetShortfall Shrink), minCompletionTokens
+--   shrink (1 = onBudgetShortfall Shrink), minCompletionTokens,
+--   costPerDay, costPerMonth (micro-units; 0 = none: then no cost work at all)
 -- Shrink: when a day/month budget of a Shrink subject cannot hold the reservation but can hold
 -- the prompt plus at least min(minCompletionTokens, cap) per sequence, the completion cap is
 -- lowered to what fits it (the lowest over all such budgets); every check then uses the lowered
--- reservation, which is what is reserved and returned.
+-- reservation, which is what is reserved and returned. Cost budgets never shrink: they refuse.
 -- Returns {admitted 1|0, reason, subject index, retry ms,
 --          req limit, req remaining, req reset ms, tok limit, tok remaining, tok reset ms,
 --          tokens reserved}
 --   reason: 0 ok, 1 requests/s, 2 concurrency, 3 tokens/min, 4 larger than tokens/min,
---           5 tokens/day, 6 tokens/month, 99 undone (the gateway gave up on this request id
+--           5 tokens/day, 6 tokens/month, 7 cost/day, 8 cost/month,
+--           99 undone (the gateway gave up on this request id
 --           and undid it: a call that runs late, after a Redis stall, must leave nothing).
 --   Limits of -1 mean "no such limit anywhere".
 
@@ -34,13 +37,14 @@ local day_reset = tonumber(ARGV[3])
 local month_reset = tonumber(ARGV[4])
 local prompt = tonumber(ARGV[5])
 local sequences = tonumber(ARGV[6])
-local lease_ttl = tonumber(ARGV[7])
-local n = tonumber(ARGV[8])
-local day_ttl = tonumber(ARGV[9])
-local month_ttl = tonumber(ARGV[10])
-local PER = 8
+local lease_ttl = tonumber(ARGV[9])
+local n = tonumber(ARGV[10])
+local day_ttl = tonumber(ARGV[11])
+local month_ttl = tonumber(ARGV[12])
+local PER = 10
+local KPER = 7
 
-if redis.call('ZSCORE', KEYS[n * 6 + 1], rid) then
+if redis.call('ZSCORE', KEYS[n * KPER + 1], rid) then
   return {0, 99, 1, 0, -1, -1, 0, -1, -1, 0, 0}
 end
 
@@ -69,10 +73,12 @@ local cap = 0
 if sequences > 0 then cap = (reserve - prompt) / sequences end
 local full_cap = cap
 for i = 1, n do
-  local k = (i - 1) * 6
-  local a = 10 + (i - 1) * PER
+  local k = (i - 1) * KPER
+  local a = 12 + (i - 1) * PER
   local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  local s = {leased = (maxc > 0 or tpd > 0 or tpmo > 0)}
+  local cpd, cpmo = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10])
+  local costed = (cpd > 0 or cpmo > 0)
+  local s = {leased = (maxc > 0 or tpd > 0 or tpmo > 0 or costed), costed = costed}
   state[i] = s
   -- Purge leases whose TTL passed (a gateway died mid-request): frees their slot and tokens.
   local lk, ltk = KEYS[k + 3], KEYS[k + 4]
@@ -82,7 +88,20 @@ for i = 1, n do
       redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
       for j = 1, #expired, 500 do
         redis.call('HDEL', ltk, unpack(expired, j, math.min(j + 499, #expired)))
+        if costed then redis.call('HDEL', KEYS[k + 7], unpack(expired, j, math.min(j + 499, #expired))) end
       end
+    end
+  end
+  if costed then
+    -- cost: settled (day/month `cost`) + live cost reservations + this request <= limit
+    s.cost = tonumber(ARGV[6 + i])
+    local live = 0
+    for _, v in ipairs(redis.call('HVALS', KEYS[k + 7])) do live = live + tonumber(v) end
+    if cpd > 0 then
+      s.cost_day_left = cpd - tonumber(redis.call('HGET', KEYS[k + 5], 'cost') or '0') - live
+    end
+    if cpmo > 0 then
+      s.cost_month_left = cpmo - tonumber(redis.call('HGET', KEYS[k + 6], 'cost') or '0') - live
     end
   end
   if tpd > 0 or tpmo > 0 then
@@ -109,8 +128,8 @@ if cap < full_cap then reserve = prompt + cap * sequences end
 
 -- Pass 2: every check, with the (possibly lowered) reservation.
 for i = 1, n do
-  local k = (i - 1) * 6
-  local a = 10 + (i - 1) * PER
+  local k = (i - 1) * KPER
+  local a = 12 + (i - 1) * PER
   local rps, burst, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local s = state[i]
@@ -145,12 +164,16 @@ for i = 1, n do
     offer_tok({tpmo, s.month_left, 0, month_reset})
     if s.month_left < reserve then reject(6, i, month_reset) end
   end
+  if s.costed then
+    if s.cost_day_left and s.cost_day_left < s.cost then reject(7, i, day_reset) end
+    if s.cost_month_left and s.cost_month_left < s.cost then reject(8, i, month_reset) end
+  end
 end
 
 local admitted = (reason == 0)
 if admitted then
   for i = 1, n do
-    local k = (i - 1) * 6
+    local k = (i - 1) * KPER
     local s = state[i]
     if s.rps > 0 then
       redis.call('HSET', KEYS[k + 1], 'tokens', s.req_level - 1, 'ts', now)
@@ -169,6 +192,10 @@ if admitted then
       -- the newest lease expires last: keep both keys at least that long
       redis.call('PEXPIRE', lk, lease_ttl + 60000)
       redis.call('PEXPIRE', ltk, lease_ttl + 60000)
+      if s.costed then
+        redis.call('HSET', KEYS[k + 7], rid, s.cost)
+        redis.call('PEXPIRE', KEYS[k + 7], lease_ttl + 60000)
+      end
     end
     local dk = KEYS[k + 5]
     -- a day hash needs its TTL once, when it is created (the day it counts never moves)

@@ -42,6 +42,7 @@ class Principal:
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "subjects", "subject_count", "limit_args", "tpm_args",
         "allows_model", "priority", "encoded", "leased", "lease_keys", "_keys_day", "_admit_keys", "_settle_keys",
+        "price_tables", "cost_limited", "priced", "currency",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -50,8 +51,15 @@ class Principal:
         self.quota_missing = bool(key.quota) and quota is None
         self.ref = key.ref
         subjects = [(contract.key_subject(key.namespace, key.name), key.limits, key.shortfall)]
+        tables = [key.price_list]
         if quota is not None:
             subjects.append((contract.quota_subject(quota.namespace, quota.name), quota.limits, quota.shortfall))
+            tables.append(quota.price_list)
+        # per subject: its resolved price list (or None) and whether it has a cost budget
+        self.price_tables = tuple(tables)
+        self.cost_limited = tuple(lim.cost_limited for _, lim, _ in subjects)
+        self.priced = any(t is not None for t in tables)
+        self.currency = key.price_list.currency if key.price_list is not None else None
         self.subjects = tuple(s for s, _, _ in subjects)
         self.subject_count = str(len(subjects)).encode()
         args: list[bytes] = []
@@ -66,15 +74,18 @@ class Principal:
                 _num(limits.max_concurrent),
                 b"1" if shortfall.shrink else b"0",
                 _num(shortfall.min_completion_tokens),
+                _micro(limits.cost_per_day),
+                _micro(limits.cost_per_month),
             ]
-            tpm.append(_num(limits.tokens_per_minute))
+            tpm += [_num(limits.tokens_per_minute), b"1" if limits.cost_limited else b"0"]
         self.limit_args = tuple(args)
         # some subject holds a lease per request (admit.lua: maxConcurrent or a day/month budget)
-        self.leased = any(lim.max_concurrent or lim.tokens_per_day or lim.tokens_per_month for _, lim, _ in subjects)
+        self.leased = any(lim.max_concurrent or lim.tokens_per_day or lim.tokens_per_month or lim.cost_limited
+                          for _, lim, _ in subjects)
         self.tpm_args = tuple(tpm)
-        # refresh.lua's KEYS: lease zset and lease:tok hash per subject (not day-dependent)
+        # refresh.lua's KEYS: lease zset, lease:tok and lease:cost hashes per subject (not day-dependent)
         self.lease_keys = [k.encode() for s in self.subjects
-                           for k in (contract.lease_key(s), contract.lease_tokens_key(s))]
+                           for k in (contract.lease_key(s), contract.lease_tokens_key(s), contract.lease_cost_key(s))]
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY
         self.encoded: tuple | None = None  # admission's pre-encoded script call parts
@@ -94,8 +105,9 @@ class Principal:
                 bucket_tok = contract.token_bucket_key(subject)
                 lease = contract.lease_key(subject)
                 lease_tok = contract.lease_tokens_key(subject)
-                admit += [k.encode() for k in (bucket_req, bucket_tok, lease, lease_tok, day_key, month_key)]
-                settle += [k.encode() for k in (bucket_tok, lease, lease_tok, day_key, month_key)]
+                lease_cost = contract.lease_cost_key(subject)
+                admit += [k.encode() for k in (bucket_req, bucket_tok, lease, lease_tok, day_key, month_key, lease_cost)]
+                settle += [k.encode() for k in (bucket_tok, lease, lease_tok, day_key, month_key, lease_cost)]
             admit.append(contract.undone_key(self.subjects[0]).encode())  # tombstones (undo.lua)
             self._admit_keys, self._settle_keys, self._keys_day = admit, settle, day
         return self._admit_keys, self._settle_keys
@@ -116,7 +128,30 @@ class Principal:
                 f"API key {key.ref} refers to AtlasQuota {key.quota!r}, which does not exist.",
                 "QuotaNotFound",
             )
+        quota = self.quota
+        if quota is not None and quota.refusal:
+            return errors.permission_denied(
+                f"API key {key.ref} is not usable: AtlasQuota {quota.name!r}: "
+                f"{quota.refusal_message or quota.refusal}", quota.refusal)
         return None
+
+    def prices_for(self, model: str) -> tuple["contract.Price | None", ...] | None:
+        """Per subject, the price of ``model`` (None: unpriced subject); None when no subject
+        is priced at all (the common case: no cost work). Raises the 403 for a cost-limited
+        subject whose price list has no price for ``model`` and no default."""
+        if not self.priced:
+            return None
+        out = []
+        for subject, table, limited in zip(self.subjects, self.price_tables, self.cost_limited):
+            price = table.price_of(model) if table is not None else None
+            if price is None and limited:
+                owner = ("AtlasQuota " if subject.startswith("q:") else "AtlasKey ") + subject[2:]
+                listed = f"AtlasPriceList {table.name!r}" if table is not None else "no AtlasPriceList"
+                raise errors.permission_denied(
+                    f"{owner} has a cost budget, but {listed} has no price for model '{model}' "
+                    "(and no default): the request cannot be priced.", "model_not_priced")
+            out.append(price)
+        return tuple(out)
 
 
 def _num(value: Any) -> bytes:
@@ -125,6 +160,23 @@ def _num(value: Any) -> bytes:
         return b"0"
     text = repr(value) if isinstance(value, float) and not value.is_integer() else str(int(value))
     return text.encode()
+
+
+def _micro(value: Any) -> bytes:
+    """A cost limit (currency) as integer micro-units; 0 means "no limit of this kind"."""
+    return b"0" if value is None else str(contract.to_micro(value)).encode()
+
+
+def cost_args(prices: tuple["contract.Price | None", ...] | None, prompt: int, completion: int,
+              cached: int = 0) -> tuple[bytes, bytes]:
+    """The two per-subject cost arguments of admit/settle/undo (micro-units; ``0`` = none)."""
+    if prices is None:
+        return _NO_COST
+    costs = [str(p.cost(prompt, completion, cached)).encode() if p is not None else b"0" for p in prices]
+    return (costs[0], costs[1] if len(costs) > 1 else b"0")
+
+
+_NO_COST = (b"0", b"0")
 
 
 class ConfigCache:

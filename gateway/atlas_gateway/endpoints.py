@@ -87,10 +87,21 @@ def _remaining(limits: contract.Limits, usage: contract.Usage) -> dict:
     def left(limit, used):
         return None if limit is None else max(0, limit - used)
 
-    return {
+    out = {
         "tokensToday": left(limits.tokens_per_day, usage.tokens_today),
         "tokensThisMonth": left(limits.tokens_per_month, usage.tokens_this_month),
     }
+    if limits.cost_limited:  # decimal strings, like status.usage.costToday
+        def cost_left(limit, used):
+            return None if limit is None else contract.format_micro(max(0, contract.to_micro(limit) - (used or 0)))
+
+        out["costToday"] = cost_left(limits.cost_per_day, usage.cost_today)
+        out["costThisMonth"] = cost_left(limits.cost_per_month, usage.cost_this_month)
+    return out
+
+
+def _price_list(table: contract.PriceTable | None) -> dict | None:
+    return None if table is None else {"name": table.name, "currency": table.currency}
 
 
 class UsageEndpoint(_Endpoint):
@@ -110,19 +121,23 @@ class UsageEndpoint(_Endpoint):
         key_usage = usages[principal.subjects[0]]
         doc = {
             "key": {"namespace": key.namespace, "name": key.name, "keyId": key.key_id},
-            "usage": key_usage.to_status(),
+            "usage": key_usage.to_status(priced=key.price_list is not None),
             "limits": key.limits.to_spec(),
             "remaining": _remaining(key.limits, key_usage),
             "quota": None,
         }
+        if key.price_list is not None:
+            doc["priceList"] = _price_list(key.price_list)
         if principal.quota is not None:
             quota_usage = usages[principal.subjects[1]]
             doc["quota"] = {
                 "name": principal.quota.name,
-                "usage": quota_usage.to_status(),
+                "usage": quota_usage.to_status(priced=principal.quota.price_list is not None),
                 "limits": principal.quota.limits.to_spec(),
                 "remaining": _remaining(principal.quota.limits, quota_usage),
             }
+            if principal.quota.price_list is not None:
+                doc["quota"]["priceList"] = _price_list(principal.quota.price_list)
         await send_json(send, 200, doc, headers)
 
 

@@ -56,6 +56,8 @@ REDIS_UNDO_PENDING = Gauge("atlas_gateway_redis_undo_pending",
 REDIS_UNDONE = Counter("atlas_gateway_redis_undone_total",
                        "Unknown-outcome admissions/settlements resolved in Redis, by whether a lease was found",
                        ["lease"])
+COST = Counter("atlas_cost_total", "Cost settled, in the currency of the AtlasKey's price list",
+               ["currency", "namespace", "name", "model"])
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200
@@ -90,6 +92,12 @@ def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
         _child(PROMPT_TOKENS, key, model).inc(prompt)
     if completion:
         _child(COMPLETION_TOKENS, key, model).inc(completion)
+
+
+def count_cost(principal, model: str, micro: int) -> None:
+    """The key's settled cost (micro-units) in its price list's currency."""
+    key = principal.key
+    _child(COST, principal.currency or "", key.namespace, key.name, model).inc(micro / 1_000_000)
 
 
 def count_rejection(key: str, reason: str) -> None:

@@ -26,7 +26,7 @@ from atlas_core.contract import hash_api_key
 
 from . import errors, metrics
 from .admission import rejection
-from .auth import Principal
+from .auth import _NO_COST, Principal, cost_args
 from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
 from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
@@ -34,7 +34,7 @@ from .runtime import Runtime
 from .streaming import StreamState, pump
 from . import owned_responses
 from .tokens import GENERATING, apply_cap, cap_patch, text_tokens
-from .usage import response_id_from_body, split_usage, usage_from_body
+from .usage import cached_tokens, response_id_from_body, split_usage, usage_from_body
 from .validation import parse_body, validate
 
 log = logging.getLogger("atlas_gateway")
@@ -60,31 +60,42 @@ _MAX_TOKENS_HEADER = b"x-atlas-max-tokens"
 class Ticket:
     """One admitted request's reservation; ``settle`` runs at most once."""
 
-    __slots__ = ("rt", "principal", "request_id", "reserved", "done")
+    __slots__ = ("rt", "principal", "request_id", "reserved", "done", "prices", "model")
 
-    def __init__(self, rt: Runtime, principal: Principal, request_id: str, reserved: int) -> None:
+    def __init__(self, rt: Runtime, principal: Principal, request_id: str, reserved: int,
+                 prices: tuple | None = None, model: str = "") -> None:
         self.rt = rt
         self.principal = principal
         self.request_id = request_id
         self.reserved = reserved
         self.done = False
+        self.prices = prices  # per subject (Principal.prices_for); None: nothing is priced
+        self.model = model
 
-    async def settle(self, actual: int) -> None:
+    async def settle(self, actual: int, prompt: int = 0, cached: int = 0) -> None:
+        """``actual`` tokens, of which ``prompt`` were the prompt (``cached`` of those read
+        from the upstream's cache): the split only matters for pricing."""
         if self.done:
             return
         self.done = True
+        costs = _NO_COST
+        if self.prices is not None:
+            prompt = min(prompt, actual)
+            costs = cost_args(self.prices, prompt, actual - prompt, cached)
+            if self.prices[0] is not None and costs[0] != b"0":
+                metrics.count_cost(self.principal, self.model, int(costs[0]))
         try:
             # No asyncio.shield (it costs a task per request): the hot-path Redis client queues
             # the command synchronously before its first await, so a cancellation arriving now
             # still lets the settlement reach Redis. A failure is resolved by the recovery below.
-            await self.rt.admission.settle(self.principal, self.request_id, self.reserved, actual)
+            await self.rt.admission.settle(self.principal, self.request_id, self.reserved, actual, costs)
         except REDIS_FAILURES as exc:
             if is_transport_failure(exc):
                 metrics.count_redis_error("settle")
             else:
                 reply_error("settle", exc)
             # whether it ran is unknown: undo.lua settles it once, when Redis answers again
-            self.rt.recovery.settle_later(self.principal, self.request_id, self.reserved, actual)
+            self.rt.recovery.settle_later(self.principal, self.request_id, self.reserved, actual, costs)
 
 
 async def authenticate(rt: Runtime, api_key: str) -> Principal:
@@ -191,10 +202,16 @@ class InferenceEndpoint:
         prompt_estimate = bound.prompt
         reserve = bound.reserve
 
+        # the priced reservation: prompt bound at the input price plus cap x sequences at the output
+        # price (a cost-limited key asking for an unpriced model is refused here, 403)
+        prices = principal.prices_for(model)
+        costs = _NO_COST if prices is None else cost_args(prices, prompt_estimate, reserve - prompt_estimate)
+
         ticket: Ticket | None = None
         rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
         try:
-            decision = await rt.admission.admit(principal, request_id, reserve, prompt_estimate, bound.sequences)
+            decision = await rt.admission.admit(principal, request_id, reserve, prompt_estimate, bound.sequences,
+                                                costs)
         except REDIS_FAILURES as exc:
             if not is_transport_failure(exc):
                 raise reply_error("admit", exc) from None
@@ -217,7 +234,7 @@ class InferenceEndpoint:
             if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
                 bound.cap = (decision.reserved - prompt_estimate) // bound.sequences
                 reserve = decision.reserved
-            ticket = Ticket(rt, principal, request_id, reserve)
+            ticket = Ticket(rt, principal, request_id, reserve, prices, state["model"])
             metrics.count_admitted(state["model"], reserve)
         finally:
             rt.shedder.admitting -= 1  # no await until _UpstreamCall.run counts it as in flight
@@ -281,7 +298,7 @@ class _UpstreamCall:
 
     __slots__ = ("rt", "ticket", "state", "headers", "started", "prompt_estimate", "reserve",
                  "upstream_seconds", "finishing", "client_gone", "billed", "watcher", "_receive", "_task",
-                 "_refresher", "_refreshing", "owner")
+                 "_refresher", "_refreshing", "owner", "cached")
 
     # A non-streaming request starts listening for a client disconnect only once it has been
     # upstream this long: the listener task costs ~60 us of CPU (about 40 % of the handler's
@@ -300,6 +317,7 @@ class _UpstreamCall:
         self.finishing = False
         self.client_gone = False
         self.billed = (0, 0)  # (prompt, completion) charged at settlement
+        self.cached = 0  # prompt tokens the upstream read from its cache (priced apart)
         self.watcher: asyncio.Future | None = None
         self._refresher: asyncio.TimerHandle | None = None
         self._refreshing: asyncio.Future | None = None
@@ -424,7 +442,7 @@ class _UpstreamCall:
             actual = self.billed[0] + self.billed[1]
             if actual > self.reserve:  # a misbehaving upstream: charged in full, and counted
                 metrics.count_overrun(self.state["ref"], actual - self.reserve)
-            await self.ticket.settle(actual)
+            await self.ticket.settle(actual, self.billed[0], self.cached)
 
     async def _record_owner(self, response_id: str | None) -> None:
         if response_id:
@@ -438,6 +456,7 @@ class _UpstreamCall:
         usage = usage_from_body(body)
         if usage is not None:
             prompt, completion, total = split_usage(usage)
+            self.cached = cached_tokens(usage)
             return prompt, total - prompt
         if status != 200:
             return 0, 0  # the upstream refused it: nothing was generated
@@ -454,6 +473,7 @@ class _UpstreamCall:
             cut = stream.error is not None or self.client_gone
             if stream.usage is not None:
                 prompt, completion, total = split_usage(stream.usage)
+                self.cached = cached_tokens(stream.usage)
                 completion = total - prompt
                 if cut:  # a running count (message_delta) may lag what was delivered
                     completion = max(completion, stream.delivered)

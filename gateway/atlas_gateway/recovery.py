@@ -40,16 +40,18 @@ class Recovery:
     def undo_admission(self, principal: Principal, request_id: str, reserved: int) -> None:
         self._add(principal, request_id, reserved, 0, True)
 
-    def settle_later(self, principal: Principal, request_id: str, reserved: int, actual: int) -> None:
-        self._add(principal, request_id, reserved, actual, False)
+    def settle_later(self, principal: Principal, request_id: str, reserved: int, actual: int,
+                     costs: tuple[bytes, bytes] = (b"0", b"0")) -> None:
+        self._add(principal, request_id, reserved, actual, False, costs)
 
-    def _add(self, principal: Principal, request_id: str, reserved: int, actual: int, admission: bool) -> None:
+    def _add(self, principal: Principal, request_id: str, reserved: int, actual: int, admission: bool,
+             costs: tuple[bytes, bytes] = (b"0", b"0")) -> None:
         if not principal.leased:
             return  # nothing it left can outlive a minute: its buckets refill by themselves
         if len(self.pending) >= self.MAX_PENDING:
             metrics.count_redis_error("undo_dropped")
             return
-        self.pending[request_id] = [principal, reserved, actual, admission, 0]
+        self.pending[request_id] = [principal, reserved, actual, admission, 0, costs]
         if metrics.MULTIPROCESS:
             metrics.REDIS_UNDO_PENDING.inc()
         if self._task is None or self._task.done():
@@ -79,9 +81,10 @@ class Recovery:
             delay = min(self.max_delay, delay * 2)
 
     async def _one(self, request_id: str, item: list) -> bool:
-        principal, reserved, actual, admission, refused = item
+        principal, reserved, actual, admission, refused, costs = item
         try:
-            dropped = await self.admission.undo(principal, request_id, reserved, actual, admission=admission)
+            dropped = await self.admission.undo(principal, request_id, reserved, actual, admission=admission,
+                                                costs=costs)
         except REDIS_FAILURES as exc:
             if is_transport_failure(exc):
                 return False

@@ -2,11 +2,16 @@
 -- reservation), adds the real tokens to the day/month `settled` counters, and gives the
 -- tokens-per-minute bucket back what was reserved but not used (or takes the overrun).
 --
--- KEYS, 5 per subject i (b = (i-1)*5):
+-- KEYS, 6 per subject i (b = (i-1)*6):
 --   b+1 bucket:tok   b+2 lease (zset)   b+3 lease:tok (hash)   b+4 usage day hash   b+5 usage month hash
+--   b+6 lease:cost (hash)
 -- ARGV:
---   1 request id   2 real tokens   3 tokens reserved at admission   4 number of subjects
---   5 day hash TTL (s)   6 month hash TTL (s)   then per subject (6 + i): tokensPerMinute (0 = none)
+--   1 request id   2 real tokens   3 tokens reserved at admission
+--   4 real cost on subject 1, 5 on subject 2 (micro-units; 0 for a subject without a price list)
+--   6 number of subjects   7 day hash TTL (s)   8 month hash TTL (s)
+--   then 2 per subject (8 + 2i - 1, 8 + 2i): tokensPerMinute (0 = none), 1 = cost-limited
+--   (its cost reservation is dropped from lease:cost)
+-- The real cost is added to the day/month `cost` fields (micro-units).
 -- Returns the number of leases that were still present (0 when they had expired or were
 -- already settled: the caller guards against a double settle, this makes it harmless too).
 
@@ -16,16 +21,26 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid = ARGV[1]
 local actual = tonumber(ARGV[2])
 local reserved = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local day_ttl = tonumber(ARGV[5])
-local month_ttl = tonumber(ARGV[6])
+local n = tonumber(ARGV[6])
+local day_ttl = tonumber(ARGV[7])
+local month_ttl = tonumber(ARGV[8])
 
 local dropped = 0
 for i = 1, n do
-  local k = (i - 1) * 5
-  local tpm = tonumber(ARGV[6 + i])
+  local k = (i - 1) * 6
+  local tpm = tonumber(ARGV[7 + 2 * i])
   dropped = dropped + redis.call('ZREM', KEYS[k + 2], rid)
   redis.call('HDEL', KEYS[k + 3], rid)
+  if ARGV[8 + 2 * i] == '1' then redis.call('HDEL', KEYS[k + 6], rid) end
+  local cost = tonumber(ARGV[3 + i])
+  if cost > 0 then
+    if redis.call('HINCRBY', KEYS[k + 4], 'cost', cost) == cost and redis.call('TTL', KEYS[k + 4]) < 0 then
+      redis.call('EXPIRE', KEYS[k + 4], day_ttl)
+    end
+    if redis.call('HINCRBY', KEYS[k + 5], 'cost', cost) == cost and redis.call('TTL', KEYS[k + 5]) < 0 then
+      redis.call('EXPIRE', KEYS[k + 5], month_ttl)
+    end
+  end
   if actual > 0 then
     -- TTL once, when the field is created: a hash without TTL would never go away
     if redis.call('HINCRBY', KEYS[k + 4], 'settled', actual) == actual then

@@ -11,13 +11,15 @@
 -- A lease that already expired (and was purged) is not billed: that is the crash case, where
 -- the TTL is the only bound.
 --
--- KEYS, 5 per subject i (b = (i-1)*5), as settle.lua:
+-- KEYS, 6 per subject i (b = (i-1)*6), as settle.lua:
 --   b+1 bucket:tok   b+2 lease (zset)   b+3 lease:tok (hash)   b+4 usage day hash   b+5 usage month hash
---   then KEYS[n*5+1]: the first subject's undone zset (the one admit.lua checks)
--- ARGV:
---   1 request id   2 real tokens   3 tokens reserved   4 number of subjects
---   5 day hash TTL (s)   6 month hash TTL (s)   then per subject (6 + i): tokensPerMinute (0 = none)
---   then (6 + n + 1) tombstone TTL (ms), (6 + n + 2) 1 = undo the admission itself, 0 = a settlement
+--   b+6 lease:cost (hash)
+--   then KEYS[n*6+1]: the first subject's undone zset (the one admit.lua checks)
+-- ARGV, as settle.lua:
+--   1 request id   2 real tokens   3 tokens reserved   4, 5 real cost on subject 1, 2 (micro-units)
+--   6 number of subjects   7 day hash TTL (s)   8 month hash TTL (s)
+--   then 2 per subject: tokensPerMinute (0 = none), 1 = cost-limited
+--   then (8 + 2n + 1) tombstone TTL (ms), (8 + 2n + 2) 1 = undo the admission itself, 0 = a settlement
 -- Returns the number of leases dropped (0: nothing was left to undo).
 
 local t = redis.call('TIME')
@@ -26,24 +28,34 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid = ARGV[1]
 local actual = tonumber(ARGV[2])
 local reserved = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local day_ttl = tonumber(ARGV[5])
-local month_ttl = tonumber(ARGV[6])
-local tomb_ttl = tonumber(ARGV[6 + n + 1])
-local admission = ARGV[6 + n + 2] == '1'
-local tomb = KEYS[n * 5 + 1]
+local n = tonumber(ARGV[6])
+local day_ttl = tonumber(ARGV[7])
+local month_ttl = tonumber(ARGV[8])
+local tomb_ttl = tonumber(ARGV[8 + 2 * n + 1])
+local admission = ARGV[8 + 2 * n + 2] == '1'
+local tomb = KEYS[n * 6 + 1]
 
 local dropped = 0
 for i = 1, n do
-  local k = (i - 1) * 5
+  local k = (i - 1) * 6
   dropped = dropped + redis.call('ZREM', KEYS[k + 2], rid)
   redis.call('HDEL', KEYS[k + 3], rid)
+  if ARGV[8 + 2 * i] == '1' then redis.call('HDEL', KEYS[k + 6], rid) end
 end
 
 if dropped > 0 then
   for i = 1, n do
-    local k = (i - 1) * 5
-    local tpm = tonumber(ARGV[6 + i])
+    local k = (i - 1) * 6
+    local tpm = tonumber(ARGV[7 + 2 * i])
+    local cost = tonumber(ARGV[3 + i])
+    if cost > 0 then
+      if redis.call('HINCRBY', KEYS[k + 4], 'cost', cost) == cost and redis.call('TTL', KEYS[k + 4]) < 0 then
+        redis.call('EXPIRE', KEYS[k + 4], day_ttl)
+      end
+      if redis.call('HINCRBY', KEYS[k + 5], 'cost', cost) == cost and redis.call('TTL', KEYS[k + 5]) < 0 then
+        redis.call('EXPIRE', KEYS[k + 5], month_ttl)
+      end
+    end
     if actual > 0 then
       if redis.call('HINCRBY', KEYS[k + 4], 'settled', actual) == actual then
         redis.call('EXPIRE', KEYS[k + 4], day_ttl)

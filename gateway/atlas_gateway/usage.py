@@ -41,6 +41,23 @@ def split_usage(usage: dict) -> tuple[int, int, int]:
     return prompt, completion, max(total, prompt + completion)
 
 
+def cached_tokens(usage: dict) -> int:
+    """Prompt tokens the upstream read from its prompt cache (priced at ``cachedInput``):
+    OpenAI's ``prompt_tokens_details.cached_tokens`` (chat, completions), the Responses API's
+    ``input_tokens_details.cached_tokens``, Anthropic's ``cache_read_input_tokens``."""
+    for holder in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(holder)
+        if isinstance(details, dict):
+            try:
+                return max(0, int(details.get("cached_tokens") or 0))
+            except (TypeError, ValueError):
+                return 0
+    try:
+        return max(0, int(usage.get("cache_read_input_tokens") or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 
 

@@ -16,6 +16,7 @@ BUDGET_AT_RISK = "BudgetAtRisk"  # the forecast says a day/month budget runs out
 # Ready=False reasons (also the KeyConfig.refusal values the gateway understands).
 SECRET_INVALID = "SecretInvalid"
 QUOTA_NOT_FOUND = "QuotaNotFound"
+PRICE_LIST_NOT_FOUND = "PriceListNotFound"  # spec.priceListRef names no AtlasPriceList
 SUSPENDED = "Suspended"
 EXPIRED = "Expired"
 KEY_CONFLICT = "SecretInvalid"  # the same key material is already used by another AtlasKey

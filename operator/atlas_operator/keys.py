@@ -23,6 +23,25 @@ from .settings import KEYS, SECRET_WATCH_LABEL
 log = logging.getLogger(__name__)
 
 QuotaExists = Callable[[str, str], bool]
+# (namespace, name) -> the AtlasPriceList's spec, or None when it does not exist
+PriceListLookup = Callable[[str, str], "dict[str, Any] | None"]
+
+
+def no_price_lists(namespace: str, name: str) -> None:
+    return None
+
+
+def resolve_price_list(namespace: str, spec: dict[str, Any], price_list: PriceListLookup
+                       ) -> tuple[contract.PriceTable | None, str | None]:
+    """The spec.priceListRef of a key or quota resolved into the table its config carries, or
+    the refusal message when it names a price list that does not exist (never served unpriced)."""
+    ref = spec.get("priceListRef") or None
+    if not ref:
+        return None, None
+    found = price_list(namespace, ref)
+    if found is None:
+        return None, f"AtlasPriceList {ref!r} not found in namespace {namespace!r}"
+    return contract.PriceTable.from_spec(ref, found), None
 
 
 class StatusConflict(Exception):
@@ -54,17 +73,20 @@ def parse_time(value: str | None) -> datetime | None:
 
 def desired_key_config(
     namespace: str, name: str, spec: dict[str, Any], key_hash: str, quota_exists: QuotaExists,
-    now: datetime,
+    now: datetime, price_list: PriceListLookup = no_price_lists,
 ) -> tuple[KeyConfig, bool, str, str]:
     """The KeyConfig for this spec and the Ready condition it implies (pure)."""
     quota = spec.get("quotaRef") or None
     expires = parse_time(spec.get("expiresAt"))
     suspended = bool(spec.get("suspended", False))
     refusal = message = None
+    table, missing = resolve_price_list(namespace, spec, price_list)
     if quota and not quota_exists(namespace, quota):
         # Never "unlimited": the gateway refuses a key whose shared budget is missing.
         refusal = cond.QUOTA_NOT_FOUND
         message = f"AtlasQuota {quota!r} not found in namespace {namespace!r}"
+    elif missing:
+        refusal, message = cond.PRICE_LIST_NOT_FOUND, missing
     config = KeyConfig(
         namespace=namespace,
         name=name,
@@ -78,6 +100,7 @@ def desired_key_config(
         refusal=refusal,
         refusal_message=message,
         shortfall=contract.Shortfall.from_spec(spec),
+        price_list=table,
     )
     if expires is not None and expires <= now:
         return config, False, cond.EXPIRED, f"the key expired at {cond.rfc3339(expires)}"
@@ -126,6 +149,7 @@ async def reconcile_key(
     redis: Any,
     quota_exists: QuotaExists,
     now: datetime | None = None,
+    price_list: PriceListLookup = no_price_lists,
 ) -> KeyOutcome:
     now = now or datetime.now(timezone.utc)
     meta = obj["metadata"]
@@ -161,7 +185,7 @@ async def reconcile_key(
             key_id = None
         else:
             config, ready, reason, message = desired_key_config(
-                namespace, name, spec, key_hash, quota_exists, now)
+                namespace, name, spec, key_hash, quota_exists, now, price_list)
             watched = _watched(secret)
             if ready and not watched:
                 # read by name, so it works; but unwatched, its rotation goes unnoticed (docs/operator.md)

@@ -12,7 +12,7 @@ from .keys import StatusConflict
 from .kube import ClientKubeApi, NamespaceTerminating
 from .metrics import serve as serve_metrics
 from .runtime import Runtime
-from .settings import FINALIZER, GROUP, KEYS, QUOTAS, SECRET_WATCH_LABEL, VERSION, OperatorSettings
+from .settings import FINALIZER, GROUP, KEYS, PRICE_LISTS, QUOTAS, SECRET_WATCH_LABEL, VERSION, OperatorSettings
 from .views import ObjectView, SecretView
 
 RETRY = dict(backoff=2, errors=kopf.ErrorsMode.TEMPORARY)
@@ -29,7 +29,7 @@ def plain(body: Any) -> dict[str, Any]:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
                   atlaskey_views: kopf.Index, atlasquota_views: kopf.Index,
                   keys_by_secret: kopf.Index, keys_by_quota: kopf.Index,
-                  secret_views: kopf.Index, **_: Any) -> None:
+                  secret_views: kopf.Index, atlaspricelist_views: kopf.Index, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -52,7 +52,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     memo.runtime = Runtime(config, kube, redis, {
         "atlaskey_views": atlaskey_views, "atlasquota_views": atlasquota_views,
         "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,
-        "secret_views": secret_views,
+        "secret_views": secret_views, "atlaspricelist_views": atlaspricelist_views,
     })
     memo.runtime.start()
     if config.metrics_port > 0:
@@ -103,6 +103,11 @@ def keys_by_quota(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict 
 
 @kopf.index(GROUP, VERSION, QUOTAS)
 def atlasquota_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): ObjectView.of(body)}
+
+
+@kopf.index(GROUP, VERSION, PRICE_LISTS)
+def atlaspricelist_views(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, name): ObjectView.of(body)}
 
 
@@ -161,3 +166,15 @@ async def atlasquota_changed(body: kopf.Body, reason: str, memo: kopf.Memo, **_:
 @kopf.on.delete(GROUP, VERSION, QUOTAS, **RETRY)
 async def atlasquota_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.runtime.delete_quota(plain(body))
+
+
+# --------------------------------------------------------------------------- AtlasPriceList
+# No finalizer and no status of its own: the keys and quotas naming one carry its prices in
+# their config, so a change (or deletion) only re-writes theirs.
+
+
+@kopf.on.event(GROUP, VERSION, PRICE_LISTS)
+async def atlaspricelist_event(event: dict, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    if event.get("type") is None:
+        return  # the initial listing: every key and quota is resumed on its own
+    await memo.runtime.price_list_changed(namespace, name, deleted=event["type"] == "DELETED")

@@ -10,7 +10,7 @@ from atlas_core import contract
 from atlas_core.contract import Limits, QuotaConfig, Shortfall
 
 from . import conditions as cond, store
-from .keys import StatusConflict, status_delta
+from .keys import PriceListLookup, StatusConflict, no_price_lists, resolve_price_list, status_delta
 from .kube import CONFLICT, GONE, KubeApi
 from .settings import QUOTAS
 
@@ -21,25 +21,33 @@ class QuotaOutcome:
     status_patched: bool = False
 
 
-def desired_quota_config(namespace: str, name: str, spec: dict[str, Any]) -> QuotaConfig:
+def desired_quota_config(namespace: str, name: str, spec: dict[str, Any],
+                         price_list: PriceListLookup = no_price_lists) -> QuotaConfig:
+    table, missing = resolve_price_list(namespace, spec, price_list)
     return QuotaConfig(namespace=namespace, name=name, limits=Limits.from_spec(spec.get("limits")),
-                       shortfall=Shortfall.from_spec(spec))
+                       shortfall=Shortfall.from_spec(spec), price_list=table,
+                       refusal=cond.PRICE_LIST_NOT_FOUND if missing else None, refusal_message=missing)
 
 
 async def reconcile_quota(
-    obj: dict[str, Any], *, kube: KubeApi, redis: Any, key_count: int, now: datetime | None = None
+    obj: dict[str, Any], *, kube: KubeApi, redis: Any, key_count: int, now: datetime | None = None,
+    price_list: PriceListLookup = no_price_lists,
 ) -> QuotaOutcome:
     now = now or datetime.now(timezone.utc)
     meta = obj["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     outcome = QuotaOutcome()
-    outcome.redis_written = await store.write_quota_config(
-        redis, desired_quota_config(namespace, name, obj.get("spec") or {}))
+    config = desired_quota_config(namespace, name, obj.get("spec") or {}, price_list)
+    outcome.redis_written = await store.write_quota_config(redis, config)
 
     status = obj.get("status") or {}
     generation = meta.get("generation")
-    conditions = cond.merge(status.get("conditions"), cond.READY, True, cond.ACTIVE,
-                            "the budget is enforced by the gateway", generation, now)
+    if config.refusal:  # its keys are refused by the gateway until the price list exists
+        conditions = cond.merge(status.get("conditions"), cond.READY, False, config.refusal,
+                                config.refusal_message or config.refusal, generation, now)
+    else:
+        conditions = cond.merge(status.get("conditions"), cond.READY, True, cond.ACTIVE,
+                                "the budget is enforced by the gateway", generation, now)
     if cond.find(conditions, cond.QUOTA_EXHAUSTED) is None:
         conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED, False, cond.WITHIN_BUDGET,
                                 "no day or month budget is spent", generation, now)

@@ -60,6 +60,7 @@ class Runtime:
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.applied_hash: dict[tuple[str, str], str | None] = {}
         self.deleting_quotas: set[tuple[str, str]] = set()
+        self.deleting_price_lists: set[tuple[str, str]] = set()
         self.scheduler = ExpiryScheduler(self.reconcile_key_by_name)
         self.last_cycle: usage.CycleStats | None = None
         self.history = History() if settings.forecast else None
@@ -73,6 +74,13 @@ class Runtime:
             return False
         view = first(self.indexes["atlasquota_views"], (namespace, name))
         return view is not None and not view.deleting
+
+    def price_list(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The spec of a live AtlasPriceList (kopf index), or None."""
+        if (namespace, name) in self.deleting_price_lists:
+            return None
+        view = first(self.indexes.get("atlaspricelist_views") or {}, (namespace, name))
+        return None if view is None or view.deleting else view.spec
 
     def keys_of_quota(self, namespace: str, name: str) -> list[str]:
         return sorted(set(self.indexes["keys_by_quota"].get((namespace, name), ())))
@@ -98,7 +106,7 @@ class Runtime:
         ident = (meta["namespace"], meta["name"])
         async with self._lock(*ident):
             outcome = await keys.reconcile_key(body, kube=self.kube, redis=self.redis,
-                                               quota_exists=self.quota_exists)
+                                               quota_exists=self.quota_exists, price_list=self.price_list)
         # unwatched Secret: its first event (it was just labelled) must reconcile, hash or not
         self.applied_hash[ident] = outcome.key_hash if outcome.secret_watched else None
         if outcome.next_check is not None:
@@ -146,7 +154,8 @@ class Runtime:
     async def reconcile_quota(self, body: dict[str, Any]) -> quotas.QuotaOutcome:
         meta = body["metadata"]
         return await quotas.reconcile_quota(body, kube=self.kube, redis=self.redis,
-                                            key_count=self.key_count(meta["namespace"], meta["name"]))
+                                            key_count=self.key_count(meta["namespace"], meta["name"]),
+                                            price_list=self.price_list)
 
     async def reconcile_quota_by_name(self, namespace: str, name: str) -> None:
         await self._reconcile_fresh(QUOTAS, self.reconcile_quota, namespace, name)
@@ -164,6 +173,24 @@ class Runtime:
             await self.reconcile_dependents(*ident)
         finally:
             self.deleting_quotas.discard(ident)
+
+    # ------------------------------------------------------------------ price lists
+
+    async def price_list_changed(self, namespace: str, name: str, deleted: bool = False) -> None:
+        """Re-write the config of every key and quota naming this price list: a changed or
+        deleted price list re-prices (or refuses) future requests only."""
+        ident = (namespace, name)
+        if deleted:
+            self.deleting_price_lists.add(ident)
+        try:
+            quota_names = [q.name for q in self.quota_views()
+                           if q.namespace == namespace and q.spec.get("priceListRef") == name]
+            key_names = [k.name for k in self.key_views()
+                         if k.namespace == namespace and k.spec.get("priceListRef") == name]
+            await asyncio.gather(*(self.reconcile_quota_by_name(namespace, q) for q in quota_names))
+            await asyncio.gather(*(self.reconcile_key_by_name(namespace, k) for k in key_names))
+        finally:
+            self.deleting_price_lists.discard(ident)
 
     # ------------------------------------------------------------------ loops
 
@@ -193,7 +220,7 @@ class Runtime:
     async def heal_once(self) -> int | None:
         rewritten = await heal.heal_if_needed(
             self.redis, self.key_views(), self.quota_views(),
-            SecretMapping(self.indexes["secret_views"]), datetime.now(timezone.utc))
+            SecretMapping(self.indexes["secret_views"]), datetime.now(timezone.utc), self.price_list)
         if rewritten is not None:
             log.warning("Redis had no config epoch: rewrote %d configs from the indexes", rewritten)
         return rewritten

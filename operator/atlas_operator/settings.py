@@ -10,6 +10,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KEYS = "atlaskeys"
 QUOTAS = "atlasquotas"
+PRICE_LISTS = "atlaspricelists"
 KIND_OF = {KEYS: "AtlasKey", QUOTAS: "AtlasQuota"}
 
 FINALIZER = f"{GROUP}/finalizer"

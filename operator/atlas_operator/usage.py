@@ -49,6 +49,11 @@ def exhaustion(limits: Limits, usage: Usage) -> tuple[bool, str, str]:
     if limits.tokens_per_month is not None and usage.tokens_this_month >= limits.tokens_per_month:
         return True, cond.MONTHLY_BUDGET_SPENT, (
             f"tokensPerMonth ({limits.tokens_per_month}) is spent for {usage.month}")
+    if limits.cost_per_day is not None and (usage.cost_today or 0) >= contract.to_micro(limits.cost_per_day):
+        return True, cond.DAILY_BUDGET_SPENT, f"costPerDay ({limits.cost_per_day}) is spent for {usage.day}"
+    if limits.cost_per_month is not None and (usage.cost_this_month or 0) >= contract.to_micro(limits.cost_per_month):
+        return True, cond.MONTHLY_BUDGET_SPENT, (
+            f"costPerMonth ({limits.cost_per_month}) is spent for {usage.month}")
     return False, cond.WITHIN_BUDGET, "no day or month budget is spent"
 
 
@@ -89,7 +94,7 @@ def status_patch(
     status shows; an Event for BudgetAtRisk turning True is appended to ``events``.
     """
     patch: dict[str, Any] = {}
-    wanted_usage = usage.to_status()
+    wanted_usage = usage.to_status(priced=bool(view.spec.get("priceListRef")))
     current_usage = view.status.get("usage")
     if current_usage != wanted_usage:
         # A merge patch merges nested objects: a field absent from the new figures (a new day

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "charts" / "atlas" / "files" / "dashboards" / "atlas-gateway.json"
 SUFFIXES = ("", "_total", "_bucket", "_sum", "_count", "_created")
 ALLOWED_LABELS = {"key", "model", "status", "priority", "reason", "op", "namespace", "name", "kind", "budget",
-                  "quota", "type", "le", "lease"}
+                  "quota", "type", "le", "currency", "lease"}  # lease: found/none (undo outcome)
 
 
 def gateway_metrics() -> dict[str, set[str]]:

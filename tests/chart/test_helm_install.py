@@ -19,7 +19,8 @@ from .helmlib import CHART, Helm, ci_values
 
 NS = "atlas-system"
 RELEASE = "atlas"
-CRDS = ("atlaskeys.atlas.bugvanquisher.io", "atlasquotas.atlas.bugvanquisher.io")
+CRDS = ("atlaskeys.atlas.bugvanquisher.io", "atlasquotas.atlas.bugvanquisher.io",
+        "atlaspricelists.atlas.bugvanquisher.io")
 
 
 @pytest.fixture(scope="module")

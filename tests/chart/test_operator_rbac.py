@@ -36,6 +36,7 @@ GROUP = "atlas.bugvanquisher.io"
 OPERATOR_CAN = {
     f"atlaskeys.{GROUP}": {"get", "list", "watch", "patch"},
     f"atlasquotas.{GROUP}": {"get", "list", "watch", "patch"},
+    f"atlaspricelists.{GROUP}": {"get", "list", "watch"},
     f"atlaskeys.{GROUP}/status": {"patch"},
     f"atlasquotas.{GROUP}/status": {"patch"},
     "secrets": {"get", "list", "watch", "create"},

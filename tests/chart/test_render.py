@@ -24,6 +24,7 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 OPERATOR_RULES = [
     {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaskeys", "atlasquotas"],
      "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaspricelists"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaskeys/status", "atlasquotas/status"],
      "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]},

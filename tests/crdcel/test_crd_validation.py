@@ -28,6 +28,8 @@ VALID = [
     "quota_empty",
     "key_shrink_full",
     "quota_shrink_month",
+    "pricelist_full",
+    "key_cost_budget",
 ]
 
 INVALID = {
@@ -68,6 +70,15 @@ INVALID = {
     "key_min_completion_zero": "spec.minCompletionTokens: Invalid value: 0",
     "quota_min_completion_above_day":
         "spec.minCompletionTokens: Invalid value: minCompletionTokens must be below limits.tokensPerDay",
+    "pricelist_negative_price": "spec.prices[0].input: Invalid value: -0.1: spec.prices[0].input in body should be "
+                                "greater than or equal to 0",
+    "pricelist_duplicate_model": "spec.prices[1]: Duplicate value: {\"model\":\"qwen2.5-*\"}",
+    "pricelist_bad_currency": "spec.currency: Invalid value: \"usd\": spec.currency in body should match",
+    "pricelist_default_negative": "spec.default.output: Invalid value: -2",
+    "key_cost_without_price_list": "spec.priceListRef: Required value: limits.costPerDay and limits.costPerMonth "
+                                   "need spec.priceListRef",
+    "key_cost_negative": "spec.limits.costPerDay: Invalid value: -1",
+    "quota_cost_month_below_day": "spec.limits.costPerMonth: Invalid value: costPerMonth must be >= costPerDay",
 }
 
 

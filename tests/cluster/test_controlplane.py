@@ -50,7 +50,7 @@ def test_crds_established_and_discoverable(kubectl):
         assert status == "True", plural
     out = kubectl("api-resources", f"--api-group={GROUP}", "-o", "wide", "--no-headers").stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
-    assert set(rows) == {"atlaskeys", "atlasquotas"}
+    assert set(rows) == {"atlaskeys", "atlasquotas", "atlaspricelists"}
     assert rows["atlaskeys"][1:5] == ["ak", f"{GROUP}/v1alpha1", "true", "AtlasKey"]
     assert rows["atlasquotas"][1:5] == ["aq", f"{GROUP}/v1alpha1", "true", "AtlasQuota"]
     assert "atlas" in rows["atlaskeys"][-1] and "atlas" in rows["atlasquotas"][-1]

@@ -26,13 +26,12 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 from . import processes
-from .processes import stop_process
+from .processes import ServerProcess
 
 MODELS = ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct", "text-embedding-3-small"]
 
@@ -263,8 +262,12 @@ class _DropConnection(Exception):
 # ---------------------------------------------------------------------------- process helper
 
 
-class MockUpstreamProcess:
+class MockUpstreamProcess(ServerProcess):
     """Run the mock as a real process on a free loopback port (tests, benchmarks, dev stack)."""
+
+    MODULE = "atlas_devstack.mock_upstream"
+    LABEL = "mock upstream"
+    HOST_ARGS = ("--host", "127.0.0.1")
 
     def __init__(self, port: int | None = None, *, latency_ms: float = 0, completion_tokens: int = 16,
                  chunk_delay_ms: float = 0, log_path: str | None = None) -> None:
@@ -274,44 +277,7 @@ class MockUpstreamProcess:
         self.args = ["--latency-ms", str(latency_ms), "--completion-tokens", str(completion_tokens),
                      "--chunk-delay-ms", str(chunk_delay_ms)]
         self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 15.0) -> "MockUpstreamProcess":
-        import urllib.request
-
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "atlas_devstack.mock_upstream", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"mock upstream exited with {self._proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=0.5) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("mock upstream did not become ready")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        stop_process(proc)
-
-    def __enter__(self) -> "MockUpstreamProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._proc = None
 
 
 def fastapi_app(settings: MockSettings):

@@ -277,3 +277,54 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
 def stop_group(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM the process group led by ``pid``, SIGKILL whatever is left at the deadline."""
     terminate(pid, timeout, group=True)
+
+
+class ServerProcess:
+    """A devstack HTTP server (``python -m <MODULE>``) as a child process on a loopback port,
+    started when its ``/healthz`` answers 200: the mock and the strict upstream share this.
+    Subclasses set ``MODULE``, ``LABEL`` and, in ``__init__``, ``port``, ``args``, ``log_path``."""
+
+    MODULE = ""
+    LABEL = ""
+    HOST_ARGS: tuple[str, ...] = ()  # what the module needs to listen on 127.0.0.1
+
+    port: int
+    args: list[str]
+    log_path: str | None = None
+    _proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0):
+        import urllib.request
+
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", self.MODULE, *self.HOST_ARGS, "--port", str(self.port), *self.args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"{self.LABEL} exited with {self._proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=0.5) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.LABEL} did not become ready")
+            time.sleep(0.02)  # polling a port: there is nothing to wait on instead
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        stop_process(proc)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

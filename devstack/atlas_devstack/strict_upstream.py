@@ -29,12 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from collections import Counter
 
-from .processes import stop_process
+from .processes import ServerProcess
 
 SPECIAL = 1  # one token per template marker (<|start_header_id|>, <|eot_id|>, ...)
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
@@ -392,8 +389,11 @@ async def _json(send, status: int, doc) -> None:
     await _send(send, status, json.dumps(doc, separators=(",", ":")).encode())
 
 
-class StrictUpstreamProcess:
+class StrictUpstreamProcess(ServerProcess):
     """The strict upstream as a real process on a free loopback port (tests)."""
+
+    MODULE = "atlas_devstack.strict_upstream"
+    LABEL = "strict upstream"
 
     def __init__(self, *, context: int = 32768, media_tokens: int = 1024, log_path: str | None = None) -> None:
         from .redis_server import free_port
@@ -401,43 +401,7 @@ class StrictUpstreamProcess:
         self.port = free_port()
         self.args = ["--context", str(context), "--media-tokens", str(media_tokens)]
         self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 15.0) -> "StrictUpstreamProcess":
-        import urllib.request
-
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "atlas_devstack.strict_upstream", "--port", str(self.port), *self.args],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"strict upstream exited with {self._proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=0.5) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("strict upstream did not become ready")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        stop_process(proc)
-
-    def __enter__(self) -> "StrictUpstreamProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._proc = None
 
 
 def main(argv: list[str] | None = None) -> None:

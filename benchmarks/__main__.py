@@ -145,7 +145,7 @@ def main() -> int:
             if tl.litellm:
                 lp = stack.enter_context(litellm_peer.peer(tl.litellm, json_base, sse_base, workdir))
                 version = Path(tl.litellm).parents[1].name.replace("litellm-", "")
-                res.peer = f"LiteLLM {version}, 1 worker, no database, no limits → nginx"
+                res.peer = f"LiteLLM {version} (1 worker, no database, no limits) → nginx"
                 peer = Target(res.peer, lp.url + CHAT, lp.url + CHAT,
                               {"Authorization": f"Bearer {litellm_peer.MASTER_KEY}"}, {"litellm": lp.pid})
             res.meta["versions"] = _versions(tl, res.peer)
@@ -280,7 +280,7 @@ def _versions(tl: tools.Tools, peer: str | None) -> str:
              "vegeta " + Path(tl.vegeta).parent.name.replace("vegeta-", ""),
              first_line(["redis-server", "--version"]).split(" sha=")[0]]
     if peer:
-        parts.append(peer.split(",")[0])
+        parts.append(peer.split(" (")[0])
     return ", ".join(parts)
 
 

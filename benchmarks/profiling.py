@@ -1,6 +1,7 @@
 """Where the gateway's CPU goes (``BENCH_PROFILE=1``): py-spy samples the gateway process while
-wrk drives it at concurrency 16, and the collapsed stacks are summed per function, by own time
-(the function on top of the stack) and by total time (anywhere on the stack)."""
+wrk drives it at concurrency 16, and the collapsed stacks are summed per function: by own time
+(the function on top of the stack, libraries included; the event loop's own C code shows as
+``Runner.run``) and by total time for Atlas's own functions (anywhere on the stack)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from collections import Counter
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 # a frame: "function (file.py:line)" or, with --idle off and native frames, bare names
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+PROJECT_PATHS = ("atlas_gateway/", "atlas_core/")
+
+
+def is_project(frame: str) -> bool:
+    m = _FRAME.match(frame.strip())
+    return bool(m) and any(p in m.group("file") for p in PROJECT_PATHS)
 
 
 def frame_name(frame: str) -> str:
@@ -33,12 +42,13 @@ def top_functions(collapsed: str, limit: int = 20) -> tuple[int, list[tuple[str,
         if not m:
             continue
         count = int(m.group("count"))
-        frames = [frame_name(f) for f in m.group("stack").split(";") if f]
-        if not frames:
+        # --subprocesses puts a "process N:cmdline" frame at the root: not a function
+        raw = [f for f in m.group("stack").split(";") if f and not f.startswith("process ")]
+        if not raw:
             continue
         samples += count
-        own[frames[-1]] += count
-        for name in set(frames):
+        own[frame_name(raw[-1])] += count
+        for name in {frame_name(f) for f in raw if is_project(f)}:
             total[name] += count
     return samples, own.most_common(limit), total.most_common(limit)
 
@@ -56,6 +66,6 @@ def report(collapsed: str, limit: int = 20) -> str:
         return "  (no samples)"
     lines = [f"  {samples} samples; own time (top of stack):"]
     lines += [f"    {100 * n / samples:5.1f} %  {name}" for name, n in own]
-    lines.append("  total time (anywhere on the stack):")
+    lines.append("  total time of Atlas's functions (anywhere on the stack):")
     lines += [f"    {100 * n / samples:5.1f} %  {name}" for name, n in total]
     return "\n".join(lines)

@@ -250,7 +250,9 @@ def render(res: Results) -> str:
         parts += ["Targets (issue 13):", "", targets_table(res), ""]
     for gw, exact in res.exactness.items():
         parts.append(f"Exactness ({gw}): {exact}")
-    if res.exactness:
+        parts.append("")
+    for gw, flood in res.slow_clients.items():
+        parts.append(f"1,000 slow clients ({gw}): {flood.strip().splitlines()[-1].strip()}")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
 

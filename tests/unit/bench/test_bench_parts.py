@@ -179,14 +179,15 @@ def test_nginx_config_serves_both_locations_and_refuses_variables(tmp_path):
 
 
 def test_profile_is_summed_per_function_by_own_and_total_time():
-    collapsed = ("main (app.py:1);handle (proxy.py:10);loads (json/__init__.py:346) 30\n"
-                 "main (app.py:1);handle (proxy.py:12);send (server.py:99) 50\n"
-                 "main (app.py:1);handle (proxy.py:12) 20\n"
+    collapsed = ('process 7:"python -m atlas_gateway";run (asyncio/runners.py:1);'
+                 "handle (atlas_gateway/proxy.py:10);loads (json/__init__.py:346) 30\n"
+                 "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12);send (uvicorn/server.py:99) 50\n"
+                 "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12) 20\n"
                  "garbage line\n")
     samples, own, total = profiling.top_functions(collapsed)
     assert samples == 100
     assert own[0] == ("send (server.py)", 50)
-    assert dict(total)["handle (proxy.py)"] == 100  # lines 10 and 12: one function
+    assert dict(total) == {"handle (proxy.py)": 100}  # lines 10 and 12: one function; only Atlas's
     assert "50.0 %  send (server.py)" in profiling.report(collapsed)
 
 

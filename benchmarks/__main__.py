@@ -111,132 +111,165 @@ def _gateway_target(label: str, gw: Proc, redis_pid: int | None) -> Target:
     return Target(label, gw.url + CHAT, gw.url + CHAT, {"Authorization": f"Bearer {BENCH_KEY}"}, cpu)
 
 
+@dataclass
+class Side:
+    """One Atlas checkout under test: its Redis and its gateway in front of nginx."""
+
+    src: GatewaySource
+    redis: RedisServer
+    target: Target
+
+
+@dataclass
+class Setup:
+    """What the sections share: the running upstreams, gateways and peer."""
+
+    bench: Bench
+    res: report.Results
+    stack: contextlib.ExitStack
+    workdir: str
+    json_base: str
+    sse_base: str
+    mock: MockUpstreamProcess | None
+    sides: list[Side]
+    main_targets: list[Target]  # nginx directly, each Atlas → nginx, LiteLLM → nginx
+
+    def measure_closed(self, target: Target, concurrency: tuple[int, ...] = (1, 16)) -> None:
+        for c in concurrency:
+            run = self.res.closed.setdefault(target.label, {})[c] = self.bench.closed(target, c)
+            print(_line(f"{target.label} c={c}", run), flush=True)
+
+
+def closed_loop(s: Setup) -> None:
+    print("\n1. closed loop (wrk), small chat completion", flush=True)
+    for target in s.main_targets:
+        s.measure_closed(target)
+    if s.mock is not None and not _on("BENCH_SKIP_MOCK"):
+        s.measure_closed(Target("mock directly", s.mock.url + CHAT, s.mock.url + CHAT, cpu={"mock": s.mock._proc.pid}))
+        for side in s.sides:
+            gwm = s.stack.enter_context(side.src.start(side.redis.url, s.mock.url, s.workdir))
+            s.measure_closed(_gateway_target(f"{side.src.label} → mock", gwm, side.redis.pid))
+    if not _on("BENCH_SKIP_WORKERS"):
+        for side in s.sides:
+            with side.src.start(side.redis.url, s.json_base, s.workdir, {bodies.STREAM_MODEL: s.sse_base},
+                                ATLAS_WORKERS="2") as gw2:
+                s.measure_closed(_gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis.pid), (16,))
+    if _on("BENCH_CLIENTS"):  # the upstream-client comparison (aiohttp vs httpx) of docs/benchmarks.md
+        for client in ("aiohttp", "httpx"):
+            with Proc(f"{client} proxy", [sys.executable, "-m", "benchmarks.client_proxy", "--client", client,
+                                          "--upstream", s.json_base, "--port", "{port}"]) as proxy:
+                s.measure_closed(Target(f"minimal {client} proxy (no Redis, no logic) → nginx", proxy.url + CHAT,
+                                        proxy.url + CHAT, cpu={"proxy": proxy.pid}))
+
+
+def fixed_rate(s: Setup, rates: list[int]) -> None:
+    print("\n2. fixed rate (vegeta, open loop)", flush=True)
+    for rate in rates:
+        for target in s.main_targets:
+            runs = s.res.fixed.setdefault(target.label, {})
+            capacity = s.res.closed[target.label][16].rps
+            if rate > 2 * capacity:  # it would only measure a growing queue
+                runs[rate] = f"not run: over 2× its c=16 capacity ({capacity:,.0f}/s)"
+                print(f"  {target.label} {rate}/s: not run (closed-loop capacity {capacity:,.0f} req/s)", flush=True)
+                continue
+            runs[rate] = s.bench.fixed(target, rate)
+            print(_line(f"{target.label} {rate}/s", runs[rate]), flush=True)
+
+
+def prompt_sizes(s: Setup, sizes: list[int]) -> None:
+    print("\n3. prompt sizes, sequential (wrk c=1)", flush=True)
+    for stream in (False, True):
+        for size in sizes:
+            body = bodies.encode(bodies.chat(size, stream))
+            for target in s.main_targets:
+                run = s.res.prompts.setdefault(target.label, {})[(size, stream)] = s.bench.closed(target, 1, body, stream)
+                print(_line(f"{target.label} {report.size_label(size)}{' streamed' if stream else ''}", run), flush=True)
+
+
+def profiles(s: Setup, py_spy: str) -> None:
+    print("\n   profile (py-spy) of each gateway under wrk c=16", flush=True)
+    for side in s.sides:
+        out = os.path.join(s.workdir, "profile.txt")
+        spy = profiling.record(py_spy, side.target.cpu["gateway"], max(1, round(s.bench.duration)), out)
+        s.bench.closed(side.target, 16)
+        _, err = spy.communicate(timeout=s.bench.duration + 60)
+        text = open(out).read() if os.path.exists(out) else ""
+        print(f"  {side.target.label}:\n" + (profiling.report(text) if text else f"  py-spy failed: {err.decode()[-500:]}"),
+              flush=True)
+
+
+def per_gateway_checks(s: Setup) -> list[str]:
+    """Memory, exactness and slow clients, each gateway in fresh processes; the failures."""
+    failed = []
+    for side in s.sides:
+        src, rs = side.src, side.redis
+        if not _on("BENCH_SKIP_MEMORY"):
+            print(f"\n4. memory of {src.label}", flush=True)
+            s.res.memory[src.label] = _memory(src, rs, s.mock, s.workdir)
+        with src.start(rs.url, s.mock.url, s.workdir) as gw:
+            exact = src.exactness(gw.url, rs.url)
+        s.res.exactness[src.label] = exactness.summary(exact)
+        print(f"\n5. exactness ({src.label}): {s.res.exactness[src.label]}", flush=True)
+        if not exact["ok"]:
+            failed.append(f"exactness of {src.label}")
+        if not _on("BENCH_SKIP_SLOW"):
+            with src.start(rs.url, s.mock.url, s.workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
+                           ATLAS_BODY_TIMEOUT_SECONDS="10") as sgw:
+                flood = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.pid, BENCH_KEY, bodies.encode(bodies.SMALL)))
+            s.res.slow_clients[src.label] = slow_clients.report(flood)
+            print(f"   1,000 slow clients against {src.label}:\n{s.res.slow_clients[src.label]}", flush=True)
+    return failed
+
+
+def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource], res: report.Results,
+          bench: Bench, workdir: str) -> Setup:
+    static = stack.enter_context(nginx.static_upstream(tl.nginx, workdir))
+    json_base, sse_base = static.url + nginx.JSON_BASE, static.url + nginx.SSE_BASE
+    mock = stack.enter_context(MockUpstreamProcess())
+    reference = Target(res.reference, json_base + CHAT, sse_base + CHAT, cpu={"nginx": static.pid})
+    sides = []
+    for src in srcs:
+        rs = stack.enter_context(RedisServer())
+        src.write_bench_key(rs.url)
+        gw = stack.enter_context(src.start(rs.url, json_base, workdir, {bodies.STREAM_MODEL: sse_base}))
+        sides.append(Side(src, rs, _gateway_target(f"{src.label} → nginx", gw, rs.pid)))
+    peer = []
+    if tl.litellm:
+        lp = stack.enter_context(litellm_peer.peer(tl.litellm, json_base, sse_base, workdir))
+        res.peer = f"LiteLLM {Path(tl.litellm).parents[1].name.replace('litellm-', '')} (1 worker, no database, no limits) → nginx"
+        peer.append(Target(res.peer, lp.url + CHAT, lp.url + CHAT, {"Authorization": f"Bearer {litellm_peer.MASTER_KEY}"},
+                           {"litellm": lp.pid}))
+    res.meta["versions"] = _versions(tl, res.peer)
+    return Setup(bench, res, stack, workdir, json_base, sse_base, mock, sides,
+                 [reference] + [side.target for side in sides] + peer)
+
+
 def main() -> int:
     duration = float(os.environ.get("BENCH_DURATION", "5"))
     warmup = float(os.environ.get("BENCH_WARMUP", "1"))
-    rates = _env_list("BENCH_RATES", "500,2000")
-    sizes = _env_list("BENCH_PROMPT_SIZES", "1024,204800")
     srcs = sources()
     tl = tools.ensure(profile=_on("BENCH_PROFILE"), litellm=not _on("BENCH_SKIP_LITELLM"))
     workdir = tempfile.mkdtemp(prefix="atlas-bench-")
     started = time.monotonic()
-    load1 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     res = report.Results(gateways=[s.label for s in srcs])
-    res.meta.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_before=load1,
+    res.meta.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_before=_load(),
                     duration=f"{duration:g}", machine=f"{os.cpu_count()} CPUs, shared with other work while it ran.")
-    print(f"load average before: {load1}; {os.cpu_count()} CPUs; {duration:g} s per load run; "
+    print(f"load average before: {res.meta['load_before']}; {os.cpu_count()} CPUs; {duration:g} s per load run; "
           f"gateways: {', '.join(f'{s.label} ({s.root})' for s in srcs)}", flush=True)
-    bench = Bench(tl, workdir, duration, warmup)
     failed: list[str] = []
     try:
         with contextlib.ExitStack() as stack:
-            static = stack.enter_context(nginx.static_upstream(tl.nginx, workdir))
-            json_base, sse_base = static.url + nginx.JSON_BASE, static.url + nginx.SSE_BASE
-            mock = None if _on("BENCH_SKIP_MOCK") and _on("BENCH_SKIP_MEMORY") and _on("BENCH_SKIP_SLOW") \
-                else stack.enter_context(MockUpstreamProcess())
-            reference = Target(res.reference, json_base + CHAT, sse_base + CHAT, cpu={"nginx": static.pid})
-            sides: list[tuple[GatewaySource, RedisServer, Target]] = []
-            for src in srcs:
-                rs = stack.enter_context(RedisServer())
-                src.write_bench_key(rs.url)
-                gw = stack.enter_context(src.start(rs.url, json_base, workdir, {bodies.STREAM_MODEL: sse_base}))
-                sides.append((src, rs, _gateway_target(f"{src.label} → nginx", gw, rs.pid)))
-            peer = None
-            if tl.litellm:
-                lp = stack.enter_context(litellm_peer.peer(tl.litellm, json_base, sse_base, workdir))
-                version = Path(tl.litellm).parents[1].name.replace("litellm-", "")
-                res.peer = f"LiteLLM {version} (1 worker, no database, no limits) → nginx"
-                peer = Target(res.peer, lp.url + CHAT, lp.url + CHAT,
-                              {"Authorization": f"Bearer {litellm_peer.MASTER_KEY}"}, {"litellm": lp.pid})
-            res.meta["versions"] = _versions(tl, res.peer)
-            main_targets = [reference] + [t for _, _, t in sides] + ([peer] if peer else [])
-
-            print("\n1. closed loop (wrk), small chat completion", flush=True)
-            for target in main_targets:
-                for c in (1, 16):
-                    run = res.closed.setdefault(target.label, {})[c] = bench.closed(target, c)
-                    print(_line(f"{target.label} c={c}", run), flush=True)
-            if mock is not None and not _on("BENCH_SKIP_MOCK"):
-                mock_target = Target("mock directly", mock.url + CHAT, mock.url + CHAT, cpu={"mock": mock._proc.pid})
-                extra = [mock_target]
-                for src, rs, _ in sides:
-                    gwm = stack.enter_context(src.start(rs.url, mock.url, workdir))
-                    extra.append(_gateway_target(f"{src.label} → mock", gwm, rs.pid))
-                for target in extra:
-                    for c in (1, 16):
-                        run = res.closed.setdefault(target.label, {})[c] = bench.closed(target, c)
-                        print(_line(f"{target.label} c={c}", run), flush=True)
-            if not _on("BENCH_SKIP_WORKERS"):
-                for src, rs, _ in sides:
-                    with src.start(rs.url, json_base, workdir, {bodies.STREAM_MODEL: sse_base},
-                                   ATLAS_WORKERS="2") as gw2:
-                        target = _gateway_target(f"{src.label}, 2 workers → nginx", gw2, rs.pid)
-                        run = res.closed.setdefault(target.label, {})[16] = bench.closed(target, 16)
-                        print(_line(f"{target.label} c=16", run), flush=True)
-            if _on("BENCH_CLIENTS"):
-                for client in ("aiohttp", "httpx"):
-                    with Proc(f"{client} proxy", [sys.executable, "-m", "benchmarks.client_proxy", "--client", client,
-                                                  "--upstream", json_base, "--port", "{port}"]) as proxy:
-                        target = Target(f"minimal {client} proxy (no Redis, no logic) → nginx", proxy.url + CHAT,
-                                        proxy.url + CHAT, cpu={"proxy": proxy.pid})
-                        for c in (1, 16):
-                            run = res.closed.setdefault(target.label, {})[c] = bench.closed(target, c)
-                            print(_line(f"{target.label} c={c}", run), flush=True)
-
-            print("\n2. fixed rate (vegeta, open loop)", flush=True)
-            for rate in rates:
-                for target in main_targets:
-                    capacity = res.closed[target.label][16].rps
-                    if rate > 2 * capacity:
-                        res.fixed.setdefault(target.label, {})[rate] = f"not run: over 2× its c=16 capacity ({capacity:,.0f}/s)"
-                        print(f"  {target.label} {rate}/s: not run (closed-loop capacity {capacity:,.0f} req/s)")
-                        continue
-                    run = res.fixed.setdefault(target.label, {})[rate] = bench.fixed(target, rate)
-                    print(_line(f"{target.label} {rate}/s", run), flush=True)
-
-            print("\n3. prompt sizes, sequential (wrk c=1)", flush=True)
-            for stream in (False, True):
-                for size in sizes:
-                    body = bodies.encode(bodies.chat(size, stream))
-                    for target in main_targets:
-                        run = res.prompts.setdefault(target.label, {})[(size, stream)] = bench.closed(
-                            target, 1, body, stream)
-                        print(_line(f"{target.label} {report.size_label(size)}{' streamed' if stream else ''}", run),
-                              flush=True)
-
+            setup = start(stack, tl, srcs, res, Bench(tl, workdir, duration, warmup), workdir)
+            closed_loop(setup)
+            fixed_rate(setup, _env_list("BENCH_RATES", "500,2000"))
+            prompt_sizes(setup, _env_list("BENCH_PROMPT_SIZES", "1024,204800"))
             if tl.py_spy:
-                print("\n   profile (py-spy) of each gateway under wrk c=16", flush=True)
-                for _, _, target in sides:
-                    out = os.path.join(workdir, "profile.txt")
-                    spy = profiling.record(tl.py_spy, target.cpu["gateway"], max(1, round(duration)), out)
-                    bench.closed(target, 16)
-                    _, err = spy.communicate(timeout=duration + 60)
-                    print(f"  {target.label}:")
-                    text = open(out).read() if os.path.exists(out) else ""
-                    print(profiling.report(text) if text else f"  py-spy failed: {err.decode()[-500:]}", flush=True)
-
-            if mock is not None:
-                for src, rs, _ in sides:
-                    if not _on("BENCH_SKIP_MEMORY"):
-                        print(f"\n4. memory of {src.label}", flush=True)
-                        res.memory[src.label] = _memory(src, rs, mock, workdir)
-                    exact = src.exactness(stack.enter_context(src.start(rs.url, mock.url, workdir)).url, rs.url)
-                    res.exactness[src.label] = exactness.summary(exact)
-                    print(f"\n5. exactness ({src.label}): {res.exactness[src.label]}", flush=True)
-                    if not exact["ok"]:
-                        failed.append(f"exactness of {src.label}")
-                    if not _on("BENCH_SKIP_SLOW"):
-                        with src.start(rs.url, mock.url, workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
-                                       ATLAS_BODY_TIMEOUT_SECONDS="10") as sgw:
-                            flood = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.pid, BENCH_KEY,
-                                                                   bodies.encode(bodies.SMALL)))
-                        res.slow_clients[src.label] = slow_clients.report(flood)
-                        print(f"   1,000 slow clients against {src.label}:\n{res.slow_clients[src.label]}", flush=True)
+                profiles(setup, tl.py_spy)
+            failed += per_gateway_checks(setup)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    res.meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    res.meta["total_s"] = f"{time.monotonic() - started:.0f}"
+    res.meta.update(load_after=_load(), total_s=f"{time.monotonic() - started:.0f}")
     failed += [f"{target} c={c}" for target, runs in res.closed.items() for c, run in runs.items() if run.errors]
     failed += [f"{target} {report.size_label(n)}{' streamed' if s else ''}" for target, runs in res.prompts.items()
                for (n, s), run in runs.items() if run.errors]
@@ -249,6 +282,10 @@ def main() -> int:
         print(f"FAILED or INVALID: {'; '.join(failed)}")
     print(f"load average after: {res.meta['load_after']}; total {res.meta['total_s']} s")
     return 1 if failed else 0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _memory(src: GatewaySource, rs: RedisServer, mock: MockUpstreamProcess, workdir: str) -> dict:

@@ -194,8 +194,10 @@ def profiles(s: Setup, py_spy: str) -> None:
         s.bench.closed(side.target, 16)
         _, err = spy.communicate(timeout=s.bench.duration + 60)
         text = open(out).read() if os.path.exists(out) else ""
-        print(f"  {side.target.label}:\n" + (profiling.report(text) if text else f"  py-spy failed: {err.decode()[-500:]}"),
-              flush=True)
+        if text:
+            s.res.profiles[side.target.label] = profiling.report(text, limit=15)
+        print(f"  {side.target.label}:\n" + (s.res.profiles.get(side.target.label)
+                                              or f"  py-spy failed: {err.decode()[-500:]}"), flush=True)
 
 
 def per_gateway_checks(s: Setup) -> list[str]:

@@ -31,6 +31,7 @@ class Results:
     memory: dict[str, dict[str, dict]] = field(default_factory=dict)  # gateway -> idle/streams -> figures
     exactness: dict[str, dict] = field(default_factory=dict)
     slow_clients: dict[str, str] = field(default_factory=dict)
+    profiles: dict[str, str] = field(default_factory=dict)  # gateway target -> profiling.report text
     gateways: list[str] = field(default_factory=list)  # Atlas labels, "before" first
     reference: str = "nginx directly"
     peer: str | None = None  # LiteLLM's label when it ran
@@ -251,6 +252,8 @@ def render(res: Results) -> str:
     for gw, exact in res.exactness.items():
         parts.append(f"Exactness ({gw}): {exact}")
         parts.append("")
+    for target, text in res.profiles.items():
+        parts += [f"Profile of {target} under wrk c=16 (py-spy, `BENCH_PROFILE=1`):", "", "```", text.rstrip(), "```", ""]
     for gw, flood in res.slow_clients.items():
         parts.append(f"1,000 slow clients ({gw}): {flood.strip().splitlines()[-1].strip()}")
         parts.append("")

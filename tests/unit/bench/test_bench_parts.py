@@ -3,6 +3,7 @@ the /proc CPU accounting, the docs table writer. No load is run and nothing is t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from benchmarks import bodies, gateways, load, nginx, procs, profiling, report, tools
+from benchmarks import bodies, gateways, load, memory, nginx, procs, profiling, report, tools
 
 WRK_OUT = """Running 5s test @ http://127.0.0.1:43737/v1/chat/completions
   1 threads and 16 connections
@@ -205,3 +206,19 @@ def test_other_checkouts_come_first_and_a_wrong_path_is_refused(tmp_path):
     assert [s.root for s in only] == [tmp_path.resolve()]
     with pytest.raises(SystemExit, match="no gateway/atlas_gateway"):
         gateways.sources({"BENCH_GATEWAY_SRC": str(tmp_path / "missing")})
+
+
+def test_memory_probe_reads_whole_answers_chunked_or_not():
+    async def read(raw: bytes) -> tuple[int, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw + b"NEXT")
+        status = await memory._read_answer(reader)
+        return status, await reader.read(4)
+
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    sized = b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\n\r\n{}"
+    assert asyncio.run(read(chunked)) == (200, b"NEXT")  # nothing of the next answer consumed
+    assert asyncio.run(read(sized)) == (429, b"NEXT")
+    request = memory._request("sk-x", b"{}", {"x-mock-chunk-delay-ms": "1000"})
+    assert request.endswith(b"\r\n\r\n{}") and b"Content-Length: 2\r\n" in request
+    assert b"x-mock-chunk-delay-ms: 1000\r\n" in request

@@ -36,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,10 +46,10 @@ from atlas_devstack.redis_server import RedisServer
 from . import bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, tools
 from .gateways import GatewaySource, sources
 from .keys import BENCH_KEY
-from .procs import Proc, cpu_seconds, per_request_us
+from .procs import Proc
+from .runs import CHAT, Bench, Target, gateway_target
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-CHAT = "/v1/chat/completions"
 
 
 def _env_list(name: str, default: str) -> list[int]:
@@ -60,55 +60,10 @@ def _on(name: str) -> bool:
     return os.environ.get(name) == "1"
 
 
-@dataclass
-class Target:
-    """Something a load generator is pointed at, and whose processes' CPU is counted."""
-
-    label: str
-    url: str  # chat completions, non-streaming
-    stream_url: str  # the same for streaming requests (nginx answers SSE on another location)
-    headers: dict[str, str] = field(default_factory=dict)
-    cpu: dict[str, int] = field(default_factory=dict)  # process label -> pid
-
-
-class Bench:
-    def __init__(self, tl: tools.Tools, workdir: str, duration: float, warmup: float) -> None:
-        self.tools, self.workdir, self.duration, self.warmup = tl, workdir, duration, warmup
-        self.warmed: set[str] = set()
-
-    def _counted(self, target: Target, fn) -> load.Run:
-        before = {name: cpu_seconds(pid) for name, pid in target.cpu.items()}
-        run = fn()
-        for name, pid in target.cpu.items():
-            run.cpu_us[name] = per_request_us(before[name], cpu_seconds(pid), run.requests)
-        return run
-
-    def closed(self, target: Target, connections: int, body: bytes | None = None, stream: bool = False) -> load.Run:
-        body = body or bodies.encode(bodies.SMALL)
-        url = target.stream_url if stream else target.url
-        if self.warmup and target.label not in self.warmed:
-            load.wrk(self.tools.wrk, url, 16, self.warmup, body, target.headers, self.workdir)
-            self.warmed.add(target.label)
-        return self._counted(target, lambda: load.wrk(self.tools.wrk, url, connections, self.duration, body,
-                                                      target.headers, self.workdir))
-
-    def fixed(self, target: Target, rate: int) -> load.Run:
-        body = bodies.encode(bodies.SMALL)
-        return self._counted(target, lambda: load.vegeta(self.tools.vegeta, target.url, rate, self.duration, body,
-                                                         target.headers, self.workdir))
-
-
 def _line(label: str, run: load.Run) -> str:
     cpu = ", ".join(f"{k} {v:,.0f} µs/req" for k, v in run.cpu_us.items())
     return (f"  {label:52} p50 {report.ms(run.p50):>9}  p99 {report.ms(run.p99):>9}  {run.rps:9,.0f} req/s"
             + (f"  {cpu}" if cpu else "") + (f"  ({run.errors} ERRORS)" if run.errors else ""))
-
-
-def _gateway_target(label: str, gw: Proc, redis_pid: int | None) -> Target:
-    cpu = {"gateway": gw.pid}
-    if redis_pid:
-        cpu["redis-server"] = redis_pid
-    return Target(label, gw.url + CHAT, gw.url + CHAT, {"Authorization": f"Bearer {BENCH_KEY}"}, cpu)
 
 
 @dataclass
@@ -148,12 +103,12 @@ def closed_loop(s: Setup) -> None:
         s.measure_closed(Target("mock directly", s.mock.url + CHAT, s.mock.url + CHAT, cpu={"mock": s.mock._proc.pid}))
         for side in s.sides:
             gwm = s.stack.enter_context(side.src.start(side.redis.url, s.mock.url, s.workdir))
-            s.measure_closed(_gateway_target(f"{side.src.label} → mock", gwm, side.redis.pid))
+            s.measure_closed(gateway_target(f"{side.src.label} → mock", gwm, side.redis.pid))
     if not _on("BENCH_SKIP_WORKERS"):
         for side in s.sides:
             with side.src.start(side.redis.url, s.json_base, s.workdir, {bodies.STREAM_MODEL: s.sse_base},
                                 ATLAS_WORKERS="2") as gw2:
-                s.measure_closed(_gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis.pid), (16,))
+                s.measure_closed(gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis.pid), (16,))
     if _on("BENCH_CLIENTS"):  # the upstream-client comparison (aiohttp vs httpx) of docs/benchmarks.md
         for client in ("aiohttp", "httpx"):
             with Proc(f"{client} proxy", [sys.executable, "-m", "benchmarks.client_proxy", "--client", client,
@@ -234,7 +189,7 @@ def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource
         rs = stack.enter_context(RedisServer())
         src.write_bench_key(rs.url)
         gw = stack.enter_context(src.start(rs.url, json_base, workdir, {bodies.STREAM_MODEL: sse_base}))
-        sides.append(Side(src, rs, _gateway_target(f"{src.label} → nginx", gw, rs.pid)))
+        sides.append(Side(src, rs, gateway_target(f"{src.label} → nginx", gw, rs.pid)))
     peer = []
     if tl.litellm:
         lp = stack.enter_context(litellm_peer.peer(tl.litellm, json_base, sse_base, workdir))

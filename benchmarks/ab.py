@@ -25,7 +25,7 @@ from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
 from . import tools
-from .__main__ import Bench, Target, _gateway_target
+from .runs import Bench, Target, gateway_target
 from .gateways import HERE_ROOT, GatewaySource
 from .procs import Proc
 
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
         targets = {}
         for name, src in dirs.items():
             src.write_bench_key(rs.url)
-            targets[name] = _gateway_target(name, stack.enter_context(src.start(rs.url, mock.url, workdir)), rs.pid)
+            targets[name] = gateway_target(name, stack.enter_context(src.start(rs.url, mock.url, workdir)), rs.pid)
         for i in range(rounds):
             direct_rps = bench.closed(direct, conc).rps
             for name in (list(dirs) if i % 2 == 0 else list(dirs)[::-1]):

@@ -46,7 +46,7 @@ from atlas_devstack.redis_server import RedisServer
 from . import bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, tools
 from .gateways import GatewaySource, sources
 from .keys import BENCH_KEY
-from .procs import Proc
+from .procs import Proc, ProcError
 from .runs import CHAT, Bench, Target, gateway_target
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -191,8 +191,13 @@ def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource
         gw = stack.enter_context(src.start(rs.url, json_base, workdir, {bodies.STREAM_MODEL: sse_base}))
         sides.append(Side(src, rs, gateway_target(f"{src.label} → nginx", gw, rs.pid)))
     peer = []
+    lp = None
     if tl.litellm:
-        lp = stack.enter_context(litellm_peer.peer(tl.litellm, json_base, sse_base, workdir))
+        try:
+            lp = stack.enter_context(litellm_peer.peer(tl.litellm, json_base, sse_base, workdir))
+        except ProcError as exc:  # the peer is a comparison, not what is measured: go on without it
+            print(f"LiteLLM left out: {exc}", file=sys.stderr, flush=True)
+    if lp is not None:
         res.peer = f"LiteLLM {Path(tl.litellm).parents[1].name.replace('litellm-', '')} (1 worker, no database, no limits) → nginx"
         peer.append(Target(res.peer, lp.url + CHAT, lp.url + CHAT, {"Authorization": f"Bearer {litellm_peer.MASTER_KEY}"},
                            {"litellm": lp.pid}))

@@ -71,6 +71,8 @@ def parse_wrk(out: str) -> Run:
         elif line.startswith("Socket errors:"):
             # "Socket errors: connect 0, read 0, write 0, timeout 0"
             run.errors += sum(int(n) for n in re.findall(r"\d+", line))
+    if not run.requests:  # wrk prints a distribution of zeros when nothing was answered
+        run.p50 = run.p99 = NAN
     return run
 
 

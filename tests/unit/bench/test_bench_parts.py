@@ -56,6 +56,8 @@ def test_wrk_durations_and_garbage():
     assert math.isnan(load.to_ms("fast"))
     empty = load.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
     assert empty.requests == 0 and not empty.valid
+    nothing = load.parse_wrk(WRK_OUT.replace("33012 requests", "0 requests").replace("812.00us", "0.00us"))
+    assert math.isnan(nothing.p50) and math.isnan(nothing.p99)
 
 
 def test_wrk_script_keeps_a_body_with_quotes_and_newlines_intact():

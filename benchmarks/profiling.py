@@ -19,8 +19,12 @@ PROJECT_PATHS = ("atlas_gateway/", "atlas_core/")
 
 
 def is_project(frame: str) -> bool:
+    """A function of Atlas's, not its entry point (``<module>``/``main`` of __main__.py, on every
+    stack of the main thread and so no news)."""
     m = _FRAME.match(frame.strip())
-    return bool(m) and any(p in m.group("file") for p in PROJECT_PATHS)
+    if not m or m.group("file").endswith("__main__.py"):
+        return False
+    return any(p in m.group("file") for p in PROJECT_PATHS)
 
 
 def frame_name(frame: str) -> str:

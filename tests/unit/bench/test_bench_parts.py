@@ -182,7 +182,7 @@ def test_nginx_config_serves_both_locations_and_refuses_variables(tmp_path):
 
 
 def test_profile_is_summed_per_function_by_own_and_total_time():
-    collapsed = ('process 7:"python -m atlas_gateway";run (asyncio/runners.py:1);'
+    collapsed = ('process 7:"python -m atlas_gateway";main (atlas_gateway/__main__.py:60);run (asyncio/runners.py:1);'
                  "handle (atlas_gateway/proxy.py:10);loads (json/__init__.py:346) 30\n"
                  "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12);send (uvicorn/server.py:99) 50\n"
                  "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12) 20\n"

@@ -24,7 +24,8 @@ Environment: BENCH_DURATION (s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATE
 BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
 BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
 BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
-BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only). A smoke run:
+BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only), BENCH_NOTE (a sentence put into the docs section,
+e.g. what "before" and "after" are). A smoke run:
 ``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_WRITE_DOCS=0 make bench``.
 """
 
@@ -219,7 +220,8 @@ def main() -> int:
     started = time.monotonic()
     res = report.Results(gateways=[s.label for s in srcs])
     res.meta.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_before=_load(),
-                    duration=f"{duration:g}", machine=f"{os.cpu_count()} CPUs, shared with other work while it ran.")
+                    duration=f"{duration:g}", machine=f"{os.cpu_count()} CPUs, shared with other work while it ran.",
+                    note=os.environ.get("BENCH_NOTE", ""))
     print(f"load average before: {res.meta['load_before']}; {os.cpu_count()} CPUs; {duration:g} s per load run; "
           f"gateways: {', '.join(f'{s.label} ({s.root})' for s in srcs)}", flush=True)
     failed: list[str] = []

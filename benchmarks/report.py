@@ -182,8 +182,13 @@ def targets(res: Results) -> list[tuple[str, dict[str, tuple[str, bool | None]]]
                 each(lambda gw: check(gateway_cpu(gw, 16), TARGET_CPU_C16_US, "us"))))
     out.append((f"gateway CPU per request at c=1 ≤ {TARGET_CPU_C1_US:.0f} µs",
                 each(lambda gw: check(gateway_cpu(gw, 1), TARGET_CPU_C1_US, "us"))))
-    out.append((f"added p99 at c=1 ≤ {TARGET_ADDED_P99_C1_MS} ms (over nginx directly)",
-                each(lambda gw: check(res.closed[f"{gw} → nginx"][1].p99 - ref[1].p99, TARGET_ADDED_P99_C1_MS, "ms"))))
+    def added_p99(gw: str) -> tuple[str, bool | None]:
+        added = res.closed[f"{gw} → nginx"][1].p99 - ref[1].p99
+        if added < 0:  # nginx's own tail was the larger: the machine's scheduling, not a result
+            return f"{added:.2f} ms (nginx's own p99 {ms(ref[1].p99)} was higher: noise)", None
+        return check(added, TARGET_ADDED_P99_C1_MS, "ms")
+
+    out.append((f"added p99 at c=1 ≤ {TARGET_ADDED_P99_C1_MS} ms (over nginx directly)", each(added_p99)))
 
     def tail(gw: str) -> tuple[str, bool | None]:
         run = res.closed[f"{gw} → nginx"][16]
@@ -215,7 +220,8 @@ def targets_table(res: Results) -> str:
         row = [text]
         for gw in res.gateways:
             measured, met = values.get(gw, ("–", None))
-            row.append(f"{measured}: {'met' if met else '**missed**' if met is False else 'not measured'}")
+            row.append(measured if measured.endswith("noise)") else
+                       f"{measured}: {'met' if met else '**missed**' if met is False else 'not measured'}")
         rows.append(row)
     return table(["target"] + res.gateways, rows)
 
@@ -232,6 +238,7 @@ def render(res: Results) -> str:
         f"vegeta at a fixed rate, {m.get('duration', '?')} s per rate. Atlas: 1 worker unless said, the bench key "
         "with every limit kind on the key and its quota. Versions: " + m.get("versions", "") + ".",
         "",
+        *([m["note"], ""] if m.get("note") else []),
         "Closed loop (wrk), small chat completion (16 completion tokens):",
         "",
         closed_loop_table(res),

@@ -133,6 +133,10 @@ def test_targets_are_judged_from_the_measured_runs():
     big = [v for t, v in judged if t.startswith("200 KB prompt adds")]
     assert big == [("0.10 ms", True), ("1.10 ms", False)]  # (0.80 - 0.70), (2.20 - 1.10)
     assert verdicts["redis-server CPU per request"] == ("19 µs", True)
+    noisy = _results()
+    noisy.closed["nginx directly"][1].p99 = 2.0  # the reference's own tail above Atlas's
+    added = {t.split(" ≤")[0]: v["Atlas abc"] for t, v in report.targets(noisy)}["added p99 at c=1"]
+    assert added[1] is None and "noise" in added[0]
 
 
 def test_rendered_tables_have_the_issue_columns_and_say_met_or_missed():

@@ -117,7 +117,7 @@ def size_label(n: int) -> str:
 
 def prompt_table(res: Results) -> str:
     keys = sorted({k for runs in res.prompts.values() for k in runs}, key=lambda k: (k[1], k[0]))
-    header = ["target"] + [f"{size_label(n)}{', streamed' if s else ''}: p50 (added)" for n, s in keys]
+    header = ["target"] + [f"{size_label(n)}{', streamed' if s else ''}: p50 (added), CPU/request" for n, s in keys]
     ref = res.prompts.get(res.reference, {})
     rows = []
     for target, runs in res.prompts.items():
@@ -130,6 +130,9 @@ def prompt_table(res: Results) -> str:
             cell = ms(run.p50)
             if target != res.reference and k in ref:
                 cell += f" (+{run.p50 - ref[k].p50:.2f})"
+            own = next((v for name, v in run.cpu_us.items() if name != "redis-server"), None)
+            if own is not None:  # the load-independent figure beside the latency
+                cell += f", {us(own)}"
             row.append(cell + (f", {run.errors} errors!" if run.errors else ""))
         rows.append(row)
     return table(header, rows)
@@ -247,7 +250,8 @@ def render(res: Results) -> str:
         "",
         fixed_rate_table(res),
         "",
-        "Prompt size, sequential requests (wrk c=1), p50 and in brackets the added p50 over nginx directly:",
+        "Prompt size, sequential requests (wrk c=1): p50, in brackets the added p50 over nginx directly, then "
+        "the CPU per request of the target's own process (the gateway's, without redis-server):",
         "",
         prompt_table(res),
         "",

@@ -33,5 +33,6 @@ echo "installing ${missing[*]} from Debian's packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# The Debian packages may start a system-wide redis on :6379 (and nginx on :80); Atlas never uses it (tests and the
-# dev stack start their own on free ports), so leave it alone rather than guess the init system.
+# The Debian packages may start a system-wide redis on :6379 (and nginx on :80); Atlas never uses
+# them (tests, the dev stack and the bench start their own on free ports), so leave them alone
+# rather than guess the init system.

@@ -42,7 +42,7 @@ class Principal:
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "subjects", "subject_count", "limit_args", "tpm_args",
         "allows_model", "priority", "encoded", "leased", "lease_keys", "_keys_day", "_admit_keys", "_settle_keys",
-        "price_tables", "cost_limited", "priced", "currency",
+        "price_tables", "cost_limited", "priced", "currency", "tag",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -50,6 +50,8 @@ class Principal:
         self.quota = quota
         self.quota_missing = bool(key.quota) and quota is None
         self.ref = key.ref
+        # one hash tag for every counter of this key and of its quota: one cluster slot per call
+        self.tag = tag = contract.slot_tag(key.namespace, key.name, key.quota)
         subjects = [(contract.key_subject(key.namespace, key.name), key.limits, key.shortfall)]
         tables = [key.price_list]
         if quota is not None:
@@ -85,7 +87,8 @@ class Principal:
         self.tpm_args = tuple(tpm)
         # refresh.lua's KEYS: lease zset, lease:tok and lease:cost hashes per subject (not day-dependent)
         self.lease_keys = [k.encode() for s in self.subjects
-                           for k in (contract.lease_key(s), contract.lease_tokens_key(s), contract.lease_cost_key(s))]
+                           for k in (contract.lease_key(s, tag), contract.lease_tokens_key(s, tag),
+                                     contract.lease_cost_key(s, tag))]
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY
         self.encoded: tuple | None = None  # admission's pre-encoded script call parts
@@ -98,17 +101,18 @@ class Principal:
         if day != self._keys_day:
             admit: list[str] = []
             settle: list[str] = []
+            tag = self.tag
             for subject in self.subjects:
-                day_key = contract.day_usage_key(subject, day)
-                month_key = contract.month_usage_key(subject, month)
-                bucket_req = contract.request_bucket_key(subject)
-                bucket_tok = contract.token_bucket_key(subject)
-                lease = contract.lease_key(subject)
-                lease_tok = contract.lease_tokens_key(subject)
-                lease_cost = contract.lease_cost_key(subject)
+                day_key = contract.day_usage_key(subject, day, tag)
+                month_key = contract.month_usage_key(subject, month, tag)
+                bucket_req = contract.request_bucket_key(subject, tag)
+                bucket_tok = contract.token_bucket_key(subject, tag)
+                lease = contract.lease_key(subject, tag)
+                lease_tok = contract.lease_tokens_key(subject, tag)
+                lease_cost = contract.lease_cost_key(subject, tag)
                 admit += [k.encode() for k in (bucket_req, bucket_tok, lease, lease_tok, day_key, month_key, lease_cost)]
                 settle += [k.encode() for k in (bucket_tok, lease, lease_tok, day_key, month_key, lease_cost)]
-            admit.append(contract.undone_key(self.subjects[0]).encode())  # tombstones (undo.lua)
+            admit.append(contract.undone_key(self.subjects[0], tag).encode())  # tombstones (undo.lua)
             self._admit_keys, self._settle_keys, self._keys_day = admit, settle, day
         return self._admit_keys, self._settle_keys
 

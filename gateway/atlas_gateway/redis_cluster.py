@@ -1,0 +1,254 @@
+"""The hot-path client for a Redis Cluster: one :mod:`fastredis` connection per master, each
+command sent to the master serving its slot.
+
+It has FastRedis's interface (``execute``, ``execute_raw``, ``ping``, ``aclose``), so the script
+runners and call sites do not change. The slot is read from the command itself: for EVALSHA the
+first of its KEYS (every key of one Atlas script call carries one hash tag, see
+core/atlas_core/contract.py), so admission stays one round trip to one node, pipelined with every
+other call bound for that node.
+
+Topology: the slot map comes from ``CLUSTER SLOTS`` (asked of any node that answers), at the
+first call and again, in the background and at most every ``REFRESH_GAP`` seconds, whenever a
+reply says the map is stale (``MOVED``) or a node cannot be reached (a master died: until its
+replica is promoted the others still name it, so the refresh repeats while calls keep failing).
+``MOVED`` and ``ASK`` mean the command did not run, so it is sent again where the reply points
+(``ASK``: preceded by ``ASKING``, without changing the map).
+
+Failures keep fastredis' meaning (faults.py): a lost connection or a timeout may have run the
+command (the caller's recovery undoes it); ``NotSent`` certainly did not. ``CLUSTERDOWN`` and
+``TRYAGAIN`` (no master for the slot yet, a slot in migration) are raised as ``NotSent``: the
+command was refused unrun, and "Redis unreachable" (fail mode) is what the client should see,
+not a 500. ``SCRIPT LOAD`` goes to every master (scripts are not replicated to a replica that
+gets promoted; NOSCRIPT then loads it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from atlas_core.cluster import SLOTS, key_slot
+
+from .fastredis import FastRedis, NotSent, ReplyError, pack
+
+log = logging.getLogger("atlas_gateway")
+
+_ASKING = pack((b"ASKING",))
+_SCRIPTS = (b"EVALSHA", b"EVAL", b"evalsha", b"eval")
+_KEYLESS = frozenset({b"PING", b"SCRIPT", b"AUTH", b"SELECT", b"INFO", b"CLUSTER", b"ASKING", b"READONLY"})
+
+
+def _bulk(command: bytes, pos: int) -> tuple[bytes, int]:
+    """The bulk string at ``pos`` of a RESP-encoded command, and the position after it."""
+    end = command.index(b"\r\n", pos)
+    start = end + 2
+    stop = start + int(command[pos + 1:end])
+    return command[start:stop], stop + 2
+
+
+def first_key(command: bytes) -> bytes | None:
+    """The key a RESP-encoded command is routed by (None: any node will do)."""
+    name, pos = _bulk(command, command.index(b"\r\n") + 2)
+    if name in _SCRIPTS:
+        _, pos = _bulk(command, pos)  # sha or source
+        numkeys, pos = _bulk(command, pos)
+        return None if numkeys == b"0" else _bulk(command, pos)[0]
+    if name.upper() in _KEYLESS or pos >= len(command):
+        return None
+    return _bulk(command, pos)[0]
+
+
+class ClusterFastRedis:
+    REFRESH_GAP = 0.1      # seconds between two topology refreshes, at least
+    MAX_REDIRECTS = 5      # MOVED/ASK hops for one command (a resharding in progress)
+    SLOT_CACHE = 100_000   # first key -> slot, bounded (one entry per key and script)
+
+    def __init__(self, url: str, timeout: float = 0.5) -> None:
+        self.url = url
+        self.timeout = timeout
+        seed = FastRedis(url, timeout)  # parses (and validates) auth, TLS and database once
+        self.seeds = [(seed.host, seed.port)]
+        self.nodes: dict[tuple[str, int], FastRedis] = {(seed.host, seed.port): seed}
+        self.slots: list[FastRedis | None] | None = None  # None: no map yet
+        self.refreshes = 0  # completed topology refreshes (tests, /metrics-free diagnostics)
+        self._refresh_task: asyncio.Future | None = None
+        self._last_refresh = float("-inf")
+        self._slot_of: dict[bytes, int] = {}
+
+    # ------------------------------------------------------------------ the FastRedis interface
+
+    async def execute_raw(self, command: bytes):
+        return await self._send(self._slot(first_key(command)), command)
+
+    async def execute(self, *args: bytes):
+        if args[0].upper() == b"SCRIPT" and len(args) > 1 and args[1].upper() == b"LOAD":
+            return await self._on_every_master(pack(args))
+        if args[0] in _SCRIPTS:
+            key = args[3] if args[2] != b"0" else None
+        else:
+            key = None if args[0].upper() in _KEYLESS or len(args) < 2 else args[1]
+        return await self._send(self._slot(key), pack(args))
+
+    async def ping(self) -> None:
+        """Readiness: every master answers PING."""
+        await self._on_every_master(pack((b"PING",)))
+
+    async def aclose(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+        for node in list(self.nodes.values()):
+            await node.aclose()
+
+    # ------------------------------------------------------------------ routing
+
+    def _slot(self, key: bytes | None) -> int | None:
+        if key is None:
+            return None
+        slot = self._slot_of.get(key)
+        if slot is None:
+            if len(self._slot_of) >= self.SLOT_CACHE:
+                self._slot_of.clear()
+            slot = self._slot_of[key] = key_slot(key)
+        return slot
+
+    def _node(self, address: str) -> FastRedis:
+        host, _, port = address.rpartition(":")
+        return self._node_at(host, int(port))
+
+    def _node_at(self, host: str, port: int) -> FastRedis:
+        node = self.nodes.get((host, port))
+        if node is None:
+            node = FastRedis(self.url, self.timeout)
+            node.host, node.port = host, port
+            self.nodes[(host, port)] = node
+        return node
+
+    async def _send(self, slot: int | None, command: bytes):
+        slots = self.slots
+        if slots is None:
+            await self._refresh_now()
+            slots = self.slots
+        node = slots[slot] if slot is not None else self._any_master()
+        for _ in range(self.MAX_REDIRECTS):
+            if node is None:
+                self._stale()
+                raise NotSent(f"no master serves slot {slot} (cluster topology changing)")
+            try:
+                return await node.execute_raw(command)
+            except ReplyError as exc:
+                text = str(exc)
+                kind = text.split(" ", 1)[0]
+                if kind == "MOVED":  # the slot lives elsewhere now: the command did not run
+                    _, moved_slot, address = text.split(" ")
+                    node = self._node(address)
+                    self.slots[int(moved_slot)] = node
+                    self._stale()
+                    continue
+                if kind == "ASK":  # a slot in migration: this key is already on the target
+                    return await self._asking(self._node(text.split(" ")[2]), command)
+                if kind in ("CLUSTERDOWN", "TRYAGAIN"):
+                    self._stale()
+                    raise NotSent(text) from exc
+                raise
+            except (ConnectionError, TimeoutError, OSError):
+                self._stale()  # a master may have died: look for its promoted replica
+                raise
+        raise NotSent(f"more than {self.MAX_REDIRECTS} redirections for slot {slot}")
+
+    async def _asking(self, node: FastRedis, command: bytes):
+        proto = node._proto
+        if proto is None or proto.closed:
+            proto = await node._ready()
+        asking, reply = proto.call(_ASKING), proto.call(command)  # one write, in this order
+        _, result = await asyncio.gather(asking, reply, return_exceptions=True)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _masters(self) -> list[FastRedis]:
+        seen: dict[int, FastRedis] = {}
+        for node in self.slots or ():
+            if node is not None:
+                seen.setdefault(id(node), node)
+        return list(seen.values())
+
+    def _any_master(self) -> FastRedis | None:
+        masters = self._masters()
+        return masters[0] if masters else None
+
+    async def _on_every_master(self, command: bytes):
+        if self.slots is None:
+            await self._refresh_now()
+        masters = self._masters()
+        if not masters:
+            self._stale()
+            raise NotSent("no cluster master known")
+        try:
+            results = await asyncio.gather(*(m.execute_raw(command) for m in masters))
+        except (ConnectionError, TimeoutError, OSError):
+            self._stale()
+            raise
+        return results[0]
+
+    # ------------------------------------------------------------------ topology
+
+    def _stale(self) -> None:
+        """Refresh the slot map in the background (at most every REFRESH_GAP seconds)."""
+        task = self._refresh_task
+        if task is None or task.done():
+            self._refresh_task = asyncio.ensure_future(self._refresh_soon())
+
+    async def _refresh_soon(self) -> None:
+        wait = self._last_refresh + self.REFRESH_GAP - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        try:
+            await self._refresh()
+        except NotSent as exc:
+            log.warning("Redis Cluster topology refresh failed: %s", exc)
+
+    async def _refresh_now(self) -> None:
+        """The first map (every caller waits for the same refresh)."""
+        task = self._refresh_task
+        if task is None or task.done():
+            task = self._refresh_task = asyncio.ensure_future(self._refresh())
+        await asyncio.shield(task)
+        if self.slots is None:
+            raise NotSent("no Redis Cluster node answered CLUSTER SLOTS")
+
+    async def _refresh(self) -> None:
+        self._last_refresh = asyncio.get_running_loop().time()
+        # known masters first (they are the likeliest to be alive), then every other node we know
+        candidates = self._masters() + [n for n in self.nodes.values() if n not in self._masters()]
+        errors = []
+        for node in candidates:
+            try:
+                reply = await node.execute(b"CLUSTER", b"SLOTS")
+            except ReplyError as exc:
+                if "cluster support disabled" in str(exc):
+                    self.slots = [node] * SLOTS  # ATLAS_REDIS_CLUSTER=true against a single Redis
+                    self.refreshes += 1
+                    return
+                errors.append(exc)
+                continue
+            except (OSError, TimeoutError) as exc:
+                errors.append(exc)
+                continue
+            self._apply(node, reply)
+            return
+        raise NotSent(f"no Redis Cluster node answered CLUSTER SLOTS: {errors[-1] if errors else 'none known'}")
+
+    def _apply(self, asked: FastRedis, reply: list) -> None:
+        slots: list[FastRedis | None] = [None] * SLOTS
+        for entry in reply:
+            start, end, master = int(entry[0]), int(entry[1]), entry[2]
+            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+            if host in ("", "?"):  # "the node you asked" (an unknown endpoint)
+                host = asked.host
+            node = self._node_at(host, int(master[1]))
+            slots[start:end + 1] = [node] * (end - start + 1)
+            for replica in entry[3:]:  # known, so a refresh can ask it once its master is gone
+                rhost = replica[0].decode() if isinstance(replica[0], bytes) else str(replica[0])
+                self._node_at(rhost if rhost not in ("", "?") else asked.host, int(replica[1]))
+        self.slots = slots
+        self.refreshes += 1

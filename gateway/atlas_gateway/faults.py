@@ -21,7 +21,8 @@ REDIS_FAILURES = (redis_errors.RedisError, ReplyError, OSError, asyncio.TimeoutE
 
 # first word of an error reply -> metric label (bounded: anything else is "ERR")
 _REPLY_KINDS = frozenset({"ERR", "OOM", "NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT", "READONLY", "BUSY",
-                          "LOADING", "MASTERDOWN", "MISCONF", "WRONGTYPE", "EXECABORT", "CROSSSLOT"})
+                          "LOADING", "MASTERDOWN", "MISCONF", "WRONGTYPE", "EXECABORT", "CROSSSLOT",
+                          "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
 
 
 def is_transport_failure(exc: BaseException) -> bool:

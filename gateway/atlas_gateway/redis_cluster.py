@@ -12,12 +12,14 @@ first call and again, in the background and at most every ``REFRESH_GAP`` second
 reply says the map is stale (``MOVED``) or a node cannot be reached (a master died: until its
 replica is promoted the others still name it, so the refresh repeats while calls keep failing).
 ``MOVED`` and ``ASK`` mean the command did not run, so it is sent again where the reply points
-(``ASK``: preceded by ``ASKING``, without changing the map).
+(``ASK``: preceded by ``ASKING``, without changing the map); so does ``TRYAGAIN`` (a script
+whose slot is in migration: its keys are partly moved), after a short back-off.
 
 Failures keep fastredis' meaning (faults.py): a lost connection or a timeout may have run the
 command (the caller's recovery undoes it); ``NotSent`` certainly did not. ``CLUSTERDOWN`` and
 ``TRYAGAIN`` (no master for the slot yet, a slot in migration) are raised as ``NotSent``: the
-command was refused unrun, and "Redis unreachable" (fail mode) is what the client should see,
+command was refused unrun (TRYAGAIN: still, after the back-off), and "Redis unreachable"
+(fail mode) is what the client should see,
 not a 500. ``SCRIPT LOAD`` goes to every master (scripts are not replicated to a replica that
 gets promoted; NOSCRIPT then loads it again).
 """
@@ -61,6 +63,9 @@ def first_key(command: bytes) -> bytes | None:
 class ClusterFastRedis:
     REFRESH_GAP = 0.1      # seconds between two topology refreshes, at least
     MAX_REDIRECTS = 5      # MOVED/ASK hops for one command (a resharding in progress)
+    # TRYAGAIN: the slot of a multi-key call is being migrated (milliseconds per slot with
+    # redis-cli --cluster reshard); wait a little before answering "unavailable"
+    TRYAGAIN_BACKOFF = (0.02, 0.05, 0.1)
     SLOT_CACHE = 100_000   # first key -> slot, bounded (one entry per key and script)
 
     def __init__(self, url: str, timeout: float = 0.5) -> None:
@@ -129,23 +134,34 @@ class ClusterFastRedis:
             await self._refresh_now()
             slots = self.slots
         node = slots[slot] if slot is not None else self._any_master()
-        for _ in range(self.MAX_REDIRECTS):
+        asking = False
+        retries = iter(self.TRYAGAIN_BACKOFF)
+        for _ in range(self.MAX_REDIRECTS + len(self.TRYAGAIN_BACKOFF)):
             if node is None:
                 self._stale()
                 raise NotSent(f"no master serves slot {slot} (cluster topology changing)")
             try:
+                if asking:
+                    return await self._asking(node, command)
                 return await node.execute_raw(command)
             except ReplyError as exc:
                 text = str(exc)
                 kind = text.split(" ", 1)[0]
                 if kind == "MOVED":  # the slot lives elsewhere now: the command did not run
                     _, moved_slot, address = text.split(" ")
-                    node = self._node(address)
+                    node, asking = self._node(address), False
                     self.slots[int(moved_slot)] = node
                     self._stale()
                     continue
                 if kind == "ASK":  # a slot in migration: this key is already on the target
-                    return await self._asking(self._node(text.split(" ")[2]), command)
+                    node, asking = self._node(text.split(" ")[2]), True
+                    continue
+                if kind == "TRYAGAIN":  # a multi-key call while its slot migrates: not run
+                    delay = next(retries, None)
+                    if delay is not None:
+                        await asyncio.sleep(delay)
+                        node, asking = self.slots[slot] if slot is not None else node, False
+                        continue
                 if kind in ("CLUSTERDOWN", "TRYAGAIN"):
                     self._stale()
                     raise NotSent(text) from exc
@@ -153,7 +169,7 @@ class ClusterFastRedis:
             except (ConnectionError, TimeoutError, OSError):
                 self._stale()  # a master may have died: look for its promoted replica
                 raise
-        raise NotSent(f"more than {self.MAX_REDIRECTS} redirections for slot {slot}")
+        raise NotSent(f"too many redirections for slot {slot}")
 
     async def _asking(self, node: FastRedis, command: bytes):
         proto = node._proto

@@ -416,6 +416,7 @@ class QuotaConfig:
 #
 #   {T}:usage:<subject>:d:<YYYY-MM-DD>   hash  settled (tokens), requests, last (unix ms), cost (micro)
 #   {T}:usage:<subject>:m:<YYYY-MM>      hash  settled (tokens), cost (micro-units, priced subjects)
+#                                              (field names: USAGE_* below)
 #   {T}:bucket:req:<subject>             hash  token bucket for requestsPerSecond/burst
 #   {T}:bucket:tok:<subject>             hash  token bucket for tokensPerMinute
 #   {T}:lease:<subject>                  zset  in-flight request id -> lease expiry (unix ms)
@@ -433,6 +434,16 @@ class QuotaConfig:
 # then hashes to one Redis Cluster slot. A key whose quotaRef changes gets new counter names (the
 # operator carries its day/month usage over, see carry_over.lua). Every function below takes
 # ``tag``; it defaults to the subject itself (a key without a quota, or a quota).
+
+# The fields of the day/month usage hashes. The gateway's Lua scripts write them (Lua keeps them as
+# literals, so that a script call's KEYS/ARGV layout stays fixed: tests/unit/gateway/test_script_layout.py
+# checks the scripts' literals against these names); the operator reads them through :func:`parse_usage`.
+USAGE_SETTLED = "settled"    # tokens settled (day and month hashes)
+USAGE_REQUESTS = "requests"  # requests admitted (day hash)
+USAGE_LAST = "last"          # unix ms of the last admission (day hash)
+USAGE_COST = "cost"          # cost settled, micro-units (day and month hashes; priced subjects only)
+DAY_USAGE_FIELDS = (USAGE_SETTLED, USAGE_REQUESTS, USAGE_LAST, USAGE_COST)
+MONTH_USAGE_FIELDS = (USAGE_SETTLED, USAGE_COST)
 
 DAY_TTL_SECONDS = 3 * 24 * 3600  # a day hash outlives its day: late settlements and status
 MONTH_TTL_SECONDS = 35 * 24 * 3600 + 3600
@@ -570,12 +581,12 @@ def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now:
     def get(h: Mapping[Any, Any], name: str) -> Any:
         return h.get(name, h.get(name.encode()))
 
-    last = get(day_hash, "last")
-    cost_day, cost_month = get(day_hash, "cost"), get(month_hash, "cost")
+    last = get(day_hash, USAGE_LAST)
+    cost_day, cost_month = get(day_hash, USAGE_COST), get(month_hash, USAGE_COST)
     return Usage(
-        tokens_today=_int(get(day_hash, "settled")),
-        tokens_this_month=_int(get(month_hash, "settled")),
-        requests_today=_int(get(day_hash, "requests")),
+        tokens_today=_int(get(day_hash, USAGE_SETTLED)),
+        tokens_this_month=_int(get(month_hash, USAGE_SETTLED)),
+        requests_today=_int(get(day_hash, USAGE_REQUESTS)),
         day=day_of(now),
         month=month_of(now),
         last_request_ms=_int(last) if last is not None else None,

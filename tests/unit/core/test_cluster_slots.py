@@ -8,6 +8,7 @@ import pytest
 from atlas_core import cluster, contract
 from atlas_gateway.admission import Admission
 from atlas_gateway.auth import Principal
+from atlas_gateway.calls import ScriptCalls
 from atlas_gateway.fastredis import pack
 from atlas_gateway.redis_cluster import first_key
 from atlas_operator.carry_over import CarryOver
@@ -29,8 +30,11 @@ def test_every_key_of_every_script_call_shares_one_slot(quota):
                              quota=quota)
     quota_config = contract.QuotaConfig("team", "shared", contract.Limits(tokens_per_day=5)) if quota else None
     principal = Principal(key, quota_config)
-    admit_keys, settle_keys = principal.redis_keys("2026-11-27", "2026-11")
-    every = admit_keys + settle_keys + principal.lease_keys
+    calls = ScriptCalls(60)
+    admit, settle = calls.shapes(principal, "2026-11-27", "2026-11")
+    admit_keys = admit.keys
+    every = admit.keys + settle.keys + calls.undo_shape(principal, "2026-11-27", "2026-11").keys + \
+        calls.refresh_shape(principal).keys
     assert len({cluster.key_slot(k) for k in every}) == 1
     expected_tag = contract.quota_subject("team", "shared") if quota else contract.key_subject("team", "app")
     assert all(k.decode().startswith(f"atlas:v2:{{{expected_tag}}}:") for k in every)

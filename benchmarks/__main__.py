@@ -20,7 +20,8 @@ A reference run repeats the direct/gateway pair against a FastAPI implementation
 the setup of design.md's performance table (the raw ASGI mock is several times faster, which
 makes the throughput ratio much harder to reach).
 
-Environment: BENCH_DURATION (seconds per wrk run, default 6), BENCH_SKIP_CLIENTS=1 to skip
+Environment: BENCH_REDIS_URL (a Redis or Redis Cluster to use instead of starting one),
+BENCH_DURATION (seconds per wrk run, default 6), BENCH_SKIP_CLIENTS=1 to skip
 step 2, BENCH_SKIP_WORKERS=1 to skip the 2-worker run, BENCH_SKIP_REFERENCE=1 to skip the
 FastAPI-mock reference run, BENCH_SKIP_SLOW=1 to skip step 4.
 """
@@ -28,6 +29,7 @@ FastAPI-mock reference run, BENCH_SKIP_SLOW=1 to skip step 4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -192,6 +194,46 @@ def wrk(url: str, connections: int, duration: int, key: str | None, workdir: str
 REDIS_PID: list[int] = []  # set once Redis runs: its CPU per request is reported too
 
 
+def redis_client(url: str):
+    """redis-py for ``url``: a RedisCluster when the server runs in cluster mode."""
+    probe = redis.Redis.from_url(url)
+    try:
+        on_cluster = bool(int(probe.info("cluster").get("cluster_enabled", 0)))
+    finally:
+        probe.close()
+    return redis.RedisCluster.from_url(url) if on_cluster else redis.Redis.from_url(url)
+
+
+class _ExternalRedis:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+@contextlib.contextmanager
+def bench_redis():
+    """BENCH_REDIS_URL: run against that Redis, single or a Redis Cluster (e.g. one started by
+    ``python -m atlas_devstack.redis_cluster``), instead of starting one. Redis CPU is then the
+    (local) master serving the benchmark key's slot."""
+    url = os.environ.get("BENCH_REDIS_URL")
+    if not url:
+        with RedisServer() as rs:
+            REDIS_PID.append(rs._proc.pid)
+            yield rs
+        return
+    client = redis_client(url)
+    try:
+        bench_slot_key = contract.lease_key(contract.key_subject("bench", "bench"),
+                                            contract.quota_subject("bench", "bench-quota"))
+        if isinstance(client, redis.RedisCluster):
+            info = client.info("server", target_nodes=client.get_node_from_key(bench_slot_key))
+        else:
+            info = client.info("server")
+        REDIS_PID.append(int(info["process_id"]))
+    finally:
+        client.close()
+    yield _ExternalRedis(url)
+
+
 def measure_gateway(gw: Proc, c: int, duration: int, workdir: str, key: str | None = BENCH_KEY,
                     warmup: int = 2) -> dict:
     if warmup:
@@ -217,7 +259,7 @@ async def exactness(gateway_url: str, redis_url: str, upstream_url: str) -> dict
     bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", body)  # the gateway's defaults
     prompt_est, reserve = bound.prompt, bound.reserve
     budget = 20 * reserve
-    r = redis.Redis.from_url(redis_url)
+    r = redis_client(redis_url)
     write_key(r, EXACT_KEY, "exact", contract.Limits(tokens_per_day=budget), None)
     # The mock reports exactly the reservation as usage, so settling refunds nothing and the
     # budget fits exactly 20 requests; 100 ms latency keeps all 200 truly concurrent.
@@ -261,9 +303,8 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
           f"{os.cpu_count()} CPUs; {duration}s per wrk run", flush=True)
     try:
-        with RedisServer() as rs, MockUpstreamProcess() as mock:
-            REDIS_PID.append(rs._proc.pid)
-            r = redis.Redis.from_url(rs.url)
+        with bench_redis() as rs, MockUpstreamProcess() as mock:
+            r = redis_client(rs.url)
             write_key(r, BENCH_KEY, "bench", NEVER_BITING, NEVER_BITING)
             r.close()
             with gateway(rs.url, mock.url, ATLAS_WORKERS="1") as gw:

@@ -14,7 +14,8 @@ import logging
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 
 log = logging.getLogger("atlas")
 
@@ -90,6 +91,44 @@ async def resolve(mode: str, url: str, timeout: float) -> bool:
     return mode == "true"
 
 
+def _closed_transport(exc: RuntimeError) -> redis_errors.ConnectionError | None:
+    """Under uvloop, redis-py's cluster client can write to a connection the node just closed
+    (its handshake on a new connection to a node going down): uvloop raises RuntimeError
+    ("the handler is closed"). That is a lost connection, and is raised as one."""
+    if "handler is closed" in str(exc):
+        return redis_errors.ConnectionError(f"connection to a Redis Cluster node closed: {exc}")
+    return None
+
+
+class _Pipeline(ClusterPipeline):
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute(*args, **kwargs)
+        except RuntimeError as exc:
+            lost = _closed_transport(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+
+
+class AtlasRedisCluster(RedisCluster):
+    """redis-py's RedisCluster whose failures are all RedisErrors (see :func:`_closed_transport`)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RuntimeError as exc:
+            lost = _closed_transport(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            raise redis_errors.RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _Pipeline(self, transaction)
+
+
 def redis_py_client(url: str, cluster: bool, **kwargs: Any) -> Any:
     """redis-py's asyncio client, or its RedisCluster (slot map, MOVED/ASK, per-node pipelines)."""
     if not cluster:
@@ -97,4 +136,4 @@ def redis_py_client(url: str, cluster: bool, **kwargs: Any) -> Any:
     kwargs.pop("max_connections", None)  # per node in RedisCluster: its default suits it
     kwargs.pop("health_check_interval", None)
     kwargs.pop("retry_on_timeout", None)
-    return RedisCluster.from_url(url, **kwargs)
+    return AtlasRedisCluster.from_url(url, **kwargs)

@@ -22,7 +22,7 @@ from . import errors, metrics
 from .fastredis import NotSent, ReplyError
 
 # redis-py's RedisCluster: no master for the slot (yet); RedisClusterException is no RedisError
-_CLUSTER_UNAVAILABLE = (redis_errors.ClusterDownError, redis_errors.TryAgainError,
+_CLUSTER_UNAVAILABLE = (redis_errors.ClusterDownError, redis_errors.TryAgainError, redis_errors.ClusterError,
                         redis_errors.RedisClusterException)
 
 # every exception a Redis call (hot-path client or redis-py) may raise

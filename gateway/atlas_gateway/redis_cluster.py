@@ -48,6 +48,11 @@ def _bulk(command: bytes, pos: int) -> tuple[bytes, int]:
     return command[start:stop], stop + 2
 
 
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def first_key(command: bytes) -> bytes | None:
     """The key a RESP-encoded command is routed by (None: any node will do)."""
     name, pos = _bulk(command, command.index(b"\r\n") + 2)
@@ -62,15 +67,21 @@ def first_key(command: bytes) -> bytes | None:
 
 class ClusterFastRedis:
     REFRESH_GAP = 0.1      # seconds between two topology refreshes, at least
+    REFRESH_EVERY = 30.0   # and at least this often while commands flow
     MAX_REDIRECTS = 5      # MOVED/ASK hops for one command (a resharding in progress)
     # TRYAGAIN: the slot of a multi-key call is being migrated (milliseconds per slot with
     # redis-cli --cluster reshard); wait a little before answering "unavailable"
     TRYAGAIN_BACKOFF = (0.02, 0.05, 0.1)
     SLOT_CACHE = 100_000   # first key -> slot, bounded (one entry per key and script)
 
-    def __init__(self, url: str, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, timeout: float = 0.5, wait_ms: int = 100) -> None:
         self.url = url
         self.timeout = timeout
+        # WAIT 1 <wait_ms> after every command to a master that has a replica (0: never)
+        self.wait_ms = wait_ms
+        self._wait = pack((b"WAIT", b"1", str(wait_ms).encode()))
+        self._replicated: set[int] = set()  # id() of the masters with a connected replica (ROLE)
+        self.unacked = 0  # WAITs that timed out without a replica's ack (diagnostics)
         seed = FastRedis(url, timeout)  # parses (and validates) auth, TLS and database once
         self.seeds = [(seed.host, seed.port)]
         self.nodes: dict[tuple[str, int], FastRedis] = {(seed.host, seed.port): seed}
@@ -133,6 +144,8 @@ class ClusterFastRedis:
         if slots is None:
             await self._refresh_now()
             slots = self.slots
+        if asyncio.get_running_loop().time() - self._last_refresh > self.REFRESH_EVERY:
+            self._stale()  # replicas come and go without a MOVED telling us
         node = slots[slot] if slot is not None else self._any_master()
         asking = False
         retries = iter(self.TRYAGAIN_BACKOFF)
@@ -143,6 +156,8 @@ class ClusterFastRedis:
             try:
                 if asking:
                     return await self._asking(node, command)
+                if self.wait_ms and id(node) in self._replicated:
+                    return await self._replicated_call(node, command)
                 return await node.execute_raw(command)
             except ReplyError as exc:
                 text = str(exc)
@@ -170,6 +185,45 @@ class ClusterFastRedis:
                 self._stale()  # a master may have died: look for its promoted replica
                 raise
         raise NotSent(f"too many redirections for slot {slot}")
+
+    async def _replicated_call(self, node: FastRedis, command: bytes):
+        """The command, then ``WAIT 1 <wait_ms>``: its reply is returned once a replica has it
+        too, so a master that dies right after answering cannot take an admission or settlement
+        the gateway acted on with it (a failover would otherwise lose what the replica had not
+        received yet: measured, a budget overshot by a third under load). The commands written in
+        one event-loop iteration share one WAIT (moved behind the newest). A WAIT whose connection
+        is lost fails the command like any lost reply ("may have run": undone); a WAIT that times
+        out without an ack (a replica down or far behind) lets the reply through: availability
+        over durability, counted in ``unacked``."""
+        proto = node._proto
+        if proto is None or proto.closed:
+            proto = await node._ready()
+        wait_entry = getattr(proto, "atlas_wait", None)
+        if wait_entry is not None and proto.outgoing and proto.outgoing[-1] is self._wait \
+                and proto.waiters and proto.waiters[-1] is wait_entry:
+            proto.outgoing.pop()  # still unsent: the batch's WAIT moves behind this command
+            proto.waiters.pop()
+            reply = proto.call(command)
+            proto.outgoing.append(self._wait)
+            proto.waiters.append(wait_entry)
+        else:
+            reply = proto.call(command)
+            proto.call(self._wait)
+            wait_entry = proto.atlas_wait = proto.waiters[-1]
+        acked = wait_entry[0]
+        try:
+            result = await reply
+        except BaseException:
+            acked.add_done_callback(_retrieve)  # its outcome no longer matters to this call
+            raise
+        try:
+            acks = int(await acked)
+        except ReplyError:
+            acks = 0  # WAIT refused: the command's own reply stands
+        if acks < 1:
+            self.unacked += 1
+            self._stale()  # the replica may be gone: a refresh (ROLE) stops waiting for it
+        return result
 
     async def _asking(self, node: FastRedis, command: bytes):
         proto = node._proto
@@ -251,8 +305,17 @@ class ClusterFastRedis:
                 errors.append(exc)
                 continue
             self._apply(node, reply)
+            await self._probe_replicas()
             return
         raise NotSent(f"no Redis Cluster node answered CLUSTER SLOTS: {errors[-1] if errors else 'none known'}")
+
+    async def _probe_replicas(self) -> None:
+        """Which masters have a connected replica (ROLE): those get a WAIT after each command.
+        Not from CLUSTER SLOTS, which leaves out a replica that has not replicated a write yet."""
+        masters = self._masters()
+        roles = await asyncio.gather(*(m.execute(b"ROLE") for m in masters), return_exceptions=True)
+        self._replicated = {id(m) for m, role in zip(masters, roles)
+                            if isinstance(role, list) and len(role) > 2 and role[2]}
 
     def _apply(self, asked: FastRedis, reply: list) -> None:
         slots: list[FastRedis | None] = [None] * SLOTS

@@ -87,8 +87,11 @@ class Runtime:
             max_connections=1024,
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
-        fast_client = ClusterFastRedis if self.redis_cluster else FastRedis
-        self.fast_redis = fast_client(settings.redis_url, settings.redis_timeout)
+        if self.redis_cluster:
+            self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
+                                               settings.redis_cluster_wait_ms)
+        else:
+            self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
         self.recovery = Recovery(self.admission)
 

@@ -65,6 +65,7 @@ class Settings:
     upstream_models: tuple[tuple[str, str], ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: str = "auto"  # ATLAS_REDIS_CLUSTER: true | false | auto (atlas_core.cluster)
+    redis_cluster_wait_ms: int = 100  # ATLAS_REDIS_CLUSTER_WAIT_MS: WAIT for a replica (redis_cluster.py)
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -159,6 +160,7 @@ class Settings:
             upstream_models=models,
             redis_url=env.get("ATLAS_REDIS_URL", "redis://127.0.0.1:6379/0"),
             redis_cluster=_cluster_mode(env.get("ATLAS_REDIS_CLUSTER")),
+            redis_cluster_wait_ms=max(0, _int(env, "ATLAS_REDIS_CLUSTER_WAIT_MS", 100)),
             host=env.get("ATLAS_HOST", "127.0.0.1"),
             port=_int(env, "ATLAS_PORT", 8080),
             workers=max(1, _int(env, "ATLAS_WORKERS", 1)),

@@ -148,3 +148,40 @@ def test_cluster_mode_is_detected_when_not_named(redis_cluster, cluster_client, 
     assert chat(gw, "sk-c-auto").status_code == 200
     assert httpx.get(gw.url + "/readyz").status_code == 200
     assert "Redis Cluster mode" in gw.log()
+
+
+async def test_a_reply_means_the_replica_has_it_too(redis_cluster, cluster_client):
+    """ClusterFastRedis answers a call only once WAIT saw a replica acknowledge it: read from the
+    replica right after the replies, every admission is there (no failover can lose it)."""
+    from atlas_gateway.admission import Admission
+    from atlas_gateway.auth import Principal
+    from atlas_gateway.redis_cluster import ClusterFastRedis
+
+    fast = ClusterFastRedis(redis_cluster.url, 2.0, wait_ms=1000)
+    try:
+        admission = Admission(fast=fast, lease_ttl_seconds=60)
+        key = contract.KeyConfig("team", "durable", "0123abcd", contract.Limits(max_concurrent=1000), quota="dq")
+        principal = Principal(key, contract.QuotaConfig("team", "dq", contract.Limits(max_concurrent=1000)))
+        decisions = await asyncio.gather(*(admission.admit(principal, f"r{i}", 10) for i in range(300)))
+        assert all(d.admitted for d in decisions)
+        master = redis_cluster.master_of(cluster.key_slot(principal.tag))
+        replica = redis.Redis(port=redis_cluster.replica_of(master).port)
+        try:
+            replica.execute_command("READONLY")
+            assert replica.zcard(contract.lease_key(contract.quota_subject("team", "dq"))) == 300
+        finally:
+            replica.close()
+        assert fast.unacked == 0
+        # a stalled replica: the reply waits for WAIT's timeout, then goes through, counted
+        stalled = redis_cluster.servers[redis_cluster.replica_of(master).port]
+        stalled.pause()
+        try:
+            fast.wait_ms = 300
+            fast._wait = b"*3\r\n$4\r\nWAIT\r\n$1\r\n1\r\n$3\r\n300\r\n"
+            started = asyncio.get_running_loop().time()
+            assert (await admission.admit(principal, "stalled", 10)).admitted
+            assert asyncio.get_running_loop().time() - started >= 0.3 and fast.unacked == 1
+        finally:
+            stalled.resume()
+    finally:
+        await fast.aclose()

@@ -15,6 +15,10 @@ replica is promoted the others still name it, so the refresh repeats while calls
 (``ASK``: preceded by ``ASKING``, without changing the map); so does ``TRYAGAIN`` (a script
 whose slot is in migration: its keys are partly moved), after a short back-off.
 
+Durability: to a master with a connected replica, each write batch is followed by one
+``WAIT 1 <wait_ms>`` and a call's reply is returned only after it (see ``_replicated_call``), so
+an admission or settlement the gateway acted on survives the master's death.
+
 Failures keep fastredis' meaning (faults.py): a lost connection or a timeout may have run the
 command (the caller's recovery undoes it); ``NotSent`` certainly did not. ``CLUSTERDOWN`` and
 ``TRYAGAIN`` (no master for the slot yet, a slot in migration) are raised as ``NotSent``: the

@@ -76,7 +76,7 @@ class ClusterFastRedis:
     # TRYAGAIN: the slot of a multi-key call is being migrated (milliseconds per slot with
     # redis-cli --cluster reshard); wait a little before answering "unavailable"
     TRYAGAIN_BACKOFF = (0.02, 0.05, 0.1)
-    SLOT_CACHE = 100_000   # first key -> slot, bounded (one entry per key and script)
+    SLOT_CACHE = 100_000   # hash tag (or untagged key) -> slot, bounded
 
     def __init__(self, url: str, timeout: float = 0.5, wait_ms: int = 100) -> None:
         self.url = url
@@ -98,7 +98,18 @@ class ClusterFastRedis:
     # ------------------------------------------------------------------ the FastRedis interface
 
     async def execute_raw(self, command: bytes):
-        return await self._send(self._slot(first_key(command)), command)
+        # Every Atlas key carries a hash tag and the header, the sha and the key count hold no
+        # brace: the first "{...}" of a script call is its first key's tag (two C-level finds
+        # instead of parsing the command: this is most of the routing cost)
+        start = command.find(b"{")
+        if start > 0:
+            end = command.find(b"}", start)
+            slot = self._slot_of.get(command[start:end + 1]) if end > start + 1 else None
+            if slot is None:
+                slot = self._slot(first_key(command))
+        else:
+            slot = self._slot(first_key(command))
+        return await self._send(slot, command)
 
     async def execute(self, *args: bytes):
         if args[0].upper() == b"SCRIPT" and len(args) > 1 and args[1].upper() == b"LOAD":
@@ -122,13 +133,17 @@ class ClusterFastRedis:
     # ------------------------------------------------------------------ routing
 
     def _slot(self, key: bytes | None) -> int | None:
+        """The slot of ``key``, cached by its hash tag (``{tag}``) or, untagged, by the key."""
         if key is None:
             return None
-        slot = self._slot_of.get(key)
+        start = key.find(b"{")
+        end = key.find(b"}", start + 1) if start >= 0 else -1
+        cache_key = key[start:end + 1] if end > start + 1 else key
+        slot = self._slot_of.get(cache_key)
         if slot is None:
             if len(self._slot_of) >= self.SLOT_CACHE:
                 self._slot_of.clear()
-            slot = self._slot_of[key] = key_slot(key)
+            slot = self._slot_of[cache_key] = key_slot(key)
         return slot
 
     def _node(self, address: str) -> FastRedis:

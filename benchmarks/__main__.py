@@ -20,7 +20,9 @@ docs/benchmarks.md between its markers. Only budget exactness, and errors or no 
 closed-loop or prompt runs of nginx, the mock or Atlas (which would make the figures measure
 errors), fail the run.
 
-Environment: BENCH_DURATION (s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATES ("500,2000"),
+Environment: BENCH_REDIS_URL (a running Redis or Redis Cluster to use instead of starting one per
+gateway; its CPU is that of the master holding the bench key's slot, when local), BENCH_DURATION
+(s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATES ("500,2000"),
 BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
 BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
 BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
@@ -74,7 +76,8 @@ class Side:
     """One Atlas checkout under test: its Redis and its gateway in front of nginx."""
 
     src: GatewaySource
-    redis: RedisServer
+    redis_url: str
+    redis_pid: int | None  # the redis-server holding the bench key's counters
     target: Target
 
 
@@ -105,13 +108,13 @@ def closed_loop(s: Setup) -> None:
     if s.mock is not None and not _on("BENCH_SKIP_MOCK"):
         s.measure_closed(Target("mock directly", s.mock.url + CHAT, s.mock.url + CHAT, cpu={"mock": s.mock._proc.pid}))
         for side in s.sides:
-            gwm = s.stack.enter_context(side.src.start(side.redis.url, s.mock.url, s.workdir))
-            s.measure_closed(gateway_target(f"{side.src.label} → mock", gwm, side.redis.pid))
+            gwm = s.stack.enter_context(side.src.start(side.redis_url, s.mock.url, s.workdir))
+            s.measure_closed(gateway_target(f"{side.src.label} → mock", gwm, side.redis_pid))
     if not _on("BENCH_SKIP_WORKERS"):
         for side in s.sides:
-            with side.src.start(side.redis.url, s.json_base, s.workdir, {bodies.STREAM_MODEL: s.sse_base},
+            with side.src.start(side.redis_url, s.json_base, s.workdir, {bodies.STREAM_MODEL: s.sse_base},
                                 ATLAS_WORKERS="2") as gw2:
-                s.measure_closed(gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis.pid), (16,))
+                s.measure_closed(gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis_pid), (16,))
     if _on("BENCH_CLIENTS"):  # the upstream-client comparison (aiohttp vs httpx) of docs/benchmarks.md
         for client in ("aiohttp", "httpx"):
             with Proc(f"{client} proxy", [sys.executable, "-m", "benchmarks.client_proxy", "--client", client,
@@ -164,18 +167,18 @@ def per_gateway_checks(s: Setup) -> list[str]:
     """Memory, exactness and slow clients, each gateway in fresh processes; the failures."""
     failed = []
     for side in s.sides:
-        src, rs = side.src, side.redis
+        src, redis_url = side.src, side.redis_url
         if not _on("BENCH_SKIP_MEMORY"):
             print(f"\n4. memory of {src.label}", flush=True)
-            s.res.memory[src.label] = _memory(src, rs, s.mock, s.workdir)
-        with src.start(rs.url, s.mock.url, s.workdir) as gw:
-            exact = src.exactness(gw.url, rs.url)
+            s.res.memory[src.label] = _memory(src, redis_url, s.mock, s.workdir)
+        with src.start(redis_url, s.mock.url, s.workdir) as gw:
+            exact = src.exactness(gw.url, redis_url)
         s.res.exactness[src.label] = exactness.summary(exact)
         print(f"\n5. exactness ({src.label}): {s.res.exactness[src.label]}", flush=True)
         if not exact["ok"]:
             failed.append(f"exactness of {src.label}")
         if not _on("BENCH_SKIP_SLOW"):
-            with src.start(rs.url, s.mock.url, s.workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
+            with src.start(redis_url, s.mock.url, s.workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
                            ATLAS_BODY_TIMEOUT_SECONDS="10") as sgw:
                 flood = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.pid, BENCH_KEY, bodies.encode(bodies.SMALL)))
             s.res.slow_clients[src.label] = slow_clients.report(flood)
@@ -190,11 +193,12 @@ def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource
     mock = stack.enter_context(MockUpstreamProcess())
     reference = Target(res.reference, json_base + CHAT, sse_base + CHAT, cpu={"nginx": static.pid})
     sides = []
+    external = os.environ.get("BENCH_REDIS_URL")  # a running Redis or Redis Cluster, shared by all
     for src in srcs:
-        rs = stack.enter_context(RedisServer())
-        src.write_bench_key(rs.url)
-        gw = stack.enter_context(src.start(rs.url, json_base, workdir, {bodies.STREAM_MODEL: sse_base}))
-        sides.append(Side(src, rs, gateway_target(f"{src.label} → nginx", gw, rs.pid)))
+        redis_url = external or stack.enter_context(RedisServer()).url
+        redis_pid = src.write_bench_key(redis_url)
+        gw = stack.enter_context(src.start(redis_url, json_base, workdir, {bodies.STREAM_MODEL: sse_base}))
+        sides.append(Side(src, redis_url, redis_pid, gateway_target(f"{src.label} → nginx", gw, redis_pid)))
     peer = []
     lp = None
     if tl.litellm:
@@ -258,12 +262,12 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _memory(src: GatewaySource, rs: RedisServer, mock: MockUpstreamProcess, workdir: str) -> dict:
+def _memory(src: GatewaySource, redis_url: str, mock: MockUpstreamProcess, workdir: str) -> dict:
     body = bodies.encode(bodies.SMALL)
     out = {}
-    with src.start(rs.url, mock.url, workdir, ATLAS_KEEPALIVE_TIMEOUT_SECONDS="120") as gw:
+    with src.start(redis_url, mock.url, workdir, ATLAS_KEEPALIVE_TIMEOUT_SECONDS="120") as gw:
         out["idle"] = asyncio.run(memory.idle_connections(gw.port, gw.pid, BENCH_KEY, body))
-    with src.start(rs.url, mock.url, workdir) as gw:
+    with src.start(redis_url, mock.url, workdir) as gw:
         out["streams"] = asyncio.run(memory.open_streams(gw.port, gw.pid, BENCH_KEY,
                                                          bodies.encode({**bodies.SMALL, "stream": True})))
     for kind, d in out.items():

@@ -15,7 +15,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from .keys import EXACT_KEY, NAMESPACE, write_key
+from .keys import EXACT_KEY, NAMESPACE, redis_client, write_key
 
 CONCURRENT = 200
 FITS = 20
@@ -36,8 +36,6 @@ async def _fire(url: str, body: dict, headers: dict[str, str]) -> list[int]:
 
 
 def run(gateway_url: str, redis_url: str) -> dict:
-    import redis
-
     from atlas_core import contract
     from atlas_gateway.settings import Settings
     from atlas_gateway.tokens import Meter
@@ -46,15 +44,18 @@ def run(gateway_url: str, redis_url: str) -> dict:
             "max_tokens": 100}
     bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", body)  # the gateway's defaults
     budget = FITS * bound.reserve
-    r = redis.Redis.from_url(redis_url)
+    subject = contract.key_subject(NAMESPACE, "exact")
+    day_key, month_key = contract.usage_keys(subject, datetime.now(timezone.utc))
+    r = redis_client(redis_url)
     try:
+        # a Redis given with BENCH_REDIS_URL may hold an earlier run's counters: start from none
+        for counter in (day_key, month_key, contract.lease_key(subject)):
+            r.delete(counter)
         write_key(r, contract, EXACT_KEY, "exact", contract.Limits(tokens_per_day=budget))
         headers = {"Authorization": f"Bearer {EXACT_KEY}", "x-mock-latency-ms": "100",
                    "x-mock-prompt-tokens": str(bound.prompt),
                    "x-mock-completion-tokens": str(bound.reserve - bound.prompt)}
         statuses = asyncio.run(_fire(gateway_url, body, headers))
-        subject = contract.key_subject(NAMESPACE, "exact")
-        day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc))
         settled = int(r.hget(day_key, "settled") or 0)
         leases = r.zcard(contract.lease_key(subject))
     finally:

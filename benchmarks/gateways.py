@@ -41,8 +41,10 @@ class GatewaySource:
             raise RuntimeError(f"benchmarks.{module} for {self.label} failed:\n{done.stderr[-2000:]}")
         return done.stdout
 
-    def write_bench_key(self, redis_url: str) -> None:
-        self.run_helper("keys", redis_url)
+    def write_bench_key(self, redis_url: str) -> int | None:
+        """Write the bench key with this gateway's contract; the pid of the redis-server that
+        holds its counters."""
+        return json.loads(self.run_helper("keys", redis_url).strip().splitlines()[-1])["redis_pid"]
 
     def exactness(self, gateway_url: str, redis_url: str) -> dict:
         return json.loads(self.run_helper("exactness", gateway_url, redis_url).strip().splitlines()[-1])

@@ -2,7 +2,9 @@
 
 Run as ``python -m benchmarks.keys REDIS_URL`` with that gateway's checkout first on
 PYTHONPATH (benchmarks.gateways does this), so that "before" and "after" gateways of different
-contract versions each find a key they can read.
+contract versions each find a key they can read. It prints the pid of the redis-server that
+holds the bench key's counters (on a Redis Cluster, the master of their slot), whose CPU per
+request the bench reports.
 
 The bench key has **every limit kind** on the key and on its AtlasQuota: requests/s with a
 burst, tokens/minute, tokens/day and /month, maxConcurrent, and cost per day and month with a
@@ -12,6 +14,7 @@ short cut for unlimited keys.
 
 from __future__ import annotations
 
+import json
 import sys
 
 BENCH_KEY = "sk-atlas-bench-0000000000000000000000"
@@ -48,18 +51,48 @@ def write_key(r, contract, key: str, name: str, limits, quota_limits=None, price
               contract.QuotaConfig(NAMESPACE, quota, quota_limits, **extra).encode())
 
 
-def write_bench_key(redis_url: str) -> None:
+def redis_client(url: str):
+    """redis-py for ``url``: a RedisCluster when the server runs in cluster mode."""
+    import redis
+
+    probe = redis.Redis.from_url(url)
+    try:
+        on_cluster = bool(int(probe.info("cluster").get("cluster_enabled", 0)))
+    finally:
+        probe.close()
+    return redis.RedisCluster.from_url(url) if on_cluster else redis.Redis.from_url(url)
+
+
+def _counters_key(contract) -> str:
+    """A key in the bench key's counter slot (contracts with hash tags take the quota's subject
+    as the tag; earlier ones a single subject)."""
+    key, quota = contract.key_subject(NAMESPACE, "bench"), None
+    if hasattr(contract, "quota_subject"):
+        quota = contract.quota_subject(NAMESPACE, "bench-quota")
+    try:
+        return contract.lease_key(key, quota)
+    except TypeError:
+        return contract.lease_key(key)
+
+
+def write_bench_key(redis_url: str) -> int | None:
+    """Write the bench key and its quota; the pid of the redis-server holding its counters."""
     import redis
 
     from atlas_core import contract
 
-    r = redis.Redis.from_url(redis_url)
+    r = redis_client(redis_url)
     try:
         limits = never_biting(contract)
         write_key(r, contract, BENCH_KEY, "bench", limits, limits, price_list(contract))
+        if isinstance(r, redis.RedisCluster):
+            info = r.info("server", target_nodes=r.get_node_from_key(_counters_key(contract)))
+        else:
+            info = r.info("server")
+        return int(info["process_id"]) if "process_id" in info else None
     finally:
         r.close()
 
 
 if __name__ == "__main__":
-    write_bench_key(sys.argv[1])
+    print(json.dumps({"redis_pid": write_bench_key(sys.argv[1])}))

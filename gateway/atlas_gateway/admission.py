@@ -16,8 +16,9 @@ from typing import Any
 from atlas_core import contract
 
 from . import errors
-from .auth import _NO_COST, Principal
-from .fastredis import FastRedis, pack_args
+from .auth import Principal
+from .calls import NO_COST, ScriptCalls
+from .fastredis import FastRedis
 from .scripts import FastScript, RedisPyScript
 
 ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
@@ -121,94 +122,58 @@ def rate_limit_headers(rl: int, rr: int, rs: int, tl: int, tr: int, ts: int) -> 
 
 class Admission:
     """``Admission(client)`` runs the scripts through a redis-py-compatible asyncio client
-    (fakeredis in unit tests); ``Admission(fast=FastRedis(...))`` through the hot-path client."""
+    (fakeredis in unit tests); ``Admission(fast=FastRedis(...))`` through the hot-path client.
+    What each call sends is built by :class:`calls.ScriptCalls`, the same for both."""
 
     def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *, fast: FastRedis | None = None) -> None:
-        self.fast = fast is not None
-        if fast is not None:
-            self._admit: Any = FastScript(fast, ADMIT_LUA)
-            self._settle: Any = FastScript(fast, SETTLE_LUA)
-            self._refresh: Any = FastScript(fast, REFRESH_LUA)
-            self._undo: Any = FastScript(fast, UNDO_LUA)
-        else:
-            self._admit = RedisPyScript(redis, ADMIT_LUA)
-            self._settle = RedisPyScript(redis, SETTLE_LUA)
-            self._refresh = RedisPyScript(redis, REFRESH_LUA)
-            self._undo = RedisPyScript(redis, UNDO_LUA)
+        def runner(source: str) -> Any:
+            return FastScript(fast, source) if fast is not None else RedisPyScript(redis, source)
+
+        self._admit = runner(ADMIT_LUA)
+        self._settle = runner(SETTLE_LUA)
+        self._refresh = runner(REFRESH_LUA)
+        self._undo = runner(UNDO_LUA)
+        self.calls = ScriptCalls(lease_ttl_seconds)
         self.lease_ttl_seconds = lease_ttl_seconds
-        self.lease_ttl_ms = str(int(lease_ttl_seconds * 1000)).encode()
         # a request still upstream after this long refreshes its leases (and again after as long)
         self.refresh_interval = lease_ttl_seconds / 3
         self.calendar = Calendar()
-        self._day_ttl = str(contract.DAY_TTL_SECONDS).encode()
-        self._month_ttl = str(contract.MONTH_TTL_SECONDS).encode()
-
-    def _static_admit_args(self, principal: Principal) -> tuple[bytes, ...]:
-        return (self.lease_ttl_ms, principal.subject_count, self._day_ttl, self._month_ttl, *principal.limit_args)
-
-    def _static_settle_args(self, principal: Principal) -> tuple[bytes, ...]:
-        return (principal.subject_count, self._day_ttl, self._month_ttl, *principal.tpm_args)
-
-    def _encoded(self, principal: Principal, day: str, month: str):
-        """Pre-encoded command parts for this principal, rebuilt when the UTC day changes:
-        encoding ~35 arguments per call was the largest Python cost of a Redis call."""
-        cached = principal.encoded
-        if cached is None or cached[0] != day:
-            admit_keys, settle_keys = principal.redis_keys(day, month)
-            admit_static = self._static_admit_args(principal)
-            settle_static = self._static_settle_args(principal)
-            cached = principal.encoded = (
-                day,
-                self._admit.prefix(admit_keys, 8 + len(admit_static)), pack_args(admit_static),
-                self._settle.prefix(settle_keys, 5 + len(settle_static)), pack_args(settle_static),
-            )
-        return cached
 
     async def admit(self, principal: Principal, request_id: str, reserve: int,
                     prompt: int | None = None, sequences: int = 0,
-                    costs: tuple[bytes, bytes] = _NO_COST) -> Decision:
+                    costs: tuple[bytes, bytes] = NO_COST) -> Decision:
         """Reserve ``reserve`` tokens, of which ``prompt`` are the prompt and the rest a
         completion cap times ``sequences`` (which a Shrink budget may lower), and ``costs``
-        (micro-units per subject, :func:`auth.cost_args`) on cost-limited subjects."""
+        (micro-units per subject, :func:`calls.cost_args`) on cost-limited subjects."""
         now = time.time()
         cal = self.calendar.refresh(now)
-        dynamic = (request_id.encode(), str(reserve).encode(),
-                   str(cal.ms_until_day_end(now)).encode(), str(cal.ms_until_month_end(now)).encode(),
-                   str(reserve if prompt is None else prompt).encode(), str(sequences).encode(), *costs)
-        if self.fast:
-            _, prefix, suffix, _, _ = self._encoded(principal, cal.day, cal.month)
-            return Decision(await self._admit.call_encoded(prefix, dynamic, suffix))
-        keys, _ = principal.redis_keys(cal.day, cal.month)
-        return Decision(await self._admit(keys, dynamic + self._static_admit_args(principal)))
+        shape, _ = self.calls.shapes(principal, cal.day, cal.month)
+        dynamic = self.calls.admit_args(request_id, reserve, cal.ms_until_day_end(now), cal.ms_until_month_end(now),
+                                        reserve if prompt is None else prompt, sequences, costs)
+        return Decision(await self._admit(shape, dynamic))
 
     async def settle(self, principal: Principal, request_id: str, reserved: int, actual: int,
-                     costs: tuple[bytes, bytes] = _NO_COST) -> int:
+                     costs: tuple[bytes, bytes] = NO_COST) -> int:
         cal = self.calendar.refresh()
-        dynamic = (request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode(), *costs)
-        if self.fast:
-            _, _, _, prefix, suffix = self._encoded(principal, cal.day, cal.month)
-            return int(await self._settle.call_encoded(prefix, dynamic, suffix))
-        _, keys = principal.redis_keys(cal.day, cal.month)
-        return int(await self._settle(keys, dynamic + self._static_settle_args(principal)))
+        _, shape = self.calls.shapes(principal, cal.day, cal.month)
+        return int(await self._settle(shape, self.calls.settle_args(request_id, actual, reserved, costs)))
 
     async def undo(self, principal: Principal, request_id: str, reserved: int, actual: int, *,
-                   admission: bool, costs: tuple[bytes, bytes] = _NO_COST) -> int:
+                   admission: bool, costs: tuple[bytes, bytes] = NO_COST) -> int:
         """Resolve a request whose admission (``admission=True``) or settlement outcome is
         unknown (undo.lua): idempotent, so a caller retries it until Redis answers. Returns the
         leases it dropped."""
         cal = self.calendar.refresh()
-        admit_keys, settle_keys = principal.redis_keys(cal.day, cal.month)
-        keys = [*settle_keys, admit_keys[-1]]  # + the tombstones admit.lua checks
-        args = (request_id.encode(), str(max(0, int(actual))).encode(), str(reserved).encode(), *costs,
-                *self._static_settle_args(principal), self.lease_ttl_ms, b"1" if admission else b"0")
-        return int(await self._undo(keys, args))
+        shape = self.calls.undo_shape(principal, cal.day, cal.month)
+        return int(await self._undo(shape, self.calls.settle_args(request_id, actual, reserved, costs),
+                                    self.calls.undo_tail(admission)))
 
     async def refresh(self, principal: Principal, request_id: str) -> int:
         """Push the leases of a request still in flight forward by the lease TTL (refresh.lua);
         returns how many were refreshed (0: already settled or expired)."""
         if not principal.leased:
             return 0
-        return int(await self._refresh(principal.lease_keys, (request_id.encode(), self.lease_ttl_ms)))
+        return int(await self._refresh(self.calls.refresh_shape(principal), self.calls.refresh_args(request_id)))
 
 
 def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.GatewayError:

@@ -1,4 +1,4 @@
-"""Who is calling: API key extraction, SHA-256, and an in-process cache of key/quota config.
+"""Who is calling: the key's config as a :class:`Principal`, and an in-process cache of it.
 
 The cache keeps each answer (including "unknown key") for ``ATLAS_CONFIG_TTL_SECONDS``
 (default 1 s), so a key the operator deletes is refused within about two seconds while the
@@ -14,35 +14,17 @@ from typing import Any
 
 from atlas_core import contract
 
-from . import errors
+from . import calls, errors
 from .globs import compile_globs
-
-_BEARER = b"bearer "
-
-
-def api_key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The key from ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (raw ASGI headers)."""
-    fallback = None
-    for name, value in headers:
-        if name == b"authorization":
-            if value[:7].lower() == _BEARER:
-                key = value[7:].strip()
-                if key:
-                    return key.decode("latin-1")
-        elif name == b"x-api-key":
-            key = value.strip()
-            if key:
-                fallback = key.decode("latin-1")
-    return fallback
 
 
 class Principal:
     """Everything the hot path needs about one key, precomputed when the config is loaded."""
 
     __slots__ = (
-        "key", "quota", "quota_missing", "ref", "subjects", "subject_count", "limit_args", "tpm_args",
-        "allows_model", "priority", "encoded", "leased", "lease_keys", "_keys_day", "_admit_keys", "_settle_keys",
-        "price_tables", "cost_limited", "priced", "currency",
+        "key", "quota", "quota_missing", "ref", "subjects", "limit_args", "settle_args",
+        "allows_model", "priority", "leased", "call_shapes", "refresh_call",
+        "price_tables", "cost_limited", "priced", "currency", "tag",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -50,6 +32,8 @@ class Principal:
         self.quota = quota
         self.quota_missing = bool(key.quota) and quota is None
         self.ref = key.ref
+        # one hash tag for every counter of this key and of its quota: one cluster slot per call
+        self.tag = contract.slot_tag(key.namespace, key.name, key.quota)
         subjects = [(contract.key_subject(key.namespace, key.name), key.limits, key.shortfall)]
         tables = [key.price_list]
         if quota is not None:
@@ -61,56 +45,17 @@ class Principal:
         self.priced = any(t is not None for t in tables)
         self.currency = key.price_list.currency if key.price_list is not None else None
         self.subjects = tuple(s for s, _, _ in subjects)
-        self.subject_count = str(len(subjects)).encode()
-        args: list[bytes] = []
-        tpm: list[bytes] = []
-        for _, limits, shortfall in subjects:
-            args += [
-                _num(limits.requests_per_second),
-                _num(limits.effective_burst),
-                _num(limits.tokens_per_minute),
-                _num(limits.tokens_per_day),
-                _num(limits.tokens_per_month),
-                _num(limits.max_concurrent),
-                b"1" if shortfall.shrink else b"0",
-                _num(shortfall.min_completion_tokens),
-                _micro(limits.cost_per_day),
-                _micro(limits.cost_per_month),
-            ]
-            tpm += [_num(limits.tokens_per_minute), b"1" if limits.cost_limited else b"0"]
-        self.limit_args = tuple(args)
+        # the per-subject script arguments (calls.py), fixed for as long as this config holds
+        self.limit_args = tuple(arg for _, lim, short in subjects for arg in calls.limit_args(lim, short))
+        self.settle_args = tuple(arg for _, lim, _ in subjects for arg in calls.settle_limit_args(lim))
         # some subject holds a lease per request (admit.lua: maxConcurrent or a day/month budget)
         self.leased = any(lim.max_concurrent or lim.tokens_per_day or lim.tokens_per_month or lim.cost_limited
                           for _, lim, _ in subjects)
-        self.tpm_args = tuple(tpm)
-        # refresh.lua's KEYS: lease zset, lease:tok and lease:cost hashes per subject (not day-dependent)
-        self.lease_keys = [k.encode() for s in self.subjects
-                           for k in (contract.lease_key(s), contract.lease_tokens_key(s), contract.lease_cost_key(s))]
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY
-        self.encoded: tuple | None = None  # admission's pre-encoded script call parts
-        self._keys_day = ""
-        self._admit_keys: list[bytes] = []
-        self._settle_keys: list[bytes] = []
-
-    def redis_keys(self, day: str, month: str) -> tuple[list[bytes], list[bytes]]:
-        """KEYS for admit.lua and settle.lua, rebuilt only when the UTC day changes."""
-        if day != self._keys_day:
-            admit: list[str] = []
-            settle: list[str] = []
-            for subject in self.subjects:
-                day_key = contract.day_usage_key(subject, day)
-                month_key = contract.month_usage_key(subject, month)
-                bucket_req = contract.request_bucket_key(subject)
-                bucket_tok = contract.token_bucket_key(subject)
-                lease = contract.lease_key(subject)
-                lease_tok = contract.lease_tokens_key(subject)
-                lease_cost = contract.lease_cost_key(subject)
-                admit += [k.encode() for k in (bucket_req, bucket_tok, lease, lease_tok, day_key, month_key, lease_cost)]
-                settle += [k.encode() for k in (bucket_tok, lease, lease_tok, day_key, month_key, lease_cost)]
-            admit.append(contract.undone_key(self.subjects[0]).encode())  # tombstones (undo.lua)
-            self._admit_keys, self._settle_keys, self._keys_day = admit, settle, day
-        return self._admit_keys, self._settle_keys
+        # calls.ScriptCalls' caches: (day, admit shape, settle shape) and the refresh shape
+        self.call_shapes: tuple | None = None
+        self.refresh_call = None
 
     def refusal(self, now: float) -> errors.GatewayError | None:
         """Why this key may not be served right now (403), or None."""
@@ -152,31 +97,6 @@ class Principal:
                     "(and no default): the request cannot be priced.", "model_not_priced")
             out.append(price)
         return tuple(out)
-
-
-def _num(value: Any) -> bytes:
-    """A limit as a script argument; 0 means "no limit of this kind"."""
-    if value is None:
-        return b"0"
-    text = repr(value) if isinstance(value, float) and not value.is_integer() else str(int(value))
-    return text.encode()
-
-
-def _micro(value: Any) -> bytes:
-    """A cost limit (currency) as integer micro-units; 0 means "no limit of this kind"."""
-    return b"0" if value is None else str(contract.to_micro(value)).encode()
-
-
-def cost_args(prices: tuple["contract.Price | None", ...] | None, prompt: int, completion: int,
-              cached: int = 0) -> tuple[bytes, bytes]:
-    """The two per-subject cost arguments of admit/settle/undo (micro-units; ``0`` = none)."""
-    if prices is None:
-        return _NO_COST
-    costs = [str(p.cost(prompt, completion, cached)).encode() if p is not None else b"0" for p in prices]
-    return (costs[0], costs[1] if len(costs) > 1 else b"0")
-
-
-_NO_COST = (b"0", b"0")
 
 
 class ConfigCache:

@@ -11,7 +11,7 @@ import aiohttp
 from atlas_core import contract
 
 from . import errors, metrics
-from .auth import api_key_from_headers
+from .headers import MISSING_KEY, api_key_from_headers
 from .faults import REDIS_FAILURES, is_transport_failure, reply_error, reply_kind
 from .proxy import authenticate
 from .responses import send_bytes, send_error, send_json
@@ -37,7 +37,7 @@ class _Endpoint:
     async def principal(self, rt: Runtime, scope):
         key = api_key_from_headers(scope["headers"])
         if key is None:
-            raise errors.invalid_api_key("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.")
+            raise errors.invalid_api_key(MISSING_KEY)
         principal = await authenticate(rt, key)
         refusal = principal.refusal(datetime.now(timezone.utc).timestamp())
         if refusal is not None:
@@ -111,7 +111,8 @@ class UsageEndpoint(_Endpoint):
         principal = await self.principal(rt, scope)
         now = datetime.now(timezone.utc)
         try:
-            usages = await contract.read_usages(rt.redis, principal.subjects, now)
+            usages = await contract.read_usages(rt.redis, principal.subjects, now,
+                                                dict.fromkeys(principal.subjects, principal.tag))
         except REDIS_FAILURES as exc:
             if not is_transport_failure(exc):
                 raise reply_error("usage", exc) from None

@@ -18,7 +18,7 @@ import aiohttp
 from atlas_core import contract
 
 from . import errors, metrics, proxy  # proxy imports this module: use its names at call time
-from .auth import api_key_from_headers
+from .headers import MISSING_KEY, api_key_from_headers
 from .responses import send_error
 
 PREFIX = "/v1/responses/"
@@ -85,7 +85,7 @@ class StoredResponseEndpoint:
             raise errors.not_found(path)
         key = api_key_from_headers(scope["headers"])
         if key is None:
-            raise errors.invalid_api_key("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.")
+            raise errors.invalid_api_key(MISSING_KEY)
         principal = await proxy.authenticate(rt, key)
         refusal = principal.refusal(time.time())
         if refusal is not None:

@@ -15,7 +15,6 @@ response, an upstream error, a timeout, a client disconnect or a cancellation.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from time import perf_counter
@@ -24,36 +23,28 @@ import aiohttp
 
 from atlas_core.contract import hash_api_key
 
-from . import errors, metrics
+from . import errors, metrics, owned_responses
 from .admission import rejection
-from .auth import _NO_COST, Principal, cost_args
+from .auth import Principal
+from .calls import NO_COST, cost_args
 from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
+from .headers import MISSING_KEY, RequestHeaders
 from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
 from .streaming import StreamState, pump
-from . import owned_responses
-from .tokens import GENERATING, apply_cap, cap_patch, text_tokens
+from .tokens import Bound, text_tokens
+from .upstream_body import UpstreamBody
 from .usage import cached_tokens, response_id_from_body, split_usage, usage_from_body
 from .validation import parse_body, validate
 
 log = logging.getLogger("atlas_gateway")
 
-# Request headers never forwarded upstream: hop-by-hop, the client's Atlas credentials, our own
-# controls, and accept-encoding (the gateway reads usage out of the body, so it wants identity).
-_NOT_FORWARDED = frozenset({
-    b"host", b"content-length", b"authorization", b"x-api-key", b"connection", b"keep-alive",
-    b"transfer-encoding", b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-connection",
-    b"x-atlas-priority", b"accept-encoding", b"expect", b"x-request-id",
-})
-_BEARER = b"bearer "
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
          "responses": "/v1/responses", "messages": "/v1/messages", "rerank": "/v1/rerank", "score": "/v1/score",
          "tokenize": "/tokenize", "detokenize": "/detokenize"}
-_STREAMING = frozenset({"chat", "completions", "responses", "messages"})
-_INCLUDE_USAGE = frozenset({"chat", "completions"})  # routes whose usage chunk must be asked for
 _MAX_TOKENS_HEADER = b"x-atlas-max-tokens"
 
 
@@ -78,7 +69,7 @@ class Ticket:
         if self.done:
             return
         self.done = True
-        costs = _NO_COST
+        costs = NO_COST
         if self.prices is not None:
             prompt = min(prompt, actual)
             costs = cost_args(self.prices, prompt, actual - prompt, cached)
@@ -115,6 +106,37 @@ async def authenticate(rt: Runtime, api_key: str) -> Principal:
     return principal
 
 
+class RequestContext:
+    """One inference request, from its headers to its settlement: what each step learnt, for the
+    steps after it (and for the metrics, whichever step ends the request)."""
+
+    __slots__ = ("rt", "kind", "path", "id", "started", "response_headers", "ref", "model", "priority",
+                 "principal", "forward", "raw", "doc", "bound", "reserve", "ticket")
+
+    def __init__(self, rt: Runtime, kind: str, path: str) -> None:
+        self.rt = rt
+        self.kind = kind  # route, a key of PATHS
+        self.path = path
+        self.started = perf_counter()
+        self.id = rt.new_request_id()  # also the lease member in Redis: never from the client
+        self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.id.encode())]
+        # metric labels, filled in as they become known
+        self.ref = ""
+        self.model = ""
+        self.priority = ""
+        self.principal: Principal | None = None
+        self.forward: dict[str, str] = {}  # request headers for the upstream
+        self.raw = b""  # the client's body, as received
+        self.doc: dict = {}  # ... and parsed
+        self.bound: Bound | None = None  # prompt bound, completion cap, sequences (tokens.py)
+        self.reserve = 0  # the tokens reserved (bound.reserve, or less when a Shrink budget lowered it)
+        self.ticket: Ticket | None = None  # set once admitted (None: failing open, unmetered)
+
+    @property
+    def prompt_estimate(self) -> int:
+        return self.bound.prompt
+
+
 class InferenceEndpoint:
     """Raw ASGI endpoint for one route of :data:`PATHS`."""
 
@@ -124,73 +146,60 @@ class InferenceEndpoint:
         self.path = PATHS[kind]
 
     async def __call__(self, scope, receive, send) -> None:
-        rt: Runtime = self.gateway.runtime
-        started = perf_counter()
-        request_id = rt.new_request_id()
-        headers = [(b"x-request-id", request_id.encode())]
-        state = {"ref": "", "model": "", "priority": ""}
+        req = RequestContext(self.gateway.runtime, self.kind, self.path)
         try:
-            await self._handle(rt, scope, receive, send, request_id, headers, state, started)
+            await self._admit(req, scope, receive)
+            try:
+                await _UpstreamCall(req).run(scope, receive, send)
+            finally:
+                if req.ticket is not None and not req.ticket.done:  # a failure before the upstream call
+                    await req.ticket.settle(0)
         except errors.GatewayError as err:
-            await send_error(send, err, headers)
-            metrics.count_request(state["ref"], state["model"], err.status, state["priority"])
-            metrics.count_rejection(state["ref"], err.reason or err.code or err.type)
-            metrics.OVERHEAD.observe(perf_counter() - started)
+            await send_error(send, err, req.response_headers)
+            metrics.count_request(req.ref, req.model, err.status, req.priority)
+            metrics.count_rejection(req.ref, err.reason or err.code or err.type)
+            metrics.OVERHEAD.observe(perf_counter() - req.started)
         except ConnectionAbortedError:
             return  # the client left while sending its body: nobody to answer
         except Exception:
             log.exception("unexpected error in %s", self.path)
             try:
-                await send_error(send, errors.GatewayError(500, "Internal gateway error.", "server_error"), headers)
+                await send_error(send, errors.GatewayError(500, "Internal gateway error.", "server_error"),
+                                 req.response_headers)
             except Exception:  # the response had already started: nothing more to say
                 pass
 
-    async def _handle(self, rt: Runtime, scope, receive, send, request_id, headers, state, started) -> None:
+    async def _admit(self, req: RequestContext, scope, receive) -> None:
+        """Every check before the upstream call, then the admission: raises the GatewayError that
+        refuses the request, or returns with ``req.ticket`` set (None only when failing open)."""
+        rt = req.rt
         settings = rt.settings
         if scope["method"] != "POST":
             raise errors.method_not_allowed()
-
-        api_key = None
-        priority_header = None
-        content_length = 0
-        forward: dict[str, str] = {}
-        for name, value in scope["headers"]:
-            if name in _NOT_FORWARDED:
-                if name == b"authorization":
-                    if value[:7].lower() == _BEARER and value[7:].strip():
-                        api_key = value[7:].strip().decode("latin-1")
-                elif name == b"x-api-key":
-                    if api_key is None and value.strip():
-                        api_key = value.strip().decode("latin-1")
-                elif name == b"x-atlas-priority":
-                    priority_header = value.decode("latin-1")
-                elif name == b"content-length":
-                    content_length = int(value) if value.isdigit() else 0
-                continue
-            forward[name.decode("latin-1")] = value.decode("latin-1")
-
-        if api_key is None:
-            raise errors.invalid_api_key("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.")
-        if content_length > settings.max_body_bytes:
+        headers = RequestHeaders(scope["headers"], forward=True)
+        if headers.api_key is None:
+            raise errors.invalid_api_key(MISSING_KEY)
+        if headers.content_length > settings.max_body_bytes:
             raise errors.body_too_large(settings.max_body_bytes)
         # who is calling, from the headers alone: an unknown key's body is never read
-        principal = await authenticate(rt, api_key)
-        state["ref"] = principal.ref
+        principal = req.principal = await authenticate(rt, headers.api_key)
+        req.ref = principal.ref
         refusal = principal.refusal(time.time())
         if refusal is not None:
             raise refusal
+        req.forward = headers.forward
         raw = await read_body(receive, settings.max_body_bytes)
         if raw is None:
             raise errors.body_too_large(settings.max_body_bytes)
         doc = parse_body(raw)
+        req.raw, req.doc = raw, doc
         model = validate(self.kind, doc)
-        state["model"] = metrics.model_label(model)
+        req.model = metrics.model_label(model)
         if not principal.allows_model(model):
             raise errors.permission_denied(
                 f"API key {principal.ref} may not use model '{model}'.", "model_not_allowed"
             )
-        priority = effective_priority(principal.priority, priority_header)
-        state["priority"] = priority
+        priority = req.priority = effective_priority(principal.priority, headers.priority)
         if rt.shedder.should_shed(priority):
             raise errors.shed()
 
@@ -198,26 +207,24 @@ class InferenceEndpoint:
         if doc.get("previous_response_id") is not None:
             # continuing a stored response: only its creator may, and its tokens are re-fed
             previous_tokens = await owned_responses.tokens_of(rt, principal, doc["previous_response_id"])
-        bound = rt.meter.bound(self.kind, doc, previous_tokens)
+        bound = req.bound = rt.meter.bound(self.kind, doc, previous_tokens)
         prompt_estimate = bound.prompt
-        reserve = bound.reserve
+        reserve = req.reserve = bound.reserve
 
         # the priced reservation: prompt bound at the input price plus cap x sequences at the output
         # price (a cost-limited key asking for an unpriced model is refused here, 403)
         prices = principal.prices_for(model)
-        costs = _NO_COST if prices is None else cost_args(prices, prompt_estimate, reserve - prompt_estimate)
+        costs = NO_COST if prices is None else cost_args(prices, prompt_estimate, reserve - prompt_estimate)
 
-        ticket: Ticket | None = None
         rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
         try:
-            decision = await rt.admission.admit(principal, request_id, reserve, prompt_estimate, bound.sequences,
-                                                costs)
+            decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs)
         except REDIS_FAILURES as exc:
             if not is_transport_failure(exc):
                 raise reply_error("admit", exc) from None
             metrics.count_redis_error("admit")
             if maybe_ran(exc):  # it may still run when Redis resumes: make that leave nothing
-                rt.recovery.undo_admission(principal, request_id, reserve)
+                rt.recovery.undo_admission(principal, req.id, reserve)
             rt.redis_health.failed(settings.fail_open, exc)
             if not settings.fail_open:
                 raise errors.redis_unavailable() from None
@@ -226,93 +233,37 @@ class InferenceEndpoint:
             if rt.redis_health.degraded:
                 rt.redis_health.ok()
                 rt.recovery.wake()
-            headers += decision.headers
+            req.response_headers += decision.headers
             if not decision.admitted:
                 refused = rejection(decision, principal, reserve)
-                metrics.count_refused(state["model"], refused.reason or refused.code, reserve)
+                metrics.count_refused(req.model, refused.reason or refused.code, reserve)
                 raise refused
             if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
                 bound.cap = (decision.reserved - prompt_estimate) // bound.sequences
-                reserve = decision.reserved
-            ticket = Ticket(rt, principal, request_id, reserve, prices, state["model"])
-            metrics.count_admitted(state["model"], reserve)
+                reserve = req.reserve = decision.reserved
+            req.ticket = Ticket(rt, principal, req.id, reserve, prices, req.model)
+            metrics.count_admitted(req.model, reserve)
         finally:
             rt.shedder.admitting -= 1  # no await until _UpstreamCall.run counts it as in flight
         if bound.sequences:
-            headers.append((_MAX_TOKENS_HEADER, str(bound.cap).encode()))
-
-        try:
-            await self._forward(rt, scope, receive, send, request_id, headers, state, started, doc, raw,
-                                model, priority, forward, ticket, prompt_estimate, reserve, bound.cap)
-        finally:
-            if ticket is not None and not ticket.done:  # a failure before the upstream call
-                await ticket.settle(0)
-
-    async def _forward(self, rt: Runtime, scope, receive, send, request_id, headers, state, started, doc, raw,
-                       model, priority, forward, ticket, prompt_estimate, reserve, cap) -> None:
-        settings = rt.settings
-        # What goes upstream: the client's bytes, unless we must set the completion cap, add
-        # include_usage or priority.
-        kind = self.kind
-        streaming = kind in _STREAMING and doc.get("stream") is True
-        strip_usage = False
-        modified = False
-        patch = None
-        if kind in GENERATING:  # the upstream may generate no more than was reserved
-            patch = cap_patch(kind, doc, cap, raw)
-            apply_cap(kind, doc, cap)
-            modified = patch is None
-        if streaming and kind in _INCLUDE_USAGE:
-            options = doc.get("stream_options") or {}
-            if not options.get("include_usage"):
-                doc["stream_options"] = {**options, "include_usage": True}
-                strip_usage = modified = True
-        # the upstream's scheduling priority is Atlas's to set, on every route: a client's own
-        # `priority` field is replaced (ATLAS_FORWARD_PRIORITY) or removed
-        if settings.forward_priority is not None:
-            doc["priority"] = settings.forward_priority[priority]
-            modified = True
-        elif "priority" in doc:
-            del doc["priority"]
-            modified = True
-        if modified:
-            payload = json.dumps(doc, separators=(",", ":")).encode()
-        elif patch:  # only cap fields to add: append them to the client's object
-            payload = raw.rstrip()[:-1] + patch + b"}"
-        else:
-            payload = raw
-        forward["content-type"] = "application/json"
-        forward["x-request-id"] = request_id
-        if rt.upstream_auth:
-            forward["authorization"] = rt.upstream_auth
-        url = rt.upstreams.base_for(model) + self.path
-
-        call = _UpstreamCall(rt, ticket, state, headers, started, prompt_estimate, reserve)
-        if kind == "responses" and ticket is not None:
-            call.owner = ticket.principal.subjects[0]
-        await call.run(scope, receive, send, url, payload, forward, streaming, strip_usage)
+            req.response_headers.append((_MAX_TOKENS_HEADER, str(bound.cap).encode()))
 
 
 class _UpstreamCall:
     """Forward one admitted request and settle it, whatever happens."""
 
-    __slots__ = ("rt", "ticket", "state", "headers", "started", "prompt_estimate", "reserve",
-                 "upstream_seconds", "finishing", "client_gone", "billed", "watcher", "_receive", "_task",
-                 "_refresher", "_refreshing", "owner", "cached")
+    __slots__ = ("req", "rt", "ticket", "upstream_seconds", "finishing", "client_gone", "billed", "cached",
+                 "watcher", "_receive", "_task", "_refresher", "_refreshing", "owner")
 
     # A non-streaming request starts listening for a client disconnect only once it has been
     # upstream this long: the listener task costs ~60 us of CPU (about 40 % of the handler's
     # own work, measured), and a request that answers sooner has nothing worth aborting.
     WATCH_AFTER = 0.05
 
-    def __init__(self, rt, ticket, state, headers, started, prompt_estimate, reserve) -> None:
-        self.rt = rt
-        self.ticket = ticket
-        self.state = state
-        self.headers = headers
-        self.started = started
-        self.prompt_estimate = prompt_estimate
-        self.reserve = reserve
+    def __init__(self, req: RequestContext) -> None:
+        self.req = req
+        self.rt = req.rt
+        self.ticket = req.ticket
         self.upstream_seconds = 0.0
         self.finishing = False
         self.client_gone = False
@@ -321,7 +272,8 @@ class _UpstreamCall:
         self.watcher: asyncio.Future | None = None
         self._refresher: asyncio.TimerHandle | None = None
         self._refreshing: asyncio.Future | None = None
-        self.owner: str | None = None  # /v1/responses: the key subject a stored response belongs to
+        # /v1/responses: the key subject a stored response belongs to
+        self.owner = req.ticket.principal.subjects[0] if req.kind == "responses" and req.ticket is not None else None
 
     def _start_watcher(self) -> None:
         if not self.finishing and self.watcher is None:
@@ -372,8 +324,19 @@ class _UpstreamCall:
                     task.cancel()
                 return
 
-    async def run(self, scope, receive, send, url, payload, forward, streaming, strip_usage) -> None:
+    async def run(self, scope, receive, send) -> None:
+        req = self.req
         rt = self.rt
+        body = UpstreamBody(req.kind, req.doc, req.raw, req.bound.cap,
+                            None if rt.settings.forward_priority is None else rt.settings.forward_priority[req.priority])
+        streaming = body.streaming
+        forward = req.forward
+        forward["content-type"] = "application/json"
+        forward["x-request-id"] = req.id
+        if rt.upstream_auth:
+            forward["authorization"] = rt.upstream_auth
+        url = rt.upstreams.base_for(req.doc["model"]) + req.path
+
         shedder = rt.shedder
         self._receive = receive
         self._task = asyncio.current_task()
@@ -385,38 +348,39 @@ class _UpstreamCall:
         shedder.inflight += 1
         if metrics.MULTIPROCESS:
             metrics.INFLIGHT.inc()
-        metrics.upstream_started(self.state["model"])
+        metrics.upstream_started(req.model)
         status = 0
         try:
             t_up = perf_counter()
             try:
-                async with rt.session.post(url, data=payload, headers=forward) as resp:
+                async with rt.session.post(url, data=body.payload, headers=forward) as resp:
                     if streaming and resp.status == 200:
-                        metrics.observe_upstream(self.state["model"], perf_counter() - t_up)
+                        metrics.observe_upstream(req.model, perf_counter() - t_up)
                         status = 200
-                        await self._stream(resp, send, strip_usage)
+                        await self._stream(resp, send, body.strip_usage)
                         self.upstream_seconds = perf_counter() - t_up
                     else:
-                        body = await resp.read()
+                        answer = await resp.read()
                         self.upstream_seconds = perf_counter() - t_up
-                        metrics.observe_upstream(self.state["model"], self.upstream_seconds)
+                        metrics.observe_upstream(req.model, self.upstream_seconds)
                         status = resp.status
-                        self.billed = self._bill_body(status, body)
+                        self.billed = self._bill_body(status, answer)
                         if self.owner is not None and status == 200:
-                            await self._record_owner(response_id_from_body(body))
+                            await self._record_owner(response_id_from_body(answer))
                         self._stop_watcher()
                         content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
                         # answer first, settle right after (in finally): the client does not
                         # wait for the second Redis round trip; the lease is held until then
-                        await send_bytes(send, status, body, self.headers, content_type)
+                        await send_bytes(send, status, answer, req.response_headers, content_type)
             except asyncio.CancelledError:
+                if self.billed == (0, 0):
+                    # cancelled before any answer (the client left, or the server is shutting
+                    # down): the upstream has done the prefill
+                    self.billed = (req.prompt_estimate, 0)
                 if not self.client_gone:
                     raise
                 asyncio.current_task().uncancel()
                 status = 499  # client closed the request (nginx's convention), for metrics only
-                if self.billed == (0, 0):
-                    # disconnected before any answer: the upstream has done the prefill
-                    self.billed = (self.prompt_estimate, 0)
             except asyncio.TimeoutError:
                 status = 504
                 await self._fail(send, errors.upstream_timeout())
@@ -430,18 +394,17 @@ class _UpstreamCall:
             shedder.inflight -= 1
             if metrics.MULTIPROCESS:
                 metrics.INFLIGHT.dec()
-            metrics.upstream_finished(self.state["model"])
+            metrics.upstream_finished(req.model)
             await self._settle()
-            state = self.state
-            metrics.count_request(state["ref"], state["model"], status, state["priority"])
-            metrics.count_tokens(state["ref"], state["model"], self.billed[0], self.billed[1])
-            metrics.OVERHEAD.observe(max(0.0, perf_counter() - self.started - self.upstream_seconds))
+            metrics.count_request(req.ref, req.model, status, req.priority)
+            metrics.count_tokens(req.ref, req.model, self.billed[0], self.billed[1])
+            metrics.OVERHEAD.observe(max(0.0, perf_counter() - req.started - self.upstream_seconds))
 
     async def _settle(self) -> None:
         if self.ticket is not None:
             actual = self.billed[0] + self.billed[1]
-            if actual > self.reserve:  # a misbehaving upstream: charged in full, and counted
-                metrics.count_overrun(self.state["ref"], actual - self.reserve)
+            if actual > self.req.reserve:  # a misbehaving upstream: charged in full, and counted
+                metrics.count_overrun(self.req.ref, actual - self.req.reserve)
             await self.ticket.settle(actual, self.billed[0], self.cached)
 
     async def _record_owner(self, response_id: str | None) -> None:
@@ -450,7 +413,7 @@ class _UpstreamCall:
 
     async def _fail(self, send, err: errors.GatewayError) -> None:
         self._stop_watcher()
-        await send_error(send, err, self.headers)
+        await send_error(send, err, self.req.response_headers)
 
     def _bill_body(self, status: int, body: bytes) -> tuple[int, int]:
         usage = usage_from_body(body)
@@ -461,11 +424,12 @@ class _UpstreamCall:
         if status != 200:
             return 0, 0  # the upstream refused it: nothing was generated
         # a 200 without usage: charge the prompt estimate and the body's size as completion
-        return self.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
-                                         max(0, self.reserve - self.prompt_estimate))
+        req = self.req
+        return req.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
+                                        max(0, req.reserve - req.prompt_estimate))
 
     async def _stream(self, resp, send, strip_usage: bool) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.headers})
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.req.response_headers})
         stream = StreamState(want_id=self.owner is not None)
         try:
             await pump(resp, send, stream, strip_usage)
@@ -479,7 +443,7 @@ class _UpstreamCall:
                     completion = max(completion, stream.delivered)
                 self.billed = (prompt, completion)
             else:  # cut short, or an upstream that ignores include_usage: bill what was delivered
-                self.billed = (self.prompt_estimate, stream.delivered)
+                self.billed = (self.req.prompt_estimate, stream.delivered)
             if cut:
                 resp.close()  # abort the upstream request: never read (or pay for) the rest
         self._stop_watcher()

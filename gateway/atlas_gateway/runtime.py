@@ -9,9 +9,10 @@ import os
 import time
 
 import aiohttp
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from atlas_core import cluster
 
 from . import metrics
 from .admission import Admission
@@ -19,6 +20,7 @@ from .auth import ConfigCache
 from .fastredis import FastRedis
 from .priority import Shedder
 from .recovery import Recovery
+from .redis_cluster import ClusterFastRedis
 from .settings import Settings
 from .tokens import Meter
 from .upstreams import Upstreams
@@ -56,20 +58,8 @@ class RedisHealth:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # No retries: a retried EVALSHA after a lost reply would reserve or settle twice.
-        self.redis = aioredis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-            max_connections=1024,
-        )
-        self.cache = ConfigCache(self.redis, settings.config_ttl)
-        self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
-        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
-        self.recovery = Recovery(self.admission)
+        self.redis_cluster = settings.redis_cluster == "true"  # "auto" is resolved in start()
+        self._connect_redis()
         self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
         self.meter = Meter.from_settings(settings)
         self.shedder = Shedder(*settings.shed_thresholds())
@@ -82,6 +72,29 @@ class Runtime:
         auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
         self.upstream_auth = auth
 
+    def _connect_redis(self) -> None:
+        """The Redis clients (single Redis or Cluster) and what is built on them."""
+        settings = self.settings
+        # No retries: a retried EVALSHA after a lost reply would reserve or settle twice.
+        self.redis = cluster.redis_py_client(
+            settings.redis_url,
+            self.redis_cluster,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            max_connections=1024,
+        )
+        self.cache = ConfigCache(self.redis, settings.config_ttl)
+        if self.redis_cluster:
+            self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
+                                               settings.redis_cluster_wait_ms)
+        else:
+            self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
+        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
+        self.recovery = Recovery(self.admission)
+
     def new_request_id(self) -> str:
         """Unique per request across gateways (random per-process prefix + counter): also the lease
         member in Redis, so it must never come from the client."""
@@ -89,6 +102,13 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        if s.redis_cluster == "auto" and await cluster.detect(s.redis_url, s.redis_timeout):
+            await self.fast_redis.aclose()
+            await self.redis.aclose()
+            self.redis_cluster = True
+            self._connect_redis()
+        if self.redis_cluster:
+            log.info("Redis Cluster mode: commands routed by slot")
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
                                          keepalive_timeout=30, ttl_dns_cache=60)
         self.session = aiohttp.ClientSession(

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from atlas_core import cluster
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed: the gateway refuses to start."""
@@ -33,6 +35,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cluster_mode(raw: str | None) -> str:
+    try:
+        return cluster.parse_mode(raw)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 DEFAULT_PRIORITY_VALUES = {"Critical": 0, "Standard": 1, "Sheddable": 2}
 
 
@@ -55,6 +64,8 @@ class Settings:
     upstream_url: str
     upstream_models: tuple[tuple[str, str], ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: str = "auto"  # ATLAS_REDIS_CLUSTER: true | false | auto (atlas_core.cluster)
+    redis_cluster_wait_ms: int = 100  # ATLAS_REDIS_CLUSTER_WAIT_MS: WAIT for a replica (redis_cluster.py)
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -148,6 +159,8 @@ class Settings:
             upstream_url=upstream,
             upstream_models=models,
             redis_url=env.get("ATLAS_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            redis_cluster=_cluster_mode(env.get("ATLAS_REDIS_CLUSTER")),
+            redis_cluster_wait_ms=max(0, _int(env, "ATLAS_REDIS_CLUSTER_WAIT_MS", 100)),
             host=env.get("ATLAS_HOST", "127.0.0.1"),
             port=_int(env, "ATLAS_PORT", 8080),
             workers=max(1, _int(env, "ATLAS_WORKERS", 1)),

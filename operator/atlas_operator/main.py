@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 import kopf
-import redis.asyncio as aioredis
+
+from atlas_core import cluster
 
 from .keys import StatusConflict
 from .kube import ClientKubeApi, NamespaceTerminating
@@ -47,8 +48,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
 
     config: OperatorSettings = memo.get("config") or OperatorSettings.from_env()
     kube = ClientKubeApi.from_environment(workers=config.api_workers)
-    redis = aioredis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5,
-                              health_check_interval=30)
+    on_cluster = await cluster.resolve(config.redis_cluster, config.redis_url, 5)
+    redis = cluster.redis_py_client(config.redis_url, on_cluster, socket_timeout=5, socket_connect_timeout=5,
+                                    health_check_interval=30)
     memo.runtime = Runtime(config, kube, redis, {
         "atlaskey_views": atlaskey_views, "atlasquota_views": atlasquota_views,
         "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,

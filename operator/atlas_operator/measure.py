@@ -91,10 +91,10 @@ async def traffic(redis, subjects: list[str], now: datetime, tokens: int) -> Non
     pipe = redis.pipeline(transaction=False)
     for s in subjects:
         day_key, month_key = contract.usage_keys(s, now)
-        pipe.hincrby(day_key, "settled", tokens)
-        pipe.hincrby(day_key, "requests", 1)
-        pipe.hset(day_key, "last", int(now.timestamp() * 1000))
-        pipe.hincrby(month_key, "settled", tokens)
+        pipe.hincrby(day_key, contract.USAGE_SETTLED, tokens)
+        pipe.hincrby(day_key, contract.USAGE_REQUESTS, 1)
+        pipe.hset(day_key, contract.USAGE_LAST, int(now.timestamp() * 1000))
+        pipe.hincrby(month_key, contract.USAGE_SETTLED, tokens)
     await pipe.execute()
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from atlas_core import contract
 from atlas_gateway import admission as adm, errors
-from atlas_gateway.auth import Principal, cost_args
+from atlas_gateway.auth import Principal
+from atlas_gateway.calls import cost_args
 from atlas_gateway.usage import cached_tokens
 
 KEY = contract.key_subject("team", "app")

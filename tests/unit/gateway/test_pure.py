@@ -7,7 +7,7 @@ import json
 import pytest
 
 from atlas_gateway import errors
-from atlas_gateway.auth import api_key_from_headers
+from atlas_gateway.headers import RequestHeaders, api_key_from_headers
 from atlas_gateway.fastredis import ReplyError, pack, reply_reader
 from atlas_gateway.globs import compile_globs, first_match
 from atlas_gateway.priority import Shedder, effective_priority
@@ -90,9 +90,33 @@ def test_shedding_order():
 
 def test_api_key_extraction():
     assert api_key_from_headers([(b"authorization", b"Bearer sk-1")]) == "sk-1"
+    assert api_key_from_headers([(b"authorization", b"bEaReR  sk-1 ")]) == "sk-1"
     assert api_key_from_headers([(b"x-api-key", b"sk-2")]) == "sk-2"
     assert api_key_from_headers([(b"authorization", b"Basic abc")]) is None
+    assert api_key_from_headers([(b"authorization", b"Bearer   ")]) is None
+    assert api_key_from_headers([(b"x-api-key", b"  ")]) is None
     assert api_key_from_headers([]) is None
+    # a Bearer key wins over x-api-key, whichever comes first; the first usable one of each counts
+    assert api_key_from_headers([(b"x-api-key", b"sk-2"), (b"authorization", b"Bearer sk-1")]) == "sk-1"
+    assert api_key_from_headers([(b"authorization", b"Basic x"), (b"x-api-key", b"sk-2")]) == "sk-2"
+    assert api_key_from_headers([(b"authorization", b"Bearer sk-1"), (b"authorization", b"Bearer sk-3")]) == "sk-1"
+    assert api_key_from_headers([(b"x-api-key", b""), (b"x-api-key", b"sk-2"), (b"x-api-key", b"sk-4")]) == "sk-2"
+
+
+def test_the_hot_path_header_parser_reads_controls_and_forwards_the_rest():
+    """The hot path's one pass (proxy.py uses RequestHeaders with forward=True)."""
+    parsed = RequestHeaders([
+        (b"host", b"gw"), (b"authorization", b"Bearer sk-1"), (b"x-api-key", b"sk-2"),
+        (b"content-length", b"123"), (b"x-atlas-priority", b"Sheddable"), (b"accept-encoding", b"gzip"),
+        (b"x-request-id", b"client-chosen"), (b"connection", b"keep-alive"), (b"openai-beta", b"x"),
+        (b"x-custom", b"\xe9"),
+    ], forward=True)
+    assert parsed.api_key == "sk-1" and parsed.priority == "Sheddable" and parsed.content_length == 123
+    # credentials, hop-by-hop headers, our controls and the client's request id never go upstream
+    assert parsed.forward == {"openai-beta": "x", "x-custom": "\xe9"}
+    assert RequestHeaders([(b"content-length", b"-5")]).content_length == 0
+    assert RequestHeaders([(b"content-length", b"12x")]).content_length == 0
+    assert RequestHeaders([(b"openai-beta", b"x")]).forward == {}  # only collected when asked
 
 
 def test_validation_errors_name_the_field():
@@ -158,13 +182,18 @@ def test_settings_from_env():
 
 
 def test_pre_encoded_script_call_equals_plain_encoding():
-    from atlas_gateway.fastredis import pack_args
+    from atlas_gateway.calls import CallShape
     from atlas_gateway.scripts import FastScript
 
     script = FastScript(client=None, source="return 1")
-    keys, dynamic, static = (b"k1", b"k2"), (b"rid", b"12"), (b"a", b"bcd", b"")
-    encoded = script.prefix(keys, len(dynamic) + len(static)) + pack_args(dynamic) + pack_args(static)
-    assert encoded == pack((b"EVALSHA", script.sha, b"2", *keys, *dynamic, *static))
+    shape = CallShape((b"k1", b"k2"), (b"a", b"bcd", b""))
+    dynamic, tail = (b"rid", b"12"), (b"1",)
+    for _ in range(2):  # the first call encodes the shape, the second reuses that encoding
+        assert script.encode(shape, dynamic) == pack((b"EVALSHA", script.sha, b"2", b"k1", b"k2", *dynamic,
+                                                      b"a", b"bcd", b""))
+        assert script.encode(shape, dynamic, tail) == pack((b"EVALSHA", script.sha, b"2", b"k1", b"k2", *dynamic,
+                                                            b"a", b"bcd", b"", b"1"))
+    assert shape.encoded is not None
 
 
 # ------------------------------------------------------------------------------- usage of every route

@@ -1,0 +1,77 @@
+"""The Lua scripts, calls.py and the contract agree: the usage-hash field names the scripts
+write are the contract's (Lua keeps them as literals), and the KEYS calls.py builds are where
+each script reads them."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from importlib import resources
+
+from atlas_core import contract
+from atlas_gateway.calls import ScriptCalls
+from tests.unit.gateway.conftest import make_principal
+
+# per script: the KEYS positions (per subject, 1-based after the subject's offset `k`) of its
+# day and month usage hashes, and the local names the script gives them
+USAGE_KEYS = {
+    "admit.lua": ({"KEYS[k + 5]", "dk"}, {"KEYS[k + 6]"}),
+    "settle.lua": ({"KEYS[k + 4]"}, {"KEYS[k + 5]"}),
+    "undo.lua": ({"KEYS[k + 4]"}, {"KEYS[k + 5]"}),
+}
+HASH_CALL = re.compile(r"redis\.call\('(H[A-Z]+)', (KEYS\[k \+ \d\]|\w+), '(\w+)'")
+
+
+def fields_used(script: str) -> tuple[set[str], set[str]]:
+    source = resources.files("atlas_gateway").joinpath(script).read_text()
+    day_keys, month_keys = USAGE_KEYS[script]
+    day, month = set(), set()
+    for _, key, field in HASH_CALL.findall(source):
+        if key in day_keys:
+            day.add(field)
+        elif key in month_keys:
+            month.add(field)
+    return day, month
+
+
+def test_the_scripts_write_exactly_the_contracts_usage_fields():
+    day, month = set(), set()
+    for script in USAGE_KEYS:
+        d, m = fields_used(script)
+        assert d <= set(contract.DAY_USAGE_FIELDS), (script, d)
+        assert m <= set(contract.MONTH_USAGE_FIELDS), (script, m)
+        day |= d
+        month |= m
+    # and every field the contract (so the operator) reads is one a script writes
+    assert day == set(contract.DAY_USAGE_FIELDS)
+    assert month == set(contract.MONTH_USAGE_FIELDS)
+
+
+def test_parse_usage_reads_the_contract_fields():
+    day = {contract.USAGE_SETTLED.encode(): b"7", contract.USAGE_REQUESTS.encode(): b"2",
+           contract.USAGE_LAST.encode(): b"1700000000000", contract.USAGE_COST.encode(): b"5"}
+    month = {contract.USAGE_SETTLED.encode(): b"70", contract.USAGE_COST.encode(): b"50"}
+    usage = contract.parse_usage(day, month, datetime.now(timezone.utc))
+    assert (usage.tokens_today, usage.requests_today, usage.tokens_this_month) == (7, 2, 70)
+    assert (usage.cost_today, usage.cost_this_month, usage.last_request_ms) == (5, 50, 1700000000000)
+
+
+def test_calls_put_the_usage_hashes_where_the_scripts_read_them():
+    principal = make_principal(contract.Limits(tokens_per_day=10), contract.Limits(tokens_per_month=10))
+    calls = ScriptCalls(60)
+    admit, settle = calls.shapes(principal, "2026-12-01", "2026-12")
+    undo = calls.undo_shape(principal, "2026-12-01", "2026-12")
+    for i, subject in enumerate(principal.subjects):
+        day = contract.day_usage_key(subject, "2026-12-01", principal.tag).encode()
+        month = contract.month_usage_key(subject, "2026-12", principal.tag).encode()
+        assert admit.keys[i * 7 + 4: i * 7 + 6] == [day, month]  # KEYS[k + 5], KEYS[k + 6]
+        assert settle.keys[i * 6 + 3: i * 6 + 5] == [day, month]  # KEYS[k + 4], KEYS[k + 5]
+        assert undo.keys[i * 6 + 3: i * 6 + 5] == [day, month]
+    tombstones = contract.undone_key(principal.subjects[0], principal.tag).encode()
+    assert admit.keys[-1] == undo.keys[-1] == tombstones  # KEYS[n*7+1] / KEYS[n*6+1]
+    # ARGV: admit's fixed part starts at ARGV[9] (lease TTL, subjects, day TTL, month TTL, 10 per subject)
+    assert admit.static[:2] == (b"60000", b"2") and len(admit.static) == 4 + 2 * 10
+    assert settle.static[0] == b"2" and len(settle.static) == 3 + 2 * 2
+    assert undo.static == (*settle.static, b"60000")  # + the tombstone TTL
+    assert len(calls.admit_args("r", 1, 2, 3, 1, 0, (b"0", b"0"))) == 8
+    assert len(calls.settle_args("r", 1, 2, (b"0", b"0"))) == 5

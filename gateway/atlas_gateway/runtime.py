@@ -9,9 +9,10 @@ import os
 import time
 
 import aiohttp
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from atlas_core.sentinel import redis_from_url
 
 from . import metrics
 from .admission import Admission
@@ -57,7 +58,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # No retries: a retried EVALSHA after a lost reply would reserve or settle twice.
-        self.redis = aioredis.from_url(
+        self.redis = redis_from_url(
             settings.redis_url,
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from atlas_core import sentinel
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed: the gateway refuses to start."""
@@ -115,6 +117,11 @@ class Settings:
         for (lower, low), (higher, high) in zip(enabled, enabled[1:]):
             if low > high:
                 raise SettingsError(f"{lower}={low} must not exceed {higher}={high}: lower classes shed first")
+        if sentinel.is_sentinel_url(self.redis_url):
+            try:
+                sentinel.parse(self.redis_url)
+            except ValueError as exc:
+                raise SettingsError(f"ATLAS_REDIS_URL: {exc}") from exc
         for name, value in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
                             ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
                             ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),

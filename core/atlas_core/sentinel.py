@@ -1,0 +1,191 @@
+"""Redis Sentinel: where the master is, for both planes.
+
+A Sentinel deployment is named by one URL (``ATLAS_REDIS_URL``), in the form::
+
+    redis+sentinel://[[user]:password@]host1:26379[,host2:26379,...]/<master-name>[/<db>][?query]
+    rediss+sentinel://...    TLS to the sentinels and to the master alike
+
+The user and password in the URL authenticate to the *master* (as in ``redis://``). Sentinels
+with their own password (``requirepass`` in sentinel.conf) take ``sentinel_password`` (and
+``sentinel_username``) as query parameters; ``db`` may also be a query parameter, and the TLS
+parameters are those of ``rediss://`` (``ssl_ca_certs``, ``ssl_cert_reqs``, ...). Reserved
+characters in passwords are percent-encoded.
+
+Both Redis clients of the gateway follow the master through a failover:
+
+* redis-py (config reads, ``/v1/usage``, the operator): its ``SentinelConnectionPool`` asks the
+  sentinels for the master on every new connection, and turns a ``READONLY`` reply (the master
+  it is connected to was demoted) into a dropped connection and a ``ConnectionError``.
+* the gateway's hot-path client (fastredis.py) asks :class:`MasterLocator` for the address on
+  every (re)connect, then checks ``ROLE`` on the new connection before using it: a sentinel's
+  view can lag a failover, and a demoted master must never receive an admission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.sentinel import Sentinel
+
+SCHEMES = ("redis+sentinel", "rediss+sentinel")
+DEFAULT_SENTINEL_PORT = 26379
+_FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
+
+
+class MasterUnavailable(ConnectionError):
+    """No sentinel named a usable master, or the address it named is not a master (yet): a
+    transport failure (the command was never sent), so the fail mode applies."""
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    query: dict[str, list[str]] = field(default_factory=dict, hash=False, compare=False, repr=False)
+
+    def redacted(self) -> str:
+        """For logs: addresses and master name, never a password."""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"sentinel {hosts} master {self.master} db {self.db}"
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in SCHEMES
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    item = item.strip()
+    if item.startswith("["):  # [ipv6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host:
+        raise ValueError(f"sentinel address {item!r} has no host")
+    try:
+        return host, int(port) if port else DEFAULT_SENTINEL_PORT
+    except ValueError:
+        raise ValueError(f"sentinel address {item!r} has a port that is not a number") from None
+
+
+def parse(url: str) -> SentinelUrl:
+    """Parse a ``redis+sentinel://`` URL; ValueError names what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SCHEMES:
+        raise ValueError(f"not a Sentinel URL (expected {' or '.join(s + '://' for s in SCHEMES)})")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, _, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if secret else None
+    sentinels = tuple(_host_port(item) for item in hosts.split(",") if item.strip())
+    if not sentinels:
+        raise ValueError("a Sentinel URL names at least one sentinel host:port")
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError("a Sentinel URL names the master after the hosts: redis+sentinel://host:26379/<master-name>")
+    if len(path) > 2:
+        raise ValueError("a Sentinel URL's path is /<master-name>[/<db>]")
+    query = parse_qs(parts.query)
+
+    def one(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    raw_db = path[1] if len(path) == 2 else (one("db") or "0")
+    try:
+        db = int(raw_db)
+    except ValueError:
+        raise ValueError(f"the database in a Sentinel URL must be a number, not {raw_db!r}") from None
+    return SentinelUrl(sentinels=sentinels, master=path[0], db=db, username=username, password=password,
+                       sentinel_username=one("sentinel_username") or None,
+                       sentinel_password=one("sentinel_password") or None,
+                       tls=parts.scheme.lower().startswith("rediss"), query=query)
+
+
+def describe_url(url: str) -> str:
+    """A Redis URL for logs: host(s), port(s), database; never a password, never the query."""
+    if is_sentinel_url(url):
+        try:
+            return parse(url).redacted()
+        except ValueError:
+            return "an invalid Sentinel URL"
+    parts = urlsplit(url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}{parts.path or ''}"
+
+
+def _tls_kwargs(config: SentinelUrl) -> dict[str, Any]:
+    """redis-py connection options for TLS, from the same query parameters as ``rediss://``."""
+    if not config.tls:
+        return {}
+    q = {name: values[-1] for name, values in config.query.items() if values}
+    kwargs: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": q.get("ssl_cert_reqs", "required")}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_password"):
+        if q.get(name):
+            kwargs[name] = q[name]
+    if q.get("ssl_check_hostname"):
+        kwargs["ssl_check_hostname"] = q["ssl_check_hostname"].lower() not in _FALSE
+    return kwargs
+
+
+def sentinel_manager(config: SentinelUrl, timeout: float) -> Sentinel:
+    """A redis-py Sentinel client for the sentinels (their own credentials, the same TLS)."""
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                       **_tls_kwargs(config)}
+    if config.sentinel_password is not None:
+        sentinel_kwargs["password"] = config.sentinel_password
+        if config.sentinel_username:
+            sentinel_kwargs["username"] = config.sentinel_username
+    return Sentinel(list(config.sentinels), sentinel_kwargs=sentinel_kwargs)
+
+
+def redis_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
+    """``redis.asyncio.from_url`` that also understands ``redis+sentinel://``: then a client whose
+    pool follows the master the sentinels name (kwargs go to the master connections)."""
+    if not is_sentinel_url(url):
+        return aioredis.from_url(url, **kwargs)
+    config = parse(url)
+    timeout = kwargs.get("socket_connect_timeout") or kwargs.get("socket_timeout") or 5.0
+    master_kwargs = {**kwargs, **_tls_kwargs(config), "db": config.db}
+    if config.password is not None:
+        master_kwargs["password"] = config.password
+        if config.username:
+            master_kwargs["username"] = config.username
+    return sentinel_manager(config, timeout).master_for(config.master, check_connection=True, **master_kwargs)
+
+
+class MasterLocator:
+    """The master's address for a client that manages its own connection (fastredis.py)."""
+
+    def __init__(self, config: SentinelUrl, timeout: float) -> None:
+        self.config = config
+        self.sentinels = sentinel_manager(config, timeout)
+
+    async def address(self) -> tuple[str, int]:
+        try:
+            host, port = await self.sentinels.discover_master(self.config.master)
+        except redis_errors.RedisError as exc:  # MasterNotFoundError, timeouts, sentinel auth
+            raise MasterUnavailable(f"no master for {self.config.master!r}: {exc}") from exc
+        return str(host), int(port)
+
+    @staticmethod
+    def check_role(reply: Any) -> None:
+        """``ROLE`` on a fresh connection: anything but ``master`` (a demoted master, a replica a
+        sentinel still names) means the address is stale."""
+        role = reply[0] if isinstance(reply, (list, tuple)) and reply else reply
+        if role not in (b"master", "master"):
+            raise MasterUnavailable(f"the address the sentinels named is a {role!r}, not the master")
+
+    async def aclose(self) -> None:
+        await self.sentinels.aclose()

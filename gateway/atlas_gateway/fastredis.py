@@ -181,6 +181,8 @@ class FastRedis:
         self._connecting: asyncio.Future | None = None
         # where the server is: fixed (redis://) or asked of the sentinels on each connect
         self.locator: sentinel.MasterLocator | None = None
+        self.master: tuple[str, int] | None = None  # the master last connected to (Sentinel)
+        self.on_master_change = None  # called (no arguments) when a reconnect finds another master
         if sentinel.is_sentinel_url(url):
             config = sentinel.parse(url)
             self.locator = sentinel.MasterLocator(config, timeout)
@@ -226,6 +228,10 @@ class FastRedis:
         except BaseException:
             proto.close()
             raise
+        if self.locator is not None:
+            previous, self.master = self.master, (host, port)
+            if previous is not None and previous != self.master and self.on_master_change is not None:
+                self.on_master_change()
         self._proto = proto
         return proto
 
@@ -278,6 +284,13 @@ class FastRedis:
     async def ping(self) -> None:
         """PING over the hot-path connection (readiness is decided by the client serving traffic)."""
         await self.execute(b"PING")
+
+    def disconnect(self) -> None:
+        """Drop the connection (its pending calls fail with ConnectionError); the next call
+        reconnects, to wherever the locator then points."""
+        if self._proto is not None:
+            self._proto.close()
+            self._proto = None
 
     async def aclose(self) -> None:
         if self._proto is not None:

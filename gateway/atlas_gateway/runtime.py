@@ -17,6 +17,7 @@ from atlas_core.sentinel import redis_from_url
 from . import metrics
 from .admission import Admission
 from .auth import ConfigCache
+from .failover import MasterWatch
 from .fastredis import FastRedis
 from .priority import Shedder
 from .recovery import Recovery
@@ -70,7 +71,9 @@ class Runtime:
         self.cache = ConfigCache(self.redis, settings.config_ttl)
         self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
-        self.recovery = Recovery(self.admission)
+        self.recovery = Recovery(self.admission, replays=self.fast_redis.locator is not None)
+        self.fast_redis.on_master_change = self.recovery.replay_after_failover
+        self.master_watch = MasterWatch(self.fast_redis, self.redis, settings.sentinel_check_interval)
         self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
         self.meter = Meter.from_settings(settings)
         self.shedder = Shedder(*settings.shed_thresholds())
@@ -90,6 +93,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        self.master_watch.start()
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
                                          keepalive_timeout=30, ttl_dns_cache=60)
         self.session = aiohttp.ClientSession(
@@ -106,6 +110,7 @@ class Runtime:
             log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "
                         "by ATLAS_LEASE_TTL_SECONDS", len(self.recovery.pending))
         self.recovery.stop()
+        await self.master_watch.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -62,6 +62,8 @@ class Settings:
     workers: int = 1
     fail_open: bool = False
     redis_timeout: float = 0.5
+    # Sentinel only: how often the gateway asks the sentinels whether the master moved (failover.py)
+    sentinel_check_interval: float = 0.5
     config_ttl: float = 1.0
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_tokens: int = 4096
@@ -160,6 +162,7 @@ class Settings:
             workers=max(1, _int(env, "ATLAS_WORKERS", 1)),
             fail_open=fail_mode == "open",
             redis_timeout=_float(env, "ATLAS_REDIS_TIMEOUT_SECONDS", 0.5),
+            sentinel_check_interval=_float(env, "ATLAS_REDIS_SENTINEL_CHECK_SECONDS", 0.5),
             config_ttl=_float(env, "ATLAS_CONFIG_TTL_SECONDS", 1.0),
             max_body_bytes=_int(env, "ATLAS_MAX_BODY_BYTES", 4 * 1024 * 1024),
             default_max_tokens=max(1, _int(env, "ATLAS_DEFAULT_MAX_TOKENS", 4096)),

@@ -19,6 +19,7 @@ from .admission import Admission
 from .auth import ConfigCache
 from .failover import MasterWatch
 from .fastredis import FastRedis
+from .load_view import LoadView
 from .priority import Shedder
 from .recovery import Recovery
 from .settings import Settings
@@ -76,13 +77,15 @@ class Runtime:
         self.master_watch = MasterWatch(self.fast_redis, self.redis, settings.sentinel_check_interval)
         self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
         self.meter = Meter.from_settings(settings)
-        self.shedder = Shedder(*settings.shed_thresholds())
+        local, shared = settings.shed_limits()
+        self.shedder = Shedder(*local, shared=shared)
         self.redis_health = RedisHealth()
         if not metrics.MULTIPROCESS:  # read at scrape time: no per-request cost
             metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)
         self.session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex() + "-"
+        self.load_view = LoadView(self.redis, self.shedder, self._id_prefix, settings.shed_publish_interval)
         auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
         self.upstream_auth = auth
 
@@ -94,6 +97,7 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         self.master_watch.start()
+        self.load_view.start()
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
                                          keepalive_timeout=30, ttl_dns_cache=60)
         self.session = aiohttp.ClientSession(
@@ -111,6 +115,7 @@ class Runtime:
                         "by ATLAS_LEASE_TTL_SECONDS", len(self.recovery.pending))
         self.recovery.stop()
         await self.master_watch.stop()
+        await self.load_view.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -81,6 +81,9 @@ class Settings:
     shed_threshold: int | None = None
     shed_threshold_standard: int | None = None
     shed_threshold_critical: int | None = None
+    # cluster: explicit thresholds count every gateway process on this Redis (priority.py)
+    shed_scope: str = "cluster"
+    shed_publish_interval: float = 0.2
     forward_priority: dict[str, int] | None = field(default=None, hash=False)
     log_level: str = "info"
     # bounds on what a client may cost before (and while) it is authenticated; see server.py
@@ -103,18 +106,41 @@ class Settings:
             pool if self.shed_threshold_critical is None else self.shed_threshold_critical,
         )
 
+    def explicit_thresholds(self) -> tuple[int | None, int | None, int | None]:
+        return self.shed_threshold, self.shed_threshold_standard, self.shed_threshold_critical
+
+    def shed_limits(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(local, shared) limits for Sheddable, Standard, Critical (priority.py). With
+        ``ATLAS_SHED_SCOPE=process`` every threshold is local. With ``cluster``, a threshold set
+        explicitly is shared (a total over all gateway processes), and locally such a class is
+        still shed at this process's pool size; an unset one keeps its per-process default."""
+        local = self.shed_thresholds()
+        if self.shed_scope == "process":
+            return local, (0, 0, 0)
+        pool = self.upstream_pool_size
+        explicit = self.explicit_thresholds()
+        return (tuple(limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local)),
+                tuple(value or 0 for value in explicit))
+
     def __post_init__(self) -> None:
         names = ("ATLAS_SHED_THRESHOLD", "ATLAS_SHED_THRESHOLD_STANDARD", "ATLAS_SHED_THRESHOLD_CRITICAL")
         pool = self.upstream_pool_size
         if pool < 1:
             raise SettingsError("ATLAS_UPSTREAM_POOL_SIZE must be >= 1")
+        if self.shed_scope not in ("cluster", "process"):
+            raise SettingsError("ATLAS_SHED_SCOPE must be 'cluster' or 'process'")
+        if self.shed_publish_interval <= 0:
+            raise SettingsError("ATLAS_SHED_PUBLISH_SECONDS must be > 0")
+        cluster = self.shed_scope == "cluster"
         enabled = []
-        for name, value in zip(names, self.shed_thresholds()):
-            if value > pool:
+        for name, value, explicit in zip(names, self.shed_thresholds(), self.explicit_thresholds()):
+            if cluster and explicit is not None:
+                pass  # a total over every gateway process: it may exceed one process's pool
+            elif value > pool:
                 raise SettingsError(
                     f"{name}={value} exceeds ATLAS_UPSTREAM_POOL_SIZE={pool}: requests beyond the pool "
                     "wait for a connection and time out (504) instead of being shed (503)")
-            if value > 0:
+            if value > 0 and (not cluster or explicit is not None):  # compare like with like
                 enabled.append((name, value))
         for (lower, low), (higher, high) in zip(enabled, enabled[1:]):
             if low > high:
@@ -178,6 +204,8 @@ class Settings:
             shed_threshold=optional_int("ATLAS_SHED_THRESHOLD"),
             shed_threshold_standard=optional_int("ATLAS_SHED_THRESHOLD_STANDARD"),
             shed_threshold_critical=optional_int("ATLAS_SHED_THRESHOLD_CRITICAL"),
+            shed_scope=env.get("ATLAS_SHED_SCOPE", "cluster").strip().lower() or "cluster",
+            shed_publish_interval=_float(env, "ATLAS_SHED_PUBLISH_SECONDS", 0.2),
             forward_priority=_priority_values(env.get("ATLAS_FORWARD_PRIORITY")),
             log_level=env.get("ATLAS_LOG_LEVEL", "info").lower(),
             body_timeout=_float(env, "ATLAS_BODY_TIMEOUT_SECONDS", 30.0),

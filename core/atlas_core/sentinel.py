@@ -47,7 +47,7 @@ class SentinelUrl:
     master: str
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     sentinel_username: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
     tls: bool = False

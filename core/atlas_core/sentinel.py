@@ -23,6 +23,8 @@ Both Redis clients of the gateway follow the master through a failover:
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -139,15 +141,20 @@ def _tls_kwargs(config: SentinelUrl) -> dict[str, Any]:
     return kwargs
 
 
-def sentinel_manager(config: SentinelUrl, timeout: float) -> Sentinel:
-    """A redis-py Sentinel client for the sentinels (their own credentials, the same TLS)."""
-    sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                                       **_tls_kwargs(config)}
+def sentinel_kwargs(config: SentinelUrl, timeout: float | None) -> dict[str, Any]:
+    """redis-py connection options for a sentinel: its own credentials, the same TLS."""
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout or 5.0,
+                              **_tls_kwargs(config)}
     if config.sentinel_password is not None:
-        sentinel_kwargs["password"] = config.sentinel_password
+        kwargs["password"] = config.sentinel_password
         if config.sentinel_username:
-            sentinel_kwargs["username"] = config.sentinel_username
-    return Sentinel(list(config.sentinels), sentinel_kwargs=sentinel_kwargs)
+            kwargs["username"] = config.sentinel_username
+    return kwargs
+
+
+def sentinel_manager(config: SentinelUrl, timeout: float) -> Sentinel:
+    """A redis-py Sentinel client for the sentinels."""
+    return Sentinel(list(config.sentinels), sentinel_kwargs=sentinel_kwargs(config, timeout))
 
 
 def redis_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
@@ -171,13 +178,57 @@ class MasterLocator:
     def __init__(self, config: SentinelUrl, timeout: float) -> None:
         self.config = config
         self.sentinels = sentinel_manager(config, timeout)
+        # while a failover is under way (gateway failover.py), no master is handed out at all:
+        # the old one may already have been replaced, and what it accepted would be lost
+        self.fenced_until = 0.0
+        # the replica a failover promoted, announced by its leader before the others know it
+        self.promoted: tuple[str, int] | None = None
+
+    def fence(self, seconds: float) -> None:
+        self.fenced_until = time.monotonic() + seconds
+
+    def unfence(self, promoted: tuple[str, int] | None = None) -> None:
+        self.fenced_until = 0.0
+        self.promoted = promoted
+
+    @property
+    def fenced(self) -> bool:
+        return time.monotonic() < self.fenced_until
 
     async def address(self) -> tuple[str, int]:
-        try:
-            host, port = await self.sentinels.discover_master(self.config.master)
-        except redis_errors.RedisError as exc:  # MasterNotFoundError, timeouts, sentinel auth
-            raise MasterUnavailable(f"no master for {self.config.master!r}: {exc}") from exc
-        return str(host), int(port)
+        """The master named with the highest configuration epoch by the sentinels that answer.
+
+        Not the first sentinel's answer (redis-py's ``discover_master``): after a failover only
+        its leader knows the new master at first, the others learn it from its hello messages
+        (every 2 s) and meanwhile still name the old one, which may still be running and
+        writable. The epoch orders their views, as Sentinel itself does. A sentinel that reports
+        a failover in progress for this master means no master yet."""
+        if self.fenced:
+            raise MasterUnavailable(f"a failover of {self.config.master!r} is under way")
+        if self.promoted is not None:  # until the failover ends (ROLE is checked on connecting)
+            return self.promoted
+        name = self.config.master
+        states = await asyncio.gather(*(client.sentinel_master(name) for client in self.sentinels.sentinels),
+                                      return_exceptions=True)
+        best: tuple[int, str, int] | None = None
+        errors = []
+        for state in states:
+            if isinstance(state, BaseException):
+                if not isinstance(state, (redis_errors.RedisError, OSError, asyncio.TimeoutError)):
+                    raise state
+                errors.append(repr(state))
+                continue
+            flags = state.get("flags", "")
+            if "failover_in_progress" in (flags if isinstance(flags, (set, frozenset)) else str(flags).split(",")):
+                raise MasterUnavailable(f"a failover of {name!r} is under way")
+            if not self.sentinels.check_master_state(state, name):
+                continue
+            epoch = int(state.get("config-epoch", 0))
+            if best is None or epoch > best[0]:
+                best = (epoch, str(state["ip"]), int(state["port"]))
+        if best is None:
+            raise MasterUnavailable(f"no sentinel names a master for {name!r}" + (f": {'; '.join(errors)}" if errors else ""))
+        return best[1], best[2]
 
     @staticmethod
     def check_role(reply: Any) -> None:

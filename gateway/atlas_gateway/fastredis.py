@@ -243,6 +243,8 @@ class FastRedis:
                 return  # an ACL user without ROLE: READONLY replies still reveal a demoted master
             raise
         self.locator.check_role(reply)
+        if self.locator.fenced:  # a failover began while this connection was being made
+            raise sentinel.MasterUnavailable("a failover is under way")
 
     async def _connection(self) -> _Protocol:
         if self._connecting is not None:  # someone else is connecting: share the result

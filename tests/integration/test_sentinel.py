@@ -162,3 +162,35 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
             time.sleep(0.05)
         # the keys' counters add up to the quota's: nothing half-settled or undone twice
         assert settled(r, SUBJECTS[0]) + settled(r, SUBJECTS[1]) == settled(r, SUBJECTS[2])
+
+
+def test_redis_py_client_of_both_planes_follows_a_failover(sentinel_group):
+    """The client the operator (config writes, batched usage reads) and the gateway's config
+    reads use, from the same URL: it finds the master, and after a SIGKILL the promoted one."""
+    from atlas_core.sentinel import redis_from_url
+
+    group = sentinel_group
+    now = datetime.now(timezone.utc)
+    subject = contract.key_subject("ha", "key-0")
+    day_key, month_key = contract.usage_keys(subject, now)
+
+    async def scenario() -> dict:
+        client = redis_from_url(group.url(), socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            await client.hset(day_key, mapping={"settled": 7, "requests": 1})
+            await client.hset(month_key, mapping={"settled": 7})
+            await client.wait(len(group.replicas), 2000)
+            old = group.kill_master()
+            await asyncio.to_thread(group.wait_for_new_master, old, 30)
+            deadline = time.monotonic() + 15
+            while True:  # the first calls may still hit the dead address: they fail, then reconnect
+                try:
+                    return await contract.read_usages(client, [subject], now)
+                except redis.RedisError:
+                    assert time.monotonic() < deadline, "the client never reached the new master"
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    usages = asyncio.run(scenario())
+    assert usages[subject].tokens_today == 7 and usages[subject].requests_today == 1

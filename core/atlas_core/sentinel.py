@@ -181,15 +181,18 @@ class MasterLocator:
         # while a failover is under way (gateway failover.py), no master is handed out at all:
         # the old one may already have been replaced, and what it accepted would be lost
         self.fenced_until = 0.0
-        # the replica a failover promoted, announced by its leader before the others know it
+        # the replica a failover promoted, announced by its leader before the other sentinels
+        # know it; used until the failover ends or for ``seconds`` at most
         self.promoted: tuple[str, int] | None = None
+        self.promoted_until = 0.0
 
     def fence(self, seconds: float) -> None:
         self.fenced_until = time.monotonic() + seconds
 
-    def unfence(self, promoted: tuple[str, int] | None = None) -> None:
+    def unfence(self, promoted: tuple[str, int] | None = None, seconds: float = 10.0) -> None:
         self.fenced_until = 0.0
         self.promoted = promoted
+        self.promoted_until = time.monotonic() + seconds if promoted is not None else 0.0
 
     @property
     def fenced(self) -> bool:
@@ -206,7 +209,9 @@ class MasterLocator:
         if self.fenced:
             raise MasterUnavailable(f"a failover of {self.config.master!r} is under way")
         if self.promoted is not None:  # until the failover ends (ROLE is checked on connecting)
-            return self.promoted
+            if time.monotonic() < self.promoted_until:
+                return self.promoted
+            self.promoted = None
         name = self.config.master
         states = await asyncio.gather(*(client.sentinel_master(name) for client in self.sentinels.sentinels),
                                       return_exceptions=True)

@@ -79,7 +79,7 @@ class MasterWatch:
             # the new master takes writes now, seconds before the failover ends and every
             # sentinel names it: go there (ROLE is checked on connecting)
             log.warning("Redis Sentinel: %s promoted to master of %s", words[1], locator.config.master)
-            locator.unfence(promoted=(words[2], int(words[3])))
+            locator.unfence(promoted=(words[2], int(words[3])), seconds=FENCE_SECONDS)
             self.fast.disconnect()
         elif channel in END_EVENTS and (locator.fenced or locator.promoted is not None):
             log.warning("Redis Sentinel: failover of %s ended (%s)", locator.config.master, channel)

@@ -21,6 +21,7 @@ from importlib import resources
 
 from atlas_core import contract
 
+from . import metrics
 from .faults import REDIS_FAILURES
 from .priority import Shedder
 from .scripts import RedisPyScript
@@ -62,11 +63,16 @@ class LoadView:
             return
         self.peers = int(peers)
         self.shedder.others, self.shedder.scale = int(others), 1
+        metrics.SHED_VIEW_OTHERS.set(self.shedder.others)
+        metrics.SHED_VIEW_PEERS.set(self.peers)
         self.fresh_until = now + self.ttl_ms / 1000
 
     async def _run(self) -> None:
         while True:
-            await self.publish()
+            try:
+                await self.publish()
+            except Exception:  # noqa: BLE001 (the view must outlive any one failure)
+                log.exception("publishing the in-flight count failed")
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:

@@ -79,6 +79,17 @@ def test_sheddable_is_shed_at_the_shared_threshold_not_n_times_it(redis_url, moc
                 await until(shed_on_both, 5, "Sheddable shed on both gateways at 12 in flight in all")
                 for gw in gateways:
                     assert await call(gw, "Standard") == 200  # Standard's threshold is the pool
+
+                async def view_gauges(gw) -> dict[str, float]:
+                    text = (await client.get(gw.url + "/metrics")).text
+                    return {name: float(value) for name, value in
+                            (line.split() for line in text.splitlines() if line.startswith("atlas_gateway_shed_view"))}
+
+                for gw in gateways:  # each shows the other's 6 (it may have read a 5 mid-hold a moment ago)
+                    async def shows_the_other(gw=gw) -> bool:
+                        return await view_gauges(gw) == {"atlas_gateway_shed_view_other_inflight_requests": 6.0,
+                                                         "atlas_gateway_shed_view_peers": 1.0}
+                    await until(shows_the_other, 5, "the view gauges")
             finally:
                 for task in holders:
                     task.cancel()

@@ -13,12 +13,14 @@ characters in passwords are percent-encoded.
 
 Both Redis clients of the gateway follow the master through a failover:
 
-* redis-py (config reads, ``/v1/usage``, the operator): its ``SentinelConnectionPool`` asks the
-  sentinels for the master on every new connection, and turns a ``READONLY`` reply (the master
-  it is connected to was demoted) into a dropped connection and a ``ConnectionError``.
-* the gateway's hot-path client (fastredis.py) asks :class:`MasterLocator` for the address on
-  every (re)connect, then checks ``ROLE`` on the new connection before using it: a sentinel's
-  view can lag a failover, and a demoted master must never receive an admission.
+* redis-py (config reads, ``/v1/usage``, the operator): its ``SentinelConnectionPool`` asks a
+  :class:`MasterLocator` for the master on every new connection, and turns a ``READONLY`` reply
+  (the master it is connected to was demoted) into a dropped connection and a
+  ``ConnectionError``.
+* the gateway's hot-path client (fastredis.py) asks its own :class:`MasterLocator` on every
+  (re)connect, then checks ``ROLE`` on the new connection before using it: a sentinel's view
+  can lag a failover, and a demoted master must never receive an admission. Only this locator
+  is fenced during a failover (the gateway's failover.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
 SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_SENTINEL_PORT = 26379
@@ -157,6 +159,26 @@ def sentinel_manager(config: SentinelUrl, timeout: float) -> Sentinel:
     return Sentinel(list(config.sentinels), sentinel_kwargs=sentinel_kwargs(config, timeout))
 
 
+class _LocatedSentinel(Sentinel):
+    """redis-py's Sentinel manager, asking a :class:`MasterLocator` where the master is (its
+    epoch rule, one lookup shared by concurrent connects) instead of taking the first
+    sentinel's answer. Its own locator, never fenced: what redis-py does for the gateway (config
+    and usage reads, the shed view) is harmless on a master being replaced."""
+
+    def __init__(self, locator: "MasterLocator") -> None:
+        super().__init__([], sentinel_kwargs={})
+        self.locator = locator
+
+    async def discover_master(self, service_name: str):
+        try:
+            return await self.locator.address()
+        except MasterUnavailable as exc:
+            raise MasterNotFoundError(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        await self.locator.aclose()
+
+
 def redis_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
     """``redis.asyncio.from_url`` that also understands ``redis+sentinel://``: then a client whose
     pool follows the master the sentinels name (kwargs go to the master connections)."""
@@ -169,7 +191,8 @@ def redis_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
         master_kwargs["password"] = config.password
         if config.username:
             master_kwargs["username"] = config.username
-    return sentinel_manager(config, timeout).master_for(config.master, check_connection=True, **master_kwargs)
+    manager = _LocatedSentinel(MasterLocator(config, timeout))
+    return manager.master_for(config.master, check_connection=True, **master_kwargs)
 
 
 class MasterLocator:
@@ -185,6 +208,7 @@ class MasterLocator:
         # know it; used until the failover ends or for ``seconds`` at most
         self.promoted: tuple[str, int] | None = None
         self.promoted_until = 0.0
+        self._lookup: asyncio.Future | None = None
 
     def fence(self, seconds: float) -> None:
         self.fenced_until = time.monotonic() + seconds
@@ -199,6 +223,19 @@ class MasterLocator:
         return time.monotonic() < self.fenced_until
 
     async def address(self) -> tuple[str, int]:
+        """Where the master is now; concurrent callers share one lookup (see ``_look_up``)."""
+        if self.fenced:
+            raise MasterUnavailable(f"a failover of {self.config.master!r} is under way")
+        if self.promoted is not None:  # until the failover ends (ROLE is checked on connecting)
+            if time.monotonic() < self.promoted_until:
+                return self.promoted
+            self.promoted = None
+        lookup = self._lookup
+        if lookup is None or lookup.done():
+            lookup = self._lookup = asyncio.ensure_future(self._look_up())
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self) -> tuple[str, int]:
         """The master named with the highest configuration epoch by the sentinels that answer.
 
         Not the first sentinel's answer (redis-py's ``discover_master``): after a failover only
@@ -206,16 +243,11 @@ class MasterLocator:
         (every 2 s) and meanwhile still name the old one, which may still be running and
         writable. The epoch orders their views, as Sentinel itself does. A sentinel that reports
         a failover in progress for this master means no master yet."""
-        if self.fenced:
-            raise MasterUnavailable(f"a failover of {self.config.master!r} is under way")
-        if self.promoted is not None:  # until the failover ends (ROLE is checked on connecting)
-            if time.monotonic() < self.promoted_until:
-                return self.promoted
-            self.promoted = None
         name = self.config.master
         states = await asyncio.gather(*(client.sentinel_master(name) for client in self.sentinels.sentinels),
                                       return_exceptions=True)
         best: tuple[int, str, int] | None = None
+        in_progress: list[int] = []  # config epochs of the views with a failover under way
         errors = []
         for state in states:
             if isinstance(state, BaseException):
@@ -223,16 +255,21 @@ class MasterLocator:
                     raise state
                 errors.append(repr(state))
                 continue
+            epoch = int(state.get("config-epoch", 0))
             flags = state.get("flags", "")
             if "failover_in_progress" in (flags if isinstance(flags, (set, frozenset)) else str(flags).split(",")):
-                raise MasterUnavailable(f"a failover of {name!r} is under way")
+                in_progress.append(epoch)
             if not self.sentinels.check_master_state(state, name):
                 continue
-            epoch = int(state.get("config-epoch", 0))
             if best is None or epoch > best[0]:
                 best = (epoch, str(state["ip"]), int(state["port"]))
         if best is None:
             raise MasterUnavailable(f"no sentinel names a master for {name!r}" + (f": {'; '.join(errors)}" if errors else ""))
+        # A failover under way on the configuration named is one not finished: no master yet.
+        # (Sentinels that lost the leader election still report theirs until it times out, on
+        # the older configuration the winner has already replaced: those do not count.)
+        if any(epoch >= best[0] for epoch in in_progress):
+            raise MasterUnavailable(f"a failover of {name!r} is under way")
         return best[1], best[2]
 
     @staticmethod

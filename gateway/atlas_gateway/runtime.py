@@ -59,6 +59,7 @@ class RedisHealth:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         # No retries: a retried EVALSHA after a lost reply would reserve or settle twice.
         self.redis = redis_from_url(
             settings.redis_url,
@@ -70,7 +71,6 @@ class Runtime:
             max_connections=1024,
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
-        self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
         self.recovery = Recovery(self.admission, replays=self.fast_redis.locator is not None)
         self.fast_redis.on_master_change = self.recovery.replay_after_failover

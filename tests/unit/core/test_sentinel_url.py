@@ -61,7 +61,8 @@ def test_redis_py_client_follows_the_sentinels():
     pool = client.connection_pool
     assert pool.service_name == "m" and pool.connection_kwargs["db"] == 3
     assert pool.connection_kwargs["password"] == "pw"
-    assert [s.connection_pool.connection_kwargs["password"] for s in pool.sentinel_manager.sentinels] == ["x", "x"]
+    sentinels = pool.sentinel_manager.locator.sentinels.sentinels
+    assert [s.connection_pool.connection_kwargs["password"] for s in sentinels] == ["x", "x"]
 
 
 @pytest.mark.parametrize("reply,ok", [([b"master", 0, []], True), ([b"slave", b"h", 1, b"connected", 0], False),

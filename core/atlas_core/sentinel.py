@@ -247,7 +247,7 @@ class MasterLocator:
         states = await asyncio.gather(*(client.sentinel_master(name) for client in self.sentinels.sentinels),
                                       return_exceptions=True)
         best: tuple[int, str, int] | None = None
-        in_progress: list[int] = []  # config epochs of the views with a failover under way
+        in_progress: list[tuple[int, str, int]] = []  # the views with a failover under way
         errors = []
         for state in states:
             if isinstance(state, BaseException):
@@ -255,21 +255,20 @@ class MasterLocator:
                     raise state
                 errors.append(repr(state))
                 continue
-            epoch = int(state.get("config-epoch", 0))
+            view = (int(state.get("config-epoch", 0)), str(state["ip"]), int(state["port"]))
             flags = state.get("flags", "")
             if "failover_in_progress" in (flags if isinstance(flags, (set, frozenset)) else str(flags).split(",")):
-                in_progress.append(epoch)
-            if not self.sentinels.check_master_state(state, name):
-                continue
-            if best is None or epoch > best[0]:
-                best = (epoch, str(state["ip"]), int(state["port"]))
+                in_progress.append(view)
+            elif self.sentinels.check_master_state(state, name) and (best is None or view[0] > best[0]):
+                best = view
         if best is None:
             raise MasterUnavailable(f"no sentinel names a master for {name!r}" + (f": {'; '.join(errors)}" if errors else ""))
-        # A failover under way on the configuration named is one not finished: no master yet.
-        # (Sentinels that lost the leader election still report theirs until it times out, on
-        # the older configuration the winner has already replaced: those do not count.)
-        if any(epoch >= best[0] for epoch in in_progress):
-            raise MasterUnavailable(f"a failover of {name!r} is under way")
+        # A failover under way of the very master named (or on a newer configuration) means no
+        # master yet. The leader reports its failover until it has reconfigured every replica,
+        # while the others already name the promoted replica on the new epoch: that one is fine.
+        for epoch, host, port in in_progress:
+            if epoch > best[0] or (epoch == best[0] and (host, port) == best[1:]):
+                raise MasterUnavailable(f"a failover of {name!r} is under way")
         return best[1], best[2]
 
     @staticmethod

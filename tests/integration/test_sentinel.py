@@ -147,7 +147,6 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
           f"over {outage:.2f}s (first {((failures[0] - t_fault) if failures else 0):.2f}s after the fault); "
           f"traffic back {((first_ok_after or t_fault) - t_fault):.2f}s after the fault; "
           f"answered tokens {usage_tokens[0]} of budget {BUDGET}")
-    print("\n".join(line for line in gw.log().splitlines() if "WARNING" in line and "unreachable" not in line))
     assert statuses[200] > 200, statuses  # traffic flowed after the failover too
 
     # the master now (under this load a second failover may have followed the first)

@@ -73,3 +73,77 @@ def test_role_check(reply, ok):
     else:
         with pytest.raises(sentinel.MasterUnavailable):
             sentinel.MasterLocator.check_role(reply)
+
+
+def _view(port: int, epoch: int, *flags: str) -> dict:
+    flags = {"master", *flags}
+    return {"ip": "10.0.0.1", "port": port, "config-epoch": epoch, "flags": ",".join(sorted(flags)),
+            "is_master": True, "is_sdown": "s_down" in flags, "is_odown": "o_down" in flags,
+            "num-other-sentinels": 2}
+
+
+class _FakeSentinel:
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    async def sentinel_master(self, name):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def _locate(*answers):
+    import asyncio
+
+    locator = sentinel.MasterLocator(sentinel.parse("redis+sentinel://s0/m"), 0.5)
+    locator.sentinels.sentinels = [_FakeSentinel(a) for a in answers]
+    return asyncio.run(locator.address())
+
+
+def test_the_highest_epoch_wins_and_a_failover_of_that_master_blocks():
+    import redis
+
+    # after a failover the others still name the old master for a while: the epoch decides
+    assert _locate(_view(1, 0), _view(2, 1), redis.ConnectionError("down")) == ("10.0.0.1", 2)
+    # the leader still finishing its failover of the old master, the others on the new epoch
+    assert _locate(_view(1, 1, "s_down", "failover_in_progress"), _view(2, 1), _view(2, 1)) == ("10.0.0.1", 2)
+    # before the promotion: a failover of the master everyone names (or on a newer epoch) = none yet
+    with pytest.raises(sentinel.MasterUnavailable, match="under way"):
+        _locate(_view(1, 0, "failover_in_progress"), _view(1, 0), _view(1, 0))
+    with pytest.raises(sentinel.MasterUnavailable, match="under way"):
+        _locate(_view(1, 1, "failover_in_progress"), _view(1, 0), _view(1, 0))
+    # a master down (s_down) is no master; nobody answering either
+    with pytest.raises(sentinel.MasterUnavailable, match="no sentinel names"):
+        _locate(_view(1, 0, "s_down"), redis.TimeoutError("slow"))
+
+
+def test_a_fence_holds_and_a_promotion_is_used_until_it_expires():
+    import asyncio
+
+    locator = sentinel.MasterLocator(sentinel.parse("redis+sentinel://s0/m"), 0.5)
+    locator.sentinels.sentinels = [_FakeSentinel(_view(1, 0))]
+    locator.fence(10)
+    with pytest.raises(sentinel.MasterUnavailable, match="under way"):
+        asyncio.run(locator.address())
+    locator.unfence(promoted=("10.0.0.9", 7), seconds=10)
+    assert asyncio.run(locator.address()) == ("10.0.0.9", 7)
+    locator.promoted_until = 0  # expired without the failover's end: back to the sentinels
+    assert asyncio.run(locator.address()) == ("10.0.0.1", 1)
+
+
+def test_failover_events_fence_then_promote_then_end():
+    from atlas_gateway.failover import MasterWatch
+
+    fast = FastRedis("redis+sentinel://s0/atlas", 0.5)
+    drops = []
+    fast.disconnect = lambda: drops.append(1)
+    watch = MasterWatch(fast, None, 0.5)
+    locator = fast.locator
+    watch.on_event("+try-failover", "master other 10.0.0.1 6379")  # another master: ignored
+    assert not locator.fenced and not drops
+    watch.on_event("+try-failover", "master atlas 10.0.0.1 6379")
+    assert locator.fenced and drops == [1]
+    watch.on_event("+promoted-slave", "slave 10.0.0.2:6380 10.0.0.2 6380 @ atlas 10.0.0.1 6379")
+    assert not locator.fenced and locator.promoted == ("10.0.0.2", 6380) and drops == [1, 1]
+    watch.on_event("+switch-master", "atlas 10.0.0.1 6379 10.0.0.2 6380")
+    assert locator.promoted is None and not locator.fenced

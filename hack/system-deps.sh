@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages Atlas' tests and benchmarks use, from Debian's archive:
-# redis-server (integration/cluster/e2e tiers, make dev) and wrk (make bench).
+# redis-server (integration/cluster/e2e tiers, make dev; the Sentinel tests run it as
+# `redis-server sentinel.conf --sentinel`, so Debian's redis-sentinel package is not needed)
+# and wrk (make bench).
 #   bash hack/system-deps.sh        # the above
 #   bash hack/system-deps.sh bench  # also nginx, the static reference upstream of make bench
 #                                   # (the bench configures and runs its own; the package's

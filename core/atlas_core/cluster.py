@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 
+from . import sentinel
+
 log = logging.getLogger("atlas")
 
 SLOTS = 16384
@@ -72,6 +74,8 @@ def key_slot(key: bytes | str) -> int:
 
 async def detect(url: str, timeout: float) -> bool:
     """Whether the server at ``url`` runs in cluster mode (False when it cannot be asked)."""
+    if sentinel.is_sentinel_url(url):
+        return False  # Sentinel watches a master with replicas; it does not front a Redis Cluster
     client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         info = await client.info("cluster")
@@ -132,7 +136,7 @@ class AtlasRedisCluster(RedisCluster):
 def redis_py_client(url: str, cluster: bool, **kwargs: Any) -> Any:
     """redis-py's asyncio client, or its RedisCluster (slot map, MOVED/ASK, per-node pipelines)."""
     if not cluster:
-        return aioredis.from_url(url, **kwargs)
+        return sentinel.redis_from_url(url, **kwargs)  # one Redis, or the master Sentinel names
     kwargs.pop("max_connections", None)  # per node in RedisCluster: its default suits it
     kwargs.pop("health_check_interval", None)
     kwargs.pop("retry_on_timeout", None)

@@ -10,6 +10,8 @@ Ownership (who writes what):
   the gateway only reads it.
 * counters (``usage:*``, ``bucket:*``, ``lease:*``): written only by the gateway (from its Lua
   scripts); the operator only reads the day/month usage hashes for status write-back.
+* ``shed:inflight``: the gateway processes' in-flight counts, written and read only by the
+  gateway (shedding against cluster-wide thresholds).
 
 Every key starts with ``atlas:v2:`` so that an incompatible change of encoding can live next to
 the old one during an upgrade (the v1 names the operator's upgrade carry-over reads are at the end
@@ -465,6 +467,13 @@ def slot_tag(namespace: str, key_name: str, quota: str | None) -> str:
 
 def _counter(kind: str, subject: str, tag: str | None) -> str:
     return f"{PREFIX}{{{tag or subject}}}:{kind}{subject}"
+
+
+# Shedding from a cluster-wide view (gateway/atlas_gateway/load_view.py): one hash, a field per
+# gateway process (its request-id prefix) holding "<in flight>:<expiry ms, Redis clock>". Written
+# only by the gateway (inflight.lua), a few times a second per process; one key, so one Redis
+# Cluster slot whatever the prefix.
+INFLIGHT_KEY = PREFIX + "shed:inflight"
 
 
 def day_of(now: datetime) -> str:

@@ -78,6 +78,8 @@ class ClusterFastRedis:
     TRYAGAIN_BACKOFF = (0.02, 0.05, 0.1)
     SLOT_CACHE = 100_000   # hash tag (or untagged key) -> slot, bounded
 
+    locator = None  # Sentinel does not front a Redis Cluster (failover.MasterWatch skips it)
+
     def __init__(self, url: str, timeout: float = 0.5, wait_ms: int = 100) -> None:
         self.url = url
         self.timeout = timeout

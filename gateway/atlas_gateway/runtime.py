@@ -17,7 +17,9 @@ from atlas_core import cluster
 from . import metrics
 from .admission import Admission
 from .auth import ConfigCache
+from .failover import MasterWatch
 from .fastredis import FastRedis
+from .load_view import LoadView
 from .priority import Shedder
 from .recovery import Recovery
 from .redis_cluster import ClusterFastRedis
@@ -59,16 +61,17 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis_cluster = settings.redis_cluster == "true"  # "auto" is resolved in start()
-        self._connect_redis()
+        self._id_prefix = os.urandom(6).hex() + "-"
         self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
         self.meter = Meter.from_settings(settings)
-        self.shedder = Shedder(*settings.shed_thresholds())
+        local, shared = settings.shed_limits()
+        self.shedder = Shedder(*local, shared=shared)
         self.redis_health = RedisHealth()
         if not metrics.MULTIPROCESS:  # read at scrape time: no per-request cost
             metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)
         self.session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
-        self._id_prefix = os.urandom(6).hex() + "-"
+        self._connect_redis()
         auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
         self.upstream_auth = auth
 
@@ -93,7 +96,12 @@ class Runtime:
         else:
             self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
-        self.recovery = Recovery(self.admission)
+        sentinel_mode = getattr(self.fast_redis, "locator", None) is not None
+        self.recovery = Recovery(self.admission, replays=sentinel_mode)
+        if sentinel_mode:
+            self.fast_redis.on_master_change = self.recovery.replay_after_failover
+        self.master_watch = MasterWatch(self.fast_redis, self.redis, settings.sentinel_check_interval)
+        self.load_view = LoadView(self.redis, self.shedder, self._id_prefix, settings.shed_publish_interval)
 
     def new_request_id(self) -> str:
         """Unique per request across gateways (random per-process prefix + counter): also the lease
@@ -109,6 +117,8 @@ class Runtime:
             self._connect_redis()
         if self.redis_cluster:
             log.info("Redis Cluster mode: commands routed by slot")
+        self.master_watch.start()
+        self.load_view.start()
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
                                          keepalive_timeout=30, ttl_dns_cache=60)
         self.session = aiohttp.ClientSession(
@@ -125,6 +135,8 @@ class Runtime:
             log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "
                         "by ATLAS_LEASE_TTL_SECONDS", len(self.recovery.pending))
         self.recovery.stop()
+        await self.master_watch.stop()
+        await self.load_view.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None

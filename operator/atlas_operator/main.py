@@ -8,6 +8,7 @@ from typing import Any
 import kopf
 
 from atlas_core import cluster
+from atlas_core.sentinel import describe_url
 
 from .keys import StatusConflict
 from .kube import ClientKubeApi, NamespaceTerminating
@@ -63,7 +64,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         except OSError as exc:  # metrics are for alerting; never the reason the operator is down
             logger.warning("no metrics endpoint on %s:%s: %s", config.metrics_host, config.metrics_port, exc)
     logger.info("atlas operator: redis %s, namespaces %s, usage every %ss",
-                config.redis_url.split("@")[-1], ",".join(config.namespaces) or "all",
+                describe_url(config.redis_url), ",".join(config.namespaces) or "all",
                 config.usage_interval)
 
 

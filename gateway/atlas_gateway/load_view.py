@@ -22,6 +22,7 @@ from importlib import resources
 from atlas_core import contract
 
 from . import metrics
+from .calls import INFLIGHT_SHAPE, inflight_args
 from .faults import REDIS_FAILURES
 from .priority import Shedder
 from .scripts import RedisPyScript
@@ -56,7 +57,7 @@ class LoadView:
         """One round trip: publish this process's count, take in the others'."""
         now = time.monotonic()
         try:
-            others, peers = await self.script([contract.INFLIGHT_KEY], [self.process_id, self.shedder.mine, self.ttl_ms])
+            others, peers = await self.script(INFLIGHT_SHAPE, inflight_args(self.process_id, self.shedder.mine, self.ttl_ms))
         except REDIS_FAILURES:
             if now > self.fresh_until:  # stale: this process's share of each shared threshold
                 self.shedder.others, self.shedder.scale = 0, self.peers + 1

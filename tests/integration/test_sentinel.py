@@ -40,6 +40,7 @@ QUOTA = contract.Limits(tokens_per_day=BUDGET, max_concurrent=1_000)
 KEY_LIMITS = contract.Limits(max_concurrent=100)
 LEASE_TTL = 120.0  # long: leases must go by recovery, not by expiry
 SUBJECTS = [contract.key_subject("ha", f"key-{i}") for i in range(len(KEYS))] + [contract.quota_subject("ha", "shared")]
+TAG = contract.quota_subject("ha", "shared")  # every key is bound to the quota: its slot tag
 
 
 def write_config(r: redis.Redis) -> None:
@@ -51,12 +52,12 @@ def write_config(r: redis.Redis) -> None:
 
 
 def leases_left(r: redis.Redis) -> dict[str, int]:
-    counts = {s: r.zcard(contract.lease_key(s)) + r.hlen(contract.lease_tokens_key(s)) for s in SUBJECTS}
+    counts = {s: r.zcard(contract.lease_key(s, TAG)) + r.hlen(contract.lease_tokens_key(s, TAG)) for s in SUBJECTS}
     return {s: n for s, n in counts.items() if n}
 
 
 def settled(r: redis.Redis, subject: str) -> int:
-    day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc))
+    day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc), TAG)
     return int(r.hget(day_key, "settled") or 0)
 
 

@@ -58,6 +58,9 @@ REDIS_UNDONE = Counter("atlas_gateway_redis_undone_total",
                        ["lease"])
 COST = Counter("atlas_cost_total", "Cost settled, in the currency of the AtlasKey's price list",
                ["currency", "namespace", "name", "model"])
+LOOP_LAG = Histogram("atlas_gateway_event_loop_lag_seconds",
+                     "How late a 100 ms timer fires on the gateway's event loop: time nothing else could run "
+                     "(a long callback, a collector pause, or the process waiting for a CPU)", buckets=_FAST)
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200

@@ -289,3 +289,18 @@ def test_what_is_not_json_is_a_400(raw):
     with pytest.raises(errors.GatewayError) as exc:
         parse_body(raw)
     assert exc.value.status == 400 and "not valid JSON" in exc.value.message
+
+
+def test_a_started_process_freezes_its_heap_and_raises_the_collector_threshold():
+    """runtime.settle_heap, in a process of its own (it would freeze pytest's heap here)."""
+    import subprocess
+    import sys
+
+    code = ("import gc; from atlas_gateway.runtime import settle_heap; settle_heap(1234); "
+            "print(gc.get_freeze_count() > 1000, gc.get_threshold()); settle_heap(0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split(None, 1) == ["True", "(1234, 10, 10)\n"]
+    off = subprocess.run([sys.executable, "-c", "import gc; from atlas_gateway.runtime import settle_heap; "
+                          "settle_heap(0); print(gc.get_freeze_count(), gc.get_threshold()[0])"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert off.stdout.split() == ["0", "700"]

@@ -346,8 +346,6 @@ class _UpstreamCall:
         else:
             timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER, self._start_watcher)
         shedder.inflight += 1
-        if metrics.MULTIPROCESS:
-            metrics.INFLIGHT.inc()
         metrics.upstream_started(req.model)
         status = 0
         try:
@@ -392,8 +390,6 @@ class _UpstreamCall:
                 timer.cancel()
             self._stop_watcher()
             shedder.inflight -= 1
-            if metrics.MULTIPROCESS:
-                metrics.INFLIGHT.dec()
             metrics.upstream_finished(req.model)
             await self._settle()
             metrics.count_request(req.ref, req.model, status, req.priority)

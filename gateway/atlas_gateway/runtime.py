@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from . import metrics
+from . import metrics, worker_metrics
 from .admission import Admission
 from .auth import ConfigCache
 from .fastredis import FastRedis
@@ -103,10 +103,10 @@ class Runtime:
         self.meter = Meter.from_settings(settings)
         self.shedder = Shedder(*settings.shed_thresholds())
         self.redis_health = RedisHealth()
-        if not metrics.MULTIPROCESS:  # read at scrape time: no per-request cost
-            metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)
+        metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)  # read at scrape time
         self.session: aiohttp.ClientSession | None = None
         self._lag_watch: asyncio.Task | None = None
+        self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex() + "-"
         auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
@@ -129,11 +129,16 @@ class Runtime:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
+        if metrics.WORKERS_DIR:
+            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(metrics.WORKERS_DIR))
         settle_heap(s.gc_threshold)  # last: everything start-up made is in the heap by now
 
     async def stop(self) -> None:
         if self._lag_watch is not None:
             self._lag_watch.cancel()
+        if self._snapshots is not None:
+            self._snapshots.cancel()  # (it writes a last snapshot)
+            await asyncio.gather(self._snapshots, return_exceptions=True)
         # undo what timed-out calls may have left, while Redis still answers (bounded wait)
         if not await self.recovery.drain(2.0):
             log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "

@@ -67,9 +67,12 @@ class _Protocol(asyncio.Protocol):
         # while a batch is unanswered: that batches more, but a new admission then waits for
         # the previous request's settlement reply, which costs latency at concurrency 1.)
         self.outgoing: list[bytes] = []
+        # this connection's loop, kept: on Python 3.11 every asyncio.get_running_loop() is a
+        # getpid() system call, and this runs twice per Redis call
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def call(self, command: bytes) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         fut = loop.create_future()
         self.waiters.append((fut, loop.time() + self.timeout))
         self.enqueue(command)
@@ -94,7 +97,7 @@ class _Protocol(asyncio.Protocol):
 
     def enqueue(self, data: bytes) -> None:
         if not self.outgoing:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.outgoing.append(data)
 
     def flush(self) -> None:
@@ -104,6 +107,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader

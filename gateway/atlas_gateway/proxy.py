@@ -295,7 +295,7 @@ class _UpstreamCall:
     def _schedule_refresh(self) -> None:
         interval = self.rt.admission.refresh_interval
         if interval > 0:
-            self._refresher = asyncio.get_running_loop().call_later(interval, self._refresh_now)
+            self._refresher = self.rt.loop.call_later(interval, self._refresh_now)
 
     def _refresh_now(self) -> None:
         self._refresher = None
@@ -338,13 +338,14 @@ class _UpstreamCall:
         url = rt.upstreams.base_for(req.doc["model"]) + req.path
 
         shedder = rt.shedder
+        loop = rt.loop  # (kept: on Python 3.11 each asyncio.get_running_loop() is a getpid() system call)
         self._receive = receive
-        self._task = asyncio.current_task()
+        self._task = asyncio.current_task(loop)
         if streaming:
             self._start_watcher()
             timer = None
         else:
-            timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER, self._start_watcher)
+            timer = loop.call_later(self.WATCH_AFTER, self._start_watcher)
         shedder.inflight += 1
         metrics.upstream_started(req.model)
         status = 0

@@ -106,6 +106,7 @@ class Runtime:
         metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)  # read at scrape time
         self.session: aiohttp.ClientSession | None = None
         self._lag_watch: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex() + "-"
@@ -128,6 +129,7 @@ class Runtime:
             auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see _UpstreamCall.run)
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
         if metrics.WORKERS_DIR:
             self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(metrics.WORKERS_DIR))

@@ -60,7 +60,7 @@ def settle_heap(threshold: int) -> None:
 
     After start-up the heap holds ~75,000 container objects (FastAPI, pydantic, aiohttp,
     prometheus_client...) that live as long as the process; every full collection walked them,
-    pausing the event loop for 45-75 ms, a few times a minute under load. Frozen (gc.freeze),
+    pausing the event loop for 38-75 ms, a few times a minute under load. Frozen (gc.freeze),
     they are never walked again. A request's own garbage is almost all freed by reference
     counting, so the first threshold can be far above Python's 700 (which ran a young collection
     ~40 times a second under load) without memory growing: cyclic garbage is still collected,

@@ -89,8 +89,9 @@ class Settings:
     keepalive_timeout: float = 5.0
     max_header_bytes: int = 32 * 1024
     max_connections: int = 4096
-    # the collector's first threshold once start-up objects are frozen (runtime.py); 0: Python's defaults
-    gc_threshold: int = 50_000
+    # the collector's first threshold once start-up objects are frozen (runtime.py: 700 is
+    # Python's own); 0: no freezing either
+    gc_threshold: int = 700
 
     def shed_thresholds(self) -> tuple[int, int, int]:
         """In-flight upstream requests at which Sheddable, Standard and Critical requests are
@@ -183,5 +184,5 @@ class Settings:
             keepalive_timeout=_float(env, "ATLAS_KEEPALIVE_TIMEOUT_SECONDS", 5.0),
             max_header_bytes=_int(env, "ATLAS_MAX_HEADER_BYTES", 32 * 1024),
             max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 4096),
-            gc_threshold=max(0, _int(env, "ATLAS_GC_THRESHOLD", 50_000)),
+            gc_threshold=max(0, _int(env, "ATLAS_GC_THRESHOLD", 700)),
         )

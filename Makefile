@@ -51,7 +51,8 @@ test-cluster: deps  ## real kube-apiserver + etcd + operator
 test-e2e: deps  ## the dev stack driven by the openai SDK and kubectl
 	$(PYTEST) tests/e2e
 
-bench: venv system-deps  ## gateway overhead, throughput and budget exactness (prints numbers)
+bench: venv  ## gateway vs nginx, LiteLLM and the mock: latency, fixed rate, CPU/request; writes docs/benchmarks.md
+	@bash hack/system-deps.sh bench
 	$(PY) -m benchmarks
 
 dev-up: deps  ## start the whole stack in the background and write .dev/env

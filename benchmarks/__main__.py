@@ -1,347 +1,298 @@
-"""Run the Atlas benchmarks: ``python -m benchmarks`` (``make bench``).
+"""``make bench`` (= ``python -m benchmarks``): what the gateway costs, side by side with a static
+upstream, the project's mock and a peer proxy, in one run on this machine.
 
-Starts a real redis-server, the mock upstream and the gateway as separate processes on free
-loopback ports, then:
+Processes, all on 127.0.0.1 and free ports: a static nginx upstream (benchmarks.nginx), the
+mock upstream, one redis-server and the gateway per Atlas checkout under test
+(benchmarks.gateways: this one, plus any in ``BENCH_GATEWAY_SRC`` for a before/after in the same
+run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer). Then:
 
-1. wrk (with a Lua script for the POST body, --latency) against the mock directly and
-   through the gateway, at concurrency 1 and 16: p50/p99, req/s, the added p50 at c=1 and the
-   c=16 throughput ratio, against the targets (<= 1 ms, >= 40 %);
-2. the same wrk runs through a minimal proxy using aiohttp and one using httpx (the upstream
-   client choice);
-3. exactness: 200 concurrent requests against a key whose daily budget fits exactly 20;
-4. 1,000 slow and hostile clients (benchmarks/slow_clients.py): the gateway's memory and open
-   sockets over time, and a normal client's latency meanwhile.
+1. closed loop (wrk, c=1 and c=16): nginx directly, Atlas → nginx, LiteLLM → nginx, the mock
+   directly, Atlas → mock, Atlas with 2 workers; req/s, p50/p99 and CPU per request of the
+   gateway and of redis-server (from /proc);
+2. fixed rate (vegeta, open loop) at 500 and 2,000 requests/s, the same targets;
+3. 1 KB and 200 KB prompts, streamed and not (wrk c=1): the added p50 over nginx directly;
+4. memory per idle keep-alive connection and per open stream (benchmarks.memory);
+5. budget exactness (benchmarks.exactness) and 1,000 slow clients (benchmarks.slow_clients);
+6. with ``BENCH_PROFILE=1``, py-spy's top functions of each gateway under c=16 load.
 
-The gateway runs with ATLAS_WORKERS=1 (the default) and, for c=16, once more with 2 workers.
-The gateway's CPU time per request (from /proc) is printed too: unlike latency it hardly
-depends on what else the machine is doing.
+The tables and issue 13's targets (met / missed) are printed and written into
+docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
+closed-loop or prompt runs of nginx, the mock or Atlas (which would make the figures measure
+errors), fail the run.
 
-A reference run repeats the direct/gateway pair against a FastAPI implementation of the mock,
-the setup of design.md's performance table (the raw ASGI mock is several times faster, which
-makes the throughput ratio much harder to reach).
-
-Environment: BENCH_DURATION (seconds per wrk run, default 6), BENCH_SKIP_CLIENTS=1 to skip
-step 2, BENCH_SKIP_WORKERS=1 to skip the 2-worker run, BENCH_SKIP_REFERENCE=1 to skip the
-FastAPI-mock reference run, BENCH_SKIP_SLOW=1 to skip step 4.
+Environment: BENCH_REDIS_URL (a running Redis or Redis Cluster to use instead of starting one per
+gateway; its CPU is that of the master holding the bench key's slot, when local), BENCH_DURATION
+(s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATES ("500,2000"),
+BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
+BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
+BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
+BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only), BENCH_NOTE (a sentence put into the docs section,
+e.g. what "before" and "after" are). A smoke run:
+``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_WRITE_DOCS=0 make bench``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
-import redis
-
-from atlas_core import contract
 from atlas_devstack.mock_upstream import MockUpstreamProcess
-from atlas_devstack.redis_server import RedisServer, free_port
-from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
+from atlas_devstack.redis_server import RedisServer
 
-from . import slow_clients
+from . import bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, tools
+from .gateways import GatewaySource, sources
+from .keys import BENCH_KEY
+from .procs import Proc, ProcError
+from .runs import CHAT, Bench, Target, gateway_target
 
-TARGET_ADDED_P50_MS = 1.0
-TARGET_RATIO = 0.40
-MODEL = "llama-3.1-8b-instruct"
-BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-        "max_tokens": 16}
-BENCH_KEY = "sk-atlas-bench-0000000000000000000000"
-EXACT_KEY = "sk-atlas-exact-0000000000000000000000"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+OVERLOAD_LIMIT = 4  # fixed rates above this multiple of a target's closed-loop capacity are not run
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+def _env_list(name: str, default: str) -> list[int]:
+    return [int(x) for x in os.environ.get(name, default).split(",") if x.strip()]
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name) == "1"
+
+
+def _line(label: str, run: load.Run) -> str:
+    cpu = ", ".join(f"{k} {v:,.0f} µs/req" for k, v in run.cpu_us.items())
+    return (f"  {label:52} p50 {report.ms(run.p50):>9}  p99 {report.ms(run.p99):>9}  {run.rps:9,.0f} req/s"
+            + (f"  {cpu}" if cpu else "") + (f"  ({run.errors} ERRORS)" if run.errors else ""))
+
+
+@dataclass
+class Side:
+    """One Atlas checkout under test: its Redis and its gateway in front of nginx."""
+
+    src: GatewaySource
+    redis_url: str
+    redis_pid: int | None  # the redis-server holding the bench key's counters
+    target: Target
+
+
+@dataclass
+class Setup:
+    """What the sections share: the running upstreams, gateways and peer."""
+
+    bench: Bench
+    res: report.Results
+    stack: contextlib.ExitStack
+    workdir: str
+    json_base: str
+    sse_base: str
+    mock: MockUpstreamProcess | None
+    sides: list[Side]
+    main_targets: list[Target]  # nginx directly, each Atlas → nginx, LiteLLM → nginx
+
+    def measure_closed(self, target: Target, concurrency: tuple[int, ...] = (1, 16)) -> None:
+        for c in concurrency:
+            run = self.res.closed.setdefault(target.label, {})[c] = self.bench.closed(target, c)
+            print(_line(f"{target.label} c={c}", run), flush=True)
+
+
+def closed_loop(s: Setup) -> None:
+    print("\n1. closed loop (wrk), small chat completion", flush=True)
+    for target in s.main_targets:
+        s.measure_closed(target)
+    if s.mock is not None and not _on("BENCH_SKIP_MOCK"):
+        s.measure_closed(Target("mock directly", s.mock.url + CHAT, s.mock.url + CHAT, cpu={"mock": s.mock._proc.pid}))
+        for side in s.sides:
+            gwm = s.stack.enter_context(side.src.start(side.redis_url, s.mock.url, s.workdir))
+            s.measure_closed(gateway_target(f"{side.src.label} → mock", gwm, side.redis_pid))
+    if not _on("BENCH_SKIP_WORKERS"):
+        for side in s.sides:
+            with side.src.start(side.redis_url, s.json_base, s.workdir, {bodies.STREAM_MODEL: s.sse_base},
+                                ATLAS_WORKERS="2") as gw2:
+                s.measure_closed(gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis_pid), (16,))
+    if _on("BENCH_CLIENTS"):  # the upstream-client comparison (aiohttp vs httpx) of docs/benchmarks.md
+        for client in ("aiohttp", "httpx"):
+            with Proc(f"{client} proxy", [sys.executable, "-m", "benchmarks.client_proxy", "--client", client,
+                                          "--upstream", s.json_base, "--port", "{port}"]) as proxy:
+                s.measure_closed(Target(f"minimal {client} proxy (no Redis, no logic) → nginx", proxy.url + CHAT,
+                                        proxy.url + CHAT, cpu={"proxy": proxy.pid}))
+
+
+def fixed_rate(s: Setup, rates: list[int]) -> None:
+    print("\n2. fixed rate (vegeta, open loop)", flush=True)
+    for rate in rates:
+        for target in s.main_targets:
+            runs = s.res.fixed.setdefault(target.label, {})
+            capacity = s.res.closed[target.label][16].rps
+            # an overloaded target is a result (latency, shed answers) up to a point; far beyond its
+            # capacity a run only measures a queue growing for the whole run
+            if rate > OVERLOAD_LIMIT * capacity:
+                runs[rate] = f"not run: over {OVERLOAD_LIMIT}× its c=16 capacity ({capacity:,.0f}/s)"
+                print(f"  {target.label} {rate}/s: not run (closed-loop capacity {capacity:,.0f} req/s)", flush=True)
+                continue
+            runs[rate] = s.bench.fixed(target, rate)
+            print(_line(f"{target.label} {rate}/s", runs[rate]), flush=True)
+
+
+def prompt_sizes(s: Setup, sizes: list[int]) -> None:
+    print("\n3. prompt sizes, sequential (wrk c=1)", flush=True)
+    for stream in (False, True):
+        for size in sizes:
+            body = bodies.encode(bodies.chat(size, stream))
+            for target in s.main_targets:
+                run = s.res.prompts.setdefault(target.label, {})[(size, stream)] = s.bench.closed(target, 1, body, stream)
+                print(_line(f"{target.label} {report.size_label(size)}{' streamed' if stream else ''}", run), flush=True)
+
+
+def profiles(s: Setup, py_spy: str) -> None:
+    print("\n   profile (py-spy) of each gateway under wrk c=16", flush=True)
+    for side in s.sides:
+        out = os.path.join(s.workdir, "profile.txt")
+        spy = profiling.record(py_spy, side.target.cpu["gateway"], max(1, round(s.bench.duration)), out)
+        s.bench.closed(side.target, 16)
+        _, err = spy.communicate(timeout=s.bench.duration + 60)
+        text = open(out).read() if os.path.exists(out) else ""
+        if text:
+            s.res.profiles[side.target.label] = profiling.report(text, limit=15)
+        print(f"  {side.target.label}:\n" + (s.res.profiles.get(side.target.label)
+                                              or f"  py-spy failed: {err.decode()[-500:]}"), flush=True)
+
+
+def per_gateway_checks(s: Setup) -> list[str]:
+    """Memory, exactness and slow clients, each gateway in fresh processes; the failures."""
+    failed = []
+    for side in s.sides:
+        src, redis_url = side.src, side.redis_url
+        if not _on("BENCH_SKIP_MEMORY"):
+            print(f"\n4. memory of {src.label}", flush=True)
+            s.res.memory[src.label] = _memory(src, redis_url, s.mock, s.workdir)
+        with src.start(redis_url, s.mock.url, s.workdir) as gw:
+            exact = src.exactness(gw.url, redis_url)
+        s.res.exactness[src.label] = exactness.summary(exact)
+        print(f"\n5. exactness ({src.label}): {s.res.exactness[src.label]}", flush=True)
+        if not exact["ok"]:
+            failed.append(f"exactness of {src.label}")
+        if not _on("BENCH_SKIP_SLOW"):
+            with src.start(redis_url, s.mock.url, s.workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
+                           ATLAS_BODY_TIMEOUT_SECONDS="10") as sgw:
+                flood = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.pid, BENCH_KEY, bodies.encode(bodies.SMALL)))
+            s.res.slow_clients[src.label] = slow_clients.report(flood)
+            print(f"   1,000 slow clients against {src.label}:\n{s.res.slow_clients[src.label]}", flush=True)
+    return failed
+
+
+def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource], res: report.Results,
+          bench: Bench, workdir: str) -> Setup:
+    static = stack.enter_context(nginx.static_upstream(tl.nginx, workdir))
+    json_base, sse_base = static.url + nginx.JSON_BASE, static.url + nginx.SSE_BASE
+    mock = stack.enter_context(MockUpstreamProcess())
+    reference = Target(res.reference, json_base + CHAT, sse_base + CHAT, cpu={"nginx": static.pid})
+    sides = []
+    external = os.environ.get("BENCH_REDIS_URL")  # a running Redis or Redis Cluster, shared by all
+    for src in srcs:
+        redis_url = external or stack.enter_context(RedisServer()).url
+        redis_pid = src.write_bench_key(redis_url)
+        gw = stack.enter_context(src.start(redis_url, json_base, workdir, {bodies.STREAM_MODEL: sse_base}))
+        sides.append(Side(src, redis_url, redis_pid, gateway_target(f"{src.label} → nginx", gw, redis_pid)))
+    peer = []
+    lp = None
+    if tl.litellm:
         try:
-            with urllib.request.urlopen(url, timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready")
-
-
-class Proc:
-    """A Python module run as a server process on a free port, stopped on exit."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, health: str = "/healthz",
-                 port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.args = [a.replace("{port}", str(self.port)) for a in args]
-        self.env = {**os.environ, **(env or {})}
-        self.health = health
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Proc":
-        self.proc = subprocess.Popen([sys.executable, *self.args], env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_http(self.url + self.health, proc=self.proc)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def cpu_seconds(pid: int) -> float:
-    """user+system CPU of a process and its direct children (uvicorn workers), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def of(p: int) -> float:
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            return 0.0
-
-    total = of(pid)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        total += of(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return total
-
-
-def gateway(redis_url: str, upstream: str, **extra: str) -> Proc:
-    env = {"ATLAS_REDIS_URL": redis_url, "ATLAS_UPSTREAM_URL": upstream, "ATLAS_LOG_LEVEL": "warning", **extra}
-    port = free_port()
-    env["ATLAS_PORT"] = str(port)
-    return Proc(["-m", "atlas_gateway"], env, port=port)
-
-
-# Every limit kind on the benchmark key and on its quota, set high enough never to bite: the
-# benchmark measures the full admission script, not a short cut for unlimited keys.
-NEVER_BITING = contract.Limits(requests_per_second=1e6, burst=10**6, tokens_per_minute=10**12,
-                               tokens_per_day=10**13, tokens_per_month=10**14, max_concurrent=10_000)
-
-
-def write_key(r: redis.Redis, key: str, name: str, limits: contract.Limits, quota: contract.Limits | None) -> None:
-    key_hash = contract.hash_api_key(key)
-    cfg = contract.KeyConfig("bench", name, contract.key_id_of(key_hash), limits,
-                             quota=f"{name}-quota" if quota else None)
-    r.set(contract.key_config_key(key_hash), cfg.encode())
-    if quota:
-        r.set(contract.quota_config_key("bench", f"{name}-quota"),
-              contract.QuotaConfig("bench", f"{name}-quota", quota).encode())
-
-
-# ------------------------------------------------------------------------------------- wrk
-
-def _to_ms(value: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s|m)", value)
-    if not m:
-        return float("nan")
-    num, unit = float(m.group(1)), m.group(2)
-    return num * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
-def wrk(url: str, connections: int, duration: int, key: str | None, workdir: str) -> dict:
-    script = os.path.join(workdir, "post.lua")
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    with open(script, "w") as fh:
-        fh.write('wrk.method = "POST"\n')
-        fh.write(f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
-        for name, value in headers.items():
-            fh.write(f'wrk.headers["{name}"] = "{value}"\n')
-        # wrk counts non-2xx/3xx responses; print them so a benchmark of errors cannot pass silently
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
-         url + "/v1/chat/completions"],
-        capture_output=True, text=True, timeout=duration + 30,
-    ).stdout
-    res = {"p50": float("nan"), "p99": float("nan"), "rps": 0.0, "errors": 0}
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("50%"):
-            res["p50"] = _to_ms(line.split()[1])
-        elif line.startswith("99%"):
-            res["p99"] = _to_ms(line.split()[1])
-        elif line.startswith("Requests/sec:"):
-            res["rps"] = float(line.split()[1])
-        elif line.startswith("Non-2xx or 3xx responses:"):
-            res["errors"] = int(line.split()[-1])
-    return res
-
-
-REDIS_PID: list[int] = []  # set once Redis runs: its CPU per request is reported too
-
-
-def measure_gateway(gw: Proc, c: int, duration: int, workdir: str, key: str | None = BENCH_KEY,
-                    warmup: int = 2) -> dict:
-    if warmup:
-        wrk(gw.url, c, warmup, key, workdir)
-    cpu0 = cpu_seconds(gw.proc.pid)
-    redis0 = cpu_seconds(REDIS_PID[0]) if REDIS_PID and key else 0.0
-    res = wrk(gw.url, c, duration, key, workdir)
-    # CPU per request is the load-independent figure: on a shared 2-core machine latency
-    # mostly measures the scheduler
-    requests = max(1, res["rps"] * duration)
-    res["cpu_us"] = (cpu_seconds(gw.proc.pid) - cpu0) / requests * 1e6
-    if REDIS_PID and key:
-        res["redis_us"] = (cpu_seconds(REDIS_PID[0]) - redis0) / requests * 1e6
-    return res
-
-
-# ------------------------------------------------------------------------------- exactness
-
-async def exactness(gateway_url: str, redis_url: str, upstream_url: str) -> dict:
-    import aiohttp
-
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 100}
-    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", body)  # the gateway's defaults
-    prompt_est, reserve = bound.prompt, bound.reserve
-    budget = 20 * reserve
-    r = redis.Redis.from_url(redis_url)
-    write_key(r, EXACT_KEY, "exact", contract.Limits(tokens_per_day=budget), None)
-    # The mock reports exactly the reservation as usage, so settling refunds nothing and the
-    # budget fits exactly 20 requests; 100 ms latency keeps all 200 truly concurrent.
-    headers = {"Authorization": f"Bearer {EXACT_KEY}", "x-mock-latency-ms": "100",
-               "x-mock-prompt-tokens": str(prompt_est), "x-mock-completion-tokens": str(reserve - prompt_est)}
-    statuses: list[int] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one() -> None:
-            async with session.post(gateway_url + "/v1/chat/completions", json=body, headers=headers) as resp:
-                await resp.read()
-                statuses.append(resp.status)
-
-        await asyncio.gather(*(one() for _ in range(200)))
-    day_key, _ = contract.usage_keys(contract.key_subject("bench", "exact"), datetime.now(timezone.utc))
-    settled = int(r.hget(day_key, "settled") or 0)
-    leases = r.zcard(contract.lease_key(contract.key_subject("bench", "exact")))
-    r.close()
-    return {"admitted": statuses.count(200), "rejected_429": statuses.count(429),
-            "other": len(statuses) - statuses.count(200) - statuses.count(429),
-            "reserve_per_request": reserve, "budget": budget, "tokens_settled": settled,
-            "leases_left": leases, "ok": settled <= budget and statuses.count(200) <= 20 and leases == 0}
-
-
-# ------------------------------------------------------------------------------------ main
-
-def fmt(res: dict) -> str:
-    return f"p50 {res['p50']:7.3f} ms  p99 {res['p99']:7.3f} ms  {res['rps']:9.1f} req/s" + (
-        f"  proxy CPU {res['cpu_us']:.0f} us/req" if "cpu_us" in res else "") + (
-        f", Redis CPU {res['redis_us']:.0f} us/req" if "redis_us" in res else "") + (
-        f"  ({res['errors']} non-2xx!)" if res["errors"] else "")
+            lp = stack.enter_context(litellm_peer.peer(tl.litellm, json_base, sse_base, workdir))
+        except ProcError as exc:  # the peer is a comparison, not what is measured: go on without it
+            print(f"LiteLLM left out: {exc}", file=sys.stderr, flush=True)
+    if lp is not None:
+        res.peer = f"LiteLLM {Path(tl.litellm).parents[1].name.replace('litellm-', '')} (1 worker, no database, no limits) → nginx"
+        peer.append(Target(res.peer, lp.url + CHAT, lp.url + CHAT, {"Authorization": f"Bearer {litellm_peer.MASTER_KEY}"},
+                           {"litellm": lp.pid}))
+    res.meta["versions"] = _versions(tl, res.peer)
+    return Setup(bench, res, stack, workdir, json_base, sse_base, mock, sides,
+                 [reference] + [side.target for side in sides] + peer)
 
 
 def main() -> int:
-    if not shutil.which("wrk"):
-        print("wrk not found: install it (make system-deps)", file=sys.stderr)
-        return 2
-    duration = int(os.environ.get("BENCH_DURATION", "6"))
+    duration = float(os.environ.get("BENCH_DURATION", "5"))
+    warmup = float(os.environ.get("BENCH_WARMUP", "1"))
+    srcs = sources()
+    tl = tools.ensure(profile=_on("BENCH_PROFILE"), litellm=not _on("BENCH_SKIP_LITELLM"))
     workdir = tempfile.mkdtemp(prefix="atlas-bench-")
-    results: dict[str, dict] = {}
     started = time.monotonic()
-    print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
-          f"{os.cpu_count()} CPUs; {duration}s per wrk run", flush=True)
+    res = report.Results(gateways=[s.label for s in srcs])
+    res.meta.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_before=_load(),
+                    duration=f"{duration:g}", machine=f"{os.cpu_count()} CPUs, shared with other work while it ran.",
+                    note=os.environ.get("BENCH_NOTE", ""))
+    print(f"load average before: {res.meta['load_before']}; {os.cpu_count()} CPUs; {duration:g} s per load run; "
+          f"gateways: {', '.join(f'{s.label} ({s.root})' for s in srcs)}", flush=True)
+    failed: list[str] = []
     try:
-        with RedisServer() as rs, MockUpstreamProcess() as mock:
-            REDIS_PID.append(rs._proc.pid)
-            r = redis.Redis.from_url(rs.url)
-            write_key(r, BENCH_KEY, "bench", NEVER_BITING, NEVER_BITING)
-            r.close()
-            with gateway(rs.url, mock.url, ATLAS_WORKERS="1") as gw:
-                for c in (1, 16):
-                    wrk(mock.url, c, 2, None, workdir)  # warm-up
-                    results[f"direct c={c}"] = wrk(mock.url, c, duration, None, workdir)
-                    print(f"direct    c={c:<3} {fmt(results[f'direct c={c}'])}", flush=True)
-                    results[f"gateway c={c}"] = measure_gateway(gw, c, duration, workdir)
-                    print(f"gateway   c={c:<3} {fmt(results[f'gateway c={c}'])}", flush=True)
-                exact = asyncio.run(exactness(gw.url, rs.url, mock.url))
-            slow = None
-            if os.environ.get("BENCH_SKIP_SLOW") != "1":
-                with gateway(rs.url, mock.url, ATLAS_HEADER_TIMEOUT_SECONDS="5",
-                             ATLAS_BODY_TIMEOUT_SECONDS="10") as sgw:
-                    slow = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.proc.pid, BENCH_KEY,
-                                                          json.dumps(BODY).encode()))
-            if os.environ.get("BENCH_SKIP_WORKERS") != "1":
-                with gateway(rs.url, mock.url, ATLAS_WORKERS="2") as gw2:
-                    results["gateway 2 workers c=16"] = measure_gateway(gw2, 16, duration, workdir)
-                    print(f"gateway 2 workers c=16 {fmt(results['gateway 2 workers c=16'])}", flush=True)
-            if os.environ.get("BENCH_SKIP_REFERENCE") != "1":
-                # design.md's reference table used a FastAPI mock: same runs against one
-                with Proc(["-m", "atlas_devstack.mock_upstream", "--framework", "fastapi",
-                           "--port", "{port}"]) as fmock, gateway(rs.url, fmock.url) as fgw:
-                    for c in (1, 16):
-                        wrk(fmock.url, c, 2, None, workdir)
-                        results[f"fastapi-mock direct c={c}"] = wrk(fmock.url, c, duration, None, workdir)
-                        print(f"fastapi-mock direct c={c:<3} {fmt(results[f'fastapi-mock direct c={c}'])}", flush=True)
-                        results[f"fastapi-mock gateway c={c}"] = measure_gateway(fgw, c, duration, workdir)
-                        print(f"fastapi-mock gateway c={c:<3} {fmt(results[f'fastapi-mock gateway c={c}'])}", flush=True)
-            if os.environ.get("BENCH_SKIP_CLIENTS") != "1":
-                for client in ("aiohttp", "httpx"):
-                    with Proc(["-m", "benchmarks.client_proxy", "--client", client, "--upstream", mock.url,
-                               "--port", "{port}"]) as proxy:
-                        for c in (1, 16):
-                            results[f"{client} proxy c={c}"] = measure_gateway(proxy, c, duration, workdir, None)
-                            print(f"{client:7} proxy c={c:<3} {fmt(results[f'{client} proxy c={c}'])}", flush=True)
+        with contextlib.ExitStack() as stack:
+            setup = start(stack, tl, srcs, res, Bench(tl, workdir, duration, warmup), workdir)
+            closed_loop(setup)
+            fixed_rate(setup, _env_list("BENCH_RATES", "500,2000"))
+            prompt_sizes(setup, _env_list("BENCH_PROMPT_SIZES", "1024,204800"))
+            if tl.py_spy:
+                profiles(setup, tl.py_spy)
+            failed += per_gateway_checks(setup)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    added = results["gateway c=1"]["p50"] - results["direct c=1"]["p50"]
-    ratio = results["gateway c=16"]["rps"] / results["direct c=16"]["rps"] if results["direct c=16"]["rps"] else 0
-    print("\n=== summary ===")
-    print(f"{'path':26} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>10} {'proxy CPU':>10} {'Redis CPU':>10}  (us/req)")
-    for name, res in results.items():
-        cpu = f"{res['cpu_us']:10.0f}" if "cpu_us" in res else ""
-        rcpu = f"{res['redis_us']:10.0f}" if "redis_us" in res else ""
-        print(f"{name:26} {res['p50']:8.3f} {res['p99']:8.3f} {res['rps']:10.1f} {cpu:>10} {rcpu:>10}")
-    ok_latency = added <= TARGET_ADDED_P50_MS
-    ok_ratio = ratio >= TARGET_RATIO
-    print(f"\nadded p50 at c=1: {added:.3f} ms (target <= {TARGET_ADDED_P50_MS} ms) -> {'PASS' if ok_latency else 'MISS'}")
-    print(f"c=16 throughput ratio: {ratio:.2f} (target >= {TARGET_RATIO:.2f}) -> {'PASS' if ok_ratio else 'MISS'}")
-    if "gateway 2 workers c=16" in results and results["direct c=16"]["rps"]:
-        ratio2 = results["gateway 2 workers c=16"]["rps"] / results["direct c=16"]["rps"]
-        print(f"c=16 throughput ratio, ATLAS_WORKERS=2: {ratio2:.2f} "
-              f"(target >= {TARGET_RATIO:.2f}) -> {'PASS' if ratio2 >= TARGET_RATIO else 'MISS'}")
-    if "fastapi-mock direct c=16" in results:
-        f_added = results["fastapi-mock gateway c=1"]["p50"] - results["fastapi-mock direct c=1"]["p50"]
-        f_ratio = results["fastapi-mock gateway c=16"]["rps"] / max(1.0, results["fastapi-mock direct c=16"]["rps"])
-        print(f"reference setup (FastAPI mock, as in design.md): added p50 {f_added:.3f} ms, "
-              f"c=16 ratio {f_ratio:.2f}")
-    for client in ("aiohttp", "httpx"):
-        if f"{client} proxy c=16" in results:
-            share = results[f"{client} proxy c=16"]["rps"] / results["direct c=16"]["rps"]
-            print(f"{client} minimal proxy c=16 share of direct: {share:.2f}")
-    print(f"exactness: {exact['admitted']} admitted, {exact['rejected_429']} x 429, {exact['other']} other; "
-          f"tokens settled {exact['tokens_settled']} of budget {exact['budget']} "
-          f"({exact['reserve_per_request']} per request); leases left {exact['leases_left']} -> "
-          f"{'PASS' if exact['ok'] else 'FAIL: BUDGET EXCEEDED'}")
-    if slow is not None:
-        print("1,000 slow clients (400 idle, 300 slow headers, 200 slow 4 MB bodies, 100 unknown keys "
-              "sending 4 MB):")
-        print(slow_clients.report(slow))
-    invalid = [name for name, res in results.items() if res["errors"]]
-    if invalid:
-        print(f"INVALID: non-2xx responses in {', '.join(invalid)}: those figures measure errors")
-    print(f"load average after: {os.getloadavg()[0]:.2f}; total {time.monotonic() - started:.0f}s")
-    return 0 if exact["ok"] and not invalid else 1
+    res.meta.update(load_after=_load(), total_s=f"{time.monotonic() - started:.0f}")
+    # the peer's errors are its own result (shown in the tables), not a broken bench
+    ours = {t: runs for t, runs in res.closed.items() if t != res.peer}
+    failed += [f"{target} c={c}" for target, runs in ours.items() for c, run in runs.items() if not run.valid]
+    failed += [f"{target} {report.size_label(n)}{' streamed' if s else ''}" for target, runs in res.prompts.items()
+               if target != res.peer for (n, s), run in runs.items() if not run.valid]
+    section = report.render(res)
+    print("\n" + section)
+    if os.environ.get("BENCH_WRITE_DOCS", "1") != "0":
+        DOC.write_text(report.replace_section(DOC.read_text(), section))
+        print(f"(written into {DOC.relative_to(DOC.parents[1])})")
+    if failed:
+        print(f"FAILED or INVALID: {'; '.join(failed)}")
+    print(f"load average after: {res.meta['load_after']}; total {res.meta['total_s']} s")
+    return 1 if failed else 0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _memory(src: GatewaySource, redis_url: str, mock: MockUpstreamProcess, workdir: str) -> dict:
+    body = bodies.encode(bodies.SMALL)
+    out = {}
+    with src.start(redis_url, mock.url, workdir, ATLAS_KEEPALIVE_TIMEOUT_SECONDS="120") as gw:
+        out["idle"] = asyncio.run(memory.idle_connections(gw.port, gw.pid, BENCH_KEY, body))
+    with src.start(redis_url, mock.url, workdir) as gw:
+        out["streams"] = asyncio.run(memory.open_streams(gw.port, gw.pid, BENCH_KEY,
+                                                         bodies.encode({**bodies.SMALL, "stream": True})))
+    for kind, d in out.items():
+        print(f"  {kind}: {d['n']} → RSS {d['rss_before_kb'] / 1024:.1f} → {d['rss_after_kb'] / 1024:.1f} MiB, "
+              f"{d['per_item_kb']:.1f} KiB each ({d['ok']} answered 200)", flush=True)
+    return out
+
+
+def _versions(tl: tools.Tools, peer: str | None) -> str:
+    import subprocess
+
+    def first_line(args: list[str]) -> str:
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, timeout=10)
+            return (done.stdout or done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    parts = [first_line([tl.nginx, "-v"]).replace("nginx version: ", ""),
+             first_line([tl.wrk, "-v"]).split(" [")[0],
+             "vegeta " + Path(tl.vegeta).parent.name.replace("vegeta-", ""),
+             first_line(["redis-server", "--version"]).split(" sha=")[0]]
+    if peer:
+        parts.append(peer.split(" (")[0])
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

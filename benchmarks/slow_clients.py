@@ -141,22 +141,23 @@ def report(res: dict) -> str:
 
 
 def main() -> None:
-    import json
-
-    import redis
+    import tempfile
 
     from atlas_devstack.mock_upstream import MockUpstreamProcess
     from atlas_devstack.redis_server import RedisServer
 
-    from .__main__ import BENCH_KEY, BODY, NEVER_BITING, gateway, write_key
+    from . import bodies
+    from .gateways import sources
+    from .keys import BENCH_KEY
 
+    src = sources()[-1]
+    workdir = tempfile.mkdtemp(prefix="atlas-slow-")
     with RedisServer() as rs, MockUpstreamProcess() as mock:
-        r = redis.Redis.from_url(rs.url)
-        write_key(r, BENCH_KEY, "bench", NEVER_BITING, None)
-        r.close()
-        with gateway(rs.url, mock.url, ATLAS_HEADER_TIMEOUT_SECONDS="5", ATLAS_BODY_TIMEOUT_SECONDS="10") as gw:
-            res = asyncio.run(flood(gw.url, gw.port, gw.proc.pid, BENCH_KEY, json.dumps(BODY).encode()))
-    print("1,000 slow clients against one gateway process:")
+        src.write_bench_key(rs.url)
+        with src.start(rs.url, mock.url, workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
+                       ATLAS_BODY_TIMEOUT_SECONDS="10") as gw:
+            res = asyncio.run(flood(gw.url, gw.port, gw.pid, BENCH_KEY, bodies.encode(bodies.SMALL)))
+    print(f"1,000 slow clients against one gateway process ({src.label}):")
     print(report(res))
 
 

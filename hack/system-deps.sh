@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages Atlas' tests and benchmarks use, from Debian's archive:
-# redis-server (integration/cluster/e2e tiers, make dev) and wrk (make bench).
+# redis-server (integration/cluster/e2e tiers, make dev; the Sentinel tests run it as
+# `redis-server sentinel.conf --sentinel`, so Debian's redis-sentinel package is not needed)
+# and wrk (make bench).
 #   bash hack/system-deps.sh        # the above
+#   bash hack/system-deps.sh bench  # also nginx, the static reference upstream of make bench
+#                                   # (the bench configures and runs its own; the package's
+#                                   # service is never used)
 #   bash hack/system-deps.sh node   # also what the deploy tier's node needs (make deploy-up):
 #                                   # runc, iptables, conntrack, iproute2, kmod, and gcc with a
 #                                   # static libc for building pause (hack/tools/build.sh node)
@@ -9,6 +14,9 @@ set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v wrk >/dev/null || missing+=(wrk)
+if [ "${1:-}" = bench ]; then
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+fi
 if [ "${1:-}" = node ]; then
   # command -> Debian package; sbin tools may be off a non-root PATH, so look there too.
   export PATH="${PATH}:/usr/sbin:/sbin"
@@ -27,5 +35,6 @@ echo "installing ${missing[*]} from Debian's packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# The Debian package may start a system-wide redis on :6379; Atlas never uses it (tests and the
-# dev stack start their own on free ports), so leave it alone rather than guess the init system.
+# The Debian packages may start a system-wide redis on :6379 (and nginx on :80); Atlas never uses
+# them (tests, the dev stack and the bench start their own on free ports), so leave them alone
+# rather than guess the init system.

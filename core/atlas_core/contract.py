@@ -10,9 +10,18 @@ Ownership (who writes what):
   the gateway only reads it.
 * counters (``usage:*``, ``bucket:*``, ``lease:*``): written only by the gateway (from its Lua
   scripts); the operator only reads the day/month usage hashes for status write-back.
+* ``shed:inflight``: the gateway processes' in-flight counts, written and read only by the
+  gateway (shedding against cluster-wide thresholds).
 
-Every key starts with ``atlas:v1:`` so that an incompatible change of encoding can live next to
-the old one during an upgrade.
+Every key starts with ``atlas:v2:`` so that an incompatible change of encoding can live next to
+the old one during an upgrade (the v1 names the operator's upgrade carry-over reads are at the end
+of this module; docs/redis-contract.md describes the upgrade).
+
+Redis Cluster: every key carries a hash tag (``{...}``) so that what one script touches lives in
+one slot. Config keys share the tag ``{config}`` (the operator's MULTI blocks span a key's config
+and the indexes); counters are tagged by their :func:`slot_tag`: the AtlasQuota's subject for a
+key bound to a quota (so the key's counters and the quota's are in one slot, as one admission
+needs), the key's own subject otherwise.
 
 Counters are keyed by the AtlasKey's identity (``namespace/name``), not by the key material:
 rotating a key's Secret, or deleting and re-creating the AtlasKey, keeps its usage.
@@ -29,7 +38,11 @@ from datetime import datetime, timezone
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Iterable, Mapping
 
-PREFIX = "atlas:v1:"
+PREFIX = "atlas:v2:"
+# Config (written by the operator, read by the gateway) lives in one slot: the operator's MULTI
+# blocks write a key's config and the indexes together. It is small and read at most once per
+# key per ATLAS_CONFIG_TTL_SECONDS per gateway process, so one shard serving it is no hot spot.
+CONFIG_PREFIX = PREFIX + "{config}:"
 
 PRIORITIES = ("Critical", "Standard", "Sheddable")
 DEFAULT_PRIORITY = "Standard"
@@ -71,16 +84,16 @@ class Shortfall:
 
 # Written by the operator after every full sync. Its absence tells the operator that Redis lost
 # its data (restart without persistence, FLUSHALL) and that all config must be written again.
-CONFIG_EPOCH = PREFIX + "config:epoch"
+CONFIG_EPOCH = CONFIG_PREFIX + "config:epoch"
 # ``namespace/name`` -> key hash of every AtlasKey the operator has written: lets the operator
 # find (and delete) the config of a previous hash on rotation or deletion without scanning.
-KEY_INDEX = PREFIX + "index:keys"
+KEY_INDEX = CONFIG_PREFIX + "index:keys"
 # Set of ``namespace/name`` of every AtlasQuota the operator has written.
-QUOTA_INDEX = PREFIX + "index:quotas"
+QUOTA_INDEX = CONFIG_PREFIX + "index:quotas"
 # ``namespace/name`` -> "<key hash> <unix seconds>": the key a rotation replaced, kept working
 # until then (spec.rotationGracePeriod). Its config entry is a copy of the current one (same
 # usage identity) that expires at that time by itself, so no gateway change is needed.
-PREVIOUS_KEY_INDEX = PREFIX + "index:previous-keys"
+PREVIOUS_KEY_INDEX = CONFIG_PREFIX + "index:previous-keys"
 
 
 @dataclass(frozen=True)
@@ -275,11 +288,11 @@ class PriceTable:
 
 
 def key_config_key(key_hash: str) -> str:
-    return f"{PREFIX}key:{key_hash}"
+    return f"{CONFIG_PREFIX}key:{key_hash}"
 
 
 def quota_config_key(namespace: str, name: str) -> str:
-    return f"{PREFIX}quota:{namespace}/{name}"
+    return f"{CONFIG_PREFIX}quota:{namespace}/{name}"
 
 
 def _dumps(obj: Mapping[str, Any]) -> bytes:
@@ -401,22 +414,28 @@ class QuotaConfig:
 # --------------------------------------------------------------------------- counters
 #
 # A "subject" is whatever a limit applies to: an AtlasKey (``k:<ns>/<name>``) or an AtlasQuota
-# (``q:<ns>/<name>``). Per subject the gateway keeps:
+# (``q:<ns>/<name>``). Per subject the gateway keeps (``{T}`` is the subject's slot tag):
 #
-#   usage:<subject>:d:<YYYY-MM-DD>   hash  settled (tokens), requests, last (unix ms), cost (micro)
-#   usage:<subject>:m:<YYYY-MM>      hash  settled (tokens), cost (micro-units, priced subjects)
-#                                          (field names: USAGE_* below)
-#   bucket:req:<subject>             hash  token bucket for requestsPerSecond/burst
-#   bucket:tok:<subject>             hash  token bucket for tokensPerMinute
-#   lease:<subject>                  zset  in-flight request id -> lease expiry (unix ms)
-#   lease:tok:<subject>              hash  in-flight request id -> tokens reserved
-#   lease:cost:<subject>             hash  in-flight request id -> cost reserved (micro-units),
-#                                          only for a subject with costPerDay/costPerMonth
-#   undone:<subject>                 zset  request ids the gateway undid -> tombstone expiry (unix ms)
+#   {T}:usage:<subject>:d:<YYYY-MM-DD>   hash  settled (tokens), requests, last (unix ms), cost (micro)
+#   {T}:usage:<subject>:m:<YYYY-MM>      hash  settled (tokens), cost (micro-units, priced subjects)
+#                                              (field names: USAGE_* below)
+#   {T}:bucket:req:<subject>             hash  token bucket for requestsPerSecond/burst
+#   {T}:bucket:tok:<subject>             hash  token bucket for tokensPerMinute
+#   {T}:lease:<subject>                  zset  in-flight request id -> lease expiry (unix ms)
+#   {T}:lease:tok:<subject>              hash  in-flight request id -> tokens reserved
+#   {T}:lease:cost:<subject>             hash  in-flight request id -> cost reserved (micro-units),
+#                                              only for a subject with costPerDay/costPerMonth
+#   {T}:undone:<subject>                 zset  request ids the gateway undid -> tombstone expiry (unix ms)
 #
 # A lease is both the concurrency slot and the token reservation of one in-flight request; it
 # carries a TTL so that a gateway that dies mid-request cannot leak either. Day/month budgets
 # are checked against ``settled + sum(reserved of live leases) + this request``.
+#
+# The slot tag T is the quota's subject for a key bound to an AtlasQuota and for that quota
+# itself, the key's own subject otherwise (:func:`slot_tag`): every key one script call touches
+# then hashes to one Redis Cluster slot. A key whose quotaRef changes gets new counter names (the
+# operator carries its day/month usage over, see carry_over.lua). Every function below takes
+# ``tag``; it defaults to the subject itself (a key without a quota, or a quota).
 
 # The fields of the day/month usage hashes. The gateway's Lua scripts write them (Lua keeps them as
 # literals, so that a script call's KEYS/ARGV layout stays fixed: tests/unit/gateway/test_script_layout.py
@@ -440,6 +459,23 @@ def quota_subject(namespace: str, name: str) -> str:
     return f"q:{namespace}/{name}"
 
 
+def slot_tag(namespace: str, key_name: str, quota: str | None) -> str:
+    """The hash tag of an AtlasKey's counters: its quota's subject when it has a quotaRef, so
+    that one admission (key + quota) touches one slot; else its own subject."""
+    return quota_subject(namespace, quota) if quota else key_subject(namespace, key_name)
+
+
+def _counter(kind: str, subject: str, tag: str | None) -> str:
+    return f"{PREFIX}{{{tag or subject}}}:{kind}{subject}"
+
+
+# Shedding from a cluster-wide view (gateway/atlas_gateway/load_view.py): one hash, a field per
+# gateway process (its request-id prefix) holding "<in flight>:<expiry ms, Redis clock>". Written
+# only by the gateway (inflight.lua), a few times a second per process; one key, so one Redis
+# Cluster slot whatever the prefix.
+INFLIGHT_KEY = PREFIX + "shed:inflight"
+
+
 def day_of(now: datetime) -> str:
     return now.astimezone(timezone.utc).strftime("%Y-%m-%d")
 
@@ -448,32 +484,32 @@ def month_of(now: datetime) -> str:
     return now.astimezone(timezone.utc).strftime("%Y-%m")
 
 
-def day_usage_key(subject: str, day: str) -> str:
-    return f"{PREFIX}usage:{subject}:d:{day}"
+def day_usage_key(subject: str, day: str, tag: str | None = None) -> str:
+    return _counter("usage:", subject, tag) + f":d:{day}"
 
 
-def month_usage_key(subject: str, month: str) -> str:
-    return f"{PREFIX}usage:{subject}:m:{month}"
+def month_usage_key(subject: str, month: str, tag: str | None = None) -> str:
+    return _counter("usage:", subject, tag) + f":m:{month}"
 
 
-def request_bucket_key(subject: str) -> str:
-    return f"{PREFIX}bucket:req:{subject}"
+def request_bucket_key(subject: str, tag: str | None = None) -> str:
+    return _counter("bucket:req:", subject, tag)
 
 
-def token_bucket_key(subject: str) -> str:
-    return f"{PREFIX}bucket:tok:{subject}"
+def token_bucket_key(subject: str, tag: str | None = None) -> str:
+    return _counter("bucket:tok:", subject, tag)
 
 
-def lease_key(subject: str) -> str:
-    return f"{PREFIX}lease:{subject}"
+def lease_key(subject: str, tag: str | None = None) -> str:
+    return _counter("lease:", subject, tag)
 
 
-def lease_tokens_key(subject: str) -> str:
-    return f"{PREFIX}lease:tok:{subject}"
+def lease_tokens_key(subject: str, tag: str | None = None) -> str:
+    return _counter("lease:tok:", subject, tag)
 
 
-def lease_cost_key(subject: str) -> str:
-    return f"{PREFIX}lease:cost:{subject}"
+def lease_cost_key(subject: str, tag: str | None = None) -> str:
+    return _counter("lease:cost:", subject, tag)
 
 
 # ``response:<id>`` (string, written by the gateway): which AtlasKey created a stored
@@ -498,10 +534,10 @@ def decode_response_owner(raw: bytes | str | None) -> tuple[str, int] | None:
     subject, _, tokens = text.rpartition("\t")
     return (subject, int(tokens or 0)) if subject else None
 
-def undone_key(subject: str) -> str:
+def undone_key(subject: str, tag: str | None = None) -> str:
     """Tombstones of requests whose admission or settlement outcome the gateway did not learn
     (a Redis timeout): undo.lua resolves them, admit.lua refuses to lease a tombstoned id."""
-    return f"{PREFIX}undone:{subject}"
+    return _counter("undone:", subject, tag)
 
 
 @dataclass(frozen=True)
@@ -543,9 +579,9 @@ def _int(value: Any) -> int:
     return int(float(value))
 
 
-def usage_keys(subject: str, now: datetime) -> tuple[str, str]:
+def usage_keys(subject: str, now: datetime, tag: str | None = None) -> tuple[str, str]:
     """The (day hash, month hash) keys holding ``subject``'s usage at ``now``."""
-    return day_usage_key(subject, day_of(now)), month_usage_key(subject, month_of(now))
+    return day_usage_key(subject, day_of(now), tag), month_usage_key(subject, month_of(now), tag)
 
 
 def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now: datetime) -> Usage:
@@ -568,12 +604,16 @@ def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now:
     )
 
 
-async def read_usages(redis: Any, subjects: Iterable[str], now: datetime) -> dict[str, Usage]:
-    """Read the usage of many subjects in one pipelined round trip (redis.asyncio client)."""
+async def read_usages(redis: Any, subjects: Iterable[str], now: datetime,
+                      tags: Mapping[str, str] | None = None) -> dict[str, Usage]:
+    """Read the usage of many subjects in one pipelined round trip (redis.asyncio client; on a
+    Redis Cluster, redis-py's cluster pipeline sends one pipeline per node). ``tags``: subject ->
+    slot tag, for the subjects whose tag is not the subject itself (keys bound to a quota)."""
     subjects = list(subjects)
+    tags = tags or {}
     pipe = redis.pipeline(transaction=False)
     for subject in subjects:
-        day_key, month_key = usage_keys(subject, now)
+        day_key, month_key = usage_keys(subject, now, tags.get(subject))
         pipe.hgetall(day_key)
         pipe.hgetall(month_key)
     replies = await pipe.execute() if subjects else []
@@ -637,3 +677,21 @@ def decode_history(raw: bytes | str | None) -> list[HistorySample]:
             continue
     out.sort(key=lambda s: s.at_ms)
     return out
+
+
+# --------------------------------------------------------------------------- upgrade from v1
+#
+# The v1 contract had no hash tags (a v1 admission is CROSSSLOT on a Redis Cluster). During an
+# upgrade on the same Redis, the operator carries each subject's usage of the current day and
+# month from the v1 hashes into the v2 ones (operator/atlas_operator/carry_over.py), for as long
+# as the v1 config epoch exists. Nothing else reads a v1 name.
+
+V1_PREFIX = "atlas:v1:"
+V1_CONFIG_EPOCH = V1_PREFIX + "config:epoch"
+# the fields carried over; ``v1:<field>`` in the v2 hash remembers how much came from v1 already
+CARRIED_FIELDS = ("settled", "requests", "cost")
+
+
+def v1_usage_keys(subject: str, now: datetime) -> tuple[str, str]:
+    """The v1 (day hash, month hash) of ``subject`` at ``now``."""
+    return (f"{V1_PREFIX}usage:{subject}:d:{day_of(now)}", f"{V1_PREFIX}usage:{subject}:m:{month_of(now)}")

@@ -52,12 +52,14 @@ class RedisServer:
         *,
         start_timeout: float = 10.0,
         password: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.persistent = dir is not None
         self.dir = Path(dir) if dir is not None else None
         self.port = port or free_port()
         self.start_timeout = start_timeout
         self.password = password  # --requirepass: clients must AUTH
+        self.extra_args = tuple(extra_args)  # more redis-server options (e.g. cluster mode)
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: str | None = None
 
@@ -103,6 +105,7 @@ class RedisServer:
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
+        cmd += self.extra_args
         if self.persistent:
             cmd += ["--pidfile", str(self.pidfile), "--appendonly", "no", "--save", "60 1"]
         else:

@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+import redis as redis_client
+
 from .controlplane import ControlPlane
 from . import processes
 from .processes import pid_alive, pid_cmdline, stop_group
@@ -85,8 +87,15 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
 class DevStack:
     def __init__(self, state_dir: str | Path = DEFAULT_STATE_DIR, *, upstream_url: str | None = None,
                  usage_interval: float = 2.0, log: Callable[[str], None] | None = None,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, redis_url: str | None = None) -> None:
         self.dir = Path(state_dir).resolve()
+        # REDIS_URL names a Redis (single or Cluster) to use instead of starting one; the URL of
+        # the Redis an earlier `up` started (still exported by a sourced .dev/env) does not count
+        if redis_url is None:
+            redis_url = os.environ.get("REDIS_URL") or None
+            if redis_url is not None and redis_url == os.environ.get("ATLAS_DEV_OWN_REDIS_URL"):
+                redis_url = None
+        self.external_redis_url = redis_url
         self.upstream_url = upstream_url if upstream_url is not None else os.environ.get("ATLAS_UPSTREAM_URL")
         self.usage_interval = usage_interval
         self.timeout = timeout
@@ -116,9 +125,7 @@ class DevStack:
         self.down(quiet=True)  # leftovers of an earlier run (keeps the data)
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
-            redis = self._redis = RedisServer(dir=self.dir / "redis").start()
-            self._link_log("redis", redis.logfile)
-            self._log(f"[dev] redis {redis.url}")
+            redis_url, own_redis = self._redis_url()
             cp = ControlPlane(self.dir / "controlplane", log=self._log)
             cp.start()
             self.control_plane = cp
@@ -138,13 +145,13 @@ class DevStack:
 
             operator_metrics_port = free_port()
             self._spawn("operator", [sys.executable, "-m", "atlas_operator"], {
-                **base_env, "ATLAS_REDIS_URL": redis.url, "ATLAS_LIVENESS_PORT": str(free_port()),
+                **base_env, "ATLAS_REDIS_URL": redis_url, "ATLAS_LIVENESS_PORT": str(free_port()),
                 "ATLAS_METRICS_PORT": str(operator_metrics_port),
                 "ATLAS_USAGE_INTERVAL_SECONDS": str(self.usage_interval)})
             gateway_port = free_port()
             gateway_url = f"http://127.0.0.1:{gateway_port}"
             self._spawn("gateway", [sys.executable, "-m", "atlas_gateway"], {
-                **base_env, "ATLAS_REDIS_URL": redis.url, "ATLAS_UPSTREAM_URL": upstream,
+                **base_env, "ATLAS_REDIS_URL": redis_url, "ATLAS_UPSTREAM_URL": upstream,
                 "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(gateway_port)})
             wait_for("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60,
                      failed=self._exited_service)
@@ -161,10 +168,14 @@ class DevStack:
                 "ATLAS_GATEWAY_URL": gateway_url,
                 "ATLAS_OPERATOR_METRICS_URL": f"http://127.0.0.1:{operator_metrics_port}/metrics",
                 "ATLAS_UPSTREAM_URL": upstream,
-                "REDIS_URL": redis.url,
+                "REDIS_URL": redis_url,
                 "ATLAS_DEMO_KEY": demo_key,
                 "PATH": f"{BIN_DIR}:{find_tool('kubectl').parent}:$PATH",
             }
+            if own_redis:  # so a later `up` from a shell that sourced this file starts its own again
+                self.env["ATLAS_DEV_OWN_REDIS_URL"] = redis_url
+            if os.environ.get("ATLAS_REDIS_CLUSTER"):
+                self.env["ATLAS_REDIS_CLUSTER"] = os.environ["ATLAS_REDIS_CLUSTER"]
             self._write_env()
         except BaseException:
             self._log(f"[dev] start-up failed; logs in {self.logs}")
@@ -172,6 +183,27 @@ class DevStack:
             raise
         self._log(f"[dev] up in {time.monotonic() - started:.1f}s; env in {self.env_file}")
         return self.env
+
+    def _redis_url(self) -> tuple[str, bool]:
+        """(the Redis URL the stack uses, whether the stack started that Redis itself)."""
+        if self.external_redis_url:
+            url = self.external_redis_url
+            shown = url.split("@")[-1]  # never log a password
+            probe = redis_client.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            try:
+                info = probe.info("server")  # also fails on a wrong password: better now than later
+                kind = "a Redis Cluster" if probe.info("cluster").get("cluster_enabled") else "a single Redis"
+            except redis_client.RedisError as exc:
+                raise StackError(f"REDIS_URL={shown} does not answer: {exc}") from None
+            finally:
+                probe.close()
+            self._log(f"[dev] redis {shown} (REDIS_URL: {kind}, redis {info.get('redis_version')}; not started "
+                      f"here; ATLAS_REDIS_CLUSTER={os.environ.get('ATLAS_REDIS_CLUSTER') or 'auto'})")
+            return url, False
+        server = self._redis = RedisServer(dir=self.dir / "redis").start()
+        self._link_log("redis", server.logfile)
+        self._log(f"[dev] redis {server.url}")
+        return server.url, True
 
     def _read_demo_key(self, cp: ControlPlane) -> str | None:
         res = cp.kubectl("get", "secret", DEMO_SECRET, "-n", DEMO_NAMESPACE,

@@ -24,7 +24,7 @@ class Principal:
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "subjects", "limit_args", "settle_args",
         "allows_model", "priority", "leased", "call_shapes", "refresh_call",
-        "price_tables", "cost_limited", "priced", "currency",
+        "price_tables", "cost_limited", "priced", "currency", "tag",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -32,6 +32,8 @@ class Principal:
         self.quota = quota
         self.quota_missing = bool(key.quota) and quota is None
         self.ref = key.ref
+        # one hash tag for every counter of this key and of its quota: one cluster slot per call
+        self.tag = contract.slot_tag(key.namespace, key.name, key.quota)
         subjects = [(contract.key_subject(key.namespace, key.name), key.limits, key.shortfall)]
         tables = [key.price_list]
         if quota is not None:

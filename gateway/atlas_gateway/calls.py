@@ -95,17 +95,18 @@ class ScriptCalls:
         if cached is None or cached[0] != day:
             admit_keys: list[bytes] = []
             settle_keys: list[bytes] = []
+            tag = principal.tag  # one hash tag for all: one Redis Cluster slot per call
             for subject in principal.subjects:
-                bucket_req = contract.request_bucket_key(subject).encode()
-                bucket_tok = contract.token_bucket_key(subject).encode()
-                lease = contract.lease_key(subject).encode()
-                lease_tok = contract.lease_tokens_key(subject).encode()
-                day_key = contract.day_usage_key(subject, day).encode()
-                month_key = contract.month_usage_key(subject, month).encode()
-                lease_cost = contract.lease_cost_key(subject).encode()
+                bucket_req = contract.request_bucket_key(subject, tag).encode()
+                bucket_tok = contract.token_bucket_key(subject, tag).encode()
+                lease = contract.lease_key(subject, tag).encode()
+                lease_tok = contract.lease_tokens_key(subject, tag).encode()
+                day_key = contract.day_usage_key(subject, day, tag).encode()
+                month_key = contract.month_usage_key(subject, month, tag).encode()
+                lease_cost = contract.lease_cost_key(subject, tag).encode()
                 admit_keys += [bucket_req, bucket_tok, lease, lease_tok, day_key, month_key, lease_cost]
                 settle_keys += [bucket_tok, lease, lease_tok, day_key, month_key, lease_cost]
-            admit_keys.append(contract.undone_key(principal.subjects[0]).encode())  # tombstones (undo.lua)
+            admit_keys.append(contract.undone_key(principal.subjects[0], tag).encode())  # tombstones (undo.lua)
             count = str(len(principal.subjects)).encode()
             admit_static = (self.lease_ttl_ms, count, self.day_ttl, self.month_ttl, *principal.limit_args)
             settle_static = (count, self.day_ttl, self.month_ttl, *principal.settle_args)
@@ -123,8 +124,10 @@ class ScriptCalls:
         """refresh.lua: lease zset, lease:tok and lease:cost hashes per subject (not day-dependent)."""
         shape = principal.refresh_call
         if shape is None:
+            tag = principal.tag
             keys = [k.encode() for s in principal.subjects
-                    for k in (contract.lease_key(s), contract.lease_tokens_key(s), contract.lease_cost_key(s))]
+                    for k in (contract.lease_key(s, tag), contract.lease_tokens_key(s, tag),
+                              contract.lease_cost_key(s, tag))]
             shape = principal.refresh_call = CallShape(keys, ())
         return shape
 

@@ -111,7 +111,8 @@ class UsageEndpoint(_Endpoint):
         principal = await self.principal(rt, scope)
         now = datetime.now(timezone.utc)
         try:
-            usages = await contract.read_usages(rt.redis, principal.subjects, now)
+            usages = await contract.read_usages(rt.redis, principal.subjects, now,
+                                                dict.fromkeys(principal.subjects, principal.tag))
         except REDIS_FAILURES as exc:
             if not is_transport_failure(exc):
                 raise reply_error("usage", exc) from None

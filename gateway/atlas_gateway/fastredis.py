@@ -6,7 +6,10 @@ whole upstream request. This client keeps one connection, writes pre-encoded com
 matches replies to waiters in order (Redis answers a connection's commands in order), so
 concurrent requests are pipelined for free. It does exactly what the hot path needs:
 EVALSHA/SCRIPT LOAD, AUTH and SELECT, over TCP or TLS (``rediss://``); replies are parsed by
-hiredis. /readyz pings through it too; config reads and /v1/usage use redis-py.
+hiredis. /readyz pings through it too; config reads and /v1/usage use redis-py. With a
+``redis+sentinel://`` URL it asks the sentinels for the master on every (re)connect and checks
+``ROLE`` before using the connection (atlas_core/sentinel.py); a ``READONLY`` reply (its master
+was demoted under it) drops the connection, so the next call finds the new master.
 
 Failure handling: a lost connection fails every waiting call with ``ConnectionError`` and the
 next call reconnects; a call that takes longer than ``timeout`` fails with ``TimeoutError``
@@ -23,6 +26,8 @@ from collections import deque
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
+
+from atlas_core import sentinel
 
 
 class ReplyError(Exception):
@@ -113,16 +118,21 @@ class _Protocol(asyncio.Protocol):
         reader = self.reader
         reader.feed(data)
         waiters = self.waiters
+        demoted = False
         while waiters:
             value = reader.gets()
             if value is False:
                 break
             fut = waiters.popleft()[0]
+            if isinstance(value, ReplyError) and value.args and value.args[0].startswith("READONLY"):
+                demoted = True  # the server is now a replica: find the master on the next call
             if not fut.done():
                 if isinstance(value, ReplyError):
                     fut.set_exception(value)
                 else:
                     fut.set_result(value)
+        if demoted:
+            self.close()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -170,9 +180,23 @@ def tls_context(query: dict[str, list[str]]) -> ssl.SSLContext:
 
 class FastRedis:
     def __init__(self, url: str, timeout: float = 0.5) -> None:
+        self.timeout = timeout
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Future | None = None
+        # where the server is: fixed (redis://) or asked of the sentinels on each connect
+        self.locator: sentinel.MasterLocator | None = None
+        self.master: tuple[str, int] | None = None  # the master last connected to (Sentinel)
+        self.on_master_change = None  # called (no arguments) when a reconnect finds another master
+        if sentinel.is_sentinel_url(url):
+            config = sentinel.parse(url)
+            self.locator = sentinel.MasterLocator(config, timeout)
+            self.host, self.port = config.sentinels[0]  # replaced by the master's on connect
+            self.username, self.password, self.db = config.username, config.password, config.db
+            self.ssl = tls_context(config.query) if config.tls else None
+            return
         parsed = urlparse(url)
         if parsed.scheme not in ("redis", "rediss", ""):
-            raise ValueError("the fast Redis client supports redis:// and rediss:// URLs only")
+            raise ValueError("the fast Redis client supports redis://, rediss:// and redis+sentinel:// URLs only")
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 6379
         self.username = unquote(parsed.username) if parsed.username else None
@@ -181,18 +205,19 @@ class FastRedis:
         path = (parsed.path or "/").lstrip("/")
         self.db = int(path) if path else int(query.get("db", ["0"])[-1])  # as redis-py: the path wins
         self.ssl = tls_context(query) if parsed.scheme == "rediss" else None
-        self.timeout = timeout
-        self._proto: _Protocol | None = None
-        self._connecting: asyncio.Future | None = None
+
+    async def _address(self) -> tuple[str, int]:
+        return (self.host, self.port) if self.locator is None else await self.locator.address()
 
     async def _connect(self) -> _Protocol:
         """A connection that has completed its handshake (AUTH, SELECT). Only then is it
         published as ``self._proto``: a call made meanwhile waits for this connection instead of
         running unauthenticated or in database 0. A failed handshake closes it."""
         loop = asyncio.get_running_loop()
+        host, port = await self._address()
         _, proto = await asyncio.wait_for(
-            loop.create_connection(self._protocol, self.host, self.port, ssl=self.ssl,
-                                   server_hostname=self.host if self.ssl is not None else None),
+            loop.create_connection(self._protocol, host, port, ssl=self.ssl,
+                                   server_hostname=host if self.ssl is not None else None),
             self.timeout
         )
         try:
@@ -202,11 +227,28 @@ class FastRedis:
                 await self._call(proto, auth)
             if self.db:
                 await self._call(proto, (b"SELECT", str(self.db).encode()))
+            if self.locator is not None:
+                await self._check_role(proto)
         except BaseException:
             proto.close()
             raise
+        if self.locator is not None:
+            previous, self.master = self.master, (host, port)
+            if previous is not None and previous != self.master and self.on_master_change is not None:
+                self.on_master_change()
         self._proto = proto
         return proto
+
+    async def _check_role(self, proto: _Protocol) -> None:
+        try:
+            reply = await self._call(proto, (b"ROLE",))
+        except ReplyError as exc:
+            if str(exc).startswith("NOPERM"):
+                return  # an ACL user without ROLE: READONLY replies still reveal a demoted master
+            raise
+        self.locator.check_role(reply)
+        if self.locator.fenced:  # a failover began while this connection was being made
+            raise sentinel.MasterUnavailable("a failover is under way")
 
     async def _connection(self) -> _Protocol:
         if self._connecting is not None:  # someone else is connecting: share the result
@@ -249,7 +291,16 @@ class FastRedis:
         """PING over the hot-path connection (readiness is decided by the client serving traffic)."""
         await self.execute(b"PING")
 
+    def disconnect(self) -> None:
+        """Drop the connection (its pending calls fail with ConnectionError); the next call
+        reconnects, to wherever the locator then points."""
+        if self._proto is not None:
+            self._proto.close()
+            self._proto = None
+
     async def aclose(self) -> None:
         if self._proto is not None:
             self._proto.close()
             self._proto = None
+        if self.locator is not None:
+            await self.locator.aclose()

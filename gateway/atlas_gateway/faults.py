@@ -5,6 +5,11 @@ unreachable": the fail mode (closed: 503, open: pass unchecked) applies to it al
 *reply* (a Lua error, ``OOM``, ``NOAUTH``, ``WRONGPASS``, ``READONLY``) means Redis answered and
 refused: that is a 500 with its own metric, never traffic let through unmetered, whatever the
 fail mode.
+
+On a Redis Cluster, a refusal that means "no master serves this slot right now" (``CLUSTERDOWN``,
+``TRYAGAIN`` after its retries, a slot not covered: a failover or a resharding in progress) is
+unavailability, not a refusal: the command did not run, the fail mode applies (redis_cluster.py
+raises these as ``NotSent``; redis-py's RedisCluster as the exceptions below).
 """
 
 from __future__ import annotations
@@ -16,15 +21,23 @@ from redis import exceptions as redis_errors
 from . import errors, metrics
 from .fastredis import NotSent, ReplyError
 
+# redis-py's RedisCluster: no master for the slot (yet); RedisClusterException is no RedisError
+_CLUSTER_UNAVAILABLE = (redis_errors.ClusterDownError, redis_errors.TryAgainError, redis_errors.ClusterError,
+                        redis_errors.RedisClusterException)
+
 # every exception a Redis call (hot-path client or redis-py) may raise
-REDIS_FAILURES = (redis_errors.RedisError, ReplyError, OSError, asyncio.TimeoutError)
+REDIS_FAILURES = (redis_errors.RedisError, redis_errors.RedisClusterException, ReplyError, OSError,
+                  asyncio.TimeoutError)
 
 # first word of an error reply -> metric label (bounded: anything else is "ERR")
 _REPLY_KINDS = frozenset({"ERR", "OOM", "NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT", "READONLY", "BUSY",
-                          "LOADING", "MASTERDOWN", "MISCONF", "WRONGTYPE", "EXECABORT", "CROSSSLOT"})
+                          "LOADING", "MASTERDOWN", "MISCONF", "WRONGTYPE", "EXECABORT", "CROSSSLOT",
+                          "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
 
 
 def is_transport_failure(exc: BaseException) -> bool:
+    if isinstance(exc, _CLUSTER_UNAVAILABLE):
+        return True
     if isinstance(exc, (ReplyError, redis_errors.AuthenticationError, redis_errors.ResponseError)):
         return False  # redis-py raises NOAUTH/WRONGPASS as AuthenticationError (a ConnectionError)
     return isinstance(exc, (OSError, asyncio.TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError))

@@ -31,6 +31,13 @@ UPSTREAM_LATENCY = Histogram("atlas_gateway_upstream_latency_seconds",
                              "Upstream time: until the full body (or, streaming, until the headers)",
                              ["model"], buckets=_SLOW)
 INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream")
+SHED_VIEW_OTHERS = Gauge("atlas_gateway_shed_view_other_inflight_requests",
+                         "In-flight requests of the other gateway processes, as last read from Redis "
+                         "(what shared shed thresholds add to this process's own count)")
+SHED_VIEW_PEERS = Gauge("atlas_gateway_shed_view_peers", "Other live gateway processes in the shared shed view")
+# gauges a pod's workers report as their largest value, not their sum (worker_metrics.py): each
+# worker's view of the other processes already includes its sibling workers
+MAX_OVER_WORKERS = frozenset({"atlas_gateway_shed_view_other_inflight_requests", "atlas_gateway_shed_view_peers"})
 # The capacity view (docs/capacity.md): demand per model, all from figures the hot path already has.
 ADMITTED_TOKENS = Counter("atlas_gateway_admitted_tokens_total",
                           "Tokens reserved by admitted requests (prompt estimate + completion cap), by model",

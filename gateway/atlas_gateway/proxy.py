@@ -80,6 +80,8 @@ class Ticket:
             # the command synchronously before its first await, so a cancellation arriving now
             # still lets the settlement reach Redis. A failure is resolved by the recovery below.
             await self.rt.admission.settle(self.principal, self.request_id, self.reserved, actual, costs)
+            if self.rt.recovery.replays:  # Sentinel: a failover may still lose this (recovery.py)
+                self.rt.recovery.settled(self.principal, self.request_id, self.reserved, actual, costs)
         except REDIS_FAILURES as exc:
             if is_transport_failure(exc):
                 metrics.count_redis_error("settle")

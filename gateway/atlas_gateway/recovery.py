@@ -6,12 +6,22 @@ moved on (its client got a 503, or, failing open, was let through); this process
 request id, so it resolves it: ``undo.lua`` is idempotent per request id (a lease is the proof
 that an admission ran unsettled, a tombstone makes a late admission lease nothing), and is
 retried until Redis answers. Only the lease TTL bounds what a gateway that dies meanwhile leaves.
+
+Behind Sentinel (replication is asynchronous) a failover can also lose settlements that *did*
+succeed: during a switch the old master keeps answering until the sentinels demote it, and what
+it wrote after the replica's promotion never reaches the new master, where those requests'
+leases (replicated earlier) stay. So with ``replays`` on, the settlements of the last
+``REPLAY_SECONDS`` are kept, and when the hot-path client connects to a different master they
+are all resolved again through ``undo.lua``: a settlement whose lease the new master still holds
+is settled there; one that arrived (or whose admission never did) changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 
 from . import metrics
 from .admission import Admission
@@ -25,9 +35,15 @@ class Recovery:
     BATCH = 64             # undo calls in flight at once (pipelined on the hot-path connection)
     MAX_PENDING = 100_000  # bounded memory; beyond it, the lease TTL is the bound
     REPLY_ATTEMPTS = 5     # an undo that Redis refuses (script error) is not retried for ever
+    # how far back a master switch can lose settlements: the old master answers until the
+    # sentinels reconfigure it, about one INFO period (1 s) after the promotion; 10 s of margin
+    REPLAY_SECONDS = 10.0
 
-    def __init__(self, admission: Admission, first_delay: float = 0.05, max_delay: float = 1.0) -> None:
+    def __init__(self, admission: Admission, first_delay: float = 0.05, max_delay: float = 1.0,
+                 replays: bool = False) -> None:
         self.admission = admission
+        self.replays = replays
+        self.recent: deque[tuple] = deque()  # (time, principal, request id, reserved, actual, costs)
         self.first_delay = first_delay
         self.max_delay = max_delay
         # request id -> [principal, reserved, actual, admission?, refused attempts]
@@ -54,6 +70,28 @@ class Recovery:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
         self._wakeup.set()
+
+    def settled(self, principal: Principal, request_id: str, reserved: int, actual: int,
+                costs: tuple[bytes, bytes]) -> None:
+        """A settlement Redis acknowledged (kept for ``replay_after_failover``)."""
+        if not principal.leased:
+            return
+        now = time.monotonic()
+        recent = self.recent
+        recent.append((now, principal, request_id, reserved, actual, costs))
+        horizon = now - self.REPLAY_SECONDS
+        while recent[0][0] < horizon:
+            recent.popleft()
+
+    def replay_after_failover(self) -> None:
+        """The hot-path client reached a new master: settle again what the old one may have lost."""
+        horizon = time.monotonic() - self.REPLAY_SECONDS
+        items = [item for item in self.recent if item[0] >= horizon]
+        self.recent.clear()
+        if items:
+            log.warning("Redis master changed: re-checking %d recent settlements on the new master", len(items))
+        for _, principal, request_id, reserved, actual, costs in items:
+            self.settle_later(principal, request_id, reserved, actual, costs)
 
     def wake(self) -> None:
         """Redis answered again: retry now rather than after the back-off."""

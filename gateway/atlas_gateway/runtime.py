@@ -11,16 +11,20 @@ import os
 import time
 
 import aiohttp
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from atlas_core import cluster
 
 from . import metrics, worker_metrics
 from .admission import Admission
 from .auth import ConfigCache
+from .failover import MasterWatch
 from .fastredis import FastRedis
+from .load_view import LoadView
 from .priority import Shedder
 from .recovery import Recovery
+from .redis_cluster import ClusterFastRedis
 from .settings import Settings
 from .tokens import Meter
 from .upstreams import Upstreams
@@ -85,9 +89,30 @@ async def watch_loop_lag(interval: float = 0.1) -> None:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.redis_cluster = settings.redis_cluster == "true"  # "auto" is resolved in start()
+        self._id_prefix = os.urandom(6).hex() + "-"
+        self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
+        self.meter = Meter.from_settings(settings)
+        local, shared = settings.shed_limits()
+        self.shedder = Shedder(*local, shared=shared)
+        self.redis_health = RedisHealth()
+        metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)  # read at scrape time
+        self.session: aiohttp.ClientSession | None = None
+        self._lag_watch: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
+        self._ids = itertools.count(1)
+        self._connect_redis()
+        auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
+        self.upstream_auth = auth
+
+    def _connect_redis(self) -> None:
+        """The Redis clients (single Redis or Cluster) and what is built on them."""
+        settings = self.settings
         # No retries: a retried EVALSHA after a lost reply would reserve or settle twice.
-        self.redis = aioredis.from_url(
+        self.redis = cluster.redis_py_client(
             settings.redis_url,
+            self.redis_cluster,
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
             retry=Retry(NoBackoff(), 0),
@@ -96,22 +121,18 @@ class Runtime:
             max_connections=1024,
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
-        self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
+        if self.redis_cluster:
+            self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
+                                               settings.redis_cluster_wait_ms)
+        else:
+            self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
         self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
-        self.recovery = Recovery(self.admission)
-        self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
-        self.meter = Meter.from_settings(settings)
-        self.shedder = Shedder(*settings.shed_thresholds())
-        self.redis_health = RedisHealth()
-        metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)  # read at scrape time
-        self.session: aiohttp.ClientSession | None = None
-        self._lag_watch: asyncio.Task | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
-        self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
-        self._ids = itertools.count(1)
-        self._id_prefix = os.urandom(6).hex() + "-"
-        auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
-        self.upstream_auth = auth
+        sentinel_mode = getattr(self.fast_redis, "locator", None) is not None
+        self.recovery = Recovery(self.admission, replays=sentinel_mode)
+        if sentinel_mode:
+            self.fast_redis.on_master_change = self.recovery.replay_after_failover
+        self.master_watch = MasterWatch(self.fast_redis, self.redis, settings.sentinel_check_interval)
+        self.load_view = LoadView(self.redis, self.shedder, self._id_prefix, settings.shed_publish_interval)
 
     def new_request_id(self) -> str:
         """Unique per request across gateways (random per-process prefix + counter): also the lease
@@ -120,6 +141,15 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        if s.redis_cluster == "auto" and await cluster.detect(s.redis_url, s.redis_timeout):
+            await self.fast_redis.aclose()
+            await self.redis.aclose()
+            self.redis_cluster = True
+            self._connect_redis()
+        if self.redis_cluster:
+            log.info("Redis Cluster mode: commands routed by slot")
+        self.master_watch.start()
+        self.load_view.start()
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
                                          keepalive_timeout=s.upstream_keepalive, ttl_dns_cache=60)
         self.session = aiohttp.ClientSession(
@@ -146,6 +176,8 @@ class Runtime:
             log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "
                         "by ATLAS_LEASE_TTL_SECONDS", len(self.recovery.pending))
         self.recovery.stop()
+        await self.master_watch.stop()
+        await self.load_view.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None

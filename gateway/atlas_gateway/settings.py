@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from atlas_core import cluster, sentinel
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed: the gateway refuses to start."""
@@ -33,6 +35,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cluster_mode(raw: str | None) -> str:
+    try:
+        return cluster.parse_mode(raw)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 DEFAULT_PRIORITY_VALUES = {"Critical": 0, "Standard": 1, "Sheddable": 2}
 
 
@@ -55,11 +64,15 @@ class Settings:
     upstream_url: str
     upstream_models: tuple[tuple[str, str], ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: str = "auto"  # ATLAS_REDIS_CLUSTER: true | false | auto (atlas_core.cluster)
+    redis_cluster_wait_ms: int = 100  # ATLAS_REDIS_CLUSTER_WAIT_MS: WAIT for a replica (redis_cluster.py)
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
     fail_open: bool = False
     redis_timeout: float = 0.5
+    # Sentinel only: how often the gateway asks the sentinels whether the master moved (failover.py)
+    sentinel_check_interval: float = 0.5
     config_ttl: float = 1.0
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_tokens: int = 4096
@@ -81,6 +94,9 @@ class Settings:
     shed_threshold: int | None = None
     shed_threshold_standard: int | None = None
     shed_threshold_critical: int | None = None
+    # cluster: explicit thresholds count every gateway process on this Redis (priority.py)
+    shed_scope: str = "cluster"
+    shed_publish_interval: float = 0.2
     forward_priority: dict[str, int] | None = field(default=None, hash=False)
     log_level: str = "info"
     # bounds on what a client may cost before (and while) it is authenticated; see server.py
@@ -106,22 +122,50 @@ class Settings:
             pool if self.shed_threshold_critical is None else self.shed_threshold_critical,
         )
 
+    def explicit_thresholds(self) -> tuple[int | None, int | None, int | None]:
+        return self.shed_threshold, self.shed_threshold_standard, self.shed_threshold_critical
+
+    def shed_limits(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(local, shared) limits for Sheddable, Standard, Critical (priority.py). With
+        ``ATLAS_SHED_SCOPE=process`` every threshold is local. With ``cluster``, a threshold set
+        explicitly is shared (a total over all gateway processes), and locally such a class is
+        still shed at this process's pool size; an unset one keeps its per-process default."""
+        local = self.shed_thresholds()
+        if self.shed_scope == "process":
+            return local, (0, 0, 0)
+        pool = self.upstream_pool_size
+        explicit = self.explicit_thresholds()
+        return (tuple(limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local)),
+                tuple(value or 0 for value in explicit))
+
     def __post_init__(self) -> None:
         names = ("ATLAS_SHED_THRESHOLD", "ATLAS_SHED_THRESHOLD_STANDARD", "ATLAS_SHED_THRESHOLD_CRITICAL")
         pool = self.upstream_pool_size
         if pool < 1:
             raise SettingsError("ATLAS_UPSTREAM_POOL_SIZE must be >= 1")
+        if self.shed_scope not in ("cluster", "process"):
+            raise SettingsError("ATLAS_SHED_SCOPE must be 'cluster' or 'process'")
+        if self.shed_publish_interval <= 0:
+            raise SettingsError("ATLAS_SHED_PUBLISH_SECONDS must be > 0")
+        cluster = self.shed_scope == "cluster"
         enabled = []
-        for name, value in zip(names, self.shed_thresholds()):
-            if value > pool:
+        for name, value, explicit in zip(names, self.shed_thresholds(), self.explicit_thresholds()):
+            if cluster and explicit is not None:
+                pass  # a total over every gateway process: it may exceed one process's pool
+            elif value > pool:
                 raise SettingsError(
                     f"{name}={value} exceeds ATLAS_UPSTREAM_POOL_SIZE={pool}: requests beyond the pool "
                     "wait for a connection and time out (504) instead of being shed (503)")
-            if value > 0:
+            if value > 0 and (not cluster or explicit is not None):  # compare like with like
                 enabled.append((name, value))
         for (lower, low), (higher, high) in zip(enabled, enabled[1:]):
             if low > high:
                 raise SettingsError(f"{lower}={low} must not exceed {higher}={high}: lower classes shed first")
+        if sentinel.is_sentinel_url(self.redis_url):
+            try:
+                sentinel.parse(self.redis_url)
+            except ValueError as exc:
+                raise SettingsError(f"ATLAS_REDIS_URL: {exc}") from exc
         for name, value in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
                             ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
                             ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
@@ -156,11 +200,14 @@ class Settings:
             upstream_url=upstream,
             upstream_models=models,
             redis_url=env.get("ATLAS_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            redis_cluster=_cluster_mode(env.get("ATLAS_REDIS_CLUSTER")),
+            redis_cluster_wait_ms=max(0, _int(env, "ATLAS_REDIS_CLUSTER_WAIT_MS", 100)),
             host=env.get("ATLAS_HOST", "127.0.0.1"),
             port=_int(env, "ATLAS_PORT", 8080),
             workers=max(1, _int(env, "ATLAS_WORKERS", 1)),
             fail_open=fail_mode == "open",
             redis_timeout=_float(env, "ATLAS_REDIS_TIMEOUT_SECONDS", 0.5),
+            sentinel_check_interval=_float(env, "ATLAS_REDIS_SENTINEL_CHECK_SECONDS", 0.5),
             config_ttl=_float(env, "ATLAS_CONFIG_TTL_SECONDS", 1.0),
             max_body_bytes=_int(env, "ATLAS_MAX_BODY_BYTES", 4 * 1024 * 1024),
             default_max_tokens=max(1, _int(env, "ATLAS_DEFAULT_MAX_TOKENS", 4096)),
@@ -177,6 +224,8 @@ class Settings:
             shed_threshold=optional_int("ATLAS_SHED_THRESHOLD"),
             shed_threshold_standard=optional_int("ATLAS_SHED_THRESHOLD_STANDARD"),
             shed_threshold_critical=optional_int("ATLAS_SHED_THRESHOLD_CRITICAL"),
+            shed_scope=env.get("ATLAS_SHED_SCOPE", "cluster").strip().lower() or "cluster",
+            shed_publish_interval=_float(env, "ATLAS_SHED_PUBLISH_SECONDS", 0.2),
             forward_priority=_priority_values(env.get("ATLAS_FORWARD_PRIORITY")),
             log_level=env.get("ATLAS_LOG_LEVEL", "info").lower(),
             body_timeout=_float(env, "ATLAS_BODY_TIMEOUT_SECONDS", 30.0),

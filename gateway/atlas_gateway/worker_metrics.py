@@ -9,7 +9,8 @@ live). So a scrape may be up to a second behind a worker's requests; nothing els
 
 Counters and histograms are summed over every snapshot, also those of workers that are gone
 (a restarted worker starts from zero: its predecessor's counts must stay in the sum or the
-counter would go down). Gauges are summed over live workers only.
+counter would go down). Gauges are summed over live workers only (the few in
+``metrics.MAX_OVER_WORKERS``: their largest value).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Iterable
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
+
+from .metrics import MAX_OVER_WORKERS
 
 PREFIX = "atlas_"  # only the gateway's own families; process_*/python_* stay per process
 SNAPSHOT_INTERVAL = 1.0
@@ -94,9 +97,11 @@ class WorkersCollector:
                     if not live:
                         continue
                 _, _, values = families.setdefault(name, (kind, documentation, {}))
+                largest = name in MAX_OVER_WORKERS
                 for sample_name, labels, value in samples:
                     key = (sample_name, tuple(sorted(labels.items())))
-                    values[key] = values.get(key, 0.0) + value
+                    before = values.get(key)
+                    values[key] = value if before is None else (max(before, value) if largest else before + value)
         for name, (kind, documentation, values) in families.items():
             metric = Metric(name, documentation, kind)
             for (sample_name, labels), value in values.items():

@@ -29,7 +29,11 @@ class History:
         trips = 0
         for start in range(0, len(missing), batch):
             chunk = missing[start:start + batch]
-            replies = await redis.mget([contract.history_key(s) for s in chunk])
+            # GETs in a pipeline, not MGET: on a Redis Cluster the histories are in many slots
+            pipe = redis.pipeline(transaction=False)
+            for subject in chunk:
+                pipe.get(contract.history_key(subject))
+            replies = await pipe.execute()
             trips += 1
             for subject, raw in zip(chunk, replies):
                 samples = contract.decode_history(raw)

@@ -6,7 +6,9 @@ import logging
 from typing import Any
 
 import kopf
-import redis.asyncio as aioredis
+
+from atlas_core import cluster
+from atlas_core.sentinel import describe_url
 
 from .keys import StatusConflict
 from .kube import ClientKubeApi, NamespaceTerminating
@@ -47,8 +49,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
 
     config: OperatorSettings = memo.get("config") or OperatorSettings.from_env()
     kube = ClientKubeApi.from_environment(workers=config.api_workers)
-    redis = aioredis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5,
-                              health_check_interval=30)
+    on_cluster = await cluster.resolve(config.redis_cluster, config.redis_url, 5)
+    redis = cluster.redis_py_client(config.redis_url, on_cluster, socket_timeout=5, socket_connect_timeout=5,
+                                    health_check_interval=30)
     memo.runtime = Runtime(config, kube, redis, {
         "atlaskey_views": atlaskey_views, "atlasquota_views": atlasquota_views,
         "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,
@@ -61,7 +64,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         except OSError as exc:  # metrics are for alerting; never the reason the operator is down
             logger.warning("no metrics endpoint on %s:%s: %s", config.metrics_host, config.metrics_port, exc)
     logger.info("atlas operator: redis %s, namespaces %s, usage every %ss",
-                config.redis_url.split("@")[-1], ",".join(config.namespaces) or "all",
+                describe_url(config.redis_url), ",".join(config.namespaces) or "all",
                 config.usage_interval)
 
 

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
 from . import heal, keys, quotas, usage
+from .carry_over import CarryOver
 from .expiry import ExpiryScheduler
 from .history import History
 from .metrics import OperatorCollector, Snapshot
@@ -64,6 +65,7 @@ class Runtime:
         self.scheduler = ExpiryScheduler(self.reconcile_key_by_name)
         self.last_cycle: usage.CycleStats | None = None
         self.history = History() if settings.forecast else None
+        self.carry_over = CarryOver()  # usage counted under the v1 contract (an upgrade)
         self.metrics = OperatorCollector()
         self.tasks: list[asyncio.Task] = []
 
@@ -206,7 +208,8 @@ class Runtime:
         stats = await usage.usage_cycle(self.redis, self.kube, key_views, self.quota_views(),
                                         datetime.now(timezone.utc),
                                         max_writes=self.settings.usage_max_writes or None,
-                                        history=self.history, observed=observed)
+                                        history=self.history, observed=observed,
+                                        carry_over=self.carry_over)
         self.last_cycle = stats
         self.metrics.snapshot = Snapshot(
             forecasts=observed,

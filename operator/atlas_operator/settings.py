@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from atlas_core import cluster
+
 GROUP = "atlas.bugvanquisher.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -27,6 +29,7 @@ SECRET_WATCH_LABEL = OWNER_LABEL
 @dataclass(frozen=True)
 class OperatorSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: str = "auto"  # ATLAS_REDIS_CLUSTER: true | false | auto (atlas_core.cluster)
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     usage_interval: float = 10.0
     heal_interval: float = 3.0
@@ -44,6 +47,7 @@ class OperatorSettings:
         namespaces = tuple(n.strip() for n in env.get("ATLAS_NAMESPACES", "").split(",") if n.strip())
         return cls(
             redis_url=env.get("ATLAS_REDIS_URL", cls.redis_url),
+            redis_cluster=cluster.parse_mode(env.get("ATLAS_REDIS_CLUSTER")),
             namespaces=namespaces,
             usage_interval=float(env.get("ATLAS_USAGE_INTERVAL_SECONDS", cls.usage_interval)),
             heal_interval=float(env.get("ATLAS_HEAL_INTERVAL_SECONDS", cls.heal_interval)),

@@ -21,6 +21,7 @@ from atlas_core import contract
 from atlas_core.contract import Limits, Usage
 
 from . import conditions as cond, forecast as fc
+from .carry_over import CarryOver
 from .history import History
 from .kube import CONFLICT, PATCHED, KubeApi
 from .settings import KEYS, QUOTAS
@@ -207,13 +208,20 @@ def plan(
     return out
 
 
-async def read_all(redis: Any, subjects: list[str], now: datetime, batch: int) -> tuple[dict[str, Usage], int]:
+async def read_all(redis: Any, subjects: list[str], now: datetime, batch: int,
+                   tags: dict[str, str] | None = None) -> tuple[dict[str, Usage], int]:
     usages: dict[str, Usage] = {}
     trips = 0
     for start in range(0, len(subjects), batch):
-        usages.update(await contract.read_usages(redis, subjects[start:start + batch], now))
+        usages.update(await contract.read_usages(redis, subjects[start:start + batch], now, tags))
         trips += 1
     return usages, trips
+
+
+def slot_tags(keys: Iterable[ObjectView]) -> dict[str, str]:
+    """subject -> slot tag of every AtlasKey bound to a quota (the others' tag is their subject)."""
+    return {contract.key_subject(k.namespace, k.name): contract.slot_tag(k.namespace, k.name, k.quota)
+            for k in keys if k.quota}
 
 
 async def usage_cycle(
@@ -227,14 +235,20 @@ async def usage_cycle(
     max_writes: int | None = None,
     history: History | None = None,
     observed: Observed | None = None,
+    carry_over: "CarryOver | None" = None,
 ) -> CycleStats:
-    """One write-back cycle. With ``history``, forecasts too; ``observed`` collects them."""
+    """One write-back cycle. With ``history``, forecasts too; ``observed`` collects them. With
+    ``carry_over``, first the usage counted under the v1 contract (an upgrade in progress)."""
     started = time.perf_counter()
     stats = CycleStats()
     subjects = [contract.key_subject(k.namespace, k.name) for k in keys if not k.deleting]
     subjects += [contract.quota_subject(q.namespace, q.name) for q in quotas if not q.deleting]
     stats.subjects = len(subjects)
-    usages, stats.redis_round_trips = await read_all(redis, subjects, now, batch)
+    tags = slot_tags(k for k in keys if not k.deleting)
+    if carry_over is not None:
+        stats.redis_round_trips += await carry_over.cycle(redis, subjects, now, tags, batch)
+    usages, trips = await read_all(redis, subjects, now, batch, tags)
+    stats.redis_round_trips += trips
     stats.read_seconds = time.perf_counter() - started
     if history is not None:
         mark = time.perf_counter()

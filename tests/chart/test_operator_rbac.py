@@ -206,7 +206,7 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
 
             # Config landed in Redis, keyed by the hash of the key material only.
             client = redis.Redis.from_url(redis_server.url)
-            stored = b"\n".join(client.keys("atlas:v1:*"))
+            stored = b"\n".join(client.keys("atlas:v2:*"))
             assert hashlib.sha256(key.encode()).hexdigest().encode() in stored
             assert key.encode() not in stored
 

@@ -70,7 +70,8 @@ def test_helm_lint_strict(helm, values_file):
 
 def test_ci_values_cover_the_documented_scenarios():
     names = {p.name for p in CI_VALUES}
-    for wanted in ("default", "external-redis-tls", "ha-gateway-hpa", "monitoring", "namespaced-rbac", "kind"):
+    for wanted in ("default", "external-redis-tls", "external-redis-sentinel", "external-redis-cluster",
+                   "ha-gateway-hpa", "monitoring", "namespaced-rbac", "kind"):
         assert f"{wanted}-values.yaml" in names
 
 
@@ -237,7 +238,12 @@ def test_redis_wiring(rendered):
                 assert names.index("ATLAS_REDIS_PASSWORD") < names.index("ATLAS_REDIS_URL")
                 assert env_of(c)["ATLAS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == redis["external"]["passwordSecret"]
                 assert "$(ATLAS_REDIS_PASSWORD)@" in url
-            if redis["external"]["tls"]["caSecret"]["name"]:
+            sentinel = redis["external"].get("sentinel") or {}
+            assert url.startswith(("redis+sentinel://", "rediss+sentinel://")) == bool(sentinel.get("addresses"))
+            cluster = env_of(c).get("ATLAS_REDIS_CLUSTER", {}).get("value")
+            assert cluster == ("true" if redis["external"].get("cluster") else None)
+            tls = sentinel.get("tls") if sentinel.get("addresses") else url.startswith("rediss://")
+            if redis["external"]["tls"]["caSecret"]["name"] and tls:
                 assert "ssl_ca_certs=/etc/atlas/redis-ca/ca.crt" in url
                 mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
                 assert mounts["redis-ca"] == "/etc/atlas/redis-ca"
@@ -391,6 +397,38 @@ def test_external_redis_without_password_or_tls(helm):
         assert "ATLAS_REDIS_PASSWORD" not in env
 
 
+def test_sentinel_url_is_what_the_processes_parse(helm):
+    """The chart's Sentinel URL, with the Secrets Kubernetes expands, parses (atlas_core.sentinel)
+    into the sentinels, master, database, credentials and TLS the values name."""
+    from atlas_core import sentinel
+
+    values = values_of("external-redis-sentinel-values.yaml")["redis"]["external"]
+    objs = helm.render(ci_values("external-redis-sentinel"))
+    for d in objs.of("Deployment"):
+        (c,) = pod_spec(d)["containers"]
+        env = env_of(c)
+        names = [e["name"] for e in c["env"]]
+        assert env["ATLAS_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == values["sentinel"]["passwordSecret"]
+        assert names.index("ATLAS_REDIS_SENTINEL_PASSWORD") < names.index("ATLAS_REDIS_URL")
+        url = env["ATLAS_REDIS_URL"]["value"]
+        expanded = url.replace("$(ATLAS_REDIS_PASSWORD)", "data-pw").replace("$(ATLAS_REDIS_SENTINEL_PASSWORD)", "sent-pw")
+        parsed = sentinel.parse(expanded)
+        assert parsed.sentinels == tuple((a.split(":")[0], 26379) for a in values["sentinel"]["addresses"])
+        assert (parsed.master, parsed.db, parsed.tls) == ("atlas", 1, True)
+        assert (parsed.username, parsed.password, parsed.sentinel_password) == ("atlas", "data-pw", "sent-pw")
+        assert parsed.query["ssl_ca_certs"] == ["/etc/atlas/redis-ca/ca.crt"]
+        assert {v["name"] for v in pod_spec(d)["volumes"]} >= {"redis-ca"}
+
+
+def test_cluster_values_select_cluster_mode_in_both_processes(helm):
+    objs = helm.render(ci_values("external-redis-cluster"))
+    envs = [env_of(pod_spec(d)["containers"][0]) for d in objs.of("Deployment")]
+    assert len(envs) == 2
+    for env in envs:
+        assert env["ATLAS_REDIS_CLUSTER"]["value"] == "true"
+        assert env["ATLAS_REDIS_URL"]["value"] == "redis://:$(ATLAS_REDIS_PASSWORD)@redis-cluster.data:6379"
+
+
 def test_upstream_api_key_from_secret(helm):
     objs = helm.render(ci_values("external-redis-tls"))
     env = env_of(pod_spec(objs.one("Deployment", "-gateway"))["containers"][0])
@@ -417,6 +455,12 @@ BAD_VALUES = [
     (["redis.mode=external"], "url"),
     (["redis.mode=external", "redis.external.url=http://redis:6379"], "url"),
     (["redis.mode=external", "redis.external.url=rediss://user:secret@redis:6380"], "url"),
+    (["redis.mode=external", "redis.external.sentinel.addresses={s0:26379}"], "masterName"),
+    (["redis.mode=external", "redis.external.sentinel.addresses={s0}", "redis.external.sentinel.masterName=m"],
+     "addresses"),
+    (["redis.mode=external", "redis.external.sentinel.addresses={s0:26379}", "redis.external.sentinel.masterName=m",
+      "redis.external.cluster=true"], "cluster"),
+    (["redis.external.sentinel.masterName=a/b"], "masterName"),
     (["watchNamespaces={Team_Search}"], "watchNamespaces"),
     (["podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
     (["containerSecurityContext.readOnlyRootFilesystem=false"], "readOnlyRootFilesystem"),

@@ -44,19 +44,20 @@ def write_config(url: str) -> None:
 
 SUBJECTS = [contract.key_subject("chaos", f"key-{i}") for i in range(len(KEYS))] + [
     contract.quota_subject("chaos", "shared")]
+TAG = contract.quota_subject("chaos", "shared")  # every key is bound to the quota: its slot tag
 
 
 def leases_left(r: redis.Redis) -> dict[str, tuple[int, int]]:
     out = {}
     for s in SUBJECTS:
-        count = (r.zcard(contract.lease_key(s)), r.hlen(contract.lease_tokens_key(s)))
+        count = (r.zcard(contract.lease_key(s, TAG)), r.hlen(contract.lease_tokens_key(s, TAG)))
         if count != (0, 0):
             out[s] = count
     return out
 
 
 def day_counters(r: redis.Redis, subject: str) -> tuple[int, int]:
-    day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc))
+    day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc), TAG)
     h = r.hgetall(day_key)
     return int(h.get(b"settled", 0)), int(h.get(b"requests", 0))
 

@@ -182,7 +182,7 @@ def test_reconnects_use_the_configured_database_and_password(mock_upstream, star
         assert admitted == 0, f"{admitted} of {len(statuses)} admitted past a spent budget"
         # a request whose connection was killed under it is a 503 (fail-closed); never a 200
         assert set(statuses) <= {429, 503} and statuses.count(429) > len(statuses) // 2, statuses
-        assert admin.keys("atlas:v1:*") == [], "counters written to database 0"
+        assert admin.keys("atlas:v2:*") == [], "counters written to database 0"
         data.close()
         admin.close()
 

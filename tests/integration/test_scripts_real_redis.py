@@ -35,13 +35,13 @@ async def test_200_concurrent_admissions_never_overshoot_a_budget_for_20(redis_u
         assert len(admitted) == 20
         assert all(d.reason == DAY for d in decisions if not d.admitted)
         subject = contract.key_subject("team", "app")
-        assert await client.hlen(contract.lease_tokens_key(subject)) == 20
+        assert await client.hlen(contract.lease_tokens_key(subject, p.tag)) == 20
         # settle all with their full reservation: settled == budget, nothing live, no room left
         await asyncio.gather(*(admissions[0].settle(p, f"req-{i}", 100, 100) for i in admitted))
-        usage = (await contract.read_usages(client, [subject], datetime.now(timezone.utc)))[subject]
+        usage = (await contract.read_usages(client, [subject], datetime.now(timezone.utc), {subject: p.tag}))[subject]
         assert usage.tokens_today == 2000 and usage.requests_today == 20
         assert not (await admissions[0].admit(p, "late", 1)).admitted
-        assert await client.zcard(contract.lease_key(subject)) == 0
+        assert await client.zcard(contract.lease_key(subject, p.tag)) == 0
     finally:
         await fast.aclose()
         await client.aclose()

@@ -77,8 +77,10 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 Redis connection for both processes. The URL is built from env vars so that a password from a
-Secret never appears in the pod spec: Kubernetes expands $(ATLAS_REDIS_PASSWORD) in later env
-values. The password must be URL-safe (percent-encode reserved characters in the Secret).
+Secret never appears in the pod spec: Kubernetes expands $(ATLAS_REDIS_PASSWORD) (and
+$(ATLAS_REDIS_SENTINEL_PASSWORD)) in later env values. Passwords must be URL-safe
+(percent-encode reserved characters in the Secret). Three shapes: one Redis (url), a Redis
+Cluster (url names a seed node, ATLAS_REDIS_CLUSTER=true), Sentinel (sentinel.addresses).
 */}}
 {{- define "atlas.redis.env" -}}
 {{- if eq .Values.redis.mode "bundled" }}
@@ -86,8 +88,7 @@ values. The password must be URL-safe (percent-encode reserved characters in the
   value: {{ printf "redis://%s:6379/0" (include "atlas.redis.fullname" .) | quote }}
 {{- else }}
 {{- $ext := .Values.redis.external }}
-{{- $url := required "redis.external.url is required when redis.mode is external" $ext.url }}
-{{- $parts := urlParse $url }}
+{{- $sentinel := $ext.sentinel }}
 {{- $auth := "" }}
 {{- if $ext.passwordSecret.name }}
 - name: ATLAS_REDIS_PASSWORD
@@ -100,6 +101,31 @@ values. The password must be URL-safe (percent-encode reserved characters in the
 {{- $auth = printf "%s@" $ext.username }}
 {{- end }}
 {{- $query := list }}
+{{- $tls := false }}
+{{- if $sentinel.addresses }}
+{{- /* Sentinel: redis+sentinel://[auth@]host:port,.../<master>/<db>; the sentinels' own
+       password goes in the query, expanded from its Secret like the master's */}}
+{{- if $ext.cluster }}{{ fail "redis.external.cluster and redis.external.sentinel.addresses exclude each other" }}{{ end }}
+{{- $master := required "redis.external.sentinel.masterName is required with sentinel addresses" $sentinel.masterName }}
+{{- if $sentinel.passwordSecret.name }}
+- name: ATLAS_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sentinel.passwordSecret.name }}
+      key: {{ $sentinel.passwordSecret.key }}
+{{- $query = append $query "sentinel_password=$(ATLAS_REDIS_SENTINEL_PASSWORD)" }}
+{{- if $sentinel.username }}{{ $query = append $query (printf "sentinel_username=%s" $sentinel.username) }}{{ end }}
+{{- end }}
+{{- $tls = $sentinel.tls }}
+{{- if $tls }}
+{{- if $ext.tls.caSecret.name }}{{ $query = append $query "ssl_ca_certs=/etc/atlas/redis-ca/ca.crt" }}{{ end }}
+{{- if not $ext.tls.checkHostname }}{{ $query = append $query "ssl_check_hostname=false" }}{{ end }}
+{{- end }}
+- name: ATLAS_REDIS_URL
+  value: {{ printf "%s+sentinel://%s%s/%s/%d%s" (ternary "rediss" "redis" $tls) $auth (join "," $sentinel.addresses) $master (int $sentinel.db) (ternary (printf "?%s" (join "&" $query)) "" (gt (len $query) 0)) | quote }}
+{{- else }}
+{{- $url := required "redis.external.url (or redis.external.sentinel.addresses) is required when redis.mode is external" $ext.url }}
+{{- $parts := urlParse $url }}
 {{- if $parts.query }}{{ $query = append $query $parts.query }}{{ end }}
 {{- if eq $parts.scheme "rediss" }}
 {{- if $ext.tls.caSecret.name }}{{ $query = append $query "ssl_ca_certs=/etc/atlas/redis-ca/ca.crt" }}{{ end }}
@@ -107,6 +133,11 @@ values. The password must be URL-safe (percent-encode reserved characters in the
 {{- end }}
 - name: ATLAS_REDIS_URL
   value: {{ printf "%s://%s%s%s%s" $parts.scheme $auth $parts.host $parts.path (ternary (printf "?%s" (join "&" $query)) "" (gt (len $query) 0)) | quote }}
+{{- if $ext.cluster }}
+- name: ATLAS_REDIS_CLUSTER
+  value: "true"
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end -}}
 

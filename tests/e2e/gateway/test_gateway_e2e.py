@@ -25,11 +25,12 @@ def mock_record(mock_upstream, mock_id: str) -> dict:
     return httpx.get(f"{mock_upstream.url}/_mock/requests/{mock_id}").json()
 
 
-def usage_of(redis_url: str, name: str, namespace: str = "team") -> contract.Usage:
+def usage_of(redis_url: str, name: str, namespace: str = "team", quota: str | None = None) -> contract.Usage:
     client = redis.Redis.from_url(redis_url)
     try:
         now = datetime.now(timezone.utc)
-        day, month = contract.usage_keys(contract.key_subject(namespace, name), now)
+        day, month = contract.usage_keys(contract.key_subject(namespace, name), now,
+                                         contract.slot_tag(namespace, name, quota))
         return contract.parse_usage(client.hgetall(day), client.hgetall(month), now)
     finally:
         client.close()
@@ -114,7 +115,7 @@ def test_usage_endpoint(gateway, new_key, redis_url):
                    "x-mock-prompt-tokens": "5", "x-mock-completion-tokens": "7"},
                    json={"model": MODEL, "messages": MESSAGES, "max_tokens": 10})
     assert r.status_code == 200
-    wait_until(lambda: usage_of(redis_url, name).tokens_today == 12, 5, message="settlement")
+    wait_until(lambda: usage_of(redis_url, name, quota="team-budget").tokens_today == 12, 5, message="settlement")
     doc = httpx.get(gateway.url + "/v1/usage", headers={"x-api-key": key}).json()
     assert doc["key"]["namespace"] == "team" and doc["key"]["name"] == name and len(doc["key"]["keyId"]) == 8
     assert doc["usage"]["tokensToday"] == 12 and doc["usage"]["requestsToday"] == 1

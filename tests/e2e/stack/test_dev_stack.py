@@ -25,7 +25,8 @@ def stack(tmp_path_factory):
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
-    dev = DevStack(tmp_path_factory.mktemp("dev"), upstream_url="", usage_interval=1.0)
+    # its own Redis whatever REDIS_URL the shell running the tests exports
+    dev = DevStack(tmp_path_factory.mktemp("dev"), upstream_url="", usage_interval=1.0, redis_url="")
     with dev:
         yield dev
 

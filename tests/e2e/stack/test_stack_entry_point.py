@@ -34,8 +34,8 @@ def entry_points():
 
 def _up(entry_points, tmp_path) -> tuple[EntryPoint, object]:
     state = tmp_path / "dev"
-    # A dev stack of its own: no upstream from the caller's environment.
-    ep = EntryPoint(tmp_path, MODULE, "--state-dir", str(state), "up", env={"ATLAS_UPSTREAM_URL": ""})
+    # A dev stack of its own: no upstream or Redis from the caller's environment.
+    ep = EntryPoint(tmp_path, MODULE, "--state-dir", str(state), "up", env={"ATLAS_UPSTREAM_URL": "", "REDIS_URL": ""})
     entry_points.append(ep)
     return ep, state
 

@@ -25,7 +25,7 @@ def test_every_key_is_versioned():
         contract.KEY_INDEX,
         contract.QUOTA_INDEX,
     ]
-    assert all(name.startswith("atlas:v1:") for name in names)
+    assert all(name.startswith("atlas:v2:") for name in names)
     assert len(set(names)) == len(names)
 
 

@@ -148,9 +148,9 @@ async def test_settle_drops_lease_and_token_reservation(admission, fake_redis):
     assert await fake_redis.hget(contract.lease_tokens_key(QUOTA), "a") == b"300"
     assert await admission.settle(p, "a", 300, 120) == 2
     for subject in (KEY, QUOTA):
-        assert await fake_redis.zcard(contract.lease_key(subject)) == 0
-        assert await fake_redis.hlen(contract.lease_tokens_key(subject)) == 0
-    usages = await contract.read_usages(fake_redis, [KEY, QUOTA], datetime.now(timezone.utc))
+        assert await fake_redis.zcard(contract.lease_key(subject, QUOTA)) == 0
+        assert await fake_redis.hlen(contract.lease_tokens_key(subject, QUOTA)) == 0
+    usages = await contract.read_usages(fake_redis, [KEY, QUOTA], datetime.now(timezone.utc), {KEY: QUOTA})
     assert usages[KEY].tokens_today == 120 and usages[QUOTA].tokens_this_month == 120
     assert usages[KEY].requests_today == 1
 
@@ -175,12 +175,14 @@ def test_calendar_month_end_rolls_over_the_year():
 
 async def test_ticket_settles_exactly_once(admission, fake_redis):
     from atlas_gateway.proxy import Ticket
+    from atlas_gateway.recovery import Recovery
 
     class RT:
         pass
 
     rt = RT()
     rt.admission = admission
+    rt.recovery = Recovery(admission)  # no Sentinel: settlements are not kept for replay
     p = make_principal(contract.Limits(tokens_per_day=1000))
     assert (await admission.admit(p, "a", 100)).admitted
     ticket = Ticket(rt, p, "a", 100)
@@ -201,7 +203,7 @@ async def test_every_counter_key_gets_a_ttl(admission, fake_redis):
     assert len(keys) >= 10
     for key in keys:
         assert await fake_redis.ttl(key) > 0, key
-    day_key, month_key = contract.usage_keys(KEY, datetime.now(timezone.utc))
+    day_key, month_key = contract.usage_keys(KEY, datetime.now(timezone.utc), QUOTA)
     assert await fake_redis.ttl(day_key) > 2 * 86400
     assert await fake_redis.ttl(month_key) > 30 * 86400
 
@@ -213,17 +215,17 @@ async def test_refresh_pushes_a_live_lease_forward_and_never_resurrects_one(fake
     long = adm.Admission(fake_redis, lease_ttl_seconds=600)
     p = make_principal(contract.Limits(max_concurrent=1), contract.Limits(tokens_per_day=1000))
     assert (await short.admit(p, "stream", 100)).admitted
-    before = await fake_redis.zscore(contract.lease_key(KEY), "stream")
+    before = await fake_redis.zscore(contract.lease_key(KEY, QUOTA), "stream")
     assert await long.refresh(p, "stream") == 2
-    after = await fake_redis.zscore(contract.lease_key(KEY), "stream")
+    after = await fake_redis.zscore(contract.lease_key(KEY, QUOTA), "stream")
     assert after - before >= 599_000
     assert await fake_redis.zscore(contract.lease_key(QUOTA), "stream") >= after
     assert await fake_redis.hget(contract.lease_tokens_key(QUOTA), "stream") == b"100"
-    assert await fake_redis.pttl(contract.lease_key(KEY)) > 600_000
+    assert await fake_redis.pttl(contract.lease_key(KEY, QUOTA)) > 600_000
     # settled: a late refresh must not bring the lease back
     await short.settle(p, "stream", 100, 10)
     assert await long.refresh(p, "stream") == 0
-    assert await fake_redis.zcard(contract.lease_key(KEY)) == 0
+    assert await fake_redis.zcard(contract.lease_key(KEY, QUOTA)) == 0
     assert await fake_redis.hlen(contract.lease_tokens_key(QUOTA)) == 0
 
 
@@ -309,9 +311,9 @@ async def test_undo_of_an_admission_that_ran_leaves_nothing(admission, fake_redi
     assert (await admission.admit(p, "lost", 300)).admitted
     assert await admission.undo(p, "lost", 300, 0, admission=True) == 2
     for subject in (KEY, QUOTA):
-        assert await fake_redis.zcard(contract.lease_key(subject)) == 0
-        assert await fake_redis.hlen(contract.lease_tokens_key(subject)) == 0
-        day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc))
+        assert await fake_redis.zcard(contract.lease_key(subject, QUOTA)) == 0
+        assert await fake_redis.hlen(contract.lease_tokens_key(subject, QUOTA)) == 0
+        day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc), QUOTA)
         assert await fake_redis.hget(day_key, "requests") == b"0"
         assert await fake_redis.hget(day_key, "settled") is None
     again = await admission.admit(p, "next", 1_000)  # the whole minute bucket is back

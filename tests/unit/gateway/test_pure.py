@@ -243,12 +243,42 @@ def test_shed_thresholds_follow_the_pool_and_never_exceed_it():
     assert Settings.from_env(base).shed_thresholds() == (256, 384, 512)
     assert Settings.from_env({**base, "ATLAS_UPSTREAM_POOL_SIZE": "8"}).shed_thresholds() == (4, 6, 8)
     with pytest.raises(SettingsError, match="exceeds ATLAS_UPSTREAM_POOL_SIZE"):
-        Settings.from_env({**base, "ATLAS_SHED_THRESHOLD_CRITICAL": "1024"})
+        Settings.from_env({**base, "ATLAS_SHED_SCOPE": "process", "ATLAS_SHED_THRESHOLD_CRITICAL": "1024"})
     with pytest.raises(SettingsError, match="lower classes shed first"):
         Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "500", "ATLAS_SHED_THRESHOLD_STANDARD": "100"})
     assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD_CRITICAL": "0"}).shed_thresholds()[2] == 0
     with pytest.raises(SettingsError):
         Settings.from_env({**base, "ATLAS_BODY_TIMEOUT_SECONDS": "0"})
+
+
+def test_cluster_scope_makes_explicit_thresholds_shared_totals():
+    base = {"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_UPSTREAM_POOL_SIZE": "100"}
+    # unset: per-process defaults, nothing shared (no publishing)
+    assert Settings.from_env(base).shed_limits() == ((50, 75, 100), (0, 0, 0))
+    # set: a total over every process, which may exceed one process's pool; locally the pool
+    s = Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "150"})
+    assert s.shed_limits() == ((100, 75, 100), (150, 0, 0))
+    assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "0"}).shed_limits() == ((0, 75, 100), (0, 0, 0))
+    assert Settings.from_env({**base, "ATLAS_SHED_SCOPE": "process", "ATLAS_SHED_THRESHOLD": "10"}
+                             ).shed_limits() == ((10, 75, 100), (0, 0, 0))
+    with pytest.raises(SettingsError, match="lower classes shed first"):
+        Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "500", "ATLAS_SHED_THRESHOLD_STANDARD": "400"})
+    with pytest.raises(SettingsError, match="ATLAS_SHED_SCOPE"):
+        Settings.from_env({**base, "ATLAS_SHED_SCOPE": "galaxy"})
+
+
+def test_shedder_adds_the_other_processes_and_falls_back_to_its_share():
+    shedder = Shedder(100, 100, 100, shared=(10, 0, 0))
+    shedder.inflight = 4
+    assert not shedder.should_shed("Sheddable")
+    shedder.others = 6  # the cluster-wide view: 4 + 6 reach the shared 10
+    assert shedder.should_shed("Sheddable") and not shedder.should_shed("Standard")
+    shedder.others, shedder.scale = 0, 3  # stale view, 3 processes last seen: 4 * 3 >= 10
+    assert shedder.should_shed("Sheddable")
+    shedder.inflight = 3
+    assert not shedder.should_shed("Sheddable")
+    shedder.inflight = 100  # the local pool guard, whatever the view
+    assert shedder.should_shed("Critical")
 
 
 def test_shedder_counts_requests_awaiting_admission():

@@ -62,12 +62,12 @@ def test_calls_put_the_usage_hashes_where_the_scripts_read_them():
     admit, settle = calls.shapes(principal, "2026-12-01", "2026-12")
     undo = calls.undo_shape(principal, "2026-12-01", "2026-12")
     for i, subject in enumerate(principal.subjects):
-        day = contract.day_usage_key(subject, "2026-12-01").encode()
-        month = contract.month_usage_key(subject, "2026-12").encode()
+        day = contract.day_usage_key(subject, "2026-12-01", principal.tag).encode()
+        month = contract.month_usage_key(subject, "2026-12", principal.tag).encode()
         assert admit.keys[i * 7 + 4: i * 7 + 6] == [day, month]  # KEYS[k + 5], KEYS[k + 6]
         assert settle.keys[i * 6 + 3: i * 6 + 5] == [day, month]  # KEYS[k + 4], KEYS[k + 5]
         assert undo.keys[i * 6 + 3: i * 6 + 5] == [day, month]
-    tombstones = contract.undone_key(principal.subjects[0]).encode()
+    tombstones = contract.undone_key(principal.subjects[0], principal.tag).encode()
     assert admit.keys[-1] == undo.keys[-1] == tombstones  # KEYS[n*7+1] / KEYS[n*6+1]
     # ARGV: admit's fixed part starts at ARGV[9] (lease TTL, subjects, day TTL, month TTL, 10 per subject)
     assert admit.static[:2] == (b"60000", b"2") and len(admit.static) == 4 + 2 * 10

@@ -39,7 +39,8 @@ def view(kube, plural, name):
 
 
 async def settle(redis, subject, tokens, requests=1, last_ms=1_795_000_000_000):
-    day_key, month_key = contract.usage_keys(subject, NOW)
+    # every key here is bound to team-search: its counters carry the quota's slot tag
+    day_key, month_key = contract.usage_keys(subject, NOW, contract.quota_subject("team", "team-search"))
     await redis.hset(day_key, mapping={"settled": tokens, "requests": requests, "last": last_ms})
     await redis.hset(month_key, mapping={"settled": tokens})
 
@@ -109,7 +110,7 @@ def test_plan_counts_keys_per_quota_and_skips_deleting():
 
 async def test_self_heal_rewrites_identical_config(kube, redis):
     await _setup(kube, redis)
-    before = {k: await redis.get(k) for k in await redis.keys("atlas:v1:key:*")}
+    before = {k: await redis.get(k) for k in await redis.keys("atlas:v2:{config}:key:*")}
     before_quota = await redis.get(contract.quota_config_key("team", "team-search"))
     assert await heal_if_needed(redis, [], [], {}, NOW) is not None  # sets the first epoch
     assert await heal_if_needed(redis, [], [], {}, NOW) is None  # epoch present: nothing to do
@@ -122,7 +123,7 @@ async def test_self_heal_rewrites_identical_config(kube, redis):
     rewritten = await heal_if_needed(redis, [view(kube, KEYS, "a"), view(kube, KEYS, "b")],
                                      [view(kube, QUOTAS, "team-search")], secrets, NOW)
     assert rewritten == 3 and await store.epoch_present(redis)
-    assert {k: await redis.get(k) for k in await redis.keys("atlas:v1:key:*")} == before
+    assert {k: await redis.get(k) for k in await redis.keys("atlas:v2:{config}:key:*")} == before
     assert await redis.get(contract.quota_config_key("team", "team-search")) == before_quota
     for name in ("a", "b"):
         key_hash = secrets[("team", f"{name}-api-key")].key_hash

@@ -1,0 +1,79 @@
+"""A static OpenAI-shaped upstream served by Debian's nginx: the reference of what a proxy
+costs when the upstream costs nothing (it answers from memory in a few microseconds).
+
+Configured in a temporary directory, in the foreground (``daemon off``), one worker, on a free
+loopback port. Locations (the gateway's base URL decides which one a model reaches):
+
+* ``/json/v1/chat/completions``: a fixed chat completion;
+* ``/sse/v1/chat/completions``: a fixed SSE stream (``bodies.sse_stream``).
+
+The request body is read and discarded (``client_max_body_size`` allows 200 KB prompts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import bodies
+from .procs import Proc
+
+JSON_BASE = "/json"
+SSE_BASE = "/sse"
+
+
+def _quoted(text: str) -> str:
+    """An nginx config string: single quotes, with backslashes and quotes escaped (no
+    variables are expanded in a ``return`` text without ``$``, which these bodies lack)."""
+    if "$" in text:
+        raise ValueError("a static body must not contain '$' (nginx would expand it)")
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def config(port: int, workdir: str) -> str:
+    completion = json.dumps(bodies.COMPLETION, separators=(",", ":"))
+    temp = {name: os.path.join(workdir, name) for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    return f"""
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp['body']};
+    proxy_temp_path {temp['proxy']};
+    fastcgi_temp_path {temp['fastcgi']};
+    uwsgi_temp_path {temp['uwsgi']};
+    scgi_temp_path {temp['scgi']};
+    client_max_body_size 8m;
+    client_body_buffer_size 512k;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location = /healthz {{ default_type text/plain; return 200 'ok'; }}
+        location = {JSON_BASE}/v1/chat/completions {{
+            default_type application/json;
+            return 200 {_quoted(completion)};
+        }}
+        location = {SSE_BASE}/v1/chat/completions {{
+            default_type text/event-stream;
+            add_header Cache-Control no-cache;
+            return 200 {_quoted(bodies.sse_stream())};
+        }}
+    }}
+}}
+"""
+
+
+def static_upstream(binary: str, workdir: str) -> Proc:
+    """The nginx process (a context manager); its ``url`` + ``JSON_BASE``/``SSE_BASE`` are the two
+    upstream base URLs."""
+    home = os.path.join(workdir, "nginx")
+    os.makedirs(home, exist_ok=True)
+    proc = Proc("nginx", [binary, "-p", home, "-c", os.path.join(home, "nginx.conf"), "-e",
+                          os.path.join(home, "error.log")], log=os.path.join(home, "stdout.log"))
+    with open(os.path.join(home, "nginx.conf"), "w") as fh:
+        fh.write(config(proc.port, home))
+    return proc

@@ -281,7 +281,7 @@ class FastRedis:
         return await self._call(proto, args)
 
     async def execute_raw(self, command: bytes):
-        """Send one already RESP-encoded command (see scripts.FastScript.call_encoded)."""
+        """Send one already RESP-encoded command (see scripts.FastScript)."""
         proto = self._proto
         if proto is None or proto.closed:  # (the check inline: no extra coroutine per call)
             proto = await self._ready()

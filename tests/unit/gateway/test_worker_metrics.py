@@ -45,3 +45,15 @@ def test_a_snapshot_is_replaced_whole(tmp_path):
     worker_metrics.write_snapshot(str(tmp_path), pid=4242)
     assert json.loads((tmp_path / "4242.json").read_text()) == json.loads(json.dumps(worker_metrics.snapshot()))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_shed_view_gauges_report_their_largest_value_not_their_sum(tmp_path):
+    """Each worker's view of the other gateway processes already counts its sibling workers."""
+    for pid, others in ((os.getppid(), 3), (1, 5)):  # two live processes
+        (tmp_path / f"{pid}.json").write_text(json.dumps([[
+            "atlas_gateway_shed_view_other_inflight_requests", "gauge", "Others",
+            [["atlas_gateway_shed_view_other_inflight_requests", {}, others]]]]))
+    text = worker_metrics.render(str(tmp_path)).decode()
+    own = [v for name, _, _, samples in worker_metrics.snapshot()
+           if name == "atlas_gateway_shed_view_other_inflight_requests" for _, _, v in samples]
+    assert value(text, "atlas_gateway_shed_view_other_inflight_requests ") == max([5, *own])

@@ -1,13 +1,18 @@
 """``python -m atlas_gateway`` / ``atlas-gateway``: uvicorn with uvloop + httptools (writes
-coalesced per loop iteration, see server.py), env config."""
+coalesced per loop iteration, see server.py), env config; with ATLAS_WORKERS > 1 a supervisor of
+that many such processes on one port (SO_REUSEPORT), whose metrics add up (worker_metrics.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 
 
 def _allow_connections(max_connections: int) -> None:
@@ -26,6 +31,67 @@ def _allow_connections(max_connections: int) -> None:
         pass
 
 
+def _listener(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The listening socket; with ``reuse_port`` one of several (one per worker) on the same port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _supervise(workers: int) -> int:
+    """ATLAS_WORKERS > 1: run that many single-process gateways, each with its own listening
+    socket on the port (SO_REUSEPORT: the kernel spreads new connections over them; with one
+    shared socket, as uvicorn's own workers have, a burst of connections went to whichever worker
+    woke first, measured at 99 % on one of two). A worker that dies is started again; SIGTERM or
+    SIGINT is passed on to every worker, and the supervisor exits when they all have."""
+    log = logging.getLogger("atlas_gateway")
+    metrics_dir = tempfile.mkdtemp(prefix="atlas-metrics-")  # the chart's /tmp: an emptyDir
+    env = {**os.environ, "ATLAS_WORKERS": "1", WORKER_ENV: str(os.getpid()), "ATLAS_METRICS_DIR": metrics_dir}
+    procs: dict[int, subprocess.Popen] = {}
+    started: dict[int, float] = {}
+    stopping = False
+
+    def start(slot: int) -> None:
+        if time.monotonic() - started.get(slot, -10.0) < 1.0:
+            time.sleep(1.0)  # a worker that dies at once is not restarted in a tight loop
+        started[slot] = time.monotonic()
+        procs[slot] = subprocess.Popen([sys.executable, "-m", "atlas_gateway"], env=env)
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for slot in range(workers):
+            start(slot)
+        while procs:
+            pid, status = os.wait()
+            slot = next((s for s, p in procs.items() if p.pid == pid), None)
+            if slot is None:
+                continue
+            procs[slot].returncode = os.waitstatus_to_exitcode(status)
+            if stopping:
+                del procs[slot]
+            else:
+                log.error("gateway worker %d exited (%s): starting it again", pid, procs[slot].returncode)
+                start(slot)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+# set by the supervisor in its workers' environment (its pid): this process is one of them
+WORKER_ENV = "ATLAS_WORKER_OF"
+
+
 def main() -> None:
     from .settings import Settings, SettingsError
 
@@ -37,33 +103,29 @@ def main() -> None:
 
     _allow_connections(settings.max_connections)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    multiproc_dir = None
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Must be set before prometheus_client is imported by any worker.
-        multiproc_dir = tempfile.mkdtemp(prefix="atlas-prom-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    # prometheus_client's multiprocess mode (memory-mapped values) costs ~80 us per request:
+    # several workers snapshot in-memory metrics instead (worker_metrics.py)
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    worker = bool(os.environ.get(WORKER_ENV))
+    if settings.workers > 1 and not worker:
+        raise SystemExit(_supervise(settings.workers))
+    if not worker:
+        os.environ.pop("ATLAS_METRICS_DIR", None)  # the supervisor's, for its workers only
 
     import uvicorn
 
+    from .app import create_app
     from .server import CoalescingHttpToolsProtocol
 
-    common = dict(host=settings.host, port=settings.port, loop="uvloop", http=CoalescingHttpToolsProtocol,
-                  access_log=False, log_level=settings.log_level, lifespan="on",
-                  timeout_graceful_shutdown=10, proxy_headers=False, server_header=False,
-                  # uvicorn's own bounds; the rest (header size/time, body time, connection cap) are
-                  # enforced by CoalescingHttpToolsProtocol
-                  timeout_keep_alive=settings.keepalive_timeout,
-                  limit_concurrency=settings.max_connections + 1)
-    try:
-        if settings.workers > 1:
-            uvicorn.run("atlas_gateway.app:create_app", factory=True, workers=settings.workers, **common)
-        else:
-            from .app import create_app
-
-            uvicorn.run(create_app(settings), **common)
-    finally:
-        if multiproc_dir:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
+    config = uvicorn.Config(
+        create_app(settings), loop="uvloop", http=CoalescingHttpToolsProtocol, access_log=False,
+        log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=10, proxy_headers=False,
+        server_header=False,
+        # uvicorn's own bounds; the rest (header size/time, body time, connection cap) are
+        # enforced by CoalescingHttpToolsProtocol
+        timeout_keep_alive=settings.keepalive_timeout, limit_concurrency=settings.max_connections + 1)
+    sock = _listener(settings.host, settings.port, reuse_port=worker)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

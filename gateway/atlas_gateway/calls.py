@@ -1,5 +1,4 @@
-"""The Lua script calls (admit, settle, undo, refresh, and the shed view's inflight): which KEYS
-and ARGV each one gets.
+"""The Lua script calls (admit, settle, undo, refresh, inflight): which KEYS and ARGV each one gets.
 
 This is the one place that knows each script's KEYS/ARGV layout (documented at the top of each
 ``.lua`` file); both Redis clients run what it builds (scripts.py: :class:`FastScript` over the
@@ -153,12 +152,13 @@ class ScriptCalls:
         """undo.lua's last argument: 1 = undo the admission itself, 0 = a settlement."""
         return (b"1" if admission else b"0",)
 
+    # ------------------------------------------------------------------ the shared shed view
 
-# ---------------------------------------------------------------------- the shed view (load_view.py)
+    @staticmethod
+    def inflight_shape() -> CallShape:
+        """inflight.lua (load_view.py): KEYS[1] the shed:inflight hash; nothing fixed in ARGV."""
+        return CallShape([contract.INFLIGHT_KEY.encode()], ())
 
-INFLIGHT_SHAPE = CallShape([contract.INFLIGHT_KEY.encode()], ())
-
-
-def inflight_args(process_id: str, inflight: int, ttl_ms: int) -> tuple[bytes, ...]:
-    """inflight.lua: this process's field, its in-flight count, the entry's TTL (ms)."""
-    return (process_id.encode(), str(inflight).encode(), str(ttl_ms).encode())
+    @staticmethod
+    def inflight_args(process_id: str, inflight: int, ttl_ms: int) -> tuple[bytes, ...]:
+        return (process_id.encode(), str(int(inflight)).encode(), str(int(ttl_ms)).encode())

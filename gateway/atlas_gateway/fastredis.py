@@ -72,9 +72,12 @@ class _Protocol(asyncio.Protocol):
         # while a batch is unanswered: that batches more, but a new admission then waits for
         # the previous request's settlement reply, which costs latency at concurrency 1.)
         self.outgoing: list[bytes] = []
+        # this connection's loop, kept: on Python 3.11 every asyncio.get_running_loop() is a
+        # getpid() system call, and this runs twice per Redis call
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def call(self, command: bytes) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         fut = loop.create_future()
         self.waiters.append((fut, loop.time() + self.timeout))
         self.enqueue(command)
@@ -99,7 +102,7 @@ class _Protocol(asyncio.Protocol):
 
     def enqueue(self, data: bytes) -> None:
         if not self.outgoing:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.outgoing.append(data)
 
     def flush(self) -> None:
@@ -109,6 +112,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -277,7 +281,7 @@ class FastRedis:
         return await self._call(proto, args)
 
     async def execute_raw(self, command: bytes):
-        """Send one already RESP-encoded command (see scripts.FastScript.call_encoded)."""
+        """Send one already RESP-encoded command (see scripts.FastScript)."""
         proto = self._proto
         if proto is None or proto.closed:  # (the check inline: no extra coroutine per call)
             proto = await self._ready()

@@ -22,8 +22,8 @@ from importlib import resources
 from atlas_core import contract
 
 from . import metrics
-from .calls import INFLIGHT_SHAPE, inflight_args
 from .faults import REDIS_FAILURES
+from .calls import ScriptCalls
 from .priority import Shedder
 from .scripts import RedisPyScript
 
@@ -40,6 +40,7 @@ class LoadView:
         self.interval = interval
         self.ttl_ms = int(TTL_INTERVALS * interval * 1000)
         self.script = RedisPyScript(redis, INFLIGHT_LUA)
+        self.shape = ScriptCalls.inflight_shape()
         self.redis = redis
         self.peers = 0  # other live processes at the last successful publish
         self.fresh_until = 0.0
@@ -57,7 +58,8 @@ class LoadView:
         """One round trip: publish this process's count, take in the others'."""
         now = time.monotonic()
         try:
-            others, peers = await self.script(INFLIGHT_SHAPE, inflight_args(self.process_id, self.shedder.mine, self.ttl_ms))
+            others, peers = await self.script(
+                self.shape, ScriptCalls.inflight_args(self.process_id, self.shedder.mine, self.ttl_ms))
         except REDIS_FAILURES:
             if now > self.fresh_until:  # stale: this process's share of each shared threshold
                 self.shedder.others, self.shedder.scale = 0, self.peers + 1

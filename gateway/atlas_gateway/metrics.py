@@ -1,6 +1,7 @@
 """Prometheus metrics. Keys appear only as their AtlasKey ``namespace/name``, never as key
-material. With ``ATLAS_WORKERS > 1`` the entry point sets ``PROMETHEUS_MULTIPROC_DIR`` before
-this module is imported, and :func:`render` aggregates every worker's files."""
+material. With ``ATLAS_WORKERS > 1`` the entry point sets ``ATLAS_METRICS_DIR`` for the workers:
+each keeps its metrics in memory and snapshots them there, and :func:`render` sums every
+worker's (worker_metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
 
-MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+WORKERS_DIR = os.environ.get("ATLAS_METRICS_DIR") or None  # set: one of several workers
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -30,14 +30,14 @@ OVERHEAD = Histogram("atlas_gateway_overhead_seconds",
 UPSTREAM_LATENCY = Histogram("atlas_gateway_upstream_latency_seconds",
                              "Upstream time: until the full body (or, streaming, until the headers)",
                              ["model"], buckets=_SLOW)
-INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream",
-                 multiprocess_mode="livesum")
+INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream")
 SHED_VIEW_OTHERS = Gauge("atlas_gateway_shed_view_other_inflight_requests",
                          "In-flight requests of the other gateway processes, as last read from Redis "
-                         "(what shared shed thresholds add to this process's own count)",
-                         multiprocess_mode="max")
-SHED_VIEW_PEERS = Gauge("atlas_gateway_shed_view_peers", "Other live gateway processes in the shared shed view",
-                        multiprocess_mode="max")
+                         "(what shared shed thresholds add to this process's own count)")
+SHED_VIEW_PEERS = Gauge("atlas_gateway_shed_view_peers", "Other live gateway processes in the shared shed view")
+# gauges a pod's workers report as their largest value, not their sum (worker_metrics.py): each
+# worker's view of the other processes already includes its sibling workers
+MAX_OVER_WORKERS = frozenset({"atlas_gateway_shed_view_other_inflight_requests", "atlas_gateway_shed_view_peers"})
 # The capacity view (docs/capacity.md): demand per model, all from figures the hot path already has.
 ADMITTED_TOKENS = Counter("atlas_gateway_admitted_tokens_total",
                           "Tokens reserved by admitted requests (prompt estimate + completion cap), by model",
@@ -46,7 +46,7 @@ REFUSED_TOKENS = Counter("atlas_gateway_refused_tokens_total",
                          "Tokens asked for by requests the admission refused (rate limits, budgets), by model",
                          ["model", "reason"])
 UPSTREAM_INFLIGHT = Gauge("atlas_gateway_upstream_inflight_requests", "Requests in flight to the upstream, by model",
-                          ["model"], multiprocess_mode="livesum")
+                          ["model"])
 REDIS_ERRORS = Counter("atlas_gateway_redis_errors_total", "Redis calls that failed", ["op"])
 OVERRUNS = Counter("atlas_gateway_usage_overrun_total",
                    "Requests whose upstream-reported usage exceeded their reservation (charged in full)", ["key"])
@@ -57,13 +57,15 @@ REDIS_REPLY_ERRORS = Counter("atlas_gateway_redis_reply_errors_total",
                              "Redis calls Redis refused with an error reply (script error, OOM, NOAUTH): "
                              "answered 500, never let through", ["op", "kind"])
 REDIS_UNDO_PENDING = Gauge("atlas_gateway_redis_undo_pending",
-                           "Admissions/settlements with an unknown outcome, waiting to be undone in Redis",
-                           multiprocess_mode="livesum")
+                           "Admissions/settlements with an unknown outcome, waiting to be undone in Redis")
 REDIS_UNDONE = Counter("atlas_gateway_redis_undone_total",
                        "Unknown-outcome admissions/settlements resolved in Redis, by whether a lease was found",
                        ["lease"])
 COST = Counter("atlas_cost_total", "Cost settled, in the currency of the AtlasKey's price list",
                ["currency", "namespace", "name", "model"])
+LOOP_LAG = Histogram("atlas_gateway_event_loop_lag_seconds",
+                     "How late a 100 ms timer fires on the gateway's event loop: time nothing else could run "
+                     "(a long callback, a collector pause, or the process waiting for a CPU)", buckets=_FAST)
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200
@@ -144,10 +146,8 @@ def count_redis_reply_error(op: str, kind: str) -> None:
 
 
 def render() -> tuple[bytes, str]:
-    if MULTIPROCESS:
-        from prometheus_client import multiprocess
+    if WORKERS_DIR:
+        from . import worker_metrics
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return worker_metrics.render(WORKERS_DIR), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST

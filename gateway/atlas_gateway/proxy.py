@@ -297,7 +297,7 @@ class _UpstreamCall:
     def _schedule_refresh(self) -> None:
         interval = self.rt.admission.refresh_interval
         if interval > 0:
-            self._refresher = asyncio.get_running_loop().call_later(interval, self._refresh_now)
+            self._refresher = self.rt.loop.call_later(interval, self._refresh_now)
 
     def _refresh_now(self) -> None:
         self._refresher = None
@@ -340,16 +340,15 @@ class _UpstreamCall:
         url = rt.upstreams.base_for(req.doc["model"]) + req.path
 
         shedder = rt.shedder
+        loop = rt.loop  # (kept: on Python 3.11 each asyncio.get_running_loop() is a getpid() system call)
         self._receive = receive
-        self._task = asyncio.current_task()
+        self._task = asyncio.current_task(loop)
         if streaming:
             self._start_watcher()
             timer = None
         else:
-            timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER, self._start_watcher)
+            timer = loop.call_later(self.WATCH_AFTER, self._start_watcher)
         shedder.inflight += 1
-        if metrics.MULTIPROCESS:
-            metrics.INFLIGHT.inc()
         metrics.upstream_started(req.model)
         status = 0
         try:
@@ -394,8 +393,6 @@ class _UpstreamCall:
                 timer.cancel()
             self._stop_watcher()
             shedder.inflight -= 1
-            if metrics.MULTIPROCESS:
-                metrics.INFLIGHT.dec()
             metrics.upstream_finished(req.model)
             await self._settle()
             metrics.count_request(req.ref, req.model, status, req.priority)

@@ -50,8 +50,7 @@ class Recovery:
         self.pending: dict[str, list] = {}
         self._task: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
-        if not metrics.MULTIPROCESS:
-            metrics.REDIS_UNDO_PENDING.set_function(lambda: len(self.pending))
+        metrics.REDIS_UNDO_PENDING.set_function(lambda: len(self.pending))
 
     def undo_admission(self, principal: Principal, request_id: str, reserved: int) -> None:
         self._add(principal, request_id, reserved, 0, True)
@@ -68,8 +67,6 @@ class Recovery:
             metrics.count_redis_error("undo_dropped")
             return
         self.pending[request_id] = [principal, reserved, actual, admission, 0, costs]
-        if metrics.MULTIPROCESS:
-            metrics.REDIS_UNDO_PENDING.inc()
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
         self._wakeup.set()
@@ -137,8 +134,7 @@ class Recovery:
         return True
 
     def _forget(self, request_id: str) -> None:
-        if self.pending.pop(request_id, None) is not None and metrics.MULTIPROCESS:
-            metrics.REDIS_UNDO_PENDING.dec()
+        self.pending.pop(request_id, None)
 
     async def drain(self, timeout: float) -> bool:
         """Wait (at shutdown) until nothing is pending, at most ``timeout`` seconds."""

@@ -3,6 +3,8 @@ aiohttp session, the shedder and the Redis health tracker. One per process."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -14,7 +16,7 @@ from redis.backoff import NoBackoff
 
 from atlas_core import cluster
 
-from . import metrics
+from . import metrics, worker_metrics
 from .admission import Admission
 from .auth import ConfigCache
 from .failover import MasterWatch
@@ -57,6 +59,33 @@ class RedisHealth:
             log.warning("Redis reachable again: enforcing limits")
 
 
+def settle_heap(threshold: int) -> None:
+    """Keep the collector off the tail (docs/benchmarks.md, issue 13, "The tail at c=16").
+
+    After start-up the heap holds ~75,000 container objects (FastAPI, pydantic, aiohttp,
+    prometheus_client...) that live as long as the process; every full collection walked them,
+    pausing the event loop for 38-75 ms, a few times a minute under load. Frozen (gc.freeze),
+    they are never walked again: a full collection then takes under a millisecond. The first
+    threshold stays Python's 700 by default: 50,000 (young collections ~never) cost ~10 % more
+    CPU per request at concurrency 1 (garbage in cycles lingers, out of the caches) and gained
+    nothing at 16. ``threshold`` 0: leave the collector alone."""
+    if threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(threshold, 10, 10)
+
+
+async def watch_loop_lag(interval: float = 0.1) -> None:
+    """Observe how late a timer fires (atlas_gateway_event_loop_lag_seconds): ten timer
+    callbacks a second, no per-request cost."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        metrics.LOOP_LAG.observe(max(0.0, loop.time() - due))
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -67,9 +96,11 @@ class Runtime:
         local, shared = settings.shed_limits()
         self.shedder = Shedder(*local, shared=shared)
         self.redis_health = RedisHealth()
-        if not metrics.MULTIPROCESS:  # read at scrape time: no per-request cost
-            metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)
+        metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)  # read at scrape time
         self.session: aiohttp.ClientSession | None = None
+        self._lag_watch: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
         self._ids = itertools.count(1)
         self._connect_redis()
         auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
@@ -120,7 +151,7 @@ class Runtime:
         self.master_watch.start()
         self.load_view.start()
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
-                                         keepalive_timeout=30, ttl_dns_cache=60)
+                                         keepalive_timeout=s.upstream_keepalive, ttl_dns_cache=60)
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, connect=s.upstream_connect_timeout,
@@ -128,8 +159,18 @@ class Runtime:
             auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see _UpstreamCall.run)
+        self._lag_watch = asyncio.ensure_future(watch_loop_lag())
+        if metrics.WORKERS_DIR:
+            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(metrics.WORKERS_DIR))
+        settle_heap(s.gc_threshold)  # last: everything start-up made is in the heap by now
 
     async def stop(self) -> None:
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
+        if self._snapshots is not None:
+            self._snapshots.cancel()  # (it writes a last snapshot)
+            await asyncio.gather(self._snapshots, return_exceptions=True)
         # undo what timed-out calls may have left, while Redis still answers (bounded wait)
         if not await self.recovery.drain(2.0):
             log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "

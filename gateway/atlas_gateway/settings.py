@@ -85,6 +85,10 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 300.0
     upstream_pool_size: int = 512
+    # idle upstream connections are dropped after this long: below the upstream's own keep-alive
+    # (uvicorn's and so vLLM's default is 5 s), so that a request never goes out on a connection
+    # the upstream is closing at that moment (a 502: a POST is never retried)
+    upstream_keepalive: float = 4.0
     upstream_api_key: str | None = None
     # None: derived from upstream_pool_size (see shed_thresholds)
     shed_threshold: int | None = None
@@ -101,6 +105,9 @@ class Settings:
     keepalive_timeout: float = 5.0
     max_header_bytes: int = 32 * 1024
     max_connections: int = 4096
+    # the collector's first threshold once start-up objects are frozen (runtime.py: 700 is
+    # Python's own); 0: no freezing either
+    gc_threshold: int = 700
 
     def shed_thresholds(self) -> tuple[int, int, int]:
         """In-flight upstream requests at which Sheddable, Standard and Critical requests are
@@ -162,6 +169,7 @@ class Settings:
         for name, value in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
                             ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
                             ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
+                            ("ATLAS_UPSTREAM_KEEPALIVE_SECONDS", self.upstream_keepalive),
                             ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
                             ("ATLAS_MAX_CONNECTIONS", self.max_connections)):
             if value <= 0:
@@ -211,6 +219,7 @@ class Settings:
             upstream_connect_timeout=_float(env, "ATLAS_UPSTREAM_CONNECT_TIMEOUT", 5.0),
             upstream_timeout=_float(env, "ATLAS_UPSTREAM_TIMEOUT", 300.0),
             upstream_pool_size=_int(env, "ATLAS_UPSTREAM_POOL_SIZE", 512),
+            upstream_keepalive=_float(env, "ATLAS_UPSTREAM_KEEPALIVE_SECONDS", 4.0),
             upstream_api_key=env.get("ATLAS_UPSTREAM_API_KEY") or None,
             shed_threshold=optional_int("ATLAS_SHED_THRESHOLD"),
             shed_threshold_standard=optional_int("ATLAS_SHED_THRESHOLD_STANDARD"),
@@ -224,4 +233,5 @@ class Settings:
             keepalive_timeout=_float(env, "ATLAS_KEEPALIVE_TIMEOUT_SECONDS", 5.0),
             max_header_bytes=_int(env, "ATLAS_MAX_HEADER_BYTES", 32 * 1024),
             max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 4096),
+            gc_threshold=max(0, _int(env, "ATLAS_GC_THRESHOLD", 700)),
         )

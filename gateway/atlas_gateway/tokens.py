@@ -30,6 +30,7 @@ in every cap field of the route (:func:`apply_cap`).
 
 from __future__ import annotations
 
+import re
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -324,29 +325,36 @@ def _check_tools(tools: Any, path: str, allowed: tuple) -> None:
                        "tools can be metered.", f"{path}[{i}].type")
 
 
+# an escaped character a JSON key made of [a-z_] could be spelled with (\u005f, \u0061 ... \u007a):
+# clients escape non-ASCII text (\u00e9, \u4e2d), never such letters, so this rarely matches
+_ESCAPED_KEY_CHAR = re.compile(rb"\\u00(?:5[fF]|6[0-9a-fA-F]|7[0-9aA])")
+
+
 def cap_patch(kind: str, doc: dict[str, Any], cap: int, raw: bytes) -> bytes | None:
     """When forwarding the cap only needs cap fields *added* (the ones present already hold it),
     the JSON members to append to the client's body ``raw``; None when a field must change.
     Saves re-serialising the whole body on the hot path (the common request sends one cap field).
 
-    Only for a body where each cap field's name occurs as often as ``doc`` says (once or not at
-    all) and nothing is \\u-escaped: a duplicated or escaped key, read last-wins by the gateway,
-    could be read first-wins by an upstream; re-serialising leaves no such ambiguity."""
-    if b"\\u" in raw:
-        return None
+    A field absent from ``doc`` is absent from the body's top level in every spelling (the parser
+    keeps every key it reads), so appending it is unambiguous without looking at the bytes. A
+    present one must occur once and unescaped: a duplicated or escaped key, read last-wins by the
+    gateway, could be read first-wins by an upstream; re-serialising leaves no such ambiguity.
+    (Those checks are passes over the bytes, made only for a field that is present.)"""
     patch = b""
+    present = []
     for name, quoted, member in _CAP_NEEDLES[kind]:
-        present = name in doc
-        if raw.count(quoted) != present:
-            return None
-        if not present:
+        if name not in doc:
             patch += member + str(cap).encode()
         elif doc[name] != cap:
             return None
+        else:
+            present.append(quoted)
     if kind == "completions" and doc.get("max_completion_tokens", cap) != cap:
         return None
     min_tokens = doc.get("min_tokens")
     if isinstance(min_tokens, int) and min_tokens > cap:
+        return None
+    if present and (_ESCAPED_KEY_CHAR.search(raw) is not None or any(raw.count(q) != 1 for q in present)):
         return None
     return patch
 

@@ -131,7 +131,7 @@ def test_every_module_of_the_plane_imports_in_its_image(images, target):
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_gateway_starts_and_answers_its_probes(images, pod_specs, redis_url, workers):
-    """As the chart runs it; 2 workers also needs the writable /tmp (prometheus multiprocess)."""
+    """As the chart runs it; 2 workers also needs the writable /tmp (the workers' metrics snapshots)."""
     port = free_port()
     env = {"ATLAS_REDIS_URL": redis_url, "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(port),
            "ATLAS_WORKERS": str(workers), "ATLAS_UPSTREAM_URL": f"http://127.0.0.1:{free_port()}"}

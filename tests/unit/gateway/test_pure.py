@@ -297,3 +297,40 @@ def test_nesting_limit(depth, refused):
         assert exc.value.status == 400
     else:
         assert parse_body(body)["model"] == "m"
+
+
+@pytest.mark.parametrize("depth", [65, 1100, 5000])
+def test_nesting_beyond_the_limit_is_named_whatever_the_depth(depth):
+    with pytest.raises(errors.GatewayError) as exc:
+        parse_body(b'{"model":"m","x":' + b"[" * depth + b"]" * depth + b"}")
+    assert exc.value.status == 400 and "deeper than 64" in exc.value.message
+
+
+def test_a_long_flat_array_is_checked_by_its_brackets_not_walked_in_full():
+    ids = list(range(50_000))  # past the walk budget: a token-id prompt
+    assert parse_body(json.dumps({"model": "m", "prompt": ids}).encode())["prompt"] == ids
+    deep = {"model": "m", "prompt": ids, "x": json.loads("[" * 70 + "]" * 70)}
+    with pytest.raises(errors.GatewayError):
+        parse_body(json.dumps(deep).encode())
+
+
+@pytest.mark.parametrize("raw", [b'{"model":"m","t":NaN}', b'{"model":"m","s":"\\ud800"}', b'{"model":1} x', b""])
+def test_what_is_not_json_is_a_400(raw):
+    with pytest.raises(errors.GatewayError) as exc:
+        parse_body(raw)
+    assert exc.value.status == 400 and "not valid JSON" in exc.value.message
+
+
+def test_a_started_process_freezes_its_heap_and_raises_the_collector_threshold():
+    """runtime.settle_heap, in a process of its own (it would freeze pytest's heap here)."""
+    import subprocess
+    import sys
+
+    code = ("import gc; from atlas_gateway.runtime import settle_heap; settle_heap(1234); "
+            "print(gc.get_freeze_count() > 1000, gc.get_threshold()); settle_heap(0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split(None, 1) == ["True", "(1234, 10, 10)\n"]
+    off = subprocess.run([sys.executable, "-c", "import gc; from atlas_gateway.runtime import settle_heap; "
+                          "settle_heap(0); print(gc.get_freeze_count(), gc.get_threshold()[0])"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert off.stdout.split() == ["0", "700"]

@@ -13,6 +13,7 @@ import time
 import aiohttp
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from atlas_core import cluster
 
@@ -109,13 +110,17 @@ class Runtime:
     def _connect_redis(self) -> None:
         """The Redis clients (single Redis or Cluster) and what is built on them."""
         settings = self.settings
-        # No retries: a retried EVALSHA after a lost reply would reserve or settle twice.
+        # redis-py serves only idempotent commands here (config GETs, usage reads, the response
+        # owner SET/DEL, the shed view's own field); scripts that reserve or settle go through
+        # fastredis, never retried. So one immediate retry on a lost connection is safe, and it
+        # is needed: after a Redis restart each pooled connection fails once (a /v1/usage 503
+        # right after traffic had recovered). Timeouts are not retried (the wait would double).
         self.redis = cluster.redis_py_client(
             settings.redis_url,
             self.redis_cluster,
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_timeout=False,
             health_check_interval=0,
             max_connections=1024,

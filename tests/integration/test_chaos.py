@@ -23,6 +23,7 @@ import redis
 from atlas_core import contract
 from atlas_devstack.redis_server import RedisServer
 from atlas_gateway.tokens import Meter
+from tests.fixtures.gateway import until
 
 MODEL = "llama-3.1-8b-instruct"
 KEYS = [f"sk-chaos-{i}" for i in range(4)]
@@ -68,14 +69,6 @@ def settled_soon(r: redis.Redis, timeout: float = 2.0) -> None:
     while leases_left(r):
         assert time.monotonic() < deadline, f"leases left after settlement: {leases_left(r)}"
         time.sleep(0.02)
-
-
-async def until(predicate, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

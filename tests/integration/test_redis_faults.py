@@ -261,3 +261,20 @@ def test_readyz_asks_the_hot_path_client(own_redis, mock_upstream, start_gateway
     admin.config_set("requirepass", "")
     admin.close()
     wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 200, 5, message="ready again")
+
+
+def test_redis_restart_costs_no_usage_or_config_read(own_redis, mock_upstream, start_gateway):
+    """After a Redis restart every pooled redis-py connection is dead. Once traffic flows again,
+    the first /v1/usage (and config read) must not be the one that finds out: 200, not 503."""
+    write_key(own_redis.url, "sk-restart", "restart", contract.Limits(tokens_per_day=100_000))
+    gw = start_gateway(own_redis.url, mock_upstream.url, ATLAS_CONFIG_TTL_SECONDS="3600")
+    headers = {"Authorization": "Bearer sk-restart"}
+    assert chat(gw, "sk-restart").status_code == 200
+    assert httpx.get(gw.url + "/v1/usage", headers=headers).status_code == 200  # a pooled connection
+    own_redis.stop()
+    assert chat(gw, "sk-restart").status_code == 503
+    own_redis.start()
+    write_key(own_redis.url, "sk-restart", "restart", contract.Limits(tokens_per_day=100_000))
+    wait_until(lambda: chat(gw, "sk-restart").status_code == 200, 10, message="traffic to recover")
+    usage = httpx.get(gw.url + "/v1/usage", headers=headers)
+    assert usage.status_code == 200, usage.text

@@ -32,6 +32,7 @@ import redis
 
 from atlas_core import contract
 from atlas_devstack.redis_sentinel import SentinelGroup, _command
+from tests.fixtures.gateway import until
 
 MODEL = "llama-3.1-8b-instruct"
 KEYS = ["sk-sentinel-0", "sk-sentinel-1"]
@@ -59,14 +60,6 @@ def leases_left(r: redis.Redis) -> dict[str, int]:
 def settled(r: redis.Redis, subject: str) -> int:
     day_key, _ = contract.usage_keys(subject, datetime.now(timezone.utc), TAG)
     return int(r.hget(day_key, "settled") or 0)
-
-
-async def until(predicate, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import httpx
 import redis
 
 from atlas_core import contract
-from tests.fixtures.gateway import write_key
+from tests.fixtures.gateway import until, write_key
 
 MODEL = "llama-3.1-8b-instruct"
 KEY = "sk-shared-shed"
@@ -23,17 +23,6 @@ THRESHOLD = 10
 
 def published(r: redis.Redis) -> dict[bytes, int]:
     return {field: int(value.split(b":")[0]) for field, value in r.hgetall(contract.INFLIGHT_KEY).items()}
-
-
-async def until(predicate, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(0.02)
 
 
 def test_sheddable_is_shed_at_the_shared_threshold_not_n_times_it(redis_url, mock_upstream, start_gateway):

@@ -12,19 +12,14 @@ import pytest
 
 from atlas_devstack.processes import pid_alive
 from atlas_devstack.stack import DevStack, wait_for
-from atlas_devstack.tools import missing_tools
+from tests.fixtures.cluster import require_tools
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    missing = missing_tools()
-    if missing:
-        msg = f"{', '.join(missing)} not built: run `make tools`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+    require_tools()
     # its own Redis whatever REDIS_URL the shell running the tests exports
     dev = DevStack(tmp_path_factory.mktemp("dev"), upstream_url="", usage_interval=1.0, redis_url="")
     with dev:

@@ -6,7 +6,6 @@ leaves the cluster it did not start running."""
 from __future__ import annotations
 
 import json
-import os
 
 import openai
 import pytest
@@ -15,19 +14,14 @@ import redis
 from atlas_core import contract
 from atlas_devstack.redis_cluster import RedisCluster
 from atlas_devstack.stack import DevStack, wait_for
-from atlas_devstack.tools import missing_tools
+from tests.fixtures.cluster import require_tools
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def cluster_stack(tmp_path_factory):
-    missing = missing_tools()
-    if missing:
-        msg = f"{', '.join(missing)} not built: run `make tools`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+    require_tools()
     with RedisCluster(masters=3, replicas=1) as cluster:
         dev = DevStack(tmp_path_factory.mktemp("dev-cluster"), upstream_url="", usage_interval=1.0,
                        redis_url=cluster.url)

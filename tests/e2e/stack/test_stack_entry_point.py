@@ -9,8 +9,8 @@ import signal
 import subprocess
 
 import pytest
+from tests.fixtures.cluster import require_tools
 
-from atlas_devstack.tools import missing_tools
 from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -20,12 +20,7 @@ SERVICES = ("redis-server", "etcd", "kube-apiserver", "atlas_operator", "atlas_g
 
 @pytest.fixture
 def entry_points():
-    missing = missing_tools()
-    if missing:
-        msg = f"{', '.join(missing)} not built: run `make tools`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+    require_tools()
     started: list[EntryPoint] = []
     yield started
     for ep in started:

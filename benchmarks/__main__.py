@@ -224,7 +224,7 @@ def main() -> int:
     started = time.monotonic()
     res = report.Results(gateways=[s.label for s in srcs])
     res.meta.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_before=_load(),
-                    duration=f"{duration:g}", machine=f"{os.cpu_count()} CPUs, shared with other work while it ran.",
+                    duration=f"{duration:g}", machine=f"{os.cpu_count()} CPUs (the load averages above say what else ran).",
                     note=os.environ.get("BENCH_NOTE", ""))
     print(f"load average before: {res.meta['load_before']}; {os.cpu_count()} CPUs; {duration:g} s per load run; "
           f"gateways: {', '.join(f'{s.label} ({s.root})' for s in srcs)}", flush=True)

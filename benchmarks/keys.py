@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import sys
 
+from atlas_devstack.redis_cluster import sync_client as redis_client  # noqa: F401 (exactness.py too)
+
 BENCH_KEY = "sk-atlas-bench-0000000000000000000000"
 EXACT_KEY = "sk-atlas-exact-0000000000000000000000"
 NAMESPACE = "bench"
@@ -50,17 +52,6 @@ def write_key(r, contract, key: str, name: str, limits, quota_limits=None, price
         r.set(contract.quota_config_key(NAMESPACE, quota),
               contract.QuotaConfig(NAMESPACE, quota, quota_limits, **extra).encode())
 
-
-def redis_client(url: str):
-    """redis-py for ``url``: a RedisCluster when the server runs in cluster mode."""
-    import redis
-
-    probe = redis.Redis.from_url(url)
-    try:
-        on_cluster = bool(int(probe.info("cluster").get("cluster_enabled", 0)))
-    finally:
-        probe.close()
-    return redis.RedisCluster.from_url(url) if on_cluster else redis.Redis.from_url(url)
 
 
 def _counters_key(contract) -> str:

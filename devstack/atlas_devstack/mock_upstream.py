@@ -36,6 +36,17 @@ from .processes import ServerProcess
 MODELS = ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct", "text-embedding-3-small"]
 
 
+async def serve_lifespan(receive, send) -> None:
+    """The ASGI lifespan protocol for an app with nothing to start or stop."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 @dataclass
 class MockSettings:
     latency_ms: float = 0.0
@@ -85,13 +96,7 @@ class MockUpstream:
 
     async def __call__(self, scope, receive, send):  # noqa: C901 - a dispatcher
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await serve_lifespan(receive, send)
         if scope["type"] != "http":
             return
         path: str = scope["path"]

@@ -26,6 +26,19 @@ from . import processes
 from .redis_server import RedisServer, free_port
 
 
+def sync_client(url: str):
+    """redis-py for ``url`` (tests, bench): a RedisCluster when the server runs in cluster mode."""
+    import redis
+
+    probe = redis.Redis.from_url(url)
+    try:
+        on_cluster = bool(int(probe.info("cluster").get("cluster_enabled", 0)))
+    finally:
+        probe.close()
+    return redis.RedisCluster.from_url(url) if on_cluster else redis.Redis.from_url(url)
+
+
+
 @dataclass
 class NodeInfo:
     port: int

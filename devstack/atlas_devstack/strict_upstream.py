@@ -31,6 +31,7 @@ import json
 import os
 from collections import Counter
 
+from .mock_upstream import serve_lifespan
 from .processes import ServerProcess
 
 SPECIAL = 1  # one token per template marker (<|start_header_id|>, <|eot_id|>, ...)
@@ -128,13 +129,7 @@ class StrictUpstream:
 
     async def __call__(self, scope, receive, send):  # noqa: C901 - a dispatcher
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await serve_lifespan(receive, send)
         if scope["type"] != "http":
             return
         path: str = scope["path"]

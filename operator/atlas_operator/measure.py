@@ -31,6 +31,8 @@ from .views import ObjectView
 
 
 def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, as the API server applies it: objects merge, null deletes,
+    everything else (lists too) replaces."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     out = dict(target) if isinstance(target, dict) else {}

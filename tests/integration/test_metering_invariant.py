@@ -31,7 +31,6 @@ import pytest
 import redis
 
 from atlas_core import contract
-from atlas_devstack.strict_upstream import StrictUpstreamProcess
 from atlas_gateway.settings import Settings
 from atlas_gateway.tokens import Meter
 from tests.fixtures.gateway import write_key
@@ -111,12 +110,6 @@ CASES = [(shape, stream, budget) for shape in SHAPES for stream in ((False, True
 def case_id(case) -> str:
     shape, stream, budget = case
     return f"{shape.name} | {'stream' if stream else 'no stream'} | {budget}"
-
-
-@pytest.fixture(scope="module")
-def strict_upstream():
-    with StrictUpstreamProcess() as upstream:
-        yield upstream
 
 
 @pytest.fixture(scope="module")

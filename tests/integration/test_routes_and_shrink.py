@@ -10,16 +10,9 @@ import httpx
 import pytest
 
 from atlas_core import contract
-from atlas_devstack.strict_upstream import StrictUpstreamProcess
 from tests.fixtures.gateway import write_key
 
 MODEL = "strict-model"
-
-
-@pytest.fixture(scope="module")
-def strict_upstream():
-    with StrictUpstreamProcess() as upstream:
-        yield upstream
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,12 @@ import itertools
 from typing import Any
 
 from atlas_operator.kube import CONFLICT, GONE, PATCHED
+from atlas_operator.measure import merge_patch
 from atlas_operator.settings import API_VERSION, KIND_OF
 
 _rv = itertools.count(100)
 _uid = itertools.count(1)
 
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch, as the API server applies it: objects merge, null deletes,
-    everything else (lists too) replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 class FakeKube:

@@ -134,7 +134,8 @@ def test_rotation_grace_keeps_both_keys_then_only_the_new(kube, gateway, redis_c
         p := kube.get("atlaskey", "graced")["status"].get("previousKey")) and p, 10)
     assert previous["keyId"] == h1[:8] and kube.get("atlaskey", "graced")["status"]["keyId"] == h2[:8]
     assert gateway.chat(first)[0] == 200 and gateway.chat(second)[0] == 200
-    assert "KeyRotated" in events_of(kube, "graced")
+    # kopf posts Events in the background, after the status patch: wait for it, don't race it
+    wait_until("KeyRotated Event", lambda: "KeyRotated" in events_of(kube, "graced"), 10)
 
     # After it: only the new key.
     wait_until("the old config gone", lambda: not redis_client.exists(contract.key_config_key(h1)), 20)

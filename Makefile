@@ -8,9 +8,13 @@ PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 IMAGES_DIR ?= .images
+# Everything the project downloads or builds outside the checkout lives under one cache folder
+# (hack/tools/lib.sh puts Go's caches there too), which `make distclean` removes.
+TOOLS_CACHE := $(or $(ATLAS_TOOLS_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/atlas-tools)
+export PIP_CACHE_DIR ?= $(TOOLS_CACHE)/pip
 
 .PHONY: help venv system-deps tools node-tools deps test test-unit test-integration test-cluster test-e2e \
-        bench dev dev-up dev-down dev-logs clean kind-up images images-load helm-install lint \
+        bench dev dev-up dev-down dev-logs clean distclean kind-up images images-load helm-install lint \
         docker-up docker-down test-images deploy-up deploy-down test-deploy
 
 help:  ## list targets
@@ -88,8 +92,11 @@ dev-logs:
 dev: dev-up  ## dev-up, follow the logs, dev-down on Ctrl-C
 	@trap '$(MAKE) --no-print-directory dev-down' EXIT; trap 'exit 0' INT TERM; $(PY) -m atlas_devstack logs --follow
 
-clean: dev-down deploy-down
+clean: dev-down deploy-down  ## stop the stacks; remove .venv, bin and the stacks' state in the checkout
 	rm -rf $(VENV) bin .dev .deploy .pytest_cache
+
+distclean:  ## return the machine to fresh: stop everything, remove installed packages, caches, state (DRY_RUN=1 lists)
+	@bash hack/distclean.sh
 
 # kind, images and helm targets for users with Docker (see docs/deploy.md)
 include hack/kind.mk

@@ -6,6 +6,7 @@
 #   bash hack/docker.sh deps      install docker.io and debootstrap when missing (no start)
 #   bash hack/docker.sh stop      stop the engine this script started (dockerd, then containerd)
 #   bash hack/docker.sh status    exit 0 when the engine answers
+#   bash hack/docker.sh cli       print the Docker CLI to use with that engine (after `start`)
 #
 # The engine is kept off the network: no docker0 bridge, no iptables rules, no IP forwarding.
 # Builds use `--network host` (hack/images.sh does). It runs its own containerd (Debian's) on a
@@ -21,14 +22,17 @@ RUN_DIR="${ATLAS_DOCKER_RUN:-/run/atlas-docker}"
 DATA_DIR="${ATLAS_DOCKER_DATA:-/var/lib/atlas-docker}"
 SOCKET=/var/run/docker.sock
 START_TIMEOUT="${ATLAS_DOCKER_START_TIMEOUT:-60}"
-# Debian's CLI matches Debian's engine and has BuildKit built in; a newer CLI elsewhere on PATH
-# (e.g. /usr/local/bin/docker 28) needs the buildx plugin, which Debian does not package.
-DOCKER_CLI="${DOCKER:-$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker || echo /usr/bin/docker)}"
+# The CLI is Debian's, the one that matches the engine this script installs and starts: it has
+# BuildKit built in, whereas another CLI on PATH (a machine image's /usr/local/bin/docker 28)
+# needs the buildx plugin, which Debian does not package. It is resolved only once docker.io is
+# installed (install_packages), never before: `DOCKER=...` overrides it for an engine of one's own.
+DEBIAN_CLI=/usr/bin/docker
+cli() { printf '%s\n' "${DOCKER:-$DEBIAN_CLI}"; }
 
 log() { printf '[docker] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-engine_answers() { "$DOCKER_CLI" -H "unix://${SOCKET}" info >/dev/null 2>&1; }
+engine_answers() { command -v "$(cli)" >/dev/null && "$(cli)" -H "unix://${SOCKET}" info >/dev/null 2>&1; }
 
 install_packages() {
   local missing=()
@@ -38,10 +42,8 @@ install_packages() {
   [ "$(id -u)" = 0 ] || die "missing ${missing[*]}: sudo apt-get install -y ${missing[*]}"
   log "installing ${missing[*]} from Debian's packages"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  }
+  source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+  apt_install "${missing[@]}"
 }
 
 # pid_alive FILE: true when FILE names a running process.
@@ -101,7 +103,6 @@ start() {
   # An engine that answers is used as it is (Docker Desktop, docker-ce, a previous start).
   if engine_answers; then log "engine already answering on ${SOCKET}"; return; fi
   install_packages
-  DOCKER_CLI=/usr/bin/docker
   [ "$(id -u)" = 0 ] || die "the engine is not running and starting it needs root"
   write_configs
   # One starter at a time (e.g. `make deploy-up` and a test session); the second then finds
@@ -129,7 +130,7 @@ start() {
     tail -n 20 "${RUN_DIR}/dockerd.log" >&2 || true
     die "docker info did not answer within ${START_TIMEOUT}s; see ${RUN_DIR}/dockerd.log"
   }
-  log "engine ready: $("$DOCKER_CLI" version --format 'server {{.Server.Version}}, API {{.Server.APIVersion}}')"
+  log "engine ready: $("$(cli)" version --format 'server {{.Server.Version}}, API {{.Server.APIVersion}}')"
 }
 
 # stop_pid NAME PIDFILE: SIGTERM, wait up to 30 s, then SIGKILL. Only the process this script
@@ -162,5 +163,6 @@ case "${1:-start}" in
   deps) install_packages ;;
   stop) stop ;;
   status) engine_answers ;;
-  *) die "usage: $0 [start|stop|status|deps]" ;;
+  cli) cli ;;
+  *) die "usage: $0 [start|stop|status|deps|cli]" ;;
 esac

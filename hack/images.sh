@@ -35,9 +35,10 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${HOME:=$(getent passwd "$(id -u)" | cut -d: -f6)}"
 export HOME
 CACHE_ROOT="${ATLAS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/atlas-tools}"
-# Debian's CLI (BuildKit built in) when present; see hack/docker.sh.
-DOCKER="${DOCKER:-$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || echo docker)}"
-export DOCKER
+# The Docker CLI is resolved by hack/docker.sh once it has installed and started the engine
+# (main, step 1), never here: on a fresh machine Debian's CLI does not exist yet, and the machine
+# image's own /usr/local/bin/docker needs a buildx plugin Debian does not package.
+DOCKER="${DOCKER:-}"
 # With a registry at hand: ATLAS_PYTHON_IMAGE=python:3.11.11-slim-bookworm skips debootstrap.
 PYTHON_IMAGE="${ATLAS_PYTHON_IMAGE:-}"
 CA_BUNDLE="${ATLAS_BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
@@ -158,6 +159,8 @@ main() {
   local total=$SECONDS
   mkdir -p "$OUT_DIR"
   timed "engine" bash "${REPO_ROOT}/hack/docker.sh" start
+  DOCKER="$(bash "${REPO_ROOT}/hack/docker.sh" cli)"
+  export DOCKER
   if [ -z "$PYTHON_IMAGE" ]; then
     timed "base (debootstrap once)" build_base
     timed "base import" import_base

@@ -32,9 +32,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 echo "installing ${missing[*]} from Debian's packages"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+apt_install "${missing[@]}"
 # The Debian packages may start a system-wide redis on :6379 (and nginx on :80); Atlas never uses
 # them (tests, the dev stack and the bench start their own on free ports), so leave them alone
 # rather than guess the init system.

@@ -10,6 +10,10 @@ source "${TOOLS_DIR}/versions.env"
 : "${HOME:=$(getent passwd "$(id -u)" | cut -d: -f6)}"
 export HOME
 CACHE_ROOT="${ATLAS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/atlas-tools}"
+# Go's module and build caches live inside the tools cache, not in the user's ~/go and
+# ~/.cache/go-build: what the project downloads and builds stays in one folder that
+# `make distclean` removes, and a user's own Go caches are never touched.
+export GOMODCACHE="${CACHE_ROOT}/go/mod" GOCACHE="${CACHE_ROOT}/go/build" GOPATH="${CACHE_ROOT}/go/path"
 
 log() { printf '[tools] %s\n' "$*" >&2; }
 

@@ -13,7 +13,8 @@ from atlas_devstack.tools import REPO_ROOT, missing_tools
 from tests.chart.helmlib import Helm, Manifests, require_tool
 from tests.fixtures.cluster import _reporter_log
 
-from .containers import DOCKER, PodSpec
+from . import containers
+from .containers import PodSpec
 
 TARGETS = ("gateway", "operator", "mock-upstream")
 
@@ -28,27 +29,22 @@ def _unavailable(msg: str) -> None:
     pytest.skip(msg)
 
 
-def _engine_answers() -> bool:
-    try:
-        return subprocess.run([DOCKER, "info"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+def _docker_sh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO_ROOT / "hack" / "docker.sh"), *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def docker_engine():
-    """A Docker engine; started by hack/docker.sh (and stopped again) when none answers."""
-    started = False
-    if not _engine_answers():
+    """A Docker engine and the CLI that matches it (hack/docker.sh installs and starts Debian's when
+    none answers; tests/conftest.py stops what the session started)."""
+    if _docker_sh("status").returncode != 0:
         if os.geteuid() != 0:
             _unavailable("no Docker engine answers and starting one needs root: `sudo bash hack/docker.sh`")
-        res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "docker.sh"), "start"],
-                             capture_output=True, text=True, timeout=600)
+        res = _docker_sh("start", timeout=600)
         assert res.returncode == 0, f"hack/docker.sh start failed:\n{res.stderr[-3000:]}"
-        started = True
-    yield DOCKER
-    if started:
-        subprocess.run(["bash", str(REPO_ROOT / "hack" / "docker.sh"), "stop"], capture_output=True, timeout=120)
+    containers.DOCKER = _docker_sh("cli").stdout.strip()
+    return containers.DOCKER
 
 
 @pytest.fixture(scope="session")

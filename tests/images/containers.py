@@ -27,11 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+# The CLI matching the engine hack/docker.sh installs and starts: set by the docker_engine
+# fixture once that engine answers (on a fresh machine Debian's CLI does not exist before).
+DOCKER = ""
 _QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi)?$")
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    assert DOCKER, "the docker_engine fixture resolves the Docker CLI first"
     res = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} exited {res.returncode}:\n{res.stderr}{res.stdout[-2000:]}")

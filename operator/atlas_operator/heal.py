@@ -9,7 +9,8 @@ from typing import Any, Iterable, Mapping
 from atlas_core.contract import KeyConfig, QuotaConfig
 
 from . import store
-from .keys import PriceListLookup, desired_key_config, no_price_lists
+from .keys import desired_key_config
+from .price_lists import PriceListLookup, no_price_lists
 from .quotas import desired_quota_config
 from .views import ObjectView, SecretView
 

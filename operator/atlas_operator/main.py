@@ -10,11 +10,11 @@ import kopf
 from atlas_core import cluster
 from atlas_core.sentinel import describe_url
 
-from .keys import StatusConflict
 from .kube import ClientKubeApi, NamespaceTerminating
 from .metrics import serve as serve_metrics
 from .runtime import Runtime
 from .settings import FINALIZER, GROUP, KEYS, PRICE_LISTS, QUOTAS, SECRET_WATCH_LABEL, VERSION, OperatorSettings
+from .status import StatusConflict
 from .views import ObjectView, SecretView
 
 RETRY = dict(backoff=2, errors=kopf.ErrorsMode.TEMPORARY)

@@ -16,6 +16,7 @@ from .history import History
 from .metrics import OperatorCollector, Snapshot
 from .kube import KubeApi
 from .settings import KEYS, QUOTAS, OperatorSettings
+from .status import StatusConflict
 from .views import ObjectView, SecretView
 
 log = logging.getLogger("atlas_operator")
@@ -131,9 +132,9 @@ class Runtime:
             try:
                 await reconcile(body)
                 return
-            except keys.StatusConflict:
+            except StatusConflict:
                 continue
-        raise keys.StatusConflict(f"{plural} {namespace}/{name} kept changing during reconcile")
+        raise StatusConflict(f"{plural} {namespace}/{name} kept changing during reconcile")
 
     async def delete_key(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]

@@ -8,8 +8,8 @@ import copy
 import itertools
 from typing import Any
 
+from atlas_devstack.merge_patch import merge_patch
 from atlas_operator.kube import CONFLICT, GONE, PATCHED
-from atlas_operator.measure import merge_patch
 from atlas_operator.settings import API_VERSION, KIND_OF
 
 _rv = itertools.count(100)

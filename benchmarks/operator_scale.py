@@ -1,4 +1,4 @@
-"""Measure the usage write-back cycle at scale: `python -m atlas_operator.measure --keys 10000`
+"""Measure the usage write-back cycle at scale: `python -m benchmarks.operator_scale --keys 10000`
 (and with `--latency N`: apply-to-working-key and delete-to-refused through the dev stack).
 
 A real redis-server (atlas_devstack.redis_server) holds the counters; the Kubernetes API is
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import time
 from datetime import datetime, timedelta, timezone
@@ -23,25 +22,11 @@ from datetime import datetime, timedelta, timezone
 import redis.asyncio as aioredis
 
 from atlas_core import contract
-
-from .history import History
-from .kube import PATCHED
-from .usage import usage_cycle
-from .views import ObjectView
-
-
-def merge_patch(target, patch):
-    """RFC 7386 JSON merge patch, as the API server applies it: objects merge, null deletes,
-    everything else (lists too) replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
+from atlas_devstack.merge_patch import merge_patch
+from atlas_operator.history import History
+from atlas_operator.kube import PATCHED
+from atlas_operator.usage import usage_cycle
+from atlas_operator.views import ObjectView
 
 
 class CountingKube:
@@ -140,8 +125,8 @@ async def run_fake(n_keys: int, n_quotas: int, redis_url: str, forecasting: bool
 
 
 async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, reuse: str | None) -> None:
-    from .kube import ClientKubeApi
-    from .settings import GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
+    from atlas_operator.kube import ClientKubeApi
+    from atlas_operator.settings import GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
 
     os.environ["KUBECONFIG"] = kubeconfig
     api = ClientKubeApi.from_environment(workers=8)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
 
-from . import apikeys, conditions as cond, rotation, store
+from . import apikeys, conditions as cond, rotation, store, times
 from .kube import KubeApi
 from .price_lists import PriceListLookup, no_price_lists, resolve_price_list
 from .settings import KEYS, SECRET_WATCH_LABEL
@@ -45,9 +45,7 @@ class KeyOutcome:
 
 
 def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(timezone.utc)
+    return times.parse_rfc3339(value) if value else None
 
 
 def desired_key_config(
@@ -102,7 +100,7 @@ def _desired_status(
     out["keyId"] = key_id
     out["previousKey"] = None if previous is None else {
         "keyId": contract.key_id_of(previous.key_hash),
-        "expiresAt": cond.rfc3339(datetime.fromtimestamp(previous.until, tz=timezone.utc)),
+        "expiresAt": cond.rfc3339(times.from_unix(previous.until)),
     }
     if usage is not None:
         out["usage"] = usage
@@ -200,7 +198,7 @@ async def reconcile_key(
 
 
 def _time_of(previous: contract.PreviousKey | None) -> datetime | None:
-    return None if previous is None else datetime.fromtimestamp(previous.until, tz=timezone.utc)
+    return None if previous is None else times.from_unix(previous.until)
 
 
 def _watched(secret: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
-from atlas_core.contract import HistorySample, Limits
+from atlas_core.contract import INT64_MAX, HistorySample, Limits
 
 from . import times
 
@@ -103,7 +103,9 @@ class BurnRate:
 
     @property
     def tokens_per_hour(self) -> int:
-        return int(round(self.tokens_per_second * 3600))
+        """Rounded, and at most what the status's int64 holds (counters that jumped by 2^63)."""
+        per_hour = self.tokens_per_second * 3600
+        return INT64_MAX if per_hour >= INT64_MAX else int(round(per_hour))
 
     @property
     def basis(self) -> str:

@@ -263,8 +263,9 @@ class Runtime:
                                         max_writes=self.settings.usage_max_writes or None,
                                         history=self.history, observed=observed,
                                         carry_over=self.carry_over, tracker=self.failures)
-        self.failures.forget({(KIND_OF[KEYS], k.namespace, k.name) for k in key_views}
-                             | {(KIND_OF[QUOTAS], q.namespace, q.name) for q in quota_views})
+        if self.failures.counts:  # objects deleted since they failed: their series go
+            self.failures.forget({(KIND_OF[KEYS], k.namespace, k.name) for k in key_views}
+                                 | {(KIND_OF[QUOTAS], q.namespace, q.name) for q in quota_views})
         self.last_cycle = stats
         self.metrics.snapshot = Snapshot(
             forecasts=observed,

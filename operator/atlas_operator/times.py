@@ -17,7 +17,8 @@ _EARLIEST_UNIX, _LATEST_UNIX = EARLIEST.timestamp(), LATEST.timestamp()
 
 
 def rfc3339(at: datetime) -> str:
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    utc = at.astimezone(timezone.utc)
+    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S}Z"  # %Y writes year 1 as "1" on glibc
 
 
 def parse_rfc3339(value: str) -> datetime:

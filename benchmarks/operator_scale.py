@@ -74,10 +74,15 @@ def apply_patches_to_views(views: list[ObjectView], kube: CountingKube) -> list[
     return out
 
 
-async def traffic(redis, subjects: list[str], now: datetime, tokens: int) -> None:
+def quota_tags(keys: list[ObjectView]) -> dict[str, str]:
+    """Each key's counters live under its quota's slot tag, as the gateway writes them."""
+    return {contract.key_subject(k.namespace, k.name): contract.slot_tag(k.namespace, k.name, k.quota) for k in keys}
+
+
+async def traffic(redis, subjects: list[str], now: datetime, tokens: int, tags: dict[str, str]) -> None:
     pipe = redis.pipeline(transaction=False)
     for s in subjects:
-        day_key, month_key = contract.usage_keys(s, now)
+        day_key, month_key = contract.usage_keys(s, now, tags.get(s))
         pipe.hincrby(day_key, contract.USAGE_SETTLED, tokens)
         pipe.hincrby(day_key, contract.USAGE_REQUESTS, 1)
         pipe.hset(day_key, contract.USAGE_LAST, int(now.timestamp() * 1000))
@@ -112,13 +117,14 @@ async def run_fake(n_keys: int, n_quotas: int, redis_url: str, forecasting: bool
     await cycle("idle (first: loads history)")
     await cycle("idle (nothing changed)")
     active = [contract.key_subject("bench", f"k{i}") for i in range(0, n_keys, 100)]
-    await traffic(redis, active + all_quotas, now, 10)
+    tags = quota_tags(keys)
+    await traffic(redis, active + all_quotas, now, 10, tags)
     await cycle("1% of keys active")
-    await traffic(redis, all_keys + all_quotas, now, 10)
+    await traffic(redis, all_keys + all_quotas, now, 10, tags)
     await cycle("every key active")
-    await traffic(redis, all_keys + all_quotas, now, 10)
+    await traffic(redis, all_keys + all_quotas, now, 10, tags)
     await cycle("every key active again")
-    await traffic(redis, all_keys + all_quotas, now, 10)
+    await traffic(redis, all_keys + all_quotas, now, 10, tags)
     await cycle("every key, 3rd minute")
     await cycle("idle after traffic")
     await redis.aclose()
@@ -182,10 +188,11 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
     if reuse:
         await cycle("settle leftovers (uncapped)")
     await cycle("idle (nothing changed)")
+    tags = quota_tags((await views())[0])
     await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(0, n_keys, 100)]
-                  + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10)
+                  + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10, tags)
     await cycle("1% of keys active")
-    await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10)
+    await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10, tags)
     cap = OperatorSettings.usage_max_writes  # the operator's default per-cycle write cap
     await cycle(f"every key active, cap {cap}", cap=cap)
     await cycle(f"next cycle, cap {cap}", cap=cap)

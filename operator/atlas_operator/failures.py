@@ -3,9 +3,10 @@
 Every loop and handler of the operator runs each object on its own and reports what failed to
 :class:`Failures`: it counts the failure for ``/metrics`` (by loop, kind, namespace and name),
 logs it once when it starts or says something new (with its traceback unless the API server or
-Redis was merely unreachable), and once more when the object works again. Posting the Event or
-setting the condition is the caller's: it knows the object. A loop that fails as a whole (Redis
-unreachable) is reported the same way, by loop.
+Redis was merely unreachable), and once more when the object works again. Posting the Event
+(once per failure: :meth:`Failures.take_report`) or setting the condition is the caller's: it
+knows the object. A loop that fails as a whole (Redis unreachable) is reported the same way,
+by loop.
 
 Messages name what failed, never key material: they are built from exception texts (Redis
 values, API answers, arithmetic) and land in logs, Events and conditions.
@@ -81,12 +82,13 @@ class Failures:
         self.failing: dict[tuple[str, str, str, str], str] = {}  # (loop, kind, ns, name) -> message
         self.counts: Counter[tuple[str, str, str, str]] = Counter()
         self.streaks: Counter[tuple[str, str, str, str]] = Counter()  # failures since it last worked
+        self.unreported: set[tuple[str, str, str, str]] = set()  # new failures whose Event is due
         self.loops_failing: dict[str, str] = {}
         self.loop_counts: Counter[str] = Counter()
 
     def failed(self, loop: str, obj: Object, error: BaseException | str) -> bool:
-        """Count a failure of ``obj`` in ``loop``; True when it is new or says something new
-        (the caller then posts its Event). Logged only then."""
+        """Count a failure of ``obj`` in ``loop``; True when it is new or says something new.
+        Logged only then, and its Event becomes due (take_report)."""
         ident = (loop, *obj)
         message = describe(error)
         self.counts[ident] += 1
@@ -94,15 +96,25 @@ class Failures:
         if self.failing.get(ident) == message:
             return False
         self.failing[ident] = message
+        self.unreported.add(ident)
         kind, namespace, name = obj
         bug = isinstance(error, BaseException) and not transient(error)
         log.warning("%s %s/%s: %s failed: %s (logged once; the others go on)", kind, namespace, name, loop,
                     message, exc_info=error if bug else None)
         return True
 
+    def take_report(self, loop: str, obj: Object) -> bool:
+        """True once per failure (and again when it says something new): post its Event now.
+        A caller that posts only so many Events at a time takes the others in later rounds."""
+        if (loop, *obj) in self.unreported:
+            self.unreported.discard((loop, *obj))
+            return True
+        return False
+
     def succeeded(self, loop: str, obj: Object) -> None:
         if self.failing and self.failing.pop((loop, *obj), None) is not None:
             self.streaks.pop((loop, *obj), None)
+            self.unreported.discard((loop, *obj))
             log.info("%s %s/%s: %s works again", *obj, loop)
 
     def retry_in(self, loop: str, obj: Object) -> float:
@@ -116,6 +128,7 @@ class Failures:
             del self.counts[ident]
             self.failing.pop(ident, None)
             self.streaks.pop(ident, None)
+            self.unreported.discard(ident)
 
     def loop_failed(self, loop: str, error: BaseException) -> None:
         self.loop_counts[loop] += 1

@@ -117,12 +117,14 @@ class Runtime:
         except (StatusConflict, NamespaceTerminating, asyncio.CancelledError):
             raise
         except Exception as exc:
-            if self.failures.failed(failures.RECONCILE, obj, exc):
+            self.failures.failed(failures.RECONCILE, obj, exc)
+            if self.failures.take_report(failures.RECONCILE, obj):
                 await self.kube.post_event(plural, body, "Warning", "ReconcileFailed",
                                            f"reconcile failed: {failures.describe(exc)}")
             raise ObjectFailed(failures.describe(exc), failures.transient(exc),
                                self.failures.retry_in(failures.RECONCILE, obj)) from exc
         self.failures.succeeded(failures.RECONCILE, obj)
+        self.failures.succeeded(failures.HEAL, obj)  # its config is written again
         return result
 
     async def reconcile_key(self, body: dict[str, Any]) -> keys.KeyOutcome:
@@ -283,7 +285,9 @@ class Runtime:
         if result is None:
             return None
         for plural, view, exc in result.failed:  # their config stays absent: the gateway refuses them
-            if self.failures.failed(failures.HEAL, (KIND_OF[plural], view.namespace, view.name), exc):
+            obj = (KIND_OF[plural], view.namespace, view.name)
+            self.failures.failed(failures.HEAL, obj, exc)
+            if self.failures.take_report(failures.HEAL, obj):
                 await self.kube.post_event(plural, view.event_target(), "Warning", "ConfigRestoreFailed",
                                            f"self-healing could not rewrite its config: {failures.describe(exc)}")
         log.warning("Redis had no config epoch: rewrote %d configs from the indexes (%d could not be)",

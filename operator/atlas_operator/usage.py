@@ -132,12 +132,15 @@ def status_patch(
         wanted = forecast.to_status() if isinstance(forecast, fc.Forecast) else None
         at_risk = cond.find(conditions, cond.BUDGET_AT_RISK)
         risky, reason, message = at_risk_condition(forecast)
-        failed_now = isinstance(forecast, ForecastFailed) and (at_risk or {}).get("message") != message
+        failing = isinstance(forecast, ForecastFailed)
+        shown_failing = (at_risk or {}).get("reason") == cond.FORECAST_FAILED
+        # a forecast failure shows at once (and when it changes); so does its end
+        failure_news = (failing and (at_risk or {}).get("message") != message) or (shown_failing and not failing)
         if (fc.changed_meaningfully(shown, wanted, now) or (at_risk is None and wanted is not None)
-                or failed_now or (at_risk or {}).get("reason") == cond.FORECAST_FAILED != reason):
+                or failure_news):
             if wanted is not None or shown is not None:
                 patch["forecast"] = _merge_fields(shown, wanted)
-            if at_risk is not None or wanted is not None or failed_now:
+            if at_risk is not None or wanted is not None or failing:
                 patch["conditions"] = cond.merge(conditions, cond.BUDGET_AT_RISK, risky, reason,
                                                  message, view.generation, now)
                 if risky and (at_risk is None or at_risk.get("status") != "True") and events is not None:
@@ -350,6 +353,7 @@ async def usage_cycle(
 
 
 REFUSED = "refused"  # the patch raised (the API server refused it, or did not answer)
+EVENTS_PER_CYCLE = 50
 EVENT_REASONS = {failures.USAGE: "UsageWriteBackFailed", failures.FORECAST: "ForecastFailed"}
 
 
@@ -367,16 +371,20 @@ async def _show_refusal(kube: KubeApi, plural: str, view: ObjectView, patch: dic
 
 
 async def report(kube: KubeApi, tracker: "failures.Failures", failed: Failed,
-                 keys: list[ObjectView], quotas: list[ObjectView]) -> None:
-    """Tell ``tracker`` what failed (an Event on each object whose failure is new) and what
-    works again."""
+                 keys: list[ObjectView], quotas: list[ObjectView], max_events: int = EVENTS_PER_CYCLE) -> None:
+    """Tell ``tracker`` what failed and what works again; post the Event of each new failure,
+    at most ``max_events`` per cycle (a bug failing every object must not become 10,000 API
+    calls in one cycle: the others are posted in the next ones)."""
     seen: set[tuple[str, str, str, str]] = set()
+    posted = 0
     for loop, plural, view, error in failed:
         obj = (KIND_OF[plural], view.namespace, view.name)
         if (loop, *obj) in seen:
             continue
         seen.add((loop, *obj))
-        if tracker.failed(loop, obj, error):
+        tracker.failed(loop, obj, error)
+        if posted < max_events and tracker.take_report(loop, obj):
+            posted += 1
             await kube.post_event(plural, view.event_target(), "Warning", EVENT_REASONS[loop],
                                   f"{loop} failed: {failures.describe(error)}")
     if tracker.failing:

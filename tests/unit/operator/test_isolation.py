@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
-from atlas_operator import conditions as cond, failures, forecast as fc, main, times
+from atlas_operator import conditions as cond, failures, forecast as fc, main, times, usage
 from atlas_operator.carry_over import CarryOver
 from atlas_operator.failures import Failures, ObjectFailed
 from atlas_operator.heal import heal_if_needed
@@ -159,6 +159,21 @@ async def test_unreadable_counters_show_once_and_clear_when_repaired(kube, redis
     assert cond.find(status["conditions"], cond.USAGE_STALE) is None and status["usage"]["tokensToday"] == 3
     assert (failures.USAGE, *obj) not in tracker.failing
     assert any("team/damaged: usage write-back works again" in r.getMessage() for r in caplog.records)
+
+
+async def test_events_of_many_new_failures_are_spread_over_cycles(kube, redis):
+    """A bug failing every object must not post thousands of Events in one cycle."""
+    views = [ObjectView("team", f"k{i}", "1", 1, {"limits": {"tokensPerDay": "lots"}}, {"observedGeneration": 1},
+                        False) for i in range(60)]
+    for view in views:
+        await _use(redis, view.name, 1)
+    tracker = Failures()
+    await usage_cycle(redis, kube, views, [], NOW, tracker=tracker)
+    assert len(kube.events) == usage.EVENTS_PER_CYCLE == 50
+    await usage_cycle(redis, kube, views, [], NOW, tracker=tracker)
+    assert sorted(e[0] for e in kube.events) == sorted(v.name for v in views)  # the rest, then none again
+    await usage_cycle(redis, kube, views, [], NOW, tracker=tracker)
+    assert len(kube.events) == 60 and len(tracker.failing) == 60
 
 
 async def test_a_refused_status_patch_is_that_objects_own(kube, redis):

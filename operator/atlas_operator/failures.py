@@ -65,8 +65,8 @@ def describe(error: BaseException | str) -> str:
 
 
 def transient(error: BaseException | str) -> bool:
-    """Worth retrying as it is: Redis or the API server unreachable, busy, or failing over.
-    Anything else (bad data, a bug) fails the same way until the object or the code changes."""
+    """Redis or the API server unreachable, busy, or failing over: an outage, not a bug (its
+    log line needs no traceback)."""
     if isinstance(error, str):
         return False
     if isinstance(error, _TRANSIENT):
@@ -144,10 +144,9 @@ class Failures:
 
 
 class ObjectFailed(Exception):
-    """Raised to a handler after its object's failure was reported: ``transient`` says whether
-    retrying it as it is may help, ``retry_in`` after how long (backing off while it fails)."""
+    """Raised to a handler after its object's failure was reported; ``retry_in``: when to try
+    again (backing off while it keeps failing)."""
 
-    def __init__(self, message: str, transient: bool, retry_in: float) -> None:
+    def __init__(self, message: str, retry_in: float) -> None:
         super().__init__(message)
-        self.transient = transient
         self.retry_in = retry_in

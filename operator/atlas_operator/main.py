@@ -21,13 +21,11 @@ from .views import ObjectView, SecretView
 RETRY = dict(backoff=2, errors=kopf.ErrorsMode.TEMPORARY)
 
 
-def for_kopf(failure: ObjectFailed, finalizing: bool = False) -> kopf.PermanentError | kopf.TemporaryError:
-    """A reported failure (failures.py) as kopf's retry decision: retried with a growing delay
-    while retrying may help (and always on deletion: the finalizer must go eventually), else
-    not until the object changes or the operator restarts."""
-    if failure.transient or finalizing:
-        return kopf.TemporaryError(str(failure), delay=failure.retry_in)
-    return kopf.PermanentError(str(failure))
+def for_kopf(failure: ObjectFailed) -> kopf.TemporaryError:
+    """A reported failure (failures.py) as kopf's retry: with a delay growing to 5 minutes, so
+    that an object whose cause went away (Redis data repaired, another object fixed) recovers
+    by itself, and one that keeps failing costs a retry every 5 minutes, logged by kopf only."""
+    return kopf.TemporaryError(str(failure), delay=failure.retry_in)
 
 
 def plain(body: Any) -> dict[str, Any]:
@@ -156,7 +154,7 @@ async def atlaskey_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     try:
         await memo.runtime.delete_key(plain(body))
     except ObjectFailed as failure:
-        raise for_kopf(failure, finalizing=True) from None
+        raise for_kopf(failure) from None
 
 
 @kopf.on.event("", "v1", "secrets", labels={SECRET_WATCH_LABEL: kopf.PRESENT})
@@ -190,7 +188,7 @@ async def atlasquota_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     try:
         await memo.runtime.delete_quota(plain(body))
     except ObjectFailed as failure:
-        raise for_kopf(failure, finalizing=True) from None
+        raise for_kopf(failure) from None
 
 
 # --------------------------------------------------------------------------- AtlasPriceList

@@ -121,8 +121,7 @@ class Runtime:
             if self.failures.take_report(failures.RECONCILE, obj):
                 await self.kube.post_event(plural, body, "Warning", "ReconcileFailed",
                                            f"reconcile failed: {failures.describe(exc)}")
-            raise ObjectFailed(failures.describe(exc), failures.transient(exc),
-                               self.failures.retry_in(failures.RECONCILE, obj)) from exc
+            raise ObjectFailed(failures.describe(exc), self.failures.retry_in(failures.RECONCILE, obj)) from exc
         self.failures.succeeded(failures.RECONCILE, obj)
         self.failures.succeeded(failures.HEAL, obj)  # its config is written again
         return result
@@ -148,27 +147,25 @@ class Runtime:
 
     async def reconcile_key_by_name(self, namespace: str, name: str) -> None:
         """Re-trigger from outside the key's own handler (Secret, quota, price list, expiry,
-        a retry). Never raises: a failure is reported, and retried by the timer when retrying
-        may help."""
+        a retry). Never raises: a failure is reported, and retried by the timer with backoff."""
         retry_in = await self._reconcile_by_name(KEYS, self.reconcile_key, namespace, name)
         if retry_in is not None:
             self.scheduler.schedule(namespace, name, datetime.now(timezone.utc) + timedelta(seconds=retry_in))
 
     async def _reconcile_by_name(self, plural: str, reconcile, namespace: str, name: str) -> float | None:
-        """Re-read and reconcile; None when done (or when retrying would fail the same way),
-        else the seconds after which to retry."""
+        """Re-read and reconcile; None when done, else the seconds after which to retry."""
         obj = (KIND_OF[plural], namespace, name)
         try:
             await self._reconcile_fresh(plural, reconcile, namespace, name)
         except ObjectFailed as failure:
-            return failure.retry_in if failure.transient else None
+            return failure.retry_in
         except StatusConflict:
             return 1.0  # it kept changing: try again shortly
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reading the object failed
             self.failures.failed(failures.RECONCILE, obj, exc)
-            return self.failures.retry_in(failures.RECONCILE, obj) if failures.transient(exc) else None
+            return self.failures.retry_in(failures.RECONCILE, obj)
         return None
 
     async def _reconcile_fresh(self, plural: str, reconcile, namespace: str, name: str, attempts: int = 5) -> None:
@@ -213,8 +210,8 @@ class Runtime:
             price_list=self.price_list))
 
     async def reconcile_quota_by_name(self, namespace: str, name: str) -> None:
-        """Like reconcile_key_by_name, without the retry (the quota's next change or resume
-        runs it again)."""
+        """Like reconcile_key_by_name, without the timer's retry (the quota's next change or
+        resume runs it again)."""
         await self._reconcile_by_name(QUOTAS, self.reconcile_quota, namespace, name)
 
     async def reconcile_dependents(self, namespace: str, name: str) -> None:

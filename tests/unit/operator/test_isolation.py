@@ -243,9 +243,9 @@ async def test_a_failing_reconcile_is_reported_once_and_raised_for_kopf(kube, re
         for _ in range(3):
             with pytest.raises(ObjectFailed) as failure:
                 await rt.reconcile_key(kube.get(KEYS, "k"))
-    assert not failure.value.transient and "ValueError: the Secret reads back wrong" in str(failure.value)
-    assert isinstance(main.for_kopf(failure.value), main.kopf.PermanentError)
-    assert isinstance(main.for_kopf(failure.value, finalizing=True), main.kopf.TemporaryError)
+    assert "ValueError: the Secret reads back wrong" in str(failure.value)
+    retry = main.for_kopf(failure.value)  # kopf retries it, later each time
+    assert isinstance(retry, main.kopf.TemporaryError) and retry.delay == failure.value.retry_in == 8.0
     assert [e[2] for e in kube.events] == ["ReconcileFailed"]  # once, not per retry
     assert sum("AtlasKey team/k: reconcile failed" in r.getMessage() for r in caplog.records) == 1
     assert rt.failures.counts[(failures.RECONCILE, "AtlasKey", "team", "k")] == 3
@@ -255,7 +255,7 @@ async def test_a_failing_reconcile_is_reported_once_and_raised_for_kopf(kube, re
     assert not rt.failures.failing
 
 
-async def test_a_transient_failure_by_name_is_retried_by_the_timer(kube, redis):
+async def test_a_failure_by_name_is_retried_by_the_timer_with_backoff(kube, redis):
     rt = make_runtime(kube, redis)
     kube.add(KEYS, "k", {})
     kube.refuse["k-api-key"] = RedisConnectionError("Redis went away")

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from atlas_core import contract
 from atlas_core.contract import HistorySample
 
-from .procs import key_manifest, quota_manifest, wait_until
+from .procs import key_manifest, quota_manifest, secret_manifest, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -130,3 +130,29 @@ def test_an_object_whose_usage_cannot_be_read_shows_it_and_stops_no_other(kube, 
     assert shown_this_month(kube, "atlaskey", "damaged") == 2
     wait_until("the log saying it works again",
                lambda: f"AtlasKey {kube.ns}/damaged: usage write-back works again" in operator.log_text(), 15)
+
+
+def test_a_key_that_fails_to_reconcile_shows_it_is_retried_and_recovers(kube, gateway, operator, redis_client):
+    """Its config's Redis key holds the wrong type (a GET answers WRONGTYPE): that key alone
+    fails, with one Event and its counter; once Redis is repaired the retry serves it."""
+    value = f"sk-wrongtype-{kube.ns}"
+    blocked = contract.key_config_key(contract.hash_api_key(value))
+    redis_client.hset(blocked, "not", "a string")
+    kube.apply(secret_manifest("blocked-secret", value, atlaskey="blocked"))
+    kube.apply(key_manifest("blocked", secretName="blocked-secret"))
+    kube.apply(key_manifest("fine"))
+
+    fine = wait_until("the other key's Secret", lambda: kube.secret_key("fine-api-key"), 30)
+    wait_until("the other key works", lambda: gateway.chat(fine, tokens=1, headers=TRICKLE)[0] == 200, 30)
+    wait_until("ReconcileFailed", lambda: [m for r, m in events_of(kube, "blocked") if r == "ReconcileFailed"], 30)
+    labels = dict(loop="reconcile", kind="AtlasKey", namespace=kube.ns, name="blocked")
+    wait_until("its retries counted", lambda: (metric(operator, "atlas_operator_object_failures_total", **labels)
+                                               or 0) >= 2, 30)
+    (message,) = [m for r, m in events_of(kube, "blocked") if r == "ReconcileFailed"]  # once, not per retry
+    assert "WRONGTYPE" in message and value not in message
+    assert gateway.chat(value)[0] != 200  # not served (the gateway itself reads WRONGTYPE: a 500)
+
+    redis_client.delete(blocked)
+    wait_until("the retry serves it", lambda: gateway.chat(value, tokens=1, headers=TRICKLE)[0] == 200, 60)
+    wait_until("Ready", lambda: kube.condition("atlaskey", "blocked").get("status") == "True", 30)
+    assert f"AtlasKey {kube.ns}/blocked: reconcile works again" in operator.log_text()

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from atlas_core.flags import parse_flag
 
 TRACE_EXPORTERS = ("otlp", "console")
 PROTOCOLS = ("http/protobuf", "grpc")  # http/json: the Python SDK has no such exporter
@@ -45,10 +44,8 @@ class TelemetryConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "TelemetryConfig":
-        try:
-            disabled = parse_flag(env.get("OTEL_SDK_DISABLED"), False)
-        except ValueError as exc:
-            raise TelemetryConfigError(f"OTEL_SDK_DISABLED: {exc}") from None
+        # the specification's booleans: only "true" (any case) is true
+        disabled = (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true"
         usage = (env.get("ATLAS_USAGE_RECORDS") or "off").strip().lower()
         if usage in ("none", "false", "0", "no"):
             usage = "off"

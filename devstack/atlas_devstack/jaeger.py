@@ -47,16 +47,16 @@ extensions:
     storage:
       traces: memory_store
     http:
-      endpoint: 127.0.0.1:{query_http}
+      endpoint: {host}:{query_http}
     grpc:
-      endpoint: 127.0.0.1:{query_grpc}
+      endpoint: {host}:{query_grpc}
 receivers:
   otlp:
     protocols:
       grpc:
-        endpoint: 127.0.0.1:{otlp_grpc}
+        endpoint: {host}:{otlp_grpc}
       http:
-        endpoint: 127.0.0.1:{otlp_http}
+        endpoint: {host}:{otlp_http}
 exporters:
   jaeger_storage_exporter:
     trace_storage: memory_store
@@ -76,13 +76,15 @@ service:
 
 class Jaeger:
     """One ``jaeger`` process on loopback. ``dir``: where its config and log go (a temporary
-    directory, removed on stop, when None)."""
+    directory, removed on stop, when None). ``host``: another address of this machine to listen
+    on (the deploy tier's pods reach the host at ATLAS_HOST_FROM_PODS)."""
 
-    def __init__(self, dir: str | Path | None = None, *, max_traces: int = 100_000,
+    def __init__(self, dir: str | Path | None = None, *, host: str = "127.0.0.1", max_traces: int = 100_000,
                  log_level: str = "warn", start_timeout: float = 30.0) -> None:
         self.binary = find_tool("jaeger")  # ToolNotFound (run `make tools`) before anything starts
         self._own_dir = dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="atlas-jaeger-")) if dir is None else Path(dir)
+        self.host = host
         self.ports = {name: free_port() for name in ("otlp_grpc", "otlp_http", "query_http", "query_grpc")}
         self.max_traces = max_traces
         self.log_level = log_level
@@ -93,17 +95,17 @@ class Jaeger:
     @property
     def otlp_grpc_url(self) -> str:
         """OTEL_EXPORTER_OTLP_ENDPOINT for OTEL_EXPORTER_OTLP_PROTOCOL=grpc."""
-        return f"http://127.0.0.1:{self.ports['otlp_grpc']}"
+        return f"http://{self.host}:{self.ports['otlp_grpc']}"
 
     @property
     def otlp_http_url(self) -> str:
         """OTEL_EXPORTER_OTLP_ENDPOINT for http/protobuf (the signal paths /v1/traces... follow)."""
-        return f"http://127.0.0.1:{self.ports['otlp_http']}"
+        return f"http://{self.host}:{self.ports['otlp_http']}"
 
     @property
     def query_url(self) -> str:
         """The query API (``/api/v3/traces/<id>``, ``/api/services``...)."""
-        return f"http://127.0.0.1:{self.ports['query_http']}"
+        return f"http://{self.host}:{self.ports['query_http']}"
 
     @property
     def config_path(self) -> Path:
@@ -120,7 +122,7 @@ class Jaeger:
     def command(self) -> list[str]:
         """Write the config and return the command line (the dev stack spawns it itself)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(_CONFIG.format(max_traces=self.max_traces, log_level=self.log_level,
+        self.config_path.write_text(_CONFIG.format(host=self.host, max_traces=self.max_traces, log_level=self.log_level,
                                                    **self.ports))
         return [str(self.binary), "--config", str(self.config_path)]
 
@@ -151,7 +153,7 @@ class Jaeger:
                 if resp.status != 200:
                     return False
             for port in (self.ports["otlp_grpc"], self.ports["otlp_http"]):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection((self.host, port), timeout=1).close()
         except OSError:
             return False
         return True

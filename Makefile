@@ -58,7 +58,7 @@ test-cluster: deps  ## real kube-apiserver + etcd + operator
 test-e2e: deps  ## the dev stack driven by the openai SDK and kubectl
 	$(PYTEST) tests/e2e
 
-bench: venv  ## gateway vs nginx, LiteLLM and the mock: latency, fixed rate, CPU/request; writes docs/benchmarks.md
+bench: venv jaeger  ## gateway vs nginx, LiteLLM and the mock: latency, fixed rate, CPU/request; writes docs/benchmarks.md
 	@bash hack/system-deps.sh bench
 	$(PY) -m benchmarks
 

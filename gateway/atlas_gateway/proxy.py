@@ -24,7 +24,7 @@ import aiohttp
 from atlas_core.contract import hash_api_key
 
 from . import errors, metrics, owned_responses
-from .admission import rejection
+from .admission import refusing_owner, rejection
 from .auth import Principal
 from .calls import NO_COST, cost_args
 from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
@@ -33,9 +33,10 @@ from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
 from .streaming import StreamState, pump
+from .telemetry.noop import NO_TRACE
 from .tokens import Bound, text_tokens
 from .upstream_body import UpstreamBody
-from .usage import cached_tokens, response_id_from_body, split_usage, usage_from_body
+from .usage import cached_tokens, model_from_body, response_id_from_body, split_usage, usage_from_body
 from .validation import parse_body, validate
 
 log = logging.getLogger("atlas_gateway")
@@ -45,13 +46,18 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
          "responses": "/v1/responses", "messages": "/v1/messages", "rerank": "/v1/rerank", "score": "/v1/score",
          "tokenize": "/tokenize", "detokenize": "/detokenize"}
+# gen_ai.operation.name of each route (OpenTelemetry's GenAI conventions; rerank, score and the
+# tokenizer routes have no well-known value: their own name)
+OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat",
+              "messages": "chat", "rerank": "rerank", "score": "score", "tokenize": "tokenize",
+              "detokenize": "detokenize"}
 _MAX_TOKENS_HEADER = b"x-atlas-max-tokens"
 
 
 class Ticket:
     """One admitted request's reservation; ``settle`` runs at most once."""
 
-    __slots__ = ("rt", "principal", "request_id", "reserved", "done", "prices", "model")
+    __slots__ = ("rt", "principal", "request_id", "reserved", "done", "prices", "model", "cost")
 
     def __init__(self, rt: Runtime, principal: Principal, request_id: str, reserved: int,
                  prices: tuple | None = None, model: str = "") -> None:
@@ -62,6 +68,11 @@ class Ticket:
         self.done = False
         self.prices = prices  # per subject (Principal.prices_for); None: nothing is priced
         self.model = model
+        self.cost: int | None = None  # settled, on the AtlasKey's price list (micro-units of ``currency``)
+
+    @property
+    def currency(self) -> str | None:
+        return self.principal.currency
 
     async def settle(self, actual: int, prompt: int = 0, cached: int = 0) -> None:
         """``actual`` tokens, of which ``prompt`` were the prompt (``cached`` of those read
@@ -73,8 +84,10 @@ class Ticket:
         if self.prices is not None:
             prompt = min(prompt, actual)
             costs = cost_args(self.prices, prompt, actual - prompt, cached)
-            if self.prices[0] is not None and costs[0] != b"0":
-                metrics.count_cost(self.principal, self.model, int(costs[0]))
+            if self.prices[0] is not None:
+                self.cost = int(costs[0])
+                if self.cost:
+                    metrics.count_cost(self.principal, self.model, self.cost)
         try:
             # No asyncio.shield (it costs a task per request): the hot-path Redis client queues
             # the command synchronously before its first await, so a cancellation arriving now
@@ -112,13 +125,17 @@ class RequestContext:
     """One inference request, from its headers to its settlement: what each step learnt, for the
     steps after it (and for the metrics, whichever step ends the request)."""
 
-    __slots__ = ("rt", "kind", "path", "id", "started", "response_headers", "ref", "model", "priority",
-                 "principal", "forward", "raw", "doc", "bound", "reserve", "ticket")
+    __slots__ = ("rt", "kind", "path", "operation", "method", "id", "started", "response_headers", "ref", "model",
+                 "priority", "principal", "forward", "raw", "doc", "bound", "reserve", "ticket", "trace", "status",
+                 "error", "error_type", "refused_by", "shrunk", "demoted", "fail_open", "billed", "cached",
+                 "response_model")
 
     def __init__(self, rt: Runtime, kind: str, path: str) -> None:
         self.rt = rt
         self.kind = kind  # route, a key of PATHS
         self.path = path
+        self.operation = OPERATIONS[kind]
+        self.method = "POST"
         self.started = perf_counter()
         self.id = rt.new_request_id()  # also the lease member in Redis: never from the client
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.id.encode())]
@@ -133,10 +150,31 @@ class RequestContext:
         self.bound: Bound | None = None  # prompt bound, completion cap, sequences (tokens.py)
         self.reserve = 0  # the tokens reserved (bound.reserve, or less when a Shrink budget lowered it)
         self.ticket: Ticket | None = None  # set once admitted (None: failing open, unmetered)
+        # how it ended, for its span and usage record (telemetry/attributes.py)
+        self.trace = NO_TRACE  # its trace once the headers are read (rt.tracing.start)
+        self.status = 0  # the HTTP status answered (499: the client left)
+        self.error: str | None = None  # why it was refused or failed, as the client was told
+        self.error_type: str | None = None  # the error's code (invalid_api_key, insufficient_quota...)
+        self.refused_by: tuple[str, str] | None = None  # (limit, "AtlasKey ns/name") of a refused admission
+        self.shrunk = False  # a Shrink budget lowered the completion cap
+        self.demoted: str | None = None  # the soft limit that demoted it
+        self.fail_open = False  # Redis unreachable, let through unmetered
+        self.billed = (0, 0)  # (prompt, completion) tokens charged at settlement
+        self.cached = 0  # prompt tokens the upstream read from its cache
+        self.response_model: str | None = None  # the upstream's "model" (only while traced)
 
     @property
     def prompt_estimate(self) -> int:
         return self.bound.prompt
+
+    def refused(self, err: errors.GatewayError) -> None:
+        """The request ends with ``err`` (a 4xx or 5xx the gateway answers itself)."""
+        self.status = err.status
+        self.error = err.message
+        self.error_type = err.code or err.type
+
+
+_INTERNAL_ERROR = errors.GatewayError(500, "Internal gateway error.", "server_error")
 
 
 class InferenceEndpoint:
@@ -148,7 +186,8 @@ class InferenceEndpoint:
         self.path = PATHS[kind]
 
     async def __call__(self, scope, receive, send) -> None:
-        req = RequestContext(self.gateway.runtime, self.kind, self.path)
+        rt = self.gateway.runtime
+        req = RequestContext(rt, self.kind, self.path)
         try:
             await self._admit(req, scope, receive)
             try:
@@ -157,28 +196,36 @@ class InferenceEndpoint:
                 if req.ticket is not None and not req.ticket.done:  # a failure before the upstream call
                     await req.ticket.settle(0)
         except errors.GatewayError as err:
+            req.refused(err)
             await send_error(send, err, req.response_headers)
             metrics.count_request(req.ref, req.model, err.status, req.priority)
             metrics.count_rejection(req.ref, err.reason or err.code or err.type)
             metrics.OVERHEAD.observe(perf_counter() - req.started)
         except ConnectionAbortedError:
-            return  # the client left while sending its body: nobody to answer
+            req.status, req.error = 499, "The client left while sending its body."
         except Exception:
             log.exception("unexpected error in %s", self.path)
+            req.refused(_INTERNAL_ERROR)
             try:
-                await send_error(send, errors.GatewayError(500, "Internal gateway error.", "server_error"),
-                                 req.response_headers)
+                await send_error(send, _INTERNAL_ERROR, req.response_headers)
             except Exception:  # the response had already started: nothing more to say
                 pass
+        finally:
+            req.trace.finish(req)
+            if req.ticket is not None:
+                rt.usage_records.emit(req)
 
     async def _admit(self, req: RequestContext, scope, receive) -> None:
         """Every check before the upstream call, then the admission: raises the GatewayError that
         refuses the request, or returns with ``req.ticket`` set (None only when failing open)."""
         rt = req.rt
         settings = rt.settings
-        if scope["method"] != "POST":
-            raise errors.method_not_allowed()
         headers = RequestHeaders(scope["headers"], forward=True)
+        req.forward = headers.forward
+        req.method = scope["method"]
+        req.trace = rt.tracing.start(req.forward, req.method, req.path, req.operation, req.started)
+        if req.method != "POST":
+            raise errors.method_not_allowed()
         if headers.api_key is None:
             raise errors.invalid_api_key(MISSING_KEY)
         if headers.content_length > settings.max_body_bytes:
@@ -189,7 +236,6 @@ class InferenceEndpoint:
         refusal = principal.refusal(time.time())
         if refusal is not None:
             raise refusal
-        req.forward = headers.forward
         raw = await read_body(receive, settings.max_body_bytes)
         if raw is None:
             raise errors.body_too_large(settings.max_body_bytes)
@@ -219,9 +265,12 @@ class InferenceEndpoint:
         costs = NO_COST if prices is None else cost_args(prices, prompt_estimate, reserve - prompt_estimate)
 
         rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
+        span = req.trace.child("atlas.admission")
+        failure = None
         try:
             decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs)
         except REDIS_FAILURES as exc:
+            failure = f"Redis: {type(exc).__name__}"
             if not is_transport_failure(exc):
                 raise reply_error("admit", exc) from None
             metrics.count_redis_error("admit")
@@ -231,6 +280,7 @@ class InferenceEndpoint:
             if not settings.fail_open:
                 raise errors.redis_unavailable() from None
             metrics.FAIL_OPEN.inc()
+            req.fail_open = True
         else:
             if rt.redis_health.degraded:
                 rt.redis_health.ok()
@@ -239,14 +289,17 @@ class InferenceEndpoint:
             if not decision.admitted:
                 refused = rejection(decision, principal, reserve)
                 metrics.count_refused(req.model, refused.reason or refused.code, reserve)
+                req.refused_by = (refused.reason or refused.code, refusing_owner(decision, principal))
                 raise refused
             if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
                 bound.cap = (decision.reserved - prompt_estimate) // bound.sequences
                 reserve = req.reserve = decision.reserved
+                req.shrunk = True
             req.ticket = Ticket(rt, principal, req.id, reserve, prices, req.model)
             metrics.count_admitted(req.model, reserve)
         finally:
             rt.shedder.admitting -= 1  # no await until _UpstreamCall.run counts it as in flight
+            span.end(failure)
         if bound.sequences:
             req.response_headers.append((_MAX_TOKENS_HEADER, str(bound.cap).encode()))
 
@@ -350,6 +403,7 @@ class _UpstreamCall:
             timer = loop.call_later(self.WATCH_AFTER, self._start_watcher)
         shedder.inflight += 1
         metrics.upstream_started(req.model)
+        span = req.trace.upstream(forward, req.doc["model"])  # and the traceparent the upstream continues
         status = 0
         try:
             t_up = perf_counter()
@@ -366,6 +420,8 @@ class _UpstreamCall:
                         metrics.observe_upstream(req.model, self.upstream_seconds)
                         status = resp.status
                         self.billed = self._bill_body(status, answer)
+                        if req.trace.recording:
+                            req.response_model = model_from_body(answer)
                         if self.owner is not None and status == 200:
                             await self._record_owner(response_id_from_body(answer))
                         self._stop_watcher()
@@ -382,6 +438,7 @@ class _UpstreamCall:
                     raise
                 asyncio.current_task().uncancel()
                 status = 499  # client closed the request (nginx's convention), for metrics only
+                req.error = "The client left before the answer ended."
             except asyncio.TimeoutError:
                 status = 504
                 await self._fail(send, errors.upstream_timeout())
@@ -394,6 +451,10 @@ class _UpstreamCall:
             self._stop_watcher()
             shedder.inflight -= 1
             metrics.upstream_finished(req.model)
+            req.status, req.billed, req.cached = status, self.billed, self.cached
+            if status >= 400 and req.error is None:
+                req.error = f"The upstream answered {status}."
+            span.end(req.error if status >= 400 or not status else None)
             await self._settle()
             metrics.count_request(req.ref, req.model, status, req.priority)
             metrics.count_tokens(req.ref, req.model, self.billed[0], self.billed[1])
@@ -404,13 +465,16 @@ class _UpstreamCall:
             actual = self.billed[0] + self.billed[1]
             if actual > self.req.reserve:  # a misbehaving upstream: charged in full, and counted
                 metrics.count_overrun(self.req.ref, actual - self.req.reserve)
+            span = self.req.trace.child("atlas.settlement")
             await self.ticket.settle(actual, self.billed[0], self.cached)
+            span.end()
 
     async def _record_owner(self, response_id: str | None) -> None:
         if response_id:
             await owned_responses.record(self.rt, response_id, self.owner, self.billed[0] + self.billed[1])
 
     async def _fail(self, send, err: errors.GatewayError) -> None:
+        self.req.refused(err)
         self._stop_watcher()
         await send_error(send, err, self.req.response_headers)
 
@@ -441,6 +505,7 @@ class _UpstreamCall:
                 if cut:  # a running count (message_delta) may lag what was delivered
                     completion = max(completion, stream.delivered)
                 self.billed = (prompt, completion)
+                self.req.response_model = stream.model
             else:  # cut short, or an upstream that ignores include_usage: bill what was delivered
                 self.billed = (self.req.prompt_estimate, stream.delivered)
             if cut:

@@ -27,6 +27,7 @@ from .priority import Shedder
 from .recovery import Recovery
 from .redis_cluster import ClusterFastRedis
 from .settings import Settings
+from .telemetry import NO_TRACING, NO_USAGE_RECORDS, start_tracing, start_usage_records
 from .tokens import Meter
 from .upstreams import Upstreams
 
@@ -104,6 +105,9 @@ class Runtime:
         self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
         self._ids = itertools.count(1)
         self._connect_redis()
+        # traces and usage records: constant no-ops until start() (and after it, unless configured)
+        self.tracing = NO_TRACING
+        self.usage_records = NO_USAGE_RECORDS
         auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
         self.upstream_auth = auth
 
@@ -164,6 +168,8 @@ class Runtime:
             auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        self.tracing = start_tracing(s.telemetry)
+        self.usage_records = start_usage_records(s.telemetry)
         self.loop = asyncio.get_running_loop()  # the hot path's, kept (see _UpstreamCall.run)
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
         if metrics.WORKERS_DIR:
@@ -188,3 +194,7 @@ class Runtime:
             self.session = None
         await self.fast_redis.aclose()
         await self.redis.aclose()
+        # last: what the requests above recorded leaves now (bounded: telemetry/otel_sdk.py)
+        self.tracing.shutdown()
+        self.usage_records.shutdown()
+        self.tracing, self.usage_records = NO_TRACING, NO_USAGE_RECORDS

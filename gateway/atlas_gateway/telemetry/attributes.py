@@ -16,12 +16,11 @@ from atlas_core.contract import format_micro
 
 def span_attributes(req) -> dict[str, Any]:
     """The server span's attributes once the request has ended."""
-    route = req.route
     attrs: dict[str, Any] = {
         "http.request.method": req.method,
-        "http.route": route.path,
+        "http.route": req.path,
         "http.response.status_code": req.status,
-        "gen_ai.operation.name": route.operation,
+        "gen_ai.operation.name": req.operation,
         "atlas.request.id": req.id,
     }
     model = req.doc.get("model") if isinstance(req.doc, dict) else None
@@ -79,7 +78,7 @@ def usage_record(req, trace_id: str | None) -> dict[str, Any]:
         "key": principal.ref,
         "quota": principal.quota.ref if principal.quota is not None else None,
         "model": req.doc.get("model") if isinstance(req.doc.get("model"), str) else None,
-        "route": req.route.path,
+        "route": req.path,
         "status": req.status,
         "promptTokens": prompt,
         "completionTokens": completion,

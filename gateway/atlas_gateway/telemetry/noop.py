@@ -43,7 +43,7 @@ class NoTracing:
     __slots__ = ()
     enabled = False
 
-    def start(self, forward: dict[str, str], method: str, route: str, started: float) -> NoTrace:
+    def start(self, forward: dict[str, str], method: str, path: str, operation: str, started: float) -> NoTrace:
         return NO_TRACE
 
     def shutdown(self) -> None:

@@ -89,7 +89,7 @@ class SpanTrace:
         span = self.tracer.start_span(f"{self.operation} {model}", self.context, SpanKind.CLIENT,
                                       {"gen_ai.operation.name": self.operation, "gen_ai.request.model": model})
         context = span.get_span_context()
-        forward["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+        forward["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
         return Child(span)
 
     def finish(self, req) -> None:
@@ -134,15 +134,15 @@ class SdkTracing:
         self.tracer = self.provider.get_tracer(SCOPE)
         self.propagator = TraceContextTextMapPropagator()
 
-    def start(self, forward: dict[str, str], method: str, route, started: float):
+    def start(self, forward: dict[str, str], method: str, path: str, operation: str, started: float):
         """The request's trace, its server span started when the request arrived (``started``:
         its perf_counter()); the parent is the client's ``traceparent`` when it sent a valid one."""
         parent = self.propagator.extract(forward) if "traceparent" in forward else None
         start_ns = time_ns() - int((perf_counter() - started) * 1e9)
-        span = self.tracer.start_span(f"{method} {route.path}", parent, SpanKind.SERVER, start_time=start_ns)
+        span = self.tracer.start_span(f"{method} {path}", parent, SpanKind.SERVER, start_time=start_ns)
         if not span.is_recording():
             return UnsampledTrace(span.get_span_context())
-        return SpanTrace(self.tracer, span, route.operation)
+        return SpanTrace(self.tracer, span, operation)
 
     def shutdown(self) -> None:
         self.provider.force_flush(FLUSH_MILLIS)

@@ -25,8 +25,8 @@ OPERATOR_RULES = [
     {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaskeys", "atlasquotas"],
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaspricelists"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaskeys/status", "atlasquotas/status"],
-     "verbs": ["patch"]},
+    {"apiGroups": ["atlas.bugvanquisher.io"],
+     "resources": ["atlaskeys/status", "atlasquotas/status", "atlaspricelists/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

@@ -51,6 +51,7 @@ CAP_FIELDS = {
     "messages": ("max_tokens",),
 }
 GENERATING = frozenset(CAP_FIELDS)
+MAX_RESERVE = 10**15  # the CRDs' largest token budget: a request reserving more fits no budget
 # per route: (field, its quoted name as it appears in a body, the member that appends it)
 _CAP_NEEDLES = {kind: tuple((name, b'"%s"' % name.encode(), b',"%s":' % name.encode()) for name in fields)
                 for kind, fields in CAP_FIELDS.items()}
@@ -223,7 +224,16 @@ class Meter:
     # ------------------------------------------------------------------ routes
 
     def bound(self, kind: str, doc: dict[str, Any], previous_tokens: int = 0) -> Bound:
-        """The bound of a validated request of route ``kind``; 400 for what cannot be bounded."""
+        """The bound of a validated request of route ``kind``; 400 for what cannot be bounded,
+        and for a reservation larger than any budget (admit.lua counts exactly only below 2^53)."""
+        bound = self._bound(kind, doc, previous_tokens)
+        if bound.reserve > MAX_RESERVE:
+            param = next((name for name in (*CAP_FIELDS.get(kind, ()), "n", "best_of") if doc.get(name)), None)
+            message = f"This request may use {bound.reserve} tokens, more than any budget holds ({MAX_RESERVE})"
+            raise _bad(message + (f"; lower '{param}'." if param else "."), param)
+        return bound
+
+    def _bound(self, kind: str, doc: dict[str, Any], previous_tokens: int) -> Bound:
         if kind == "chat":
             if doc.get("chat_template") is not None:
                 raise _bad("A request-supplied 'chat_template' cannot be metered.", "chat_template")

@@ -13,9 +13,9 @@ from typing import Any
 from atlas_core import contract
 
 from . import conditions as cond
-from .keys import StatusConflict, status_delta
-from .kube import CONFLICT, GONE, KubeApi
+from .kube import KubeApi
 from .settings import PRICE_LISTS
+from .status import write_status
 from .views import ObjectView
 
 USED_BY_SHOWN = 50  # names listed per kind in status.usedBy (the counts are complete)
@@ -43,10 +43,6 @@ async def reconcile_price_list(view: ObjectView, *, kube: KubeApi, keys: list[st
                                now: datetime | None = None) -> bool:
     """Patch what differs; True when a patch was written. StatusConflict: re-read and run again."""
     desired = desired_status(view, keys, quotas, now or datetime.now(timezone.utc))
-    delta = status_delta(view.status, desired)
-    if not delta:
-        return False
-    result = await kube.patch_status(PRICE_LISTS, view.namespace, view.name, delta, view.resource_version)
-    if result == CONFLICT:
-        raise StatusConflict(f"AtlasPriceList {view.ref} changed during reconcile")
-    return result != GONE
+    obj = {"metadata": {"namespace": view.namespace, "name": view.name, "resourceVersion": view.resource_version},
+           "status": view.status}
+    return await write_status(kube, PRICE_LISTS, obj, desired)

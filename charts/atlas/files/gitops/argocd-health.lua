@@ -4,7 +4,8 @@
 --   Progressing  the operator has not yet processed this generation of the object
 --   Degraded     a configuration error (condition Stalled=True): it will not fix itself
 --   Suspended    an AtlasKey suspended or expired on purpose: it refuses traffic as declared
---   Healthy      in effect as declared (the message says when a budget is spent or at risk)
+--   Healthy      in effect as declared (the message says when a budget is spent or at risk, or
+--                its usage cannot be shown for now)
 local hs = {}
 
 local function condition(conditions, wanted)
@@ -54,7 +55,7 @@ end
 
 hs.status = "Healthy"
 hs.message = describe(ready)
-for _, notice in ipairs({"QuotaExhausted", "BudgetAtRisk"}) do
+for _, notice in ipairs({"QuotaExhausted", "BudgetAtRisk", "UsageStale"}) do
   local c = condition(status.conditions, notice)
   if c ~= nil and c.status == "True" then
     hs.message = hs.message .. "; " .. describe(c)

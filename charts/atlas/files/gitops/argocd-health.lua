@@ -6,8 +6,6 @@
 --   Suspended    an AtlasKey suspended or expired on purpose: it refuses traffic as declared
 --   Healthy      in effect as declared (the message says when a budget is spent or at risk, or
 --                its usage cannot be shown for now)
-local hs = {}
-
 local function condition(conditions, wanted)
   for _, c in ipairs(conditions or {}) do
     if c.type == wanted then
@@ -27,38 +25,29 @@ end
 local status = obj.status or {}
 local generation = obj.metadata.generation or 0
 if status.observedGeneration == nil or status.observedGeneration < generation then
-  hs.status = "Progressing"
-  hs.message = "waiting for the Atlas operator to process generation " .. generation
-  return hs
+  return {status = "Progressing", message = "waiting for the Atlas operator to process generation " .. generation}
 end
 
 local stalled = condition(status.conditions, "Stalled")
 if stalled ~= nil and stalled.status == "True" then
-  hs.status = "Degraded"
-  hs.message = describe(stalled)
-  return hs
+  return {status = "Degraded", message = describe(stalled)}
 end
 
 local ready = condition(status.conditions, "Ready")
 if ready == nil or ready.status ~= "True" then
-  hs.status = "Progressing"
-  hs.message = ready ~= nil and describe(ready) or "waiting for the Ready condition"
-  return hs
+  return {status = "Progressing", message = ready ~= nil and describe(ready) or "waiting for the Ready condition"}
 end
 
 local serving = condition(status.conditions, "Serving")
 if serving ~= nil and serving.status == "False" then
-  hs.status = "Suspended"
-  hs.message = describe(serving)
-  return hs
+  return {status = "Suspended", message = describe(serving)}
 end
 
-hs.status = "Healthy"
-hs.message = describe(ready)
+local message = describe(ready)
 for _, notice in ipairs({"QuotaExhausted", "BudgetAtRisk", "UsageStale"}) do
   local c = condition(status.conditions, notice)
   if c ~= nil and c.status == "True" then
-    hs.message = hs.message .. "; " .. describe(c)
+    message = message .. "; " .. describe(c)
   end
 end
-return hs
+return {status = "Healthy", message = message}

@@ -3,10 +3,10 @@
 // observedGeneration check first, then inProgress, failed and current in that order, InProgress
 // when none holds.
 //
-//	atlas-health-flux -exprs exprs.json < objects.json > results.json
+//	atlas-health-flux -exprs exprs.json < list.json > results.json
 //
 // exprs.json is the healthCheckExprs list as JSON ({apiVersion, kind, current, failed,
-// inProgress}); objects.json a JSON array of objects. Each result is {"status"} or {"error"}.
+// inProgress}); list.json a v1 List of objects. Each result is {"status"} or {"error"}.
 package main
 
 import (
@@ -20,7 +20,6 @@ import (
 	"github.com/fluxcd/pkg/apis/kustomize"
 	"github.com/fluxcd/pkg/runtime/cel"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utiljson "k8s.io/apimachinery/pkg/util/json"
 )
 
 type result struct {
@@ -47,13 +46,18 @@ func main() {
 		}
 		evaluators[exprs[i].APIVersion+"/"+exprs[i].Kind] = evaluator
 	}
-	objects, err := readObjects(os.Stdin)
+	// decoded as the API machinery does: whole numbers as int64, as metadata.generation must be
+	var list unstructured.UnstructuredList
+	data, err := io.ReadAll(os.Stdin)
+	if err == nil {
+		err = list.UnmarshalJSON(data)
+	}
 	if err != nil {
 		fail("reading objects from stdin: %v", err)
 	}
-	results := make([]result, 0, len(objects))
-	for _, obj := range objects {
-		u := &unstructured.Unstructured{Object: obj}
+	results := make([]result, 0, len(list.Items))
+	for i := range list.Items {
+		u := &list.Items[i]
 		evaluator, ok := evaluators[u.GetAPIVersion()+"/"+u.GetKind()]
 		if !ok {
 			fail("no healthCheckExprs for %s %s", u.GetAPIVersion(), u.GetKind())
@@ -73,26 +77,4 @@ func main() {
 func fail(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "atlas-health-flux: "+format+"\n", args...)
 	os.Exit(2)
-}
-
-// readObjects decodes a JSON array of objects as the API machinery does (whole numbers as int64,
-// which unstructured accessors such as metadata.generation require).
-func readObjects(in io.Reader) ([]map[string]any, error) {
-	data, err := io.ReadAll(in)
-	if err != nil {
-		return nil, err
-	}
-	var items []any
-	if err := utiljson.Unmarshal(data, &items); err != nil {
-		return nil, err
-	}
-	objects := make([]map[string]any, 0, len(items))
-	for i, item := range items {
-		obj, ok := item.(map[string]any)
-		if !ok {
-			return nil, fmt.Errorf("item %d is not an object", i)
-		}
-		objects = append(objects, obj)
-	}
-	return objects, nil
 }

@@ -31,7 +31,7 @@ venv: $(STAMP)  ## create .venv and install Atlas with its test dependencies
 system-deps:  ## redis-server and wrk from Debian's packages (skipped when present)
 	@bash hack/system-deps.sh
 
-tools:  ## build kube-apiserver, etcd, kubectl, helm and jaeger from source (cached outside the checkout)
+tools:  ## build kube-apiserver, etcd, kubectl, helm, the GitOps health runners and jaeger from source (cached outside the checkout)
 	@bash hack/tools/build.sh
 
 jaeger:  ## build only Jaeger (the trace backend of the integration tier and the dev stack)

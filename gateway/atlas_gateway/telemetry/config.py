@@ -33,6 +33,8 @@ class TelemetryConfig:
     trace_protocol: str = "http/protobuf"
     usage_records: str = "off"  # off | stdout (JSON lines) | otlp (log records)
     logs_protocol: str = "http/protobuf"
+    sampler: str = "parentbased_always_on"  # OTEL_TRACES_SAMPLER (the SDK reads it too)
+    sampler_ratio: float = 1.0  # OTEL_TRACES_SAMPLER_ARG of the ratio samplers
 
     @property
     def tracing(self) -> bool:
@@ -55,9 +57,8 @@ class TelemetryConfig:
         if disabled:
             return cls(usage_records="off" if usage == "otlp" else usage)
         exporters = _trace_exporters(env)
-        if exporters:
-            _check_sampler(env)
-        return cls(trace_exporters=exporters,
+        sampler, ratio = _sampler(env) if exporters else ("parentbased_always_on", 1.0)
+        return cls(trace_exporters=exporters, sampler=sampler, sampler_ratio=ratio,
                    trace_protocol=_protocol(env, "TRACES") if "otlp" in exporters else "http/protobuf",
                    usage_records=usage,
                    logs_protocol=_protocol(env, "LOGS") if usage == "otlp" else "http/protobuf")
@@ -91,13 +92,15 @@ def _protocol(env: Mapping[str, str], signal: str) -> str:
     return protocol
 
 
-def _check_sampler(env: Mapping[str, str]) -> None:
-    """The SDK would log a warning and sample everything: a typo must not cost 100 % tracing."""
+def _sampler(env: Mapping[str, str]) -> tuple[str, float]:
+    """(sampler, ratio). The SDK would log a warning and sample everything: a typo must not
+    cost 100 % tracing."""
     raw = env.get("OTEL_TRACES_SAMPLER")
     sampler = (raw or "parentbased_always_on").strip().lower()
     if sampler not in SAMPLERS:
         raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER={raw!r}: expected one of {', '.join(SAMPLERS)}")
     arg = env.get("OTEL_TRACES_SAMPLER_ARG")
+    ratio = 1.0  # the SDK's default without an argument
     if sampler.endswith("traceidratio") and arg is not None and arg.strip():
         try:
             ratio = float(arg)
@@ -105,3 +108,4 @@ def _check_sampler(env: Mapping[str, str]) -> None:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
             raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER_ARG={arg!r}: expected a ratio from 0 to 1")
+    return sampler, ratio

@@ -8,18 +8,21 @@ headers, certificates, timeouts (OTEL_EXPORTER_OTLP_*) and batching (OTEL_BSP_*,
 from __future__ import annotations
 
 import socket
+from random import getrandbits
 from importlib import metadata
 from time import perf_counter, time_ns
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .attributes import client_trace_id, span_attributes, usage_record
 from .config import TelemetryConfig
 from .noop import NO_SPAN, NoSpan
+from .sampling import HeadSampler, parse_traceparent
 
 SCOPE = "atlas_gateway"
 FLUSH_MILLIS = 3000  # at shutdown: what is still queued gets this long to leave
@@ -101,15 +104,15 @@ class SpanTrace:
 
 
 class UnsampledTrace:
-    """A request the sampler left out: nothing is recorded, but the upstream still gets a
-    traceparent (flag 00) so that its own sampler follows the same decision."""
+    """A request the sampler left out: no span object at all, but the upstream still gets a
+    traceparent (sampled flag off) so that its own sampler follows the same decision."""
 
     __slots__ = ("traceparent", "trace_id")
     recording = False
 
-    def __init__(self, context) -> None:
-        self.trace_id = f"{context.trace_id:032x}"
-        self.traceparent = f"00-{self.trace_id}-{context.span_id:016x}-{context.trace_flags:02x}"
+    def __init__(self, trace_id: int, flags: int) -> None:
+        self.trace_id = f"{trace_id:032x}"
+        self.traceparent = f"00-{self.trace_id}-{getrandbits(64) or 1:016x}-{flags:02x}"
 
     def child(self, name: str) -> NoSpan:
         return NO_SPAN
@@ -122,26 +125,48 @@ class UnsampledTrace:
         pass
 
 
+class _DecidedTraceIds(RandomIdGenerator):
+    """A sampled root span takes the trace id sampling.py decided on (SdkTracing.start)."""
+
+    decided = 0
+
+    def generate_trace_id(self) -> int:
+        trace_id, self.decided = self.decided, 0
+        return trace_id or super().generate_trace_id()
+
+
 class SdkTracing:
     """The tracer of one gateway process."""
 
     enabled = True
 
     def __init__(self, config: TelemetryConfig) -> None:
-        self.provider = TracerProvider(resource=resource())  # the sampler: OTEL_TRACES_SAMPLER[_ARG]
+        self.ids = _DecidedTraceIds()
+        # the sampler: OTEL_TRACES_SAMPLER[_ARG], read by the SDK
+        self.provider = TracerProvider(resource=resource(), id_generator=self.ids)
         for exporter in _span_exporters(config):
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer(SCOPE)
+        self.head = HeadSampler(config.sampler, config.sampler_ratio)
         self.propagator = TraceContextTextMapPropagator()
 
     def start(self, forward: dict[str, str], method: str, path: str, operation: str, started: float):
         """The request's trace, its server span started when the request arrived (``started``:
-        its perf_counter()); the parent is the client's ``traceparent`` when it sent a valid one."""
-        parent = self.propagator.extract(forward) if "traceparent" in forward else None
+        its perf_counter()); the parent is the client's ``traceparent`` when it sent a valid one.
+        An unsampled request gets no SDK call at all (sampling.py)."""
+        header = forward.get("traceparent")
+        parent = parse_traceparent(header) if header is not None else None
+        if parent is None:
+            trace_id, parent_sampled, random_bit = getrandbits(128) or 1, None, TraceFlags.RANDOM_TRACE_ID
+        else:
+            trace_id, _, flags = parent
+            parent_sampled, random_bit = bool(flags & TraceFlags.SAMPLED), flags & TraceFlags.RANDOM_TRACE_ID
+        if not self.head.sampled(trace_id, parent_sampled):
+            return UnsampledTrace(trace_id, random_bit)
+        self.ids.decided = trace_id if parent is None else 0
         start_ns = time_ns() - int((perf_counter() - started) * 1e9)
-        span = self.tracer.start_span(f"{method} {path}", parent, SpanKind.SERVER, start_time=start_ns)
-        if not span.is_recording():
-            return UnsampledTrace(span.get_span_context())
+        span = self.tracer.start_span(f"{method} {path}", self.propagator.extract(forward) if parent else None,
+                                      SpanKind.SERVER, start_time=start_ns)
         return SpanTrace(self.tracer, span, operation)
 
     def shutdown(self) -> None:

@@ -15,10 +15,8 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from . import errors
-from .endpoints import HealthEndpoint, MetricsEndpoint, ModelsEndpoint, ReadyEndpoint, UsageEndpoint
-from .owned_responses import PREFIX as STORED_RESPONSES, StoredResponseEndpoint
-from .proxy import PATHS, InferenceEndpoint
 from .responses import send_error
+from .routes import ROUTES
 from .runtime import Runtime
 from .server import configure as configure_connections
 from .settings import Settings
@@ -32,15 +30,9 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
-        self.routes = {
-            **{path: InferenceEndpoint(self, kind) for kind, path in PATHS.items()},
-            "/v1/models": ModelsEndpoint(self),
-            "/v1/usage": UsageEndpoint(self),
-            "/healthz": HealthEndpoint(self),
-            "/readyz": ReadyEndpoint(self),
-            "/metrics": MetricsEndpoint(self),
-        }
-        self.stored_responses = StoredResponseEndpoint(self)
+        # the route table's endpoints, one per route: exact paths, then path prefixes
+        self.routes = {route.path: route.handler(self, route) for route in ROUTES if not route.prefix}
+        self.prefixes = tuple((route.path, route.handler(self, route)) for route in ROUTES if route.prefix)
 
     async def start(self) -> None:
         self.runtime = Runtime(self.settings)
@@ -62,9 +54,9 @@ def build_fastapi(gateway: Gateway) -> FastAPI:
             await gateway.stop()
 
     app = FastAPI(title="Atlas gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    for path, endpoint in gateway.routes.items():
-        methods = ["POST"] if isinstance(endpoint, InferenceEndpoint) else ["GET"]
-        app.router.routes.append(Route(path, endpoint, methods=methods))
+    for route in ROUTES:
+        if not route.prefix:
+            app.router.routes.append(Route(route.path, gateway.routes[route.path], methods=list(route.methods)))
     app.state.gateway = gateway
     return app
 
@@ -84,9 +76,10 @@ class AtlasASGI:
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
-            if scope["path"].startswith(STORED_RESPONSES):
-                await self.gateway.stored_responses(scope, receive, send)
-                return
+            for prefix, endpoint in self.gateway.prefixes:
+                if scope["path"].startswith(prefix):
+                    await endpoint(scope, receive, send)
+                    return
             runtime = self.gateway.runtime
             request_id = runtime.new_request_id().encode() if runtime else b"-"
             await send_error(send, errors.not_found(scope["path"]), [(b"x-request-id", request_id)])

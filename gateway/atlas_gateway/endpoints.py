@@ -19,10 +19,9 @@ from .runtime import Runtime
 
 
 class _Endpoint:
-    methods = ("GET",)
-
-    def __init__(self, gateway) -> None:
+    def __init__(self, gateway, route) -> None:
         self.gateway = gateway
+        self.methods = route.methods
 
     async def __call__(self, scope, receive, send) -> None:
         rt: Runtime = self.gateway.runtime

@@ -21,7 +21,6 @@ from . import errors, metrics, proxy  # proxy imports this module: use its names
 from .headers import MISSING_KEY, api_key_from_headers
 from .responses import send_error
 
-PREFIX = "/v1/responses/"
 # method -> the sub-paths of /v1/responses/{id} it may reach; nothing else is forwarded, so no
 # path (e.g. one with ../ segments) can reach another upstream route through here
 _SUBPATHS = {"GET": ("", "input_items"), "DELETE": ("",), "POST": ("cancel",)}
@@ -62,8 +61,9 @@ async def record(rt, response_id: str, subject: str, tokens: int) -> None:
 class StoredResponseEndpoint:
     """``/v1/responses/{id}[/...]``: owner check, then a plain pass-through (requests only)."""
 
-    def __init__(self, gateway) -> None:
+    def __init__(self, gateway, route) -> None:
         self.gateway = gateway
+        self.prefix = route.path  # /v1/responses/
 
     async def __call__(self, scope, receive, send) -> None:
         rt = self.gateway.runtime
@@ -76,7 +76,7 @@ class StoredResponseEndpoint:
     async def _handle(self, rt, scope, receive, send, headers) -> None:
         method = scope["method"]
         path: str = scope["path"]
-        response_id, _, rest = path[len(PREFIX):].partition("/")
+        response_id, _, rest = path[len(self.prefix):].partition("/")
         allowed = _SUBPATHS.get(method)
         if allowed is None:
             raise errors.method_not_allowed()

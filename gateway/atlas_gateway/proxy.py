@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -35,16 +36,16 @@ from .runtime import Runtime
 from .streaming import StreamState, pump
 from .tokens import Bound, text_tokens
 from .upstream_body import UpstreamBody
-from .usage import cached_tokens, response_id_from_body, split_usage, usage_from_body
+from .usage import cached_tokens, response_id_from_body, usage_from_body
 from .validation import parse_body, validate
+
+if TYPE_CHECKING:
+    from .routes import Route
 
 log = logging.getLogger("atlas_gateway")
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
-         "responses": "/v1/responses", "messages": "/v1/messages", "rerank": "/v1/rerank", "score": "/v1/score",
-         "tokenize": "/tokenize", "detokenize": "/detokenize"}
 _MAX_TOKENS_HEADER = b"x-atlas-max-tokens"
 
 
@@ -112,13 +113,12 @@ class RequestContext:
     """One inference request, from its headers to its settlement: what each step learnt, for the
     steps after it (and for the metrics, whichever step ends the request)."""
 
-    __slots__ = ("rt", "kind", "path", "id", "started", "response_headers", "ref", "model", "priority",
+    __slots__ = ("rt", "route", "id", "started", "response_headers", "ref", "model", "priority",
                  "principal", "forward", "raw", "doc", "bound", "reserve", "ticket")
 
-    def __init__(self, rt: Runtime, kind: str, path: str) -> None:
+    def __init__(self, rt: Runtime, route: Route) -> None:
         self.rt = rt
-        self.kind = kind  # route, a key of PATHS
-        self.path = path
+        self.route = route
         self.started = perf_counter()
         self.id = rt.new_request_id()  # also the lease member in Redis: never from the client
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.id.encode())]
@@ -140,15 +140,14 @@ class RequestContext:
 
 
 class InferenceEndpoint:
-    """Raw ASGI endpoint for one route of :data:`PATHS`."""
+    """Raw ASGI endpoint for one metered or requests-only route of the route table."""
 
-    def __init__(self, gateway, kind: str) -> None:
+    def __init__(self, gateway, route: Route) -> None:
         self.gateway = gateway  # holds .runtime once the lifespan has started
-        self.kind = kind
-        self.path = PATHS[kind]
+        self.route = route
 
     async def __call__(self, scope, receive, send) -> None:
-        req = RequestContext(self.gateway.runtime, self.kind, self.path)
+        req = RequestContext(self.gateway.runtime, self.route)
         try:
             await self._admit(req, scope, receive)
             try:
@@ -164,7 +163,7 @@ class InferenceEndpoint:
         except ConnectionAbortedError:
             return  # the client left while sending its body: nobody to answer
         except Exception:
-            log.exception("unexpected error in %s", self.path)
+            log.exception("unexpected error in %s", self.route.path)
             try:
                 await send_error(send, errors.GatewayError(500, "Internal gateway error.", "server_error"),
                                  req.response_headers)
@@ -176,7 +175,7 @@ class InferenceEndpoint:
         refuses the request, or returns with ``req.ticket`` set (None only when failing open)."""
         rt = req.rt
         settings = rt.settings
-        if scope["method"] != "POST":
+        if scope["method"] not in req.route.methods:
             raise errors.method_not_allowed()
         headers = RequestHeaders(scope["headers"], forward=True)
         if headers.api_key is None:
@@ -195,7 +194,7 @@ class InferenceEndpoint:
             raise errors.body_too_large(settings.max_body_bytes)
         doc = parse_body(raw)
         req.raw, req.doc = raw, doc
-        model = validate(self.kind, doc)
+        model = validate(req.route, doc)
         req.model = metrics.model_label(model)
         if not principal.allows_model(model):
             raise errors.permission_denied(
@@ -209,7 +208,7 @@ class InferenceEndpoint:
         if doc.get("previous_response_id") is not None:
             # continuing a stored response: only its creator may, and its tokens are re-fed
             previous_tokens = await owned_responses.tokens_of(rt, principal, doc["previous_response_id"])
-        bound = req.bound = rt.meter.bound(self.kind, doc, previous_tokens)
+        bound = req.bound = rt.meter.bound(req.route, doc, previous_tokens)
         prompt_estimate = bound.prompt
         reserve = req.reserve = bound.reserve
 
@@ -275,7 +274,7 @@ class _UpstreamCall:
         self._refresher: asyncio.TimerHandle | None = None
         self._refreshing: asyncio.Future | None = None
         # /v1/responses: the key subject a stored response belongs to
-        self.owner = req.ticket.principal.subjects[0] if req.kind == "responses" and req.ticket is not None else None
+        self.owner = req.ticket.principal.subjects[0] if req.route.stores_responses and req.ticket is not None else None
 
     def _start_watcher(self) -> None:
         if not self.finishing and self.watcher is None:
@@ -329,7 +328,7 @@ class _UpstreamCall:
     async def run(self, scope, receive, send) -> None:
         req = self.req
         rt = self.rt
-        body = UpstreamBody(req.kind, req.doc, req.raw, req.bound.cap,
+        body = UpstreamBody(req.route, req.doc, req.raw, req.bound.cap,
                             None if rt.settings.forward_priority is None else rt.settings.forward_priority[req.priority])
         streaming = body.streaming
         forward = req.forward
@@ -337,7 +336,7 @@ class _UpstreamCall:
         forward["x-request-id"] = req.id
         if rt.upstream_auth:
             forward["authorization"] = rt.upstream_auth
-        url = rt.upstreams.base_for(req.doc["model"]) + req.path
+        url = rt.upstreams.base_for(req.doc["model"]) + req.route.path
 
         shedder = rt.shedder
         loop = rt.loop  # (kept: on Python 3.11 each asyncio.get_running_loop() is a getpid() system call)
@@ -417,7 +416,7 @@ class _UpstreamCall:
     def _bill_body(self, status: int, body: bytes) -> tuple[int, int]:
         usage = usage_from_body(body)
         if usage is not None:
-            prompt, completion, total = split_usage(usage)
+            prompt, completion, total = self.req.route.usage(usage)
             self.cached = cached_tokens(usage)
             return prompt, total - prompt
         if status != 200:
@@ -435,7 +434,7 @@ class _UpstreamCall:
         finally:
             cut = stream.error is not None or self.client_gone
             if stream.usage is not None:
-                prompt, completion, total = split_usage(stream.usage)
+                prompt, completion, total = self.req.route.usage(stream.usage)
                 self.cached = cached_tokens(stream.usage)
                 completion = total - prompt
                 if cut:  # a running count (message_delta) may lag what was delivered

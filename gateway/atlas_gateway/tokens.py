@@ -31,10 +31,14 @@ in every cap field of the route (:func:`apply_cap`).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from json.encoder import encode_basestring
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import errors
+
+if TYPE_CHECKING:
+    from .routes import Route
 
 TEXT_FIELDS = {  # content part type -> the field holding its text
     "text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
@@ -43,17 +47,6 @@ TEXT_FIELDS = {  # content part type -> the field holding its text
 MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio_url", "video_url", "video"})
 RESPONSE_ITEMS = frozenset({"message", "function_call", "function_call_output", "reasoning"})
 
-# the fields a route's completion cap is read from and written to
-CAP_FIELDS = {
-    "chat": ("max_completion_tokens", "max_tokens"),
-    "completions": ("max_tokens",),
-    "responses": ("max_output_tokens",),
-    "messages": ("max_tokens",),
-}
-GENERATING = frozenset(CAP_FIELDS)
-# per route: (field, its quoted name as it appears in a body, the member that appends it)
-_CAP_NEEDLES = {kind: tuple((name, b'"%s"' % name.encode(), b',"%s":' % name.encode()) for name in fields)
-                for kind, fields in CAP_FIELDS.items()}
 _CHAT_STRUCTURED = ("tools", "functions", "documents", "chat_template_kwargs", "response_format")
 
 
@@ -222,48 +215,64 @@ class Meter:
 
     # ------------------------------------------------------------------ routes
 
-    def bound(self, kind: str, doc: dict[str, Any], previous_tokens: int = 0) -> Bound:
-        """The bound of a validated request of route ``kind``; 400 for what cannot be bounded."""
-        if kind == "chat":
-            if doc.get("chat_template") is not None:
-                raise _bad("A request-supplied 'chat_template' cannot be metered.", "chat_template")
-            _check_tools(doc.get("tools"), "tools", ("function",))
-            prompt = self.per_request + self.messages(doc["messages"]) + self._structured(doc, _CHAT_STRUCTURED)
-            return Bound(prompt, self.cap(doc, CAP_FIELDS["chat"]), self.sequences(doc))
-        if kind == "completions":
-            if doc.get("prompt_embeds") is not None:
-                raise _bad("'prompt_embeds' cannot be metered: send text or token ids.", "prompt_embeds")
-            prompt, count = self.prompts(doc["prompt"], "prompt")
-            suffix = doc.get("suffix")
-            if isinstance(suffix, str):
-                prompt += count * utf8_len(suffix)
-            return Bound(prompt, self.cap(doc, CAP_FIELDS["completions"]), count * self.sequences(doc))
-        if kind == "embeddings":
-            return Bound(self.prompts(doc["input"], "input")[0])
-        if kind == "responses":
-            return Bound(self.response_prompt(doc) + previous_tokens, self.cap(doc, CAP_FIELDS["responses"]), 1)
-        if kind == "messages":
-            _check_tools(doc.get("tools"), "tools", ("custom", None))
-            system = doc.get("system")
-            prompt = self.per_request + self.messages(doc["messages"]) + self._structured(doc, ("tools",))
-            if system is not None:
-                prompt += self.per_message + self.content(system, "system")
-            return Bound(prompt, self.cap(doc, CAP_FIELDS["messages"]), 1)
-        if kind == "rerank":
-            query = doc["query"]
-            total = 0
-            for i, item in enumerate(doc["documents"]):
-                if isinstance(item, dict) and isinstance(item.get("text"), str):
-                    item = item["text"]
-                if not isinstance(item, str):
-                    raise _bad(f"'documents[{i}]' must be a string or an object with 'text'.", f"documents[{i}]")
-                total += utf8_len(query) + utf8_len(item) + self.per_prompt
-            return Bound(total)
-        if kind == "score":
-            return Bound(self.score_prompt(doc))
-        return Bound(0)  # requests-only routes (tokenize, detokenize)
+    def bound(self, route: Route, doc: dict[str, Any], previous_tokens: int = 0) -> Bound:
+        """The bound of a validated request of ``route``; 400 for what cannot be bounded.
+        ``previous_tokens``: what a continued stored response re-feeds the model."""
+        if route.prompt is None:
+            return Bound(0)  # requests-only routes (tokenize, detokenize)
+        prompt, prompts = route.prompt(self, doc)
+        prompt += previous_tokens
+        if not route.cap_fields:
+            return Bound(prompt)
+        per_prompt = self.sequences(doc) if route.choices else 1
+        return Bound(prompt, self.cap(doc, route.cap_fields), prompts * per_prompt)
 
-    def response_prompt(self, doc: dict[str, Any]) -> int:
+    # Each route's prompt reader (routes.py): (prompt bound, number of prompts generated for).
+
+    def chat_prompt(self, doc: dict[str, Any]) -> tuple[int, int]:
+        if doc.get("chat_template") is not None:
+            raise _bad("A request-supplied 'chat_template' cannot be metered.", "chat_template")
+        _check_tools(doc.get("tools"), "tools", ("function",))
+        return self.per_request + self.messages(doc["messages"]) + self._structured(doc, _CHAT_STRUCTURED), 1
+
+    def completions_prompt(self, doc: dict[str, Any]) -> tuple[int, int]:
+        if doc.get("prompt_embeds") is not None:
+            raise _bad("'prompt_embeds' cannot be metered: send text or token ids.", "prompt_embeds")
+        prompt, count = self.prompts(doc["prompt"], "prompt")
+        suffix = doc.get("suffix")
+        if isinstance(suffix, str):
+            prompt += count * utf8_len(suffix)
+        return prompt, count
+
+    def embeddings_prompt(self, doc: dict[str, Any]) -> tuple[int, int]:
+        return self.prompts(doc["input"], "input")
+
+    def messages_prompt(self, doc: dict[str, Any]) -> tuple[int, int]:
+        _check_tools(doc.get("tools"), "tools", ("custom", None))
+        system = doc.get("system")
+        prompt = self.per_request + self.messages(doc["messages"]) + self._structured(doc, ("tools",))
+        if system is not None:
+            prompt += self.per_message + self.content(system, "system")
+        return prompt, 1
+
+    def rerank_prompt(self, doc: dict[str, Any]) -> tuple[int, int]:
+        query = doc["query"]
+        total = 0
+        for i, item in enumerate(doc["documents"]):
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                item = item["text"]
+            if not isinstance(item, str):
+                raise _bad(f"'documents[{i}]' must be a string or an object with 'text'.", f"documents[{i}]")
+            total += utf8_len(query) + utf8_len(item) + self.per_prompt
+        return total, 1
+
+    def responses_prompt(self, doc: dict[str, Any]) -> tuple[int, int]:
+        return self._response_input(doc), 1
+
+    def score_prompt(self, doc: dict[str, Any]) -> tuple[int, int]:
+        return self._score_pairs(doc), 1
+
+    def _response_input(self, doc: dict[str, Any]) -> int:
         for name, why in (("background", "a background response is generated after the request ends"),
                           ("conversation", "a stored conversation's length is unknown to the gateway"),
                           ("prompt", "a stored prompt template's length is unknown to the gateway")):
@@ -295,7 +304,7 @@ class Meter:
                 total += rendered_len(item)
         return total
 
-    def score_prompt(self, doc: dict[str, Any]) -> int:
+    def _score_pairs(self, doc: dict[str, Any]) -> int:
         sides = []
         for name in ("text_1", "text_2"):
             value = doc[name]
@@ -330,7 +339,13 @@ def _check_tools(tools: Any, path: str, allowed: tuple) -> None:
 _ESCAPED_KEY_CHAR = re.compile(rb"\\u00(?:5[fF]|6[0-9a-fA-F]|7[0-9aA])")
 
 
-def cap_patch(kind: str, doc: dict[str, Any], cap: int, raw: bytes) -> bytes | None:
+@lru_cache(maxsize=None)
+def _needles(fields: tuple[str, ...]) -> tuple[tuple[str, bytes, bytes], ...]:
+    """Per cap field: its name, its quoted name as it appears in a body, the member appending it."""
+    return tuple((name, b'"%s"' % name.encode(), b',"%s":' % name.encode()) for name in fields)
+
+
+def cap_patch(route: Route, doc: dict[str, Any], cap: int, raw: bytes) -> bytes | None:
     """When forwarding the cap only needs cap fields *added* (the ones present already hold it),
     the JSON members to append to the client's body ``raw``; None when a field must change.
     Saves re-serialising the whole body on the hot path (the common request sends one cap field).
@@ -342,15 +357,16 @@ def cap_patch(kind: str, doc: dict[str, Any], cap: int, raw: bytes) -> bytes | N
     (Those checks are passes over the bytes, made only for a field that is present.)"""
     patch = b""
     present = []
-    for name, quoted, member in _CAP_NEEDLES[kind]:
+    for name, quoted, member in _needles(route.cap_fields):
         if name not in doc:
             patch += member + str(cap).encode()
         elif doc[name] != cap:
             return None
         else:
             present.append(quoted)
-    if kind == "completions" and doc.get("max_completion_tokens", cap) != cap:
-        return None
+    for name in route.also_capped:
+        if doc.get(name, cap) != cap:
+            return None
     min_tokens = doc.get("min_tokens")
     if isinstance(min_tokens, int) and min_tokens > cap:
         return None
@@ -359,13 +375,14 @@ def cap_patch(kind: str, doc: dict[str, Any], cap: int, raw: bytes) -> bytes | N
     return patch
 
 
-def apply_cap(kind: str, doc: dict[str, Any], cap: int) -> None:
+def apply_cap(route: Route, doc: dict[str, Any], cap: int) -> None:
     """Write the cap the reservation was made for into every cap field of the route, so that the
     upstream can generate no more, however it reads them."""
-    for name in CAP_FIELDS[kind]:
+    for name in route.cap_fields:
         doc[name] = cap
-    if kind == "completions" and "max_completion_tokens" in doc:
-        doc["max_completion_tokens"] = cap
+    for name in route.also_capped:
+        if name in doc:
+            doc[name] = cap
     min_tokens = doc.get("min_tokens")
     if isinstance(min_tokens, int) and min_tokens > cap:
         doc["min_tokens"] = cap

@@ -15,14 +15,15 @@ re-serialised, by orjson (~70x faster than the standard library's encoder on big
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .tokens import GENERATING, apply_cap, cap_patch
+from .tokens import apply_cap, cap_patch
 
-STREAMING = frozenset({"chat", "completions", "responses", "messages"})
-INCLUDE_USAGE = frozenset({"chat", "completions"})  # routes whose usage chunk must be asked for
+if TYPE_CHECKING:
+    from .routes import Route
+
 _INCLUDE_USAGE_MEMBER = b',"stream_options":{"include_usage":true}'
 
 
@@ -39,19 +40,19 @@ class UpstreamBody:
 
     __slots__ = ("payload", "streaming", "strip_usage")
 
-    def __init__(self, kind: str, doc: dict[str, Any], raw: bytes, cap: int, priority_value: int | None) -> None:
-        self.streaming = kind in STREAMING and doc.get("stream") is True
+    def __init__(self, route: Route, doc: dict[str, Any], raw: bytes, cap: int, priority_value: int | None) -> None:
+        self.streaming = route.streams and doc.get("stream") is True
         self.strip_usage = False
         rewrite = False  # a member must change or go: re-serialise
         added = []  # members to append to the client's object
-        if kind in GENERATING:  # the upstream may generate no more than was reserved
-            patch = cap_patch(kind, doc, cap, raw)
-            apply_cap(kind, doc, cap)
+        if route.cap_fields:  # the upstream may generate no more than was reserved
+            patch = cap_patch(route, doc, cap, raw)
+            apply_cap(route, doc, cap)
             if patch is None:
                 rewrite = True
             elif patch:
                 added.append(patch)
-        if self.streaming and kind in INCLUDE_USAGE:
+        if self.streaming and route.asks_usage:
             options = doc.get("stream_options") or {}
             if not options.get("include_usage"):
                 self.strip_usage = True

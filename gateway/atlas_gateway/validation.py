@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import errors
+
+if TYPE_CHECKING:
+    from .routes import Route
 
 
 MAX_NESTING = 64  # JSON arrays/objects inside each other; real requests (tool schemas) stay far below
@@ -71,33 +75,30 @@ def _non_negative_int(doc: dict[str, Any], name: str, minimum: int = 0) -> None:
         raise errors.bad_request(f"'{name}' must be an integer >= {minimum}.", param=name)
 
 
-_REQUIRED = {  # route -> (field, accepted types, message)
-    "chat": ("messages", (list,), "'messages' must be a non-empty array."),
-    "completions": ("prompt", (str, list), "'prompt' is required (string or array)."),
-    "embeddings": ("input", (str, list), "'input' is required (string or array)."),
-    "responses": ("input", (str, list), "'input' is required (string or array of input items)."),
-    "messages": ("messages", (list,), "'messages' must be a non-empty array."),
-    "rerank": ("documents", (list,), "'documents' must be a non-empty array."),
-}
+@dataclass(frozen=True, slots=True)
+class Field:
+    """A body member a route cannot do without (routes.py): a 400 naming it when it is absent
+    or of another type. An empty array is refused too, unless ``may_be_empty`` (then the prompt
+    reader bounds or refuses it)."""
+
+    name: str
+    types: tuple[type, ...]
+    message: str
+    may_be_empty: bool = False
+
+    def check(self, doc: dict[str, Any]) -> None:
+        value = doc.get(self.name)
+        if not isinstance(value, self.types) or (isinstance(value, list) and not value and not self.may_be_empty):
+            raise errors.bad_request(self.message, param=self.name)
 
 
-def validate(kind: str, doc: dict[str, Any]) -> str:
+def validate(route: Route, doc: dict[str, Any]) -> str:
     """Check the fields the gateway relies on; return the model name."""
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise errors.bad_request("'model' is required and must be a non-empty string.", param="model")
-    required = _REQUIRED.get(kind)
-    if required is not None:
-        name, types, message = required
-        value = doc.get(name)
-        if not isinstance(value, types) or (isinstance(value, list) and not value and kind != "responses"):
-            raise errors.bad_request(message, param=name)
-    if kind == "rerank" and not isinstance(doc.get("query"), str):
-        raise errors.bad_request("'query' is required and must be a string.", param="query")
-    if kind == "score":
-        for name in ("text_1", "text_2"):
-            if not isinstance(doc.get(name), (str, list)):
-                raise errors.bad_request(f"'{name}' is required (string or array of strings).", param=name)
+    for field in route.required:
+        field.check(doc)
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens"):
         _non_negative_int(doc, name)
     _non_negative_int(doc, "n", 1)
@@ -109,6 +110,6 @@ def validate(kind: str, doc: dict[str, Any]) -> str:
     if options is not None and not isinstance(options, dict):
         raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
     previous = doc.get("previous_response_id")
-    if previous is not None and (kind != "responses" or not isinstance(previous, str) or not previous):
+    if previous is not None and (not route.stores_responses or not isinstance(previous, str) or not previous):
         raise errors.bad_request("'previous_response_id' must be a response id.", param="previous_response_id")
     return model

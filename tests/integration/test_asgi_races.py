@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from atlas_core import contract
+from atlas_gateway.routes import route
 from tests.fixtures.asgi import InProcessGateway, ScriptedUpstream, wait_for_condition
 from tests.fixtures.gateway import write_key
 
@@ -56,7 +57,7 @@ def ledger(redis_url: str) -> dict[str, int]:
 
 
 def prompt_bound(gw: InProcessGateway, body: dict) -> int:
-    return gw.runtime.meter.bound("chat", dict(body)).prompt
+    return gw.runtime.meter.bound(route("chat"), dict(body)).prompt
 
 
 async def assert_slot_free(gw: InProcessGateway, upstream: ScriptedUpstream) -> None:

@@ -23,6 +23,7 @@ import redis
 from atlas_core import contract
 from atlas_devstack.redis_server import RedisServer
 from atlas_gateway.tokens import Meter
+from atlas_gateway.routes import route
 from tests.fixtures.gateway import until
 
 MODEL = "llama-3.1-8b-instruct"
@@ -193,7 +194,7 @@ def test_chaos_leaves_no_lease_and_counters_read_true(own_redis, mock_upstream, 
     key_settled, _ = day_counters(r, SUBJECTS[0])
     resp = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEYS[0]}"})
     assert resp.status_code == 200
-    reserve = Meter(4096).bound("chat", body).reserve
+    reserve = Meter(4096).bound(route("chat"), body).reserve
     assert int(resp.headers["x-ratelimit-remaining-tokens"]) == KEY_LIMITS.tokens_per_day - key_settled - reserve
     settled_soon(r)  # its own lease goes with its settlement, right after the answer
     r.close()

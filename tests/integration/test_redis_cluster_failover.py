@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from atlas_core import cluster, contract
 from atlas_gateway.settings import Settings
 from atlas_gateway.tokens import Meter
+from atlas_gateway.routes import route
 from tests.fixtures.gateway import wait_until, write_key
 
 MODEL = "llama-3.1-8b-instruct"
@@ -34,7 +35,7 @@ def _undo_pending(gw) -> float:
 
 async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
         redis_cluster, cluster_client, mock_upstream, start_gateway):
-    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", BODY)
+    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(route("chat"), BODY)
     budget = BUDGET_REQUESTS * bound.reserve
     for name in ("one", "two"):
         write_key(redis_cluster.url, f"sk-f-{name}", name, contract.Limits(max_concurrent=64), quota="pool",

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from atlas_core import contract
 from atlas_devstack.redis_server import RedisServer
 from atlas_gateway.tokens import Meter
+from atlas_gateway.routes import route
 from tests.fixtures.gateway import wait_until, write_key
 
 MODEL = "llama-3.1-8b-instruct"
@@ -95,7 +96,7 @@ def test_admission_that_timed_out_leaves_no_lease(own_redis, mock_upstream, star
     # the answer goes out before its settlement: its own lease is gone a moment later
     wait_until(lambda: leases(r, "stall") == (0, 0), 2, message=f"no lease left (now {leases(r, 'stall')})")
     # no phantom reservation: what is left is the budget minus what was settled and this request
-    reserve = Meter(4096).bound("chat", dict(BODY)).reserve
+    reserve = Meter(4096).bound(route("chat"), dict(BODY)).reserve
     assert int(ok.headers["x-ratelimit-remaining-tokens"]) == 100_000 - settled_before - reserve
     r.close()
 

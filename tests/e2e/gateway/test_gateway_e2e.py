@@ -15,6 +15,7 @@ import redis
 from atlas_core import contract
 from atlas_gateway.settings import Settings
 from atlas_gateway.tokens import Meter
+from atlas_gateway.routes import route
 from tests.fixtures.gateway import wait_until
 
 MODEL = "llama-3.1-8b-instruct"
@@ -302,7 +303,7 @@ def test_client_disconnect_aborts_non_streaming_request(gateway, new_key, mock_u
     wait_until(lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5, message="upstream aborted")
     wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
     prompt_bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(
-        "chat", {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}).prompt
+        route("chat"), {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}).prompt
     assert usage_of(redis_url, name).tokens_today == prompt_bound  # the prompt bound, no completion
     assert mock_record(mock_upstream, mock_id)["count"] == 1
 

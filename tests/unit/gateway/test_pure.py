@@ -11,6 +11,7 @@ from atlas_gateway.headers import RequestHeaders, api_key_from_headers
 from atlas_gateway.fastredis import ReplyError, pack, reply_reader
 from atlas_gateway.globs import compile_globs, first_match
 from atlas_gateway.priority import Shedder, effective_priority
+from atlas_gateway.routes import route
 from atlas_gateway.settings import Settings, SettingsError
 from atlas_gateway.streaming import StreamState, _filter
 from atlas_gateway.upstreams import Upstreams
@@ -124,12 +125,12 @@ def test_validation_errors_name_the_field():
         parse_body(b"{not json")
     assert exc.value.status == 400
     with pytest.raises(errors.GatewayError) as exc:
-        validate("chat", {"model": "m", "messages": []})
+        validate(route("chat"), {"model": "m", "messages": []})
     assert exc.value.param == "messages"
     with pytest.raises(errors.GatewayError) as exc:
-        validate("chat", {"model": "m", "messages": [{}], "max_tokens": -1})
+        validate(route("chat"), {"model": "m", "messages": [{}], "max_tokens": -1})
     assert exc.value.param == "max_tokens"
-    assert validate("embeddings", {"model": "e", "input": "x"}) == "e"
+    assert validate(route("embeddings"), {"model": "e", "input": "x"}) == "e"
 
 
 # ------------------------------------------------------------------------------ usage / SSE

@@ -11,9 +11,8 @@ import aiohttp
 from atlas_core import contract
 
 from . import errors, metrics
-from .headers import MISSING_KEY, api_key_from_headers
+from .headers import api_key_from_headers
 from .faults import REDIS_FAILURES, is_transport_failure, reply_error, reply_kind
-from .proxy import authenticate
 from .responses import send_bytes, send_error, send_json
 from .runtime import Runtime
 
@@ -34,14 +33,7 @@ class _Endpoint:
             await send_error(send, err, headers)
 
     async def principal(self, rt: Runtime, scope):
-        key = api_key_from_headers(scope["headers"])
-        if key is None:
-            raise errors.invalid_api_key(MISSING_KEY)
-        principal = await authenticate(rt, key)
-        refusal = principal.refusal(datetime.now(timezone.utc).timestamp())
-        if refusal is not None:
-            raise refusal
-        return principal
+        return await rt.auth.authenticate(api_key_from_headers(scope["headers"]))
 
     async def handle(self, rt: Runtime, scope, send, headers) -> None:  # pragma: no cover
         raise NotImplementedError

@@ -17,8 +17,6 @@ NOT_FORWARDED = frozenset({
 })
 _BEARER = b"bearer "
 
-MISSING_KEY = "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'."
-
 
 class RequestHeaders:
     """What the gateway reads from a request's headers. ``forward`` (only when asked for) holds

@@ -11,14 +11,14 @@ plus output, as the upstream counted them) bound what a continuation re-feeds th
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 
 from atlas_core import contract
 
-from . import errors, metrics, proxy  # proxy imports this module: use its names at call time
-from .headers import MISSING_KEY, api_key_from_headers
+from . import errors, metrics
+from .faults import REDIS_FAILURES
+from .headers import api_key_from_headers
 from .responses import send_error
 
 # method -> the sub-paths of /v1/responses/{id} it may reach; nothing else is forwarded, so no
@@ -36,7 +36,7 @@ def not_found(response_id: str) -> errors.GatewayError:
 async def _owner(rt, response_id: str) -> tuple[str, int] | None:
     try:
         raw = await rt.redis.get(contract.response_owner_key(response_id))
-    except proxy.REDIS_FAILURES:
+    except REDIS_FAILURES:
         metrics.count_redis_error("response_owner")
         raise errors.redis_unavailable() from None
     return contract.decode_response_owner(raw)
@@ -54,7 +54,7 @@ async def record(rt, response_id: str, subject: str, tokens: int) -> None:
     try:
         await rt.redis.set(contract.response_owner_key(response_id),
                            contract.encode_response_owner(subject, tokens), ex=contract.RESPONSE_TTL_SECONDS)
-    except proxy.REDIS_FAILURES:
+    except REDIS_FAILURES:
         metrics.count_redis_error("response_owner")  # the response stays unreachable through Atlas
 
 
@@ -83,13 +83,7 @@ class StoredResponseEndpoint:
         if rest not in allowed or not response_id or response_id.strip(".") == "" \
                 or not _ID_CHARS.issuperset(response_id):
             raise errors.not_found(path)
-        key = api_key_from_headers(scope["headers"])
-        if key is None:
-            raise errors.invalid_api_key(MISSING_KEY)
-        principal = await proxy.authenticate(rt, key)
-        refusal = principal.refusal(time.time())
-        if refusal is not None:
-            raise refusal
+        principal = await rt.auth.authenticate(api_key_from_headers(scope["headers"]))
         await tokens_of(rt, principal, response_id)
         forward = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _FORWARDED}
         if rt.upstream_auth:
@@ -108,7 +102,7 @@ class StoredResponseEndpoint:
                 if method == "DELETE" and resp.status == 200:
                     try:
                         await rt.redis.delete(contract.response_owner_key(response_id))
-                    except proxy.REDIS_FAILURES:
+                    except REDIS_FAILURES:
                         metrics.count_redis_error("response_owner")
         except asyncio.TimeoutError:
             raise errors.upstream_timeout() from None

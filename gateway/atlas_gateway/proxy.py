@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from time import perf_counter
 from typing import TYPE_CHECKING
 
 import aiohttp
-
-from atlas_core.contract import hash_api_key
 
 from . import errors, metrics, owned_responses
 from .admission import rejection
 from .auth import Principal
 from .calls import NO_COST, cost_args
 from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
-from .headers import MISSING_KEY, RequestHeaders
+from .headers import RequestHeaders
 from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
@@ -90,23 +87,6 @@ class Ticket:
                 reply_error("settle", exc)
             # whether it ran is unknown: undo.lua settles it once, when Redis answers again
             self.rt.recovery.settle_later(self.principal, self.request_id, self.reserved, actual, costs)
-
-
-async def authenticate(rt: Runtime, api_key: str) -> Principal:
-    key_hash = hash_api_key(api_key)
-    try:
-        principal = await rt.cache.lookup(key_hash)
-    except REDIS_FAILURES as exc:
-        if not is_transport_failure(exc):
-            raise reply_error("config", exc) from None
-        metrics.count_redis_error("config")
-        rt.redis_health.failed(rt.settings.fail_open, exc)
-        principal = rt.cache.stale(key_hash) if rt.settings.fail_open else None
-        if principal is None:
-            raise errors.redis_unavailable() from None
-    if principal is None:
-        raise errors.invalid_api_key("Incorrect API key provided.")
-    return principal
 
 
 class RequestContext:
@@ -178,16 +158,14 @@ class InferenceEndpoint:
         if scope["method"] not in req.route.methods:
             raise errors.method_not_allowed()
         headers = RequestHeaders(scope["headers"], forward=True)
-        if headers.api_key is None:
-            raise errors.invalid_api_key(MISSING_KEY)
+        auth = rt.auth
+        api_key = auth.presented(headers.api_key)
         if headers.content_length > settings.max_body_bytes:
             raise errors.body_too_large(settings.max_body_bytes)
         # who is calling, from the headers alone: an unknown key's body is never read
-        principal = req.principal = await authenticate(rt, headers.api_key)
+        principal = req.principal = await auth.identify(api_key)
         req.ref = principal.ref
-        refusal = principal.refusal(time.time())
-        if refusal is not None:
-            raise refusal
+        auth.check_usable(principal)
         req.forward = headers.forward
         raw = await read_body(receive, settings.max_body_bytes)
         if raw is None:

@@ -19,7 +19,7 @@ from atlas_core import cluster
 
 from . import metrics, worker_metrics
 from .admission import Admission
-from .auth import ConfigCache
+from .auth import Authenticator, ConfigCache
 from .failover import MasterWatch
 from .fastredis import FastRedis
 from .load_view import LoadView
@@ -126,6 +126,7 @@ class Runtime:
             max_connections=1024,
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
+        self.auth = Authenticator(self.cache, self.redis_health, settings.fail_open)
         if self.redis_cluster:
             self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
                                                settings.redis_cluster_wait_ms)

@@ -174,18 +174,13 @@ def test_calendar_month_end_rolls_over_the_year():
 
 
 async def test_ticket_settles_exactly_once(admission, fake_redis):
-    from atlas_gateway.proxy import Ticket
     from atlas_gateway.recovery import Recovery
+    from atlas_gateway.ticket import Ticket
 
-    class RT:
-        pass
-
-    rt = RT()
-    rt.admission = admission
-    rt.recovery = Recovery(admission)  # no Sentinel: settlements are not kept for replay
+    recovery = Recovery(admission)  # no Sentinel: settlements are not kept for replay
     p = make_principal(contract.Limits(tokens_per_day=1000))
     assert (await admission.admit(p, "a", 100)).admitted
-    ticket = Ticket(rt, p, "a", 100)
+    ticket = Ticket(admission, recovery, p, "a", 100)
     await ticket.settle(40)
     await ticket.settle(40)
     day_key, _ = contract.usage_keys(KEY, datetime.now(timezone.utc))

@@ -38,15 +38,15 @@ async def _fire(url: str, body: dict, headers: dict[str, str]) -> list[int]:
 def chat_bound(body: dict):
     """The bound the gateway on PYTHONPATH computes for a chat ``body`` with its default settings.
     That gateway may be an older checkout (``BENCH_GATEWAY_SRC``): before the route table (issue
-    25) a route was named by a string and the meter lived in ``atlas_gateway.tokens``."""
+    25) a route was named by a string and the meter lived in ``atlas_gateway.metering.bounds``."""
     from atlas_gateway.settings import Settings
 
     settings = Settings(upstream_url="http://unused")
     try:
         from atlas_gateway.routes import route
-        from atlas_gateway.tokens import Meter
+        from atlas_gateway.metering.bounds import Meter
     except ImportError:
-        from atlas_gateway.tokens import Meter
+        from atlas_gateway.metering.bounds import Meter
 
         return Meter.from_settings(settings).bound("chat", body)
     return Meter.from_settings(settings).bound(route("chat"), body)

@@ -31,9 +31,10 @@ from typing import Callable
 import yaml
 
 from .controlplane import ControlPlane, _Pki
+from .node_images import pause_image, write_pause
 from .node_network import BRIDGE, NODE_IP, POD_CIDR
 from .processes import pid_alive, pid_cmdline
-from .tools import cni_bin_dir, find_tool, pinned_versions
+from .tools import cni_bin_dir, find_tool
 
 NODE_NAME = "atlas-node"
 CLUSTER_DNS_IP = "10.0.0.10"
@@ -45,10 +46,6 @@ POLL = 0.1
 
 class NodeError(RuntimeError):
     pass
-
-
-def pause_image() -> str:
-    return f"registry.k8s.io/pause:{pinned_versions()['PAUSE_VERSION']}"
 
 
 def _run(*argv: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -171,7 +168,6 @@ class Node:
     # ---- containerd
 
     def _pause_archive(self) -> Path:
-        from .node_images import write_pause
         return write_pause(self.dir / "images" / "pause.tar")
 
     def _containerd_config(self) -> str:

@@ -4,6 +4,7 @@ that many such processes on one port (SO_REUSEPORT), whose metrics add up (worke
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -109,8 +110,8 @@ def main() -> None:
     worker = bool(os.environ.get(WORKER_ENV))
     if settings.workers > 1 and not worker:
         raise SystemExit(_supervise(settings.workers))
-    if not worker:
-        os.environ.pop("ATLAS_METRICS_DIR", None)  # the supervisor's, for its workers only
+    if not worker:  # a metrics directory is the supervisor's, for its workers only
+        settings = dataclasses.replace(settings, metrics_dir=None)
 
     import uvicorn
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from .http.asgi import request_id_header
+
 if TYPE_CHECKING:
-    from .auth import Principal
+    from .auth.principal import Principal
+    from .ledger.ticket import Ticket
+    from .metering.bounds import Bound
     from .routes import Route
     from .runtime import Runtime
-    from .ticket import Ticket
-    from .tokens import Bound
 
 
 class RequestContext:
@@ -26,7 +28,7 @@ class RequestContext:
         self.route = route
         self.started = perf_counter()
         self.id = rt.new_request_id()  # also the lease member in Redis: never from the client
-        self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.id.encode())]
+        self.response_headers: list[tuple[bytes, bytes]] = [request_id_header(self.id)]
         # metric labels, filled in as they become known
         self.ref = ""
         self.model = ""

@@ -24,12 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .endpoints import HealthEndpoint, MetricsEndpoint, ModelsEndpoint, ReadyEndpoint, UsageEndpoint
-from .owned_responses import StoredResponseEndpoint
-from .proxy import InferenceEndpoint
-from .tokens import Meter
-from .usage import split_usage
-from .validation import Field
+from .handlers.inference import InferenceEndpoint
+from .handlers.models import ModelsEndpoint
+from .handlers.probes import HealthEndpoint, MetricsEndpoint, ReadyEndpoint
+from .handlers.stored_responses import StoredResponseEndpoint
+from .handlers.usage_report import UsageEndpoint
+from .metering.bounds import Meter
+from .metering.usage import split_usage
+from .metering.validation import Field
 
 PromptReader = Callable[[Meter, dict[str, Any]], tuple[int, int]]
 UsageReader = Callable[[dict[str, Any]], tuple[int, int, int]]

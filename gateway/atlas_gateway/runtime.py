@@ -18,17 +18,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from atlas_core import cluster
 
 from . import metrics, worker_metrics
-from .admission import Admission
-from .auth import Authenticator, ConfigCache
-from .failover import MasterWatch
-from .fastredis import FastRedis
-from .load_view import LoadView
-from .priority import Shedder
-from .recovery import Recovery
-from .redis_cluster import ClusterFastRedis
+from .auth.authenticator import Authenticator
+from .auth.config_cache import ConfigCache
+from .auth.response_owners import ResponseOwners
+from .ledger.admission import Admission
+from .ledger.recovery import Recovery
+from .metering.bounds import Meter
 from .settings import Settings
-from .tokens import Meter
-from .upstreams import Upstreams
+from .shedding.load_view import LoadView
+from .shedding.shedder import Shedder
+from .store.cluster import ClusterFastRedis
+from .store.failover import MasterWatch
+from .store.fastredis import FastRedis
+from .upstream.targets import Upstreams
 
 log = logging.getLogger("atlas_gateway")
 
@@ -127,6 +129,7 @@ class Runtime:
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
         self.auth = Authenticator(self.cache, self.redis_health, settings.fail_open)
+        self.response_owners = ResponseOwners(self.redis)
         if self.redis_cluster:
             self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
                                                settings.redis_cluster_wait_ms)
@@ -167,8 +170,8 @@ class Runtime:
         )
         self.loop = asyncio.get_running_loop()  # the hot path's, kept (see _UpstreamCall.run)
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
-        if metrics.WORKERS_DIR:
-            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(metrics.WORKERS_DIR))
+        if s.metrics_dir:
+            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(s.metrics_dir))
         settle_heap(s.gc_threshold)  # last: everything start-up made is in the heap by now
 
     async def stop(self) -> None:

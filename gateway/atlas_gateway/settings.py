@@ -105,6 +105,9 @@ class Settings:
     keepalive_timeout: float = 5.0
     max_header_bytes: int = 32 * 1024
     max_connections: int = 4096
+    # one of several workers (ATLAS_WORKERS > 1): where they snapshot their metrics (worker_metrics.py);
+    # set by the supervisor in its workers' environment (ATLAS_METRICS_DIR), None otherwise
+    metrics_dir: str | None = None
     # the collector's first threshold once start-up objects are frozen (runtime.py: 700 is
     # Python's own); 0: no freezing either
     gc_threshold: int = 700
@@ -234,4 +237,5 @@ class Settings:
             max_header_bytes=_int(env, "ATLAS_MAX_HEADER_BYTES", 32 * 1024),
             max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 4096),
             gc_threshold=max(0, _int(env, "ATLAS_GC_THRESHOLD", 700)),
+            metrics_dir=env.get("ATLAS_METRICS_DIR") or None,
         )

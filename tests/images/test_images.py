@@ -80,10 +80,10 @@ def test_the_chart_runs_both_planes_hardened(pod_specs):
 
 # Each product image holds its own process and nothing else: no devstack, no other plane, no pip.
 HOLDS = {
-    "gateway": ({"atlas_core", "atlas_gateway", "fastapi", "uvicorn", "uvloop", "httptools", "aiohttp",
+    "gateway": ({"atlas_core", "atlas_gateway", "uvicorn", "uvloop", "httptools", "aiohttp",
                  "redis", "hiredis", "prometheus_client"},
                 {"atlas_operator", "atlas_devstack", "kopf", "kubernetes", "benchmarks", "tests", "pip",
-                 "setuptools", "openai", "httpx", "yaml", "watchfiles"}),
+                 "setuptools", "openai", "httpx", "yaml", "watchfiles", "fastapi", "pydantic"}),
     "operator": ({"atlas_core", "atlas_operator", "kopf", "kubernetes", "redis", "prometheus_client"},
                  {"atlas_gateway", "atlas_devstack", "fastapi", "uvicorn", "benchmarks", "tests", "pip",
                   "setuptools", "openai"}),

@@ -22,7 +22,7 @@ import redis
 
 from atlas_core import contract
 from atlas_devstack.redis_server import RedisServer
-from atlas_gateway.tokens import Meter
+from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
 from tests.fixtures.gateway import until
 

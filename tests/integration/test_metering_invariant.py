@@ -32,7 +32,7 @@ import redis
 
 from atlas_core import contract
 from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
+from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
 from tests.fixtures.gateway import write_key
 

@@ -14,7 +14,7 @@ import redis
 
 from atlas_core import cluster, contract
 from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
+from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
 from tests.fixtures.gateway import write_key
 
@@ -154,9 +154,9 @@ def test_cluster_mode_is_detected_when_not_named(redis_cluster, cluster_client, 
 async def test_a_reply_means_the_replica_has_it_too(redis_cluster, cluster_client):
     """ClusterFastRedis answers a call only once WAIT saw a replica acknowledge it: read from the
     replica right after the replies, every admission is there (no failover can lose it)."""
-    from atlas_gateway.admission import Admission
-    from atlas_gateway.auth import Principal
-    from atlas_gateway.redis_cluster import ClusterFastRedis
+    from atlas_gateway.ledger.admission import Admission
+    from atlas_gateway.auth.principal import Principal
+    from atlas_gateway.store.cluster import ClusterFastRedis
 
     fast = ClusterFastRedis(redis_cluster.url, 2.0, wait_ms=1000)
     try:

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from atlas_core import cluster, contract
 from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
+from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
 from tests.fixtures.gateway import wait_until, write_key
 

@@ -23,9 +23,9 @@ from cryptography.x509.oid import NameOID
 from atlas_core import contract
 from atlas_devstack.processes import stop_process
 from atlas_devstack.redis_server import free_port, redis_server_binary
-from atlas_gateway.admission import Admission
-from atlas_gateway.auth import Principal
-from atlas_gateway.fastredis import FastRedis
+from atlas_gateway.ledger.admission import Admission
+from atlas_gateway.auth.principal import Principal
+from atlas_gateway.store.fastredis import FastRedis
 from tests.fixtures.gateway import wait_until, write_key
 
 PASSWORD = "s3cr/et:pw"  # characters that must survive URL quoting

@@ -9,8 +9,9 @@ import pytest
 from redis import exceptions as redis_errors
 
 from atlas_core import contract
-from atlas_gateway import errors
-from atlas_gateway.auth import Authenticator, ConfigCache
+from atlas_gateway.http import errors
+from atlas_gateway.auth.authenticator import Authenticator
+from atlas_gateway.auth.config_cache import ConfigCache
 
 from .conftest import make_principal
 

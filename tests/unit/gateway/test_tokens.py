@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from atlas_gateway import errors
-from atlas_gateway.tokens import Meter, apply_cap, cap_patch, rendered_len, utf8_len
+from atlas_gateway.http import errors
+from atlas_gateway.metering.bounds import Meter, apply_cap, cap_patch, rendered_len, utf8_len
 from atlas_gateway.routes import route
 
 METER = Meter(default_cap=100, per_request=10, per_message=5, per_prompt=2, media_part=300)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .globs import first_match
+from ..globs import first_match
 
 
 def normalize_base(url: str) -> str:

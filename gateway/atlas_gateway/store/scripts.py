@@ -1,8 +1,8 @@
-"""Running the Lua scripts: EVALSHA, loading the script on NOSCRIPT (after a Redis restart).
+"""Running Lua scripts: EVALSHA, loading the script on NOSCRIPT (after a Redis restart).
 
 Two runners with one interface, ``await runner(shape, dynamic, tail)``, where ``shape`` is a
-:class:`calls.CallShape` (KEYS and the fixed ARGV) and the script's ARGV is
-``dynamic + shape.static + tail`` (calls.py builds all three):
+:class:`CallShape` (KEYS and the fixed ARGV) and the script's ARGV is
+``dynamic + shape.static + tail`` (the ledger's script_args.py builds all three for its scripts):
 :class:`FastScript` (the gateway's hot path, over :mod:`fastredis`; it caches the RESP encoding
 of the shape on the shape) and :class:`RedisPyScript` (any redis-py-compatible asyncio client,
 e.g. fakeredis in unit tests).
@@ -13,8 +13,19 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
-from .calls import CallShape
 from .fastredis import FastRedis, ReplyError, pack_args
+
+
+class CallShape:
+    """KEYS and the fixed ARGV of one script call for one key (and day); ``encoded`` is the
+    hot-path client's cache of their RESP form (see :class:`FastScript`)."""
+
+    __slots__ = ("keys", "static", "encoded")
+
+    def __init__(self, keys: Sequence[bytes], static: Sequence[bytes]) -> None:
+        self.keys = list(keys)
+        self.static = tuple(static)
+        self.encoded: tuple[bytes, bytes] | None = None
 
 
 class FastScript:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import metrics
-from .auth import Principal
-from .calls import NO_COST, cost_args
-from .faults import REDIS_FAILURES, is_transport_failure, reply_error
+from .. import metrics
+from ..auth.principal import Principal
+from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
+from .script_args import NO_COST, cost_args, key_calls
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -36,6 +36,11 @@ class Ticket:
         self.done = False
         self.prices = prices  # per subject (Principal.prices_for); None: nothing is priced
         self.model = model
+
+    @property
+    def leased(self) -> bool:
+        """The request holds leases (refreshed while it is in flight)."""
+        return key_calls(self.principal).leased
 
     async def settle(self, actual: int, prompt: int = 0, cached: int = 0) -> None:
         """``actual`` tokens, of which ``prompt`` were the prompt (``cached`` of those read

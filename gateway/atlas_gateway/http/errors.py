@@ -61,6 +61,12 @@ def not_found(path: str) -> GatewayError:
     return GatewayError(404, f"Unknown endpoint {path}.", "invalid_request_error", "unknown_url")
 
 
+def response_not_found(response_id: str) -> GatewayError:
+    """A stored response that does not exist, or is another key's (the same answer)."""
+    return GatewayError(404, f"Response with id '{response_id}' not found.", "invalid_request_error",
+                        param="response_id", code="not_found")
+
+
 def method_not_allowed() -> GatewayError:
     return GatewayError(405, "Method not allowed.", "invalid_request_error", "method_not_allowed")
 

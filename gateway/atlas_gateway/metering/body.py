@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .tokens import apply_cap, cap_patch
+from .bounds import apply_cap, cap_patch
 
 if TYPE_CHECKING:
-    from .routes import Route
+    from ..routes import Route
 
 _INCLUDE_USAGE_MEMBER = b',"stream_options":{"include_usage":true}'
 

@@ -15,31 +15,17 @@ from typing import Any
 
 from atlas_core import contract
 
-from . import errors
-from .auth import Principal
-from .calls import NO_COST, ScriptCalls
-from .fastredis import FastRedis
-from .scripts import FastScript, RedisPyScript
+from ..auth.principal import Principal
+from ..http import errors
+from ..store.fastredis import FastRedis
+from ..store.scripts import FastScript, RedisPyScript
+from .limits import REFUSALS
+from .script_args import NO_COST, ScriptCalls, key_calls
 
 ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
 SETTLE_LUA = resources.files(__package__).joinpath("settle.lua").read_text()
 REFRESH_LUA = resources.files(__package__).joinpath("refresh.lua").read_text()
 UNDO_LUA = resources.files(__package__).joinpath("undo.lua").read_text()
-
-# reasons returned by admit.lua
-OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH, COST_DAY, COST_MONTH = range(9)
-UNDONE = 99  # the request id was undone (undo.lua) before its admission ran
-REASON_NAMES = {
-    REQUESTS: "requests_per_second",
-    CONCURRENCY: "concurrency",
-    TOKENS: "tokens_per_minute",
-    TOO_LARGE: "tokens_per_minute",
-    DAY: "tokens_per_day",
-    MONTH: "tokens_per_month",
-    COST_DAY: "cost_per_day",
-    COST_MONTH: "cost_per_month",
-    UNDONE: "undone",
-}
 
 
 def format_duration(ms: int) -> str:
@@ -171,7 +157,7 @@ class Admission:
     async def refresh(self, principal: Principal, request_id: str) -> int:
         """Push the leases of a request still in flight forward by the lease TTL (refresh.lua);
         returns how many were refreshed (0: already settled or expired)."""
-        if not principal.leased:
+        if not key_calls(principal).leased:
             return 0
         return int(await self._refresh(self.calls.refresh_shape(principal), self.calls.refresh_args(request_id)))
 
@@ -182,32 +168,4 @@ def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.
     retry_after = max(1, -(-decision.retry_ms // 1000))
     subject = principal.subjects[decision.subject - 1] if decision.subject else principal.subjects[0]
     owner = ("AtlasQuota " + subject[2:]) if subject.startswith("q:") else ("AtlasKey " + subject[2:])
-    reason = decision.reason
-    if reason == REQUESTS:
-        err = errors.rate_limited("requests", f"Rate limit reached for requests per second on {owner}.", retry_after)
-    elif reason == CONCURRENCY:
-        err = errors.rate_limited("requests", f"Too many concurrent requests on {owner}.", retry_after)
-    elif reason == TOKENS:
-        err = errors.rate_limited(
-            "tokens", f"Rate limit reached for tokens per minute on {owner}: this request needs {reserve} tokens.",
-            retry_after,
-        )
-    elif reason == TOO_LARGE:
-        err = errors.rate_limited(
-            "tokens", f"Request too large: it needs {reserve} tokens, more than the tokens-per-minute limit of "
-            f"{owner}. Lower max_tokens or the prompt size.", retry_after,
-        )
-    elif reason == DAY:
-        err = errors.quota_exhausted(f"Daily token budget of {owner} is spent (this request needs {reserve} "
-                                     "tokens); it resets at 00:00 UTC.", retry_after)
-    elif reason == COST_DAY:
-        err = errors.quota_exhausted(f"Daily cost budget of {owner} is spent (or cannot hold this request's "
-                                     "priced reservation); it resets at 00:00 UTC.", retry_after)
-    elif reason == COST_MONTH:
-        err = errors.quota_exhausted(f"Monthly cost budget of {owner} is spent (or cannot hold this request's "
-                                     "priced reservation); it resets on the 1st, 00:00 UTC.", retry_after)
-    else:
-        err = errors.quota_exhausted(f"Monthly token budget of {owner} is spent (this request needs {reserve} "
-                                     "tokens); it resets on the 1st, 00:00 UTC.", retry_after)
-    err.reason = REASON_NAMES[reason]  # the rejections metric's label
-    return err
+    return REFUSALS[decision.reason].error(owner, reserve, retry_after)

@@ -19,20 +19,21 @@ import logging
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from . import errors, metrics, owned_responses
-from .admission import rejection
-from .calls import NO_COST, cost_args
-from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
-from .headers import RequestHeaders
-from .priority import effective_priority
-from .request import RequestContext
-from .responses import read_body, send_error
-from .ticket import Ticket
-from .upstream_call import UpstreamCall
-from .validation import parse_body, validate
+from .. import metrics
+from ..http import errors
+from ..http.asgi import read_body, send_error
+from ..http.headers import RequestHeaders
+from ..ledger.admission import rejection
+from ..ledger.script_args import NO_COST, cost_args
+from ..ledger.ticket import Ticket
+from ..metering.validation import parse_body, validate
+from ..request import RequestContext
+from ..shedding.priority import effective_priority
+from ..store.failures import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
+from ..upstream.call import UpstreamCall
 
 if TYPE_CHECKING:
-    from .routes import Route
+    from ..routes import Route
 
 log = logging.getLogger("atlas_gateway")
 
@@ -105,7 +106,7 @@ class InferenceEndpoint:
         previous_tokens = 0
         if doc.get("previous_response_id") is not None:
             # continuing a stored response: only its creator may, and its tokens are re-fed
-            previous_tokens = await owned_responses.tokens_of(rt, principal, doc["previous_response_id"])
+            previous_tokens = await rt.response_owners.tokens_of(principal, doc["previous_response_id"])
         bound = req.bound = rt.meter.bound(req.route, doc, previous_tokens)
         prompt_estimate = bound.prompt
         reserve = req.reserve = bound.reserve

@@ -1,72 +1,52 @@
-"""The Lua script calls (admit, settle, undo, refresh, inflight): which KEYS and ARGV each one gets.
+"""The ledger's script calls (admit, settle, undo, refresh): which KEYS and ARGV each one gets.
 
 This is the one place that knows each script's KEYS/ARGV layout (documented at the top of each
-``.lua`` file); both Redis clients run what it builds (scripts.py: :class:`FastScript` over the
-hot-path client, :class:`RedisPyScript` over redis-py or fakeredis).
+``.lua`` file); both Redis clients run what it builds (store/scripts.py: ``FastScript`` over the
+hot-path client, ``RedisPyScript`` over redis-py or fakeredis).
 
 An argument list is split in two: what changes per request (request id, tokens, costs, times)
 comes first, the rest is per key and fixed until its config changes or the UTC day turns.
 That fixed part is a :class:`CallShape`, built once per key and day: it holds the KEYS, the
-fixed ARGV and, for the hot-path client, their RESP encoding (encoding ~35 arguments per call
-was the largest Python cost of a Redis call).
+fixed ARGV and, for the hot-path client, their RESP encoding (the cost this saves:
+docs/benchmarks.md, "Redis calls").
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
-
 from atlas_core import contract
 
-if TYPE_CHECKING:
-    from .auth import Principal
+from ..auth.principal import Principal
+from ..store.scripts import CallShape
+from .limits import holds_lease, limit_args, settle_limit_args
 
 NO_COST = (b"0", b"0")  # the two per-subject cost arguments of an unpriced request
 
 
-class CallShape:
-    """KEYS and the fixed ARGV of one script call for one key (and day); ``encoded`` is the
-    hot-path client's cache of their RESP form (see scripts.FastScript)."""
+class KeyCalls:
+    """What the ledger derives from one key's config, built on first use and kept on its
+    :class:`Principal` (``principal.ledger``) for as long as that config holds."""
 
-    __slots__ = ("keys", "static", "encoded")
+    __slots__ = ("limit_args", "settle_args", "leased", "day", "admit", "settle", "refresh")
 
-    def __init__(self, keys: Sequence[bytes], static: Sequence[bytes]) -> None:
-        self.keys = list(keys)
-        self.static = tuple(static)
-        self.encoded: tuple[bytes, bytes] | None = None
-
-
-def _num(value: Any) -> bytes:
-    """A limit as a script argument; 0 means "no limit of this kind"."""
-    if value is None:
-        return b"0"
-    text = repr(value) if isinstance(value, float) and not value.is_integer() else str(int(value))
-    return text.encode()
-
-
-def _micro(value: Any) -> bytes:
-    """A cost limit (currency) as integer micro-units; 0 means "no limit of this kind"."""
-    return b"0" if value is None else str(contract.to_micro(value)).encode()
+    def __init__(self, principal: Principal) -> None:
+        limits = principal.subject_limits
+        # the per-subject fixed script arguments (limits.py)
+        self.limit_args = tuple(arg for lim, short in limits for arg in limit_args(lim, short))
+        self.settle_args = tuple(arg for lim, _ in limits for arg in settle_limit_args(lim))
+        # some subject holds a lease per request: it is refreshed while in flight, undone on failure
+        self.leased = any(holds_lease(lim) for lim, _ in limits)
+        # the call shapes: admit and settle for ``day`` (rebuilt when the UTC day turns), refresh
+        self.day: str | None = None
+        self.admit: CallShape | None = None
+        self.settle: CallShape | None = None
+        self.refresh: CallShape | None = None
 
 
-def limit_args(limits: contract.Limits, shortfall: contract.Shortfall) -> list[bytes]:
-    """admit.lua's 10 arguments per subject."""
-    return [
-        _num(limits.requests_per_second),
-        _num(limits.effective_burst),
-        _num(limits.tokens_per_minute),
-        _num(limits.tokens_per_day),
-        _num(limits.tokens_per_month),
-        _num(limits.max_concurrent),
-        b"1" if shortfall.shrink else b"0",
-        _num(shortfall.min_completion_tokens),
-        _micro(limits.cost_per_day),
-        _micro(limits.cost_per_month),
-    ]
-
-
-def settle_limit_args(limits: contract.Limits) -> list[bytes]:
-    """settle.lua's (and undo.lua's) 2 arguments per subject."""
-    return [_num(limits.tokens_per_minute), b"1" if limits.cost_limited else b"0"]
+def key_calls(principal: Principal) -> KeyCalls:
+    calls = principal.ledger
+    if calls is None:
+        calls = principal.ledger = KeyCalls(principal)
+    return calls
 
 
 def cost_args(prices: tuple["contract.Price | None", ...] | None, prompt: int, completion: int,
@@ -80,7 +60,7 @@ def cost_args(prices: tuple["contract.Price | None", ...] | None, prompt: int, c
 
 class ScriptCalls:
     """Builds every script call of this gateway (one per process: the lease and hash TTLs are
-    settings). The per-key parts are cached on the :class:`Principal` (``call_shapes``, ``refresh_call``)."""
+    settings). The per-key parts are cached in the key's :class:`KeyCalls`."""
 
     def __init__(self, lease_ttl_seconds: float) -> None:
         self.lease_ttl_ms = str(int(lease_ttl_seconds * 1000)).encode()
@@ -89,10 +69,10 @@ class ScriptCalls:
 
     # ------------------------------------------------------------------ fixed parts, per key
 
-    def shapes(self, principal: "Principal", day: str, month: str) -> tuple[CallShape, CallShape]:
+    def shapes(self, principal: Principal, day: str, month: str) -> tuple[CallShape, CallShape]:
         """(admit, settle) shapes of ``principal`` for this UTC day, rebuilt when it changes."""
-        cached = principal.call_shapes
-        if cached is None or cached[0] != day:
+        cached = key_calls(principal)
+        if cached.day != day:
             admit_keys: list[bytes] = []
             settle_keys: list[bytes] = []
             tag = principal.tag  # one hash tag for all: one Redis Cluster slot per call
@@ -108,27 +88,29 @@ class ScriptCalls:
                 settle_keys += [bucket_tok, lease, lease_tok, day_key, month_key, lease_cost]
             admit_keys.append(contract.undone_key(principal.subjects[0], tag).encode())  # tombstones (undo.lua)
             count = str(len(principal.subjects)).encode()
-            admit_static = (self.lease_ttl_ms, count, self.day_ttl, self.month_ttl, *principal.limit_args)
-            settle_static = (count, self.day_ttl, self.month_ttl, *principal.settle_args)
-            cached = principal.call_shapes = (day, CallShape(admit_keys, admit_static), CallShape(settle_keys, settle_static))
-        return cached[1], cached[2]
+            cached.admit = CallShape(admit_keys, (self.lease_ttl_ms, count, self.day_ttl, self.month_ttl,
+                                                  *cached.limit_args))
+            cached.settle = CallShape(settle_keys, (count, self.day_ttl, self.month_ttl, *cached.settle_args))
+            cached.day = day
+        return cached.admit, cached.settle
 
-    def undo_shape(self, principal: "Principal", day: str, month: str) -> CallShape:
+    def undo_shape(self, principal: Principal, day: str, month: str) -> CallShape:
         """settle.lua's KEYS + the tombstones admit.lua checks; settle's fixed ARGV + the lease
         TTL (as the tombstone TTL). Rare (only after a Redis failure): not cached."""
         admit, settle = self.shapes(principal, day, month)
         return CallShape([*settle.keys, admit.keys[-1]], (*settle.static, self.lease_ttl_ms))
 
     @staticmethod
-    def refresh_shape(principal: "Principal") -> CallShape:
+    def refresh_shape(principal: Principal) -> CallShape:
         """refresh.lua: lease zset, lease:tok and lease:cost hashes per subject (not day-dependent)."""
-        shape = principal.refresh_call
+        cached = key_calls(principal)
+        shape = cached.refresh
         if shape is None:
             tag = principal.tag
             keys = [k.encode() for s in principal.subjects
                     for k in (contract.lease_key(s, tag), contract.lease_tokens_key(s, tag),
                               contract.lease_cost_key(s, tag))]
-            shape = principal.refresh_call = CallShape(keys, ())
+            shape = cached.refresh = CallShape(keys, ())
         return shape
 
     # ------------------------------------------------------------------ per-request parts
@@ -151,14 +133,3 @@ class ScriptCalls:
     def undo_tail(admission: bool) -> tuple[bytes, ...]:
         """undo.lua's last argument: 1 = undo the admission itself, 0 = a settlement."""
         return (b"1" if admission else b"0",)
-
-    # ------------------------------------------------------------------ the shared shed view
-
-    @staticmethod
-    def inflight_shape() -> CallShape:
-        """inflight.lua (load_view.py): KEYS[1] the shed:inflight hash; nothing fixed in ARGV."""
-        return CallShape([contract.INFLIGHT_KEY.encode()], ())
-
-    @staticmethod
-    def inflight_args(process_id: str, inflight: int, ttl_ms: int) -> tuple[bytes, ...]:
-        return (process_id.encode(), str(int(inflight)).encode(), str(int(ttl_ms)).encode())

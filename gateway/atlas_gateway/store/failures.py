@@ -18,7 +18,8 @@ import asyncio
 
 from redis import exceptions as redis_errors
 
-from . import errors, metrics
+from .. import metrics
+from ..http import errors
 from .fastredis import NotSent, ReplyError
 
 # redis-py's RedisCluster: no master for the slot (yet); RedisClusterException is no RedisError

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import errors
+from ..http import errors
 
 if TYPE_CHECKING:
-    from .routes import Route
+    from ..routes import Route
 
 
 MAX_NESTING = 64  # JSON arrays/objects inside each other; real requests (tool schemas) stay far below

@@ -11,14 +11,16 @@ from time import perf_counter
 
 import aiohttp
 
-from . import errors, metrics, owned_responses
-from .request import RequestContext
-from .faults import REDIS_FAILURES, is_transport_failure, reply_error
-from .responses import send_bytes, send_error
-from .streaming import StreamState, pump
-from .tokens import text_tokens
-from .upstream_body import UpstreamBody
-from .usage import cached_tokens, response_id_from_body, usage_from_body
+from .. import metrics
+from ..http import errors
+from ..http.asgi import send_bytes, send_error
+from ..metering.body import UpstreamBody
+from ..metering.bounds import text_tokens
+from ..metering.events import StreamState
+from ..metering.usage import cached_tokens, response_id_from_body, usage_from_body
+from ..request import RequestContext
+from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
+from .sse import pump
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
@@ -53,7 +55,7 @@ class UpstreamCall:
     def _start_watcher(self) -> None:
         if not self.finishing and self.watcher is None:
             self.watcher = asyncio.ensure_future(self._watch_disconnect(self._receive, self._task))
-            if self.ticket is not None and self.ticket.principal.leased:
+            if self.ticket is not None and self.ticket.leased:
                 self._schedule_refresh()
 
     def _stop_watcher(self) -> None:
@@ -181,7 +183,7 @@ class UpstreamCall:
 
     async def _record_owner(self, response_id: str | None) -> None:
         if response_id:
-            await owned_responses.record(self.rt, response_id, self.owner, self.billed[0] + self.billed[1])
+            await self.rt.response_owners.record(response_id, self.owner, self.billed[0] + self.billed[1])
 
     async def _fail(self, send, err: errors.GatewayError) -> None:
         self._stop_watcher()

@@ -1,4 +1,4 @@
-"""The cluster-wide in-flight count that shared shed thresholds compare against (priority.py).
+"""The cluster-wide in-flight count that shared shed thresholds compare against (shedder.py).
 
 Every ``ATLAS_SHED_PUBLISH_SECONDS`` (default 0.2 s) each gateway process runs inflight.lua
 once: it writes its own in-flight count (an entry that expires after ``TTL_INTERVALS``
@@ -8,7 +8,7 @@ round trip. Nothing happens per request: the hot path adds its live count to the
 Staleness: another process's count is at most one interval (plus a round trip) old; a process
 that died or lost Redis still counts until its entry expires, at most ``TTL_INTERVALS``
 intervals. When this process cannot reach Redis for longer than that, the view is stale and
-shared thresholds fall back to a per-process share (priority.py): its own count times the
+shared thresholds fall back to a per-process share (shedder.py): its own count times the
 number of processes it last saw, so N processes together still shed at about the threshold.
 """
 
@@ -21,11 +21,10 @@ from importlib import resources
 
 from atlas_core import contract
 
-from . import metrics
-from .faults import REDIS_FAILURES
-from .calls import ScriptCalls
-from .priority import Shedder
-from .scripts import RedisPyScript
+from .. import metrics
+from ..store.failures import REDIS_FAILURES
+from ..store.scripts import CallShape, RedisPyScript
+from .shedder import Shedder
 
 log = logging.getLogger("atlas_gateway")
 
@@ -40,7 +39,7 @@ class LoadView:
         self.interval = interval
         self.ttl_ms = int(TTL_INTERVALS * interval * 1000)
         self.script = RedisPyScript(redis, INFLIGHT_LUA)
-        self.shape = ScriptCalls.inflight_shape()
+        self.shape = CallShape([contract.INFLIGHT_KEY.encode()], ())  # KEYS[1]; nothing fixed in ARGV
         self.redis = redis
         self.peers = 0  # other live processes at the last successful publish
         self.fresh_until = 0.0
@@ -58,8 +57,8 @@ class LoadView:
         """One round trip: publish this process's count, take in the others'."""
         now = time.monotonic()
         try:
-            others, peers = await self.script(
-                self.shape, ScriptCalls.inflight_args(self.process_id, self.shedder.mine, self.ttl_ms))
+            others, peers = await self.script(self.shape, (self.process_id.encode(), str(self.shedder.mine).encode(),
+                                                           str(self.ttl_ms).encode()))
         except REDIS_FAILURES:
             if now > self.fresh_until:  # stale: this process's share of each shared threshold
                 self.shedder.others, self.shedder.scale = 0, self.peers + 1

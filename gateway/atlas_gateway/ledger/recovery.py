@@ -23,10 +23,11 @@ import logging
 import time
 from collections import deque
 
-from . import metrics
+from .. import metrics
+from ..auth.principal import Principal
+from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_kind
 from .admission import Admission
-from .auth import Principal
-from .faults import REDIS_FAILURES, is_transport_failure, reply_kind
+from .script_args import key_calls
 
 log = logging.getLogger("atlas_gateway")
 
@@ -61,7 +62,7 @@ class Recovery:
 
     def _add(self, principal: Principal, request_id: str, reserved: int, actual: int, admission: bool,
              costs: tuple[bytes, bytes] = (b"0", b"0")) -> None:
-        if not principal.leased:
+        if not key_calls(principal).leased:
             return  # nothing it left can outlive a minute: its buckets refill by themselves
         if len(self.pending) >= self.MAX_PENDING:
             metrics.count_redis_error("undo_dropped")
@@ -74,7 +75,7 @@ class Recovery:
     def settled(self, principal: Principal, request_id: str, reserved: int, actual: int,
                 costs: tuple[bytes, bytes]) -> None:
         """A settlement Redis acknowledged (kept for ``replay_after_failover``)."""
-        if not principal.leased:
+        if not key_calls(principal).leased:
             return
         now = time.monotonic()
         recent = self.recent

@@ -1,7 +1,6 @@
-"""Priority classes and load shedding.
+"""Load shedding by priority class (priority.py).
 
-A request runs at its key's class; the ``x-atlas-priority`` header may lower it, never raise
-it. When many requests are in flight upstream, classes are shed from the bottom: Sheddable at
+When many requests are in flight upstream, classes are shed from the bottom: Sheddable at
 ``ATLAS_SHED_THRESHOLD``, Standard at ``ATLAS_SHED_THRESHOLD_STANDARD``, Critical at
 ``ATLAS_SHED_THRESHOLD_CRITICAL``. Shedding happens before admission, so a shed request
 consumes nothing and costs no Redis round trip.
@@ -19,21 +18,6 @@ Two kinds of limit (settings.py):
 """
 
 from __future__ import annotations
-
-from atlas_core.contract import PRIORITIES
-
-RANK = {name: rank for rank, name in enumerate(PRIORITIES)}  # Critical 0 < Standard 1 < Sheddable 2
-_BY_LOWER = {name.lower(): name for name in PRIORITIES}
-
-
-def effective_priority(key_priority: str, requested: str | None) -> str:
-    """The key's class, or a lower one if the request asks for it. Unknown values are ignored."""
-    if not requested:
-        return key_priority
-    wanted = _BY_LOWER.get(requested.strip().lower())
-    if wanted is None or RANK[wanted] < RANK[key_priority]:
-        return key_priority
-    return wanted
 
 
 class Shedder:

@@ -12,6 +12,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 JSON = b"application/json"
 
 
+def request_id_header(request_id: str) -> tuple[bytes, bytes]:
+    """``x-request-id``: on every response of every endpoint (the id comes from the runtime)."""
+    return (b"x-request-id", request_id.encode())
+
+
 async def send_bytes(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], content_type: bytes = JSON
 ) -> None:

@@ -35,10 +35,10 @@ from functools import lru_cache
 from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from ..http import errors
 
 if TYPE_CHECKING:
-    from .routes import Route
+    from ..routes import Route
 
 TEXT_FIELDS = {  # content part type -> the field holding its text
     "text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",

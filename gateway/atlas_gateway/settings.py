@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from atlas_core import cluster, sentinel
+from atlas_core.flags import parse_flag
 
 
 class SettingsError(ValueError):
@@ -28,13 +29,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_float(env, name, default))
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    return raw.strip().lower() in ("1", "true", "yes", "on")
-
-
 def _cluster_mode(raw: str | None) -> str:
     try:
         return cluster.parse_mode(raw)
@@ -47,10 +41,12 @@ DEFAULT_PRIORITY_VALUES = {"Critical": 0, "Standard": 1, "Sheddable": 2}
 
 def _priority_values(raw: str | None) -> dict[str, int] | None:
     """ATLAS_FORWARD_PRIORITY: unset/false = off; true = default map; or a JSON object."""
-    if raw is None or raw.strip().lower() in ("", "0", "false", "no", "off"):
-        return None
-    if raw.strip().lower() in ("1", "true", "yes", "on"):
-        return dict(DEFAULT_PRIORITY_VALUES)
+    try:
+        on = parse_flag(raw, False)
+    except ValueError:
+        pass  # not a yes/no: a JSON object
+    else:
+        return dict(DEFAULT_PRIORITY_VALUES) if on else None
     try:
         doc = json.loads(raw)
         values = {str(k): int(v) for k, v in doc.items()}

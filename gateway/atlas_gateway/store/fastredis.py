@@ -21,13 +21,12 @@ connection). A connection is used only once its AUTH/SELECT handshake succeeded.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
-from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
 from atlas_core import sentinel
+from atlas_core.redis_url import RedisAddress
 
 
 class ReplyError(Exception):
@@ -150,34 +149,6 @@ class _Protocol(asyncio.Protocol):
         self.connection_lost(None)
 
 
-_FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
-_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-
-
-def tls_context(query: dict[str, list[str]]) -> ssl.SSLContext:
-    """An SSLContext from redis-py's ``rediss://`` URL query parameters (the same URL configures
-    redis-py for config reads, so both clients must read it alike): ``ssl_cert_reqs``
-    (none/optional/required, default required), ``ssl_ca_certs``, ``ssl_check_hostname``
-    (default on when certificates are required), ``ssl_certfile``/``ssl_keyfile`` (client certs)."""
-    def one(name: str) -> str | None:
-        values = query.get(name)
-        return values[-1] if values else None
-
-    reqs_raw = (one("ssl_cert_reqs") or "required").lower()
-    if reqs_raw not in _CERT_REQS:
-        raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs_raw!r}")
-    cert_reqs = _CERT_REQS[reqs_raw]
-    check_raw = one("ssl_check_hostname")
-    check_hostname = cert_reqs != ssl.CERT_NONE if check_raw in (None, "") else check_raw.lower() not in _FALSE
-    context = ssl.create_default_context(cafile=one("ssl_ca_certs"))
-    context.check_hostname = check_hostname and cert_reqs != ssl.CERT_NONE
-    context.verify_mode = cert_reqs
-    certfile = one("ssl_certfile")
-    if certfile:
-        context.load_cert_chain(certfile, one("ssl_keyfile"), one("ssl_password"))
-    return context
-
-
 class FastRedis:
     def __init__(self, url: str, timeout: float = 0.5) -> None:
         self.timeout = timeout
@@ -192,19 +163,13 @@ class FastRedis:
             self.locator = sentinel.MasterLocator(config, timeout)
             self.host, self.port = config.sentinels[0]  # replaced by the master's on connect
             self.username, self.password, self.db = config.username, config.password, config.db
-            self.ssl = tls_context(config.query) if config.tls else None
-            return
-        parsed = urlparse(url)
-        if parsed.scheme not in ("redis", "rediss", ""):
-            raise ValueError("the fast Redis client supports redis://, rediss:// and redis+sentinel:// URLs only")
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or 6379
-        self.username = unquote(parsed.username) if parsed.username else None
-        self.password = unquote(parsed.password) if parsed.password else None
-        query = parse_qs(parsed.query)
-        path = (parsed.path or "/").lstrip("/")
-        self.db = int(path) if path else int(query.get("db", ["0"])[-1])  # as redis-py: the path wins
-        self.ssl = tls_context(query) if parsed.scheme == "rediss" else None
+            tls = config.tls_options
+        else:
+            address = RedisAddress.parse(url)  # ValueError: not redis:// or rediss://, or a bad option
+            self.host, self.port, self.db = address.host, address.port, address.db
+            self.username, self.password, tls = address.username, address.password, address.tls
+        # the same TLS options as redis-py reads from the same URL (atlas_core/redis_url.py)
+        self.ssl = tls.ssl_context() if tls is not None else None
 
     async def _address(self) -> tuple[str, int]:
         return (self.host, self.port) if self.locator is None else await self.locator.address()

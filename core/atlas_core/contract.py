@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -106,9 +107,20 @@ class PreviousKey:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "PreviousKey":
+        """ValueError unless ``until`` is a time a Redis expiry (and a datetime) can hold."""
         text = raw.decode() if isinstance(raw, bytes) else raw
         key_hash, until = text.split(" ")
-        return cls(key_hash, float(until))
+        seconds = float(until)
+        if not 0 <= seconds <= MAX_UNIX_SECONDS:
+            raise ValueError(f"previous key deadline out of range: {until!r}")
+        return cls(key_hash, seconds)
+
+
+# Numbers read back from Redis are checked against what their writers can produce, so that a
+# damaged value is refused where it is read (ValueError), never carried into arithmetic or a
+# datetime where it would overflow: counters are Redis integers, instants fit in year 9999.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_UNIX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
 
 
 # --------------------------------------------------------------------------- key material
@@ -565,18 +577,28 @@ class Usage:
         if priced or self.cost_today is not None or self.cost_this_month is not None:
             out["costToday"] = format_micro(self.cost_today or 0)
             out["costThisMonth"] = format_micro(self.cost_this_month or 0)
-        if self.last_request_ms is not None:
+        if self.last_request_ms is not None:  # parse_usage checked its range
             stamp = datetime.fromtimestamp(self.last_request_ms / 1000, tz=timezone.utc)
             out["lastRequestTime"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
         return out
 
 
-def _int(value: Any) -> int:
+def _int(value: Any, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """A counter field (absent: 0); ValueError for anything but a number in [low, high]."""
     if value is None:
         return 0
     if isinstance(value, bytes):
         value = value.decode()
-    return int(float(value))
+    try:
+        number = int(value)
+    except ValueError:
+        number = float(value)  # "12.0"; ValueError for words
+        if not math.isfinite(number):  # int() would raise OverflowError for inf
+            raise ValueError(f"not a finite number: {value!r}") from None
+        number = int(number)
+    if not low <= number <= high:
+        raise ValueError(f"out of range: {value!r}")
+    return number
 
 
 def usage_keys(subject: str, now: datetime, tag: str | None = None) -> tuple[str, str]:
@@ -598,17 +620,20 @@ def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now:
         requests_today=_int(get(day_hash, USAGE_REQUESTS)),
         day=day_of(now),
         month=month_of(now),
-        last_request_ms=_int(last) if last is not None else None,
+        last_request_ms=_int(last, 0, MAX_UNIX_SECONDS * 1000) if last is not None else None,
         cost_today=_int(cost_day) if cost_day is not None else None,
         cost_this_month=_int(cost_month) if cost_month is not None else None,
     )
 
 
 async def read_usages(redis: Any, subjects: Iterable[str], now: datetime,
-                      tags: Mapping[str, str] | None = None) -> dict[str, Usage]:
+                      tags: Mapping[str, str] | None = None,
+                      unreadable: dict[str, str] | None = None) -> dict[str, Usage]:
     """Read the usage of many subjects in one pipelined round trip (redis.asyncio client; on a
     Redis Cluster, redis-py's cluster pipeline sends one pipeline per node). ``tags``: subject ->
-    slot tag, for the subjects whose tag is not the subject itself (keys bound to a quota)."""
+    slot tag, for the subjects whose tag is not the subject itself (keys bound to a quota).
+    With ``unreadable``, a subject whose hashes do not parse is left out and the reason kept
+    there (one damaged counter must not hide every other subject's usage); else ValueError."""
     subjects = list(subjects)
     tags = tags or {}
     pipe = redis.pipeline(transaction=False)
@@ -617,10 +642,15 @@ async def read_usages(redis: Any, subjects: Iterable[str], now: datetime,
         pipe.hgetall(day_key)
         pipe.hgetall(month_key)
     replies = await pipe.execute() if subjects else []
-    return {
-        subject: parse_usage(replies[2 * i], replies[2 * i + 1], now)
-        for i, subject in enumerate(subjects)
-    }
+    if unreadable is None:
+        return {subject: parse_usage(replies[2 * i], replies[2 * i + 1], now) for i, subject in enumerate(subjects)}
+    usages = {}
+    for i, subject in enumerate(subjects):
+        try:
+            usages[subject] = parse_usage(replies[2 * i], replies[2 * i + 1], now)
+        except ValueError as exc:
+            unreadable[subject] = f"its usage counters in Redis do not parse: {exc}"
+    return usages
 
 
 # --------------------------------------------------------------------------- forecast history
@@ -657,7 +687,7 @@ class HistorySample:
     def decode(cls, raw: bytes | str) -> "HistorySample":
         text = raw.decode() if isinstance(raw, bytes) else raw
         at_ms, month, settled, total = text.split(" ")
-        return cls(int(at_ms), month, int(settled), int(total))
+        return cls(_int(at_ms, 0, MAX_UNIX_SECONDS * 1000), month, _int(settled), _int(total))
 
 
 def encode_history(samples: Iterable[HistorySample]) -> bytes:

@@ -24,6 +24,7 @@ import string
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -280,7 +281,52 @@ class DeployStack:
         self.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", NAMESPACE,
                   "--create-namespace", "--values", str(values_file), "--wait",
                   f"--timeout={int(self.timeout)}s", timeout=self.timeout + 30)
+        self.wait_gateway_served(deadline=t0 + self.timeout)
         self.timings["helm_install_seconds"] = round(time.monotonic() - t0, 1)
+
+    def wait_gateway_served(self, deadline: float) -> None:
+        """`helm --wait` returns once the new pods are ready, while an upgrade's old pods may still
+        be terminating and listed behind the Service: wait until the rollout is complete, the
+        Service's endpoints are exactly its ready pods, and the Service answers several times in a
+        row (kube-proxy has caught up), so that `up` returns with the Service working."""
+        selector = "app.kubernetes.io/component=gateway"
+        self.kubectl("rollout", "status", "deployment", "-n", NAMESPACE, "-l", selector,
+                     f"--timeout={max(1, int(deadline - time.monotonic()))}s", timeout=self.timeout)
+
+        def endpoints_are_the_ready_pods() -> bool:
+            pods = json.loads(self.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout)
+            ready = {p["status"].get("podIP") for p in pods["items"] if not p["metadata"].get("deletionTimestamp")
+                     and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
+            slices = json.loads(self.kubectl("get", "endpointslices", "-n", NAMESPACE, "-l",
+                                             "kubernetes.io/service-name=" + self._gateway_service(), "-o",
+                                             "json").stdout)
+            listed = {addr for s in slices["items"] for ep in s.get("endpoints") or []
+                      for addr in ep.get("addresses", [])}
+            return bool(ready) and listed == ready
+
+        wait_for("the gateway Service's endpoints to be exactly its ready pods", endpoints_are_the_ready_pods,
+                 timeout=max(1.0, deadline - time.monotonic()))
+        url = self.gateway_url() + "/healthz"
+        answered = 0
+
+        def answers_in_a_row() -> bool:
+            nonlocal answered
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    answered = answered + 1 if resp.status == 200 else 0
+            except OSError:
+                answered = 0
+            return answered >= 10
+
+        wait_for(f"{url} to answer 10 times in a row", answers_in_a_row, timeout=max(1.0, deadline - time.monotonic()),
+                 interval=0.05)
+
+    def _gateway_service(self) -> str:
+        svc = json.loads(self.kubectl("get", "service", "-n", NAMESPACE, "-l",
+                                      "app.kubernetes.io/component=gateway", "-o", "json").stdout)["items"]
+        if not svc:
+            raise DeployError(f"no gateway Service in namespace {NAMESPACE}")
+        return svc[0]["metadata"]["name"]
 
     def gateway_url(self) -> str:
         svc = json.loads(self.kubectl("get", "service", "-n", NAMESPACE, "-l",

@@ -32,9 +32,11 @@ class CarryOver:
         self.active: bool | None = None  # None: not checked yet
         self.carried = 0  # hashes changed by carry-overs (for tests and logs)
 
-    async def cycle(self, redis: Any, subjects: list[str], now: datetime,
-                    tags: Mapping[str, str], batch: int = 5000) -> int:
-        """Carry every subject's v1 usage over; returns the Redis round trips made."""
+    async def cycle(self, redis: Any, subjects: list[str], now: datetime, tags: Mapping[str, str],
+                    batch: int = 5000, unreadable: dict[str, str] | None = None) -> int:
+        """Carry every subject's v1 usage over; returns the Redis round trips made. A subject
+        whose carry-over fails lands in ``unreadable`` (its v2 figures would be short); the
+        others are carried all the same."""
         active = bool(await redis.exists(contract.V1_CONFIG_EPOCH))
         if active != self.active:
             log.info("v1 counters %s", "found: carrying today's and this month's usage over to v2"
@@ -43,6 +45,7 @@ class CarryOver:
         if not active:
             return 1
         trips = 1
+        unreadable = unreadable if unreadable is not None else {}
         ttls = (contract.DAY_TTL_SECONDS, contract.MONTH_TTL_SECONDS)
         for start in range(0, len(subjects), batch):
             chunk = subjects[start:start + batch]
@@ -53,7 +56,7 @@ class CarryOver:
             replies = await pipe.execute()
             trips += 1
             pipe = redis.pipeline(transaction=False)
-            calls = 0
+            calls: list[str] = []  # the subject of each EVAL, in order
             for i, subject in enumerate(chunk):
                 v2_keys = contract.usage_keys(subject, now, tags.get(subject))
                 for j in (0, 1):
@@ -63,8 +66,14 @@ class CarryOver:
                         # EVAL, not EVALSHA: no script cache to keep loaded on every node (upgrade only)
                         pipe.eval(CARRY_OVER_LUA, 1, v2_keys[j], ttls[j],
                                   v1.get("last", "") if j == 0 else "", *fields)
-                        calls += 1
+                        calls.append(subject)
             if calls:
-                self.carried += sum(int(n) for n in await pipe.execute())
+                # one damaged v1 hash fails its own EVAL only (a script error), not the batch
+                for subject, result in zip(calls, await pipe.execute(raise_on_error=False)):
+                    if isinstance(result, Exception):
+                        unreadable[subject] = ("its usage counted under the v1 contract could not be carried "
+                                               f"over: {result}")
+                    else:
+                        self.carried += int(result)
                 trips += 1
         return trips

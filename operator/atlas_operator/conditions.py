@@ -6,12 +6,17 @@ no-op and the status patch that would carry it is skipped entirely.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
+
+from .times import rfc3339
 
 READY = "Ready"
 QUOTA_EXHAUSTED = "QuotaExhausted"
 BUDGET_AT_RISK = "BudgetAtRisk"  # the forecast says a day/month budget runs out before it resets
+# Present only while the usage write-back cannot show this object's usage (failures.py): True,
+# with what failed; removed once its usage is written again.
+USAGE_STALE = "UsageStale"
 
 # Ready=False reasons (also the KeyConfig.refusal values the gateway understands).
 SECRET_INVALID = "SecretInvalid"
@@ -19,7 +24,6 @@ QUOTA_NOT_FOUND = "QuotaNotFound"
 PRICE_LIST_NOT_FOUND = "PriceListNotFound"  # spec.priceListRef names no AtlasPriceList
 SUSPENDED = "Suspended"
 EXPIRED = "Expired"
-KEY_CONFLICT = "SecretInvalid"  # the same key material is already used by another AtlasKey
 ACTIVE = "Active"
 
 WITHIN_BUDGET = "WithinBudget"
@@ -28,15 +32,17 @@ MONTHLY_BUDGET_SPENT = "MonthlyBudgetSpent"
 SHARED_BUDGET_SPENT = "SharedQuotaSpent"
 
 NO_FORECAST = "NoForecast"  # BudgetAtRisk=False: too little history, or no recent usage
+FORECAST_FAILED = "ForecastFailed"  # BudgetAtRisk=Unknown: computing the forecast failed
+
+# UsageStale=True reasons
+USAGE_UNREADABLE = "UsageUnreadable"  # its counters in Redis do not parse
+WRITE_BACK_FAILED = "WriteBackFailed"  # planning its status failed
+STATUS_REFUSED = "StatusPatchRefused"  # the API server refused its status patch
 # BudgetAtRisk=True reasons name the budget: "TokensPerDayAtRisk", "TokensPerMonthAtRisk".
 
 
 def at_risk_reason(budget: str) -> str:
     return budget[:1].upper() + budget[1:] + "AtRisk"
-
-
-def rfc3339(now: datetime) -> str:
-    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def find(conditions: list[dict[str, Any]] | None, ctype: str) -> dict[str, Any] | None:
@@ -49,14 +55,15 @@ def find(conditions: list[dict[str, Any]] | None, ctype: str) -> dict[str, Any] 
 def merge(
     conditions: list[dict[str, Any]] | None,
     ctype: str,
-    status: bool,
+    status: bool | None,
     reason: str,
     message: str,
     generation: int | None,
     now: datetime,
 ) -> list[dict[str, Any]]:
-    """A new list with ``ctype`` set; other conditions are kept unchanged and in order."""
-    wanted = "True" if status else "False"
+    """A new list with ``ctype`` set (``status`` None: Unknown); other conditions are kept
+    unchanged and in order."""
+    wanted = "Unknown" if status is None else "True" if status else "False"
     old = find(conditions, ctype)
     new: dict[str, Any] = {
         "type": ctype,
@@ -74,3 +81,7 @@ def merge(
     position = next((i for i, c in enumerate(conditions or ()) if c.get("type") == ctype), len(out))
     out.insert(position, new)
     return out
+
+
+def without(conditions: list[dict[str, Any]] | None, ctype: str) -> list[dict[str, Any]]:
+    return [dict(c) for c in conditions or () if c.get("type") != ctype]

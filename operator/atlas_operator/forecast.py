@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
-from atlas_core.contract import HistorySample, Limits
+from atlas_core.contract import INT64_MAX, HistorySample, Limits
+
+from . import times
 
 MIN_HISTORY = 60.0  # seconds: never forecast from less
 RECENT = 300.0  # seconds: the recent window
@@ -101,7 +103,9 @@ class BurnRate:
 
     @property
     def tokens_per_hour(self) -> int:
-        return int(round(self.tokens_per_second * 3600))
+        """Rounded, and at most what the status's int64 holds (counters that jumped by 2^63)."""
+        per_hour = self.tokens_per_second * 3600
+        return INT64_MAX if per_hour >= INT64_MAX else int(round(per_hour))
 
     @property
     def basis(self) -> str:
@@ -123,7 +127,7 @@ def burn_rate(samples: list[HistorySample], now: HistorySample) -> BurnRate | No
         recent = BurnRate((now.total - start.total) / window, window)
         if recent.tokens_per_second > best.tokens_per_second:
             best = recent
-    if best.tokens_per_second <= 0:
+    if not best.tokens_per_second > 0:
         return None  # quiet: nothing burnt over the whole history
     return best
 
@@ -189,26 +193,32 @@ class Forecast:
     def to_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokensPerHour": self.rate.tokens_per_hour, "basis": self.rate.basis}
         if self.first is not None:
-            out["exhaustsAt"] = _rfc3339(self.first.at)
+            out["exhaustsAt"] = times.rfc3339(self.first.at)
         return out
 
 
 def forecast(rate: BurnRate | None, budgets: Iterable[Budget], now: datetime) -> Forecast | None:
-    """When each budget runs out at ``rate``, keeping those that run out before they reset."""
+    """When each budget runs out at ``rate``, keeping those that run out before they reset.
+
+    Decided on seconds first: a datetime is built only for a budget that runs out before its
+    reset (so within a month of ``now``), never from the time left itself, which a tiny rate
+    against a large budget puts past year 9999.
+    """
     if rate is None:
         return None
     found = []
     for budget in budgets:
         left = budget.limit - budget.used
-        at = now if left <= 0 else now + timedelta(seconds=left / rate.tokens_per_second)
-        if at < budget.resets_at:
-            found.append(Exhaustion(budget, at))
+        seconds = 0.0 if left <= 0 else left / rate.tokens_per_second
+        if seconds < (budget.resets_at - now).total_seconds():
+            found.append(Exhaustion(budget, now + timedelta(seconds=seconds)))
     found.sort(key=lambda e: e.at)
     return Forecast(rate, tuple(found))
 
 
 def changed_meaningfully(old: dict[str, Any] | None, new: dict[str, Any] | None, now: datetime) -> bool:
-    """Whether ``status.forecast`` should be rewritten (small jitter is not worth a patch)."""
+    """Whether ``status.forecast`` should be rewritten (small jitter is not worth a patch).
+    A shown ``exhaustsAt`` that does not parse (edited by hand) is rewritten."""
     if old is None or new is None:
         return (old is None) != (new is None)
     old_at, new_at = old.get("exhaustsAt"), new.get("exhaustsAt")
@@ -220,7 +230,10 @@ def changed_meaningfully(old: dict[str, Any] | None, new: dict[str, Any] | None,
         return True
     if old_at is None:
         return False
-    old_t, new_t = _parse(old_at), _parse(new_at)
+    try:
+        old_t, new_t = times.parse_rfc3339(old_at), times.parse_rfc3339(new_at)
+    except ValueError:
+        return True
     left = max((old_t - now).total_seconds(), 0.0)
     return abs((new_t - old_t).total_seconds()) > max(EXHAUSTS_SHIFT_MIN, EXHAUSTS_SHIFT * left)
 
@@ -230,14 +243,6 @@ def seconds_left(exhaustion: Exhaustion, now: datetime) -> float:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def _rfc3339(at: datetime) -> str:
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _duration(seconds: float) -> str:

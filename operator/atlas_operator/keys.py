@@ -16,36 +16,15 @@ from typing import Any, Callable
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
 
-from . import apikeys, conditions as cond, rotation, store
-from .kube import CONFLICT, GONE, KubeApi
+from . import apikeys, conditions as cond, rotation, store, times
+from .kube import KubeApi
+from .price_lists import PriceListLookup, no_price_lists, resolve_price_list
 from .settings import KEYS, SECRET_WATCH_LABEL
+from .status import starting_fields, write_status
 
 log = logging.getLogger(__name__)
 
 QuotaExists = Callable[[str, str], bool]
-# (namespace, name) -> the AtlasPriceList's spec, or None when it does not exist
-PriceListLookup = Callable[[str, str], "dict[str, Any] | None"]
-
-
-def no_price_lists(namespace: str, name: str) -> None:
-    return None
-
-
-def resolve_price_list(namespace: str, spec: dict[str, Any], price_list: PriceListLookup
-                       ) -> tuple[contract.PriceTable | None, str | None]:
-    """The spec.priceListRef of a key or quota resolved into the table its config carries, or
-    the refusal message when it names a price list that does not exist (never served unpriced)."""
-    ref = spec.get("priceListRef") or None
-    if not ref:
-        return None, None
-    found = price_list(namespace, ref)
-    if found is None:
-        return None, f"AtlasPriceList {ref!r} not found in namespace {namespace!r}"
-    return contract.PriceTable.from_spec(ref, found), None
-
-
-class StatusConflict(Exception):
-    """The object changed while we reconciled it: re-read and run again."""
 
 
 @dataclass
@@ -66,9 +45,7 @@ class KeyOutcome:
 
 
 def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(timezone.utc)
+    return times.parse_rfc3339(value) if value else None
 
 
 def desired_key_config(
@@ -118,28 +95,16 @@ def _desired_status(
     status = dict(obj.get("status") or {})
     generation = obj["metadata"].get("generation")
     conditions = cond.merge(status.get("conditions"), cond.READY, ready, reason, message, generation, now)
-    if cond.find(conditions, cond.QUOTA_EXHAUSTED) is None:
-        # The usage loop owns this one; start it False so the loop only writes real changes.
-        conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED, False, cond.WITHIN_BUDGET,
-                                "no day or month budget is spent", generation, now)
+    conditions, usage = starting_fields(status, conditions, generation, now)
     out: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
     out["keyId"] = key_id
     out["previousKey"] = None if previous is None else {
         "keyId": contract.key_id_of(previous.key_hash),
-        "expiresAt": cond.rfc3339(datetime.fromtimestamp(previous.until, tz=timezone.utc)),
+        "expiresAt": cond.rfc3339(times.from_unix(previous.until)),
     }
-    if "usage" not in status:
-        out["usage"] = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
+    if usage is not None:
+        out["usage"] = usage
     return out
-
-
-def status_delta(current: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any]:
-    """The fields of ``desired`` that differ from ``current`` (None values delete a field)."""
-    current = current or {}
-    return {
-        k: v for k, v in desired.items()
-        if not (current.get(k) == v or (v is None and k not in current))
-    }
 
 
 async def reconcile_key(
@@ -176,9 +141,9 @@ async def reconcile_key(
         del api_key
         owner = await store.owner_of_hash(redis, key_hash)
         ref = f"{namespace}/{name}"
-        if owner not in (None, ref) and await _still_owned(redis, owner, key_hash):
+        if owner not in (None, ref) and await store.served_hash(redis, owner) == key_hash:
             outcome = KeyOutcome(
-                False, cond.KEY_CONFLICT,
+                False, cond.SECRET_INVALID,  # the Secret holds another AtlasKey's key: not usable here
                 f"Secret {secret_name!r} holds a key already used by AtlasKey {owner!r}",
             )
             outcome.redis_written = await store.delete_key_config(redis, namespace, name)
@@ -206,14 +171,7 @@ async def reconcile_key(
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
     desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now,
                               outcome.previous)
-    delta = status_delta(obj.get("status"), desired)
-    if delta:
-        if "conditions" in delta:
-            delta["conditions"] = desired["conditions"]
-        result = await kube.patch_status(KEYS, namespace, name, delta, meta.get("resourceVersion"))
-        if result == CONFLICT:
-            raise StatusConflict(f"AtlasKey {namespace}/{name} changed during reconcile")
-        outcome.status_patched = result != GONE
+    outcome.status_patched = await write_status(kube, KEYS, obj, desired)
 
     events = []
     if outcome.rotated_from:
@@ -240,18 +198,11 @@ async def reconcile_key(
 
 
 def _time_of(previous: contract.PreviousKey | None) -> datetime | None:
-    return None if previous is None else datetime.fromtimestamp(previous.until, tz=timezone.utc)
+    return None if previous is None else times.from_unix(previous.until)
 
 
 def _watched(secret: dict[str, Any]) -> bool:
     return SECRET_WATCH_LABEL in ((secret.get("metadata") or {}).get("labels") or {})
-
-
-async def _still_owned(redis: Any, owner: str, key_hash: str) -> bool:
-    indexed = await redis.hget(contract.KEY_INDEX, owner)
-    if isinstance(indexed, bytes):
-        indexed = indexed.decode()
-    return indexed == key_hash
 
 
 async def delete_key(obj: dict[str, Any], *, redis: Any) -> bool:

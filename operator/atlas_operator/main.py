@@ -10,14 +10,22 @@ import kopf
 from atlas_core import cluster
 from atlas_core.sentinel import describe_url
 
-from .keys import StatusConflict
+from .failures import ObjectFailed
 from .kube import ClientKubeApi, NamespaceTerminating
 from .metrics import serve as serve_metrics
 from .runtime import Runtime
 from .settings import FINALIZER, GROUP, KEYS, PRICE_LISTS, QUOTAS, SECRET_WATCH_LABEL, VERSION, OperatorSettings
+from .status import StatusConflict
 from .views import ObjectView, SecretView
 
 RETRY = dict(backoff=2, errors=kopf.ErrorsMode.TEMPORARY)
+
+
+def for_kopf(failure: ObjectFailed) -> kopf.TemporaryError:
+    """A reported failure (failures.py) as kopf's retry: with a delay growing to 5 minutes, so
+    that an object whose cause went away (Redis data repaired, another object fixed) recovers
+    by itself, and one that keeps failing costs a retry every 5 minutes, logged by kopf only."""
+    return kopf.TemporaryError(str(failure), delay=failure.retry_in)
 
 
 def plain(body: Any) -> dict[str, Any]:
@@ -42,7 +50,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.scanning.disabled = True
     # Only labelled Secrets are listed and watched (the selector is sent to the API server).
     settings.watching.label_selectors["", "v1", "secrets"] = SECRET_WATCH_LABEL
-    settings.posting.level = logging.WARNING  # our own Events say what changed; no per-handler noise
+    # Our own Events say what changed, and what failed once per failure (failures.py); kopf's
+    # would repeat a handler's failure on every retry.
+    settings.posting.level = logging.CRITICAL
     settings.watching.server_timeout = 300
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
@@ -135,11 +145,16 @@ async def atlaskey_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Log
         # Our view is older than the object (e.g. the usage loop just patched it): re-read
         # and run again here rather than through a kopf retry (which logs an error Event).
         await memo.runtime.reconcile_key_by_name(body["metadata"]["namespace"], body["metadata"]["name"])
+    except ObjectFailed as failure:
+        raise for_kopf(failure) from None
 
 
 @kopf.on.delete(GROUP, VERSION, KEYS, **RETRY)
 async def atlaskey_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.runtime.delete_key(plain(body))
+    try:
+        await memo.runtime.delete_key(plain(body))
+    except ObjectFailed as failure:
+        raise for_kopf(failure) from None
 
 
 @kopf.on.event("", "v1", "secrets", labels={SECRET_WATCH_LABEL: kopf.PRESENT})
@@ -161,6 +176,8 @@ async def atlasquota_changed(body: kopf.Body, reason: str, memo: kopf.Memo, **_:
         await memo.runtime.reconcile_quota(plain(body))
     except StatusConflict:
         await memo.runtime.reconcile_quota_by_name(body["metadata"]["namespace"], body["metadata"]["name"])
+    except ObjectFailed as failure:
+        raise for_kopf(failure) from None
     if reason == kopf.Reason.CREATE:
         # Keys that named this quota before it existed were refused (QuotaNotFound): lift that.
         await memo.runtime.reconcile_dependents(body["metadata"]["namespace"], body["metadata"]["name"])
@@ -168,7 +185,10 @@ async def atlasquota_changed(body: kopf.Body, reason: str, memo: kopf.Memo, **_:
 
 @kopf.on.delete(GROUP, VERSION, QUOTAS, **RETRY)
 async def atlasquota_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.runtime.delete_quota(plain(body))
+    try:
+        await memo.runtime.delete_quota(plain(body))
+    except ObjectFailed as failure:
+        raise for_kopf(failure) from None
 
 
 # --------------------------------------------------------------------------- AtlasPriceList

@@ -11,6 +11,10 @@ joins); never key material.
 * ``atlas_key_info{namespace,name,key,quota}``: 1 per AtlasKey; lets a dashboard filter gateway
   metrics (labelled ``key``) by namespace and AtlasQuota.
 * ``atlas_operator_write_back_seconds`` / ``_subjects`` / ``_patches``: the last cycle.
+* ``atlas_operator_object_failures_total{loop,kind,namespace,name}``: failures of one object in
+  one loop or handler (failures.py); ``atlas_operator_failing_objects{loop}``: objects failing
+  now; ``atlas_operator_loop_failures_total{loop}``: whole cycles that failed (Redis or the API
+  server unreachable).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .failures import Failures
 from .forecast import Forecast
 
 
@@ -35,13 +40,14 @@ class Snapshot:
 
 
 class OperatorCollector:
-    def __init__(self) -> None:
+    def __init__(self, failures: Failures | None = None) -> None:
         self.snapshot = Snapshot()
+        self.failures = failures or Failures()
 
     def describe(self) -> Iterable:
         return []  # the families depend on the snapshot; nothing to pre-register
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         snap = self.snapshot
         now = time.time()
         exhaustion = GaugeMetricFamily(
@@ -69,6 +75,32 @@ class OperatorCollector:
                                     value=snap.subjects)
             yield GaugeMetricFamily("atlas_operator_write_back_patches", "Status patches written by the last cycle",
                                     value=snap.patches)
+        yield from self._failures()
+
+    def _failures(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        # copies: the operator's loop updates these while a scrape (another thread) reads them
+        counts, failing = dict(self.failures.counts), dict(self.failures.failing)
+        loop_counts = dict(self.failures.loop_counts)
+        by_object = CounterMetricFamily(
+            "atlas_operator_object_failures", "Failures of one object in one loop or handler (the others went on)",
+            labels=["loop", "kind", "namespace", "name"])
+        for labels, count in counts.items():
+            by_object.add_metric(list(labels), count)
+        now_failing = GaugeMetricFamily("atlas_operator_failing_objects",
+                                        "Objects whose last attempt in this loop failed", labels=["loop"])
+        per_loop: dict[str, int] = {}
+        for loop, *_ in failing:
+            per_loop[loop] = per_loop.get(loop, 0) + 1
+        for loop, count in per_loop.items():
+            now_failing.add_metric([loop], count)
+        cycles = CounterMetricFamily("atlas_operator_loop_failures",
+                                     "Whole cycles of a loop that failed (Redis or the API server unreachable)",
+                                     labels=["loop"])
+        for loop, count in loop_counts.items():
+            cycles.add_metric([loop], count)
+        yield by_object
+        yield now_failing
+        yield cycles
 
 
 def serve(collector: OperatorCollector, host: str, port: int):

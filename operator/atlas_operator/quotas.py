@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from atlas_core import contract
 from atlas_core.contract import Limits, QuotaConfig, Shortfall
 
 from . import conditions as cond, store
-from .keys import PriceListLookup, StatusConflict, no_price_lists, resolve_price_list, status_delta
-from .kube import CONFLICT, GONE, KubeApi
+from .kube import KubeApi
+from .price_lists import PriceListLookup, no_price_lists, resolve_price_list
 from .settings import QUOTAS
+from .status import starting_fields, write_status
 
 
 @dataclass
@@ -48,19 +48,12 @@ async def reconcile_quota(
     else:
         conditions = cond.merge(status.get("conditions"), cond.READY, True, cond.ACTIVE,
                                 "the budget is enforced by the gateway", generation, now)
-    if cond.find(conditions, cond.QUOTA_EXHAUSTED) is None:
-        conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED, False, cond.WITHIN_BUDGET,
-                                "no day or month budget is spent", generation, now)
+    conditions, usage = starting_fields(status, conditions, generation, now)
     desired: dict[str, Any] = {"observedGeneration": generation, "keys": key_count,
                                "conditions": conditions}
-    if "usage" not in status:
-        desired["usage"] = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
-    delta = status_delta(status, desired)
-    if delta:
-        result = await kube.patch_status(QUOTAS, namespace, name, delta, meta.get("resourceVersion"))
-        if result == CONFLICT:
-            raise StatusConflict(f"AtlasQuota {namespace}/{name} changed during reconcile")
-        outcome.status_patched = result != GONE
+    if usage is not None:
+        desired["usage"] = usage
+    outcome.status_patched = await write_status(kube, QUOTAS, obj, desired)
     if outcome.redis_written and cond.find(status.get("conditions"), cond.READY) is None:
         await kube.post_event(QUOTAS, obj, "Normal", cond.ACTIVE, "budget written to the gateway's store")
     return outcome

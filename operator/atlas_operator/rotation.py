@@ -22,17 +22,19 @@ from atlas_core.contract import PreviousKey
 
 _DURATION = re.compile(r"(\d+)([hms])")
 _UNIT = {"h": 3600, "m": 60, "s": 1}
+MAX_GRACE_SECONDS = 720 * 3600  # the CRD's bound (an object stored before it may hold more)
 
 
 def parse_duration(text: str | None) -> float:
-    """``10m``, ``1h30m``, ``45s`` or ``0`` in seconds (the CRD's pattern admits nothing else)."""
+    """``10m``, ``1h30m``, ``45s`` or ``0`` in seconds (the CRD's pattern admits nothing else),
+    at most MAX_GRACE_SECONDS."""
     text = (text or "").strip()
     if text in ("", "0"):
         return 0.0
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"not a duration: {text!r}")
-    return float(sum(int(n) * _UNIT[u] for n, u in parts))
+    return float(min(sum(int(n) * _UNIT[u] for n, u in parts), MAX_GRACE_SECONDS))
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,24 @@
 """The operator's process-wide state and the glue between kopf triggers and the plain
 reconcile functions: per-key locks, re-triggers by name, and the three background loops
-(usage write-back, self-healing, expiry)."""
+(usage write-back, self-healing, expiry). Each object is run on its own: its failure is
+reported (failures.py) and is no other object's problem."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
-from . import heal, keys, quotas, usage
+from . import failures, heal, keys, quotas, usage
 from .carry_over import CarryOver
 from .expiry import ExpiryScheduler
+from .failures import Failures, ObjectFailed
 from .history import History
+from .kube import KubeApi, NamespaceTerminating
 from .metrics import OperatorCollector, Snapshot
-from .kube import KubeApi
-from .settings import KEYS, QUOTAS, OperatorSettings
+from .settings import KEYS, KIND_OF, QUOTAS, OperatorSettings
+from .status import StatusConflict
 from .views import ObjectView, SecretView
 
 log = logging.getLogger("atlas_operator")
@@ -66,7 +69,8 @@ class Runtime:
         self.last_cycle: usage.CycleStats | None = None
         self.history = History() if settings.forecast else None
         self.carry_over = CarryOver()  # usage counted under the v1 contract (an upgrade)
-        self.metrics = OperatorCollector()
+        self.failures = Failures()
+        self.metrics = OperatorCollector(self.failures)
         self.tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lookups
@@ -103,12 +107,35 @@ class Runtime:
 
     # ------------------------------------------------------------------ keys
 
+    async def _guarded(self, plural: str, body: dict[str, Any], work: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one object's reconcile; a failure (other than the conflicts its callers handle)
+        is reported once with an Event and raised as ObjectFailed."""
+        meta = body["metadata"]
+        obj = (KIND_OF[plural], meta["namespace"], meta["name"])
+        try:
+            result = await work()
+        except (StatusConflict, NamespaceTerminating, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            self.failures.failed(failures.RECONCILE, obj, exc)
+            if self.failures.take_report(failures.RECONCILE, obj):
+                await self.kube.post_event(plural, body, "Warning", "ReconcileFailed",
+                                           f"reconcile failed: {failures.describe(exc)}")
+            raise ObjectFailed(failures.describe(exc), self.failures.retry_in(failures.RECONCILE, obj)) from exc
+        self.failures.succeeded(failures.RECONCILE, obj)
+        self.failures.succeeded(failures.HEAL, obj)  # its config is written again
+        return result
+
     async def reconcile_key(self, body: dict[str, Any]) -> keys.KeyOutcome:
         meta = body["metadata"]
         ident = (meta["namespace"], meta["name"])
-        async with self._lock(*ident):
-            outcome = await keys.reconcile_key(body, kube=self.kube, redis=self.redis,
-                                               quota_exists=self.quota_exists, price_list=self.price_list)
+
+        async def work() -> keys.KeyOutcome:
+            async with self._lock(*ident):
+                return await keys.reconcile_key(body, kube=self.kube, redis=self.redis,
+                                                quota_exists=self.quota_exists, price_list=self.price_list)
+
+        outcome = await self._guarded(KEYS, body, work)
         # unwatched Secret: its first event (it was just labelled) must reconcile, hash or not
         self.applied_hash[ident] = outcome.key_hash if outcome.secret_watched else None
         if outcome.next_check is not None:
@@ -119,8 +146,27 @@ class Runtime:
         return outcome
 
     async def reconcile_key_by_name(self, namespace: str, name: str) -> None:
-        """Re-trigger from outside the key's own handler (Secret, quota, expiry)."""
-        await self._reconcile_fresh(KEYS, self.reconcile_key, namespace, name)
+        """Re-trigger from outside the key's own handler (Secret, quota, price list, expiry,
+        a retry). Never raises: a failure is reported, and retried by the timer with backoff."""
+        retry_in = await self._reconcile_by_name(KEYS, self.reconcile_key, namespace, name)
+        if retry_in is not None:
+            self.scheduler.schedule(namespace, name, datetime.now(timezone.utc) + timedelta(seconds=retry_in))
+
+    async def _reconcile_by_name(self, plural: str, reconcile, namespace: str, name: str) -> float | None:
+        """Re-read and reconcile; None when done, else the seconds after which to retry."""
+        obj = (KIND_OF[plural], namespace, name)
+        try:
+            await self._reconcile_fresh(plural, reconcile, namespace, name)
+        except ObjectFailed as failure:
+            return failure.retry_in
+        except StatusConflict:
+            return 1.0  # it kept changing: try again shortly
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reading the object failed
+            self.failures.failed(failures.RECONCILE, obj, exc)
+            return self.failures.retry_in(failures.RECONCILE, obj)
+        return None
 
     async def _reconcile_fresh(self, plural: str, reconcile, namespace: str, name: str, attempts: int = 5) -> None:
         """Re-read the object and reconcile it, again while its status patch conflicts."""
@@ -131,15 +177,19 @@ class Runtime:
             try:
                 await reconcile(body)
                 return
-            except keys.StatusConflict:
+            except StatusConflict:
                 continue
-        raise keys.StatusConflict(f"{plural} {namespace}/{name} kept changing during reconcile")
+        raise StatusConflict(f"{plural} {namespace}/{name} kept changing during reconcile")
 
     async def delete_key(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         ident = (meta["namespace"], meta["name"])
-        async with self._lock(*ident):
-            await keys.delete_key(body, redis=self.redis)
+
+        async def work() -> None:
+            async with self._lock(*ident):
+                await keys.delete_key(body, redis=self.redis)
+
+        await self._guarded(KEYS, body, work)
         self.applied_hash.pop(ident, None)
         self.locks.pop(ident, None)
 
@@ -155,12 +205,14 @@ class Runtime:
 
     async def reconcile_quota(self, body: dict[str, Any]) -> quotas.QuotaOutcome:
         meta = body["metadata"]
-        return await quotas.reconcile_quota(body, kube=self.kube, redis=self.redis,
-                                            key_count=self.key_count(meta["namespace"], meta["name"]),
-                                            price_list=self.price_list)
+        return await self._guarded(QUOTAS, body, lambda: quotas.reconcile_quota(
+            body, kube=self.kube, redis=self.redis, key_count=self.key_count(meta["namespace"], meta["name"]),
+            price_list=self.price_list))
 
     async def reconcile_quota_by_name(self, namespace: str, name: str) -> None:
-        await self._reconcile_fresh(QUOTAS, self.reconcile_quota, namespace, name)
+        """Like reconcile_key_by_name, without the timer's retry (the quota's next change or
+        resume runs it again)."""
+        await self._reconcile_by_name(QUOTAS, self.reconcile_quota, namespace, name)
 
     async def reconcile_dependents(self, namespace: str, name: str) -> None:
         await asyncio.gather(*(self.reconcile_key_by_name(namespace, k)
@@ -171,7 +223,7 @@ class Runtime:
         ident = (meta["namespace"], meta["name"])
         self.deleting_quotas.add(ident)
         try:
-            await quotas.delete_quota(body, redis=self.redis)
+            await self._guarded(QUOTAS, body, lambda: quotas.delete_quota(body, redis=self.redis))
             await self.reconcile_dependents(*ident)
         finally:
             self.deleting_quotas.discard(ident)
@@ -203,30 +255,41 @@ class Runtime:
         return list(values(self.indexes["atlasquota_views"]))
 
     async def usage_once(self) -> usage.CycleStats:
-        key_views = self.key_views()
+        key_views, quota_views = self.key_views(), self.quota_views()
         observed: usage.Observed = []
-        stats = await usage.usage_cycle(self.redis, self.kube, key_views, self.quota_views(),
+        stats = await usage.usage_cycle(self.redis, self.kube, key_views, quota_views,
                                         datetime.now(timezone.utc),
                                         max_writes=self.settings.usage_max_writes or None,
                                         history=self.history, observed=observed,
-                                        carry_over=self.carry_over)
+                                        carry_over=self.carry_over, tracker=self.failures)
+        if self.failures.counts:  # objects deleted since they failed: their series go
+            self.failures.forget({(KIND_OF[KEYS], k.namespace, k.name) for k in key_views}
+                                 | {(KIND_OF[QUOTAS], q.namespace, q.name) for q in quota_views})
         self.last_cycle = stats
         self.metrics.snapshot = Snapshot(
             forecasts=observed,
             keys=[(k.namespace, k.name, k.quota or "") for k in key_views if not k.deleting],
             cycle_seconds=stats.seconds, subjects=stats.subjects, patches=stats.patches)
         if stats.patches or stats.conflicts or stats.deferred:
-            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %.3fs",
-                     stats.subjects, stats.patches, stats.conflicts, stats.deferred, stats.seconds)
+            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %d failing, %.3fs",
+                     stats.subjects, stats.patches, stats.conflicts, stats.deferred, stats.failed, stats.seconds)
         return stats
 
     async def heal_once(self) -> int | None:
-        rewritten = await heal.heal_if_needed(
+        result = await heal.heal_if_needed(
             self.redis, self.key_views(), self.quota_views(),
             SecretMapping(self.indexes["secret_views"]), datetime.now(timezone.utc), self.price_list)
-        if rewritten is not None:
-            log.warning("Redis had no config epoch: rewrote %d configs from the indexes", rewritten)
-        return rewritten
+        if result is None:
+            return None
+        for plural, view, exc in result.failed:  # their config stays absent: the gateway refuses them
+            obj = (KIND_OF[plural], view.namespace, view.name)
+            self.failures.failed(failures.HEAL, obj, exc)
+            if self.failures.take_report(failures.HEAL, obj):
+                await self.kube.post_event(plural, view.event_target(), "Warning", "ConfigRestoreFailed",
+                                           f"self-healing could not rewrite its config: {failures.describe(exc)}")
+        log.warning("Redis had no config epoch: rewrote %d configs from the indexes (%d could not be)",
+                    result.rewritten, len(result.failed))
+        return result.rewritten
 
     async def _every(self, seconds: float, fn: Callable[[], Any], name: str) -> None:
         while True:
@@ -235,13 +298,15 @@ class Runtime:
                 await fn()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a loop must survive Redis or API hiccups; next round retries
-                log.exception("%s failed; retrying in %.1fs", name, seconds)
+            except Exception as exc:  # Redis or the API server unreachable: the next round retries
+                self.failures.loop_failed(name, exc)
+            else:
+                self.failures.loop_succeeded(name)
 
     def start(self) -> None:
         self.tasks = [
-            asyncio.create_task(self._every(self.settings.usage_interval, self.usage_once, "usage write-back")),
-            asyncio.create_task(self._every(self.settings.heal_interval, self.heal_once, "self-healing")),
+            asyncio.create_task(self._every(self.settings.usage_interval, self.usage_once, failures.USAGE)),
+            asyncio.create_task(self._every(self.settings.heal_interval, self.heal_once, failures.HEAL)),
             asyncio.create_task(self.scheduler.run()),
         ]
 

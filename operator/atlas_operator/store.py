@@ -39,6 +39,11 @@ async def owner_of_hash(redis: Any, key_hash: str) -> str | None:
         return None
 
 
+async def served_hash(redis: Any, ref: str) -> str | None:
+    """The key hash the gateway serves for AtlasKey ``namespace/name`` (the key index)."""
+    return _text(await redis.hget(contract.KEY_INDEX, ref))
+
+
 @dataclass(frozen=True)
 class KeyWrite:
     written: bool

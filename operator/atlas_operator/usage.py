@@ -20,11 +20,11 @@ from typing import Any, Iterable
 from atlas_core import contract
 from atlas_core.contract import Limits, Usage
 
-from . import conditions as cond, forecast as fc
+from . import conditions as cond, failures, forecast as fc
 from .carry_over import CarryOver
 from .history import History
 from .kube import CONFLICT, PATCHED, KubeApi
-from .settings import KEYS, QUOTAS
+from .settings import KEYS, KIND_OF, QUOTAS
 from .views import ObjectView
 
 
@@ -37,6 +37,7 @@ class CycleStats:
     deferred: int = 0  # changes left for later cycles by the per-cycle write cap
     forecasts: int = 0  # subjects with a forecast this cycle
     history_writes: int = 0  # subject histories written to Redis this cycle
+    failed: int = 0  # objects this cycle could not serve (their own failures: failures.py)
     read_seconds: float = 0.0
     plan_seconds: float = 0.0  # diffing, forecasts included
     history_seconds: float = 0.0  # reading and writing forecast histories in Redis
@@ -61,6 +62,16 @@ def exhaustion(limits: Limits, usage: Usage) -> tuple[bool, str, str]:
 # (namespace, name, kind, forecast) of every subject with a forecast, for the operator's metrics
 Observed = list[tuple[str, str, str, "fc.Forecast"]]
 NO_FORECAST = object()  # forecasting off: status.forecast is left alone
+# (loop, plural, object, what failed) of every object a cycle could not serve (failures.py)
+Failed = list[tuple[str, str, ObjectView, "BaseException | str"]]
+
+
+@dataclass(frozen=True)
+class ForecastFailed:
+    """Computing the forecast failed: the forecast is withdrawn, BudgetAtRisk is Unknown, and
+    the usage is written all the same."""
+
+    message: str
 
 
 def _merge_fields(current: dict[str, Any] | None, wanted: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -70,7 +81,9 @@ def _merge_fields(current: dict[str, Any] | None, wanted: dict[str, Any] | None)
     return {**{k: None for k in current or {} if k not in wanted}, **wanted}
 
 
-def at_risk_condition(forecast: "fc.Forecast | None") -> tuple[bool, str, str]:
+def at_risk_condition(forecast: "fc.Forecast | ForecastFailed | None") -> tuple[bool | None, str, str]:
+    if isinstance(forecast, ForecastFailed):
+        return None, cond.FORECAST_FAILED, f"the forecast could not be computed: {forecast.message}"
     if forecast is None:
         return False, cond.NO_FORECAST, "too little history, or no usage recently, to forecast"
     first = forecast.first
@@ -91,8 +104,9 @@ def status_patch(
 ) -> dict[str, Any] | None:
     """The status fields to patch for one object, or None when everything already matches.
 
-    ``forecast`` (a Forecast or None) is applied only when it differs meaningfully from what the
-    status shows; an Event for BudgetAtRisk turning True is appended to ``events``.
+    ``forecast`` (a Forecast, ForecastFailed or None) is applied only when it differs
+    meaningfully from what the status shows; an Event for BudgetAtRisk turning True is appended
+    to ``events``. A UsageStale condition left by an earlier failure is removed.
     """
     patch: dict[str, Any] = {}
     wanted_usage = usage.to_status(priced=bool(view.spec.get("priceListRef")))
@@ -100,10 +114,12 @@ def status_patch(
     if current_usage != wanted_usage:
         # A merge patch merges nested objects: a field absent from the new figures (a new day
         # has no lastRequestTime yet) must be deleted explicitly or it would never converge.
-        patch["usage"] = {**{k: None for k in current_usage or {} if k not in wanted_usage}, **wanted_usage}
+        patch["usage"] = _merge_fields(current_usage, wanted_usage)
     if keys is not None and view.status.get("keys") != keys:
         patch["keys"] = keys
     conditions = view.status.get("conditions")
+    if cond.find(conditions, cond.USAGE_STALE) is not None:
+        patch["conditions"] = conditions = cond.without(conditions, cond.USAGE_STALE)
     current = cond.find(conditions, cond.QUOTA_EXHAUSTED)
     is_exhausted, reason, message = exhausted
     if current is None or (current.get("status"), current.get("reason"), current.get("message")) != (
@@ -113,18 +129,34 @@ def status_patch(
                                                       is_exhausted, reason, message, view.generation, now)
     if forecast is not NO_FORECAST:
         shown = view.status.get("forecast")
-        wanted = forecast.to_status() if forecast is not None else None
+        wanted = forecast.to_status() if isinstance(forecast, fc.Forecast) else None
         at_risk = cond.find(conditions, cond.BUDGET_AT_RISK)
-        if fc.changed_meaningfully(shown, wanted, now) or (at_risk is None and wanted is not None):
+        risky, reason, message = at_risk_condition(forecast)
+        failing = isinstance(forecast, ForecastFailed)
+        shown_failing = (at_risk or {}).get("reason") == cond.FORECAST_FAILED
+        # a forecast failure shows at once (and when it changes); so does its end
+        failure_news = (failing and (at_risk or {}).get("message") != message) or (shown_failing and not failing)
+        if (fc.changed_meaningfully(shown, wanted, now) or (at_risk is None and wanted is not None)
+                or failure_news):
             if wanted is not None or shown is not None:
                 patch["forecast"] = _merge_fields(shown, wanted)
-            risky, reason, message = at_risk_condition(forecast)
-            if at_risk is not None or wanted is not None:
+            if at_risk is not None or wanted is not None or failing:
                 patch["conditions"] = cond.merge(conditions, cond.BUDGET_AT_RISK, risky, reason,
                                                  message, view.generation, now)
                 if risky and (at_risk is None or at_risk.get("status") != "True") and events is not None:
                     events.append(("Warning", cond.BUDGET_AT_RISK, message))
     return patch or None
+
+
+def stale_patch(view: ObjectView, reason: str, message: str, now: datetime) -> dict[str, Any] | None:
+    """The UsageStale condition saying why this object's usage is not shown, or None when the
+    status already says so (then a failing object costs no write per cycle)."""
+    conditions = view.status.get("conditions")
+    shown = cond.find(conditions, cond.USAGE_STALE)
+    if shown is not None and (shown.get("status"), shown.get("reason"), shown.get("message")) == (
+            "True", reason, message):
+        return None
+    return {"conditions": cond.merge(conditions, cond.USAGE_STALE, True, reason, message, view.generation, now)}
 
 
 def urgency(item: tuple[str, ObjectView, dict[str, Any]]) -> tuple[int, int]:
@@ -149,15 +181,21 @@ def plan(
     keys: Iterable[ObjectView], quotas: Iterable[ObjectView], usages: dict[str, Usage], now: datetime,
     history: History | None = None, observed: Observed | None = None,
     events: dict[tuple[str, str, str], list[tuple[str, str, str]]] | None = None,
+    unreadable: dict[str, str] | None = None, failed: Failed | None = None,
 ) -> list[tuple[str, ObjectView, dict[str, Any]]]:
     """Every (plural, object, status patch) a cycle must write (the diffing itself).
 
     With ``history``, each subject's reading also feeds its burn-rate history (the only state
     this touches); ``observed`` collects every forecast and ``events`` the Events to post once
-    the patch of (plural, namespace, name) is written.
+    the patch of (plural, namespace, name) is written. Each object is planned on its own: one
+    whose counters are ``unreadable`` (subject -> why) or whose planning fails gets the
+    UsageStale condition instead, and lands in ``failed``; a failing forecast only withdraws
+    that object's forecast. The others are planned as usual.
     """
     observed = observed if observed is not None else []
     events = events if events is not None else {}
+    unreadable = unreadable or {}
+    failed = failed if failed is not None else []
     now_ms = int(now.timestamp() * 1000)
     # Objects not reconciled yet are left to their reconcile (which writes the first status):
     # patching them here would only make that reconcile's precondition fail.
@@ -166,54 +204,65 @@ def plan(
     for key in keys:
         if key.quota:
             bound[(key.namespace, key.quota)] = bound.get((key.namespace, key.quota), 0) + 1
-    keys = [k for k in keys if "observedGeneration" in k.status]
-    quotas = [q for q in quotas if not q.deleting and "observedGeneration" in q.status]
     quota_exhausted: dict[tuple[str, str], tuple[bool, str, str]] = {}
     out: list[tuple[str, ObjectView, dict[str, Any]]] = []
-    for quota in quotas:
-        usage = usages.get(contract.quota_subject(quota.namespace, quota.name))
-        if usage is None:
+    # quotas first: a key's QuotaExhausted follows its quota's
+    todo = [(QUOTAS, q, contract.quota_subject(q.namespace, q.name)) for q in quotas if not q.deleting]
+    todo += [(KEYS, k, contract.key_subject(k.namespace, k.name)) for k in keys]
+    for plural, view, subject in todo:
+        if "observedGeneration" not in view.status:
             continue
-        limits = Limits.from_spec(quota.spec.get("limits"))
-        state = exhaustion(limits, usage)
-        quota_exhausted[(quota.namespace, quota.name)] = state
-        forecast = _forecast(history, contract.quota_subject(quota.namespace, quota.name), limits, usage, now, now_ms)
-        if isinstance(forecast, fc.Forecast):
-            observed.append((quota.namespace, quota.name, "AtlasQuota", forecast))
         posted: list[tuple[str, str, str]] = []
-        patch = status_patch(quota, usage, state, now, keys=bound.get((quota.namespace, quota.name), 0),
-                             forecast=forecast, events=posted)
+        try:
+            if subject in unreadable:
+                failed.append((failures.USAGE, plural, view, unreadable[subject]))
+                patch = stale_patch(view, cond.USAGE_UNREADABLE, unreadable[subject], now)
+            elif subject not in usages:
+                continue
+            else:
+                patch = _plan_object(plural, view, subject, usages[subject], now, now_ms, history, observed,
+                                     posted, bound, quota_exhausted, failed)
+        except Exception as exc:  # noqa: BLE001 - this object's failure, reported; the cycle goes on
+            failed.append((failures.USAGE, plural, view, exc))
+            patch = stale_patch(view, cond.WRITE_BACK_FAILED, f"its status could not be planned: "
+                                f"{failures.describe(exc)}", now)
         if patch:
-            out.append((QUOTAS, quota, patch))
+            out.append((plural, view, patch))
             if posted:
-                events[(QUOTAS, quota.namespace, quota.name)] = posted
-    for key in keys:
-        usage = usages.get(contract.key_subject(key.namespace, key.name))
-        if usage is None:
-            continue
-        limits = Limits.from_spec(key.spec.get("limits"))
-        state = exhaustion(limits, usage)
-        shared = quota_exhausted.get((key.namespace, key.quota)) if key.quota else None
-        if not state[0] and shared and shared[0]:
-            state = (True, cond.SHARED_BUDGET_SPENT, f"AtlasQuota {key.quota!r}: {shared[2]}")
-        forecast = _forecast(history, contract.key_subject(key.namespace, key.name), limits, usage, now, now_ms)
-        if isinstance(forecast, fc.Forecast):
-            observed.append((key.namespace, key.name, "AtlasKey", forecast))
-        posted = []
-        patch = status_patch(key, usage, state, now, forecast=forecast, events=posted)
-        if patch:
-            out.append((KEYS, key, patch))
-            if posted:
-                events[(KEYS, key.namespace, key.name)] = posted
+                events[(plural, view.namespace, view.name)] = posted
     return out
 
 
+def _plan_object(plural: str, view: ObjectView, subject: str, usage: Usage, now: datetime, now_ms: int,
+                 history: History | None, observed: Observed, posted: list[tuple[str, str, str]],
+                 bound: dict[tuple[str, str], int], quota_exhausted: dict[tuple[str, str], tuple[bool, str, str]],
+                 failed: Failed) -> dict[str, Any] | None:
+    limits = Limits.from_spec(view.spec.get("limits"))
+    state = exhaustion(limits, usage)
+    if plural == QUOTAS:
+        quota_exhausted[(view.namespace, view.name)] = state
+    elif view.quota and not state[0]:
+        shared = quota_exhausted.get((view.namespace, view.quota))
+        if shared and shared[0]:
+            state = (True, cond.SHARED_BUDGET_SPENT, f"AtlasQuota {view.quota!r}: {shared[2]}")
+    try:
+        forecast = _forecast(history, subject, limits, usage, now, now_ms)
+    except Exception as exc:  # noqa: BLE001 - withdraws this forecast only; the usage is still written
+        failed.append((failures.FORECAST, plural, view, exc))
+        forecast = ForecastFailed(failures.describe(exc))
+    if isinstance(forecast, fc.Forecast):
+        observed.append((view.namespace, view.name, KIND_OF[plural], forecast))
+    keys = bound.get((view.namespace, view.name), 0) if plural == QUOTAS else None
+    return status_patch(view, usage, state, now, keys=keys, forecast=forecast, events=posted)
+
+
 async def read_all(redis: Any, subjects: list[str], now: datetime, batch: int,
-                   tags: dict[str, str] | None = None) -> tuple[dict[str, Usage], int]:
+                   tags: dict[str, str] | None = None,
+                   unreadable: dict[str, str] | None = None) -> tuple[dict[str, Usage], int]:
     usages: dict[str, Usage] = {}
     trips = 0
     for start in range(0, len(subjects), batch):
-        usages.update(await contract.read_usages(redis, subjects[start:start + batch], now, tags))
+        usages.update(await contract.read_usages(redis, subjects[start:start + batch], now, tags, unreadable))
         trips += 1
     return usages, trips
 
@@ -236,18 +285,22 @@ async def usage_cycle(
     history: History | None = None,
     observed: Observed | None = None,
     carry_over: "CarryOver | None" = None,
+    tracker: "failures.Failures | None" = None,
 ) -> CycleStats:
     """One write-back cycle. With ``history``, forecasts too; ``observed`` collects them. With
-    ``carry_over``, first the usage counted under the v1 contract (an upgrade in progress)."""
+    ``carry_over``, first the usage counted under the v1 contract (an upgrade in progress).
+    ``tracker`` learns which objects failed and which work again (a fresh one when omitted)."""
     started = time.perf_counter()
     stats = CycleStats()
+    tracker = tracker if tracker is not None else failures.Failures()
     subjects = [contract.key_subject(k.namespace, k.name) for k in keys if not k.deleting]
     subjects += [contract.quota_subject(q.namespace, q.name) for q in quotas if not q.deleting]
     stats.subjects = len(subjects)
     tags = slot_tags(k for k in keys if not k.deleting)
+    unreadable: dict[str, str] = {}
     if carry_over is not None:
-        stats.redis_round_trips += await carry_over.cycle(redis, subjects, now, tags, batch)
-    usages, trips = await read_all(redis, subjects, now, batch, tags)
+        stats.redis_round_trips += await carry_over.cycle(redis, subjects, now, tags, batch, unreadable)
+    usages, trips = await read_all(redis, subjects, now, batch, tags, unreadable)
     stats.redis_round_trips += trips
     stats.read_seconds = time.perf_counter() - started
     if history is not None:
@@ -258,8 +311,10 @@ async def usage_cycle(
 
     observed = observed if observed is not None else []
     events: dict[tuple[str, str, str], list[tuple[str, str, str]]] = {}
+    failed: Failed = []
     mark = time.perf_counter()
-    todo = plan(keys, quotas, usages, now, history=history, observed=observed, events=events)
+    todo = plan(keys, quotas, usages, now, history=history, observed=observed, events=events,
+                unreadable=unreadable, failed=failed)
     stats.plan_seconds = time.perf_counter() - mark
     stats.forecasts = len(observed)
     if history is not None:
@@ -277,7 +332,12 @@ async def usage_cycle(
 
     async def write(plural: str, view: ObjectView, patch: dict[str, Any]) -> str:
         async with gate:
-            result = await kube.patch_status(plural, view.namespace, view.name, patch, view.resource_version)
+            try:
+                result = await kube.patch_status(plural, view.namespace, view.name, patch, view.resource_version)
+            except Exception as exc:  # noqa: BLE001 - this object's failure; the other writes go on
+                failed.append((failures.USAGE, plural, view, exc))
+                await _show_refusal(kube, plural, view, patch, exc, now)
+                return REFUSED
             if result == PATCHED:  # a conflicted patch is retried next cycle, with its Event
                 for event in events.get((plural, view.namespace, view.name), ()):
                     await kube.post_event(plural, view.event_target(), *event)
@@ -286,5 +346,51 @@ async def usage_cycle(
     results = await asyncio.gather(*(write(*item) for item in todo))
     stats.patches = sum(1 for r in results if r == PATCHED)
     stats.conflicts = sum(1 for r in results if r == CONFLICT)
+    stats.failed = len({(plural, view.namespace, view.name) for _, plural, view, _ in failed})
+    await report(kube, tracker, failed, keys, quotas)
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+REFUSED = "refused"  # the patch raised (the API server refused it, or did not answer)
+EVENTS_PER_CYCLE = 50
+EVENT_REASONS = {failures.USAGE: "UsageWriteBackFailed", failures.FORECAST: "ForecastFailed"}
+
+
+async def _show_refusal(kube: KubeApi, plural: str, view: ObjectView, patch: dict[str, Any],
+                        exc: Exception, now: datetime) -> None:
+    """After a refused status patch, try the UsageStale condition alone: a patch the API server
+    refuses for one of its values may still take a condition saying so."""
+    stale = stale_patch(view, cond.STATUS_REFUSED, f"the status patch was refused: {failures.describe(exc)}", now)
+    if stale is None or set(patch) == {"conditions"}:
+        return
+    try:
+        await kube.patch_status(plural, view.namespace, view.name, stale, view.resource_version)
+    except Exception:  # noqa: BLE001 - the Event posted by report() still says it
+        pass
+
+
+async def report(kube: KubeApi, tracker: "failures.Failures", failed: Failed,
+                 keys: list[ObjectView], quotas: list[ObjectView], max_events: int = EVENTS_PER_CYCLE) -> None:
+    """Tell ``tracker`` what failed and what works again; post the Event of each new failure,
+    at most ``max_events`` per cycle (a bug failing every object must not become 10,000 API
+    calls in one cycle: the others are posted in the next ones)."""
+    seen: set[tuple[str, str, str, str]] = set()
+    posted = 0
+    for loop, plural, view, error in failed:
+        obj = (KIND_OF[plural], view.namespace, view.name)
+        if (loop, *obj) in seen:
+            continue
+        seen.add((loop, *obj))
+        tracker.failed(loop, obj, error)
+        if posted < max_events and tracker.take_report(loop, obj):
+            posted += 1
+            await kube.post_event(plural, view.event_target(), "Warning", EVENT_REASONS[loop],
+                                  f"{loop} failed: {failures.describe(error)}")
+    if tracker.failing:
+        for plural, views in ((KEYS, keys), (QUOTAS, quotas)):
+            for view in views:
+                obj = (KIND_OF[plural], view.namespace, view.name)
+                for loop in (failures.USAGE, failures.FORECAST):
+                    if (loop, *obj) not in seen:
+                        tracker.succeeded(loop, obj)

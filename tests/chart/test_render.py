@@ -343,7 +343,7 @@ def test_monitoring_objects(helm):
     rule = objs.one("PrometheusRule")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     for wanted in ("AtlasKeyQuotaNearlySpent", "AtlasQuotaNearlySpent", "AtlasRedisErrors", "AtlasUpstreamErrors",
-                   "AtlasBudgetExhaustionForecast"):
+                   "AtlasBudgetExhaustionForecast", "AtlasOperatorObjectFailing"):
         assert wanted in alerts, sorted(alerts)
     for alert in alerts.values():
         used = metrics_used(alert["expr"])

@@ -280,7 +280,7 @@ def _bridge_exists() -> bool:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Cluster:
+def cluster(request) -> Cluster:
     if os.geteuid() != 0:
         message = "the deploy tier runs a kubelet and containerd: it needs root"
         if os.environ.get("CI"):
@@ -295,6 +295,7 @@ def cluster() -> Cluster:
     if _bridge_exists():
         pytest.fail(f"another deploy node is running (bridge {BRIDGE} exists): `make deploy-down` first, "
                     "or ATLAS_DEPLOY_REUSE=.deploy to test that one")
+    request.getfixturevalue("docker_engine")  # the images are built with it; stopped at the end
     stack = DeployStack(TEST_STATE_DIR)
     try:
         env = stack.up()

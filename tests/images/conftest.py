@@ -26,26 +26,15 @@ def _unavailable(msg: str) -> None:
     pytest.skip(msg)
 
 
-def _docker_sh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO_ROOT / "hack" / "docker.sh"), *args],
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def docker_cli(docker_engine: str) -> str:
+    """The CLI of the session's engine (tests/fixtures/daemons.py), for containers.docker()."""
+    containers.DOCKER = docker_engine
+    return docker_engine
 
 
 @pytest.fixture(scope="session")
-def docker_engine():
-    """A Docker engine and the CLI that matches it (hack/docker.sh installs and starts Debian's when
-    none answers; tests/conftest.py stops what the session started)."""
-    if _docker_sh("status").returncode != 0:
-        if os.geteuid() != 0:
-            _unavailable("no Docker engine answers and starting one needs root: `sudo bash hack/docker.sh`")
-        res = _docker_sh("start", timeout=600)
-        assert res.returncode == 0, f"hack/docker.sh start failed:\n{res.stderr[-3000:]}"
-    containers.DOCKER = _docker_sh("cli").stdout.strip()
-    return containers.DOCKER
-
-
-@pytest.fixture(scope="session")
-def images(docker_engine, request) -> dict[str, str]:
+def images(docker_cli, request) -> dict[str, str]:
     """target -> image reference, built from this checkout (warm: Docker's layer cache)."""
     log = _reporter_log(request.config)
     res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "build"],

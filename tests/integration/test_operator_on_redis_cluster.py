@@ -72,9 +72,9 @@ async def test_operator_writes_config_and_reads_usage_on_a_cluster(aredis, clust
     cluster_client.flushall(target_nodes=cluster_client.PRIMARIES)
     secrets = {("team", f"{n}-api-key"): SecretView("1", contract.hash_api_key(kube.secret_value(f"{n}-api-key")))
                for n in names}
-    rewritten = await heal_if_needed(aredis, [view(kube, KEYS, n) for n in names], [view(kube, QUOTAS, "pool")],
+    healed = await heal_if_needed(aredis, [view(kube, KEYS, n) for n in names], [view(kube, QUOTAS, "pool")],
                                      secrets, NOW)
-    assert rewritten == 13 and cluster_client.exists(contract.CONFIG_EPOCH)
+    assert (healed.rewritten, healed.failed) == (13, []) and cluster_client.exists(contract.CONFIG_EPOCH)
 
 
 async def test_v1_usage_carried_over_on_a_cluster(aredis, cluster_client):

@@ -47,6 +47,7 @@ TEXT_FIELDS = {  # content part type -> the field holding its text
 MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio_url", "video_url", "video"})
 RESPONSE_ITEMS = frozenset({"message", "function_call", "function_call_output", "reasoning"})
 
+MAX_RESERVE = 10**15  # the CRDs' largest token budget: a request reserving more fits no budget
 _CHAT_STRUCTURED = ("tools", "functions", "documents", "chat_template_kwargs", "response_format")
 
 
@@ -216,8 +217,17 @@ class Meter:
     # ------------------------------------------------------------------ routes
 
     def bound(self, route: Route, doc: dict[str, Any], previous_tokens: int = 0) -> Bound:
-        """The bound of a validated request of ``route``; 400 for what cannot be bounded.
+        """The bound of a validated request of ``route``; 400 for what cannot be bounded, and for a
+        reservation larger than any budget (admit.lua counts exactly only below 2^53).
         ``previous_tokens``: what a continued stored response re-feeds the model."""
+        bound = self._bound(route, doc, previous_tokens)
+        if bound.reserve > MAX_RESERVE:
+            param = next((name for name in (*route.cap_fields, "n", "best_of") if doc.get(name)), None)
+            message = f"This request may use {bound.reserve} tokens, more than any budget holds ({MAX_RESERVE})"
+            raise _bad(message + (f"; lower '{param}'." if param else "."), param)
+        return bound
+
+    def _bound(self, route: Route, doc: dict[str, Any], previous_tokens: int) -> Bound:
         if route.prompt is None:
             return Bound(0)  # requests-only routes (tokenize, detokenize)
         prompt, prompts = route.prompt(self, doc)

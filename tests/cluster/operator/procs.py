@@ -76,10 +76,11 @@ class Gateway:
     def __init__(self, url: str):
         self.url = url
 
-    def chat(self, key: str, model: str = "llama-3.1-8b-instruct", tokens: int = 8) -> tuple[int, dict]:
+    def chat(self, key: str, model: str = "llama-3.1-8b-instruct", tokens: int = 8,
+             headers: dict[str, str] | None = None) -> tuple[int, dict]:
         status, body = http("POST", self.url + "/v1/chat/completions",
                             {"model": model, "max_tokens": tokens, "messages": [{"role": "user", "content": "hi"}]},
-                            {"authorization": f"Bearer {key}"})
+                            {"authorization": f"Bearer {key}", **(headers or {})})
         try:
             return status, json.loads(body or b"{}")
         except ValueError:

@@ -6,15 +6,24 @@ from __future__ import annotations
 import base64
 import copy
 import itertools
+import json
 from typing import Any
 
+from atlas_devstack.merge_patch import merge_patch
 from atlas_operator.kube import CONFLICT, GONE, PATCHED
-from atlas_operator.measure import merge_patch
 from atlas_operator.settings import API_VERSION, KIND_OF
 
 _rv = itertools.count(100)
 _uid = itertools.count(1)
 
+
+class ApiError(Exception):
+    """Shaped like the kubernetes client's ApiException (status, reason, a JSON Status body)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"({status})\nReason: {reason}")
+        self.status, self.reason = status, reason
+        self.body = json.dumps({"kind": "Status", "message": message})
 
 
 class FakeKube:
@@ -24,6 +33,17 @@ class FakeKube:
         self.patches: list[tuple[str, str, str, dict[str, Any]]] = []
         self.events: list[tuple[str, str, str, str]] = []
         self.created_secrets: list[str] = []
+        # name -> exception: calls about that object raise it (an API server refusing them)
+        self.refuse: dict[str, Exception] = {}
+        # name -> status fields whose patch the API server refuses as invalid (a 422)
+        self.invalid_fields: dict[str, set[str]] = {}
+
+    def _refused(self, name: str, status: dict[str, Any] | None = None) -> None:
+        if name in self.refuse:
+            raise self.refuse[name]
+        bad = self.invalid_fields.get(name, set()) & set(status or {})
+        if bad:
+            raise ApiError(422, "Unprocessable Entity", f"status.{sorted(bad)[0]}: Invalid value")
 
     # -- helpers for tests
     def add(self, plural: str, name: str, spec: dict[str, Any], namespace: str = "team") -> dict[str, Any]:
@@ -60,6 +80,7 @@ class FakeKube:
 
     # -- KubeApi
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self._refused(name)
         found = self.secrets.get((namespace, name))
         return copy.deepcopy(found) if found else None
 
@@ -77,6 +98,7 @@ class FakeKube:
         return copy.deepcopy(found) if found else None
 
     async def patch_status(self, plural, namespace, name, status, resource_version=None) -> str:
+        self._refused(name, status)
         obj = self.objects.get((plural, namespace, name))
         if obj is None:
             return GONE

@@ -9,8 +9,8 @@ import pytest
 
 from atlas_core import contract
 from atlas_core.contract import Limits
+from benchmarks.forecast_accuracy import START, bursty, simulate, steady
 from atlas_operator import conditions as cond, forecast as fc
-from atlas_operator.forecast_sim import START, bursty, simulate, steady
 from atlas_operator.history import History
 from atlas_operator.keys import reconcile_key
 from atlas_operator.settings import KEYS

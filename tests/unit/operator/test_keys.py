@@ -9,7 +9,8 @@ import pytest
 from atlas_core import contract
 from atlas_core.contract import KeyConfig
 from atlas_operator import conditions as cond
-from atlas_operator.keys import StatusConflict, reconcile_key
+from atlas_operator.keys import reconcile_key
+from atlas_operator.status import StatusConflict
 from atlas_operator.settings import KEYS, SECRET_WATCH_LABEL
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)

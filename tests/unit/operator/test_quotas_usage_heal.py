@@ -122,7 +122,7 @@ async def test_self_heal_rewrites_identical_config(kube, redis):
         secrets[("team", f"{name}-api-key")] = SecretView("1", contract.hash_api_key(value))
     rewritten = await heal_if_needed(redis, [view(kube, KEYS, "a"), view(kube, KEYS, "b")],
                                      [view(kube, QUOTAS, "team-search")], secrets, NOW)
-    assert rewritten == 3 and await store.epoch_present(redis)
+    assert rewritten.rewritten == 3 and not rewritten.failed and await store.epoch_present(redis)
     assert {k: await redis.get(k) for k in await redis.keys("atlas:v2:{config}:key:*")} == before
     assert await redis.get(contract.quota_config_key("team", "team-search")) == before_quota
     for name in ("a", "b"):

@@ -1,5 +1,5 @@
 """Synthetic traffic through the forecast, for its tests and for the accuracy figures in
-docs/operator.md: ``python -m atlas_operator.forecast_sim``.
+docs/operator.md: ``python -m benchmarks.forecast_accuracy``.
 
 A subject with a daily budget is read every ``cycle`` seconds, as the write-back loop reads it;
 its counter follows a traffic pattern (tokens settled per request, discrete as in reality).
@@ -16,8 +16,8 @@ from typing import Callable
 
 from atlas_core.contract import Limits, month_of
 
-from . import forecast as fc
-from .history import History
+from atlas_operator import forecast as fc
+from atlas_operator.history import History
 
 START = datetime(2026, 11, 27, 0, 0, tzinfo=timezone.utc)
 

@@ -1,4 +1,4 @@
-"""Measure the usage write-back cycle at scale: `python -m atlas_operator.measure --keys 10000`
+"""Measure the usage write-back cycle at scale: `python -m benchmarks.operator_scale --keys 10000`
 (and with `--latency N`: apply-to-working-key and delete-to-refused through the dev stack).
 
 A real redis-server (atlas_devstack.redis_server) holds the counters; the Kubernetes API is
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import time
 from datetime import datetime, timedelta, timezone
@@ -23,25 +22,11 @@ from datetime import datetime, timedelta, timezone
 import redis.asyncio as aioredis
 
 from atlas_core import contract
-
-from .history import History
-from .kube import PATCHED
-from .usage import usage_cycle
-from .views import ObjectView
-
-
-def merge_patch(target, patch):
-    """RFC 7386 JSON merge patch, as the API server applies it: objects merge, null deletes,
-    everything else (lists too) replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
+from atlas_devstack.merge_patch import merge_patch
+from atlas_operator.history import History
+from atlas_operator.kube import PATCHED
+from atlas_operator.usage import usage_cycle
+from atlas_operator.views import ObjectView
 
 
 class CountingKube:
@@ -89,10 +74,15 @@ def apply_patches_to_views(views: list[ObjectView], kube: CountingKube) -> list[
     return out
 
 
-async def traffic(redis, subjects: list[str], now: datetime, tokens: int) -> None:
+def quota_tags(keys: list[ObjectView]) -> dict[str, str]:
+    """Each key's counters live under its quota's slot tag, as the gateway writes them."""
+    return {contract.key_subject(k.namespace, k.name): contract.slot_tag(k.namespace, k.name, k.quota) for k in keys}
+
+
+async def traffic(redis, subjects: list[str], now: datetime, tokens: int, tags: dict[str, str]) -> None:
     pipe = redis.pipeline(transaction=False)
     for s in subjects:
-        day_key, month_key = contract.usage_keys(s, now)
+        day_key, month_key = contract.usage_keys(s, now, tags.get(s))
         pipe.hincrby(day_key, contract.USAGE_SETTLED, tokens)
         pipe.hincrby(day_key, contract.USAGE_REQUESTS, 1)
         pipe.hset(day_key, contract.USAGE_LAST, int(now.timestamp() * 1000))
@@ -127,21 +117,22 @@ async def run_fake(n_keys: int, n_quotas: int, redis_url: str, forecasting: bool
     await cycle("idle (first: loads history)")
     await cycle("idle (nothing changed)")
     active = [contract.key_subject("bench", f"k{i}") for i in range(0, n_keys, 100)]
-    await traffic(redis, active + all_quotas, now, 10)
+    tags = quota_tags(keys)
+    await traffic(redis, active + all_quotas, now, 10, tags)
     await cycle("1% of keys active")
-    await traffic(redis, all_keys + all_quotas, now, 10)
+    await traffic(redis, all_keys + all_quotas, now, 10, tags)
     await cycle("every key active")
-    await traffic(redis, all_keys + all_quotas, now, 10)
+    await traffic(redis, all_keys + all_quotas, now, 10, tags)
     await cycle("every key active again")
-    await traffic(redis, all_keys + all_quotas, now, 10)
+    await traffic(redis, all_keys + all_quotas, now, 10, tags)
     await cycle("every key, 3rd minute")
     await cycle("idle after traffic")
     await redis.aclose()
 
 
 async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, reuse: str | None) -> None:
-    from .kube import ClientKubeApi
-    from .settings import GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
+    from atlas_operator.kube import ClientKubeApi
+    from atlas_operator.settings import GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
 
     os.environ["KUBECONFIG"] = kubeconfig
     api = ClientKubeApi.from_environment(workers=8)
@@ -197,10 +188,11 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
     if reuse:
         await cycle("settle leftovers (uncapped)")
     await cycle("idle (nothing changed)")
+    tags = quota_tags((await views())[0])
     await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(0, n_keys, 100)]
-                  + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10)
+                  + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10, tags)
     await cycle("1% of keys active")
-    await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10)
+    await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10, tags)
     cap = OperatorSettings.usage_max_writes  # the operator's default per-cycle write cap
     await cycle(f"every key active, cap {cap}", cap=cap)
     await cycle(f"next cycle, cap {cap}", cap=cap)

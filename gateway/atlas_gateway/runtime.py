@@ -65,13 +65,13 @@ class RedisHealth:
 def settle_heap(threshold: int) -> None:
     """Keep the collector off the tail (docs/benchmarks.md, issue 13, "The tail at c=16").
 
-    After start-up the heap holds ~75,000 container objects (FastAPI, pydantic, aiohttp,
-    prometheus_client...) that live as long as the process; every full collection walked them,
-    pausing the event loop for 38-75 ms, a few times a minute under load. Frozen (gc.freeze),
-    they are never walked again: a full collection then takes under a millisecond. The first
-    threshold stays Python's 700 by default: 50,000 (young collections ~never) cost ~10 % more
-    CPU per request at concurrency 1 (garbage in cycles lingers, out of the caches) and gained
-    nothing at 16. ``threshold`` 0: leave the collector alone."""
+    After start-up the heap holds tens of thousands of container objects (aiohttp, redis-py,
+    prometheus_client, uvicorn...) that live as long as the process; every full collection
+    walked them all, pausing the event loop for tens of milliseconds a few times a minute under
+    load. Frozen (gc.freeze), they are never walked again. The first threshold stays Python's
+    700 by default: a much higher one (young collections ~never) cost CPU per request at
+    concurrency 1 (garbage in cycles lingers, out of the caches) and gained nothing at 16.
+    ``threshold`` 0: leave the collector alone."""
     if threshold <= 0:
         return
     gc.collect()

@@ -71,10 +71,11 @@ def method_not_allowed() -> GatewayError:
     return GatewayError(405, "Method not allowed.", "invalid_request_error", "method_not_allowed")
 
 
-def rate_limited(kind: str, message: str, retry_after: int) -> GatewayError:
-    """429 for requests/s, tokens/min and concurrency. ``kind`` is ``requests`` or ``tokens``."""
+def rate_limited(limited: str, message: str, retry_after: int) -> GatewayError:
+    """429 for requests/s, tokens/min and concurrency. ``limited`` (the error's type) is
+    ``requests`` or ``tokens``."""
     return GatewayError(
-        429, message, kind, "rate_limit_exceeded",
+        429, message, limited, "rate_limit_exceeded",
         headers=[(b"retry-after", str(retry_after).encode())],
     )
 

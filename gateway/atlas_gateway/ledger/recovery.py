@@ -22,14 +22,41 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from .. import metrics
 from ..auth.principal import Principal
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_kind
 from .admission import Admission
-from .script_args import key_calls
+from .script_args import NO_COST, key_calls
 
 log = logging.getLogger("atlas_gateway")
+
+
+@dataclass(slots=True)
+class Unresolved:
+    """A request whose admission (``admission``) or settlement outcome is unknown, until
+    undo.lua resolves it; ``refused`` counts the times Redis refused the undo (a script error)."""
+
+    principal: Principal
+    request_id: str
+    reserved: int
+    actual: int
+    admission: bool
+    costs: tuple[bytes, bytes] = NO_COST
+    refused: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledged:
+    """A settlement Redis acknowledged ``at`` (monotonic seconds), kept for a failover's replay."""
+
+    at: float
+    principal: Principal
+    request_id: str
+    reserved: int
+    actual: int
+    costs: tuple[bytes, bytes]
 
 
 class Recovery:
@@ -44,11 +71,10 @@ class Recovery:
                  replays: bool = False) -> None:
         self.admission = admission
         self.replays = replays
-        self.recent: deque[tuple] = deque()  # (time, principal, request id, reserved, actual, costs)
+        self.recent: deque[Acknowledged] = deque()
         self.first_delay = first_delay
         self.max_delay = max_delay
-        # request id -> [principal, reserved, actual, admission?, refused attempts]
-        self.pending: dict[str, list] = {}
+        self.pending: dict[str, Unresolved] = {}  # by request id
         self._task: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
         metrics.REDIS_UNDO_PENDING.set_function(lambda: len(self.pending))
@@ -57,17 +83,17 @@ class Recovery:
         self._add(principal, request_id, reserved, 0, True)
 
     def settle_later(self, principal: Principal, request_id: str, reserved: int, actual: int,
-                     costs: tuple[bytes, bytes] = (b"0", b"0")) -> None:
+                     costs: tuple[bytes, bytes] = NO_COST) -> None:
         self._add(principal, request_id, reserved, actual, False, costs)
 
     def _add(self, principal: Principal, request_id: str, reserved: int, actual: int, admission: bool,
-             costs: tuple[bytes, bytes] = (b"0", b"0")) -> None:
+             costs: tuple[bytes, bytes] = NO_COST) -> None:
         if not key_calls(principal).leased:
             return  # nothing it left can outlive a minute: its buckets refill by themselves
         if len(self.pending) >= self.MAX_PENDING:
             metrics.count_redis_error("undo_dropped")
             return
-        self.pending[request_id] = [principal, reserved, actual, admission, 0, costs]
+        self.pending[request_id] = Unresolved(principal, request_id, reserved, actual, admission, costs)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
         self._wakeup.set()
@@ -79,20 +105,20 @@ class Recovery:
             return
         now = time.monotonic()
         recent = self.recent
-        recent.append((now, principal, request_id, reserved, actual, costs))
+        recent.append(Acknowledged(now, principal, request_id, reserved, actual, costs))
         horizon = now - self.REPLAY_SECONDS
-        while recent[0][0] < horizon:
+        while recent[0].at < horizon:
             recent.popleft()
 
     def replay_after_failover(self) -> None:
         """The hot-path client reached a new master: settle again what the old one may have lost."""
         horizon = time.monotonic() - self.REPLAY_SECONDS
-        items = [item for item in self.recent if item[0] >= horizon]
+        items = [item for item in self.recent if item.at >= horizon]
         self.recent.clear()
         if items:
             log.warning("Redis master changed: re-checking %d recent settlements on the new master", len(items))
-        for _, principal, request_id, reserved, actual, costs in items:
-            self.settle_later(principal, request_id, reserved, actual, costs)
+        for item in items:
+            self.settle_later(item.principal, item.request_id, item.reserved, item.actual, item.costs)
 
     def wake(self) -> None:
         """Redis answered again: retry now rather than after the back-off."""
@@ -103,8 +129,8 @@ class Recovery:
         delay = self.first_delay
         while self.pending:
             self._wakeup.clear()  # before the batch: a wake-up during it is not lost
-            batch = list(self.pending.items())[: self.BATCH]
-            results = await asyncio.gather(*(self._one(rid, item) for rid, item in batch))
+            batch = list(self.pending.values())[: self.BATCH]
+            results = await asyncio.gather(*(self._one(item) for item in batch))
             if all(results):
                 delay = self.first_delay
                 continue
@@ -116,22 +142,22 @@ class Recovery:
                 pass
             delay = min(self.max_delay, delay * 2)
 
-    async def _one(self, request_id: str, item: list) -> bool:
-        principal, reserved, actual, admission, refused, costs = item
+    async def _one(self, item: Unresolved) -> bool:
         try:
-            dropped = await self.admission.undo(principal, request_id, reserved, actual, admission=admission,
-                                                costs=costs)
+            dropped = await self.admission.undo(item.principal, item.request_id, item.reserved, item.actual,
+                                                admission=item.admission, costs=item.costs)
         except REDIS_FAILURES as exc:
             if is_transport_failure(exc):
                 return False
-            item[4] = refused = refused + 1
+            item.refused += 1
             metrics.count_redis_reply_error("undo", reply_kind(exc))
-            if refused < self.REPLY_ATTEMPTS:
+            if item.refused < self.REPLY_ATTEMPTS:
                 return False
-            log.error("giving up undoing request %s: Redis refused it %d times (%s)", request_id, refused, exc)
+            log.error("giving up undoing request %s: Redis refused it %d times (%s)", item.request_id, item.refused,
+                      exc)
         else:
             metrics.REDIS_UNDONE.labels("found" if dropped else "none").inc()
-        self._forget(request_id)
+        self._forget(item.request_id)
         return True
 
     def _forget(self, request_id: str) -> None:

@@ -44,7 +44,8 @@ def _deeper_than(doc: Any, limit: int, budget: int | None = None) -> bool | None
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request's JSON object. orjson: ~3x faster than the standard library on big prompts, and
+    """The request's JSON object. orjson: faster than the standard library on big prompts
+    (docs/benchmarks.md), and
     stricter where strictness is right (no NaN/Infinity, no lone surrogates: a 400, not a 500
     later; integers beyond 64 bits read as floats, so a cap field that large is refused)."""
     try:

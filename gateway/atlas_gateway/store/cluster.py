@@ -211,7 +211,7 @@ class ClusterFastRedis:
         """The command, then ``WAIT 1 <wait_ms>``: its reply is returned once a replica has it
         too, so a master that dies right after answering cannot take an admission or settlement
         the gateway acted on with it (a failover would otherwise lose what the replica had not
-        received yet: measured, a budget overshot by a third under load). The commands written in
+        received yet: docs/benchmarks.md, "Figures behind the code"). The commands written in
         one event-loop iteration share one WAIT (moved behind the newest). A WAIT whose connection
         is lost fails the command like any lost reply ("may have run": undone); a WAIT that times
         out without an ack (a replica down or far behind) lets the reply through: availability

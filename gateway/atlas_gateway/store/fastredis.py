@@ -1,8 +1,8 @@
 """A minimal pipelining RESP client for the two hot-path script calls.
 
-Measured on the 2-core bench machine, redis-py's asyncio client spends more CPU per EVALSHA
-(argument encoding, connection-pool bookkeeping, RESP3 parsing) than aiohttp spends on the
-whole upstream request. This client keeps one connection, writes pre-encoded commands and
+redis-py's asyncio client spends more CPU per EVALSHA (argument encoding, connection-pool
+bookkeeping, RESP3 parsing) than aiohttp spends on the whole upstream request
+(docs/benchmarks.md, "What was changed because of these measurements"). This client keeps one connection, writes pre-encoded commands and
 matches replies to waiters in order (Redis answers a connection's commands in order), so
 concurrent requests are pipelined for free. It does exactly what the hot path needs:
 EVALSHA/SCRIPT LOAD, AUTH and SELECT, over TCP or TLS (``rediss://``); replies are parsed by
@@ -67,9 +67,9 @@ class _Protocol(asyncio.Protocol):
         # Commands issued during one event-loop iteration leave together in one write, at the
         # end of the iteration. On loopback each send() (and each recv() of the replies) costs
         # about as much CPU as the rest of a request, so under concurrency this removes most of
-        # the Redis I/O cost, Redis's own included. (Measured against holding commands back
-        # while a batch is unanswered: that batches more, but a new admission then waits for
-        # the previous request's settlement reply, which costs latency at concurrency 1.)
+        # the Redis I/O cost, Redis's own included (docs/benchmarks.md). Holding commands back
+        # while a batch is unanswered would batch more, but a new admission would then wait for
+        # the previous request's settlement reply: latency at concurrency 1.
         self.outgoing: list[bytes] = []
         # this connection's loop, kept: on Python 3.11 every asyncio.get_running_loop() is a
         # getpid() system call, and this runs twice per Redis call

@@ -7,6 +7,7 @@ ticket, whatever happens.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from time import perf_counter
 
 import aiohttp
@@ -22,6 +23,20 @@ from ..request import RequestContext
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
 from .sse import pump
 
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """What a request is charged at settlement: prompt and completion tokens."""
+
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+NOTHING = Bill(0, 0)
+
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 
@@ -33,8 +48,9 @@ class UpstreamCall:
                  "watcher", "_receive", "_task", "_refresher", "_refreshing", "owner")
 
     # A non-streaming request starts listening for a client disconnect only once it has been
-    # upstream this long: the listener task costs ~60 us of CPU (about 40 % of the handler's
-    # own work, measured), and a request that answers sooner has nothing worth aborting.
+    # upstream this long: the listener task is a large share of the handler's own work
+    # (docs/benchmarks.md, "Figures behind the code"), and a request that answers sooner has
+    # nothing worth aborting.
     WATCH_AFTER = 0.05
 
     def __init__(self, req: RequestContext) -> None:
@@ -44,7 +60,7 @@ class UpstreamCall:
         self.upstream_seconds = 0.0
         self.finishing = False
         self.client_gone = False
-        self.billed = (0, 0)  # (prompt, completion) charged at settlement
+        self.billed = NOTHING
         self.cached = 0  # prompt tokens the upstream read from its cache (priced apart)
         self.watcher: asyncio.Future | None = None
         self._refresher: asyncio.TimerHandle | None = None
@@ -149,10 +165,10 @@ class UpstreamCall:
                         # wait for the second Redis round trip; the lease is held until then
                         await send_bytes(send, status, answer, req.response_headers, content_type)
             except asyncio.CancelledError:
-                if self.billed == (0, 0):
+                if self.billed == NOTHING:
                     # cancelled before any answer (the client left, or the server is shutting
                     # down): the upstream has done the prefill
-                    self.billed = (req.prompt_estimate, 0)
+                    self.billed = Bill(req.prompt_estimate, 0)
                 if not self.client_gone:
                     raise
                 asyncio.current_task().uncancel()
@@ -171,36 +187,36 @@ class UpstreamCall:
             metrics.upstream_finished(req.model)
             await self._settle()
             metrics.count_request(req.ref, req.model, status, req.priority)
-            metrics.count_tokens(req.ref, req.model, self.billed[0], self.billed[1])
+            metrics.count_tokens(req.ref, req.model, self.billed.prompt, self.billed.completion)
             metrics.OVERHEAD.observe(max(0.0, perf_counter() - req.started - self.upstream_seconds))
 
     async def _settle(self) -> None:
         if self.ticket is not None:
-            actual = self.billed[0] + self.billed[1]
+            actual = self.billed.total
             if actual > self.req.reserve:  # a misbehaving upstream: charged in full, and counted
                 metrics.count_overrun(self.req.ref, actual - self.req.reserve)
-            await self.ticket.settle(actual, self.billed[0], self.cached)
+            await self.ticket.settle(actual, self.billed.prompt, self.cached)
 
     async def _record_owner(self, response_id: str | None) -> None:
         if response_id:
-            await self.rt.response_owners.record(response_id, self.owner, self.billed[0] + self.billed[1])
+            await self.rt.response_owners.record(response_id, self.owner, self.billed.total)
 
     async def _fail(self, send, err: errors.GatewayError) -> None:
         self._stop_watcher()
         await send_error(send, err, self.req.response_headers)
 
-    def _bill_body(self, status: int, body: bytes) -> tuple[int, int]:
+    def _bill_body(self, status: int, body: bytes) -> Bill:
         usage = usage_from_body(body)
         if usage is not None:
             prompt, completion, total = self.req.route.usage(usage)
             self.cached = cached_tokens(usage)
-            return prompt, total - prompt
+            return Bill(prompt, total - prompt)
         if status != 200:
-            return 0, 0  # the upstream refused it: nothing was generated
+            return NOTHING  # the upstream refused it: nothing was generated
         # a 200 without usage: charge the prompt estimate and the body's size as completion
         req = self.req
-        return req.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
-                                        max(0, req.reserve - req.prompt_estimate))
+        return Bill(req.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
+                                             max(0, req.reserve - req.prompt_estimate)))
 
     async def _stream(self, resp, send, strip_usage: bool) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.req.response_headers})
@@ -215,9 +231,9 @@ class UpstreamCall:
                 completion = total - prompt
                 if cut:  # a running count (message_delta) may lag what was delivered
                     completion = max(completion, stream.delivered)
-                self.billed = (prompt, completion)
+                self.billed = Bill(prompt, completion)
             else:  # cut short, or an upstream that ignores include_usage: bill what was delivered
-                self.billed = (self.req.prompt_estimate, stream.delivered)
+                self.billed = Bill(self.req.prompt_estimate, stream.delivered)
             if cut:
                 resp.close()  # abort the upstream request: never read (or pay for) the rest
         self._stop_watcher()

@@ -17,7 +17,7 @@ Both Redis clients of the gateway follow the master through a failover:
   :class:`MasterLocator` for the master on every new connection, and turns a ``READONLY`` reply
   (the master it is connected to was demoted) into a dropped connection and a
   ``ConnectionError``.
-* the gateway's hot-path client (fastredis.py) asks its own :class:`MasterLocator` on every
+* the gateway's hot-path client (its store/fastredis.py) asks its own :class:`MasterLocator` on every
   (re)connect, then checks ``ROLE`` on the new connection before using it: a sentinel's view
   can lag a failover, and a demoted master must never receive an admission. Only this locator
   is fenced during a failover (the gateway's failover.py).
@@ -185,7 +185,7 @@ def redis_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
 
 
 class MasterLocator:
-    """The master's address for a client that manages its own connection (fastredis.py)."""
+    """The master's address for a client that manages its own connection (the gateway's store/fastredis.py)."""
 
     def __init__(self, config: SentinelUrl, timeout: float) -> None:
         self.config = config

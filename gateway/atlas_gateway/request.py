@@ -1,5 +1,5 @@
-"""The record one inference request carries through the gateway (proxy.py, then
-upstream_call.py)."""
+"""The record one inference request carries through the gateway (handlers/inference.py,
+then upstream/call.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class RequestContext:
         self.forward: dict[str, str] = {}  # request headers for the upstream
         self.raw = b""  # the client's body, as received
         self.doc: dict = {}  # ... and parsed
-        self.bound: Bound | None = None  # prompt bound, completion cap, sequences (tokens.py)
+        self.bound: Bound | None = None  # prompt bound, completion cap, sequences (metering/bounds.py)
         self.reserve = 0  # the tokens reserved (bound.reserve, or less when a Shrink budget lowered it)
         self.ticket: Ticket | None = None  # set once admitted (None: failing open, unmetered)
 

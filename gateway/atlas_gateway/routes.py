@@ -4,7 +4,7 @@ rest of the gateway needs to know about it. Adding a route is adding a row here.
 A row says:
 
 * ``path``, ``methods`` and the ``handler`` (an endpoint class, built once per route by app.py);
-* ``required``: the body members the route cannot do without (validation.py: a 400 naming the
+* ``required``: the body members the route cannot do without (metering/validation.py: a 400 naming the
   member), checked in order after ``model``;
 * ``prompt``: how the prompt bound is read (a :class:`~atlas_gateway.tokens.Meter` method
   returning the tokens and the number of prompts); None for a requests-only route;
@@ -13,7 +13,7 @@ A row says:
   the client sent them, never added; ``choices``: ``n``/``best_of`` multiply the reservation;
 * ``streams``: ``stream: true`` answers server-sent events; ``asks_usage``: the upstream must be
   asked for the usage chunk (``stream_options.include_usage``, stripped again when Atlas asked);
-* ``usage``: how the upstream's ``usage`` object is read (usage.py);
+* ``usage``: how the upstream's ``usage`` object is read (metering/usage.py);
 * ``stores_responses``: the upstream stores what it answers (owner records, ``previous_response_id``).
 
 Everything else is refused with an OpenAI-shaped 404 (nothing reaches the upstream unmetered).
@@ -88,7 +88,7 @@ ROUTES: tuple[Route, ...] = (
     # ---- requests only: admitted against request rate and concurrency, no tokens
     Route("/tokenize", "tokenize", InferenceEndpoint),
     Route("/detokenize", "detokenize", InferenceEndpoint),
-    # ---- stored responses: only the key that created them (owned_responses.py)
+    # ---- stored responses: only the key that created them (auth/response_owners.py)
     Route("/v1/responses/", "stored_response", StoredResponseEndpoint, methods=("GET", "DELETE", "POST"),
           prefix=True),
     # ---- the caller's own view, and the process's

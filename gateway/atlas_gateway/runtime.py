@@ -168,7 +168,7 @@ class Runtime:
             auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see _UpstreamCall.run)
+        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see upstream/call.py)
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
         if s.metrics_dir:
             self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(s.metrics_dir))

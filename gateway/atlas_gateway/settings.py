@@ -61,7 +61,7 @@ class Settings:
     upstream_models: tuple[tuple[str, str], ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: str = "auto"  # ATLAS_REDIS_CLUSTER: true | false | auto (atlas_core.cluster)
-    redis_cluster_wait_ms: int = 100  # ATLAS_REDIS_CLUSTER_WAIT_MS: WAIT for a replica (redis_cluster.py)
+    redis_cluster_wait_ms: int = 100  # ATLAS_REDIS_CLUSTER_WAIT_MS: WAIT for a replica (store/cluster.py)
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -72,7 +72,7 @@ class Settings:
     config_ttl: float = 1.0
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_tokens: int = 4096
-    # the prompt bound's allowances (tokens; tokens.py, docs/metering.md)
+    # the prompt bound's allowances (tokens; metering/bounds.py, docs/metering.md)
     template_tokens_per_request: int = 64
     template_tokens_per_message: int = 8
     template_tokens_per_prompt: int = 4
@@ -90,7 +90,7 @@ class Settings:
     shed_threshold: int | None = None
     shed_threshold_standard: int | None = None
     shed_threshold_critical: int | None = None
-    # cluster: explicit thresholds count every gateway process on this Redis (priority.py)
+    # cluster: explicit thresholds count every gateway process on this Redis (shedding/shedder.py)
     shed_scope: str = "cluster"
     shed_publish_interval: float = 0.2
     forward_priority: dict[str, int] | None = field(default=None, hash=False)
@@ -125,7 +125,7 @@ class Settings:
         return self.shed_threshold, self.shed_threshold_standard, self.shed_threshold_critical
 
     def shed_limits(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(local, shared) limits for Sheddable, Standard, Critical (priority.py). With
+        """(local, shared) limits for Sheddable, Standard, Critical (shedding/shedder.py). With
         ``ATLAS_SHED_SCOPE=process`` every threshold is local. With ``cluster``, a threshold set
         explicitly is shared (a total over all gateway processes), and locally such a class is
         still shed at this process's pool size; an unset one keeps its per-process default."""

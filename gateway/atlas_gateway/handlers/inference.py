@@ -4,13 +4,14 @@ rerank, score) and the requests-only /tokenize and /detokenize, as raw ASGI.
 Order of checks (cheapest first, nothing consumed before admission; the key is checked from
 the headers before the body is read, so an unknown key costs no body):
 method -> key present -> declared body size -> key lookup (cached) -> key usable -> body (within
-ATLAS_BODY_TIMEOUT_SECONDS, see server.py) -> JSON/fields -> model allowed -> prompt bound
-(tokens.py) -> shedding -> admission (1 Redis call) -> upstream (with the completion cap the
+ATLAS_BODY_TIMEOUT_SECONDS, see server.py) -> JSON/fields -> model allowed -> shedding -> prompt
+bound (metering/bounds.py) -> admission (1 Redis call) -> upstream (with the completion cap the
 reservation was made for) -> settlement (1 Redis call).
 
-Every admitted request is settled exactly once (ticket.py), whatever ends it: a normal
+Every admitted request is settled exactly once (ledger/ticket.py), whatever ends it: a normal
 response, an upstream error, a timeout, a client disconnect or a cancellation; the upstream call
-and what follows it are upstream_call.py's.
+and what follows it are upstream/call.py's. What the route itself asks for (fields, caps,
+streaming, prompt reader) is its row of the route table (routes.py).
 """
 
 from __future__ import annotations

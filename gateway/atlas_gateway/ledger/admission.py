@@ -109,7 +109,7 @@ def rate_limit_headers(rl: int, rr: int, rs: int, tl: int, tr: int, ts: int) -> 
 class Admission:
     """``Admission(client)`` runs the scripts through a redis-py-compatible asyncio client
     (fakeredis in unit tests); ``Admission(fast=FastRedis(...))`` through the hot-path client.
-    What each call sends is built by :class:`calls.ScriptCalls`, the same for both."""
+    What each call sends is built by :class:`script_args.ScriptCalls`, the same for both."""
 
     def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *, fast: FastRedis | None = None) -> None:
         def runner(source: str) -> Any:

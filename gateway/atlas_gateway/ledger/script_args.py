@@ -71,7 +71,7 @@ class ScriptCalls:
 
     def shapes(self, principal: Principal, day: str, month: str) -> tuple[CallShape, CallShape]:
         """(admit, settle) shapes of ``principal`` for this UTC day, rebuilt when it changes."""
-        cached = key_calls(principal)
+        cached = principal.ledger or key_calls(principal)  # (twice per request: the call only once per config)
         if cached.day != day:
             admit_keys: list[bytes] = []
             settle_keys: list[bytes] = []

@@ -1,6 +1,6 @@
 """What goes upstream: the client's body, with only what Atlas must set changed.
 
-Atlas sets the completion cap it reserved for (tokens.py), asks a stream for its usage chunk
+Atlas sets the completion cap it reserved for (bounds.py), asks a stream for its usage chunk
 (``stream_options.include_usage``, on the routes that need asking) and owns the upstream's
 ``priority`` field (set from the key's class with ATLAS_FORWARD_PRIORITY, else removed).
 

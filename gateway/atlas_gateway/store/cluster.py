@@ -19,7 +19,7 @@ Durability: to a master with a connected replica, each write batch is followed b
 ``WAIT 1 <wait_ms>`` and a call's reply is returned only after it (see ``_replicated_call``), so
 an admission or settlement the gateway acted on survives the master's death.
 
-Failures keep fastredis' meaning (faults.py): a lost connection or a timeout may have run the
+Failures keep fastredis' meaning (failures.py): a lost connection or a timeout may have run the
 command (the caller's recovery undoes it); ``NotSent`` certainly did not. ``CLUSTERDOWN`` and
 ``TRYAGAIN`` (no master for the slot yet, a slot in migration) are raised as ``NotSent``: the
 command was refused unrun (TRYAGAIN: still, after the back-off), and "Redis unreachable"

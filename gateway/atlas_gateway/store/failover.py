@@ -19,7 +19,7 @@ So the gateway *fences* the hot-path client while a failover is under way:
   as always);
 * every ``interval`` seconds (ATLAS_REDIS_SENTINEL_CHECK_SECONDS) it also asks the sentinels
   which master they name, and drops the connection when that is not the one it uses: a missed
-  event costs at most one interval of writes to a demoted master, which recovery.py then
+  event costs at most one interval of writes to a demoted master, which the ledger's recovery.py then
   re-applies on the new master where it can (settlements whose lease the new master still holds).
 """
 

@@ -8,7 +8,7 @@ fail mode.
 
 On a Redis Cluster, a refusal that means "no master serves this slot right now" (``CLUSTERDOWN``,
 ``TRYAGAIN`` after its retries, a slot not covered: a failover or a resharding in progress) is
-unavailability, not a refusal: the command did not run, the fail mode applies (redis_cluster.py
+unavailability, not a refusal: the command did not run, the fail mode applies (cluster.py
 raises these as ``NotSent``; redis-py's RedisCluster as the exceptions below).
 """
 

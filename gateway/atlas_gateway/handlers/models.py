@@ -8,6 +8,7 @@ import aiohttp
 
 from ..http import errors
 from ..http.asgi import send_json
+from ..upstream.headers import stamp
 from .base import ServiceEndpoint
 
 
@@ -16,7 +17,7 @@ class ModelsEndpoint(ServiceEndpoint):
 
     async def handle(self, rt, scope, send, headers) -> None:
         principal = await self.principal(rt, scope)
-        forward = {"authorization": rt.upstream_auth} if rt.upstream_auth else {}
+        forward = stamp({}, rt.upstream_auth)
 
         async def fetch(base: str) -> list[dict]:
             async with rt.session.get(base + "/v1/models", headers=forward) as resp:

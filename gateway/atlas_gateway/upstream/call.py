@@ -21,6 +21,7 @@ from ..metering.events import StreamState
 from ..metering.usage import cached_tokens, response_id_from_body, usage_from_body
 from ..request import RequestContext
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
+from .headers import stamp
 from .sse import pump
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +126,7 @@ class UpstreamCall:
         streaming = body.streaming
         forward = req.forward
         forward["content-type"] = "application/json"
-        forward["x-request-id"] = req.id
-        if rt.upstream_auth:
-            forward["authorization"] = rt.upstream_auth
+        stamp(forward, rt.upstream_auth, req.id)
         url = rt.upstreams.base_for(req.doc["model"]) + req.route.path
 
         shedder = rt.shedder

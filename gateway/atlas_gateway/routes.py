@@ -6,7 +6,7 @@ A row says:
 * ``path``, ``methods`` and the ``handler`` (an endpoint class, built once per route by app.py);
 * ``required``: the body members the route cannot do without (metering/validation.py: a 400 naming the
   member), checked in order after ``model``;
-* ``prompt``: how the prompt bound is read (a :class:`~atlas_gateway.tokens.Meter` method
+* ``prompt``: how the prompt bound is read (a :class:`~atlas_gateway.metering.bounds.Meter` method
   returning the tokens and the number of prompts); None for a requests-only route;
 * ``cap_fields``: where the completion cap is read (the smallest positive wins) and where the
   cap reserved for is forwarded (all of them); ``also_capped``: fields lowered to the cap when

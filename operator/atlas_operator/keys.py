@@ -29,7 +29,7 @@ QuotaExists = Callable[[str, str], bool]
 
 @dataclass
 class KeyOutcome:
-    ready: bool
+    serving: bool  # the gateway accepts the key
     reason: str
     message: str
     key_hash: str | None = None
@@ -43,6 +43,12 @@ class KeyOutcome:
     next_check: datetime | None = None  # when the outcome changes by itself (expiresAt, grace end)
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
+    @property
+    def ready(self) -> bool:
+        """In effect as declared: serving, or refusing on purpose (suspended, expired); False
+        only on a configuration error."""
+        return self.serving or self.reason in cond.DECLARED_REFUSALS
+
 
 def parse_time(value: str | None) -> datetime | None:
     return times.parse_rfc3339(value) if value else None
@@ -52,7 +58,7 @@ def desired_key_config(
     namespace: str, name: str, spec: dict[str, Any], key_hash: str, quota_exists: QuotaExists,
     now: datetime, price_list: PriceListLookup = no_price_lists,
 ) -> tuple[KeyConfig, bool, str, str]:
-    """The KeyConfig for this spec and the Ready condition it implies (pure)."""
+    """The KeyConfig for this spec, whether the gateway serves the key, and why (pure)."""
     quota = spec.get("quotaRef") or None
     expires = parse_time(spec.get("expiresAt"))
     suspended = bool(spec.get("suspended", False))
@@ -89,12 +95,16 @@ def desired_key_config(
 
 
 def _desired_status(
-    obj: dict[str, Any], key_id: str | None, ready: bool, reason: str, message: str, now: datetime,
-    previous: contract.PreviousKey | None = None,
+    obj: dict[str, Any], key_id: str | None, outcome: KeyOutcome, now: datetime,
 ) -> dict[str, Any]:
     status = dict(obj.get("status") or {})
     generation = obj["metadata"].get("generation")
-    conditions = cond.merge(status.get("conditions"), cond.READY, ready, reason, message, generation, now)
+    previous = outcome.previous
+    conditions = cond.with_verdict(status.get("conditions"), outcome.ready, outcome.reason, outcome.message,
+                                   generation, now)
+    conditions = cond.merge(conditions, cond.SERVING, outcome.serving, outcome.reason,
+                            "the gateway accepts the key" if outcome.serving
+                            else f"the gateway refuses the key: {outcome.message}", generation, now)
     conditions, usage = starting_fields(status, conditions, generation, now)
     out: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
     out["keyId"] = key_id
@@ -149,14 +159,14 @@ async def reconcile_key(
             outcome.redis_written = await store.delete_key_config(redis, namespace, name)
             key_id = None
         else:
-            config, ready, reason, message = desired_key_config(
+            config, serving, reason, message = desired_key_config(
                 namespace, name, spec, key_hash, quota_exists, now, price_list)
             watched = _watched(secret)
-            if ready and not watched:
+            if serving and not watched:
                 # read by name, so it works; but unwatched, its rotation goes unnoticed (docs/operator.md)
                 message += (f"; Secret {secret_name!r} lacks the label {SECRET_WATCH_LABEL}={name}: until it has "
                             "it, a change of its key is not noticed")
-            outcome = KeyOutcome(ready, reason, message, key_hash=key_hash, secret_watched=watched)
+            outcome = KeyOutcome(serving, reason, message, key_hash=key_hash, secret_watched=watched)
             grace = rotation.parse_duration(spec.get("rotationGracePeriod"))
             write = await store.write_key_config(redis, key_hash, config, grace, now.timestamp())
             outcome.redis_written, outcome.rotated_from = write.written, write.rotated_from
@@ -169,8 +179,7 @@ async def reconcile_key(
     outcome.secret_created = generated is not None
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
-    desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now,
-                              outcome.previous)
+    desired = _desired_status(obj, key_id, outcome, now)
     outcome.status_patched = await write_status(kube, KEYS, obj, desired)
 
     events = []

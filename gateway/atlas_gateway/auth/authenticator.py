@@ -19,7 +19,7 @@ MISSING_KEY = "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key
 
 class Authenticator:
     """The key a request presents -> the :class:`Principal` it may be served as, or the
-    :class:`~atlas_gateway.errors.GatewayError` refusing it: 401 (no key, unknown key), 403 (not
+    :class:`~atlas_gateway.http.errors.GatewayError` refusing it: 401 (no key, unknown key), 403 (not
     usable now: suspended, expired, refused by the operator, quota missing), 503/500 (Redis
     unreachable / refusing, subject to the fail mode). ``clock`` (wall time, seconds) is the one
     clock ``expiresAt`` is compared with.

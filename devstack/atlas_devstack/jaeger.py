@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 from . import processes
 from .redis_server import free_port
 from .tools import find_tool
+from .waiting import wait_for
 
 # The collector pipeline: OTLP in, memory storage out, no batching (a span is queryable as soon
 # as it arrives: tests wait on a condition, not on a batch timer).
@@ -159,14 +159,8 @@ class Jaeger:
         return True
 
     def wait_ready(self, timeout: float, failed=None) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready():
-            reason = failed() if failed is not None else None
-            if reason:
-                raise RuntimeError(reason)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"jaeger did not answer within {timeout:g}s; see {self.log_path}")
-            time.sleep(0.05)  # polling ports: there is nothing to wait on instead
+        wait_for(f"jaeger (log {self.log_path})", self.ready, timeout, interval=0.05, failed=failed,
+                 error=TimeoutError)
 
     def stop(self, timeout: float = 10.0) -> None:
         with processes.signals_held():
@@ -189,17 +183,11 @@ class Jaeger:
 
     def wait_for_spans(self, trace_id: str, count: int, timeout: float = 15.0) -> list[dict]:
         """The trace's spans once it holds at least ``count`` (exporters batch: spans arrive in
-        several requests); AssertionError naming what arrived when the deadline passes."""
-        deadline = time.monotonic() + timeout
-        while True:
+        several requests); WaitTimeout (an AssertionError) when the deadline passes."""
+        def enough() -> list[dict] | None:
             spans = self.trace(trace_id)
-            if len(spans) >= count:
-                return spans
-            if time.monotonic() > deadline:
-                names = [s.get("name") for s in spans]
-                raise AssertionError(f"trace {trace_id}: {len(spans)} span(s) {names} after {timeout:g}s, "
-                                     f"expected {count}")
-            time.sleep(0.05)
+            return spans if len(spans) >= count else None
+        return wait_for(f"{count} span(s) of trace {trace_id} in jaeger", enough, timeout, interval=0.05)
 
 
 def trace_spans(query_url: str, trace_id: str) -> list[dict]:

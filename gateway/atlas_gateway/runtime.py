@@ -18,18 +18,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from atlas_core import cluster
 
 from . import metrics, worker_metrics
-from .admission import Admission
-from .auth import ConfigCache
-from .failover import MasterWatch
-from .fastredis import FastRedis
-from .load_view import LoadView
-from .priority import Shedder
-from .recovery import Recovery
-from .redis_cluster import ClusterFastRedis
+from .auth.authenticator import Authenticator
+from .auth.config_cache import ConfigCache
+from .auth.response_owners import ResponseOwners
+from .ledger.admission import Admission
+from .ledger.recovery import Recovery
+from .metering.bounds import Meter
 from .settings import Settings
+from .shedding.load_view import LoadView
+from .shedding.shedder import Shedder
+from .store.cluster import ClusterFastRedis
+from .store.failover import MasterWatch
+from .store.fastredis import FastRedis
 from .telemetry import NO_TRACING, NO_USAGE_RECORDS, start_tracing, start_usage_records
-from .tokens import Meter
-from .upstreams import Upstreams
+from .upstream.targets import Upstreams
 
 log = logging.getLogger("atlas_gateway")
 
@@ -64,13 +66,13 @@ class RedisHealth:
 def settle_heap(threshold: int) -> None:
     """Keep the collector off the tail (docs/benchmarks.md, issue 13, "The tail at c=16").
 
-    After start-up the heap holds ~75,000 container objects (FastAPI, pydantic, aiohttp,
-    prometheus_client...) that live as long as the process; every full collection walked them,
-    pausing the event loop for 38-75 ms, a few times a minute under load. Frozen (gc.freeze),
-    they are never walked again: a full collection then takes under a millisecond. The first
-    threshold stays Python's 700 by default: 50,000 (young collections ~never) cost ~10 % more
-    CPU per request at concurrency 1 (garbage in cycles lingers, out of the caches) and gained
-    nothing at 16. ``threshold`` 0: leave the collector alone."""
+    After start-up the heap holds tens of thousands of container objects (aiohttp, redis-py,
+    prometheus_client, uvicorn...) that live as long as the process; every full collection
+    walked them all, pausing the event loop for tens of milliseconds a few times a minute under
+    load. Frozen (gc.freeze), they are never walked again. The first threshold stays Python's
+    700 by default: a much higher one (young collections ~never) cost CPU per request at
+    concurrency 1 (garbage in cycles lingers, out of the caches) and gained nothing at 16.
+    ``threshold`` 0: leave the collector alone."""
     if threshold <= 0:
         return
     gc.collect()
@@ -130,6 +132,8 @@ class Runtime:
             max_connections=1024,
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
+        self.auth = Authenticator(self.cache, self.redis_health, settings.fail_open)
+        self.response_owners = ResponseOwners(self.redis)
         if self.redis_cluster:
             self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
                                                settings.redis_cluster_wait_ms)
@@ -170,10 +174,10 @@ class Runtime:
         )
         self.tracing = start_tracing(s.telemetry)
         self.usage_records = start_usage_records(s.telemetry)
-        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see _UpstreamCall.run)
+        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see upstream/call.py)
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
-        if metrics.WORKERS_DIR:
-            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(metrics.WORKERS_DIR))
+        if s.metrics_dir:
+            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(s.metrics_dir))
         settle_heap(s.gc_threshold)  # last: everything start-up made is in the heap by now
 
     async def stop(self) -> None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from atlas_core import cluster
+from atlas_core.flags import parse_flag
 
 from atlas_core.resources import (API_VERSION, GROUP, KEYS, KIND_OF, MANAGED_BY, MANAGED_BY_LABEL,  # noqa: F401
                                   OWNER_LABEL, PRICE_LISTS, QUOTAS, SECRET_DATA_KEY, VERSION)
@@ -47,7 +48,7 @@ class OperatorSettings:
             liveness_port=int(env.get("ATLAS_LIVENESS_PORT", cls.liveness_port)),
             metrics_host=env.get("ATLAS_METRICS_HOST", cls.metrics_host),
             metrics_port=int(env.get("ATLAS_METRICS_PORT", cls.metrics_port)),
-            forecast=env.get("ATLAS_FORECAST", "true").strip().lower() not in ("0", "false", "no", "off"),
+            forecast=parse_flag(env.get("ATLAS_FORECAST"), True),
             api_workers=int(env.get("ATLAS_API_WORKERS", cls.api_workers)),
         )
 

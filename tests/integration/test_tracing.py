@@ -15,7 +15,8 @@ import pytest
 
 from atlas_core import contract
 from atlas_devstack.jaeger import attributes
-from tests.fixtures.gateway import GatewayProcess, wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.gateway import GatewayProcess, write_key
 from tests.fixtures.otlp_receiver import OtlpLogReceiver
 
 MODEL = "llama-3.1-8b-instruct"
@@ -205,7 +206,7 @@ def test_without_a_traceparent_the_gateway_starts_the_trace(traced, jaeger, redi
     resp = httpx.post(traced.url + "/v1/embeddings", timeout=10, json={"model": MODEL, "input": "a b c"},
                       headers={"authorization": f"Bearer {api_key}", "x-mock-id": mock_id})
     assert resp.status_code == 200
-    [record] = wait_until(lambda: usage_records(traced, name), 10, message="the usage record")
+    [record] = wait_for("the usage record", lambda: usage_records(traced, name), 10)
     spans = jaeger.wait_for_spans(record["traceId"], 4)
     server = one(spans, "POST /v1/embeddings")
     assert not server.get("parentSpanId")
@@ -243,8 +244,8 @@ def test_sampling_follows_the_sampler_and_the_clients_decision(
         # exported in order: once the later trace is in, the earlier one would be too
         assert jaeger.trace(unsampled_trace) == []
         # the usage record still names the trace the upstream was told about
-        records = wait_until(lambda: len(usage_records(gw, name)) == 2 and usage_records(gw, name), 10,
-                             message="both usage records")
+        records = wait_for("both usage records", lambda: len(usage_records(gw, name)) == 2 and usage_records(gw, name),
+                           10)
         assert [r["traceId"] for r in records] == [unsampled_trace, sampled_trace]
     finally:
         gw.stop()
@@ -281,7 +282,7 @@ def test_usage_records_as_otlp_log_records_linked_to_the_span(redis_server, mock
                               headers={"authorization": f"Bearer {api_key}", "traceparent": header})
             assert resp.status_code == 200
             usage = resp.json()["usage"]
-            [record] = wait_until(lambda: receiver.snapshot(), 10, message="the OTLP usage record")
+            [record] = wait_for("the OTLP usage record", receiver.snapshot, 10)
             server = one(jaeger.wait_for_spans(trace_id, 4), SERVER_SPAN)
         finally:
             gw.stop()
@@ -306,8 +307,8 @@ def test_usage_records_as_json_lines_one_per_settled_request(traced, redis_serve
     assert [a.status_code for a in answers] == [200, 200]
     assert httpx.post(traced.url + "/v1/chat/completions", json={"model": MODEL}, headers=auth,
                       timeout=10).status_code == 400  # refused before admission: no record
-    records = wait_until(lambda: len(usage_records(traced, name)) >= 2 and usage_records(traced, name), 10,
-                         message="two usage records")
+    records = wait_for("two usage records", lambda: len(usage_records(traced, name)) >= 2 and usage_records(traced, name),
+                       10)
     assert len(records) == 2
     for record, answer in zip(records, answers):
         usage = answer.json()["usage"]

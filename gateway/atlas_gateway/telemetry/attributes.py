@@ -18,9 +18,9 @@ def span_attributes(req) -> dict[str, Any]:
     """The server span's attributes once the request has ended."""
     attrs: dict[str, Any] = {
         "http.request.method": req.method,
-        "http.route": req.path,
+        "http.route": req.route.path,
         "http.response.status_code": req.status,
-        "gen_ai.operation.name": req.operation,
+        "gen_ai.operation.name": req.route.operation,
         "atlas.request.id": req.id,
     }
     model = req.doc.get("model") if isinstance(req.doc, dict) else None
@@ -48,7 +48,7 @@ def span_attributes(req) -> dict[str, Any]:
         attrs["atlas.refused.limit"], attrs["atlas.refused.by"] = req.refused_by
     ticket = req.ticket
     if ticket is not None:
-        prompt, completion = req.billed
+        prompt, completion = _billed(req)
         attrs["gen_ai.usage.input_tokens"] = prompt
         attrs["gen_ai.usage.output_tokens"] = completion
         if req.cached:
@@ -70,7 +70,7 @@ def usage_record(req, trace_id: str | None) -> dict[str, Any]:
     """One settled request, for chargeback (docs/tracing.md lists the fields)."""
     ticket = req.ticket
     principal = ticket.principal
-    prompt, completion = req.billed
+    prompt, completion = _billed(req)
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "requestId": req.id,
@@ -78,7 +78,7 @@ def usage_record(req, trace_id: str | None) -> dict[str, Any]:
         "key": principal.ref,
         "quota": principal.quota.ref if principal.quota is not None else None,
         "model": req.doc.get("model") if isinstance(req.doc.get("model"), str) else None,
-        "route": req.path,
+        "route": req.route.path,
         "status": req.status,
         "promptTokens": prompt,
         "completionTokens": completion,
@@ -88,6 +88,12 @@ def usage_record(req, trace_id: str | None) -> dict[str, Any]:
         "currency": ticket.currency if ticket.cost is not None else None,
         "durationMs": round((time.perf_counter() - req.started) * 1000, 3),
     }
+
+
+def _billed(req) -> tuple[int, int]:
+    """(prompt, completion) charged; a request settled before its upstream call was charged nothing."""
+    bill = req.billed
+    return (bill.prompt, bill.completion) if bill is not None else (0, 0)
 
 
 def client_trace_id(forward: dict[str, str]) -> str | None:

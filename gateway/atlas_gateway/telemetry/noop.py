@@ -8,6 +8,7 @@ class NoSpan:
     """A child span that is not recorded (tracing off, or the request not sampled)."""
 
     __slots__ = ()
+    traceparent: str | None = None  # the upstream gets the client's own, if any
 
     def end(self, error: str | None = None) -> None:
         pass
@@ -27,7 +28,7 @@ class NoTrace:
     def child(self, name: str) -> NoSpan:
         return NO_SPAN
 
-    def upstream(self, forward: dict[str, str], model: str) -> NoSpan:
+    def upstream(self, model: str) -> NoSpan:
         return NO_SPAN
 
     def finish(self, req) -> None:
@@ -43,7 +44,7 @@ class NoTracing:
     __slots__ = ()
     enabled = False
 
-    def start(self, forward: dict[str, str], method: str, path: str, operation: str, started: float) -> NoTrace:
+    def start(self, forward: dict[str, str], method: str, route, started: float) -> NoTrace:
         return NO_TRACE
 
     def shutdown(self) -> None:

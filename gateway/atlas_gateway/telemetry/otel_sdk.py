@@ -57,12 +57,14 @@ def _span_exporters(config: TelemetryConfig):
 
 
 class Child:
-    """A recorded child span (admission, the upstream call, settlement)."""
+    """A recorded child span (admission, the upstream call, settlement); ``traceparent``: what
+    the upstream is sent, for the upstream call's."""
 
-    __slots__ = ("span",)
+    __slots__ = ("span", "traceparent")
 
-    def __init__(self, span) -> None:
+    def __init__(self, span, traceparent: str | None = None) -> None:
         self.span = span
+        self.traceparent = traceparent
 
     def end(self, error: str | None = None) -> None:
         if error is not None:
@@ -86,14 +88,13 @@ class SpanTrace:
     def child(self, name: str) -> Child:
         return Child(self.tracer.start_span(name, self.context))
 
-    def upstream(self, forward: dict[str, str], model: str) -> Child:
-        """The upstream call as a client span, and the traceparent that makes the upstream's own
+    def upstream(self, model: str) -> Child:
+        """The upstream call as a client span, with the traceparent that makes the upstream's own
         spans (vLLM's) its children."""
         span = self.tracer.start_span(f"{self.operation} {model}", self.context, SpanKind.CLIENT,
                                       {"gen_ai.operation.name": self.operation, "gen_ai.request.model": model})
         context = span.get_span_context()
-        forward["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
-        return Child(span)
+        return Child(span, f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
 
     def finish(self, req) -> None:
         span = self.span
@@ -105,7 +106,8 @@ class SpanTrace:
 
 class UnsampledTrace:
     """A request the sampler left out: no span object at all, but the upstream still gets a
-    traceparent (sampled flag off) so that its own sampler follows the same decision."""
+    traceparent (sampled flag off) so that its own sampler follows the same decision. It is its
+    own upstream span (nothing to end)."""
 
     __slots__ = ("traceparent", "trace_id")
     recording = False
@@ -117,9 +119,11 @@ class UnsampledTrace:
     def child(self, name: str) -> NoSpan:
         return NO_SPAN
 
-    def upstream(self, forward: dict[str, str], model: str) -> NoSpan:
-        forward["traceparent"] = self.traceparent
-        return NO_SPAN
+    def upstream(self, model: str) -> "UnsampledTrace":
+        return self
+
+    def end(self, error: str | None = None) -> None:
+        pass
 
     def finish(self, req) -> None:
         pass
@@ -150,7 +154,7 @@ class SdkTracing:
         self.head = HeadSampler(config.sampler, config.sampler_ratio)
         self.propagator = TraceContextTextMapPropagator()
 
-    def start(self, forward: dict[str, str], method: str, path: str, operation: str, started: float):
+    def start(self, forward: dict[str, str], method: str, route, started: float):
         """The request's trace, its server span started when the request arrived (``started``:
         its perf_counter()); the parent is the client's ``traceparent`` when it sent a valid one.
         An unsampled request gets no SDK call at all (sampling.py)."""
@@ -165,9 +169,9 @@ class SdkTracing:
             return UnsampledTrace(trace_id, random_bit)
         self.ids.decided = trace_id if parent is None else 0
         start_ns = time_ns() - int((perf_counter() - started) * 1e9)
-        span = self.tracer.start_span(f"{method} {path}", self.propagator.extract(forward) if parent else None,
+        span = self.tracer.start_span(f"{method} {route.path}", self.propagator.extract(forward) if parent else None,
                                       SpanKind.SERVER, start_time=start_ns)
-        return SpanTrace(self.tracer, span, operation)
+        return SpanTrace(self.tracer, span, route.operation)
 
     def shutdown(self) -> None:
         self.provider.force_flush(FLUSH_MILLIS)

@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from atlas_core import contract
+from atlas_gateway.routes import route
 from atlas_gateway.telemetry.attributes import client_trace_id, span_attributes, usage_record
+from atlas_gateway.upstream.call import Bill
 
 KEY = contract.KeyConfig("team", "search", "3f9a1c2b", contract.Limits(), quota="shared")
 QUOTA = contract.QuotaConfig("team", "shared", contract.Limits())
@@ -19,10 +21,10 @@ QUOTA = contract.QuotaConfig("team", "shared", contract.Limits())
 def request(**changes) -> SimpleNamespace:
     principal = SimpleNamespace(ref=KEY.ref, quota=QUOTA)
     ticket = SimpleNamespace(principal=principal, reserved=120, cost=None, currency=None)
-    fields = dict(method="POST", path="/v1/chat/completions", operation="chat", status=200, id="ab12-7",
+    fields = dict(method="POST", route=route("chat"), status=200, id="ab12-7",
                   doc={"model": "llama"}, principal=principal, priority="Standard",
                   bound=SimpleNamespace(prompt=40, cap=80, sequences=1), reserve=120, shrunk=False, demoted=None,
-                  refused_by=None, ticket=ticket, billed=(30, 12), cached=0, fail_open=False,
+                  refused_by=None, ticket=ticket, billed=Bill(30, 12), cached=0, fail_open=False,
                   response_model="llama-served", error=None, error_type=None, started=perf_counter() - 0.25)
     fields.update(changes)
     return SimpleNamespace(**fields)
@@ -61,6 +63,17 @@ def test_shrink_cost_cache_and_fail_open_show():
     assert attrs["atlas.shrink"] is True and attrs["gen_ai.usage.cache_read.input_tokens"] == 8
     assert (attrs["atlas.cost"], attrs["atlas.cost.currency"]) == ("1.234567", "EUR")
     assert span_attributes(request(ticket=None, fail_open=True))["atlas.fail_open"] is True
+
+
+def test_the_operation_comes_from_the_route_table():
+    assert [span_attributes(request(route=route(name)))["gen_ai.operation.name"]
+            for name in ("chat", "completions", "embeddings", "responses", "messages", "rerank")] == [
+        "chat", "text_completion", "embeddings", "chat", "chat", "rerank"]
+
+
+def test_a_request_settled_before_its_upstream_call_was_charged_nothing():
+    record = usage_record(request(billed=None, status=500), None)
+    assert (record["promptTokens"], record["completionTokens"], record["status"]) == (0, 0, 500)
 
 
 def test_the_usage_record_has_the_documented_fields_and_no_key_material():

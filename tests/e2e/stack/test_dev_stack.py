@@ -53,6 +53,25 @@ def test_demo_key_works_with_the_openai_sdk(stack):
         client(stack, "sk-atlas-not-a-real-key-000000000000000").models.list()
 
 
+def test_a_request_is_traced_into_the_stacks_jaeger_with_its_usage_record(stack):
+    from atlas_devstack.jaeger import attributes, trace_spans
+
+    trace_id, parent = os.urandom(16).hex(), os.urandom(8).hex()
+    raw = client(stack).chat.completions.with_raw_response.create(
+        model="llama-3.1-8b-instruct", max_tokens=8, messages=[{"role": "user", "content": "trace me"}],
+        extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    spans = wait_for("the trace in the stack's Jaeger", lambda: len(s := trace_spans(stack.env["ATLAS_JAEGER_URL"],
+                                                                                      trace_id)) >= 4 and s, 30)
+    [server] = [s for s in spans if s["name"] == "POST /v1/chat/completions"]
+    assert server["parentSpanId"] == parent
+    assert attributes(server)["atlas.key"] == "default/search-frontend"
+    request_id = raw.headers["x-request-id"]
+    log = stack.logs / "gateway.log"
+    [record] = wait_for("the usage record in gateway.log", lambda: [
+        json.loads(line) for line in log.read_text().splitlines() if line.startswith("{") and request_id in line], 10)
+    assert record["traceId"] == trace_id and record["key"] == "default/search-frontend"
+
+
 def test_usage_shows_in_kubectl_get(stack):
     for _ in range(2):
         client(stack).chat.completions.create(model="llama-3.1-8b-instruct", max_tokens=8,
@@ -147,8 +166,8 @@ def test_rotation_grace_both_keys_work_then_only_the_new(stack):
 
 def test_down_stops_everything_and_is_idempotent(stack):
     pids = [int(p.read_text()) for p in stack.dir.glob("**/*.pid")]
-    assert len(pids) >= 5  # redis, etcd, kube-apiserver, operator, gateway, mock upstream
+    assert len(pids) >= 5  # redis, etcd, kube-apiserver, operator, gateway, mock upstream, jaeger
     stopped = stack.down()
-    assert {"gateway", "operator", "mock-upstream", "redis", "kube-apiserver", "etcd"} <= set(stopped)
+    assert {"gateway", "operator", "mock-upstream", "jaeger", "redis", "kube-apiserver", "etcd"} <= set(stopped)
     assert not [p for p in pids if pid_alive(p)]
     assert stack.down() == []

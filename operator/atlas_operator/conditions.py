@@ -26,6 +26,8 @@ SUSPENDED = "Suspended"
 EXPIRED = "Expired"
 KEY_CONFLICT = "SecretInvalid"  # the same key material is already used by another AtlasKey
 ACTIVE = "Active"
+SUBJECT_CONFLICT = "SubjectConflict"  # a spec.subjects entry is bound by an earlier AtlasKey
+SUBJECT_UNUSABLE = "SubjectUnusable"  # a spec.subjects entry no trusted token can name
 
 WITHIN_BUDGET = "WithinBudget"
 DAILY_BUDGET_SPENT = "DailyBudgetSpent"

@@ -29,6 +29,7 @@ FORECAST = "forecast"
 HEAL = "self-healing"
 RECONCILE = "reconcile"
 EXPIRY = "expiry"
+ISSUERS = "token issuers"
 
 MESSAGE_LIMIT = 400  # a condition message holds 32 KiB; an Event's is cut at 1 KiB
 RETRY_MAX = 300.0  # seconds between retries of an object that keeps failing

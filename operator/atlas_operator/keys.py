@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
 
 from . import apikeys, conditions as cond, rotation, store, times
+from .bindings import Bound
 from .kube import KubeApi
 from .price_lists import PriceListLookup, no_price_lists, resolve_price_list
 from .settings import KEYS, SECRET_WATCH_LABEL
@@ -25,6 +26,8 @@ from .status import starting_fields, write_status
 log = logging.getLogger(__name__)
 
 QuotaExists = Callable[[str, str], bool]
+# (namespace, name, spec) -> what binding its spec.subjects did (runtime.Runtime.bind_subjects)
+SubjectBinder = Callable[[str, str, dict[str, Any]], Awaitable[Bound]]
 
 
 @dataclass
@@ -42,6 +45,7 @@ class KeyOutcome:
     secret_watched: bool = True  # the Secret carries the watch label (else its changes go unseen)
     next_check: datetime | None = None  # when the outcome changes by itself (expiresAt, grace end)
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    bound: Bound | None = None  # spec.subjects: held, in conflict, released
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -115,6 +119,7 @@ async def reconcile_key(
     quota_exists: QuotaExists,
     now: datetime | None = None,
     price_list: PriceListLookup = no_price_lists,
+    bind_subjects: SubjectBinder | None = None,
 ) -> KeyOutcome:
     now = now or datetime.now(timezone.utc)
     meta = obj["metadata"]
@@ -167,6 +172,16 @@ async def reconcile_key(
             if checks:
                 outcome.next_check = min(checks)
     outcome.secret_created = generated is not None
+    if bind_subjects is not None:
+        outcome.bound = await bind_subjects(namespace, name, spec)
+        outcome.redis_written |= outcome.bound.written
+        problem = outcome.bound.problem
+        if problem and outcome.ready:
+            # A configuration error on one part of the key: the rest works (its Secret's key, its
+            # other subjects), which the message says; the conflicting subject never binds here.
+            reason = cond.SUBJECT_CONFLICT if outcome.bound.conflicts else cond.SUBJECT_UNUSABLE
+            outcome.ready, outcome.reason = False, reason
+            outcome.message = f"{problem}; the key's Secret and its other subjects are accepted by the gateway"
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
     desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now,

@@ -46,6 +46,9 @@ class KubeApi(Protocol):
         self, plural: str, obj: dict[str, Any], type_: str, reason: str, message: str
     ) -> None: ...
 
+    async def get_json(self, path: str) -> dict[str, Any]:
+        """GET a non-resource URL of the API server (its OIDC discovery) as JSON."""
+
 
 def object_ref(plural: str, obj: dict[str, Any]) -> dict[str, Any]:
     meta = obj.get("metadata", {})
@@ -178,6 +181,13 @@ class ClientKubeApi:
                             obj["metadata"].get("name"), exc.status, exc.reason)
         except Exception as exc:
             log.warning("could not post event %s for %s: %s", reason, obj["metadata"].get("name"), exc)
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        doc = await self._run(self.api_client.call_api, path, "GET", auth_settings=["BearerToken"],
+                              response_type="object", _return_http_data_only=True)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        return doc
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

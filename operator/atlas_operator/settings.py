@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from atlas_core import cluster
 
+from .issuers import parse_oidc_issuers
+
 GROUP = "atlas.bugvanquisher.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -40,11 +42,19 @@ class OperatorSettings:
     metrics_port: int = 8082  # 0: no metrics endpoint
     forecast: bool = True  # burn-rate history, status.forecast and BudgetAtRisk
     api_workers: int = 8  # threads running blocking Kubernetes API calls
+    # Workload identity (issuers.py, bindings.py): trust the cluster's ServiceAccount tokens
+    # (watches ServiceAccounts, reads the API server's OIDC discovery), the audience they must
+    # carry, the OIDC issuers (ATLAS_JWT_ISSUERS, parsed), how often their keys are fetched.
+    service_account_tokens: bool = True
+    token_audience: str = "atlas"
+    jwt_issuers: tuple = ()  # issuers.OidcIssuer
+    jwks_refresh: float = 60.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
         env = dict(os.environ if env is None else env)
         namespaces = tuple(n.strip() for n in env.get("ATLAS_NAMESPACES", "").split(",") if n.strip())
+        audience = env.get("ATLAS_TOKEN_AUDIENCE", "").strip() or cls.token_audience
         return cls(
             redis_url=env.get("ATLAS_REDIS_URL", cls.redis_url),
             redis_cluster=cluster.parse_mode(env.get("ATLAS_REDIS_CLUSTER")),
@@ -56,12 +66,25 @@ class OperatorSettings:
             liveness_port=int(env.get("ATLAS_LIVENESS_PORT", cls.liveness_port)),
             metrics_host=env.get("ATLAS_METRICS_HOST", cls.metrics_host),
             metrics_port=int(env.get("ATLAS_METRICS_PORT", cls.metrics_port)),
-            forecast=env.get("ATLAS_FORECAST", "true").strip().lower() not in ("0", "false", "no", "off"),
+            forecast=_flag(env.get("ATLAS_FORECAST"), True),
             api_workers=int(env.get("ATLAS_API_WORKERS", cls.api_workers)),
+            service_account_tokens=_flag(env.get("ATLAS_SERVICE_ACCOUNT_TOKENS"), True),
+            token_audience=audience,
+            jwt_issuers=parse_oidc_issuers(env.get("ATLAS_JWT_ISSUERS"), audience),
+            jwks_refresh=float(env.get("ATLAS_JWKS_REFRESH_SECONDS", cls.jwks_refresh)),
         )
+
+    def watches(self, namespace: str) -> bool:
+        return not self.namespaces or namespace in self.namespaces
 
     @property
     def liveness_endpoint(self) -> str | None:
         if self.liveness_port <= 0:
             return None
         return f"http://{self.liveness_host}:{self.liveness_port}/healthz"
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")

@@ -228,6 +228,11 @@ class IssuerRefresher:
     def enabled(self) -> bool:
         return bool(self.oidc) or self.cluster_audience is not None
 
+    def unfetched(self) -> bool:
+        """Some trusted issuer has never been fetched (so nothing of it is published yet)."""
+        sources = [i.url for i in self.oidc] + (["cluster"] if self.cluster_audience is not None else [])
+        return any(s not in self.last for s in sources)
+
     async def _fetch(self, source: str, fetch: Awaitable[Issuer]) -> None:
         try:
             self.last[source] = await fetch

@@ -8,6 +8,7 @@ run on a small thread pool so the kopf event loop never blocks).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -183,8 +184,14 @@ class ClientKubeApi:
             log.warning("could not post event %s for %s: %s", reason, obj["metadata"].get("name"), exc)
 
     async def get_json(self, path: str) -> dict[str, Any]:
-        doc = await self._run(self.api_client.call_api, path, "GET", auth_settings=["BearerToken"],
-                              response_type="object", _return_http_data_only=True)
+        # The client's own methods for these two paths (a generic call differs between versions).
+        calls = {"/.well-known/openid-configuration":
+                 self._client.WellKnownApi(self.api_client).get_service_account_issuer_open_id_configuration,
+                 "/openid/v1/jwks": self._client.OpenidApi(self.api_client).get_service_account_issuer_open_id_keyset}
+        if path not in calls:
+            raise ValueError(f"{path}: not a document the operator reads")
+        response = await self._run(calls[path], _preload_content=False)  # raw: typed as a str, it is JSON
+        doc = json.loads(response.data)
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: not a JSON object")
         return doc

@@ -71,7 +71,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         "atlaskey_views": atlaskey_views, "atlasquota_views": atlasquota_views,
         "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,
         "secret_views": secret_views, "atlaspricelist_views": atlaspricelist_views,
-        "keys_by_subject": keys_by_subject, "service_account_uids": kwargs.get("service_account_uids") or {},
+        "keys_by_subject": keys_by_subject, "service_account_uids": kwargs.get("service_account_uids", {}),
     })
     memo.runtime.start()
     if config.metrics_port > 0:
@@ -186,7 +186,11 @@ if SERVICE_ACCOUNT_TOKENS:
     def service_account_uids(namespace: str, name: str, uid: str, **_: Any) -> dict:
         return {(namespace, name): uid}
 
-    @kopf.on.event("", "v1", "serviceaccounts")
+    def _bound(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> bool:
+        runtime = memo.get("runtime")
+        return runtime is not None and runtime.binds_account(namespace, name)
+
+    @kopf.on.event("", "v1", "serviceaccounts", when=_bound)  # unbound accounts: nothing to do, nor log
     async def service_account_event(event: dict, namespace: str, name: str, uid: str,
                                     memo: kopf.Memo, **_: Any) -> None:
         if event.get("type") is None:

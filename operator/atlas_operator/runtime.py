@@ -135,11 +135,14 @@ class Runtime:
         others = {c.ref for s in released for c in self.claimants_of(s) if c.ref != ref and not c.deleting}
         await asyncio.gather(*(self.reconcile_key_by_name(*other.split("/", 1)) for other in sorted(others)))
 
+    def binds_account(self, namespace: str, name: str) -> bool:
+        return bool(self.claimants_of(TokenSubject("ServiceAccount", name, namespace)))
+
     async def service_account_changed(self, namespace: str, name: str, uid: str | None) -> None:
         """A ServiceAccount was created, deleted or recreated: when an AtlasKey binds it, its
         UID in Redis follows at once (a token of the account it was is then refused)."""
         subject = TokenSubject("ServiceAccount", name, namespace)
-        if self.claimants_of(subject):
+        if self.binds_account(namespace, name):
             if await bindings.account_changed(self.redis, subject, uid):
                 log.info("ServiceAccount %s/%s %s: its tokens %s", namespace, name,
                          "deleted" if uid is None else "(re)created",
@@ -351,10 +354,11 @@ class Runtime:
                     result.rewritten, len(result.failed))
         return result.rewritten
 
-    async def _every(self, seconds: float, fn: Callable[[], Any], name: str, at_once: bool = False) -> None:
+    async def _every(self, seconds: float | Callable[[], float], fn: Callable[[], Any], name: str,
+                     at_once: bool = False) -> None:
         while True:
             if not at_once:
-                await asyncio.sleep(seconds)
+                await asyncio.sleep(seconds() if callable(seconds) else seconds)
             at_once = False
             try:
                 await fn()
@@ -373,7 +377,13 @@ class Runtime:
         ]
         if self.issuers.enabled:
             self.tasks.append(asyncio.create_task(
-                self._every(self.settings.jwks_refresh, self.refresh_issuers, failures.ISSUERS, at_once=True)))
+                self._every(self.issuers_delay, self.refresh_issuers, failures.ISSUERS, at_once=True)))
+
+    def issuers_delay(self) -> float:
+        """ATLAS_JWKS_REFRESH_SECONDS, or a few seconds while an issuer has never been fetched
+        (the API server or the issuer still starting): its tokens are refused until then."""
+        refresh = self.settings.jwks_refresh
+        return min(refresh, 2.0) if self.issuers.unfetched() else refresh
 
     async def stop(self) -> None:
         for task in self.tasks:

@@ -6,8 +6,8 @@ name by hand. See docs/redis-contract.md for the operator-facing description.
 
 Ownership (who writes what):
 
-* config (``key:*``, ``quota:*``, ``index:*``, ``config:epoch``): written only by the operator;
-  the gateway only reads it.
+* config (``key:*``, ``quota:*``, ``index:*``, ``identity:*``, ``config:epoch``): written only by
+  the operator; the gateway only reads it.
 * counters (``usage:*``, ``bucket:*``, ``lease:*``): written only by the gateway (from its Lua
   scripts); the operator only reads the day/month usage hashes for status write-back.
 * ``shed:inflight``: the gateway processes' in-flight counts, written and read only by the

@@ -50,9 +50,10 @@ COPY README.md ./
 COPY core/ core/
 COPY gateway/ gateway/
 # The wheel holds atlas_core and atlas_gateway only (setuptools finds what was copied); drop
-# the other plane's console script, which would only fail with ModuleNotFoundError.
+# the other console scripts (the other plane's, kubectl-atlas), which would only fail with
+# ModuleNotFoundError.
 RUN /opt/atlas/bin/pip install --no-compile --no-deps --no-build-isolation . \
- && rm -f /opt/atlas/bin/atlas-operator \
+ && rm -f /opt/atlas/bin/atlas-operator /opt/atlas/bin/kubectl-atlas \
  && /opt/atlas/bin/pip uninstall -y pip setuptools wheel
 
 FROM venv AS operator-build
@@ -64,7 +65,7 @@ COPY README.md ./
 COPY core/ core/
 COPY operator/ operator/
 RUN /opt/atlas/bin/pip install --no-compile --no-deps --no-build-isolation . \
- && rm -f /opt/atlas/bin/atlas-gateway \
+ && rm -f /opt/atlas/bin/atlas-gateway /opt/atlas/bin/kubectl-atlas \
  && /opt/atlas/bin/pip uninstall -y pip setuptools wheel
 
 FROM venv AS mock-upstream-build
@@ -75,7 +76,7 @@ RUN --mount=type=secret,id=pip-ca \
 COPY README.md ./
 COPY devstack/ devstack/
 RUN /opt/atlas/bin/pip install --no-compile --no-deps --no-build-isolation . \
- && rm -f /opt/atlas/bin/atlas-gateway /opt/atlas/bin/atlas-operator \
+ && rm -f /opt/atlas/bin/atlas-gateway /opt/atlas/bin/atlas-operator /opt/atlas/bin/kubectl-atlas \
  && /opt/atlas/bin/pip uninstall -y pip setuptools wheel
 
 # ---- runtime: the same base, a venv only; no compiler, no pip, no source

@@ -31,7 +31,7 @@ venv: $(STAMP)  ## create .venv and install Atlas with its test dependencies
 system-deps:  ## redis-server and wrk from Debian's packages (skipped when present)
 	@bash hack/system-deps.sh
 
-tools:  ## build kube-apiserver, etcd, kubectl and helm from source (cached outside the checkout)
+tools:  ## build kube-apiserver, etcd, kubectl, helm and the GitOps health runners from source (cached outside the checkout)
 	@bash hack/tools/build.sh
 
 node-tools: tools  ## build the deploy node's binaries from source (kubelet, containerd, CNI, CoreDNS...)

@@ -20,6 +20,10 @@ _CACHE_DIRS = {
     "kubectl": "kubernetes-{KUBERNETES_VERSION}",
     "etcd": "etcd-{ETCD_VERSION}",
     "helm": "helm-{HELM_VERSION}-k8s{KUBE_MAJOR_MINOR}",
+    # GitOps health runners (hack/tools/health/): Argo CD's Lua, kstatus, Flux's healthCheckExprs.
+    "atlas-health-argocd": "health-argocd-lua-{GOPHER_LUA_VERSION}",
+    "atlas-health-kstatus": "health-kstatus-{CLI_UTILS_VERSION}",
+    "atlas-health-flux": "health-flux-cel-{FLUX_RUNTIME_VERSION}",
     # The single-node cluster of `make deploy-up` (`bash hack/tools/build.sh node`).
     "kube-scheduler": "kubernetes-node-{KUBERNETES_VERSION}",
     "kube-controller-manager": "kubernetes-node-{KUBERNETES_VERSION}",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl, etcd and helm from source (Go module proxy only) at the
-# versions pinned in hack/tools/versions.env, once per version, into a cache outside the
+# Builds kube-apiserver, kubectl, etcd and helm from source (Go module proxy only), and the GitOps
+# health runners of hack/tools/health/, at the versions pinned in hack/tools/versions.env, once per version, into a cache outside the
 # checkout, and links them into the repo's gitignored bin/. A second run is a no-op.
 # With `node`, it builds the single-node cluster's binaries instead (make deploy-up):
 # kube-scheduler, kube-controller-manager, kubelet, kube-proxy, containerd (+ its runc shim
@@ -24,8 +24,12 @@ fi
 
 now() { date +%s; }
 
-# Fingerprint of a wrapper module: a changed go.mod/go.sum means a different build.
-module_fingerprint() { cat "${TOOLS_DIR}/$1/go.mod" "${TOOLS_DIR}/$1/go.sum" | sha256sum | cut -c1-16; }
+# Fingerprint of a wrapper module: a changed go.mod/go.sum (or, for a program of ours, its Go
+# source) means a different build.
+module_fingerprint() {
+  cat "${TOOLS_DIR}/$1/go.mod" "${TOOLS_DIR}/$1/go.sum" $(find "${TOOLS_DIR}/$1" -maxdepth 1 -name '*.go' | sort) |
+    sha256sum | cut -c1-16
+}
 
 # build_family <module dir> <cache name> <ldflags function> <binary>=<package> ...
 # The ldflags function runs only when a build is needed (it may need Go; a cache hit does not).
@@ -110,6 +114,15 @@ cni_ldflags() {
   echo "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=${CNI_PLUGINS_VERSION}"
 }
 coredns_ldflags() { echo "-X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}"; }
+no_ldflags() { :; }
+
+# The GitOps health runners (hack/tools/health/*/main.go): what Argo CD, kstatus and Flux conclude
+# about an object, for the cluster tier's health-check tests.
+build_health() {
+  build_family health/argocd-lua "health-argocd-lua-${GOPHER_LUA_VERSION}" no_ldflags atlas-health-argocd=.
+  build_family health/kstatus "health-kstatus-${CLI_UTILS_VERSION}" no_ldflags atlas-health-kstatus=.
+  build_family health/flux-cel "health-flux-cel-${FLUX_RUNTIME_VERSION}" no_ldflags atlas-health-flux=.
+}
 
 # pause: a static C binary (the pod sandbox's init), built as kubernetes' build/pause/Makefile
 # builds it, from the pause.c of the pinned k8s.io/kubernetes module. Needs gcc and a static
@@ -170,7 +183,9 @@ main() {
     etcd=go.etcd.io/etcd/server/v3
   build_family helm "helm-${HELM_VERSION}-k8s${KUBE_MAJOR}.${KUBE_MINOR}" helm_ldflags \
     helm=helm.sh/helm/v3/cmd/helm
-  log "tools ready in ${BIN_DIR} ($(( $(now) - start ))s): kube-apiserver kubectl etcd helm"
+  build_health
+  log "tools ready in ${BIN_DIR} ($(( $(now) - start ))s): kube-apiserver kubectl etcd helm" \
+      "atlas-health-{argocd,kstatus,flux}"
 }
 
 main "$@"

@@ -14,6 +14,12 @@ from .times import rfc3339
 READY = "Ready"
 QUOTA_EXHAUSTED = "QuotaExhausted"
 BUDGET_AT_RISK = "BudgetAtRisk"  # the forecast says a day/month budget runs out before it resets
+# What GitOps tools read (docs/gitops.md, docs/api.md "Conditions for people and tools"):
+# Ready=True once the object is in effect as declared (a key suspended or expired on purpose
+# too); Stalled=True, present only then, on a configuration error that will not fix itself
+# (kstatus: Failed); Serving (AtlasKey) says whether the gateway accepts the key.
+STALLED = "Stalled"
+SERVING = "Serving"
 # Present only while the usage write-back cannot show this object's usage (failures.py): True,
 # with what failed; removed once its usage is written again.
 USAGE_STALE = "UsageStale"
@@ -26,6 +32,9 @@ SUSPENDED = "Suspended"
 EXPIRED = "Expired"
 KEY_CONFLICT = "SecretInvalid"  # the same key material is already used by another AtlasKey
 ACTIVE = "Active"
+# Refusals that are what was declared: the key is in effect (Ready=True) and refuses traffic.
+DECLARED_REFUSALS = frozenset({SUSPENDED, EXPIRED})
+PRICES_INVALID = "PricesInvalid"  # an AtlasPriceList the operator cannot turn into prices
 SUBJECT_CONFLICT = "SubjectConflict"  # a spec.subjects entry is bound by an earlier AtlasKey
 SUBJECT_UNUSABLE = "SubjectUnusable"  # a spec.subjects entry no trusted token can name
 
@@ -88,3 +97,13 @@ def merge(
 
 def without(conditions: list[dict[str, Any]] | None, ctype: str) -> list[dict[str, Any]]:
     return [dict(c) for c in conditions or () if c.get("type") != ctype]
+
+
+def with_verdict(conditions: list[dict[str, Any]] | None, in_effect: bool, reason: str, message: str,
+                 generation: int | None, now: datetime) -> list[dict[str, Any]]:
+    """Ready, and Stalled with the same reason while the object is not in effect (a configuration
+    error: nothing will change until its cause does), removed otherwise."""
+    out = merge(conditions, READY, in_effect, reason, message, generation, now)
+    if in_effect:
+        return without(out, STALLED)
+    return merge(out, STALLED, True, reason, message, generation, now)

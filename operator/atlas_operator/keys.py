@@ -32,7 +32,7 @@ SubjectBinder = Callable[[str, str, dict[str, Any]], Awaitable[Bound]]
 
 @dataclass
 class KeyOutcome:
-    ready: bool
+    serving: bool  # the gateway accepts the key
     reason: str
     message: str
     key_hash: str | None = None
@@ -46,6 +46,22 @@ class KeyOutcome:
     next_check: datetime | None = None  # when the outcome changes by itself (expiresAt, grace end)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     bound: Bound | None = None  # spec.subjects: held, in conflict, released
+    # (reason, message) of a configuration error in spec.subjects (a subject bound by an earlier
+    # AtlasKey, one no trusted token can name): the rest of the key works, but not as declared
+    subject_problem: tuple[str, str] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """In effect as declared: serving, or refusing on purpose (suspended, expired); False
+        only on a configuration error."""
+        return (self.serving or self.reason in cond.DECLARED_REFUSALS) and self.subject_problem is None
+
+    @property
+    def verdict(self) -> tuple[str, str]:
+        """The Ready (and Stalled) reason and message: the key's own, else its subjects' problem."""
+        if self.subject_problem is not None and (self.serving or self.reason in cond.DECLARED_REFUSALS):
+            return self.subject_problem
+        return self.reason, self.message
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -56,7 +72,7 @@ def desired_key_config(
     namespace: str, name: str, spec: dict[str, Any], key_hash: str, quota_exists: QuotaExists,
     now: datetime, price_list: PriceListLookup = no_price_lists,
 ) -> tuple[KeyConfig, bool, str, str]:
-    """The KeyConfig for this spec and the Ready condition it implies (pure)."""
+    """The KeyConfig for this spec, whether the gateway serves the key, and why (pure)."""
     quota = spec.get("quotaRef") or None
     expires = parse_time(spec.get("expiresAt"))
     suspended = bool(spec.get("suspended", False))
@@ -93,12 +109,15 @@ def desired_key_config(
 
 
 def _desired_status(
-    obj: dict[str, Any], key_id: str | None, ready: bool, reason: str, message: str, now: datetime,
-    previous: contract.PreviousKey | None = None,
+    obj: dict[str, Any], key_id: str | None, outcome: KeyOutcome, now: datetime,
 ) -> dict[str, Any]:
     status = dict(obj.get("status") or {})
     generation = obj["metadata"].get("generation")
-    conditions = cond.merge(status.get("conditions"), cond.READY, ready, reason, message, generation, now)
+    previous = outcome.previous
+    conditions = cond.with_verdict(status.get("conditions"), outcome.ready, *outcome.verdict, generation, now)
+    conditions = cond.merge(conditions, cond.SERVING, outcome.serving, outcome.reason,
+                            "the gateway accepts the key" if outcome.serving
+                            else f"the gateway refuses the key: {outcome.message}", generation, now)
     conditions, usage = starting_fields(status, conditions, generation, now)
     out: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
     out["keyId"] = key_id
@@ -154,14 +173,14 @@ async def reconcile_key(
             outcome.redis_written = await store.delete_key_config(redis, namespace, name)
             key_id = None
         else:
-            config, ready, reason, message = desired_key_config(
+            config, serving, reason, message = desired_key_config(
                 namespace, name, spec, key_hash, quota_exists, now, price_list)
             watched = _watched(secret)
-            if ready and not watched:
+            if serving and not watched:
                 # read by name, so it works; but unwatched, its rotation goes unnoticed (docs/operator.md)
                 message += (f"; Secret {secret_name!r} lacks the label {SECRET_WATCH_LABEL}={name}: until it has "
                             "it, a change of its key is not noticed")
-            outcome = KeyOutcome(ready, reason, message, key_hash=key_hash, secret_watched=watched)
+            outcome = KeyOutcome(serving, reason, message, key_hash=key_hash, secret_watched=watched)
             grace = rotation.parse_duration(spec.get("rotationGracePeriod"))
             write = await store.write_key_config(redis, key_hash, config, grace, now.timestamp())
             outcome.redis_written, outcome.rotated_from = write.written, write.rotated_from
@@ -176,16 +195,14 @@ async def reconcile_key(
         outcome.bound = await bind_subjects(namespace, name, spec)
         outcome.redis_written |= outcome.bound.written
         problem = outcome.bound.problem
-        if problem and outcome.ready:
-            # A configuration error on one part of the key: the rest works (its Secret's key, its
-            # other subjects), which the message says; the conflicting subject never binds here.
+        if problem:
+            # The rest works (its Secret's key, its other subjects), which the message says; the
+            # conflicting subject never binds here.
             reason = cond.SUBJECT_CONFLICT if outcome.bound.conflicts else cond.SUBJECT_UNUSABLE
-            outcome.ready, outcome.reason = False, reason
-            outcome.message = f"{problem}; the key's Secret and its other subjects are accepted by the gateway"
+            outcome.subject_problem = (reason, f"{problem}; the key's Secret and its other subjects work as declared")
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
-    desired = _desired_status(obj, key_id, outcome.ready, outcome.reason, outcome.message, now,
-                              outcome.previous)
+    desired = _desired_status(obj, key_id, outcome, now)
     outcome.status_patched = await write_status(kube, KEYS, obj, desired)
 
     events = []
@@ -202,10 +219,11 @@ async def reconcile_key(
         events.append(("Normal", "PreviousKeyRetired",
                        f"key {contract.key_id_of(outcome.retired)} is no longer accepted: its "
                        f"rotationGracePeriod ended; only {key_id} works"))
+    verdict_reason, verdict_message = outcome.verdict
     if old_ready is None or (old_ready.get("status"), old_ready.get("reason")) != (
-        "True" if outcome.ready else "False", outcome.reason
+        "True" if outcome.ready else "False", verdict_reason
     ):
-        events.append(("Normal" if outcome.ready else "Warning", outcome.reason, outcome.message))
+        events.append(("Normal" if outcome.ready else "Warning", verdict_reason, verdict_message))
     for event in events:
         await kube.post_event(KEYS, obj, *event)
     outcome.events += ([generated] if generated else []) + events

@@ -225,12 +225,11 @@ async def atlasquota_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
 
 
 # --------------------------------------------------------------------------- AtlasPriceList
-# No finalizer and no status of its own: the keys and quotas naming one carry its prices in
-# their config, so a change (or deletion) only re-writes theirs.
+# No finalizer: the keys and quotas naming one carry its prices in their config, so a change (or
+# deletion) re-writes theirs; its status (Ready, models, users) is written from its events and
+# each write-back cycle (price_list_status.py).
 
 
 @kopf.on.event(GROUP, VERSION, PRICE_LISTS)
-async def atlaspricelist_event(event: dict, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    if event.get("type") is None:
-        return  # the initial listing: every key and quota is resumed on its own
-    await memo.runtime.price_list_changed(namespace, name, deleted=event["type"] == "DELETED")
+async def atlaspricelist_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await memo.runtime.price_list_event(plain(body), event.get("type"))

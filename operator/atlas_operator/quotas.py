@@ -43,11 +43,11 @@ async def reconcile_quota(
     status = obj.get("status") or {}
     generation = meta.get("generation")
     if config.refusal:  # its keys are refused by the gateway until the price list exists
-        conditions = cond.merge(status.get("conditions"), cond.READY, False, config.refusal,
-                                config.refusal_message or config.refusal, generation, now)
+        conditions = cond.with_verdict(status.get("conditions"), False, config.refusal,
+                                       config.refusal_message or config.refusal, generation, now)
     else:
-        conditions = cond.merge(status.get("conditions"), cond.READY, True, cond.ACTIVE,
-                                "the budget is enforced by the gateway", generation, now)
+        conditions = cond.with_verdict(status.get("conditions"), True, cond.ACTIVE,
+                                       "the budget is enforced by the gateway", generation, now)
     conditions, usage = starting_fields(status, conditions, generation, now)
     desired: dict[str, Any] = {"observedGeneration": generation, "keys": key_count,
                                "conditions": conditions}

@@ -1,7 +1,7 @@
 """The operator's process-wide state and the glue between kopf triggers and the plain
-reconcile functions: per-key locks, re-triggers by name, and the three background loops
-(usage write-back, self-healing, expiry). Each object is run on its own: its failure is
-reported (failures.py) and is no other object's problem."""
+reconcile functions: per-key locks, re-triggers by name, and the background loops
+(usage write-back, self-healing, expiry, price list status). Each object is run on its own: its
+failure is reported (failures.py) and is no other object's problem."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from atlas_core.contract import TokenSubject
 
-from . import bindings, failures, heal, keys, quotas, usage
+from . import bindings, failures, heal, keys, price_list_status, quotas, usage
 from .carry_over import CarryOver
 from .expiry import ExpiryScheduler
 from .failures import Failures, ObjectFailed
@@ -20,7 +20,7 @@ from .history import History
 from .issuers import IssuerRefresher
 from .kube import KubeApi, NamespaceTerminating
 from .metrics import OperatorCollector, Snapshot
-from .settings import KEYS, KIND_OF, QUOTAS, OperatorSettings
+from .settings import KEYS, KIND_OF, PRICE_LISTS, QUOTAS, OperatorSettings
 from .status import StatusConflict
 from .views import ObjectView, SecretView
 
@@ -68,6 +68,7 @@ class Runtime:
         self.applied_hash: dict[tuple[str, str], str | None] = {}
         self.deleting_quotas: set[tuple[str, str]] = set()
         self.deleting_price_lists: set[tuple[str, str]] = set()
+        self.price_list_generations: dict[tuple[str, str], int] = {}  # the spec last re-priced from
         self.scheduler = ExpiryScheduler(self.reconcile_key_by_name)
         self.last_cycle: usage.CycleStats | None = None
         self.history = History() if settings.forecast else None
@@ -291,6 +292,28 @@ class Runtime:
 
     # ------------------------------------------------------------------ price lists
 
+    def price_list_users(self, namespace: str, name: str) -> tuple[list[str], list[str]]:
+        """(keys, quotas) of the namespace naming this price list."""
+        def naming(views: list[ObjectView]) -> list[str]:
+            return [v.name for v in views
+                    if v.namespace == namespace and v.spec.get("priceListRef") == name and not v.deleting]
+        return naming(self.key_views()), naming(self.quota_views())
+
+    async def price_list_event(self, body: dict[str, Any], event_type: str | None) -> None:
+        """A price list's own event: re-price its users when its spec changed (not on the initial
+        listing: every key and quota resumes on its own), then its status."""
+        view = ObjectView.of(body)
+        ident = (view.namespace, view.name)
+        if event_type == "DELETED":
+            self.price_list_generations.pop(ident, None)
+            await self.price_list_changed(*ident, deleted=True)
+            return
+        if event_type is not None and self.price_list_generations.get(ident) != view.generation:
+            await self.price_list_changed(*ident)
+        self.price_list_generations[ident] = view.generation
+        if not view.deleting:
+            await self.reconcile_price_list(view)
+
     async def price_list_changed(self, namespace: str, name: str, deleted: bool = False) -> None:
         """Re-write the config of every key and quota naming this price list: a changed or
         deleted price list re-prices (or refuses) future requests only."""
@@ -298,14 +321,37 @@ class Runtime:
         if deleted:
             self.deleting_price_lists.add(ident)
         try:
-            quota_names = [q.name for q in self.quota_views()
-                           if q.namespace == namespace and q.spec.get("priceListRef") == name]
-            key_names = [k.name for k in self.key_views()
-                         if k.namespace == namespace and k.spec.get("priceListRef") == name]
+            key_names, quota_names = self.price_list_users(namespace, name)
             await asyncio.gather(*(self.reconcile_quota_by_name(namespace, q) for q in quota_names))
             await asyncio.gather(*(self.reconcile_key_by_name(namespace, k) for k in key_names))
         finally:
             self.deleting_price_lists.discard(ident)
+
+    async def reconcile_price_list(self, view: ObjectView) -> bool:
+        """Its status; True when written. Never fails its caller: a failure is reported (the
+        next cycle retries); on a conflict (the view is older than the object) once more from a GET."""
+        for attempt in range(2):
+            key_names, quota_names = self.price_list_users(view.namespace, view.name)
+            try:
+                return await self._guarded(PRICE_LISTS, view.event_target(), lambda: (
+                    price_list_status.reconcile_price_list(view, kube=self.kube, keys=key_names, quotas=quota_names)))
+            except ObjectFailed:
+                return False
+            except StatusConflict:
+                body = await self.kube.get_object(PRICE_LISTS, view.namespace, view.name)
+                if body is None or attempt:
+                    return False
+                view = ObjectView.of(body)
+        return False
+
+    async def price_lists_once(self) -> int:
+        """Every price list's status (who uses it changes with the keys and quotas): patches only
+        what differs, so an idle cycle writes nothing."""
+        written = 0
+        for view in self.price_list_views():
+            if not view.deleting:
+                written += await self.reconcile_price_list(view)
+        return written
 
     # ------------------------------------------------------------------ loops
 
@@ -314,6 +360,9 @@ class Runtime:
 
     def quota_views(self) -> list[ObjectView]:
         return list(values(self.indexes["atlasquota_views"]))
+
+    def price_list_views(self) -> list[ObjectView]:
+        return list(values(self.indexes.get("atlaspricelist_views") or {}))
 
     async def usage_once(self) -> usage.CycleStats:
         key_views, quota_views = self.key_views(), self.quota_views()
@@ -325,7 +374,8 @@ class Runtime:
                                         carry_over=self.carry_over, tracker=self.failures)
         if self.failures.counts:  # objects deleted since they failed: their series go
             self.failures.forget({(KIND_OF[KEYS], k.namespace, k.name) for k in key_views}
-                                 | {(KIND_OF[QUOTAS], q.namespace, q.name) for q in quota_views})
+                                 | {(KIND_OF[QUOTAS], q.namespace, q.name) for q in quota_views}
+                                 | {(KIND_OF[PRICE_LISTS], p.namespace, p.name) for p in self.price_list_views()})
         self.last_cycle = stats
         self.metrics.snapshot = Snapshot(
             forecasts=observed,
@@ -373,6 +423,8 @@ class Runtime:
         self.tasks = [
             asyncio.create_task(self._every(self.settings.usage_interval, self.usage_once, failures.USAGE)),
             asyncio.create_task(self._every(self.settings.heal_interval, self.heal_once, failures.HEAL)),
+            asyncio.create_task(self._every(self.settings.usage_interval, self.price_lists_once,
+                                            failures.PRICE_LIST_STATUS)),
             asyncio.create_task(self.scheduler.run()),
         ]
         if self.issuers.enabled:

@@ -7,21 +7,12 @@ from dataclasses import dataclass
 
 from atlas_core import cluster
 
+from atlas_core.resources import (API_VERSION, GROUP, KEYS, KIND_OF, MANAGED_BY, MANAGED_BY_LABEL,  # noqa: F401
+                                  OWNER_LABEL, PRICE_LISTS, QUOTAS, SECRET_DATA_KEY, VERSION)
+
 from .issuers import parse_oidc_issuers
 
-GROUP = "atlas.bugvanquisher.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KEYS = "atlaskeys"
-QUOTAS = "atlasquotas"
-PRICE_LISTS = "atlaspricelists"
-KIND_OF = {KEYS: "AtlasKey", QUOTAS: "AtlasQuota"}
-
 FINALIZER = f"{GROUP}/finalizer"
-SECRET_DATA_KEY = "api-key"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY = "atlas-operator"
-OWNER_LABEL = f"{GROUP}/atlaskey"
 # The operator lists and watches only Secrets carrying this label (a server-side label selector):
 # the ones it generates have it, user-supplied ones are labelled with the AtlasKey's name (see
 # docs/operator.md). Any other Secret never reaches the operator, nor its memory.

@@ -28,7 +28,7 @@ TARGETS = {
 }
 PRODUCT_TARGETS = ("gateway", "operator")
 PACKAGE_DIRS = {"core": "atlas_core", "gateway": "atlas_gateway", "operator": "atlas_operator",
-                "devstack": "atlas_devstack"}
+                "plugin": "atlas_kubectl", "devstack": "atlas_devstack"}
 PINNED_PYTHON = re.compile(r"^python:3\.\d+\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?$")
 
 
@@ -241,13 +241,15 @@ def test_install_step_builds_a_wheel_of_only_what_the_target_copies(target, tmp_
         assert {"atlas_gateway/admit.lua", "atlas_gateway/settle.lua"} <= names, "Lua scripts missing"
 
 
-def test_the_full_checkout_builds_a_wheel_with_every_package_and_both_entrypoints(tmp_path):
+def test_the_full_checkout_builds_a_wheel_with_every_package_and_every_entrypoint(tmp_path):
     wheel = _wheel(tmp_path, sorted(PACKAGE_DIRS))
     names = set(wheel.namelist())
     for module in ("atlas_gateway/__main__.py", "atlas_operator/__main__.py", "atlas_core/contract.py",
+                   "atlas_kubectl/cli.py",
                    "atlas_devstack/mock_upstream.py"):
         assert module in names, f"{module} missing from the wheel"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = wheel.read(entry_points).decode()
     assert "atlas-gateway = atlas_gateway.__main__:main" in text
     assert "atlas-operator = atlas_operator.__main__:main" in text
+    assert "kubectl-atlas = atlas_kubectl.cli:main" in text

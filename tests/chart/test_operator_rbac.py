@@ -40,6 +40,7 @@ OPERATOR_CAN = {
     f"atlaspricelists.{GROUP}": {"get", "list", "watch"},
     f"atlaskeys.{GROUP}/status": {"patch"},
     f"atlasquotas.{GROUP}/status": {"patch"},
+    f"atlaspricelists.{GROUP}/status": {"patch"},
     "secrets": {"get", "list", "watch", "create"},
     "events": {"create"},
     "serviceaccounts": {"list", "watch"},  # workloadIdentity.serviceAccountTokens: bound accounts' UIDs

@@ -25,8 +25,8 @@ OPERATOR_RULES = [
     {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaskeys", "atlasquotas"],
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaspricelists"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaskeys/status", "atlasquotas/status"],
-     "verbs": ["patch"]},
+    {"apiGroups": ["atlas.bugvanquisher.io"],
+     "resources": ["atlaskeys/status", "atlasquotas/status", "atlaspricelists/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
@@ -168,7 +168,8 @@ def test_rbac_is_exactly_the_operators_needs(rendered):
     name, objs = rendered
     watch = values_of(name)["watchNamespaces"]
     operator_sa = objs.one("ServiceAccount", "-operator")["metadata"]["name"]
-    for role in objs.of("ClusterRole") + objs.of("Role"):
+    cluster_roles = [r for r in objs.of("ClusterRole") if not is_aggregated(r)]
+    for role in cluster_roles + objs.of("Role"):
         assert role["rules"] == OPERATOR_RULES, role["metadata"]["name"]
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
@@ -176,15 +177,39 @@ def test_rbac_is_exactly_the_operators_needs(rendered):
     for b in bindings:
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": operator_sa, "namespace": RELEASE_NAMESPACE}]
     if watch:
-        assert not objs.of("ClusterRole") and not objs.of("ClusterRoleBinding")
+        assert not cluster_roles and not objs.of("ClusterRoleBinding")
         assert sorted(r["metadata"]["namespace"] for r in objs.of("Role")) == sorted(watch)
         assert sorted(b["metadata"]["namespace"] for b in objs.of("RoleBinding")) == sorted(watch)
         for b in objs.of("RoleBinding"):
             assert b["roleRef"]["kind"] == "Role"
     else:
-        assert len(objs.of("ClusterRole")) == 1 and len(objs.of("ClusterRoleBinding")) == 1
+        assert len(cluster_roles) == 1 and len(objs.of("ClusterRoleBinding")) == 1
         assert not objs.of("Role") and not objs.of("RoleBinding")
-        assert objs.of("ClusterRoleBinding")[0]["roleRef"]["name"] == objs.of("ClusterRole")[0]["metadata"]["name"]
+        assert objs.of("ClusterRoleBinding")[0]["roleRef"]["name"] == cluster_roles[0]["metadata"]["name"]
+
+
+def is_aggregated(role: dict) -> bool:
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"]["labels"])
+
+
+ATLAS_RESOURCES = ["atlaskeys", "atlasquotas", "atlaspricelists"]
+# guardrails.aggregatedRoles: role suffix -> (the roles it joins, its only rule's verbs)
+AGGREGATED = {"-view": ({"view", "edit", "admin"}, ["get", "list", "watch"]),
+              "-edit": ({"edit", "admin"}, ["create", "update", "patch", "delete", "deletecollection"])}
+
+
+def test_aggregated_roles_only_when_asked_and_only_atlas_kinds(rendered):
+    name, objs = rendered
+    roles = {r["metadata"]["name"]: r for r in objs.of("ClusterRole") if is_aggregated(r)}
+    if not values_of(name)["guardrails"]["aggregatedRoles"]:
+        assert not roles
+        return
+    assert set(roles) == {f"atlas{suffix}" for suffix in AGGREGATED}
+    for suffix, (joins, verbs) in AGGREGATED.items():
+        role = roles[f"atlas{suffix}"]
+        labels = role["metadata"]["labels"]
+        assert {k.rsplit("-", 1)[-1] for k in labels if k.startswith("rbac.authorization.k8s.io/aggregate-to-")} == joins
+        assert role["rules"] == [{"apiGroups": ["atlas.bugvanquisher.io"], "resources": ATLAS_RESOURCES, "verbs": verbs}]
 
 
 def test_pdb_and_hpa_presence(rendered):
@@ -279,7 +304,8 @@ def test_crds_rendered_equal_to_crds_dir(rendered):
 
 def test_every_object_is_labelled_and_namespaced_correctly(rendered):
     _, objs = rendered
-    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                      "ValidatingAdmissionPolicyBinding"}
     for o in objs:
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == "atlas"

@@ -67,7 +67,10 @@ def test_suspend_and_resume(kube, gateway):
     wait_until("accepted", lambda: status_of(gateway, key)() == 200, 30)
     kube("patch", "atlaskey", "batch", "--type=merge", "-p", '{"spec":{"suspended":true}}')
     wait_until("refused while suspended", lambda: status_of(gateway, key)() == 403, 10)
-    wait_until("Ready=False/Suspended", lambda: kube.condition("atlaskey", "batch").get("reason") == "Suspended", 10)
+    # suspended on purpose: in effect as declared (Ready=True, so GitOps tools read it Current),
+    # Serving=False saying it refuses traffic
+    wait_until("Serving=False/Suspended", lambda: kube.condition("atlaskey", "batch", "Serving").get("reason") == "Suspended", 10)
+    assert kube.condition("atlaskey", "batch")["status"] == "True" and kube.columns("atlaskey", "batch")["SERVING"] == "False"
     kube("patch", "atlaskey", "batch", "--type=merge", "-p", '{"spec":{"suspended":false}}')
     wait_until("accepted again", lambda: status_of(gateway, key)() == 200, 10)
 
@@ -79,8 +82,9 @@ def test_expiry_takes_effect_without_another_event(kube, gateway):
     wait_until("accepted before expiry", lambda: status_of(gateway, key)() == 200, 10)
     wait_until("refused after expiry", lambda: status_of(gateway, key)() == 403, 15)
     assert datetime.now(timezone.utc) >= expires
-    cond = wait_until("Ready=False/Expired", lambda: (c := kube.condition("atlaskey", "temp")).get("reason") == "Expired" and c, 10)
-    assert cond["status"] == "False"
+    cond = wait_until("Serving=False/Expired", lambda: (
+        c := kube.condition("atlaskey", "temp", "Serving")).get("reason") == "Expired" and c, 10)
+    assert cond["status"] == "False" and kube.condition("atlaskey", "temp")["status"] == "True"
 
 
 def test_delete_refuses_within_two_seconds_and_keeps_usage(kube, gateway, redis_client, record):

@@ -77,14 +77,18 @@ def test_a_subject_bound_twice_is_a_conflict_on_the_later_key_until_the_first_le
     kube.apply(key_manifest("first", subjects=[sa_subject("shared")]))
     wait_until("first binds it", lambda: binding(redis_client, f"ServiceAccount:{kube.ns}/shared") == f"{kube.ns}/first", 30)
     kube.apply(key_manifest("second", subjects=[sa_subject("shared"), {"kind": "User", "name": "bob@example.com"}]))
-    condition = wait_until("SubjectConflict on the later key", lambda: (
-        c := kube.condition("atlaskey", "second")).get("reason") == "SubjectConflict" and c, 30)
-    assert condition["status"] == "False"
-    assert f"ServiceAccount {kube.ns}/shared is bound by AtlasKey {kube.ns}/first" in condition["message"]
+    stalled = wait_until("Stalled=True/SubjectConflict on the later key", lambda: (
+        c := kube.condition("atlaskey", "second", "Stalled")).get("reason") == "SubjectConflict" and c, 30)
+    assert stalled["status"] == "True"
+    assert f"ServiceAccount {kube.ns}/shared is bound by AtlasKey {kube.ns}/first" in stalled["message"]
+    assert kube.condition("atlaskey", "second")["status"] == "False"  # Ready
+    assert kube.condition("atlaskey", "second", "Serving")["status"] == "True"  # its Secret's key works
     assert kube.condition("atlaskey", "first")["status"] == "True"
+    assert kube.condition("atlaskey", "first", "Stalled") == {}
     assert binding(redis_client, "User:bob@example.com") == f"{kube.ns}/second"  # its other subject works
 
     kube("delete", "atlaskey", "first")
     wait_until("the later key takes the subject over",
                lambda: binding(redis_client, f"ServiceAccount:{kube.ns}/shared") == f"{kube.ns}/second", 30)
-    wait_until("and its conflict ends", lambda: kube.condition("atlaskey", "second").get("status") == "True", 30)
+    wait_until("and its conflict ends", lambda: kube.condition("atlaskey", "second").get("status") == "True"
+               and kube.condition("atlaskey", "second", "Stalled") == {}, 30)

@@ -180,12 +180,16 @@ async def test_reconcile_shows_a_conflict_on_the_later_key_whose_secret_still_wo
     for name in ("second", "first"):  # the later key reconciled first must not win
         await reconcile_key(kube.get(KEYS, name), kube=kube, redis=redis, quota_exists=lambda ns, q: False,
                             now=NOW, bind_subjects=binder)
-    first = cond.find(kube.get(KEYS, "first")["status"]["conditions"], cond.READY)
-    second = cond.find(kube.get(KEYS, "second")["status"]["conditions"], cond.READY)
-    assert first["status"] == "True"
-    assert (second["status"], second["reason"]) == ("False", cond.SUBJECT_CONFLICT)
-    assert "User 'alice@example.com' is bound by AtlasKey team/first" in second["message"]
-    assert "Secret and its other subjects are accepted" in second["message"]
+    first = kube.get(KEYS, "first")["status"]["conditions"]
+    second = kube.get(KEYS, "second")["status"]["conditions"]
+    assert cond.find(first, cond.READY)["status"] == "True" and cond.find(first, cond.STALLED) is None
+    ready, stalled = cond.find(second, cond.READY), cond.find(second, cond.STALLED)
+    assert (ready["status"], ready["reason"]) == ("False", cond.SUBJECT_CONFLICT)
+    assert (stalled["status"], stalled["reason"]) == ("True", cond.SUBJECT_CONFLICT)  # kstatus: Failed at once
+    assert cond.find(second, cond.SERVING)["status"] == "True"  # its Secret's key still works
+    assert "User 'alice@example.com' is bound by AtlasKey team/first" in stalled["message"]
+    assert "the key's Secret and its other subjects work as declared" in stalled["message"]
+    assert [e[1:3] for e in kube.events if e[0] == "second"][-1] == ("Warning", cond.SUBJECT_CONFLICT)
     assert await binding(redis, ALICE) == "team/first"
     second_key = kube.secret_value("second-api-key")
     assert await redis.get(contract.key_config_key(contract.hash_api_key(second_key))) is not None

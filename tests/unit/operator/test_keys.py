@@ -21,6 +21,16 @@ def ready(obj):
     return cond.find(obj["status"]["conditions"], cond.READY)
 
 
+def condition(obj, ctype):
+    return cond.find(obj["status"]["conditions"], ctype)
+
+
+def verdict(obj) -> tuple:
+    """(Ready, Serving, Stalled) as statuses, with Stalled None when absent (kstatus's reading)."""
+    stalled = condition(obj, cond.STALLED)
+    return (ready(obj)["status"], condition(obj, cond.SERVING)["status"], stalled and stalled["status"])
+
+
 async def run(kube, redis, name="frontend", quotas=(), now=NOW):
     return await reconcile_key(kube.get(KEYS, name), kube=kube, redis=redis,
                                quota_exists=lambda ns, q: q in quotas, now=now)
@@ -46,7 +56,7 @@ async def test_generates_owned_secret_and_writes_config(kube, redis):
     obj = kube.get(KEYS, "frontend")
     assert obj["status"]["keyId"] == contract.key_id_of(contract.hash_api_key(key))
     assert obj["status"]["observedGeneration"] == 1
-    assert ready(obj)["status"] == "True"
+    assert verdict(obj) == ("True", "True", None)
     assert cond.find(obj["status"]["conditions"], cond.QUOTA_EXHAUSTED)["status"] == "False"
     assert obj["status"]["usage"]["tokensToday"] == 0
     assert [e[2] for e in kube.events] == ["SecretGenerated", cond.ACTIVE]
@@ -98,6 +108,8 @@ async def test_invalid_secret_is_not_ready_and_removes_old_config(kube, redis, r
     assert await config_for(redis, GOOD_KEY) is None
     obj = kube.get(KEYS, "frontend")
     assert ready(obj)["reason"] == cond.SECRET_INVALID and "keyId" not in obj["status"]
+    assert verdict(obj) == ("False", "False", "True")  # a configuration error: kstatus Failed
+    assert condition(obj, cond.STALLED)["message"] == ready(obj)["message"]
     assert ("frontend", "Warning", cond.SECRET_INVALID) in [e[:3] for e in kube.events]
 
 
@@ -127,10 +139,12 @@ async def test_missing_quota_refuses_never_unlimited(kube, redis):
     assert not outcome.ready and outcome.reason == cond.QUOTA_NOT_FOUND
     config = await config_for(redis, GOOD_KEY)
     assert config.refusal == cond.QUOTA_NOT_FOUND and "team-search" in config.refusal_message
-    # The quota appears: the same function lifts the refusal.
+    obj = kube.get(KEYS, "frontend")
+    assert verdict(obj) == ("False", "False", "True") and condition(obj, cond.STALLED)["reason"] == cond.QUOTA_NOT_FOUND
+    # The quota appears: the same function lifts the refusal, and Stalled goes away.
     outcome = await run(kube, redis, quotas=("team-search",))
     assert outcome.ready and (await config_for(redis, GOOD_KEY)).refusal is None
-    assert ready(kube.get(KEYS, "frontend"))["status"] == "True"
+    assert verdict(kube.get(KEYS, "frontend")) == ("True", "True", None)
 
 
 async def test_suspended_and_expired(kube, redis):
@@ -138,15 +152,23 @@ async def test_suspended_and_expired(kube, redis):
     kube.add(KEYS, "frontend", {"secretName": "external", "suspended": True})
     outcome = await run(kube, redis)
     assert outcome.reason == cond.SUSPENDED and (await config_for(redis, GOOD_KEY)).suspended
+    # suspended on purpose: in effect as declared (Ready, kstatus Current), refusing traffic
+    obj = kube.get(KEYS, "frontend")
+    assert outcome.ready and not outcome.serving and verdict(obj) == ("True", "False", None)
+    assert condition(obj, cond.SERVING)["reason"] == cond.SUSPENDED
+    assert "refuses the key" in condition(obj, cond.SERVING)["message"]
+    assert ("Normal", cond.SUSPENDED) in [e[1:3] for e in kube.events]
     expires = NOW + timedelta(minutes=5)
     kube.update_spec(KEYS, "frontend", {"secretName": "external", "expiresAt": "2026-11-27T12:05:00Z"})
     outcome = await run(kube, redis)
     assert outcome.ready and outcome.next_check == expires
     assert (await config_for(redis, GOOD_KEY)).expires_at == expires.timestamp()
     outcome = await run(kube, redis, now=expires + timedelta(seconds=1))
-    assert not outcome.ready and outcome.reason == cond.EXPIRED and outcome.next_check is None
+    assert outcome.ready and not outcome.serving and outcome.reason == cond.EXPIRED and outcome.next_check is None
     obj = kube.get(KEYS, "frontend")
     assert ready(obj)["reason"] == cond.EXPIRED and obj["status"]["observedGeneration"] == 2
+    assert verdict(obj) == ("True", "False", None)
+    assert {c["observedGeneration"] for c in obj["status"]["conditions"] if c["type"] != cond.QUOTA_EXHAUSTED} == {2}
 
 
 async def test_ready_transition_time_kept_when_unchanged(kube, redis):

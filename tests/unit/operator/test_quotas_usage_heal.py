@@ -34,6 +34,19 @@ async def test_quota_config_status_and_delete(kube, redis):
     assert await redis.get(contract.quota_config_key("team", "team-search")) is None
 
 
+async def test_quota_pricing_from_a_missing_price_list_is_stalled_until_it_exists(kube, redis):
+    kube.add(QUOTAS, "q", {"priceListRef": "prices"})
+    await reconcile_quota(kube.get(QUOTAS, "q"), kube=kube, redis=redis, key_count=0, now=NOW)
+    conditions = {c["type"]: c for c in kube.get(QUOTAS, "q")["status"]["conditions"]}
+    assert (conditions[cond.READY]["status"], conditions[cond.STALLED]["status"]) == ("False", "True")
+    assert conditions[cond.STALLED]["reason"] == cond.PRICE_LIST_NOT_FOUND
+    spec = {"currency": "USD", "prices": [{"model": "*", "input": 1, "output": 1}]}
+    await reconcile_quota(kube.get(QUOTAS, "q"), kube=kube, redis=redis, key_count=0, now=NOW,
+                          price_list=lambda ns, name: spec)
+    conditions = {c["type"]: c for c in kube.get(QUOTAS, "q")["status"]["conditions"]}
+    assert conditions[cond.READY]["status"] == "True" and cond.STALLED not in conditions
+
+
 def view(kube, plural, name):
     return ObjectView.of(kube.get(plural, name))
 

@@ -37,29 +37,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-class OidcIssuerProcess:
-    """The issuer as a child process on a free loopback port, HTTPS with its own CA."""
+class OidcIssuer:
+    """A running issuer, as its clients see it: its URL, the CA its certificate is signed by,
+    its ``ATLAS_JWT_ISSUERS`` entry, and ID tokens for users it is told about."""
 
-    def __init__(self, *, port: int | None = None, token_max_age: int = 3600, log_path: str | None = None,
-                 state_dir: str | Path | None = None) -> None:
-        from .controlplane import free_port
-
-        self.port = port or free_port()
-        self.token_max_age = token_max_age
-        self.log_path = log_path
-        self._tmp = None if state_dir else tempfile.TemporaryDirectory(prefix="atlas-oidc-")
-        self.dir = Path(state_dir or self._tmp.name)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        """The issuer URL, exactly as its tokens' ``iss`` (and its discovery) give it."""
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def ca_file(self) -> Path:
-        return self.dir / "oidc-issuer-ca.crt"
+    def __init__(self, url: str, ca_file: str | Path) -> None:
+        self.url = url  # exactly its tokens' ``iss`` (and its discovery's ``issuer``)
+        self.ca_file = Path(ca_file)
 
     @property
     def ca_pem(self) -> str:
@@ -71,43 +55,11 @@ class OidcIssuerProcess:
                 "claimMappings": claim_mappings or {"username": {"claim": "email", "prefix": ""},
                                                     "groups": {"claim": "groups", "prefix": ""}}}
 
-    def start(self, timeout: float = 30.0) -> "OidcIssuerProcess":
-        from .controlplane import serving_tls
-
-        _, cert, key = serving_tls(self.dir, "oidc-issuer")
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "atlas_devstack.oidc_issuer", "--port", str(self.port), "--cert", str(cert),
-             "--key", str(key), "--token-max-age", str(self.token_max_age)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the OIDC issuer exited with {self._proc.returncode}")
-            try:
-                if self._get("/.well-known/openid-configuration")["issuer"] == self.url:
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("the OIDC issuer did not become ready")
-            time.sleep(0.05)  # polling a port: there is nothing to wait on instead
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        processes.stop_process(proc)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> "OidcIssuerProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ------------------------------------------------------------------ tokens
+    def ready(self) -> bool:
+        try:
+            return self._get("/.well-known/openid-configuration").get("issuer") == self.url
+        except OSError:
+            return False
 
     def _context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -145,6 +97,63 @@ class OidcIssuerProcess:
             "client_id": client_id, "client_secret": "any"}).encode())
         with self._open(token) as response:
             return json.loads(response.read())["id_token"]
+
+
+def tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA, certificate, key) of an issuer serving from ``directory`` (created on first use)."""
+    from .controlplane import serving_tls
+
+    paths = (directory / "oidc-issuer-ca.crt", directory / "oidc-issuer.crt", directory / "oidc-issuer.key")
+    if not all(p.exists() for p in paths):
+        serving_tls(directory, "oidc-issuer")
+    return paths
+
+
+def command(port: int, cert: Path, key: Path, token_max_age: int = 3600) -> list[str]:
+    return [sys.executable, "-m", "atlas_devstack.oidc_issuer", "--port", str(port), "--cert", str(cert),
+            "--key", str(key), "--token-max-age", str(token_max_age)]
+
+
+class OidcIssuerProcess(OidcIssuer):
+    """The issuer as a child process on a free loopback port, HTTPS with its own CA (tests)."""
+
+    def __init__(self, *, port: int | None = None, token_max_age: int = 3600, log_path: str | None = None) -> None:
+        from .controlplane import free_port
+
+        self.port = port or free_port()
+        self.token_max_age = token_max_age
+        self.log_path = log_path
+        self._tmp: tempfile.TemporaryDirectory | None = tempfile.TemporaryDirectory(prefix="atlas-oidc-")
+        self.ca, self.cert, self.key = tls_files(Path(self._tmp.name))
+        super().__init__(f"https://127.0.0.1:{self.port}", self.ca)
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "OidcIssuerProcess":
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(command(self.port, self.cert, self.key, self.token_max_age),
+                                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"the OIDC issuer exited with {self._proc.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("the OIDC issuer did not become ready")
+            time.sleep(0.05)  # polling a port: there is nothing to wait on instead
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        processes.stop_process(proc)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "OidcIssuerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

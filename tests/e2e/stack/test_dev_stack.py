@@ -143,8 +143,8 @@ def test_rotation_grace_both_keys_work_then_only_the_new(stack):
 
 def test_down_stops_everything_and_is_idempotent(stack):
     pids = [int(p.read_text()) for p in stack.dir.glob("**/*.pid")]
-    assert len(pids) >= 5  # redis, etcd, kube-apiserver, operator, gateway, mock upstream
+    assert len(pids) >= 6  # redis, etcd, kube-apiserver, operator, gateway, mock upstream, OIDC issuer
     stopped = stack.down()
-    assert {"gateway", "operator", "mock-upstream", "redis", "kube-apiserver", "etcd"} <= set(stopped)
+    assert {"gateway", "operator", "mock-upstream", "oidc-issuer", "redis", "kube-apiserver", "etcd"} <= set(stopped)
     assert not [p for p in pids if pid_alive(p)]
     assert stack.down() == []

@@ -29,6 +29,7 @@ from .auth import Principal
 from .calls import NO_COST, cost_args
 from .faults import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
 from .headers import MISSING_KEY, RequestHeaders
+from .identity_tokens import TokenRefused, looks_like_jwt
 from .priority import effective_priority
 from .responses import read_body, send_bytes, send_error
 from .runtime import Runtime
@@ -92,15 +93,24 @@ class Ticket:
 
 
 async def authenticate(rt: Runtime, api_key: str) -> Principal:
-    key_hash = hash_api_key(api_key)
+    """The Principal of a static key, or of the AtlasKey a workload identity token is bound to
+    (identity_tokens.py); only hashes are looked up."""
+    credential_hash = hash_api_key(api_key)
+    token = looks_like_jwt(api_key)
     try:
+        key_hash = await rt.tokens.key_hash(api_key, credential_hash) if token else credential_hash
         principal = await rt.cache.lookup(key_hash)
+    except TokenRefused as refusal:
+        raise errors.GatewayError(refusal.status, refusal.message,
+                                  "invalid_request_error" if refusal.status == 401 else "permission_error",
+                                  refusal.code) from None
     except REDIS_FAILURES as exc:
         if not is_transport_failure(exc):
             raise reply_error("config", exc) from None
         metrics.count_redis_error("config")
         rt.redis_health.failed(rt.settings.fail_open, exc)
-        principal = rt.cache.stale(key_hash) if rt.settings.fail_open else None
+        key_hash = rt.tokens.stale(credential_hash) if token else credential_hash
+        principal = rt.cache.stale(key_hash) if rt.settings.fail_open and key_hash else None
         if principal is None:
             raise errors.redis_unavailable() from None
     if principal is None:

@@ -20,6 +20,7 @@ from atlas_core import cluster
 from . import metrics, worker_metrics
 from .admission import Admission
 from .auth import ConfigCache
+from .identity_tokens import TokenAuthenticator
 from .failover import MasterWatch
 from .fastredis import FastRedis
 from .load_view import LoadView
@@ -126,6 +127,8 @@ class Runtime:
             max_connections=1024,
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
+        # a token's binding is re-read as often as a key's config: a revoked one ends as fast
+        self.tokens = TokenAuthenticator(self.redis, leeway=settings.token_leeway, recheck=settings.config_ttl)
         if self.redis_cluster:
             self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
                                                settings.redis_cluster_wait_ms)

@@ -30,6 +30,7 @@ from .runs import CHAT, Bench, Target
 ISSUER = "https://bench-issuer.invalid"
 ACCOUNT, ACCOUNT_UID = "bench-runner", "b3c8a6a2-0000-4000-8000-00000000beef"
 PAIRS = 3
+_SIGNING = None  # the bench issuer's signing key
 
 
 def supported(contract) -> bool:
@@ -37,31 +38,34 @@ def supported(contract) -> bool:
     return hasattr(contract, "IDENTITY_ISSUERS")
 
 
-def write_token_binding(redis_url: str, connect=None) -> str:
-    """Publish an issuer, bind its ServiceAccount to the bench key (as the operator would), and
-    return a token of that account, valid for an hour."""
+def write_token_binding(redis_url: str, connect=None, *, namespace: str = NAMESPACE, key_name: str = "bench",
+                        api_key: str = BENCH_KEY, account: str = ACCOUNT) -> str:
+    """Publish an issuer, bind its ServiceAccount ``namespace/account`` to the AtlasKey
+    ``namespace/key_name`` whose key is ``api_key`` (as the operator would), and return a token
+    of that account, valid for an hour. (Also the tests' way to bind a token to a key.)"""
     import jwt
     from cryptography.hazmat.primitives.asymmetric import ec
     from jwt.algorithms import ECAlgorithm
 
     from atlas_core import contract
 
-    signing = ec.generate_private_key(ec.SECP256R1())
+    global _SIGNING
+    signing = _SIGNING = _SIGNING or ec.generate_private_key(ec.SECP256R1())  # one issuer key per process
     public = {**ECAlgorithm.to_jwk(signing.public_key(), as_dict=True), "kid": "bench", "use": "sig"}
     r = (connect or redis_client)(redis_url)
     try:
         r.hset(contract.IDENTITY_ISSUERS, ISSUER, contract.Issuer(
             ISSUER, ("atlas",), (public,), service_accounts=True, fetched_at=time.time()).encode())
-        subject = contract.TokenSubject("ServiceAccount", ACCOUNT, NAMESPACE)
-        r.hset(contract.IDENTITY_BINDINGS, subject.encode(), f"{NAMESPACE}/bench")
+        subject = contract.TokenSubject("ServiceAccount", account, namespace)
+        r.hset(contract.IDENTITY_BINDINGS, subject.encode(), f"{namespace}/{key_name}")
         r.hset(contract.IDENTITY_SERVICE_ACCOUNTS, subject.account_ref, ACCOUNT_UID)
-        r.hset(contract.KEY_INDEX, f"{NAMESPACE}/bench", contract.hash_api_key(BENCH_KEY))
+        r.hset(contract.KEY_INDEX, f"{namespace}/{key_name}", contract.hash_api_key(api_key))
     finally:
         r.close()
     now = int(time.time())
-    return jwt.encode({"iss": ISSUER, "aud": ["atlas"], "sub": f"system:serviceaccount:{NAMESPACE}:{ACCOUNT}",
+    return jwt.encode({"iss": ISSUER, "aud": ["atlas"], "sub": f"system:serviceaccount:{namespace}:{account}",
                        "iat": now, "nbf": now, "exp": now + 3600,
-                       "kubernetes.io": {"namespace": NAMESPACE, "serviceaccount": {"name": ACCOUNT, "uid": ACCOUNT_UID}}},
+                       "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": account, "uid": ACCOUNT_UID}}},
                       signing, algorithm="ES256", headers={"kid": "bench"})
 
 

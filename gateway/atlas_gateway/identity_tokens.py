@@ -46,9 +46,11 @@ class TokenRefused(Exception):
     or 403 (authenticated, but its AtlasKey cannot be chosen or used). Messages name claims,
     issuers and AtlasKeys, never the token."""
 
-    def __init__(self, message: str, status: int = 401, code: str = "invalid_api_key") -> None:
+    def __init__(self, message: str, status: int = 401, code: str = "invalid_api_key", foreign: bool = False) -> None:
         super().__init__(message)
         self.message, self.status, self.code = message, status, code
+        # not a token of a trusted issuer at all: it may be a static key that looks like a JWS
+        self.foreign = foreign
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -61,9 +63,9 @@ def _b64json(part: str) -> dict[str, Any]:
     try:
         doc = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise TokenRefused("The bearer token is not a well-formed JWT.") from None
+        raise TokenRefused("The bearer token is not a well-formed JWT.", foreign=True) from None
     if not isinstance(doc, dict):
-        raise TokenRefused("The bearer token is not a well-formed JWT.")
+        raise TokenRefused("The bearer token is not a well-formed JWT.", foreign=True)
     return doc
 
 
@@ -252,19 +254,20 @@ def _oidc(issuer: Issuer, claims: dict[str, Any], expires_at: float) -> Verified
 def split(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(header, unverified claims), or 401 for what cannot be a token Atlas accepts."""
     if len(token) > MAX_TOKEN_BYTES:
-        raise TokenRefused("The bearer token is too large.")
+        raise TokenRefused("The bearer token is too large.", foreign=True)
     parts = token.split(".")
     if len(parts) != 3 or not all(parts[:2]):
-        raise TokenRefused("The bearer token is not a well-formed JWT.")
+        raise TokenRefused("The bearer token is not a well-formed JWT.", foreign=True)
     header, claims = _b64json(parts[0]), _b64json(parts[1])
     alg = header.get("alg")
     if alg not in contract.TOKEN_ALGORITHMS:
         raise TokenRefused(f"Token algorithm {alg!r} is not accepted: only asymmetric signatures "
-                           "(RS*, PS*, ES*, EdDSA).")
+                           "(RS*, PS*, ES*, EdDSA).", foreign=True)
     if header.get("crit") is not None:
-        raise TokenRefused("The token has critical header parameters this gateway does not understand.")
+        raise TokenRefused("The token has critical header parameters this gateway does not understand.",
+                           foreign=True)
     if not isinstance(claims.get("iss"), str):
-        raise TokenRefused("The token has no issuer (iss).")
+        raise TokenRefused("The token has no issuer (iss).", foreign=True)
     return header, claims
 
 
@@ -372,5 +375,5 @@ class TokenAuthenticator:
         kid = header.get("kid") if isinstance(header.get("kid"), str) else None
         trusted = await self.issuers.get(claims["iss"], kid, header["alg"])
         if trusted is None:
-            raise TokenRefused(f"Token issuer {claims['iss']!r} is not trusted by this gateway.")
+            raise TokenRefused(f"Token issuer {claims['iss']!r} is not trusted by this gateway.", foreign=True)
         return verify(token, trusted, header, self.leeway)

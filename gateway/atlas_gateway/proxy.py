@@ -98,7 +98,14 @@ async def authenticate(rt: Runtime, api_key: str) -> Principal:
     credential_hash = hash_api_key(api_key)
     token = looks_like_jwt(api_key)
     try:
-        key_hash = await rt.tokens.key_hash(api_key, credential_hash) if token else credential_hash
+        key_hash = credential_hash
+        if token:
+            try:
+                key_hash = await rt.tokens.key_hash(api_key, credential_hash)
+            except TokenRefused as refusal:
+                # a Secret's key may look like a JWS: when it is no token of ours, it may be a key
+                if not refusal.foreign or await rt.cache.lookup(credential_hash) is None:
+                    raise
         principal = await rt.cache.lookup(key_hash)
     except TokenRefused as refusal:
         raise errors.GatewayError(refusal.status, refusal.message,
@@ -109,7 +116,7 @@ async def authenticate(rt: Runtime, api_key: str) -> Principal:
             raise reply_error("config", exc) from None
         metrics.count_redis_error("config")
         rt.redis_health.failed(rt.settings.fail_open, exc)
-        key_hash = rt.tokens.stale(credential_hash) if token else credential_hash
+        key_hash = (rt.tokens.stale(credential_hash) if token else None) or credential_hash
         principal = rt.cache.stale(key_hash) if rt.settings.fail_open and key_hash else None
         if principal is None:
             raise errors.redis_unavailable() from None

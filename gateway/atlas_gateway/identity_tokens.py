@@ -334,6 +334,7 @@ class TokenAuthenticator:
         self.monotonic = monotonic
         self.issuers = IssuerDirectory(redis, issuer_ttl, monotonic)
         self._entries: dict[str, _Entry] = {}
+        self._inflight: dict[str, asyncio.Future[str]] = {}
 
     async def key_hash(self, token: str, token_hash: str) -> str:
         """The AtlasKey's key hash, or TokenRefused. Redis failures propagate (fail mode)."""
@@ -345,7 +346,26 @@ class TokenAuthenticator:
             if self.clock() < entry.token.expires_at + self.leeway:
                 return entry.key_hash
             raise TokenRefused("The token has expired.")
-        verified = entry.token if entry is not None and entry.token is not None else None
+        # one resolution per token at a time: a burst of a new token's requests verifies it once
+        pending = self._inflight.get(token_hash)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._inflight[token_hash] = future
+        try:
+            key_hash = await self._resolve(token, token_hash, entry.token if entry is not None else None, now)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters (if any) re-raise it themselves
+            raise
+        else:
+            future.set_result(key_hash)
+            return key_hash
+        finally:
+            del self._inflight[token_hash]
+
+    async def _resolve(self, token: str, token_hash: str, verified: VerifiedToken | None, now: float) -> str:
+        """Verify (unless already verified) and find the token's AtlasKey; remember the answer."""
         try:
             if verified is None:
                 verified = await self._verify(token)

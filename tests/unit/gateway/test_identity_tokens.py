@@ -220,3 +220,19 @@ async def test_a_cached_token_stops_working_when_it_expires(redis):
     assert await key_of(auth, token) == KEY_HASH
     wall[0] += 6
     assert "expired" in await refused(auth, token)
+
+
+async def test_a_burst_of_a_new_tokens_requests_verifies_it_once(redis, monkeypatch):
+    import asyncio
+
+    auth = TokenAuthenticator(redis)
+    calls = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    token = sign(sa_claims())
+    assert await asyncio.gather(*(key_of(auth, token) for _ in range(50))) == [KEY_HASH] * 50
+    assert len(calls) == 1
+    forged = sign(sa_claims(), OTHER_EC)
+    results = await asyncio.gather(*(key_of(auth, forged) for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(r, TokenRefused) and "signature" in r.message for r in results)
+    assert len(calls) == 2  # the forged one: once too

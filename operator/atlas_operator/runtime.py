@@ -76,6 +76,7 @@ class Runtime:
         self.failures = Failures()
         self.metrics = OperatorCollector(self.failures)
         self.tasks: list[asyncio.Task] = []
+        self.issuer_retries = 0  # refresh rounds in a row with an issuer never fetched
         self.issuers = IssuerRefresher(
             settings.jwt_issuers, settings.token_audience if settings.service_account_tokens else None,
             kube.get_json)
@@ -432,10 +433,14 @@ class Runtime:
                 self._every(self.issuers_delay, self.refresh_issuers, failures.ISSUERS, at_once=True)))
 
     def issuers_delay(self) -> float:
-        """ATLAS_JWKS_REFRESH_SECONDS, or a few seconds while an issuer has never been fetched
-        (the API server or the issuer still starting): its tokens are refused until then."""
+        """ATLAS_JWKS_REFRESH_SECONDS, or sooner while an issuer has never been fetched (the API
+        server or the issuer still starting: its tokens are refused until then): 2, 4, 8 ... s."""
         refresh = self.settings.jwks_refresh
-        return min(refresh, 2.0) if self.issuers.unfetched() else refresh
+        if not self.issuers.unfetched():
+            self.issuer_retries = 0
+            return refresh
+        self.issuer_retries += 1
+        return min(refresh, 2.0 ** min(self.issuer_retries, 16))
 
     async def stop(self) -> None:
         for task in self.tasks:

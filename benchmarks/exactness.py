@@ -35,14 +35,29 @@ async def _fire(url: str, body: dict, headers: dict[str, str]) -> list[int]:
     return statuses
 
 
+def chat_bound(body: dict):
+    """The bound the gateway on PYTHONPATH computes for a chat ``body`` with its default settings.
+    That gateway may be an older checkout (``BENCH_GATEWAY_SRC``): before the route table (issue
+    25) a route was named by a string and the meter lived in ``atlas_gateway.metering.bounds``."""
+    from atlas_gateway.settings import Settings
+
+    settings = Settings(upstream_url="http://unused")
+    try:
+        from atlas_gateway.routes import route
+        from atlas_gateway.metering.bounds import Meter
+    except ImportError:
+        from atlas_gateway.metering.bounds import Meter
+
+        return Meter.from_settings(settings).bound("chat", body)
+    return Meter.from_settings(settings).bound(route("chat"), body)
+
+
 def run(gateway_url: str, redis_url: str) -> dict:
     from atlas_core import contract
-    from atlas_gateway.settings import Settings
-    from atlas_gateway.tokens import Meter
 
     body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "Count to ten."}],
             "max_tokens": 100}
-    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", body)  # the gateway's defaults
+    bound = chat_bound(body)
     budget = FITS * bound.reserve
     subject = contract.key_subject(NAMESPACE, "exact")
     day_key, month_key = contract.usage_keys(subject, datetime.now(timezone.utc))

@@ -210,7 +210,8 @@ def run_latency(samples: int) -> None:
     import statistics
     import tempfile
 
-    from atlas_devstack.stack import DevStack, wait_for
+    from atlas_devstack.stack import DevStack
+    from atlas_devstack.waiting import wait_for
 
     with tempfile.TemporaryDirectory() as tmp, DevStack(tmp, upstream_url="", log=lambda m: None) as stack:
         kubectl = stack.control_plane.kubectl
@@ -227,12 +228,12 @@ def run_latency(samples: int) -> None:
                 res = kubectl("get", "secret", f"{name}-api-key", "-o", "jsonpath={.data.api-key}", check=False)
                 return res.returncode == 0 and res.stdout and base64.b64decode(res.stdout).decode()
 
-            value = wait_for("secret", key, 30, interval=0.02)
-            wait_for("accepted", lambda: DevStack.chat(url, value)[0] == 200, 30, interval=0.02)
+            value = wait_for("secret", key, 30, interval=0.02, retry=(Exception,))
+            wait_for("accepted", lambda: DevStack.chat(url, value)[0] == 200, 30, interval=0.02, retry=(Exception,))
             applied.append(time.monotonic() - started)
             started = time.monotonic()
             kubectl("delete", "atlaskey", name, "--wait=false")
-            wait_for("refused", lambda: DevStack.chat(url, value)[0] == 401, 30, interval=0.02)
+            wait_for("refused", lambda: DevStack.chat(url, value)[0] == 401, 30, interval=0.02, retry=(Exception,))
             deleted.append(time.monotonic() - started)
 
         def show(label: str, xs: list[float]) -> None:

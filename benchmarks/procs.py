@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from typing import Sequence
 
 from atlas_devstack.redis_server import free_port
+from atlas_devstack.waiting import wait_for
 
 __all__ = ["Proc", "free_port", "wait_http", "cpu_seconds", "rss_kb", "ProcError"]
 
@@ -24,16 +24,15 @@ class ProcError(RuntimeError):
 
 
 def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise ProcError(f"{url}: process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.05)  # poll interval of the readiness check
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
+    """Until ``url`` answers 2xx; ProcError at once if ``proc`` exits, or at the deadline."""
+    def answers() -> bool:
+        with urllib.request.urlopen(url, timeout=1.0):
+            return True
+
+    def exited() -> str | None:
+        return f"{url}: process exited with {proc.returncode}" if proc is not None and proc.poll() is not None else None
+
+    wait_for(f"{url} to answer", answers, timeout, interval=0.05, failed=exited, retry=(OSError,), error=ProcError)
 
 
 class Proc:
@@ -72,7 +71,7 @@ class Proc:
             out.close()
         try:
             wait_http(self.url + self.health, timeout=self.start_timeout, proc=self.proc)
-        except (ProcError, TimeoutError) as exc:
+        except ProcError as exc:
             self.__exit__(None, None, None)
             raise ProcError(f"{self.name} did not start: {exc}\n{self.log_tail()}") from None
         return self

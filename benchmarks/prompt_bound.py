@@ -35,8 +35,8 @@ def corpora() -> dict[str, str]:
     return {
         "English prose": read(["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0"]),
         "code (Python)": read(sorted(glob.glob(os.path.join(stdlib, "asyncio", "*.py")))[:12]
-                              + sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "*.py")))),
-        "code (Lua, YAML)": read(sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "*.lua")))
+                              + sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "**" / "*.py"), recursive=True))),
+        "code (Lua, YAML)": read(sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "**" / "*.lua"), recursive=True))
                                  + sorted(glob.glob(str(ROOT / "crds" / "*.yaml")))),
         "CJK (zh, ja, ko)": read([HERE / "corpus" / "cjk.txt"]),
         "short words ('a a a ...')": "a " * 5000,

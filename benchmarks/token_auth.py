@@ -112,8 +112,9 @@ def authentication_cost(rounds: int = 100_000) -> tuple[float, float]:
     import fakeredis
 
     from atlas_core import contract
-    from atlas_gateway.auth import ConfigCache
-    from atlas_gateway.identity_tokens import TokenAuthenticator, looks_like_jwt
+    from atlas_gateway.auth.authenticator import Authenticator
+    from atlas_gateway.auth.config_cache import ConfigCache
+    from atlas_gateway.auth.identity_tokens import TokenAuthenticator
 
     from .keys import never_biting, write_key
 
@@ -122,13 +123,8 @@ def authentication_cost(rounds: int = 100_000) -> tuple[float, float]:
         write_key(fakeredis.FakeRedis(server=server), contract, BENCH_KEY, "bench", never_biting(contract))
         token = write_token_binding("", lambda _: fakeredis.FakeRedis(server=server))
         redis = fakeredis.FakeAsyncRedis(server=server)
-        cache, tokens = ConfigCache(redis, ttl=3600), TokenAuthenticator(redis, recheck=3600)
-
-        async def identify(credential: str):  # as proxy.authenticate does
-            key_hash = contract.hash_api_key(credential)
-            if looks_like_jwt(credential):
-                key_hash = await tokens.key_hash(credential, key_hash)
-            return await cache.lookup(key_hash)
+        auth = Authenticator(ConfigCache(redis, ttl=3600), None, False, TokenAuthenticator(redis, recheck=3600))
+        identify = auth.identify  # what every request does first
 
         assert (await identify(BENCH_KEY)).ref == (await identify(token)).ref
         out: dict[str, list[float]] = {BENCH_KEY: [], token: []}

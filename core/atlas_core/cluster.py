@@ -18,25 +18,23 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 
 from . import sentinel
+from .flags import parse_flag
 
 log = logging.getLogger("atlas")
 
 SLOTS = 16384
 MODES = ("true", "false", "auto")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 def parse_mode(raw: str | None) -> str:
     """``ATLAS_REDIS_CLUSTER`` as one of :data:`MODES` (unset: ``auto``)."""
     value = (raw or "auto").strip().lower()
-    if value in _TRUE:
-        return "true"
-    if value in _FALSE:
-        return "false"
     if value == "auto":
         return value
-    raise ValueError(f"ATLAS_REDIS_CLUSTER must be true, false or auto, not {raw!r}")
+    try:
+        return "true" if parse_flag(value) else "false"
+    except ValueError:
+        raise ValueError(f"ATLAS_REDIS_CLUSTER must be true, false or auto, not {raw!r}") from None
 
 
 def _crc16_table() -> list[int]:

@@ -17,7 +17,7 @@ Both Redis clients of the gateway follow the master through a failover:
   :class:`MasterLocator` for the master on every new connection, and turns a ``READONLY`` reply
   (the master it is connected to was demoted) into a dropped connection and a
   ``ConnectionError``.
-* the gateway's hot-path client (fastredis.py) asks its own :class:`MasterLocator` on every
+* the gateway's hot-path client (its store/fastredis.py) asks its own :class:`MasterLocator` on every
   (re)connect, then checks ``ROLE`` on the new connection before using it: a sentinel's view
   can lag a failover, and a demoted master must never receive an admission. Only this locator
   is fenced during a failover (the gateway's failover.py).
@@ -35,9 +35,10 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
+from .redis_url import TlsOptions, query_value
+
 SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_SENTINEL_PORT = 26379
-_FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
 
 
 class MasterUnavailable(ConnectionError):
@@ -56,6 +57,7 @@ class SentinelUrl:
     sentinel_password: str | None = field(default=None, repr=False)
     tls: bool = False
     query: dict[str, list[str]] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    tls_options: TlsOptions | None = None  # rediss+sentinel://: the query's TLS parameters (redis_url.py)
 
     def redacted(self) -> str:
         """For logs: addresses and master name, never a password."""
@@ -102,20 +104,16 @@ def parse(url: str) -> SentinelUrl:
     if len(path) > 2:
         raise ValueError("a Sentinel URL's path is /<master-name>[/<db>]")
     query = parse_qs(parts.query)
-
-    def one(name: str) -> str | None:
-        values = query.get(name)
-        return values[-1] if values else None
-
-    raw_db = path[1] if len(path) == 2 else (one("db") or "0")
+    raw_db = path[1] if len(path) == 2 else (query_value(query, "db") or "0")
     try:
         db = int(raw_db)
     except ValueError:
         raise ValueError(f"the database in a Sentinel URL must be a number, not {raw_db!r}") from None
+    tls = parts.scheme.lower().startswith("rediss")
     return SentinelUrl(sentinels=sentinels, master=path[0], db=db, username=username, password=password,
-                       sentinel_username=one("sentinel_username") or None,
-                       sentinel_password=one("sentinel_password") or None,
-                       tls=parts.scheme.lower().startswith("rediss"), query=query)
+                       sentinel_username=query_value(query, "sentinel_username") or None,
+                       sentinel_password=query_value(query, "sentinel_password") or None,
+                       tls=tls, query=query, tls_options=TlsOptions.from_query(query) if tls else None)
 
 
 def describe_url(url: str) -> str:
@@ -131,16 +129,7 @@ def describe_url(url: str) -> str:
 
 def _tls_kwargs(config: SentinelUrl) -> dict[str, Any]:
     """redis-py connection options for TLS, from the same query parameters as ``rediss://``."""
-    if not config.tls:
-        return {}
-    q = {name: values[-1] for name, values in config.query.items() if values}
-    kwargs: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": q.get("ssl_cert_reqs", "required")}
-    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_password"):
-        if q.get(name):
-            kwargs[name] = q[name]
-    if q.get("ssl_check_hostname"):
-        kwargs["ssl_check_hostname"] = q["ssl_check_hostname"].lower() not in _FALSE
-    return kwargs
+    return config.tls_options.redis_py_kwargs() if config.tls_options is not None else {}
 
 
 def sentinel_kwargs(config: SentinelUrl, timeout: float | None) -> dict[str, Any]:
@@ -196,7 +185,7 @@ def redis_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
 
 
 class MasterLocator:
-    """The master's address for a client that manages its own connection (fastredis.py)."""
+    """The master's address for a client that manages its own connection (the gateway's store/fastredis.py)."""
 
     def __init__(self, config: SentinelUrl, timeout: float) -> None:
         self.config = config

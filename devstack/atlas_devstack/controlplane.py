@@ -58,6 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from . import processes
 from .processes import pid_alive, pid_cmdline, terminate
 from .tools import REPO_ROOT, ToolNotFound, find_tool
+from .waiting import wait_for
 
 ATLAS_GROUP_VERSION = "atlas.bugvanquisher.io/v1alpha1"
 ATLAS_RESOURCES = ("atlaskeys", "atlasquotas", "atlaspricelists")
@@ -547,18 +548,19 @@ class ControlPlane:
         return proc
 
     def _wait(self, what: str, check: Callable[[], bool], timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.startup_timeout)
-        while True:
-            for name, proc in self._procs.items():
-                if proc.poll() is not None:
-                    raise ControlPlaneError(
-                        f"{name} exited with {proc.returncode} while waiting for {what}; log tail:\n"
-                        + _tail(self.dir / "logs" / f"{name}.log"))
-            if check():
-                return
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(f"timed out waiting for {what}; logs in {self.dir / 'logs'}")
-            time.sleep(POLL_INTERVAL)
+        """Until ``check`` holds; a ControlPlaneError at once when one of our processes exited."""
+        dead: list[str] = []
+
+        def exited() -> str | None:
+            dead.extend(name for name, proc in self._procs.items() if proc.poll() is not None)
+            return f"{dead[0]} exited with {self._procs[dead[0]].returncode}" if dead else None
+
+        def error(message: str) -> ControlPlaneError:
+            where = (f"log tail:\n{_tail(self.dir / 'logs' / f'{dead[0]}.log')}" if dead
+                     else f"logs in {self.dir / 'logs'}")
+            return ControlPlaneError(f"{message}; {where}")
+
+        wait_for(what, check, timeout or self.startup_timeout, interval=POLL_INTERVAL, failed=exited, error=error)
 
     def _start_etcd(self, etcd_bin: Path) -> None:
         client = f"http://127.0.0.1:{self.etcd_port}"

@@ -36,6 +36,7 @@ from .node_network import BRIDGE, NODE_IP, NetworkError, NodeNetwork
 from .node_images import coredns_image, redis_image, write_coredns, write_redis
 from .processes import pid_cmdline
 from .tools import BIN_DIR, REPO_ROOT, find_tool
+from .waiting import wait_for
 
 DEFAULT_STATE_DIR = REPO_ROOT / ".deploy"
 MANIFESTS = REPO_ROOT / "hack" / "deploy"
@@ -57,22 +58,6 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - reported at the deadline
-            last = exc
-        if time.monotonic() > deadline:
-            raise DeployError(f"timed out after {timeout:.0f}s waiting for {what}"
-                              + (f" (last error: {last})" if last else ""))
-        time.sleep(interval)
 
 
 def _bridge_exists() -> bool:
@@ -416,8 +401,8 @@ class DeployStack:
         def no_tasks() -> bool:
             return not node.ctr("tasks", "ls", "-q", check=False).stdout.strip()
         try:
-            wait_for("every pod gone", no_pods, timeout)
-            wait_for("every container stopped", no_tasks, timeout)
+            wait_for("every pod gone", no_pods, timeout, interval=0.2, retry=(Exception,), error=DeployError)
+            wait_for("every container stopped", no_tasks, timeout, interval=0.2, retry=(Exception,), error=DeployError)
         except DeployError as exc:
             self._log(f"[deploy] drain incomplete ({exc}); removing the rest by force")
             return ["drain incomplete"]

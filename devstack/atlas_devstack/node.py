@@ -31,9 +31,11 @@ from typing import Callable
 import yaml
 
 from .controlplane import ControlPlane, _Pki
+from .node_images import pause_image, write_pause
 from .node_network import BRIDGE, NODE_IP, POD_CIDR
-from .processes import pid_alive, pid_cmdline
-from .tools import cni_bin_dir, find_tool, pinned_versions
+from .processes import pid_alive, pid_cmdline, terminate
+from .tools import cni_bin_dir, find_tool
+from .waiting import WaitTimeout, wait_for
 
 NODE_NAME = "atlas-node"
 CLUSTER_DNS_IP = "10.0.0.10"
@@ -47,31 +49,11 @@ class NodeError(RuntimeError):
     pass
 
 
-def pause_image() -> str:
-    return f"registry.k8s.io/pause:{pinned_versions()['PAUSE_VERSION']}"
-
-
 def _run(*argv: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kw)
     if check and res.returncode != 0:
         raise NodeError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
     return res
-
-
-def _wait(what: str, check: Callable[[], object], timeout: float,
-          alive: Callable[[], str | None] = lambda: None) -> object:
-    """Poll `check` until truthy; `alive` returns an error text when a daemon died meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        died = alive()
-        if died:
-            raise NodeError(f"{died} while waiting for {what}")
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise NodeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL)
 
 
 def _free_port(host: str) -> int:
@@ -171,7 +153,6 @@ class Node:
     # ---- containerd
 
     def _pause_archive(self) -> Path:
-        from .node_images import write_pause
         return write_pause(self.dir / "images" / "pause.tar")
 
     def _containerd_config(self) -> str:
@@ -255,8 +236,9 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         # docker.io installs, does not work with containerd 2).
         env = {**os.environ, "PATH": f"{shim.parent}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
         self._spawn("containerd", [str(containerd), "--config", str(config)], env=env)
-        _wait("containerd socket", lambda: self.socket.exists() and self.ctr(
-            "version", check=False, timeout=10).returncode == 0, self.startup_timeout, self._died)
+        wait_for("containerd socket", lambda: self.socket.exists() and self.ctr(
+            "version", check=False, timeout=10).returncode == 0, self.startup_timeout, interval=POLL,
+                 failed=self._died, error=NodeError)
 
     # ---- kubelet
 
@@ -337,7 +319,8 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
                 return False
             conds = {c["type"]: c["status"] for c in json.loads(res.stdout)["status"].get("conditions", [])}
             return conds.get("Ready") == "True"
-        _wait(f"node {NODE_NAME} Ready", ready, self.startup_timeout, self._died)
+        wait_for(f"node {NODE_NAME} Ready", ready, self.startup_timeout, interval=POLL, failed=self._died,
+                 error=NodeError)
 
     # ---- processes
 
@@ -386,20 +369,7 @@ def _stop_daemon(state: Path, name: str, timeout: float) -> bool:
     if pid is None:  # not running (or the pid was reused): only the stale pidfile goes
         (state / f"{name}.pid").unlink(missing_ok=True)
         return False
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and pid_alive(pid):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(POLL)
-        if not pid_alive(pid):
-            break
+    terminate(pid, timeout)  # SIGTERM, then SIGKILL after the timeout
     (state / f"{name}.pid").unlink(missing_ok=True)
     return True
 
@@ -415,11 +385,11 @@ def _remove_all_containers(state: Path, socket_path: Path) -> list[str]:
     for task in tasks:
         _run(*ctr, "tasks", "kill", "-s", "SIGKILL", task, check=False)
     for task in tasks:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if _run(*ctr, "tasks", "delete", task, check=False).returncode == 0:
-                break
-            time.sleep(POLL)
+        try:
+            wait_for(f"task {task} deleted", lambda: _run(*ctr, "tasks", "delete", task, check=False).returncode == 0,
+                     15, interval=POLL)
+        except WaitTimeout:
+            pass  # its container is deleted below all the same
     if tasks:
         done.append(f"killed {len(tasks)} container task(s)")
     containers = _run(*ctr, "containers", "ls", "-q", check=False).stdout.split()

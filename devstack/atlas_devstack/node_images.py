@@ -18,9 +18,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .node import pause_image
 from .oci import ImageFile, write_image_archive
 from .tools import find_tool, pinned_versions
+
+
+def pause_image() -> str:
+    """The sandbox image's name, as containerd's config pins it (node.py)."""
+    return f"registry.k8s.io/pause:{pinned_versions()['PAUSE_VERSION']}"
 
 
 def coredns_image() -> str:

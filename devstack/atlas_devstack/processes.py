@@ -42,10 +42,11 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
+
+from .waiting import WaitTimeout, wait_for
 
 POLL_INTERVAL = 0.05  # seconds between checks while waiting for a process to go
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -229,18 +230,19 @@ def pid_cmdline(pid: int) -> str:
 
 # --------------------------------------------------------------------------- stopping
 
+def _gone(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (else a zombie lingers)
+    except ChildProcessError:
+        pass
+    return not pid_alive(pid)
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (else a zombie lingers)
-        except ChildProcessError:
-            pass
-        if not pid_alive(pid):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_INTERVAL)
+    try:
+        return wait_for(f"process {pid} to exit", lambda: _gone(pid), timeout, interval=POLL_INTERVAL)
+    except WaitTimeout:
+        return False
 
 
 def terminate(pid: int, timeout: float = 10.0, *, group: bool = False) -> bool:
@@ -304,20 +306,19 @@ class ServerProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", self.MODULE, *self.HOST_ARGS, "--port", str(self.port), *self.args],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"{self.LABEL} exited with {self._proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=0.5) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"{self.LABEL} did not become ready")
-            time.sleep(0.02)  # polling a port: there is nothing to wait on instead
+        proc = self._proc
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=0.5) as resp:
+                return resp.status == 200
+
+        try:
+            wait_for(f"{self.LABEL} /healthz", healthy, timeout, retry=(OSError,), error=RuntimeError,
+                     failed=lambda: f"{self.LABEL} exited with {proc.returncode}" if proc.poll() is not None else None)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

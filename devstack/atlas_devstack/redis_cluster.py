@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from . import processes
 from .redis_server import RedisServer, free_port
+from .waiting import wait_for
 
 
 def sync_client(url: str):
@@ -124,11 +125,7 @@ class RedisCluster:
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Every live node: cluster_state:ok, all slots served, every node known; replicas synced."""
-        deadline = time.monotonic() + timeout
-        while not self._ok():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the Redis Cluster did not reach cluster_state:ok in time")
-            time.sleep(0.05)
+        wait_for("the Redis Cluster to reach cluster_state:ok", self._ok, timeout, interval=0.05, error=TimeoutError)
 
     def _ok(self) -> bool:
         live = [p for p, s in self.servers.items() if s.pid is not None]
@@ -203,18 +200,13 @@ class RedisCluster:
         started = time.monotonic()
         if force:
             _command(replica.port, "CLUSTER", "FAILOVER", "TAKEOVER")
-        deadline = started + timeout
-        while True:
-            try:
-                role = _command(replica.port, "INFO", "replication")
-                info = _command(replica.port, "CLUSTER", "INFO")
-            except OSError:
-                role = info = ""
-            if "role:master" in role and "cluster_state:ok" in info:
-                return time.monotonic() - started
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replica {replica.port} was not promoted in {timeout:.0f}s")
-            time.sleep(0.02)
+
+        def promoted() -> bool:
+            role = _command(replica.port, "INFO", "replication")
+            return "role:master" in role and "cluster_state:ok" in _command(replica.port, "CLUSTER", "INFO")
+
+        wait_for(f"replica {replica.port} to be promoted", promoted, timeout, retry=(OSError,), error=TimeoutError)
+        return time.monotonic() - started
 
     def cleanup(self) -> None:
         for server in self.servers.values():

@@ -13,10 +13,11 @@ tuned for tests (a master is down after ``down_after_ms``, default 1 s), not for
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
+from typing import Callable
 
 from .redis_server import RedisServer
+from .waiting import wait_for
 
 
 class ReplicaServer(RedisServer):
@@ -142,9 +143,9 @@ class SentinelGroup:
             replica.start()
         for sentinel in self.sentinels:
             sentinel.start()
-        self.wait(lambda: all(self._replica_synced(r.port) for r in self.replicas), "replicas in sync")
+        self.wait("replicas in sync", lambda: all(self._replica_synced(r.port) for r in self.replicas))
         # every sentinel has found the replicas and the other sentinels (else no quorum to fail over)
-        self.wait(self._sentinels_know_everyone, "sentinels to discover each other and the replicas")
+        self.wait("sentinels to discover each other and the replicas", self._sentinels_know_everyone)
         return self
 
     def _replica_synced(self, port: int) -> bool:
@@ -162,12 +163,9 @@ class SentinelGroup:
                 return False
         return True
 
-    def wait(self, condition, what: str, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.start_timeout)
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            time.sleep(0.05)
+    def wait(self, what: str, condition: Callable[[], object], timeout: float | None = None) -> None:
+        """Until ``condition`` holds (the group's start-up timeout unless given)."""
+        wait_for(what, condition, timeout or self.start_timeout, interval=0.05, error=TimeoutError)
 
     def kill_master(self) -> int:
         """SIGKILL the current master (a crash: nothing saved); returns its port."""
@@ -187,7 +185,7 @@ class SentinelGroup:
             found.append(port)
             return True
 
-        self.wait(promoted, "a replica to be promoted", timeout)
+        self.wait("a replica to be promoted", promoted, timeout)
         return found[-1]
 
     def stop(self) -> None:

@@ -19,10 +19,10 @@ import socket
 import sys
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from . import processes
+from .waiting import wait_for
 
 
 def free_port() -> int:
@@ -136,14 +136,20 @@ class RedisServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while not self.ping():
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}; see {self.logfile}")
-            if time.monotonic() > deadline:
+        proc = self._proc
+
+        def exited() -> str | None:
+            if proc is not None and proc.poll() is not None:
+                return f"redis-server exited with {proc.returncode} (see {self.logfile})"
+            return None
+
+        try:
+            wait_for(f"redis-server on port {self.port}", self.ping, self.start_timeout, failed=exited,
+                     error=RuntimeError)
+        except RuntimeError:
+            if exited() is None:
                 self.stop()
-                raise TimeoutError(f"redis-server on port {self.port} not ready in time")
-            time.sleep(0.02)
+            raise
 
     def ping(self) -> bool:
         """One PING over a plain socket: redis-py would retry with back-off for seconds."""

@@ -37,6 +37,7 @@ from .oidc_issuer import OidcIssuer
 from .processes import pid_alive, pid_cmdline, stop_group
 from .redis_server import RedisServer, free_port
 from .tools import BIN_DIR, REPO_ROOT, find_tool
+from .waiting import wait_for
 
 DEFAULT_STATE_DIR = REPO_ROOT / ".dev"
 QUICKSTART = REPO_ROOT / "examples" / "01-quickstart"
@@ -49,28 +50,6 @@ SERVICES = ("gateway", "operator", "mock-upstream", "oidc-issuer")  # stop order
 
 class StackError(RuntimeError):
     pass
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.1,
-             failed: Callable[[], str | None] | None = None) -> object:
-    """Poll ``check`` until it returns something truthy or ``timeout`` passes; ``failed``, when
-    given, names a reason to give up at once (a process that exited) or returns None."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        reason = failed() if failed else None
-        if reason:
-            raise StackError(f"while waiting for {what}: {reason}")
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - reported at the deadline
-            last_error = exc
-        if time.monotonic() > deadline:
-            raise StackError(f"timed out after {timeout:.0f}s waiting for {what}"
-                             + (f" (last error: {last_error})" if last_error else ""))
-        time.sleep(interval)
 
 
 def http(method: str, url: str, body: dict | None = None, headers: dict | None = None,
@@ -141,8 +120,7 @@ class DevStack:
                 self._spawn("mock-upstream", [sys.executable, "-m", "atlas_devstack.mock_upstream",
                                               "--host", "127.0.0.1", "--port", str(port)], base_env)
                 upstream = f"http://127.0.0.1:{port}"
-                wait_for("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30,
-                         failed=self._exited_service)
+                self._wait("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30)
 
             issuer = self._start_oidc_issuer(base_env)
             operator_metrics_port = free_port()
@@ -156,15 +134,13 @@ class DevStack:
             self._spawn("gateway", [sys.executable, "-m", "atlas_gateway"], {
                 **base_env, "ATLAS_REDIS_URL": redis_url, "ATLAS_UPSTREAM_URL": upstream,
                 "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(gateway_port)})
-            wait_for("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60,
-                     failed=self._exited_service)
+            self._wait("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60)
 
             cp.kubectl("apply", "-n", DEMO_NAMESPACE, "-k", str(QUICKSTART))
-            demo_key = wait_for("the operator to generate the demo key's Secret",
-                                lambda: self._read_demo_key(cp), self.timeout, failed=self._exited_service)
-            wait_for("the demo key to work through the gateway",
-                     lambda: self.chat(gateway_url, demo_key)[0] == 200, self.timeout,
-                     failed=self._exited_service)
+            demo_key = self._wait("the operator to generate the demo key's Secret",
+                                  lambda: self._read_demo_key(cp), self.timeout)
+            self._wait("the demo key to work through the gateway",
+                       lambda: self.chat(gateway_url, demo_key)[0] == 200, self.timeout)
 
             self.env = {
                 "KUBECONFIG": str(cp.kubeconfig),
@@ -245,6 +221,12 @@ class DevStack:
             self._pidfile(service).write_text(f"{proc.pid}\n")
         self._log(f"[dev] {service} pid {proc.pid}, log {self.logs / (service + '.log')}")
         return proc.pid
+
+    def _wait(self, what: str, check: Callable[[], object], timeout: float) -> object:
+        """Until ``check`` holds (its errors mean "not yet"); a StackError at once when a service
+        or a control-plane process we started exited, or at the deadline."""
+        return wait_for(what, check, timeout, interval=0.1, failed=self._exited_service, retry=(Exception,),
+                        error=StackError)
 
     def _exited_service(self) -> str | None:
         """Why waiting is pointless: a service (or a control-plane process) we started exited."""

@@ -4,6 +4,7 @@ that many such processes on one port (SO_REUSEPORT), whose metrics add up (worke
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -45,7 +46,7 @@ def _supervise(workers: int) -> int:
     """ATLAS_WORKERS > 1: run that many single-process gateways, each with its own listening
     socket on the port (SO_REUSEPORT: the kernel spreads new connections over them; with one
     shared socket, as uvicorn's own workers have, a burst of connections went to whichever worker
-    woke first, measured at 99 % on one of two). A worker that dies is started again; SIGTERM or
+    woke first: docs/benchmarks.md, "Workers"). A worker that dies is started again; SIGTERM or
     SIGINT is passed on to every worker, and the supervisor exits when they all have."""
     log = logging.getLogger("atlas_gateway")
     metrics_dir = tempfile.mkdtemp(prefix="atlas-metrics-")  # the chart's /tmp: an emptyDir
@@ -103,14 +104,14 @@ def main() -> None:
 
     _allow_connections(settings.max_connections)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # prometheus_client's multiprocess mode (memory-mapped values) costs ~80 us per request:
-    # several workers snapshot in-memory metrics instead (worker_metrics.py)
+    # prometheus_client's multiprocess mode (memory-mapped values) costs a fifth of a request's
+    # CPU (docs/benchmarks.md): several workers snapshot in-memory metrics instead (worker_metrics.py)
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     worker = bool(os.environ.get(WORKER_ENV))
     if settings.workers > 1 and not worker:
         raise SystemExit(_supervise(settings.workers))
-    if not worker:
-        os.environ.pop("ATLAS_METRICS_DIR", None)  # the supervisor's, for its workers only
+    if not worker:  # a metrics directory is the supervisor's, for its workers only
+        settings = dataclasses.replace(settings, metrics_dir=None)
 
     import uvicorn
 

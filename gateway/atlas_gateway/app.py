@@ -1,24 +1,19 @@
-"""The ASGI application.
+"""The ASGI application: every HTTP request dispatched by the route table (routes.py) to its
+endpoint, the lifespan that starts and stops the process's runtime, and nothing else.
 
-``create_app()`` returns a FastAPI app with every endpoint registered (so the OpenAPI-free
-FastAPI tooling, lifespan and any later non-hot endpoints work as usual), wrapped in a tiny
-dispatcher that sends the fixed hot paths straight to their raw ASGI endpoints: FastAPI's
-middleware stack and routing would otherwise cost about as much as the proxying itself.
+No framework: the endpoints are raw ASGI callables and the lifespan is the ASGI protocol's few
+messages; what a framework would cost here is measured in docs/benchmarks.md and the choice
+explained in docs/gateway.md ("Why no framework").
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+import traceback
 
-from fastapi import FastAPI
-from starlette.routing import Route
-
-from . import errors
-from .endpoints import HealthEndpoint, MetricsEndpoint, ModelsEndpoint, ReadyEndpoint, UsageEndpoint
-from .owned_responses import PREFIX as STORED_RESPONSES, StoredResponseEndpoint
-from .proxy import PATHS, InferenceEndpoint
-from .responses import send_error
+from .http import errors
+from .http.asgi import request_id_header, send_error
+from .routes import ROUTES
 from .runtime import Runtime
 from .server import configure as configure_connections
 from .settings import Settings
@@ -32,15 +27,9 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
-        self.routes = {
-            **{path: InferenceEndpoint(self, kind) for kind, path in PATHS.items()},
-            "/v1/models": ModelsEndpoint(self),
-            "/v1/usage": UsageEndpoint(self),
-            "/healthz": HealthEndpoint(self),
-            "/readyz": ReadyEndpoint(self),
-            "/metrics": MetricsEndpoint(self),
-        }
-        self.stored_responses = StoredResponseEndpoint(self)
+        # the route table's endpoints, one per route: exact paths, then path prefixes
+        self.routes = {route.path: route.handler(self, route) for route in ROUTES if not route.prefix}
+        self.prefixes = tuple((route.path, route.handler(self, route)) for route in ROUTES if route.prefix)
 
     async def start(self) -> None:
         self.runtime = Runtime(self.settings)
@@ -52,50 +41,54 @@ class Gateway:
             self.runtime = None
 
 
-def build_fastapi(gateway: Gateway) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await gateway.start()
-        try:
-            yield
-        finally:
-            await gateway.stop()
-
-    app = FastAPI(title="Atlas gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    for path, endpoint in gateway.routes.items():
-        methods = ["POST"] if isinstance(endpoint, InferenceEndpoint) else ["GET"]
-        app.router.routes.append(Route(path, endpoint, methods=methods))
-    app.state.gateway = gateway
-    return app
-
-
 class AtlasASGI:
-    """Dispatcher: known paths go straight to their endpoint; every other path is an
-    OpenAI-shaped 404 that never reaches the upstream (FastAPI only runs the lifespan)."""
+    """Known paths go straight to their endpoint; every other path is an OpenAI-shaped 404 that
+    never reaches the upstream."""
 
-    def __init__(self, gateway: Gateway, fastapi_app: FastAPI) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.fastapi = fastapi_app
         self.routes = gateway.routes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
+        kind = scope["type"]
+        if kind == "http":
             endpoint = self.routes.get(scope["path"])
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
-            if scope["path"].startswith(STORED_RESPONSES):
-                await self.gateway.stored_responses(scope, receive, send)
-                return
+            for prefix, endpoint in self.gateway.prefixes:
+                if scope["path"].startswith(prefix):
+                    await endpoint(scope, receive, send)
+                    return
             runtime = self.gateway.runtime
-            request_id = runtime.new_request_id().encode() if runtime else b"-"
-            await send_error(send, errors.not_found(scope["path"]), [(b"x-request-id", request_id)])
-            return
-        await self.fastapi(scope, receive, send)
+            request_id = runtime.new_request_id() if runtime is not None else "-"
+            await send_error(send, errors.not_found(scope["path"]), [request_id_header(request_id)])
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+        elif kind == "websocket":  # no route takes a WebSocket: refused at the handshake (403)
+            await send({"type": "websocket.close"})
+
+    async def lifespan(self, receive, send) -> None:
+        """The ASGI lifespan protocol: start the runtime on ``lifespan.startup``, stop it on
+        ``lifespan.shutdown``; a failure is reported to the server (which then exits)."""
+        started = False
+        await receive()  # lifespan.startup
+        try:
+            await self.gateway.start()
+            try:
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+            finally:
+                await self.gateway.stop()
+        except BaseException:
+            failed = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
+            await send({"type": failed, "message": traceback.format_exc()})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 def create_app(settings: Settings | None = None) -> AtlasASGI:
     settings = settings or Settings.from_env()
     configure_connections(settings)
-    gateway = Gateway(settings)
-    return AtlasASGI(gateway, build_fastapi(gateway))
+    return AtlasASGI(Gateway(settings))

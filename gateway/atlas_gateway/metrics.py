@@ -1,11 +1,9 @@
 """Prometheus metrics. Keys appear only as their AtlasKey ``namespace/name``, never as key
-material. With ``ATLAS_WORKERS > 1`` the entry point sets ``ATLAS_METRICS_DIR`` for the workers:
-each keeps its metrics in memory and snapshots them there, and :func:`render` sums every
-worker's (worker_metrics.py)."""
+material. One of several workers (``ATLAS_WORKERS > 1``) keeps its metrics in memory like a
+single process and snapshots them for the others; /metrics then sums every worker's
+(worker_metrics.py)."""
 
 from __future__ import annotations
-
-import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,8 +12,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-
-WORKERS_DIR = os.environ.get("ATLAS_METRICS_DIR") or None  # set: one of several workers
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -145,9 +141,9 @@ def count_redis_reply_error(op: str, kind: str) -> None:
     _child(REDIS_REPLY_ERRORS, op, kind).inc()
 
 
-def render() -> tuple[bytes, str]:
-    if WORKERS_DIR:
-        from . import worker_metrics
+CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 
-        return worker_metrics.render(WORKERS_DIR), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+
+def render() -> bytes:
+    """This process's metrics, in Prometheus's text format (:data:`CONTENT_TYPE`)."""
+    return generate_latest()

@@ -18,18 +18,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from atlas_core import cluster
 
 from . import metrics, worker_metrics
-from .admission import Admission
-from .auth import ConfigCache
-from .identity_tokens import TokenAuthenticator
-from .failover import MasterWatch
-from .fastredis import FastRedis
-from .load_view import LoadView
-from .priority import Shedder
-from .recovery import Recovery
-from .redis_cluster import ClusterFastRedis
+from .auth.authenticator import Authenticator
+from .auth.identity_tokens import TokenAuthenticator
+from .auth.config_cache import ConfigCache
+from .auth.response_owners import ResponseOwners
+from .ledger.admission import Admission
+from .ledger.recovery import Recovery
+from .metering.bounds import Meter
 from .settings import Settings
-from .tokens import Meter
-from .upstreams import Upstreams
+from .shedding.load_view import LoadView
+from .shedding.shedder import Shedder
+from .store.cluster import ClusterFastRedis
+from .store.failover import MasterWatch
+from .store.fastredis import FastRedis
+from .upstream.targets import Upstreams
 
 log = logging.getLogger("atlas_gateway")
 
@@ -64,13 +66,13 @@ class RedisHealth:
 def settle_heap(threshold: int) -> None:
     """Keep the collector off the tail (docs/benchmarks.md, issue 13, "The tail at c=16").
 
-    After start-up the heap holds ~75,000 container objects (FastAPI, pydantic, aiohttp,
-    prometheus_client...) that live as long as the process; every full collection walked them,
-    pausing the event loop for 38-75 ms, a few times a minute under load. Frozen (gc.freeze),
-    they are never walked again: a full collection then takes under a millisecond. The first
-    threshold stays Python's 700 by default: 50,000 (young collections ~never) cost ~10 % more
-    CPU per request at concurrency 1 (garbage in cycles lingers, out of the caches) and gained
-    nothing at 16. ``threshold`` 0: leave the collector alone."""
+    After start-up the heap holds tens of thousands of container objects (aiohttp, redis-py,
+    prometheus_client, uvicorn...) that live as long as the process; every full collection
+    walked them all, pausing the event loop for tens of milliseconds a few times a minute under
+    load. Frozen (gc.freeze), they are never walked again. The first threshold stays Python's
+    700 by default: a much higher one (young collections ~never) cost CPU per request at
+    concurrency 1 (garbage in cycles lingers, out of the caches) and gained nothing at 16.
+    ``threshold`` 0: leave the collector alone."""
     if threshold <= 0:
         return
     gc.collect()
@@ -128,7 +130,9 @@ class Runtime:
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
         # a token's binding is re-read as often as a key's config: a revoked one ends as fast
-        self.tokens = TokenAuthenticator(self.redis, leeway=settings.token_leeway, recheck=settings.config_ttl)
+        tokens = TokenAuthenticator(self.redis, leeway=settings.token_leeway, recheck=settings.config_ttl)
+        self.auth = Authenticator(self.cache, self.redis_health, settings.fail_open, tokens)
+        self.response_owners = ResponseOwners(self.redis)
         if self.redis_cluster:
             self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
                                                settings.redis_cluster_wait_ms)
@@ -167,10 +171,10 @@ class Runtime:
             auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see _UpstreamCall.run)
+        self.loop = asyncio.get_running_loop()  # the hot path's, kept (see upstream/call.py)
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
-        if metrics.WORKERS_DIR:
-            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(metrics.WORKERS_DIR))
+        if s.metrics_dir:
+            self._snapshots = asyncio.ensure_future(worker_metrics.keep_writing(s.metrics_dir))
         settle_heap(s.gc_threshold)  # last: everything start-up made is in the heap by now
 
     async def stop(self) -> None:

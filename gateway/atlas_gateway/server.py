@@ -30,10 +30,11 @@ one syscall, without touching what is sent or when the iteration ends.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .http.errors import error_body
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ class ConnectionLimits:
 
 
 def _error_response(status: int, message: str, code: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}, separators=(",", ":")).encode()
+    """A whole HTTP response (the connection is closed after it), with the one error body."""
+    body = error_body(message, "invalid_request_error", code)
     return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
                      b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body])
 

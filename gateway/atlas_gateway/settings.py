@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from atlas_core import cluster, sentinel
+from atlas_core.flags import parse_flag
 
 
 class SettingsError(ValueError):
@@ -28,13 +29,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_float(env, name, default))
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    return raw.strip().lower() in ("1", "true", "yes", "on")
-
-
 def _cluster_mode(raw: str | None) -> str:
     try:
         return cluster.parse_mode(raw)
@@ -47,10 +41,12 @@ DEFAULT_PRIORITY_VALUES = {"Critical": 0, "Standard": 1, "Sheddable": 2}
 
 def _priority_values(raw: str | None) -> dict[str, int] | None:
     """ATLAS_FORWARD_PRIORITY: unset/false = off; true = default map; or a JSON object."""
-    if raw is None or raw.strip().lower() in ("", "0", "false", "no", "off"):
-        return None
-    if raw.strip().lower() in ("1", "true", "yes", "on"):
-        return dict(DEFAULT_PRIORITY_VALUES)
+    try:
+        on = parse_flag(raw, False)
+    except ValueError:
+        pass  # not a yes/no: a JSON object
+    else:
+        return dict(DEFAULT_PRIORITY_VALUES) if on else None
     try:
         doc = json.loads(raw)
         values = {str(k): int(v) for k, v in doc.items()}
@@ -65,7 +61,7 @@ class Settings:
     upstream_models: tuple[tuple[str, str], ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: str = "auto"  # ATLAS_REDIS_CLUSTER: true | false | auto (atlas_core.cluster)
-    redis_cluster_wait_ms: int = 100  # ATLAS_REDIS_CLUSTER_WAIT_MS: WAIT for a replica (redis_cluster.py)
+    redis_cluster_wait_ms: int = 100  # ATLAS_REDIS_CLUSTER_WAIT_MS: WAIT for a replica (store/cluster.py)
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -74,11 +70,11 @@ class Settings:
     # Sentinel only: how often the gateway asks the sentinels whether the master moved (failover.py)
     sentinel_check_interval: float = 0.5
     config_ttl: float = 1.0
-    # workload identity tokens (identity_tokens.py): the leeway on exp/nbf/iat, in seconds
+    # workload identity tokens (auth/identity_tokens.py): the leeway on exp/nbf/iat, in seconds
     token_leeway: float = 10.0
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_tokens: int = 4096
-    # the prompt bound's allowances (tokens; tokens.py, docs/metering.md)
+    # the prompt bound's allowances (tokens; metering/bounds.py, docs/metering.md)
     template_tokens_per_request: int = 64
     template_tokens_per_message: int = 8
     template_tokens_per_prompt: int = 4
@@ -96,7 +92,7 @@ class Settings:
     shed_threshold: int | None = None
     shed_threshold_standard: int | None = None
     shed_threshold_critical: int | None = None
-    # cluster: explicit thresholds count every gateway process on this Redis (priority.py)
+    # cluster: explicit thresholds count every gateway process on this Redis (shedding/shedder.py)
     shed_scope: str = "cluster"
     shed_publish_interval: float = 0.2
     forward_priority: dict[str, int] | None = field(default=None, hash=False)
@@ -107,6 +103,9 @@ class Settings:
     keepalive_timeout: float = 5.0
     max_header_bytes: int = 32 * 1024
     max_connections: int = 4096
+    # one of several workers (ATLAS_WORKERS > 1): where they snapshot their metrics (worker_metrics.py);
+    # set by the supervisor in its workers' environment (ATLAS_METRICS_DIR), None otherwise
+    metrics_dir: str | None = None
     # the collector's first threshold once start-up objects are frozen (runtime.py: 700 is
     # Python's own); 0: no freezing either
     gc_threshold: int = 700
@@ -128,7 +127,7 @@ class Settings:
         return self.shed_threshold, self.shed_threshold_standard, self.shed_threshold_critical
 
     def shed_limits(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(local, shared) limits for Sheddable, Standard, Critical (priority.py). With
+        """(local, shared) limits for Sheddable, Standard, Critical (shedding/shedder.py). With
         ``ATLAS_SHED_SCOPE=process`` every threshold is local. With ``cluster``, a threshold set
         explicitly is shared (a total over all gateway processes), and locally such a class is
         still shed at this process's pool size; an unset one keeps its per-process default."""
@@ -237,4 +236,5 @@ class Settings:
             max_header_bytes=_int(env, "ATLAS_MAX_HEADER_BYTES", 32 * 1024),
             max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 4096),
             gc_threshold=max(0, _int(env, "ATLAS_GC_THRESHOLD", 700)),
+            metrics_dir=env.get("ATLAS_METRICS_DIR") or None,
         )

@@ -1,8 +1,8 @@
 """Metrics of a pod's several worker processes (ATLAS_WORKERS > 1), summed at scrape time.
 
 prometheus_client's own multiprocess mode keeps every value in a memory-mapped file, updated
-under a lock on every ``inc``: measured, that cost ~80 us of CPU per request (20 % of a
-request). Here each worker keeps its metrics in memory exactly as a single process does and
+under a lock on every ``inc``: a fifth of a request's CPU (docs/benchmarks.md, "Figures behind
+the code"). Here each worker keeps its metrics in memory exactly as a single process does and
 writes a snapshot of them to ``<dir>/<pid>.json`` once a second (and when it stops); a scrape,
 answered by whichever worker accepts it, adds up every worker's snapshot (its own values taken
 live). So a scrape may be up to a second behind a worker's requests; nothing else changes.

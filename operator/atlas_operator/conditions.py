@@ -30,7 +30,6 @@ QUOTA_NOT_FOUND = "QuotaNotFound"
 PRICE_LIST_NOT_FOUND = "PriceListNotFound"  # spec.priceListRef names no AtlasPriceList
 SUSPENDED = "Suspended"
 EXPIRED = "Expired"
-KEY_CONFLICT = "SecretInvalid"  # the same key material is already used by another AtlasKey
 ACTIVE = "Active"
 # Refusals that are what was declared: the key is in effect (Ready=True) and refuses traffic.
 DECLARED_REFUSALS = frozenset({SUSPENDED, EXPIRED})

@@ -167,7 +167,7 @@ async def reconcile_key(
         ref = f"{namespace}/{name}"
         if owner not in (None, ref) and await store.served_hash(redis, owner) == key_hash:
             outcome = KeyOutcome(
-                False, cond.KEY_CONFLICT,
+                False, cond.SECRET_INVALID,  # the Secret holds another AtlasKey's key: not usable here
                 f"Secret {secret_name!r} holds a key already used by AtlasKey {owner!r}",
             )
             outcome.redis_written = await store.delete_key_config(redis, namespace, name)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from atlas_core import cluster
+from atlas_core.flags import parse_flag
 
 from atlas_core.resources import (API_VERSION, GROUP, KEYS, KIND_OF, MANAGED_BY, MANAGED_BY_LABEL,  # noqa: F401
                                   OWNER_LABEL, PRICE_LISTS, QUOTAS, SECRET_DATA_KEY, VERSION)
@@ -57,9 +58,9 @@ class OperatorSettings:
             liveness_port=int(env.get("ATLAS_LIVENESS_PORT", cls.liveness_port)),
             metrics_host=env.get("ATLAS_METRICS_HOST", cls.metrics_host),
             metrics_port=int(env.get("ATLAS_METRICS_PORT", cls.metrics_port)),
-            forecast=_flag(env.get("ATLAS_FORECAST"), True),
+            forecast=parse_flag(env.get("ATLAS_FORECAST"), True),
             api_workers=int(env.get("ATLAS_API_WORKERS", cls.api_workers)),
-            service_account_tokens=_flag(env.get("ATLAS_SERVICE_ACCOUNT_TOKENS"), True),
+            service_account_tokens=parse_flag(env.get("ATLAS_SERVICE_ACCOUNT_TOKENS"), True),
             token_audience=audience,
             jwt_issuers=parse_oidc_issuers(env.get("ATLAS_JWT_ISSUERS"), audience),
             jwks_refresh=float(env.get("ATLAS_JWKS_REFRESH_SECONDS", cls.jwks_refresh)),
@@ -73,9 +74,3 @@ class OperatorSettings:
         if self.liveness_port <= 0:
             return None
         return f"http://{self.liveness_host}:{self.liveness_port}/healthz"
-
-
-def _flag(value: str | None, default: bool) -> bool:
-    if value is None or not value.strip():
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off")

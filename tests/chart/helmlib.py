@@ -15,15 +15,12 @@ import pytest
 import yaml
 
 from atlas_devstack.tools import REPO_ROOT, ToolNotFound, find_tool
+from tests.fixtures.ci import in_ci
 
 CHART = REPO_ROOT / "charts" / "atlas"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 RELEASE = "atlas"
 RELEASE_NAMESPACE = "atlas-system"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def require_tool(name: str) -> Path:
@@ -32,7 +29,7 @@ def require_tool(name: str) -> Path:
         return find_tool(name)
     except ToolNotFound as exc:
         msg = f"{exc} (run `make tools`)"
-        if _in_ci():
+        if in_ci():
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
 

@@ -178,6 +178,7 @@ def test_each_image_extra_exists_and_the_base_dependencies_stay_small():
     for heavy in ("fastapi", "uvicorn", "kopf", "kubernetes", "aiohttp", "pyyaml", "openai", "httpx"):
         assert heavy not in base, f"{heavy} in the base dependencies: every image would install it"
     assert "kopf" not in " ".join(optional["gateway"]) and "fastapi" not in " ".join(optional["operator"])
+    assert "fastapi" not in " ".join(optional["gateway"])  # the gateway runs no framework (docs/gateway.md)
     # `make venv` (.[dev]) still installs everything.
     assert any(r.replace(" ", "").startswith("atlas[") and all(e in r for e in ("gateway", "operator", "mock-upstream"))
                for r in optional["dev"])
@@ -238,7 +239,8 @@ def test_install_step_builds_a_wheel_of_only_what_the_target_copies(target, tmp_
     assert f"{module.replace('.', '/')}{'/__main__.py' if '.' not in module else '.py'}" in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
     if target == "gateway":
-        assert {"atlas_gateway/admit.lua", "atlas_gateway/settle.lua"} <= names, "Lua scripts missing"
+        assert {"atlas_gateway/ledger/admit.lua", "atlas_gateway/ledger/settle.lua",
+                "atlas_gateway/shedding/inflight.lua"} <= names, "Lua scripts missing"
 
 
 def test_the_full_checkout_builds_a_wheel_with_every_package_and_every_entrypoint(tmp_path):

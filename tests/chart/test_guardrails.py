@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from atlas_devstack.processes import stop_group
-from atlas_devstack.stack import wait_for
+from atlas_devstack.waiting import wait_for
 from atlas_devstack.tools import find_tool
 
 from .helmlib import CHART, Helm, ci_values, require_tool
@@ -71,7 +71,7 @@ def refused(kubectl, namespace: str, text: str, probe: str) -> str:
     leaves nothing behind."""
     res = wait_for(f"the policy refusing {probe}", lambda: (r := kubectl(
         "create", "--dry-run=server", "-n", namespace, "-f", "-", input=text, check=False)).returncode != 0 and r,
-        timeout=30)
+        30, interval=0.1, retry=(Exception,))
     assert "ValidatingAdmissionPolicy" in res.stderr, res.stderr
     return res.stderr
 
@@ -119,7 +119,7 @@ def test_warn_mode_admits_with_a_warning(helm, kubectl, control_plane, namespace
         ns = labelled(kubectl, namespace_factory(), "atlas-test/warn", tag)
         res = wait_for("the warning", lambda: "Warning" in (r := kubectl(
             "create", "--dry-run=server", "-n", ns, "-f", "-", input=manifest("AtlasKey", "k"),
-            check=False)).stderr and r, timeout=30)
+            check=False)).stderr and r, 30, interval=0.1, retry=(Exception,))
         assert res.returncode == 0 and "spec.quotaRef: required in this namespace" in res.stderr
     finally:
         control_plane.kubectl("delete", "-f", "-", "--wait=false", input=rendered, check=False)
@@ -152,7 +152,8 @@ def test_view_and_edit_roles_cover_atlas_objects(helm, kubectl, control_plane, n
             rules = json.loads(kubectl("get", "clusterrole", role, "-o", "json").stdout).get("rules") or []
             return any("atlaskeys" in r.get("resources", ()) and verb in r.get("verbs", ()) for r in rules)
         for role, verb in (("view", "list"), ("edit", "list"), ("edit", "create"), ("admin", "delete")):
-            wait_for(f"{role} aggregating {verb} atlaskeys", lambda: aggregated(role, verb), timeout=30)
+            wait_for(f"{role} aggregating {verb} atlaskeys", lambda: aggregated(role, verb), 30, interval=0.1,
+                     retry=(Exception,))
         assert not aggregated("view", "create")
 
         for user, role in (("viewer", "view"), ("editor", "edit")):

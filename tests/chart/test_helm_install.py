@@ -8,12 +8,11 @@ the other tests. No controller-manager runs: Deployments make no pods, so there 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import yaml
 
 from atlas_devstack.controlplane import ControlPlane
+from atlas_devstack.waiting import wait_for
 
 from .helmlib import CHART, Helm, ci_values
 
@@ -31,14 +30,6 @@ def bare_plane(control_plane):  # depends on the session plane only for its skip
         yield cp
     finally:
         cp.stop()
-
-
-def wait_for(what, check, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def exists(cp, *args) -> bool:
@@ -85,7 +76,7 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
     helm.run("uninstall", RELEASE, "--namespace", NS, kubeconfig=kc)
     for kind, name in [("deployment", "atlas-operator"), ("deployment", "atlas-gateway"),
                        ("statefulset", "atlas-redis"), ("hpa", "atlas-gateway")]:
-        wait_for(f"{kind}/{name} deleted", lambda: not exists(cp, kind, name, "-n", NS))
+        wait_for(f"{kind}/{name} deleted", lambda: not exists(cp, kind, name, "-n", NS), 60, interval=0.1)
     assert not exists(cp, "clusterrole", "atlas-operator")
     for crd in CRDS:
         assert exists(cp, "crd", crd), f"{crd} was deleted although crds.keep=true"
@@ -103,7 +94,7 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
         assert "helm.sh/resource-policy" not in (meta.get("annotations") or {})
     helm.run("uninstall", RELEASE, "--namespace", NS, kubeconfig=kc)
     for crd in CRDS:
-        wait_for(f"crd {crd} deleted", lambda: not exists(cp, "crd", crd), timeout=90)
+        wait_for(f"crd {crd} deleted", lambda: not exists(cp, "crd", crd), 90, interval=0.1)
 
 
 def test_namespaced_install_creates_roles_only_where_watched(helm: Helm, bare_plane: ControlPlane):

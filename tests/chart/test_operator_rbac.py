@@ -17,7 +17,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import yaml
 from atlas_core import contract
 from atlas_devstack.controlplane import ControlPlane, free_port
 from atlas_devstack.redis_server import RedisServer
+from atlas_devstack.waiting import wait_for
 
 from .helmlib import CHART, Helm, Manifests, ci_values
 
@@ -81,17 +81,16 @@ def render_rbac(helm: Helm, release: str, namespace: str, sets: list[str]) -> Ma
     return Manifests.parse(res.stdout)
 
 
-def wait_for(what, check, timeout=60.0, proc=None, log=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"operator exited ({proc.returncode}) waiting for {what}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; operator log:\n{_tail(log)}")
-        time.sleep(0.1)
+def watching(proc: subprocess.Popen, log: Path) -> dict:
+    """wait_for's options while the operator runs: its exit fails the wait at once, and its
+    log's end is in every failure."""
+    def exited() -> str | None:
+        return f"operator exited ({proc.returncode})" if proc.poll() is not None else None
+
+    def error(message: str) -> AssertionError:
+        return AssertionError(f"{message}; operator log:\n{_tail(log)}")
+
+    return {"interval": 0.1, "failed": exited, "error": error}
 
 
 def _tail(log: Path | None) -> str:
@@ -195,23 +194,24 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
                "ATLAS_LIVENESS_HOST": "127.0.0.1", "ATLAS_LIVENESS_PORT": str(liveness)}
         proc = subprocess.Popen([sys.executable, "-m", "atlas_operator"], env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        watched = watching(proc, log)
         try:
             gen = wait_for("AtlasKey generated Ready", lambda: (o := get_json(cp, "atlaskey", "generated", "-n", keys_ns)) and ready(o) and o,
-                           proc=proc, log=log)
+                           60, **watched)
             secret = wait_for("generated Secret", lambda: get_json(cp, "secret", "generated-api-key", "-n", keys_ns),
-                              proc=proc, log=log)
+                              60, **watched)
             key = base64.b64decode(secret["data"]["api-key"]).decode()
             assert gen["status"]["keyId"] == hashlib.sha256(key.encode()).hexdigest()[:8]
             assert secret["metadata"]["ownerReferences"][0]["uid"] == gen["metadata"]["uid"]
 
             ext = wait_for("AtlasKey external Ready", lambda: (o := get_json(cp, "atlaskey", "external", "-n", keys_ns)) and ready(o) and o,
-                           proc=proc, log=log)
+                           60, **watched)
             assert ext["status"]["keyId"] == hashlib.sha256(external_key.encode()).hexdigest()[:8]
             ext_secret = get_json(cp, "secret", "external-key", "-n", keys_ns)
             assert not ext_secret["metadata"].get("ownerReferences"), "an external Secret must stay unowned"
 
             wait_for("AtlasQuota Ready with 1 key", lambda: (o := get_json(cp, "atlasquota", "team", "-n", keys_ns))
-                     and ready(o) and (o["status"].get("keys") == 1), proc=proc, log=log)
+                     and ready(o) and (o["status"].get("keys") == 1), 60, **watched)
 
             # Config landed in Redis, keyed by the hash of the key material only.
             client = redis.Redis.from_url(redis_server.url)
@@ -222,11 +222,11 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
             # Workload identity: the API server's issuer keys (non-resource URLs) and the bound
             # ServiceAccount's UID (the serviceaccounts watch) are published.
             issuers = wait_for("the cluster's token issuer published", lambda: client.hgetall(contract.IDENTITY_ISSUERS),
-                               proc=proc, log=log)
+                               60, **watched)
             cluster_issuer = contract.Issuer.decode(issuers[cp.server.encode()])
             assert cluster_issuer.service_accounts and cluster_issuer.audiences == ("atlas",) and cluster_issuer.keys
             wait_for("the bound ServiceAccount's UID published", lambda: client.hget(
-                contract.IDENTITY_SERVICE_ACCOUNTS, f"{keys_ns}/batch-runner") == account_uid.encode(), proc=proc, log=log)
+                contract.IDENTITY_SERVICE_ACCOUNTS, f"{keys_ns}/batch-runner") == account_uid.encode(), 60, **watched)
             assert client.hget(contract.IDENTITY_BINDINGS, f"ServiceAccount:{keys_ns}/batch-runner") == \
                 f"{keys_ns}/workload".encode()
 
@@ -237,10 +237,10 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
                 return next((c.get("message", "") for c in ((obj or {}).get("status") or {}).get("conditions") or []
                              if c["type"] == "Ready" and c["status"] == "True"), None)
             wait_for("unlabelled AtlasKey Ready with a hint", lambda: "lacks the label" in (ready_message("unlabelled") or ""),
-                     proc=proc, log=log)
+                     60, **watched)
             cp.kubectl("label", "secret", "unlabelled-key", "-n", keys_ns, f"{GROUP}/atlaskey=unlabelled")
             wait_for("hint gone once labelled", lambda: (m := ready_message("unlabelled")) is not None
-                     and "lacks the label" not in m, proc=proc, log=log)
+                     and "lacks the label" not in m, 60, **watched)
 
             # Rotation: the operator notices a changed Secret (watch on secrets) and follows it.
             rotated = "sk-atlas-" + secrets.token_hex(16)
@@ -248,12 +248,12 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
                        "-p", json.dumps({"stringData": {"api-key": rotated}}))
             wait_for("rotated keyId", lambda: ((get_json(cp, "atlaskey", "external", "-n", keys_ns) or {})
                                                .get("status", {}).get("keyId")) == hashlib.sha256(rotated.encode()).hexdigest()[:8],
-                     proc=proc, log=log)
+                     60, **watched)
 
             # Deletion: the operator removes its finalizer (patch) and the object goes away.
             cp.kubectl("delete", "atlaskey", "external", "-n", keys_ns, "--wait=false")
             wait_for("AtlasKey external deleted", lambda: get_json(cp, "atlaskey", "external", "-n", keys_ns) is None,
-                     proc=proc, log=log)
+                     60, **watched)
 
             with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=5) as resp:
                 assert resp.status == 200

@@ -332,7 +332,7 @@ def test_every_object_is_labelled_and_namespaced_correctly(rendered):
 def gateway_metric_names() -> set[str]:
     """Metric names the gateway and the operator export (prometheus_client adds _total/_bucket/...)."""
     source = "\n".join(p.read_text() for d in ("gateway/atlas_gateway", "operator/atlas_operator")
-                       for p in (REPO_ROOT / d).glob("*.py"))
+                       for p in (REPO_ROOT / d).rglob("*.py"))
     names = set(re.findall(r"""["'](atlas_[a-z0-9_]+)["']""", source))
     expanded = set()
     for n in names:
@@ -390,7 +390,7 @@ def test_monitoring_objects(helm):
     assert "atlas_budget_exhaustion_seconds" in alerts["AtlasBudgetExhaustionForecast"]["expr"]
     assert "< 3600" in alerts["AtlasBudgetExhaustionForecast"]["expr"]
     # Label values the rules match on are ones the gateway really emits.
-    gateway_source = "\n".join(p.read_text() for p in (REPO_ROOT / "gateway" / "atlas_gateway").glob("*.py"))
+    gateway_source = "\n".join(p.read_text() for p in (REPO_ROOT / "gateway" / "atlas_gateway").rglob("*.py"))
     for reason in re.findall(r'reason=~"([^"]+)"', alerts["AtlasKeyBudgetExhausted"]["expr"])[0].split("|"):
         assert f'"{reason}"' in gateway_source, reason
     job = svc["metadata"]["name"]  # the ServiceMonitor's job label is the Service name

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.leftovers import SIGNALS, REPO_ROOT, EntryPoint, listening_ports, wait_until
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.leftovers import SIGNALS, REPO_ROOT, EntryPoint, listening_ports
 
 pytestmark = pytest.mark.cluster
 MODULE = "atlas_devstack.controlplane"
@@ -84,7 +85,7 @@ def test_signal_during_start_up_stops_what_was_started(entry_points, tmp_path, s
     state = tmp_path / "cp"
     ep = EntryPoint(tmp_path, MODULE, str(state))
     entry_points.append(ep)
-    wait_until("kube-apiserver to be started", lambda: (state / "kube-apiserver.pid").exists(), 90, 0.01)
+    wait_for("kube-apiserver to be started", lambda: (state / "kube-apiserver.pid").exists(), 90, interval=0.01)
     children = ep.descendants()
     assert {"etcd", "kube-apiserver"} <= {Path(cmd.split()[0]).name for cmd in children.values()}, children
     ports = listening_ports(set(children))

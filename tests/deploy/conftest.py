@@ -32,6 +32,7 @@ from atlas_core import contract
 from atlas_devstack.deploy import DeployStack
 from atlas_devstack.node_network import BRIDGE
 from atlas_devstack.tools import REPO_ROOT
+from atlas_devstack.waiting import wait_for
 
 MODEL = "llama-3.1-8b-instruct"
 # What a client without retries may see while a gateway pod goes away: a connection refused by
@@ -45,19 +46,9 @@ TEST_STATE_DIR = REPO_ROOT / ".deploy-test"
 
 
 def wait_until(what: str, check: Callable[[], object], timeout: float = 60, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - reported at the deadline
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f" (last error: {last!r})" if last else ""))
-        time.sleep(interval)
+    """The one wait helper (atlas_devstack.waiting) with this tier's habits: 60 s, and a check
+    that fails (a pod being replaced, a Service not routing yet) means "not yet"."""
+    return wait_for(what, check, timeout, interval=interval, retry=(Exception,))
 
 
 class Cluster:

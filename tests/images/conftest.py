@@ -11,6 +11,7 @@ import pytest
 from atlas_devstack.controlplane import ControlPlane
 from atlas_devstack.tools import REPO_ROOT, missing_tools
 from tests.chart.helmlib import Helm, Manifests, require_tool
+from tests.fixtures.ci import in_ci
 from tests.fixtures.cluster import _reporter_log
 
 from . import containers
@@ -19,12 +20,8 @@ from .containers import PodSpec
 TARGETS = ("gateway", "operator", "mock-upstream")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def _unavailable(msg: str) -> None:
-    if _in_ci():
+    if in_ci():
         pytest.fail(msg, pytrace=False)  # nothing may be skipped in CI
     pytest.skip(msg)
 

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from atlas_devstack.redis_server import free_port
-from atlas_devstack.stack import http, wait_for
+from atlas_devstack.stack import http
 from atlas_devstack.tools import REPO_ROOT
+from atlas_devstack.waiting import wait_for
 
 from .containers import Container, docker
 
@@ -38,18 +39,14 @@ def _ok(url: str) -> bool:
 
 
 def wait_ready(container: Container, url: str, timeout: float = 60) -> None:
-    """Wait until url answers 200; fail at once (with its log) if the container exits."""
-    def ready() -> bool:
-        if not container.running():
-            raise AssertionError(f"{container.image} exited {container.state()['ExitCode']}:\n"
-                                 f"{container.logs()[-4000:]}")
-        return _ok(url)
-    try:
-        wait_for(f"{url} from {container.image}", ready, timeout, interval=0.1)
-    except AssertionError:
-        raise
-    except Exception as exc:  # StackError: add the log to the timeout
-        raise AssertionError(f"{exc}\n{container.logs()[-4000:]}") from None
+    """Wait until url answers 200; fail at once if the container exits, with its log either way."""
+    def exited() -> str | None:
+        return None if container.running() else f"{container.image} exited {container.state()['ExitCode']}"
+
+    def error(message: str) -> AssertionError:
+        return AssertionError(f"{message}\n{container.logs()[-4000:]}")
+
+    wait_for(f"{url} from {container.image}", lambda: _ok(url), timeout, interval=0.1, failed=exited, error=error)
 
 
 def assert_healthy(container: Container) -> None:
@@ -80,10 +77,10 @@ def test_the_chart_runs_both_planes_hardened(pod_specs):
 
 # Each product image holds its own process and nothing else: no devstack, no other plane, no pip.
 HOLDS = {
-    "gateway": ({"atlas_core", "atlas_gateway", "fastapi", "uvicorn", "uvloop", "httptools", "aiohttp",
+    "gateway": ({"atlas_core", "atlas_gateway", "uvicorn", "uvloop", "httptools", "aiohttp",
                  "redis", "hiredis", "prometheus_client"},
                 {"atlas_operator", "atlas_devstack", "kopf", "kubernetes", "benchmarks", "tests", "pip",
-                 "setuptools", "openai", "httpx", "yaml", "watchfiles"}),
+                 "setuptools", "openai", "httpx", "yaml", "watchfiles", "fastapi", "pydantic"}),
     "operator": ({"atlas_core", "atlas_operator", "kopf", "kubernetes", "redis", "prometheus_client"},
                  {"atlas_gateway", "atlas_devstack", "fastapi", "uvicorn", "benchmarks", "tests", "pip",
                   "setuptools", "openai"}),
@@ -237,7 +234,7 @@ def test_operator_reconciles_in_cluster_and_the_gateway_serves_its_key(
         obj = json.loads(cp.kubectl("get", "atlaskey", "search", "-n", "team-a", "-o", "json").stdout)
         ready = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"]
         return obj if ready and ready[0]["status"] == "True" else None
-    key = wait_for("AtlasKey team-a/search Ready", key_ready, 60)
+    key = wait_for("AtlasKey team-a/search Ready", key_ready, 60, interval=0.1, retry=(Exception,))
     assert len(key["status"]["keyId"]) == 8
 
     # The operator generated the Secret (it runs as the chart's ServiceAccount: RBAC allows it).
@@ -255,7 +252,7 @@ def test_operator_reconciles_in_cluster_and_the_gateway_serves_its_key(
     def usage_shown() -> bool:
         obj = json.loads(cp.kubectl("get", "atlaskey", "search", "-n", "team-a", "-o", "json").stdout)
         return obj.get("status", {}).get("usage", {}).get("tokensToday") == spent
-    wait_for("tokensToday in the AtlasKey's status", usage_shown, 30)
+    wait_for("tokensToday in the AtlasKey's status", usage_shown, 30, interval=0.1, retry=(Exception,))
 
     assert _ok(operator_container.liveness_url)
     for container in (operator_container, gateway_container, mock_upstream_container):

@@ -13,7 +13,9 @@ import pytest
 import redis
 
 from atlas_core import contract
-from tests.fixtures.asgi import InProcessGateway, ScriptedUpstream, wait_for_condition
+from atlas_devstack.waiting import wait_for_async
+from atlas_gateway.routes import route
+from tests.fixtures.asgi import InProcessGateway, ScriptedUpstream
 from tests.fixtures.gateway import write_key
 
 KEY = "sk-races"
@@ -56,7 +58,7 @@ def ledger(redis_url: str) -> dict[str, int]:
 
 
 def prompt_bound(gw: InProcessGateway, body: dict) -> int:
-    return gw.runtime.meter.bound("chat", dict(body)).prompt
+    return gw.runtime.meter.bound(route("chat"), dict(body)).prompt
 
 
 async def assert_slot_free(gw: InProcessGateway, upstream: ScriptedUpstream) -> None:
@@ -96,7 +98,7 @@ async def test_client_gone_mid_stream_is_billed_for_what_was_delivered_once(gate
 
     upstream.script = stream
     ex = gateway.request("/v1/chat/completions", STREAM, KEY)
-    await wait_for_condition(lambda: len(ex.data_events()) == 3, message="three events delivered")
+    await wait_for_async("three events delivered", lambda: len(ex.data_events()) == 3, 5.0, interval=0.002)
     ex.disconnect()
     await ex.done()
     rid = ex.headers[b"x-request-id"].decode()
@@ -117,7 +119,7 @@ async def test_client_gone_right_after_admission_is_billed_the_prefill_once(gate
 
     upstream.script = never_answers
     ex = gateway.request("/v1/chat/completions", body, KEY)
-    await wait_for_condition(lambda: upstream.requests, message="the upstream call")
+    await wait_for_async("the upstream call", lambda: upstream.requests, 5.0, interval=0.002)
     ex.disconnect()
     await ex.done()
     assert ex.status is None  # nothing reached the client (it was gone)
@@ -186,13 +188,13 @@ async def test_a_cancelled_handler_still_settles_once(gateway, upstream, redis_u
 
     upstream.script = never_answers
     ex = gateway.request("/v1/chat/completions", STREAM, KEY)
-    await wait_for_condition(lambda: upstream.requests, message="the upstream call")
+    await wait_for_async("the upstream call", lambda: upstream.requests, 5.0, interval=0.002)
     ex.task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await ex.task
     assert sum(gateway.settlements.values()) == 1
     # the settlement was queued before the cancellation finished the task: wait for Redis to run it
-    await wait_for_condition(lambda: ledger(redis_url)["leases"] == 0, message="the lease released")
+    await wait_for_async("the lease released", lambda: ledger(redis_url)["leases"] == 0, 5.0, interval=0.002)
     assert ledger(redis_url) == {"leases": 0, "reserved": 0, "settled": prompt_bound(gateway, STREAM), "requests": 1}
     await assert_slot_free(gateway, upstream)
 

@@ -9,7 +9,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from atlas_core import contract
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
 
@@ -55,9 +56,9 @@ def test_capacity_metrics_per_model(redis_url, mock_upstream, start_gateway):
     slow = threading.Thread(target=chat, args=(gw, "sk-capacity-0001", 2), kwargs={"x-mock-latency-ms": "1500"})
     slow.start()
     try:
-        wait_until(lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 1, 5,
-                   message="in-flight gauge counts the slow request")
+        wait_for("in-flight gauge counts the slow request",
+                 lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 1, 5)
     finally:
         slow.join()
-    wait_until(lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 0, 5,
-               message="in-flight gauge back to 0")
+    wait_for("in-flight gauge back to 0",
+             lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 0, 5)

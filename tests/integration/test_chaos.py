@@ -22,8 +22,9 @@ import redis
 
 from atlas_core import contract
 from atlas_devstack.redis_server import RedisServer
-from atlas_gateway.tokens import Meter
-from tests.fixtures.gateway import until
+from atlas_devstack.waiting import wait_for, wait_for_async
+from atlas_gateway.metering.bounds import Meter
+from atlas_gateway.routes import route
 
 MODEL = "llama-3.1-8b-instruct"
 KEYS = [f"sk-chaos-{i}" for i in range(4)]
@@ -65,10 +66,8 @@ def day_counters(r: redis.Redis, subject: str) -> tuple[int, int]:
 
 def settled_soon(r: redis.Redis, timeout: float = 2.0) -> None:
     """Wait (with a deadline) until the requests just answered have settled: no lease left."""
-    deadline = time.monotonic() + timeout
-    while leases_left(r):
-        assert time.monotonic() < deadline, f"leases left after settlement: {leases_left(r)}"
-        time.sleep(0.02)
+    wait_for("no lease left after settlement", lambda: not leases_left(r), timeout,
+             error=lambda message: AssertionError(f"{message}: {leases_left(r)}"))
 
 
 @pytest.fixture
@@ -112,29 +111,29 @@ def test_chaos_leaves_no_lease_and_counters_read_true(own_redis, mock_upstream, 
             own_redis.pause()
             faults.append("stall")
             try:
-                await until(more(503, 100), 30, "refusals during the stall")
+                await wait_for_async("refusals during the stall", more(503, 100), 30)
             finally:
                 own_redis.resume()
 
-        await until(more(200, 200), 30, "traffic to flow")
+        await wait_for_async("traffic to flow", more(200, 200), 30)
         await stall()
-        await until(more(200, 200), 30, "traffic after the stall")
+        await wait_for_async("traffic after the stall", more(200, 200), 30)
         own_redis.kill()
         faults.append("restart")
         own_redis.start()
         write_config(own_redis.url)
-        await until(more(200, 200), 30, "traffic after the restart")
+        await wait_for_async("traffic after the restart", more(200, 200), 30)
         admin = redis.Redis.from_url(own_redis.url)
         admin.flushall()
         faults.append("flush")
         write_config(own_redis.url)
         admin.close()
-        await until(more(200, 200), 30, "traffic after the flush")
+        await wait_for_async("traffic after the flush", more(200, 200), 30)
         await stall()  # last: nothing wipes what a stall leaves
         last_fault = time.monotonic()
         # stop soon after: a lease leaked by the stall would outlive the traffic (and expired
         # leases are purged only by later admissions), so nothing but an undo can clear it
-        await until(more(200, 20), 30, "traffic after the last stall")
+        await wait_for_async("traffic after the last stall", more(200, 20), 30)
         done.set()
         return last_fault
 
@@ -193,7 +192,7 @@ def test_chaos_leaves_no_lease_and_counters_read_true(own_redis, mock_upstream, 
     key_settled, _ = day_counters(r, SUBJECTS[0])
     resp = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEYS[0]}"})
     assert resp.status_code == 200
-    reserve = Meter(4096).bound("chat", body).reserve
+    reserve = Meter(4096).bound(route("chat"), body).reserve
     assert int(resp.headers["x-ratelimit-remaining-tokens"]) == KEY_LIMITS.tokens_per_day - key_settled - reserve
     settled_soon(r)  # its own lease goes with its settlement, right after the answer
     r.close()

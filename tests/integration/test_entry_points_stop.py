@@ -9,8 +9,9 @@ import signal
 
 import pytest
 
+from atlas_devstack.waiting import wait_for
 from atlas_devstack.redis_server import free_port, redis_server_binary
-from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports, wait_until
+from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports
 
 # Like the redis fixtures: skipped without redis-server, except under CI (nothing is skipped there).
 needs_redis = pytest.mark.skipif(redis_server_binary() is None and not os.environ.get("CI"),
@@ -64,7 +65,7 @@ def test_mock_upstream_stops_on_signal(entry_points, tmp_path, sig):
     port = free_port()
     ep = EntryPoint(tmp_path, "atlas_devstack.mock_upstream", "--port", str(port))
     entry_points.append(ep)
-    wait_until("the mock to listen", lambda: port in listening_ports({ep.proc.pid}), 30)
+    wait_for("the mock to listen", lambda: port in listening_ports({ep.proc.pid}), 30, interval=0.05)
     ep.signal(sig)
     # uvicorn turns a hang-up into the SIGTERM it handles gracefully
     assert ep.wait_exit(30) == 128 + (signal.SIGTERM if sig == signal.SIGHUP else sig)

@@ -8,7 +8,8 @@ import pytest
 
 from atlas_core import contract
 from atlas_devstack.redis_server import RedisServer
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.gateway import write_key
 
 BODY = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
@@ -40,7 +41,7 @@ def test_fail_closed_then_recovers(own_redis, mock_upstream, start_gateway):
 
     own_redis.start()  # same port, empty data (no persistence): write the config again
     write_key(own_redis.url, "sk-closed", "closed", contract.Limits(tokens_per_day=10_000))
-    wait_until(lambda: chat(gw, "sk-closed").status_code == 200, 10, message="recovery after Redis restart")
+    wait_for("recovery after Redis restart", lambda: chat(gw, "sk-closed").status_code == 200, 10)
     assert "redis_errors_total" in httpx.get(gw.url + "/metrics").text
 
 
@@ -56,13 +57,14 @@ def test_fail_open_passes_with_metric_and_log_line(own_redis, mock_upstream, sta
     metrics = httpx.get(gw.url + "/metrics").text
     assert any(line.startswith("atlas_gateway_fail_open_total") and not line.endswith(" 0.0")
                for line in metrics.splitlines())
-    wait_until(lambda: "failing open" in gw.log(), 5, message="fail-open log line")
+    wait_for("fail-open log line", lambda: "failing open" in gw.log(), 5)
 
     own_redis.start()
     write_key(own_redis.url, "sk-open", "open", contract.Limits(tokens_per_day=10_000))
-    wait_until(lambda: chat(gw, "sk-open").headers.get("x-ratelimit-limit-tokens") == "10000", 10,
-               message="limits enforced again")
-    wait_until(lambda: "reachable again" in gw.log(), 5, message="recovery log line")
+    wait_for("limits enforced again",
+             lambda: chat(gw, "sk-open").headers.get("x-ratelimit-limit-tokens") == "10000", 10)
+    wait_for("recovery log line", lambda: "reachable again" in gw.log(), 5)
+
 
 
 def test_workload_identity_tokens_follow_the_fail_mode(own_redis, mock_upstream, start_gateway):

@@ -18,7 +18,8 @@ import pytest
 import redis
 
 from atlas_core import contract
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -114,7 +115,7 @@ def test_unknown_key_gets_401_without_its_body_being_read(redis_url, mock_upstre
     status, data = read_response(sock, timeout=5)
     assert status == 401, data[:300]
     assert time.monotonic() - started < 2
-    wait_until(lambda: closed_by_server(sock), 5, message="the gateway to let go of the connection")
+    wait_for("the gateway to let go of the connection", lambda: closed_by_server(sock), 5)
     sock.close()
 
 
@@ -144,7 +145,7 @@ def test_slow_body_gets_408_and_consumes_nothing(redis_url, redis_client, mock_u
     assert status == 408, data[:300]
     assert 0.9 < time.monotonic() - started < 5
     assert b"request_timeout" in data
-    wait_until(lambda: closed_by_server(sock), 5, message="connection closed after the 408")
+    wait_for("connection closed after the 408", lambda: closed_by_server(sock), 5)
     sock.close()
     assert requests_today(redis_client, "hostile") == 0
     assert redis_client.zcard(contract.lease_key(contract.key_subject("team", "hostile"))) == 0
@@ -157,7 +158,7 @@ def test_idle_and_slow_header_connections_are_closed(redis_url, mock_upstream, s
     idle = [connect(gw) for _ in range(50)]
     trickling = connect(gw)
     trickling.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g")
-    wait_until(lambda: all(closed_by_server(s) for s in idle), 5, message="idle sockets closed")
+    wait_for("idle sockets closed", lambda: all(closed_by_server(s) for s in idle), 5)
     status, data = read_response(trickling, timeout=5)
     assert status == 408, data[:200]
     for sock in idle + [trickling]:
@@ -194,9 +195,9 @@ def test_open_connections_are_capped_per_process(redis_url, mock_upstream, start
     extra.close()
     for sock in held:
         sock.close()
-    wait_until(lambda: httpx.post(gw.url + "/v1/chat/completions", json=BODY, timeout=5,
-                                  headers={"Authorization": f"Bearer {key}"}).status_code == 200,
-               5, message="service once the held connections are gone")
+    wait_for("service once the held connections are gone",
+             lambda: httpx.post(gw.url + "/v1/chat/completions", json=BODY, timeout=5,
+                                headers={"Authorization": f"Bearer {key}"}).status_code == 200, 5)
 
 
 # ------------------------------------------------------------------------ 6. shedding

@@ -8,7 +8,8 @@ import httpx
 import redis
 
 from atlas_core import contract
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.gateway import write_key
 
 LEASE_TTL_MS = 600
 
@@ -38,7 +39,7 @@ def test_long_stream_keeps_its_slot_past_the_lease_ttl(redis_url, mock_upstream,
                 score = client.zscore(lease, members[0][0])
                 return score is not None and now_ms > first_expiry + 200 and score > now_ms
 
-            wait_until(refreshed_past_first_expiry, 5, message="lease refreshed past its first expiry")
+            wait_for("lease refreshed past its first expiry", refreshed_past_first_expiry, 5)
             # without the refresh admit.lua would purge the expired lease and admit this one
             second = httpx.post(gw.url + "/v1/chat/completions", headers=auth, timeout=10,
                                 json={**body, "stream": False, "max_tokens": 1})
@@ -46,7 +47,7 @@ def test_long_stream_keeps_its_slot_past_the_lease_ttl(redis_url, mock_upstream,
             assert second.json()["error"]["code"] == "rate_limit_exceeded"
             lines = [line for line in events if line]
             assert lines[-1] == "data: [DONE]"  # the stream was still running and ended normally
-        wait_until(lambda: client.zcard(lease) == 0, 5, message="lease released after the stream")
+        wait_for("lease released after the stream", lambda: client.zcard(lease) == 0, 5)
         third = httpx.post(gw.url + "/v1/chat/completions", headers=auth, timeout=10,
                            json={**body, "stream": False, "max_tokens": 1})
         assert third.status_code == 200

@@ -32,7 +32,8 @@ import redis
 
 from atlas_core import contract
 from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
+from atlas_gateway.metering.bounds import Meter
+from atlas_gateway.routes import route
 from tests.fixtures.gateway import write_key
 
 CONCURRENCY = 200
@@ -51,7 +52,7 @@ IMAGE = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.
 @dataclass(frozen=True)
 class Shape:
     name: str
-    kind: str  # tokens.py route kind
+    route: str  # the route table's name of the route
     path: str
     body: dict = field(hash=False)
     streams: bool = True
@@ -155,7 +156,7 @@ async def test_upstream_count_never_exceeds_the_budget(case, gateway, strict_ups
     body = {"model": MODEL, **shape.body}
     if stream:
         body["stream"] = True
-    reserve = meter.bound(shape.kind, json.loads(json.dumps(body))).reserve
+    reserve = meter.bound(route(shape.route), json.loads(json.dumps(body))).reserve
     budget = FITS * reserve + reserve // 2
     index = CASES.index(case)
     name, api_key = f"case-{index}", f"sk-atlas-metering-{index:04d}-{os.getpid()}"
@@ -188,7 +189,7 @@ async def test_upstream_count_never_exceeds_the_budget(case, gateway, strict_ups
     counted = ledger_of(strict_upstream.url, name)
     allowed = budget if budget_kind != "key tokensPerMinute" else budget + int(budget * (elapsed + 1) / 60)
     shrunk = sum(1 for s, _, h in replies if s == 200 and "x-atlas-max-tokens" in h
-                 and int(h["x-atlas-max-tokens"]) < meter.bound(shape.kind, json.loads(json.dumps(body))).cap)
+                 and int(h["x-atlas-max-tokens"]) < meter.bound(route(shape.route), json.loads(json.dumps(body))).cap)
     ROWS.append({"shape": shape.name, "stream": stream, "budget_kind": budget_kind, "reservation": reserve,
                  "admitted": admitted, "shrunk": shrunk, "refused": statuses.count(429),
                  "counted": counted["tokens"], "budget": budget, "seconds": round(elapsed, 2)})
@@ -198,7 +199,7 @@ async def test_upstream_count_never_exceeds_the_budget(case, gateway, strict_ups
     assert admitted >= min(CONCURRENCY, budget // reserve), f"only {admitted} admitted, {budget // reserve} fit"
     if not budget_kind.endswith("Shrink"):
         assert shrunk == 0
-    if stream and shape.kind in ("chat", "completions"):
+    if stream and shape.route in ("chat", "completions"):
         assert all(b.rstrip().endswith(b"data: [DONE]") for s, b, _ in replies if s == 200)
     client = redis.Redis.from_url(redis_server.url)
     try:

@@ -14,7 +14,8 @@ import redis
 
 from atlas_core import cluster, contract
 from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
+from atlas_gateway.metering.bounds import Meter
+from atlas_gateway.routes import route
 from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
@@ -63,7 +64,7 @@ async def test_200_concurrent_requests_through_2_gateways_over_2_keys_never_over
         redis_cluster, cluster_client, mock_upstream, start_gateway):
     """The issue's exactness check: a quota whose day budget fits exactly 20 requests, two keys
     bound to it, 200 concurrent requests split over two gateway processes."""
-    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", BODY)
+    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(route("chat"), BODY)
     budget = 20 * bound.reserve
     for name in ("left", "right"):
         write_key(redis_cluster.url, f"sk-c-{name}", name, contract.Limits(), quota="exact",
@@ -112,7 +113,7 @@ def test_gateway_follows_ask_then_moved_when_a_slot_migrates(redis_cluster, clus
     While it is in migration, ASK then TRYAGAIN (retried, then 503: nothing ran); once it is
     done, MOVED (the gateway updates its map). The budget counts on across the move."""
     small = {**BODY, "max_tokens": 5}
-    reserve = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", small).reserve
+    reserve = Meter.from_settings(Settings(upstream_url="http://unused")).bound(route("chat"), small).reserve
     write_key(redis_cluster.url, "sk-c-move", "mover", contract.Limits(), quota="moving",
               quota_limits=contract.Limits(tokens_per_day=3 * reserve))
     gw = start_gateway(redis_cluster.url, mock_upstream.url, ATLAS_REDIS_CLUSTER="true")
@@ -153,9 +154,9 @@ def test_cluster_mode_is_detected_when_not_named(redis_cluster, cluster_client, 
 async def test_a_reply_means_the_replica_has_it_too(redis_cluster, cluster_client):
     """ClusterFastRedis answers a call only once WAIT saw a replica acknowledge it: read from the
     replica right after the replies, every admission is there (no failover can lose it)."""
-    from atlas_gateway.admission import Admission
-    from atlas_gateway.auth import Principal
-    from atlas_gateway.redis_cluster import ClusterFastRedis
+    from atlas_gateway.ledger.admission import Admission
+    from atlas_gateway.auth.principal import Principal
+    from atlas_gateway.store.cluster import ClusterFastRedis
 
     fast = ClusterFastRedis(redis_cluster.url, 2.0, wait_ms=1000)
     try:

@@ -15,9 +15,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from atlas_core import cluster, contract
+from atlas_devstack.waiting import wait_for, wait_for_async
 from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_gateway.metering.bounds import Meter
+from atlas_gateway.routes import route
+from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 20}
@@ -34,7 +36,7 @@ def _undo_pending(gw) -> float:
 
 async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
         redis_cluster, cluster_client, mock_upstream, start_gateway):
-    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound("chat", BODY)
+    bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(route("chat"), BODY)
     budget = BUDGET_REQUESTS * bound.reserve
     for name in ("one", "two"):
         write_key(redis_cluster.url, f"sk-f-{name}", name, contract.Limits(max_concurrent=64), quota="pool",
@@ -68,14 +70,13 @@ async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         workers = [asyncio.create_task(worker(session, i)) for i in range(16)]
         try:
-            await asyncio.to_thread(wait_until, lambda: admitted() >= 40, 30, message="traffic before the kill")
+            await wait_for_async("traffic before the kill", lambda: admitted() >= 40, 30)
             killed_at = time.monotonic()
             master, replica = redis_cluster.kill_master_of(slot)
             promotion = await asyncio.to_thread(redis_cluster.wait_promoted, replica, 30)
             # traffic goes on until the budget is spent (429s from the promoted master)
-            await asyncio.to_thread(
-                wait_until, lambda: sum(1 for t, s in results if s == 429 and t > killed_at) >= 50, 60,
-                message="the budget to run out after the failover")
+            await wait_for_async("the budget to run out after the failover",
+                                 lambda: sum(1 for t, s in results if s == 429 and t > killed_at) >= 50, 60)
         finally:
             stop.set()
             await asyncio.gather(*workers)
@@ -96,10 +97,9 @@ async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
     lease_keys = [contract.lease_key(s, contract.quota_subject("team", "pool"))
                   for s in (contract.quota_subject("team", "pool"), contract.key_subject("team", "one"),
                             contract.key_subject("team", "two"))]
-    wait_until(lambda: all(cluster_client.zcard(k) == 0 for k in lease_keys), LEASE_TTL,
-               message="every lease gone")
+    wait_for("every lease gone", lambda: all(cluster_client.zcard(k) == 0 for k in lease_keys), LEASE_TTL)
     leases_gone_after = time.monotonic() - stopped_at
-    wait_until(lambda: all(_undo_pending(gw) == 0 for gw in gateways), LEASE_TTL, message="no undo pending")
+    wait_for("no undo pending", lambda: all(_undo_pending(gw) == 0 for gw in gateways), LEASE_TTL)
 
     window = (failed[-1][0] - failed[0][0]) if failed else 0.0
     print(f"\nfailover: master :{master.port} SIGKILLed, replica :{replica.port} promoted after "

@@ -18,8 +18,10 @@ import redis.asyncio as aioredis
 
 from atlas_core import contract
 from atlas_devstack.redis_server import RedisServer
-from atlas_gateway.tokens import Meter
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from atlas_gateway.metering.bounds import Meter
+from atlas_gateway.routes import route
+from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -86,16 +88,17 @@ def test_admission_that_timed_out_leaves_no_lease(own_redis, mock_upstream, star
         own_redis.resume()
     assert statuses == ([503] * 5 if mode == "closed" else [200] * 5)
 
-    wait_until(lambda: metric(gw, "atlas_gateway_redis_undo_pending") == 0
-               and metric(gw, "atlas_gateway_redis_undone_total") >= 5, 10, message="undo of the timed-out admissions")
+    wait_for("undo of the timed-out admissions",
+             lambda: metric(gw, "atlas_gateway_redis_undo_pending") == 0
+             and metric(gw, "atlas_gateway_redis_undone_total") >= 5, 10)
     # a full request after the undo: Redis has run everything that was queued behind the stall
     settled_before = settled_today(r, "stall")
     ok = chat(gw, "sk-stall")
     assert ok.status_code == 200, f"maxConcurrent=1 key refused after the stall: {ok.status_code} {ok.text}"
     # the answer goes out before its settlement: its own lease is gone a moment later
-    wait_until(lambda: leases(r, "stall") == (0, 0), 2, message=f"no lease left (now {leases(r, 'stall')})")
+    wait_for(f"no lease left (now {leases(r, 'stall')})", lambda: leases(r, "stall") == (0, 0), 2)
     # no phantom reservation: what is left is the budget minus what was settled and this request
-    reserve = Meter(4096).bound("chat", dict(BODY)).reserve
+    reserve = Meter(4096).bound(route("chat"), dict(BODY)).reserve
     assert int(ok.headers["x-ratelimit-remaining-tokens"]) == 100_000 - settled_before - reserve
     r.close()
 
@@ -109,26 +112,26 @@ def test_settlement_that_timed_out_is_settled_once_redis_answers(own_redis, mock
                        ATLAS_CONFIG_TTL_SECONDS="3600", ATLAS_LEASE_TTL_SECONDS="300")
     r = redis.Redis.from_url(own_redis.url)
     assert chat(gw, "sk-settle").status_code == 200
-    wait_until(lambda: leases(r, "settle") == (0, 0), 2, message="the first request's settlement")
+    wait_for("the first request's settlement", lambda: leases(r, "settle") == (0, 0), 2)
     before = settled_today(r, "settle")
 
     result: dict = {}
     slow = threading.Thread(target=lambda: result.setdefault("resp", chat(
         gw, "sk-settle", {"x-mock-latency-ms": "1500", "x-mock-completion-tokens": "4"})))
     slow.start()
-    wait_until(lambda: leases(r, "settle")[0] == 1, 5, message="the slow request's lease")
+    wait_for("the slow request's lease", lambda: leases(r, "settle")[0] == 1, 5)
     r.script_flush()  # as after a restart: the settlement's EVALSHA meets NOSCRIPT
     own_redis.pause()
     try:
         slow.join(10)
         assert result["resp"].status_code == 200  # the client is answered before settlement
         billed = result["resp"].json()["usage"]["total_tokens"]
-        wait_until(lambda: metric(gw, "atlas_gateway_redis_errors_total", op="settle") >= 1, 5,
-                   message="the settlement to time out")
+        wait_for("the settlement to time out",
+                 lambda: metric(gw, "atlas_gateway_redis_errors_total", op="settle") >= 1, 5)
     finally:
         own_redis.resume()
-    wait_until(lambda: metric(gw, "atlas_gateway_redis_undo_pending") == 0
-               and leases(r, "settle") == (0, 0), 10, message="the late settlement")
+    wait_for("the late settlement",
+             lambda: metric(gw, "atlas_gateway_redis_undo_pending") == 0 and leases(r, "settle") == (0, 0), 10)
     assert settled_today(r, "settle") - before == billed
     r.close()
 
@@ -209,7 +212,7 @@ def test_failed_auth_is_not_left_in_place(mock_upstream, start_gateway):
 
         admin = redis.Redis(host="127.0.0.1", port=rs.port, password="second-pw")
         admin.config_set("requirepass", "first-pw")
-        wait_until(lambda: chat(gw, "sk-auth").status_code == 200, 5, message="recovery with the right password")
+        wait_for("recovery with the right password", lambda: chat(gw, "sk-auth").status_code == 200, 5)
         assert httpx.get(gw.url + "/readyz").status_code == 200
         admin.close()
 
@@ -260,7 +263,7 @@ def test_readyz_asks_the_hot_path_client(own_redis, mock_upstream, start_gateway
     admin = redis.Redis(host="127.0.0.1", port=own_redis.port, password="now-required")
     admin.config_set("requirepass", "")
     admin.close()
-    wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 200, 5, message="ready again")
+    wait_for("ready again", lambda: httpx.get(gw.url + "/readyz").status_code == 200, 5)
 
 
 def test_redis_restart_costs_no_usage_or_config_read(own_redis, mock_upstream, start_gateway):
@@ -275,6 +278,6 @@ def test_redis_restart_costs_no_usage_or_config_read(own_redis, mock_upstream, s
     assert chat(gw, "sk-restart").status_code == 503
     own_redis.start()
     write_key(own_redis.url, "sk-restart", "restart", contract.Limits(tokens_per_day=100_000))
-    wait_until(lambda: chat(gw, "sk-restart").status_code == 200, 10, message="traffic to recover")
+    wait_for("traffic to recover", lambda: chat(gw, "sk-restart").status_code == 200, 10)
     usage = httpx.get(gw.url + "/v1/usage", headers=headers)
     assert usage.status_code == 200, usage.text

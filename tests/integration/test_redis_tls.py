@@ -23,10 +23,11 @@ from cryptography.x509.oid import NameOID
 from atlas_core import contract
 from atlas_devstack.processes import stop_process
 from atlas_devstack.redis_server import free_port, redis_server_binary
-from atlas_gateway.admission import Admission
-from atlas_gateway.auth import Principal
-from atlas_gateway.fastredis import FastRedis
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from atlas_gateway.ledger.admission import Admission
+from atlas_gateway.auth.principal import Principal
+from atlas_gateway.store.fastredis import FastRedis
+from tests.fixtures.gateway import write_key
 
 PASSWORD = "s3cr/et:pw"  # characters that must survive URL quoting
 BODY = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -103,7 +104,7 @@ def tls_redis():
                 finally:
                     client.close()
 
-            wait_until(answers, 10, message="TLS redis-server")
+            wait_for("TLS redis-server", answers, 10)
             yield url, ca
         finally:
             stop_process(proc)
@@ -160,7 +161,7 @@ def test_gateway_over_rediss_admits_and_bills(tls_redis, mock_upstream, start_ga
         usage = httpx.get(gw.url + "/v1/usage", headers={"x-api-key": "sk-tls"}, timeout=5).json()
         return usage["usage"]["tokensToday"]
 
-    assert wait_until(lambda: settled() == billed, 10, message="settlement over TLS") is True
+    assert wait_for("settlement over TLS", lambda: settled() == billed, 10) is True
     client = redis.Redis.from_url(url)
     try:
         assert client.zcard(contract.lease_key(subject)) == 0  # the lease was released

@@ -8,9 +8,10 @@ from datetime import datetime, timezone
 import redis.asyncio as aioredis
 
 from atlas_core import contract
-from atlas_gateway.admission import CONCURRENCY, DAY, Admission
-from atlas_gateway.auth import Principal
-from atlas_gateway.fastredis import FastRedis
+from atlas_gateway.ledger.admission import Admission
+from atlas_gateway.ledger.limits import CONCURRENCY, DAY
+from atlas_gateway.auth.principal import Principal
+from atlas_gateway.store.fastredis import FastRedis
 
 
 def principal(limits: contract.Limits, quota: contract.Limits | None = None) -> Principal:

@@ -32,7 +32,7 @@ import redis
 
 from atlas_core import contract
 from atlas_devstack.redis_sentinel import SentinelGroup, _command
-from tests.fixtures.gateway import until
+from atlas_devstack.waiting import wait_for, wait_for_async
 
 MODEL = "llama-3.1-8b-instruct"
 KEYS = ["sk-sentinel-0", "sk-sentinel-1"]
@@ -108,7 +108,7 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
             await one(client, i)
 
     async def scenario(done: asyncio.Event) -> tuple[float, int]:
-        await until(lambda: statuses[200] >= 200, 30, "traffic to flow")
+        await wait_for_async("traffic to flow", lambda: statuses[200] >= 200, 30)
         t_fault = time.monotonic()
         if fault == "sigkill":
             group.kill_master()
@@ -118,7 +118,7 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
             assert reply == b"OK", reply
         new_port = await asyncio.to_thread(group.wait_for_new_master, old_port, 30)
         # then until the budget is spent (after the failover), and some refusals of it
-        await until(lambda: codes[(429, "insufficient_quota")] >= 50, 60, "the budget to be spent")
+        await wait_for_async("the budget to be spent", lambda: codes[(429, "insufficient_quota")] >= 50, 60)
         done.set()
         return t_fault, new_port
 
@@ -145,8 +145,8 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
 
     # the master now (under this load a second failover may have followed the first)
     current: list[int] = []
-    group.wait(lambda: (p := group.master_port()) is not None and group.role(p) == b"master" and not current.append(p),
-               "the sentinels to agree on a master", 30)
+    group.wait("the sentinels to agree on a master",
+               lambda: (p := group.master_port()) is not None and group.role(p) == b"master" and not current.append(p), 30)
     assert current[-1] != old_port
     with master_client(group, current[-1]) as r:
         assert r.execute_command("ROLE")[0] == b"master"
@@ -155,10 +155,8 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
             assert usage_tokens[0] <= BUDGET, (usage_tokens[0], BUDGET)
             assert settled(r, SUBJECTS[-1]) <= BUDGET
         # no lease left, long before the lease TTL could have expired one
-        deadline = traffic_end + 15
-        while leases_left(r):
-            assert time.monotonic() < deadline, (f"leases left: {leases_left(r)}", gw.log().splitlines()[-15:])
-            time.sleep(0.05)
+        wait_for("no lease left", lambda: not leases_left(r), traffic_end + 15 - time.monotonic(), interval=0.05,
+                 error=lambda message: AssertionError(f"{message}: {leases_left(r)}", gw.log().splitlines()[-15:]))
         # the keys' counters add up to the quota's: nothing half-settled or undone twice
         assert settled(r, SUBJECTS[0]) + settled(r, SUBJECTS[1]) == settled(r, SUBJECTS[2])
 
@@ -181,13 +179,10 @@ def test_redis_py_client_of_both_planes_follows_a_failover(sentinel_group):
             await client.wait(len(group.replicas), 2000)
             old = group.kill_master()
             await asyncio.to_thread(group.wait_for_new_master, old, 30)
-            deadline = time.monotonic() + 15
-            while True:  # the first calls may still hit the dead address: they fail, then reconnect
-                try:
-                    return await contract.read_usages(client, [subject], now)
-                except redis.RedisError:
-                    assert time.monotonic() < deadline, "the client never reached the new master"
-                    await asyncio.sleep(0.05)
+            # the first calls may still hit the dead address: they fail, then reconnect
+            return await wait_for_async("the client to reach the new master",
+                                        lambda: contract.read_usages(client, [subject], now), 15, interval=0.05,
+                                        retry=(redis.RedisError,))
         finally:
             await client.aclose()
 

@@ -8,13 +8,13 @@ per-process count would have let each gateway reach 10 (20 in all) first.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import redis
 
 from atlas_core import contract
-from tests.fixtures.gateway import until, write_key
+from atlas_devstack.waiting import wait_for, wait_for_async
+from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
 KEY = "sk-shared-shed"
@@ -52,20 +52,20 @@ def test_sheddable_is_shed_at_the_shared_threshold_not_n_times_it(redis_url, moc
                 return len(counts) == 2 and all(n == each for n in counts.values())
 
             try:
-                await until(lambda: len(published(r)) == 2, 10, "both gateways to publish")
+                await wait_for_async("both gateways to publish", lambda: len(published(r)) == 2, 10)
                 hold(4)
-                await until(lambda: all_published(4), 10, "4 in flight published by each gateway")
+                await wait_for_async("4 in flight published by each gateway", lambda: all_published(4), 10)
                 for gw in gateways:
                     assert await call(gw, "Sheddable") == 200  # 4 + 4 + the probe < 10
 
                 hold(2)
-                await until(lambda: all_published(6), 10, "6 in flight published by each gateway")
+                await wait_for_async("6 in flight published by each gateway", lambda: all_published(6), 10)
 
                 async def shed_on_both() -> bool:
                     return [await call(gw, "Sheddable") for gw in gateways] == [503, 503]
 
                 # each gateway sees the other's 6 within one publish interval; 6 alone is below 10
-                await until(shed_on_both, 5, "Sheddable shed on both gateways at 12 in flight in all")
+                await wait_for_async("Sheddable shed on both gateways at 12 in flight in all", shed_on_both, 5)
                 for gw in gateways:
                     assert await call(gw, "Standard") == 200  # Standard's threshold is the pool
 
@@ -78,18 +78,18 @@ def test_sheddable_is_shed_at_the_shared_threshold_not_n_times_it(redis_url, moc
                     async def shows_the_other(gw=gw) -> bool:
                         return await view_gauges(gw) == {"atlas_gateway_shed_view_other_inflight_requests": 6.0,
                                                          "atlas_gateway_shed_view_peers": 1.0}
-                    await until(shows_the_other, 5, "the view gauges")
+                    await wait_for_async("the view gauges", shows_the_other, 5)
             finally:
                 for task in holders:
                     task.cancel()
                 await asyncio.gather(*holders, return_exceptions=True)
             # released: the published counts go back to 0, and Sheddable passes again
-            await until(lambda: all_published(0), 10, "the counts to drop back to 0")
+            await wait_for_async("the counts to drop back to 0", lambda: all_published(0), 10)
 
             async def passes_on_both() -> bool:
                 return [await call(gw, "Sheddable") for gw in gateways] == [200, 200]
 
-            await until(passes_on_both, 5, "Sheddable to pass again")
+            await wait_for_async("Sheddable to pass again", passes_on_both, 5)
 
     try:
         asyncio.run(scenario())
@@ -102,14 +102,11 @@ def test_a_stopped_gateway_leaves_the_view(redis_url, mock_upstream, start_gatew
     first, second = (start_gateway(redis_url, mock_upstream.url, **env) for _ in range(2))
     r = redis.Redis.from_url(redis_url)
     try:
-        deadline = time.monotonic() + 10
-        while len(published(r)) != 2:
-            assert time.monotonic() < deadline, published(r)
-            time.sleep(0.02)
+        def view(message: str) -> AssertionError:
+            return AssertionError(f"{message}: {published(r)}")
+
+        wait_for("both processes in the view", lambda: len(published(r)) == 2, 10, error=view)
         first.stop()  # SIGTERM: it removes its entry on the way out
-        deadline = time.monotonic() + 5
-        while len(published(r)) != 1:
-            assert time.monotonic() < deadline, published(r)
-            time.sleep(0.02)
+        wait_for("the stopped process out of the view", lambda: len(published(r)) == 1, 5, error=view)
     finally:
         r.close()

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from atlas_core import contract
 from atlas_devstack.oidc_issuer import OidcIssuerProcess
-from atlas_gateway.identity_tokens import TokenAuthenticator, TokenRefused
+from atlas_gateway.auth.identity_tokens import TokenAuthenticator, TokenRefused
 from atlas_operator.issuers import IssuerRefresher, fetch_oidc, parse_oidc_issuers
 
 

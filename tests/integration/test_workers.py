@@ -13,7 +13,8 @@ import signal
 import httpx
 
 from atlas_core import contract
-from tests.fixtures.gateway import wait_until, write_key
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.gateway import write_key
 from tests.fixtures.leftovers import listening_ports, process_tree
 
 MODEL = "llama-3.1-8b-instruct"
@@ -52,23 +53,23 @@ def snapshots(tmp) -> dict[int, float]:
 def test_two_workers_share_the_port_and_their_metrics_add_up(redis_url, mock_upstream, start_gateway, tmp_path):
     write_key(redis_url, "sk-workers", "workers", contract.Limits(tokens_per_day=10_000_000))
     gw = start_gateway(redis_url, mock_upstream.url, ATLAS_WORKERS="2", TMPDIR=str(tmp_path))
-    workers = wait_until(lambda: len(w := listening_workers(gw)) == 2 and w, 20, message="two workers on the port")
+    workers = wait_for("two workers on the port", lambda: len(w := listening_workers(gw)) == 2 and w, 20)
     assert not listening_ports({gw.proc.pid})  # the supervisor holds no socket
 
     send(gw, "sk-workers", 60)
     # each worker snapshots its counts once a second: the sum is exact once both have
-    wait_until(lambda: requests_counted(gw) == 60, 10, message="/metrics counting all 60 requests")
-    per_worker = wait_until(lambda: (s := snapshots(str(tmp_path))) and sum(s.values()) == 60 and s, 10,
-                            message="both workers' snapshots")
+    wait_for("/metrics counting all 60 requests", lambda: requests_counted(gw) == 60, 10)
+    per_worker = wait_for("both workers' snapshots",
+                          lambda: (s := snapshots(str(tmp_path))) and sum(s.values()) == 60 and s, 10)
     assert len(per_worker) == 2 and all(v > 0 for v in per_worker.values()), per_worker  # both served
 
     # a worker that dies is started again; what it had counted stays counted
     victim = workers[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(w := listening_workers(gw)) == 2 and victim not in w, 20, message="the worker started again")
+    wait_for("the worker started again", lambda: len(w := listening_workers(gw)) == 2 and victim not in w, 20)
     assert requests_counted(gw) == 60
     send(gw, "sk-workers", 20)
-    wait_until(lambda: requests_counted(gw) == 80, 10, message="/metrics counting all 80 requests")
+    wait_for("/metrics counting all 80 requests", lambda: requests_counted(gw) == 80, 10)
 
     gw.stop()
     assert not glob.glob(os.path.join(str(tmp_path), "atlas-metrics-*")), "the snapshot directory is removed"

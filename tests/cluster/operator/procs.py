@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from atlas_devstack.redis_server import free_port
-from atlas_devstack.stack import http, stop_group, wait_for
+from atlas_devstack.stack import http, stop_group
+from atlas_devstack.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
-    return wait_for(what, check, timeout, interval)
+    """The one wait helper (atlas_devstack.waiting) with this tier's habits: 30 s, and a check
+    that fails (an object not there yet, a status without the field) means "not yet"."""
+    return wait_for(what, check, timeout, interval=interval, retry=(Exception,))
 
 
 class Proc:

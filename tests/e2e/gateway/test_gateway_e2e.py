@@ -13,9 +13,10 @@ import pytest
 import redis
 
 from atlas_core import contract
+from atlas_devstack.waiting import wait_for
 from atlas_gateway.settings import Settings
-from atlas_gateway.tokens import Meter
-from tests.fixtures.gateway import wait_until
+from atlas_gateway.metering.bounds import Meter
+from atlas_gateway.routes import route
 
 MODEL = "llama-3.1-8b-instruct"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
@@ -60,7 +61,7 @@ def test_chat_sync_with_rate_limit_headers(sdk, new_key, redis_url):
             assert raw.headers[f"x-ratelimit-{part}-{kind}"], (part, kind)
     assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
     assert raw.headers["x-request-id"]
-    wait_until(lambda: usage_of(redis_url, name).tokens_today == 12, 5, message="settlement")
+    wait_for("settlement", lambda: usage_of(redis_url, name).tokens_today == 12, 5)
     assert usage_of(redis_url, name).requests_today == 1
     assert leases_of(redis_url, name) == 0
 
@@ -77,7 +78,7 @@ def test_streaming_strips_injected_usage(sdk, new_key, mock_upstream, redis_url)
     assert all(getattr(c, "usage", None) is None for c in chunks)
     record = mock_record(mock_upstream, mock_id)
     assert record["include_usage"] is True and record["count"] == 1
-    wait_until(lambda: usage_of(redis_url, name).tokens_today == 10, 5, message="streamed usage settled")
+    wait_for("streamed usage settled", lambda: usage_of(redis_url, name).tokens_today == 10, 5)
 
 
 def test_streaming_keeps_usage_when_client_asked(sdk, new_key, redis_url):
@@ -87,7 +88,7 @@ def test_streaming_keeps_usage_when_client_asked(sdk, new_key, redis_url):
         extra_headers={"x-mock-prompt-tokens": "4"})
     chunks = list(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 7
-    wait_until(lambda: usage_of(redis_url, name).tokens_today == 7, 5, message="settlement")
+    wait_for("settlement", lambda: usage_of(redis_url, name).tokens_today == 7, 5)
 
 
 def test_completions_and_embeddings(sdk, new_key, redis_url):
@@ -99,7 +100,7 @@ def test_completions_and_embeddings(sdk, new_key, redis_url):
     emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"],
                                    extra_headers={"x-mock-prompt-tokens": "3"})
     assert len(emb.data) == 2
-    wait_until(lambda: usage_of(redis_url, name).tokens_today == 9, 5, message="both settled")
+    wait_for("both settled", lambda: usage_of(redis_url, name).tokens_today == 9, 5)
 
 
 def test_models_filtered_by_allowed_globs(sdk, new_key):
@@ -115,7 +116,7 @@ def test_usage_endpoint(gateway, new_key, redis_url):
                    "x-mock-prompt-tokens": "5", "x-mock-completion-tokens": "7"},
                    json={"model": MODEL, "messages": MESSAGES, "max_tokens": 10})
     assert r.status_code == 200
-    wait_until(lambda: usage_of(redis_url, name, quota="team-budget").tokens_today == 12, 5, message="settlement")
+    wait_for("settlement", lambda: usage_of(redis_url, name, quota="team-budget").tokens_today == 12, 5)
     doc = httpx.get(gateway.url + "/v1/usage", headers={"x-api-key": key}).json()
     assert doc["key"]["namespace"] == "team" and doc["key"]["name"] == name and len(doc["key"]["keyId"]) == 8
     assert doc["usage"]["tokensToday"] == 12 and doc["usage"]["requestsToday"] == 1
@@ -204,7 +205,7 @@ def test_upstream_drop_mid_stream(sdk, new_key, mock_upstream, redis_url):
             received.append(chunk)
     assert len(received) == 5
     assert "mid-stream" in str(exc.value)
-    wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
+    wait_for("lease released", lambda: leases_of(redis_url, name) == 0, 5)
     usage = usage_of(redis_url, name)
     assert usage.tokens_today >= 5  # prompt estimate + the 5 delivered chunks
     assert mock_record(mock_upstream, mock_id)["count"] == 1  # never sent twice
@@ -223,8 +224,8 @@ def test_client_disconnect_aborts_upstream(gateway, new_key, mock_upstream, redi
             got = [line for line, _ in zip(lines, range(3))]
             assert got[0].startswith("data: ")
     # the connection is closed: the gateway must abort the upstream and release the lease
-    wait_until(lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5, message="upstream aborted")
-    wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
+    wait_for("upstream aborted", lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5)
+    wait_for("lease released", lambda: leases_of(redis_url, name) == 0, 5)
     billed = usage_of(redis_url, name).tokens_today
     assert 0 < billed < 200
     assert mock_record(mock_upstream, mock_id)["completed"] is False
@@ -235,7 +236,7 @@ def test_upstream_down_is_502(sdk, new_key, redis_url):
     with pytest.raises(openai.InternalServerError) as exc:
         sdk(key).chat.completions.create(model="down-model", messages=MESSAGES)
     assert exc.value.status_code == 502
-    wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
+    wait_for("lease released", lambda: leases_of(redis_url, name) == 0, 5)
 
 
 def test_upstream_timeout_is_504_and_sent_once(sdk, new_key, mock_upstream, redis_url):
@@ -245,7 +246,7 @@ def test_upstream_timeout_is_504_and_sent_once(sdk, new_key, mock_upstream, redi
         sdk(key).chat.completions.create(model=MODEL, messages=MESSAGES,
                                          extra_headers={"x-mock-fail": "hang", "x-mock-id": mock_id})
     assert exc.value.status_code == 504
-    wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
+    wait_for("lease released", lambda: leases_of(redis_url, name) == 0, 5)
     assert mock_record(mock_upstream, mock_id)["count"] == 1
     assert usage_of(redis_url, name).tokens_today == 0  # nothing was generated
 
@@ -299,10 +300,10 @@ def test_client_disconnect_aborts_non_streaming_request(gateway, new_key, mock_u
         httpx.post(gateway.url + "/v1/chat/completions", timeout=0.4,
                    json={"model": MODEL, "messages": MESSAGES, "max_tokens": 50},
                    headers={"Authorization": f"Bearer {key}", "x-mock-fail": "hang", "x-mock-id": mock_id})
-    wait_until(lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5, message="upstream aborted")
-    wait_until(lambda: leases_of(redis_url, name) == 0, 5, message="lease released")
+    wait_for("upstream aborted", lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5)
+    wait_for("lease released", lambda: leases_of(redis_url, name) == 0, 5)
     prompt_bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(
-        "chat", {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}).prompt
+        route("chat"), {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}).prompt
     assert usage_of(redis_url, name).tokens_today == prompt_bound  # the prompt bound, no completion
     assert mock_record(mock_upstream, mock_id)["count"] == 1
 
@@ -321,7 +322,7 @@ def test_usage_above_the_reservation_is_charged_in_full_and_counted(sdk, gateway
     completion = sdk(key).chat.completions.create(  # an upstream that counts far more than the bound
         model=MODEL, messages=MESSAGES, max_tokens=5, extra_headers={"x-mock-prompt-tokens": "5000"})
     assert completion.usage.total_tokens == 5005
-    wait_until(lambda: usage_of(redis_url, name).tokens_today == 5005, 5, message="charged in full")
+    wait_for("charged in full", lambda: usage_of(redis_url, name).tokens_today == 5005, 5)
     metrics_text = httpx.get(gateway.url + "/metrics").text
     assert f'atlas_gateway_usage_overrun_total{{key="team/{name}"}} 1.0' in metrics_text
 

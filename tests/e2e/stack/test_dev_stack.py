@@ -12,7 +12,8 @@ import pytest
 
 from atlas_devstack.oidc_issuer import OidcIssuer
 from atlas_devstack.processes import pid_alive
-from atlas_devstack.stack import DevStack, http, wait_for
+from atlas_devstack.stack import DevStack, http
+from atlas_devstack.waiting import wait_for
 from tests.fixtures.cluster import require_tools
 
 pytestmark = pytest.mark.e2e
@@ -63,7 +64,7 @@ def test_usage_shows_in_kubectl_get(stack):
         usage = (obj.get("status") or {}).get("usage") or {}
         return usage.get("requestsToday", 0) >= 2 and usage["tokensToday"]
 
-    assert wait_for("usage in status", tokens_today, 20) > 0
+    assert wait_for("usage in status", tokens_today, 20, interval=0.1, retry=(Exception,)) > 0
     table = kubectl(stack, "get", "atlaskeys").stdout
     assert "TOKENS TODAY" in table and "search-frontend" in table
 
@@ -79,7 +80,7 @@ def test_key_applied_with_kubectl_works_then_delete_refuses(stack):
         import base64
         return res.returncode == 0 and res.stdout and base64.b64decode(res.stdout).decode()
 
-    value = wait_for("the generated Secret", key, 15)
+    value = wait_for("the generated Secret", key, 15, interval=0.1, retry=(Exception,))
 
     def works():
         try:
@@ -88,7 +89,7 @@ def test_key_applied_with_kubectl_works_then_delete_refuses(stack):
         except openai.AuthenticationError:
             return None
 
-    wait_for("the new key to work", works, 15, interval=0.05)
+    wait_for("the new key to work", works, 15, interval=0.05, retry=(Exception,))
     assert time.monotonic() - started < 15
     kubectl(stack, "delete", "atlaskey", "e2e-key", "--wait=false")
     deleted = time.monotonic()
@@ -100,7 +101,7 @@ def test_key_applied_with_kubectl_works_then_delete_refuses(stack):
         except openai.AuthenticationError:
             return True
 
-    wait_for("the deleted key to be refused", refused, 5, interval=0.05)
+    wait_for("the deleted key to be refused", refused, 5, interval=0.05, retry=(Exception,))
     assert time.monotonic() - deleted < 3
 
 
@@ -127,19 +128,22 @@ def test_rotation_grace_both_keys_work_then_only_the_new(stack):
         except (openai.AuthenticationError, openai.PermissionDeniedError):
             return False
 
-    wait_for("the first key to work", lambda: works(first), 15, interval=0.05)
+    wait_for("the first key to work", lambda: works(first), 15, interval=0.05, retry=(Exception,))
     kubectl(stack, "apply", "-f", "-", input=secret(second))
     rotated = time.monotonic()
-    wait_for("both keys to work during the grace", lambda: works(second) and works(first), 4, interval=0.05)
+    wait_for("both keys to work during the grace", lambda: works(second) and works(first), 4, interval=0.05,
+             retry=(Exception,))
     assert time.monotonic() - rotated < 5
-    wait_for("the old key refused after the grace", lambda: not works(first), 15, interval=0.1)
+    wait_for("the old key refused after the grace", lambda: not works(first), 15, interval=0.1, retry=(Exception,))
     assert works(second)
 
     def status():
         return json.loads(kubectl(stack, "get", "atlaskey", "e2e-grace", "-o", "json").stdout).get("status") or {}
 
-    wait_for("previousKey gone from status", lambda: "previousKey" not in status(), 10)
-    wait_for("one usage identity for both keys", lambda: (status().get("usage") or {}).get("requestsToday", 0) >= 4, 20)
+    wait_for("previousKey gone from status", lambda: "previousKey" not in status(), 10, interval=0.1,
+             retry=(Exception,))
+    wait_for("one usage identity for both keys",
+             lambda: (status().get("usage") or {}).get("requestsToday", 0) >= 4, 20, interval=0.1, retry=(Exception,))
 
 
 def workload_key(stack, name: str, subjects: list[dict], **spec) -> None:

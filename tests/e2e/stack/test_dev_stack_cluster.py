@@ -13,7 +13,8 @@ import redis
 
 from atlas_core import contract
 from atlas_devstack.redis_cluster import RedisCluster
-from atlas_devstack.stack import DevStack, wait_for
+from atlas_devstack.stack import DevStack
+from atlas_devstack.waiting import wait_for
 from tests.fixtures.cluster import require_tools
 
 pytestmark = pytest.mark.e2e
@@ -48,14 +49,16 @@ def test_dev_stack_on_a_redis_cluster(cluster_stack):
         found = (obj.get("status") or {}).get("usage") or {}
         return found.get("requestsToday", 0) >= 2 and found
 
-    shown = wait_for("usage in status, read by the operator from the cluster", usage, 30)
+    shown = wait_for("usage in status, read by the operator from the cluster", usage, 30, interval=0.1,
+                     retry=(Exception,))
     assert shown["tokensToday"] > 0
     # config and counters live on the cluster, spread over its masters by slot
     client = redis.RedisCluster.from_url(cluster.url)
     try:
         # the self-healing loop (every 3 s) stamps the epoch after its full sync: a MULTI-free
         # pipeline across the cluster's nodes
-        wait_for("the operator's config epoch", lambda: client.exists(contract.CONFIG_EPOCH), 15)
+        wait_for("the operator's config epoch", lambda: client.exists(contract.CONFIG_EPOCH), 15, interval=0.1,
+                 retry=(Exception,))
         assert client.keys("atlas:v2:*", target_nodes=redis.RedisCluster.PRIMARIES)
     finally:
         client.close()

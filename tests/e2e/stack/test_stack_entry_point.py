@@ -9,9 +9,10 @@ import signal
 import subprocess
 
 import pytest
-from tests.fixtures.cluster import require_tools
 
-from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports, wait_until
+from atlas_devstack.waiting import wait_for
+from tests.fixtures.cluster import require_tools
+from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports
 
 pytestmark = pytest.mark.e2e
 MODULE = "atlas_devstack"
@@ -44,7 +45,7 @@ def test_signal_during_up_stops_what_it_started(entry_points, tmp_path, sig):
     ep, state = _up(entry_points, tmp_path)
     # The gateway is the last process `up` starts; it then still waits for it, the operator and
     # the demo key, which takes seconds.
-    wait_until("the gateway to be started", lambda: (state / "gateway.pid").exists(), 120, 0.01)
+    wait_for("the gateway to be started", lambda: (state / "gateway.pid").exists(), 120, interval=0.01)
     assert set(SERVICES) <= _running(ep), ep.descendants()
     ports = listening_ports(set(ep.descendants()))
     assert len(ports) >= 4, ports  # redis, etcd (2), kube-apiserver, mock upstream
@@ -59,7 +60,7 @@ def test_signal_during_up_stops_what_it_started(entry_points, tmp_path, sig):
                                            ("gateway.pid", "gateway")], ids=["kube-apiserver", "gateway"])
 def test_a_dead_child_fails_up_at_once_and_stops_the_rest(entry_points, tmp_path, pidfile, name):
     ep, state = _up(entry_points, tmp_path)
-    wait_until(f"{name} to be started", (state / pidfile).exists, 120, 0.01)
+    wait_for(f"{name} to be started", (state / pidfile).exists, 120, interval=0.01)
     ports = listening_ports(set(ep.descendants()))
     os.kill(int((state / pidfile).read_text()), signal.SIGKILL)
     assert ep.wait_exit(30) == 1, ep.output  # not after a 60 s wait for something that cannot come

@@ -6,11 +6,11 @@ import fakeredis
 import pytest
 
 from atlas_core import cluster, contract
-from atlas_gateway.admission import Admission
-from atlas_gateway.auth import Principal
-from atlas_gateway.calls import ScriptCalls
-from atlas_gateway.fastredis import pack
-from atlas_gateway.redis_cluster import first_key
+from atlas_gateway.ledger.admission import Admission
+from atlas_gateway.auth.principal import Principal
+from atlas_gateway.ledger.script_args import ScriptCalls
+from atlas_gateway.store.fastredis import pack
+from atlas_gateway.store.cluster import first_key
 from atlas_operator.carry_over import CarryOver
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)

@@ -7,7 +7,7 @@ import ssl
 import pytest
 
 from atlas_core import sentinel
-from atlas_gateway.fastredis import FastRedis
+from atlas_gateway.store.fastredis import FastRedis
 from atlas_gateway.settings import Settings, SettingsError
 
 
@@ -132,7 +132,7 @@ def test_a_fence_holds_and_a_promotion_is_used_until_it_expires():
 
 
 def test_failover_events_fence_then_promote_then_end():
-    from atlas_gateway.failover import MasterWatch
+    from atlas_gateway.store.failover import MasterWatch
 
     fast = FastRedis("redis+sentinel://s0/atlas", 0.5)
     drops = []

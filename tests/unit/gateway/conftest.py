@@ -6,8 +6,8 @@ import fakeredis
 import pytest
 
 from atlas_core import contract
-from atlas_gateway.admission import Admission
-from atlas_gateway.auth import Principal
+from atlas_gateway.ledger.admission import Admission
+from atlas_gateway.auth.principal import Principal
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 import pytest
 
 from atlas_core import contract
-from atlas_gateway import admission as adm
+from atlas_gateway.ledger import admission as adm, limits
+from atlas_gateway.ledger.script_args import key_calls
 
 from .conftest import make_principal
 
@@ -41,7 +42,7 @@ async def test_request_bucket_allows_burst_then_rejects_with_real_wait(admission
     results = [await admission.admit(p, f"r{i}", 10) for i in range(4)]
     assert [d.admitted for d in results] == [True, True, True, False]
     refused = results[3]
-    assert refused.reason == adm.REQUESTS and refused.subject == 1
+    assert refused.reason == limits.REQUESTS and refused.subject == 1
     assert 0 < refused.retry_ms <= 500  # one request refills in 1/2 s
     assert header(results[0], "x-ratelimit-limit-requests") == "3"
     assert header(results[0], "x-ratelimit-remaining-requests") == "2"
@@ -54,7 +55,7 @@ async def test_rejection_consumes_nothing(admission, fake_redis):
     assert (await admission.admit(p, "first", 10)).admitted
     before = await snapshot(fake_redis)
     refused = await admission.admit(p, "second", 10)
-    assert not refused.admitted and refused.reason == adm.REQUESTS
+    assert not refused.admitted and refused.reason == limits.REQUESTS
     assert await snapshot(fake_redis) == before
 
 
@@ -63,7 +64,7 @@ async def test_concurrency_lease_released_by_settle(admission, fake_redis):
     assert (await admission.admit(p, "a", 5)).admitted
     assert (await admission.admit(p, "b", 5)).admitted
     refused = await admission.admit(p, "c", 5)
-    assert not refused.admitted and refused.reason == adm.CONCURRENCY
+    assert not refused.admitted and refused.reason == limits.CONCURRENCY
     assert header(refused, "x-ratelimit-remaining-requests") == "0"
     assert await admission.settle(p, "a", 5, 3) == 1
     assert (await admission.admit(p, "c", 5)).admitted
@@ -78,7 +79,7 @@ async def test_tokens_per_minute_reserve_refund_and_overrun(admission, fake_redi
     assert int(header(first, "x-ratelimit-remaining-tokens")) in (600, 601)
     assert (await admission.admit(p, "b", 400)).admitted
     refused = await admission.admit(p, "c", 400)
-    assert not refused.admitted and refused.reason == adm.TOKENS
+    assert not refused.admitted and refused.reason == limits.TOKENS
     assert 11_000 <= refused.retry_ms <= 12_000  # 200 missing tokens at 1000/min
     await admission.settle(p, "a", 400, 100)  # 300 refunded
     level = float((await fake_redis.hget(contract.token_bucket_key(KEY), "tokens")))
@@ -92,7 +93,7 @@ async def test_tokens_per_minute_reserve_refund_and_overrun(admission, fake_redi
 async def test_request_larger_than_tokens_per_minute_never_fits(admission):
     p = make_principal(contract.Limits(tokens_per_minute=100))
     refused = await admission.admit(p, "a", 101)
-    assert not refused.admitted and refused.reason == adm.TOO_LARGE
+    assert not refused.admitted and refused.reason == limits.TOO_LARGE
 
 
 async def test_daily_budget_counts_settled_plus_live_reservations(admission, fake_redis):
@@ -100,7 +101,7 @@ async def test_daily_budget_counts_settled_plus_live_reservations(admission, fak
     assert (await admission.admit(p, "a", 400)).admitted
     assert (await admission.admit(p, "b", 400)).admitted
     refused = await admission.admit(p, "c", 400)
-    assert not refused.admitted and refused.reason == adm.DAY
+    assert not refused.admitted and refused.reason == limits.DAY
     assert refused.retry_ms >= 1000  # until 00:00 UTC
     await admission.settle(p, "a", 400, 100)
     assert (await admission.admit(p, "c", 400)).admitted  # 100 settled + 400 live + 400 <= 1000
@@ -117,7 +118,7 @@ async def test_monthly_budget_on_the_quota_is_shared_by_its_keys(admission):
     other = make_principal(contract.Limits(), quota, name="other")
     assert (await admission.admit(app, "a", 300)).admitted
     refused = await admission.admit(other, "b", 300)
-    assert not refused.admitted and refused.reason == adm.MONTH and refused.subject == 2
+    assert not refused.admitted and refused.reason == limits.MONTH and refused.subject == 2
     err = adm.rejection(refused, other, 300)
     assert err.status == 429 and err.type == "insufficient_quota"
     assert (b"x-should-retry", b"false") in err.headers
@@ -128,7 +129,7 @@ async def test_quota_concurrency_and_key_limits_both_apply(admission):
     p = make_principal(contract.Limits(max_concurrent=5), contract.Limits(max_concurrent=1))
     assert (await admission.admit(p, "a", 1)).admitted
     refused = await admission.admit(p, "b", 1)
-    assert refused.reason == adm.CONCURRENCY and refused.subject == 2
+    assert refused.reason == limits.CONCURRENCY and refused.subject == 2
 
 
 async def test_expired_leases_are_purged_inside_the_script(admission, fake_redis):
@@ -174,18 +175,13 @@ def test_calendar_month_end_rolls_over_the_year():
 
 
 async def test_ticket_settles_exactly_once(admission, fake_redis):
-    from atlas_gateway.proxy import Ticket
-    from atlas_gateway.recovery import Recovery
+    from atlas_gateway.ledger.recovery import Recovery
+    from atlas_gateway.ledger.ticket import Ticket
 
-    class RT:
-        pass
-
-    rt = RT()
-    rt.admission = admission
-    rt.recovery = Recovery(admission)  # no Sentinel: settlements are not kept for replay
+    recovery = Recovery(admission)  # no Sentinel: settlements are not kept for replay
     p = make_principal(contract.Limits(tokens_per_day=1000))
     assert (await admission.admit(p, "a", 100)).admitted
-    ticket = Ticket(rt, p, "a", 100)
+    ticket = Ticket(admission, recovery, p, "a", 100)
     await ticket.settle(40)
     await ticket.settle(40)
     day_key, _ = contract.usage_keys(KEY, datetime.now(timezone.utc))
@@ -231,7 +227,7 @@ async def test_refresh_pushes_a_live_lease_forward_and_never_resurrects_one(fake
 
 async def test_refresh_is_a_no_op_for_keys_without_leases(admission, fake_redis):
     p = make_principal(contract.Limits(requests_per_second=5))
-    assert not p.leased
+    assert not key_calls(p).leased
     assert (await admission.admit(p, "a", 1)).admitted
     assert await admission.refresh(p, "a") == 0
 
@@ -261,7 +257,7 @@ async def test_shrink_refuses_below_min_completion_tokens(admission, fake_redis)
     assert (await admission.admit(p, "a", 900, 0, 0)).admitted  # embeddings-like: no shrink
     before = await snapshot(fake_redis)
     refused = await admission.admit(p, "b", 200, 60, 1)  # 100 left: 60 + 40 < 60 + 50
-    assert not refused.admitted and refused.reason == adm.DAY
+    assert not refused.admitted and refused.reason == limits.DAY
     assert await snapshot(fake_redis) == before
 
 
@@ -275,7 +271,7 @@ async def test_reject_policy_never_shrinks(admission):
     p = make_principal(contract.Limits(tokens_per_day=1000))
     assert (await admission.admit(p, "a", 900, 100, 1)).admitted
     refused = await admission.admit(p, "b", 200, 50, 1)
-    assert not refused.admitted and refused.reason == adm.DAY
+    assert not refused.admitted and refused.reason == limits.DAY
 
 
 async def test_shrink_on_the_quota_and_the_lowest_fit_wins(admission):
@@ -290,13 +286,13 @@ async def test_a_reject_subject_still_refuses_what_a_shrink_subject_would_shrink
     p = make_principal(contract.Limits(tokens_per_day=300), contract.Limits(tokens_per_day=10_000),
                        quota_shortfall=SHRINK)
     refused = await admission.admit(p, "a", 100 + 1000, 100, 1)
-    assert not refused.admitted and refused.reason == adm.DAY and refused.subject == 1
+    assert not refused.admitted and refused.reason == limits.DAY and refused.subject == 1
 
 
 async def test_the_shrunk_reservation_is_what_tokens_per_minute_sees(admission):
     p = make_principal(contract.Limits(tokens_per_day=500, tokens_per_minute=450), shortfall=SHRINK)
     decision = await admission.admit(p, "a", 100 + 1000, 100, 1)  # 1100 > tpm, but shrunk to 500
-    assert not decision.admitted and decision.reason == adm.TOO_LARGE  # 500 > 450 still
+    assert not decision.admitted and decision.reason == limits.TOO_LARGE  # 500 > 450 still
     p = make_principal(contract.Limits(tokens_per_day=400, tokens_per_minute=450), shortfall=SHRINK, name="b")
     assert (await admission.admit(p, "b", 100 + 1000, 100, 1)).reserved == 400
 
@@ -327,7 +323,7 @@ async def test_undo_before_a_late_admission_makes_it_lease_nothing(admission, fa
     assert await admission.undo(p, "late", 100, 0, admission=True) == 0
     before = await snapshot(fake_redis)
     late = await admission.admit(p, "late", 100)
-    assert not late.admitted and late.reason == adm.UNDONE
+    assert not late.admitted and late.reason == limits.UNDONE
     assert await snapshot(fake_redis) == before
     assert (await admission.admit(p, "other", 100)).admitted  # the slot is free
 

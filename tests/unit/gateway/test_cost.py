@@ -7,10 +7,11 @@ from datetime import datetime, timezone
 import pytest
 
 from atlas_core import contract
-from atlas_gateway import admission as adm, errors
-from atlas_gateway.auth import Principal
-from atlas_gateway.calls import cost_args
-from atlas_gateway.usage import cached_tokens
+from atlas_gateway.http import errors
+from atlas_gateway.ledger import admission as adm, limits
+from atlas_gateway.auth.principal import Principal
+from atlas_gateway.ledger.script_args import cost_args
+from atlas_gateway.metering.usage import cached_tokens
 
 KEY = contract.key_subject("team", "app")
 QUOTA = contract.quota_subject("team", "shared")
@@ -103,7 +104,7 @@ async def test_cost_budget_reserves_settles_and_then_refuses(admission, fake_red
     assert (await admission.admit(p, "r2", 400, 100, 1, reserve_costs)).admitted
     assert (await admission.admit(p, "r3", 400, 100, 1, reserve_costs)).admitted
     refused = await admission.admit(p, "r4", 400, 100, 1, reserve_costs)
-    assert not refused.admitted and refused.reason == adm.COST_DAY
+    assert not refused.admitted and refused.reason == limits.COST_DAY
     # settle r1 from real usage: 100 prompt (50 cached: cachedInput = input for gpt-4o) + 20 output
     await admission.settle(p, "r1", 400, 120, cost_args(prices, 100, 20, cached=50))
     now = datetime.now(timezone.utc)
@@ -113,7 +114,7 @@ async def test_cost_budget_reserves_settles_and_then_refuses(admission, fake_red
     assert await fake_redis.hgetall(contract.lease_cost_key(KEY)) == {b"r2": b"3250", b"r3": b"3250"}
     # settled 450 + live r2, r3 (6500) + 3250 = 10200 > 10000: still refused, and nothing written
     refused = await admission.admit(p, "r5", 400, 100, 1, reserve_costs)
-    assert not refused.admitted and refused.reason == adm.COST_DAY
+    assert not refused.admitted and refused.reason == limits.COST_DAY
     err = adm.rejection(refused, p, 400)
     assert err.status == 429 and err.code == "insufficient_quota" and "Daily cost budget" in err.message
 
@@ -124,7 +125,7 @@ async def test_cost_budget_arithmetic_is_exact(admission, fake_redis):
     assert (await admission.admit(p, "a", 10, 10, 0, costs)).admitted
     assert (await admission.admit(p, "b", 10, 10, 0, costs)).admitted
     refused = await admission.admit(p, "c", 10, 10, 0, costs)  # 800 + 400 > 1000
-    assert not refused.admitted and refused.reason == adm.COST_DAY
+    assert not refused.admitted and refused.reason == limits.COST_DAY
     await admission.settle(p, "a", 10, 10, (b"100", b"0"))  # real cost far below the reservation
     assert (await admission.admit(p, "c", 10, 10, 0, costs)).admitted  # 100 + 400 + 400 <= 1000
     refused = await admission.admit(p, "d", 10, 10, 0, (b"101", b"0"))  # 900 + 101 > 1000
@@ -141,7 +142,7 @@ async def test_quota_cost_budget_in_its_own_price_list(admission, fake_redis):
     assert costs == (b"0", b"2")
     assert (await admission.admit(p, "q1", 2, 2, 0, costs)).admitted
     refused = await admission.admit(p, "q2", 2, 2, 0, costs)
-    assert not refused.admitted and refused.reason == adm.COST_MONTH and refused.subject == 2
+    assert not refused.admitted and refused.reason == limits.COST_MONTH and refused.subject == 2
     err = adm.rejection(refused, p, 2)
     assert err.status == 429 and err.code == "insufficient_quota" and "AtlasQuota team/shared" in err.message
 

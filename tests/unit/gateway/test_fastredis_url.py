@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from atlas_gateway.fastredis import FastRedis
+from atlas_gateway.store.fastredis import FastRedis
 
 
 def test_plain_url_has_no_tls_and_unquotes_credentials():

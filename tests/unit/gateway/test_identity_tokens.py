@@ -17,7 +17,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from atlas_core import contract
 from atlas_core.contract import Issuer
-from atlas_gateway.identity_tokens import TokenAuthenticator, TokenRefused, looks_like_jwt
+from atlas_gateway.auth.identity_tokens import TokenAuthenticator, TokenRefused, looks_like_jwt
 
 CLUSTER = "https://kubernetes.default.svc"
 OIDC = "https://login.example.com"

@@ -11,13 +11,12 @@ from fractions import Fraction
 from hypothesis import example, given, strategies as st
 
 from atlas_core import contract
-from atlas_gateway.admission import (
-    COST_DAY, COST_MONTH, DAY, MONTH, REASON_NAMES, Calendar, Decision, format_duration, rate_limit_headers,
-    rejection,
-)
-from atlas_gateway.calls import cost_args, limit_args
-from atlas_gateway.errors import GatewayError
-from atlas_gateway.tokens import CAP_FIELDS, Meter, utf8_len
+from atlas_gateway.http.errors import GatewayError
+from atlas_gateway.ledger.admission import Calendar, Decision, format_duration, rate_limit_headers, rejection
+from atlas_gateway.ledger.limits import COST_DAY, COST_MONTH, DAY, MONTH, REFUSALS, limit_args
+from atlas_gateway.ledger.script_args import cost_args
+from atlas_gateway.metering.bounds import Meter, utf8_len
+from atlas_gateway.routes import route
 
 from .conftest import make_principal
 
@@ -77,7 +76,7 @@ def test_rate_limit_headers_are_present_for_each_limited_kind_and_plain_ascii(rl
 # --------------------------------------------------------------------------- Retry-After
 
 
-@given(reason=st.sampled_from(sorted(r for r in REASON_NAMES if r < 99)), retry_ms=st.integers(0, 2**63 - 1),
+@given(reason=st.sampled_from(sorted(r for r in REFUSALS if r < 99)), retry_ms=st.integers(0, 2**63 - 1),
        subject=st.sampled_from([0, 1, 2]), reserve=st.integers(0, CRD_MAX_TOKENS))
 def test_retry_after_is_a_whole_number_of_seconds_no_sooner_than_the_real_wait(reason, retry_ms, subject, reserve):
     principal = make_principal(contract.Limits(tokens_per_day=1), contract.Limits(tokens_per_day=1))
@@ -148,9 +147,9 @@ def test_a_chat_reservation_bounds_the_request_and_fits_the_admission_script(
     cap = min(positive) if positive else default_cap
     sequences = max(n or 1, best_of or 1)
     try:
-        bound = meter.bound("chat", doc)
+        bound = meter.bound(route("chat"), doc)
     except GatewayError as refused:
-        assert refused.status == 400 and refused.param in CAP_FIELDS["chat"] + ("n", "best_of")
+        assert refused.status == 400 and refused.param in route("chat").cap_fields + ("n", "best_of")
         assert cap * sequences > CRD_MAX_TOKENS
         return
     assert (bound.cap, bound.sequences) == (cap, sequences)

@@ -6,16 +6,18 @@ import json
 
 import pytest
 
-from atlas_gateway import errors
-from atlas_gateway.headers import RequestHeaders, api_key_from_headers
-from atlas_gateway.fastredis import ReplyError, pack, reply_reader
+from atlas_gateway.http import errors
+from atlas_gateway.http.headers import RequestHeaders, api_key_from_headers
+from atlas_gateway.store.fastredis import ReplyError, pack, reply_reader
 from atlas_gateway.globs import compile_globs, first_match
-from atlas_gateway.priority import Shedder, effective_priority
+from atlas_gateway.shedding.priority import effective_priority
+from atlas_gateway.shedding.shedder import Shedder
+from atlas_gateway.routes import route
 from atlas_gateway.settings import Settings, SettingsError
-from atlas_gateway.streaming import StreamState, _filter
-from atlas_gateway.upstreams import Upstreams
-from atlas_gateway.usage import split_usage, usage_from_body
-from atlas_gateway.validation import parse_body, validate
+from atlas_gateway.metering.events import StreamState, filter_events
+from atlas_gateway.upstream.targets import Upstreams
+from atlas_gateway.metering.usage import split_usage, usage_from_body
+from atlas_gateway.metering.validation import parse_body, validate
 
 
 # ------------------------------------------------------------------------------- errors
@@ -124,12 +126,12 @@ def test_validation_errors_name_the_field():
         parse_body(b"{not json")
     assert exc.value.status == 400
     with pytest.raises(errors.GatewayError) as exc:
-        validate("chat", {"model": "m", "messages": []})
+        validate(route("chat"), {"model": "m", "messages": []})
     assert exc.value.param == "messages"
     with pytest.raises(errors.GatewayError) as exc:
-        validate("chat", {"model": "m", "messages": [{}], "max_tokens": -1})
+        validate(route("chat"), {"model": "m", "messages": [{}], "max_tokens": -1})
     assert exc.value.param == "max_tokens"
-    assert validate("embeddings", {"model": "e", "input": "x"}) == "e"
+    assert validate(route("embeddings"), {"model": "e", "input": "x"}) == "e"
 
 
 # ------------------------------------------------------------------------------ usage / SSE
@@ -149,10 +151,10 @@ def test_sse_filter_strips_injected_usage_chunk_only():
              + _event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
              + b"data: [DONE]\n\n")
     state = StreamState()
-    out = _filter(block, state, strip_usage=True)
+    out = filter_events(block, state, strip_usage=True)
     assert b'"prompt_tokens"' not in out and b"[DONE]" in out and b'"content": "a"' in out
     assert state.usage["total_tokens"] == 3 and state.delivered == 1
-    kept = _filter(block, StreamState(), strip_usage=False)
+    kept = filter_events(block, StreamState(), strip_usage=False)
     assert kept == block
 
 
@@ -182,8 +184,8 @@ def test_settings_from_env():
 
 
 def test_pre_encoded_script_call_equals_plain_encoding():
-    from atlas_gateway.calls import CallShape
-    from atlas_gateway.scripts import FastScript
+    from atlas_gateway.store.scripts import CallShape
+    from atlas_gateway.store.scripts import FastScript
 
     script = FastScript(client=None, source="return 1")
     shape = CallShape((b"k1", b"k2"), (b"a", b"bcd", b""))
@@ -214,16 +216,16 @@ def sse(event: str | None, doc: dict) -> bytes:
 
 def test_stream_usage_is_cumulative_and_the_last_value_wins():
     state = StreamState()
-    _filter(sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9,
+    filter_events(sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9,
                                                                                 "output_tokens": 1}}}),
             state, False)
-    _filter(sse("content_block_delta", {"type": "content_block_delta", "delta": {"text": "x"}}), state, False)
-    _filter(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 15}}), state, False)
-    _filter(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 30}}), state, False)
+    filter_events(sse("content_block_delta", {"type": "content_block_delta", "delta": {"text": "x"}}), state, False)
+    filter_events(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 15}}), state, False)
+    filter_events(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 30}}), state, False)
     assert split_usage(state.usage) == (9, 30, 39)
     chat = StreamState()
     for done in (1, 2, 3):  # per-frame cumulative usage (continuous_usage_stats)
-        _filter(sse(None, {"choices": [{"delta": {"content": "x"}}],
+        filter_events(sse(None, {"choices": [{"delta": {"content": "x"}}],
                            "usage": {"prompt_tokens": 4, "completion_tokens": done, "total_tokens": 4 + done}}),
                 chat, True)
     assert split_usage(chat.usage) == (4, 3, 7) and chat.delivered == 3
@@ -231,10 +233,10 @@ def test_stream_usage_is_cumulative_and_the_last_value_wins():
 
 def test_responses_stream_notes_the_id_and_the_terminal_usage():
     state = StreamState(want_id=True)
-    _filter(sse("response.created", {"type": "response.created", "response": {"id": "resp_1", "usage": None}}),
+    filter_events(sse("response.created", {"type": "response.created", "response": {"id": "resp_1", "usage": None}}),
             state, False)
-    _filter(sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": "x"}), state, False)
-    _filter(sse("response.incomplete", {"type": "response.incomplete", "response": {
+    filter_events(sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": "x"}), state, False)
+    filter_events(sse("response.incomplete", {"type": "response.incomplete", "response": {
         "id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}}), state, False)
     assert state.response_id == "resp_1" and split_usage(state.usage) == (7, 3, 10)
 

@@ -1,5 +1,5 @@
-"""The Lua scripts, calls.py and the contract agree: the usage-hash field names the scripts
-write are the contract's (Lua keeps them as literals), and the KEYS calls.py builds are where
+"""The Lua scripts, ledger/script_args.py and the contract agree: the usage-hash field names the scripts
+write are the contract's (Lua keeps them as literals), and the KEYS script_args.py builds are where
 each script reads them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from importlib import resources
 
 from atlas_core import contract
-from atlas_gateway.calls import ScriptCalls
+from atlas_gateway.ledger.script_args import ScriptCalls
 from tests.unit.gateway.conftest import make_principal
 
 # per script: the KEYS positions (per subject, 1-based after the subject's offset `k`) of its
@@ -23,7 +23,7 @@ HASH_CALL = re.compile(r"redis\.call\('(H[A-Z]+)', (KEYS\[k \+ \d\]|\w+), '(\w+)
 
 
 def fields_used(script: str) -> tuple[set[str], set[str]]:
-    source = resources.files("atlas_gateway").joinpath(script).read_text()
+    source = resources.files("atlas_gateway.ledger").joinpath(script).read_text()
     day_keys, month_keys = USAGE_KEYS[script]
     day, month = set(), set()
     for _, key, field in HASH_CALL.findall(source):

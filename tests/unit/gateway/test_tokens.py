@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from atlas_gateway import errors
-from atlas_gateway.tokens import Meter, apply_cap, cap_patch, rendered_len, utf8_len
+from atlas_gateway.http import errors
+from atlas_gateway.metering.bounds import Meter, apply_cap, cap_patch, rendered_len, utf8_len
+from atlas_gateway.routes import route
 
 METER = Meter(default_cap=100, per_request=10, per_message=5, per_prompt=2, media_part=300)
 
@@ -35,7 +36,7 @@ def test_rendered_len_is_the_indent_4_rendering(value):
 
 
 def test_chat_bound_counts_roles_content_and_template_allowances():
-    bound = METER.bound("chat", chat({"role": "user", "content": "hello"}))
+    bound = METER.bound(route("chat"), chat({"role": "user", "content": "hello"}))
     assert bound.prompt == 10 + 5 + len("user") + len("hello")
     assert (bound.cap, bound.sequences) == (100, 1)  # no cap sent: the default
 
@@ -45,7 +46,7 @@ def test_chat_tools_tool_calls_and_tool_results_are_counted_as_rendered():
     calls = [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"x\"}"}}]
     body = chat({"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
                 {"role": "tool", "tool_call_id": "c1", "content": "result text"}, tools=tools)
-    bound = METER.bound("chat", body)
+    bound = METER.bound(route("chat"), body)
     expected = (10 + 3 * 5 + len("user") + 2 + len("assistant") + rendered_len(calls)
                 + len("tool") + len("c1") + len("result text") + rendered_len(tools))
     assert bound.prompt == expected
@@ -54,7 +55,7 @@ def test_chat_tools_tool_calls_and_tool_results_are_counted_as_rendered():
 def test_media_parts_count_the_configured_allowance_each():
     parts = [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "http://x/1.png"}},
              {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]
-    bound = METER.bound("chat", chat({"role": "user", "content": parts}))
+    bound = METER.bound(route("chat"), chat({"role": "user", "content": parts}))
     assert bound.prompt == 10 + 5 + 4 + (3 + 1) + 2 * 300
 
 
@@ -69,32 +70,32 @@ def test_media_parts_count_the_configured_allowance_each():
 ])
 def test_what_cannot_be_bounded_is_a_400_naming_the_field(body, param):
     with pytest.raises(errors.GatewayError) as exc:
-        METER.bound("chat", body)
+        METER.bound(route("chat"), body)
     assert exc.value.status == 400 and exc.value.param == param
 
 
 def test_caps_smallest_positive_wins_zero_means_absent():
     m = {"role": "user", "content": "x"}
-    assert METER.bound("chat", chat(m, max_completion_tokens=0, max_tokens=1000)).cap == 1000
-    assert METER.bound("chat", chat(m, max_completion_tokens=7, max_tokens=99)).cap == 7
-    assert METER.bound("chat", chat(m, max_completion_tokens=99, max_tokens=7)).cap == 7
-    assert METER.bound("chat", chat(m, max_tokens=0)).cap == 100
+    assert METER.bound(route("chat"), chat(m, max_completion_tokens=0, max_tokens=1000)).cap == 1000
+    assert METER.bound(route("chat"), chat(m, max_completion_tokens=7, max_tokens=99)).cap == 7
+    assert METER.bound(route("chat"), chat(m, max_completion_tokens=99, max_tokens=7)).cap == 7
+    assert METER.bound(route("chat"), chat(m, max_tokens=0)).cap == 100
 
 
 def test_choices_multiply_the_completion_part():
     m = {"role": "user", "content": "x"}
-    assert METER.bound("chat", chat(m, n=3, max_tokens=10)).sequences == 3
-    bound = METER.bound("completions", {"prompt": "abc", "n": 2, "best_of": 5, "max_tokens": 10})
+    assert METER.bound(route("chat"), chat(m, n=3, max_tokens=10)).sequences == 3
+    bound = METER.bound(route("completions"), {"prompt": "abc", "n": 2, "best_of": 5, "max_tokens": 10})
     assert (bound.prompt, bound.cap, bound.sequences, bound.reserve) == (3 + 2, 10, 5, 55)
 
 
 def test_batched_and_token_prompts():
-    batch = METER.bound("completions", {"prompt": ["ab"] * 100, "max_tokens": 20, "n": 2})
+    batch = METER.bound(route("completions"), {"prompt": ["ab"] * 100, "max_tokens": 20, "n": 2})
     assert (batch.prompt, batch.sequences, batch.reserve) == (100 * (2 + 2), 200, 400 + 4000)
-    assert METER.bound("completions", {"prompt": [1, 2, 3], "max_tokens": 5}).reserve == 3 + 5
-    assert METER.bound("completions", {"prompt": [[1, 2], [3]], "max_tokens": 5}).reserve == 3 + 10
-    assert METER.bound("completions", {"prompt": "ab", "suffix": "cd", "max_tokens": 1}).prompt == 2 + 2 + 2
-    emb = METER.bound("embeddings", {"input": ["abc", "abcdef", [7, 8]]})
+    assert METER.bound(route("completions"), {"prompt": [1, 2, 3], "max_tokens": 5}).reserve == 3 + 5
+    assert METER.bound(route("completions"), {"prompt": [[1, 2], [3]], "max_tokens": 5}).reserve == 3 + 10
+    assert METER.bound(route("completions"), {"prompt": "ab", "suffix": "cd", "max_tokens": 1}).prompt == 2 + 2 + 2
+    emb = METER.bound(route("embeddings"), {"input": ["abc", "abcdef", [7, 8]]})
     assert (emb.prompt, emb.sequences, emb.reserve) == (5 + 8 + 2, 0, 15)
 
 
@@ -104,7 +105,7 @@ def test_batched_and_token_prompts():
 ])
 def test_unknown_prompt_shapes_are_refused(prompt, param):
     with pytest.raises(errors.GatewayError) as exc:
-        METER.bound("completions", {"prompt": prompt})
+        METER.bound(route("completions"), {"prompt": prompt})
     assert exc.value.status == 400 and exc.value.param == param
 
 
@@ -115,11 +116,11 @@ def test_responses_bound():
         {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c", "output": "42"},
     ]}
-    bound = METER.bound("responses", body, previous_tokens=1000)
+    bound = METER.bound(route("responses"), body, previous_tokens=1000)
     expected = (10 + 5 + len("be brief") + 5 + 4 + 6 + 300 + 5 + rendered_len(body["input"][1])
                 + 5 + rendered_len(body["input"][2]) + 1000)
     assert (bound.prompt, bound.cap, bound.sequences) == (expected, 30, 1)
-    assert METER.bound("responses", {"model": "m", "input": "hi"}).prompt == 10 + 5 + 2
+    assert METER.bound(route("responses"), {"model": "m", "input": "hi"}).prompt == 10 + 5 + 2
 
 
 @pytest.mark.parametrize("field, value, param", [
@@ -129,7 +130,7 @@ def test_responses_bound():
 ])
 def test_responses_that_cannot_be_bounded(field, value, param):
     with pytest.raises(errors.GatewayError) as exc:
-        METER.bound("responses", {"model": "m", "input": "hi", field: value})
+        METER.bound(route("responses"), {"model": "m", "input": "hi", field: value})
     assert exc.value.param == param
 
 
@@ -140,44 +141,44 @@ def test_messages_bound_counts_system_tool_use_and_results():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
                                       "content": [{"type": "text", "text": "ok"}]}]},
     ]}
-    bound = METER.bound("messages", body)
+    bound = METER.bound(route("messages"), body)
     tool_use = body["messages"][1]["content"][0]
     result_rest = {"type": "tool_result", "tool_use_id": "t"}
     expected = (10 + 3 * 5 + 4 + 2 + 9 + rendered_len(tool_use) + 4 + (2 + 1) + rendered_len(result_rest)
                 + 5 + (3 + 1))
     assert (bound.prompt, bound.cap) == (expected, 50)
     with pytest.raises(errors.GatewayError) as exc:
-        METER.bound("messages", {**body, "tools": [{"type": "web_search_20250305", "name": "s"}]})
+        METER.bound(route("messages"), {**body, "tools": [{"type": "web_search_20250305", "name": "s"}]})
     assert exc.value.param == "tools[0].type"
 
 
 def test_rerank_and_score_count_every_pair():
-    rerank = METER.bound("rerank", {"query": "abc", "documents": ["de", {"text": "fgh"}]})
+    rerank = METER.bound(route("rerank"), {"query": "abc", "documents": ["de", {"text": "fgh"}]})
     assert (rerank.prompt, rerank.sequences) == ((3 + 2 + 2) + (3 + 3 + 2), 0)
-    assert METER.bound("score", {"text_1": "ab", "text_2": ["c", "de"]}).prompt == 2 * (2 + 2) + 3
-    assert METER.bound("score", {"text_1": ["ab", "c"], "text_2": ["d", "ef"]}).prompt == 3 + 3 + 4
+    assert METER.bound(route("score"), {"text_1": "ab", "text_2": ["c", "de"]}).prompt == 2 * (2 + 2) + 3
+    assert METER.bound(route("score"), {"text_1": ["ab", "c"], "text_2": ["d", "ef"]}).prompt == 3 + 3 + 4
     with pytest.raises(errors.GatewayError) as exc:
-        METER.bound("score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
+        METER.bound(route("score"), {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
     assert exc.value.param == "text_2"
 
 
 def test_requests_only_routes_reserve_nothing():
-    assert METER.bound("tokenize", {"model": "m", "prompt": "x" * 1000}).reserve == 0
+    assert METER.bound(route("tokenize"), {"model": "m", "prompt": "x" * 1000}).reserve == 0
 
 
 def test_apply_cap_sets_every_cap_field_coherently():
     doc = {"max_completion_tokens": 0, "max_tokens": 1000, "min_tokens": 50}
-    apply_cap("chat", doc, 20)
+    apply_cap(route("chat"), doc, 20)
     assert doc == {"max_completion_tokens": 20, "max_tokens": 20, "min_tokens": 20}
     doc = {}
-    apply_cap("responses", doc, 7)
+    apply_cap(route("responses"), doc, 7)
     assert doc == {"max_output_tokens": 7}
     doc = {"prompt": "x"}
-    apply_cap("completions", doc, 9)
+    apply_cap(route("completions"), doc, 9)
     assert doc == {"prompt": "x", "max_tokens": 9}
 
 
-@pytest.mark.parametrize("kind, doc, cap, patch", [
+@pytest.mark.parametrize("name, doc, cap, patch", [
     ("chat", {"model": "m", "max_tokens": 16}, 16, b',"max_completion_tokens":16'),
     ("chat", {"model": "m"}, 100, b',"max_completion_tokens":100,"max_tokens":100'),
     ("chat", {"model": "m", "max_tokens": 16, "max_completion_tokens": 16}, 16, b""),
@@ -187,13 +188,13 @@ def test_apply_cap_sets_every_cap_field_coherently():
     ("completions", {"model": "m", "max_tokens": 5, "max_completion_tokens": 9}, 5, None),
     ("responses", {"model": "m"}, 7, b',"max_output_tokens":7'),
 ])
-def test_cap_patch_appends_only_missing_fields(kind, doc, cap, patch):
+def test_cap_patch_appends_only_missing_fields(name, doc, cap, patch):
     raw = json.dumps(doc).encode() + b" \n"
-    assert cap_patch(kind, doc, cap, raw) == patch
+    assert cap_patch(route(name), doc, cap, raw) == patch
     if patch is not None:  # appended to the client's bytes, it reads back as apply_cap's result
         patched = json.loads(raw.rstrip()[:-1] + patch + b"}")
         expected = dict(doc)
-        apply_cap(kind, expected, cap)
+        apply_cap(route(name), expected, cap)
         assert patched == expected
 
 
@@ -204,7 +205,7 @@ def test_cap_patch_appends_only_missing_fields(kind, doc, cap, patch):
 ])
 def test_cap_patch_refuses_ambiguous_bodies(raw):
     doc = json.loads(raw)
-    patch = cap_patch("chat", doc, 16, raw)
+    patch = cap_patch(route("chat"), doc, 16, raw)
     if b"max_output_tokens" in raw:
         assert patch == b',"max_completion_tokens":16'
     else:

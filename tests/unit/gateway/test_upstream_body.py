@@ -7,16 +7,17 @@ import json
 
 import pytest
 
-from atlas_gateway.upstream_body import UpstreamBody
-from atlas_gateway.validation import parse_body
+from atlas_gateway.routes import route
+from atlas_gateway.metering.body import UpstreamBody
+from atlas_gateway.metering.validation import parse_body
 
 PROMPT = "x" * 200_000 + " caf\u00e9 \u4e2d"  # a big prompt with non-ASCII text
 
 
 def forwarded(doc: dict, raw: bytes | None = None, cap: int = 64, priority: int | None = None,
-              kind: str = "chat") -> tuple[UpstreamBody, bytes]:
+              name: str = "chat") -> tuple[UpstreamBody, bytes]:
     raw = raw if raw is not None else json.dumps(doc).encode() + b"\n"
-    return UpstreamBody(kind, parse_body(raw), raw, cap, priority), raw
+    return UpstreamBody(route(name), parse_body(raw), raw, cap, priority), raw
 
 
 def spliced(body: UpstreamBody, raw: bytes) -> bool:
@@ -53,11 +54,11 @@ def test_stream_options_present_without_include_usage_is_rewritten_with_one_key(
 
 def test_forwarded_priority_is_appended_and_a_clients_own_is_replaced_or_removed():
     doc = {"model": "m", "input": "hi"}
-    body, raw = forwarded(doc, kind="embeddings", priority=2)
+    body, raw = forwarded(doc, name="embeddings", priority=2)
     assert spliced(body, raw) and json.loads(body.payload) == {**doc, "priority": 2}
-    body, _ = forwarded({**doc, "priority": -100}, kind="embeddings", priority=2)
+    body, _ = forwarded({**doc, "priority": -100}, name="embeddings", priority=2)
     assert json.loads(body.payload) == {**doc, "priority": 2}
-    body, _ = forwarded({**doc, "priority": -100}, kind="embeddings")
+    body, _ = forwarded({**doc, "priority": -100}, name="embeddings")
     assert json.loads(body.payload) == doc
 
 

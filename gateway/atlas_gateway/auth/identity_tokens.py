@@ -213,10 +213,15 @@ def verify(token: str, issuers: TrustedIssuer, header: dict[str, Any], leeway: f
             raise TokenRefused(f"The token has no {exc.claim!r} claim.") from None
         except jwt.InvalidTokenError as exc:
             raise TokenRefused(f"The token is not valid: {exc}.") from None
+        except (ValueError, TypeError, OverflowError):  # a shape the library did not expect: never a 500
+            raise TokenRefused("The token is not valid.") from None
     if verified is None:
         raise TokenRefused("The token's signature does not verify with issuer "
                            f"{issuer.url!r}'s keys.")
-    expires_at = float(verified["exp"])
+    exp = verified["exp"]
+    if not isinstance(exp, (int, float)) or not 0 < exp <= contract.MAX_UNIX_SECONDS:
+        raise TokenRefused("The token's exp is not a time.")
+    expires_at = float(exp)
     if issuer.service_accounts:
         return _service_account(issuer.url, verified, expires_at)
     return _oidc(issuer, verified, expires_at)

@@ -236,3 +236,10 @@ async def test_a_burst_of_a_new_tokens_requests_verifies_it_once(redis, monkeypa
     results = await asyncio.gather(*(key_of(auth, forged) for _ in range(20)), return_exceptions=True)
     assert all(isinstance(r, TokenRefused) and "signature" in r.message for r in results)
     assert len(calls) == 2  # the forged one: once too
+
+
+@pytest.mark.parametrize("claims", [
+    {"exp": "tomorrow"}, {"exp": 10**400}, {"nbf": [1]}, {"aud": {"x": 1}}, {"iat": "now"}, {"kubernetes.io": "x"},
+])
+async def test_odd_claim_shapes_are_refused_never_raised(auth, claims):
+    await refused(auth, sign(sa_claims(**claims)))

@@ -30,6 +30,7 @@ VALID = [
     "quota_shrink_month",
     "pricelist_full",
     "key_cost_budget",
+    "key_subjects_full",
 ]
 
 INVALID = {
@@ -79,6 +80,13 @@ INVALID = {
                                    "need spec.priceListRef",
     "key_cost_negative": "spec.limits.costPerDay: Invalid value: -1",
     "quota_cost_month_below_day": "spec.limits.costPerMonth: Invalid value: costPerMonth must be >= costPerDay",
+    "key_subject_kind_invalid": "spec.subjects[1].kind: Unsupported value: \"Pod\": supported values: \"ServiceAccount\", \"User\", \"Group\"",
+    "key_subject_namespace_on_user": "spec.subjects[1].namespace: Forbidden: namespace applies only to kind ServiceAccount",
+    "key_subject_sa_name_invalid": "spec.subjects[0].name: Invalid value: a ServiceAccount name must be a lowercase DNS subdomain",
+    "key_subject_namespace_invalid": "spec.subjects[0].namespace: Invalid value: \"Jobs.Prod\"",
+    "key_subject_name_missing": "spec.subjects[0].name: Required value",
+    "key_subject_name_padded": "spec.subjects[0].name: Invalid value: \" alice\"",
+    "key_subject_api_group_wrong": "spec.subjects[1].apiGroup: Invalid value: apiGroup must be \"\" for kind ServiceAccount",
 }
 
 

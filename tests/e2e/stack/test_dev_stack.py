@@ -181,6 +181,25 @@ def answers(stack, token: str) -> int:
         return exc.status_code
 
 
+def test_a_token_authenticated_request_is_traced_as_its_atlaskey_never_the_token(stack):
+    from atlas_devstack.jaeger import attributes, trace_spans
+
+    kubectl(stack, "create", "serviceaccount", "e2e-traced")
+    workload_key(stack, "e2e-traced", [{"kind": "ServiceAccount", "name": "e2e-traced"}])
+    token = kubectl(stack, "create", "token", "e2e-traced", "--audience", "atlas").stdout.strip()
+    wait_for("the token to work", lambda: answers(stack, token) == 200, 30, interval=0.1)
+    trace_id = os.urandom(16).hex()
+    client(stack, token).chat.completions.create(
+        model="llama-3.1-8b-instruct", max_tokens=2, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"})
+    spans = wait_for("the trace in the stack's Jaeger", lambda: len(s := trace_spans(stack.env["ATLAS_JAEGER_URL"],
+                                                                                      trace_id)) >= 4 and s, 30)
+    [server] = [s for s in spans if s["name"] == "POST /v1/chat/completions"]
+    assert attributes(server)["atlas.key"] == "default/e2e-traced"
+    assert token not in json.dumps(spans) and token.split(".")[2] not in json.dumps(spans)
+    assert token.split(".")[2] not in (stack.logs / "gateway.log").read_text()
+
+
 def test_a_service_account_token_is_its_atlaskey_through_the_openai_sdk(stack):
     """`kubectl create token SA --audience atlas` as the API key: limits, models, usage and
     metrics are the AtlasKey's; a deleted (then recreated) ServiceAccount's token is refused

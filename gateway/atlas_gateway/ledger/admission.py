@@ -162,10 +162,15 @@ class Admission:
         return int(await self._refresh(self.calls.refresh_shape(principal), self.calls.refresh_args(request_id)))
 
 
+def refusing_owner(decision: Decision, principal: Principal) -> str:
+    """``AtlasKey ns/name`` or ``AtlasQuota ns/name``: whose limit refused the admission."""
+    subject = principal.subjects[decision.subject - 1] if decision.subject else principal.subjects[0]
+    return ("AtlasQuota " + subject[2:]) if subject.startswith("q:") else ("AtlasKey " + subject[2:])
+
+
 def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.GatewayError:
     """The 429 a refused admission turns into, with a real Retry-After (seconds, rounded up).
     The caller adds ``decision.headers`` (the x-ratelimit-* values) itself."""
     retry_after = max(1, -(-decision.retry_ms // 1000))
-    subject = principal.subjects[decision.subject - 1] if decision.subject else principal.subjects[0]
-    owner = ("AtlasQuota " + subject[2:]) if subject.startswith("q:") else ("AtlasKey " + subject[2:])
+    owner = refusing_owner(decision, principal)
     return REFUSALS[decision.reason].error(owner, reserve, retry_after)

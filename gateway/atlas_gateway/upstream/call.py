@@ -18,7 +18,7 @@ from ..http.asgi import send_bytes, send_error
 from ..metering.body import UpstreamBody
 from ..metering.bounds import text_tokens
 from ..metering.events import StreamState
-from ..metering.usage import cached_tokens, response_id_from_body, usage_from_body
+from ..metering.usage import cached_tokens, model_from_body, response_id_from_body, usage_from_body
 from ..request import RequestContext
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
 from .headers import stamp
@@ -126,7 +126,8 @@ class UpstreamCall:
         streaming = body.streaming
         forward = req.forward
         forward["content-type"] = "application/json"
-        stamp(forward, rt.upstream_auth, req.id)
+        span = req.trace.upstream(req.doc["model"])  # the upstream call's span, if traced
+        stamp(forward, rt.upstream_auth, req.id, span.traceparent)
         url = rt.upstreams.base_for(req.doc["model"]) + req.route.path
 
         shedder = rt.shedder
@@ -156,6 +157,8 @@ class UpstreamCall:
                         metrics.observe_upstream(req.model, self.upstream_seconds)
                         status = resp.status
                         self.billed = self._bill_body(status, answer)
+                        if req.trace.recording:
+                            req.response_model = model_from_body(answer)
                         if self.owner is not None and status == 200:
                             await self._record_owner(response_id_from_body(answer))
                         self._stop_watcher()
@@ -172,6 +175,7 @@ class UpstreamCall:
                     raise
                 asyncio.current_task().uncancel()
                 status = 499  # client closed the request (nginx's convention), for metrics only
+                req.error = "The client left before the answer ended."
             except asyncio.TimeoutError:
                 status = 504
                 await self._fail(send, errors.upstream_timeout())
@@ -184,6 +188,10 @@ class UpstreamCall:
             self._stop_watcher()
             shedder.inflight -= 1
             metrics.upstream_finished(req.model)
+            req.status, req.billed, req.cached = status, self.billed, self.cached
+            if status >= 400 and req.error is None:
+                req.error = f"The upstream answered {status}."
+            span.end(req.error if status >= 400 or not status else None)
             await self._settle()
             metrics.count_request(req.ref, req.model, status, req.priority)
             metrics.count_tokens(req.ref, req.model, self.billed.prompt, self.billed.completion)
@@ -194,13 +202,16 @@ class UpstreamCall:
             actual = self.billed.total
             if actual > self.req.reserve:  # a misbehaving upstream: charged in full, and counted
                 metrics.count_overrun(self.req.ref, actual - self.req.reserve)
+            span = self.req.trace.child("atlas.settlement")
             await self.ticket.settle(actual, self.billed.prompt, self.cached)
+            span.end()
 
     async def _record_owner(self, response_id: str | None) -> None:
         if response_id:
             await self.rt.response_owners.record(response_id, self.owner, self.billed.total)
 
     async def _fail(self, send, err: errors.GatewayError) -> None:
+        self.req.refused(err)
         self._stop_watcher()
         await send_error(send, err, self.req.response_headers)
 
@@ -231,6 +242,7 @@ class UpstreamCall:
                 if cut:  # a running count (message_delta) may lag what was delivered
                     completion = max(completion, stream.delivered)
                 self.billed = Bill(prompt, completion)
+                self.req.response_model = stream.model
             else:  # cut short, or an upstream that ignores include_usage: bill what was delivered
                 self.billed = Bill(self.req.prompt_estimate, stream.delivered)
             if cut:

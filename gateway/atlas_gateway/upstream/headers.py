@@ -10,11 +10,16 @@ inference gateway's steering headers) and the ones it must strip belong here too
 from __future__ import annotations
 
 
-def stamp(headers: dict[str, str], credentials: str | None, request_id: str | None = None) -> dict[str, str]:
-    """``headers`` (changed in place) with Atlas's request id and the upstream's credentials
-    (``Authorization`` from ATLAS_UPSTREAM_API_KEY, never the client's key)."""
+def stamp(headers: dict[str, str], credentials: str | None, request_id: str | None = None,
+          traceparent: str | None = None) -> dict[str, str]:
+    """``headers`` (changed in place) with Atlas's request id, the upstream's credentials
+    (``Authorization`` from ATLAS_UPSTREAM_API_KEY, never the client's key) and, when the gateway
+    traces, its own ``traceparent`` (telemetry/: the upstream's spans become the gateway's
+    children; with tracing off the client's own passes through)."""
     if request_id is not None:
         headers["x-request-id"] = request_id
+    if traceparent is not None:
+        headers["traceparent"] = traceparent
     if credentials:
         headers["authorization"] = credentials
     return headers

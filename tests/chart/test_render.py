@@ -491,6 +491,11 @@ def test_tracing_is_off_by_default_and_values_set_the_standard_variables(helm):
                                     "deployment.environment=prod",
         "ATLAS_USAGE_RECORDS": "otlp",
     }
+    # `--set samplerArg=1` is an integer to Helm, as `samplerArg: 1` in a values file is a number
+    whole = helm.render(ci_values("default"), sets=["gateway.tracing.endpoint=http://c:4318",
+                                                     "gateway.tracing.samplerArg=1"])
+    whole_env = env_of(pod_spec(whole.one("Deployment", "-gateway"))["containers"][0])
+    assert whole_env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "1"
     # $(POD_NAME) is expanded by the kubelet only from variables defined before it
     names = list(env)
     assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")

@@ -30,6 +30,7 @@ from .shedding.shedder import Shedder
 from .store.cluster import ClusterFastRedis
 from .store.failover import MasterWatch
 from .store.fastredis import FastRedis
+from .upstream.headers import UpstreamHeaders
 from .upstream.targets import Upstreams
 
 log = logging.getLogger("atlas_gateway")
@@ -106,8 +107,7 @@ class Runtime:
         self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
         self._ids = itertools.count(1)
         self._connect_redis()
-        auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
-        self.upstream_auth = auth
+        self.upstream_headers = UpstreamHeaders.from_settings(settings)
 
     def _connect_redis(self) -> None:
         """The Redis clients (single Redis or Cluster) and what is built on them."""

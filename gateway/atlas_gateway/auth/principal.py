@@ -15,7 +15,7 @@ class Principal:
     """Everything the hot path needs about one key, precomputed when the config is loaded."""
 
     __slots__ = (
-        "key", "quota", "quota_missing", "ref", "subjects", "subject_limits", "allows_model", "priority",
+        "key", "quota", "quota_missing", "ref", "fairness_id", "subjects", "subject_limits", "allows_model", "priority",
         "price_tables", "cost_limited", "priced", "currency", "tag", "ledger",
     )
 
@@ -24,6 +24,9 @@ class Principal:
         self.quota = quota
         self.quota_missing = bool(key.quota) and quota is None
         self.ref = key.ref
+        # the tenant an inference gateway's fair queueing sees: the shared budget, else the key
+        # (namespace/name, never key material; upstream/headers.py stamps it when configured)
+        self.fairness_id = key.quota_ref or key.ref
         # one hash tag for every counter of this key and of its quota: one cluster slot per call
         self.tag = contract.slot_tag(key.namespace, key.name, key.quota)
         subjects = [(contract.key_subject(key.namespace, key.name), key.limits, key.shortfall)]

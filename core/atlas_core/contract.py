@@ -151,7 +151,8 @@ class Limits:
     max_concurrent: int | None = None
     cost_per_day: float | None = None  # in the price list's currency
     cost_per_month: float | None = None
-    # soft budgets: past one a request is still admitted, demoted to Sheddable (below the hard ones)
+    # soft budgets: once settled usage reaches one, requests are still admitted, demoted to
+    # Sheddable (each below its hard one)
     soft_tokens_per_day: int | None = None
     soft_tokens_per_month: int | None = None
     soft_cost_per_day: float | None = None
@@ -199,11 +200,6 @@ class Limits:
     def cost_limited(self) -> bool:
         """A hard cost budget: an unpriced request cannot be admitted against it."""
         return self.cost_per_day is not None or self.cost_per_month is not None
-
-    @property
-    def cost_counted(self) -> bool:
-        """Cost is reserved and settled against a budget, hard or soft."""
-        return self.cost_limited or self.soft_cost_per_day is not None or self.soft_cost_per_month is not None
 
     @property
     def soft_limited(self) -> bool:
@@ -629,8 +625,8 @@ def soft_budgets(limits: Limits, usage: Usage) -> list[tuple[str, int, int]]:
 
 def soft_limit_passed(limits: Limits, usage: Usage) -> tuple[str, int] | None:
     """The first soft budget the settled ``usage`` has reached, as (CRD name, limit), or None:
-    from then on every request of the subject is demoted (the gateway demotes one already
-    when its reservation would cross it)."""
+    from then on every request of the subject is demoted (admit.lua checks the same, in the
+    same order, in the admission itself)."""
     for name, limit, used in soft_budgets(limits, usage):
         if used >= limit:
             return name, limit

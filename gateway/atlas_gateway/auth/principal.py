@@ -16,7 +16,7 @@ class Principal:
 
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "fairness_id", "subjects", "subject_limits", "allows_model", "priority",
-        "price_tables", "cost_limited", "priced", "currency", "tag", "ledger",
+        "price_tables", "cost_limited", "priced", "currency", "tag", "ledger", "soft_limited",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -41,6 +41,8 @@ class Principal:
         self.currency = key.price_list.currency if key.price_list is not None else None
         self.subjects = tuple(s for s, _, _ in subjects)
         self.subject_limits = tuple((lim, short) for _, lim, short in subjects)  # per subject, as subjects
+        # a soft budget on the key or its quota may demote its requests (admit.lua)
+        self.soft_limited = any(lim.soft_limited for _, lim, _ in subjects)
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY
         # what the ledger derives from this config (its script arguments, call shapes), built by

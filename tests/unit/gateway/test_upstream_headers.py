@@ -23,7 +23,7 @@ def test_atlas_stamps_the_objective_of_the_effective_priority_and_the_fairness_i
                             fairness=True)
     headers = rules.stamp(dict(STEERING), "req-2", "Sheddable", "search/team-search")
     for name in OBJECTIVE_HEADERS:
-        assert headers[name] == "batch"  # the client's "critical" is gone
+        assert headers[name] == "batch"  # the client's objective is gone
     for name in FAIRNESS_HEADERS:
         assert headers[name] == "search/team-search"
     assert headers["authorization"] == "Bearer up"

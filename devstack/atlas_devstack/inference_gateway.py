@@ -101,7 +101,8 @@ def envoy_config(listen_port: int, admin_port: int, *, epp_port: int | None = No
     treats as internal (and so honours their x-envoy-* headers), as a cluster's pod network would be."""
     manager: dict = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "inference", "use_remote_address": True,
+        # the client's address is the peer's; the gateway's request id is kept (the EPP logs by it)
+        "stat_prefix": "inference", "use_remote_address": True, "preserve_external_request_id": True,
         "route_config": {"virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "pool" if epp_port else "upstream", "timeout": "300s"}}]}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {

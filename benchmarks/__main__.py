@@ -13,7 +13,9 @@ run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer)
 3. 1 KB and 200 KB prompts, streamed and not (wrk c=1): the added p50 over nginx directly;
 4. memory per idle keep-alive connection and per open stream (benchmarks.memory);
 5. budget exactness (benchmarks.exactness) and 1,000 slow clients (benchmarks.slow_clients);
-6. with ``BENCH_PROFILE=1``, py-spy's top functions of each gateway under c=16 load.
+6. with ``BENCH_PROFILE=1``, py-spy's top functions of each gateway under c=16 load;
+7. this checkout's gateway authenticated by a workload identity token vs its static key
+   (benchmarks.token_auth: CPU per request in alternating pairs; skip: BENCH_SKIP_TOKEN=1).
 
 The tables and issue 13's targets (met / missed) are printed and written into
 docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
@@ -25,7 +27,7 @@ gateway; its CPU is that of the master holding the bench key's slot, when local)
 (s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATES ("500,2000"),
 BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
 BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
-BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
+BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
 BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only), BENCH_NOTE (a sentence put into the docs section,
 e.g. what "before" and "after" are). A smoke run:
 ``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_WRITE_DOCS=0 make bench``.
@@ -47,8 +49,8 @@ from pathlib import Path
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, tools
-from .gateways import GatewaySource, sources
+from . import bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, token_auth, tools
+from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import Proc, ProcError
 from .runs import CHAT, Bench, Target, gateway_target
@@ -183,6 +185,17 @@ def per_gateway_checks(s: Setup) -> list[str]:
                 flood = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.pid, BENCH_KEY, bodies.encode(bodies.SMALL)))
             s.res.slow_clients[src.label] = slow_clients.report(flood)
             print(f"   1,000 slow clients against {src.label}:\n{s.res.slow_clients[src.label]}", flush=True)
+        if src.root == HERE_ROOT and not _on("BENCH_SKIP_TOKEN"):  # other checkouts may predate tokens
+            token = token_auth.write_token_binding(redis_url)
+            with src.start(redis_url, s.json_base, s.workdir) as gw:
+                comparison = token_auth.compare(s.bench, gw.url, gw.pid, token)
+            static_us, token_us = token_auth.authentication_cost()
+            s.res.token_auth[src.label] = (f"{comparison.line()}; authentication alone, in-process: static key "
+                                           f"{static_us:.2f} µs, token {token_us:.2f} µs")
+            print(f"\n7. workload identity token vs static key ({src.label}): {s.res.token_auth[src.label]}",
+                  flush=True)
+            if comparison.errors:
+                failed.append(f"token vs static key of {src.label}")
     return failed
 
 

@@ -31,6 +31,7 @@ class Results:
     memory: dict[str, dict[str, dict]] = field(default_factory=dict)  # gateway -> idle/streams -> figures
     exactness: dict[str, dict] = field(default_factory=dict)
     slow_clients: dict[str, str] = field(default_factory=dict)
+    token_auth: dict[str, str] = field(default_factory=dict)  # gateway -> token vs static key (token_auth.py)
     profiles: dict[str, str] = field(default_factory=dict)  # gateway target -> profiling.report text
     gateways: list[str] = field(default_factory=list)  # Atlas labels, "before" first
     reference: str = "nginx directly"
@@ -268,6 +269,8 @@ def render(res: Results) -> str:
     for gw, flood in res.slow_clients.items():
         parts.append(f"1,000 slow clients ({gw}): {flood.strip().splitlines()[-1].strip()}")
         parts.append("")
+    for gw, line in res.token_auth.items():
+        parts += [f"Workload identity token vs static key ({gw}): {line}", ""]
     return "\n".join(parts).rstrip() + "\n"
 
 

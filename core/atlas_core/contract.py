@@ -6,8 +6,8 @@ name by hand. See docs/redis-contract.md for the operator-facing description.
 
 Ownership (who writes what):
 
-* config (``key:*``, ``quota:*``, ``index:*``, ``config:epoch``): written only by the operator;
-  the gateway only reads it.
+* config (``key:*``, ``quota:*``, ``index:*``, ``identity:*``, ``config:epoch``): written only by
+  the operator; the gateway only reads it.
 * counters (``usage:*``, ``bucket:*``, ``lease:*``): written only by the gateway (from its Lua
   scripts); the operator only reads the day/month usage hashes for status write-back.
 * ``shed:inflight``: the gateway processes' in-flight counts, written and read only by the
@@ -34,7 +34,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Iterable, Mapping
@@ -448,6 +448,124 @@ class QuotaConfig:
         return cls(namespace=doc["ns"], name=doc["name"], limits=Limits.from_spec(doc.get("limits")),
                    shortfall=Shortfall.from_spec(doc), price_list=PriceTable.decode(doc.get("priceList")),
                    refusal=doc.get("refusal"), refusal_message=doc.get("refusalMessage"))
+
+
+# --------------------------------------------------------------------------- workload identity
+#
+# A token (a projected ServiceAccount token, an OIDC token) authenticates as the AtlasKey whose
+# spec.subjects binds its subject. The gateway never asks the Kubernetes API: the operator
+# publishes what verifying a token needs (config, slot {config}, written only by the operator):
+#
+#   identity:issuers          hash  issuer URL (a token's ``iss``) -> Issuer (JSON): whose tokens
+#                                   it signs, their audiences and claim mappings, and its public
+#                                   signing keys (JWKS), refreshed by the operator on rotation
+#   identity:bindings         hash  TokenSubject.encode() -> "<namespace>/<name>" of the AtlasKey
+#                                   binding it (one AtlasKey per subject: a later one conflicts)
+#   identity:serviceaccounts  hash  "<namespace>/<name>" of each bound ServiceAccount -> its current
+#                                   UID; absent while it does not exist, so that a token of a
+#                                   deleted (or deleted and recreated) ServiceAccount is refused
+
+IDENTITY_ISSUERS = CONFIG_PREFIX + "identity:issuers"
+IDENTITY_BINDINGS = CONFIG_PREFIX + "identity:bindings"
+IDENTITY_SERVICE_ACCOUNTS = CONFIG_PREFIX + "identity:serviceaccounts"
+
+SUBJECT_KINDS = ("ServiceAccount", "User", "Group")
+# Asymmetric JWS algorithms only: ``none`` and HMAC (whose "secret" would be a public key the
+# attacker knows: algorithm confusion) are never accepted.
+TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+DEFAULT_TOKEN_AUDIENCE = "atlas"
+# The public members of a JWK (RFC 7517/7518/8037): nothing else of an issuer's JWKS is stored,
+# so a private member an issuer publishes by mistake never reaches Redis.
+_PUBLIC_JWK_MEMBERS = ("kty", "kid", "use", "alg", "n", "e", "crv", "x", "y")
+
+
+@dataclass(frozen=True, order=True)
+class TokenSubject:
+    """A spec.subjects entry with its namespace resolved (ServiceAccount only)."""
+
+    kind: str
+    name: str
+    namespace: str = ""
+
+    def encode(self) -> str:
+        if self.kind == "ServiceAccount":
+            return f"ServiceAccount:{self.namespace}/{self.name}"
+        return f"{self.kind}:{self.name}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "TokenSubject":
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        kind, _, rest = text.partition(":")
+        if kind == "ServiceAccount":
+            namespace, _, name = rest.partition("/")
+            return cls(kind, name, namespace)
+        if kind not in SUBJECT_KINDS:
+            raise ValueError(f"not a token subject: {text!r}")
+        return cls(kind, rest)
+
+    @property
+    def account_ref(self) -> str:
+        """``namespace/name`` of a ServiceAccount subject (its IDENTITY_SERVICE_ACCOUNTS field)."""
+        return f"{self.namespace}/{self.name}"
+
+    def __str__(self) -> str:
+        return self.encode()
+
+
+def public_jwks(jwks: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The asymmetric keys of a JWKS document, public members only ("oct" keys dropped)."""
+    keys = []
+    for key in jwks.get("keys") or ():
+        if isinstance(key, Mapping) and key.get("kty") in ("RSA", "EC", "OKP"):
+            keys.append({m: key[m] for m in _PUBLIC_JWK_MEMBERS if isinstance(key.get(m), str)})
+    return keys
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A token issuer the gateway trusts, as the operator publishes it under its URL.
+
+    ``service_accounts``: the cluster's own issuer (the API server's OIDC discovery): its tokens
+    name a ServiceAccount (``kubernetes.io`` claim), checked against that account's current UID.
+    Otherwise an OIDC issuer from the chart's values, whose tokens name a User (the username
+    claim, with its prefix) and Groups (the groups claim, each with its prefix), the names
+    kube-apiserver's structured authentication configuration uses.
+    """
+
+    url: str
+    audiences: tuple[str, ...]
+    keys: tuple[Mapping[str, Any], ...] = ()  # public JWKs (public_jwks)
+    service_accounts: bool = False
+    username_claim: str = "sub"
+    username_prefix: str = ""
+    groups_claim: str = ""  # "": the issuer's groups are not used
+    groups_prefix: str = ""
+    fetched_at: float = 0.0  # unix seconds of the last successful JWKS fetch
+
+    def encode(self) -> bytes:
+        doc: dict[str, Any] = {"url": self.url, "audiences": list(self.audiences), "keys": list(self.keys),
+                               "fetchedAt": round(self.fetched_at, 3)}
+        if self.service_accounts:
+            doc["serviceAccounts"] = True
+        else:
+            doc["claimMappings"] = {"username": {"claim": self.username_claim, "prefix": self.username_prefix},
+                                    "groups": {"claim": self.groups_claim, "prefix": self.groups_prefix}}
+        return _dumps(doc)
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "Issuer":
+        doc = json.loads(raw)
+        mappings = doc.get("claimMappings") or {}
+        username, groups = mappings.get("username") or {}, mappings.get("groups") or {}
+        return cls(url=doc["url"], audiences=tuple(doc.get("audiences") or ()), keys=tuple(doc.get("keys") or ()),
+                   service_accounts=bool(doc.get("serviceAccounts")),
+                   username_claim=username.get("claim") or "sub", username_prefix=username.get("prefix") or "",
+                   groups_claim=groups.get("claim") or "", groups_prefix=groups.get("prefix") or "",
+                   fetched_at=float(doc.get("fetchedAt") or 0.0))
+
+    def same_publication(self, other: "Issuer | None") -> bool:
+        """Equal but for ``fetched_at``: re-publishing it would change nothing the gateway uses."""
+        return other is not None and replace(other, fetched_at=self.fetched_at) == self
 
 
 # --------------------------------------------------------------------------- counters

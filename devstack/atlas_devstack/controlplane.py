@@ -135,6 +135,19 @@ def _issue(ca_key, ca_cert, key, common_name: str, *, orgs: Iterable[str] = (),
     return builder.sign(ca_key if ca_key is not None else key, hashes.SHA256())
 
 
+def serving_tls(directory: Path, name: str, sans: Iterable[str] = ("127.0.0.1", "localhost")) -> tuple[Path, Path, Path]:
+    """A CA of its own and a serving certificate it signed for ``sans``: (<name>-ca.crt,
+    <name>.crt, <name>.key) in ``directory`` (a test HTTPS server its clients trust by that CA)."""
+    ca_key, key = _new_key(), _new_key()
+    ca_cert = _issue(None, None, ca_key, f"{name}-ca", is_ca=True, days=30)
+    cert = _issue(ca_key, ca_cert, key, name, server_sans=sans, days=30)
+    paths = (directory / f"{name}-ca.crt", directory / f"{name}.crt", directory / f"{name}.key")
+    for path, data in zip(paths, (_cert_pem(ca_cert), _cert_pem(cert), _key_pem(key))):
+        path.write_bytes(data)
+        os.chmod(path, 0o600)
+    return paths
+
+
 class _Pki:
     """CA, serving cert, service-account key pair under <dir>/pki; created once, reused."""
 

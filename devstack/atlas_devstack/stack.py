@@ -32,7 +32,8 @@ from typing import Callable
 import redis as redis_client
 
 from .controlplane import ControlPlane
-from . import processes
+from . import oidc_issuer, processes
+from .oidc_issuer import OidcIssuer
 from .processes import pid_alive, pid_cmdline, stop_group
 from .redis_server import RedisServer, free_port
 from .tools import BIN_DIR, REPO_ROOT, find_tool
@@ -44,7 +45,7 @@ DEMO_KEY_NAME = "search-frontend"
 DEMO_SECRET = "search-frontend-api-key"
 DEMO_NAMESPACE = "default"
 DEMO_MODEL = "llama-3.1-8b-instruct"
-SERVICES = ("gateway", "operator", "mock-upstream")  # stop order: clients of Redis first
+SERVICES = ("gateway", "operator", "mock-upstream", "oidc-issuer")  # stop order: clients of Redis first
 
 
 class StackError(RuntimeError):
@@ -121,11 +122,13 @@ class DevStack:
                 upstream = f"http://127.0.0.1:{port}"
                 self._wait("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30)
 
+            issuer = self._start_oidc_issuer(base_env)
             operator_metrics_port = free_port()
             self._spawn("operator", [sys.executable, "-m", "atlas_operator"], {
                 **base_env, "ATLAS_REDIS_URL": redis_url, "ATLAS_LIVENESS_PORT": str(free_port()),
                 "ATLAS_METRICS_PORT": str(operator_metrics_port),
-                "ATLAS_USAGE_INTERVAL_SECONDS": str(self.usage_interval)})
+                "ATLAS_USAGE_INTERVAL_SECONDS": str(self.usage_interval),
+                "ATLAS_JWT_ISSUERS": json.dumps([issuer.jwt_config()])})
             gateway_port = free_port()
             gateway_url = f"http://127.0.0.1:{gateway_port}"
             self._spawn("gateway", [sys.executable, "-m", "atlas_gateway"], {
@@ -146,6 +149,9 @@ class DevStack:
                 "ATLAS_UPSTREAM_URL": upstream,
                 "REDIS_URL": redis_url,
                 "ATLAS_DEMO_KEY": demo_key,
+                # a real OIDC issuer the operator trusts: User/Group subjects (docs/workload-identity.md)
+                "ATLAS_OIDC_ISSUER_URL": issuer.url,
+                "ATLAS_OIDC_ISSUER_CA": str(issuer.ca_file),
                 "PATH": f"{BIN_DIR}:{find_tool('kubectl').parent}:$PATH",
             }
             if own_redis:  # so a later `up` from a shell that sourced this file starts its own again
@@ -159,6 +165,17 @@ class DevStack:
             raise
         self._log(f"[dev] up in {time.monotonic() - started:.1f}s; env in {self.env_file}")
         return self.env
+
+    def _start_oidc_issuer(self, env: dict[str, str]) -> OidcIssuer:
+        """The test OIDC issuer (oidc-provider-mock over HTTPS, its CA in the state dir)."""
+        cert_dir = self.dir / "oidc-issuer"
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        ca, cert, key = oidc_issuer.tls_files(cert_dir)
+        port = free_port()
+        self._spawn("oidc-issuer", oidc_issuer.command(port, cert, key), env)
+        issuer = OidcIssuer(f"https://127.0.0.1:{port}", ca)
+        wait_for("the OIDC issuer's discovery", issuer.ready, 30, failed=self._exited_service)
+        return issuer
 
     def _redis_url(self) -> tuple[str, bool]:
         """(the Redis URL the stack uses, whether the stack started that Redis itself)."""
@@ -285,7 +302,7 @@ class DevStack:
                 continue
             # Only signal it when the pid still runs one of our commands (pids get reused).
             wanted = {"gateway": "atlas_gateway", "operator": "atlas_operator",
-                      "mock-upstream": "mock_upstream"}[service]
+                      "mock-upstream": "mock_upstream", "oidc-issuer": "oidc_issuer"}[service]
             if pid_alive(pid) and wanted in pid_cmdline(pid):
                 stop_group(pid, timeout)
                 stopped.append(service)

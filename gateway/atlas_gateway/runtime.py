@@ -19,6 +19,7 @@ from atlas_core import cluster
 
 from . import metrics, worker_metrics
 from .auth.authenticator import Authenticator
+from .auth.identity_tokens import TokenAuthenticator
 from .auth.config_cache import ConfigCache
 from .auth.response_owners import ResponseOwners
 from .ledger.admission import Admission
@@ -128,7 +129,9 @@ class Runtime:
             max_connections=1024,
         )
         self.cache = ConfigCache(self.redis, settings.config_ttl)
-        self.auth = Authenticator(self.cache, self.redis_health, settings.fail_open)
+        # a token's binding is re-read as often as a key's config: a revoked one ends as fast
+        tokens = TokenAuthenticator(self.redis, leeway=settings.token_leeway, recheck=settings.config_ttl)
+        self.auth = Authenticator(self.cache, self.redis_health, settings.fail_open, tokens)
         self.response_owners = ResponseOwners(self.redis)
         if self.redis_cluster:
             self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,

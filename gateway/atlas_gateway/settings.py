@@ -120,6 +120,8 @@ class Settings:
     # Sentinel only: how often the gateway asks the sentinels whether the master moved (failover.py)
     sentinel_check_interval: float = 0.5
     config_ttl: float = 1.0
+    # workload identity tokens (auth/identity_tokens.py): the leeway on exp/nbf/iat, in seconds
+    token_leeway: float = 10.0
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_tokens: int = 4096
     # the prompt bound's allowances (tokens; metering/bounds.py, docs/metering.md)
@@ -266,6 +268,7 @@ class Settings:
             redis_timeout=_float(env, "ATLAS_REDIS_TIMEOUT_SECONDS", 0.5),
             sentinel_check_interval=_float(env, "ATLAS_REDIS_SENTINEL_CHECK_SECONDS", 0.5),
             config_ttl=_float(env, "ATLAS_CONFIG_TTL_SECONDS", 1.0),
+            token_leeway=max(0.0, _float(env, "ATLAS_TOKEN_LEEWAY_SECONDS", 10.0)),
             max_body_bytes=_int(env, "ATLAS_MAX_BODY_BYTES", 4 * 1024 * 1024),
             default_max_tokens=max(1, _int(env, "ATLAS_DEFAULT_MAX_TOKENS", 4096)),
             template_tokens_per_request=_int(env, "ATLAS_TEMPLATE_TOKENS_PER_REQUEST", 64),

@@ -37,6 +37,8 @@ ACTIVE = "Active"
 # Refusals that are what was declared: the key is in effect (Ready=True) and refuses traffic.
 DECLARED_REFUSALS = frozenset({SUSPENDED, EXPIRED})
 PRICES_INVALID = "PricesInvalid"  # an AtlasPriceList the operator cannot turn into prices
+SUBJECT_CONFLICT = "SubjectConflict"  # a spec.subjects entry is bound by an earlier AtlasKey
+SUBJECT_UNUSABLE = "SubjectUnusable"  # a spec.subjects entry no trusted token can name
 
 WITHIN_BUDGET = "WithinBudget"
 DAILY_BUDGET_SPENT = "DailyBudgetSpent"

@@ -30,6 +30,7 @@ HEAL = "self-healing"
 RECONCILE = "reconcile"
 EXPIRY = "expiry"
 PRICE_LIST_STATUS = "price list status"
+ISSUERS = "token issuers"
 
 MESSAGE_LIMIT = 400  # a condition message holds 32 KiB; an Event's is cut at 1 KiB
 RETRY_MAX = 300.0  # seconds between retries of an object that keeps failing

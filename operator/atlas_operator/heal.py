@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from atlas_core.contract import KeyConfig, QuotaConfig
 
@@ -71,11 +71,13 @@ async def heal_if_needed(
     secrets: Mapping[tuple[str, str], SecretView],
     now: datetime,
     price_list: PriceListLookup = no_price_lists,
+    identity: Callable[[], tuple[dict[str, str], dict[str, str]]] | None = None,
 ) -> Healed | None:
-    """None when Redis still has its config; else what was rewritten and what could not be."""
+    """None when Redis still has its config; else what was rewritten and what could not be.
+    ``identity``: the token subjects' bindings and bound ServiceAccount UIDs, written too."""
     if await store.epoch_present(redis):
         return None
     failed: Failed = []
     key_configs, quota_configs = desired_configs(keys, quotas, secrets, now, price_list, failed)
-    await store.write_all(redis, key_configs, quota_configs)
+    await store.write_all(redis, key_configs, quota_configs, identity() if identity is not None else None)
     return Healed(len(key_configs) + len(quota_configs), failed)

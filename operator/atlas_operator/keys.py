@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
 
 from . import apikeys, conditions as cond, rotation, store, times
+from .bindings import Bound
 from .kube import KubeApi
 from .price_lists import PriceListLookup, no_price_lists, resolve_price_list
 from .settings import KEYS, SECRET_WATCH_LABEL
@@ -25,6 +26,8 @@ from .status import starting_fields, write_status
 log = logging.getLogger(__name__)
 
 QuotaExists = Callable[[str, str], bool]
+# (namespace, name, spec) -> what binding its spec.subjects did (runtime.Runtime.bind_subjects)
+SubjectBinder = Callable[[str, str, dict[str, Any]], Awaitable[Bound]]
 
 
 @dataclass
@@ -42,12 +45,23 @@ class KeyOutcome:
     secret_watched: bool = True  # the Secret carries the watch label (else its changes go unseen)
     next_check: datetime | None = None  # when the outcome changes by itself (expiresAt, grace end)
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    bound: Bound | None = None  # spec.subjects: held, in conflict, released
+    # (reason, message) of a configuration error in spec.subjects (a subject bound by an earlier
+    # AtlasKey, one no trusted token can name): the rest of the key works, but not as declared
+    subject_problem: tuple[str, str] | None = None
 
     @property
     def ready(self) -> bool:
         """In effect as declared: serving, or refusing on purpose (suspended, expired); False
         only on a configuration error."""
-        return self.serving or self.reason in cond.DECLARED_REFUSALS
+        return (self.serving or self.reason in cond.DECLARED_REFUSALS) and self.subject_problem is None
+
+    @property
+    def verdict(self) -> tuple[str, str]:
+        """The Ready (and Stalled) reason and message: the key's own, else its subjects' problem."""
+        if self.subject_problem is not None and (self.serving or self.reason in cond.DECLARED_REFUSALS):
+            return self.subject_problem
+        return self.reason, self.message
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -100,8 +114,7 @@ def _desired_status(
     status = dict(obj.get("status") or {})
     generation = obj["metadata"].get("generation")
     previous = outcome.previous
-    conditions = cond.with_verdict(status.get("conditions"), outcome.ready, outcome.reason, outcome.message,
-                                   generation, now)
+    conditions = cond.with_verdict(status.get("conditions"), outcome.ready, *outcome.verdict, generation, now)
     conditions = cond.merge(conditions, cond.SERVING, outcome.serving, outcome.reason,
                             "the gateway accepts the key" if outcome.serving
                             else f"the gateway refuses the key: {outcome.message}", generation, now)
@@ -125,6 +138,7 @@ async def reconcile_key(
     quota_exists: QuotaExists,
     now: datetime | None = None,
     price_list: PriceListLookup = no_price_lists,
+    bind_subjects: SubjectBinder | None = None,
 ) -> KeyOutcome:
     now = now or datetime.now(timezone.utc)
     meta = obj["metadata"]
@@ -177,6 +191,15 @@ async def reconcile_key(
             if checks:
                 outcome.next_check = min(checks)
     outcome.secret_created = generated is not None
+    if bind_subjects is not None:
+        outcome.bound = await bind_subjects(namespace, name, spec)
+        outcome.redis_written |= outcome.bound.written
+        problem = outcome.bound.problem
+        if problem:
+            # The rest works (its Secret's key, its other subjects), which the message says; the
+            # conflicting subject never binds here.
+            reason = cond.SUBJECT_CONFLICT if outcome.bound.conflicts else cond.SUBJECT_UNUSABLE
+            outcome.subject_problem = (reason, f"{problem}; the key's Secret and its other subjects work as declared")
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
     desired = _desired_status(obj, key_id, outcome, now)
@@ -196,10 +219,11 @@ async def reconcile_key(
         events.append(("Normal", "PreviousKeyRetired",
                        f"key {contract.key_id_of(outcome.retired)} is no longer accepted: its "
                        f"rotationGracePeriod ended; only {key_id} works"))
+    verdict_reason, verdict_message = outcome.verdict
     if old_ready is None or (old_ready.get("status"), old_ready.get("reason")) != (
-        "True" if outcome.ready else "False", outcome.reason
+        "True" if outcome.ready else "False", verdict_reason
     ):
-        events.append(("Normal" if outcome.ready else "Warning", outcome.reason, outcome.message))
+        events.append(("Normal" if outcome.ready else "Warning", verdict_reason, verdict_message))
     for event in events:
         await kube.post_event(KEYS, obj, *event)
     outcome.events += ([generated] if generated else []) + events

@@ -8,6 +8,7 @@ run on a small thread pool so the kopf event loop never blocks).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,9 @@ class KubeApi(Protocol):
     async def post_event(
         self, plural: str, obj: dict[str, Any], type_: str, reason: str, message: str
     ) -> None: ...
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        """GET a non-resource URL of the API server (its OIDC discovery) as JSON."""
 
 
 def object_ref(plural: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +182,19 @@ class ClientKubeApi:
                             obj["metadata"].get("name"), exc.status, exc.reason)
         except Exception as exc:
             log.warning("could not post event %s for %s: %s", reason, obj["metadata"].get("name"), exc)
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        # The client's own methods for these two paths (a generic call differs between versions).
+        calls = {"/.well-known/openid-configuration":
+                 self._client.WellKnownApi(self.api_client).get_service_account_issuer_open_id_configuration,
+                 "/openid/v1/jwks": self._client.OpenidApi(self.api_client).get_service_account_issuer_open_id_keyset}
+        if path not in calls:
+            raise ValueError(f"{path}: not a document the operator reads")
+        response = await self._run(calls[path], _preload_content=False)  # raw: typed as a str, it is JSON
+        doc = json.loads(response.data)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        return doc
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -10,6 +10,7 @@ import kopf
 from atlas_core import cluster
 from atlas_core.sentinel import describe_url
 
+from .bindings import Claimant, subjects_of
 from .failures import ObjectFailed
 from .kube import ClientKubeApi, NamespaceTerminating
 from .metrics import serve as serve_metrics
@@ -19,6 +20,9 @@ from .status import StatusConflict
 from .views import ObjectView, SecretView
 
 RETRY = dict(backoff=2, errors=kopf.ErrorsMode.TEMPORARY)
+# Read at import: which watches exist is decided when the handlers are registered (without
+# ServiceAccount tokens the operator neither watches ServiceAccounts nor needs RBAC for them).
+SERVICE_ACCOUNT_TOKENS = OperatorSettings.from_env().service_account_tokens
 
 
 def for_kopf(failure: ObjectFailed) -> kopf.TemporaryError:
@@ -39,7 +43,8 @@ def plain(body: Any) -> dict[str, Any]:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
                   atlaskey_views: kopf.Index, atlasquota_views: kopf.Index,
                   keys_by_secret: kopf.Index, keys_by_quota: kopf.Index,
-                  secret_views: kopf.Index, atlaspricelist_views: kopf.Index, **_: Any) -> None:
+                  secret_views: kopf.Index, atlaspricelist_views: kopf.Index, keys_by_subject: kopf.Index,
+                  **kwargs: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -66,6 +71,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         "atlaskey_views": atlaskey_views, "atlasquota_views": atlasquota_views,
         "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,
         "secret_views": secret_views, "atlaspricelist_views": atlaspricelist_views,
+        "keys_by_subject": keys_by_subject, "service_account_uids": kwargs.get("service_account_uids", {}),
     })
     memo.runtime.start()
     if config.metrics_port > 0:
@@ -112,6 +118,13 @@ def keys_by_secret(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict
 def keys_by_quota(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict | None:
     quota = spec.get("quotaRef")
     return {(namespace, quota): name} if quota else None
+
+
+@kopf.index(GROUP, VERSION, KEYS)
+def keys_by_subject(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict | None:
+    claimant = Claimant(meta.get("creationTimestamp") or "", f"{namespace}/{name}",
+                        bool(meta.get("deletionTimestamp")))
+    return {subject: claimant for subject in subjects_of(namespace, spec)} or None
 
 
 @kopf.index(GROUP, VERSION, QUOTAS)
@@ -163,6 +176,26 @@ async def secret_event(event: dict, namespace: str, name: str, body: kopf.Body,
     if event.get("type") is None:
         return  # the initial listing: every AtlasKey is resumed on its own
     await memo.runtime.secret_changed(namespace, name, body, deleted=event["type"] == "DELETED")
+
+
+# --------------------------------------------------------------------------- ServiceAccount
+# Only its UID is kept: a token names the account's UID, which must still be the current one.
+
+if SERVICE_ACCOUNT_TOKENS:
+    @kopf.index("", "v1", "serviceaccounts")
+    def service_account_uids(namespace: str, name: str, uid: str, **_: Any) -> dict:
+        return {(namespace, name): uid}
+
+    def _bound(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> bool:
+        runtime = memo.get("runtime")
+        return runtime is not None and runtime.binds_account(namespace, name)
+
+    @kopf.on.event("", "v1", "serviceaccounts", when=_bound)  # unbound accounts: nothing to do, nor log
+    async def service_account_event(event: dict, namespace: str, name: str, uid: str,
+                                    memo: kopf.Memo, **_: Any) -> None:
+        if event.get("type") is None:
+            return  # the initial listing: every AtlasKey is resumed on its own
+        await memo.runtime.service_account_changed(namespace, name, None if event["type"] == "DELETED" else uid)
 
 
 # --------------------------------------------------------------------------- AtlasQuota

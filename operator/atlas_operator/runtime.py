@@ -10,11 +10,14 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
-from . import failures, heal, keys, price_list_status, quotas, usage
+from atlas_core.contract import TokenSubject
+
+from . import bindings, failures, heal, keys, price_list_status, quotas, usage
 from .carry_over import CarryOver
 from .expiry import ExpiryScheduler
 from .failures import Failures, ObjectFailed
 from .history import History
+from .issuers import IssuerRefresher
 from .kube import KubeApi, NamespaceTerminating
 from .metrics import OperatorCollector, Snapshot
 from .settings import KEYS, KIND_OF, PRICE_LISTS, QUOTAS, OperatorSettings
@@ -73,6 +76,10 @@ class Runtime:
         self.failures = Failures()
         self.metrics = OperatorCollector(self.failures)
         self.tasks: list[asyncio.Task] = []
+        self.issuer_retries = 0  # refresh rounds in a row with an issuer never fetched
+        self.issuers = IssuerRefresher(
+            settings.jwt_issuers, settings.token_audience if settings.service_account_tokens else None,
+            kube.get_json)
 
     # ------------------------------------------------------------------ lookups
 
@@ -102,6 +109,55 @@ class Runtime:
             if view is not None and not view.deleting:
                 count += 1
         return count
+
+    # ------------------------------------------------------------------ token subjects
+
+    def claimants_of(self, subject: TokenSubject) -> list[bindings.Claimant]:
+        return list((self.indexes.get("keys_by_subject") or {}).get(subject, ()))
+
+    def account_uid(self, subject: TokenSubject) -> str | None:
+        return first(self.indexes.get("service_account_uids") or {}, (subject.namespace, subject.name))
+
+    def unusable(self, subject: TokenSubject) -> str | None:
+        settings = self.settings
+        return bindings.unusable(subject, settings.service_account_tokens, settings.watches,
+                                 len(settings.jwt_issuers))
+
+    async def bind_subjects(self, namespace: str, name: str, spec: dict[str, Any]) -> bindings.Bound:
+        """keys.SubjectBinder: bind this AtlasKey's usable subjects; say why the others are not."""
+        subjects = bindings.subjects_of(namespace, spec)
+        problems = [(s, why) for s in subjects if (why := self.unusable(s)) is not None]
+        usable = [s for s in subjects if all(s != p for p, _ in problems)]
+        bound = await bindings.bind(self.redis, f"{namespace}/{name}", usable, self.claimants_of, self.account_uid)
+        bound.unusable = problems
+        return bound
+
+    async def rebind_claimants(self, released: list[TokenSubject], ref: str) -> None:
+        """Subjects ``ref`` let go of: the other AtlasKeys naming them may take them over."""
+        others = {c.ref for s in released for c in self.claimants_of(s) if c.ref != ref and not c.deleting}
+        await asyncio.gather(*(self.reconcile_key_by_name(*other.split("/", 1)) for other in sorted(others)))
+
+    def binds_account(self, namespace: str, name: str) -> bool:
+        return bool(self.claimants_of(TokenSubject("ServiceAccount", name, namespace)))
+
+    async def service_account_changed(self, namespace: str, name: str, uid: str | None) -> None:
+        """A ServiceAccount was created, deleted or recreated: when an AtlasKey binds it, its
+        UID in Redis follows at once (a token of the account it was is then refused)."""
+        subject = TokenSubject("ServiceAccount", name, namespace)
+        if self.binds_account(namespace, name):
+            if await bindings.account_changed(self.redis, subject, uid):
+                log.info("ServiceAccount %s/%s %s: its tokens %s", namespace, name,
+                         "deleted" if uid is None else "(re)created",
+                         "are refused" if uid is None else "must carry its new UID")
+
+    def desired_identity(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Every binding and bound ServiceAccount UID the indexes imply (self-healing)."""
+        index = self.indexes.get("keys_by_subject") or {}
+        claims = {s: list(index.get(s, ())) for s in list(index.keys()) if self.unusable(s) is None}
+        return bindings.desired_bindings(claims, {}, self.account_uid)
+
+    async def refresh_issuers(self) -> None:
+        await self.issuers.refresh(self.redis)
 
     def _lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault((namespace, name), asyncio.Lock())
@@ -134,9 +190,12 @@ class Runtime:
         async def work() -> keys.KeyOutcome:
             async with self._lock(*ident):
                 return await keys.reconcile_key(body, kube=self.kube, redis=self.redis,
-                                                quota_exists=self.quota_exists, price_list=self.price_list)
+                                                quota_exists=self.quota_exists, price_list=self.price_list,
+                                                bind_subjects=self.bind_subjects)
 
         outcome = await self._guarded(KEYS, body, work)
+        if outcome.bound is not None and outcome.bound.released:
+            await self.rebind_claimants(outcome.bound.released, f"{ident[0]}/{ident[1]}")
         # unwatched Secret: its first event (it was just labelled) must reconcile, hash or not
         self.applied_hash[ident] = outcome.key_hash if outcome.secret_watched else None
         if outcome.next_check is not None:
@@ -186,11 +245,14 @@ class Runtime:
         meta = body["metadata"]
         ident = (meta["namespace"], meta["name"])
 
-        async def work() -> None:
+        async def work() -> list[TokenSubject]:
             async with self._lock(*ident):
                 await keys.delete_key(body, redis=self.redis)
+                return await bindings.release_all(self.redis, f"{ident[0]}/{ident[1]}")
 
-        await self._guarded(KEYS, body, work)
+        released = await self._guarded(KEYS, body, work)
+        if released:
+            await self.rebind_claimants(released, f"{ident[0]}/{ident[1]}")
         self.applied_hash.pop(ident, None)
         self.locks.pop(ident, None)
 
@@ -328,9 +390,11 @@ class Runtime:
     async def heal_once(self) -> int | None:
         result = await heal.heal_if_needed(
             self.redis, self.key_views(), self.quota_views(),
-            SecretMapping(self.indexes["secret_views"]), datetime.now(timezone.utc), self.price_list)
+            SecretMapping(self.indexes["secret_views"]), datetime.now(timezone.utc), self.price_list,
+            identity=self.desired_identity)
         if result is None:
             return None
+        await self.issuers.republish(self.redis)
         for plural, view, exc in result.failed:  # their config stays absent: the gateway refuses them
             obj = (KIND_OF[plural], view.namespace, view.name)
             self.failures.failed(failures.HEAL, obj, exc)
@@ -341,9 +405,12 @@ class Runtime:
                     result.rewritten, len(result.failed))
         return result.rewritten
 
-    async def _every(self, seconds: float, fn: Callable[[], Any], name: str) -> None:
+    async def _every(self, seconds: float | Callable[[], float], fn: Callable[[], Any], name: str,
+                     at_once: bool = False) -> None:
         while True:
-            await asyncio.sleep(seconds)
+            if not at_once:
+                await asyncio.sleep(seconds() if callable(seconds) else seconds)
+            at_once = False
             try:
                 await fn()
             except asyncio.CancelledError:
@@ -361,6 +428,19 @@ class Runtime:
                                             failures.PRICE_LIST_STATUS)),
             asyncio.create_task(self.scheduler.run()),
         ]
+        if self.issuers.enabled:
+            self.tasks.append(asyncio.create_task(
+                self._every(self.issuers_delay, self.refresh_issuers, failures.ISSUERS, at_once=True)))
+
+    def issuers_delay(self) -> float:
+        """ATLAS_JWKS_REFRESH_SECONDS, or sooner while an issuer has never been fetched (the API
+        server or the issuer still starting: its tokens are refused until then): 2, 4, 8 ... s."""
+        refresh = self.settings.jwks_refresh
+        if not self.issuers.unfetched():
+            self.issuer_retries = 0
+            return refresh
+        self.issuer_retries += 1
+        return min(refresh, 2.0 ** min(self.issuer_retries, 16))
 
     async def stop(self) -> None:
         for task in self.tasks:

@@ -11,6 +11,8 @@ from atlas_core.flags import parse_flag
 from atlas_core.resources import (API_VERSION, GROUP, KEYS, KIND_OF, MANAGED_BY, MANAGED_BY_LABEL,  # noqa: F401
                                   OWNER_LABEL, PRICE_LISTS, QUOTAS, SECRET_DATA_KEY, VERSION)
 
+from .issuers import parse_oidc_issuers
+
 FINALIZER = f"{GROUP}/finalizer"
 # The operator lists and watches only Secrets carrying this label (a server-side label selector):
 # the ones it generates have it, user-supplied ones are labelled with the AtlasKey's name (see
@@ -32,11 +34,19 @@ class OperatorSettings:
     metrics_port: int = 8082  # 0: no metrics endpoint
     forecast: bool = True  # burn-rate history, status.forecast and BudgetAtRisk
     api_workers: int = 8  # threads running blocking Kubernetes API calls
+    # Workload identity (issuers.py, bindings.py): trust the cluster's ServiceAccount tokens
+    # (watches ServiceAccounts, reads the API server's OIDC discovery), the audience they must
+    # carry, the OIDC issuers (ATLAS_JWT_ISSUERS, parsed), how often their keys are fetched.
+    service_account_tokens: bool = True
+    token_audience: str = "atlas"
+    jwt_issuers: tuple = ()  # issuers.OidcIssuer
+    jwks_refresh: float = 60.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
         env = dict(os.environ if env is None else env)
         namespaces = tuple(n.strip() for n in env.get("ATLAS_NAMESPACES", "").split(",") if n.strip())
+        audience = env.get("ATLAS_TOKEN_AUDIENCE", "").strip() or cls.token_audience
         return cls(
             redis_url=env.get("ATLAS_REDIS_URL", cls.redis_url),
             redis_cluster=cluster.parse_mode(env.get("ATLAS_REDIS_CLUSTER")),
@@ -50,7 +60,14 @@ class OperatorSettings:
             metrics_port=int(env.get("ATLAS_METRICS_PORT", cls.metrics_port)),
             forecast=parse_flag(env.get("ATLAS_FORECAST"), True),
             api_workers=int(env.get("ATLAS_API_WORKERS", cls.api_workers)),
+            service_account_tokens=parse_flag(env.get("ATLAS_SERVICE_ACCOUNT_TOKENS"), True),
+            token_audience=audience,
+            jwt_issuers=parse_oidc_issuers(env.get("ATLAS_JWT_ISSUERS"), audience),
+            jwks_refresh=float(env.get("ATLAS_JWKS_REFRESH_SECONDS", cls.jwks_refresh)),
         )
+
+    def watches(self, namespace: str) -> bool:
+        return not self.namespaces or namespace in self.namespaces
 
     @property
     def liveness_endpoint(self) -> str | None:

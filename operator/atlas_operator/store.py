@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, PreviousKey, QuotaConfig
 
-from . import rotation
+from . import bindings, rotation
 
 
 def _text(value: Any) -> str | None:
@@ -165,12 +165,18 @@ async def write_all(
     redis: Any,
     keys: Iterable[tuple[str, KeyConfig]],
     quotas: Iterable[QuotaConfig],
+    identity: tuple[dict[str, str], dict[str, str]] | None = None,
     batch: int = 2000,
 ) -> int:
-    """Bulk rewrite (self-healing): every config in pipelined batches, then the epoch."""
+    """Bulk rewrite (self-healing): every config in pipelined batches, the token subjects'
+    bindings and bound ServiceAccount UIDs (``identity``), then the epoch."""
     written = 0
     pipe = redis.pipeline(transaction=False)
     pending = 0
+    if identity is not None:
+        for command in bindings.rewrite_commands(*identity):
+            pipe.execute_command(*command)
+            pending += 1
     for quota in quotas:
         pipe.set(contract.quota_config_key(quota.namespace, quota.name), quota.encode())
         pipe.sadd(contract.QUOTA_INDEX, quota.ref)

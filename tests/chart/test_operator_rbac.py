@@ -24,6 +24,7 @@ import pytest
 import redis
 import yaml
 
+from atlas_core import contract
 from atlas_devstack.controlplane import ControlPlane, free_port
 from atlas_devstack.redis_server import RedisServer
 from atlas_devstack.waiting import wait_for
@@ -42,6 +43,7 @@ OPERATOR_CAN = {
     f"atlaspricelists.{GROUP}/status": {"patch"},
     "secrets": {"get", "list", "watch", "create"},
     "events": {"create"},
+    "serviceaccounts": {"list", "watch"},  # workloadIdentity.serviceAccountTokens: bound accounts' UIDs
 }
 ROW = re.compile(r"^(\S*)\s+\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]\s*$")
 
@@ -174,7 +176,11 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
          "stringData": {"api-key": "sk-atlas-" + secrets.token_hex(16)}},
         {"apiVersion": f"{GROUP}/v1alpha1", "kind": "AtlasKey", "metadata": {"name": "unlabelled"},
          "spec": {"secretName": "unlabelled-key"}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "batch-runner"}},
+        {"apiVersion": f"{GROUP}/v1alpha1", "kind": "AtlasKey", "metadata": {"name": "workload"},
+         "spec": {"subjects": [{"kind": "ServiceAccount", "name": "batch-runner"}]}},
     ]))
+    account_uid = get_json(cp, "serviceaccount", "batch-runner", "-n", keys_ns)["metadata"]["uid"]
 
     log = tmp_path / "operator.log"
     liveness = free_port()
@@ -183,6 +189,8 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
                # The chart's own settings for the rest (liveness on loopback here, not 0.0.0.0).
                "ATLAS_NAMESPACES": chart_env["ATLAS_NAMESPACES"],
                "ATLAS_USAGE_INTERVAL_SECONDS": chart_env["ATLAS_USAGE_INTERVAL_SECONDS"],
+               "ATLAS_SERVICE_ACCOUNT_TOKENS": chart_env["ATLAS_SERVICE_ACCOUNT_TOKENS"],
+               "ATLAS_TOKEN_AUDIENCE": chart_env["ATLAS_TOKEN_AUDIENCE"],
                "ATLAS_LIVENESS_HOST": "127.0.0.1", "ATLAS_LIVENESS_PORT": str(liveness)}
         proc = subprocess.Popen([sys.executable, "-m", "atlas_operator"], env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -210,6 +218,17 @@ def _check_and_run(cp, tmp_path, mode, release_ns, keys_ns, other_ns, operator_s
             stored = b"\n".join(client.keys("atlas:v2:*"))
             assert hashlib.sha256(key.encode()).hexdigest().encode() in stored
             assert key.encode() not in stored
+
+            # Workload identity: the API server's issuer keys (non-resource URLs) and the bound
+            # ServiceAccount's UID (the serviceaccounts watch) are published.
+            issuers = wait_for("the cluster's token issuer published", lambda: client.hgetall(contract.IDENTITY_ISSUERS),
+                               60, **watched)
+            cluster_issuer = contract.Issuer.decode(issuers[cp.server.encode()])
+            assert cluster_issuer.service_accounts and cluster_issuer.audiences == ("atlas",) and cluster_issuer.keys
+            wait_for("the bound ServiceAccount's UID published", lambda: client.hget(
+                contract.IDENTITY_SERVICE_ACCOUNTS, f"{keys_ns}/batch-runner") == account_uid.encode(), 60, **watched)
+            assert client.hget(contract.IDENTITY_BINDINGS, f"ServiceAccount:{keys_ns}/batch-runner") == \
+                f"{keys_ns}/workload".encode()
 
             # Migration: an unlabelled Secret works, the message names the label; labelling it
             # brings it into the (label-selected) watch, which re-reconciles the key.

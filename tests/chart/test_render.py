@@ -30,6 +30,10 @@ OPERATOR_RULES = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
+# workloadIdentity.serviceAccountTokens: the bound ServiceAccounts' UIDs, and (a ClusterRole of its
+# own in both modes) the API server's OIDC discovery
+SERVICE_ACCOUNTS_RULE = {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "watch"]}
+TOKEN_ISSUER_RULES = [{"nonResourceURLs": ["/.well-known/openid-configuration", "/openid/v1/jwks"], "verbs": ["get"]}]
 
 
 @pytest.fixture(scope="module", params=[p.name for p in CI_VALUES])
@@ -167,25 +171,31 @@ def test_gateway_identity_has_no_token_and_no_rbac(rendered):
 def test_rbac_is_exactly_the_operators_needs(rendered):
     name, objs = rendered
     watch = values_of(name)["watchNamespaces"]
+    tokens = values_of(name)["workloadIdentity"]["serviceAccountTokens"]
     operator_sa = objs.one("ServiceAccount", "-operator")["metadata"]["name"]
-    cluster_roles = [r for r in objs.of("ClusterRole") if not is_aggregated(r)]
+    issuer_roles = [r for r in objs.of("ClusterRole") if r["metadata"]["name"].endswith("-token-issuer")]
+    assert [r["rules"] for r in issuer_roles] == ([TOKEN_ISSUER_RULES] if tokens else [])
+    cluster_roles = [r for r in objs.of("ClusterRole") if not is_aggregated(r) and r not in issuer_roles]
     for role in cluster_roles + objs.of("Role"):
-        assert role["rules"] == OPERATOR_RULES, role["metadata"]["name"]
+        assert role["rules"] == OPERATOR_RULES + ([SERVICE_ACCOUNTS_RULE] if tokens else []), role["metadata"]["name"]
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
     bindings = objs.of("ClusterRoleBinding") + objs.of("RoleBinding")
     for b in bindings:
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": operator_sa, "namespace": RELEASE_NAMESPACE}]
+    issuer_bindings = [b for b in objs.of("ClusterRoleBinding") if b["roleRef"]["name"].endswith("-token-issuer")]
+    assert [b["roleRef"]["name"] for b in issuer_bindings] == [r["metadata"]["name"] for r in issuer_roles]
     if watch:
-        assert not cluster_roles and not objs.of("ClusterRoleBinding")
+        assert not cluster_roles and objs.of("ClusterRoleBinding") == issuer_bindings
         assert sorted(r["metadata"]["namespace"] for r in objs.of("Role")) == sorted(watch)
         assert sorted(b["metadata"]["namespace"] for b in objs.of("RoleBinding")) == sorted(watch)
         for b in objs.of("RoleBinding"):
             assert b["roleRef"]["kind"] == "Role"
     else:
-        assert len(cluster_roles) == 1 and len(objs.of("ClusterRoleBinding")) == 1
+        operator_bindings = [b for b in objs.of("ClusterRoleBinding") if b not in issuer_bindings]
+        assert len(cluster_roles) == 1 and len(operator_bindings) == 1
         assert not objs.of("Role") and not objs.of("RoleBinding")
-        assert objs.of("ClusterRoleBinding")[0]["roleRef"]["name"] == cluster_roles[0]["metadata"]["name"]
+        assert operator_bindings[0]["roleRef"]["name"] == cluster_roles[0]["metadata"]["name"]
 
 
 def is_aggregated(role: dict) -> bool:
@@ -532,3 +542,16 @@ def test_upstream_url_is_required(helm):
     res = helm.template(check=False)
     assert res.returncode != 0
     assert "gateway.upstream.url is required" in res.stderr, res.stderr
+
+
+def test_workload_identity_values_reach_the_operator_as_it_parses_them(rendered):
+    from atlas_operator.settings import OperatorSettings
+
+    name, objs = rendered
+    values = values_of(name)["workloadIdentity"]
+    container = objs.one("Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = OperatorSettings.from_env(env)  # refuses an issuer entry it could not enforce
+    assert settings.service_account_tokens is values["serviceAccountTokens"]
+    assert settings.token_audience == values["audience"] and settings.jwks_refresh == values["jwksRefreshSeconds"]
+    assert [i.url for i in settings.jwt_issuers] == [e["issuer"]["url"] for e in values["jwt"]]

@@ -32,6 +32,7 @@ VALID = [
     "key_cost_budget",
     "key_soft_budgets",
     "quota_soft_only",
+    "key_subjects_full",
 ]
 
 INVALID = {
@@ -91,6 +92,13 @@ INVALID = {
                                         "softCostPerDay and softCostPerMonth need spec.priceListRef",
     "key_soft_tokens_zero": "spec.limits.softTokensPerDay: Invalid value: 0",
     "quota_cost_month_below_day": "spec.limits.costPerMonth: Invalid value: costPerMonth must be >= costPerDay",
+    "key_subject_kind_invalid": "spec.subjects[1].kind: Unsupported value: \"Pod\": supported values: \"ServiceAccount\", \"User\", \"Group\"",
+    "key_subject_namespace_on_user": "spec.subjects[1].namespace: Forbidden: namespace applies only to kind ServiceAccount",
+    "key_subject_sa_name_invalid": "spec.subjects[0].name: Invalid value: a ServiceAccount name must be a lowercase DNS subdomain",
+    "key_subject_namespace_invalid": "spec.subjects[0].namespace: Invalid value: \"Jobs.Prod\"",
+    "key_subject_name_missing": "spec.subjects[0].name: Required value",
+    "key_subject_name_padded": "spec.subjects[0].name: Invalid value: \" alice\"",
+    "key_subject_api_group_wrong": "spec.subjects[1].apiGroup: Invalid value: apiGroup must be \"\" for kind ServiceAccount",
 }
 
 

@@ -64,3 +64,26 @@ def test_fail_open_passes_with_metric_and_log_line(own_redis, mock_upstream, sta
     wait_for("limits enforced again",
              lambda: chat(gw, "sk-open").headers.get("x-ratelimit-limit-tokens") == "10000", 10)
     wait_for("recovery log line", lambda: "reachable again" in gw.log(), 5)
+
+
+
+def test_workload_identity_tokens_follow_the_fail_mode(own_redis, mock_upstream, start_gateway):
+    """Fail-open serves a token seen before as its AtlasKey; a new token (unverifiable without
+    the issuers in Redis) is a 503, never let through; fail-closed refuses both."""
+    from benchmarks.token_auth import write_token_binding
+
+    def bound_token(account: str) -> str:
+        return write_token_binding(own_redis.url, namespace="team", key_name="open", api_key="sk-open",
+                                   account=account)
+
+    write_key(own_redis.url, "sk-open", "open", contract.Limits(tokens_per_day=10_000))
+    seen, unseen = bound_token("runner"), bound_token("other")
+    opened = start_gateway(own_redis.url, mock_upstream.url, ATLAS_FAIL_MODE="open", ATLAS_CONFIG_TTL_SECONDS="0.2")
+    closed = start_gateway(own_redis.url, mock_upstream.url, ATLAS_CONFIG_TTL_SECONDS="0.2")
+    for gw in (opened, closed):
+        assert chat(gw, seen).status_code == 200
+    own_redis.stop()
+    assert chat(opened, seen).status_code == 200
+    for gw, token in ((opened, unseen), (closed, seen), (closed, unseen)):
+        refused = chat(gw, token)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"

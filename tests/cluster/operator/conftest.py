@@ -10,6 +10,7 @@ import pytest
 import redis as redislib
 
 from atlas_devstack.mock_upstream import MockUpstreamProcess
+from atlas_devstack.oidc_issuer import OidcIssuerProcess
 from atlas_devstack.redis_server import RedisServer, free_port
 from atlas_devstack.tools import find_tool
 
@@ -72,9 +73,16 @@ def operator_kubeconfig(control_plane, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="package")
-def operator(operator_kubeconfig, op_redis, tmp_path_factory):
+def oidc_issuer(tmp_path_factory):
+    """A real OIDC issuer the operator trusts (User and Group subjects)."""
+    with OidcIssuerProcess(log_path=str(tmp_path_factory.mktemp("oidc") / "issuer.log")) as issuer:
+        yield issuer
+
+
+@pytest.fixture(scope="package")
+def operator(operator_kubeconfig, op_redis, oidc_issuer, tmp_path_factory):
     proc = operator_proc(operator_kubeconfig, op_redis.url,
-                         tmp_path_factory.mktemp("operator") / "operator.log")
+                         tmp_path_factory.mktemp("operator") / "operator.log", jwt_issuers=[oidc_issuer.jwt_config()])
     proc.start()
     try:
         yield proc
@@ -85,3 +93,12 @@ def operator(operator_kubeconfig, op_redis, tmp_path_factory):
 @pytest.fixture
 def kube(kubectl, namespace) -> Kube:
     return Kube(kubectl, namespace)
+
+
+@pytest.fixture
+def record(capsys):
+    """Print a latency measured by a test (one sample; the numbers go into docs/operator.md)."""
+    def emit(name: str, seconds: float) -> None:
+        with capsys.disabled():
+            print(f"\n[measure] {name}: {seconds * 1000:.0f} ms")
+    return emit

@@ -61,12 +61,13 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def operator_proc(kubeconfig: Path, redis_url: str, log_path: Path) -> Proc:
+def operator_proc(kubeconfig: Path, redis_url: str, log_path: Path, jwt_issuers: list | None = None) -> Proc:
     port = free_port()
     proc = Proc("atlas_operator", {
         "KUBECONFIG": str(kubeconfig), "ATLAS_REDIS_URL": redis_url, "ATLAS_LIVENESS_PORT": str(port),
         "ATLAS_METRICS_PORT": str(free_port()),
         "ATLAS_USAGE_INTERVAL_SECONDS": "1", "ATLAS_HEAL_INTERVAL_SECONDS": "1",
+        "ATLAS_JWT_ISSUERS": json.dumps(jwt_issuers or []),
     }, log_path, ready_url=f"http://127.0.0.1:{port}/healthz")
     proc.metrics_url = f"http://127.0.0.1:{proc.env['ATLAS_METRICS_PORT']}/metrics"
     return proc

@@ -23,15 +23,6 @@ def _stack(operator, gateway):
     """Every test here needs the operator and the gateway running."""
 
 
-@pytest.fixture
-def record(capsys):
-    """Print a latency measured by a test (one sample; the numbers go into docs/operator.md)."""
-    def emit(name: str, seconds: float) -> None:
-        with capsys.disabled():
-            print(f"\n[measure] {name}: {seconds * 1000:.0f} ms")
-    return emit
-
-
 def status_of(gateway, key):
     return lambda: gateway.chat(key)[0]
 

@@ -10,8 +10,9 @@ import time
 import openai
 import pytest
 
+from atlas_devstack.oidc_issuer import OidcIssuer
 from atlas_devstack.processes import pid_alive
-from atlas_devstack.stack import DevStack
+from atlas_devstack.stack import DevStack, http
 from atlas_devstack.waiting import wait_for
 from tests.fixtures.cluster import require_tools
 
@@ -145,10 +146,88 @@ def test_rotation_grace_both_keys_work_then_only_the_new(stack):
              lambda: (status().get("usage") or {}).get("requestsToday", 0) >= 4, 20, interval=0.1, retry=(Exception,))
 
 
+def workload_key(stack, name: str, subjects: list[dict], **spec) -> None:
+    kubectl(stack, "apply", "-f", "-", input=json.dumps({
+        "apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey", "metadata": {"name": name},
+        "spec": {"subjects": subjects, **spec}}))
+
+
+def answers(stack, token: str) -> int:
+    """The status the gateway answers a chat request with this token (200 when served)."""
+    try:
+        client(stack, token).chat.completions.create(model="llama-3.1-8b-instruct", max_tokens=2,
+                                                     messages=[{"role": "user", "content": "hi"}])
+        return 200
+    except openai.APIStatusError as exc:
+        return exc.status_code
+
+
+def test_a_service_account_token_is_its_atlaskey_through_the_openai_sdk(stack):
+    """`kubectl create token SA --audience atlas` as the API key: limits, models, usage and
+    metrics are the AtlasKey's; a deleted (then recreated) ServiceAccount's token is refused
+    within 60 s; a token for another audience or an unbound account never."""
+    kubectl(stack, "create", "serviceaccount", "e2e-runner")
+    workload_key(stack, "e2e-workload", [{"kind": "ServiceAccount", "name": "e2e-runner"}],
+                 models=["llama-*"], limits={"tokensPerDay": 400})
+    token = kubectl(stack, "create", "token", "e2e-runner", "--audience", "atlas").stdout.strip()
+    wait_for("the token to work", lambda: answers(stack, token) == 200, 30, interval=0.1)
+
+    with pytest.raises(openai.PermissionDeniedError):  # the key's models
+        client(stack, token).chat.completions.create(model="qwen2.5-7b", max_tokens=2,
+                                                     messages=[{"role": "user", "content": "hi"}])
+    usage = client(stack, token).get("/usage", cast_to=object)
+    assert usage["key"]["name"] == "e2e-workload" and usage["usage"]["requestsToday"] >= 1
+    with pytest.raises(openai.RateLimitError) as spent:  # the key's budget
+        for _ in range(200):  # a bound: each request settles at least a few tokens
+            client(stack, token).chat.completions.create(model="llama-3.1-8b-instruct", max_tokens=8,
+                                                         messages=[{"role": "user", "content": "spend"}])
+    assert spent.value.body["code"] == "insufficient_quota"
+    metrics = http("GET", stack.env["ATLAS_GATEWAY_URL"] + "/metrics")[1].decode()
+    assert 'key="default/e2e-workload"' in metrics and token not in metrics
+    wait_for("the key's usage in its status", lambda: (json.loads(kubectl(
+        stack, "get", "atlaskey", "e2e-workload", "-o", "json").stdout).get("status") or {}).get(
+        "usage", {}).get("tokensToday", 0) > 0, 20)
+
+    other_audience = kubectl(stack, "create", "token", "e2e-runner", "--audience", "kubernetes").stdout.strip()
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(stack, other_audience).models.list()
+    assert "audience" in refused.value.body["message"] and refused.value.body["code"] == "invalid_api_key"
+    kubectl(stack, "create", "serviceaccount", "e2e-stranger")
+    stranger = kubectl(stack, "create", "token", "e2e-stranger", "--audience", "atlas").stdout.strip()
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(stack, stranger).models.list()
+    assert "No AtlasKey binds ServiceAccount default/e2e-stranger" in refused.value.body["message"]
+
+    kubectl(stack, "delete", "serviceaccount", "e2e-runner")
+    deleted = time.monotonic()
+    wait_for("the deleted account's token refused", lambda: answers(stack, token) == 401, 60, interval=0.1)
+    print(f"\n[measure] service account deleted -> its token refused: {time.monotonic() - deleted:.2f} s")
+    kubectl(stack, "create", "serviceaccount", "e2e-runner")
+    fresh = kubectl(stack, "create", "token", "e2e-runner", "--audience", "atlas").stdout.strip()
+    wait_for("the recreated account's new token accepted", lambda: answers(stack, fresh) in (200, 429), 60)
+    assert answers(stack, token) == 401  # the old account's token stays refused
+
+
+def test_oidc_tokens_of_a_bound_user_and_group_are_their_atlaskeys(stack):
+    issuer = OidcIssuer(stack.env["ATLAS_OIDC_ISSUER_URL"], stack.env["ATLAS_OIDC_ISSUER_CA"])
+    workload_key(stack, "e2e-alice", [{"kind": "User", "name": "alice@example.com"}])
+    workload_key(stack, "e2e-search", [{"kind": "Group", "name": "team-search"}])
+    alice = issuer.id_token("alice", {"email": "alice@example.com", "email_verified": True, "groups": ["team-search"]})
+    bob = issuer.id_token("bob", {"email": "bob@example.com", "email_verified": True, "groups": ["team-search"]})
+    eve = issuer.id_token("eve", {"email": "eve@example.com", "email_verified": True, "groups": ["eng"]})
+    wait_for("alice's token to work", lambda: answers(stack, alice) == 200, 30, interval=0.1)
+    assert client(stack, alice).get("/usage", cast_to=object)["key"]["name"] == "e2e-alice"  # her user first
+    wait_for("bob's token to work", lambda: answers(stack, bob) == 200, 30, interval=0.1)
+    assert client(stack, bob).get("/usage", cast_to=object)["key"]["name"] == "e2e-search"  # by his group
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(stack, eve).models.list()
+    assert "No AtlasKey binds User 'eve@example.com'" in refused.value.body["message"]
+
+
 def test_down_stops_everything_and_is_idempotent(stack):
     pids = [int(p.read_text()) for p in stack.dir.glob("**/*.pid")]
-    assert len(pids) >= 5  # redis, etcd, kube-apiserver, operator, gateway, mock upstream
+    assert len(pids) >= 6  # redis, etcd, kube-apiserver, operator, gateway, mock upstream, OIDC issuer
     stopped = stack.down()
-    assert {"gateway", "operator", "mock-upstream", "redis", "kube-apiserver", "etcd"} <= set(stopped)
+    assert {"gateway", "operator", "mock-upstream", "oidc-issuer", "redis", "kube-apiserver", "etcd"} <= set(stopped)
     assert not [p for p in pids if pid_alive(p)]
     assert stack.down() == []

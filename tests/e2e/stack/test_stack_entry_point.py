@@ -16,7 +16,7 @@ from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports
 
 pytestmark = pytest.mark.e2e
 MODULE = "atlas_devstack"
-SERVICES = ("redis-server", "etcd", "kube-apiserver", "atlas_operator", "atlas_gateway", "mock_upstream")
+SERVICES = ("redis-server", "etcd", "kube-apiserver", "atlas_operator", "atlas_gateway", "mock_upstream", "oidc_issuer")
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ class FakeKube:
         self.refuse: dict[str, Exception] = {}
         # name -> status fields whose patch the API server refuses as invalid (a 422)
         self.invalid_fields: dict[str, set[str]] = {}
+        # non-resource URL -> JSON document (the API server's OIDC discovery)
+        self.documents: dict[str, dict[str, Any]] = {}
 
     def _refused(self, name: str, status: dict[str, Any] | None = None) -> None:
         if name in self.refuse:
@@ -111,3 +113,8 @@ class FakeKube:
 
     async def post_event(self, plural, obj, type_, reason, message) -> None:
         self.events.append((obj["metadata"]["name"], type_, reason, message))
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        if path not in self.documents:
+            raise ApiError(404, "Not Found", f"{path} not found")
+        return copy.deepcopy(self.documents[path])

@@ -26,10 +26,10 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"  # the EPP's pick, which E
 
 
 def declare_pool(kubectl: Callable[..., subprocess.CompletedProcess], namespace: str, pool: str,
-                 model_server_port: int, epp_port: int, objectives: dict[str, int]) -> None:
-    """The InferencePool CRDs and objects the EPP watches: the pool (its one pod's model server
-    on ``model_server_port``, its EPP on ``epp_port``), an InferenceObjective per name ->
-    priority (below 0: sheddable), and the pod, Running and Ready at 127.0.0.1."""
+                 model_server_port: int, epp_port: int) -> None:
+    """The CRDs and objects the EPP watches: the InferencePool (its one pod's model server on
+    ``model_server_port``, its EPP on ``epp_port``) and the pod, Running and Ready at 127.0.0.1.
+    InferenceObjectives are the caller's to apply (they name the pool)."""
     for crd in inference_extension_crds():
         kubectl("apply", "--server-side", "-f", str(crd))
     kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/inferencepools.inference.networking.k8s.io",
@@ -42,10 +42,6 @@ def declare_pool(kubectl: Callable[..., subprocess.CompletedProcess], namespace:
                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{pool}-0", "namespace": namespace,
                                                                 "labels": labels},
                 "spec": {"nodeName": "model-server-node", "containers": [{"name": "vllm", "image": "vllm"}]}}]
-    objects += [{"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
-                 "metadata": {"name": name, "namespace": namespace},
-                 "spec": {"priority": priority, "poolRef": {"group": "inference.networking.k8s.io", "name": pool}}}
-                for name, priority in objectives.items()]
     kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
     status = {"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
                          "conditions": [{"type": "Ready", "status": "True"}]}}
@@ -55,8 +51,8 @@ def declare_pool(kubectl: Callable[..., subprocess.CompletedProcess], namespace:
 
 class EndpointPicker:
     """The EPP of one InferencePool, watching it through ``kubeconfig``; plain gRPC on
-    ``port`` (no TLS, no auth on its metrics: loopback only), JSON logs at verbosity 4 in
-    ``log_path`` (each request's objective, priority and model, by the gateway's x-request-id)."""
+    ``port`` (no TLS, no auth on its metrics: loopback only), JSON logs at verbosity 5 (trace) in
+    ``log_path``: each request's objective, priority, model and fairness id, by its x-request-id."""
 
     def __init__(self, kubeconfig: Path, namespace: str, pool: str, log_path: Path, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -67,7 +63,7 @@ class EndpointPicker:
         args = [str(find_tool("epp")), "--pool-name", self.pool, "--pool-namespace", self.namespace,
                 "--grpc-port", str(self.port), "--grpc-health-port", str(free_port()),
                 "--metrics-port", str(free_port()), "--secure-serving=false", "--metrics-endpoint-auth=false",
-                "--enable-pprof=false", "--tracing=false", "--v=4"]
+                "--enable-pprof=false", "--tracing=false", "--v=5"]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
@@ -79,14 +75,18 @@ class EndpointPicker:
             return f"the endpoint picker exited with {self._proc.returncode}: see {self.log_path}"
         return None
 
+    # the EPP's log lines about one request that say what it made of it
+    _DECISIONS = ('"LLM request assembled"', '"Executing LegacyAdmissionController"')
+
     def requests(self) -> dict[str, dict]:
-        """request id -> what the EPP made of that request ("LLM request assembled": the
-        objective it looked up, its priority, the model it will send upstream)."""
-        found = {}
+        """request id -> what the EPP made of that request: the objective it looked up
+        (``objectiveKey``), its ``priority``, the model it sends upstream (``targetModelName``)
+        and the ``fairnessID`` its admission saw."""
+        found: dict[str, dict] = {}
         for line in self.log_path.read_text(errors="replace").splitlines():
-            if '"LLM request assembled"' in line:
+            if any(decision in line for decision in self._DECISIONS):
                 entry = json.loads(line)
-                found[entry.get("x-request-id", "")] = entry
+                found.setdefault(entry.get("x-request-id", ""), {}).update(entry)
         return found
 
     def stop(self) -> None:

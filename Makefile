@@ -13,7 +13,7 @@ IMAGES_DIR ?= .images
 TOOLS_CACHE := $(or $(ATLAS_TOOLS_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/atlas-tools)
 export PIP_CACHE_DIR ?= $(TOOLS_CACHE)/pip
 
-.PHONY: help venv system-deps tools node-tools deps test test-unit test-integration test-cluster test-e2e \
+.PHONY: help venv system-deps tools jaeger node-tools deps test test-unit test-integration test-cluster test-e2e \
         bench dev dev-up dev-down dev-logs clean distclean kind-up images images-load helm-install lint \
         docker-up docker-down test-images deploy-up deploy-down test-deploy
 
@@ -31,8 +31,11 @@ venv: $(STAMP)  ## create .venv and install Atlas with its test dependencies
 system-deps:  ## redis-server and wrk from Debian's packages (skipped when present)
 	@bash hack/system-deps.sh
 
-tools:  ## build kube-apiserver, etcd, kubectl, helm and the GitOps health runners from source (cached outside the checkout)
+tools:  ## build kube-apiserver, etcd, kubectl, helm, the GitOps health runners and jaeger from source (cached outside the checkout)
 	@bash hack/tools/build.sh
+
+jaeger:  ## build only Jaeger (the trace backend of the integration tier and the dev stack)
+	@bash hack/tools/build.sh jaeger
 
 node-tools: tools  ## build the deploy node's binaries from source (kubelet, containerd, CNI, CoreDNS...)
 	@bash hack/system-deps.sh node
@@ -46,7 +49,7 @@ test: deps node-tools  ## run every test tier (unit, integration, cluster, e2e, 
 test-unit: venv  ## fast tier: pure functions and fakeredis
 	$(PYTEST) tests/unit
 
-test-integration: venv system-deps  ## real redis-server
+test-integration: venv system-deps jaeger  ## real redis-server, real Jaeger
 	$(PYTEST) tests/integration
 
 test-cluster: deps  ## real kube-apiserver + etcd + operator
@@ -55,7 +58,7 @@ test-cluster: deps  ## real kube-apiserver + etcd + operator
 test-e2e: deps  ## the dev stack driven by the openai SDK and kubectl
 	$(PYTEST) tests/e2e
 
-bench: venv  ## gateway vs nginx, LiteLLM and the mock: latency, fixed rate, CPU/request; writes docs/benchmarks.md
+bench: venv jaeger  ## gateway vs nginx, LiteLLM and the mock: latency, fixed rate, CPU/request; writes docs/benchmarks.md
 	@bash hack/system-deps.sh bench
 	$(PY) -m benchmarks
 

@@ -15,7 +15,9 @@ run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer)
 5. budget exactness (benchmarks.exactness) and 1,000 slow clients (benchmarks.slow_clients);
 6. with ``BENCH_PROFILE=1``, py-spy's top functions of each gateway under c=16 load;
 7. this checkout's gateway authenticated by a workload identity token vs its static key
-   (benchmarks.token_auth: CPU per request in alternating pairs; skip: BENCH_SKIP_TOKEN=1).
+   (benchmarks.token_auth: CPU per request in alternating pairs; skip: BENCH_SKIP_TOKEN=1);
+8. tracing off, at 1 % and at 100 % (benchmarks.tracing_cost): gateway CPU per request, paired
+   (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6).
 
 The tables and issue 13's targets (met / missed) are printed and written into
 docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
@@ -27,7 +29,7 @@ gateway; its CPU is that of the master holding the bench key's slot, when local)
 (s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATES ("500,2000"),
 BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
 BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
-BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
+BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_SKIP_TRACING=1, BENCH_TRACING_ROUNDS (6), BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
 BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only), BENCH_NOTE (a sentence put into the docs section,
 e.g. what "before" and "after" are). A smoke run:
 ``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_WRITE_DOCS=0 make bench``.
@@ -46,10 +48,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, token_auth, tools
+from . import (bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, token_auth,
+               tools, tracing_cost)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import Proc, ProcError
@@ -165,6 +169,16 @@ def profiles(s: Setup, py_spy: str) -> None:
                                               or f"  py-spy failed: {err.decode()[-500:]}"), flush=True)
 
 
+def tracing(s: Setup, rounds: int) -> None:
+    """Tracing off, at 1 % and at 100 %: this checkout's gateway, paired (tracing_cost.py)."""
+    side = s.sides[-1]  # this checkout
+    print(f"-- tracing: off, 1 %, 100 % ({rounds} paired rounds)", flush=True)
+    with Jaeger() as jaeger, contextlib.ExitStack() as stack:
+        rows = tracing_cost.measure(s.bench, side.redis_url, side.redis_pid, s.json_base, jaeger, s.workdir, rounds,
+                                    16, stack)
+    s.res.tracing = tracing_cost.table(rows, rounds, 16)
+
+
 def per_gateway_checks(s: Setup) -> list[str]:
     """Memory, exactness and slow clients, each gateway in fresh processes; the failures."""
     failed = []
@@ -248,6 +262,8 @@ def main() -> int:
             closed_loop(setup)
             fixed_rate(setup, _env_list("BENCH_RATES", "500,2000"))
             prompt_sizes(setup, _env_list("BENCH_PROMPT_SIZES", "1024,204800"))
+            if not _on("BENCH_SKIP_TRACING"):
+                tracing(setup, int(os.environ.get("BENCH_TRACING_ROUNDS", "6")))
             if tl.py_spy:
                 profiles(setup, tl.py_spy)
             failed += per_gateway_checks(setup)

@@ -33,6 +33,7 @@ class Results:
     slow_clients: dict[str, str] = field(default_factory=dict)
     token_auth: dict[str, str] = field(default_factory=dict)  # gateway -> token vs static key (token_auth.py)
     profiles: dict[str, str] = field(default_factory=dict)  # gateway target -> profiling.report text
+    tracing: str = ""  # tracing_cost.table: CPU per request with tracing off, at 1 % and 100 %
     gateways: list[str] = field(default_factory=list)  # Atlas labels, "before" first
     reference: str = "nginx directly"
     peer: str | None = None  # LiteLLM's label when it ran
@@ -261,6 +262,8 @@ def render(res: Results) -> str:
         parts += ["Memory (RSS of one gateway process):", "", memory_table(res), ""]
     if res.gateways:
         parts += ["Targets (issue 13):", "", targets_table(res), ""]
+    if res.tracing:
+        parts += [res.tracing, ""]
     for gw, exact in res.exactness.items():
         parts.append(f"Exactness ({gw}): {exact}")
         parts.append("")

@@ -1,5 +1,6 @@
 """The whole Atlas dev stack on 127.0.0.1: Redis, the local control plane, the operator, the
-mock upstream (unless ATLAS_UPSTREAM_URL is set), the gateway, and the quickstart example.
+mock upstream (unless ATLAS_UPSTREAM_URL is set), Jaeger (the gateway's traces), the gateway, and
+the quickstart example.
 
 `python -m atlas_devstack up|down|logs [--follow]` drives it from a shell (make dev-up /
 dev-down / dev / dev-logs); tests use it as a context manager with a temporary state dir:
@@ -33,6 +34,7 @@ import redis as redis_client
 
 from .controlplane import ControlPlane
 from . import oidc_issuer, processes
+from .jaeger import Jaeger
 from .oidc_issuer import OidcIssuer
 from .processes import pid_alive, pid_cmdline, stop_group
 from .redis_server import RedisServer, free_port
@@ -45,7 +47,7 @@ DEMO_KEY_NAME = "search-frontend"
 DEMO_SECRET = "search-frontend-api-key"
 DEMO_NAMESPACE = "default"
 DEMO_MODEL = "llama-3.1-8b-instruct"
-SERVICES = ("gateway", "operator", "mock-upstream", "oidc-issuer")  # stop order: clients of Redis first
+SERVICES = ("gateway", "operator", "mock-upstream", "oidc-issuer", "jaeger")  # stop order: clients first
 
 
 class StackError(RuntimeError):
@@ -122,6 +124,10 @@ class DevStack:
                 upstream = f"http://127.0.0.1:{port}"
                 self._wait("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30)
 
+            jaeger = Jaeger(self.dir / "jaeger")
+            self._spawn("jaeger", jaeger.command(), base_env)
+            self._wait("jaeger", jaeger.ready, 30)
+
             issuer = self._start_oidc_issuer(base_env)
             operator_metrics_port = free_port()
             self._spawn("operator", [sys.executable, "-m", "atlas_operator"], {
@@ -133,7 +139,9 @@ class DevStack:
             gateway_url = f"http://127.0.0.1:{gateway_port}"
             self._spawn("gateway", [sys.executable, "-m", "atlas_gateway"], {
                 **base_env, "ATLAS_REDIS_URL": redis_url, "ATLAS_UPSTREAM_URL": upstream,
-                "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(gateway_port)})
+                "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(gateway_port),
+                # every request traced to the stack's Jaeger, a usage record per request in gateway.log
+                "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_http_url, "ATLAS_USAGE_RECORDS": "stdout"})
             self._wait("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60)
 
             cp.kubectl("apply", "-n", DEMO_NAMESPACE, "-k", str(QUICKSTART))
@@ -147,6 +155,7 @@ class DevStack:
                 "ATLAS_GATEWAY_URL": gateway_url,
                 "ATLAS_OPERATOR_METRICS_URL": f"http://127.0.0.1:{operator_metrics_port}/metrics",
                 "ATLAS_UPSTREAM_URL": upstream,
+                "ATLAS_JAEGER_URL": jaeger.query_url,
                 "REDIS_URL": redis_url,
                 "ATLAS_DEMO_KEY": demo_key,
                 # a real OIDC issuer the operator trusts: User/Group subjects (docs/workload-identity.md)
@@ -302,7 +311,7 @@ class DevStack:
                 continue
             # Only signal it when the pid still runs one of our commands (pids get reused).
             wanted = {"gateway": "atlas_gateway", "operator": "atlas_operator",
-                      "mock-upstream": "mock_upstream", "oidc-issuer": "oidc_issuer"}[service]
+                      "mock-upstream": "mock_upstream", "oidc-issuer": "oidc_issuer", "jaeger": "jaeger"}[service]
             if pid_alive(pid) and wanted in pid_cmdline(pid):
                 stop_group(pid, timeout)
                 stopped.append(service)
@@ -364,6 +373,7 @@ openai SDK:
 kubectl get atlaskeys,atlasquotas:
 {kubectl_out}
 gateway {env.get('ATLAS_GATEWAY_URL')}  upstream {env.get('ATLAS_UPSTREAM_URL')}  redis {env.get('REDIS_URL')}
+traces (Jaeger's query API): $ATLAS_JAEGER_URL/api/v3/traces/<trace id>   usage records: in gateway.log
 logs: python -m atlas_devstack logs --follow   (files in {self.logs})
 """
 

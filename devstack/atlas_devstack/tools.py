@@ -37,6 +37,8 @@ _CACHE_DIRS = {
     "ctr": "containerd-{CONTAINERD_VERSION}",
     "coredns": "coredns-{COREDNS_VERSION}",
     "pause": "pause-{PAUSE_VERSION}-k8s-{KUBERNETES_VERSION}",
+    # The trace backend of the integration tier and the dev stack (`bash hack/tools/build.sh jaeger`).
+    "jaeger": "jaeger-{JAEGER_VERSION}",
 }
 # CNI plugins live in a directory of their own (containerd's CNI bin dir: plugins only).
 CNI_PLUGINS = ("bridge", "loopback", "host-local", "portmap")

@@ -14,7 +14,9 @@ A row says:
 * ``streams``: ``stream: true`` answers server-sent events; ``asks_usage``: the upstream must be
   asked for the usage chunk (``stream_options.include_usage``, stripped again when Atlas asked);
 * ``usage``: how the upstream's ``usage`` object is read (metering/usage.py);
-* ``stores_responses``: the upstream stores what it answers (owner records, ``previous_response_id``).
+* ``stores_responses``: the upstream stores what it answers (owner records, ``previous_response_id``);
+* ``operation``: ``gen_ai.operation.name`` of its spans (telemetry/; OpenTelemetry's GenAI
+  conventions), the route's ``name`` when the conventions have no value for it.
 
 Everything else is refused with an OpenAI-shaped 404 (nothing reaches the upstream unmetered).
 """
@@ -55,6 +57,11 @@ class Route:
     asks_usage: bool = False
     usage: UsageReader = split_usage
     stores_responses: bool = False
+    operation: str = ""  # gen_ai.operation.name of its spans; default: ``name``
+
+    def __post_init__(self) -> None:
+        if not self.operation:
+            object.__setattr__(self, "operation", self.name)
 
 
 ROUTES: tuple[Route, ...] = (
@@ -66,17 +73,18 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/completions", "completions", InferenceEndpoint,
           required=(Field("prompt", _TEXT, "'prompt' is required (string or array)."),),
           prompt=Meter.completions_prompt, cap_fields=("max_tokens",), also_capped=("max_completion_tokens",),
-          choices=True, streams=True, asks_usage=True),
+          choices=True, streams=True, asks_usage=True, operation="text_completion"),
     Route("/v1/embeddings", "embeddings", InferenceEndpoint,
           required=(Field("input", _TEXT, "'input' is required (string or array)."),),
           prompt=Meter.embeddings_prompt),
     Route("/v1/responses", "responses", InferenceEndpoint,
           required=(Field("input", _TEXT, "'input' is required (string or array of input items).",
                           may_be_empty=True),),
-          prompt=Meter.responses_prompt, cap_fields=("max_output_tokens",), streams=True, stores_responses=True),
+          prompt=Meter.responses_prompt, cap_fields=("max_output_tokens",), streams=True, stores_responses=True,
+          operation="chat"),
     Route("/v1/messages", "messages", InferenceEndpoint,
           required=(Field("messages", (list,), "'messages' must be a non-empty array."),),
-          prompt=Meter.messages_prompt, cap_fields=("max_tokens",), streams=True),
+          prompt=Meter.messages_prompt, cap_fields=("max_tokens",), streams=True, operation="chat"),
     Route("/v1/rerank", "rerank", InferenceEndpoint,
           required=(Field("documents", (list,), "'documents' must be a non-empty array."),
                     Field("query", (str,), "'query' is required and must be a string.")),

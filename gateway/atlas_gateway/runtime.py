@@ -32,6 +32,7 @@ from .store.cluster import ClusterFastRedis
 from .store.failover import MasterWatch
 from .store.fastredis import FastRedis
 from .upstream.headers import UpstreamHeaders
+from .telemetry import NO_TRACING, NO_USAGE_RECORDS, start_tracing, start_usage_records
 from .upstream.targets import Upstreams
 
 log = logging.getLogger("atlas_gateway")
@@ -109,6 +110,9 @@ class Runtime:
         self._ids = itertools.count(1)
         self._connect_redis()
         self.upstream_headers = UpstreamHeaders.from_settings(settings)
+        # traces and usage records: constant no-ops until start() (and after it, unless configured)
+        self.tracing = NO_TRACING
+        self.usage_records = NO_USAGE_RECORDS
 
     def _connect_redis(self) -> None:
         """The Redis clients (single Redis or Cluster) and what is built on them."""
@@ -171,6 +175,8 @@ class Runtime:
             auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        self.tracing = start_tracing(s.telemetry)
+        self.usage_records = start_usage_records(s.telemetry)
         self.loop = asyncio.get_running_loop()  # the hot path's, kept (see upstream/call.py)
         self._lag_watch = asyncio.ensure_future(watch_loop_lag())
         if s.metrics_dir:
@@ -195,3 +201,7 @@ class Runtime:
             self.session = None
         await self.fast_redis.aclose()
         await self.redis.aclose()
+        # last: what the requests above recorded leaves now (bounded: telemetry/otel_sdk.py)
+        self.tracing.shutdown()
+        self.usage_records.shutdown()
+        self.tracing, self.usage_records = NO_TRACING, NO_USAGE_RECORDS

@@ -12,6 +12,8 @@ from atlas_core import cluster, sentinel
 from atlas_core.contract import PRIORITIES
 from atlas_core.flags import parse_flag
 
+from .telemetry.config import TelemetryConfig, TelemetryConfigError
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed: the gateway refuses to start."""
@@ -42,6 +44,13 @@ def _cluster_mode(raw: str | None) -> str:
     try:
         return cluster.parse_mode(raw)
     except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _telemetry(env: Mapping[str, str]) -> TelemetryConfig:
+    try:
+        return TelemetryConfig.from_env(env)
+    except TelemetryConfigError as exc:
         raise SettingsError(str(exc)) from None
 
 
@@ -165,6 +174,8 @@ class Settings:
     # the collector's first threshold once start-up objects are frozen (runtime.py: 700 is
     # Python's own); 0: no freezing either
     gc_threshold: int = 700
+    # traces and usage records: the standard OTEL_* variables and ATLAS_USAGE_RECORDS (telemetry/)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def shed_thresholds(self) -> tuple[int, int, int]:
         """In-flight upstream requests at which Sheddable, Standard and Critical requests are
@@ -299,4 +310,5 @@ class Settings:
             max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 4096),
             gc_threshold=max(0, _int(env, "ATLAS_GC_THRESHOLD", 700)),
             metrics_dir=env.get("ATLAS_METRICS_DIR") or None,
+            telemetry=_telemetry(env),
         )

@@ -4,10 +4,12 @@
 # checkout, and links them into the repo's gitignored bin/. A second run is a no-op.
 # With `node`, it builds the single-node cluster's binaries instead (make deploy-up):
 # kube-scheduler, kube-controller-manager, kubelet, kube-proxy, containerd (+ its runc shim
-# and ctr), the CNI plugins, CoreDNS and pause.
+# and ctr), the CNI plugins, CoreDNS and pause. `make tools` also builds Jaeger (the trace
+# backend of the integration tier and the dev stack); with `jaeger`, only that.
 #
 #   bash hack/tools/build.sh            # what `make tools` runs
 #   bash hack/tools/build.sh node       # what `make node-tools` runs
+#   bash hack/tools/build.sh jaeger     # what `make test-integration` runs
 #   ATLAS_TOOLS_CACHE=/some/dir bash hack/tools/build.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -114,6 +116,17 @@ cni_ldflags() {
   echo "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=${CNI_PLUGINS_VERSION}"
 }
 coredns_ldflags() { echo "-X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}"; }
+# jaeger: the variables its scripts/makefiles/BuildInfo.mk sets (the proxy knows no commit: the tag).
+jaeger_ldflags() {
+  local v=github.com/jaegertracing/jaeger/internal/version jdate
+  jdate="$(module_time jaeger github.com/jaegertracing/jaeger)"
+  echo "-X ${v}.latestVersion=${JAEGER_VERSION} -X ${v}.commitSHA=${JAEGER_VERSION}" \
+       "-X ${v}.date=${jdate:-1970-01-01T00:00:00Z}"
+}
+build_jaeger() {
+  build_family jaeger "jaeger-${JAEGER_VERSION}" jaeger_ldflags \
+    jaeger=github.com/jaegertracing/jaeger/cmd/jaeger
+}
 no_ldflags() { :; }
 
 # The GitOps health runners (hack/tools/health/*/main.go): what Argo CD, kstatus and Flux conclude
@@ -195,6 +208,10 @@ build_node() {
 
 main() {
   local start; start="$(now)"
+  if [ "${1:-}" = jaeger ]; then
+    build_jaeger
+    return
+  fi
   if [ "${1:-}" = node ]; then
     build_node
     log "node tools ready in ${BIN_DIR} ($(( $(now) - start ))s): kube-scheduler" \
@@ -211,8 +228,9 @@ main() {
     helm=helm.sh/helm/v3/cmd/helm
   build_health
   build_epp
+  build_jaeger
   log "tools ready in ${BIN_DIR} ($(( $(now) - start ))s): kube-apiserver kubectl etcd helm" \
-      "atlas-health-{argocd,kstatus,flux} epp"
+      "atlas-health-{argocd,kstatus,flux} epp jaeger"
 }
 
 main "$@"

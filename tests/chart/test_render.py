@@ -490,6 +490,32 @@ def test_inference_gateway_values_are_what_the_gateway_parses(helm):
     assert not {"ATLAS_INFERENCE_OBJECTIVES", "ATLAS_STAMP_FAIRNESS_ID", "ATLAS_STRIP_HEADERS"} & set(plain)
 
 
+def test_tracing_is_off_by_default_and_values_set_the_standard_variables(helm):
+    """No endpoint: no OTEL_* variable at all (the gateway's tracing is then off). An endpoint:
+    the standard variables, the pod's name and namespace as resource attributes."""
+    default = env_of(pod_spec(helm.render(ci_values("default")).one("Deployment", "-gateway"))["containers"][0])
+    assert not [name for name in default if name.startswith("OTEL_") or name == "ATLAS_USAGE_RECORDS"]
+    objs = helm.render(ci_values("default"), sets=[
+        "gateway.tracing.endpoint=http://otel-collector.observability:4317", "gateway.tracing.protocol=grpc",
+        "gateway.tracing.samplerArg=0.25", "gateway.tracing.resourceAttributes.deployment\\.environment=prod",
+        "gateway.usageRecords=otlp"])
+    env = env_of(pod_spec(objs.one("Deployment", "-gateway"))["containers"][0])
+    assert {name: env[name]["value"] for name in env if name.startswith("OTEL_") or name == "ATLAS_USAGE_RECORDS"} == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        "OTEL_SERVICE_NAME": "atlas-gateway",
+        "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),"
+                                    "deployment.environment=prod",
+        "ATLAS_USAGE_RECORDS": "otlp",
+    }
+    # $(POD_NAME) is expanded by the kubelet only from variables defined before it
+    names = list(env)
+    assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
 def test_names_follow_the_release(helm):
     objs = helm.render(ci_values("default"), release="prod")
     assert objs.one("Deployment", "-gateway")["metadata"]["name"] == "prod-atlas-gateway"
@@ -528,6 +554,14 @@ BAD_VALUES = [
     (["gateway.inferenceGateway.objectives.Critical=Not_A_Name"], "Critical"),
     (["gateway.inferenceGateway.stripHeaders={bad header:}"], "stripHeaders"),
     (["gateway.inferenceGateway.fairnessId=maybe"], "fairnessId"),
+
+
+    (["gateway.tracing.protocol=http/json"], "protocol"),
+    (["gateway.tracing.sampler=parentbased_traceidratoi"], "sampler"),
+    (["gateway.tracing.samplerArg=1%"], "samplerArg"),
+    (["gateway.tracing.endpoint=otel-collector:4317"], "endpoint"),
+    (["gateway.usageRecords=kafka"], "usageRecords"),
+    (["gateway.usageRecords=otlp"], "usageRecords"),  # OTLP records need tracing.endpoint
 ]
 
 

@@ -159,3 +159,15 @@ Cluster (url names a seed node, ATLAS_REDIS_CLUSTER=true), Sentinel (sentinel.ad
         path: ca.crt
 {{- end }}
 {{- end -}}
+
+{{/*
+OTEL_RESOURCE_ATTRIBUTES of the gateway: the pod's name and namespace (expanded by the kubelet
+from the env vars above it), then gateway.tracing.resourceAttributes in name order.
+*/}}
+{{- define "atlas.gateway.resourceAttributes" -}}
+{{- $attrs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" -}}
+{{- range $name, $value := .resourceAttributes -}}
+{{- $attrs = append $attrs (printf "%s=%s" $name $value) -}}
+{{- end -}}
+{{- join "," $attrs -}}
+{{- end -}}

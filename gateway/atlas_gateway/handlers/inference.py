@@ -24,7 +24,7 @@ from .. import metrics
 from ..http import errors
 from ..http.asgi import read_body, send_error
 from ..http.headers import RequestHeaders
-from ..ledger.admission import demotion_header, rejection
+from ..ledger.admission import demotion_header, refusing_owner, rejection
 from ..ledger.script_args import NO_COST, cost_args
 from ..ledger.ticket import Ticket
 from ..metering.validation import parse_body, validate
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("atlas_gateway")
 
 _MAX_TOKENS_HEADER = b"x-atlas-max-tokens"
+_INTERNAL_ERROR = errors.GatewayError(500, "Internal gateway error.", "server_error")
 
 
 class InferenceEndpoint:
@@ -49,7 +50,8 @@ class InferenceEndpoint:
         self.route = route
 
     async def __call__(self, scope, receive, send) -> None:
-        req = RequestContext(self.gateway.runtime, self.route)
+        rt = self.gateway.runtime
+        req = RequestContext(rt, self.route)
         try:
             await self._admit(req, scope, receive)
             try:
@@ -58,28 +60,36 @@ class InferenceEndpoint:
                 if req.ticket is not None and not req.ticket.done:  # a failure before the upstream call
                     await req.ticket.settle(0)
         except errors.GatewayError as err:
+            req.refused(err)
             await send_error(send, err, req.response_headers)
             metrics.count_request(req.ref, req.model, err.status, req.priority)
             metrics.count_rejection(req.ref, err.reason or err.code or err.type)
             metrics.OVERHEAD.observe(perf_counter() - req.started)
-        except ConnectionAbortedError:
-            return  # the client left while sending its body: nobody to answer
+        except ConnectionAbortedError:  # the client left while sending its body: nobody to answer
+            req.status, req.error = 499, "The client left while sending its body."
         except Exception:
             log.exception("unexpected error in %s", self.route.path)
+            req.refused(_INTERNAL_ERROR)
             try:
-                await send_error(send, errors.GatewayError(500, "Internal gateway error.", "server_error"),
-                                 req.response_headers)
+                await send_error(send, _INTERNAL_ERROR, req.response_headers)
             except Exception:  # the response had already started: nothing more to say
                 pass
+        finally:
+            req.trace.finish(req)
+            if req.ticket is not None:
+                rt.usage_records.emit(req)
 
     async def _admit(self, req: RequestContext, scope, receive) -> None:
         """Every check before the upstream call, then the admission: raises the GatewayError that
         refuses the request, or returns with ``req.ticket`` set (None only when failing open)."""
         rt = req.rt
         settings = rt.settings
-        if scope["method"] not in req.route.methods:
-            raise errors.method_not_allowed()
         headers = RequestHeaders(scope["headers"], forward=True)
+        req.forward = headers.forward
+        req.method = scope["method"]
+        req.trace = rt.tracing.start(req.forward, req.method, req.route, req.started)
+        if req.method not in req.route.methods:
+            raise errors.method_not_allowed()
         auth = rt.auth
         api_key = auth.presented(headers.api_key)
         if headers.content_length > settings.max_body_bytes:
@@ -88,7 +98,6 @@ class InferenceEndpoint:
         principal = req.principal = await auth.identify(api_key)
         req.ref = principal.ref
         auth.check_usable(principal)
-        req.forward = headers.forward
         raw = await read_body(receive, settings.max_body_bytes)
         if raw is None:
             raise errors.body_too_large(settings.max_body_bytes)
@@ -121,10 +130,13 @@ class InferenceEndpoint:
         # refused there if Sheddable requests are being shed now (writing nothing)
         shed_demoted = principal.soft_limited and priority != SHEDDABLE and rt.shedder.should_shed(SHEDDABLE)
         rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
+        span = req.trace.child("atlas.admission")
+        failure = None
         try:
             decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs,
                                                 shed_demoted)
         except REDIS_FAILURES as exc:
+            failure = f"Redis: {type(exc).__name__}"
             if not is_transport_failure(exc):
                 raise reply_error("admit", exc) from None
             metrics.count_redis_error("admit")
@@ -134,6 +146,7 @@ class InferenceEndpoint:
             if not settings.fail_open:
                 raise errors.redis_unavailable() from None
             metrics.FAIL_OPEN.inc()
+            req.fail_open = True
         else:
             if rt.redis_health.degraded:
                 rt.redis_health.ok()
@@ -147,13 +160,16 @@ class InferenceEndpoint:
             if not decision.admitted:
                 refused = rejection(decision, principal, reserve)
                 metrics.count_refused(req.model, refused.reason or refused.code, reserve)
+                req.refused_by = (refused.reason or refused.code, refusing_owner(decision, principal))
                 raise refused
             if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
                 bound.cap = (decision.reserved - prompt_estimate) // bound.sequences
                 reserve = req.reserve = decision.reserved
+                req.shrunk = True
             req.ticket = Ticket(rt.admission, rt.recovery, principal, req.id, reserve, prices, req.model)
             metrics.count_admitted(req.model, reserve)
         finally:
             rt.shedder.admitting -= 1  # no await until UpstreamCall.run counts it as in flight
+            span.end(failure)
         if bound.sequences:
             req.response_headers.append((_MAX_TOKENS_HEADER, str(bound.cap).encode()))

@@ -181,7 +181,12 @@ def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.
     if decision.reason == SHED_DEMOTED:
         return errors.shed()
     retry_after = max(1, -(-decision.retry_ms // 1000))
-    return REFUSALS[decision.reason].error(_owner(principal, decision.subject), reserve, retry_after)
+    return REFUSALS[decision.reason].error(refusing_owner(decision, principal), reserve, retry_after)
+
+
+def refusing_owner(decision: Decision, principal: Principal) -> str:
+    """``AtlasKey ns/name`` or ``AtlasQuota ns/name``: whose limit refused the admission."""
+    return _owner(principal, decision.subject)
 
 
 def demotion_header(decision: Decision, principal: Principal) -> tuple[bytes, bytes]:

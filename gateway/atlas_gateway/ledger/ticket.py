@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class Ticket:
     """One admitted request's reservation; ``settle`` runs at most once."""
 
-    __slots__ = ("admission", "recovery", "principal", "request_id", "reserved", "done", "prices", "model")
+    __slots__ = ("admission", "recovery", "principal", "request_id", "reserved", "done", "prices", "model", "cost")
 
     def __init__(self, admission: Admission, recovery: Recovery, principal: Principal, request_id: str,
                  reserved: int, prices: tuple | None = None, model: str = "") -> None:
@@ -36,6 +36,11 @@ class Ticket:
         self.done = False
         self.prices = prices  # per subject (Principal.prices_for); None: nothing is priced
         self.model = model
+        self.cost: int | None = None  # settled, on the AtlasKey's price list (micro-units of ``currency``)
+
+    @property
+    def currency(self) -> str | None:
+        return self.principal.currency
 
     @property
     def leased(self) -> bool:
@@ -52,8 +57,10 @@ class Ticket:
         if self.prices is not None:
             prompt = min(prompt, actual)
             costs = cost_args(self.prices, prompt, actual - prompt, cached)
-            if self.prices[0] is not None and costs[0] != b"0":
-                metrics.count_cost(self.principal, self.model, int(costs[0]))
+            if self.prices[0] is not None:
+                self.cost = int(costs[0])
+                if self.cost:
+                    metrics.count_cost(self.principal, self.model, self.cost)
         try:
             # No asyncio.shield (it costs a task per request): the hot-path Redis client queues
             # the command synchronously before its first await, so a cancellation arriving now

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 
 from ..http.errors import error_body
-from .usage import USAGE_OBJECT, event_usage
+from .usage import USAGE_OBJECT, event_model, event_usage
 
 
 class StreamState:
-    __slots__ = ("usage", "delivered", "error", "want_id", "response_id")
+    __slots__ = ("usage", "delivered", "error", "want_id", "response_id", "model")
 
     def __init__(self, want_id: bool = False) -> None:
         self.usage: dict | None = None
+        self.model: str | None = None  # the upstream's "model", from the event that carried usage
         self.delivered = 0  # data events forwarded (vLLM sends about one token per event)
         self.error: str | None = None
         self.want_id = want_id  # /v1/responses: note the id of the response being created
@@ -65,6 +66,7 @@ def filter_events(block: bytes, state: StreamState, strip_usage: bool) -> bytes:
             usage = event_usage(doc) if isinstance(doc, dict) else None
             if usage is not None:
                 state.usage = usage if state.usage is None else {**state.usage, **usage}
+                state.model = event_model(doc) or state.model
                 if doc.get("choices"):
                     state.delivered += 1  # a content chunk carrying per-frame usage
                 elif strip_usage:

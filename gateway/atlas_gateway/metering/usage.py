@@ -67,6 +67,28 @@ def response_id_from_body(body: bytes) -> str | None:
     return match.group(1).decode("utf-8", "replace") if match else None
 
 
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+
+
+def model_from_body(body: bytes) -> str | None:
+    """The model a response names: its first ``"model"`` within the first 4 KiB (OpenAI's,
+    Anthropic's and the Responses API's bodies all name it before the content)."""
+    match = _MODEL.search(body, 0, 4096)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def event_model(doc: dict) -> str | None:
+    """The model an SSE event names, where :func:`event_usage` finds usage."""
+    model = doc.get("model")
+    if isinstance(model, str):
+        return model
+    for holder in ("response", "message"):
+        inner = doc.get(holder)
+        if isinstance(inner, dict) and isinstance(inner.get("model"), str):
+            return inner["model"]
+    return None
+
+
 def event_usage(doc: dict) -> dict | None:
     """The usage an SSE event carries: top-level (chat, completions, Anthropic message_delta),
     in ``response`` (Responses API terminal events) or in ``message`` (Anthropic message_start)."""

@@ -18,7 +18,7 @@ from ..http.asgi import send_bytes, send_error
 from ..metering.body import UpstreamBody
 from ..metering.bounds import text_tokens
 from ..metering.events import StreamState
-from ..metering.usage import cached_tokens, response_id_from_body, usage_from_body
+from ..metering.usage import cached_tokens, model_from_body, response_id_from_body, usage_from_body
 from ..request import RequestContext
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
 from .sse import pump
@@ -123,7 +123,9 @@ class UpstreamCall:
         body = UpstreamBody(req.route, req.doc, req.raw, req.bound.cap,
                             None if rt.settings.forward_priority is None else rt.settings.forward_priority[req.priority])
         streaming = body.streaming
-        forward = rt.upstream_headers.stamp(req.forward, req.id, req.priority, req.principal.fairness_id)
+        span = req.trace.upstream(req.doc["model"])  # the upstream call's span, if traced
+        forward = rt.upstream_headers.stamp(req.forward, req.id, req.priority, req.principal.fairness_id,
+                                            span.traceparent)
         forward["content-type"] = "application/json"
         url = rt.upstreams.base_for(req.doc["model"]) + req.route.path
 
@@ -154,6 +156,8 @@ class UpstreamCall:
                         metrics.observe_upstream(req.model, self.upstream_seconds)
                         status = resp.status
                         self.billed = self._bill_body(status, answer)
+                        if req.trace.recording:
+                            req.response_model = model_from_body(answer)
                         if self.owner is not None and status == 200:
                             await self._record_owner(response_id_from_body(answer))
                         self._stop_watcher()
@@ -170,6 +174,7 @@ class UpstreamCall:
                     raise
                 asyncio.current_task().uncancel()
                 status = 499  # client closed the request (nginx's convention), for metrics only
+                req.error = "The client left before the answer ended."
             except asyncio.TimeoutError:
                 status = 504
                 await self._fail(send, errors.upstream_timeout())
@@ -182,6 +187,10 @@ class UpstreamCall:
             self._stop_watcher()
             shedder.inflight -= 1
             metrics.upstream_finished(req.model)
+            req.status, req.billed, req.cached = status, self.billed, self.cached
+            if status >= 400 and req.error is None:
+                req.error = f"The upstream answered {status}."
+            span.end(req.error if status >= 400 or not status else None)
             await self._settle()
             metrics.count_request(req.ref, req.model, status, req.priority)
             metrics.count_tokens(req.ref, req.model, self.billed.prompt, self.billed.completion)
@@ -192,13 +201,16 @@ class UpstreamCall:
             actual = self.billed.total
             if actual > self.req.reserve:  # a misbehaving upstream: charged in full, and counted
                 metrics.count_overrun(self.req.ref, actual - self.req.reserve)
+            span = self.req.trace.child("atlas.settlement")
             await self.ticket.settle(actual, self.billed.prompt, self.cached)
+            span.end()
 
     async def _record_owner(self, response_id: str | None) -> None:
         if response_id:
             await self.rt.response_owners.record(response_id, self.owner, self.billed.total)
 
     async def _fail(self, send, err: errors.GatewayError) -> None:
+        self.req.refused(err)
         self._stop_watcher()
         await send_error(send, err, self.req.response_headers)
 
@@ -229,6 +241,7 @@ class UpstreamCall:
                 if cut:  # a running count (message_delta) may lag what was delivered
                     completion = max(completion, stream.delivered)
                 self.billed = Bill(prompt, completion)
+                self.req.response_model = stream.model
             else:  # cut short, or an upstream that ignores include_usage: bill what was delivered
                 self.billed = Bill(self.req.prompt_estimate, stream.delivered)
             if cut:

@@ -5,9 +5,9 @@ What a client may pass on was first narrowed when its headers were read (http/he
 hop-by-hop headers, its Atlas key and Atlas's own controls never are). Here the headers no
 client may set are removed (:data:`REFUSED_PREFIXES`, :data:`REFUSED_NAMES`, and the names or
 prefixes of ``ATLAS_STRIP_HEADERS``), then Atlas adds its own: its request id, the upstream's
-credentials and, when configured, an inference gateway's steering headers (the objective of the
-request's effective priority, the fairness id of its AtlasQuota or AtlasKey). docs/inference-gateway.md
-says why each refused header is refused.
+credentials, its trace context and, when configured, an inference gateway's steering headers
+(the objective of the request's effective priority, the fairness id of its AtlasQuota or
+AtlasKey). docs/inference-gateway.md says why each refused header is refused.
 """
 
 from __future__ import annotations
@@ -68,15 +68,19 @@ class UpstreamHeaders:
                    objectives=settings.inference_objectives, fairness=settings.stamp_fairness_id)
 
     def stamp(self, headers: dict[str, str], request_id: str | None = None, priority: str | None = None,
-              fairness_id: str | None = None) -> dict[str, str]:
+              fairness_id: str | None = None, traceparent: str | None = None) -> dict[str, str]:
         """``headers`` (the client's, lower-case names; changed in place) without the refused ones,
-        with Atlas's request id, the upstream's credentials and, when configured, the objective
-        of ``priority`` (the request's effective class) and ``fairness_id``."""
+        with Atlas's request id, the upstream's credentials, when the gateway traces its own
+        ``traceparent`` (telemetry/: the upstream's spans become the gateway's children; with
+        tracing off the client's own passes through) and, when configured, the objective of
+        ``priority`` (the request's effective class) and ``fairness_id``."""
         refused = [name for name in headers if name in self.names or name.startswith(self.prefixes)]
         for name in refused:
             del headers[name]
         if request_id is not None:
             headers["x-request-id"] = request_id
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
         if self.credentials:
             headers["authorization"] = self.credentials
         objective = self.objectives.get(priority) if priority else None

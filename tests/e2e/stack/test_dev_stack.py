@@ -54,6 +54,25 @@ def test_demo_key_works_with_the_openai_sdk(stack):
         client(stack, "sk-atlas-not-a-real-key-000000000000000").models.list()
 
 
+def test_a_request_is_traced_into_the_stacks_jaeger_with_its_usage_record(stack):
+    from atlas_devstack.jaeger import attributes, trace_spans
+
+    trace_id, parent = os.urandom(16).hex(), os.urandom(8).hex()
+    raw = client(stack).chat.completions.with_raw_response.create(
+        model="llama-3.1-8b-instruct", max_tokens=8, messages=[{"role": "user", "content": "trace me"}],
+        extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    spans = wait_for("the trace in the stack's Jaeger", lambda: len(s := trace_spans(stack.env["ATLAS_JAEGER_URL"],
+                                                                                      trace_id)) >= 4 and s, 30)
+    [server] = [s for s in spans if s["name"] == "POST /v1/chat/completions"]
+    assert server["parentSpanId"] == parent
+    assert attributes(server)["atlas.key"] == "default/search-frontend"
+    request_id = raw.headers["x-request-id"]
+    log = stack.logs / "gateway.log"
+    [record] = wait_for("the usage record in gateway.log", lambda: [
+        json.loads(line) for line in log.read_text().splitlines() if line.startswith("{") and request_id in line], 10)
+    assert record["traceId"] == trace_id and record["key"] == "default/search-frontend"
+
+
 def test_usage_shows_in_kubectl_get(stack):
     for _ in range(2):
         client(stack).chat.completions.create(model="llama-3.1-8b-instruct", max_tokens=8,
@@ -162,6 +181,25 @@ def answers(stack, token: str) -> int:
         return exc.status_code
 
 
+def test_a_token_authenticated_request_is_traced_as_its_atlaskey_never_the_token(stack):
+    from atlas_devstack.jaeger import attributes, trace_spans
+
+    kubectl(stack, "create", "serviceaccount", "e2e-traced")
+    workload_key(stack, "e2e-traced", [{"kind": "ServiceAccount", "name": "e2e-traced"}])
+    token = kubectl(stack, "create", "token", "e2e-traced", "--audience", "atlas").stdout.strip()
+    wait_for("the token to work", lambda: answers(stack, token) == 200, 30, interval=0.1)
+    trace_id = os.urandom(16).hex()
+    client(stack, token).chat.completions.create(
+        model="llama-3.1-8b-instruct", max_tokens=2, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"})
+    spans = wait_for("the trace in the stack's Jaeger", lambda: len(s := trace_spans(stack.env["ATLAS_JAEGER_URL"],
+                                                                                      trace_id)) >= 4 and s, 30)
+    [server] = [s for s in spans if s["name"] == "POST /v1/chat/completions"]
+    assert attributes(server)["atlas.key"] == "default/e2e-traced"
+    assert token not in json.dumps(spans) and token.split(".")[2] not in json.dumps(spans)
+    assert token.split(".")[2] not in (stack.logs / "gateway.log").read_text()
+
+
 def test_a_service_account_token_is_its_atlaskey_through_the_openai_sdk(stack):
     """`kubectl create token SA --audience atlas` as the API key: limits, models, usage and
     metrics are the AtlasKey's; a deleted (then recreated) ServiceAccount's token is refused
@@ -226,8 +264,9 @@ def test_oidc_tokens_of_a_bound_user_and_group_are_their_atlaskeys(stack):
 
 def test_down_stops_everything_and_is_idempotent(stack):
     pids = [int(p.read_text()) for p in stack.dir.glob("**/*.pid")]
-    assert len(pids) >= 6  # redis, etcd, kube-apiserver, operator, gateway, mock upstream, OIDC issuer
+    assert len(pids) >= 6  # redis, etcd, kube-apiserver, operator, gateway, mock upstream, OIDC issuer, jaeger
     stopped = stack.down()
-    assert {"gateway", "operator", "mock-upstream", "oidc-issuer", "redis", "kube-apiserver", "etcd"} <= set(stopped)
+    assert {"gateway", "operator", "mock-upstream", "oidc-issuer", "jaeger", "redis", "kube-apiserver",
+            "etcd"} <= set(stopped)
     assert not [p for p in pids if pid_alive(p)]
     assert stack.down() == []

@@ -153,6 +153,7 @@ class InferenceEndpoint:
                 rt.recovery.wake()
             req.response_headers += decision.headers
             if decision.demoted is not None:  # past a soft budget: Sheddable from here on (the objective too)
+                req.demoted = decision.demoted
                 req.response_headers.append(demotion_header(decision, principal))
                 if decision.admitted:
                     req.priority = SHEDDABLE

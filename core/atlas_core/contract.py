@@ -151,6 +151,12 @@ class Limits:
     max_concurrent: int | None = None
     cost_per_day: float | None = None  # in the price list's currency
     cost_per_month: float | None = None
+    # soft budgets: once settled usage reaches one, requests are still admitted, demoted to
+    # Sheddable (each below its hard one)
+    soft_tokens_per_day: int | None = None
+    soft_tokens_per_month: int | None = None
+    soft_cost_per_day: float | None = None
+    soft_cost_per_month: float | None = None
 
     _FIELDS = (
         ("requestsPerSecond", "requests_per_second"),
@@ -161,8 +167,13 @@ class Limits:
         ("maxConcurrent", "max_concurrent"),
         ("costPerDay", "cost_per_day"),
         ("costPerMonth", "cost_per_month"),
+        ("softTokensPerDay", "soft_tokens_per_day"),
+        ("softTokensPerMonth", "soft_tokens_per_month"),
+        ("softCostPerDay", "soft_cost_per_day"),
+        ("softCostPerMonth", "soft_cost_per_month"),
     )
-    _DECIMAL = frozenset({"requests_per_second", "cost_per_day", "cost_per_month"})
+    _DECIMAL = frozenset({"requests_per_second", "cost_per_day", "cost_per_month", "soft_cost_per_day",
+                          "soft_cost_per_month"})
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> "Limits":
@@ -187,7 +198,12 @@ class Limits:
 
     @property
     def cost_limited(self) -> bool:
+        """A hard cost budget: an unpriced request cannot be admitted against it."""
         return self.cost_per_day is not None or self.cost_per_month is not None
+
+    @property
+    def soft_limited(self) -> bool:
+        return any(getattr(self, attr) is not None for _, attr in SOFT_LIMITS)
 
     @property
     def effective_burst(self) -> int | None:
@@ -198,6 +214,17 @@ class Limits:
             return self.burst
         whole = int(self.requests_per_second)
         return whole if whole == self.requests_per_second else whole + 1
+
+
+# The soft budgets in the order they are checked (tokens before cost, day before month): the
+# CRD's field name (also what the gateway's x-atlas-demoted header and metric, the operator's
+# Demoted condition and /v1/usage name) and the Limits attribute.
+SOFT_LIMITS = (
+    ("softTokensPerDay", "soft_tokens_per_day"),
+    ("softTokensPerMonth", "soft_tokens_per_month"),
+    ("softCostPerDay", "soft_cost_per_day"),
+    ("softCostPerMonth", "soft_cost_per_month"),
+)
 
 
 # --------------------------------------------------------------------------- prices
@@ -699,6 +726,29 @@ class Usage:
             stamp = datetime.fromtimestamp(self.last_request_ms / 1000, tz=timezone.utc)
             out["lastRequestTime"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
         return out
+
+
+def soft_budgets(limits: Limits, usage: Usage) -> list[tuple[str, int, int]]:
+    """(CRD name, limit, settled) of each soft budget ``limits`` sets, in :data:`SOFT_LIMITS`
+    order; cost in micro-units."""
+    used = {"soft_tokens_per_day": usage.tokens_today, "soft_tokens_per_month": usage.tokens_this_month,
+            "soft_cost_per_day": usage.cost_today or 0, "soft_cost_per_month": usage.cost_this_month or 0}
+    out = []
+    for name, attr in SOFT_LIMITS:
+        limit = getattr(limits, attr)
+        if limit is not None:
+            out.append((name, to_micro(limit) if "cost" in attr else int(limit), used[attr]))
+    return out
+
+
+def soft_limit_passed(limits: Limits, usage: Usage) -> tuple[str, int] | None:
+    """The first soft budget the settled ``usage`` has reached, as (CRD name, limit), or None:
+    from then on every request of the subject is demoted (admit.lua checks the same, in the
+    same order, in the admission itself)."""
+    for name, limit, used in soft_budgets(limits, usage):
+        if used >= limit:
+            return name, limit
+    return None
 
 
 def _int(value: Any, low: int = INT64_MIN, high: int = INT64_MAX) -> int:

@@ -21,7 +21,8 @@ all of it, so a gateway that does not cap, multiply or bound correctly shows up 
 * Ledger: a request with ``x-strict-ledger: NAME`` adds what it counted to ledger NAME;
   ``GET /_strict/ledger/NAME`` -> ``{"tokens", "requests", "prompt", "completion"}``,
   ``GET /_strict/routes`` -> requests per path (to prove a route was never reached),
-  ``POST /_strict/reset`` clears both.
+  ``GET /_strict/headers`` -> the headers of the last request per path (what a client could
+  steer through the gateway), ``POST /_strict/reset`` clears all three.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class StrictUpstream:
         self.counting = counting
         self.ledgers: dict[str, dict[str, int]] = {}
         self.routes: Counter[str] = Counter()
+        self.headers: dict[str, dict[str, str]] = {}  # path -> the headers of its last request
         self.stored: dict[str, dict] = {}
         self._ids = 0
 
@@ -148,6 +150,7 @@ class StrictUpstream:
         if path == "/_strict/reset":
             self.ledgers.clear()
             self.routes.clear()
+            self.headers.clear()
             return await _json(send, 200, {"ok": True})
         if path.startswith("/_strict/ledger/"):
             name = path.rsplit("/", 1)[1]
@@ -155,7 +158,10 @@ class StrictUpstream:
                                                                    "completion": 0}))
         if path == "/_strict/routes":
             return await _json(send, 200, dict(self.routes))
+        if path == "/_strict/headers":
+            return await _json(send, 200, self.headers)
         self.routes[path] += 1
+        self.headers[path] = headers
         if path == "/v1/models":
             return await _json(send, 200, {"object": "list", "data": [{"id": "strict-model", "object": "model"}]})
         if path.startswith("/v1/responses/"):

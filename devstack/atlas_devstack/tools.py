@@ -24,6 +24,9 @@ _CACHE_DIRS = {
     "atlas-health-argocd": "health-argocd-lua-{GOPHER_LUA_VERSION}",
     "atlas-health-kstatus": "health-kstatus-{CLI_UTILS_VERSION}",
     "atlas-health-flux": "health-flux-cel-{FLUX_RUNTIME_VERSION}",
+    # An inference gateway's endpoint picker (Gateway API Inference Extension), and the CRDs it watches
+    # (a directory: inference-extension-crds/*.yaml).
+    "epp": "epp-{GIE_VERSION}",
     # The single-node cluster of `make deploy-up` (`bash hack/tools/build.sh node`).
     "kube-scheduler": "kubernetes-node-{KUBERNETES_VERSION}",
     "kube-controller-manager": "kubernetes-node-{KUBERNETES_VERSION}",
@@ -71,6 +74,15 @@ def _cache_dir(tool: str) -> Path:
     kube = versions["KUBERNETES_VERSION"].lstrip("v").split(".")
     versions["KUBE_MAJOR_MINOR"] = f"{kube[0]}.{kube[1]}"
     return cache_root() / _CACHE_DIRS[tool].format(**versions)
+
+
+def inference_extension_crds() -> list[Path]:
+    """The InferencePool and InferenceObjective CRDs of the pinned Gateway API Inference Extension
+    (copied next to its endpoint picker by `make tools`)."""
+    found = sorted((find_tool("epp").parent / "crds").glob("*.yaml"))
+    if not found:
+        raise ToolNotFound("the Gateway API Inference Extension's CRDs are missing next to epp: run `make tools`")
+    return found
 
 
 def cni_bin_dir() -> Path:

@@ -62,6 +62,9 @@ COST = Counter("atlas_cost_total", "Cost settled, in the currency of the AtlasKe
 LOOP_LAG = Histogram("atlas_gateway_event_loop_lag_seconds",
                      "How late a 100 ms timer fires on the gateway's event loop: time nothing else could run "
                      "(a long callback, a collector pause, or the process waiting for a CPU)", buckets=_FAST)
+DEMOTED = Counter("atlas_gateway_demoted_total",
+                  "Requests admitted as Sheddable because they passed a soft budget, by AtlasKey, soft budget "
+                  "and the kind it belongs to", ["key", "budget", "kind"])
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200
@@ -102,6 +105,11 @@ def count_cost(principal, model: str, micro: int) -> None:
     """The key's settled cost (micro-units) in its price list's currency."""
     key = principal.key
     _child(COST, principal.currency or "", key.namespace, key.name, model).inc(micro / 1_000_000)
+
+
+def count_demoted(principal, decision) -> None:
+    kind = "AtlasQuota" if principal.subjects[decision.demoted_by - 1].startswith("q:") else "AtlasKey"
+    _child(DEMOTED, principal.ref, decision.demoted, kind).inc()
 
 
 def count_rejection(key: str, reason: str) -> None:

@@ -31,6 +31,7 @@ from .shedding.shedder import Shedder
 from .store.cluster import ClusterFastRedis
 from .store.failover import MasterWatch
 from .store.fastredis import FastRedis
+from .upstream.headers import UpstreamHeaders
 from .telemetry import NO_TRACING, NO_USAGE_RECORDS, start_tracing, start_usage_records
 from .upstream.targets import Upstreams
 
@@ -108,11 +109,10 @@ class Runtime:
         self._snapshots: asyncio.Task | None = None  # one of several workers: metrics for the others
         self._ids = itertools.count(1)
         self._connect_redis()
+        self.upstream_headers = UpstreamHeaders.from_settings(settings)
         # traces and usage records: constant no-ops until start() (and after it, unless configured)
         self.tracing = NO_TRACING
         self.usage_records = NO_USAGE_RECORDS
-        auth = f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None
-        self.upstream_auth = auth
 
     def _connect_redis(self) -> None:
         """The Redis clients (single Redis or Cluster) and what is built on them."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from atlas_core import cluster, sentinel
+from atlas_core.contract import PRIORITIES
 from atlas_core.flags import parse_flag
 
 from .telemetry.config import TelemetryConfig, TelemetryConfigError
@@ -29,6 +31,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_float(env, name, default))
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    try:
+        return parse_flag(env.get(name), False)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
 
 
 def _cluster_mode(raw: str | None) -> str:
@@ -62,6 +71,47 @@ def _priority_values(raw: str | None) -> dict[str, int] | None:
     except (ValueError, AttributeError, TypeError) as exc:
         raise SettingsError("ATLAS_FORWARD_PRIORITY must be true/false or a JSON object class -> int") from exc
     return {**DEFAULT_PRIORITY_VALUES, **values}
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'+.^_`|~0-9a-z-]+$")  # an RFC 9110 token, lower case
+# an InferenceObjective's name: a Kubernetes object name (DNS subdomain)
+_OBJECTIVE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def _strip_headers(raw: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """ATLAS_STRIP_HEADERS: header names, or prefixes ending in ``*``, separated by commas or
+    spaces -> (names, prefixes), lower case; added to what is never forwarded (upstream/headers.py)."""
+    names: list[str] = []
+    prefixes: list[str] = []
+    for entry in (raw or "").replace(",", " ").split():
+        entry = entry.lower()
+        prefix = entry.endswith("*")
+        stem = entry[:-1] if prefix else entry
+        if not _HEADER_NAME.match(stem):
+            raise SettingsError(f"ATLAS_STRIP_HEADERS: {entry!r} is not a header name or a prefix ending in '*' "
+                                "(e.g. x-user-id, x-internal-*)")
+        (prefixes if prefix else names).append(stem)
+    return tuple(names), tuple(prefixes)
+
+
+def _objectives(raw: str | None) -> dict[str, str]:
+    """ATLAS_INFERENCE_OBJECTIVES: a JSON object, priority class -> InferenceObjective name."""
+    if not raw or not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+        objectives = {str(k): v for k, v in doc.items()}
+    except (ValueError, AttributeError) as exc:
+        raise SettingsError("ATLAS_INFERENCE_OBJECTIVES must be a JSON object: priority class -> "
+                            'objective name, e.g. {"Critical": "critical", "Sheddable": "batch"}') from exc
+    for priority, name in objectives.items():
+        if priority not in PRIORITIES:
+            raise SettingsError(f"ATLAS_INFERENCE_OBJECTIVES: {priority!r} is not a priority class "
+                                f"({', '.join(PRIORITIES)})")
+        if not isinstance(name, str) or not _OBJECTIVE_NAME.match(name):
+            raise SettingsError(f"ATLAS_INFERENCE_OBJECTIVES: the objective of {priority} must be an object "
+                                f"name (lower case letters, digits, '-', '.'), not {name!r}")
+    return objectives
 
 
 @dataclass(frozen=True)
@@ -105,6 +155,12 @@ class Settings:
     shed_scope: str = "cluster"
     shed_publish_interval: float = 0.2
     forward_priority: dict[str, int] | None = field(default=None, hash=False)
+    # an inference gateway behind Atlas (upstream/headers.py): headers never forwarded beyond the
+    # built-in ones, the objective stamped per effective priority class, the fairness id stamped
+    strip_headers: tuple[str, ...] = ()
+    strip_header_prefixes: tuple[str, ...] = ()
+    inference_objectives: dict[str, str] = field(default_factory=dict, hash=False)
+    stamp_fairness_id: bool = False
     log_level: str = "info"
     # bounds on what a client may cost before (and while) it is authenticated; see server.py
     body_timeout: float = 30.0
@@ -208,6 +264,8 @@ class Settings:
         def optional_int(name: str) -> int | None:
             return None if env.get(name, "") == "" else _int(env, name, 0)
 
+        strip_names, strip_prefixes = _strip_headers(env.get("ATLAS_STRIP_HEADERS"))
+
         return cls(
             upstream_url=upstream,
             upstream_models=models,
@@ -240,6 +298,10 @@ class Settings:
             shed_scope=env.get("ATLAS_SHED_SCOPE", "cluster").strip().lower() or "cluster",
             shed_publish_interval=_float(env, "ATLAS_SHED_PUBLISH_SECONDS", 0.2),
             forward_priority=_priority_values(env.get("ATLAS_FORWARD_PRIORITY")),
+            strip_headers=strip_names,
+            strip_header_prefixes=strip_prefixes,
+            inference_objectives=_objectives(env.get("ATLAS_INFERENCE_OBJECTIVES")),
+            stamp_fairness_id=_flag(env, "ATLAS_STAMP_FAIRNESS_ID"),
             log_level=env.get("ATLAS_LOG_LEVEL", "info").lower(),
             body_timeout=_float(env, "ATLAS_BODY_TIMEOUT_SECONDS", 30.0),
             header_timeout=_float(env, "ATLAS_HEADER_TIMEOUT_SECONDS", 10.0),

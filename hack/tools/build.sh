@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl, etcd and helm from source (Go module proxy only), and the GitOps
-# health runners of hack/tools/health/, at the versions pinned in hack/tools/versions.env, once per version, into a cache outside the
+# Builds kube-apiserver, kubectl, etcd and helm from source (Go module proxy only), the GitOps
+# health runners of hack/tools/health/ and an inference gateway's endpoint picker, at the versions pinned in hack/tools/versions.env, once per version, into a cache outside the
 # checkout, and links them into the repo's gitignored bin/. A second run is a no-op.
 # With `node`, it builds the single-node cluster's binaries instead (make deploy-up):
 # kube-scheduler, kube-controller-manager, kubelet, kube-proxy, containerd (+ its runc shim
@@ -137,6 +137,32 @@ build_health() {
   build_family health/flux-cel "health-flux-cel-${FLUX_RUNTIME_VERSION}" no_ldflags atlas-health-flux=.
 }
 
+# The endpoint picker of the Gateway API Inference Extension (cmd/epp) and the CRDs of what it
+# watches, into one cache directory: `go install pkg@version` (its module has no replace directive:
+# built in module mode with the module's own go.sum, checked against the checksum database, like
+# vegeta), the CRDs copied from the same module. bin/epp and bin/inference-extension-crds link them.
+build_epp() {
+  local dest="${CACHE_ROOT}/epp-${GIE_VERSION}" module=sigs.k8s.io/gateway-api-inference-extension tmp src t0
+  if [ -x "${dest}/epp" ] && [ -f "${dest}/.complete" ]; then
+    log "epp-${GIE_VERSION}: cached in ${dest}"
+  else
+    ensure_go
+    tmp="${dest}.tmp.$$"; rm -rf "$tmp"; mkdir -p "${tmp}/crds"
+    log "epp-${GIE_VERSION}: building ${module}/cmd/epp with $("$GO" env GOVERSION)"
+    t0="$(now)"
+    (cd "$tmp" && GOBIN="$tmp" "$GO" install -trimpath -ldflags "-s -w" "${module}/cmd/epp@${GIE_VERSION}")
+    src="$(cd "$tmp" && "$GO" mod download -json "${module}@${GIE_VERSION}" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')"
+    cp "${src}/config/crd/bases/inference.networking.k8s.io_inferencepools.yaml" \
+       "${src}/config/crd/bases/inference.networking.x-k8s.io_inferenceobjectives.yaml" "${tmp}/crds/"
+    chmod -R u+w "${tmp}/crds"  # the module cache is read-only
+    log "epp-${GIE_VERSION}: built in $(( $(now) - t0 ))s"
+    echo "${GIE_VERSION}" > "${tmp}/.complete"
+    rm -rf "$dest"; mv "$tmp" "$dest"
+  fi
+  ln -sfn "${dest}/epp" "${BIN_DIR}/epp"
+  ln -sfn "${dest}/crds" "${BIN_DIR}/inference-extension-crds"
+}
+
 # pause: a static C binary (the pod sandbox's init), built as kubernetes' build/pause/Makefile
 # builds it, from the pause.c of the pinned k8s.io/kubernetes module. Needs gcc and a static
 # libc (hack/system-deps.sh node installs them).
@@ -201,9 +227,10 @@ main() {
   build_family helm "helm-${HELM_VERSION}-k8s${KUBE_MAJOR}.${KUBE_MINOR}" helm_ldflags \
     helm=helm.sh/helm/v3/cmd/helm
   build_health
+  build_epp
   build_jaeger
   log "tools ready in ${BIN_DIR} ($(( $(now) - start ))s): kube-apiserver kubectl etcd helm" \
-      "atlas-health-{argocd,kstatus,flux} jaeger"
+      "atlas-health-{argocd,kstatus,flux} epp jaeger"
 }
 
 main "$@"

@@ -20,6 +20,9 @@ BUDGET_AT_RISK = "BudgetAtRisk"  # the forecast says a day/month budget runs out
 # (kstatus: Failed); Serving (AtlasKey) says whether the gateway accepts the key.
 STALLED = "Stalled"
 SERVING = "Serving"
+# AtlasKey/AtlasQuota with a soft budget (its own, or its quota's): True while one is passed and
+# requests are admitted as Sheddable; absent on an object without soft budgets.
+DEMOTED = "Demoted"
 # Present only while the usage write-back cannot show this object's usage (failures.py): True,
 # with what failed; removed once its usage is written again.
 USAGE_STALE = "UsageStale"
@@ -42,6 +45,10 @@ DAILY_BUDGET_SPENT = "DailyBudgetSpent"
 MONTHLY_BUDGET_SPENT = "MonthlyBudgetSpent"
 SHARED_BUDGET_SPENT = "SharedQuotaSpent"
 
+WITHIN_SOFT_BUDGET = "WithinSoftBudget"  # Demoted=False
+SHARED_SOFT_BUDGET_PASSED = "SharedQuotaSoftBudgetPassed"  # Demoted=True on a key: its quota's is passed
+# Demoted=True on the object itself names the soft budget: "SoftTokensPerDayPassed", ...
+
 NO_FORECAST = "NoForecast"  # BudgetAtRisk=False: too little history, or no recent usage
 FORECAST_FAILED = "ForecastFailed"  # BudgetAtRisk=Unknown: computing the forecast failed
 
@@ -54,6 +61,10 @@ STATUS_REFUSED = "StatusPatchRefused"  # the API server refused its status patch
 
 def at_risk_reason(budget: str) -> str:
     return budget[:1].upper() + budget[1:] + "AtRisk"
+
+
+def soft_budget_reason(budget: str) -> str:
+    return budget[:1].upper() + budget[1:] + "Passed"
 
 
 def find(conditions: list[dict[str, Any]] | None, ctype: str) -> dict[str, Any] | None:

@@ -59,6 +59,30 @@ def exhaustion(limits: Limits, usage: Usage) -> tuple[bool, str, str]:
     return False, cond.WITHIN_BUDGET, "no day or month budget is spent"
 
 
+def demotion(limits: Limits, usage: Usage) -> tuple[bool, str, str] | None:
+    """The Demoted condition of an object with soft budgets, from its settled usage; None for
+    one without (it shows no such condition)."""
+    if not limits.soft_limited:
+        return None
+    passed = contract.soft_limit_passed(limits, usage)
+    if passed is None:
+        return False, cond.WITHIN_SOFT_BUDGET, "no soft budget is passed: requests keep their priority"
+    budget, limit = passed
+    shown = contract.format_micro(limit) if "Cost" in budget else limit
+    period = usage.day if budget.endswith("Day") else usage.month
+    return True, cond.soft_budget_reason(budget), (
+        f"{budget} ({shown}) is passed for {period}: requests are admitted as Sheddable")
+
+
+def key_demotion(own: tuple[bool, str, str] | None, quota: str | None,
+                 shared: tuple[bool, str, str] | None) -> tuple[bool, str, str] | None:
+    """A key's Demoted condition: its own, or its AtlasQuota's when that one is passed (every
+    request of the key is demoted then too)."""
+    if shared is not None and shared[0] and not (own and own[0]):
+        return True, cond.SHARED_SOFT_BUDGET_PASSED, f"AtlasQuota {quota!r}: {shared[2]}"
+    return own if own is not None else shared
+
+
 # (namespace, name, kind, forecast) of every subject with a forecast, for the operator's metrics
 Observed = list[tuple[str, str, str, "fc.Forecast"]]
 NO_FORECAST = object()  # forecasting off: status.forecast is left alone
@@ -100,13 +124,14 @@ def at_risk_condition(forecast: "fc.Forecast | ForecastFailed | None") -> tuple[
 def status_patch(
     view: ObjectView, usage: Usage, exhausted: tuple[bool, str, str], now: datetime,
     keys: int | None = None, forecast: Any = NO_FORECAST,
-    events: list[tuple[str, str, str]] | None = None,
+    events: list[tuple[str, str, str]] | None = None, demoted: tuple[bool, str, str] | None = None,
 ) -> dict[str, Any] | None:
     """The status fields to patch for one object, or None when everything already matches.
 
     ``forecast`` (a Forecast, ForecastFailed or None) is applied only when it differs
     meaningfully from what the status shows; an Event for BudgetAtRisk turning True is appended
-    to ``events``. A UsageStale condition left by an earlier failure is removed.
+    to ``events``. A UsageStale condition left by an earlier failure is removed. ``demoted``
+    (:func:`demotion`) is the Demoted condition; None removes it.
     """
     patch: dict[str, Any] = {}
     wanted_usage = usage.to_status(priced=bool(view.spec.get("priceListRef")))
@@ -127,6 +152,13 @@ def status_patch(
     ):
         patch["conditions"] = conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED,
                                                       is_exhausted, reason, message, view.generation, now)
+    shown_demoted = cond.find(conditions, cond.DEMOTED)
+    if demoted is None:
+        if shown_demoted is not None:
+            patch["conditions"] = conditions = cond.without(conditions, cond.DEMOTED)
+    elif shown_demoted is None or (shown_demoted.get("status"), shown_demoted.get("reason"),
+                                   shown_demoted.get("message")) != ("True" if demoted[0] else "False", *demoted[1:]):
+        patch["conditions"] = conditions = cond.merge(conditions, cond.DEMOTED, *demoted, view.generation, now)
     if forecast is not NO_FORECAST:
         shown = view.status.get("forecast")
         wanted = forecast.to_status() if isinstance(forecast, fc.Forecast) else None
@@ -204,7 +236,8 @@ def plan(
     for key in keys:
         if key.quota:
             bound[(key.namespace, key.quota)] = bound.get((key.namespace, key.quota), 0) + 1
-    quota_exhausted: dict[tuple[str, str], tuple[bool, str, str]] = {}
+    # per AtlasQuota: its QuotaExhausted and Demoted states, which its keys' follow
+    quota_notices: dict[tuple[str, str], tuple[tuple[bool, str, str], tuple[bool, str, str] | None]] = {}
     out: list[tuple[str, ObjectView, dict[str, Any]]] = []
     # quotas first: a key's QuotaExhausted follows its quota's
     todo = [(QUOTAS, q, contract.quota_subject(q.namespace, q.name)) for q in quotas if not q.deleting]
@@ -221,7 +254,7 @@ def plan(
                 continue
             else:
                 patch = _plan_object(plural, view, subject, usages[subject], now, now_ms, history, observed,
-                                     posted, bound, quota_exhausted, failed)
+                                     posted, bound, quota_notices, failed)
         except Exception as exc:  # noqa: BLE001 - this object's failure, reported; the cycle goes on
             failed.append((failures.USAGE, plural, view, exc))
             patch = stale_patch(view, cond.WRITE_BACK_FAILED, f"its status could not be planned: "
@@ -235,16 +268,18 @@ def plan(
 
 def _plan_object(plural: str, view: ObjectView, subject: str, usage: Usage, now: datetime, now_ms: int,
                  history: History | None, observed: Observed, posted: list[tuple[str, str, str]],
-                 bound: dict[tuple[str, str], int], quota_exhausted: dict[tuple[str, str], tuple[bool, str, str]],
+                 bound: dict[tuple[str, str], int], quota_notices: dict[tuple[str, str], tuple[Any, Any]],
                  failed: Failed) -> dict[str, Any] | None:
     limits = Limits.from_spec(view.spec.get("limits"))
     state = exhaustion(limits, usage)
+    demoted = demotion(limits, usage)
     if plural == QUOTAS:
-        quota_exhausted[(view.namespace, view.name)] = state
-    elif view.quota and not state[0]:
-        shared = quota_exhausted.get((view.namespace, view.quota))
-        if shared and shared[0]:
+        quota_notices[(view.namespace, view.name)] = state, demoted
+    elif view.quota:
+        shared, shared_demoted = quota_notices.get((view.namespace, view.quota), (None, None))
+        if shared and shared[0] and not state[0]:
             state = (True, cond.SHARED_BUDGET_SPENT, f"AtlasQuota {view.quota!r}: {shared[2]}")
+        demoted = key_demotion(demoted, view.quota, shared_demoted)
     try:
         forecast = _forecast(history, subject, limits, usage, now, now_ms)
     except Exception as exc:  # noqa: BLE001 - withdraws this forecast only; the usage is still written
@@ -253,7 +288,7 @@ def _plan_object(plural: str, view: ObjectView, subject: str, usage: Usage, now:
     if isinstance(forecast, fc.Forecast):
         observed.append((view.namespace, view.name, KIND_OF[plural], forecast))
     keys = bound.get((view.namespace, view.name), 0) if plural == QUOTAS else None
-    return status_patch(view, usage, state, now, keys=keys, forecast=forecast, events=posted)
+    return status_patch(view, usage, state, now, keys=keys, forecast=forecast, events=posted, demoted=demoted)
 
 
 async def read_all(redis: Any, subjects: list[str], now: datetime, batch: int,

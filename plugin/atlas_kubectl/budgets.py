@@ -30,6 +30,11 @@ BUDGETS = (
     Budget("tokensPerMonth", "tokensThisMonth", MONTH, tokens=True),
     Budget("costPerDay", "costToday", DAY, tokens=False),
     Budget("costPerMonth", "costThisMonth", MONTH, tokens=False),
+    # soft budgets: reached, requests are demoted to Sheddable (EXHAUSTS: when that begins)
+    Budget("softTokensPerDay", "tokensToday", DAY, tokens=True),
+    Budget("softTokensPerMonth", "tokensThisMonth", MONTH, tokens=True),
+    Budget("softCostPerDay", "costToday", DAY, tokens=False),
+    Budget("softCostPerMonth", "costThisMonth", MONTH, tokens=False),
 )
 KIND_NAMES = {"AtlasKey": "key", "AtlasQuota": "quota"}
 

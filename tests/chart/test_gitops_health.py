@@ -46,7 +46,13 @@ CASES = {
         cond("Serving", False, "Expired", "the gateway refuses the key (403)")]), "Suspended", "Current", "Current"),
     "a spent budget": (obj("AtlasKey", ACTIVE + [cond("QuotaExhausted", True, "DailyBudgetSpent", "tokensPerDay")]),
                        "Healthy", "Current", "Current"),
+    "past a soft budget": (obj("AtlasKey", ACTIVE + [cond("Demoted", True, "SharedQuotaSoftBudgetPassed",
+                                                          "AtlasQuota 'q': softTokensPerDay (500) is passed")]),
+                           "Healthy", "Current", "Current"),
     "a quota": (obj("AtlasQuota", [cond("Ready", True, "Active")]), "Healthy", "Current", "Current"),
+    "a quota past its soft budget": (obj("AtlasQuota", [cond("Ready", True, "Active"),
+                                                        cond("Demoted", True, "SoftCostPerMonthPassed", "40")]),
+                                     "Healthy", "Current", "Current"),
     "a quota pricing from nothing": (obj("AtlasQuota", [
         cond("Ready", False, "PriceListNotFound", "AtlasPriceList 'p' not found"),
         cond("Stalled", True, "PriceListNotFound", "AtlasPriceList 'p' not found")]), "Degraded", "Failed", "Failed"),
@@ -75,4 +81,5 @@ def test_messages_say_why(verdicts):
     assert verdicts["quotaRef to nothing"]["kstatus"]["message"] == "AtlasQuota 'q' not found"
     assert "refuses the key" in verdicts["suspended on purpose"]["argocd"]["message"]
     assert "DailyBudgetSpent" in verdicts["a spent budget"]["argocd"]["message"]
+    assert "SharedQuotaSoftBudgetPassed" in verdicts["past a soft budget"]["argocd"]["message"]
     assert "generation 2" in verdicts["a new generation not yet processed"]["argocd"]["message"]

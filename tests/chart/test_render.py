@@ -471,6 +471,25 @@ def test_upstream_api_key_from_secret(helm):
     assert env["ATLAS_UPSTREAM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vllm-api-key", "key": "token"}
 
 
+def test_inference_gateway_values_are_what_the_gateway_parses(helm):
+    """gateway.inferenceGateway renders the variables the gateway reads into the rules it applies
+    (settings.py, upstream/headers.py); unset, none is rendered."""
+    from atlas_gateway.settings import Settings
+
+    objs = helm.render(ci_values("default"), sets=[
+        "gateway.inferenceGateway.objectives.Critical=chat-critical",
+        "gateway.inferenceGateway.objectives.Sheddable=batch",
+        "gateway.inferenceGateway.fairnessId=true",
+        "gateway.inferenceGateway.stripHeaders={x-user-id,x-internal-*}"])
+    env = env_of(pod_spec(objs.one("Deployment", "-gateway"))["containers"][0])
+    settings = Settings.from_env({name: e["value"] for name, e in env.items() if "value" in e})
+    assert settings.inference_objectives == {"Critical": "chat-critical", "Sheddable": "batch"}
+    assert settings.stamp_fairness_id is True
+    assert (settings.strip_headers, settings.strip_header_prefixes) == (("x-user-id",), ("x-internal-",))
+    plain = env_of(pod_spec(helm.render(ci_values("default")).one("Deployment", "-gateway"))["containers"][0])
+    assert not {"ATLAS_INFERENCE_OBJECTIVES", "ATLAS_STAMP_FAIRNESS_ID", "ATLAS_STRIP_HEADERS"} & set(plain)
+
+
 def test_tracing_is_off_by_default_and_values_set_the_standard_variables(helm):
     """No endpoint: no OTEL_* variable at all (the gateway's tracing is then off). An endpoint:
     the standard variables, the pod's name and namespace as resource attributes."""
@@ -536,6 +555,12 @@ BAD_VALUES = [
     (["operator.usageIntervalSeconds=0"], "usageIntervalSeconds"),
     (["monitoring.prometheusRule.quotaNearlySpentRatio=1.5"], "quotaNearlySpentRatio"),
     (["crds.keep=maybe"], "keep"),
+    (["gateway.inferenceGateway.objectives.Urgent=x"], "Urgent"),
+    (["gateway.inferenceGateway.objectives.Critical=Not_A_Name"], "Critical"),
+    (["gateway.inferenceGateway.stripHeaders={bad header:}"], "stripHeaders"),
+    (["gateway.inferenceGateway.fairnessId=maybe"], "fairnessId"),
+
+
     (["gateway.tracing.protocol=http/json"], "protocol"),
     (["gateway.tracing.sampler=parentbased_traceidratoi"], "sampler"),
     (["gateway.tracing.samplerArg=1%"], "samplerArg"),

@@ -30,6 +30,8 @@ VALID = [
     "quota_shrink_month",
     "pricelist_full",
     "key_cost_budget",
+    "key_soft_budgets",
+    "quota_soft_only",
     "key_subjects_full",
 ]
 
@@ -76,9 +78,19 @@ INVALID = {
     "pricelist_duplicate_model": "spec.prices[1]: Duplicate value: {\"model\":\"qwen2.5-*\"}",
     "pricelist_bad_currency": "spec.currency: Invalid value: \"usd\": spec.currency in body should match",
     "pricelist_default_negative": "spec.default.output: Invalid value: -2",
-    "key_cost_without_price_list": "spec.priceListRef: Required value: limits.costPerDay and limits.costPerMonth "
-                                   "need spec.priceListRef",
+    "key_cost_without_price_list": "spec.priceListRef: Required value: limits.costPerDay, costPerMonth, "
+                                   "softCostPerDay and softCostPerMonth need spec.priceListRef",
     "key_cost_negative": "spec.limits.costPerDay: Invalid value: -1",
+    "key_soft_day_not_below_hard":
+        "spec.limits.softTokensPerDay: Invalid value: softTokensPerDay must be below tokensPerDay",
+    "quota_soft_month_above_hard":
+        "spec.limits.softTokensPerMonth: Invalid value: softTokensPerMonth must be below tokensPerMonth",
+    "key_soft_cost_not_below_hard": "spec.limits.softCostPerDay: Invalid value: softCostPerDay must be below costPerDay",
+    "quota_soft_cost_month_not_below_hard":
+        "spec.limits.softCostPerMonth: Invalid value: softCostPerMonth must be below costPerMonth",
+    "key_soft_cost_without_price_list": "spec.priceListRef: Required value: limits.costPerDay, costPerMonth, "
+                                        "softCostPerDay and softCostPerMonth need spec.priceListRef",
+    "key_soft_tokens_zero": "spec.limits.softTokensPerDay: Invalid value: 0",
     "quota_cost_month_below_day": "spec.limits.costPerMonth: Invalid value: costPerMonth must be >= costPerDay",
     "key_subject_kind_invalid": "spec.subjects[1].kind: Unsupported value: \"Pod\": supported values: \"ServiceAccount\", \"User\", \"Group\"",
     "key_subject_namespace_on_user": "spec.subjects[1].namespace: Forbidden: namespace applies only to kind ServiceAccount",

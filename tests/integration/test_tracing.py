@@ -171,6 +171,21 @@ def test_a_refused_request_is_an_error_span_naming_the_limit_and_has_no_usage_re
     assert usage_records(traced, name) == []  # nothing was settled
 
 
+def test_a_request_past_a_soft_budget_is_a_sheddable_span_naming_it(traced, jaeger, redis_server):
+    api_key, name = new_key(redis_server, contract.Limits(soft_tokens_per_day=1), priority="Critical")
+    url = traced.url + "/v1/chat/completions"
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(url, json=body, headers={"authorization": f"Bearer {api_key}"}, timeout=10).status_code == 200
+
+    def demoted() -> tuple[httpx.Response, str] | None:  # once that first request is settled
+        header, trace_id, _ = traceparent()
+        resp = httpx.post(url, json=body, timeout=10, headers={"authorization": f"Bearer {api_key}", "traceparent": header})
+        return (resp, trace_id) if "x-atlas-demoted" in resp.headers else None
+    resp, trace_id = wait_for("a demoted answer", demoted, 10)
+    attrs = attributes(one(jaeger.wait_for_spans(trace_id, 3), SERVER_SPAN))
+    assert (attrs["atlas.demoted"], attrs["atlas.priority"]) == ("softTokensPerDay", "Sheddable")
+
+
 def test_an_unknown_key_is_an_error_span_that_names_no_key(traced, jaeger):
     header, trace_id, _ = traceparent()
     secret = "sk-unknown-" + secrets.token_hex(16)

@@ -15,8 +15,8 @@ class Principal:
     """Everything the hot path needs about one key, precomputed when the config is loaded."""
 
     __slots__ = (
-        "key", "quota", "quota_missing", "ref", "subjects", "subject_limits", "allows_model", "priority",
-        "price_tables", "cost_limited", "priced", "currency", "tag", "ledger",
+        "key", "quota", "quota_missing", "ref", "fairness_id", "subjects", "subject_limits", "allows_model", "priority",
+        "price_tables", "cost_limited", "priced", "currency", "tag", "ledger", "soft_limited",
     )
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
@@ -24,6 +24,9 @@ class Principal:
         self.quota = quota
         self.quota_missing = bool(key.quota) and quota is None
         self.ref = key.ref
+        # the tenant an inference gateway's fair queueing sees: the shared budget, else the key
+        # (namespace/name, never key material; upstream/headers.py stamps it when configured)
+        self.fairness_id = key.quota_ref or key.ref
         # one hash tag for every counter of this key and of its quota: one cluster slot per call
         self.tag = contract.slot_tag(key.namespace, key.name, key.quota)
         subjects = [(contract.key_subject(key.namespace, key.name), key.limits, key.shortfall)]
@@ -38,6 +41,8 @@ class Principal:
         self.currency = key.price_list.currency if key.price_list is not None else None
         self.subjects = tuple(s for s, _, _ in subjects)
         self.subject_limits = tuple((lim, short) for _, lim, short in subjects)  # per subject, as subjects
+        # a soft budget on the key or its quota may demote its requests (admit.lua)
+        self.soft_limited = any(lim.soft_limited for _, lim, _ in subjects)
         self.allows_model = compile_globs(tuple(key.models))
         self.priority = key.priority if key.priority in contract.PRIORITIES else contract.DEFAULT_PRIORITY
         # what the ledger derives from this config (its script arguments, call shapes), built by

@@ -24,12 +24,12 @@ from .. import metrics
 from ..http import errors
 from ..http.asgi import read_body, send_error
 from ..http.headers import RequestHeaders
-from ..ledger.admission import refusing_owner, rejection
+from ..ledger.admission import demotion_header, refusing_owner, rejection
 from ..ledger.script_args import NO_COST, cost_args
 from ..ledger.ticket import Ticket
 from ..metering.validation import parse_body, validate
 from ..request import RequestContext
-from ..shedding.priority import effective_priority
+from ..shedding.priority import SHEDDABLE, effective_priority
 from ..store.failures import REDIS_FAILURES, is_transport_failure, maybe_ran, reply_error
 from ..upstream.call import UpstreamCall
 
@@ -126,11 +126,15 @@ class InferenceEndpoint:
         prices = principal.prices_for(model)
         costs = NO_COST if prices is None else cost_args(prices, prompt_estimate, reserve - prompt_estimate)
 
+        # a soft budget may demote the request to Sheddable in the admission itself: then it is
+        # refused there if Sheddable requests are being shed now (writing nothing)
+        shed_demoted = principal.soft_limited and priority != SHEDDABLE and rt.shedder.should_shed(SHEDDABLE)
         rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
         span = req.trace.child("atlas.admission")
         failure = None
         try:
-            decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs)
+            decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs,
+                                                shed_demoted)
         except REDIS_FAILURES as exc:
             failure = f"Redis: {type(exc).__name__}"
             if not is_transport_failure(exc):
@@ -148,6 +152,12 @@ class InferenceEndpoint:
                 rt.redis_health.ok()
                 rt.recovery.wake()
             req.response_headers += decision.headers
+            if decision.demoted is not None:  # past a soft budget: Sheddable from here on (the objective too)
+                req.demoted = decision.demoted
+                req.response_headers.append(demotion_header(decision, principal))
+                if decision.admitted:
+                    req.priority = SHEDDABLE
+                    metrics.count_demoted(principal, decision)
             if not decision.admitted:
                 refused = rejection(decision, principal, reserve)
                 metrics.count_refused(req.model, refused.reason or refused.code, reserve)

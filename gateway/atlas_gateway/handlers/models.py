@@ -8,7 +8,6 @@ import aiohttp
 
 from ..http import errors
 from ..http.asgi import send_json
-from ..upstream.headers import stamp
 from .base import ServiceEndpoint
 
 
@@ -17,7 +16,7 @@ class ModelsEndpoint(ServiceEndpoint):
 
     async def handle(self, rt, scope, send, headers) -> None:
         principal = await self.principal(rt, scope)
-        forward = stamp({}, rt.upstream_auth)
+        forward = rt.upstream_headers.stamp({})
 
         async def fetch(base: str) -> list[dict]:
             async with rt.session.get(base + "/v1/models", headers=forward) as resp:

@@ -11,7 +11,6 @@ import aiohttp
 from ..http import errors
 from ..http.asgi import request_id_header, send_error
 from ..http.headers import api_key_from_headers
-from ..upstream.headers import stamp
 
 # method -> the sub-paths of /v1/responses/{id} it may reach; nothing else is forwarded, so no
 # path (e.g. one with ../ segments) can reach another upstream route through here
@@ -47,8 +46,8 @@ class StoredResponseEndpoint:
             raise errors.not_found(path)
         principal = await rt.auth.authenticate(api_key_from_headers(scope["headers"]))
         await rt.response_owners.tokens_of(principal, response_id)
-        forward = stamp({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _FORWARDED},
-                        rt.upstream_auth)
+        forward = rt.upstream_headers.stamp(
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _FORWARDED})
         url = rt.upstreams.base_for("") + path
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")

@@ -31,6 +31,22 @@ def _remaining(limits: contract.Limits, usage: contract.Usage) -> dict:
     return out
 
 
+# what each soft budget leaves is shown under the usage figure it counts
+_SOFT_FIGURES = {"softTokensPerDay": "tokensToday", "softTokensPerMonth": "tokensThisMonth",
+                 "softCostPerDay": "costToday", "softCostPerMonth": "costThisMonth"}
+
+
+def _soft(limits: contract.Limits, usage: contract.Usage) -> dict:
+    """``demoted``: the first soft budget the settled usage has reached (every request is then
+    admitted as Sheddable), or None; ``remainingBeforeDemotion``: what each leaves (None: not set)."""
+    left: dict = {"tokensToday": None, "tokensThisMonth": None}
+    for name, limit, used in contract.soft_budgets(limits, usage):
+        rest = max(0, limit - used)
+        left[_SOFT_FIGURES[name]] = contract.format_micro(rest) if "Cost" in name else rest
+    passed = contract.soft_limit_passed(limits, usage)
+    return {"demoted": passed[0] if passed else None, "remainingBeforeDemotion": left}
+
+
 def _price_list(table: contract.PriceTable | None) -> dict | None:
     return None if table is None else {"name": table.name, "currency": table.currency}
 
@@ -56,6 +72,7 @@ class UsageEndpoint(ServiceEndpoint):
             "usage": key_usage.to_status(priced=key.price_list is not None),
             "limits": key.limits.to_spec(),
             "remaining": _remaining(key.limits, key_usage),
+            **_soft(key.limits, key_usage),
             "quota": None,
         }
         if key.price_list is not None:
@@ -67,6 +84,7 @@ class UsageEndpoint(ServiceEndpoint):
                 "usage": quota_usage.to_status(priced=principal.quota.price_list is not None),
                 "limits": principal.quota.limits.to_spec(),
                 "remaining": _remaining(principal.quota.limits, quota_usage),
+                **_soft(principal.quota.limits, quota_usage),
             }
             if principal.quota.price_list is not None:
                 doc["quota"]["priceList"] = _price_list(principal.quota.price_list)

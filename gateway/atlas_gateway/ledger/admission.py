@@ -19,7 +19,7 @@ from ..auth.principal import Principal
 from ..http import errors
 from ..store.fastredis import FastRedis
 from ..store.scripts import FastScript, RedisPyScript
-from .limits import REFUSALS
+from .limits import REFUSALS, SHED_DEMOTED, SOFT_BUDGETS
 from .script_args import NO_COST, ScriptCalls, key_calls
 
 ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
@@ -75,9 +75,11 @@ class Calendar:
 
 class Decision:
     """``reserved``: the tokens admit.lua reserved, lower than asked when a Shrink budget lowered
-    the completion cap (the caller derives the cap it must forward from it)."""
+    the completion cap (the caller derives the cap it must forward from it). ``demoted``: the
+    soft budget (its CRD name) the request passes, or None; ``demoted_by`` the index of the
+    subject it belongs to (1: the key, 2: its quota)."""
 
-    __slots__ = ("admitted", "reason", "subject", "retry_ms", "headers", "reserved")
+    __slots__ = ("admitted", "reason", "subject", "retry_ms", "headers", "reserved", "demoted", "demoted_by")
 
     def __init__(self, reply: list[Any]) -> None:
         self.admitted = reply[0] == 1
@@ -86,6 +88,8 @@ class Decision:
         self.retry_ms = int(reply[3])
         self.headers = rate_limit_headers(*(int(v) for v in reply[4:10]))
         self.reserved = int(reply[10])
+        self.demoted = SOFT_BUDGETS[int(reply[11])]
+        self.demoted_by = int(reply[12])
 
 
 def rate_limit_headers(rl: int, rr: int, rs: int, tl: int, tr: int, ts: int) -> list[tuple[bytes, bytes]]:
@@ -127,15 +131,17 @@ class Admission:
 
     async def admit(self, principal: Principal, request_id: str, reserve: int,
                     prompt: int | None = None, sequences: int = 0,
-                    costs: tuple[bytes, bytes] = NO_COST) -> Decision:
+                    costs: tuple[bytes, bytes] = NO_COST, shed_if_demoted: bool = False) -> Decision:
         """Reserve ``reserve`` tokens, of which ``prompt`` are the prompt and the rest a
         completion cap times ``sequences`` (which a Shrink budget may lower), and ``costs``
-        (micro-units per subject, :func:`calls.cost_args`) on cost-limited subjects."""
+        (micro-units per subject, :func:`calls.cost_args`) on cost-limited subjects.
+        ``shed_if_demoted``: Sheddable requests are being shed, so a request a soft budget demotes
+        is refused (reason SHED_DEMOTED) instead of admitted."""
         now = time.time()
         cal = self.calendar.refresh(now)
         shape, _ = self.calls.shapes(principal, cal.day, cal.month)
         dynamic = self.calls.admit_args(request_id, reserve, cal.ms_until_day_end(now), cal.ms_until_month_end(now),
-                                        reserve if prompt is None else prompt, sequences, costs)
+                                        reserve if prompt is None else prompt, sequences, costs, shed_if_demoted)
         return Decision(await self._admit(shape, dynamic))
 
     async def settle(self, principal: Principal, request_id: str, reserved: int, actual: int,
@@ -162,15 +168,29 @@ class Admission:
         return int(await self._refresh(self.calls.refresh_shape(principal), self.calls.refresh_args(request_id)))
 
 
-def refusing_owner(decision: Decision, principal: Principal) -> str:
-    """``AtlasKey ns/name`` or ``AtlasQuota ns/name``: whose limit refused the admission."""
-    subject = principal.subjects[decision.subject - 1] if decision.subject else principal.subjects[0]
+def _owner(principal: Principal, index: int) -> str:
+    """``AtlasKey ns/name`` or ``AtlasQuota ns/name`` of the script's subject ``index`` (1-based)."""
+    subject = principal.subjects[index - 1] if index else principal.subjects[0]
     return ("AtlasQuota " + subject[2:]) if subject.startswith("q:") else ("AtlasKey " + subject[2:])
 
 
 def rejection(decision: Decision, principal: Principal, reserve: int) -> errors.GatewayError:
-    """The 429 a refused admission turns into, with a real Retry-After (seconds, rounded up).
-    The caller adds ``decision.headers`` (the x-ratelimit-* values) itself."""
+    """The 429 a refused admission turns into, with a real Retry-After (seconds, rounded up),
+    or the 503 of a demoted request shed. The caller adds ``decision.headers`` (the
+    x-ratelimit-* values, and x-atlas-demoted) itself."""
+    if decision.reason == SHED_DEMOTED:
+        return errors.shed()
     retry_after = max(1, -(-decision.retry_ms // 1000))
-    owner = refusing_owner(decision, principal)
-    return REFUSALS[decision.reason].error(owner, reserve, retry_after)
+    return REFUSALS[decision.reason].error(refusing_owner(decision, principal), reserve, retry_after)
+
+
+def refusing_owner(decision: Decision, principal: Principal) -> str:
+    """``AtlasKey ns/name`` or ``AtlasQuota ns/name``: whose limit refused the admission."""
+    return _owner(principal, decision.subject)
+
+
+def demotion_header(decision: Decision, principal: Principal) -> tuple[bytes, bytes]:
+    """``x-atlas-demoted: <soft budget>; owner="AtlasQuota ns/name"``: which soft budget made this
+    request Sheddable, and whose it is."""
+    owner = _owner(principal, decision.demoted_by)
+    return b"x-atlas-demoted", f'{decision.demoted}; owner="{owner}"'.encode()

@@ -10,20 +10,30 @@
 --   1 request id   2 tokens to reserve   3 ms until the UTC day ends   4 ms until the month ends
 --   5 prompt tokens (the part of 2 that cannot shrink)   6 sequences generated (0 = none)
 --   7 cost to reserve on subject 1, 8 on subject 2 (micro-units of its price list's currency)
---   9 lease TTL (ms)   10 number of subjects   11 day hash TTL (s)   12 month hash TTL (s)
---   then 10 per subject (a = 12 + (i-1)*10): requestsPerSecond, burst, tokensPerMinute,
+--   9 1 = refuse the request if it is demoted (Sheddable requests are being shed), else 0
+--   10 lease TTL (ms)   11 number of subjects   12 day hash TTL (s)   13 month hash TTL (s)
+--   then 14 per subject (a = 13 + (i-1)*14): requestsPerSecond, burst, tokensPerMinute,
 --   tokensPerDay, tokensPerMonth, maxConcurrent   (0 = no limit of that kind),
 --   shrink (1 = onBudgetShortfall Shrink), minCompletionTokens,
---   costPerDay, costPerMonth (micro-units; 0 = none: then no cost work at all)
+--   costPerDay, costPerMonth (micro-units; 0 = none: then no cost work at all),
+--   softTokensPerDay, softTokensPerMonth, softCostPerDay, softCostPerMonth (cost in micro-units)
+-- Soft budgets: once a subject's settled usage has reached one, a request that fits every hard
+-- limit is admitted all the same, demoted: the gateway treats it as Sheddable. Settled usage
+-- only (reservations are upper bounds: counted, they would demote requests that end far below
+-- the soft budget), so the gateway, the operator's Demoted condition and /v1/usage agree. The
+-- first one reached (key before quota; tokens/day, tokens/month, cost/day, cost/month) is
+-- returned; with ARGV 9 set the request is refused instead (reason 9), writing nothing.
 -- Shrink: when a day/month budget of a Shrink subject cannot hold the reservation but can hold
 -- the prompt plus at least min(minCompletionTokens, cap) per sequence, the completion cap is
 -- lowered to what fits it (the lowest over all such budgets); every check then uses the lowered
 -- reservation, which is what is reserved and returned. Cost budgets never shrink: they refuse.
 -- Returns {admitted 1|0, reason, subject index, retry ms,
 --          req limit, req remaining, req reset ms, tok limit, tok remaining, tok reset ms,
---          tokens reserved}
+--          tokens reserved, soft budget passed (0 none, 1 softTokensPerDay, 2 softTokensPerMonth,
+--          3 softCostPerDay, 4 softCostPerMonth), the subject index whose soft budget it is}
 --   reason: 0 ok, 1 requests/s, 2 concurrency, 3 tokens/min, 4 larger than tokens/min,
 --           5 tokens/day, 6 tokens/month, 7 cost/day, 8 cost/month,
+--           9 demoted while Sheddable requests are being shed (ARGV 9),
 --           99 undone (the gateway gave up on this request id
 --           and undid it: a call that runs late, after a Redis stall, must leave nothing).
 --   Limits of -1 mean "no such limit anywhere".
@@ -37,15 +47,17 @@ local day_reset = tonumber(ARGV[3])
 local month_reset = tonumber(ARGV[4])
 local prompt = tonumber(ARGV[5])
 local sequences = tonumber(ARGV[6])
-local lease_ttl = tonumber(ARGV[9])
-local n = tonumber(ARGV[10])
-local day_ttl = tonumber(ARGV[11])
-local month_ttl = tonumber(ARGV[12])
-local PER = 10
+local shed_demoted = ARGV[9] == '1'
+local lease_ttl = tonumber(ARGV[10])
+local n = tonumber(ARGV[11])
+local day_ttl = tonumber(ARGV[12])
+local month_ttl = tonumber(ARGV[13])
+local BASE = 13
+local PER = 14
 local KPER = 7
 
 if redis.call('ZSCORE', KEYS[n * KPER + 1], rid) then
-  return {0, 99, 1, 0, -1, -1, 0, -1, -1, 0, 0}
+  return {0, 99, 1, 0, -1, -1, 0, -1, -1, 0, 0, 0, 0}
 end
 
 local reason, who, retry = 0, 0, 0
@@ -74,7 +86,7 @@ if sequences > 0 then cap = (reserve - prompt) / sequences end
 local full_cap = cap
 for i = 1, n do
   local k = (i - 1) * KPER
-  local a = 12 + (i - 1) * PER
+  local a = BASE + (i - 1) * PER
   local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local cpd, cpmo = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10])
   local costed = (cpd > 0 or cpmo > 0)
@@ -129,7 +141,7 @@ if cap < full_cap then reserve = prompt + cap * sequences end
 -- Pass 2: every check, with the (possibly lowered) reservation.
 for i = 1, n do
   local k = (i - 1) * KPER
-  local a = 12 + (i - 1) * PER
+  local a = BASE + (i - 1) * PER
   local rps, burst, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local s = state[i]
@@ -169,6 +181,26 @@ for i = 1, n do
     if s.cost_month_left and s.cost_month_left < s.cost then reject(8, i, month_reset) end
   end
 end
+
+-- Soft budgets: the first one a subject's settled usage has reached demotes the request.
+local function soft_reached(k, a)
+  local std, stmo = tonumber(ARGV[a + 11]), tonumber(ARGV[a + 12])
+  local scd, scmo = tonumber(ARGV[a + 13]), tonumber(ARGV[a + 14])
+  if std > 0 and tonumber(redis.call('HGET', KEYS[k + 5], 'settled') or '0') >= std then return 1 end
+  if stmo > 0 and tonumber(redis.call('HGET', KEYS[k + 6], 'settled') or '0') >= stmo then return 2 end
+  if scd > 0 and tonumber(redis.call('HGET', KEYS[k + 5], 'cost') or '0') >= scd then return 3 end
+  if scmo > 0 and tonumber(redis.call('HGET', KEYS[k + 6], 'cost') or '0') >= scmo then return 4 end
+  return 0
+end
+local demoted, demoted_by = 0, 0
+for i = 1, n do
+  demoted = soft_reached((i - 1) * KPER, BASE + (i - 1) * PER)
+  if demoted > 0 then
+    demoted_by = i
+    break
+  end
+end
+if demoted > 0 and shed_demoted then reject(9, demoted_by, 1000) end
 
 local admitted = (reason == 0)
 if admitted then
@@ -220,4 +252,4 @@ end
 
 local rl, rr, rs = render(req_c, 1)
 local tl, tr, ts = render(tok_c, reserve)
-return {admitted and 1 or 0, reason, who, retry, rl, rr, rs, tl, tr, ts, reserve}
+return {admitted and 1 or 0, reason, who, retry, rl, rr, rs, tl, tr, ts, reserve, demoted, demoted_by}

@@ -16,7 +16,7 @@ from atlas_core import contract
 from ..http import errors
 
 # admit.lua's reason codes (its header lists the same)
-OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH, COST_DAY, COST_MONTH = range(9)
+OK, REQUESTS, CONCURRENCY, TOKENS, TOO_LARGE, DAY, MONTH, COST_DAY, COST_MONTH, SHED_DEMOTED = range(10)
 UNDONE = 99  # the request id was undone (undo.lua) before its admission ran
 
 
@@ -34,7 +34,7 @@ def _micro(value: Any) -> bytes:
 
 
 def limit_args(limits: contract.Limits, shortfall: contract.Shortfall) -> list[bytes]:
-    """admit.lua's 10 arguments per subject, in its order."""
+    """admit.lua's 14 arguments per subject, in its order."""
     return [
         _num(limits.requests_per_second),
         _num(limits.effective_burst),
@@ -46,7 +46,15 @@ def limit_args(limits: contract.Limits, shortfall: contract.Shortfall) -> list[b
         _num(shortfall.min_completion_tokens),
         _micro(limits.cost_per_day),
         _micro(limits.cost_per_month),
+        _num(limits.soft_tokens_per_day),
+        _num(limits.soft_tokens_per_month),
+        _micro(limits.soft_cost_per_day),
+        _micro(limits.soft_cost_per_month),
     ]
+
+
+# admit.lua's soft budget codes: 1 + the index in contract.SOFT_LIMITS (0: none passed)
+SOFT_BUDGETS = (None, *(name for name, _ in contract.SOFT_LIMITS))
 
 
 def settle_limit_args(limits: contract.Limits) -> list[bytes]:

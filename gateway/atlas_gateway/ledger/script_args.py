@@ -117,9 +117,10 @@ class ScriptCalls:
 
     @staticmethod
     def admit_args(request_id: str, reserve: int, ms_to_day_end: int, ms_to_month_end: int, prompt: int,
-                   sequences: int, costs: tuple[bytes, bytes]) -> tuple[bytes, ...]:
+                   sequences: int, costs: tuple[bytes, bytes], shed_if_demoted: bool = False) -> tuple[bytes, ...]:
         return (request_id.encode(), str(reserve).encode(), str(ms_to_day_end).encode(),
-                str(ms_to_month_end).encode(), str(prompt).encode(), str(sequences).encode(), *costs)
+                str(ms_to_month_end).encode(), str(prompt).encode(), str(sequences).encode(), *costs,
+                b"1" if shed_if_demoted else b"0")
 
     @staticmethod
     def settle_args(request_id: str, actual: int, reserved: int, costs: tuple[bytes, bytes]) -> tuple[bytes, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from atlas_core.contract import PRIORITIES
 
 RANK = {name: rank for rank, name in enumerate(PRIORITIES)}  # Critical 0 < Standard 1 < Sheddable 2
+SHEDDABLE = PRIORITIES[-1]  # the class shed first, and that of a request past a soft budget
 _BY_LOWER = {name.lower(): name for name in PRIORITIES}
 
 

@@ -21,7 +21,6 @@ from ..metering.events import StreamState
 from ..metering.usage import cached_tokens, model_from_body, response_id_from_body, usage_from_body
 from ..request import RequestContext
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
-from .headers import stamp
 from .sse import pump
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +123,10 @@ class UpstreamCall:
         body = UpstreamBody(req.route, req.doc, req.raw, req.bound.cap,
                             None if rt.settings.forward_priority is None else rt.settings.forward_priority[req.priority])
         streaming = body.streaming
-        forward = req.forward
-        forward["content-type"] = "application/json"
         span = req.trace.upstream(req.doc["model"])  # the upstream call's span, if traced
-        stamp(forward, rt.upstream_auth, req.id, span.traceparent)
+        forward = rt.upstream_headers.stamp(req.forward, req.id, req.priority, req.principal.fairness_id,
+                                            span.traceparent)
+        forward["content-type"] = "application/json"
         url = rt.upstreams.base_for(req.doc["model"]) + req.route.path
 
         shedder = rt.shedder

@@ -80,7 +80,7 @@ def test_rate_limit_headers_are_present_for_each_limited_kind_and_plain_ascii(rl
        subject=st.sampled_from([0, 1, 2]), reserve=st.integers(0, CRD_MAX_TOKENS))
 def test_retry_after_is_a_whole_number_of_seconds_no_sooner_than_the_real_wait(reason, retry_ms, subject, reserve):
     principal = make_principal(contract.Limits(tokens_per_day=1), contract.Limits(tokens_per_day=1))
-    decision = Decision([0, reason, subject, retry_ms, -1, -1, 0, -1, -1, 0, reserve])
+    decision = Decision([0, reason, subject, retry_ms, -1, -1, 0, -1, -1, 0, reserve, 0, 0])
     refused = rejection(decision, principal, reserve)
     headers = dict(refused.headers)
     retry_after = int(headers[b"retry-after"])

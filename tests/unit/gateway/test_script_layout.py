@@ -69,9 +69,14 @@ def test_calls_put_the_usage_hashes_where_the_scripts_read_them():
         assert undo.keys[i * 6 + 3: i * 6 + 5] == [day, month]
     tombstones = contract.undone_key(principal.subjects[0], principal.tag).encode()
     assert admit.keys[-1] == undo.keys[-1] == tombstones  # KEYS[n*7+1] / KEYS[n*6+1]
-    # ARGV: admit's fixed part starts at ARGV[9] (lease TTL, subjects, day TTL, month TTL, 10 per subject)
-    assert admit.static[:2] == (b"60000", b"2") and len(admit.static) == 4 + 2 * 10
+    # ARGV: admit's per-request part, then its fixed part (lease TTL, subjects, day TTL, month TTL,
+    # then PER per subject from BASE on), as admit.lua declares them
+    source = resources.files("atlas_gateway.ledger").joinpath("admit.lua").read_text()
+    base, per = (int(re.search(rf"^local {name} = (\d+)$", source, re.M).group(1)) for name in ("BASE", "PER"))
+    dynamic = calls.admit_args("r", 1, 2, 3, 1, 0, (b"0", b"0"), True)
+    assert base == len(dynamic) + 4 and re.search(rf"^local lease_ttl = tonumber\(ARGV\[{len(dynamic) + 1}\]\)$",
+                                                 source, re.M)
+    assert admit.static[:2] == (b"60000", b"2") and len(admit.static) == 4 + 2 * per
     assert settle.static[0] == b"2" and len(settle.static) == 3 + 2 * 2
     assert undo.static == (*settle.static, b"60000")  # + the tombstone TTL
-    assert len(calls.admit_args("r", 1, 2, 3, 1, 0, (b"0", b"0"))) == 8
     assert len(calls.settle_args("r", 1, 2, (b"0", b"0"))) == 5

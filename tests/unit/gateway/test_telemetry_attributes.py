@@ -65,6 +65,12 @@ def test_shrink_cost_cache_and_fail_open_show():
     assert span_attributes(request(ticket=None, fail_open=True))["atlas.fail_open"] is True
 
 
+def test_a_demoted_request_names_the_soft_budget():
+    attrs = span_attributes(request(priority="Sheddable", demoted="softTokensPerDay"))
+    assert (attrs["atlas.priority"], attrs["atlas.demoted"]) == ("Sheddable", "softTokensPerDay")
+    assert "atlas.demoted" not in span_attributes(request())
+
+
 def test_the_operation_comes_from_the_route_table():
     assert [span_attributes(request(route=route(name)))["gen_ai.operation.name"]
             for name in ("chat", "completions", "embeddings", "responses", "messages", "rerank")] == [

@@ -30,6 +30,13 @@ def test_one_row_per_budget_with_used_limit_and_percent():
     assert rows[0].kind == "key" and rows[0].namespace == "team-a"
 
 
+def test_soft_budgets_are_rows_too_with_when_demotion_begins():
+    rows = budgets.usage_rows([obj("AtlasQuota", "q", {"tokensPerDay": 1000, "softTokensPerDay": 800},
+                                   {"tokensToday": 600}, {"tokensPerHour": 100})], NOW)
+    assert [(r.budget, r.used, r.limit) for r in rows] == [("tokensPerDay", 600, 1000), ("softTokensPerDay", 600, 800)]
+    assert rows[1].exhausts_at == datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)  # 200 left at 100/h
+
+
 def test_an_object_without_a_day_or_month_budget_still_shows_what_it_used():
     (row,) = budgets.usage_rows([obj("AtlasKey", "open", {"requestsPerSecond": 5}, {"tokensToday": 77})], NOW)
     assert (row.budget, row.used, row.limit, row.percent) == (None, 77, None, None)

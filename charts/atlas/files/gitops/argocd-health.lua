@@ -4,8 +4,8 @@
 --   Progressing  the operator has not yet processed this generation of the object
 --   Degraded     a configuration error (condition Stalled=True): it will not fix itself
 --   Suspended    an AtlasKey suspended or expired on purpose: it refuses traffic as declared
---   Healthy      in effect as declared (the message says when a budget is spent or at risk, or
---                its usage cannot be shown for now)
+--   Healthy      in effect as declared (the message says when a budget is spent, at risk or past
+--                its soft limit, or its usage cannot be shown for now)
 local function condition(conditions, wanted)
   for _, c in ipairs(conditions or {}) do
     if c.type == wanted then
@@ -44,7 +44,7 @@ if serving ~= nil and serving.status == "False" then
 end
 
 local message = describe(ready)
-for _, notice in ipairs({"QuotaExhausted", "BudgetAtRisk", "UsageStale"}) do
+for _, notice in ipairs({"QuotaExhausted", "Demoted", "BudgetAtRisk", "UsageStale"}) do
   local c = condition(status.conditions, notice)
   if c ~= nil and c.status == "True" then
     message = message .. "; " .. describe(c)

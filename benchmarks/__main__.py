@@ -17,7 +17,10 @@ run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer)
 7. this checkout's gateway authenticated by a workload identity token vs its static key
    (benchmarks.token_auth: CPU per request in alternating pairs; skip: BENCH_SKIP_TOKEN=1);
 8. tracing off, at 1 % and at 100 % (benchmarks.tracing_cost): gateway CPU per request, paired
-   (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6).
+   (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6);
+9. long requests held at once (benchmarks.capacity): 1,000, 4,000 and 9,000 (``BENCH_CAPACITY_N``),
+   streamed and not, through one gateway process with its defaults to the mock; how many were
+   shed, RSS and open files per request held (skip: BENCH_SKIP_CAPACITY=1).
 
 The tables and issue 13's targets (met / missed) are printed and written into
 docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
@@ -29,7 +32,8 @@ gateway; its CPU is that of the master holding the bench key's slot, when local)
 (s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATES ("500,2000"),
 BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
 BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
-BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_SKIP_TRACING=1, BENCH_TRACING_ROUNDS (6), BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
+BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_SKIP_TRACING=1, BENCH_TRACING_ROUNDS (6),
+BENCH_SKIP_CAPACITY=1, BENCH_CAPACITY_N ("1000,4000,9000"), BENCH_CAPACITY_KEYS (200), BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
 BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only), BENCH_NOTE (a sentence put into the docs section,
 e.g. what "before" and "after" are). A smoke run:
 ``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_WRITE_DOCS=0 make bench``.
@@ -52,8 +56,8 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, token_auth,
-               tools, tracing_cost)
+from . import (bodies, capacity, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients,
+               token_auth, tools, tracing_cost)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import Proc, ProcError
@@ -179,6 +183,15 @@ def tracing(s: Setup, rounds: int) -> None:
     s.res.tracing = tracing_cost.table(rows, rounds, 16)
 
 
+def held_at_once(s: Setup) -> None:
+    """Long requests by the thousand (benchmarks.capacity), each gateway with its defaults."""
+    print("\n9. long requests held at once, one gateway process with its defaults", flush=True)
+    results = {side.src.label: capacity.measure(side.src, side.redis_url, s.mock, s.workdir,
+                                                capacity.counts_from_env(), capacity.env_from_env())
+               for side in s.sides}
+    s.res.capacity = capacity.table(results)
+
+
 def per_gateway_checks(s: Setup) -> list[str]:
     """Memory, exactness and slow clients, each gateway in fresh processes; the failures."""
     failed = []
@@ -267,6 +280,8 @@ def main() -> int:
             if tl.py_spy:
                 profiles(setup, tl.py_spy)
             failed += per_gateway_checks(setup)
+            if not _on("BENCH_SKIP_CAPACITY"):
+                held_at_once(setup)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -74,7 +74,7 @@ class Held:
 
     def line(self) -> str:
         kind = "streamed" if self.streamed else "not streamed"
-        return (f"{self.n:>6,} {kind:>12}: {self.ok:,} held, {self.shed:,} shed (503), {self.other} other; RSS "
+        return (f"{self.n:>6,} {kind:>12}: {self.ok:,} held, {self.shed:,} answered 503, {self.other} other; RSS "
                 f"{self.rss_before_kb / 1024:,.0f} → {self.rss_after_kb / 1024:,.0f} MiB, "
                 f"{self.kib_per_request:.1f} KiB per request; open files {self.fds_before:,} → {self.fds_after:,} "
                 f"({self.fds_per_request:.2f} per request); {self.seconds:.1f} s to hold them all")
@@ -186,7 +186,7 @@ def measure(src: GatewaySource, redis_url: str, mock: MockUpstreamProcess, workd
 
 
 def table(results: dict[str, list[Held]]) -> str:
-    rows = ["| gateway | N | streamed | held | shed (503) | RSS before → after | per request | open files before → "
+    rows = ["| gateway | N | streamed | held | 503 | RSS before → after | per request | open files before → "
             "after | per request |", "|---|---:|---|---:|---:|---|---:|---|---:|"]
     for label, helds in results.items():
         for h in helds:

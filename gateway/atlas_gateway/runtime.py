@@ -28,7 +28,7 @@ from .metering.bounds import Meter
 from .settings import Settings
 from .shedding.load_view import LoadView
 from .shedding.shedder import Shedder
-from .shedding.upstream_load import UpstreamLoad, UpstreamQueue
+from .shedding.upstream_load import UpstreamLoad, UpstreamQueue, display_url
 from .store.cluster import ClusterFastRedis
 from .store.failover import MasterWatch
 from .store.fastredis import FastRedis
@@ -163,6 +163,9 @@ class Runtime:
             entry = own.get(base)
             queues.append(UpstreamQueue(base, s.queue_thresholds, reading) if entry is None
                           else UpstreamQueue(base, entry.queue_thresholds, reading and entry.read_metrics))
+        for url in set(own) - {q.base for q in queues}:
+            log.warning("ATLAS_UPSTREAM_SHEDDING names %s, which is no upstream (ATLAS_UPSTREAM_URL, "
+                        "ATLAS_UPSTREAM_MODELS): ignored", display_url(url))
         return queues
 
     async def _fetch_metrics(self, url: str) -> bytes:

@@ -121,7 +121,9 @@ class UpstreamLoad:
     async def read(self, queue: UpstreamQueue) -> None:
         now = time.monotonic()
         try:
-            body = await asyncio.wait_for(self.fetch(queue.base + "/metrics"), self.interval)
+            # (a second at least: a loaded server's page may take that long, and a shorter interval
+            # only means fresher readings)
+            body = await asyncio.wait_for(self.fetch(queue.base + "/metrics"), max(self.interval, 1.0))
             running, waiting = parse_load(body.decode("utf-8", "replace"))
         except asyncio.CancelledError:
             raise

@@ -209,8 +209,10 @@ class MockUpstream:
         if fail == "hang":
             await self._wait_disconnect(receive, rec)
             return
-        if latency > 0:
-            await asyncio.sleep(latency / 1000)
+        if latency > 0 and await self._gone_within(receive, latency / 1000):
+            if rec:
+                rec.disconnected = True
+            return  # the client left while held: its slot is free again (as vLLM aborts a request)
         if fail == "500":
             return await self._send(send, *_json_response(500, {"error": {"message": "mock failure", "type": "server_error", "param": None, "code": None}}))
 
@@ -307,6 +309,18 @@ class MockUpstream:
                 rec.completed = True
         finally:
             watcher.cancel()
+
+    @staticmethod
+    async def _gone_within(receive, seconds: float) -> bool:
+        """Wait ``seconds``; True if the client went away meanwhile."""
+        async def disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        try:
+            await asyncio.wait_for(disconnect(), seconds)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def _wait_disconnect(self, receive, rec) -> None:
         while True:

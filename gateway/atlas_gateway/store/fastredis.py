@@ -12,10 +12,14 @@ hiredis. /readyz pings through it too; config reads and /v1/usage use redis-py. 
 was demoted under it) drops the connection, so the next call finds the new master.
 
 Failure handling: a lost connection fails every waiting call with ``ConnectionError`` and the
-next call reconnects; a call that takes longer than ``timeout`` fails with ``TimeoutError``
-and drops the connection (its late reply must not be matched to someone else's call). Both
-mean "the command may or may not have run"; ``NotSent`` means it certainly did not (no
-connection). A connection is used only once its AUTH/SELECT handshake succeeded.
+next call reconnects; a connection with calls waiting that stays silent for ``timeout`` fails
+the oldest with ``TimeoutError`` and is dropped (its late reply must not be matched to someone
+else's call). Silent, not slow: calls queued behind others on a connection whose replies keep
+arriving are waiting their turn on a live Redis, not facing an outage, so each reply gives the
+oldest call another ``timeout`` (a burst of thousands of admissions is answered, not failed as
+"Redis unreachable": docs/design-decisions.md; how many may queue is bounded by the ledger).
+Both failures mean "the command may or may not have run"; ``NotSent`` means it certainly did
+not (no connection). A connection is used only once its AUTH/SELECT handshake succeeded.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class _Protocol(asyncio.Protocol):
         # a call's cost.
         self.waiters: deque[tuple[asyncio.Future, float]] = deque()
         self.timeout = timeout
+        self.last_reply = 0.0  # loop time of the last reply: the connection is alive until then
         self.watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -91,6 +96,9 @@ class _Protocol(asyncio.Protocol):
             return
         fut, deadline = self.waiters[0]
         loop = fut.get_loop()
+        # overdue only if Redis also stayed silent for a whole timeout: a reply since means the
+        # call is queued behind others on a live connection
+        deadline = max(deadline, self.last_reply + self.timeout)
         if loop.time() >= deadline:
             if not fut.done():
                 # its late reply must not be matched to someone else's call: drop the connection
@@ -114,6 +122,7 @@ class _Protocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
+        self.last_reply = self.loop.time()  # any byte from Redis: it is alive and answering
         reader = self.reader
         reader.feed(data)
         waiters = self.waiters

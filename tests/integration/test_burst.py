@@ -24,6 +24,7 @@ from atlas_devstack.waiting import wait_for
 from tests.fixtures.gateway import write_key
 
 BURST = int(os.environ.get("BURST_REQUESTS", "5000"))
+POOL = 2000
 HOLD_MS = 3000  # the upstream holds each request: all of the burst is in flight at once
 API_KEY = "sk-burst"
 QUOTA = contract.quota_subject("team", "shared")
@@ -39,9 +40,12 @@ async def fire(url: str, n: int) -> list[tuple[int, str | None, str]]:
     headers = {"Authorization": f"Bearer {API_KEY}", "x-mock-latency-ms": str(HOLD_MS)}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async def one() -> tuple[int, str | None, str]:
-            async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
-                text = await resp.text()
-                return resp.status, resp.headers.get("retry-after"), text[:200]
+            try:
+                async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                    text = await resp.text()
+                    return resp.status, resp.headers.get("retry-after"), text[:200]
+            except aiohttp.ClientError as exc:  # no answer at all: counted as status 0
+                return 0, None, type(exc).__name__
         return await asyncio.gather(*(one() for _ in range(n)))
 
 
@@ -50,9 +54,11 @@ def test_a_burst_is_admitted_or_refused_never_redis_unreachable(redis_url, mock_
     if soft < BURST + 1024:
         pytest.skip(f"open-file limit {soft} < {BURST + 1024}: lower BURST_REQUESTS or raise ulimit -n")
     write_key(redis_url, API_KEY, "burst", LIMITS, quota="shared", quota_limits=LIMITS)
-    # capacity (connections, shedding) is not what this test is about: room for the whole burst
+    # room for every connection of the burst; the upstream pool (so shedding) at 2,000, below
+    # the mock upstream's accept backlog (uvicorn's 2,048): more connecting at once would be SYNs
+    # dropped, 504s from an upstream that could not accept in time, which is no Redis matter
     gw = start_gateway(redis_url, mock_upstream.url, ATLAS_MAX_CONNECTIONS=str(BURST + 1000),
-                       ATLAS_UPSTREAM_POOL_SIZE=str(BURST + 1000))
+                       ATLAS_UPSTREAM_POOL_SIZE=str(POOL))
     results = asyncio.run(fire(gw.url, BURST))
 
     statuses = {}
@@ -60,7 +66,7 @@ def test_a_burst_is_admitted_or_refused_never_redis_unreachable(redis_url, mock_
         statuses[status] = statuses.get(status, 0) + 1
     codes = {}
     for status, _, text in results:
-        code = next((c for c in ("admission_queue_full", "overloaded", "quota_store") if c in text), "")
+        code = next((c for c in ("admission_queue_full", "overloaded", "quota_store", "Error") if c in text), "")
         codes[(status, code)] = codes.get((status, code), 0) + 1
     print(f"burst of {BURST}: {codes}")
     log = gw.log()
@@ -70,7 +76,7 @@ def test_a_burst_is_admitted_or_refused_never_redis_unreachable(redis_url, mock_
     unexpected = [(s, r, t) for s, r, t in results if s not in (200, 429, 503) or (s == 503 and not r)]
     assert not unexpected, (statuses, unexpected[:5])
     assert not [t for s, _, t in results if s == 503 and "quota_store_unavailable" in t], statuses
-    assert statuses.get(200, 0) >= BURST // 2, statuses  # a healthy Redis admits most of it
+    assert statuses.get(200, 0) >= POOL // 2, statuses  # a healthy Redis admits what is not shed
 
     # every request settled: the quota's leases and running totals are gone (exactly 0)
     client = redis.Redis.from_url(redis_url)

@@ -281,6 +281,9 @@ for i = 1, n do
     local k = (i - 1) * KPER
     if s.n > 0 then
       redis.call('HSET', KEYS[k + 8], 'n', s.n, 'tok', s.tok, 'cost', s.cost_live)
+      -- a recount may have created it: it lives as long as its leases
+      local ttl = redis.call('PTTL', KEYS[k + 3])
+      if ttl > 0 then redis.call('PEXPIRE', KEYS[k + 8], ttl) end
     else
       redis.call('DEL', KEYS[k + 8])
     end

@@ -84,9 +84,11 @@ async def test_totals_of_leases_without_them_are_recounted(admission, fake_redis
     p = make_principal(contract.Limits(tokens_per_day=1_000))
     await fake_redis.zadd(contract.lease_key(KEY), {"old": 10**15})
     await fake_redis.hset(contract.lease_tokens_key(KEY), "old", 700)
+    await fake_redis.pexpire(contract.lease_key(KEY), 50_000)
     refused = await admission.admit(p, "new", 400)
     assert not refused.admitted  # 700 reserved by the old lease + 400 > 1,000
     assert await fake_redis.hgetall(contract.lease_sum_key(KEY)) == {b"n": b"1", b"tok": b"700", b"cost": b"0"}
+    assert 0 < await fake_redis.pttl(contract.lease_sum_key(KEY)) <= 50_000  # expires with its leases
     assert (await admission.admit(p, "new", 300)).admitted
     assert await admission.settle(p, "new", 300, 300) == 1
     assert await fake_redis.hgetall(contract.lease_sum_key(KEY)) == {b"n": b"1", b"tok": b"700", b"cost": b"0"}

@@ -390,7 +390,7 @@ logs: python -m atlas_devstack logs --follow   (files in {self.logs})
             text = path.read_text(errors="replace").splitlines()[-lines:]
             for line in text:
                 print(f"{path.stem:>15} | {line}")
-            fh = open(path, errors="replace")
+            fh = open(path, errors="replace")  # noqa: SIM115 (kept open to follow; closed below)
             fh.seek(0, os.SEEK_END)
             handles[path] = fh
         try:

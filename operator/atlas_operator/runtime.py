@@ -335,7 +335,7 @@ class Runtime:
             key_names, quota_names = self.price_list_users(view.namespace, view.name)
             try:
                 return await self._guarded(PRICE_LISTS, view.event_target(), lambda: (
-                    price_list_status.reconcile_price_list(view, kube=self.kube, keys=key_names, quotas=quota_names)))
+                    price_list_status.reconcile_price_list(view, kube=self.kube, keys=key_names, quotas=quota_names)))  # noqa: B023 (run in this iteration)
             except ObjectFailed:
                 return False
             except StatusConflict:

@@ -160,8 +160,9 @@ class InferenceEndpoint:
                     metrics.count_demoted(principal, decision)
             if not decision.admitted:
                 refused = rejection(decision, principal, reserve)
-                metrics.count_refused(req.model, refused.reason or refused.code, reserve)
-                req.refused_by = (refused.reason or refused.code, refusing_owner(decision, principal))
+                limit = refused.reason or refused.code or refused.type
+                metrics.count_refused(req.model, limit, reserve)
+                req.refused_by = (limit, refusing_owner(decision, principal))
                 raise refused
             if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
                 bound.cap = (decision.reserved - prompt_estimate) // bound.sequences

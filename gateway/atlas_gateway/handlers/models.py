@@ -30,6 +30,7 @@ class ModelsEndpoint(ServiceEndpoint):
         lists = [r for r in results if isinstance(r, list)]
         if not lists:
             failure = results[0]
+            assert isinstance(failure, BaseException)  # no list came back: every result is an exception
             if isinstance(failure, asyncio.TimeoutError):
                 raise errors.upstream_timeout()
             if isinstance(failure, (aiohttp.ClientError, ValueError)):

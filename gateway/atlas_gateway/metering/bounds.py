@@ -66,7 +66,7 @@ class Bound:
         return self.prompt + self.cap * self.sequences
 
 
-def _bad(message: str, param: str) -> errors.GatewayError:
+def _bad(message: str, param: str | None) -> errors.GatewayError:
     return errors.bad_request(message, param=param)
 
 
@@ -293,7 +293,7 @@ class Meter:
         instructions = doc.get("instructions")
         if isinstance(instructions, str):
             total += self.per_message + utf8_len(instructions)
-        items = doc.get("input")
+        items = doc["input"]  # required: routes.py
         if isinstance(items, str):
             return total + self.per_message + utf8_len(items)
         for i, item in enumerate(items):

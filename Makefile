@@ -52,7 +52,7 @@ lint: venv  ## ruff (bugs, import order, format --check), mypy, the import rules
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/lint-imports --config .importlinter --no-cache --no-logo
+	$(VENV)/bin/lint-imports --no-cache --no-logo .importlinter
 
 format: venv  ## sort imports and format the code in place (ruff); then `make lint` for what is left
 	$(VENV)/bin/ruff check --select I --fix .

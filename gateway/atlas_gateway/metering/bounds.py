@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ..http import errors
 
 if TYPE_CHECKING:
+    from ..settings import Settings
     from ..routes import Route
 
 TEXT_FIELDS = {  # content part type -> the field holding its text
@@ -116,7 +117,7 @@ class Meter:
         self.media_part = media_part
 
     @classmethod
-    def from_settings(cls, settings) -> "Meter":
+    def from_settings(cls, settings: Settings) -> "Meter":
         return cls(settings.default_max_tokens, settings.template_tokens_per_request,
                    settings.template_tokens_per_message, settings.template_tokens_per_prompt,
                    settings.media_part_tokens)

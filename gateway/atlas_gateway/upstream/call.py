@@ -15,7 +15,7 @@ import aiohttp
 
 from .. import metrics
 from ..http import errors
-from ..http.asgi import send_bytes, send_error
+from ..http.asgi import Receive, Scope, Send, send_bytes, send_error
 from ..metering.body import UpstreamBody
 from ..metering.bounds import text_tokens
 from ..metering.events import StreamState
@@ -112,7 +112,7 @@ class UpstreamCall:
             else:
                 reply_error("refresh", exc)
 
-    async def _watch_disconnect(self, receive, task: asyncio.Task) -> None:
+    async def _watch_disconnect(self, receive: Receive, task: asyncio.Task) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -121,7 +121,7 @@ class UpstreamCall:
                     task.cancel()
                 return
 
-    async def run(self, scope, receive, send) -> None:
+    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = self.req
         rt = self.rt
         bound, principal, session, loop = req.bound, req.principal, rt.session, rt.loop
@@ -217,7 +217,7 @@ class UpstreamCall:
         if response_id and self.owner is not None:
             await self.rt.response_owners.record(response_id, self.owner, self.billed.total)
 
-    async def _fail(self, send, err: errors.GatewayError) -> None:
+    async def _fail(self, send: Send, err: errors.GatewayError) -> None:
         self.req.refused(err)
         self._stop_watcher()
         await send_error(send, err, self.req.response_headers)
@@ -235,7 +235,7 @@ class UpstreamCall:
         return Bill(req.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
                                              max(0, req.reserve - req.prompt_estimate)))
 
-    async def _stream(self, resp, send, strip_usage: bool) -> None:
+    async def _stream(self, resp: aiohttp.ClientResponse, send: Send, strip_usage: bool) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.req.response_headers})
         stream = StreamState(want_id=self.owner is not None)
         try:

@@ -164,7 +164,7 @@ def profiles(s: Setup, py_spy: str) -> None:
         spy = profiling.record(py_spy, side.target.cpu["gateway"], max(1, round(s.bench.duration)), out)
         s.bench.closed(side.target, 16)
         _, err = spy.communicate(timeout=s.bench.duration + 60)
-        text = open(out).read() if os.path.exists(out) else ""
+        text = Path(out).read_text() if os.path.exists(out) else ""
         if text:
             s.res.profiles[side.target.label] = profiling.report(text, limit=15)
         print(f"  {side.target.label}:\n" + (s.res.profiles.get(side.target.label)

@@ -769,10 +769,10 @@ def _int(value: Any, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
     try:
         number = int(value)
     except ValueError:
-        number = float(value)  # "12.0"; ValueError for words
-        if not math.isfinite(number):  # int() would raise OverflowError for inf
+        real = float(value)  # "12.0"; ValueError for words
+        if not math.isfinite(real):  # int() would raise OverflowError for inf
             raise ValueError(f"not a finite number: {value!r}") from None
-        number = int(number)
+        number = int(real)
     if not low <= number <= high:
         raise ValueError(f"out of range: {value!r}")
     return number

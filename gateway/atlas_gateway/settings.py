@@ -6,7 +6,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, cast
 
 from atlas_core import cluster, sentinel
 from atlas_core.contract import PRIORITIES
@@ -65,6 +65,8 @@ def _priority_values(raw: str | None) -> dict[str, int] | None:
         pass  # not a yes/no: a JSON object
     else:
         return dict(DEFAULT_PRIORITY_VALUES) if on else None
+    if raw is None:
+        return None  # (not reached: unset parses as off above)
     try:
         doc = json.loads(raw)
         values = {str(k): int(v) for k, v in doc.items()}
@@ -205,8 +207,9 @@ class Settings:
             return local, (0, 0, 0)
         pool = self.upstream_pool_size
         explicit = self.explicit_thresholds()
-        return (tuple(limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local)),
-                tuple(value or 0 for value in explicit))
+        local_limits = tuple(limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local))
+        shared = tuple(value or 0 for value in explicit)
+        return cast("tuple[int, int, int]", local_limits), cast("tuple[int, int, int]", shared)
 
     def __post_init__(self) -> None:
         names = ("ATLAS_SHED_THRESHOLD", "ATLAS_SHED_THRESHOLD_STANDARD", "ATLAS_SHED_THRESHOLD_CRITICAL")
@@ -236,13 +239,13 @@ class Settings:
                 sentinel.parse(self.redis_url)
             except ValueError as exc:
                 raise SettingsError(f"ATLAS_REDIS_URL: {exc}") from exc
-        for name, value in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
-                            ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
-                            ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
-                            ("ATLAS_UPSTREAM_KEEPALIVE_SECONDS", self.upstream_keepalive),
-                            ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
-                            ("ATLAS_MAX_CONNECTIONS", self.max_connections)):
-            if value <= 0:
+        for name, amount in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
+                             ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
+                             ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
+                             ("ATLAS_UPSTREAM_KEEPALIVE_SECONDS", self.upstream_keepalive),
+                             ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
+                             ("ATLAS_MAX_CONNECTIONS", self.max_connections)):
+            if amount <= 0:
                 raise SettingsError(f"{name} must be > 0")
 
     @classmethod

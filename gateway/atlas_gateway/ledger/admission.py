@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atlas_core import contract
 
@@ -21,6 +21,9 @@ from ..store.fastredis import FastRedis
 from ..store.scripts import FastScript, RedisPyScript
 from .limits import REFUSALS, SHED_DEMOTED, SOFT_BUDGETS
 from .script_args import NO_COST, ScriptCalls, key_calls
+
+if TYPE_CHECKING:
+    from ..store.cluster import ClusterFastRedis
 
 ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
 SETTLE_LUA = resources.files(__package__).joinpath("settle.lua").read_text()
@@ -124,8 +127,8 @@ class Admission:
     answers 503 + Retry-After). A healthy Redis answering a burst in turn is then never taken
     for a Redis outage, nor made to queue calls without bound (docs/design-decisions.md)."""
 
-    def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *, fast: FastRedis | None = None,
-                 max_waiting: int = 0) -> None:
+    def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *,
+                 fast: FastRedis | ClusterFastRedis | None = None, max_waiting: int = 0) -> None:
         def runner(source: str) -> Any:
             return FastScript(fast, source) if fast is not None else RedisPyScript(redis, source)
 

@@ -72,7 +72,7 @@ class ScriptCalls:
     def shapes(self, principal: Principal, day: str, month: str) -> tuple[CallShape, CallShape]:
         """(admit, settle) shapes of ``principal`` for this UTC day, rebuilt when it changes."""
         cached = principal.ledger or key_calls(principal)  # (twice per request: the call only once per config)
-        if cached.day != day:
+        if cached.day != day or cached.admit is None or cached.settle is None:
             admit_keys: list[bytes] = []
             settle_keys: list[bytes] = []
             tag = principal.tag  # one hash tag for all: one Redis Cluster slot per call

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 import hiredis
 
@@ -109,7 +110,8 @@ class _Protocol(asyncio.Protocol):
         self.outgoing: list[bytes] = []
         # this connection's loop, kept: on Python 3.11 every asyncio.get_running_loop() is a
         # getpid() system call, and this runs twice per Redis call
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop  # set by connection_made, before any call
+        self.atlas_wait: tuple[asyncio.Future, float] | None = None  # store/cluster.py: this batch's WAIT
 
     def call(self, command: bytes) -> asyncio.Future:
         loop = self.loop
@@ -206,7 +208,8 @@ class FastRedis:
         # where the server is: fixed (redis://) or asked of the sentinels on each connect
         self.locator: sentinel.MasterLocator | None = None
         self.master: tuple[str, int] | None = None  # the master last connected to (Sentinel)
-        self.on_master_change = None  # called (no arguments) when a reconnect finds another master
+        # called (no arguments) when a reconnect finds another master
+        self.on_master_change: Callable[[], None] | None = None
         if sentinel.is_sentinel_url(url):
             config = sentinel.parse(url)
             self.locator = sentinel.MasterLocator(config, timeout)
@@ -242,7 +245,7 @@ class FastRedis:
             if self.db:
                 await self._call(proto, (b"SELECT", str(self.db).encode()))
             if self.locator is not None:
-                await self._check_role(proto)
+                await self._check_role(proto, self.locator)
         except BaseException:
             proto.close()
             raise
@@ -253,15 +256,15 @@ class FastRedis:
         self._proto = proto
         return proto
 
-    async def _check_role(self, proto: _Protocol) -> None:
+    async def _check_role(self, proto: _Protocol, locator: sentinel.MasterLocator) -> None:
         try:
             reply = await self._call(proto, (b"ROLE",))
         except ReplyError as exc:
             if str(exc).startswith("NOPERM"):
                 return  # an ACL user without ROLE: READONLY replies still reveal a demoted master
             raise
-        self.locator.check_role(reply)
-        if self.locator.fenced:  # a failover began while this connection was being made
+        locator.check_role(reply)
+        if locator.fenced:  # a failover began while this connection was being made
             raise sentinel.MasterUnavailable("a failover is under way")
 
     async def _connection(self) -> _Protocol:

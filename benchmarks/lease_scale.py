@@ -31,14 +31,24 @@ from atlas_gateway.store.fastredis import FastRedis
 BATCH = int(os.environ.get("LEASES_BATCH", "500"))  # calls gathered at once: pipelined, as under load
 BIG = 10**12  # limits no bench request reaches: every check runs, none refuses
 
-KEY_LIMITS = contract.Limits(requests_per_second=BIG, burst=BIG, tokens_per_minute=BIG, tokens_per_day=BIG,
-                             tokens_per_month=BIG, max_concurrent=BIG, cost_per_day=BIG, cost_per_month=BIG)
+KEY_LIMITS = contract.Limits(
+    requests_per_second=BIG,
+    burst=BIG,
+    tokens_per_minute=BIG,
+    tokens_per_day=BIG,
+    tokens_per_month=BIG,
+    max_concurrent=BIG,
+    cost_per_day=BIG,
+    cost_per_month=BIG,
+)
 QUOTA_LIMITS = KEY_LIMITS
 
 
 def principal(name: str, quota: str = "shared") -> Principal:
-    return Principal(contract.KeyConfig("bench", name, "0123abcd", KEY_LIMITS, quota=quota),
-                     contract.QuotaConfig("bench", quota, QUOTA_LIMITS))
+    return Principal(
+        contract.KeyConfig("bench", name, "0123abcd", KEY_LIMITS, quota=quota),
+        contract.QuotaConfig("bench", quota, QUOTA_LIMITS),
+    )
 
 
 @dataclass
@@ -65,7 +75,7 @@ async def _in_batches(calls) -> list:
     out = []
     calls = list(calls)
     for i in range(0, len(calls), BATCH):
-        out += await asyncio.gather(*calls[i:i + BATCH])
+        out += await asyncio.gather(*calls[i : i + BATCH])
     return out
 
 
@@ -88,8 +98,9 @@ def fill(client: redis.Redis, other: Principal, in_flight: int) -> None:
     pipe.execute()
 
 
-async def _round(admission: Admission, app: Principal, in_flight: int, calls: int, tag: str, sync: redis.Redis,
-                 pid: int | None) -> Point:
+async def _round(
+    admission: Admission, app: Principal, in_flight: int, calls: int, tag: str, sync: redis.Redis, pid: int | None
+) -> Point:
     """``calls`` admissions of ``app``, then their settlements, each timed by Redis' accounting."""
     costs = (b"1200", b"1200")
 
@@ -102,8 +113,13 @@ async def _round(admission: Admission, app: Principal, in_flight: int, calls: in
     assert all(d.admitted for d in decisions), "the bench's limits refused an admission"
     await _in_batches(admission.settle(app, f"{tag}-{i}", 100, 60, costs=costs) for i in range(calls))
     cpu2, (n2, u2) = window()
-    return Point(in_flight, (u1 - u0) / (n1 - n0), (u2 - u1) / (n2 - n1),
-                 (cpu1 - cpu0) * 1e6 / calls, (cpu2 - cpu1) * 1e6 / calls)
+    return Point(
+        in_flight,
+        (u1 - u0) / (n1 - n0),
+        (u2 - u1) / (n2 - n1),
+        (cpu1 - cpu0) * 1e6 / calls,
+        (cpu2 - cpu1) * 1e6 / calls,
+    )
 
 
 async def measure(url: str, pid: int | None, counts: list[int], calls: int, rounds: int = 5) -> list[Point]:
@@ -125,8 +141,13 @@ async def measure(url: str, pid: int | None, counts: list[int], calls: int, roun
             for n in counts:
                 p = await _round(admission, apps[n], n, calls, f"r{r}", sync, pid)
                 b = best.get(n, p)
-                best[n] = Point(n, min(p.admit_us, b.admit_us), min(p.settle_us, b.settle_us),
-                                min(p.admit_cpu_us, b.admit_cpu_us), min(p.settle_cpu_us, b.settle_cpu_us))
+                best[n] = Point(
+                    n,
+                    min(p.admit_us, b.admit_us),
+                    min(p.settle_us, b.settle_us),
+                    min(p.admit_cpu_us, b.admit_cpu_us),
+                    min(p.settle_cpu_us, b.settle_cpu_us),
+                )
         return [best[n] for n in counts]
     finally:
         await fast.aclose()
@@ -135,12 +156,16 @@ async def measure(url: str, pid: int | None, counts: list[int], calls: int, roun
 
 def table(points: list[Point]) -> str:
     base = points[0]
-    rows = ["| requests in flight on the quota | admission: EVALSHA µs/call (× at 0) | settlement: µs/call "
-            "| redis-server CPU per admission / settlement (/proc) |",
-            "|---|---|---|---|"]
+    rows = [
+        "| requests in flight on the quota | admission: EVALSHA µs/call (× at 0) | settlement: µs/call "
+        "| redis-server CPU per admission / settlement (/proc) |",
+        "|---|---|---|---|",
+    ]
     for p in points:
-        rows.append(f"| {p.in_flight:,} | {p.admit_us:.1f} ({p.admit_us / base.admit_us:.2f}×) | {p.settle_us:.1f} "
-                    f"| {p.admit_cpu_us:.0f} µs / {p.settle_cpu_us:.0f} µs |")
+        rows.append(
+            f"| {p.in_flight:,} | {p.admit_us:.1f} ({p.admit_us / base.admit_us:.2f}×) | {p.settle_us:.1f} "
+            f"| {p.admit_cpu_us:.0f} µs / {p.settle_cpu_us:.0f} µs |"
+        )
     return "\n".join(rows)
 
 
@@ -163,10 +188,12 @@ def report(points: list[Point]) -> str:
     first, last = points[0], points[-1]
     ratio = last.admit_us / first.admit_us
     verdict = "met" if ratio <= GOAL else "**missed**"
-    return (f"Redis CPU per admission vs requests in flight (benchmarks/lease_scale.py: leases of another key "
-            f"on the same AtlasQuota, every limit kind on; the least of 5 interleaved rounds):\n\n{table(points)}\n\n"
-            f"Goal: admission at {last.in_flight:,} in flight ≤ {GOAL}× at {first.in_flight:,}: "
-            f"{ratio:.2f}×, {verdict}.")
+    return (
+        f"Redis CPU per admission vs requests in flight (benchmarks/lease_scale.py: leases of another key "
+        f"on the same AtlasQuota, every limit kind on; the least of 5 interleaved rounds):\n\n{table(points)}\n\n"
+        f"Goal: admission at {last.in_flight:,} in flight ≤ {GOAL}× at {first.in_flight:,}: "
+        f"{ratio:.2f}×, {verdict}."
+    )
 
 
 def main() -> None:

@@ -29,8 +29,14 @@ HOLD_MS = 3000  # the upstream holds each request: all of the burst is in flight
 API_KEY = "sk-burst"
 QUOTA = contract.quota_subject("team", "shared")
 KEY = contract.key_subject("team", "burst")
-LIMITS = contract.Limits(tokens_per_day=10**9, tokens_per_month=10**10, max_concurrent=100_000,
-                         tokens_per_minute=10**9, requests_per_second=100_000, burst=100_000)
+LIMITS = contract.Limits(
+    tokens_per_day=10**9,
+    tokens_per_month=10**10,
+    max_concurrent=100_000,
+    tokens_per_minute=10**9,
+    requests_per_second=100_000,
+    burst=100_000,
+)
 
 
 async def fire(url: str, n: int) -> list[tuple[int, str | None, str]]:
@@ -39,6 +45,7 @@ async def fire(url: str, n: int) -> list[tuple[int, str | None, str]]:
     body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
     headers = {"Authorization": f"Bearer {API_KEY}", "x-mock-latency-ms": str(HOLD_MS)}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
         async def one() -> tuple[int, str | None, str]:
             try:
                 async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
@@ -46,6 +53,7 @@ async def fire(url: str, n: int) -> list[tuple[int, str | None, str]]:
                     return resp.status, resp.headers.get("retry-after"), text[:200]
             except aiohttp.ClientError as exc:  # no answer at all: counted as status 0
                 return 0, None, type(exc).__name__
+
         return await asyncio.gather(*(one() for _ in range(n)))
 
 
@@ -57,8 +65,9 @@ def test_a_burst_is_admitted_or_refused_never_redis_unreachable(redis_url, mock_
     # room for every connection of the burst; the upstream pool (so shedding) at 2,000, below
     # the mock upstream's accept backlog (uvicorn's 2,048): more connecting at once would be SYNs
     # dropped, 504s from an upstream that could not accept in time, which is no Redis matter
-    gw = start_gateway(redis_url, mock_upstream.url, ATLAS_MAX_CONNECTIONS=str(BURST + 1000),
-                       ATLAS_UPSTREAM_POOL_SIZE=str(POOL))
+    gw = start_gateway(
+        redis_url, mock_upstream.url, ATLAS_MAX_CONNECTIONS=str(BURST + 1000), ATLAS_UPSTREAM_POOL_SIZE=str(POOL)
+    )
     results = asyncio.run(fire(gw.url, BURST))
 
     statuses = {}
@@ -81,8 +90,10 @@ def test_a_burst_is_admitted_or_refused_never_redis_unreachable(redis_url, mock_
     # every request settled: the quota's leases and running totals are gone (exactly 0)
     client = redis.Redis.from_url(redis_url)
     try:
+
         def settled() -> bool:
             return client.zcard(contract.lease_key(QUOTA)) == 0
+
         wait_for("every lease settled", settled, 30)
         for subject in (KEY, QUOTA):
             assert not client.exists(contract.lease_sum_key(subject, QUOTA)), subject

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import fakeredis
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from atlas_core import contract
 from atlas_gateway.ledger.admission import Admission
@@ -19,11 +20,20 @@ QUOTA = contract.quota_subject("team", "shared")
 SUBJECTS = (KEY, QUOTA)
 
 # generous limits (every lease-holding kind on): the totals are the subject, not the refusals
-PRINCIPAL = make_principal(contract.Limits(max_concurrent=6, tokens_per_day=5_000, cost_per_day=1.0),
-                           contract.Limits(tokens_per_month=8_000, cost_per_month=2.0))
+PRINCIPAL = make_principal(
+    contract.Limits(max_concurrent=6, tokens_per_day=5_000, cost_per_day=1.0),
+    contract.Limits(tokens_per_month=8_000, cost_per_month=2.0),
+)
 
-OPS = st.lists(st.tuples(st.sampled_from(["admit", "settle", "undo_admit", "undo_settle", "expire", "refresh"]),
-                         st.integers(0, 7), st.integers(1, 900), st.integers(0, 900)), max_size=40)
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "settle", "undo_admit", "undo_settle", "expire", "refresh"]),
+        st.integers(0, 7),
+        st.integers(1, 900),
+        st.integers(0, 900),
+    ),
+    max_size=40,
+)
 
 
 async def assert_totals_match_leases(redis) -> None:

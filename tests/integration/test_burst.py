@@ -65,8 +65,14 @@ def test_a_burst_is_admitted_or_refused_never_redis_unreachable(redis_url, mock_
     # room for every connection of the burst; the upstream pool (so shedding) at 2,000, below
     # the mock upstream's accept backlog (uvicorn's 2,048): more connecting at once would be SYNs
     # dropped, 504s from an upstream that could not accept in time, which is no Redis matter
+    # (and a header timeout that a CPU-starved machine, parsing 5,000 requests, cannot reach: a
+    # connection closed unanswered there is the shared machine, not Redis)
     gw = start_gateway(
-        redis_url, mock_upstream.url, ATLAS_MAX_CONNECTIONS=str(BURST + 1000), ATLAS_UPSTREAM_POOL_SIZE=str(POOL)
+        redis_url,
+        mock_upstream.url,
+        ATLAS_MAX_CONNECTIONS=str(BURST + 1000),
+        ATLAS_UPSTREAM_POOL_SIZE=str(POOL),
+        ATLAS_HEADER_TIMEOUT_SECONDS="120",
     )
     results = asyncio.run(fire(gw.url, BURST))
 
@@ -83,7 +89,7 @@ def test_a_burst_is_admitted_or_refused_never_redis_unreachable(redis_url, mock_
         redis_errors = [line for line in resp.read().decode().splitlines() if line.startswith("atlas_gateway_redis_")]
     assert "Redis unreachable" not in log, (codes, redis_errors, log[-1000:])
     unexpected = [(s, r, t) for s, r, t in results if s not in (200, 429, 503) or (s == 503 and not r)]
-    assert not unexpected, (statuses, unexpected[:5])
+    assert not unexpected, (statuses, sorted({t for _, _, t in unexpected})[:5])
     assert not [t for s, _, t in results if s == 503 and "quota_store_unavailable" in t], statuses
     assert statuses.get(200, 0) >= POOL // 2, statuses  # a healthy Redis admits what is not shed
 

@@ -17,7 +17,9 @@ run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer)
 7. this checkout's gateway authenticated by a workload identity token vs its static key
    (benchmarks.token_auth: CPU per request in alternating pairs; skip: BENCH_SKIP_TOKEN=1);
 8. tracing off, at 1 % and at 100 % (benchmarks.tracing_cost): gateway CPU per request, paired
-   (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6).
+   (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6);
+9. Redis CPU per admission vs requests in flight on one AtlasQuota, 0 / 2,000 / 20,000
+   (benchmarks.lease_scale, this checkout's scripts; skip: BENCH_SKIP_LEASES=1).
 
 The tables and issue 13's targets (met / missed) are printed and written into
 docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
@@ -52,8 +54,8 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients, token_auth,
-               tools, tracing_cost)
+from . import (bodies, exactness, lease_scale, litellm_peer, load, memory, nginx, profiling, report, slow_clients,
+               token_auth, tools, tracing_cost)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import Proc, ProcError
@@ -267,6 +269,10 @@ def main() -> int:
             if tl.py_spy:
                 profiles(setup, tl.py_spy)
             failed += per_gateway_checks(setup)
+        if not _on("BENCH_SKIP_LEASES"):
+            print("\n9. Redis CPU per admission vs requests in flight (this checkout)", flush=True)
+            res.leases = lease_scale.report(lease_scale.run())
+            print(res.leases, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

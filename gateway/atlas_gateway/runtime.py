@@ -143,7 +143,8 @@ class Runtime:
                                                settings.redis_cluster_wait_ms)
         else:
             self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
-        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
+        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis,
+                                   max_waiting=settings.redis_max_waiting)
         sentinel_mode = self.fast_redis.locator is not None
         self.recovery = Recovery(self.admission, replays=sentinel_mode)
         # Sentinel's failovers, watched (a Redis Cluster fails over by itself: store/cluster.py)

@@ -128,6 +128,8 @@ class Settings:
     workers: int = 1
     fail_open: bool = False
     redis_timeout: float = 0.5
+    # admissions of one process waiting for Redis at once; past it 503 + Retry-After (ledger/admission.py)
+    redis_max_waiting: int = 4000
     # Sentinel only: how often the gateway asks the sentinels whether the master moved (failover.py)
     sentinel_check_interval: float = 0.5
     config_ttl: float = 1.0
@@ -280,6 +282,7 @@ class Settings:
             workers=max(1, _int(env, "ATLAS_WORKERS", 1)),
             fail_open=fail_mode == "open",
             redis_timeout=_float(env, "ATLAS_REDIS_TIMEOUT_SECONDS", 0.5),
+            redis_max_waiting=max(0, _int(env, "ATLAS_REDIS_MAX_WAITING", 4000)),
             sentinel_check_interval=_float(env, "ATLAS_REDIS_SENTINEL_CHECK_SECONDS", 0.5),
             config_ttl=_float(env, "ATLAS_CONFIG_TTL_SECONDS", 1.0),
             token_leeway=max(0.0, _float(env, "ATLAS_TOKEN_LEEWAY_SECONDS", 10.0)),

@@ -24,7 +24,7 @@ from .. import metrics
 from ..http import errors
 from ..http.asgi import Receive, Scope, Send, read_body, send_error
 from ..http.headers import RequestHeaders
-from ..ledger.admission import demotion_header, refusing_owner, rejection
+from ..ledger.admission import QueueFull, demotion_header, refusing_owner, rejection
 from ..ledger.script_args import NO_COST, cost_args
 from ..ledger.ticket import Ticket
 from ..metering.validation import parse_body, validate
@@ -137,6 +137,9 @@ class InferenceEndpoint:
         try:
             decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs,
                                                 shed_demoted)
+        except QueueFull:
+            failure = "admission queue full"
+            raise errors.admissions_queued() from None
         except REDIS_FAILURES as exc:
             failure = f"Redis: {type(exc).__name__}"
             if not is_transport_failure(exc):

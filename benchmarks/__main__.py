@@ -18,9 +18,11 @@ run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer)
    (benchmarks.token_auth: CPU per request in alternating pairs; skip: BENCH_SKIP_TOKEN=1);
 8. tracing off, at 1 % and at 100 % (benchmarks.tracing_cost): gateway CPU per request, paired
    (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6);
-9. long requests held at once (benchmarks.capacity): 1,000, 4,000 and 9,000 (``BENCH_CAPACITY_N``),
-   streamed and not, through one gateway process with its defaults to the mock; how many were
-   shed, RSS and open files per request held (skip: BENCH_SKIP_CAPACITY=1).
+9. Redis CPU per admission vs requests in flight on one AtlasQuota, 0 / 2,000 / 20,000
+   (benchmarks.lease_scale, this checkout's scripts; skip: BENCH_SKIP_LEASES=1).
+10. long requests held at once (benchmarks.capacity): 1,000, 4,000 and 9,000 (``BENCH_CAPACITY_N``),
+    streamed and not, through one gateway process with its defaults to the mock; how many were
+    shed, RSS and open files per request held (skip: BENCH_SKIP_CAPACITY=1).
 
 The tables and issue 13's targets (met / missed) are printed and written into
 docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
@@ -56,8 +58,8 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, capacity, exactness, litellm_peer, load, memory, nginx, profiling, report, slow_clients,
-               token_auth, tools, tracing_cost)
+from . import (bodies, capacity, exactness, lease_scale, litellm_peer, load, memory, nginx, profiling, report,
+               slow_clients, token_auth, tools, tracing_cost)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import Proc, ProcError
@@ -166,7 +168,7 @@ def profiles(s: Setup, py_spy: str) -> None:
         spy = profiling.record(py_spy, side.target.cpu["gateway"], max(1, round(s.bench.duration)), out)
         s.bench.closed(side.target, 16)
         _, err = spy.communicate(timeout=s.bench.duration + 60)
-        text = open(out).read() if os.path.exists(out) else ""
+        text = Path(out).read_text() if os.path.exists(out) else ""
         if text:
             s.res.profiles[side.target.label] = profiling.report(text, limit=15)
         print(f"  {side.target.label}:\n" + (s.res.profiles.get(side.target.label)
@@ -185,7 +187,7 @@ def tracing(s: Setup, rounds: int) -> None:
 
 def held_at_once(s: Setup) -> None:
     """Long requests by the thousand (benchmarks.capacity), each gateway with its defaults."""
-    print("\n9. long requests held at once, one gateway process with its defaults", flush=True)
+    print("\n10. long requests held at once, one gateway process with its defaults", flush=True)
     results = {side.src.label: capacity.measure(side.src, side.redis_url, s.mock, s.workdir,
                                                 capacity.counts_from_env(), capacity.env_from_env())
                for side in s.sides}
@@ -282,6 +284,10 @@ def main() -> int:
             failed += per_gateway_checks(setup)
             if not _on("BENCH_SKIP_CAPACITY"):
                 held_at_once(setup)
+        if not _on("BENCH_SKIP_LEASES"):
+            print("\n9. Redis CPU per admission vs requests in flight (this checkout)", flush=True)
+            res.leases = lease_scale.report(lease_scale.run())
+            print(res.leases, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

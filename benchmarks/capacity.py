@@ -17,9 +17,9 @@ Run alone: ``python -m benchmarks.capacity [N ...]`` (default ``BENCH_CAPACITY_N
 variables for every run (default: none, the defaults are what is measured).
 
 The requests are spread over ``BENCH_CAPACITY_KEYS`` keys (default 200, no limits; 1: the bench
-key alone, every limit kind on it and its quota): until an admission's cost stops growing with
-the leases its key and quota hold (issue 19's Redis part), thousands held on one key slow every
-admission of that key past the Redis timeout (503 ``quota_store_unavailable``, counted apart).
+key alone, every limit kind on it and its quota), so that the figures are the gateway's holding
+them; a 503 that is not shedding (``quota_store_unavailable``, ``admission_queue_full``: Redis
+behind a burst) is counted by its code.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ OPEN_STREAMS = 200  # thousands: benchmarks.capacity
 
 
 def _request(key: str, body: bytes, extra: dict[str, str] | None = None) -> bytes:
-    head = [f"POST /v1/chat/completions HTTP/1.1", "Host: gateway", f"Authorization: Bearer {key}",
+    head = ["POST /v1/chat/completions HTTP/1.1", "Host: gateway", f"Authorization: Bearer {key}",
             "Content-Type: application/json", f"Content-Length: {len(body)}"]
     head += [f"{k}: {v}" for k, v in (extra or {}).items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -61,8 +61,7 @@ async def idle_connections(port: int, pid: int, key: str, body: bytes, n: int = 
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
     statuses: list[int] = []
     try:
-        # in batches: a thousand requests at once on the one bench key would slow its admissions
-        # (they grow with the leases it holds) towards the Redis timeout
+        # in batches: what is measured is idle connections, not a burst of admissions
         for i in range(0, n, IDLE_BATCH):
             batch = conns[i:i + IDLE_BATCH]
             for _, writer in batch:

@@ -35,6 +35,7 @@ class Results:
     profiles: dict[str, str] = field(default_factory=dict)  # gateway target -> profiling.report text
     tracing: str = ""  # tracing_cost.table: CPU per request with tracing off, at 1 % and 100 %
     capacity: str = ""  # capacity.table: long requests held at once, shed, memory and files per request
+    leases: str = ""  # lease_scale.report: Redis CPU per admission vs requests in flight
     gateways: list[str] = field(default_factory=list)  # Atlas labels, "before" first
     reference: str = "nginx directly"
     peer: str | None = None  # LiteLLM's label when it ran
@@ -268,6 +269,8 @@ def render(res: Results) -> str:
     if res.capacity:
         parts += ["Long requests held at once through one gateway process with its defaults (benchmarks.capacity; "
                   "`BENCH_CAPACITY_N`):", "", res.capacity, ""]
+    if res.leases:
+        parts += [res.leases, ""]
     for gw, exact in res.exactness.items():
         parts.append(f"Exactness ({gw}): {exact}")
         parts.append("")

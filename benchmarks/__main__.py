@@ -20,6 +20,9 @@ run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer)
    (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6);
 9. Redis CPU per admission vs requests in flight on one AtlasQuota, 0 / 2,000 / 20,000
    (benchmarks.lease_scale, this checkout's scripts; skip: BENCH_SKIP_LEASES=1).
+10. long requests held at once (benchmarks.capacity): 1,000, 4,000 and 9,000 (``BENCH_CAPACITY_N``),
+    streamed and not, through one gateway process with its defaults to the mock; how many were
+    shed, RSS and open files per request held (skip: BENCH_SKIP_CAPACITY=1).
 
 The tables and issue 13's targets (met / missed) are printed and written into
 docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
@@ -31,10 +34,11 @@ gateway; its CPU is that of the master holding the bench key's slot, when local)
 (s per load run, 5), BENCH_WARMUP (s, 1), BENCH_RATES ("500,2000"),
 BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
 BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
-BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_SKIP_TRACING=1, BENCH_TRACING_ROUNDS (6), BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
+BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_SKIP_TRACING=1, BENCH_TRACING_ROUNDS (6),
+BENCH_SKIP_CAPACITY=1, BENCH_CAPACITY_N ("1000,4000,9000"), BENCH_CAPACITY_KEYS (200), BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
 BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only), BENCH_NOTE (a sentence put into the docs section,
 e.g. what "before" and "after" are). A smoke run:
-``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_WRITE_DOCS=0 make bench``.
+``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_SKIP_CAPACITY=1 BENCH_WRITE_DOCS=0 make bench``.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, exactness, lease_scale, litellm_peer, load, memory, nginx, profiling, report, slow_clients,
-               token_auth, tools, tracing_cost)
+from . import (bodies, capacity, exactness, lease_scale, litellm_peer, load, memory, nginx, profiling, report,
+               slow_clients, token_auth, tools, tracing_cost)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import Proc, ProcError
@@ -181,6 +185,15 @@ def tracing(s: Setup, rounds: int) -> None:
     s.res.tracing = tracing_cost.table(rows, rounds, 16)
 
 
+def held_at_once(s: Setup) -> None:
+    """Long requests by the thousand (benchmarks.capacity), each gateway with its defaults."""
+    print("\n10. long requests held at once, one gateway process with its defaults", flush=True)
+    results = {side.src.label: capacity.measure(side.src, side.redis_url, s.mock, s.workdir,
+                                                capacity.counts_from_env(), capacity.env_from_env())
+               for side in s.sides}
+    s.res.capacity = capacity.table(results)
+
+
 def per_gateway_checks(s: Setup) -> list[str]:
     """Memory, exactness and slow clients, each gateway in fresh processes; the failures."""
     failed = []
@@ -269,6 +282,8 @@ def main() -> int:
             if tl.py_spy:
                 profiles(setup, tl.py_spy)
             failed += per_gateway_checks(setup)
+            if not _on("BENCH_SKIP_CAPACITY"):
+                held_at_once(setup)
         if not _on("BENCH_SKIP_LEASES"):
             print("\n9. Redis CPU per admission vs requests in flight (this checkout)", flush=True)
             res.leases = lease_scale.report(lease_scale.run())

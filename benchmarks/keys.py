@@ -85,5 +85,27 @@ def write_bench_key(redis_url: str) -> int | None:
         r.close()
 
 
+def spread_key(i: int) -> str:
+    return f"sk-atlas-spread-{i:022d}"
+
+
+def write_spread_keys(redis_url: str, n: int) -> None:
+    """``n`` keys with no limits and no quota (benchmarks.capacity): thousands of requests held
+    at once over many keys, so that what is measured is the gateway holding them, not one key's
+    admission growing with the leases it holds."""
+    from atlas_core import contract
+
+    r = redis_client(redis_url)
+    try:
+        for i in range(n):
+            write_key(r, contract, spread_key(i), f"spread-{i}", contract.Limits())
+    finally:
+        r.close()
+
+
 if __name__ == "__main__":
-    print(json.dumps({"redis_pid": write_bench_key(sys.argv[1])}))
+    if sys.argv[2:3] == ["--spread"]:
+        write_spread_keys(sys.argv[1], int(sys.argv[3]))
+        print(json.dumps({"spread": int(sys.argv[3])}))
+    else:
+        print(json.dumps({"redis_pid": write_bench_key(sys.argv[1])}))

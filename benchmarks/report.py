@@ -34,6 +34,7 @@ class Results:
     token_auth: dict[str, str] = field(default_factory=dict)  # gateway -> token vs static key (token_auth.py)
     profiles: dict[str, str] = field(default_factory=dict)  # gateway target -> profiling.report text
     tracing: str = ""  # tracing_cost.table: CPU per request with tracing off, at 1 % and 100 %
+    capacity: str = ""  # capacity.table: long requests held at once, shed, memory and files per request
     leases: str = ""  # lease_scale.report: Redis CPU per admission vs requests in flight
     gateways: list[str] = field(default_factory=list)  # Atlas labels, "before" first
     reference: str = "nginx directly"
@@ -265,6 +266,9 @@ def render(res: Results) -> str:
         parts += ["Targets (issue 13):", "", targets_table(res), ""]
     if res.tracing:
         parts += [res.tracing, ""]
+    if res.capacity:
+        parts += ["Long requests held at once through one gateway process with its defaults (benchmarks.capacity; "
+                  "`BENCH_CAPACITY_N`):", "", res.capacity, ""]
     if res.leases:
         parts += [res.leases, ""]
     for gw, exact in res.exactness.items():

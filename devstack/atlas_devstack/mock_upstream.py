@@ -17,6 +17,14 @@ Per-request controls (request headers; the gateway forwards them):
 * ``x-mock-id``: a test-chosen id; ``GET /_mock/requests/<id>`` then tells how many times the
   request was received, the last body, whether ``stream_options.include_usage`` was present,
   and whether the client went away before the end (``disconnected``).
+
+Load, as vLLM reports it: ``GET /metrics`` exports ``vllm:num_requests_running`` and
+``vllm:num_requests_waiting`` from the mock's real state. With ``--capacity N`` at most N
+completion/embedding requests are worked on at once (running); the rest wait, first come first
+served, for a slot (waiting), so a test drives a queue by holding requests
+(``x-mock-latency-ms``, ``x-mock-chunk-delay-ms``). ``--capacity 0`` (default): no queue.
+``--no-metrics``: ``/metrics`` is a 404, an upstream that exports nothing (the Inference
+Extension's endpoint picker, which reads these gauges, then sees no vLLM).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from . import processes
@@ -53,6 +62,50 @@ class MockSettings:
     completion_tokens: int = 16
     chunk_delay_ms: float = 0.0
     models: tuple[str, ...] = tuple(MODELS)
+    capacity: int = 0  # requests worked on at once; the rest wait (0: no limit)
+    export_metrics: bool = True  # /metrics with vLLM's gauges; False: 404, like a server exporting nothing
+
+
+class Slots:
+    """Running vs waiting, as vLLM counts them: at most ``capacity`` requests run; the others
+    queue in arrival order and start as slots free up."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.running = 0
+        self.queue: deque[asyncio.Future] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    async def acquire(self) -> None:
+        if self.capacity <= 0 or (self.running < self.capacity and not self.queue):
+            self.running += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self.queue.append(turn)
+        try:
+            await turn  # release() hands its slot over: running is counted there
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # the slot was handed over as the waiter went away: pass it on
+            else:
+                self.queue.remove(turn)
+            raise
+
+    def release(self) -> None:
+        while self.queue:
+            turn = self.queue.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes to the next waiter: running unchanged
+                return
+        self.running -= 1
+
+    def exposition(self, model: str) -> bytes:
+        labels = f'{{model_name="{model}"}}'
+        return (f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{labels} {self.running}\n"
+                f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{labels} {self.waiting}\n").encode()
 
 
 class _Record:
@@ -93,6 +146,7 @@ class MockUpstream:
         self.settings = settings or MockSettings()
         self.records: dict[str, _Record] = {}
         self._counter = 0
+        self.slots = Slots(self.settings.capacity)
 
     async def __call__(self, scope, receive, send):  # noqa: C901 - a dispatcher
         if scope["type"] == "lifespan":
@@ -121,9 +175,18 @@ class MockUpstream:
             return await self._send(send, *_json_response(200, rec.to_json() if rec else {"count": 0}))
         if path in ("/healthz", "/health"):
             return await self._send(send, 200, b"ok", b"text/plain")
+        if path == "/metrics" and self.settings.export_metrics:
+            return await self._send(send, 200, self.slots.exposition(self.settings.models[0]),
+                                    b"text/plain; version=0.0.4")
         if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             return await self._send(send, *_json_response(404, {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}))
+        await self.slots.acquire()
+        try:
+            await self._complete(path, body, headers, send, receive)
+        finally:
+            self.slots.release()
 
+    async def _complete(self, path, body, headers, send, receive):  # noqa: C901 - one response per kind
         try:
             doc = json.loads(body)
         except ValueError:
@@ -146,8 +209,10 @@ class MockUpstream:
         if fail == "hang":
             await self._wait_disconnect(receive, rec)
             return
-        if latency > 0:
-            await asyncio.sleep(latency / 1000)
+        if latency > 0 and await self._gone_within(receive, latency / 1000):
+            if rec:
+                rec.disconnected = True
+            return  # the client left while held: its slot is free again (as vLLM aborts a request)
         if fail == "500":
             return await self._send(send, *_json_response(500, {"error": {"message": "mock failure", "type": "server_error", "param": None, "code": None}}))
 
@@ -245,6 +310,18 @@ class MockUpstream:
         finally:
             watcher.cancel()
 
+    @staticmethod
+    async def _gone_within(receive, seconds: float) -> bool:
+        """Wait ``seconds``; True if the client went away meanwhile."""
+        async def disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        try:
+            await asyncio.wait_for(disconnect(), seconds)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def _wait_disconnect(self, receive, rec) -> None:
         while True:
             msg = await receive()
@@ -275,12 +352,15 @@ class MockUpstreamProcess(ServerProcess):
     HOST_ARGS = ("--host", "127.0.0.1")
 
     def __init__(self, port: int | None = None, *, latency_ms: float = 0, completion_tokens: int = 16,
-                 chunk_delay_ms: float = 0, log_path: str | None = None) -> None:
+                 chunk_delay_ms: float = 0, log_path: str | None = None, capacity: int = 0,
+                 metrics: bool = True) -> None:
         from atlas_devstack.redis_server import free_port
 
         self.port = port or free_port()
         self.args = ["--latency-ms", str(latency_ms), "--completion-tokens", str(completion_tokens),
-                     "--chunk-delay-ms", str(chunk_delay_ms)]
+                     "--chunk-delay-ms", str(chunk_delay_ms), "--capacity", str(capacity)]
+        if not metrics:
+            self.args.append("--no-metrics")
         self.log_path = log_path
         self._proc = None
 
@@ -333,10 +413,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=float(os.environ.get("MOCK_LATENCY_MS", "0")))
     parser.add_argument("--completion-tokens", type=int, default=int(os.environ.get("MOCK_COMPLETION_TOKENS", "16")))
     parser.add_argument("--chunk-delay-ms", type=float, default=float(os.environ.get("MOCK_CHUNK_DELAY_MS", "0")))
+    parser.add_argument("--capacity", type=int, default=int(os.environ.get("MOCK_CAPACITY", "0")),
+                        help="requests worked on at once (vllm:num_requests_running); the rest queue "
+                             "(vllm:num_requests_waiting); 0: no limit")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="no /metrics: an upstream that exports no load (404)")
+    parser.add_argument("--backlog", type=int, default=int(os.environ.get("MOCK_BACKLOG", "16384")),
+                        help="listen backlog: thousands of connections may arrive at once")
     parser.add_argument("--framework", choices=["asgi", "fastapi"], default="asgi",
                         help="fastapi: a FastAPI reference implementation (benchmarks only)")
     args = parser.parse_args(argv)
-    settings = MockSettings(args.latency_ms, args.completion_tokens, args.chunk_delay_ms)
+    settings = MockSettings(args.latency_ms, args.completion_tokens, args.chunk_delay_ms,
+                            capacity=args.capacity, export_metrics=not args.no_metrics)
     app = fastapi_app(settings) if args.framework == "fastapi" else MockUpstream(settings)
 
     def serve(on_exit: processes.OnExit) -> int:
@@ -344,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         # handler inside uvloop is logged and lost: make a hang-up a SIGTERM.
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
         uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                    access_log=False, log_level="warning", lifespan="on")
+                    access_log=False, log_level="warning", lifespan="on", backlog=args.backlog)
         return 1  # returned unsignalled: it did not serve (a taken port exits 3 in uvicorn)
     return processes.run("mock-upstream", serve)
 

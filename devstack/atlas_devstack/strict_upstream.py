@@ -23,6 +23,8 @@ all of it, so a gateway that does not cap, multiply or bound correctly shows up 
   ``GET /_strict/routes`` -> requests per path (to prove a route was never reached),
   ``GET /_strict/headers`` -> the headers of the last request per path (what a client could
   steer through the gateway), ``POST /_strict/reset`` clears all three.
+* ``GET /metrics``: 404, not counted (the gateway reads it in the background for the upstream's
+  load; this upstream exports none, so the gateway's in-flight ceilings apply).
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ class StrictUpstream:
             return await _json(send, 200, dict(self.routes))
         if path == "/_strict/headers":
             return await _json(send, 200, self.headers)
+        if path == "/metrics":  # the gateway's load readings (not a route a client reaches): no gauges here
+            return await _json(send, 404, {"error": {"message": "no metrics", "type": "invalid_request_error"}})
         self.routes[path] += 1
         self.headers[path] = headers
         if path == "/v1/models":

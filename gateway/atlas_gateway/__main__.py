@@ -16,20 +16,32 @@ import tempfile
 import time
 
 
-def _allow_connections(max_connections: int) -> None:
-    """Raise the open-file soft limit towards the hard one so that ATLAS_MAX_CONNECTIONS sockets
-    (plus upstream and Redis connections) fit: with the common soft limit of 1024, accept()
-    would fail with EMFILE long before the gateway's own cap answers 503."""
+FDS_BESIDES_CONNECTIONS = 256  # Redis, the listening socket, logs, the load readings' pool, Python's own files
+
+
+def _allow_connections(max_connections: int, pool_size: int) -> int:
+    """Raise the open-file soft limit towards the hard one so that ATLAS_MAX_CONNECTIONS client
+    sockets and as many upstream ones (each long request holds one of each) fit: with the common
+    soft limit of 1024, accept() would fail with EMFILE long before the gateway's own cap
+    answers 503. Returns the connection cap that fits: lowered (with a warning) when the hard
+    limit is too small, so that a client beyond it gets the cap's 503, not a refused accept()."""
+    needed = max_connections + min(max_connections, pool_size) + FDS_BESIDES_CONNECTIONS
     try:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = max_connections + 2048
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     except (ImportError, ValueError, OSError):
-        pass
+        return max_connections
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return max_connections
+    fits = max(1, (soft - FDS_BESIDES_CONNECTIONS) // 2)
+    print(f"atlas-gateway: the open-file limit ({soft}) is below the {needed} that ATLAS_MAX_CONNECTIONS="
+          f"{max_connections} needs (a client and an upstream socket per request): capping connections at "
+          f"{fits}; raise the container's nofile limit (docs/capacity.md)", file=sys.stderr)
+    return fits
 
 
 def _listener(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -102,7 +114,8 @@ def main() -> None:
         print(f"atlas-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    _allow_connections(settings.max_connections)
+    settings = dataclasses.replace(settings, max_connections=_allow_connections(settings.max_connections,
+                                                                                settings.upstream_pool_size))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # prometheus_client's multiprocess mode (memory-mapped values) costs a fifth of a request's
     # CPU (docs/benchmarks.md): several workers snapshot in-memory metrics instead (worker_metrics.py)
@@ -126,7 +139,9 @@ def main() -> None:
         # enforced by CoalescingHttpToolsProtocol
         # (uvicorn declares an int; the value reaches loop.call_later, which takes seconds as a float)
         timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
-        limit_concurrency=settings.max_connections + 1)
+        limit_concurrency=settings.max_connections + 1,
+        # thousands of clients may connect at once (the kernel caps it at net.core.somaxconn)
+        backlog=settings.max_connections)
     sock = _listener(settings.host, settings.port, reuse_port=worker)
     uvicorn.Server(config).run(sockets=[sock])
 

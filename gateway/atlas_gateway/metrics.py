@@ -31,9 +31,21 @@ SHED_VIEW_OTHERS = Gauge("atlas_gateway_shed_view_other_inflight_requests",
                          "In-flight requests of the other gateway processes, as last read from Redis "
                          "(what shared shed thresholds add to this process's own count)")
 SHED_VIEW_PEERS = Gauge("atlas_gateway_shed_view_peers", "Other live gateway processes in the shared shed view")
+# each upstream's own load as last read from its /metrics (shedding/upstream_load.py); the label
+# is its base URL without credentials
+UPSTREAM_LOAD = Gauge("atlas_gateway_upstream_load_requests",
+                      "The upstream's own requests as it last reported them: state running "
+                      "(vllm:num_requests_running) or waiting (vllm:num_requests_waiting)", ["upstream", "state"])
+UPSTREAM_LOAD_FRESH = Gauge("atlas_gateway_upstream_load_fresh",
+                            "1 while the upstream's load reading is recent enough to shed by; 0: it cannot be "
+                            "read and the in-flight ceilings apply", ["upstream"])
+UPSTREAM_LOAD_ERRORS = Counter("atlas_gateway_upstream_load_read_errors_total",
+                               "Reads of an upstream's /metrics that failed or found no vLLM gauges", ["upstream"])
 # gauges a pod's workers report as their largest value, not their sum (worker_metrics.py): each
-# worker's view of the other processes already includes its sibling workers
-MAX_OVER_WORKERS = frozenset({"atlas_gateway_shed_view_other_inflight_requests", "atlas_gateway_shed_view_peers"})
+# worker's view of the other processes already includes its sibling workers, and every worker
+# reads the same upstreams
+MAX_OVER_WORKERS = frozenset({"atlas_gateway_shed_view_other_inflight_requests", "atlas_gateway_shed_view_peers",
+                              "atlas_gateway_upstream_load_requests", "atlas_gateway_upstream_load_fresh"})
 # The capacity view (docs/capacity.md): demand per model, all from figures the hot path already has.
 ADMITTED_TOKENS = Counter("atlas_gateway_admitted_tokens_total",
                           "Tokens reserved by admitted requests (prompt estimate + completion cap), by model",

@@ -28,12 +28,13 @@ from .metering.bounds import Meter
 from .settings import Settings
 from .shedding.load_view import LoadView
 from .shedding.shedder import Shedder
+from .shedding.upstream_load import UpstreamLoad, UpstreamQueue, display_url
 from .store.cluster import ClusterFastRedis
 from .store.failover import MasterWatch
 from .store.fastredis import FastRedis
 from .upstream.headers import UpstreamHeaders
 from .telemetry import NO_TRACING, NO_USAGE_RECORDS, start_tracing, start_usage_records
-from .upstream.targets import Upstreams
+from .upstream.targets import Upstreams, normalize_base
 
 log = logging.getLogger("atlas_gateway")
 
@@ -100,7 +101,9 @@ class Runtime:
         self.upstreams = Upstreams(settings.upstream_url, settings.upstream_models)
         self.meter = Meter.from_settings(settings)
         local, shared = settings.shed_limits()
-        self.shedder = Shedder(*local, shared=shared)
+        self.shedder = Shedder(*local, shared=shared, pool=settings.upstream_pool_size)
+        self.upstream_load = UpstreamLoad(self._upstream_queues(), self._fetch_metrics, settings.upstream_load_interval)
+        self._load_session: aiohttp.ClientSession | None = None
         self.redis_health = RedisHealth()
         metrics.INFLIGHT.set_function(lambda: self.shedder.inflight)  # read at scrape time
         self.session: aiohttp.ClientSession | None = None
@@ -155,6 +158,34 @@ class Runtime:
             self.master_watch = MasterWatch(self.fast_redis, self.redis, settings.sentinel_check_interval)
         self.load_view = LoadView(self.redis, self.shedder, self._id_prefix, settings.shed_publish_interval)
 
+    def _upstream_queues(self) -> list[UpstreamQueue]:
+        """One load reading per upstream, with its queue thresholds (ATLAS_UPSTREAM_SHEDDING)."""
+        s = self.settings
+        own = {normalize_base(url): entry for url, entry in s.upstream_shedding.items()}
+        reading = s.upstream_load_interval > 0
+        queues = []
+        for base in self.upstreams.all_bases():
+            entry = own.get(base)
+            queues.append(UpstreamQueue(base, s.queue_thresholds, reading) if entry is None
+                          else UpstreamQueue(base, entry.queue_thresholds, reading and entry.read_metrics))
+        for url in set(own) - {q.base for q in queues}:
+            log.warning("ATLAS_UPSTREAM_SHEDDING names %s, which is no upstream (ATLAS_UPSTREAM_URL, "
+                        "ATLAS_UPSTREAM_MODELS): ignored", display_url(url))
+        return queues
+
+    async def _fetch_metrics(self, url: str) -> bytes:
+        """GET an upstream's /metrics on a session of its own: a full request pool must not
+        delay the reading that tells the upstream is full."""
+        if self._load_session is None:
+            self._load_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=8, keepalive_timeout=self.settings.upstream_keepalive),
+                headers={} if self.settings.upstream_api_key is None
+                else {"Authorization": f"Bearer {self.settings.upstream_api_key}"})
+        async with self._load_session.get(url) as resp:
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+            return await resp.read()
+
     def new_request_id(self) -> str:
         """Unique per request across gateways (random per-process prefix + counter): also the lease
         member in Redis, so it must never come from the client."""
@@ -172,6 +203,7 @@ class Runtime:
         if self.master_watch is not None:
             self.master_watch.start()
         self.load_view.start()
+        self.upstream_load.start()
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
                                          keepalive_timeout=s.upstream_keepalive, ttl_dns_cache=60)
         self.session = aiohttp.ClientSession(
@@ -203,6 +235,10 @@ class Runtime:
         if self.master_watch is not None:
             await self.master_watch.stop()
         await self.load_view.stop()
+        await self.upstream_load.stop()
+        if self._load_session is not None:
+            await self._load_session.close()
+            self._load_session = None
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -117,6 +117,48 @@ def _objectives(raw: str | None) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class UpstreamShedding:
+    """One upstream's shedding by its own load (ATLAS_UPSTREAM_SHEDDING, shedding/upstream_load.py)."""
+
+    queue_thresholds: tuple[int, int, int]  # waiting requests at which Sheddable, Standard, Critical are shed
+    read_metrics: bool = True  # False: never read its /metrics (the in-flight ceilings apply)
+
+
+def _check_queue_order(name: str, thresholds: tuple[int, ...]) -> None:
+    enabled = [value for value in thresholds if value > 0]
+    if enabled != sorted(enabled):
+        raise SettingsError(f"{name}: {thresholds} must not decrease from Sheddable to Critical: lower classes "
+                            "shed first")
+
+
+def _upstream_shedding(raw: str | None, defaults: tuple[int, int, int]) -> dict[str, UpstreamShedding]:
+    """ATLAS_UPSTREAM_SHEDDING: a JSON object, upstream base URL (as in ATLAS_UPSTREAM_URL or
+    ATLAS_UPSTREAM_MODELS) -> {"Sheddable": n, "Standard": n, "Critical": n, "metrics": bool};
+    a class left out keeps the ATLAS_SHED_QUEUE_THRESHOLD* default. URLs are matched to the
+    upstreams as upstream/targets.py normalises both (with or without a trailing /v1)."""
+    if not raw or not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+        items = doc.items()
+    except (ValueError, AttributeError) as exc:
+        raise SettingsError('ATLAS_UPSTREAM_SHEDDING must be a JSON object: base URL -> '
+                            '{"Sheddable": 16, "Standard": 64, "Critical": 256, "metrics": true}') from exc
+    out = {}
+    for url, entry in items:
+        if not isinstance(entry, dict) or set(entry) - {*PRIORITIES, "metrics"}:
+            raise SettingsError(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]: an object with Sheddable, Standard, Critical "
+                                "(waiting requests) and metrics (true/false)")
+        try:
+            thresholds = tuple(max(0, int(entry.get(name, default))) for name, default in zip(PRIORITIES[::-1], defaults))
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]: thresholds are whole numbers") from exc
+        _check_queue_order(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]", thresholds)
+        out[str(url)] = UpstreamShedding(thresholds, bool(entry.get("metrics", True)))
+    return out
+
+
+@dataclass(frozen=True)
 class Settings:
     upstream_url: str
     upstream_models: tuple[tuple[str, str], ...] = ()
@@ -145,7 +187,8 @@ class Settings:
     lease_ttl: float = 300.0
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 300.0
-    upstream_pool_size: int = 512
+    # per process; sized for 10,000 long requests in flight and more (docs/capacity.md)
+    upstream_pool_size: int = 12288
     # idle upstream connections are dropped after this long: below the upstream's own keep-alive
     # (uvicorn's and so vLLM's default is 5 s), so that a request never goes out on a connection
     # the upstream is closing at that moment (a 502: a POST is never retried)
@@ -158,6 +201,12 @@ class Settings:
     # cluster: explicit thresholds count every gateway process on this Redis (shedding/shedder.py)
     shed_scope: str = "cluster"
     shed_publish_interval: float = 0.2
+    # the upstream's own queue (vllm:num_requests_waiting) at which each class is shed
+    # (shedding/upstream_load.py); 0: never by the queue
+    queue_thresholds: tuple[int, int, int] = (16, 64, 256)
+    # per upstream base URL: its own queue thresholds and whether its /metrics is read at all
+    upstream_shedding: dict[str, "UpstreamShedding"] = field(default_factory=dict, hash=False)
+    upstream_load_interval: float = 1.0  # 0: never read (the in-flight ceilings only)
     forward_priority: dict[str, int] | None = field(default=None, hash=False)
     # an inference gateway behind Atlas (upstream/headers.py): headers never forwarded beyond the
     # built-in ones, the objective stamped per effective priority class, the fairness id stamped
@@ -171,7 +220,7 @@ class Settings:
     header_timeout: float = 10.0
     keepalive_timeout: float = 5.0
     max_header_bytes: int = 32 * 1024
-    max_connections: int = 4096
+    max_connections: int = 12288
     # one of several workers (ATLAS_WORKERS > 1): where they snapshot their metrics (worker_metrics.py);
     # set by the supervisor in its workers' environment (ATLAS_METRICS_DIR), None otherwise
     metrics_dir: str | None = None
@@ -186,11 +235,13 @@ class Settings:
         shed. They never exceed the upstream pool: a request beyond it would only wait for a
         pooled connection until the connect timeout and fail with 504 from a healthy upstream,
         so at the pool's size even Critical requests get an honest 503 + Retry-After. Defaults:
-        1/2, 3/4 and all of the pool."""
+        5/6, 11/12 and all of the pool (10,240, 11,264 and 12,288 with its default): these
+        in-flight ceilings are the fallback for an upstream whose load cannot be read
+        (shedding/upstream_load.py), and an idle fleet of 10,000 long requests is not overload."""
         pool = self.upstream_pool_size
         return (
-            pool // 2 if self.shed_threshold is None else self.shed_threshold,
-            pool * 3 // 4 if self.shed_threshold_standard is None else self.shed_threshold_standard,
+            pool * 5 // 6 if self.shed_threshold is None else self.shed_threshold,
+            pool * 11 // 12 if self.shed_threshold_standard is None else self.shed_threshold_standard,
             pool if self.shed_threshold_critical is None else self.shed_threshold_critical,
         )
 
@@ -220,6 +271,9 @@ class Settings:
             raise SettingsError("ATLAS_SHED_SCOPE must be 'cluster' or 'process'")
         if self.shed_publish_interval <= 0:
             raise SettingsError("ATLAS_SHED_PUBLISH_SECONDS must be > 0")
+        if self.upstream_load_interval < 0:
+            raise SettingsError("ATLAS_UPSTREAM_LOAD_SECONDS must be >= 0 (0: never read the upstreams' load)")
+        _check_queue_order("ATLAS_SHED_QUEUE_THRESHOLD*", self.queue_thresholds)
         cluster = self.shed_scope == "cluster"
         enabled = []
         for name, value, explicit in zip(names, self.shed_thresholds(), self.explicit_thresholds()):
@@ -270,6 +324,9 @@ class Settings:
             return None if env.get(name, "") == "" else _int(env, name, 0)
 
         strip_names, strip_prefixes = _strip_headers(env.get("ATLAS_STRIP_HEADERS"))
+        queue = (max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD", 16)),
+                 max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD_STANDARD", 64)),
+                 max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD_CRITICAL", 256)))
 
         return cls(
             upstream_url=upstream,
@@ -295,7 +352,7 @@ class Settings:
             lease_ttl=_float(env, "ATLAS_LEASE_TTL_SECONDS", 300.0),
             upstream_connect_timeout=_float(env, "ATLAS_UPSTREAM_CONNECT_TIMEOUT", 5.0),
             upstream_timeout=_float(env, "ATLAS_UPSTREAM_TIMEOUT", 300.0),
-            upstream_pool_size=_int(env, "ATLAS_UPSTREAM_POOL_SIZE", 512),
+            upstream_pool_size=_int(env, "ATLAS_UPSTREAM_POOL_SIZE", 12288),
             upstream_keepalive=_float(env, "ATLAS_UPSTREAM_KEEPALIVE_SECONDS", 4.0),
             upstream_api_key=env.get("ATLAS_UPSTREAM_API_KEY") or None,
             shed_threshold=optional_int("ATLAS_SHED_THRESHOLD"),
@@ -303,6 +360,9 @@ class Settings:
             shed_threshold_critical=optional_int("ATLAS_SHED_THRESHOLD_CRITICAL"),
             shed_scope=env.get("ATLAS_SHED_SCOPE", "cluster").strip().lower() or "cluster",
             shed_publish_interval=_float(env, "ATLAS_SHED_PUBLISH_SECONDS", 0.2),
+            queue_thresholds=queue,
+            upstream_shedding=_upstream_shedding(env.get("ATLAS_UPSTREAM_SHEDDING"), queue),
+            upstream_load_interval=_float(env, "ATLAS_UPSTREAM_LOAD_SECONDS", 1.0),
             forward_priority=_priority_values(env.get("ATLAS_FORWARD_PRIORITY")),
             strip_headers=strip_names,
             strip_header_prefixes=strip_prefixes,
@@ -313,7 +373,7 @@ class Settings:
             header_timeout=_float(env, "ATLAS_HEADER_TIMEOUT_SECONDS", 10.0),
             keepalive_timeout=_float(env, "ATLAS_KEEPALIVE_TIMEOUT_SECONDS", 5.0),
             max_header_bytes=_int(env, "ATLAS_MAX_HEADER_BYTES", 32 * 1024),
-            max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 4096),
+            max_connections=_int(env, "ATLAS_MAX_CONNECTIONS", 12288),
             gc_threshold=max(0, _int(env, "ATLAS_GC_THRESHOLD", 700)),
             metrics_dir=env.get("ATLAS_METRICS_DIR") or None,
             telemetry=_telemetry(env),

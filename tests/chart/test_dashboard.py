@@ -21,7 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "charts" / "atlas" / "files" / "dashboards" / "atlas-gateway.json"
 SUFFIXES = ("", "_total", "_bucket", "_sum", "_count", "_created")
 ALLOWED_LABELS = {"key", "model", "status", "priority", "reason", "op", "namespace", "name", "kind", "budget",
-                  "quota", "type", "le", "currency", "lease"}  # lease: found/none (undo outcome)
+                  "quota", "type", "le", "currency", "lease",  # lease: found/none (undo outcome)
+                  # the upstream's load as read (shedding/upstream_load.py): its base URL with any
+                  # user:password removed (display_url, unit-tested), and running/waiting
+                  "upstream", "state"}
 
 
 def gateway_metrics() -> dict[str, set[str]]:

@@ -489,6 +489,48 @@ def test_inference_gateway_values_are_what_the_gateway_parses(helm):
     assert not {"ATLAS_INFERENCE_OBJECTIVES", "ATLAS_STAMP_FAIRNESS_ID", "ATLAS_STRIP_HEADERS"} & set(plain)
 
 
+def _mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_defaults_hold_ten_thousand_long_requests_per_process(helm):
+    """Issue 19: the chart's defaults, as the gateway parses them, shed nothing below 10,000
+    requests in flight per process (in-flight ceilings; the upstream's queue decides when it is
+    read), and the memory limit holds the connection cap at the measured cost per request
+    (docs/capacity.md: ~31 KiB held, streamed; 40 counted here) above the idle process."""
+    from atlas_gateway.settings import Settings
+
+    container = pod_spec(helm.render(ci_values("default")).one("Deployment", "-gateway"))["containers"][0]
+    env = env_of(container)
+    assert len(env) == len(container["env"]), "an environment variable is rendered twice"
+    settings = Settings.from_env({name: e["value"] for name, e in env.items() if "value" in e})
+    assert settings.max_connections >= 10_000 and settings.upstream_pool_size >= 10_000
+    assert min(settings.shed_thresholds()) >= 10_000
+    assert settings.queue_thresholds == (16, 64, 256) and settings.upstream_load_interval == 1
+    assert not {"ATLAS_SHED_THRESHOLD", "ATLAS_UPSTREAM_SHEDDING"} & set(env)
+    limit = _mib(container["resources"]["limits"]["memory"])
+    assert limit >= 100 + settings.max_connections * 40 / 1024, limit
+
+
+def test_shedding_values_are_what_the_gateway_parses(helm):
+    from atlas_gateway.settings import Settings
+
+    objs = helm.render(ci_values("default"), sets=[
+        "gateway.capacity.maxConnections=2000", "gateway.capacity.upstreamPoolSize=1500",
+        "gateway.shedding.queue.Sheddable=4", "gateway.shedding.loadIntervalSeconds=0.5",
+        "gateway.shedding.inflight.Sheddable=900",
+        'gateway.shedding.upstreams.http://vllm-batch:8000.Standard=8',
+        'gateway.shedding.upstreams.http://tgi:80.metrics=false'])
+    env = env_of(pod_spec(objs.one("Deployment", "-gateway"))["containers"][0])
+    settings = Settings.from_env({name: e["value"] for name, e in env.items() if "value" in e})
+    assert (settings.max_connections, settings.upstream_pool_size) == (2000, 1500)
+    assert settings.queue_thresholds == (4, 64, 256) and settings.upstream_load_interval == 0.5
+    assert settings.shed_threshold == 900 and settings.shed_threshold_standard is None
+    assert settings.upstream_shedding["http://vllm-batch:8000"].queue_thresholds == (4, 8, 256)
+    assert not settings.upstream_shedding["http://tgi:80"].read_metrics
+
+
 def test_tracing_is_off_by_default_and_values_set_the_standard_variables(helm):
     """No endpoint: no OTEL_* variable at all (the gateway's tracing is then off). An endpoint:
     the standard variables, the pod's name and namespace as resource attributes."""
@@ -566,6 +608,11 @@ BAD_VALUES = [
     (["gateway.tracing.endpoint=otel-collector:4317"], "endpoint"),
     (["gateway.usageRecords=kafka"], "usageRecords"),
     (["gateway.usageRecords=otlp"], "usageRecords"),  # OTLP records need tracing.endpoint
+    (["gateway.capacity.maxConnections=0"], "maxConnections"),
+    (["gateway.shedding.queue.Urgent=1"], "Urgent"),
+    (["gateway.shedding.queue.Sheddable=-1"], "Sheddable"),
+    (["gateway.shedding.upstreams.http://v:8000.Soon=1"], "Soon"),
+    (["gateway.shedding.loadIntervalSeconds=-1"], "loadIntervalSeconds"),
 ]
 
 

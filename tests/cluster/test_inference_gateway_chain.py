@@ -75,7 +75,8 @@ def chain(control_plane, redis_server, tmp_path_factory):
     control_plane.kubectl("create", "namespace", namespace)
     started = []
     try:
-        mock = MockUpstreamProcess(log_path=str(logs / "mock.log")).start()
+        # no vLLM gauges: the endpoint picker reads /metrics, and must see a plain OpenAI server
+        mock = MockUpstreamProcess(log_path=str(logs / "mock.log"), metrics=False).start()
         started.append(mock)
         epp = EndpointPicker(control_plane.kubeconfig, namespace, POOL, logs / "epp.log")
         declare_pool(control_plane.kubectl, namespace, POOL, mock.port, epp.port)

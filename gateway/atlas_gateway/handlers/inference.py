@@ -112,7 +112,8 @@ class InferenceEndpoint:
                 f"API key {principal.ref} may not use model '{model}'.", "model_not_allowed"
             )
         priority = req.priority = effective_priority(principal.priority, headers.priority)
-        if rt.shedder.should_shed(priority):
+        queue = rt.upstream_load.queue_for(rt.upstreams.base_for(model))  # its last load reading
+        if rt.shedder.should_shed(priority, queue):
             raise errors.shed()
 
         previous_tokens = 0
@@ -130,7 +131,7 @@ class InferenceEndpoint:
 
         # a soft budget may demote the request to Sheddable in the admission itself: then it is
         # refused there if Sheddable requests are being shed now (writing nothing)
-        shed_demoted = principal.soft_limited and priority != SHEDDABLE and rt.shedder.should_shed(SHEDDABLE)
+        shed_demoted = principal.soft_limited and priority != SHEDDABLE and rt.shedder.should_shed(SHEDDABLE, queue)
         rt.shedder.admitting += 1  # counts towards shedding from now on (see Shedder)
         span = req.trace.child("atlas.admission")
         failure = None

@@ -1,11 +1,15 @@
-"""Load shedding by priority class (priority.py).
+"""Load shedding by priority class (priority.py), before admission: a shed request consumes
+nothing and costs no Redis round trip. Classes are shed from the bottom (Sheddable, then
+Standard, Critical last), by the first of these that applies:
 
-When many requests are in flight upstream, classes are shed from the bottom: Sheddable at
-``ATLAS_SHED_THRESHOLD``, Standard at ``ATLAS_SHED_THRESHOLD_STANDARD``, Critical at
-``ATLAS_SHED_THRESHOLD_CRITICAL``. Shedding happens before admission, so a shed request
-consumes nothing and costs no Redis round trip.
+1. the upstream pool, always: a process sheds every class once its own in-flight requests fill
+   ``ATLAS_UPSTREAM_POOL_SIZE`` (beyond it a request would only wait for a connection into a 504);
+2. the upstream's own queue, when its load could be read lately (upstream_load.py): a class is
+   shed while ``vllm:num_requests_waiting`` is at or above its threshold for that upstream;
+3. otherwise, the in-flight ceilings ``ATLAS_SHED_THRESHOLD``, ``_STANDARD``, ``_CRITICAL``:
+   the fallback for an upstream that exports nothing.
 
-Two kinds of limit (settings.py):
+Two kinds of in-flight ceiling (settings.py):
 
 * *local* limits count this process's requests: the defaults (1/2, 3/4 and all of the upstream
   pool, which is per process: a request beyond the pool would only wait for a pooled connection
@@ -19,6 +23,8 @@ Two kinds of limit (settings.py):
 
 from __future__ import annotations
 
+from .upstream_load import UpstreamQueue
+
 
 class Shedder:
     """Counts this process's in-flight upstream requests and decides what to shed.
@@ -27,12 +33,13 @@ class Shedder:
     Redis) count too: otherwise a burst would pass the check all at once, before any of it is
     in flight, and overrun the upstream pool the thresholds are derived from."""
 
-    __slots__ = ("inflight", "admitting", "limits", "shared", "others", "scale")
+    __slots__ = ("inflight", "admitting", "pool", "limits", "shared", "others", "scale")
 
     def __init__(self, sheddable: int, standard: int, critical: int,
-                 shared: tuple[int, int, int] = (0, 0, 0)) -> None:
+                 shared: tuple[int, int, int] = (0, 0, 0), pool: int = 0) -> None:
         self.inflight = 0
         self.admitting = 0
+        self.pool = pool  # every class is shed at this many of this process's requests; 0: none
         # a class is shed once the count reaches its limit; <= 0: no such limit
         self.limits = {"Sheddable": sheddable, "Standard": standard, "Critical": critical}
         self.shared = dict(zip(("Sheddable", "Standard", "Critical"), shared))
@@ -46,8 +53,13 @@ class Shedder:
     def mine(self) -> int:
         return self.inflight + self.admitting
 
-    def should_shed(self, priority: str) -> bool:
+    def should_shed(self, priority: str, queue: UpstreamQueue | None = None) -> bool:
+        """``queue``: the last reading of the request's upstream, if its load is read."""
         mine = self.inflight + self.admitting
+        if 0 < self.pool <= mine:
+            return True
+        if queue is not None and queue.fresh:
+            return queue.sheds(priority)
         limit = self.limits[priority]
         if 0 < limit <= mine:
             return True

@@ -176,7 +176,7 @@ def test_settings_from_env():
     s = Settings.from_env({"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_FAIL_MODE": "open",
                            "ATLAS_SHED_THRESHOLD": "10", "ATLAS_FORWARD_PRIORITY": "true",
                            "ATLAS_UPSTREAM_MODELS": '{"q*": "http://q"}'})
-    assert s.fail_open and s.shed_thresholds() == (10, 384, 512)  # the others follow the pool
+    assert s.fail_open and s.shed_thresholds() == (10, 11264, 12288)  # the others follow the pool
     assert s.forward_priority["Critical"] < s.forward_priority["Sheddable"]
     assert s.upstream_models == (("q*", "http://q"),)
     with pytest.raises(SettingsError):
@@ -242,10 +242,12 @@ def test_responses_stream_notes_the_id_and_the_terminal_usage():
 
 def test_shed_thresholds_follow_the_pool_and_never_exceed_it():
     base = {"ATLAS_UPSTREAM_URL": "http://u"}
-    assert Settings.from_env(base).shed_thresholds() == (256, 384, 512)
-    assert Settings.from_env({**base, "ATLAS_UPSTREAM_POOL_SIZE": "8"}).shed_thresholds() == (4, 6, 8)
+    # an idle fleet of 10,000 long requests per process is not overload (issue 19)
+    assert Settings.from_env(base).shed_thresholds() == (10240, 11264, 12288)
+    assert min(Settings.from_env(base).shed_thresholds()) >= 10_000
+    assert Settings.from_env({**base, "ATLAS_UPSTREAM_POOL_SIZE": "12"}).shed_thresholds() == (10, 11, 12)
     with pytest.raises(SettingsError, match="exceeds ATLAS_UPSTREAM_POOL_SIZE"):
-        Settings.from_env({**base, "ATLAS_SHED_SCOPE": "process", "ATLAS_SHED_THRESHOLD_CRITICAL": "1024"})
+        Settings.from_env({**base, "ATLAS_SHED_SCOPE": "process", "ATLAS_SHED_THRESHOLD_CRITICAL": "20000"})
     with pytest.raises(SettingsError, match="lower classes shed first"):
         Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "500", "ATLAS_SHED_THRESHOLD_STANDARD": "100"})
     assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD_CRITICAL": "0"}).shed_thresholds()[2] == 0
@@ -256,13 +258,13 @@ def test_shed_thresholds_follow_the_pool_and_never_exceed_it():
 def test_cluster_scope_makes_explicit_thresholds_shared_totals():
     base = {"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_UPSTREAM_POOL_SIZE": "100"}
     # unset: per-process defaults, nothing shared (no publishing)
-    assert Settings.from_env(base).shed_limits() == ((50, 75, 100), (0, 0, 0))
+    assert Settings.from_env(base).shed_limits() == ((83, 91, 100), (0, 0, 0))
     # set: a total over every process, which may exceed one process's pool; locally the pool
     s = Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "150"})
-    assert s.shed_limits() == ((100, 75, 100), (150, 0, 0))
-    assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "0"}).shed_limits() == ((0, 75, 100), (0, 0, 0))
+    assert s.shed_limits() == ((100, 91, 100), (150, 0, 0))
+    assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "0"}).shed_limits() == ((0, 91, 100), (0, 0, 0))
     assert Settings.from_env({**base, "ATLAS_SHED_SCOPE": "process", "ATLAS_SHED_THRESHOLD": "10"}
-                             ).shed_limits() == ((10, 75, 100), (0, 0, 0))
+                             ).shed_limits() == ((10, 91, 100), (0, 0, 0))
     with pytest.raises(SettingsError, match="lower classes shed first"):
         Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "500", "ATLAS_SHED_THRESHOLD_STANDARD": "400"})
     with pytest.raises(SettingsError, match="ATLAS_SHED_SCOPE"):

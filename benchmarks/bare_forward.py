@@ -10,7 +10,8 @@ python -m benchmarks.bare_forward --server atlas|uvicorn|granian-asgi|granian-rs
 Servers: ``atlas`` is Atlas's own (uvicorn + uvloop + httptools with the gateway's protocol,
 gateway/atlas_gateway/server.py, configured as the gateway configures it); ``uvicorn`` is the
 stock httptools protocol; ``granian-*`` is granian (Rust, one worker, uvloop) with its ASGI or
-its own RSGI interface. Clients: aiohttp (Atlas's), httpx, and ``raw``, a keep-alive HTTP/1.1
+its own RSGI interface; ``socketify*`` is socketify (uWebSockets in C through cffi, its own loop)
+natively or through its ASGI adapter. Clients: aiohttp (Atlas's), httpx, and ``raw``, a keep-alive HTTP/1.1
 client on asyncio protocols with httptools' response parser (benchmarks.raw_client).
 """
 
@@ -113,6 +114,32 @@ def rsgi_app(fwd: Forwarder):
     return App()
 
 
+def run_socketify(fwd: Forwarder, port: int, asgi: bool) -> None:
+    """socketify (uWebSockets through cffi, its own loop): its ASGI adapter, or its native API."""
+    import asyncio
+
+    from socketify import ASGI, App
+
+    if asgi:
+        ASGI(asgi_app(fwd)).listen(port, lambda config: None).run()
+        return
+
+    app = App()
+
+    async def forward(res, req):
+        path = req.get_url()
+        body = (await res.get_data()).getvalue()
+        status, ctype, data = await fwd.post(path, body)
+        res.cork(lambda r: r.write_status(status).write_header("content-type", ctype.decode()).end(data))
+
+    app.get("/healthz", lambda res, req: res.end(HEALTH))
+    app.post("/*", forward)
+    app.listen(port, lambda config: None)
+    asyncio.set_event_loop(app.loop.loop)
+    app.loop.loop.run_until_complete(fwd.start())
+    app.run()
+
+
 def _from_env() -> Forwarder:
     return Forwarder(os.environ["BARE_CLIENT"], os.environ["BARE_UPSTREAM"])
 
@@ -127,7 +154,8 @@ def granian_rsgi():
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--server", choices=["atlas", "uvicorn", "granian-asgi", "granian-rsgi"], default="atlas")
+    p.add_argument("--server", choices=["atlas", "uvicorn", "granian-asgi", "granian-rsgi",
+                                             "socketify", "socketify-asgi"], default="atlas")
     p.add_argument("--client", choices=["aiohttp", "httpx", "raw"], default="aiohttp")
     p.add_argument("--upstream", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -138,6 +166,9 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, "-m", "granian", "--interface", interface, "--workers", "1",
                                   "--loop", "uvloop", "--host", "127.0.0.1", "--port", str(a.port), "--no-ws",
                                   "--log-level", "warning", "--factory", f"benchmarks.bare_forward:granian_{interface}"])
+    if a.server.startswith("socketify"):
+        run_socketify(Forwarder(a.client, a.upstream), a.port, asgi=a.server == "socketify-asgi")
+        return
     import uvicorn
 
     app = asgi_app(Forwarder(a.client, a.upstream))

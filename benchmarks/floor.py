@@ -29,20 +29,21 @@ from .procs import Proc
 from .runs import CHAT, Bench, Target, gateway_target
 
 DEFAULT = ["atlas/aiohttp", "uvicorn/aiohttp", "atlas/httpx", "atlas/raw", "granian-asgi/aiohttp",
-           "granian-rsgi/aiohttp", "granian-rsgi/raw"]
+           "granian-rsgi/aiohttp", "granian-rsgi/raw", "socketify/aiohttp", "socketify-asgi/aiohttp"]
 NGINX_PROXY = "nginx as a reverse proxy"
 
 
 def _installed(candidate: str) -> bool:
     server, client = candidate.split("/")
-    need = {"granian": "granian", "httpx": "httpx"}
+    need = {"granian": "granian", "socketify": "socketify", "httpx": "httpx"}
     return all(importlib.util.find_spec(mod) is not None for key, mod in need.items() if key in (server, client))
 
 
 def label(candidate: str) -> str:
     server, client = candidate.split("/")
     names = {"atlas": "Atlas's server (uvicorn + uvloop + httptools)", "uvicorn": "stock uvicorn httptools",
-             "granian-asgi": "granian ASGI", "granian-rsgi": "granian RSGI"}
+             "granian-asgi": "granian ASGI", "granian-rsgi": "granian RSGI", "socketify": "socketify native",
+             "socketify-asgi": "socketify ASGI"}
     return f"bare forward: {names[server]} + {client}"
 
 

@@ -152,8 +152,8 @@ def _histogram_observer(histogram):
 
     def observe(amount: float) -> None:
         total.inc(amount)
-        at = bisect_left(bounds, amount)
-        if at < len(buckets):  # past the last bound (+Inf) only NaN goes, into no bucket
+        at = bisect_left(bounds, amount)  # the last bound is +Inf: always one, except for NaN
+        if amount <= bounds[at]:  # NaN: in no bucket, as prometheus_client does
             buckets[at].inc(1)
     return observe
 

@@ -6,7 +6,8 @@ work on the cores; an instruction count does not).
 each gateway runs under ``valgrind --tool=callgrind`` with the bench key (every limit kind on)
 in front of a static nginx; WARM requests warm it up, the counters are zeroed
 (``callgrind_control -z``), N requests at concurrency C are sent, and the dump's total is
-divided by N. ``BARE=1`` adds the bare forward on Atlas's stack (benchmarks.bare_forward).
+divided by N. ``BARE=1`` adds the bare forward on Atlas's stack (benchmarks.bare_forward), or
+``BARE=server/client,...`` those candidates of it (``SKIP_GATEWAYS=1``: only them).
 
 Environment: N (2,000), WARM (500), C (16), UPSTREAM=mock (the project's mock upstream instead
 of nginx: the upstream's own work is not counted either way).
@@ -92,14 +93,17 @@ def main(argv: list[str]) -> int:
             static = stack.enter_context(nginx.static_upstream(tools.ensure(profile=False, litellm=False).nginx,
                                                                workdir))
             upstream_root, json_base, prefix = static.url, static.url + nginx.JSON_BASE, nginx.JSON_BASE
-        if os.environ.get("BARE") == "1":
+        bare = os.environ.get("BARE", "")
+        for cand in (["atlas/aiohttp"] if bare == "1" else [c for c in bare.split(",") if c]):
+            server, client = cand.split("/")
             port = free_port()
-            results["bare forward (Atlas's stack)"] = count(
-                "bare", [sys.executable, "-m", "benchmarks.bare_forward", "--upstream", upstream_root, "--port", str(port)],
+            results[f"bare forward {cand}"] = count(
+                f"bare-{server}-{client}", [sys.executable, "-m", "benchmarks.bare_forward", "--server", server,
+                                            "--client", client, "--upstream", upstream_root, "--port", str(port)],
                 {"BENCH_PORT": str(port), "PYTHONPATH": str(HERE_ROOT)}, f"http://127.0.0.1:{port}{prefix}{CHAT}",
                 {}, workdir, cwd=str(HERE_ROOT))
-            print(f"bare forward: {results[next(iter(results))]:,.0f} instructions per request", flush=True)
-        for name, src in sources.items():
+            print(f"bare forward {cand}: {results[f'bare forward {cand}']:,.0f} instructions per request", flush=True)
+        for name, src in ({} if os.environ.get("SKIP_GATEWAYS") == "1" else sources).items():
             rs = stack.enter_context(RedisServer())
             src.write_bench_key(rs.url)
             port = free_port()

@@ -9,7 +9,9 @@ Prints per-round figures and the medians as a Markdown table (docs/benchmarks.md
 Environment: ROUNDS (3), DUR (s per run, 4), CANDIDATES (comma-separated ``server/client`` pairs
 of benchmarks.bare_forward; default: all that are installed), GATEWAY_SRC (comma-separated
 checkouts whose Atlas gateway is measured too, as in ``make bench``: e.g. a "before"),
-SKIP_SELF=1 (not this checkout's gateway).
+SKIP_SELF=1 (not this checkout's gateway), UPSTREAM=mock (the project's mock upstream instead of
+the static nginx, and no nginx proxy: where nginx is not installed; the mock's own speed then
+bounds the throughput, so CPU per request compares candidates with each other only).
 """
 
 from __future__ import annotations
@@ -61,17 +63,27 @@ def main() -> int:
     candidates = [c for c in candidates if c not in skipped]
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}", flush=True)
-    tl = tools.ensure(profile=False, litellm=False)
+    mock = os.environ.get("UPSTREAM") == "mock"
+    tl = tools.Tools(wrk="wrk", nginx="", vegeta="", litellm=None, py_spy=None) if mock else \
+        tools.ensure(profile=False, litellm=False)
     workdir = tempfile.mkdtemp(prefix="atlas-floor-")
     bench = Bench(tl, workdir, duration, 1.0)
     body = bodies.encode(bodies.SMALL)
     print(f"load average {os.getloadavg()}; {rounds} rounds x {duration:g} s", flush=True)
     with contextlib.ExitStack() as stack:
-        static = stack.enter_context(nginx.static_upstream(tl.nginx, workdir))
-        json_base = static.url + nginx.JSON_BASE
-        direct = Target("nginx directly", json_base + CHAT, json_base + CHAT, cpu={"nginx": static.pid})
-        proxy = stack.enter_context(nginx.reverse_proxy(tl.nginx, workdir, static.port))
-        targets = [Target(NGINX_PROXY, proxy.url + nginx.JSON_BASE + CHAT, "", cpu={"proxy": proxy.pid})]
+        if mock:
+            from atlas_devstack.mock_upstream import MockUpstreamProcess
+
+            static = stack.enter_context(MockUpstreamProcess())
+            json_base = static.url
+            direct = Target("the mock directly", json_base + CHAT, json_base + CHAT, cpu={"mock": static._proc.pid})
+            targets = []
+        else:
+            static = stack.enter_context(nginx.static_upstream(tl.nginx, workdir))
+            json_base = static.url + nginx.JSON_BASE
+            direct = Target("nginx directly", json_base + CHAT, json_base + CHAT, cpu={"nginx": static.pid})
+            proxy = stack.enter_context(nginx.reverse_proxy(tl.nginx, workdir, static.port))
+            targets = [Target(NGINX_PROXY, proxy.url + nginx.JSON_BASE + CHAT, "", cpu={"proxy": proxy.pid})]
         for cand in candidates:
             p = stack.enter_context(bare_forward(cand, json_base, workdir))
             targets.append(Target(label(cand), p.url + CHAT, "", cpu={"forward": p.pid}))
@@ -100,16 +112,17 @@ def main() -> int:
                       f"c=1 p50 {one.p50:.3f} ms{', ERRORS' if one.errors else ''}", flush=True)
     ref = statistics.median(direct_p50)
     floor = statistics.median(c16[label("atlas/aiohttp")]) if label("atlas/aiohttp") in c16 else None
-    nginx_us = statistics.median(c16[NGINX_PROXY])
-    print(f"\nload average {os.getloadavg()}; nginx directly c=1 p50 {ref:.3f} ms (median)\n")
+    nginx_us = statistics.median(c16[NGINX_PROXY]) if NGINX_PROXY in c16 else None
+    print(f"\nload average {os.getloadavg()}; {direct.label} c=1 p50 {ref:.3f} ms (median)\n")
     print("| target | CPU per request c=16 (median of rounds) | × nginx proxy | × Atlas's bare forward | "
-          "c=1 p50 added over nginx directly |")
+          f"c=1 p50 added over {direct.label} |")
     print("|---|---|---|---|---|")
     for t in targets:
         cpu = statistics.median(c16[t.label])
         redis = f" (+{statistics.median(redis16[t.label]):.0f} µs redis-server)" if redis16[t.label] else ""
         vs_floor = f"{cpu / floor:.2f}" if floor else "–"
-        print(f"| {t.label} | {cpu:.0f} µs{redis} | {cpu / nginx_us:.2f} | {vs_floor} | "
+        vs_nginx = f"{cpu / nginx_us:.2f}" if nginx_us else "–"
+        print(f"| {t.label} | {cpu:.0f} µs{redis} | {vs_nginx} | {vs_floor} | "
               f"+{statistics.median(p50[t.label]) - ref:.3f} ms |")
     return 0
 

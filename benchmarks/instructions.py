@@ -9,7 +9,8 @@ in front of a static nginx; WARM requests warm it up, the counters are zeroed
 divided by N. ``BARE=1`` adds the bare forward on Atlas's stack (benchmarks.bare_forward), or
 ``BARE=server/client,...`` those candidates of it (``SKIP_GATEWAYS=1``: only them).
 
-Environment: N (2,000), WARM (500), C (16), UPSTREAM=mock (the project's mock upstream instead
+Environment: N (2,000), WARM (500), C (16), BODY_BYTES (a chat body of that size, as make bench's
+prompt-size runs send, instead of the small one), UPSTREAM=mock (the project's mock upstream instead
 of nginx: the upstream's own work is not counted either way).
 """
 
@@ -36,7 +37,8 @@ from .runs import CHAT
 async def _send(url: str, n: int, concurrency: int, headers: dict[str, str]) -> None:
     import aiohttp
 
-    body = bodies.encode(bodies.SMALL)
+    size = int(os.environ.get("BODY_BYTES", "0"))
+    body = bodies.encode(bodies.chat(size, False) if size else bodies.SMALL)
     left = [n]
 
     async def worker(session) -> None:

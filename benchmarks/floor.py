@@ -65,7 +65,7 @@ def main() -> int:
         print(f"not installed, skipped: {', '.join(skipped)}", flush=True)
     mock = os.environ.get("UPSTREAM") == "mock"
     tl = tools.Tools(wrk="wrk", nginx="", vegeta="", litellm=None, py_spy=None) if mock else \
-        tools.ensure(profile=False, litellm=False)
+        tools.debian_only()
     workdir = tempfile.mkdtemp(prefix="atlas-floor-")
     bench = Bench(tl, workdir, duration, 1.0)
     body = bodies.encode(bodies.SMALL)

@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
             static = stack.enter_context(MockUpstreamProcess())
             upstream_root, json_base, prefix = static.url, static.url, ""
         else:
-            static = stack.enter_context(nginx.static_upstream(tools.ensure(profile=False, litellm=False).nginx,
+            static = stack.enter_context(nginx.static_upstream(tools.debian_only().nginx,
                                                                workdir))
             upstream_root, json_base, prefix = static.url, static.url + nginx.JSON_BASE, nginx.JSON_BASE
         bare = os.environ.get("BARE", "")

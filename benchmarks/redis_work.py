@@ -43,7 +43,7 @@ def main() -> int:
 
             upstream = stack.enter_context(MockUpstreamProcess()).url
         else:
-            upstream = stack.enter_context(nginx.static_upstream(tools.ensure(profile=False, litellm=False).nginx,
+            upstream = stack.enter_context(nginx.static_upstream(tools.debian_only().nginx,
                                                                  workdir)).url + nginx.JSON_BASE
         rs = stack.enter_context(RedisServer())
         src = GatewaySource("this checkout", HERE_ROOT)

@@ -284,3 +284,17 @@ def test_raw_client_reuses_its_connection_and_reads_status_type_and_body():
     assert first == (201, b"application/x-test", b'{"n":1}') and second[2] == b'{"n":2}'
     assert seen == [b'POST /base/v1/x HTTP/1.1 {"a":1}', b"POST /base/v1/x HTTP/1.1 {}"]
     assert idle == 0  # closed
+
+
+def test_callgrind_totals_and_floor_candidates(tmp_path):
+    from benchmarks import floor, instructions
+
+    dump = tmp_path / "callgrind.x.1"
+    dump.write_text("version: 1\ncreator: callgrind\nevents: Ir\nfn=main\n0 5\nsummary: 123456\ntotals: 123456\n")
+    assert instructions._total(str(dump)) == 123456
+    (tmp_path / "empty").write_text("events: Ir\n")
+    with pytest.raises(RuntimeError):
+        instructions._total(str(tmp_path / "empty"))
+    assert floor.label("atlas/aiohttp").startswith("bare forward: Atlas's server")
+    assert floor._installed("atlas/aiohttp")  # aiohttp and uvicorn are the gateway's own
+    assert all("/" in c for c in floor.DEFAULT)

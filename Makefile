@@ -14,7 +14,7 @@ TOOLS_CACHE := $(or $(ATLAS_TOOLS_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/
 export PIP_CACHE_DIR ?= $(TOOLS_CACHE)/pip
 
 .PHONY: help venv system-deps tools jaeger node-tools deps test test-unit test-integration test-cluster test-e2e \
-        bench dev dev-up dev-down dev-logs clean distclean kind-up images images-load helm-install lint \
+        bench dev dev-up dev-down dev-logs clean distclean kind-up images images-load helm-install lint format \
         docker-up docker-down test-images deploy-up deploy-down test-deploy
 
 help:  ## list targets
@@ -45,6 +45,18 @@ deps: venv system-deps tools
 
 test: deps node-tools  ## run every test tier (unit, integration, cluster, e2e, images, deploy)
 	$(PYTEST) tests
+
+# Seconds, before any test tier (.ci/run): the bug-finding lint rules, import order and format
+# (ruff), types (mypy) and the packages' import rules (.importlinter). docs/contributing.md.
+lint: venv  ## ruff (bugs, import order, format --check), mypy, the import rules: seconds
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache --no-logo .importlinter
+
+format: venv  ## sort imports and format the code in place (ruff); then `make lint` for what is left
+	$(VENV)/bin/ruff check --select I --fix .
+	$(VENV)/bin/ruff format .
 
 test-unit: venv  ## fast tier: pure functions and fakeredis
 	$(PYTEST) tests/unit

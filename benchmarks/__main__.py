@@ -20,7 +20,9 @@ the static nginx, and a bare forward with no logic on Atlas's own server and ups
 7. this checkout's gateway authenticated by a workload identity token vs its static key
    (benchmarks.token_auth: CPU per request in alternating pairs; skip: BENCH_SKIP_TOKEN=1);
 8. tracing off, at 1 % and at 100 % (benchmarks.tracing_cost): gateway CPU per request, paired
-   (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6).
+   (skip: BENCH_SKIP_TRACING=1; rounds: BENCH_TRACING_ROUNDS, 6);
+9. Redis CPU per admission vs requests in flight on one AtlasQuota, 0 / 2,000 / 20,000
+   (benchmarks.lease_scale, this checkout's scripts; skip: BENCH_SKIP_LEASES=1).
 
 The tables and issue 13's targets (met / missed) are printed and written into
 docs/benchmarks.md between its markers. Only budget exactness, and errors or no answers in the
@@ -55,8 +57,8 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, exactness, floor, litellm_peer, load, memory, nginx, profiling, report, slow_clients,
-               token_auth, tools, tracing_cost)
+from . import (bodies, exactness, floor, lease_scale, litellm_peer, load, memory, nginx, profiling, report,
+               slow_clients, token_auth, tools, tracing_cost)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import Proc, ProcError
@@ -163,7 +165,7 @@ def profiles(s: Setup, py_spy: str) -> None:
         spy = profiling.record(py_spy, side.target.cpu["gateway"], max(1, round(s.bench.duration)), out)
         s.bench.closed(side.target, 16)
         _, err = spy.communicate(timeout=s.bench.duration + 60)
-        text = open(out).read() if os.path.exists(out) else ""
+        text = Path(out).read_text() if os.path.exists(out) else ""
         if text:
             s.res.profiles[side.target.label] = profiling.report(text, limit=15)
         print(f"  {side.target.label}:\n" + (s.res.profiles.get(side.target.label)
@@ -276,6 +278,10 @@ def main() -> int:
             if tl.py_spy:
                 profiles(setup, tl.py_spy)
             failed += per_gateway_checks(setup)
+        if not _on("BENCH_SKIP_LEASES"):
+            print("\n9. Redis CPU per admission vs requests in flight (this checkout)", flush=True)
+            res.leases = lease_scale.report(lease_scale.run())
+            print(res.leases, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -20,7 +20,7 @@ OPEN_STREAMS = 200  # below the gateway's default shed threshold (half of the 51
 
 
 def _request(key: str, body: bytes, extra: dict[str, str] | None = None) -> bytes:
-    head = [f"POST /v1/chat/completions HTTP/1.1", "Host: gateway", f"Authorization: Bearer {key}",
+    head = ["POST /v1/chat/completions HTTP/1.1", "Host: gateway", f"Authorization: Bearer {key}",
             "Content-Type: application/json", f"Content-Length: {len(body)}"]
     head += [f"{k}: {v}" for k, v in (extra or {}).items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

@@ -42,6 +42,7 @@ class Results:
     token_auth: dict[str, str] = field(default_factory=dict)  # gateway -> token vs static key (token_auth.py)
     profiles: dict[str, str] = field(default_factory=dict)  # gateway target -> profiling.report text
     tracing: str = ""  # tracing_cost.table: CPU per request with tracing off, at 1 % and 100 %
+    leases: str = ""  # lease_scale.report: Redis CPU per admission vs requests in flight
     gateways: list[str] = field(default_factory=list)  # Atlas labels, "before" first
     reference: str = "nginx directly"
     peer: str | None = None  # LiteLLM's label when it ran
@@ -302,6 +303,8 @@ def render(res: Results) -> str:
         parts += ["Targets (issue 13):", "", targets_table(res), ""]
     if res.tracing:
         parts += [res.tracing, ""]
+    if res.leases:
+        parts += [res.leases, ""]
     for gw, exact in res.exactness.items():
         parts.append(f"Exactness ({gw}): {exact}")
         parts.append("")

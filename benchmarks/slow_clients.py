@@ -50,6 +50,7 @@ async def _client(port: int, kind: str, key: str, stop: asyncio.Event, closed: l
     except OSError:
         closed.append(1)
         return
+    senders: set[asyncio.Future] = set()  # held here: the loop keeps only weak references to tasks
 
     async def send_slowly(data: bytes) -> None:
         for i in range(len(data)):
@@ -66,10 +67,10 @@ async def _client(port: int, kind: str, key: str, stop: asyncio.Event, closed: l
         if kind == "idle":
             pass
         elif kind == "slow-headers":
-            asyncio.ensure_future(send_slowly(head(key, 10)))
+            senders.add(asyncio.ensure_future(send_slowly(head(key, 10))))
         elif kind == "slow-body":
             writer.write(head(key, MB4))
-            asyncio.ensure_future(send_slowly(b"{" + b" " * 1000))
+            senders.add(asyncio.ensure_future(send_slowly(b"{" + b" " * 1000)))
         elif kind == "unknown-4mb":
             writer.write(head("sk-not-a-known-key", MB4))
             writer.write(b"{" + b" " * (MB4 - 1))
@@ -85,6 +86,8 @@ async def _client(port: int, kind: str, key: str, stop: asyncio.Event, closed: l
     except (OSError, asyncio.IncompleteReadError):
         closed.append(1)
     finally:
+        for sender in senders:
+            sender.cancel()
         writer.close()
 
 
@@ -131,7 +134,7 @@ async def flood(url: str, port: int, pid: int, key: str, body: bytes, seconds: f
 
 
 def report(res: dict) -> str:
-    lines = [f"  t(s)  RSS MB  open sockets  closed by gateway  normal request ms"]
+    lines = ["  t(s)  RSS MB  open sockets  closed by gateway  normal request ms"]
     for t, rss, socks, closed, latency in res["samples"]:
         lines.append(f"  {t:4.0f}  {rss:6.1f}  {socks:12d}  {closed:17d}  {latency:8.1f}")
     lines.append(f"  RSS {res['base_rss']:.1f} -> peak {res['peak_rss']:.1f} MB; open sockets peak "

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import bodies, nginx, tools
+from . import nginx, tools
 from .keys import BENCH_KEY, NAMESPACE, redis_client
 from .runs import CHAT, Bench, Target
 
@@ -153,13 +153,13 @@ def first_request_cost(rounds: int = 300) -> dict[str, float]:
                                 ("RS256", rsa.generate_private_key(65537, 2048), RSAAlgorithm)):
         token = jwt.encode(claims, key, algorithm=alg)
         public = key.public_key()
-        verify = {"pyjwt": lambda: jwt.decode(token, public, algorithms=[alg], audience="atlas", issuer=ISSUER)}
+        verify = {"pyjwt": lambda: jwt.decode(token, public, algorithms=[alg], audience="atlas", issuer=ISSUER)}  # noqa: B023 (run in this iteration)
         try:
             from joserfc import jwt as jose_jwt
             from joserfc.jwk import ECKey, RSAKey
 
             jwk = (ECKey if alg == "ES256" else RSAKey).import_key(algorithm.to_jwk(public, as_dict=True))
-            verify["joserfc"] = lambda: jose_jwt.decode(token, jwk, algorithms=[alg])
+            verify["joserfc"] = lambda: jose_jwt.decode(token, jwk, algorithms=[alg])  # noqa: B023 (run in this iteration)
         except ImportError:
             pass
         for library, fn in verify.items():

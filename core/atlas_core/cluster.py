@@ -128,7 +128,7 @@ class AtlasRedisCluster(RedisCluster):
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if shard_hint:
             raise redis_errors.RedisClusterException("shard_hint is deprecated in cluster mode")
-        return _Pipeline(self, transaction)
+        return _Pipeline(self, transaction)  # type: ignore[abstract]  # (redis-py's attribute, set by its __init__)
 
 
 def redis_py_client(url: str, cluster: bool, **kwargs: Any) -> Any:

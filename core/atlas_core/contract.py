@@ -582,11 +582,16 @@ class Issuer:
 #   {T}:lease:tok:<subject>              hash  in-flight request id -> tokens reserved
 #   {T}:lease:cost:<subject>             hash  in-flight request id -> cost reserved (micro-units),
 #                                              only for a subject with costPerDay/costPerMonth
+#   {T}:lease:sum:<subject>              hash  n, tok, cost: the running totals of the three above
+#                                              (lease count, tokens and cost reserved), kept by the
+#                                              same scripts that add, settle, undo and purge leases
 #   {T}:undone:<subject>                 zset  request ids the gateway undid -> tombstone expiry (unix ms)
 #
 # A lease is both the concurrency slot and the token reservation of one in-flight request; it
 # carries a TTL so that a gateway that dies mid-request cannot leak either. Day/month budgets
-# are checked against ``settled + sum(reserved of live leases) + this request``.
+# are checked against ``settled + sum(reserved of live leases) + this request``, the sum read
+# from ``lease:sum`` (never by reading every lease: the cost of a call does not grow with the
+# number of requests in flight).
 #
 # The slot tag T is the quota's subject for a key bound to an AtlasQuota and for that quota
 # itself, the key's own subject otherwise (:func:`slot_tag`): every key one script call touches
@@ -667,6 +672,10 @@ def lease_tokens_key(subject: str, tag: str | None = None) -> str:
 
 def lease_cost_key(subject: str, tag: str | None = None) -> str:
     return _counter("lease:cost:", subject, tag)
+
+
+def lease_sum_key(subject: str, tag: str | None = None) -> str:
+    return _counter("lease:sum:", subject, tag)
 
 
 # ``response:<id>`` (string, written by the gateway): which AtlasKey created a stored
@@ -760,10 +769,10 @@ def _int(value: Any, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
     try:
         number = int(value)
     except ValueError:
-        number = float(value)  # "12.0"; ValueError for words
-        if not math.isfinite(number):  # int() would raise OverflowError for inf
+        real = float(value)  # "12.0"; ValueError for words
+        if not math.isfinite(real):  # int() would raise OverflowError for inf
             raise ValueError(f"not a finite number: {value!r}") from None
-        number = int(number)
+        number = int(real)
     if not low <= number <= high:
         raise ValueError(f"out of range: {value!r}")
     return number

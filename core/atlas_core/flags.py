@@ -4,10 +4,16 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 TRUE = frozenset({"1", "t", "true", "y", "yes", "on"})
 FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
 
 
+@overload
+def parse_flag(raw: str | None, default: bool) -> bool: ...
+@overload
+def parse_flag(raw: str | None, default: None = None) -> bool | None: ...
 def parse_flag(raw: str | None, default: bool | None = None) -> bool | None:
     """``raw`` as a boolean: unset or blank is ``default``; any case and surrounding spaces are
     accepted; anything but a word of :data:`TRUE` or :data:`FALSE` is a ValueError naming it."""

@@ -244,6 +244,9 @@ class MasterLocator:
                     raise state
                 errors.append(repr(state))
                 continue
+            if not isinstance(state, dict):  # (redis-py's type allows a bool: no master's view)
+                errors.append(f"unexpected reply {state!r}")
+                continue
             view = (int(state.get("config-epoch", 0)), str(state["ip"]), int(state["port"]))
             flags = state.get("flags", "")
             if "failover_in_progress" in (flags if isinstance(flags, (set, frozenset)) else str(flags).split(",")):

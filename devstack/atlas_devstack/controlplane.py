@@ -124,7 +124,7 @@ def _issue(ca_key, ca_cert, key, common_name: str, *, orgs: Iterable[str] = (),
     else:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    sans = []
+    sans: list[x509.GeneralName] = []
     for san in server_sans:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(san)))

@@ -179,7 +179,7 @@ class DeployStack:
 
     def load_images(self, archives: dict[str, Path]) -> None:
         node = self._node()
-        for name, path in archives.items():
+        for path in archives.values():
             node.import_image(path)
 
     # ---- cluster

@@ -386,7 +386,7 @@ def _remove_all_containers(state: Path, socket_path: Path) -> list[str]:
         _run(*ctr, "tasks", "kill", "-s", "SIGKILL", task, check=False)
     for task in tasks:
         try:
-            wait_for(f"task {task} deleted", lambda: _run(*ctr, "tasks", "delete", task, check=False).returncode == 0,
+            wait_for(f"task {task} deleted", lambda: _run(*ctr, "tasks", "delete", task, check=False).returncode == 0,  # noqa: B023 (run in this iteration)
                      15, interval=POLL)
         except WaitTimeout:
             pass  # its container is deleted below all the same

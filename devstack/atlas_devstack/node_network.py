@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 from .controlplane import SERVICE_CIDR
 
@@ -54,7 +55,7 @@ class NodeNetwork:
 
     State (previous sysctl values) in <dir>/network.json, so `down` restores the host."""
 
-    SYSCTLS = {
+    SYSCTLS: ClassVar[dict[str, str]] = {
         "net.ipv4.ip_forward": "1",
         "net.bridge.bridge-nf-call-iptables": "1",
         # Without it conntrack marks some packets of short-lived connections to a ClusterIP
@@ -145,7 +146,7 @@ def remove_owned_chains() -> list[str]:
     for binary in ("iptables", "ip6tables"):
         if not shutil.which(binary):
             continue
-        ipt = lambda *a: _run(binary, "-w", "5", *a, check=False)  # noqa: E731
+        ipt = lambda *a: _run(binary, "-w", "5", *a, check=False)  # noqa: B023, E731
         for table, chains in OWNED_CHAINS.items():
             rules = ipt("-t", table, "-S").stdout.splitlines()
             present = [c for c in chains if f"-N {c}" in rules]

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def _json(doc: dict) -> bytes:
 
 def write_image_archive(out: Path, ref: str, files: list[ImageFile], *, entrypoint: list[str],
                         cmd: list[str] | None = None, user: str | None = None,
-                        env: dict[str, str] | None = None, exposed_ports: list[str] = ()) -> str:
+                        env: dict[str, str] | None = None, exposed_ports: Sequence[str] = ()) -> str:
     """Write an OCI image layout tarball for `ref` (e.g. registry.k8s.io/pause:3.10.2) to
     `out`; returns the manifest digest."""
     layer_digest, layer = _blob(_layer(files))

@@ -13,6 +13,7 @@ Tokens are ID tokens from the authorization-code flow, as a command-line login w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import ssl
 import subprocess
@@ -129,9 +130,10 @@ class OidcIssuerProcess(OidcIssuer):
         self._proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "OidcIssuerProcess":
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self._proc = subprocess.Popen(command(self.port, self.cert, self.key, self.token_max_age),
-                                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        # the child holds its own descriptor of the log: the parent's is closed once it started
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self._proc = subprocess.Popen(command(self.port, self.cert, self.key, self.token_max_age),
+                                          stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self._proc.poll() is not None:

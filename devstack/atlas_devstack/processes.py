@@ -302,10 +302,11 @@ class ServerProcess:
     def start(self, timeout: float = 15.0):
         import urllib.request
 
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", self.MODULE, *self.HOST_ARGS, "--port", str(self.port), *self.args],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        # the child holds its own descriptor of the log: the parent's is closed once it started
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", self.MODULE, *self.HOST_ARGS, "--port", str(self.port), *self.args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         proc = self._proc
 
         def healthy() -> bool:

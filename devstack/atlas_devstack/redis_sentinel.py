@@ -81,7 +81,7 @@ def _command(port: int, *args: str, password: str | None = None, timeout: float 
             if password:
                 sock.sendall(pack([b"AUTH", password.encode()]))
             sock.sendall(pack([a.encode() for a in args]))
-            replies = []
+            replies: list[object] = []
             while len(replies) < (2 if password else 1):
                 data = sock.recv(65536)
                 if not data:

@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import redis as redis_client
 
@@ -40,6 +40,8 @@ from .processes import pid_alive, pid_cmdline, stop_group
 from .redis_server import RedisServer, free_port
 from .tools import BIN_DIR, REPO_ROOT, find_tool
 from .waiting import wait_for
+
+T = TypeVar("T")
 
 DEFAULT_STATE_DIR = REPO_ROOT / ".dev"
 QUICKSTART = REPO_ROOT / "examples" / "01-quickstart"
@@ -231,7 +233,7 @@ class DevStack:
         self._log(f"[dev] {service} pid {proc.pid}, log {self.logs / (service + '.log')}")
         return proc.pid
 
-    def _wait(self, what: str, check: Callable[[], object], timeout: float) -> object:
+    def _wait(self, what: str, check: Callable[[], T], timeout: float) -> T:
         """Until ``check`` holds (its errors mean "not yet"); a StackError at once when a service
         or a control-plane process we started exited, or at the deadline."""
         return wait_for(what, check, timeout, interval=0.1, failed=self._exited_service, retry=(Exception,),
@@ -390,7 +392,7 @@ logs: python -m atlas_devstack logs --follow   (files in {self.logs})
             text = path.read_text(errors="replace").splitlines()[-lines:]
             for line in text:
                 print(f"{path.stem:>15} | {line}")
-            fh = open(path, errors="replace")
+            fh = open(path, errors="replace")  # noqa: SIM115 (kept open to follow; closed below)
             fh.seek(0, os.SEEK_END)
             handles[path] = fh
         try:

@@ -11,6 +11,7 @@ that exited) or returns None; ``retry`` lists the exceptions of the check that m
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import Awaitable, Callable, TypeVar, Union
 
@@ -56,7 +57,7 @@ async def wait_for_async(what: str, check: Callable[[], Union[T, Awaitable[T]]],
     while True:
         try:
             result = check()
-            if asyncio.iscoroutine(result):
+            if inspect.isawaitable(result):
                 result = await result
         except retry as exc:
             last, result = exc, None

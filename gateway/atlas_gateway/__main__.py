@@ -75,15 +75,15 @@ def _supervise(workers: int) -> int:
             start(slot)
         while procs:
             pid, status = os.wait()
-            slot = next((s for s, p in procs.items() if p.pid == pid), None)
-            if slot is None:
+            exited = next((s for s, p in procs.items() if p.pid == pid), None)
+            if exited is None:
                 continue
-            procs[slot].returncode = os.waitstatus_to_exitcode(status)
+            procs[exited].returncode = os.waitstatus_to_exitcode(status)
             if stopping:
-                del procs[slot]
+                del procs[exited]
             else:
-                log.error("gateway worker %d exited (%s): starting it again", pid, procs[slot].returncode)
-                start(slot)
+                log.error("gateway worker %d exited (%s): starting it again", pid, procs[exited].returncode)
+                start(exited)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
@@ -124,7 +124,9 @@ def main() -> None:
         server_header=False,
         # uvicorn's own bounds; the rest (header size/time, body time, connection cap) are
         # enforced by CoalescingHttpToolsProtocol
-        timeout_keep_alive=settings.keepalive_timeout, limit_concurrency=settings.max_connections + 1)
+        # (uvicorn declares an int; the value reaches loop.call_later, which takes seconds as a float)
+        timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
+        limit_concurrency=settings.max_connections + 1)
     sock = _listener(settings.host, settings.port, reuse_port=worker)
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -12,7 +12,7 @@ import logging
 import traceback
 
 from .http import errors
-from .http.asgi import request_id_header, send_error
+from .http.asgi import Receive, Scope, Send, request_id_header, send_error
 from .routes import ROUTES
 from .runtime import Runtime
 from .server import configure as configure_connections
@@ -49,7 +49,7 @@ class AtlasASGI:
         self.gateway = gateway
         self.routes = gateway.routes
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             endpoint = self.routes.get(scope["path"])
@@ -68,7 +68,7 @@ class AtlasASGI:
         elif kind == "websocket":  # no route takes a WebSocket: refused at the handshake (403)
             await send({"type": "websocket.close"})
 
-    async def lifespan(self, receive, send) -> None:
+    async def lifespan(self, receive: Receive, send: Send) -> None:
         """The ASGI lifespan protocol: start the runtime on ``lifespan.startup``, stop it on
         ``lifespan.shutdown``; a failure is reported to the server (which then exits)."""
         started = False

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .metering.bounds import Bound
     from .routes import Route
     from .runtime import Runtime
+    from .upstream.call import Bill
 
 
 class RequestContext:
@@ -53,13 +54,13 @@ class RequestContext:
         self.shrunk = False  # a Shrink budget lowered the completion cap
         self.demoted: str | None = None  # the soft limit that demoted it
         self.fail_open = False  # Redis unreachable, let through unmetered
-        self.billed = None  # upstream/call.py's Bill: what settlement charged
+        self.billed: Bill | None = None  # what settlement charged
         self.cached = 0  # prompt tokens the upstream read from its cache
         self.response_model: str | None = None  # the upstream's "model" (read only while traced)
 
     @property
     def prompt_estimate(self) -> int:
-        return self.bound.prompt
+        return self.bound.prompt if self.bound is not None else 0
 
     def refused(self, err: GatewayError) -> None:
         """The request ends with ``err``, an answer the gateway gives itself."""

@@ -137,17 +137,22 @@ class Runtime:
         tokens = TokenAuthenticator(self.redis, leeway=settings.token_leeway, recheck=settings.config_ttl)
         self.auth = Authenticator(self.cache, self.redis_health, settings.fail_open, tokens)
         self.response_owners = ResponseOwners(self.redis)
+        self.fast_redis: FastRedis | ClusterFastRedis  # the hot path's client: the same calls either way
         if self.redis_cluster:
             self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
                                                settings.redis_cluster_wait_ms)
         else:
             self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
-        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis)
-        sentinel_mode = getattr(self.fast_redis, "locator", None) is not None
+        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis,
+                                   max_waiting=settings.redis_max_waiting)
+        sentinel_mode = self.fast_redis.locator is not None
         self.recovery = Recovery(self.admission, replays=sentinel_mode)
-        if sentinel_mode:
-            self.fast_redis.on_master_change = self.recovery.replay_after_failover
-        self.master_watch = MasterWatch(self.fast_redis, self.redis, settings.sentinel_check_interval)
+        # Sentinel's failovers, watched (a Redis Cluster fails over by itself: store/cluster.py)
+        self.master_watch: MasterWatch | None = None
+        if isinstance(self.fast_redis, FastRedis):
+            if sentinel_mode:
+                self.fast_redis.on_master_change = self.recovery.replay_after_failover
+            self.master_watch = MasterWatch(self.fast_redis, self.redis, settings.sentinel_check_interval)
         self.load_view = LoadView(self.redis, self.shedder, self._id_prefix, settings.shed_publish_interval)
 
     def new_request_id(self) -> str:
@@ -164,7 +169,8 @@ class Runtime:
             self._connect_redis()
         if self.redis_cluster:
             log.info("Redis Cluster mode: commands routed by slot")
-        self.master_watch.start()
+        if self.master_watch is not None:
+            self.master_watch.start()
         self.load_view.start()
         connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
                                          keepalive_timeout=s.upstream_keepalive, ttl_dns_cache=60)
@@ -194,7 +200,8 @@ class Runtime:
             log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "
                         "by ATLAS_LEASE_TTL_SECONDS", len(self.recovery.pending))
         self.recovery.stop()
-        await self.master_watch.stop()
+        if self.master_watch is not None:
+            await self.master_watch.stop()
         await self.load_view.stop()
         if self.session is not None:
             await self.session.close()

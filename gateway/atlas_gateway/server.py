@@ -31,10 +31,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .http.errors import error_body
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class ConnectionLimits:
     linger: float = 2.0  # how long an answered connection may still deliver an unread body
 
     @classmethod
-    def from_settings(cls, settings) -> "ConnectionLimits":
+    def from_settings(cls, settings: Settings) -> "ConnectionLimits":
         return cls(settings.header_timeout, settings.body_timeout, settings.max_header_bytes,
                    settings.max_connections)
 
@@ -101,7 +105,7 @@ class _CoalescingTransport:
         self.flush()
         self._transport.write_eof()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
 
@@ -198,6 +202,6 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._timer = None
 
 
-def configure(settings) -> None:
+def configure(settings: Settings) -> None:
     """Set this process's connection bounds (called where the app is built, in every worker)."""
     CoalescingHttpToolsProtocol.limits = ConnectionLimits.from_settings(settings)

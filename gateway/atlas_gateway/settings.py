@@ -6,7 +6,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, cast
 
 from atlas_core import cluster, sentinel
 from atlas_core.contract import PRIORITIES
@@ -65,6 +65,8 @@ def _priority_values(raw: str | None) -> dict[str, int] | None:
         pass  # not a yes/no: a JSON object
     else:
         return dict(DEFAULT_PRIORITY_VALUES) if on else None
+    if raw is None:
+        return None  # (not reached: unset parses as off above)
     try:
         doc = json.loads(raw)
         values = {str(k): int(v) for k, v in doc.items()}
@@ -126,6 +128,8 @@ class Settings:
     workers: int = 1
     fail_open: bool = False
     redis_timeout: float = 0.5
+    # admissions of one process waiting for Redis at once; past it 503 + Retry-After (ledger/admission.py)
+    redis_max_waiting: int = 4000
     # Sentinel only: how often the gateway asks the sentinels whether the master moved (failover.py)
     sentinel_check_interval: float = 0.5
     config_ttl: float = 1.0
@@ -203,8 +207,9 @@ class Settings:
             return local, (0, 0, 0)
         pool = self.upstream_pool_size
         explicit = self.explicit_thresholds()
-        return (tuple(limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local)),
-                tuple(value or 0 for value in explicit))
+        local_limits = tuple(limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local))
+        shared = tuple(value or 0 for value in explicit)
+        return cast("tuple[int, int, int]", local_limits), cast("tuple[int, int, int]", shared)
 
     def __post_init__(self) -> None:
         names = ("ATLAS_SHED_THRESHOLD", "ATLAS_SHED_THRESHOLD_STANDARD", "ATLAS_SHED_THRESHOLD_CRITICAL")
@@ -234,13 +239,13 @@ class Settings:
                 sentinel.parse(self.redis_url)
             except ValueError as exc:
                 raise SettingsError(f"ATLAS_REDIS_URL: {exc}") from exc
-        for name, value in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
-                            ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
-                            ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
-                            ("ATLAS_UPSTREAM_KEEPALIVE_SECONDS", self.upstream_keepalive),
-                            ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
-                            ("ATLAS_MAX_CONNECTIONS", self.max_connections)):
-            if value <= 0:
+        for name, amount in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
+                             ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
+                             ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
+                             ("ATLAS_UPSTREAM_KEEPALIVE_SECONDS", self.upstream_keepalive),
+                             ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
+                             ("ATLAS_MAX_CONNECTIONS", self.max_connections)):
+            if amount <= 0:
                 raise SettingsError(f"{name} must be > 0")
 
     @classmethod
@@ -277,6 +282,7 @@ class Settings:
             workers=max(1, _int(env, "ATLAS_WORKERS", 1)),
             fail_open=fail_mode == "open",
             redis_timeout=_float(env, "ATLAS_REDIS_TIMEOUT_SECONDS", 0.5),
+            redis_max_waiting=max(0, _int(env, "ATLAS_REDIS_MAX_WAITING", 4000)),
             sentinel_check_interval=_float(env, "ATLAS_REDIS_SENTINEL_CHECK_SECONDS", 0.5),
             config_ttl=_float(env, "ATLAS_CONFIG_TTL_SECONDS", 1.0),
             token_leeway=max(0.0, _float(env, "ATLAS_TOKEN_LEEWAY_SECONDS", 10.0)),

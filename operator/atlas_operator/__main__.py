@@ -27,7 +27,7 @@ def main() -> None:
 
     kopf.run(
         standalone=True,
-        identity=own_identity(),
+        identity=own_identity(),  # type: ignore[arg-type]  # (kopf's Identity: a NewType of str it does not export)
         clusterwide=not config.namespaces,
         namespaces=list(config.namespaces),
         liveness_endpoint=config.liveness_endpoint,

@@ -55,12 +55,13 @@ def describe(error: BaseException | str) -> str:
     """One line saying what failed, for a log, an Event and a condition message."""
     if isinstance(error, str):
         text = error
-    elif _api_status(error) is not None:
+    elif (status := _api_status(error)) is not None:
         try:
             detail = json.loads(getattr(error, "body", None) or "{}").get("message") or ""
         except (ValueError, AttributeError):
             detail = ""
-        text = f"the API server answered {error.status} {error.reason}" + (f": {detail}" if detail else "")
+        reason = getattr(error, "reason", "")
+        text = f"the API server answered {status} {reason}" + (f": {detail}" if detail else "")
     else:
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
@@ -100,9 +101,9 @@ class Failures:
         self.failing[ident] = message
         self.unreported.add(ident)
         kind, namespace, name = obj
-        bug = isinstance(error, BaseException) and not transient(error)
+        bug = error if isinstance(error, BaseException) and not transient(error) else None  # with its traceback
         log.warning("%s %s/%s: %s failed: %s (logged once; the others go on)", kind, namespace, name, loop,
-                    message, exc_info=error if bug else None)
+                    message, exc_info=bug)
         return True
 
     def take_report(self, loop: str, obj: Object) -> bool:

@@ -228,7 +228,7 @@ def changed_meaningfully(old: dict[str, Any] | None, new: dict[str, Any] | None,
         return True
     if (old_at is None) != (new_at is None):
         return True
-    if old_at is None:
+    if old_at is None or new_at is None:  # (both, after the check above)
         return False
     try:
         old_t, new_t = times.parse_rfc3339(old_at), times.parse_rfc3339(new_at)

@@ -194,12 +194,12 @@ async def reconcile_key(
     if bind_subjects is not None:
         outcome.bound = await bind_subjects(namespace, name, spec)
         outcome.redis_written |= outcome.bound.written
-        problem = outcome.bound.problem
-        if problem:
+        bind_problem = outcome.bound.problem
+        if bind_problem:
             # The rest works (its Secret's key, its other subjects), which the message says; the
             # conflicting subject never binds here.
             reason = cond.SUBJECT_CONFLICT if outcome.bound.conflicts else cond.SUBJECT_UNUSABLE
-            outcome.subject_problem = (reason, f"{problem}; the key's Secret and its other subjects work as declared")
+            outcome.subject_problem = (reason, f"{bind_problem}; the key's Secret and its other subjects work as declared")
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
     desired = _desired_status(obj, key_id, outcome, now)
@@ -209,7 +209,7 @@ async def reconcile_key(
     if outcome.rotated_from:
         old_id = contract.key_id_of(outcome.rotated_from)
         if outcome.previous is not None and outcome.previous.key_hash == outcome.rotated_from:
-            until = cond.rfc3339(_time_of(outcome.previous))
+            until = cond.rfc3339(times.from_unix(outcome.previous.until))
             events.append(("Normal", "KeyRotated",
                            f"key {old_id} replaced by {key_id}; {old_id} keeps working until {until} "
                            f"(rotationGracePeriod {spec.get('rotationGracePeriod')})"))

@@ -50,6 +50,9 @@ class KubeApi(Protocol):
     async def get_json(self, path: str) -> dict[str, Any]:
         """GET a non-resource URL of the API server (its OIDC discovery) as JSON."""
 
+    def close(self) -> None:
+        """Release the client's connections (the operator's cleanup)."""
+
 
 def object_ref(plural: str, obj: dict[str, Any]) -> dict[str, Any]:
     meta = obj.get("metadata", {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from atlas_core.contract import TokenSubject
@@ -334,8 +335,8 @@ class Runtime:
         for attempt in range(2):
             key_names, quota_names = self.price_list_users(view.namespace, view.name)
             try:
-                return await self._guarded(PRICE_LISTS, view.event_target(), lambda: (
-                    price_list_status.reconcile_price_list(view, kube=self.kube, keys=key_names, quotas=quota_names)))
+                return await self._guarded(PRICE_LISTS, view.event_target(), partial(
+                    price_list_status.reconcile_price_list, view, kube=self.kube, keys=key_names, quotas=quota_names))
             except ObjectFailed:
                 return False
             except StatusConflict:

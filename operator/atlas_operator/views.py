@@ -34,8 +34,8 @@ class ObjectView:
     def of(cls, body: Any) -> "ObjectView":
         meta = body.get("metadata") or {}
         return cls(
-            namespace=meta.get("namespace"),
-            name=meta.get("name"),
+            namespace=meta.get("namespace") or "",
+            name=meta.get("name") or "",
             resource_version=meta.get("resourceVersion") or "",
             generation=meta.get("generation") or 0,
             spec=copy.deepcopy(dict(body.get("spec") or {})),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -131,7 +131,7 @@ def test_template_variables_filter_by_tenant(dashboard, known):
 
 def test_every_query_uses_metrics_and_labels_that_exist(dashboard, known):
     exprs = 0
-    for row, panel in panels(dashboard):
+    for _row, panel in panels(dashboard):
         assert panel.get("targets"), f"panel {panel['title']!r} has no query"
         for target in panel["targets"]:
             used = metrics_in(target["expr"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,7 @@ def test_view_and_edit_roles_cover_atlas_objects(helm, kubectl, control_plane, n
             rules = json.loads(kubectl("get", "clusterrole", role, "-o", "json").stdout).get("rules") or []
             return any("atlaskeys" in r.get("resources", ()) and verb in r.get("verbs", ()) for r in rules)
         for role, verb in (("view", "list"), ("edit", "list"), ("edit", "create"), ("admin", "delete")):
-            wait_for(f"{role} aggregating {verb} atlaskeys", lambda: aggregated(role, verb), 30, interval=0.1,
+            wait_for(f"{role} aggregating {verb} atlaskeys", partial(aggregated, role, verb), 30, interval=0.1,
                      retry=(Exception,))
         assert not aggregated("view", "create")
 

@@ -76,7 +76,7 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
     helm.run("uninstall", RELEASE, "--namespace", NS, kubeconfig=kc)
     for kind, name in [("deployment", "atlas-operator"), ("deployment", "atlas-gateway"),
                        ("statefulset", "atlas-redis"), ("hpa", "atlas-gateway")]:
-        wait_for(f"{kind}/{name} deleted", lambda: not exists(cp, kind, name, "-n", NS), 60, interval=0.1)
+        wait_for(f"{kind}/{name} deleted", lambda: not exists(cp, kind, name, "-n", NS), 60, interval=0.1)  # noqa: B023 (run in this iteration)
     assert not exists(cp, "clusterrole", "atlas-operator")
     for crd in CRDS:
         assert exists(cp, "crd", crd), f"{crd} was deleted although crds.keep=true"
@@ -94,7 +94,7 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
         assert "helm.sh/resource-policy" not in (meta.get("annotations") or {})
     helm.run("uninstall", RELEASE, "--namespace", NS, kubeconfig=kc)
     for crd in CRDS:
-        wait_for(f"crd {crd} deleted", lambda: not exists(cp, "crd", crd), 90, interval=0.1)
+        wait_for(f"crd {crd} deleted", lambda: not exists(cp, "crd", crd), 90, interval=0.1)  # noqa: B023 (run in this iteration)
 
 
 def test_namespaced_install_creates_roles_only_where_watched(helm: Helm, bare_plane: ControlPlane):

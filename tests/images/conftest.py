@@ -3,7 +3,6 @@ checkout (hack/images.sh), and the chart's default pod specs (helm template)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest

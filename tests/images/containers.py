@@ -24,7 +24,6 @@ import re
 import secrets
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # The CLI matching the engine hack/docker.sh installs and starts: set by the docker_engine

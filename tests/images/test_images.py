@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 
 import openai
 import pytest
@@ -22,7 +20,6 @@ import yaml
 
 from atlas_devstack.redis_server import free_port
 from atlas_devstack.stack import http
-from atlas_devstack.tools import REPO_ROOT
 from atlas_devstack.waiting import wait_for
 
 from .containers import Container, docker

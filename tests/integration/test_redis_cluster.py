@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 
 import aiohttp
 import httpx
-import pytest
 import redis
 
 from atlas_core import cluster, contract

@@ -50,16 +50,16 @@ class Authenticator:
         """The key's Principal, or a token's AtlasKey's; 401 for an unknown key or a refused
         token. Only hashes are looked up."""
         credential_hash = hash_api_key(api_key)
-        token = self.tokens is not None and looks_like_jwt(api_key)
+        tokens = self.tokens if looks_like_jwt(api_key) else None  # None: a static key
         try:
-            key_hash = await self._token_key(api_key, credential_hash) if token else credential_hash
+            key_hash = await self._token_key(tokens, api_key, credential_hash) if tokens is not None else credential_hash
             principal = await self.cache.lookup(key_hash)
         except REDIS_FAILURES as exc:
             if not is_transport_failure(exc):
                 raise reply_error("config", exc) from None
             metrics.count_redis_error("config")
             self.redis_health.failed(self.fail_open, exc)
-            key_hash = (self.tokens.stale(credential_hash) if token else None) or credential_hash
+            key_hash = (tokens.stale(credential_hash) if tokens is not None else None) or credential_hash
             principal = self.cache.stale(key_hash) if self.fail_open else None
             if principal is None:
                 raise errors.redis_unavailable() from None
@@ -67,10 +67,10 @@ class Authenticator:
             raise errors.invalid_api_key("Incorrect API key provided.")
         return principal
 
-    async def _token_key(self, token: str, token_hash: str) -> str:
+    async def _token_key(self, tokens: TokenAuthenticator, token: str, token_hash: str) -> str:
         """The key hash of the AtlasKey a token authenticates as (TokenRefused otherwise)."""
         try:
-            return await self.tokens.key_hash(token, token_hash)
+            return await tokens.key_hash(token, token_hash)
         except TokenRefused as refusal:
             # a Secret's key may look like a JWS: when it is no token of ours, it may be a key
             if refusal.foreign and await self.cache.lookup(token_hash) is not None:

@@ -113,7 +113,7 @@ class TrustedIssuer:
                 parsed = PyJWK(dict(doc), algorithm=_default_alg(doc))
             except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
                 continue  # a key this library cannot use: tokens signed with it are refused
-            key = _Key(parsed.key, doc.get("kty"), doc.get("alg"))
+            key = _Key(parsed.key, doc["kty"], doc.get("alg"))  # (PyJWK refuses a JWK without kty)
             self.keys.append(key)
             if doc.get("kid"):
                 self.by_kid[doc["kid"]] = key
@@ -324,6 +324,12 @@ class _Entry:
                  recheck_at: float) -> None:
         self.token, self.key_hash, self.refusal, self.recheck_at = token, key_hash, refusal, recheck_at
 
+    def live_key_hash(self, now: float, leeway: float) -> str | None:
+        """The key hash while its token is unexpired at ``now``, else None."""
+        if self.token is None or self.key_hash is None or now >= self.token.expires_at + leeway:
+            return None
+        return self.key_hash
+
 
 class TokenAuthenticator:
     """token -> the key hash of its AtlasKey (then looked up like any key's), cached by the
@@ -349,8 +355,9 @@ class TokenAuthenticator:
         if entry is not None and now < entry.recheck_at:
             if entry.refusal is not None:
                 raise entry.refusal
-            if self.clock() < entry.token.expires_at + self.leeway:
-                return entry.key_hash
+            key_hash = entry.live_key_hash(self.clock(), self.leeway)
+            if key_hash is not None:
+                return key_hash
             raise TokenRefused("The token has expired.")
         # one resolution per token at a time: a burst of a new token's requests verifies it once
         pending = self._inflight.get(token_hash)
@@ -387,9 +394,7 @@ class TokenAuthenticator:
     def stale(self, token_hash: str) -> str | None:
         """The last known key hash, however old (fail-open while Redis is unreachable)."""
         entry = self._entries.get(token_hash)
-        if entry is None or entry.key_hash is None or self.clock() >= entry.token.expires_at + self.leeway:
-            return None
-        return entry.key_hash
+        return None if entry is None else entry.live_key_hash(self.clock(), self.leeway)
 
     def _remember(self, token_hash: str, entry: _Entry) -> None:
         if len(self._entries) >= self.max_entries:

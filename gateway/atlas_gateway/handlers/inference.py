@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 from .. import metrics
 from ..http import errors
-from ..http.asgi import read_body, send_error
+from ..http.asgi import Receive, Scope, Send, read_body, send_error
 from ..http.headers import RequestHeaders
-from ..ledger.admission import demotion_header, refusing_owner, rejection
+from ..ledger.admission import QueueFull, demotion_header, refusing_owner, rejection
 from ..ledger.script_args import NO_COST, cost_args
 from ..ledger.ticket import Ticket
 from ..metering.validation import parse_body, validate
@@ -34,6 +34,7 @@ from ..store.failures import REDIS_FAILURES, is_transport_failure, maybe_ran, re
 from ..upstream.call import UpstreamCall
 
 if TYPE_CHECKING:
+    from ..app import Gateway
     from ..routes import Route
 
 log = logging.getLogger("atlas_gateway")
@@ -45,12 +46,13 @@ _INTERNAL_ERROR = errors.GatewayError(500, "Internal gateway error.", "server_er
 class InferenceEndpoint:
     """Raw ASGI endpoint for one metered or requests-only route of the route table."""
 
-    def __init__(self, gateway, route: Route) -> None:
+    def __init__(self, gateway: Gateway, route: Route) -> None:
         self.gateway = gateway  # holds .runtime once the lifespan has started
         self.route = route
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.gateway.runtime
+        assert rt is not None  # uvicorn serves requests only between the lifespan's startup and shutdown
         req = RequestContext(rt, self.route)
         try:
             await self._admit(req, scope, receive)
@@ -79,7 +81,7 @@ class InferenceEndpoint:
             if req.ticket is not None:
                 rt.usage_records.emit(req)
 
-    async def _admit(self, req: RequestContext, scope, receive) -> None:
+    async def _admit(self, req: RequestContext, scope: Scope, receive: Receive) -> None:
         """Every check before the upstream call, then the admission: raises the GatewayError that
         refuses the request, or returns with ``req.ticket`` set (None only when failing open)."""
         rt = req.rt
@@ -135,6 +137,9 @@ class InferenceEndpoint:
         try:
             decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs,
                                                 shed_demoted)
+        except QueueFull:
+            failure = "admission queue full"
+            raise errors.admissions_queued() from None
         except REDIS_FAILURES as exc:
             failure = f"Redis: {type(exc).__name__}"
             if not is_transport_failure(exc):
@@ -160,8 +165,9 @@ class InferenceEndpoint:
                     metrics.count_demoted(principal, decision)
             if not decision.admitted:
                 refused = rejection(decision, principal, reserve)
-                metrics.count_refused(req.model, refused.reason or refused.code, reserve)
-                req.refused_by = (refused.reason or refused.code, refusing_owner(decision, principal))
+                limit = refused.reason or refused.code or refused.type
+                metrics.count_refused(req.model, limit, reserve)
+                req.refused_by = (limit, refusing_owner(decision, principal))
                 raise refused
             if decision.reserved < reserve:  # a Shrink budget lowered the completion cap
                 bound.cap = (decision.reserved - prompt_estimate) // bound.sequences

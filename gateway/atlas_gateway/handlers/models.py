@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 
 import aiohttp
 
 from ..http import errors
-from ..http.asgi import send_json
+from ..http.asgi import Headers, Scope, Send, send_json
 from .base import ServiceEndpoint
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 
 class ModelsEndpoint(ServiceEndpoint):
     """The upstreams' model lists, merged and filtered by the key's allowed globs."""
 
-    async def handle(self, rt, scope, send, headers) -> None:
+    async def handle(self, rt: Runtime, scope: Scope, send: Send, headers: Headers) -> None:
         principal = await self.principal(rt, scope)
         forward = rt.upstream_headers.stamp({})
+        session = rt.session
+        assert session is not None  # (Runtime.start opened it)
 
         async def fetch(base: str) -> list[dict]:
-            async with rt.session.get(base + "/v1/models", headers=forward) as resp:
+            async with session.get(base + "/v1/models", headers=forward) as resp:
                 if resp.status != 200:
                     raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
                 doc = await resp.json(content_type=None)
@@ -30,6 +37,7 @@ class ModelsEndpoint(ServiceEndpoint):
         lists = [r for r in results if isinstance(r, list)]
         if not lists:
             failure = results[0]
+            assert isinstance(failure, BaseException)  # no list came back: every result is an exception
             if isinstance(failure, asyncio.TimeoutError):
                 raise errors.upstream_timeout()
             if isinstance(failure, (aiohttp.ClientError, ValueError)):

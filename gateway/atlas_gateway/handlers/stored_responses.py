@@ -4,13 +4,20 @@ only, nothing metered)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 
 import aiohttp
 
 from ..http import errors
-from ..http.asgi import request_id_header, send_error
+from ..http.asgi import Headers, Receive, Scope, Send, request_id_header, send_error
 from ..http.headers import api_key_from_headers
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+    from ..routes import Route
+    from ..runtime import Runtime
 
 # method -> the sub-paths of /v1/responses/{id} it may reach; nothing else is forwarded, so no
 # path (e.g. one with ../ segments) can reach another upstream route through here
@@ -22,19 +29,20 @@ _FORWARDED = frozenset({b"content-type", b"accept", b"openai-beta"})
 class StoredResponseEndpoint:
     """``/v1/responses/{id}[/...]``: owner check, then a plain pass-through (requests only)."""
 
-    def __init__(self, gateway, route) -> None:
+    def __init__(self, gateway: Gateway, route: Route) -> None:
         self.gateway = gateway
         self.prefix = route.path  # /v1/responses/
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.gateway.runtime
+        assert rt is not None  # uvicorn serves requests only between the lifespan's startup and shutdown
         headers = [request_id_header(rt.new_request_id())]
         try:
             await self._handle(rt, scope, receive, send, headers)
         except errors.GatewayError as err:
             await send_error(send, err, headers)
 
-    async def _handle(self, rt, scope, receive, send, headers) -> None:
+    async def _handle(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         method = scope["method"]
         path: str = scope["path"]
         response_id, _, rest = path[len(self.prefix):].partition("/")
@@ -51,8 +59,10 @@ class StoredResponseEndpoint:
         url = rt.upstreams.base_for("") + path
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
+        session = rt.session
+        assert session is not None  # (Runtime.start opened it)
         try:
-            async with rt.session.request(method, url, headers=forward) as resp:
+            async with session.request(method, url, headers=forward) as resp:
                 content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
                 await send({"type": "http.response.start", "status": resp.status,
                             "headers": [(b"content-type", content_type), *headers]})

@@ -3,27 +3,32 @@ AtlasQuota."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from datetime import datetime, timezone
 
 from atlas_core import contract
 
 from .. import metrics
 from ..http import errors
-from ..http.asgi import send_json
+from ..http.asgi import Headers, Scope, Send, send_json
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
 from .base import ServiceEndpoint
 
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
 
 def _remaining(limits: contract.Limits, usage: contract.Usage) -> dict:
-    def left(limit, used):
+    def left(limit: int | None, used: int) -> int | None:
         return None if limit is None else max(0, limit - used)
 
-    out = {
+    out: dict[str, int | str | None] = {
         "tokensToday": left(limits.tokens_per_day, usage.tokens_today),
         "tokensThisMonth": left(limits.tokens_per_month, usage.tokens_this_month),
     }
     if limits.cost_limited:  # decimal strings, like status.usage.costToday
-        def cost_left(limit, used):
+        def cost_left(limit: float | None, used: int | None) -> str | None:
             return None if limit is None else contract.format_micro(max(0, contract.to_micro(limit) - (used or 0)))
 
         out["costToday"] = cost_left(limits.cost_per_day, usage.cost_today)
@@ -54,7 +59,7 @@ def _price_list(table: contract.PriceTable | None) -> dict | None:
 class UsageEndpoint(ServiceEndpoint):
     """The caller's own settled usage, limits and what is left, and the same for its quota."""
 
-    async def handle(self, rt, scope, send, headers) -> None:
+    async def handle(self, rt: Runtime, scope: Scope, send: Send, headers: Headers) -> None:
         principal = await self.principal(rt, scope)
         now = datetime.now(timezone.utc)
         try:

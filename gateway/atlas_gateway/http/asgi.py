@@ -7,7 +7,11 @@ from typing import Any, Awaitable, Callable
 
 from .errors import GatewayError
 
+# ASGI's callables and scope, and the response headers every answer carries
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 
 JSON = b"application/json"
 

@@ -94,6 +94,15 @@ def shed(retry_after: int = 1) -> GatewayError:
     )
 
 
+def admissions_queued(retry_after: int = 1) -> GatewayError:
+    """Too many admissions already wait for a healthy Redis (ATLAS_REDIS_MAX_WAITING): load
+    shedding, not an outage (docs/design-decisions.md)."""
+    return GatewayError(
+        503, "Too many requests are waiting for the quota store; retry later.",
+        "server_error", "admission_queue_full", headers=[(b"retry-after", str(retry_after).encode())],
+    )
+
+
 def redis_unavailable() -> GatewayError:
     return GatewayError(
         503, "Quota store unavailable; refusing requests until it is back (fail-closed).",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atlas_core import contract
 
@@ -21,6 +21,9 @@ from ..store.fastredis import FastRedis
 from ..store.scripts import FastScript, RedisPyScript
 from .limits import REFUSALS, SHED_DEMOTED, SOFT_BUDGETS
 from .script_args import NO_COST, ScriptCalls, key_calls
+
+if TYPE_CHECKING:
+    from ..store.cluster import ClusterFastRedis
 
 ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
 SETTLE_LUA = resources.files(__package__).joinpath("settle.lua").read_text()
@@ -110,12 +113,22 @@ def rate_limit_headers(rl: int, rr: int, rs: int, tl: int, tr: int, ts: int) -> 
     return out
 
 
+class QueueFull(Exception):
+    """``max_waiting`` admissions already wait for Redis: this one is refused unsent."""
+
+
 class Admission:
     """``Admission(client)`` runs the scripts through a redis-py-compatible asyncio client
     (fakeredis in unit tests); ``Admission(fast=FastRedis(...))`` through the hot-path client.
-    What each call sends is built by :class:`script_args.ScriptCalls`, the same for both."""
+    What each call sends is built by :class:`script_args.ScriptCalls`, the same for both.
 
-    def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *, fast: FastRedis | None = None) -> None:
+    ``max_waiting`` (0 = no bound) bounds the admissions of this process waiting for Redis at
+    once: past it, ``admit`` raises :class:`QueueFull` without sending anything (the caller
+    answers 503 + Retry-After). A healthy Redis answering a burst in turn is then never taken
+    for a Redis outage, nor made to queue calls without bound (docs/design-decisions.md)."""
+
+    def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *,
+                 fast: FastRedis | ClusterFastRedis | None = None, max_waiting: int = 0) -> None:
         def runner(source: str) -> Any:
             return FastScript(fast, source) if fast is not None else RedisPyScript(redis, source)
 
@@ -128,6 +141,8 @@ class Admission:
         # a request still upstream after this long refreshes its leases (and again after as long)
         self.refresh_interval = lease_ttl_seconds / 3
         self.calendar = Calendar()
+        self.max_waiting = max_waiting
+        self.waiting = 0  # admissions sent to Redis and not answered yet
 
     async def admit(self, principal: Principal, request_id: str, reserve: int,
                     prompt: int | None = None, sequences: int = 0,
@@ -136,13 +151,19 @@ class Admission:
         completion cap times ``sequences`` (which a Shrink budget may lower), and ``costs``
         (micro-units per subject, :func:`calls.cost_args`) on cost-limited subjects.
         ``shed_if_demoted``: Sheddable requests are being shed, so a request a soft budget demotes
-        is refused (reason SHED_DEMOTED) instead of admitted."""
+        is refused (reason SHED_DEMOTED) instead of admitted. :class:`QueueFull`: refused unsent."""
+        if self.max_waiting and self.waiting >= self.max_waiting:
+            raise QueueFull()
         now = time.time()
         cal = self.calendar.refresh(now)
         shape, _ = self.calls.shapes(principal, cal.day, cal.month)
         dynamic = self.calls.admit_args(request_id, reserve, cal.ms_until_day_end(now), cal.ms_until_month_end(now),
                                         reserve if prompt is None else prompt, sequences, costs, shed_if_demoted)
-        return Decision(await self._admit(shape, dynamic))
+        self.waiting += 1
+        try:
+            return Decision(await self._admit(shape, dynamic))
+        finally:
+            self.waiting -= 1
 
     async def settle(self, principal: Principal, request_id: str, reserved: int, actual: int,
                      costs: tuple[bytes, bytes] = NO_COST) -> int:

@@ -2,10 +2,11 @@
 -- all allow the request, reserve in one atomic step. A rejected request writes nothing except
 -- the purge of leases that had already expired (which is housekeeping, not consumption).
 --
--- KEYS, 7 per subject i (b = (i-1)*7):
+-- KEYS, 8 per subject i (b = (i-1)*8):
 --   b+1 bucket:req   b+2 bucket:tok   b+3 lease (zset)   b+4 lease:tok (hash)
 --   b+5 usage day hash   b+6 usage month hash   b+7 lease:cost (hash)
---   then one more, KEYS[n*7+1]: the first subject's undone zset (tombstones, see undo.lua)
+--   b+8 lease:sum (hash: n, tok, cost: the running totals of the subject's live leases)
+--   then one more, KEYS[n*8+1]: the first subject's undone zset (tombstones, see undo.lua)
 -- ARGV (what changes per request first, so the gateway can pre-encode the rest):
 --   1 request id   2 tokens to reserve   3 ms until the UTC day ends   4 ms until the month ends
 --   5 prompt tokens (the part of 2 that cannot shrink)   6 sequences generated (0 = none)
@@ -37,6 +38,9 @@
 --           99 undone (the gateway gave up on this request id
 --           and undid it: a call that runs late, after a Redis stall, must leave nothing).
 --   Limits of -1 mean "no such limit anywhere".
+-- Cost per call does not depend on how many requests are in flight: the day/month budgets read
+-- the running totals in lease:sum (kept by this script, settle, undo and the purge below), never
+-- the leases themselves, and at most PURGE expired leases are purged per subject per call.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -54,7 +58,8 @@ local day_ttl = tonumber(ARGV[12])
 local month_ttl = tonumber(ARGV[13])
 local BASE = 13
 local PER = 14
-local KPER = 7
+local KPER = 8
+local PURGE = 100  -- expired leases purged per subject per call (each lease is purged once)
 
 if redis.call('ZSCORE', KEYS[n * KPER + 1], rid) then
   return {0, 99, 1, 0, -1, -1, 0, -1, -1, 0, 0, 0, 0}
@@ -78,6 +83,40 @@ local function bucket_level(key, size, per_ms)
   return level
 end
 
+-- The running totals of a subject's live leases: {n leases, tokens reserved, cost reserved}.
+-- They are in step with the leases when n is the lease count; otherwise (leases written by a
+-- gateway of a version without totals, during a rolling upgrade) they are counted once, the
+-- slow way, and written back.
+local function totals(lk, ltk, lck, sk)
+  local h = redis.call('HMGET', sk, 'n', 'tok', 'cost')
+  local n = tonumber(h[1] or '0')
+  local count = redis.call('ZCARD', lk)
+  if n == count then return n, tonumber(h[2] or '0'), tonumber(h[3] or '0'), false end
+  local tok, cost = 0, 0
+  for _, v in ipairs(redis.call('HVALS', ltk)) do tok = tok + tonumber(v) end
+  for _, v in ipairs(redis.call('HVALS', lck)) do cost = cost + tonumber(v) end
+  return count, tok, cost, true
+end
+
+-- Purge at most PURGE leases whose TTL passed (a gateway died mid-request): frees their slots
+-- and takes their reservations out of the totals. Leases expire no faster than they are
+-- admitted, so bounded steps keep up; until purged, an expired lease still counts (refuses
+-- more, never less).
+local function purge(s, lk, ltk, lck)
+  local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now, 'LIMIT', 0, PURGE)
+  if #expired == 0 then return end
+  local toks = redis.call('HMGET', ltk, unpack(expired))
+  local costs = redis.call('HMGET', lck, unpack(expired))
+  for j = 1, #expired do
+    s.tok = s.tok - tonumber(toks[j] or '0')
+    s.cost_live = s.cost_live - tonumber(costs[j] or '0')
+  end
+  s.n = s.n - redis.call('ZREM', lk, unpack(expired))
+  redis.call('HDEL', ltk, unpack(expired))
+  redis.call('HDEL', lck, unpack(expired))
+  s.dirty = true
+end
+
 local state = {}
 -- Pass 1: purge expired leases, read what the day/month budgets have left, lower the cap
 -- where a Shrink subject's budget asks for it.
@@ -92,38 +131,26 @@ for i = 1, n do
   local costed = (cpd > 0 or cpmo > 0)
   local s = {leased = (maxc > 0 or tpd > 0 or tpmo > 0 or costed), costed = costed}
   state[i] = s
-  -- Purge leases whose TTL passed (a gateway died mid-request): frees their slot and tokens.
-  local lk, ltk = KEYS[k + 3], KEYS[k + 4]
   if s.leased then
-    local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
-    if #expired > 0 then
-      redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
-      for j = 1, #expired, 500 do
-        redis.call('HDEL', ltk, unpack(expired, j, math.min(j + 499, #expired)))
-        if costed then redis.call('HDEL', KEYS[k + 7], unpack(expired, j, math.min(j + 499, #expired))) end
-      end
-    end
+    s.n, s.tok, s.cost_live, s.dirty = totals(KEYS[k + 3], KEYS[k + 4], KEYS[k + 7], KEYS[k + 8])
+    purge(s, KEYS[k + 3], KEYS[k + 4], KEYS[k + 7])
   end
   if costed then
     -- cost: settled (day/month `cost`) + live cost reservations + this request <= limit
     s.cost = tonumber(ARGV[6 + i])
-    local live = 0
-    for _, v in ipairs(redis.call('HVALS', KEYS[k + 7])) do live = live + tonumber(v) end
     if cpd > 0 then
-      s.cost_day_left = cpd - tonumber(redis.call('HGET', KEYS[k + 5], 'cost') or '0') - live
+      s.cost_day_left = cpd - tonumber(redis.call('HGET', KEYS[k + 5], 'cost') or '0') - s.cost_live
     end
     if cpmo > 0 then
-      s.cost_month_left = cpmo - tonumber(redis.call('HGET', KEYS[k + 6], 'cost') or '0') - live
+      s.cost_month_left = cpmo - tonumber(redis.call('HGET', KEYS[k + 6], 'cost') or '0') - s.cost_live
     end
   end
   if tpd > 0 or tpmo > 0 then
-    local live = 0
-    for _, v in ipairs(redis.call('HVALS', ltk)) do live = live + tonumber(v) end
     if tpd > 0 then
-      s.day_left = tpd - tonumber(redis.call('HGET', KEYS[k + 5], 'settled') or '0') - live
+      s.day_left = tpd - tonumber(redis.call('HGET', KEYS[k + 5], 'settled') or '0') - s.tok
     end
     if tpmo > 0 then
-      s.month_left = tpmo - tonumber(redis.call('HGET', KEYS[k + 6], 'settled') or '0') - live
+      s.month_left = tpmo - tonumber(redis.call('HGET', KEYS[k + 6], 'settled') or '0') - s.tok
     end
     if ARGV[a + 7] == '1' and sequences > 0 then
       local least = math.min(tonumber(ARGV[a + 8]), full_cap)
@@ -146,7 +173,6 @@ for i = 1, n do
   local tpd, tpmo, maxc = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local s = state[i]
   s.rps, s.burst, s.tpm = rps, burst, tpm
-  local lk = KEYS[k + 3]
 
   if rps > 0 then
     local per_ms = rps / 1000
@@ -156,7 +182,7 @@ for i = 1, n do
     if level < 1 then reject(1, i, math.ceil((1 - level) / per_ms)) end
   end
   if maxc > 0 then
-    local inflight = redis.call('ZCARD', lk)
+    local inflight = s.n  -- the lease count, after the purge
     offer_req({maxc, maxc - inflight, 0, 0})
     if inflight >= maxc then reject(2, i, 1000) end
   end
@@ -218,21 +244,49 @@ if admitted then
       redis.call('PEXPIRE', KEYS[k + 2], math.ceil((s.tpm - level) / (s.tpm / 60000)) + 1000)
     end
     if s.leased then
-      local lk, ltk = KEYS[k + 3], KEYS[k + 4]
-      redis.call('ZADD', lk, now + lease_ttl, rid)
+      local lk, ltk, sk = KEYS[k + 3], KEYS[k + 4], KEYS[k + 8]
+      if redis.call('ZADD', lk, now + lease_ttl, rid) == 0 then
+        -- the id had a lease already (ids are unique per request: never, but it must not skew
+        -- the totals): this reservation replaces that one
+        s.n = s.n - 1
+        s.tok = s.tok - tonumber(redis.call('HGET', ltk, rid) or '0')
+        s.cost_live = s.cost_live - tonumber(redis.call('HGET', KEYS[k + 7], rid) or '0')
+        redis.call('HDEL', KEYS[k + 7], rid)
+      end
       redis.call('HSET', ltk, rid, reserve)
-      -- the newest lease expires last: keep both keys at least that long
+      s.n, s.tok = s.n + 1, s.tok + reserve
+      -- the newest lease expires last: keep the keys at least that long
       redis.call('PEXPIRE', lk, lease_ttl + 60000)
       redis.call('PEXPIRE', ltk, lease_ttl + 60000)
       if s.costed then
         redis.call('HSET', KEYS[k + 7], rid, s.cost)
         redis.call('PEXPIRE', KEYS[k + 7], lease_ttl + 60000)
+        s.cost_live = s.cost_live + s.cost
       end
+      redis.call('HSET', sk, 'n', s.n, 'tok', s.tok, 'cost', s.cost_live)
+      redis.call('PEXPIRE', sk, lease_ttl + 60000)
+      s.dirty = false
     end
     local dk = KEYS[k + 5]
     -- a day hash needs its TTL once, when it is created (the day it counts never moves)
     if redis.call('HINCRBY', dk, 'requests', 1) == 1 then redis.call('EXPIRE', dk, day_ttl) end
     redis.call('HSET', dk, 'last', now)
+  end
+end
+
+-- a refused request (or a subject without the write above) still keeps its purge in the totals
+for i = 1, n do
+  local s = state[i]
+  if s.dirty then
+    local k = (i - 1) * KPER
+    if s.n > 0 then
+      redis.call('HSET', KEYS[k + 8], 'n', s.n, 'tok', s.tok, 'cost', s.cost_live)
+      -- a recount may have created it: it lives as long as its leases
+      local ttl = redis.call('PTTL', KEYS[k + 3])
+      if ttl > 0 then redis.call('PEXPIRE', KEYS[k + 8], ttl) end
+    else
+      redis.call('DEL', KEYS[k + 8])
+    end
   end
 end
 

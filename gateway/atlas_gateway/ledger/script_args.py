@@ -72,7 +72,7 @@ class ScriptCalls:
     def shapes(self, principal: Principal, day: str, month: str) -> tuple[CallShape, CallShape]:
         """(admit, settle) shapes of ``principal`` for this UTC day, rebuilt when it changes."""
         cached = principal.ledger or key_calls(principal)  # (twice per request: the call only once per config)
-        if cached.day != day:
+        if cached.day != day or cached.admit is None or cached.settle is None:
             admit_keys: list[bytes] = []
             settle_keys: list[bytes] = []
             tag = principal.tag  # one hash tag for all: one Redis Cluster slot per call
@@ -84,8 +84,9 @@ class ScriptCalls:
                 day_key = contract.day_usage_key(subject, day, tag).encode()
                 month_key = contract.month_usage_key(subject, month, tag).encode()
                 lease_cost = contract.lease_cost_key(subject, tag).encode()
-                admit_keys += [bucket_req, bucket_tok, lease, lease_tok, day_key, month_key, lease_cost]
-                settle_keys += [bucket_tok, lease, lease_tok, day_key, month_key, lease_cost]
+                lease_sum = contract.lease_sum_key(subject, tag).encode()
+                admit_keys += [bucket_req, bucket_tok, lease, lease_tok, day_key, month_key, lease_cost, lease_sum]
+                settle_keys += [bucket_tok, lease, lease_tok, day_key, month_key, lease_cost, lease_sum]
             admit_keys.append(contract.undone_key(principal.subjects[0], tag).encode())  # tombstones (undo.lua)
             count = str(len(principal.subjects)).encode()
             cached.admit = CallShape(admit_keys, (self.lease_ttl_ms, count, self.day_ttl, self.month_ttl,
@@ -102,14 +103,14 @@ class ScriptCalls:
 
     @staticmethod
     def refresh_shape(principal: Principal) -> CallShape:
-        """refresh.lua: lease zset, lease:tok and lease:cost hashes per subject (not day-dependent)."""
+        """refresh.lua: lease zset, lease:tok, lease:cost and lease:sum per subject (not day-dependent)."""
         cached = key_calls(principal)
         shape = cached.refresh
         if shape is None:
             tag = principal.tag
             keys = [k.encode() for s in principal.subjects
                     for k in (contract.lease_key(s, tag), contract.lease_tokens_key(s, tag),
-                              contract.lease_cost_key(s, tag))]
+                              contract.lease_cost_key(s, tag), contract.lease_sum_key(s, tag))]
             shape = cached.refresh = CallShape(keys, ())
         return shape
 

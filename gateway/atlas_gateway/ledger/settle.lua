@@ -2,15 +2,16 @@
 -- reservation), adds the real tokens to the day/month `settled` counters, and gives the
 -- tokens-per-minute bucket back what was reserved but not used (or takes the overrun).
 --
--- KEYS, 6 per subject i (b = (i-1)*6):
+-- KEYS, 7 per subject i (b = (i-1)*7):
 --   b+1 bucket:tok   b+2 lease (zset)   b+3 lease:tok (hash)   b+4 usage day hash   b+5 usage month hash
---   b+6 lease:cost (hash)
+--   b+6 lease:cost (hash)   b+7 lease:sum (hash: the running totals of the live leases)
 -- ARGV:
 --   1 request id   2 real tokens   3 tokens reserved at admission
 --   4 real cost on subject 1, 5 on subject 2 (micro-units; 0 for a subject without a price list)
 --   6 number of subjects   7 day hash TTL (s)   8 month hash TTL (s)
 --   then 2 per subject (8 + 2i - 1, 8 + 2i): tokensPerMinute (0 = none), 1 = cost-limited
---   (its cost reservation is dropped from lease:cost)
+--   (unused: a lease's cost reservation is dropped whenever it has one, so that a subject whose
+--   cost limit was removed while requests were in flight leaks nothing)
 -- The real cost is added to the day/month `cost` fields (micro-units).
 -- Returns the number of leases that were still present (0 when they had expired or were
 -- already settled: the caller guards against a double settle, this makes it harmless too).
@@ -25,13 +26,30 @@ local n = tonumber(ARGV[6])
 local day_ttl = tonumber(ARGV[7])
 local month_ttl = tonumber(ARGV[8])
 
+-- Drop request `rid`'s lease on one subject, with its reservation from the running totals
+-- (lease:sum, see admit.lua): what the lease hashes hold is what comes off, whatever the
+-- caller believes it reserved. Returns 1 when there was a lease.
+local function drop_lease(lk, ltk, lck, sk, rid)
+  if redis.call('ZREM', lk, rid) == 0 then return 0 end
+  local tok = tonumber(redis.call('HGET', ltk, rid) or '0')
+  local cost = tonumber(redis.call('HGET', lck, rid) or '0')
+  redis.call('HDEL', ltk, rid)
+  if cost ~= 0 then redis.call('HDEL', lck, rid) end
+  local h = redis.call('HMGET', sk, 'n', 'tok', 'cost')
+  local n = tonumber(h[1] or '0') - 1
+  if n > 0 then
+    redis.call('HSET', sk, 'n', n, 'tok', tonumber(h[2] or '0') - tok, 'cost', tonumber(h[3] or '0') - cost)
+  else
+    redis.call('DEL', sk)  -- the last lease: the totals are exactly 0 (admit.lua recounts out-of-step ones)
+  end
+  return 1
+end
+
 local dropped = 0
 for i = 1, n do
-  local k = (i - 1) * 6
+  local k = (i - 1) * 7
   local tpm = tonumber(ARGV[7 + 2 * i])
-  dropped = dropped + redis.call('ZREM', KEYS[k + 2], rid)
-  redis.call('HDEL', KEYS[k + 3], rid)
-  if ARGV[8 + 2 * i] == '1' then redis.call('HDEL', KEYS[k + 6], rid) end
+  dropped = dropped + drop_lease(KEYS[k + 2], KEYS[k + 3], KEYS[k + 6], KEYS[k + 7], rid)
   local cost = tonumber(ARGV[3 + i])
   if cost > 0 then
     if redis.call('HINCRBY', KEYS[k + 4], 'cost', cost) == cost and redis.call('TTL', KEYS[k + 4]) < 0 then

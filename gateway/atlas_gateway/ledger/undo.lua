@@ -11,10 +11,10 @@
 -- A lease that already expired (and was purged) is not billed: that is the crash case, where
 -- the TTL is the only bound.
 --
--- KEYS, 6 per subject i (b = (i-1)*6), as settle.lua:
+-- KEYS, 7 per subject i (b = (i-1)*7), as settle.lua:
 --   b+1 bucket:tok   b+2 lease (zset)   b+3 lease:tok (hash)   b+4 usage day hash   b+5 usage month hash
---   b+6 lease:cost (hash)
---   then KEYS[n*6+1]: the first subject's undone zset (the one admit.lua checks)
+--   b+6 lease:cost (hash)   b+7 lease:sum (hash: the running totals of the live leases)
+--   then KEYS[n*7+1]: the first subject's undone zset (the one admit.lua checks)
 -- ARGV, as settle.lua:
 --   1 request id   2 real tokens   3 tokens reserved   4, 5 real cost on subject 1, 2 (micro-units)
 --   6 number of subjects   7 day hash TTL (s)   8 month hash TTL (s)
@@ -33,19 +33,36 @@ local day_ttl = tonumber(ARGV[7])
 local month_ttl = tonumber(ARGV[8])
 local tomb_ttl = tonumber(ARGV[8 + 2 * n + 1])
 local admission = ARGV[8 + 2 * n + 2] == '1'
-local tomb = KEYS[n * 6 + 1]
+local tomb = KEYS[n * 7 + 1]
+
+-- Drop request `rid`'s lease on one subject, with its reservation from the running totals
+-- (lease:sum, see admit.lua): what the lease hashes hold is what comes off, whatever the
+-- caller believes it reserved. Returns 1 when there was a lease.
+local function drop_lease(lk, ltk, lck, sk, rid)
+  if redis.call('ZREM', lk, rid) == 0 then return 0 end
+  local tok = tonumber(redis.call('HGET', ltk, rid) or '0')
+  local cost = tonumber(redis.call('HGET', lck, rid) or '0')
+  redis.call('HDEL', ltk, rid)
+  if cost ~= 0 then redis.call('HDEL', lck, rid) end
+  local h = redis.call('HMGET', sk, 'n', 'tok', 'cost')
+  local n = tonumber(h[1] or '0') - 1
+  if n > 0 then
+    redis.call('HSET', sk, 'n', n, 'tok', tonumber(h[2] or '0') - tok, 'cost', tonumber(h[3] or '0') - cost)
+  else
+    redis.call('DEL', sk)  -- the last lease: the totals are exactly 0 (admit.lua recounts out-of-step ones)
+  end
+  return 1
+end
 
 local dropped = 0
 for i = 1, n do
-  local k = (i - 1) * 6
-  dropped = dropped + redis.call('ZREM', KEYS[k + 2], rid)
-  redis.call('HDEL', KEYS[k + 3], rid)
-  if ARGV[8 + 2 * i] == '1' then redis.call('HDEL', KEYS[k + 6], rid) end
+  local k = (i - 1) * 7
+  dropped = dropped + drop_lease(KEYS[k + 2], KEYS[k + 3], KEYS[k + 6], KEYS[k + 7], rid)
 end
 
 if dropped > 0 then
   for i = 1, n do
-    local k = (i - 1) * 6
+    local k = (i - 1) * 7
     local tpm = tonumber(ARGV[7 + 2 * i])
     local cost = tonumber(ARGV[3 + i])
     if cost > 0 then

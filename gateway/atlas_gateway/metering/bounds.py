@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ..http import errors
 
 if TYPE_CHECKING:
+    from ..settings import Settings
     from ..routes import Route
 
 TEXT_FIELDS = {  # content part type -> the field holding its text
@@ -65,7 +66,7 @@ class Bound:
         return self.prompt + self.cap * self.sequences
 
 
-def _bad(message: str, param: str) -> errors.GatewayError:
+def _bad(message: str, param: str | None) -> errors.GatewayError:
     return errors.bad_request(message, param=param)
 
 
@@ -115,7 +116,7 @@ class Meter:
         self.media_part = media_part
 
     @classmethod
-    def from_settings(cls, settings) -> "Meter":
+    def from_settings(cls, settings: Settings) -> "Meter":
         return cls(settings.default_max_tokens, settings.template_tokens_per_request,
                    settings.template_tokens_per_message, settings.template_tokens_per_prompt,
                    settings.media_part_tokens)
@@ -292,7 +293,7 @@ class Meter:
         instructions = doc.get("instructions")
         if isinstance(instructions, str):
             total += self.per_message + utf8_len(instructions)
-        items = doc.get("input")
+        items = doc["input"]  # required: routes.py
         if isinstance(items, str):
             return total + self.per_message + utf8_len(items)
         for i, item in enumerate(items):

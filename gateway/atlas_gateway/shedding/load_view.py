@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from importlib import resources
+from typing import Any
 
 from atlas_core import contract
 
@@ -33,7 +34,7 @@ TTL_INTERVALS = 3
 
 
 class LoadView:
-    def __init__(self, redis, shedder: Shedder, process_id: str, interval: float) -> None:
+    def __init__(self, redis: Any, shedder: Shedder, process_id: str, interval: float) -> None:
         self.shedder = shedder
         self.process_id = process_id
         self.interval = interval

@@ -163,8 +163,7 @@ class ClusterFastRedis:
     async def _send(self, slot: int | None, command: bytes):
         slots = self.slots
         if slots is None:
-            await self._refresh_now()
-            slots = self.slots
+            slots = await self._refresh_now()
         if asyncio.get_running_loop().time() - self._last_refresh > self.REFRESH_EVERY:
             self._stale()  # replicas come and go without a MOVED telling us
         node = slots[slot] if slot is not None else self._any_master()
@@ -186,7 +185,8 @@ class ClusterFastRedis:
                 if kind == "MOVED":  # the slot lives elsewhere now: the command did not run
                     _, moved_slot, address = text.split(" ")
                     node, asking = self._node(address), False
-                    self.slots[int(moved_slot)] = node
+                    if self.slots is not None:  # (a map exists: this request was routed by one)
+                        self.slots[int(moved_slot)] = node
                     self._stale()
                     continue
                 if kind == "ASK":  # a slot in migration: this key is already on the target
@@ -196,7 +196,7 @@ class ClusterFastRedis:
                     delay = next(retries, None)
                     if delay is not None:
                         await asyncio.sleep(delay)
-                        node, asking = self.slots[slot] if slot is not None else node, False
+                        node, asking = self.slots[slot] if slot is not None and self.slots is not None else node, False
                         continue
                 if kind in ("CLUSTERDOWN", "TRYAGAIN"):
                     self._stale()
@@ -219,7 +219,7 @@ class ClusterFastRedis:
         proto = node._proto
         if proto is None or proto.closed:
             proto = await node._ready()
-        wait_entry = getattr(proto, "atlas_wait", None)
+        wait_entry = proto.atlas_wait
         if wait_entry is not None and proto.outgoing and proto.outgoing[-1] is self._wait \
                 and proto.waiters and proto.waiters[-1] is wait_entry:
             proto.outgoing.pop()  # still unsent: the batch's WAIT moves behind this command
@@ -251,7 +251,7 @@ class ClusterFastRedis:
         if proto is None or proto.closed:
             proto = await node._ready()
         asking, reply = proto.call(_ASKING), proto.call(command)  # one write, in this order
-        _, result = await asyncio.gather(asking, reply, return_exceptions=True)
+        result = (await asyncio.gather(asking, reply, return_exceptions=True))[1]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -298,7 +298,7 @@ class ClusterFastRedis:
         except NotSent as exc:
             log.warning("Redis Cluster topology refresh failed: %s", exc)
 
-    async def _refresh_now(self) -> None:
+    async def _refresh_now(self) -> list[FastRedis | None]:
         """The first map (every caller waits for the same refresh)."""
         task = self._refresh_task
         if task is None or task.done():
@@ -306,12 +306,13 @@ class ClusterFastRedis:
         await asyncio.shield(task)
         if self.slots is None:
             raise NotSent("no Redis Cluster node answered CLUSTER SLOTS")
+        return self.slots
 
     async def _refresh(self) -> None:
         self._last_refresh = asyncio.get_running_loop().time()
         # known masters first (they are the likeliest to be alive), then every other node we know
         candidates = self._masters() + [n for n in self.nodes.values() if n not in self._masters()]
-        errors = []
+        errors: list[Exception] = []
         for node in candidates:
             try:
                 reply = await node.execute(b"CLUSTER", b"SLOTS")

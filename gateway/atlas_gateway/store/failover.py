@@ -62,7 +62,7 @@ class MasterWatch:
         if self.interval > 0:
             self._tasks.append(asyncio.ensure_future(self._poll()))
         for host, port in locator.config.sentinels:
-            self._tasks.append(asyncio.ensure_future(self._listen(host, port)))
+            self._tasks.append(asyncio.ensure_future(self._listen(locator.config, host, port)))
 
     # ------------------------------------------------------------------ events
     def on_event(self, channel: str, data: str) -> None:
@@ -85,8 +85,7 @@ class MasterWatch:
             log.warning("Redis Sentinel: failover of %s ended (%s)", locator.config.master, channel)
             locator.unfence()
 
-    async def _listen(self, host: str, port: int) -> None:
-        config = self.fast.locator.config
+    async def _listen(self, config: sentinel.SentinelUrl, host: str, port: int) -> None:
         client = aioredis.Redis(host=host, port=port, **sentinel.sentinel_kwargs(config, None))
         try:
             while True:
@@ -108,12 +107,15 @@ class MasterWatch:
     # ------------------------------------------------------------------ polling
     async def check(self) -> bool:
         """One look; True when the hot-path connection was dropped for a new master."""
+        locator = self.fast.locator
+        if locator is None:
+            return False  # not Sentinel: start() starts no watch
         try:
-            named = await self.fast.locator.address()
+            named = await locator.address()
         except (MasterUnavailable, OSError, asyncio.TimeoutError):
             return False  # none named (or fenced) right now: calls fail and reconnect by themselves
         pool = getattr(self.redis, "connection_pool", None)
-        if hasattr(pool, "get_master_address"):
+        if pool is not None and hasattr(pool, "get_master_address"):
             try:
                 await pool.get_master_address()  # redis-py drops its idle connections on a change
             except Exception:  # noqa: BLE001 (its own errors; the next command reconnects anyway)

@@ -12,16 +12,21 @@ hiredis. /readyz pings through it too; config reads and /v1/usage use redis-py. 
 was demoted under it) drops the connection, so the next call finds the new master.
 
 Failure handling: a lost connection fails every waiting call with ``ConnectionError`` and the
-next call reconnects; a call that takes longer than ``timeout`` fails with ``TimeoutError``
-and drops the connection (its late reply must not be matched to someone else's call). Both
-mean "the command may or may not have run"; ``NotSent`` means it certainly did not (no
-connection). A connection is used only once its AUTH/SELECT handshake succeeded.
+next call reconnects; a connection that stays silent for ``timeout`` after the oldest waiting
+call was written fails that call with ``TimeoutError`` and is dropped (its late reply must not be matched to someone
+else's call). Silent, not slow: calls queued behind others on a connection whose replies keep
+arriving are waiting their turn on a live Redis, not facing an outage, so each reply gives the
+oldest call another ``timeout`` (a burst of thousands of admissions is answered, not failed as
+"Redis unreachable": docs/design-decisions.md; how many may queue is bounded by the ledger).
+Both failures mean "the command may or may not have run"; ``NotSent`` means it certainly did
+not (no connection). A connection is used only once its AUTH/SELECT handshake succeeded.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 import hiredis
 
@@ -52,6 +57,30 @@ def reply_reader() -> hiredis.Reader:
     return hiredis.Reader(replyError=ReplyError)
 
 
+GRACE_TURNS = 16  # event-loop turns a timed-out wait is given to notice an answer already there
+
+
+async def patient_wait_for(aw, timeout: float):
+    """``asyncio.wait_for``, except that an event loop too busy to look (a burst of thousands of
+    requests parsed in one turn) is not taken for a Redis that does not answer: when the timeout
+    passes, the awaited call gets a few more loop turns, each one reading the sockets, before it
+    is cancelled. A connection Redis accepted meanwhile is used; a silent one still times out."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait((task,), timeout=timeout)
+    for _ in range(GRACE_TURNS):
+        if done or task.done():
+            return task.result()
+        await asyncio.sleep(0)
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    raise asyncio.TimeoutError()
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, timeout: float = 0.5) -> None:
         self.reader = reply_reader()
@@ -61,6 +90,14 @@ class _Protocol(asyncio.Protocol):
         # a call's cost.
         self.waiters: deque[tuple[asyncio.Future, float]] = deque()
         self.timeout = timeout
+        # Silence is measured from when the oldest waiting call left this process (not from
+        # when it was issued: a busy event loop may hold a batch back) or from the last bytes
+        # Redis sent, whichever is later. ``flushes``: (commands written so far, loop time) per
+        # write, so that the oldest unanswered call's write is found without a timestamp per call.
+        self.last_reply = 0.0
+        self.sent = 0
+        self.answered = 0
+        self.flushes: deque[tuple[int, float]] = deque()
         self.watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -73,7 +110,8 @@ class _Protocol(asyncio.Protocol):
         self.outgoing: list[bytes] = []
         # this connection's loop, kept: on Python 3.11 every asyncio.get_running_loop() is a
         # getpid() system call, and this runs twice per Redis call
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop  # set by connection_made, before any call
+        self.atlas_wait: tuple[asyncio.Future, float] | None = None  # store/cluster.py: this batch's WAIT
 
     def call(self, command: bytes) -> asyncio.Future:
         loop = self.loop
@@ -87,11 +125,20 @@ class _Protocol(asyncio.Protocol):
     def check_deadline(self) -> None:
         """Fail the oldest call (and drop the connection) once it is overdue; re-arm otherwise."""
         self.watchdog = None
+        flushes = self.flushes
         if not self.waiters or self.closed:
+            flushes.clear()
             return
         fut, deadline = self.waiters[0]
         loop = fut.get_loop()
-        if loop.time() >= deadline:
+        now = loop.time()
+        while flushes and flushes[0][0] <= self.answered:
+            flushes.popleft()
+        sent_at = flushes[0][1] if flushes else now  # none: not written yet (the loop was busy)
+        # overdue only once Redis stayed silent for a whole timeout after the call was written: a
+        # reply since means it is queued behind others on a live connection
+        deadline = max(deadline, sent_at + self.timeout, self.last_reply + self.timeout)
+        if now >= deadline:
             if not fut.done():
                 # its late reply must not be matched to someone else's call: drop the connection
                 fut.set_exception(TimeoutError("Redis did not answer in time"))
@@ -107,6 +154,8 @@ class _Protocol(asyncio.Protocol):
     def flush(self) -> None:
         data, self.outgoing = self.outgoing, []
         if data and not self.closed and self.transport is not None:
+            self.sent += len(data)
+            self.flushes.append((self.sent, self.loop.time()))
             self.transport.write(data[0] if len(data) == 1 else b"".join(data))
 
     def connection_made(self, transport) -> None:
@@ -114,6 +163,7 @@ class _Protocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
+        self.last_reply = self.loop.time()  # any byte from Redis: it is alive and answering
         reader = self.reader
         reader.feed(data)
         waiters = self.waiters
@@ -123,6 +173,7 @@ class _Protocol(asyncio.Protocol):
             if value is False:
                 break
             fut = waiters.popleft()[0]
+            self.answered += 1
             if isinstance(value, ReplyError) and value.args and value.args[0].startswith("READONLY"):
                 demoted = True  # the server is now a replica: find the master on the next call
             if not fut.done():
@@ -157,7 +208,8 @@ class FastRedis:
         # where the server is: fixed (redis://) or asked of the sentinels on each connect
         self.locator: sentinel.MasterLocator | None = None
         self.master: tuple[str, int] | None = None  # the master last connected to (Sentinel)
-        self.on_master_change = None  # called (no arguments) when a reconnect finds another master
+        # called (no arguments) when a reconnect finds another master
+        self.on_master_change: Callable[[], None] | None = None
         if sentinel.is_sentinel_url(url):
             config = sentinel.parse(url)
             self.locator = sentinel.MasterLocator(config, timeout)
@@ -180,7 +232,7 @@ class FastRedis:
         running unauthenticated or in database 0. A failed handshake closes it."""
         loop = asyncio.get_running_loop()
         host, port = await self._address()
-        _, proto = await asyncio.wait_for(
+        _, proto = await patient_wait_for(
             loop.create_connection(self._protocol, host, port, ssl=self.ssl,
                                    server_hostname=host if self.ssl is not None else None),
             self.timeout
@@ -193,7 +245,7 @@ class FastRedis:
             if self.db:
                 await self._call(proto, (b"SELECT", str(self.db).encode()))
             if self.locator is not None:
-                await self._check_role(proto)
+                await self._check_role(proto, self.locator)
         except BaseException:
             proto.close()
             raise
@@ -204,15 +256,15 @@ class FastRedis:
         self._proto = proto
         return proto
 
-    async def _check_role(self, proto: _Protocol) -> None:
+    async def _check_role(self, proto: _Protocol, locator: sentinel.MasterLocator) -> None:
         try:
             reply = await self._call(proto, (b"ROLE",))
         except ReplyError as exc:
             if str(exc).startswith("NOPERM"):
                 return  # an ACL user without ROLE: READONLY replies still reveal a demoted master
             raise
-        self.locator.check_role(reply)
-        if self.locator.fenced:  # a failover began while this connection was being made
+        locator.check_role(reply)
+        if locator.fenced:  # a failover began while this connection was being made
             raise sentinel.MasterUnavailable("a failover is under way")
 
     async def _connection(self) -> _Protocol:

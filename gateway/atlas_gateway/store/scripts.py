@@ -11,9 +11,12 @@ e.g. fakeredis in unit tests).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .fastredis import FastRedis, ReplyError, pack_args
+
+if TYPE_CHECKING:
+    from .cluster import ClusterFastRedis
 
 
 class CallShape:
@@ -29,7 +32,7 @@ class CallShape:
 
 
 class FastScript:
-    def __init__(self, client: FastRedis, source: str) -> None:
+    def __init__(self, client: FastRedis | ClusterFastRedis, source: str) -> None:
         self.client = client
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source).hexdigest().encode()

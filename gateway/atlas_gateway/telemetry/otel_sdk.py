@@ -47,13 +47,13 @@ def _span_exporters(config: TelemetryConfig):
 
             yield ConsoleSpanExporter()
         elif config.trace_protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as grpc_traces
 
-            yield OTLPSpanExporter()
+            yield grpc_traces.OTLPSpanExporter()
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_traces
 
-            yield OTLPSpanExporter()
+            yield http_traces.OTLPSpanExporter()
 
 
 class Child:
@@ -189,11 +189,11 @@ class OtlpUsageRecords:
         from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
         if config.logs_protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+            from opentelemetry.exporter.otlp.proto.grpc import _log_exporter as log_exporter
         else:
-            from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+            from opentelemetry.exporter.otlp.proto.http import _log_exporter as log_exporter  # type: ignore[no-redef]
         self.provider = LoggerProvider(resource=resource())
-        self.provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
+        self.provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter.OTLPLogExporter()))
         self.logger = self.provider.get_logger(SCOPE)
 
     def emit(self, req) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from .. import metrics
 from ..http import errors
-from ..http.asgi import send_bytes, send_error
+from ..http.asgi import Receive, Scope, Send, send_bytes, send_error
 from ..metering.body import UpstreamBody
 from ..metering.bounds import text_tokens
 from ..metering.events import StreamState
@@ -22,6 +23,9 @@ from ..metering.usage import cached_tokens, model_from_body, response_id_from_bo
 from ..request import RequestContext
 from ..store.failures import REDIS_FAILURES, is_transport_failure, reply_error
 from .sse import pump
+
+if TYPE_CHECKING:
+    from ..ledger.ticket import Ticket
 
 @dataclass(frozen=True, slots=True)
 class Bill:
@@ -87,19 +91,19 @@ class UpstreamCall:
     # the request is long-lived (a stream, or a non-stream past WATCH_AFTER): no hot-path cost.
     def _schedule_refresh(self) -> None:
         interval = self.rt.admission.refresh_interval
-        if interval > 0:
-            self._refresher = self.rt.loop.call_later(interval, self._refresh_now)
+        loop = self.rt.loop
+        if interval > 0 and loop is not None:  # (the loop is set before any request: Runtime.start)
+            self._refresher = loop.call_later(interval, self._refresh_now)
 
     def _refresh_now(self) -> None:
         self._refresher = None
         if self.finishing or self.ticket is None or self.ticket.done:
             return
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._refresh_leases())
+            self._refreshing = asyncio.ensure_future(self._refresh_leases(self.ticket))
         self._schedule_refresh()
 
-    async def _refresh_leases(self) -> None:
-        ticket = self.ticket
+    async def _refresh_leases(self, ticket: Ticket) -> None:
         try:
             await self.rt.admission.refresh(ticket.principal, ticket.request_id)
         except REDIS_FAILURES as exc:
@@ -108,7 +112,7 @@ class UpstreamCall:
             else:
                 reply_error("refresh", exc)
 
-    async def _watch_disconnect(self, receive, task: asyncio.Task) -> None:
+    async def _watch_disconnect(self, receive: Receive, task: asyncio.Task) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -117,22 +121,26 @@ class UpstreamCall:
                     task.cancel()
                 return
 
-    async def run(self, scope, receive, send) -> None:
+    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = self.req
         rt = self.rt
-        body = UpstreamBody(req.route, req.doc, req.raw, req.bound.cap,
+        bound, principal, session, loop = req.bound, req.principal, rt.session, rt.loop
+        # set before any upstream call: by the handler (bound, principal) and Runtime.start()
+        assert bound is not None and principal is not None and session is not None and loop is not None
+        body = UpstreamBody(req.route, req.doc, req.raw, bound.cap,
                             None if rt.settings.forward_priority is None else rt.settings.forward_priority[req.priority])
         streaming = body.streaming
         span = req.trace.upstream(req.doc["model"])  # the upstream call's span, if traced
-        forward = rt.upstream_headers.stamp(req.forward, req.id, req.priority, req.principal.fairness_id,
+        forward = rt.upstream_headers.stamp(req.forward, req.id, req.priority, principal.fairness_id,
                                             span.traceparent)
         forward["content-type"] = "application/json"
         url = rt.upstreams.base_for(req.doc["model"]) + req.route.path
 
         shedder = rt.shedder
-        loop = rt.loop  # (kept: on Python 3.11 each asyncio.get_running_loop() is a getpid() system call)
-        self._receive = receive
-        self._task = asyncio.current_task(loop)
+        # (rt.loop, kept: on Python 3.11 each asyncio.get_running_loop() is a getpid() system call)
+        task = asyncio.current_task(loop)
+        assert task is not None  # a coroutine of the server's request task
+        self._receive, self._task = receive, task
         if streaming:
             self._start_watcher()
             timer = None
@@ -144,7 +152,7 @@ class UpstreamCall:
         try:
             t_up = perf_counter()
             try:
-                async with rt.session.post(url, data=body.payload, headers=forward) as resp:
+                async with session.post(url, data=body.payload, headers=forward) as resp:
                     if streaming and resp.status == 200:
                         metrics.observe_upstream(req.model, perf_counter() - t_up)
                         status = 200
@@ -172,7 +180,7 @@ class UpstreamCall:
                     self.billed = Bill(req.prompt_estimate, 0)
                 if not self.client_gone:
                     raise
-                asyncio.current_task().uncancel()
+                task.uncancel()
                 status = 499  # client closed the request (nginx's convention), for metrics only
                 req.error = "The client left before the answer ended."
             except asyncio.TimeoutError:
@@ -206,10 +214,10 @@ class UpstreamCall:
             span.end()
 
     async def _record_owner(self, response_id: str | None) -> None:
-        if response_id:
+        if response_id and self.owner is not None:
             await self.rt.response_owners.record(response_id, self.owner, self.billed.total)
 
-    async def _fail(self, send, err: errors.GatewayError) -> None:
+    async def _fail(self, send: Send, err: errors.GatewayError) -> None:
         self.req.refused(err)
         self._stop_watcher()
         await send_error(send, err, self.req.response_headers)
@@ -227,7 +235,7 @@ class UpstreamCall:
         return Bill(req.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
                                              max(0, req.reserve - req.prompt_estimate)))
 
-    async def _stream(self, resp, send, strip_usage: bool) -> None:
+    async def _stream(self, resp: aiohttp.ClientResponse, send: Send, strip_usage: bool) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.req.response_headers})
         stream = StreamState(want_id=self.owner is not None)
         try:

@@ -12,7 +12,10 @@ AtlasKey). docs/inference-gateway.md says why each refused header is refused.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 # Prefixes no client may send upstream.
 REFUSED_PREFIXES = (
@@ -62,7 +65,7 @@ class UpstreamHeaders:
         self.fairness = fairness
 
     @classmethod
-    def from_settings(cls, settings) -> "UpstreamHeaders":
+    def from_settings(cls, settings: Settings) -> "UpstreamHeaders":
         return cls(f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None,
                    strip_names=settings.strip_headers, strip_prefixes=settings.strip_header_prefixes,
                    objectives=settings.inference_objectives, fairness=settings.stamp_fairness_id)

@@ -8,10 +8,11 @@ import asyncio
 
 import aiohttp
 
+from ..http.asgi import Send
 from ..metering.events import StreamState, error_event, filter_events
 
 
-async def pump(resp: aiohttp.ClientResponse, send, state: StreamState, strip_usage: bool) -> None:
+async def pump(resp: aiohttp.ClientResponse, send: Send, state: StreamState, strip_usage: bool) -> None:
     """Copy ``resp``'s event stream to the client until it ends, breaks, or we are cancelled.
 
     A broken upstream (connection lost, truncated body, read timeout) is recorded in

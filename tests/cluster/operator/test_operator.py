@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timedelta, timezone
+from typing import ClassVar
 
 import pytest
 
@@ -159,7 +160,7 @@ class _KeyWrites:
     the operator's own forecast history samples (written when a counter moved, at most once a
     minute per subject) can be told apart from config rewrites."""
 
-    WRITES = {"set", "hset", "del", "unlink", "sadd", "srem", "hdel", "expire"}
+    WRITES: ClassVar[set[str]] = {"set", "hset", "del", "unlink", "sadd", "srem", "hdel", "expire"}
 
     def __init__(self, redis_client) -> None:
         redis_client.config_set("notify-keyspace-events", "Kg$h")

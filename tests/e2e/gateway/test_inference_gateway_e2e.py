@@ -66,7 +66,7 @@ def test_soft_budget_demotes_the_objective_stamped_and_says_so(gateway, mock_ups
         assert steered(headers) == {}
         assert [headers[h] for h in OBJECTIVE_HEADERS] == ["chat-critical"] * 2
         assert [headers[h] for h in FAIRNESS_HEADERS] == [f"team/{name}"] * 2
-        wait_for("the settlement", lambda: usage(gateway, api_key)["usage"]["tokensToday"] == settled, 5)
+        wait_for("the settlement", lambda: usage(gateway, api_key)["usage"]["tokensToday"] == settled, 5)  # noqa: B023 (run in this iteration)
     demoted = ask(f"{name}-3")  # 42 settled: the soft budget is reached
     assert demoted.headers["x-atlas-demoted"] == f'softTokensPerDay; owner="AtlasKey team/{name}"'
     assert demoted.parse().choices[0].message.content  # admitted all the same

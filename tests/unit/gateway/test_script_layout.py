@@ -64,11 +64,13 @@ def test_calls_put_the_usage_hashes_where_the_scripts_read_them():
     for i, subject in enumerate(principal.subjects):
         day = contract.day_usage_key(subject, "2026-12-01", principal.tag).encode()
         month = contract.month_usage_key(subject, "2026-12", principal.tag).encode()
-        assert admit.keys[i * 7 + 4: i * 7 + 6] == [day, month]  # KEYS[k + 5], KEYS[k + 6]
-        assert settle.keys[i * 6 + 3: i * 6 + 5] == [day, month]  # KEYS[k + 4], KEYS[k + 5]
-        assert undo.keys[i * 6 + 3: i * 6 + 5] == [day, month]
+        assert admit.keys[i * 8 + 4: i * 8 + 6] == [day, month]  # KEYS[k + 5], KEYS[k + 6]
+        assert settle.keys[i * 7 + 3: i * 7 + 5] == [day, month]  # KEYS[k + 4], KEYS[k + 5]
+        assert undo.keys[i * 7 + 3: i * 7 + 5] == [day, month]
+        totals = contract.lease_sum_key(subject, principal.tag).encode()
+        assert admit.keys[i * 8 + 7] == settle.keys[i * 7 + 6] == undo.keys[i * 7 + 6] == totals
     tombstones = contract.undone_key(principal.subjects[0], principal.tag).encode()
-    assert admit.keys[-1] == undo.keys[-1] == tombstones  # KEYS[n*7+1] / KEYS[n*6+1]
+    assert admit.keys[-1] == undo.keys[-1] == tombstones  # KEYS[n*8+1] / KEYS[n*7+1]
     # ARGV: admit's per-request part, then its fixed part (lease TTL, subjects, day TTL, month TTL,
     # then PER per subject from BASE on), as admit.lua declares them
     source = resources.files("atlas_gateway.ledger").joinpath("admit.lua").read_text()

@@ -57,11 +57,25 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, exactness, floor, lease_scale, litellm_peer, load, memory, nginx, profiling, report,
-               slow_clients, token_auth, tools, tracing_cost)
+from . import (
+    bodies,
+    exactness,
+    floor,
+    lease_scale,
+    litellm_peer,
+    load,
+    memory,
+    nginx,
+    profiling,
+    report,
+    slow_clients,
+    token_auth,
+    tools,
+    tracing_cost,
+)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
-from .procs import Proc, ProcError
+from .procs import ProcError
 from .runs import CHAT, Bench, Target, gateway_target
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"

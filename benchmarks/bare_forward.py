@@ -88,8 +88,13 @@ def asgi_app(fwd: Forwarder):
                 parts.append(msg.get("body", b""))
             body = b"".join(parts)
         status, ctype, data = await fwd.post(scope["path"], body)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
     return app
@@ -154,8 +159,11 @@ def granian_rsgi():
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--server", choices=["atlas", "uvicorn", "granian-asgi", "granian-rsgi",
-                                             "socketify", "socketify-asgi"], default="atlas")
+    p.add_argument(
+        "--server",
+        choices=["atlas", "uvicorn", "granian-asgi", "granian-rsgi", "socketify", "socketify-asgi"],
+        default="atlas",
+    )
     p.add_argument("--client", choices=["aiohttp", "httpx", "raw"], default="aiohttp")
     p.add_argument("--upstream", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -163,9 +171,29 @@ def main() -> None:
     if a.server.startswith("granian"):
         interface = a.server.split("-")[1]
         os.environ.update(BARE_CLIENT=a.client, BARE_UPSTREAM=a.upstream)
-        os.execv(sys.executable, [sys.executable, "-m", "granian", "--interface", interface, "--workers", "1",
-                                  "--loop", "uvloop", "--host", "127.0.0.1", "--port", str(a.port), "--no-ws",
-                                  "--log-level", "warning", "--factory", f"benchmarks.bare_forward:granian_{interface}"])
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "granian",
+                "--interface",
+                interface,
+                "--workers",
+                "1",
+                "--loop",
+                "uvloop",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(a.port),
+                "--no-ws",
+                "--log-level",
+                "warning",
+                "--factory",
+                f"benchmarks.bare_forward:granian_{interface}",
+            ],
+        )
     if a.server.startswith("socketify"):
         run_socketify(Forwarder(a.client, a.upstream), a.port, asgi=a.server == "socketify-asgi")
         return
@@ -177,8 +205,18 @@ def main() -> None:
         from atlas_gateway.server import CoalescingHttpToolsProtocol
 
         http = CoalescingHttpToolsProtocol
-    uvicorn.run(app, host="127.0.0.1", port=a.port, loop="uvloop", http=http, access_log=False,
-                log_level="warning", lifespan="on", proxy_headers=False, server_header=False)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=a.port,
+        loop="uvloop",
+        http=http,
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+    )
 
 
 if __name__ == "__main__":

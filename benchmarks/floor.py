@@ -30,8 +30,17 @@ from .gateways import sources
 from .procs import Proc
 from .runs import CHAT, Bench, Target, gateway_target
 
-DEFAULT = ["atlas/aiohttp", "uvicorn/aiohttp", "atlas/httpx", "atlas/raw", "granian-asgi/aiohttp",
-           "granian-rsgi/aiohttp", "granian-rsgi/raw", "socketify/aiohttp", "socketify-asgi/aiohttp"]
+DEFAULT = [
+    "atlas/aiohttp",
+    "uvicorn/aiohttp",
+    "atlas/httpx",
+    "atlas/raw",
+    "granian-asgi/aiohttp",
+    "granian-rsgi/aiohttp",
+    "granian-rsgi/raw",
+    "socketify/aiohttp",
+    "socketify-asgi/aiohttp",
+]
 NGINX_PROXY = "nginx as a reverse proxy"
 
 
@@ -43,17 +52,36 @@ def _installed(candidate: str) -> bool:
 
 def label(candidate: str) -> str:
     server, client = candidate.split("/")
-    names = {"atlas": "Atlas's server (uvicorn + uvloop + httptools)", "uvicorn": "stock uvicorn httptools",
-             "granian-asgi": "granian ASGI", "granian-rsgi": "granian RSGI", "socketify": "socketify native",
-             "socketify-asgi": "socketify ASGI"}
+    names = {
+        "atlas": "Atlas's server (uvicorn + uvloop + httptools)",
+        "uvicorn": "stock uvicorn httptools",
+        "granian-asgi": "granian ASGI",
+        "granian-rsgi": "granian RSGI",
+        "socketify": "socketify native",
+        "socketify-asgi": "socketify ASGI",
+    }
     return f"bare forward: {names[server]} + {client}"
 
 
 def bare_forward(candidate: str, upstream: str, workdir: str) -> Proc:
     server, client = candidate.split("/")
-    return Proc(label(candidate), [sys.executable, "-m", "benchmarks.bare_forward", "--server", server, "--client",
-                                   client, "--upstream", upstream, "--port", "{port}"],
-                log=os.path.join(workdir, f"bare-{server}-{client}.log"))
+    return Proc(
+        label(candidate),
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bare_forward",
+            "--server",
+            server,
+            "--client",
+            client,
+            "--upstream",
+            upstream,
+            "--port",
+            "{port}",
+        ],
+        log=os.path.join(workdir, f"bare-{server}-{client}.log"),
+    )
 
 
 def main() -> int:
@@ -64,8 +92,7 @@ def main() -> int:
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}", flush=True)
     mock = os.environ.get("UPSTREAM") == "mock"
-    tl = tools.Tools(wrk="wrk", nginx="", vegeta="", litellm=None, py_spy=None) if mock else \
-        tools.debian_only()
+    tl = tools.Tools(wrk="wrk", nginx="", vegeta="", litellm=None, py_spy=None) if mock else tools.debian_only()
     workdir = tempfile.mkdtemp(prefix="atlas-floor-")
     bench = Bench(tl, workdir, duration, 1.0)
     body = bodies.encode(bodies.SMALL)
@@ -87,8 +114,11 @@ def main() -> int:
         for cand in candidates:
             p = stack.enter_context(bare_forward(cand, json_base, workdir))
             targets.append(Target(label(cand), p.url + CHAT, "", cpu={"forward": p.pid}))
-        env = {**os.environ, "BENCH_GATEWAY_SRC": os.environ.get("GATEWAY_SRC", ""),
-               "BENCH_SKIP_SELF": os.environ.get("SKIP_SELF", "")}
+        env = {
+            **os.environ,
+            "BENCH_GATEWAY_SRC": os.environ.get("GATEWAY_SRC", ""),
+            "BENCH_SKIP_SELF": os.environ.get("SKIP_SELF", ""),
+        }
         for src in sources(env):
             rs = stack.enter_context(RedisServer())
             redis_pid = src.write_bench_key(rs.url)
@@ -100,7 +130,7 @@ def main() -> int:
         direct_p50: list[float] = []
         for r in range(rounds):
             direct_p50.append(bench.closed(direct, 1, body).p50)
-            for t in (targets if r % 2 == 0 else targets[::-1]):
+            for t in targets if r % 2 == 0 else targets[::-1]:
                 run = bench.closed(t, 16, body)
                 own = next(v for k, v in run.cpu_us.items() if k != "redis-server")
                 c16[t.label].append(own)
@@ -108,22 +138,29 @@ def main() -> int:
                     redis16[t.label].append(run.cpu_us["redis-server"])
                 one = bench.closed(t, 1, body)
                 p50[t.label].append(one.p50)
-                print(f"round {r} {t.label}: c=16 {own:.0f} µs/req ({run.rps:,.0f}/s{', ERRORS' if run.errors else ''}), "
-                      f"c=1 p50 {one.p50:.3f} ms{', ERRORS' if one.errors else ''}", flush=True)
+                print(
+                    f"round {r} {t.label}: c=16 {own:.0f} µs/req ({run.rps:,.0f}/s{', ERRORS' if run.errors else ''}), "
+                    f"c=1 p50 {one.p50:.3f} ms{', ERRORS' if one.errors else ''}",
+                    flush=True,
+                )
     ref = statistics.median(direct_p50)
     floor = statistics.median(c16[label("atlas/aiohttp")]) if label("atlas/aiohttp") in c16 else None
     nginx_us = statistics.median(c16[NGINX_PROXY]) if NGINX_PROXY in c16 else None
     print(f"\nload average {os.getloadavg()}; {direct.label} c=1 p50 {ref:.3f} ms (median)\n")
-    print("| target | CPU per request c=16 (median of rounds) | × nginx proxy | × Atlas's bare forward | "
-          f"c=1 p50 added over {direct.label} |")
+    print(
+        "| target | CPU per request c=16 (median of rounds) | × nginx proxy | × Atlas's bare forward | "
+        f"c=1 p50 added over {direct.label} |"
+    )
     print("|---|---|---|---|---|")
     for t in targets:
         cpu = statistics.median(c16[t.label])
         redis = f" (+{statistics.median(redis16[t.label]):.0f} µs redis-server)" if redis16[t.label] else ""
         vs_floor = f"{cpu / floor:.2f}" if floor else "–"
         vs_nginx = f"{cpu / nginx_us:.2f}" if nginx_us else "–"
-        print(f"| {t.label} | {cpu:.0f} µs{redis} | {vs_nginx} | {vs_floor} | "
-              f"+{statistics.median(p50[t.label]) - ref:.3f} ms |")
+        print(
+            f"| {t.label} | {cpu:.0f} µs{redis} | {vs_nginx} | {vs_floor} | "
+            f"+{statistics.median(p50[t.label]) - ref:.3f} ms |"
+        )
     return 0
 
 

@@ -54,23 +54,44 @@ async def _send(url: str, n: int, concurrency: int, headers: dict[str, str]) -> 
 
 
 def _total(dump: str) -> int:
-    for line in open(dump):
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
+    with open(dump) as fh:
+        for line in fh:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
     raise RuntimeError(f"no total in {dump}")
 
 
-def count(name: str, args: list[str], env: dict[str, str], url: str, headers: dict[str, str], workdir: str,
-          cwd: str | None = None) -> float:
+def count(
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    url: str,
+    headers: dict[str, str],
+    workdir: str,
+    cwd: str | None = None,
+) -> float:
     """Instructions per request of the server started by ``args`` (its port in ``env``/args)."""
     n, warm, c = int(os.environ.get("N", "2000")), int(os.environ.get("WARM", "500")), int(os.environ.get("C", "16"))
     out = os.path.join(workdir, f"callgrind.{name.replace(' ', '_')}.%p")
     # children too (granian serves from a worker process): each process of the tree is zeroed,
     # dumped and summed
-    grind = ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}",
-             "--dump-instr=no", *args]
-    with Proc(name, grind, env, port=int(env["BENCH_PORT"]), log=os.path.join(workdir, f"{name}.log"),
-              cwd=cwd, start_timeout=300) as proc:
+    grind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--trace-children=yes",
+        f"--callgrind-out-file={out}",
+        "--dump-instr=no",
+        *args,
+    ]
+    with Proc(
+        name,
+        grind,
+        env,
+        port=int(env["BENCH_PORT"]),
+        log=os.path.join(workdir, f"{name}.log"),
+        cwd=cwd,
+        start_timeout=300,
+    ) as proc:
         asyncio.run(_send(url, warm, c, headers))
         pids = process_tree(proc.pid)
         for pid in pids:
@@ -104,28 +125,56 @@ def main(argv: list[str]) -> int:
             static = stack.enter_context(MockUpstreamProcess())
             upstream_root, json_base, prefix = static.url, static.url, ""
         else:
-            static = stack.enter_context(nginx.static_upstream(tools.debian_only().nginx,
-                                                               workdir))
+            static = stack.enter_context(nginx.static_upstream(tools.debian_only().nginx, workdir))
             upstream_root, json_base, prefix = static.url, static.url + nginx.JSON_BASE, nginx.JSON_BASE
         bare = os.environ.get("BARE", "")
-        for cand in (["atlas/aiohttp"] if bare == "1" else [c for c in bare.split(",") if c]):
+        for cand in ["atlas/aiohttp"] if bare == "1" else [c for c in bare.split(",") if c]:
             server, client = cand.split("/")
             port = free_port()
             results[f"bare forward {cand}"] = count(
-                f"bare-{server}-{client}", [sys.executable, "-m", "benchmarks.bare_forward", "--server", server,
-                                            "--client", client, "--upstream", upstream_root, "--port", str(port)],
-                {"BENCH_PORT": str(port), "PYTHONPATH": str(HERE_ROOT)}, f"http://127.0.0.1:{port}{prefix}{CHAT}",
-                {}, workdir, cwd=str(HERE_ROOT))
+                f"bare-{server}-{client}",
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bare_forward",
+                    "--server",
+                    server,
+                    "--client",
+                    client,
+                    "--upstream",
+                    upstream_root,
+                    "--port",
+                    str(port),
+                ],
+                {"BENCH_PORT": str(port), "PYTHONPATH": str(HERE_ROOT)},
+                f"http://127.0.0.1:{port}{prefix}{CHAT}",
+                {},
+                workdir,
+                cwd=str(HERE_ROOT),
+            )
             print(f"bare forward {cand}: {results[f'bare forward {cand}']:,.0f} instructions per request", flush=True)
         for name, src in ({} if os.environ.get("SKIP_GATEWAYS") == "1" else sources).items():
             rs = stack.enter_context(RedisServer())
             src.write_bench_key(rs.url)
             port = free_port()
-            env = {"PYTHONPATH": src.pythonpath, "ATLAS_REDIS_URL": rs.url, "ATLAS_UPSTREAM_URL": json_base,
-                   "ATLAS_LOG_LEVEL": "warning", "ATLAS_PORT": str(port), "ATLAS_HOST": "127.0.0.1",
-                   "BENCH_PORT": str(port)}
-            results[name] = count(name, [sys.executable, "-m", "atlas_gateway"], env, f"http://127.0.0.1:{port}{CHAT}",
-                                  {"Authorization": f"Bearer {BENCH_KEY}"}, workdir, cwd=str(src.root))
+            env = {
+                "PYTHONPATH": src.pythonpath,
+                "ATLAS_REDIS_URL": rs.url,
+                "ATLAS_UPSTREAM_URL": json_base,
+                "ATLAS_LOG_LEVEL": "warning",
+                "ATLAS_PORT": str(port),
+                "ATLAS_HOST": "127.0.0.1",
+                "BENCH_PORT": str(port),
+            }
+            results[name] = count(
+                name,
+                [sys.executable, "-m", "atlas_gateway"],
+                env,
+                f"http://127.0.0.1:{port}{CHAT}",
+                {"Authorization": f"Bearer {BENCH_KEY}"},
+                workdir,
+                cwd=str(src.root),
+            )
             print(f"{name} ({src.root}): {results[name]:,.0f} instructions per request", flush=True)
     if "base" in results and "new" in results:
         print(f"new / base: {results['new'] / results['base']:.3f}")

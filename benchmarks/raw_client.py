@@ -73,8 +73,15 @@ class RawClient:
             conn = None
         if conn is None:
             _, conn = await loop.create_connection(_Connection, self.host, self.port)
-        head = [b"POST ", (self.prefix + path).encode(), b" HTTP/1.1\r\nhost: ", self.host_header,
-                b"\r\ncontent-length: ", str(len(body)).encode(), b"\r\n"]
+        head = [
+            b"POST ",
+            (self.prefix + path).encode(),
+            b" HTTP/1.1\r\nhost: ",
+            self.host_header,
+            b"\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
         for name, value in headers.items():
             head += [name.encode(), b": ", value.encode(), b"\r\n"]
         head.append(b"\r\n")

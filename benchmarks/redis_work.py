@@ -30,8 +30,10 @@ def _stats(client: redis.Redis) -> tuple[dict[str, tuple[int, float]], float]:
     """{command: (calls, usec)}, and Redis's used CPU seconds (user + system, main thread)."""
     info = client.info("commandstats")
     cpu = client.info("cpu")
-    return ({k.removeprefix("cmdstat_"): (v["calls"], v["usec"]) for k, v in info.items()},
-            cpu["used_cpu_user"] + cpu["used_cpu_sys"])
+    return (
+        {k.removeprefix("cmdstat_"): (v["calls"], v["usec"]) for k, v in info.items()},
+        cpu["used_cpu_user"] + cpu["used_cpu_sys"],
+    )
 
 
 def main() -> int:
@@ -43,8 +45,9 @@ def main() -> int:
 
             upstream = stack.enter_context(MockUpstreamProcess()).url
         else:
-            upstream = stack.enter_context(nginx.static_upstream(tools.debian_only().nginx,
-                                                                 workdir)).url + nginx.JSON_BASE
+            upstream = (
+                stack.enter_context(nginx.static_upstream(tools.debian_only().nginx, workdir)).url + nginx.JSON_BASE
+            )
         rs = stack.enter_context(RedisServer())
         src = GatewaySource("this checkout", HERE_ROOT)
         redis_pid = src.write_bench_key(rs.url)
@@ -70,8 +73,10 @@ def main() -> int:
         total_us += usec
         print(f"| {cmd} | {calls / n:.2f} | {usec / n:.1f} |")
     print(f"| all | {total_calls / n:.2f} | {total_us / n:.1f} |")
-    print(f"redis-server CPU per request: {(redis_cpu1 - redis_cpu0) / n * 1e6:.1f} µs (INFO cpu)"
-          + (f", {(proc1 - proc0) / n * 1e6:.1f} µs (/proc)" if proc0 is not None else ""))
+    print(
+        f"redis-server CPU per request: {(redis_cpu1 - redis_cpu0) / n * 1e6:.1f} µs (INFO cpu)"
+        + (f", {(proc1 - proc0) / n * 1e6:.1f} µs (/proc)" if proc0 is not None else "")
+    )
     return 0
 
 

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 from ..http import errors
 
 if TYPE_CHECKING:
-    from ..settings import Settings
     from ..routes import Route
+    from ..settings import Settings
 
 TEXT_FIELDS = {  # content part type -> the field holding its text
     "text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",

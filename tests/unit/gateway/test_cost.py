@@ -7,9 +7,10 @@ from datetime import datetime, timezone
 import pytest
 
 from atlas_core import contract
-from atlas_gateway.http import errors
-from atlas_gateway.ledger import admission as adm, limits
 from atlas_gateway.auth.principal import Principal
+from atlas_gateway.http import errors
+from atlas_gateway.ledger import admission as adm
+from atlas_gateway.ledger import limits
 from atlas_gateway.ledger.script_args import cost_args
 from atlas_gateway.metering.usage import cached_tokens
 

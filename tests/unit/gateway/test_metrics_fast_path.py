@@ -11,8 +11,12 @@ from atlas_gateway import metrics
 
 
 def _samples(metric) -> dict:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in metric.collect() for s in fam.samples
-            if not s.name.endswith("_created")}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in metric.collect()
+        for s in fam.samples
+        if not s.name.endswith("_created")
+    }
 
 
 def test_histogram_observer_fills_the_buckets_prometheus_client_would():
@@ -32,8 +36,14 @@ def test_histogram_observer_fills_the_buckets_prometheus_client_would():
 
 def test_hot_path_writers_add_to_the_exposed_counters_and_gauges():
     def value(name: str, **labels) -> float:
-        return next(s.value for fam in metrics.REQUESTS.collect() + metrics.UPSTREAM_INFLIGHT.collect()
-                    + metrics.PROMPT_TOKENS.collect() for s in fam.samples if s.name == name and s.labels == labels)
+        return next(
+            s.value
+            for fam in metrics.REQUESTS.collect()
+            + metrics.UPSTREAM_INFLIGHT.collect()
+            + metrics.PROMPT_TOKENS.collect()
+            for s in fam.samples
+            if s.name == name and s.labels == labels
+        )
 
     metrics.count_request("ns/fast-path", "m-fast", 200, "Standard")
     metrics.count_request("ns/fast-path", "m-fast", 200, "Standard")
@@ -41,8 +51,10 @@ def test_hot_path_writers_add_to_the_exposed_counters_and_gauges():
     metrics.upstream_started("m-fast")
     metrics.upstream_started("m-fast")
     metrics.upstream_finished("m-fast")
-    assert value("atlas_gateway_requests_total", key="ns/fast-path", model="m-fast", status="200",
-                 priority="Standard") == 2
+    assert (
+        value("atlas_gateway_requests_total", key="ns/fast-path", model="m-fast", status="200", priority="Standard")
+        == 2
+    )
     assert value("atlas_gateway_prompt_tokens_total", key="ns/fast-path", model="m-fast") == 12
     assert value("atlas_gateway_upstream_inflight_requests", model="m-fast") == 1
     assert b'atlas_gateway_requests_total{key="ns/fast-path"' in metrics.render()

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from atlas_gateway.routes import route
 from atlas_gateway.metering.body import UpstreamBody
 from atlas_gateway.metering.validation import parse_body
+from atlas_gateway.routes import route
 
 PROMPT = "x" * 200_000 + " caf\u00e9 \u4e2d"  # a big prompt with non-ASCII text
 

@@ -7,7 +7,8 @@ its processes spent per request (/proc), then at c=1 for the added p50 over ngin
 Prints per-round figures and the medians as a Markdown table (docs/benchmarks.md quotes it).
 
 Environment: ROUNDS (3), DUR (s per run, 4), CANDIDATES (comma-separated ``server/client`` pairs
-of benchmarks.bare_forward; default: all that are installed), GATEWAY_SRC (comma-separated
+of benchmarks.bare_forward; default: all that are installed: granian and socketify come with
+``pip install -e '.[floor]'``), GATEWAY_SRC (comma-separated
 checkouts whose Atlas gateway is measured too, as in ``make bench``: e.g. a "before"),
 SKIP_SELF=1 (not this checkout's gateway), UPSTREAM=mock (the project's mock upstream instead of
 the static nginx, and no nginx proxy: where nginx is not installed; the mock's own speed then

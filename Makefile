@@ -70,7 +70,7 @@ test-cluster: deps  ## real kube-apiserver + etcd + operator
 test-e2e: deps  ## the dev stack driven by the openai SDK and kubectl
 	$(PYTEST) tests/e2e
 
-bench: venv jaeger  ## gateway vs nginx, LiteLLM and the mock: latency, fixed rate, CPU/request; writes docs/benchmarks.md
+bench: venv jaeger  ## gateway vs nginx, nginx as a proxy, a bare forward on its own stack, LiteLLM and the mock: latency, fixed rate, CPU/request and its ratio to the floors; writes docs/benchmarks.md
 	@bash hack/system-deps.sh bench
 	$(PY) -m benchmarks
 

@@ -4,11 +4,14 @@ upstream, the project's mock and a peer proxy, in one run on this machine.
 Processes, all on 127.0.0.1 and free ports: a static nginx upstream (benchmarks.nginx), the
 mock upstream, one redis-server and the gateway per Atlas checkout under test
 (benchmarks.gateways: this one, plus any in ``BENCH_GATEWAY_SRC`` for a before/after in the same
-run), and LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer). Then:
+run), LiteLLM's proxy forwarding to the same nginx (benchmarks.litellm_peer), and the two floors
+every Atlas figure is divided by (skip: BENCH_SKIP_FLOOR=1): nginx as a reverse proxy in front of
+the static nginx, and a bare forward with no logic on Atlas's own server and upstream client
+(benchmarks.bare_forward; other servers and clients: ``python -m benchmarks.floor``). Then:
 
 1. closed loop (wrk, c=1 and c=16): nginx directly, Atlas → nginx, LiteLLM → nginx, the mock
    directly, Atlas → mock, Atlas with 2 workers; req/s, p50/p99 and CPU per request of the
-   gateway and of redis-server (from /proc);
+   gateway and of redis-server (from /proc), and that CPU as a ratio to each floor's;
 2. fixed rate (vegeta, open loop) at 500 and 2,000 requests/s, the same targets;
 3. 1 KB and 200 KB prompts, streamed and not (wrk c=1): the added p50 over nginx directly;
 4. memory per idle keep-alive connection and per open stream (benchmarks.memory);
@@ -35,7 +38,8 @@ gateway; its CPU is that of the master holding the bench key's slot, when local)
 BENCH_PROMPT_SIZES (bytes, "1024,204800"), BENCH_GATEWAY_SRC (other checkouts, comma-separated),
 BENCH_SKIP_SELF=1 (only those), BENCH_SKIP_LITELLM=1, BENCH_SKIP_MOCK=1, BENCH_SKIP_WORKERS=1,
 BENCH_SKIP_MEMORY=1, BENCH_SKIP_SLOW=1, BENCH_SKIP_TOKEN=1, BENCH_SKIP_TRACING=1, BENCH_TRACING_ROUNDS (6),
-BENCH_SKIP_CAPACITY=1, BENCH_CAPACITY_N ("1000,4000,9000"), BENCH_CAPACITY_KEYS (200), BENCH_CLIENTS=1 (add the minimal aiohttp/httpx proxies),
+BENCH_SKIP_CAPACITY=1, BENCH_CAPACITY_N ("1000,4000,9000"), BENCH_CAPACITY_KEYS (200),
+BENCH_CLIENTS=1 (add the bare forward with httpx), BENCH_SKIP_FLOOR=1,
 BENCH_PROFILE=1, BENCH_WRITE_DOCS=0 (print only), BENCH_NOTE (a sentence put into the docs section,
 e.g. what "before" and "after" are). A smoke run:
 ``BENCH_DURATION=1 BENCH_WARMUP=0 BENCH_SKIP_LITELLM=1 BENCH_SKIP_SLOW=1 BENCH_SKIP_CAPACITY=1 BENCH_WRITE_DOCS=0 make bench``.
@@ -58,11 +62,11 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, capacity, exactness, lease_scale, litellm_peer, load, memory, nginx, profiling, report,
-               slow_clients, token_auth, tools, tracing_cost)
+from . import (bodies, capacity, exactness, floor, lease_scale, litellm_peer, load, memory, nginx, profiling,
+               report, slow_clients, token_auth, tools, tracing_cost)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
-from .procs import Proc, ProcError
+from .procs import ProcError
 from .runs import CHAT, Bench, Target, gateway_target
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -128,11 +132,9 @@ def closed_loop(s: Setup) -> None:
                                 ATLAS_WORKERS="2") as gw2:
                 s.measure_closed(gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis_pid), (16,))
     if _on("BENCH_CLIENTS"):  # the upstream-client comparison (aiohttp vs httpx) of docs/benchmarks.md
-        for client in ("aiohttp", "httpx"):
-            with Proc(f"{client} proxy", [sys.executable, "-m", "benchmarks.client_proxy", "--client", client,
-                                          "--upstream", s.json_base, "--port", "{port}"]) as proxy:
-                s.measure_closed(Target(f"minimal {client} proxy (no Redis, no logic) → nginx", proxy.url + CHAT,
-                                        proxy.url + CHAT, cpu={"proxy": proxy.pid}))
+        with floor.bare_forward("atlas/httpx", s.json_base, s.workdir) as proxy:
+            s.measure_closed(Target("bare forward on Atlas's server + httpx → nginx", proxy.url + CHAT,
+                                    proxy.url + CHAT, cpu={"proxy": proxy.pid}))
 
 
 def fixed_rate(s: Setup, rates: list[int]) -> None:
@@ -234,6 +236,14 @@ def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource
     json_base, sse_base = static.url + nginx.JSON_BASE, static.url + nginx.SSE_BASE
     mock = stack.enter_context(MockUpstreamProcess())
     reference = Target(res.reference, json_base + CHAT, sse_base + CHAT, cpu={"nginx": static.pid})
+    floors = []
+    if not _on("BENCH_SKIP_FLOOR"):  # both forward every path as it is, so reach nginx's two locations
+        proxy = stack.enter_context(nginx.reverse_proxy(tl.nginx, workdir, static.port))
+        bare = stack.enter_context(floor.bare_forward("atlas/aiohttp", static.url, workdir))
+        floors = [Target(report.NGINX_PROXY, proxy.url + nginx.JSON_BASE + CHAT, proxy.url + nginx.SSE_BASE + CHAT,
+                         cpu={"nginx proxy": proxy.pid}),
+                  Target(report.BARE_FORWARD, bare.url + nginx.JSON_BASE + CHAT, bare.url + nginx.SSE_BASE + CHAT,
+                         cpu={"bare forward": bare.pid})]
     sides = []
     external = os.environ.get("BENCH_REDIS_URL")  # a running Redis or Redis Cluster, shared by all
     for src in srcs:
@@ -254,7 +264,7 @@ def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource
                            {"litellm": lp.pid}))
     res.meta["versions"] = _versions(tl, res.peer)
     return Setup(bench, res, stack, workdir, json_base, sse_base, mock, sides,
-                 [reference] + [side.target for side in sides] + peer)
+                 [reference] + floors + [side.target for side in sides] + peer)
 
 
 def main() -> int:

@@ -18,6 +18,14 @@ TARGET_ADDED_P99_C1_MS = 0.5
 TARGET_TAIL_RATIO = 3.0
 TARGET_BIG_PROMPT_MS = 0.5
 TARGET_REDIS_CPU_US = 20.0
+# issue 24's: Atlas's CPU per request over the floor (a bare forward on its own server and client)
+TARGET_FLOOR_RATIO = 1.25
+TARGET_ADDED_P50_C1_MS = 0.3
+
+# the two floors every Atlas figure is divided by (benchmarks.floor): a proxy in C, and a
+# forward with no logic on Atlas's own server and upstream client
+NGINX_PROXY = "nginx as a reverse proxy → nginx"
+BARE_FORWARD = "bare forward on Atlas's stack (its uvicorn protocol + aiohttp, no logic) → nginx"
 
 
 @dataclass
@@ -87,13 +95,33 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 # -------------------------------------------------------------------------------- tables
 
+def own_cpu(run: Run | None) -> float | None:
+    """The CPU per request of the target's own process (not redis-server's)."""
+    if run is None:
+        return None
+    return next((v for k, v in run.cpu_us.items() if k != "redis-server"), None)
+
+
+def ratio(res: Results, target: str, floor: str, c: int = 16) -> float | None:
+    """``target``'s own CPU per request over ``floor``'s, at concurrency ``c``."""
+    mine, base = own_cpu(res.closed.get(target, {}).get(c)), own_cpu(res.closed.get(floor, {}).get(c))
+    return mine / base if mine is not None and base else None
+
+
 def closed_loop_table(res: Results) -> str:
     rows = []
+    floors = [f for f in (NGINX_PROXY, BARE_FORWARD) if f in res.closed]
     for target, runs in res.closed.items():
         c1, c16 = runs.get(1), runs.get(16)
+        ratios = []
+        for floor in floors:
+            r = ratio(res, target, floor) if target != res.reference else None
+            ratios.append(f"{r:.2f}×" if r is not None else "–")
         rows.append([target, _cell(c16, "rps"), _cell(c1, "p50"), _cell(c1, "p99"), _cell(c16, "p99"),
-                     cpu_cell(c1, c16)])
-    return table(["target", "req/s c=16", "p50 c=1", "p99 c=1", "p99 c=16", "CPU per request"], rows)
+                     cpu_cell(c1, c16), *ratios])
+    names = {NGINX_PROXY: "CPU c=16 ÷ nginx proxy", BARE_FORWARD: "CPU c=16 ÷ bare forward"}
+    return table(["target", "req/s c=16", "p50 c=1", "p99 c=1", "p99 c=16", "CPU per request",
+                  *(names[f] for f in floors)], rows)
 
 
 def fixed_rate_table(res: Results) -> str:
@@ -187,6 +215,12 @@ def targets(res: Results) -> list[tuple[str, dict[str, tuple[str, bool | None]]]
 
     out.append((f"gateway CPU per request at c=16 ≤ {TARGET_CPU_C16_US:.0f} µs",
                 each(lambda gw: check(gateway_cpu(gw, 16), TARGET_CPU_C16_US, "us"))))
+    if BARE_FORWARD in res.closed:
+        def over_floor(gw: str) -> tuple[str, bool | None]:
+            r = ratio(res, f"{gw} → nginx", BARE_FORWARD)
+            return ("–", None) if r is None else (f"{r:.2f}×", r <= TARGET_FLOOR_RATIO)
+        out.append((f"gateway CPU per request at c=16 ≤ {TARGET_FLOOR_RATIO}× the bare forward's (issue 24)",
+                    each(over_floor)))
     out.append((f"gateway CPU per request at c=1 ≤ {TARGET_CPU_C1_US:.0f} µs",
                 each(lambda gw: check(gateway_cpu(gw, 1), TARGET_CPU_C1_US, "us"))))
     def added_p99(gw: str) -> tuple[str, bool | None]:
@@ -196,6 +230,8 @@ def targets(res: Results) -> list[tuple[str, dict[str, tuple[str, bool | None]]]
         return check(added, TARGET_ADDED_P99_C1_MS, "ms")
 
     out.append((f"added p99 at c=1 ≤ {TARGET_ADDED_P99_C1_MS} ms (over nginx directly)", each(added_p99)))
+    out.append((f"added p50 at c=1 ≤ {TARGET_ADDED_P50_C1_MS} ms (over nginx directly; issue 24)",
+                each(lambda gw: check(res.closed[f"{gw} → nginx"][1].p50 - ref[1].p50, TARGET_ADDED_P50_C1_MS, "ms"))))
 
     def tail(gw: str) -> tuple[str, bool | None]:
         run = res.closed[f"{gw} → nginx"][16]
@@ -246,7 +282,9 @@ def render(res: Results) -> str:
         "with every limit kind on the key and its quota. Versions: " + m.get("versions", "") + ".",
         "",
         *([m["note"], ""] if m.get("note") else []),
-        "Closed loop (wrk), small chat completion (16 completion tokens):",
+        "Closed loop (wrk), small chat completion (16 completion tokens). The last columns divide a target's "
+        "own CPU per request at c=16 by that of the two floors: nginx as a reverse proxy, and a bare forward "
+        "(benchmarks/bare_forward.py) on Atlas's own server and upstream client:",
         "",
         closed_loop_table(res),
         "",

@@ -38,6 +38,14 @@ def _debian_binary(name: str) -> str | None:
     return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
 
 
+def debian_only() -> Tools:
+    """wrk and nginx alone (benchmarks.floor and benchmarks.instructions need nothing else)."""
+    missing = [n for n in ("wrk", "nginx") if not _debian_binary(n)]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} not found: run `bash hack/system-deps.sh bench`")
+    return Tools(wrk=_debian_binary("wrk"), nginx=_debian_binary("nginx"), vegeta="", litellm=None, py_spy=None)
+
+
 def ensure(profile: bool, litellm: bool) -> Tools:
     missing = [n for n in ("wrk", "nginx") if not _debian_binary(n)]
     if missing:

@@ -5,13 +5,51 @@ single process and snapshots them for the others; /metrics then sums every worke
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    values,
 )
+
+
+class LoopValue:
+    """prometheus_client's in-memory value (``values.MutexValue``) without its lock. Every metric
+    of the gateway is written and read on the process's event-loop thread (the one other thread,
+    OpenTelemetry's exporter, never touches them), so the lock protects nothing, and taking it is
+    most of what an increment costs (docs/benchmarks.md, issue 24)."""
+
+    __slots__ = ("_value", "_exemplar")
+    _multiprocess = False
+
+    def __init__(self, typ, metric_name, name, labelnames, labelvalues, help_text, **kwargs) -> None:
+        self._value = 0.0
+        self._exemplar = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp=None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self):
+        return self._exemplar
+
+
+# before any metric below exists: each of their values (and their children's) is a LoopValue.
+# The gateway never runs prometheus_client's multiprocess mode (__main__ drops its directory).
+if not getattr(values.ValueClass, "_multiprocess", False):
+    values.ValueClass = LoopValue
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -102,21 +140,64 @@ def _child(metric, *labels):
     return child
 
 
+# The hot path's counters and histograms, one cached callable per label set: a child's
+# ``inc``/``observe`` re-checks on every call what cannot change (the metric is observable,
+# the amount is not negative), and a histogram walks its buckets; these do the one addition.
+_adders: dict[tuple, object] = {}
+_observers: dict[tuple, object] = {}
+
+
+def _adder(metric, *labels):
+    """``add(amount)`` of a counter's or gauge's child: what the hot path's amounts (never
+    negative for a counter) are added with."""
+    key = (id(metric), *labels)
+    add = _adders.get(key)
+    if add is None:
+        add = _adders[key] = (_child(metric, *labels) if labels else metric)._value.inc
+    return add
+
+
+def _histogram_observer(histogram):
+    """``observe(seconds)`` of a histogram (or a child of one): into the sum and the first bucket
+    whose bound is at least the amount, as ``Histogram.observe`` does, by bisection."""
+    bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum
+
+    def observe(amount: float) -> None:
+        total.inc(amount)
+        at = bisect_left(bounds, amount)  # the last bound is +Inf: always one, except for NaN
+        if amount <= bounds[at]:  # NaN: in no bucket, as prometheus_client does
+            buckets[at].inc(1)
+    return observe
+
+
+def _observer(metric, *labels):
+    key = (id(metric), *labels)
+    observe = _observers.get(key)
+    if observe is None:
+        observe = _observers[key] = _histogram_observer(_child(metric, *labels) if labels else metric)
+    return observe
+
+
+def observe_overhead(seconds: float) -> None:
+    """The gateway's own time of one request (OVERHEAD)."""
+    _observer(OVERHEAD)(seconds)
+
+
 def count_request(key: str, model: str, status: int, priority: str) -> None:
-    _child(REQUESTS, key, model, str(status), priority).inc()
+    _adder(REQUESTS, key, model, str(status), priority)(1)
 
 
 def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
     if prompt:
-        _child(PROMPT_TOKENS, key, model).inc(prompt)
+        _adder(PROMPT_TOKENS, key, model)(prompt)
     if completion:
-        _child(COMPLETION_TOKENS, key, model).inc(completion)
+        _adder(COMPLETION_TOKENS, key, model)(completion)
 
 
 def count_cost(principal, model: str, micro: int) -> None:
     """The key's settled cost (micro-units) in its price list's currency."""
     key = principal.key
-    _child(COST, principal.currency or "", key.namespace, key.name, model).inc(micro / 1_000_000)
+    _adder(COST, principal.currency or "", key.namespace, key.name, model)(micro / 1_000_000)
 
 
 def count_demoted(principal, decision) -> None:
@@ -129,7 +210,7 @@ def count_rejection(key: str, reason: str) -> None:
 
 
 def count_admitted(model: str, tokens: int) -> None:
-    _child(ADMITTED_TOKENS, model).inc(tokens)
+    _adder(ADMITTED_TOKENS, model)(tokens)
 
 
 def count_refused(model: str, reason: str, tokens: int) -> None:
@@ -137,15 +218,15 @@ def count_refused(model: str, reason: str, tokens: int) -> None:
 
 
 def upstream_started(model: str) -> None:
-    _child(UPSTREAM_INFLIGHT, model).inc()
+    _adder(UPSTREAM_INFLIGHT, model)(1)
 
 
 def upstream_finished(model: str) -> None:
-    _child(UPSTREAM_INFLIGHT, model).dec()
+    _adder(UPSTREAM_INFLIGHT, model)(-1)
 
 
 def observe_upstream(model: str, seconds: float) -> None:
-    _child(UPSTREAM_LATENCY, model).observe(seconds)
+    _observer(UPSTREAM_LATENCY, model)(seconds)
 
 
 def count_overrun(key: str, tokens: int) -> None:

@@ -16,8 +16,9 @@ class Principal:
 
     __slots__ = (
         "key", "quota", "quota_missing", "ref", "fairness_id", "subjects", "subject_limits", "allows_model", "priority",
-        "price_tables", "cost_limited", "priced", "currency", "tag", "ledger", "soft_limited",
+        "price_tables", "cost_limited", "priced", "currency", "tag", "ledger", "soft_limited", "_prices",
     )
+    _PRICES_KEPT = 256  # models whose prices are remembered (a client names any model it likes)
 
     def __init__(self, key: contract.KeyConfig, quota: contract.QuotaConfig | None) -> None:
         self.key = key
@@ -48,6 +49,7 @@ class Principal:
         # what the ledger derives from this config (its script arguments, call shapes), built by
         # the ledger on first use and kept for as long as this config holds (ledger/script_args.py)
         self.ledger: Any = None
+        self._prices: dict[str, tuple] = {}  # model -> prices_for(model): globs matched once per model
 
     def refusal(self, now: float) -> errors.GatewayError | None:
         """Why this key may not be served right now (403), or None."""
@@ -78,6 +80,9 @@ class Principal:
         subject whose price list has no price for ``model`` and no default."""
         if not self.priced:
             return None
+        known = self._prices.get(model)
+        if known is not None:
+            return known
         out = []
         for subject, table, limited in zip(self.subjects, self.price_tables, self.cost_limited):
             price = table.price_of(model) if table is not None else None
@@ -88,4 +93,7 @@ class Principal:
                     f"{owner} has a cost budget, but {listed} has no price for model '{model}' "
                     "(and no default): the request cannot be priced.", "model_not_priced")
             out.append(price)
-        return tuple(out)
+        if len(self._prices) >= self._PRICES_KEPT:
+            self._prices.clear()
+        prices = self._prices[model] = tuple(out)
+        return prices

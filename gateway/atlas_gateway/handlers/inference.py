@@ -66,7 +66,7 @@ class InferenceEndpoint:
             await send_error(send, err, req.response_headers)
             metrics.count_request(req.ref, req.model, err.status, req.priority)
             metrics.count_rejection(req.ref, err.reason or err.code or err.type)
-            metrics.OVERHEAD.observe(perf_counter() - req.started)
+            metrics.observe_overhead(perf_counter() - req.started)
         except ConnectionAbortedError:  # the client left while sending its body: nobody to answer
             req.status, req.error = 499, "The client left while sending its body."
         except Exception:

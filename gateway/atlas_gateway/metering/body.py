@@ -7,10 +7,12 @@ Atlas sets the completion cap it reserved for (bounds.py), asks a stream for its
 Members Atlas only has to *add* are appended to the client's bytes (one copy, no
 re-serialisation: a 200 KB prompt costs the same as a 1 KB one, streaming or not). A top-level
 key absent from the parsed document is absent from the body in every spelling, so the appended
-member is the only one of its name. Only a member that must *change* or go (a cap the client set
-higher, a ``stream_options`` without ``include_usage``, a client's ``priority``) makes the body
-re-serialised, by orjson (two orders of magnitude faster than the standard library's encoder on
-big prompts: docs/benchmarks.md, "Figures behind the code").
+member is the only one of its name. A member that must *change* or go (a cap the client set
+higher, a ``stream_options`` without ``include_usage``, a client's ``priority``), or a cap field
+the client sent (which could be duplicated or escaped in its bytes: bounds.cap_patch), makes the
+body re-serialised, by orjson (two orders of magnitude faster than the standard library's
+encoder on big prompts, and faster than proving a 200 KB body's cap key unambiguous:
+docs/benchmarks.md, "Figures behind the code" and issue 24).
 """
 
 from __future__ import annotations

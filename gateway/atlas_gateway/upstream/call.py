@@ -202,7 +202,7 @@ class UpstreamCall:
             await self._settle()
             metrics.count_request(req.ref, req.model, status, req.priority)
             metrics.count_tokens(req.ref, req.model, self.billed.prompt, self.billed.completion)
-            metrics.OVERHEAD.observe(max(0.0, perf_counter() - req.started - self.upstream_seconds))
+            metrics.observe_overhead(max(0.0, perf_counter() - req.started - self.upstream_seconds))
 
     async def _settle(self) -> None:
         if self.ticket is not None:

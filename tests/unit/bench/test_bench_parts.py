@@ -228,3 +228,73 @@ def test_memory_probe_reads_whole_answers_chunked_or_not():
     request = memory._request("sk-x", b"{}", {"x-mock-chunk-delay-ms": "1000"})
     assert request.endswith(b"\r\n\r\n{}") and b"Content-Length: 2\r\n" in request
     assert b"x-mock-chunk-delay-ms: 1000\r\n" in request
+
+
+def test_atlas_cpu_is_divided_by_both_floors_and_judged_against_the_bare_forward():
+    res = _results()
+    res.closed[report.NGINX_PROXY] = {1: _run(0.1, 0.2, 9000, **{"nginx proxy": 25}),
+                                      16: _run(0.4, 0.9, 36000, **{"nginx proxy": 20})}
+    res.closed[report.BARE_FORWARD] = {1: _run(0.3, 0.5, 3000, **{"bare forward": 300}),
+                                       16: _run(1.5, 3.0, 7000, **{"bare forward": 100})}
+    assert report.ratio(res, "Atlas abc → nginx", report.BARE_FORWARD) == pytest.approx(1.49)
+    assert report.ratio(res, "Atlas abc → nginx", report.NGINX_PROXY) == pytest.approx(7.45)
+    text = report.render(res)
+    assert "| CPU c=16 ÷ nginx proxy | CPU c=16 ÷ bare forward |" in text
+    assert "| 7.45× | 1.49× |" in text  # Atlas's row: its own CPU, not redis-server's
+    floor_verdict = [v["Atlas abc"] for t, v in report.targets(res) if "bare forward" in t]
+    assert floor_verdict == [("1.49×", False)]
+    added = [v["Atlas abc"] for t, v in report.targets(res) if t.startswith("added p50")]
+    assert added == [("0.35 ms", False)]  # 0.41 - 0.06
+    assert "÷ bare forward" not in report.render(_results())  # no floors measured: no columns
+
+
+def test_nginx_reverse_proxy_keeps_upstream_connections_alive(tmp_path):
+    conf = nginx.proxy_config(18081, str(tmp_path), 18080)
+    assert "server 127.0.0.1:18080; keepalive 64;" in conf
+    assert "proxy_http_version 1.1;" in conf and 'proxy_set_header Connection "";' in conf
+    assert "listen 127.0.0.1:18081" in conf
+
+
+def test_raw_client_reuses_its_connection_and_reads_status_type_and_body():
+    from benchmarks.raw_client import RawClient
+
+    async def scenario():
+        seen: list[bytes] = []
+
+        async def serve(reader, writer):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0]
+                             .split(b":")[1])
+                seen.append(head.split(b"\r\n")[0] + b" " + await reader.readexactly(length))
+                answer = b'{"n":%d}' % len(seen)
+                writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/x-test\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(answer), answer))
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = RawClient(f"http://127.0.0.1:{port}/base")
+        first = await client.post("/v1/x", b'{"a":1}', {"content-type": "application/json"})
+        second = await client.post("/v1/x", b"{}", {})
+        await client.close()
+        server.close()
+        return first, second, seen, len(client.idle)
+
+    first, second, seen, idle = asyncio.run(scenario())
+    assert first == (201, b"application/x-test", b'{"n":1}') and second[2] == b'{"n":2}'
+    assert seen == [b'POST /base/v1/x HTTP/1.1 {"a":1}', b"POST /base/v1/x HTTP/1.1 {}"]
+    assert idle == 0  # closed
+
+
+def test_callgrind_totals_and_floor_candidates(tmp_path):
+    from benchmarks import floor, instructions
+
+    dump = tmp_path / "callgrind.x.1"
+    dump.write_text("version: 1\ncreator: callgrind\nevents: Ir\nfn=main\n0 5\nsummary: 123456\ntotals: 123456\n")
+    assert instructions._total(str(dump)) == 123456
+    (tmp_path / "empty").write_text("events: Ir\n")
+    with pytest.raises(RuntimeError):
+        instructions._total(str(tmp_path / "empty"))
+    assert floor.label("atlas/aiohttp").startswith("bare forward: Atlas's server")
+    assert floor._installed("atlas/aiohttp")  # aiohttp and uvicorn are the gateway's own
+    assert all("/" in c for c in floor.DEFAULT)

@@ -7,9 +7,10 @@ from datetime import datetime, timezone
 import pytest
 
 from atlas_core import contract
-from atlas_gateway.http import errors
-from atlas_gateway.ledger import admission as adm, limits
 from atlas_gateway.auth.principal import Principal
+from atlas_gateway.http import errors
+from atlas_gateway.ledger import admission as adm
+from atlas_gateway.ledger import limits
 from atlas_gateway.ledger.script_args import cost_args
 from atlas_gateway.metering.usage import cached_tokens
 
@@ -77,8 +78,20 @@ def test_cost_limited_key_refuses_an_unpriced_model_with_403():
     with pytest.raises(errors.GatewayError) as err:
         p.prices_for("llama-3")
     assert err.value.status == 403 and "no price for model 'llama-3'" in err.value.message
+    with pytest.raises(errors.GatewayError):  # refused every time: a refusal is not remembered
+        p.prices_for("llama-3")
     # priced but not cost-limited: served, counted as 0
     assert principal(contract.Limits()).prices_for("llama-3") == (None,)
+
+
+def test_prices_are_looked_up_once_per_model_and_the_memory_is_bounded():
+    p = principal(contract.Limits(cost_per_day=1))
+    first = p.prices_for("gpt-4o")
+    assert first[0] is not None and p.prices_for("gpt-4o") is first
+    for i in range(Principal._PRICES_KEPT + 10):  # any model names a client sends
+        p.prices_for(f"gpt-4o-{i}")
+    assert len(p._prices) <= Principal._PRICES_KEPT
+    assert p.prices_for("gpt-4o") == first
 
 
 def test_config_round_trip_keeps_prices():

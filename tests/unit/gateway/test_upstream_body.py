@@ -1,5 +1,6 @@
 """What goes upstream (upstream_body.py): only what Atlas must set is changed; members it only
-adds are appended to the client's own bytes, which are never re-serialised for them."""
+adds are appended to the client's own bytes, which are never re-serialised for them; a cap field
+the client sent makes the body re-serialised (one key each, whatever its bytes said)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 
 import pytest
 
-from atlas_gateway.routes import route
 from atlas_gateway.metering.body import UpstreamBody
 from atlas_gateway.metering.validation import parse_body
+from atlas_gateway.routes import route
 
 PROMPT = "x" * 200_000 + " caf\u00e9 \u4e2d"  # a big prompt with non-ASCII text
 
@@ -28,19 +29,30 @@ def spliced(body: UpstreamBody, raw: bytes) -> bool:
 
 @pytest.mark.parametrize("ensure_ascii", [True, False])  # \u-escaped non-ASCII text (older SDKs) or raw UTF-8
 def test_a_big_streaming_prompt_is_spliced_not_re_serialised(ensure_ascii):
-    doc = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64, "stream": True}
+    doc = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "stream": True}
     raw = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
     body, _ = forwarded(doc, raw)
     assert body.streaming and body.strip_usage
     assert spliced(body, raw)
-    assert body.payload.endswith(b',"max_completion_tokens":64,"stream_options":{"include_usage":true}}')
+    assert body.payload.endswith(
+        b',"max_completion_tokens":64,"max_tokens":64,"stream_options":{"include_usage":true}}')
+    assert json.loads(body.payload) == {**doc, "max_completion_tokens": 64, "max_tokens": 64,
+                                        "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_a_cap_field_the_client_sent_makes_the_body_re_serialised_with_one_key_each(ensure_ascii):
+    doc = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64, "stream": True}
+    raw = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+    body, _ = forwarded(doc, raw)
+    assert not spliced(body, raw) and body.strip_usage
+    assert body.payload.count(b'"max_tokens"') == 1 and body.payload.count(b'"max_completion_tokens"') == 1
     assert json.loads(body.payload) == {**doc, "max_completion_tokens": 64, "stream_options": {"include_usage": True}}
 
 
 def test_a_body_that_needs_nothing_is_forwarded_as_it_came():
-    doc = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64,
-           "max_completion_tokens": 64, "stream": True, "stream_options": {"include_usage": True}}
-    body, raw = forwarded(doc)
+    doc = {"model": "m", "input": "hi"}
+    body, raw = forwarded(doc, name="embeddings")
     assert body.payload is raw and not body.strip_usage
 
 

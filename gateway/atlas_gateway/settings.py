@@ -150,7 +150,9 @@ def _upstream_shedding(raw: str | None, defaults: tuple[int, int, int]) -> dict[
             raise SettingsError(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]: an object with Sheddable, Standard, Critical "
                                 "(waiting requests) and metrics (true/false)")
         try:
-            thresholds = tuple(max(0, int(entry.get(name, default))) for name, default in zip(PRIORITIES[::-1], defaults))
+            sheddable, standard, critical = (max(0, int(entry.get(name, default)))
+                                             for name, default in zip(PRIORITIES[::-1], defaults, strict=True))
+            thresholds = (sheddable, standard, critical)
         except (TypeError, ValueError) as exc:
             raise SettingsError(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]: thresholds are whole numbers") from exc
         _check_queue_order(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]", thresholds)

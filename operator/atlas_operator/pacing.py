@@ -70,12 +70,16 @@ class StalenessQueue:
     change happened after it). Objects found in sync are forgotten.
     """
 
+    ECHO_CYCLES = 3
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.since: dict[ObjectId, float] = {}
-        # resourceVersion each object had when we last patched it: while the watch still shows
-        # that version, our patch has not come back yet and sending it again would only conflict.
-        self.sent: dict[ObjectId, str] = {}
+        # resourceVersion each object had when we last patched it, and the cycles since: while
+        # the watch still shows that version, our patch has not come back yet and sending it
+        # again would only conflict. After ECHO_CYCLES it is sent anyway (a patch the API server
+        # found to change nothing keeps its resourceVersion: it must not wait forever).
+        self.sent: dict[ObjectId, tuple[str, int]] = {}
 
     def order(self, todo: list[Item], read_at: float | None = None) -> tuple[list[Item], int]:
         """The patches to send, most urgent first, and how many wait for the watch to echo our
@@ -87,8 +91,8 @@ class StalenessQueue:
         for oid, item in present.items():
             self.since.setdefault(oid, read_at)
             sent = self.sent.pop(oid, None)
-            if sent is not None and sent == item[1].resource_version:
-                self.sent[oid] = sent
+            if sent is not None and sent[0] == item[1].resource_version and sent[1] < self.ECHO_CYCLES:
+                self.sent[oid] = (sent[0], sent[1] + 1)
                 echo_pending += 1
                 continue
             ready.append(item)
@@ -99,7 +103,7 @@ class StalenessQueue:
     def written(self, item: Item, read_at: float) -> None:
         """``item``'s patch was accepted: its status shows the figures read at ``read_at``."""
         oid = object_id(item)
-        self.sent[oid] = item[1].resource_version
+        self.sent[oid] = (item[1].resource_version, 0)
         self.since[oid] = read_at
 
     def _urgency(self, item: Item) -> tuple[int, float, int, int]:

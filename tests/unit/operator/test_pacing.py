@@ -113,6 +113,13 @@ def test_a_patch_not_yet_echoed_by_the_watch_is_not_sent_again():
     assert names(order) == ["a"] and waiting == 0
 
 
+def test_a_patch_never_echoed_is_sent_again_after_a_few_cycles():
+    queue = StalenessQueue(clock=FakeClock())
+    queue.written(item(KEYS, "a", rv="7"), read_at=0.0)
+    waits = [queue.order([item(KEYS, "a", rv="7")])[1] for _ in range(StalenessQueue.ECHO_CYCLES + 1)]
+    assert waits == [1] * StalenessQueue.ECHO_CYCLES + [0]
+
+
 # ---------------------------------------------------------------- through the write-back
 
 

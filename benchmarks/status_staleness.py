@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -162,7 +163,8 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
 
 
-def one_round(label: str, cp: ControlPlane, server: RedisServer, namespace: str, n_keys: int, watch: KeyWatch,
+def one_round(label: str, cp: ControlPlane, server: RedisServer, namespace: str, n_keys: int, n_quotas: int,
+              watch: KeyWatch,
               src: str | None, log_dir: Path, env_extra: dict[str, str], timeout: float) -> dict:
     log = log_dir / f"operator-{label}.log"
     proc, metrics_url = start_operator(cp.kubeconfig, server.url, namespace, log, src, env_extra)
@@ -202,7 +204,7 @@ def one_round(label: str, cp: ControlPlane, server: RedisServer, namespace: str,
         pipe = r.pipeline(transaction=False)
         for i in range(n_keys):
             subject = contract.key_subject(namespace, f"k{i}")
-            day_key, month_key = contract.usage_keys(subject, now, contract.slot_tag(namespace, f"k{i}", f"q{i % 100}"))
+            day_key, month_key = contract.usage_keys(subject, now, contract.slot_tag(namespace, f"k{i}", f"q{i % n_quotas}"))
             pipe.hset(day_key, contract.USAGE_SETTLED, target)
             pipe.hincrby(day_key, contract.USAGE_REQUESTS, 1)
             pipe.hset(day_key, contract.USAGE_LAST, int(now.timestamp() * 1000))
@@ -248,6 +250,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra operator environment for this tree's round (e.g. ATLAS_STATUS_WRITES_PER_SECOND=100)")
     args = parser.parse_args()
+    # stopped by a signal: unwind, so the operator, Redis and the control plane stop too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env_extra = dict(e.split("=", 1) for e in args.env)
     log_dir = Path(tempfile.mkdtemp(prefix="atlas-staleness-"))
     print(f"logs in {log_dir}", flush=True)
@@ -264,8 +268,8 @@ def main() -> None:
                 rounds.reverse()
         try:
             for label, src, extra in rounds:
-                one_round(label.replace("/", "_"), cp, server, namespace, args.keys, watch, src, log_dir, extra,
-                          args.timeout)
+                one_round(label.replace("/", "_"), cp, server, namespace, args.keys, args.quotas, watch, src,
+                          log_dir, extra, args.timeout)
         finally:
             watch.stop()
 

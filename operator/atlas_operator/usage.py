@@ -237,7 +237,7 @@ def plan(
     todo = [(QUOTAS, q, contract.quota_subject(q.namespace, q.name)) for q in quotas if not q.deleting]
     todo += [(KEYS, k, contract.key_subject(k.namespace, k.name)) for k in keys]
     for plural, view, subject in todo:
-        if "observedGeneration" not in view.status:
+        if not view.status.get("observedGeneration"):  # the CRD defaults it to 0 until the first reconcile
             continue
         posted: list[tuple[str, str, str]] = []
         try:

@@ -192,3 +192,16 @@ def test_settings_rate_defaults_and_the_former_per_cycle_cap():
     assert (set_.status_writes_per_second, set_.status_write_burst) == (20.0, 40)
     legacy = OperatorSettings.from_env({"ATLAS_USAGE_MAX_WRITES": "500", "ATLAS_USAGE_INTERVAL_SECONDS": "5"})
     assert legacy.status_writes_per_second == 100.0
+
+
+async def test_a_key_never_reconciled_is_left_to_its_reconcile(kube, redis):
+    """The CRD defaults status.observedGeneration to 0 (for GitOps tools): such a key has had no
+    reconcile yet, and a usage patch would only race it (and spend the write rate)."""
+    await _fleet(kube, redis, 1)
+    kube.add(KEYS, "new", {"quotaRef": "q"})
+    kube.get(KEYS, "new")["status"] = {"observedGeneration": 0}
+    day, month = contract.usage_keys(contract.key_subject("team", "new"), NOW, contract.quota_subject("team", "q"))
+    await redis.hset(day, "settled", 5)
+    kube.patches.clear()
+    stats = await usage_cycle(redis, kube, [ObjectView.of(kube.get(KEYS, "new"))], [], NOW)
+    assert (stats.patches, kube.patches) == (0, [])

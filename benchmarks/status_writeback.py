@@ -11,7 +11,9 @@ is T0 until its status shows it. Also: status patches per second and the CPU of 
 and etcd meanwhile (/proc).
 
 ``--legacy`` runs the same loop the way the operator did before issue 19 (at most 500 patches per
-cycle, most changed first; with ``PYTHONPATH=<old tree>/operator`` it is the old code itself).
+cycle, most changed first). With ``PYTHONPATH=<old tree>/operator:.`` (an older tree from `git
+archive <commit> operator | tar -x -C <old tree>`) it is the old code itself: its
+``usage_cycle(max_writes=500)``.
 """
 
 from __future__ import annotations
@@ -136,11 +138,11 @@ async def run(n: int, legacy: bool, timeout: float, interval: float, rate: float
                                                queue=queue, deadline=time.monotonic() + interval)
             if "max_writes" in params:
                 return await usage.usage_cycle(redis, kube, views, [], datetime.now(timezone.utc), max_writes=500)
-            # this tree, emulating the former cap: 500 tokens a cycle, no deadline
+            # this tree, emulating the former cap: 500 tokens a cycle, none refilled meanwhile
             from atlas_operator.pacing import TokenBucket
 
             return await usage.usage_cycle(redis, kube, views, [], datetime.now(timezone.utc),
-                                           bucket=TokenBucket(1e-9, 500), deadline=None)
+                                           bucket=TokenBucket(1e-9, 500), deadline=time.monotonic())
 
         pipe = redis.pipeline(transaction=False)
         for i in range(n):

@@ -68,6 +68,11 @@ def paced_operator(operator, operator_kubeconfig, op_redis, namespace, tmp_path)
         operator.start()
 
 
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:"))
+
+
 def fleet_manifest(n: int) -> str:
     items = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasQuota", "metadata": {"name": "team"},
               "spec": {"limits": {"tokensPerDay": 10**9}}}]
@@ -102,7 +107,7 @@ def test_every_status_converges_within_the_bound_of_the_rate(kube, kubeconfig, n
                    timeout=bound + 60, interval=0.2)
         stale = sorted(t - t0 for t in watch.shown_at.values())
         print(f"\n[measure] {KEYS_IN_FLEET} keys at {RATE}/s: staleness p50 {stale[len(stale) // 2]:.1f}s "
-              f"max {stale[-1]:.1f}s (bound {bound:.0f}s)")
+              f"max {stale[-1]:.1f}s (bound {bound:.0f}s); operator RSS {rss_mib(paced_operator.proc.pid)} MiB")
         assert stale[-1] <= bound, f"the last status took {stale[-1]:.1f}s, bound {bound:.0f}s"
         # ... and the rate held: in any window of T seconds at most BURST + RATE * T patches
         # (a small allowance for the watch delivering a few of them late together)

@@ -60,9 +60,11 @@ class SecretMapping(Mapping):
 
 
 class Runtime:
-    def __init__(self, settings: OperatorSettings, kube: KubeApi, redis: Any, indexes: dict[str, Any]):
+    def __init__(self, settings: OperatorSettings, kube: KubeApi, redis: Any, indexes: dict[str, Any],
+                 status_kube: KubeApi | None = None):
         self.settings = settings
         self.kube = kube
+        self.status_kube = status_kube or kube  # the usage write-back's API client (its own threads)
         self.redis = redis
         self.indexes = indexes  # kopf indexes by name (live views)
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -375,7 +377,7 @@ class Runtime:
         # Patches go out until the next cycle is due (the loop runs at a fixed rate), so the
         # bucket's rate is used nearly all the time while a backlog lasts.
         deadline = self.status_bucket.clock() + self.settings.usage_interval
-        stats = await usage.usage_cycle(self.redis, self.kube, key_views, quota_views,
+        stats = await usage.usage_cycle(self.redis, self.status_kube, key_views, quota_views,
                                         datetime.now(timezone.utc),
                                         bucket=self.status_bucket, queue=self.status_queue,
                                         deadline=deadline,

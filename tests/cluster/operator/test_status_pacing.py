@@ -38,22 +38,41 @@ class UsageWatch:
         self.reconciled: set[str] = set()
         self.target: int | None = None
         self.shown_at: dict[str, float] = {}
+        self.stopped = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _see(self, obj: dict, now: float) -> None:
+        status = obj.get("status") or {}
+        name = obj["metadata"]["name"]
+        if status.get("keyId"):
+            self.reconciled.add(name)
+        tokens = (status.get("usage") or {}).get("tokensToday", 0)
+        if self.target is not None and tokens >= self.target:
+            self.shown_at.setdefault(name, now)
+
     def _run(self) -> None:
-        for event in self.watch.stream(self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
-                                       "atlaskeys", timeout_seconds=300):
-            obj, now = event["object"], time.monotonic()
-            status = obj.get("status") or {}
-            name = obj["metadata"]["name"]
-            if status.get("keyId"):
-                self.reconciled.add(name)
-            tokens = (status.get("usage") or {}).get("tokensToday", 0)
-            if self.target is not None and tokens >= self.target:
-                self.shown_at.setdefault(name, now)
+        # a stream the API server ends (its timeout, a dropped connection) is listed and watched
+        # again from where it was: a status missed here would fail the test for nothing
+        rv = None
+        while not self.stopped:
+            try:
+                if rv is None:
+                    listed = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "atlaskeys")
+                    now = time.monotonic()
+                    for obj in listed["items"]:
+                        self._see(obj, now)
+                    rv = listed["metadata"]["resourceVersion"]
+                for event in self.watch.stream(self.api.list_namespaced_custom_object, GROUP, VERSION,
+                                               self.namespace, "atlaskeys", resource_version=rv, timeout_seconds=60):
+                    rv = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._see(event["object"], time.monotonic())
+            except Exception:  # noqa: BLE001 - 410 Gone or a dropped stream: list again
+                rv = None
 
     def stop(self) -> None:
+        self.stopped = True
         self.watch.stop()
 
 

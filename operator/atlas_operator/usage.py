@@ -323,7 +323,8 @@ async def usage_cycle(
     no token before ``deadline`` (a ``bucket.clock`` instant) waits for the next cycle, which
     re-reads it. Without a bucket every patch goes out at once. With ``history``, forecasts
     too; ``observed`` collects them. With ``carry_over``, first the usage counted under the v1
-    contract (an upgrade in progress). ``tracker`` learns which objects failed and which work again (a fresh one when omitted)."""
+    contract (an upgrade in progress). ``tracker`` learns which objects failed and which work
+    again (a fresh one when omitted)."""
     started = time.perf_counter()
     queue = queue if queue is not None else StalenessQueue()
     read_at = queue.clock()

@@ -25,6 +25,7 @@ from atlas_core import contract
 from atlas_devstack.merge_patch import merge_patch
 from atlas_operator.history import History
 from atlas_operator.kube import PATCHED
+from atlas_operator.pacing import StalenessQueue, TokenBucket
 from atlas_operator.usage import usage_cycle
 from atlas_operator.views import ObjectView
 
@@ -134,6 +135,8 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
     from atlas_operator.kube import ClientKubeApi
     from atlas_operator.settings import GROUP, KEYS, QUOTAS, VERSION, OperatorSettings
 
+    settings = OperatorSettings()
+
     os.environ["KUBECONFIG"] = kubeconfig
     api = ClientKubeApi.from_environment(workers=8)
     namespace = reuse or f"bench-{int(time.time())}"
@@ -177,10 +180,15 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
 
     redis = aioredis.from_url(redis_url)
 
-    async def cycle(label: str, cap: int | None = None) -> None:
+    queue = StalenessQueue()
+
+    async def cycle(label: str, paced: bool = False) -> None:
         keys, quotas = await views()
         before = api.writes
-        stats = await usage_cycle(redis, api, keys, quotas, now, max_writes=cap)
+        # paced: one cycle of the operator's defaults (its rate, until the next cycle is due)
+        bucket = TokenBucket(settings.status_writes_per_second, settings.status_write_burst) if paced else None
+        deadline = time.monotonic() + settings.usage_interval if paced else None
+        stats = await usage_cycle(redis, api, keys, quotas, now, bucket=bucket, queue=queue, deadline=deadline)
         print(f"  {label:<30} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms)"
               f"  API writes: {api.writes - before} (conflicts {stats.conflicts}, deferred {stats.deferred})")
 
@@ -193,9 +201,9 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
                   + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10, tags)
     await cycle("1% of keys active")
     await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10, tags)
-    cap = OperatorSettings.usage_max_writes  # the operator's default per-cycle write cap
-    await cycle(f"every key active, cap {cap}", cap=cap)
-    await cycle(f"next cycle, cap {cap}", cap=cap)
+    rate = f"{settings.status_writes_per_second:g}/s for {settings.usage_interval:g}s"
+    await cycle(f"every key active, {rate}", paced=True)
+    await cycle(f"next cycle, {rate}", paced=True)
     if os.environ.get("ATLAS_MEASURE_UNCAPPED"):
         await cycle("every key active, no cap")
         await cycle("idle after traffic")

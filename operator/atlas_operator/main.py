@@ -64,6 +64,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
 
     config: OperatorSettings = memo.get("config") or OperatorSettings.from_env()
     kube = ClientKubeApi.from_environment(workers=config.api_workers)
+    # The usage write-back's patches get threads and connections of their own: behind the
+    # reconciles' calls (a new fleet: Secrets, Events) in one pool they would wait seconds each,
+    # and the write rate would be whatever that queue leaves (docs/operator.md, "Pacing").
+    status_kube = ClientKubeApi.from_environment(workers=config.api_workers)
     on_cluster = await cluster.resolve(config.redis_cluster, config.redis_url, 5)
     redis = cluster.redis_py_client(config.redis_url, on_cluster, socket_timeout=5, socket_connect_timeout=5,
                                     health_check_interval=30)
@@ -72,7 +76,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,
         "secret_views": secret_views, "atlaspricelist_views": atlaspricelist_views,
         "keys_by_subject": keys_by_subject, "service_account_uids": kwargs.get("service_account_uids", {}),
-    })
+    }, status_kube=status_kube)
     memo.runtime.start()
     if config.metrics_port > 0:
         try:
@@ -94,6 +98,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await runtime.stop()
         await runtime.redis.aclose()
         runtime.kube.close()
+        if runtime.status_kube is not runtime.kube:
+            runtime.status_kube.close()
 
 
 @kopf.on.probe(id="redis")

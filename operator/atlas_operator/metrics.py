@@ -10,7 +10,10 @@ joins); never key material.
 * ``atlas_budget_burn_tokens_per_hour{namespace,name,kind}``: the forecast's burn rate.
 * ``atlas_key_info{namespace,name,key,quota}``: 1 per AtlasKey; lets a dashboard filter gateway
   metrics (labelled ``key``) by namespace and AtlasQuota.
-* ``atlas_operator_write_back_seconds`` / ``_subjects`` / ``_patches``: the last cycle.
+* ``atlas_operator_write_back_seconds`` / ``_subjects`` / ``_patches`` / ``_deferred``: the last
+  cycle (deferred: status changes left for later cycles by the write rate);
+  ``atlas_operator_status_lag_seconds``: how long the status furthest behind Redis has been
+  (pacing.py), as of the last cycle's end.
 * ``atlas_operator_object_failures_total{loop,kind,namespace,name}``: failures of one object in
   one loop or handler (failures.py); ``atlas_operator_failing_objects{loop}``: objects failing
   now; ``atlas_operator_loop_failures_total{loop}``: whole cycles that failed (Redis or the API
@@ -37,6 +40,8 @@ class Snapshot:
     cycle_seconds: float | None = None
     subjects: int = 0
     patches: int = 0
+    deferred: int = 0
+    lag_seconds: float = 0.0
 
 
 class OperatorCollector:
@@ -75,6 +80,12 @@ class OperatorCollector:
                                     value=snap.subjects)
             yield GaugeMetricFamily("atlas_operator_write_back_patches", "Status patches written by the last cycle",
                                     value=snap.patches)
+            yield GaugeMetricFamily("atlas_operator_write_back_deferred",
+                                    "Status changes the last cycle left for later ones (the write rate)",
+                                    value=snap.deferred)
+            yield GaugeMetricFamily("atlas_operator_status_lag_seconds",
+                                    "Seconds the status furthest behind Redis has been so (end of the last cycle)",
+                                    value=snap.lag_seconds)
         yield from self._failures()
 
     def _failures(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:

@@ -21,6 +21,7 @@ from .history import History
 from .issuers import IssuerRefresher
 from .kube import KubeApi, NamespaceTerminating
 from .metrics import OperatorCollector, Snapshot
+from .pacing import StalenessQueue, TokenBucket
 from .settings import KEYS, KIND_OF, PRICE_LISTS, QUOTAS, OperatorSettings
 from .status import StatusConflict
 from .views import ObjectView, SecretView
@@ -60,9 +61,11 @@ class SecretMapping(Mapping):
 
 
 class Runtime:
-    def __init__(self, settings: OperatorSettings, kube: KubeApi, redis: Any, indexes: dict[str, Any]):
+    def __init__(self, settings: OperatorSettings, kube: KubeApi, redis: Any, indexes: dict[str, Any],
+                 status_kube: KubeApi | None = None):
         self.settings = settings
         self.kube = kube
+        self.status_kube = status_kube or kube  # the usage write-back's API client (its own threads)
         self.redis = redis
         self.indexes = indexes  # kopf indexes by name (live views)
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -74,6 +77,9 @@ class Runtime:
         self.last_cycle: usage.CycleStats | None = None
         self.history = History() if settings.forecast else None
         self.carry_over = CarryOver()  # usage counted under the v1 contract (an upgrade)
+        # the write-back's rate bound and staleness order, both kept across cycles (pacing.py)
+        self.status_bucket = TokenBucket(settings.status_writes_per_second, settings.status_write_burst)
+        self.status_queue = StalenessQueue()
         self.failures = Failures()
         self.metrics = OperatorCollector(self.failures)
         self.tasks: list[asyncio.Task] = []
@@ -369,9 +375,13 @@ class Runtime:
     async def usage_once(self) -> usage.CycleStats:
         key_views, quota_views = self.key_views(), self.quota_views()
         observed: usage.Observed = []
-        stats = await usage.usage_cycle(self.redis, self.kube, key_views, quota_views,
+        # Patches go out until the next cycle is due (the loop runs at a fixed rate), so the
+        # bucket's rate is used nearly all the time while a backlog lasts.
+        deadline = self.status_bucket.clock() + self.settings.usage_interval
+        stats = await usage.usage_cycle(self.redis, self.status_kube, key_views, quota_views,
                                         datetime.now(timezone.utc),
-                                        max_writes=self.settings.usage_max_writes or None,
+                                        bucket=self.status_bucket, queue=self.status_queue,
+                                        deadline=deadline,
                                         history=self.history, observed=observed,
                                         carry_over=self.carry_over, tracker=self.failures)
         if self.failures.counts:  # objects deleted since they failed: their series go
@@ -382,10 +392,12 @@ class Runtime:
         self.metrics.snapshot = Snapshot(
             forecasts=observed,
             keys=[(k.namespace, k.name, k.quota or "") for k in key_views if not k.deleting],
-            cycle_seconds=stats.seconds, subjects=stats.subjects, patches=stats.patches)
+            cycle_seconds=stats.seconds, subjects=stats.subjects, patches=stats.patches,
+            deferred=stats.deferred, lag_seconds=self.status_queue.staleness())
         if stats.patches or stats.conflicts or stats.deferred:
-            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %d failing, %.3fs",
-                     stats.subjects, stats.patches, stats.conflicts, stats.deferred, stats.failed, stats.seconds)
+            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %d failing, "
+                     "oldest lag %.0fs, %.3fs", stats.subjects, stats.patches, stats.conflicts, stats.deferred,
+                     stats.failed, self.status_queue.staleness(), stats.seconds)
         return stats
 
     async def heal_once(self) -> int | None:
@@ -407,11 +419,19 @@ class Runtime:
         return result.rewritten
 
     async def _every(self, seconds: float | Callable[[], float], fn: Callable[[], Any], name: str,
-                     at_once: bool = False) -> None:
+                     at_once: bool = False, fixed_rate: bool = False) -> None:
+        """Run ``fn`` every ``seconds``: after a pause that long, or with ``fixed_rate`` that long
+        after the previous run started (at once when it took longer)."""
+        started = None
+        loop = asyncio.get_running_loop()
         while True:
             if not at_once:
-                await asyncio.sleep(seconds() if callable(seconds) else seconds)
+                pause = seconds() if callable(seconds) else seconds
+                if fixed_rate and started is not None:
+                    pause = max(0.0, started + pause - loop.time())
+                await asyncio.sleep(pause)
             at_once = False
+            started = loop.time()
             try:
                 await fn()
             except asyncio.CancelledError:
@@ -423,7 +443,8 @@ class Runtime:
 
     def start(self) -> None:
         self.tasks = [
-            asyncio.create_task(self._every(self.settings.usage_interval, self.usage_once, failures.USAGE)),
+            asyncio.create_task(self._every(self.settings.usage_interval, self.usage_once, failures.USAGE,
+                                            fixed_rate=True)),
             asyncio.create_task(self._every(self.settings.heal_interval, self.heal_once, failures.HEAL)),
             asyncio.create_task(self._every(self.settings.usage_interval, self.price_lists_once,
                                             failures.PRICE_LIST_STATUS)),

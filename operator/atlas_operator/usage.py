@@ -24,6 +24,7 @@ from . import conditions as cond, failures, forecast as fc
 from .carry_over import CarryOver
 from .history import History
 from .kube import CONFLICT, PATCHED, KubeApi
+from .pacing import StalenessQueue, TokenBucket
 from .settings import KEYS, KIND_OF, QUOTAS
 from .views import ObjectView
 
@@ -34,7 +35,8 @@ class CycleStats:
     redis_round_trips: int = 0
     patches: int = 0
     conflicts: int = 0
-    deferred: int = 0  # changes left for later cycles by the per-cycle write cap
+    deferred: int = 0  # changes left for later cycles by the write rate (pacing.py)
+    echo_pending: int = 0  # patched last cycle, the watch has not shown it yet: not sent again
     forecasts: int = 0  # subjects with a forecast this cycle
     history_writes: int = 0  # subject histories written to Redis this cycle
     failed: int = 0  # objects this cycle could not serve (their own failures: failures.py)
@@ -191,14 +193,6 @@ def stale_patch(view: ObjectView, reason: str, message: str, now: datetime) -> d
     return {"conditions": cond.merge(conditions, cond.USAGE_STALE, True, reason, message, view.generation, now)}
 
 
-def urgency(item: tuple[str, ObjectView, dict[str, Any]]) -> tuple[int, int]:
-    """Order for a capped cycle: condition flips first, then quotas, then the biggest change."""
-    plural, view, patch = item
-    old = (view.status.get("usage") or {}).get("tokensToday", 0)
-    new = (patch.get("usage") or {}).get("tokensToday", old)
-    return (0 if "conditions" in patch else 1 if plural == QUOTAS else 2, -abs(new - old))
-
-
 def _forecast(history: History | None, subject: str, limits: Limits, usage: Usage, now: datetime,
               now_ms: int) -> Any:
     if history is None:
@@ -243,7 +237,7 @@ def plan(
     todo = [(QUOTAS, q, contract.quota_subject(q.namespace, q.name)) for q in quotas if not q.deleting]
     todo += [(KEYS, k, contract.key_subject(k.namespace, k.name)) for k in keys]
     for plural, view, subject in todo:
-        if "observedGeneration" not in view.status:
+        if not view.status.get("observedGeneration"):  # the CRD defaults it to 0 until the first reconcile
             continue
         posted: list[tuple[str, str, str]] = []
         try:
@@ -316,16 +310,24 @@ async def usage_cycle(
     now: datetime,
     batch: int = 5000,
     concurrency: int = 8,
-    max_writes: int | None = None,
+    bucket: TokenBucket | None = None,
+    queue: StalenessQueue | None = None,
+    deadline: float | None = None,
     history: History | None = None,
     observed: Observed | None = None,
     carry_over: "CarryOver | None" = None,
     tracker: "failures.Failures | None" = None,
 ) -> CycleStats:
-    """One write-back cycle. With ``history``, forecasts too; ``observed`` collects them. With
-    ``carry_over``, first the usage counted under the v1 contract (an upgrade in progress).
-    ``tracker`` learns which objects failed and which work again (a fresh one when omitted)."""
+    """One write-back cycle. Patches go out stalest first (``queue``, which remembers across
+    cycles), each taking a token from ``bucket`` (the rate bound, also across cycles); what has
+    no token before ``deadline`` (a ``bucket.clock`` instant) waits for the next cycle, which
+    re-reads it. Without a bucket every patch goes out at once. With ``history``, forecasts
+    too; ``observed`` collects them. With ``carry_over``, first the usage counted under the v1
+    contract (an upgrade in progress). ``tracker`` learns which objects failed and which work
+    again (a fresh one when omitted)."""
     started = time.perf_counter()
+    queue = queue if queue is not None else StalenessQueue()
+    read_at = queue.clock()
     stats = CycleStats()
     tracker = tracker if tracker is not None else failures.Failures()
     subjects = [contract.key_subject(k.namespace, k.name) for k in keys if not k.deleting]
@@ -357,28 +359,34 @@ async def usage_cycle(
         stats.history_writes = history.pending
         stats.redis_round_trips += await history.flush(redis)
         stats.history_seconds += time.perf_counter() - mark
-    if max_writes is not None and len(todo) > max_writes:
-        # Protect the API server: each status patch costs it ~10 ms of CPU. What is left out
-        # still differs next cycle and is written then (most urgent first).
-        todo.sort(key=urgency)
-        stats.deferred = len(todo) - max_writes
-        todo = todo[:max_writes]
-    gate = asyncio.Semaphore(concurrency)
+    todo, stats.echo_pending = queue.order(todo, read_at)
+    pending = iter(todo)
+    results: list[str] = []
 
     async def write(plural: str, view: ObjectView, patch: dict[str, Any]) -> str:
-        async with gate:
-            try:
-                result = await kube.patch_status(plural, view.namespace, view.name, patch, view.resource_version)
-            except Exception as exc:  # noqa: BLE001 - this object's failure; the other writes go on
-                failed.append((failures.USAGE, plural, view, exc))
-                await _show_refusal(kube, plural, view, patch, exc, now)
-                return REFUSED
-            if result == PATCHED:  # a conflicted patch is retried next cycle, with its Event
-                for event in events.get((plural, view.namespace, view.name), ()):
-                    await kube.post_event(plural, view.event_target(), *event)
-            return result
+        try:
+            result = await kube.patch_status(plural, view.namespace, view.name, patch, view.resource_version)
+        except Exception as exc:  # noqa: BLE001 - this object's failure; the other writes go on
+            failed.append((failures.USAGE, plural, view, exc))
+            await _show_refusal(kube, plural, view, patch, exc, now)
+            return REFUSED
+        if result == PATCHED:  # a conflicted patch is retried next cycle, with its Event
+            queue.written((plural, view, patch), read_at)
+            for event in events.get((plural, view.namespace, view.name), ()):
+                await kube.post_event(plural, view.event_target(), *event)
+        return result
 
-    results = await asyncio.gather(*(write(*item) for item in todo))
+    async def writer() -> None:
+        # Each of ``concurrency`` writers takes the next patch in order, then a token for it:
+        # the order holds and at most ``concurrency`` patches are in flight. No token before
+        # the deadline: the rest wait for the next cycle (which re-reads their figures).
+        for item in pending:
+            if bucket is not None and not await bucket.take(deadline):
+                return
+            results.append(await write(*item))
+
+    await asyncio.gather(*(writer() for _ in range(concurrency)))
+    stats.deferred = len(todo) - len(results)
     stats.patches = sum(1 for r in results if r == PATCHED)
     stats.conflicts = sum(1 for r in results if r == CONFLICT)
     stats.failed = len({(plural, view.namespace, view.name) for _, plural, view, _ in failed})

@@ -125,6 +125,9 @@ def test_operator_deployment(rendered):
     assert env["ATLAS_LIVENESS_HOST"]["value"] == "0.0.0.0"
     assert env["ATLAS_METRICS_PORT"]["value"] == "8082" and env["ATLAS_METRICS_HOST"]["value"] == "0.0.0.0"
     assert env["ATLAS_USAGE_INTERVAL_SECONDS"]["value"] == "10"
+    writes = values_of(name)["operator"]["statusWrites"]
+    assert env["ATLAS_STATUS_WRITES_PER_SECOND"]["value"] == str(writes["perSecond"])
+    assert env["ATLAS_STATUS_WRITE_BURST"]["value"] == str(writes["burst"])
     assert env["ATLAS_NAMESPACES"]["value"] == ",".join(values_of(name)["watchNamespaces"])
     assert "ATLAS_REDIS_URL" in env
     assert spec["serviceAccountName"] == objs.one("ServiceAccount", "-operator")["metadata"]["name"]
@@ -594,6 +597,8 @@ BAD_VALUES = [
     (["containerSecurityContext.allowPrivilegeEscalation=true"], "allowPrivilegeEscalation"),
     (["containerSecurityContext.capabilities.add={NET_ADMIN}"], "add"),
     (["operator.usageIntervalSeconds=0"], "usageIntervalSeconds"),
+    (["operator.statusWrites.perSecond=0"], "perSecond"),
+    (["operator.statusWrites.burst=0"], "burst"),
     (["monitoring.prometheusRule.quotaNearlySpentRatio=1.5"], "quotaNearlySpentRatio"),
     (["crds.keep=maybe"], "keep"),
     (["gateway.inferenceGateway.objectives.Urgent=x"], "Urgent"),

@@ -118,3 +118,18 @@ class FakeKube:
         if path not in self.documents:
             raise ApiError(404, "Not Found", f"{path} not found")
         return copy.deepcopy(self.documents[path])
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to, or when something sleeps on it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds

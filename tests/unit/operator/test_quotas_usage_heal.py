@@ -9,10 +9,13 @@ from atlas_core.contract import KeyConfig, QuotaConfig
 from atlas_operator import conditions as cond, store
 from atlas_operator.heal import heal_if_needed
 from atlas_operator.keys import reconcile_key
+from atlas_operator.pacing import StalenessQueue, TokenBucket
 from atlas_operator.quotas import delete_quota, reconcile_quota
 from atlas_operator.settings import KEYS, QUOTAS
 from atlas_operator.usage import plan, usage_cycle
 from atlas_operator.views import ObjectView, SecretView
+
+from .fakes import FakeClock
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
@@ -151,15 +154,18 @@ async def test_self_heal_keeps_refusal_for_missing_quota(redis):
     assert KeyConfig.decode(raw).refusal == cond.QUOTA_NOT_FOUND
 
 
-async def test_write_cap_defers_the_least_urgent(kube, redis):
+async def test_write_rate_defers_the_least_urgent(kube, redis):
     await _setup(kube, redis)
     await settle(redis, contract.key_subject("team", "a"), 100)  # flips QuotaExhausted: most urgent
     await settle(redis, contract.key_subject("team", "b"), 1)
     views = lambda: ([view(kube, KEYS, "a"), view(kube, KEYS, "b")], [view(kube, QUOTAS, "team-search")])
     kube.patches.clear()
-    stats = await usage_cycle(redis, kube, *views(), NOW, max_writes=1)
+    clock = FakeClock()
+    bucket, queue = TokenBucket(1, 1, clock=clock, sleep=clock.sleep), StalenessQueue(clock=clock)
+    stats = await usage_cycle(redis, kube, *views(), NOW, bucket=bucket, queue=queue, deadline=clock())
     assert (stats.patches, stats.deferred) == (1, 1) and kube.patches[0][2] == "a"
-    stats = await usage_cycle(redis, kube, *views(), NOW, max_writes=1)
+    clock.now += 1  # one more token
+    stats = await usage_cycle(redis, kube, *views(), NOW, bucket=bucket, queue=queue, deadline=clock())
     assert (stats.patches, stats.deferred) == (1, 0) and kube.patches[1][2] == "b"
 
 

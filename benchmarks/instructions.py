@@ -27,7 +27,7 @@ from pathlib import Path
 
 from atlas_devstack.redis_server import RedisServer
 
-from . import bodies, nginx, tools
+from . import bodies, floor, nginx, tools
 from .gateways import HERE_ROOT, GatewaySource
 from .keys import BENCH_KEY
 from .procs import Proc, free_port, process_tree
@@ -133,19 +133,7 @@ def main(argv: list[str]) -> int:
             port = free_port()
             results[f"bare forward {cand}"] = count(
                 f"bare-{server}-{client}",
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.bare_forward",
-                    "--server",
-                    server,
-                    "--client",
-                    client,
-                    "--upstream",
-                    upstream_root,
-                    "--port",
-                    str(port),
-                ],
+                floor.bare_forward_command(server, client, upstream_root, str(port)),
                 {"BENCH_PORT": str(port), "PYTHONPATH": str(HERE_ROOT)},
                 f"http://127.0.0.1:{port}{prefix}{CHAT}",
                 {},

@@ -30,8 +30,9 @@ def _quoted(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def config(port: int, workdir: str) -> str:
-    completion = json.dumps(bodies.COMPLETION, separators=(",", ":"))
+def _conf(port: int, workdir: str, upstream: str, locations: str) -> str:
+    """One worker, keep-alive without end, temp paths under ``workdir``: the part both nginx
+    processes share; ``upstream`` and ``locations`` are their own."""
     temp = {name: os.path.join(workdir, name) for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     return f"""
 daemon off;
@@ -50,10 +51,19 @@ http {{
     client_body_buffer_size 512k;
     keepalive_requests 10000000;
     keepalive_timeout 300s;
+    {upstream}
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
         location = /healthz {{ default_type text/plain; return 200 'ok'; }}
-        location = {JSON_BASE}/v1/chat/completions {{
+        {locations}
+    }}
+}}
+"""
+
+
+def config(port: int, workdir: str) -> str:
+    completion = json.dumps(bodies.COMPLETION, separators=(",", ":"))
+    return _conf(port, workdir, "", f"""location = {JSON_BASE}/v1/chat/completions {{
             default_type application/json;
             return 200 {_quoted(completion)};
         }}
@@ -61,10 +71,7 @@ http {{
             default_type text/event-stream;
             add_header Cache-Control no-cache;
             return 200 {_quoted(bodies.sse_stream())};
-        }}
-    }}
-}}
-"""
+        }}""")
 
 
 def static_upstream(binary: str, workdir: str) -> Proc:
@@ -83,37 +90,13 @@ def proxy_config(port: int, workdir: str, upstream_port: int) -> str:
     """nginx as a reverse proxy in front of the static upstream: one worker, keep-alive
     connections to the upstream (``proxy_http_version 1.1``, an empty Connection header), the
     request body buffered in memory, the answer buffered; what a proxy in C costs per request."""
-    temp = {name: os.path.join(workdir, name) for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    return f"""
-daemon off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {temp['body']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
-    client_max_body_size 8m;
-    client_body_buffer_size 512k;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    upstream static {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 10000000; }}
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
-        location = /healthz {{ default_type text/plain; return 200 'ok'; }}
-        location / {{
+    upstream = f"upstream static {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 10000000; }}"
+    return _conf(port, workdir, upstream, """location / {
             proxy_pass http://static;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering on;
-        }}
-    }}
-}}
-"""
+        }""")
 
 
 def reverse_proxy(binary: str, workdir: str, upstream_port: int) -> Proc:

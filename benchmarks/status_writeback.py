@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -35,6 +36,7 @@ import redis.asyncio as aioredis
 from atlas_core import contract
 from atlas_devstack.controlplane import ControlPlane
 from atlas_devstack.redis_server import RedisServer
+from atlas_devstack.waiting import WaitTimeout, wait_for_async
 from atlas_operator import usage
 from atlas_operator.kube import ClientKubeApi
 from atlas_operator.views import ObjectView
@@ -119,8 +121,7 @@ async def run(n: int, legacy: bool, timeout: float, interval: float, rate: float
         create_fleet(kube, n, now)
         print(f"created {n} AtlasKeys with a status in {time.monotonic() - t:.0f}s", flush=True)
         index = Index(kube.custom)
-        while len(index.views) < n:
-            await asyncio.sleep(0.5)
+        await wait_for_async("the index to list the fleet", lambda: len(index.views) >= n, timeout, interval=0.5)
         redis = aioredis.from_url(server.url)
         params = inspect.signature(usage.usage_cycle).parameters
         paced = "bucket" in params and not legacy
@@ -166,8 +167,9 @@ async def run(n: int, legacy: bool, timeout: float, interval: float, rate: float
             if len(index.shown_at) >= n:
                 break
             await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
-        while len(index.shown_at) < n and time.monotonic() - t0 < timeout:  # the watch's last events
-            await asyncio.sleep(0.1)
+        with contextlib.suppress(WaitTimeout):  # the watch's last events; the figures say how many are missing
+            await wait_for_async("every status shown", lambda: len(index.shown_at) >= n,
+                                 max(0.0, t0 + timeout - time.monotonic()), interval=0.1)
         cpu = {name: cpu_seconds(p.pid) - cpu[name] for name, p in cp.processes.items()}
         own = time.process_time() - own
         stale = [s - t0 for s in index.shown_at.values()]

@@ -25,10 +25,17 @@ from .script_args import NO_COST, ScriptCalls, key_calls
 if TYPE_CHECKING:
     from ..store.cluster import ClusterFastRedis
 
-ADMIT_LUA = resources.files(__package__).joinpath("admit.lua").read_text()
-SETTLE_LUA = resources.files(__package__).joinpath("settle.lua").read_text()
-REFRESH_LUA = resources.files(__package__).joinpath("refresh.lua").read_text()
-UNDO_LUA = resources.files(__package__).joinpath("undo.lua").read_text()
+
+
+def _lua(*names: str) -> str:
+    """One script's source: the named files of this package, in order (a shared part first)."""
+    return "\n".join(resources.files(__package__).joinpath(name).read_text() for name in names)
+
+
+ADMIT_LUA = _lua("admit.lua")
+SETTLE_LUA = _lua("lease_totals.lua", "settle.lua")
+REFRESH_LUA = _lua("refresh.lua")
+UNDO_LUA = _lua("lease_totals.lua", "undo.lua")
 
 
 def format_duration(ms: int) -> str:

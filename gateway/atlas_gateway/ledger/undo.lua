@@ -35,24 +35,7 @@ local tomb_ttl = tonumber(ARGV[8 + 2 * n + 1])
 local admission = ARGV[8 + 2 * n + 2] == '1'
 local tomb = KEYS[n * 7 + 1]
 
--- Drop request `rid`'s lease on one subject, with its reservation from the running totals
--- (lease:sum, see admit.lua): what the lease hashes hold is what comes off, whatever the
--- caller believes it reserved. Returns 1 when there was a lease.
-local function drop_lease(lk, ltk, lck, sk, rid)
-  if redis.call('ZREM', lk, rid) == 0 then return 0 end
-  local tok = tonumber(redis.call('HGET', ltk, rid) or '0')
-  local cost = tonumber(redis.call('HGET', lck, rid) or '0')
-  redis.call('HDEL', ltk, rid)
-  if cost ~= 0 then redis.call('HDEL', lck, rid) end
-  local h = redis.call('HMGET', sk, 'n', 'tok', 'cost')
-  local n = tonumber(h[1] or '0') - 1
-  if n > 0 then
-    redis.call('HSET', sk, 'n', n, 'tok', tonumber(h[2] or '0') - tok, 'cost', tonumber(h[3] or '0') - cost)
-  else
-    redis.call('DEL', sk)  -- the last lease: the totals are exactly 0 (admit.lua recounts out-of-step ones)
-  end
-  return 1
-end
+-- drop_lease(lk, ltk, lck, sk, rid): lease_totals.lua, prepended when the script is loaded.
 
 local dropped = 0
 for i = 1, n do

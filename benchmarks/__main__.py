@@ -62,8 +62,23 @@ from atlas_devstack.jaeger import Jaeger
 from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
-from . import (bodies, capacity, exactness, floor, lease_scale, litellm_peer, load, memory, nginx, profiling,
-               report, slow_clients, token_auth, tools, tracing_cost)
+from . import (
+    bodies,
+    capacity,
+    exactness,
+    floor,
+    lease_scale,
+    litellm_peer,
+    load,
+    memory,
+    nginx,
+    profiling,
+    report,
+    slow_clients,
+    token_auth,
+    tools,
+    tracing_cost,
+)
 from .gateways import HERE_ROOT, GatewaySource, sources
 from .keys import BENCH_KEY
 from .procs import ProcError
@@ -83,8 +98,11 @@ def _on(name: str) -> bool:
 
 def _line(label: str, run: load.Run) -> str:
     cpu = ", ".join(f"{k} {v:,.0f} µs/req" for k, v in run.cpu_us.items())
-    return (f"  {label:52} p50 {report.ms(run.p50):>9}  p99 {report.ms(run.p99):>9}  {run.rps:9,.0f} req/s"
-            + (f"  {cpu}" if cpu else "") + (f"  ({run.errors} ERRORS)" if run.errors else ""))
+    return (
+        f"  {label:52} p50 {report.ms(run.p50):>9}  p99 {report.ms(run.p99):>9}  {run.rps:9,.0f} req/s"
+        + (f"  {cpu}" if cpu else "")
+        + (f"  ({run.errors} ERRORS)" if run.errors else "")
+    )
 
 
 @dataclass
@@ -128,13 +146,20 @@ def closed_loop(s: Setup) -> None:
             s.measure_closed(gateway_target(f"{side.src.label} → mock", gwm, side.redis_pid))
     if not _on("BENCH_SKIP_WORKERS"):
         for side in s.sides:
-            with side.src.start(side.redis_url, s.json_base, s.workdir, {bodies.STREAM_MODEL: s.sse_base},
-                                ATLAS_WORKERS="2") as gw2:
+            with side.src.start(
+                side.redis_url, s.json_base, s.workdir, {bodies.STREAM_MODEL: s.sse_base}, ATLAS_WORKERS="2"
+            ) as gw2:
                 s.measure_closed(gateway_target(f"{side.src.label}, 2 workers → nginx", gw2, side.redis_pid), (16,))
     if _on("BENCH_CLIENTS"):  # the upstream-client comparison (aiohttp vs httpx) of docs/benchmarks.md
         with floor.bare_forward("atlas/httpx", s.json_base, s.workdir) as proxy:
-            s.measure_closed(Target("bare forward on Atlas's server + httpx → nginx", proxy.url + CHAT,
-                                    proxy.url + CHAT, cpu={"proxy": proxy.pid}))
+            s.measure_closed(
+                Target(
+                    "bare forward on Atlas's server + httpx → nginx",
+                    proxy.url + CHAT,
+                    proxy.url + CHAT,
+                    cpu={"proxy": proxy.pid},
+                )
+            )
 
 
 def fixed_rate(s: Setup, rates: list[int]) -> None:
@@ -159,8 +184,12 @@ def prompt_sizes(s: Setup, sizes: list[int]) -> None:
         for size in sizes:
             body = bodies.encode(bodies.chat(size, stream))
             for target in s.main_targets:
-                run = s.res.prompts.setdefault(target.label, {})[(size, stream)] = s.bench.closed(target, 1, body, stream)
-                print(_line(f"{target.label} {report.size_label(size)}{' streamed' if stream else ''}", run), flush=True)
+                run = s.res.prompts.setdefault(target.label, {})[(size, stream)] = s.bench.closed(
+                    target, 1, body, stream
+                )
+                print(
+                    _line(f"{target.label} {report.size_label(size)}{' streamed' if stream else ''}", run), flush=True
+                )
 
 
 def profiles(s: Setup, py_spy: str) -> None:
@@ -173,8 +202,11 @@ def profiles(s: Setup, py_spy: str) -> None:
         text = Path(out).read_text() if os.path.exists(out) else ""
         if text:
             s.res.profiles[side.target.label] = profiling.report(text, limit=15)
-        print(f"  {side.target.label}:\n" + (s.res.profiles.get(side.target.label)
-                                              or f"  py-spy failed: {err.decode()[-500:]}"), flush=True)
+        print(
+            f"  {side.target.label}:\n"
+            + (s.res.profiles.get(side.target.label) or f"  py-spy failed: {err.decode()[-500:]}"),
+            flush=True,
+        )
 
 
 def tracing(s: Setup, rounds: int) -> None:
@@ -182,17 +214,21 @@ def tracing(s: Setup, rounds: int) -> None:
     side = s.sides[-1]  # this checkout
     print(f"-- tracing: off, 1 %, 100 % ({rounds} paired rounds)", flush=True)
     with Jaeger() as jaeger, contextlib.ExitStack() as stack:
-        rows = tracing_cost.measure(s.bench, side.redis_url, side.redis_pid, s.json_base, jaeger, s.workdir, rounds,
-                                    16, stack)
+        rows = tracing_cost.measure(
+            s.bench, side.redis_url, side.redis_pid, s.json_base, jaeger, s.workdir, rounds, 16, stack
+        )
     s.res.tracing = tracing_cost.table(rows, rounds, 16)
 
 
 def held_at_once(s: Setup) -> None:
     """Long requests by the thousand (benchmarks.capacity), each gateway with its defaults."""
     print("\n10. long requests held at once, one gateway process with its defaults", flush=True)
-    results = {side.src.label: capacity.measure(side.src, side.redis_url, s.mock, s.workdir,
-                                                capacity.counts_from_env(), capacity.env_from_env())
-               for side in s.sides}
+    results = {
+        side.src.label: capacity.measure(
+            side.src, side.redis_url, s.mock, s.workdir, capacity.counts_from_env(), capacity.env_from_env()
+        )
+        for side in s.sides
+    }
     s.res.capacity = capacity.table(results)
 
 
@@ -211,9 +247,12 @@ def per_gateway_checks(s: Setup) -> list[str]:
         if not exact["ok"]:
             failed.append(f"exactness of {src.label}")
         if not _on("BENCH_SKIP_SLOW"):
-            with src.start(redis_url, s.mock.url, s.workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
-                           ATLAS_BODY_TIMEOUT_SECONDS="10") as sgw:
-                flood = asyncio.run(slow_clients.flood(sgw.url, sgw.port, sgw.pid, BENCH_KEY, bodies.encode(bodies.SMALL)))
+            with src.start(
+                redis_url, s.mock.url, s.workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5", ATLAS_BODY_TIMEOUT_SECONDS="10"
+            ) as sgw:
+                flood = asyncio.run(
+                    slow_clients.flood(sgw.url, sgw.port, sgw.pid, BENCH_KEY, bodies.encode(bodies.SMALL))
+                )
             s.res.slow_clients[src.label] = slow_clients.report(flood)
             print(f"   1,000 slow clients against {src.label}:\n{s.res.slow_clients[src.label]}", flush=True)
         if src.root == HERE_ROOT and not _on("BENCH_SKIP_TOKEN"):  # other checkouts may predate tokens
@@ -221,17 +260,26 @@ def per_gateway_checks(s: Setup) -> list[str]:
             with src.start(redis_url, s.json_base, s.workdir) as gw:
                 comparison = token_auth.compare(s.bench, gw.url, gw.pid, token)
             static_us, token_us = token_auth.authentication_cost()
-            s.res.token_auth[src.label] = (f"{comparison.line()}; authentication alone, in-process: static key "
-                                           f"{static_us:.2f} µs, token {token_us:.2f} µs")
-            print(f"\n7. workload identity token vs static key ({src.label}): {s.res.token_auth[src.label]}",
-                  flush=True)
+            s.res.token_auth[src.label] = (
+                f"{comparison.line()}; authentication alone, in-process: static key "
+                f"{static_us:.2f} µs, token {token_us:.2f} µs"
+            )
+            print(
+                f"\n7. workload identity token vs static key ({src.label}): {s.res.token_auth[src.label]}", flush=True
+            )
             if comparison.errors:
                 failed.append(f"token vs static key of {src.label}")
     return failed
 
 
-def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource], res: report.Results,
-          bench: Bench, workdir: str) -> Setup:
+def start(
+    stack: contextlib.ExitStack,
+    tl: tools.Tools,
+    srcs: list[GatewaySource],
+    res: report.Results,
+    bench: Bench,
+    workdir: str,
+) -> Setup:
     static = stack.enter_context(nginx.static_upstream(tl.nginx, workdir))
     json_base, sse_base = static.url + nginx.JSON_BASE, static.url + nginx.SSE_BASE
     mock = stack.enter_context(MockUpstreamProcess())
@@ -240,10 +288,20 @@ def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource
     if not _on("BENCH_SKIP_FLOOR"):  # both forward every path as it is, so reach nginx's two locations
         proxy = stack.enter_context(nginx.reverse_proxy(tl.nginx, workdir, static.port))
         bare = stack.enter_context(floor.bare_forward("atlas/aiohttp", static.url, workdir))
-        floors = [Target(report.NGINX_PROXY, proxy.url + nginx.JSON_BASE + CHAT, proxy.url + nginx.SSE_BASE + CHAT,
-                         cpu={"nginx proxy": proxy.pid}),
-                  Target(report.BARE_FORWARD, bare.url + nginx.JSON_BASE + CHAT, bare.url + nginx.SSE_BASE + CHAT,
-                         cpu={"bare forward": bare.pid})]
+        floors = [
+            Target(
+                report.NGINX_PROXY,
+                proxy.url + nginx.JSON_BASE + CHAT,
+                proxy.url + nginx.SSE_BASE + CHAT,
+                cpu={"nginx proxy": proxy.pid},
+            ),
+            Target(
+                report.BARE_FORWARD,
+                bare.url + nginx.JSON_BASE + CHAT,
+                bare.url + nginx.SSE_BASE + CHAT,
+                cpu={"bare forward": bare.pid},
+            ),
+        ]
     sides = []
     external = os.environ.get("BENCH_REDIS_URL")  # a running Redis or Redis Cluster, shared by all
     for src in srcs:
@@ -260,11 +318,27 @@ def start(stack: contextlib.ExitStack, tl: tools.Tools, srcs: list[GatewaySource
             print(f"LiteLLM left out: {exc}", file=sys.stderr, flush=True)
     if lp is not None:
         res.peer = f"LiteLLM {Path(tl.litellm).parents[1].name.replace('litellm-', '')} (1 worker, no database, no limits) → nginx"
-        peer.append(Target(res.peer, lp.url + CHAT, lp.url + CHAT, {"Authorization": f"Bearer {litellm_peer.MASTER_KEY}"},
-                           {"litellm": lp.pid}))
+        peer.append(
+            Target(
+                res.peer,
+                lp.url + CHAT,
+                lp.url + CHAT,
+                {"Authorization": f"Bearer {litellm_peer.MASTER_KEY}"},
+                {"litellm": lp.pid},
+            )
+        )
     res.meta["versions"] = _versions(tl, res.peer)
-    return Setup(bench, res, stack, workdir, json_base, sse_base, mock, sides,
-                 [reference] + floors + [side.target for side in sides] + peer)
+    return Setup(
+        bench,
+        res,
+        stack,
+        workdir,
+        json_base,
+        sse_base,
+        mock,
+        sides,
+        [reference] + floors + [side.target for side in sides] + peer,
+    )
 
 
 def main() -> int:
@@ -275,11 +349,18 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="atlas-bench-")
     started = time.monotonic()
     res = report.Results(gateways=[s.label for s in srcs])
-    res.meta.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_before=_load(),
-                    duration=f"{duration:g}", machine=f"{os.cpu_count()} CPUs (the load averages above say what else ran).",
-                    note=os.environ.get("BENCH_NOTE", ""))
-    print(f"load average before: {res.meta['load_before']}; {os.cpu_count()} CPUs; {duration:g} s per load run; "
-          f"gateways: {', '.join(f'{s.label} ({s.root})' for s in srcs)}", flush=True)
+    res.meta.update(
+        started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        load_before=_load(),
+        duration=f"{duration:g}",
+        machine=f"{os.cpu_count()} CPUs (the load averages above say what else ran).",
+        note=os.environ.get("BENCH_NOTE", ""),
+    )
+    print(
+        f"load average before: {res.meta['load_before']}; {os.cpu_count()} CPUs; {duration:g} s per load run; "
+        f"gateways: {', '.join(f'{s.label} ({s.root})' for s in srcs)}",
+        flush=True,
+    )
     failed: list[str] = []
     try:
         with contextlib.ExitStack() as stack:
@@ -305,8 +386,13 @@ def main() -> int:
     # the peer's errors are its own result (shown in the tables), not a broken bench
     ours = {t: runs for t, runs in res.closed.items() if t != res.peer}
     failed += [f"{target} c={c}" for target, runs in ours.items() for c, run in runs.items() if not run.valid]
-    failed += [f"{target} {report.size_label(n)}{' streamed' if s else ''}" for target, runs in res.prompts.items()
-               if target != res.peer for (n, s), run in runs.items() if not run.valid]
+    failed += [
+        f"{target} {report.size_label(n)}{' streamed' if s else ''}"
+        for target, runs in res.prompts.items()
+        if target != res.peer
+        for (n, s), run in runs.items()
+        if not run.valid
+    ]
     section = report.render(res)
     print("\n" + section)
     if os.environ.get("BENCH_WRITE_DOCS", "1") != "0":
@@ -328,11 +414,15 @@ def _memory(src: GatewaySource, redis_url: str, mock: MockUpstreamProcess, workd
     with src.start(redis_url, mock.url, workdir, ATLAS_KEEPALIVE_TIMEOUT_SECONDS="120") as gw:
         out["idle"] = asyncio.run(memory.idle_connections(gw.port, gw.pid, BENCH_KEY, body))
     with src.start(redis_url, mock.url, workdir) as gw:
-        out["streams"] = asyncio.run(memory.open_streams(gw.port, gw.pid, BENCH_KEY,
-                                                         bodies.encode({**bodies.SMALL, "stream": True})))
+        out["streams"] = asyncio.run(
+            memory.open_streams(gw.port, gw.pid, BENCH_KEY, bodies.encode({**bodies.SMALL, "stream": True}))
+        )
     for kind, d in out.items():
-        print(f"  {kind}: {d['n']} → RSS {d['rss_before_kb'] / 1024:.1f} → {d['rss_after_kb'] / 1024:.1f} MiB, "
-              f"{d['per_item_kb']:.1f} KiB each ({d['ok']} answered 200)", flush=True)
+        print(
+            f"  {kind}: {d['n']} → RSS {d['rss_before_kb'] / 1024:.1f} → {d['rss_after_kb'] / 1024:.1f} MiB, "
+            f"{d['per_item_kb']:.1f} KiB each ({d['ok']} answered 200)",
+            flush=True,
+        )
     return out
 
 
@@ -346,10 +436,12 @@ def _versions(tl: tools.Tools, peer: str | None) -> str:
         except (OSError, IndexError, subprocess.SubprocessError):
             return "?"
 
-    parts = [first_line([tl.nginx, "-v"]).replace("nginx version: ", ""),
-             first_line([tl.wrk, "-v"]).split(" [")[0],
-             "vegeta " + Path(tl.vegeta).parent.name.replace("vegeta-", ""),
-             first_line(["redis-server", "--version"]).split(" sha=")[0]]
+    parts = [
+        first_line([tl.nginx, "-v"]).replace("nginx version: ", ""),
+        first_line([tl.wrk, "-v"]).split(" [")[0],
+        "vegeta " + Path(tl.vegeta).parent.name.replace("vegeta-", ""),
+        first_line(["redis-server", "--version"]).split(" sha=")[0],
+    ]
     if peer:
         parts.append(peer.split(" (")[0])
     return ", ".join(parts)

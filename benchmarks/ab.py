@@ -25,9 +25,9 @@ from atlas_devstack.mock_upstream import MockUpstreamProcess
 from atlas_devstack.redis_server import RedisServer
 
 from . import tools
-from .runs import Bench, Target, gateway_target
 from .gateways import HERE_ROOT, GatewaySource
 from .procs import Proc
+from .runs import Bench, Target, gateway_target
 
 
 def _source(name: str, path: str) -> GatewaySource:
@@ -45,9 +45,14 @@ def main(argv: list[str]) -> int:
     rounds, dur, conc = (int(os.environ.get(n, d)) for n, d in (("ROUNDS", "6"), ("DUR", "4"), ("C", "16")))
     workdir = tempfile.mkdtemp(prefix="atlas-ab-")
     bench = Bench(tools.ensure(profile=False, litellm=False), workdir, dur, warmup=2)
-    mock_ctx = (Proc("fastapi mock", [sys.executable, "-m", "atlas_devstack.mock_upstream", "--framework", "fastapi",
-                                      "--port", "{port}"])
-                if os.environ.get("MOCK") == "fastapi" else MockUpstreamProcess())
+    mock_ctx = (
+        Proc(
+            "fastapi mock",
+            [sys.executable, "-m", "atlas_devstack.mock_upstream", "--framework", "fastapi", "--port", "{port}"],
+        )
+        if os.environ.get("MOCK") == "fastapi"
+        else MockUpstreamProcess()
+    )
     results: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in dirs}
     with RedisServer() as rs, mock_ctx as mock, contextlib.ExitStack() as stack:
         direct = Target("mock directly", mock.url + "/v1/chat/completions", mock.url + "/v1/chat/completions")
@@ -57,18 +62,26 @@ def main(argv: list[str]) -> int:
             targets[name] = gateway_target(name, stack.enter_context(src.start(rs.url, mock.url, workdir)), rs.pid)
         for i in range(rounds):
             direct_rps = bench.closed(direct, conc).rps
-            for name in (list(dirs) if i % 2 == 0 else list(dirs)[::-1]):
+            for name in list(dirs) if i % 2 == 0 else list(dirs)[::-1]:
                 out = bench.closed(targets[name], conc)
-                row = (out.rps, out.cpu_us["gateway"], out.cpu_us["redis-server"],
-                       out.rps / direct_rps if direct_rps else 0.0)
+                row = (
+                    out.rps,
+                    out.cpu_us["gateway"],
+                    out.cpu_us["redis-server"],
+                    out.rps / direct_rps if direct_rps else 0.0,
+                )
                 results[name].append(row)
-                print(f"round {i} {name:4}: p50 {out.p50:.3f} ms, {row[0]:.0f} req/s, gateway {row[1]:.0f} us/req, "
-                      f"Redis {row[2]:.0f} us/req, ratio {row[3]:.2f} (direct {direct_rps:.0f}), errors {out.errors}",
-                      flush=True)
+                print(
+                    f"round {i} {name:4}: p50 {out.p50:.3f} ms, {row[0]:.0f} req/s, gateway {row[1]:.0f} us/req, "
+                    f"Redis {row[2]:.0f} us/req, ratio {row[3]:.2f} (direct {direct_rps:.0f}), errors {out.errors}",
+                    flush=True,
+                )
     print(f"load average {os.getloadavg()[0]:.2f}; medians over {rounds} rounds, c={conc}:")
     for name, rows in results.items():
         med = [statistics.median(r[k] for r in rows) for k in range(4)]
-        print(f"{name:4}: {med[0]:.0f} req/s, gateway {med[1]:.0f} us/req, Redis {med[2]:.0f} us/req, ratio {med[3]:.2f}")
+        print(
+            f"{name:4}: {med[0]:.0f} req/s, gateway {med[1]:.0f} us/req, Redis {med[2]:.0f} us/req, ratio {med[3]:.2f}"
+        )
     return 0
 
 

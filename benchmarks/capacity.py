@@ -74,10 +74,12 @@ class Held:
 
     def line(self) -> str:
         kind = "streamed" if self.streamed else "not streamed"
-        return (f"{self.n:>6,} {kind:>12}: {self.ok:,} held, {self.shed:,} answered 503, {self.other} other; RSS "
-                f"{self.rss_before_kb / 1024:,.0f} → {self.rss_after_kb / 1024:,.0f} MiB, "
-                f"{self.kib_per_request:.1f} KiB per request; open files {self.fds_before:,} → {self.fds_after:,} "
-                f"({self.fds_per_request:.2f} per request); {self.seconds:.1f} s to hold them all")
+        return (
+            f"{self.n:>6,} {kind:>12}: {self.ok:,} held, {self.shed:,} answered 503, {self.other} other; RSS "
+            f"{self.rss_before_kb / 1024:,.0f} → {self.rss_after_kb / 1024:,.0f} MiB, "
+            f"{self.kib_per_request:.1f} KiB per request; open files {self.fds_before:,} → {self.fds_after:,} "
+            f"({self.fds_per_request:.2f} per request); {self.seconds:.1f} s to hold them all"
+        )
 
 
 async def _inflight(port: int) -> int:
@@ -85,8 +87,9 @@ async def _inflight(port: int) -> int:
     try:
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
-                      if line.startswith(b"content-length:"))
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+        )
         page = (await reader.readexactly(length)).decode()
     finally:
         writer.close()
@@ -103,15 +106,19 @@ async def hold(port: int, pid: int, n: int, streamed: bool, keys: int = 1) -> He
         await asyncio.gather(*(_one(port, key_of(i), small) for i in range(50)))
     rss_before, fds_before = rss_kb(pid), open_files(pid)
     body = bodies.encode({**bodies.SMALL, "stream": streamed})
-    extra = ({"x-mock-chunk-delay-ms": str(HOLD_MS), "x-mock-completion-tokens": "2"} if streamed
-             else {"x-mock-latency-ms": str(HOLD_MS)})
+    extra = (
+        {"x-mock-chunk-delay-ms": str(HOLD_MS), "x-mock-completion-tokens": "2"}
+        if streamed
+        else {"x-mock-latency-ms": str(HOLD_MS)}
+    )
     started = time.monotonic()
     conns = []
     answers: list[asyncio.Task] = []
     try:
         for i in range(0, n, CONNECT_BATCH):
-            batch = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port)
-                                           for _ in range(min(CONNECT_BATCH, n - i))))
+            batch = await asyncio.gather(
+                *(asyncio.open_connection("127.0.0.1", port) for _ in range(min(CONNECT_BATCH, n - i)))
+            )
             for j, (reader, writer) in enumerate(batch):
                 writer.write(_request(key_of(i + j), body, extra))
                 answers.append(asyncio.ensure_future(_status(reader, streamed)))
@@ -122,6 +129,7 @@ async def hold(port: int, pid: int, n: int, streamed: bool, keys: int = 1) -> He
             if streamed:
                 return len(answered) == n
             return len(answered) + await _inflight(port) >= n
+
         await wait_for_async(f"{n} requests held or answered", all_held, 300, interval=0.5)
         seconds = time.monotonic() - started
         rss_after, fds_after = rss_kb(pid), open_files(pid)
@@ -133,8 +141,18 @@ async def hold(port: int, pid: int, n: int, streamed: bool, keys: int = 1) -> He
             writer.close()
     ok = statuses.count(200) if streamed else n - len(statuses)
     shed = statuses.count(503)
-    return Held(n, streamed, ok, shed, len(statuses) - shed - (statuses.count(200) if streamed else 0),
-                rss_before, rss_after, fds_before, fds_after, seconds)
+    return Held(
+        n,
+        streamed,
+        ok,
+        shed,
+        len(statuses) - shed - (statuses.count(200) if streamed else 0),
+        rss_before,
+        rss_after,
+        fds_before,
+        fds_after,
+        seconds,
+    )
 
 
 async def _one(port: int, key: str, body: bytes) -> int:
@@ -154,8 +172,14 @@ async def _status(reader: asyncio.StreamReader, streamed: bool) -> int:
     if streamed and status == 200:
         await reader.readuntil(b"\n\n")
     elif status != 200:
-        length = next((int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
-                       if line.startswith(b"content-length:")), 0)
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.lower().split(b"\r\n")
+                if line.startswith(b"content-length:")
+            ),
+            0,
+        )
         try:
             code = json.loads(await reader.readexactly(length))["error"]["code"]
         except (ValueError, KeyError, TypeError, asyncio.IncompleteReadError):
@@ -167,8 +191,15 @@ async def _status(reader: asyncio.StreamReader, streamed: bool) -> int:
 REFUSALS: dict[str, int] = {}  # "503 overloaded" -> count, over the whole run
 
 
-def measure(src: GatewaySource, redis_url: str, mock: MockUpstreamProcess, workdir: str, counts: list[int],
-            extra_env: dict[str, str] | None = None, keys: int | None = None) -> list[Held]:
+def measure(
+    src: GatewaySource,
+    redis_url: str,
+    mock: MockUpstreamProcess,
+    workdir: str,
+    counts: list[int],
+    extra_env: dict[str, str] | None = None,
+    keys: int | None = None,
+) -> list[Held]:
     """Each N, not streamed and streamed, in fresh gateway processes of ``src``; its keys are
     written into ``redis_url`` first."""
     keys = keys_from_env() if keys is None else keys
@@ -186,14 +217,19 @@ def measure(src: GatewaySource, redis_url: str, mock: MockUpstreamProcess, workd
 
 
 def table(results: dict[str, list[Held]]) -> str:
-    rows = ["| gateway | N | streamed | held | 503 | RSS before → after | per request | open files before → "
-            "after | per request |", "|---|---:|---|---:|---:|---|---:|---|---:|"]
+    rows = [
+        "| gateway | N | streamed | held | 503 | RSS before → after | per request | open files before → "
+        "after | per request |",
+        "|---|---:|---|---:|---:|---|---:|---|---:|",
+    ]
     for label, helds in results.items():
         for h in helds:
-            rows.append(f"| {label} | {h.n:,} | {'yes' if h.streamed else 'no'} | {h.ok:,} | {h.shed:,} | "
-                        f"{h.rss_before_kb / 1024:,.0f} → {h.rss_after_kb / 1024:,.0f} MiB | "
-                        f"{h.kib_per_request:.1f} KiB | {h.fds_before:,} → {h.fds_after:,} | "
-                        f"{h.fds_per_request:.2f} |")
+            rows.append(
+                f"| {label} | {h.n:,} | {'yes' if h.streamed else 'no'} | {h.ok:,} | {h.shed:,} | "
+                f"{h.rss_before_kb / 1024:,.0f} → {h.rss_after_kb / 1024:,.0f} MiB | "
+                f"{h.kib_per_request:.1f} KiB | {h.fds_before:,} → {h.fds_after:,} | "
+                f"{h.fds_per_request:.2f} |"
+            )
     return "\n".join(rows)
 
 

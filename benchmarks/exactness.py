@@ -26,6 +26,7 @@ async def _fire(url: str, body: dict, headers: dict[str, str]) -> list[int]:
 
     statuses: list[int] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def one() -> None:
             async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
                 await resp.read()
@@ -43,8 +44,8 @@ def chat_bound(body: dict):
 
     settings = Settings(upstream_url="http://unused")
     try:
-        from atlas_gateway.routes import route
         from atlas_gateway.metering.bounds import Meter
+        from atlas_gateway.routes import route
     except ImportError:
         from atlas_gateway.metering.bounds import Meter
 
@@ -55,8 +56,11 @@ def chat_bound(body: dict):
 def run(gateway_url: str, redis_url: str) -> dict:
     from atlas_core import contract
 
-    body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "Count to ten."}],
-            "max_tokens": 100}
+    body = {
+        "model": "llama-3.1-8b-instruct",
+        "messages": [{"role": "user", "content": "Count to ten."}],
+        "max_tokens": 100,
+    }
     bound = chat_bound(body)
     budget = FITS * bound.reserve
     subject = contract.key_subject(NAMESPACE, "exact")
@@ -67,24 +71,36 @@ def run(gateway_url: str, redis_url: str) -> dict:
         for counter in (day_key, month_key, contract.lease_key(subject)):
             r.delete(counter)
         write_key(r, contract, EXACT_KEY, "exact", contract.Limits(tokens_per_day=budget))
-        headers = {"Authorization": f"Bearer {EXACT_KEY}", "x-mock-latency-ms": "100",
-                   "x-mock-prompt-tokens": str(bound.prompt),
-                   "x-mock-completion-tokens": str(bound.reserve - bound.prompt)}
+        headers = {
+            "Authorization": f"Bearer {EXACT_KEY}",
+            "x-mock-latency-ms": "100",
+            "x-mock-prompt-tokens": str(bound.prompt),
+            "x-mock-completion-tokens": str(bound.reserve - bound.prompt),
+        }
         statuses = asyncio.run(_fire(gateway_url, body, headers))
         settled = int(r.hget(day_key, "settled") or 0)
         leases = r.zcard(contract.lease_key(subject))
     finally:
         r.close()
     admitted, rejected = statuses.count(200), statuses.count(429)
-    return {"admitted": admitted, "rejected_429": rejected, "other": len(statuses) - admitted - rejected,
-            "reserve_per_request": bound.reserve, "budget": budget, "tokens_settled": settled,
-            "leases_left": leases, "ok": settled <= budget and admitted <= FITS and leases == 0}
+    return {
+        "admitted": admitted,
+        "rejected_429": rejected,
+        "other": len(statuses) - admitted - rejected,
+        "reserve_per_request": bound.reserve,
+        "budget": budget,
+        "tokens_settled": settled,
+        "leases_left": leases,
+        "ok": settled <= budget and admitted <= FITS and leases == 0,
+    }
 
 
 def summary(res: dict) -> str:
-    return (f"{res['admitted']} admitted, {res['rejected_429']} x 429, {res['other']} other; tokens settled "
-            f"{res['tokens_settled']} of budget {res['budget']} ({res['reserve_per_request']} per request); "
-            f"leases left {res['leases_left']} -> {'PASS' if res['ok'] else 'FAIL: BUDGET EXCEEDED'}")
+    return (
+        f"{res['admitted']} admitted, {res['rejected_429']} x 429, {res['other']} other; tokens settled "
+        f"{res['tokens_settled']} of budget {res['budget']} ({res['reserve_per_request']} per request); "
+        f"leases left {res['leases_left']} -> {'PASS' if res['ok'] else 'FAIL: BUDGET EXCEEDED'}"
+    )
 
 
 if __name__ == "__main__":

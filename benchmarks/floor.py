@@ -66,14 +66,28 @@ def label(candidate: str) -> str:
 
 def bare_forward_command(server: str, client: str, upstream: str, port: str) -> list[str]:
     """The bare forward's process: ``server`` and ``client`` name a candidate (benchmarks.bare_forward)."""
-    return [sys.executable, "-m", "benchmarks.bare_forward", "--server", server, "--client", client,
-            "--upstream", upstream, "--port", port]
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.bare_forward",
+        "--server",
+        server,
+        "--client",
+        client,
+        "--upstream",
+        upstream,
+        "--port",
+        port,
+    ]
 
 
 def bare_forward(candidate: str, upstream: str, workdir: str) -> Proc:
     server, client = candidate.split("/")
-    return Proc(label(candidate), bare_forward_command(server, client, upstream, "{port}"),
-                log=os.path.join(workdir, f"bare-{server}-{client}.log"))
+    return Proc(
+        label(candidate),
+        bare_forward_command(server, client, upstream, "{port}"),
+        log=os.path.join(workdir, f"bare-{server}-{client}.log"),
+    )
 
 
 def main() -> int:

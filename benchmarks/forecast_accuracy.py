@@ -15,7 +15,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from atlas_core.contract import Limits, month_of
-
 from atlas_operator import forecast as fc
 from atlas_operator.history import History
 
@@ -28,8 +27,9 @@ def steady(tokens_per_hour: float, request_tokens: int = 137) -> Callable[[float
     return lambda t: int(t // every) * request_tokens
 
 
-def bursty(tokens_per_hour: float, period: float = 600, duty: float = 0.2,
-           request_tokens: int = 137) -> Callable[[float], int]:
+def bursty(
+    tokens_per_hour: float, period: float = 600, duty: float = 0.2, request_tokens: int = 137
+) -> Callable[[float], int]:
     """Bursts of ``duty * period`` seconds every ``period`` seconds, averaging tokens_per_hour."""
     burst_rate = tokens_per_hour / 3600 / duty  # tokens/s while bursting
 
@@ -48,8 +48,14 @@ class Run:
     actual_exhaustion: float | None  # seconds after START the budget really runs out
 
 
-def simulate(pattern: Callable[[float], int], budget: int, seconds: float, cycle: float = 10.0,
-             start: datetime = START, history: History | None = None) -> Run:
+def simulate(
+    pattern: Callable[[float], int],
+    budget: int,
+    seconds: float,
+    cycle: float = 10.0,
+    start: datetime = START,
+    history: History | None = None,
+) -> Run:
     history = history or History()
     limits = Limits(tokens_per_day=budget)
     run = Run([], [], None)
@@ -81,9 +87,11 @@ def report(label: str, pattern, tokens_per_hour: float, budget: int, seconds: fl
     late = [(t, (e - run.actual_exhaustion)) for t, e in run.exhausts if t >= 600]
     worst_late = max(d for _, d in late)
     worst_early = min(d for _, d in late)
-    return (f"{label:<28} true {tokens_per_hour:>8.0f} tok/h  forecast rate error max {rate_err * 100:5.1f}%  "
-            f"exhaustsAt vs actual: {worst_early / 60:+7.1f} .. {worst_late / 60:+6.1f} min "
-            f"(budget runs out {run.actual_exhaustion / 3600:.2f} h in)")
+    return (
+        f"{label:<28} true {tokens_per_hour:>8.0f} tok/h  forecast rate error max {rate_err * 100:5.1f}%  "
+        f"exhaustsAt vs actual: {worst_early / 60:+7.1f} .. {worst_late / 60:+6.1f} min "
+        f"(budget runs out {run.actual_exhaustion / 3600:.2f} h in)"
+    )
 
 
 def main() -> None:

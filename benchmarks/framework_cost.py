@@ -68,7 +68,7 @@ def processes(sources: dict[str, GatewaySource], rounds: int) -> dict[str, dict[
         for src in sources.values():
             src.write_bench_key(rs.url)
         for i in range(rounds):
-            for name in (list(sources) if i % 2 == 0 else list(sources)[::-1]):
+            for name in list(sources) if i % 2 == 0 else list(sources)[::-1]:
                 rows[name].append(one_start(sources[name], rs.url, mock.url, workdir))
                 print(f"round {i} {name}: {rows[name][-1]}", flush=True)
     return {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rows.items()}
@@ -76,10 +76,13 @@ def processes(sources: dict[str, GatewaySource], rounds: int) -> dict[str, dict[
 
 # ---------------------------------------------------------------- per request, in process
 
-USAGE = {"key": {"namespace": "bench", "name": "k", "keyId": "0123abcd"},
-         "usage": {"tokensToday": 1234, "tokensThisMonth": 56789, "requestsToday": 42},
-         "limits": {"tokensPerDay": 200000}, "remaining": {"tokensToday": 198766, "tokensThisMonth": None},
-         "quota": None}
+USAGE = {
+    "key": {"namespace": "bench", "name": "k", "keyId": "0123abcd"},
+    "usage": {"tokensToday": 1234, "tokensThisMonth": 56789, "requestsToday": 42},
+    "limits": {"tokensPerDay": 200000},
+    "remaining": {"tokensToday": 198766, "tokensThisMonth": None},
+    "quota": None,
+}
 
 
 def _raw_app():
@@ -87,6 +90,7 @@ def _raw_app():
 
     async def app(scope, receive, send):
         await send_json(send, 200, USAGE, [(b"x-request-id", b"1")])
+
     return app
 
 
@@ -106,14 +110,26 @@ def _fastapi_app():
     @app.get("/v1/usage", response_model=Usage)
     async def usage() -> dict:
         return USAGE
+
     return app
 
 
 async def _drive(app, n: int) -> float:
     """CPU microseconds per request of ``n`` GETs of /v1/usage, driven directly over ASGI."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": "/v1/usage", "raw_path": b"/v1/usage", "query_string": b"",
-             "root_path": "", "headers": [(b"host", b"gw")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/usage",
+        "raw_path": b"/v1/usage",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -146,8 +162,10 @@ def main(argv: list[str]) -> int:
     sources = {"base": _source("base", argv[0]), "new": _source("new", argv[1] if len(argv) > 1 else str(HERE_ROOT))}
     print(f"load average {os.getloadavg()[0]:.2f}")
     for name, med in processes(sources, rounds).items():
-        print(f"{name}: start {med['start_s']:.2f} s (CPU {med['start_cpu_s']:.2f} s), RSS started "
-              f"{med['rss_started_mb']:.1f} MB, after {WARM_REQUESTS} requests {med['rss_warm_mb']:.1f} MB")
+        print(
+            f"{name}: start {med['start_s']:.2f} s (CPU {med['start_cpu_s']:.2f} s), RSS started "
+            f"{med['rss_started_mb']:.1f} MB, after {WARM_REQUESTS} requests {med['rss_warm_mb']:.1f} MB"
+        )
     for name, us in per_request().items():
         print(f"GET /v1/usage-like answer, {name}: {us:.1f} us CPU per request")
     print(f"load average {os.getloadavg()[0]:.2f}")

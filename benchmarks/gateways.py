@@ -35,8 +35,14 @@ class GatewaySource:
     def run_helper(self, module: str, *args: str) -> str:
         """``python -m benchmarks.<module> args`` in this gateway's import path; its stdout."""
         env = {**os.environ, "PYTHONPATH": self.pythonpath}
-        done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], env=env, cwd=str(HERE_ROOT),
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{module}", *args],
+            env=env,
+            cwd=str(HERE_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"benchmarks.{module} for {self.label} failed:\n{done.stderr[-2000:]}")
         return done.stdout
@@ -49,24 +55,36 @@ class GatewaySource:
     def exactness(self, gateway_url: str, redis_url: str) -> dict:
         return json.loads(self.run_helper("exactness", gateway_url, redis_url).strip().splitlines()[-1])
 
-    def start(self, redis_url: str, upstream_url: str, workdir: str, models: dict[str, str] | None = None,
-              **extra: str) -> Proc:
+    def start(
+        self, redis_url: str, upstream_url: str, workdir: str, models: dict[str, str] | None = None, **extra: str
+    ) -> Proc:
         port = free_port()
-        env = {"PYTHONPATH": self.pythonpath, "ATLAS_REDIS_URL": redis_url, "ATLAS_UPSTREAM_URL": upstream_url,
-               "ATLAS_LOG_LEVEL": "warning", "ATLAS_PORT": str(port), "ATLAS_HOST": "127.0.0.1", **extra}
+        env = {
+            "PYTHONPATH": self.pythonpath,
+            "ATLAS_REDIS_URL": redis_url,
+            "ATLAS_UPSTREAM_URL": upstream_url,
+            "ATLAS_LOG_LEVEL": "warning",
+            "ATLAS_PORT": str(port),
+            "ATLAS_HOST": "127.0.0.1",
+            **extra,
+        }
         if models:
             env["ATLAS_UPSTREAM_MODELS"] = json.dumps(models)
         log = os.path.join(workdir, f"gateway-{self.label.replace(' ', '_').replace('/', '_')}-{port}.log")
-        return Proc(self.label, [sys.executable, "-m", "atlas_gateway"], env, port=port, log=log,
-                    cwd=str(self.root))
+        return Proc(self.label, [sys.executable, "-m", "atlas_gateway"], env, port=port, log=log, cwd=str(self.root))
 
 
 def _git_label(root: Path) -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "gateway", "core"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "gateway", "core"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return root.name
     return (rev or root.name) + ("+changes" if dirty else "")

@@ -25,8 +25,14 @@ NAMESPACE = "bench"
 
 
 def never_biting(contract):
-    fields = dict(requests_per_second=1e6, burst=10**6, tokens_per_minute=10**12, tokens_per_day=10**13,
-                  tokens_per_month=10**14, max_concurrent=10_000)
+    fields = dict(
+        requests_per_second=1e6,
+        burst=10**6,
+        tokens_per_minute=10**12,
+        tokens_per_day=10**13,
+        tokens_per_month=10**14,
+        max_concurrent=10_000,
+    )
     names = {name for _, name in getattr(contract.Limits, "_FIELDS", ())}
     if "cost_per_day" in names:  # cost budgets (AtlasPriceList) in this contract version
         fields.update(cost_per_day=1e9, cost_per_month=1e10)
@@ -36,9 +42,14 @@ def never_biting(contract):
 def price_list(contract):
     if not hasattr(contract, "PriceTable"):
         return None
-    return contract.PriceTable.from_spec("bench-prices", {
-        "currency": "USD", "prices": [{"model": "llama-*", "input": 0.1, "output": 0.2}],
-        "default": {"input": 0.5, "output": 1.0}})
+    return contract.PriceTable.from_spec(
+        "bench-prices",
+        {
+            "currency": "USD",
+            "prices": [{"model": "llama-*", "input": 0.1, "output": 0.2}],
+            "default": {"input": 0.5, "output": 1.0},
+        },
+    )
 
 
 def write_key(r, contract, key: str, name: str, limits, quota_limits=None, prices=None) -> None:
@@ -49,9 +60,10 @@ def write_key(r, contract, key: str, name: str, limits, quota_limits=None, price
     cfg = contract.KeyConfig(NAMESPACE, name, contract.key_id_of(key_hash), limits, quota=quota, **extra)
     r.set(contract.key_config_key(key_hash), cfg.encode())
     if quota:
-        r.set(contract.quota_config_key(NAMESPACE, quota),
-              contract.QuotaConfig(NAMESPACE, quota, quota_limits, **extra).encode())
-
+        r.set(
+            contract.quota_config_key(NAMESPACE, quota),
+            contract.QuotaConfig(NAMESPACE, quota, quota_limits, **extra).encode(),
+        )
 
 
 def _counters_key(contract) -> str:

@@ -20,15 +20,21 @@ MASTER_KEY = "sk-litellm-bench-0000000000000000000000"  # the bearer the bench s
 
 def config(json_base: str, sse_base: str) -> str:
     """The proxy config (YAML; JSON is valid YAML)."""
-    def model(name: str, base: str) -> dict:
-        return {"model_name": name, "litellm_params": {"model": f"openai/{name}", "api_base": base + "/v1",
-                                                       "api_key": "none"}}
 
-    return json.dumps({
-        "model_list": [model(bodies.MODEL, json_base), model(bodies.STREAM_MODEL, sse_base)],
-        "litellm_settings": {"telemetry": False, "drop_params": True, "set_verbose": False},
-        "general_settings": {"master_key": MASTER_KEY, "disable_spend_logs": True, "disable_error_logs": True},
-    }, indent=2)
+    def model(name: str, base: str) -> dict:
+        return {
+            "model_name": name,
+            "litellm_params": {"model": f"openai/{name}", "api_base": base + "/v1", "api_key": "none"},
+        }
+
+    return json.dumps(
+        {
+            "model_list": [model(bodies.MODEL, json_base), model(bodies.STREAM_MODEL, sse_base)],
+            "litellm_settings": {"telemetry": False, "drop_params": True, "set_verbose": False},
+            "general_settings": {"master_key": MASTER_KEY, "disable_spend_logs": True, "disable_error_logs": True},
+        },
+        indent=2,
+    )
 
 
 def peer(binary: str, json_base: str, sse_base: str, workdir: str) -> Proc:
@@ -44,7 +50,13 @@ def peer(binary: str, json_base: str, sse_base: str, workdir: str) -> Proc:
         "HOME": home,  # whatever it caches goes to the temporary directory
         "NO_PROXY": "127.0.0.1,localhost",
     }
-    return Proc("litellm", [binary, "--config", path, "--host", "127.0.0.1", "--port", "{port}",
-                            "--num_workers", "1"], env=env, health="/health/liveliness",
-                log=os.path.join(home, "litellm.log"), cwd=home, start_timeout=120.0,
-                unset=("DATABASE_URL", "LITELLM_MASTER_KEY", "REDIS_URL", "REDIS_HOST"))
+    return Proc(
+        "litellm",
+        [binary, "--config", path, "--host", "127.0.0.1", "--port", "{port}", "--num_workers", "1"],
+        env=env,
+        health="/health/liveliness",
+        log=os.path.join(home, "litellm.log"),
+        cwd=home,
+        start_timeout=120.0,
+        unset=("DATABASE_URL", "LITELLM_MASTER_KEY", "REDIS_URL", "REDIS_HOST"),
+    )

@@ -82,23 +82,45 @@ def wrk_script(body: bytes, headers: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def wrk(binary: str, url: str, connections: int, duration: float, body: bytes, headers: dict[str, str],
-        workdir: str) -> Run:
+def wrk(
+    binary: str, url: str, connections: int, duration: float, body: bytes, headers: dict[str, str], workdir: str
+) -> Run:
     script = os.path.join(workdir, "wrk-post.lua")
     with open(script, "w") as fh:
         fh.write(wrk_script(body, {"Content-Type": "application/json", **headers}))
-    out = subprocess.run([binary, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-                          "--timeout", "10s", "-s", script, url],
-                         capture_output=True, text=True, timeout=duration + 60).stdout
+    out = subprocess.run(
+        [
+            binary,
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            script,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+    ).stdout
     return parse_wrk(out)
 
 
 # ---------------------------------------------------------------------------------- vegeta
 
+
 def vegeta_target(url: str, body: bytes, headers: dict[str, str]) -> str:
     """One target in vegeta's JSON target format (the body base64-encoded)."""
-    return json.dumps({"method": "POST", "url": url, "body": base64.b64encode(body).decode(),
-                       "header": {k: [v] for k, v in {"Content-Type": "application/json", **headers}.items()}})
+    return json.dumps(
+        {
+            "method": "POST",
+            "url": url,
+            "body": base64.b64encode(body).decode(),
+            "header": {k: [v] for k, v in {"Content-Type": "application/json", **headers}.items()},
+        }
+    )
 
 
 def parse_vegeta_report(report: str, rate: float) -> Run:
@@ -109,21 +131,42 @@ def parse_vegeta_report(report: str, rate: float) -> Run:
     codes = doc.get("status_codes") or {}
     ok = sum(n for code, n in codes.items() if code.startswith("2"))
     requests = int(doc.get("requests", 0))
-    return Run(p50=lat.get("50th", 0) / 1e6 if requests else NAN, p99=lat.get("99th", 0) / 1e6 if requests else NAN,
-               rps=float(doc.get("throughput", 0.0)), requests=requests, errors=requests - ok, rate=rate)
+    return Run(
+        p50=lat.get("50th", 0) / 1e6 if requests else NAN,
+        p99=lat.get("99th", 0) / 1e6 if requests else NAN,
+        rps=float(doc.get("throughput", 0.0)),
+        requests=requests,
+        errors=requests - ok,
+        rate=rate,
+    )
 
 
-def vegeta(binary: str, url: str, rate: int, duration: float, body: bytes, headers: dict[str, str],
-           workdir: str) -> Run:
+def vegeta(
+    binary: str, url: str, rate: int, duration: float, body: bytes, headers: dict[str, str], workdir: str
+) -> Run:
     targets = os.path.join(workdir, "vegeta-targets.json")
     results = os.path.join(workdir, "vegeta-results.bin")
     with open(targets, "w") as fh:
         fh.write(vegeta_target(url, body, headers) + "\n")
     # -max-workers bounds the goroutines a stalled target can pile up; 2,000 in flight is already
     # a second of backlog at the highest rate, far beyond any latency worth reporting
-    subprocess.run([binary, "attack", "-format=json", f"-targets={targets}", f"-rate={rate}/s",
-                    f"-duration={max(1, round(duration))}s", "-timeout=10s", "-max-workers=2000",
-                    f"-output={results}"], check=True, capture_output=True, timeout=duration + 60)
-    report = subprocess.run([binary, "report", "-type=json", results], check=True, capture_output=True,
-                            text=True, timeout=60).stdout
+    subprocess.run(
+        [
+            binary,
+            "attack",
+            "-format=json",
+            f"-targets={targets}",
+            f"-rate={rate}/s",
+            f"-duration={max(1, round(duration))}s",
+            "-timeout=10s",
+            "-max-workers=2000",
+            f"-output={results}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=duration + 60,
+    )
+    report = subprocess.run(
+        [binary, "report", "-type=json", results], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
     return parse_vegeta_report(report, rate)

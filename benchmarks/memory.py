@@ -20,8 +20,13 @@ OPEN_STREAMS = 200  # thousands: benchmarks.capacity
 
 
 def _request(key: str, body: bytes, extra: dict[str, str] | None = None) -> bytes:
-    head = ["POST /v1/chat/completions HTTP/1.1", "Host: gateway", f"Authorization: Bearer {key}",
-            "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    head = [
+        "POST /v1/chat/completions HTTP/1.1",
+        "Host: gateway",
+        f"Authorization: Bearer {key}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
     head += [f"{k}: {v}" for k, v in (extra or {}).items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
@@ -63,7 +68,7 @@ async def idle_connections(port: int, pid: int, key: str, body: bytes, n: int = 
     try:
         # in batches: what is measured is idle connections, not a burst of admissions
         for i in range(0, n, IDLE_BATCH):
-            batch = conns[i:i + IDLE_BATCH]
+            batch = conns[i : i + IDLE_BATCH]
             for _, writer in batch:
                 writer.write(_request(key, body))
             statuses += await asyncio.gather(*(_read_answer(reader) for reader, _ in batch))
@@ -72,12 +77,12 @@ async def idle_connections(port: int, pid: int, key: str, body: bytes, n: int = 
         for _, writer in conns:
             writer.close()
     ok = statuses.count(200)
-    return {"n": n, "ok": ok, "rss_before_kb": before, "rss_after_kb": after,
-            "per_item_kb": (after - before) / n}
+    return {"n": n, "ok": ok, "rss_before_kb": before, "rss_after_kb": after, "per_item_kb": (after - before) / n}
 
 
-async def open_streams(port: int, pid: int, key: str, body: bytes, n: int = OPEN_STREAMS,
-                       chunk_delay_ms: int = 1000) -> dict:
+async def open_streams(
+    port: int, pid: int, key: str, body: bytes, n: int = OPEN_STREAMS, chunk_delay_ms: int = 1000
+) -> dict:
     await _warm(port, key, body)
     before = rss_kb(pid)
     slow = {"x-mock-chunk-delay-ms": str(chunk_delay_ms)}

@@ -42,11 +42,11 @@ error_log {workdir}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
     access_log off;
-    client_body_temp_path {temp['body']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
+    client_body_temp_path {temp["body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
     client_max_body_size 8m;
     client_body_buffer_size 512k;
     keepalive_requests 10000000;
@@ -63,7 +63,11 @@ http {{
 
 def config(port: int, workdir: str) -> str:
     completion = json.dumps(bodies.COMPLETION, separators=(",", ":"))
-    return _conf(port, workdir, "", f"""location = {JSON_BASE}/v1/chat/completions {{
+    return _conf(
+        port,
+        workdir,
+        "",
+        f"""location = {JSON_BASE}/v1/chat/completions {{
             default_type application/json;
             return 200 {_quoted(completion)};
         }}
@@ -71,7 +75,8 @@ def config(port: int, workdir: str) -> str:
             default_type text/event-stream;
             add_header Cache-Control no-cache;
             return 200 {_quoted(bodies.sse_stream())};
-        }}""")
+        }}""",
+    )
 
 
 def static_upstream(binary: str, workdir: str) -> Proc:
@@ -79,8 +84,11 @@ def static_upstream(binary: str, workdir: str) -> Proc:
     upstream base URLs."""
     home = os.path.join(workdir, "nginx")
     os.makedirs(home, exist_ok=True)
-    proc = Proc("nginx", [binary, "-p", home, "-c", os.path.join(home, "nginx.conf"), "-e",
-                          os.path.join(home, "error.log")], log=os.path.join(home, "stdout.log"))
+    proc = Proc(
+        "nginx",
+        [binary, "-p", home, "-c", os.path.join(home, "nginx.conf"), "-e", os.path.join(home, "error.log")],
+        log=os.path.join(home, "stdout.log"),
+    )
     with open(os.path.join(home, "nginx.conf"), "w") as fh:
         fh.write(config(proc.port, home))
     return proc
@@ -91,12 +99,17 @@ def proxy_config(port: int, workdir: str, upstream_port: int) -> str:
     connections to the upstream (``proxy_http_version 1.1``, an empty Connection header), the
     request body buffered in memory, the answer buffered; what a proxy in C costs per request."""
     upstream = f"upstream static {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 10000000; }}"
-    return _conf(port, workdir, upstream, """location / {
+    return _conf(
+        port,
+        workdir,
+        upstream,
+        """location / {
             proxy_pass http://static;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering on;
-        }""")
+        }""",
+    )
 
 
 def reverse_proxy(binary: str, workdir: str, upstream_port: int) -> Proc:
@@ -104,8 +117,11 @@ def reverse_proxy(binary: str, workdir: str, upstream_port: int) -> Proc:
     its ``url`` + ``JSON_BASE``/``SSE_BASE`` reach the same two locations through it."""
     home = os.path.join(workdir, "nginx-proxy")
     os.makedirs(home, exist_ok=True)
-    proc = Proc("nginx reverse proxy", [binary, "-p", home, "-c", os.path.join(home, "nginx.conf"), "-e",
-                                        os.path.join(home, "error.log")], log=os.path.join(home, "stdout.log"))
+    proc = Proc(
+        "nginx reverse proxy",
+        [binary, "-p", home, "-c", os.path.join(home, "nginx.conf"), "-e", os.path.join(home, "error.log")],
+        log=os.path.join(home, "stdout.log"),
+    )
     with open(os.path.join(home, "nginx.conf"), "w") as fh:
         fh.write(proxy_config(proc.port, home, upstream_port))
     return proc

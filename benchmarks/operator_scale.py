@@ -48,17 +48,40 @@ class CountingKube:
 
 def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectView], list[ObjectView]]:
     zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
-    within = [{"type": "QuotaExhausted", "status": "False", "reason": "WithinBudget",
-               "message": "no day or month budget is spent", "lastTransitionTime": "2026-01-01T00:00:00Z",
-               "observedGeneration": 1}]
-    quotas = [ObjectView("bench", f"q{i}", "1", 1, {"limits": {"tokensPerDay": 10**9}},
-                         {"usage": zero, "keys": n_keys // n_quotas, "conditions": within,
-                          "observedGeneration": 1}, False)
-              for i in range(n_quotas)]
-    keys = [ObjectView("bench", f"k{i}", "1", 1,
-                       {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}},
-                       {"usage": zero, "conditions": within, "observedGeneration": 1}, False)
-            for i in range(n_keys)]
+    within = [
+        {
+            "type": "QuotaExhausted",
+            "status": "False",
+            "reason": "WithinBudget",
+            "message": "no day or month budget is spent",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+            "observedGeneration": 1,
+        }
+    ]
+    quotas = [
+        ObjectView(
+            "bench",
+            f"q{i}",
+            "1",
+            1,
+            {"limits": {"tokensPerDay": 10**9}},
+            {"usage": zero, "keys": n_keys // n_quotas, "conditions": within, "observedGeneration": 1},
+            False,
+        )
+        for i in range(n_quotas)
+    ]
+    keys = [
+        ObjectView(
+            "bench",
+            f"k{i}",
+            "1",
+            1,
+            {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}},
+            {"usage": zero, "conditions": within, "observedGeneration": 1},
+            False,
+        )
+        for i in range(n_keys)
+    ]
     return keys, quotas
 
 
@@ -98,17 +121,21 @@ async def run_fake(n_keys: int, n_quotas: int, redis_url: str, forecasting: bool
     keys, quotas = make_views(n_keys, n_quotas, now)
     kube = CountingKube()
     history = History() if forecasting else None
-    print(f"{n_keys} keys, {n_quotas} quotas, real redis-server, counting fake API, "
-          f"forecasting {'on' if forecasting else 'off'}")
+    print(
+        f"{n_keys} keys, {n_quotas} quotas, real redis-server, counting fake API, "
+        f"forecasting {'on' if forecasting else 'off'}"
+    )
 
     async def cycle(label: str) -> None:
         nonlocal keys, quotas, now
         before = kube.writes
         stats = await usage_cycle(redis, kube, keys, quotas, now, history=history)
-        print(f"  {label:<26} {stats.seconds * 1000:7.0f} ms/cycle  (usage read {stats.read_seconds * 1000:.0f} ms, "
-              f"diff+forecast {stats.plan_seconds * 1000:.0f} ms, history I/O {stats.history_seconds * 1000:.0f} ms, "
-              f"{stats.redis_round_trips} round trips)  API writes: {kube.writes - before}  "
-              f"forecasts: {stats.forecasts}  histories written: {stats.history_writes}")
+        print(
+            f"  {label:<26} {stats.seconds * 1000:7.0f} ms/cycle  (usage read {stats.read_seconds * 1000:.0f} ms, "
+            f"diff+forecast {stats.plan_seconds * 1000:.0f} ms, history I/O {stats.history_seconds * 1000:.0f} ms, "
+            f"{stats.redis_round_trips} round trips)  API writes: {kube.writes - before}  "
+            f"forecasts: {stats.forecasts}  histories written: {stats.history_writes}"
+        )
         keys = apply_patches_to_views(keys, kube)
         quotas = apply_patches_to_views(quotas, kube)
         now += timedelta(seconds=61 if forecasting else 0)
@@ -146,14 +173,31 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
     t0 = time.perf_counter()
     now = datetime.now(timezone.utc)
     zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
-    within = [{"type": "QuotaExhausted", "status": "False", "reason": "WithinBudget",
-               "message": "no day or month budget is spent", "lastTransitionTime": "2026-01-01T00:00:00Z",
-               "observedGeneration": 1}]
+    within = [
+        {
+            "type": "QuotaExhausted",
+            "status": "False",
+            "reason": "WithinBudget",
+            "message": "no day or month budget is spent",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+            "observedGeneration": 1,
+        }
+    ]
 
     async def create(plural: str, name: str, spec: dict) -> None:
-        await api._run(api.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural,
-                       {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasKey" if plural == KEYS else "AtlasQuota",
-                        "metadata": {"name": name}, "spec": spec})
+        await api._run(
+            api.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "AtlasKey" if plural == KEYS else "AtlasQuota",
+                "metadata": {"name": name},
+                "spec": spec,
+            },
+        )
         status = {"usage": zero, "conditions": within, "observedGeneration": 1}
         if plural == QUOTAS:
             status["keys"] = n_keys // n_quotas
@@ -167,14 +211,20 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
 
     if not reuse:
         await asyncio.gather(*(bounded(QUOTAS, f"q{i}", {"limits": {"tokensPerDay": 10**9}}) for i in range(n_quotas)))
-        await asyncio.gather(*(bounded(KEYS, f"k{i}", {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}})
-                               for i in range(n_keys)))
+        await asyncio.gather(
+            *(
+                bounded(KEYS, f"k{i}", {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}})
+                for i in range(n_keys)
+            )
+        )
         print(f"  created in {time.perf_counter() - t0:.1f}s")
 
     async def views():
         out = {}
         for plural in (KEYS, QUOTAS):
-            items = (await api._run(api.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural))["items"]
+            items = (await api._run(api.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural))[
+                "items"
+            ]
             out[plural] = [ObjectView.of(i) for i in items]
         return out[KEYS], out[QUOTAS]
 
@@ -189,16 +239,24 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
         bucket = TokenBucket(settings.status_writes_per_second, settings.status_write_burst) if paced else None
         deadline = time.monotonic() + settings.usage_interval if paced else None
         stats = await usage_cycle(redis, api, keys, quotas, now, bucket=bucket, queue=queue, deadline=deadline)
-        print(f"  {label:<30} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms)"
-              f"  API writes: {api.writes - before} (conflicts {stats.conflicts}, deferred {stats.deferred})")
+        print(
+            f"  {label:<30} {stats.seconds * 1000:8.1f} ms/cycle  (redis read {stats.read_seconds * 1000:.1f} ms)"
+            f"  API writes: {api.writes - before} (conflicts {stats.conflicts}, deferred {stats.deferred})"
+        )
 
     print(f"{n_keys} keys, {n_quotas} quotas, real redis-server, real kube-apiserver")
     if reuse:
         await cycle("settle leftovers (uncapped)")
     await cycle("idle (nothing changed)")
     tags = quota_tags((await views())[0])
-    await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(0, n_keys, 100)]
-                  + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)], now, 10, tags)
+    await traffic(
+        redis,
+        [contract.key_subject(namespace, f"k{i}") for i in range(0, n_keys, 100)]
+        + [contract.quota_subject(namespace, f"q{i}") for i in range(n_quotas)],
+        now,
+        10,
+        tags,
+    )
     await cycle("1% of keys active")
     await traffic(redis, [contract.key_subject(namespace, f"k{i}") for i in range(n_keys)], now, 10, tags)
     rate = f"{settings.status_writes_per_second:g}/s for {settings.usage_interval:g}s"
@@ -227,8 +285,14 @@ def run_latency(samples: int) -> None:
         applied, deleted = [], []
         for i in range(samples):
             name = f"latency-{i}"
-            manifest = json.dumps({"apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey",
-                                   "metadata": {"name": name}, "spec": {}})
+            manifest = json.dumps(
+                {
+                    "apiVersion": "atlas.bugvanquisher.io/v1alpha1",
+                    "kind": "AtlasKey",
+                    "metadata": {"name": name},
+                    "spec": {},
+                }
+            )
             started = time.monotonic()
             kubectl("apply", "-f", "-", input=manifest)
 
@@ -245,8 +309,10 @@ def run_latency(samples: int) -> None:
             deleted.append(time.monotonic() - started)
 
         def show(label: str, xs: list[float]) -> None:
-            print(f"  {label:<26} median {statistics.median(xs) * 1000:6.0f} ms   "
-                  f"min {min(xs) * 1000:6.0f} ms   max {max(xs) * 1000:6.0f} ms   (n={len(xs)})")
+            print(
+                f"  {label:<26} median {statistics.median(xs) * 1000:6.0f} ms   "
+                f"min {min(xs) * 1000:6.0f} ms   max {max(xs) * 1000:6.0f} ms   (n={len(xs)})"
+            )
 
         print("latency through the dev stack (kubectl -> operator -> Redis -> gateway):")
         show("apply -> key works", applied)
@@ -260,8 +326,12 @@ def main() -> None:
     parser.add_argument("--kubeconfig", help="measure against this API server instead of the fake")
     parser.add_argument("--reuse", metavar="NAMESPACE", help="with --kubeconfig: objects already created there")
     parser.add_argument("--no-forecast", action="store_true", help="the write-back without forecasting")
-    parser.add_argument("--latency", type=int, metavar="N",
-                        help="instead: N samples of apply->working and delete->refused via the dev stack")
+    parser.add_argument(
+        "--latency",
+        type=int,
+        metavar="N",
+        help="instead: N samples of apply->working and delete->refused via the dev stack",
+    )
     args = parser.parse_args()
     if args.latency:
         run_latency(args.latency)

@@ -25,6 +25,7 @@ class ProcError(RuntimeError):
 
 def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
     """Until ``url`` answers 2xx; ProcError at once if ``proc`` exits, or at the deadline."""
+
     def answers() -> bool:
         with urllib.request.urlopen(url, timeout=1.0):
             return True
@@ -40,9 +41,18 @@ class Proc:
 
     Output goes to ``log`` (a file path) so that a failing start can say why."""
 
-    def __init__(self, name: str, args: Sequence[str], env: dict[str, str] | None = None,
-                 health: str = "/healthz", port: int | None = None, log: str | None = None,
-                 cwd: str | None = None, start_timeout: float = 30.0, unset: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        health: str = "/healthz",
+        port: int | None = None,
+        log: str | None = None,
+        cwd: str | None = None,
+        start_timeout: float = 30.0,
+        unset: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.port = port or free_port()
         self.args = [a.replace("{port}", str(self.port)) for a in args]
@@ -65,8 +75,15 @@ class Proc:
     def __enter__(self) -> "Proc":
         out = open(self.log, "ab")
         try:
-            self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.args,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             out.close()
         try:

@@ -59,9 +59,26 @@ def top_functions(collapsed: str, limit: int = 20) -> tuple[int, list[tuple[str,
 
 def record(py_spy: str, pid: int, seconds: int, out_path: str) -> subprocess.Popen:
     """Start sampling ``pid`` (and its worker processes) for ``seconds``; wait() on the result."""
-    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250",
-                             "--nonblocking", "--subprocesses", "--format", "raw", "--output", out_path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--subprocesses",
+            "--format",
+            "raw",
+            "--output",
+            out_path,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def report(collapsed: str, limit: int = 20) -> str:

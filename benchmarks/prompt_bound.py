@@ -34,10 +34,14 @@ def corpora() -> dict[str, str]:
     stdlib = os.path.dirname(os.__file__)
     return {
         "English prose": read(["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0"]),
-        "code (Python)": read(sorted(glob.glob(os.path.join(stdlib, "asyncio", "*.py")))[:12]
-                              + sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "**" / "*.py"), recursive=True))),
-        "code (Lua, YAML)": read(sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "**" / "*.lua"), recursive=True))
-                                 + sorted(glob.glob(str(ROOT / "crds" / "*.yaml")))),
+        "code (Python)": read(
+            sorted(glob.glob(os.path.join(stdlib, "asyncio", "*.py")))[:12]
+            + sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "**" / "*.py"), recursive=True))
+        ),
+        "code (Lua, YAML)": read(
+            sorted(glob.glob(str(ROOT / "gateway" / "atlas_gateway" / "**" / "*.lua"), recursive=True))
+            + sorted(glob.glob(str(ROOT / "crds" / "*.yaml")))
+        ),
         "CJK (zh, ja, ko)": read([HERE / "corpus" / "cjk.txt"]),
         "short words ('a a a ...')": "a " * 5000,
     }
@@ -67,8 +71,11 @@ def main() -> int:
         print("no tokenizer installed: pip install -e '.[measure]'", file=sys.stderr)
         return 1
     names = list(tok)
-    print(f"{'corpus':28} {'bytes':>8} " + " ".join(f"{n:>12}" for n in names)
-          + "   factor bytes/tokens (min..max)   old bytes/3 factor (min)")
+    print(
+        f"{'corpus':28} {'bytes':>8} "
+        + " ".join(f"{n:>12}" for n in names)
+        + "   factor bytes/tokens (min..max)   old bytes/3 factor (min)"
+    )
     for label, text in corpora().items():
         if not text:
             print(f"{label:28} (corpus not found)")
@@ -77,8 +84,11 @@ def main() -> int:
         counts = [len(tok[n](text)) for n in names]
         factors = [size / c for c in counts]
         old = [-(-size // 3) / c for c in counts]
-        print(f"{label:28} {size:8d} " + " ".join(f"{c:12d}" for c in counts)
-              + f"   {min(factors):6.2f} .. {max(factors):5.2f}              {min(old):5.2f}")
+        print(
+            f"{label:28} {size:8d} "
+            + " ".join(f"{c:12d}" for c in counts)
+            + f"   {min(factors):6.2f} .. {max(factors):5.2f}              {min(old):5.2f}"
+        )
     return 0
 
 

@@ -51,6 +51,7 @@ class Results:
 
 # ---------------------------------------------------------------------------- formatting
 
+
 def ms(value: float) -> str:
     if value is None or math.isnan(value):
         return "–"
@@ -75,11 +76,15 @@ def _cell(run: Run | None, attr: str) -> str:
 def cpu_cell(c1: Run | None, c16: Run | None, c16_label: str = "c=16") -> str:
     """``149 µs (c=16), 318 µs (c=1), plus 28 µs in redis-server``: the target's own process
     first, redis-server's (Atlas) after it."""
+
     def own(run: Run) -> float | None:
         return next((v for k, v in run.cpu_us.items() if k != "redis-server"), None)
 
-    parts = [f"{us(own(r))} ({label})" for label, r in ((c16_label, c16), ("c=1", c1))
-             if r is not None and own(r) is not None]
+    parts = [
+        f"{us(own(r))} ({label})"
+        for label, r in ((c16_label, c16), ("c=1", c1))
+        if r is not None and own(r) is not None
+    ]
     redis = [r.cpu_us["redis-server"] for r in (c16, c1) if r is not None and "redis-server" in r.cpu_us]
     text = ", ".join(parts) or "–"
     if redis:
@@ -94,6 +99,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # -------------------------------------------------------------------------------- tables
+
 
 def own_cpu(run: Run | None) -> float | None:
     """The CPU per request of the target's own process (not redis-server's)."""
@@ -117,24 +123,37 @@ def closed_loop_table(res: Results) -> str:
         for floor in floors:
             r = ratio(res, target, floor) if target != res.reference else None
             ratios.append(f"{r:.2f}×" if r is not None else "–")
-        rows.append([target, _cell(c16, "rps"), _cell(c1, "p50"), _cell(c1, "p99"), _cell(c16, "p99"),
-                     cpu_cell(c1, c16), *ratios])
+        rows.append(
+            [
+                target,
+                _cell(c16, "rps"),
+                _cell(c1, "p50"),
+                _cell(c1, "p99"),
+                _cell(c16, "p99"),
+                cpu_cell(c1, c16),
+                *ratios,
+            ]
+        )
     names = {NGINX_PROXY: "CPU c=16 ÷ nginx proxy", BARE_FORWARD: "CPU c=16 ÷ bare forward"}
-    return table(["target", "req/s c=16", "p50 c=1", "p99 c=1", "p99 c=16", "CPU per request",
-                  *(names[f] for f in floors)], rows)
+    return table(
+        ["target", "req/s c=16", "p50 c=1", "p99 c=1", "p99 c=16", "CPU per request", *(names[f] for f in floors)], rows
+    )
 
 
 def fixed_rate_table(res: Results) -> str:
     rates = sorted({rate for runs in res.fixed.values() for rate in runs})
-    header = ["target"] + [f"{rate:,}/s: p50 / p99 (answered/s)" for rate in rates] + ["CPU per request at the lowest rate"]
+    header = (
+        ["target"] + [f"{rate:,}/s: p50 / p99 (answered/s)" for rate in rates] + ["CPU per request at the lowest rate"]
+    )
     rows = []
     for target, runs in res.fixed.items():
         row = [target]
         for rate in rates:
             run = runs.get(rate)
             if isinstance(run, Run):
-                row.append(f"{ms(run.p50)} / {ms(run.p99)} ({rps(run.rps)})"
-                           + (f", {run.errors} errors" if run.errors else ""))
+                row.append(
+                    f"{ms(run.p50)} / {ms(run.p99)} ({rps(run.rps)})" + (f", {run.errors} errors" if run.errors else "")
+                )
             else:
                 row.append(run or "–")
         lowest = runs.get(rates[0]) if rates else None
@@ -178,13 +197,17 @@ def memory_table(res: Results) -> str:
         def cell(d: dict | None) -> str:
             if not d:
                 return "–"
-            return (f"{d['per_item_kb']:.1f} KiB ({d['n']} → +{(d['rss_after_kb'] - d['rss_before_kb']) / 1024:.1f} MiB, "
-                    f"{d['ok']} answered 200)")
+            return (
+                f"{d['per_item_kb']:.1f} KiB ({d['n']} → +{(d['rss_after_kb'] - d['rss_before_kb']) / 1024:.1f} MiB, "
+                f"{d['ok']} answered 200)"
+            )
+
         rows.append([gw, cell(idle), cell(streams)])
     return table(["gateway", "per idle keep-alive connection", "per open stream (slow upstream)"], rows)
 
 
 # ------------------------------------------------------------------------------- targets
+
 
 def _added(res: Results, target: str, key: tuple[int, bool]) -> float:
     ref, run = res.prompts.get(res.reference, {}).get(key), res.prompts.get(target, {}).get(key)
@@ -213,16 +236,28 @@ def targets(res: Results) -> list[tuple[str, dict[str, tuple[str, bool | None]]]
             return "–", None
         return (f"{value:.2f} ms" if unit == "ms" else f"{value:.0f} µs"), value <= limit
 
-    out.append((f"gateway CPU per request at c=16 ≤ {TARGET_CPU_C16_US:.0f} µs",
-                each(lambda gw: check(gateway_cpu(gw, 16), TARGET_CPU_C16_US, "us"))))
+    out.append(
+        (
+            f"gateway CPU per request at c=16 ≤ {TARGET_CPU_C16_US:.0f} µs",
+            each(lambda gw: check(gateway_cpu(gw, 16), TARGET_CPU_C16_US, "us")),
+        )
+    )
     if BARE_FORWARD in res.closed:
+
         def over_floor(gw: str) -> tuple[str, bool | None]:
             r = ratio(res, f"{gw} → nginx", BARE_FORWARD)
             return ("–", None) if r is None else (f"{r:.2f}×", r <= TARGET_FLOOR_RATIO)
-        out.append((f"gateway CPU per request at c=16 ≤ {TARGET_FLOOR_RATIO}× the bare forward's (issue 24)",
-                    each(over_floor)))
-    out.append((f"gateway CPU per request at c=1 ≤ {TARGET_CPU_C1_US:.0f} µs",
-                each(lambda gw: check(gateway_cpu(gw, 1), TARGET_CPU_C1_US, "us"))))
+
+        out.append(
+            (f"gateway CPU per request at c=16 ≤ {TARGET_FLOOR_RATIO}× the bare forward's (issue 24)", each(over_floor))
+        )
+    out.append(
+        (
+            f"gateway CPU per request at c=1 ≤ {TARGET_CPU_C1_US:.0f} µs",
+            each(lambda gw: check(gateway_cpu(gw, 1), TARGET_CPU_C1_US, "us")),
+        )
+    )
+
     def added_p99(gw: str) -> tuple[str, bool | None]:
         added = res.closed[f"{gw} → nginx"][1].p99 - ref[1].p99
         if added < 0:  # nginx's own tail was the larger: the machine's scheduling, not a result
@@ -230,8 +265,12 @@ def targets(res: Results) -> list[tuple[str, dict[str, tuple[str, bool | None]]]
         return check(added, TARGET_ADDED_P99_C1_MS, "ms")
 
     out.append((f"added p99 at c=1 ≤ {TARGET_ADDED_P99_C1_MS} ms (over nginx directly)", each(added_p99)))
-    out.append((f"added p50 at c=1 ≤ {TARGET_ADDED_P50_C1_MS} ms (over nginx directly; issue 24)",
-                each(lambda gw: check(res.closed[f"{gw} → nginx"][1].p50 - ref[1].p50, TARGET_ADDED_P50_C1_MS, "ms"))))
+    out.append(
+        (
+            f"added p50 at c=1 ≤ {TARGET_ADDED_P50_C1_MS} ms (over nginx directly; issue 24)",
+            each(lambda gw: check(res.closed[f"{gw} → nginx"][1].p50 - ref[1].p50, TARGET_ADDED_P50_C1_MS, "ms")),
+        )
+    )
 
     def tail(gw: str) -> tuple[str, bool | None]:
         run = res.closed[f"{gw} → nginx"][16]
@@ -245,15 +284,24 @@ def targets(res: Results) -> list[tuple[str, dict[str, tuple[str, bool | None]]]
     if len(sizes) >= 2:
         small, big = sizes[0], sizes[-1]
         for stream in (False, True):
+
             def big_prompt(gw: str, stream=stream) -> tuple[str, bool | None]:
                 diff = _added(res, f"{gw} → nginx", (big, stream)) - _added(res, f"{gw} → nginx", (small, stream))
                 return check(diff, TARGET_BIG_PROMPT_MS, "ms")
-            out.append((f"{size_label(big)} prompt adds ≤ {TARGET_BIG_PROMPT_MS} ms over {size_label(small)} "
-                        f"({'streamed' if stream else 'not streamed'}; added p50 over nginx, difference)",
-                        each(big_prompt)))
-    out.append((f"redis-server CPU per request ≤ {TARGET_REDIS_CPU_US:.0f} µs (c=16)",
-                each(lambda gw: check(res.closed[f"{gw} → nginx"][16].cpu_us["redis-server"],
-                                      TARGET_REDIS_CPU_US, "us"))))
+
+            out.append(
+                (
+                    f"{size_label(big)} prompt adds ≤ {TARGET_BIG_PROMPT_MS} ms over {size_label(small)} "
+                    f"({'streamed' if stream else 'not streamed'}; added p50 over nginx, difference)",
+                    each(big_prompt),
+                )
+            )
+    out.append(
+        (
+            f"redis-server CPU per request ≤ {TARGET_REDIS_CPU_US:.0f} µs (c=16)",
+            each(lambda gw: check(res.closed[f"{gw} → nginx"][16].cpu_us["redis-server"], TARGET_REDIS_CPU_US, "us")),
+        )
+    )
     return out
 
 
@@ -263,13 +311,17 @@ def targets_table(res: Results) -> str:
         row = [text]
         for gw in res.gateways:
             measured, met = values.get(gw, ("–", None))
-            row.append(measured if measured.endswith("noise)") else
-                       f"{measured}: {'met' if met else '**missed**' if met is False else 'not measured'}")
+            row.append(
+                measured
+                if measured.endswith("noise)")
+                else f"{measured}: {'met' if met else '**missed**' if met is False else 'not measured'}"
+            )
         rows.append(row)
     return table(["target"] + res.gateways, rows)
 
 
 # ------------------------------------------------------------------------------ the doc
+
 
 def render(res: Results) -> str:
     m = res.meta
@@ -305,15 +357,27 @@ def render(res: Results) -> str:
     if res.tracing:
         parts += [res.tracing, ""]
     if res.capacity:
-        parts += ["Long requests held at once through one gateway process with its defaults (benchmarks.capacity; "
-                  "`BENCH_CAPACITY_N`):", "", res.capacity, ""]
+        parts += [
+            "Long requests held at once through one gateway process with its defaults (benchmarks.capacity; "
+            "`BENCH_CAPACITY_N`):",
+            "",
+            res.capacity,
+            "",
+        ]
     if res.leases:
         parts += [res.leases, ""]
     for gw, exact in res.exactness.items():
         parts.append(f"Exactness ({gw}): {exact}")
         parts.append("")
     for target, text in res.profiles.items():
-        parts += [f"Profile of {target} under wrk c=16 (py-spy, `BENCH_PROFILE=1`):", "", "```", text.rstrip(), "```", ""]
+        parts += [
+            f"Profile of {target} under wrk c=16 (py-spy, `BENCH_PROFILE=1`):",
+            "",
+            "```",
+            text.rstrip(),
+            "```",
+            "",
+        ]
     for gw, flood in res.slow_clients.items():
         parts.append(f"1,000 slow clients ({gw}): {flood.strip().splitlines()[-1].strip()}")
         parts.append("")
@@ -328,7 +392,7 @@ def replace_section(doc: str, section: str, heading: str = "## Results") -> str:
     block = f"{BEGIN}\n\n{section.rstrip()}\n\n{END}"
     start, end = doc.find(BEGIN), doc.find(END)
     if start != -1 and end > start:
-        return doc[:start] + block + doc[end + len(END):]
+        return doc[:start] + block + doc[end + len(END) :]
     at = doc.find("\n" + heading + "\n")
     if at == -1:
         return doc.rstrip() + "\n\n" + block + "\n"

@@ -58,13 +58,17 @@ class Bench:
             if self.warmup:
                 load.wrk(self.tools.wrk, url, 16, self.warmup, body, target.headers, self.workdir)
             self.warmed.add(target.label)
-        return self._counted(target, lambda: load.wrk(self.tools.wrk, url, connections, self.duration, body,
-                                                      target.headers, self.workdir))
+        return self._counted(
+            target,
+            lambda: load.wrk(self.tools.wrk, url, connections, self.duration, body, target.headers, self.workdir),
+        )
 
     def fixed(self, target: Target, rate: int) -> load.Run:
         body = bodies.encode(bodies.SMALL)
-        return self._counted(target, lambda: load.vegeta(self.tools.vegeta, target.url, rate, self.duration, body,
-                                                         target.headers, self.workdir))
+        return self._counted(
+            target,
+            lambda: load.vegeta(self.tools.vegeta, target.url, rate, self.duration, body, target.headers, self.workdir),
+        )
 
 
 def gateway_target(label: str, gw: Proc, redis_pid: int | None) -> Target:

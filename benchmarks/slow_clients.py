@@ -40,8 +40,10 @@ def sockets(pid: int) -> int:
 
 
 def head(key: str, length: int) -> bytes:
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 async def _client(port: int, kind: str, key: str, stop: asyncio.Event, closed: list[int]) -> None:
@@ -56,7 +58,7 @@ async def _client(port: int, kind: str, key: str, stop: asyncio.Event, closed: l
         for i in range(len(data)):
             if stop.is_set() or reader.at_eof():
                 return
-            writer.write(data[i:i + 1])
+            writer.write(data[i : i + 1])
             await writer.drain()
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -92,8 +94,12 @@ async def _client(port: int, kind: str, key: str, stop: asyncio.Event, closed: l
 
 
 def _timed_request(url: str, key: str, body: bytes) -> float:
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
-                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -137,9 +143,11 @@ def report(res: dict) -> str:
     lines = ["  t(s)  RSS MB  open sockets  closed by gateway  normal request ms"]
     for t, rss, socks, closed, latency in res["samples"]:
         lines.append(f"  {t:4.0f}  {rss:6.1f}  {socks:12d}  {closed:17d}  {latency:8.1f}")
-    lines.append(f"  RSS {res['base_rss']:.1f} -> peak {res['peak_rss']:.1f} MB; open sockets peak "
-                 f"{res['peak_sockets']}, at the end {res['end_sockets']}; normal requests served "
-                 f"{res['served']}, p50 {res['served_p50_ms']:.1f} ms")
+    lines.append(
+        f"  RSS {res['base_rss']:.1f} -> peak {res['peak_rss']:.1f} MB; open sockets peak "
+        f"{res['peak_sockets']}, at the end {res['end_sockets']}; normal requests served "
+        f"{res['served']}, p50 {res['served_p50_ms']:.1f} ms"
+    )
     return "\n".join(lines)
 
 
@@ -157,8 +165,9 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="atlas-slow-")
     with RedisServer() as rs, MockUpstreamProcess() as mock:
         src.write_bench_key(rs.url)
-        with src.start(rs.url, mock.url, workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5",
-                       ATLAS_BODY_TIMEOUT_SECONDS="10") as gw:
+        with src.start(
+            rs.url, mock.url, workdir, ATLAS_HEADER_TIMEOUT_SECONDS="5", ATLAS_BODY_TIMEOUT_SECONDS="10"
+        ) as gw:
             res = asyncio.run(flood(gw.url, gw.port, gw.pid, BENCH_KEY, bodies.encode(bodies.SMALL)))
     print(f"1,000 slow clients against one gateway process ({src.label}):")
     print(report(res))

@@ -86,8 +86,15 @@ class KeyWatch:
                         self._see(obj)
                     rv = listed["metadata"]["resourceVersion"]
                 for event in self.watch.Watch().stream(
-                        self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, "atlaskeys",
-                        resource_version=rv, timeout_seconds=60, allow_watch_bookmarks=True):
+                    self.api.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    "atlaskeys",
+                    resource_version=rv,
+                    timeout_seconds=60,
+                    allow_watch_bookmarks=True,
+                ):
                     obj = event["object"]
                     rv = obj["metadata"]["resourceVersion"]
                     if event["type"] in ("ADDED", "MODIFIED"):
@@ -114,38 +121,72 @@ def create_fleet(kubeconfig: Path, namespace: str, n_keys: int, n_quotas: int) -
     custom = client.CustomObjectsApi(api_client)
 
     def create(plural: str, kind: str, name: str, spec: dict) -> None:
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec})
+        custom.create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec},
+        )
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: create("atlasquotas", "AtlasQuota", f"q{i}", {"limits": {"tokensPerDay": 10**9}}),
-                      range(n_quotas)))
-        list(pool.map(lambda i: create("atlaskeys", "AtlasKey", f"k{i}",
-                                       {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}}),
-                      range(n_keys)))
+        list(
+            pool.map(
+                lambda i: create("atlasquotas", "AtlasQuota", f"q{i}", {"limits": {"tokensPerDay": 10**9}}),
+                range(n_quotas),
+            )
+        )
+        list(
+            pool.map(
+                lambda i: create(
+                    "atlaskeys",
+                    "AtlasKey",
+                    f"k{i}",
+                    {"quotaRef": f"q{i % n_quotas}", "limits": {"tokensPerDay": 10**8}},
+                ),
+                range(n_keys),
+            )
+        )
 
 
 def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("atlas_operator_write_back") or line.startswith("atlas_operator_status_lag")}
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("atlas_operator_write_back") or line.startswith("atlas_operator_status_lag")
+    }
 
 
-def start_operator(kubeconfig: Path, redis_url: str, namespace: str, log: Path, src: str | None,
-                   env_extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_operator(
+    kubeconfig: Path, redis_url: str, namespace: str, log: Path, src: str | None, env_extra: dict[str, str]
+) -> tuple[subprocess.Popen, str]:
     metrics_port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "ATLAS_REDIS_URL": redis_url, "ATLAS_NAMESPACES": namespace,
-           "ATLAS_LIVENESS_PORT": str(free_port()), "ATLAS_METRICS_PORT": str(metrics_port),
-           "ATLAS_SERVICE_ACCOUNT_TOKENS": "false", **env_extra}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "ATLAS_REDIS_URL": redis_url,
+        "ATLAS_NAMESPACES": namespace,
+        "ATLAS_LIVENESS_PORT": str(free_port()),
+        "ATLAS_METRICS_PORT": str(metrics_port),
+        "ATLAS_SERVICE_ACCOUNT_TOKENS": "false",
+        **env_extra,
+    }
     if src:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src) / "operator"), env.get("PYTHONPATH", "")])
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "atlas_operator"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tempfile.gettempdir(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "atlas_operator"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=tempfile.gettempdir(),
+            start_new_session=True,
+        )
     return proc, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
@@ -163,9 +204,19 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
 
 
-def one_round(label: str, cp: ControlPlane, server: RedisServer, namespace: str, n_keys: int, n_quotas: int,
-              watch: KeyWatch,
-              src: str | None, log_dir: Path, env_extra: dict[str, str], timeout: float) -> dict:
+def one_round(
+    label: str,
+    cp: ControlPlane,
+    server: RedisServer,
+    namespace: str,
+    n_keys: int,
+    n_quotas: int,
+    watch: KeyWatch,
+    src: str | None,
+    log_dir: Path,
+    env_extra: dict[str, str],
+    timeout: float,
+) -> dict:
     log = log_dir / f"operator-{label}.log"
     proc, metrics_url = start_operator(cp.kubeconfig, server.url, namespace, log, src, env_extra)
     try:
@@ -190,8 +241,11 @@ def one_round(label: str, cp: ControlPlane, server: RedisServer, namespace: str,
             cpu, at = cpu_seconds(proc.pid), time.monotonic()
             busy = (cpu - last_cpu[0]) / max(1e-3, at - last_cpu[1])
             last_cpu[:] = [cpu, at]
-            idle.append(m.get("atlas_operator_write_back_patches", 1) == 0
-                        and m.get("atlas_operator_write_back_deferred", 0) == 0 and busy < 0.2)
+            idle.append(
+                m.get("atlas_operator_write_back_patches", 1) == 0
+                and m.get("atlas_operator_write_back_deferred", 0) == 0
+                and busy < 0.2
+            )
             return len(idle) >= 2 and idle[-1] and idle[-2]
 
         wait_for("the write-back idle", write_back_idle, 3600, interval=5.0)
@@ -204,7 +258,9 @@ def one_round(label: str, cp: ControlPlane, server: RedisServer, namespace: str,
         pipe = r.pipeline(transaction=False)
         for i in range(n_keys):
             subject = contract.key_subject(namespace, f"k{i}")
-            day_key, month_key = contract.usage_keys(subject, now, contract.slot_tag(namespace, f"k{i}", f"q{i % n_quotas}"))
+            day_key, month_key = contract.usage_keys(
+                subject, now, contract.slot_tag(namespace, f"k{i}", f"q{i % n_quotas}")
+            )
             pipe.hset(day_key, contract.USAGE_SETTLED, target)
             pipe.hincrby(day_key, contract.USAGE_REQUESTS, 1)
             pipe.hset(day_key, contract.USAGE_LAST, int(now.timestamp() * 1000))
@@ -216,22 +272,30 @@ def one_round(label: str, cp: ControlPlane, server: RedisServer, namespace: str,
         t0 = time.monotonic()
         pipe.execute()
         r.close()
-        wait_for("every status showing the new usage", lambda: len(watch.shown_at) >= n_keys, timeout,
-                 interval=0.5)
+        wait_for("every status showing the new usage", lambda: len(watch.shown_at) >= n_keys, timeout, interval=0.5)
         elapsed = time.monotonic() - t0
         cpu = {name: cpu_seconds(p.pid) - cpu[name] for name, p in cp.processes.items()}
         op_cpu = cpu_seconds(proc.pid) - op_cpu
         stale = [t - t0 for t in watch.shown_at.values()]
         last = max(stale)
         result = {
-            "label": label, "keys": n_keys, "settle_s": round(settle_seconds), "p50_s": round(percentile(stale, 50), 1),
-            "p99_s": round(percentile(stale, 99), 1), "max_s": round(last, 1),
+            "label": label,
+            "keys": n_keys,
+            "settle_s": round(settle_seconds),
+            "p50_s": round(percentile(stale, 50), 1),
+            "p99_s": round(percentile(stale, 99), 1),
+            "max_s": round(last, 1),
             "patches_per_s": round((watch.events - events_before) / last, 1),
-            "apiserver_cpu_s": round(cpu.get("kube-apiserver", 0), 1), "etcd_cpu_s": round(cpu.get("etcd", 0), 1),
-            "apiserver_ms_per_patch": round(1000 * cpu.get("kube-apiserver", 0) / max(1, watch.events - events_before), 2),
+            "apiserver_cpu_s": round(cpu.get("kube-apiserver", 0), 1),
+            "etcd_cpu_s": round(cpu.get("etcd", 0), 1),
+            "apiserver_ms_per_patch": round(
+                1000 * cpu.get("kube-apiserver", 0) / max(1, watch.events - events_before), 2
+            ),
             "etcd_ms_per_patch": round(1000 * cpu.get("etcd", 0) / max(1, watch.events - events_before), 2),
-            "operator_cpu_s": round(op_cpu, 1), "operator_rss_mib_settled": round(operator_rss / 1024),
-            "operator_rss_mib_after": round(rss_kb(proc.pid) / 1024), "window_s": round(elapsed, 1),
+            "operator_cpu_s": round(op_cpu, 1),
+            "operator_rss_mib_settled": round(operator_rss / 1024),
+            "operator_rss_mib_after": round(rss_kb(proc.pid) / 1024),
+            "window_s": round(elapsed, 1),
             "loadavg": os.getloadavg()[0],
         }
         print(json.dumps(result), flush=True)
@@ -244,11 +308,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=10000)
     parser.add_argument("--quotas", type=int, default=100)
-    parser.add_argument("--compare", metavar="SRC", help="then the same round with the operator package in SRC/operator")
+    parser.add_argument(
+        "--compare", metavar="SRC", help="then the same round with the operator package in SRC/operator"
+    )
     parser.add_argument("--compare-first", action="store_true", help="run the --compare round first")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every status")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra operator environment for this tree's round (e.g. ATLAS_STATUS_WRITES_PER_SECOND=100)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra operator environment for this tree's round (e.g. ATLAS_STATUS_WRITES_PER_SECOND=100)",
+    )
     args = parser.parse_args()
     # stopped by a signal: unwind, so the operator, Redis and the control plane stop too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -259,7 +330,9 @@ def main() -> None:
     with ControlPlane(log=lambda m: None) as cp, RedisServer() as server:
         t0 = time.monotonic()
         create_fleet(cp.kubeconfig, namespace, args.keys, args.quotas)
-        print(f"created {args.keys} AtlasKeys and {args.quotas} AtlasQuotas in {time.monotonic() - t0:.0f}s", flush=True)
+        print(
+            f"created {args.keys} AtlasKeys and {args.quotas} AtlasQuotas in {time.monotonic() - t0:.0f}s", flush=True
+        )
         watch = KeyWatch(cp.kubeconfig, namespace)
         rounds = [("this tree", None, env_extra)]
         if args.compare:
@@ -268,8 +341,19 @@ def main() -> None:
                 rounds.reverse()
         try:
             for label, src, extra in rounds:
-                one_round(label.replace("/", "_"), cp, server, namespace, args.keys, args.quotas, watch, src,
-                          log_dir, extra, args.timeout)
+                one_round(
+                    label.replace("/", "_"),
+                    cp,
+                    server,
+                    namespace,
+                    args.keys,
+                    args.quotas,
+                    watch,
+                    src,
+                    log_dir,
+                    extra,
+                    args.timeout,
+                )
         finally:
             watch.stop()
 

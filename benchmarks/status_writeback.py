@@ -79,9 +79,15 @@ class Index:
                     for obj in listed["items"]:
                         self._see(obj)
                     rv = listed["metadata"]["resourceVersion"]
-                for event in self.watch.Watch().stream(self.api.list_namespaced_custom_object, GROUP, VERSION,
-                                                       NAMESPACE, "atlaskeys", resource_version=rv,
-                                                       timeout_seconds=60):
+                for event in self.watch.Watch().stream(
+                    self.api.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    NAMESPACE,
+                    "atlaskeys",
+                    resource_version=rv,
+                    timeout_seconds=60,
+                ):
                     rv = event["object"]["metadata"]["resourceVersion"]
                     if event["type"] in ("ADDED", "MODIFIED"):
                         self._see(event["object"])
@@ -91,19 +97,40 @@ class Index:
 
 def create_fleet(kube: ClientKubeApi, n: int, now: datetime) -> None:
     zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
-    within = [{"type": "QuotaExhausted", "status": "False", "reason": "WithinBudget",
-               "message": "no day or month budget is spent", "lastTransitionTime": "2026-01-01T00:00:00Z",
-               "observedGeneration": 1}]
+    within = [
+        {
+            "type": "QuotaExhausted",
+            "status": "False",
+            "reason": "WithinBudget",
+            "message": "no day or month budget is spent",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+            "observedGeneration": 1,
+        }
+    ]
     kube.core.create_namespace({"metadata": {"name": NAMESPACE}})
 
     def one(i: int) -> None:
-        kube.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "atlaskeys", {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasKey", "metadata": {"name": f"k{i}"},
-            "spec": {"limits": {"tokensPerDay": 10**8}}})
+        kube.custom.create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            NAMESPACE,
+            "atlaskeys",
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "AtlasKey",
+                "metadata": {"name": f"k{i}"},
+                "spec": {"limits": {"tokensPerDay": 10**8}},
+            },
+        )
         kube.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, NAMESPACE, "atlaskeys", f"k{i}",
+            GROUP,
+            VERSION,
+            NAMESPACE,
+            "atlaskeys",
+            f"k{i}",
             {"status": {"observedGeneration": 1, "keyId": f"{i:08x}", "usage": zero, "conditions": within}},
-            _content_type="application/merge-patch+json")
+            _content_type="application/merge-patch+json",
+        )
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, range(n)))
@@ -135,15 +162,30 @@ async def run(n: int, legacy: bool, timeout: float, interval: float, rate: float
         async def cycle() -> usage.CycleStats:
             views = list(index.views.values())
             if paced:
-                return await usage.usage_cycle(redis, kube, views, [], datetime.now(timezone.utc), bucket=bucket,
-                                               queue=queue, deadline=time.monotonic() + interval)
+                return await usage.usage_cycle(
+                    redis,
+                    kube,
+                    views,
+                    [],
+                    datetime.now(timezone.utc),
+                    bucket=bucket,
+                    queue=queue,
+                    deadline=time.monotonic() + interval,
+                )
             if "max_writes" in params:
                 return await usage.usage_cycle(redis, kube, views, [], datetime.now(timezone.utc), max_writes=500)
             # this tree, emulating the former cap: 500 tokens a cycle, none refilled meanwhile
             from atlas_operator.pacing import TokenBucket
 
-            return await usage.usage_cycle(redis, kube, views, [], datetime.now(timezone.utc),
-                                           bucket=TokenBucket(1e-9, 500), deadline=time.monotonic())
+            return await usage.usage_cycle(
+                redis,
+                kube,
+                views,
+                [],
+                datetime.now(timezone.utc),
+                bucket=TokenBucket(1e-9, 500),
+                deadline=time.monotonic(),
+            )
 
         pipe = redis.pipeline(transaction=False)
         for i in range(n):
@@ -160,30 +202,53 @@ async def run(n: int, legacy: bool, timeout: float, interval: float, rate: float
         while len(index.shown_at) < n and time.monotonic() - t0 < timeout:
             started = time.monotonic()
             stats = await cycle()
-            cycles.append((round(started - t0, 1), stats.patches, stats.conflicts, stats.deferred,
-                           getattr(stats, "echo_pending", 0)))
-            print(f"  t={started - t0:6.1f}s patched {stats.patches} conflicts {stats.conflicts} deferred "
-                  f"{stats.deferred} shown {len(index.shown_at)}/{n}", flush=True)
+            cycles.append(
+                (
+                    round(started - t0, 1),
+                    stats.patches,
+                    stats.conflicts,
+                    stats.deferred,
+                    getattr(stats, "echo_pending", 0),
+                )
+            )
+            print(
+                f"  t={started - t0:6.1f}s patched {stats.patches} conflicts {stats.conflicts} deferred "
+                f"{stats.deferred} shown {len(index.shown_at)}/{n}",
+                flush=True,
+            )
             if len(index.shown_at) >= n:
                 break
             await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
         with contextlib.suppress(WaitTimeout):  # the watch's last events; the figures say how many are missing
-            await wait_for_async("every status shown", lambda: len(index.shown_at) >= n,
-                                 max(0.0, t0 + timeout - time.monotonic()), interval=0.1)
+            await wait_for_async(
+                "every status shown",
+                lambda: len(index.shown_at) >= n,
+                max(0.0, t0 + timeout - time.monotonic()),
+                interval=0.1,
+            )
         cpu = {name: cpu_seconds(p.pid) - cpu[name] for name, p in cp.processes.items()}
         own = time.process_time() - own
         stale = [s - t0 for s in index.shown_at.values()]
         writes = index.events - events
         last = max(stale)
-        result = {"mode": label, "keys": n, "interval_s": interval, "shown": len(stale),
-                  "p50_s": round(percentile(stale, 50), 1), "p99_s": round(percentile(stale, 99), 1),
-                  "max_s": round(last, 1), "patches": writes, "patches_per_s": round(writes / last, 1),
-                  "apiserver_cpu_s": round(cpu["kube-apiserver"], 1), "etcd_cpu_s": round(cpu["etcd"], 1),
-                  "apiserver_ms_per_patch": round(1000 * cpu["kube-apiserver"] / max(1, writes), 2),
-                  "etcd_ms_per_patch": round(1000 * cpu["etcd"] / max(1, writes), 2),
-                  "apiserver_cores": round(cpu["kube-apiserver"] / last, 2),
-                  "client_cpu_ms_per_patch": round(1000 * own / max(1, writes), 2),
-                  "loadavg": [round(x, 1) for x in os.getloadavg()]}
+        result = {
+            "mode": label,
+            "keys": n,
+            "interval_s": interval,
+            "shown": len(stale),
+            "p50_s": round(percentile(stale, 50), 1),
+            "p99_s": round(percentile(stale, 99), 1),
+            "max_s": round(last, 1),
+            "patches": writes,
+            "patches_per_s": round(writes / last, 1),
+            "apiserver_cpu_s": round(cpu["kube-apiserver"], 1),
+            "etcd_cpu_s": round(cpu["etcd"], 1),
+            "apiserver_ms_per_patch": round(1000 * cpu["kube-apiserver"] / max(1, writes), 2),
+            "etcd_ms_per_patch": round(1000 * cpu["etcd"] / max(1, writes), 2),
+            "apiserver_cores": round(cpu["kube-apiserver"] / last, 2),
+            "client_cpu_ms_per_patch": round(1000 * own / max(1, writes), 2),
+            "loadavg": [round(x, 1) for x in os.getloadavg()],
+        }
         print(json.dumps(result), flush=True)
         index.stopped = True
         await redis.aclose()

@@ -38,8 +38,15 @@ def supported(contract) -> bool:
     return hasattr(contract, "IDENTITY_ISSUERS")
 
 
-def write_token_binding(redis_url: str, connect=None, *, namespace: str = NAMESPACE, key_name: str = "bench",
-                        api_key: str = BENCH_KEY, account: str = ACCOUNT) -> str:
+def write_token_binding(
+    redis_url: str,
+    connect=None,
+    *,
+    namespace: str = NAMESPACE,
+    key_name: str = "bench",
+    api_key: str = BENCH_KEY,
+    account: str = ACCOUNT,
+) -> str:
     """Publish an issuer, bind its ServiceAccount ``namespace/account`` to the AtlasKey
     ``namespace/key_name`` whose key is ``api_key`` (as the operator would), and return a token
     of that account, valid for an hour. (Also the tests' way to bind a token to a key.)"""
@@ -54,8 +61,11 @@ def write_token_binding(redis_url: str, connect=None, *, namespace: str = NAMESP
     public = {**ECAlgorithm.to_jwk(signing.public_key(), as_dict=True), "kid": "bench", "use": "sig"}
     r = (connect or redis_client)(redis_url)
     try:
-        r.hset(contract.IDENTITY_ISSUERS, ISSUER, contract.Issuer(
-            ISSUER, ("atlas",), (public,), service_accounts=True, fetched_at=time.time()).encode())
+        r.hset(
+            contract.IDENTITY_ISSUERS,
+            ISSUER,
+            contract.Issuer(ISSUER, ("atlas",), (public,), service_accounts=True, fetched_at=time.time()).encode(),
+        )
         subject = contract.TokenSubject("ServiceAccount", account, namespace)
         r.hset(contract.IDENTITY_BINDINGS, subject.encode(), f"{namespace}/{key_name}")
         r.hset(contract.IDENTITY_SERVICE_ACCOUNTS, subject.account_ref, ACCOUNT_UID)
@@ -63,10 +73,20 @@ def write_token_binding(redis_url: str, connect=None, *, namespace: str = NAMESP
     finally:
         r.close()
     now = int(time.time())
-    return jwt.encode({"iss": ISSUER, "aud": ["atlas"], "sub": f"system:serviceaccount:{namespace}:{account}",
-                       "iat": now, "nbf": now, "exp": now + 3600,
-                       "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": account, "uid": ACCOUNT_UID}}},
-                      signing, algorithm="ES256", headers={"kid": "bench"})
+    return jwt.encode(
+        {
+            "iss": ISSUER,
+            "aud": ["atlas"],
+            "sub": f"system:serviceaccount:{namespace}:{account}",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": account, "uid": ACCOUNT_UID}},
+        },
+        signing,
+        algorithm="ES256",
+        headers={"kid": "bench"},
+    )
 
 
 @dataclass
@@ -82,17 +102,25 @@ class Comparison:
         return statistics.median(self.token_us) / statistics.median(self.static_us)
 
     def line(self) -> str:
-        return (f"gateway CPU per request, median of {len(self.static_us)} alternating pairs (wrk c=16): "
-                f"static key {statistics.median(self.static_us):,.0f} µs, token {statistics.median(self.token_us):,.0f} µs "
-                f"({(self.ratio - 1) * 100:+.1f} %); req/s {statistics.median(self.static_rps):,.0f} vs "
-                f"{statistics.median(self.token_rps):,.0f}" + (f"; {self.errors} ERRORS" if self.errors else ""))
+        return (
+            f"gateway CPU per request, median of {len(self.static_us)} alternating pairs (wrk c=16): "
+            f"static key {statistics.median(self.static_us):,.0f} µs, token {statistics.median(self.token_us):,.0f} µs "
+            f"({(self.ratio - 1) * 100:+.1f} %); req/s {statistics.median(self.static_rps):,.0f} vs "
+            f"{statistics.median(self.token_rps):,.0f}" + (f"; {self.errors} ERRORS" if self.errors else "")
+        )
 
 
 def compare(bench: Bench, gateway_url: str, gateway_pid: int, token: str, pairs: int = PAIRS) -> Comparison:
-    static = Target("static key", gateway_url + CHAT, gateway_url + CHAT, {"Authorization": f"Bearer {BENCH_KEY}"},
-                    {"gateway": gateway_pid})
-    by_token = Target("token", gateway_url + CHAT, gateway_url + CHAT, {"Authorization": f"Bearer {token}"},
-                      {"gateway": gateway_pid})
+    static = Target(
+        "static key",
+        gateway_url + CHAT,
+        gateway_url + CHAT,
+        {"Authorization": f"Bearer {BENCH_KEY}"},
+        {"gateway": gateway_pid},
+    )
+    by_token = Target(
+        "token", gateway_url + CHAT, gateway_url + CHAT, {"Authorization": f"Bearer {token}"}, {"gateway": gateway_pid}
+    )
     out = Comparison([], [], [], [], 0)
     for _ in range(pairs):
         for target, cpu, rps in ((static, out.static_us, out.static_rps), (by_token, out.token_us, out.token_rps)):
@@ -149,8 +177,10 @@ def first_request_cost(rounds: int = 300) -> dict[str, float]:
     out = {}
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": ["atlas"], "sub": "s", "exp": now + 3600, "iat": now, "nbf": now}
-    for alg, key, algorithm in (("ES256", ec.generate_private_key(ec.SECP256R1()), ECAlgorithm),
-                                ("RS256", rsa.generate_private_key(65537, 2048), RSAAlgorithm)):
+    for alg, key, algorithm in (
+        ("ES256", ec.generate_private_key(ec.SECP256R1()), ECAlgorithm),
+        ("RS256", rsa.generate_private_key(65537, 2048), RSAAlgorithm),
+    ):
         token = jwt.encode(claims, key, algorithm=alg)
         public = key.public_key()
         verify = {"pyjwt": lambda: jwt.decode(token, public, algorithms=[alg], audience="atlas", issuer=ISSUER)}  # noqa: B023 (run in this iteration)
@@ -180,18 +210,24 @@ def main() -> int:
     duration = float(os.environ.get("BENCH_DURATION", "5"))
     tl = tools.ensure(profile=False, litellm=False)
     src = sources({})[-1]  # this checkout's gateway
-    with tempfile.TemporaryDirectory(prefix="atlas-bench-token-") as workdir, \
-            nginx.static_upstream(tl.nginx, workdir) as static, RedisServer() as redis:
+    with (
+        tempfile.TemporaryDirectory(prefix="atlas-bench-token-") as workdir,
+        nginx.static_upstream(tl.nginx, workdir) as static,
+        RedisServer() as redis,
+    ):
         write_bench_key(redis.url)
         token = write_token_binding(redis.url)
         with src.start(redis.url, static.url + nginx.JSON_BASE, workdir) as gw:
             result = compare(Bench(tl, workdir, duration, 1.0), gw.url, gw.pid, token)
     print(result.line())
     static_us, token_us = authentication_cost()
-    print(f"authentication alone, in-process (min of 3 x 100,000): static key {static_us:.2f} µs, "
-          f"token {token_us:.2f} µs")
-    print("first request of a token (verification), CPU µs: " + json.dumps(
-        {k: round(v, 1) for k, v in first_request_cost().items()}))
+    print(
+        f"authentication alone, in-process (min of 3 x 100,000): static key {static_us:.2f} µs, token {token_us:.2f} µs"
+    )
+    print(
+        "first request of a token (verification), CPU µs: "
+        + json.dumps({k: round(v, 1) for k, v in first_request_cost().items()})
+    )
     return 1 if result.errors else 0
 
 

@@ -35,7 +35,9 @@ def parse_tool_lines(out: str) -> dict[str, str]:
 
 def _debian_binary(name: str) -> str | None:
     # nginx lives in /usr/sbin, which a non-root PATH may lack
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
 
 
 def debian_only() -> Tools:
@@ -57,5 +59,10 @@ def ensure(profile: bool, litellm: bool) -> Tools:
     if done.returncode != 0:
         raise SystemExit(f"hack/tools/bench-tools.sh failed with {done.returncode}")
     paths = parse_tool_lines(done.stdout)
-    return Tools(wrk=_debian_binary("wrk"), nginx=_debian_binary("nginx"), vegeta=paths["VEGETA"],
-                 litellm=paths.get("LITELLM") if litellm else None, py_spy=paths.get("PY_SPY") if profile else None)
+    return Tools(
+        wrk=_debian_binary("wrk"),
+        nginx=_debian_binary("nginx"),
+        vegeta=paths["VEGETA"],
+        litellm=paths.get("LITELLM") if litellm else None,
+        py_spy=paths.get("PY_SPY") if profile else None,
+    )

@@ -47,8 +47,18 @@ class Row:
         return self.cpu_us / off.cpu_us if off.cpu_us else float("nan")
 
 
-def measure(bench: Bench, redis_url: str, redis_pid: int | None, upstream_url: str, jaeger: Jaeger, workdir: str,
-            rounds: int, connections: int, stack: contextlib.ExitStack, log=print) -> list[Row]:
+def measure(
+    bench: Bench,
+    redis_url: str,
+    redis_pid: int | None,
+    upstream_url: str,
+    jaeger: Jaeger,
+    workdir: str,
+    rounds: int,
+    connections: int,
+    stack: contextlib.ExitStack,
+    log=print,
+) -> list[Row]:
     src = GatewaySource("tracing", HERE_ROOT)
     targets = {}
     for name, env in VARIANTS.items():
@@ -61,26 +71,34 @@ def measure(bench: Bench, redis_url: str, redis_pid: int | None, upstream_url: s
     rps: dict[str, list[float]] = {name: [] for name in VARIANTS}
     names = list(VARIANTS)
     for i in range(rounds):
-        order = names[i % len(names):] + names[:i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             out = bench.closed(targets[name], connections)
             if out.errors:
                 raise RuntimeError(f"tracing {name}: {out.errors} errors in a run")
             cpu[name].append(out.cpu_us["gateway"])
             rps[name].append(out.rps)
-            log(f"round {i} tracing {name:5}: {out.rps:.0f} req/s, gateway {out.cpu_us['gateway']:.0f} us/req",
-                flush=True)
+            log(
+                f"round {i} tracing {name:5}: {out.rps:.0f} req/s, gateway {out.cpu_us['gateway']:.0f} us/req",
+                flush=True,
+            )
     return [Row(name, statistics.median(cpu[name]), statistics.median(rps[name]), cpu[name]) for name in names]
 
 
 def table(rows: list[Row], rounds: int, connections: int) -> str:
     off = rows[0]
-    lines = [f"Tracing (`benchmarks/tracing_cost.py`): gateway CPU per request, median of {rounds} paired rounds "
-             f"(wrk c={connections}, rotated order), OTLP/HTTP to a local Jaeger:", "",
-             "| tracing | gateway CPU per request | vs off | req/s | per round (µs) |", "|---|---|---|---|---|"]
+    lines = [
+        f"Tracing (`benchmarks/tracing_cost.py`): gateway CPU per request, median of {rounds} paired rounds "
+        f"(wrk c={connections}, rotated order), OTLP/HTTP to a local Jaeger:",
+        "",
+        "| tracing | gateway CPU per request | vs off | req/s | per round (µs) |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row.variant} | {row.cpu_us:,.0f} µs | {row.ratio(off):.3f}× | {row.rps:,.0f} | "
-                     f"{', '.join(f'{v:.0f}' for v in row.rounds)} |")
+        lines.append(
+            f"| {row.variant} | {row.cpu_us:,.0f} µs | {row.ratio(off):.3f}× | {row.rps:,.0f} | "
+            f"{', '.join(f'{v:.0f}' for v in row.rounds)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -32,18 +32,32 @@ def variants(config_cls, sdk_tracing) -> dict:
 
     def traced(sampler: str, ratio: float):
         return sdk_tracing(config_cls(trace_exporters=("otlp",), sampler=sampler, sampler_ratio=ratio))
-    return {"off": NO_TRACING, "1 %": traced("parentbased_traceidratio", 0.01),
-            "100 %": traced("parentbased_always_on", 1.0)}
+
+    return {
+        "off": NO_TRACING,
+        "1 %": traced("parentbased_traceidratio", 0.01),
+        "100 %": traced("parentbased_always_on", 1.0),
+    }
 
 
 async def _measure(app, rounds: int, per_round: int) -> dict[str, list[float]]:
     from atlas_gateway.telemetry import TelemetryConfig
     from atlas_gateway.telemetry.otel_sdk import SdkTracing
 
-    body = json.dumps({"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hello " * 100}]}).encode()
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
-             "headers": [(b"authorization", f"Bearer {BENCH_KEY}".encode()), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]}
+    body = json.dumps(
+        {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hello " * 100}]}
+    ).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": [
+            (b"authorization", f"Bearer {BENCH_KEY}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
 
     async def one() -> None:
         status = []
@@ -58,6 +72,7 @@ async def _measure(app, rounds: int, per_round: int) -> dict[str, list[float]]:
         async def send(message):
             if message["type"] == "http.response.start":
                 status.append(message["status"])
+
         await app(dict(scope), receive, send)
         if status != [200]:
             raise RuntimeError(f"the bench request answered {status}")
@@ -71,7 +86,7 @@ async def _measure(app, rounds: int, per_round: int) -> dict[str, list[float]]:
             await one()
         names = list(tracers)
         for i in range(rounds):
-            for name in names[i % len(names):] + names[:i % len(names)]:
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 rt.tracing = tracers[name]
                 started = time.process_time()
                 for _ in range(per_round):
@@ -88,10 +103,17 @@ async def _measure(app, rounds: int, per_round: int) -> dict[str, list[float]]:
 def main() -> int:
     rounds, per_round = int(os.environ.get("ROUNDS", "20")), int(os.environ.get("N", "300"))
     with RedisServer() as rs, MockUpstreamProcess() as mock, Jaeger() as jaeger:
-        subprocess.run([sys.executable, "-m", "benchmarks.keys", rs.url], check=True, capture_output=True,
-                       cwd=str(HERE_ROOT))
-        os.environ.update({"ATLAS_REDIS_URL": rs.url, "ATLAS_UPSTREAM_URL": mock.url, "ATLAS_LOG_LEVEL": "warning",
-                           "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_http_url})
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.keys", rs.url], check=True, capture_output=True, cwd=str(HERE_ROOT)
+        )
+        os.environ.update(
+            {
+                "ATLAS_REDIS_URL": rs.url,
+                "ATLAS_UPSTREAM_URL": mock.url,
+                "ATLAS_LOG_LEVEL": "warning",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_http_url,
+            }
+        )
         import uvloop
 
         from atlas_gateway.app import create_app
@@ -104,8 +126,10 @@ def main() -> int:
     print("|---|---|---|---|")
     for name, values in cpu.items():
         diffs = [v - o for v, o in zip(values, cpu["off"])]
-        print(f"| {name} | {statistics.median(values):,.0f} µs | {statistics.median(values) / off:.3f}× | "
-              f"{statistics.median(diffs):+,.1f} µs |")
+        print(
+            f"| {name} | {statistics.median(values):,.0f} µs | {statistics.median(values) / off:.3f}× | "
+            f"{statistics.median(diffs):+,.1f} µs |"
+        )
     return 0
 
 

@@ -66,7 +66,7 @@ def key_slot(key: bytes | str) -> int:
     if start >= 0:
         end = key.find(b"}", start + 1)
         if end > start + 1:
-            key = key[start + 1:end]
+            key = key[start + 1 : end]
     return crc16(key) % SLOTS
 
 
@@ -79,8 +79,12 @@ async def detect(url: str, timeout: float) -> bool:
         info = await client.info("cluster")
         return bool(int(info.get("cluster_enabled", 0)))
     except Exception as exc:  # unreachable or refused: fall back to a single Redis, and say so
-        log.warning("could not detect whether Redis is a cluster (%s: %s): assuming a single Redis; "
-                    "set ATLAS_REDIS_CLUSTER=true for a Redis Cluster", type(exc).__name__, exc)
+        log.warning(
+            "could not detect whether Redis is a cluster (%s: %s): assuming a single Redis; "
+            "set ATLAS_REDIS_CLUSTER=true for a Redis Cluster",
+            type(exc).__name__,
+            exc,
+        )
         return False
     finally:
         await client.aclose()

@@ -73,8 +73,10 @@ class Shortfall:
         spec = spec or {}
         policy = spec.get("onBudgetShortfall") or DEFAULT_SHORTFALL
         minimum = spec.get("minCompletionTokens")
-        return cls(policy if policy in SHORTFALL_POLICIES else DEFAULT_SHORTFALL,
-                   DEFAULT_MIN_COMPLETION_TOKENS if minimum is None else int(minimum))
+        return cls(
+            policy if policy in SHORTFALL_POLICIES else DEFAULT_SHORTFALL,
+            DEFAULT_MIN_COMPLETION_TOKENS if minimum is None else int(minimum),
+        )
 
     def encode_into(self, doc: dict[str, Any]) -> None:
         """Stored only when not the default, so existing config stays byte-identical."""
@@ -82,6 +84,7 @@ class Shortfall:
             doc["onBudgetShortfall"] = self.policy
         if self.min_completion_tokens != DEFAULT_MIN_COMPLETION_TOKENS:
             doc["minCompletionTokens"] = self.min_completion_tokens
+
 
 # Written by the operator after every full sync. Its absence tells the operator that Redis lost
 # its data (restart without persistence, FLUSHALL) and that all config must be written again.
@@ -172,8 +175,9 @@ class Limits:
         ("softCostPerDay", "soft_cost_per_day"),
         ("softCostPerMonth", "soft_cost_per_month"),
     )
-    _DECIMAL = frozenset({"requests_per_second", "cost_per_day", "cost_per_month", "soft_cost_per_day",
-                          "soft_cost_per_month"})
+    _DECIMAL = frozenset(
+        {"requests_per_second", "cost_per_day", "cost_per_month", "soft_cost_per_day", "soft_cost_per_month"}
+    )
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> "Limits":
@@ -308,8 +312,11 @@ class PriceTable:
         )
 
     def encode_into(self, doc: dict[str, Any]) -> None:
-        out: dict[str, Any] = {"name": self.name, "currency": self.currency,
-                               "prices": [p.encode() for p in self.prices]}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "currency": self.currency,
+            "prices": [p.encode() for p in self.prices],
+        }
         if self.default is not None:
             out["default"] = self.default.encode()
         doc["priceList"] = out
@@ -319,8 +326,12 @@ class PriceTable:
         if not doc:
             return None
         default = doc.get("default")
-        return cls(str(doc["name"]), str(doc["currency"]), tuple(Price.decode(p) for p in doc.get("prices") or ()),
-                   Price.decode(default) if default else None)
+        return cls(
+            str(doc["name"]),
+            str(doc["currency"]),
+            tuple(Price.decode(p) for p in doc.get("prices") or ()),
+            Price.decode(default) if default else None,
+        )
 
 
 # --------------------------------------------------------------------------- config
@@ -445,9 +456,15 @@ class QuotaConfig:
     @classmethod
     def decode(cls, raw: bytes | str) -> "QuotaConfig":
         doc = json.loads(raw)
-        return cls(namespace=doc["ns"], name=doc["name"], limits=Limits.from_spec(doc.get("limits")),
-                   shortfall=Shortfall.from_spec(doc), price_list=PriceTable.decode(doc.get("priceList")),
-                   refusal=doc.get("refusal"), refusal_message=doc.get("refusalMessage"))
+        return cls(
+            namespace=doc["ns"],
+            name=doc["name"],
+            limits=Limits.from_spec(doc.get("limits")),
+            shortfall=Shortfall.from_spec(doc),
+            price_list=PriceTable.decode(doc.get("priceList")),
+            refusal=doc.get("refusal"),
+            refusal_message=doc.get("refusalMessage"),
+        )
 
 
 # --------------------------------------------------------------------------- workload identity
@@ -543,13 +560,19 @@ class Issuer:
     fetched_at: float = 0.0  # unix seconds of the last successful JWKS fetch
 
     def encode(self) -> bytes:
-        doc: dict[str, Any] = {"url": self.url, "audiences": list(self.audiences), "keys": list(self.keys),
-                               "fetchedAt": round(self.fetched_at, 3)}
+        doc: dict[str, Any] = {
+            "url": self.url,
+            "audiences": list(self.audiences),
+            "keys": list(self.keys),
+            "fetchedAt": round(self.fetched_at, 3),
+        }
         if self.service_accounts:
             doc["serviceAccounts"] = True
         else:
-            doc["claimMappings"] = {"username": {"claim": self.username_claim, "prefix": self.username_prefix},
-                                    "groups": {"claim": self.groups_claim, "prefix": self.groups_prefix}}
+            doc["claimMappings"] = {
+                "username": {"claim": self.username_claim, "prefix": self.username_prefix},
+                "groups": {"claim": self.groups_claim, "prefix": self.groups_prefix},
+            }
         return _dumps(doc)
 
     @classmethod
@@ -557,11 +580,17 @@ class Issuer:
         doc = json.loads(raw)
         mappings = doc.get("claimMappings") or {}
         username, groups = mappings.get("username") or {}, mappings.get("groups") or {}
-        return cls(url=doc["url"], audiences=tuple(doc.get("audiences") or ()), keys=tuple(doc.get("keys") or ()),
-                   service_accounts=bool(doc.get("serviceAccounts")),
-                   username_claim=username.get("claim") or "sub", username_prefix=username.get("prefix") or "",
-                   groups_claim=groups.get("claim") or "", groups_prefix=groups.get("prefix") or "",
-                   fetched_at=float(doc.get("fetchedAt") or 0.0))
+        return cls(
+            url=doc["url"],
+            audiences=tuple(doc.get("audiences") or ()),
+            keys=tuple(doc.get("keys") or ()),
+            service_accounts=bool(doc.get("serviceAccounts")),
+            username_claim=username.get("claim") or "sub",
+            username_prefix=username.get("prefix") or "",
+            groups_claim=groups.get("claim") or "",
+            groups_prefix=groups.get("prefix") or "",
+            fetched_at=float(doc.get("fetchedAt") or 0.0),
+        )
 
     def same_publication(self, other: "Issuer | None") -> bool:
         """Equal but for ``fetched_at``: re-publishing it would change nothing the gateway uses."""
@@ -602,10 +631,10 @@ class Issuer:
 # The fields of the day/month usage hashes. The gateway's Lua scripts write them (Lua keeps them as
 # literals, so that a script call's KEYS/ARGV layout stays fixed: tests/unit/gateway/test_script_layout.py
 # checks the scripts' literals against these names); the operator reads them through :func:`parse_usage`.
-USAGE_SETTLED = "settled"    # tokens settled (day and month hashes)
+USAGE_SETTLED = "settled"  # tokens settled (day and month hashes)
 USAGE_REQUESTS = "requests"  # requests admitted (day hash)
-USAGE_LAST = "last"          # unix ms of the last admission (day hash)
-USAGE_COST = "cost"          # cost settled, micro-units (day and month hashes; priced subjects only)
+USAGE_LAST = "last"  # unix ms of the last admission (day hash)
+USAGE_COST = "cost"  # cost settled, micro-units (day and month hashes; priced subjects only)
 DAY_USAGE_FIELDS = (USAGE_SETTLED, USAGE_REQUESTS, USAGE_LAST, USAGE_COST)
 MONTH_USAGE_FIELDS = (USAGE_SETTLED, USAGE_COST)
 
@@ -700,6 +729,7 @@ def decode_response_owner(raw: bytes | str | None) -> tuple[str, int] | None:
     subject, _, tokens = text.rpartition("\t")
     return (subject, int(tokens or 0)) if subject else None
 
+
 def undone_key(subject: str, tag: str | None = None) -> str:
     """Tombstones of requests whose admission or settlement outcome the gateway did not learn
     (a Redis timeout): undo.lua resolves them, admit.lua refuses to lease a tombstoned id."""
@@ -740,8 +770,12 @@ class Usage:
 def soft_budgets(limits: Limits, usage: Usage) -> list[tuple[str, int, int]]:
     """(CRD name, limit, settled) of each soft budget ``limits`` sets, in :data:`SOFT_LIMITS`
     order; cost in micro-units."""
-    used = {"soft_tokens_per_day": usage.tokens_today, "soft_tokens_per_month": usage.tokens_this_month,
-            "soft_cost_per_day": usage.cost_today or 0, "soft_cost_per_month": usage.cost_this_month or 0}
+    used = {
+        "soft_tokens_per_day": usage.tokens_today,
+        "soft_tokens_per_month": usage.tokens_this_month,
+        "soft_cost_per_day": usage.cost_today or 0,
+        "soft_cost_per_month": usage.cost_this_month or 0,
+    }
     out = []
     for name, attr in SOFT_LIMITS:
         limit = getattr(limits, attr)
@@ -803,9 +837,13 @@ def parse_usage(day_hash: Mapping[Any, Any], month_hash: Mapping[Any, Any], now:
     )
 
 
-async def read_usages(redis: Any, subjects: Iterable[str], now: datetime,
-                      tags: Mapping[str, str] | None = None,
-                      unreadable: dict[str, str] | None = None) -> dict[str, Usage]:
+async def read_usages(
+    redis: Any,
+    subjects: Iterable[str],
+    now: datetime,
+    tags: Mapping[str, str] | None = None,
+    unreadable: dict[str, str] | None = None,
+) -> dict[str, Usage]:
     """Read the usage of many subjects in one pipelined round trip (redis.asyncio client; on a
     Redis Cluster, redis-py's cluster pipeline sends one pipeline per node). ``tags``: subject ->
     slot tag, for the subjects whose tag is not the subject itself (keys bound to a quota).

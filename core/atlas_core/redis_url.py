@@ -47,10 +47,14 @@ class TlsOptions:
             check_hostname = parse_flag(query_value(query, "ssl_check_hostname"))
         except ValueError as exc:
             raise ValueError(f"ssl_check_hostname: {exc}") from None
-        return cls(cert_reqs=cert_reqs, ca_certs=query_value(query, "ssl_ca_certs") or None,
-                   check_hostname=check_hostname, certfile=query_value(query, "ssl_certfile") or None,
-                   keyfile=query_value(query, "ssl_keyfile") or None,
-                   password=query_value(query, "ssl_password") or None)
+        return cls(
+            cert_reqs=cert_reqs,
+            ca_certs=query_value(query, "ssl_ca_certs") or None,
+            check_hostname=check_hostname,
+            certfile=query_value(query, "ssl_certfile") or None,
+            keyfile=query_value(query, "ssl_keyfile") or None,
+            password=query_value(query, "ssl_password") or None,
+        )
 
     def ssl_context(self) -> ssl.SSLContext:
         """For a client that makes its own TLS connections (the gateway's hot-path client)."""
@@ -94,8 +98,11 @@ class RedisAddress:
             raise ValueError(f"a Redis URL is redis://, rediss:// or redis+sentinel://, not {parsed.scheme}://")
         query = parse_qs(parsed.query)
         path = (parsed.path or "/").lstrip("/")
-        return cls(host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379,
-                   db=int(path) if path else int(query_value(query, "db") or 0),  # as redis-py: the path wins
-                   username=unquote(parsed.username) if parsed.username else None,
-                   password=unquote(parsed.password) if parsed.password else None,
-                   tls=TlsOptions.from_query(query) if parsed.scheme == "rediss" else None)
+        return cls(
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 6379,
+            db=int(path) if path else int(query_value(query, "db") or 0),  # as redis-py: the path wins
+            username=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            tls=TlsOptions.from_query(query) if parsed.scheme == "rediss" else None,
+        )

@@ -110,10 +110,18 @@ def parse(url: str) -> SentinelUrl:
     except ValueError:
         raise ValueError(f"the database in a Sentinel URL must be a number, not {raw_db!r}") from None
     tls = parts.scheme.lower().startswith("rediss")
-    return SentinelUrl(sentinels=sentinels, master=path[0], db=db, username=username, password=password,
-                       sentinel_username=query_value(query, "sentinel_username") or None,
-                       sentinel_password=query_value(query, "sentinel_password") or None,
-                       tls=tls, query=query, tls_options=TlsOptions.from_query(query) if tls else None)
+    return SentinelUrl(
+        sentinels=sentinels,
+        master=path[0],
+        db=db,
+        username=username,
+        password=password,
+        sentinel_username=query_value(query, "sentinel_username") or None,
+        sentinel_password=query_value(query, "sentinel_password") or None,
+        tls=tls,
+        query=query,
+        tls_options=TlsOptions.from_query(query) if tls else None,
+    )
 
 
 def describe_url(url: str) -> str:
@@ -134,8 +142,11 @@ def _tls_kwargs(config: SentinelUrl) -> dict[str, Any]:
 
 def sentinel_kwargs(config: SentinelUrl, timeout: float | None) -> dict[str, Any]:
     """redis-py connection options for a sentinel: its own credentials, the same TLS."""
-    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout or 5.0,
-                              **_tls_kwargs(config)}
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout or 5.0,
+        **_tls_kwargs(config),
+    }
     if config.sentinel_password is not None:
         kwargs["password"] = config.sentinel_password
         if config.sentinel_username:
@@ -233,8 +244,9 @@ class MasterLocator:
         writable. The epoch orders their views, as Sentinel itself does. A sentinel that reports
         a failover in progress for this master means no master yet."""
         name = self.config.master
-        states = await asyncio.gather(*(client.sentinel_master(name) for client in self.sentinels.sentinels),
-                                      return_exceptions=True)
+        states = await asyncio.gather(
+            *(client.sentinel_master(name) for client in self.sentinels.sentinels), return_exceptions=True
+        )
         best: tuple[int, str, int] | None = None
         in_progress: list[tuple[int, str, int]] = []  # the views with a failover under way
         errors = []
@@ -254,7 +266,9 @@ class MasterLocator:
             elif self.sentinels.check_master_state(state, name) and (best is None or view[0] > best[0]):
                 best = view
         if best is None:
-            raise MasterUnavailable(f"no sentinel names a master for {name!r}" + (f": {'; '.join(errors)}" if errors else ""))
+            raise MasterUnavailable(
+                f"no sentinel names a master for {name!r}" + (f": {'; '.join(errors)}" if errors else "")
+            )
         # A failover under way of the very master named (or on a newer configuration) means no
         # master yet. The leader reports its failover until it has reconfigured every replica,
         # while the others already name the promoted replica on the new epoch: that one is fine.

@@ -29,15 +29,19 @@ def main(argv: list[str] | None = None) -> int:
 
     stack = DevStack(args.state_dir)
     if args.command == "up":
+
         def up(on_exit: processes.OnExit) -> int:
             stack.up()  # stops what it started on any failure or signal, then re-raises
             print(stack.banner())
             return 0
+
         return processes.run("dev-up", up, errors=(StackError, ControlPlaneError, KubectlError, ToolNotFound))
     if args.command == "down":
+
         def down(on_exit: processes.OnExit) -> int:
             stack.down()
             return 0
+
         return processes.run("dev-down", down)
     stack.follow_logs(args.follow)
     return 0

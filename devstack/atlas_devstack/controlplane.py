@@ -81,23 +81,34 @@ class KubectlError(subprocess.CalledProcessError):
 
 # --------------------------------------------------------------------------- certificates
 
+
 def _new_key() -> ec.EllipticCurvePrivateKey:
     # P-256: milliseconds to generate (RSA-2048 costs ~100 ms each on this machine class).
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _issue(ca_key, ca_cert, key, common_name: str, *, orgs: Iterable[str] = (),
-           is_ca: bool = False, server_sans: Iterable[str] = (), client: bool = False,
-           days: int = 365) -> x509.Certificate:
+def _issue(
+    ca_key,
+    ca_cert,
+    key,
+    common_name: str,
+    *,
+    orgs: Iterable[str] = (),
+    is_ca: bool = False,
+    server_sans: Iterable[str] = (),
+    client: bool = False,
+    days: int = 365,
+) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     # X.509 suggests CN <= 64 chars, but Kubernetes user names (system:serviceaccount:<ns>:<name>)
     # can be longer and Go's parser accepts them, so the length check is skipped.
@@ -118,9 +129,19 @@ def _issue(ca_key, ca_cert, key, common_name: str, *, orgs: Iterable[str] = (),
     )
     if is_ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False, data_encipherment=False,
-                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     else:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
@@ -135,7 +156,9 @@ def _issue(ca_key, ca_cert, key, common_name: str, *, orgs: Iterable[str] = (),
     return builder.sign(ca_key if ca_key is not None else key, hashes.SHA256())
 
 
-def serving_tls(directory: Path, name: str, sans: Iterable[str] = ("127.0.0.1", "localhost")) -> tuple[Path, Path, Path]:
+def serving_tls(
+    directory: Path, name: str, sans: Iterable[str] = ("127.0.0.1", "localhost")
+) -> tuple[Path, Path, Path]:
     """A CA of its own and a serving certificate it signed for ``sans``: (<name>-ca.crt,
     <name>.crt, <name>.key) in ``directory`` (a test HTTPS server its clients trust by that CA)."""
     ca_key, key = _new_key(), _new_key()
@@ -158,25 +181,42 @@ class _Pki:
         self.sa_key, self.sa_pub = self.dir / "sa.key", self.dir / "sa.pub"
 
     def ensure(self) -> None:
-        if all(p.exists() for p in (self.ca_crt, self.ca_key, self.serving_crt, self.serving_key,
-                                    self.sa_key, self.sa_pub)):
+        if all(
+            p.exists() for p in (self.ca_crt, self.ca_key, self.serving_crt, self.serving_key, self.sa_key, self.sa_pub)
+        ):
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         ca_key = _new_key()
         ca_cert = _issue(None, None, ca_key, "atlas-local-ca", is_ca=True, days=3650)
         serving_key = _new_key()
-        serving = _issue(ca_key, ca_cert, serving_key, "kube-apiserver", server_sans=(
-            "127.0.0.1", "localhost", "10.0.0.1", "kubernetes", "kubernetes.default",
-            "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"))
+        serving = _issue(
+            ca_key,
+            ca_cert,
+            serving_key,
+            "kube-apiserver",
+            server_sans=(
+                "127.0.0.1",
+                "localhost",
+                "10.0.0.1",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
+        )
         sa_key = _new_key()
         self._write(self.ca_crt, _cert_pem(ca_cert))
         self._write(self.ca_key, _key_pem(ca_key))
         self._write(self.serving_crt, _cert_pem(serving))
         self._write(self.serving_key, _key_pem(serving_key))
         self._write(self.sa_key, _key_pem(sa_key))
-        self._write(self.sa_pub, sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        self._write(
+            self.sa_pub,
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
@@ -189,19 +229,26 @@ class _Pki:
         cert = x509.load_pem_x509_certificate(self.serving_crt.read_bytes())
         have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         present = {str(v) for v in have.get_values_for_type(x509.IPAddress)} | set(
-            have.get_values_for_type(x509.DNSName))
+            have.get_values_for_type(x509.DNSName)
+        )
         if all(san in present for san in sans):
             return
         ca_cert = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
         ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
         key = _new_key()
-        serving = _issue(ca_key, ca_cert, key, "kube-apiserver",
-                         server_sans=[*sorted(present), *(s for s in sans if s not in present)])
+        serving = _issue(
+            ca_key,
+            ca_cert,
+            key,
+            "kube-apiserver",
+            server_sans=[*sorted(present), *(s for s in sans if s not in present)],
+        )
         self._write(self.serving_crt, _cert_pem(serving))
         self._write(self.serving_key, _key_pem(key))
 
-    def issue_files(self, name: str, common_name: str, orgs: Iterable[str] = (), *,
-                    server_sans: Iterable[str] = ()) -> tuple[Path, Path]:
+    def issue_files(
+        self, name: str, common_name: str, orgs: Iterable[str] = (), *, server_sans: Iterable[str] = ()
+    ) -> tuple[Path, Path]:
         """<pki>/<name>.crt/.key signed by the CA (client cert, or serving cert with SANs);
         created once, reused."""
         crt, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
@@ -210,8 +257,7 @@ class _Pki:
             ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
             key = _new_key()
             server_sans = list(server_sans)
-            cert = _issue(ca_key, ca_cert, key, common_name, orgs=orgs, client=not server_sans,
-                          server_sans=server_sans)
+            cert = _issue(ca_key, ca_cert, key, common_name, orgs=orgs, client=not server_sans, server_sans=server_sans)
             self._write(crt, _cert_pem(cert))
             self._write(key_path, _key_pem(key))
         return crt, key_path
@@ -226,6 +272,7 @@ class _Pki:
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -273,8 +320,9 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _kubeconfig_doc(server: str, ca_pem: bytes, user: str, cert_pem: bytes, key_pem: bytes,
-                    namespace: str | None = None) -> dict:
+def _kubeconfig_doc(
+    server: str, ca_pem: bytes, user: str, cert_pem: bytes, key_pem: bytes, namespace: str | None = None
+) -> dict:
     b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
     context = {"cluster": "atlas-local", "user": user}
     if namespace:
@@ -282,10 +330,8 @@ def _kubeconfig_doc(server: str, ca_pem: bytes, user: str, cert_pem: bytes, key_
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "atlas-local",
-                      "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem),
-                                          "client-key-data": b64(key_pem)}}],
+        "clusters": [{"name": "atlas-local", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
         "contexts": [{"name": "atlas-local", "context": context}],
         "current-context": "atlas-local",
         "preferences": {},
@@ -301,12 +347,21 @@ def _write_private(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- control plane
 
+
 class ControlPlane:
     """etcd + kube-apiserver on free 127.0.0.1 ports, CRDs from crds/ applied and served."""
 
-    def __init__(self, state_dir: str | Path | None = None, *, crds_dir: str | Path | None = None,
-                 apply_crds: bool = True, startup_timeout: float = 90.0, stop_timeout: float = 10.0,
-                 log: Callable[[str], None] | None = None, node_ip: str | None = None):
+    def __init__(
+        self,
+        state_dir: str | Path | None = None,
+        *,
+        crds_dir: str | Path | None = None,
+        apply_crds: bool = True,
+        startup_timeout: float = 90.0,
+        stop_timeout: float = 10.0,
+        log: Callable[[str], None] | None = None,
+        node_ip: str | None = None,
+    ):
         self.persistent = state_dir is not None
         # Cluster mode (see the module docstring): the address the API server binds and
         # advertises, reachable from pods on the node's bridge.
@@ -351,8 +406,7 @@ class ControlPlane:
         etcd_bin, apiserver_bin = find_tool("etcd"), find_tool("kube-apiserver")
         find_tool("kubectl")  # fail before starting anything when it is missing
         if self.node_ip:
-            controller_bins = {name: find_tool(name) for name in ("kube-controller-manager",
-                                                                   "kube-scheduler")}
+            controller_bins = {name: find_tool(name) for name in ("kube-controller-manager", "kube-scheduler")}
         self._prepare_dir()
         if not self.persistent and not self._atexit_registered:
             atexit.register(self.stop)
@@ -363,6 +417,7 @@ class ControlPlane:
             now = time.monotonic()
             phases.append(f"{name} {now - since:.1f}s")
             return now
+
         try:
             t = phase("certs", t0)
             self._start_etcd(etcd_bin)
@@ -381,9 +436,11 @@ class ControlPlane:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - t0
-        self._log(f"[controlplane] ready in {self.startup_seconds:.1f}s ({', '.join(phases)}): "
-                  f"kube-apiserver {self.server}, etcd http://127.0.0.1:{self.etcd_port}, "
-                  f"KUBECONFIG={self.kubeconfig}")
+        self._log(
+            f"[controlplane] ready in {self.startup_seconds:.1f}s ({', '.join(phases)}): "
+            f"kube-apiserver {self.server}, etcd http://127.0.0.1:{self.etcd_port}, "
+            f"KUBECONFIG={self.kubeconfig}"
+        )
         return self
 
     def stop(self) -> None:
@@ -421,8 +478,14 @@ class ControlPlane:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def kubectl(self, *args: str, kubeconfig: str | Path | None = None, input: str | None = None,
-                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def kubectl(
+        self,
+        *args: str,
+        kubeconfig: str | Path | None = None,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
         """Run the built kubectl against this control plane (admin unless kubeconfig given)."""
         env = self.env()
         if kubeconfig is not None:
@@ -433,8 +496,9 @@ class ControlPlane:
             raise KubectlError(res.returncode, cmd, res.stdout, res.stderr)
         return res
 
-    def user_kubeconfig(self, user: str, groups: Iterable[str] = (), path: str | Path | None = None,
-                        namespace: str | None = None) -> Path:
+    def user_kubeconfig(
+        self, user: str, groups: Iterable[str] = (), path: str | Path | None = None, namespace: str | None = None
+    ) -> Path:
         """Kubeconfig authenticating as `user` in `groups` (client cert signed by the CA).
 
         RBAC sees exactly that user and those groups (plus system:authenticated)."""
@@ -447,8 +511,12 @@ class ControlPlane:
         so RoleBindings to `kind: ServiceAccount` subjects apply (e.g. run the operator with
         exactly the chart's RBAC). The ServiceAccount object itself need not exist."""
         return write_user_kubeconfig(
-            self._require_dir(), f"system:serviceaccount:{namespace}:{name}",
-            ("system:serviceaccounts", f"system:serviceaccounts:{namespace}"), path, namespace=namespace)
+            self._require_dir(),
+            f"system:serviceaccount:{namespace}:{name}",
+            ("system:serviceaccounts", f"system:serviceaccounts:{namespace}"),
+            path,
+            namespace=namespace,
+        )
 
     @classmethod
     def stop_from_state_dir(cls, state_dir: str | Path, timeout: float = 10.0) -> list[str]:
@@ -502,8 +570,10 @@ class ControlPlane:
             self.dir = self._state_dir_arg
             self.dir.mkdir(parents=True, exist_ok=True)
             if self.is_running(self.dir):
-                raise ControlPlaneError(f"a control plane is already running from {self.dir}; "
-                                        "stop it first (ControlPlane.stop_from_state_dir)")
+                raise ControlPlaneError(
+                    f"a control plane is already running from {self.dir}; "
+                    "stop it first (ControlPlane.stop_from_state_dir)"
+                )
             self.stop_from_state_dir(self.dir)  # clears stale pidfiles / half-dead leftovers
         else:
             _remove_orphaned_temp_dirs()
@@ -520,16 +590,15 @@ class ControlPlane:
         saved = {}
         if self.persistent and ports_file.exists():
             saved = json.loads(ports_file.read_text())
+
         def pick(key: str) -> int:
             port = saved.get(key)
             return port if port and _port_is_free(port) else free_port()
-        self.etcd_port, self.etcd_peer_port, self.apiserver_port = (
-            pick("etcd"), pick("etcd_peer"), pick("apiserver"))
-        ports = {"etcd": self.etcd_port, "etcd_peer": self.etcd_peer_port,
-                 "apiserver": self.apiserver_port}
+
+        self.etcd_port, self.etcd_peer_port, self.apiserver_port = (pick("etcd"), pick("etcd_peer"), pick("apiserver"))
+        ports = {"etcd": self.etcd_port, "etcd_peer": self.etcd_peer_port, "apiserver": self.apiserver_port}
         if self.node_ip:  # secure (health) ports of the controllers, on loopback
-            self.controller_ports = {name: pick(name) for name in ("kube-controller-manager",
-                                                                    "kube-scheduler")}
+            self.controller_ports = {name: pick(name) for name in ("kube-controller-manager", "kube-scheduler")}
             ports.update(self.controller_ports)
         ports_file.write_text(json.dumps(ports))
 
@@ -537,7 +606,10 @@ class ControlPlane:
         log_path = self.dir / "logs" / f"{name}.log"
         with open(log_path, "ab") as log_file, processes.signals_held():  # recorded before a signal lands
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 cwd=self.dir,
                 # Own session: a Ctrl-C meant for pytest / make does not hit them out of order.
                 start_new_session=True,
@@ -556,8 +628,9 @@ class ControlPlane:
             return f"{dead[0]} exited with {self._procs[dead[0]].returncode}" if dead else None
 
         def error(message: str) -> ControlPlaneError:
-            where = (f"log tail:\n{_tail(self.dir / 'logs' / f'{dead[0]}.log')}" if dead
-                     else f"logs in {self.dir / 'logs'}")
+            where = (
+                f"log tail:\n{_tail(self.dir / 'logs' / f'{dead[0]}.log')}" if dead else f"logs in {self.dir / 'logs'}"
+            )
             return ControlPlaneError(f"{message}; {where}")
 
         wait_for(what, check, timeout or self.startup_timeout, interval=POLL_INTERVAL, failed=exited, error=error)
@@ -566,10 +639,15 @@ class ControlPlane:
         client = f"http://127.0.0.1:{self.etcd_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
         argv = [
-            str(etcd_bin), "--name=atlas", f"--data-dir={self.dir / 'etcd'}",
-            f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=atlas={peer}", "--initial-cluster-state=new",
+            str(etcd_bin),
+            "--name=atlas",
+            f"--data-dir={self.dir / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=atlas={peer}",
+            "--initial-cluster-state=new",
             "--log-level=warn",
         ]
         if not self.persistent:
@@ -582,6 +660,7 @@ class ControlPlane:
                     return json.loads(resp.read()).get("health") == "true"
             except (OSError, ValueError):
                 return False
+
         self._wait("etcd /health", healthy)
 
     def _start_apiserver(self, apiserver_bin: Path) -> None:
@@ -589,10 +668,12 @@ class ControlPlane:
         argv = [
             str(apiserver_bin),
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            f"--bind-address={self.bind_ip}", f"--advertise-address={self.bind_ip}",
+            f"--bind-address={self.bind_ip}",
+            f"--advertise-address={self.bind_ip}",
             f"--secure-port={self.apiserver_port}",
             f"--cert-dir={self.dir / 'apiserver-certs'}",
-            f"--tls-cert-file={pki.serving_crt}", f"--tls-private-key-file={pki.serving_key}",
+            f"--tls-cert-file={pki.serving_crt}",
+            f"--tls-private-key-file={pki.serving_key}",
             f"--client-ca-file={pki.ca_crt}",
             f"--service-account-issuer=https://{self.bind_ip}:{self.apiserver_port}",
             f"--service-account-key-file={pki.sa_pub}",
@@ -609,16 +690,26 @@ class ControlPlane:
             "--v=1",
         ]
         if self.node_ip:
-            argv = [a for a in argv if a not in (
-                "--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount",
-                "--endpoint-reconciler-type=none")]
+            argv = [
+                a
+                for a in argv
+                if a
+                not in (
+                    "--authorization-mode=RBAC",
+                    "--disable-admission-plugins=ServiceAccount",
+                    "--endpoint-reconciler-type=none",
+                )
+            ]
             kubelet_crt, kubelet_key = pki.issue_files(
-                "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",))
+                "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)
+            )
             argv += [
                 # Kubelets get exactly what their own pods need (Node authorizer + NodeRestriction).
-                "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
                 # For `kubectl logs/exec`: the API server authenticates to the kubelet.
-                f"--kubelet-client-certificate={kubelet_crt}", f"--kubelet-client-key={kubelet_key}",
+                f"--kubelet-client-certificate={kubelet_crt}",
+                f"--kubelet-client-key={kubelet_key}",
                 "--kubelet-preferred-address-types=InternalIP",
             ]
         self._spawn("kube-apiserver", argv)
@@ -628,9 +719,13 @@ class ControlPlane:
         pki = _Pki(self.dir)
         crt, key = pki.issue_files(name, user, groups)
         path = self.dir / f"{name}.kubeconfig"
-        _write_private(path, yaml.safe_dump(_kubeconfig_doc(
-            self.server, pki.ca_crt.read_bytes(), user, crt.read_bytes(), key.read_bytes()),
-            sort_keys=False))
+        _write_private(
+            path,
+            yaml.safe_dump(
+                _kubeconfig_doc(self.server, pki.ca_crt.read_bytes(), user, crt.read_bytes(), key.read_bytes()),
+                sort_keys=False,
+            ),
+        )
         return path
 
     def node_kubeconfig(self, component: str, user: str, groups: Iterable[str] = ()) -> Path:
@@ -643,24 +738,39 @@ class ControlPlane:
         pki = _Pki(self.dir)
         kcm = self._component_kubeconfig("kube-controller-manager", "system:kube-controller-manager")
         sched = self._component_kubeconfig("kube-scheduler", "system:kube-scheduler")
-        self._spawn("kube-controller-manager", [
-            str(bins["kube-controller-manager"]), f"--kubeconfig={kcm}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.controller_ports['kube-controller-manager']}",
-            f"--cert-dir={self.dir / 'kcm-certs'}",
-            # One token identity per controller, and tokens for ServiceAccount Secrets.
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_crt}",
-            f"--cluster-signing-cert-file={pki.ca_crt}", f"--cluster-signing-key-file={pki.ca_key}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--allocate-node-cidrs=false",
-            "--leader-elect=false", "--profiling=false", "--v=1",
-        ])
-        self._spawn("kube-scheduler", [
-            str(bins["kube-scheduler"]), f"--kubeconfig={sched}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.controller_ports['kube-scheduler']}",
-            "--leader-elect=false", "--profiling=false", "--v=1",
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(bins["kube-controller-manager"]),
+                f"--kubeconfig={kcm}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.controller_ports['kube-controller-manager']}",
+                f"--cert-dir={self.dir / 'kcm-certs'}",
+                # One token identity per controller, and tokens for ServiceAccount Secrets.
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki.sa_key}",
+                f"--root-ca-file={pki.ca_crt}",
+                f"--cluster-signing-cert-file={pki.ca_crt}",
+                f"--cluster-signing-key-file={pki.ca_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allocate-node-cidrs=false",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(bins["kube-scheduler"]),
+                f"--kubeconfig={sched}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.controller_ports['kube-scheduler']}",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE  # self-signed serving certs of their own
@@ -668,17 +778,22 @@ class ControlPlane:
         def healthy(port: int) -> Callable[[], bool]:
             def check() -> bool:
                 try:
-                    with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=insecure,
-                                                timeout=2) as resp:
+                    with urllib.request.urlopen(
+                        f"https://127.0.0.1:{port}/healthz", context=insecure, timeout=2
+                    ) as resp:
                         return resp.status == 200
                 except OSError:
                     return False
+
             return check
+
         for name, port in self.controller_ports.items():
             self._wait(f"{name} /healthz", healthy(port))
         # The token controller's first job: without a `default` ServiceAccount no Pod is admitted.
-        self._wait("ServiceAccount default/default", lambda: self.kubectl(
-            "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0)
+        self._wait(
+            "ServiceAccount default/default",
+            lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
+        )
 
     def _admin_ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(_Pki(self.dir).ca_crt))
@@ -692,8 +807,9 @@ class ControlPlane:
             cert, key = pki.client_cert("atlas-admin", ("system:masters",))
             pki._write(admin_crt, cert)
             pki._write(admin_key, key)
-        doc = _kubeconfig_doc(self.server, pki.ca_crt.read_bytes(), "atlas-admin",
-                              admin_crt.read_bytes(), admin_key.read_bytes())
+        doc = _kubeconfig_doc(
+            self.server, pki.ca_crt.read_bytes(), "atlas-admin", admin_crt.read_bytes(), admin_key.read_bytes()
+        )
         _write_private(self.kubeconfig, yaml.safe_dump(doc, sort_keys=False))
         (self.dir / "server").write_text(self.server + "\n")  # for write_user_kubeconfig
 
@@ -722,14 +838,24 @@ class ControlPlane:
                 return False
             names = {r.get("name") for r in json.loads(body).get("resources", [])}
             return all(r in names for r in ATLAS_RESOURCES)
+
         self._wait(f"{ATLAS_GROUP_VERSION} {'/'.join(ATLAS_RESOURCES)} in discovery", served)
         # Established means the storage is ready for writes, not only listed in discovery.
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                     *(f"crd/{r}.{ATLAS_GROUP_VERSION.split('/')[0]}" for r in ATLAS_RESOURCES))
+        self.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            *(f"crd/{r}.{ATLAS_GROUP_VERSION.split('/')[0]}" for r in ATLAS_RESOURCES),
+        )
 
 
-def write_user_kubeconfig(state_dir: str | Path, user: str, groups: Iterable[str] = (),
-                          path: str | Path | None = None, namespace: str | None = None) -> Path:
+def write_user_kubeconfig(
+    state_dir: str | Path,
+    user: str,
+    groups: Iterable[str] = (),
+    path: str | Path | None = None,
+    namespace: str | None = None,
+) -> Path:
     """Kubeconfig for `user` in `groups` against the control plane whose dir is state_dir.
 
     Works for a running persistent control plane from another process (e.g. the dev stack)."""
@@ -741,32 +867,42 @@ def write_user_kubeconfig(state_dir: str | Path, user: str, groups: Iterable[str
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user)
         path = state / "users" / f"{safe}.kubeconfig"
     path = Path(path)
-    _write_private(path, yaml.safe_dump(
-        _kubeconfig_doc(server, pki.ca_crt.read_bytes(), user, cert, key, namespace), sort_keys=False))
+    _write_private(
+        path,
+        yaml.safe_dump(_kubeconfig_doc(server, pki.ca_crt.read_bytes(), user, cert, key, namespace), sort_keys=False),
+    )
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m atlas_devstack.controlplane [STATE_DIR] [--detach] | --stop STATE_DIR"""
     import argparse
+
     parser = argparse.ArgumentParser(
-        prog="python -m atlas_devstack.controlplane", description=__doc__.splitlines()[0],
+        prog="python -m atlas_devstack.controlplane",
+        description=__doc__.splitlines()[0],
         epilog="Runs in the foreground until SIGTERM, SIGINT (Ctrl-C) or SIGHUP, or until etcd or "
-               "kube-apiserver exits (then the other is stopped and the exit status is 1). "
-               "With --detach it returns once the control plane is ready and leaves it running; "
-               "stop it later with --stop STATE_DIR.")
-    parser.add_argument("state_dir", nargs="?", help="keep etcd data, certificates and the kubeconfig "
-                        "here (default: a temporary dir, removed on exit)")
+        "kube-apiserver exits (then the other is stopped and the exit status is 1). "
+        "With --detach it returns once the control plane is ready and leaves it running; "
+        "stop it later with --stop STATE_DIR.",
+    )
+    parser.add_argument(
+        "state_dir",
+        nargs="?",
+        help="keep etcd data, certificates and the kubeconfig here (default: a temporary dir, removed on exit)",
+    )
     parser.add_argument("--detach", action="store_true", help="return once ready; needs STATE_DIR")
     parser.add_argument("--stop", action="store_true", help="stop the control plane of STATE_DIR")
     args = parser.parse_args(argv)
     if (args.stop or args.detach) and not args.state_dir:
         parser.error(f"{'--stop' if args.stop else '--detach'} needs STATE_DIR")
     if args.stop:
+
         def stop_by_pidfiles(on_exit: processes.OnExit) -> int:
             with processes.signals_held():  # a Ctrl-C waits until both are stopped
                 print("stopped:", ", ".join(ControlPlane.stop_from_state_dir(args.state_dir)) or "nothing")
             return 0
+
         return processes.run("controlplane", stop_by_pidfiles)
 
     def body(on_exit: processes.OnExit) -> int:
@@ -775,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         def stop() -> None:  # a signal or a failure during start-up stops it, detached or not
             if not (args.detach and cp.startup_seconds is not None):
                 cp.stop()
+
         on_exit(stop)
         cp.start()
         print(f"export KUBECONFIG={cp.kubeconfig}", flush=True)
@@ -782,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         name, code = processes.wait_any(cp.processes)
         raise processes.ChildExited(name, code, "log tail:\n" + _tail(cp.dir / "logs" / f"{name}.log", 10))
+
     return processes.run("controlplane", body, errors=(ControlPlaneError, ToolNotFound))
 
 

@@ -32,8 +32,8 @@ import yaml
 
 from .controlplane import ControlPlane
 from .node import CLUSTER_DNS_IP, NODE_NAME, Node, NodeError, _mounts_under
-from .node_network import BRIDGE, NODE_IP, NetworkError, NodeNetwork
 from .node_images import coredns_image, redis_image, write_coredns, write_redis
+from .node_network import BRIDGE, NODE_IP, NetworkError, NodeNetwork
 from .processes import pid_cmdline
 from .tools import BIN_DIR, REPO_ROOT, find_tool
 from .waiting import wait_for
@@ -69,15 +69,20 @@ def _other_node(node_dir: Path) -> str | None:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             cmdline = pid_cmdline(int(proc.name))
-            if "kubelet" in cmdline and f"--hostname-override={NODE_NAME}" in cmdline \
-                    and str(node_dir) not in cmdline:
+            if "kubelet" in cmdline and f"--hostname-override={NODE_NAME}" in cmdline and str(node_dir) not in cmdline:
                 return f"kubelet pid {proc.name}"
     return None
 
 
 class DeployStack:
-    def __init__(self, state_dir: str | Path = DEFAULT_STATE_DIR, *, upstream_url: str | None = None,
-                 log: Callable[[str], None] | None = None, timeout: float = 300.0):
+    def __init__(
+        self,
+        state_dir: str | Path = DEFAULT_STATE_DIR,
+        *,
+        upstream_url: str | None = None,
+        log: Callable[[str], None] | None = None,
+        timeout: float = 300.0,
+    ):
         self.dir = Path(state_dir).resolve()
         self.upstream_url = upstream_url if upstream_url is not None else os.environ.get("ATLAS_UPSTREAM_URL")
         self.timeout = timeout
@@ -99,27 +104,32 @@ class DeployStack:
         return self.dir / "env"
 
     def tool_env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-                "KUBECACHEDIR": str(self.cp_dir / "kube-cache"),
-                "HELM_CACHE_HOME": str(self.dir / "helm" / "cache"),
-                "HELM_CONFIG_HOME": str(self.dir / "helm" / "config"),
-                "HELM_DATA_HOME": str(self.dir / "helm" / "data"),
-                "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBECACHEDIR": str(self.cp_dir / "kube-cache"),
+            "HELM_CACHE_HOME": str(self.dir / "helm" / "cache"),
+            "HELM_CONFIG_HOME": str(self.dir / "helm" / "config"),
+            "HELM_DATA_HOME": str(self.dir / "helm" / "data"),
+            "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 120) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         return self._run([str(find_tool("kubectl")), *args], input=input, check=check, timeout=timeout)
 
     def helm(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         return self._run([str(find_tool("helm")), *args], check=check, timeout=timeout)
 
-    def _run(self, argv: list[str], input: str | None = None, check: bool = True,
-             timeout: float = 120) -> subprocess.CompletedProcess:
-        res = subprocess.run(argv, env=self.tool_env(), input=input, capture_output=True, text=True,
-                             timeout=timeout)
+    def _run(
+        self, argv: list[str], input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        res = subprocess.run(argv, env=self.tool_env(), input=input, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
-            raise DeployError(f"{' '.join(argv[:4])}... exited {res.returncode}: "
-                              f"{(res.stderr or res.stdout).strip()[-2000:]}")
+            raise DeployError(
+                f"{' '.join(argv[:4])}... exited {res.returncode}: {(res.stderr or res.stdout).strip()[-2000:]}"
+            )
         return res
 
     def _phase(self, name: str, since: float) -> float:
@@ -162,11 +172,14 @@ class DeployStack:
         """Image archives: the app images from hack/images.sh (docker save), and the node's own."""
         out = self.images_dir
         with open(self.logs / "images.log", "ab") as log_file:
-            res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "save", str(out)], cwd=REPO_ROOT,
-                                 stdout=log_file, stderr=subprocess.STDOUT)
+            res = subprocess.run(
+                ["bash", str(REPO_ROOT / "hack" / "images.sh"), "save", str(out)],
+                cwd=REPO_ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         if res.returncode != 0:
-            raise DeployError(f"hack/images.sh failed ({res.returncode}):\n"
-                              + _tail(self.logs / "images.log"))
+            raise DeployError(f"hack/images.sh failed ({res.returncode}):\n" + _tail(self.logs / "images.log"))
         archives: dict[str, Path] = {}
         for name in APP_IMAGES:
             path = out / f"{name}.tar"
@@ -187,8 +200,10 @@ class DeployStack:
     def start_cluster(self) -> None:
         other = _other_node(self.node_dir)
         if other:
-            raise DeployError(f"another deploy node runs on this machine ({other}); one node per "
-                              "machine: stop it first (python -m atlas_devstack.deploy --state-dir DIR down)")
+            raise DeployError(
+                f"another deploy node runs on this machine ({other}); one node per "
+                "machine: stop it first (python -m atlas_devstack.deploy --state-dir DIR down)"
+            )
         NodeNetwork(self.node_dir).up()
         if not ControlPlane.is_running(self.cp_dir):
             # The chart installs the CRDs (as on any cluster), not the control plane.
@@ -222,41 +237,68 @@ class DeployStack:
             # hostPath ignores fsGroup: the bundled Redis (UID/GID 999 in the chart) must own it.
             os.chown(path, 999, 999)
             os.chmod(path, 0o700)
-            docs.append({
-                "apiVersion": "v1", "kind": "PersistentVolume",
-                "metadata": {"name": f"atlas-local-{i}"},
-                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                         "storageClassName": "atlas-local",
-                         "persistentVolumeReclaimPolicy": "Retain",
-                         "hostPath": {"path": str(path), "type": "Directory"}},
-            })
-        self.kubectl("apply", "--server-side", "-f", "-",
-                     input="\n---\n".join(yaml.safe_dump(d) for d in docs))
-        self.kubectl("rollout", "status", "-n", "kube-system", "deployment/coredns",
-                     f"--timeout={int(self.timeout)}s", timeout=self.timeout + 10)
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolume",
+                    "metadata": {"name": f"atlas-local-{i}"},
+                    "spec": {
+                        "capacity": {"storage": "1Gi"},
+                        "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": "atlas-local",
+                        "persistentVolumeReclaimPolicy": "Retain",
+                        "hostPath": {"path": str(path), "type": "Directory"},
+                    },
+                }
+            )
+        self.kubectl("apply", "--server-side", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
+        self.kubectl(
+            "rollout",
+            "status",
+            "-n",
+            "kube-system",
+            "deployment/coredns",
+            f"--timeout={int(self.timeout)}s",
+            timeout=self.timeout + 10,
+        )
 
     def ensure_upstream(self) -> str:
         """ATLAS_UPSTREAM_URL when given (and the mock removed), else the mock upstream pod."""
         self.kubectl("create", "namespace", NAMESPACE, check=False)
         if self.upstream_url:
-            self.kubectl("delete", "deployment,service", MOCK_NAME, "-n", NAMESPACE,
-                         "--ignore-not-found", "--wait=false")
+            self.kubectl(
+                "delete", "deployment,service", MOCK_NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=false"
+            )
             return self.upstream_url
-        self._apply_template("mock-upstream.yaml", NAME=MOCK_NAME, NAMESPACE=NAMESPACE,
-                             IMAGE=self._image_ref("mock-upstream"), PORT=str(MOCK_PORT))
-        self.kubectl("rollout", "status", "-n", NAMESPACE, f"deployment/{MOCK_NAME}",
-                     f"--timeout={int(self.timeout)}s", timeout=self.timeout + 10)
+        self._apply_template(
+            "mock-upstream.yaml",
+            NAME=MOCK_NAME,
+            NAMESPACE=NAMESPACE,
+            IMAGE=self._image_ref("mock-upstream"),
+            PORT=str(MOCK_PORT),
+        )
+        self.kubectl(
+            "rollout",
+            "status",
+            "-n",
+            NAMESPACE,
+            f"deployment/{MOCK_NAME}",
+            f"--timeout={int(self.timeout)}s",
+            timeout=self.timeout + 10,
+        )
         return f"http://{MOCK_NAME}.{NAMESPACE}.svc:{MOCK_PORT}"
 
     def _image_ref(self, name: str) -> str:
         """The reference an archive from hack/images.sh carries (docker save's manifest)."""
         import tarfile
+
         with tarfile.open(self.images_dir / f"{name}.tar") as tar:
             manifest = json.load(tar.extractfile("manifest.json"))
         return manifest[0]["RepoTags"][0]
 
     def _image_id(self, path: Path) -> str:
         import tarfile
+
         with tarfile.open(path) as tar:
             manifest = json.load(tar.extractfile("manifest.json"))
         return manifest[0]["Config"].rsplit("/", 1)[-1].replace("sha256:", "")[:16]
@@ -269,18 +311,30 @@ class DeployStack:
                 # A rebuilt image under the same tag rolls the pods (else `up` would not upgrade).
                 "podAnnotations": {"atlas.bugvanquisher.io/image-id": self._image_id(archives["gateway"])},
             },
-            "operator": {"podAnnotations": {
-                "atlas.bugvanquisher.io/image-id": self._image_id(archives["operator"])}},
+            "operator": {"podAnnotations": {"atlas.bugvanquisher.io/image-id": self._image_id(archives["operator"])}},
             # The chart's default Redis image cannot be pulled here: the node's own (Debian's).
             "redis": {"bundled": {"image": {"repository": repo, "tag": tag}}},
         }
         values_file = self.dir / "values-deploy.yaml"
-        values_file.write_text("# written by atlas_devstack.deploy: what differs from the chart defaults\n"
-                               + yaml.safe_dump(values, sort_keys=False))
+        values_file.write_text(
+            "# written by atlas_devstack.deploy: what differs from the chart defaults\n"
+            + yaml.safe_dump(values, sort_keys=False)
+        )
         t0 = time.monotonic()
-        self.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                  "--create-namespace", "--values", str(values_file), "--wait",
-                  f"--timeout={int(self.timeout)}s", timeout=self.timeout + 30)
+        self.helm(
+            "upgrade",
+            "--install",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--create-namespace",
+            "--values",
+            str(values_file),
+            "--wait",
+            f"--timeout={int(self.timeout)}s",
+            timeout=self.timeout + 30,
+        )
         self.wait_gateway_served(deadline=t0 + self.timeout)
         self.timings["helm_install_seconds"] = round(time.monotonic() - t0, 1)
 
@@ -290,22 +344,48 @@ class DeployStack:
         Service's endpoints are exactly its ready pods, and the Service answers several times in a
         row (kube-proxy has caught up), so that `up` returns with the Service working."""
         selector = "app.kubernetes.io/component=gateway"
-        self.kubectl("rollout", "status", "deployment", "-n", NAMESPACE, "-l", selector,
-                     f"--timeout={max(1, int(deadline - time.monotonic()))}s", timeout=self.timeout)
+        self.kubectl(
+            "rollout",
+            "status",
+            "deployment",
+            "-n",
+            NAMESPACE,
+            "-l",
+            selector,
+            f"--timeout={max(1, int(deadline - time.monotonic()))}s",
+            timeout=self.timeout,
+        )
 
         def endpoints_are_the_ready_pods() -> bool:
             pods = json.loads(self.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout)
-            ready = {p["status"].get("podIP") for p in pods["items"] if not p["metadata"].get("deletionTimestamp")
-                     and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
-            slices = json.loads(self.kubectl("get", "endpointslices", "-n", NAMESPACE, "-l",
-                                             "kubernetes.io/service-name=" + self._gateway_service(), "-o",
-                                             "json").stdout)
-            listed = {addr for s in slices["items"] for ep in s.get("endpoints") or []
-                      for addr in ep.get("addresses", [])}
+            ready = {
+                p["status"].get("podIP")
+                for p in pods["items"]
+                if not p["metadata"].get("deletionTimestamp")
+                and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+            }
+            slices = json.loads(
+                self.kubectl(
+                    "get",
+                    "endpointslices",
+                    "-n",
+                    NAMESPACE,
+                    "-l",
+                    "kubernetes.io/service-name=" + self._gateway_service(),
+                    "-o",
+                    "json",
+                ).stdout
+            )
+            listed = {
+                addr for s in slices["items"] for ep in s.get("endpoints") or [] for addr in ep.get("addresses", [])
+            }
             return bool(ready) and listed == ready
 
-        wait_for("the gateway Service's endpoints to be exactly its ready pods", endpoints_are_the_ready_pods,
-                 timeout=max(1.0, deadline - time.monotonic()))
+        wait_for(
+            "the gateway Service's endpoints to be exactly its ready pods",
+            endpoints_are_the_ready_pods,
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
         url = self.gateway_url() + "/healthz"
         answered = 0
 
@@ -318,19 +398,29 @@ class DeployStack:
                 answered = 0
             return answered >= 10
 
-        wait_for(f"{url} to answer 10 times in a row", answers_in_a_row, timeout=max(1.0, deadline - time.monotonic()),
-                 interval=0.05)
+        wait_for(
+            f"{url} to answer 10 times in a row",
+            answers_in_a_row,
+            timeout=max(1.0, deadline - time.monotonic()),
+            interval=0.05,
+        )
 
     def _gateway_service(self) -> str:
-        svc = json.loads(self.kubectl("get", "service", "-n", NAMESPACE, "-l",
-                                      "app.kubernetes.io/component=gateway", "-o", "json").stdout)["items"]
+        svc = json.loads(
+            self.kubectl(
+                "get", "service", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=gateway", "-o", "json"
+            ).stdout
+        )["items"]
         if not svc:
             raise DeployError(f"no gateway Service in namespace {NAMESPACE}")
         return svc[0]["metadata"]["name"]
 
     def gateway_url(self) -> str:
-        svc = json.loads(self.kubectl("get", "service", "-n", NAMESPACE, "-l",
-                                      "app.kubernetes.io/component=gateway", "-o", "json").stdout)["items"]
+        svc = json.loads(
+            self.kubectl(
+                "get", "service", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=gateway", "-o", "json"
+            ).stdout
+        )["items"]
         if not svc:
             raise DeployError(f"no gateway Service in namespace {NAMESPACE}")
         spec = svc[0]["spec"]
@@ -390,8 +480,7 @@ class DeployStack:
                 continue
             if name in pid_cmdline(pid):
                 os.kill(pid, 15)
-        self.kubectl("delete", "pods", "--all", "--all-namespaces", "--grace-period=5",
-                     "--wait=false", check=False)
+        self.kubectl("delete", "pods", "--all", "--all-namespaces", "--grace-period=5", "--wait=false", check=False)
         node = self._node()
 
         def no_pods() -> bool:
@@ -400,6 +489,7 @@ class DeployStack:
 
         def no_tasks() -> bool:
             return not node.ctr("tasks", "ls", "-q", check=False).stdout.strip()
+
         try:
             wait_for("every pod gone", no_pods, timeout, interval=0.2, retry=(Exception,), error=DeployError)
             wait_for("every container stopped", no_tasks, timeout, interval=0.2, retry=(Exception,), error=DeployError)
@@ -423,10 +513,14 @@ class DeployStack:
             if name == BRIDGE or f"master {BRIDGE}" in line:
                 found.append(f"network device {name}")
         for table in ("filter", "nat", "mangle"):
-            rules = subprocess.run(["iptables", "-w", "5", "-t", table, "-S"], capture_output=True,
-                                   text=True).stdout.splitlines()
-            found += [f"iptables {table} chain {r.split()[1]}" for r in rules
-                      if r.startswith("-N ") and r.split()[1].startswith(("KUBE-", "CNI-", "ATLAS-"))]
+            rules = subprocess.run(
+                ["iptables", "-w", "5", "-t", table, "-S"], capture_output=True, text=True
+            ).stdout.splitlines()
+            found += [
+                f"iptables {table} chain {r.split()[1]}"
+                for r in rules
+                if r.startswith("-N ") and r.split()[1].startswith(("KUBE-", "CNI-", "ATLAS-"))
+            ]
         return found
 
 
@@ -441,9 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             env = stack.up()
-            print(f"\nAtlas is deployed on node {NODE_NAME}. In a shell:  source {stack.env_file}\n"
-                  f"  gateway Service {env['ATLAS_GATEWAY_URL']}  namespace {env['ATLAS_NAMESPACE']}\n"
-                  f"  kubectl get pods -n {env['ATLAS_NAMESPACE']}; docs/deploy.md has a walkthrough")
+            print(
+                f"\nAtlas is deployed on node {NODE_NAME}. In a shell:  source {stack.env_file}\n"
+                f"  gateway Service {env['ATLAS_GATEWAY_URL']}  namespace {env['ATLAS_NAMESPACE']}\n"
+                f"  kubectl get pods -n {env['ATLAS_NAMESPACE']}; docs/deploy.md has a walkthrough"
+            )
         else:
             done = stack.down()
             print("deploy-down: " + (", ".join(done) or "nothing was running"))

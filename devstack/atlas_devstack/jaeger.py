@@ -79,8 +79,15 @@ class Jaeger:
     directory, removed on stop, when None). ``host``: another address of this machine to listen
     on (the deploy tier's pods reach the host at ATLAS_HOST_FROM_PODS)."""
 
-    def __init__(self, dir: str | Path | None = None, *, host: str = "127.0.0.1", max_traces: int = 100_000,
-                 log_level: str = "warn", start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        dir: str | Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        max_traces: int = 100_000,
+        log_level: str = "warn",
+        start_timeout: float = 30.0,
+    ) -> None:
         self.binary = find_tool("jaeger")  # ToolNotFound (run `make tools`) before anything starts
         self._own_dir = dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="atlas-jaeger-")) if dir is None else Path(dir)
@@ -122,16 +129,18 @@ class Jaeger:
     def command(self) -> list[str]:
         """Write the config and return the command line (the dev stack spawns it itself)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(_CONFIG.format(host=self.host, max_traces=self.max_traces, log_level=self.log_level,
-                                                   **self.ports))
+        self.config_path.write_text(
+            _CONFIG.format(host=self.host, max_traces=self.max_traces, log_level=self.log_level, **self.ports)
+        )
         return [str(self.binary), "--config", str(self.config_path)]
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Jaeger":
         command = self.command()
         with open(self.log_path, "ab") as log, processes.signals_held():
-            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+            self._proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self.wait_ready(self.start_timeout, failed=self._exited)
         except BaseException:
@@ -159,8 +168,7 @@ class Jaeger:
         return True
 
     def wait_ready(self, timeout: float, failed=None) -> None:
-        wait_for(f"jaeger (log {self.log_path})", self.ready, timeout, interval=0.05, failed=failed,
-                 error=TimeoutError)
+        wait_for(f"jaeger (log {self.log_path})", self.ready, timeout, interval=0.05, failed=failed, error=TimeoutError)
 
     def stop(self, timeout: float = 10.0) -> None:
         with processes.signals_held():
@@ -184,9 +192,11 @@ class Jaeger:
     def wait_for_spans(self, trace_id: str, count: int, timeout: float = 15.0) -> list[dict]:
         """The trace's spans once it holds at least ``count`` (exporters batch: spans arrive in
         several requests); WaitTimeout (an AssertionError) when the deadline passes."""
+
         def enough() -> list[dict] | None:
             spans = self.trace(trace_id)
             return spans if len(spans) >= count else None
+
         return wait_for(f"{count} span(s) of trace {trace_id} in jaeger", enough, timeout, interval=0.05)
 
 
@@ -203,8 +213,9 @@ def trace_spans(query_url: str, trace_id: str) -> list[dict]:
     for resource_spans in doc.get("result", {}).get("resourceSpans", []):
         for scope_spans in resource_spans.get("scopeSpans", []):
             for span in scope_spans.get("spans", []):
-                spans.append({**span, "resource": resource_spans.get("resource", {}),
-                              "scope": scope_spans.get("scope", {})})
+                spans.append(
+                    {**span, "resource": resource_spans.get("resource", {}), "scope": scope_spans.get("scope", {})}
+                )
     return spans
 
 
@@ -221,8 +232,10 @@ def attributes(item: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlas_devstack.jaeger",
-                                     description="Jaeger all-in-one (memory storage) on 127.0.0.1, in the foreground.")
+    parser = argparse.ArgumentParser(
+        prog="python -m atlas_devstack.jaeger",
+        description="Jaeger all-in-one (memory storage) on 127.0.0.1, in the foreground.",
+    )
     parser.add_argument("--dir", help="keep its config and log here (default: a temporary dir, removed on exit)")
     args = parser.parse_args(argv)
 
@@ -232,12 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         jaeger.start()
         print(f"export OTEL_EXPORTER_OTLP_ENDPOINT={jaeger.otlp_http_url}", flush=True)
         print(f"export ATLAS_JAEGER_URL={jaeger.query_url}", flush=True)
-        print(f"# OTLP gRPC: {jaeger.otlp_grpc_url} (with OTEL_EXPORTER_OTLP_PROTOCOL=grpc); log {jaeger.log_path}",
-              flush=True)
+        print(
+            f"# OTLP gRPC: {jaeger.otlp_grpc_url} (with OTEL_EXPORTER_OTLP_PROTOCOL=grpc); log {jaeger.log_path}",
+            flush=True,
+        )
         assert jaeger.process is not None
         _, code = processes.wait_any({"jaeger": jaeger.process})
         raise processes.ChildExited("jaeger", code)
+
     from .tools import ToolNotFound
+
     return processes.run("jaeger", body, errors=(ToolNotFound, RuntimeError, TimeoutError))
 
 

@@ -104,8 +104,10 @@ class Slots:
 
     def exposition(self, model: str) -> bytes:
         labels = f'{{model_name="{model}"}}'
-        return (f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{labels} {self.running}\n"
-                f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{labels} {self.waiting}\n").encode()
+        return (
+            f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{labels} {self.running}\n"
+            f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{labels} {self.waiting}\n"
+        ).encode()
 
 
 class _Record:
@@ -176,10 +178,17 @@ class MockUpstream:
         if path in ("/healthz", "/health"):
             return await self._send(send, 200, b"ok", b"text/plain")
         if path == "/metrics" and self.settings.export_metrics:
-            return await self._send(send, 200, self.slots.exposition(self.settings.models[0]),
-                                    b"text/plain; version=0.0.4")
+            return await self._send(
+                send, 200, self.slots.exposition(self.settings.models[0]), b"text/plain; version=0.0.4"
+            )
         if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-            return await self._send(send, *_json_response(404, {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}))
+            return await self._send(
+                send,
+                *_json_response(
+                    404,
+                    {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}},
+                ),
+            )
         await self.slots.acquire()
         try:
             await self._complete(path, body, headers, send, receive)
@@ -190,7 +199,13 @@ class MockUpstream:
         try:
             doc = json.loads(body)
         except ValueError:
-            return await self._send(send, *_json_response(400, {"error": {"message": "bad json", "type": "invalid_request_error", "param": None, "code": None}}))
+            return await self._send(
+                send,
+                *_json_response(
+                    400,
+                    {"error": {"message": "bad json", "type": "invalid_request_error", "param": None, "code": None}},
+                ),
+            )
 
         rec = None
         mock_id = headers.get("x-mock-id")
@@ -214,7 +229,12 @@ class MockUpstream:
                 rec.disconnected = True
             return  # the client left while held: its slot is free again (as vLLM aborts a request)
         if fail == "500":
-            return await self._send(send, *_json_response(500, {"error": {"message": "mock failure", "type": "server_error", "param": None, "code": None}}))
+            return await self._send(
+                send,
+                *_json_response(
+                    500, {"error": {"message": "mock failure", "type": "server_error", "param": None, "code": None}}
+                ),
+            )
 
         prompt_tokens = int(headers.get("x-mock-prompt-tokens", 0)) or _prompt_tokens(doc)
         model = doc.get("model", "mock")
@@ -222,8 +242,12 @@ class MockUpstream:
             inputs = doc.get("input")
             n = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
             data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4]} for i in range(n)]
-            resp = {"object": "list", "data": data, "model": model,
-                    "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+            resp = {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            }
             if rec:
                 rec.completed = True
             return await self._send(send, *_json_response(200, resp))
@@ -232,8 +256,11 @@ class MockUpstream:
         cap = doc.get("max_completion_tokens") or doc.get("max_tokens")
         if cap is not None:
             completion_tokens = min(completion_tokens, int(cap))
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         chat = path == "/v1/chat/completions"
         self._counter += 1
         rid = f"mock-{self._counter}"
@@ -256,8 +283,13 @@ class MockUpstream:
     async def _stream(self, send, receive, rec, rid, model, chat, n, usage, doc, headers, fail):
         include_usage = bool((doc.get("stream_options") or {}).get("include_usage")) and fail != "no-usage"
         delay = float(headers.get("x-mock-chunk-delay-ms", self.settings.chunk_delay_ms)) / 1000
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            }
+        )
         disconnected = asyncio.Event()
 
         async def watch() -> None:
@@ -282,12 +314,21 @@ class MockUpstream:
                     delta = {"role": "assistant", "content": "tok "} if i == 0 else {"content": "tok "}
                     choice = {"index": 0, "delta": delta, "finish_reason": None if i < n - 1 else "length"}
                 else:
-                    choice = {"index": 0, "text": "tok ", "finish_reason": None if i < n - 1 else "length", "logprobs": None}
-                chunk = json.dumps({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]},
-                                   separators=(",", ":"))
+                    choice = {
+                        "index": 0,
+                        "text": "tok ",
+                        "finish_reason": None if i < n - 1 else "length",
+                        "logprobs": None,
+                    }
+                chunk = json.dumps(
+                    {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]},
+                    separators=(",", ":"),
+                )
                 if usage_null:
                     chunk = chunk[:-1] + usage_null + "}"
-                await send({"type": "http.response.body", "body": b"data: " + chunk.encode() + b"\n\n", "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": b"data: " + chunk.encode() + b"\n\n", "more_body": True}
+                )
                 if disconnected.is_set():
                     break
                 if delay:
@@ -303,7 +344,13 @@ class MockUpstream:
                 return
             if include_usage:
                 chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
-                await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n", "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n",
+                        "more_body": True,
+                    }
+                )
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             if rec:
                 rec.completed = True
@@ -313,9 +360,11 @@ class MockUpstream:
     @staticmethod
     async def _gone_within(receive, seconds: float) -> bool:
         """Wait ``seconds``; True if the client went away meanwhile."""
+
         async def disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
+
         try:
             await asyncio.wait_for(disconnect(), seconds)
         except asyncio.TimeoutError:
@@ -332,8 +381,13 @@ class MockUpstream:
 
     @staticmethod
     async def _send(send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -351,14 +405,30 @@ class MockUpstreamProcess(ServerProcess):
     LABEL = "mock upstream"
     HOST_ARGS = ("--host", "127.0.0.1")
 
-    def __init__(self, port: int | None = None, *, latency_ms: float = 0, completion_tokens: int = 16,
-                 chunk_delay_ms: float = 0, log_path: str | None = None, capacity: int = 0,
-                 metrics: bool = True) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        latency_ms: float = 0,
+        completion_tokens: int = 16,
+        chunk_delay_ms: float = 0,
+        log_path: str | None = None,
+        capacity: int = 0,
+        metrics: bool = True,
+    ) -> None:
         from atlas_devstack.redis_server import free_port
 
         self.port = port or free_port()
-        self.args = ["--latency-ms", str(latency_ms), "--completion-tokens", str(completion_tokens),
-                     "--chunk-delay-ms", str(chunk_delay_ms), "--capacity", str(capacity)]
+        self.args = [
+            "--latency-ms",
+            str(latency_ms),
+            "--completion-tokens",
+            str(completion_tokens),
+            "--chunk-delay-ms",
+            str(chunk_delay_ms),
+            "--capacity",
+            str(capacity),
+        ]
         if not metrics:
             self.args.append("--no-metrics")
         self.log_path = log_path
@@ -381,19 +451,28 @@ def fastapi_app(settings: MockSettings):
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mock"}
-                                           for m in settings.models]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mock"} for m in settings.models],
+        }
 
     async def chat(request: Request) -> JSONResponse:
         doc = await request.json()
         counter["n"] += 1
         n = min(settings.completion_tokens, int(doc.get("max_tokens") or settings.completion_tokens))
         prompt = _prompt_tokens(doc)
-        return JSONResponse({
-            "id": f"mock-{counter['n']}", "object": "chat.completion", "created": int(time.time()),
-            "model": doc.get("model"), "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok " * n},
-                                                    "finish_reason": "length"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}})
+        return JSONResponse(
+            {
+                "id": f"mock-{counter['n']}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": doc.get("model"),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "tok " * n}, "finish_reason": "length"}
+                ],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n},
+            }
+        )
 
     # this module uses postponed annotations and Request is imported locally: give FastAPI the
     # classes themselves, or it would take `request` for a query parameter
@@ -413,27 +492,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=float(os.environ.get("MOCK_LATENCY_MS", "0")))
     parser.add_argument("--completion-tokens", type=int, default=int(os.environ.get("MOCK_COMPLETION_TOKENS", "16")))
     parser.add_argument("--chunk-delay-ms", type=float, default=float(os.environ.get("MOCK_CHUNK_DELAY_MS", "0")))
-    parser.add_argument("--capacity", type=int, default=int(os.environ.get("MOCK_CAPACITY", "0")),
-                        help="requests worked on at once (vllm:num_requests_running); the rest queue "
-                             "(vllm:num_requests_waiting); 0: no limit")
-    parser.add_argument("--no-metrics", action="store_true",
-                        help="no /metrics: an upstream that exports no load (404)")
-    parser.add_argument("--backlog", type=int, default=int(os.environ.get("MOCK_BACKLOG", "16384")),
-                        help="listen backlog: thousands of connections may arrive at once")
-    parser.add_argument("--framework", choices=["asgi", "fastapi"], default="asgi",
-                        help="fastapi: a FastAPI reference implementation (benchmarks only)")
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=int(os.environ.get("MOCK_CAPACITY", "0")),
+        help="requests worked on at once (vllm:num_requests_running); the rest queue "
+        "(vllm:num_requests_waiting); 0: no limit",
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="no /metrics: an upstream that exports no load (404)")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=int(os.environ.get("MOCK_BACKLOG", "16384")),
+        help="listen backlog: thousands of connections may arrive at once",
+    )
+    parser.add_argument(
+        "--framework",
+        choices=["asgi", "fastapi"],
+        default="asgi",
+        help="fastapi: a FastAPI reference implementation (benchmarks only)",
+    )
     args = parser.parse_args(argv)
-    settings = MockSettings(args.latency_ms, args.completion_tokens, args.chunk_delay_ms,
-                            capacity=args.capacity, export_metrics=not args.no_metrics)
+    settings = MockSettings(
+        args.latency_ms,
+        args.completion_tokens,
+        args.chunk_delay_ms,
+        capacity=args.capacity,
+        export_metrics=not args.no_metrics,
+    )
     app = fastapi_app(settings) if args.framework == "fastapi" else MockUpstream(settings)
 
     def serve(on_exit: processes.OnExit) -> int:
         # uvicorn shuts down gracefully on SIGTERM/SIGINT only, and an exception raised by a signal
         # handler inside uvloop is logged and lost: make a hang-up a SIGTERM.
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-        uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                    access_log=False, log_level="warning", lifespan="on", backlog=args.backlog)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level="warning",
+            lifespan="on",
+            backlog=args.backlog,
+        )
         return 1  # returned unsignalled: it did not serve (a taken port exits 3 in uvicorn)
+
     return processes.run("mock-upstream", serve)
 
 

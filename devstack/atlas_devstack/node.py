@@ -71,11 +71,18 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 # --------------------------------------------------------------------------- node
 
+
 class Node:
     """containerd + kubelet + kube-proxy for the control plane `cp` (in cluster mode)."""
 
-    def __init__(self, state_dir: str | Path, cp: ControlPlane, *, startup_timeout: float = 120.0,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        state_dir: str | Path,
+        cp: ControlPlane,
+        *,
+        startup_timeout: float = 120.0,
+        log: Callable[[str], None] | None = None,
+    ):
         self.dir = Path(state_dir).resolve()
         self.cp = cp
         self.startup_timeout = startup_timeout
@@ -102,13 +109,23 @@ class Node:
         self._start_kubelet()
         self._start_kube_proxy()
         self._wait_node_ready()
-        self._log(f"[node] {NODE_NAME} Ready in {time.monotonic() - t0:.1f}s "
-                  f"(containerd {self.socket}, bridge {BRIDGE} {NODE_IP})")
+        self._log(
+            f"[node] {NODE_NAME} Ready in {time.monotonic() - t0:.1f}s "
+            f"(containerd {self.socket}, bridge {BRIDGE} {NODE_IP})"
+        )
         return self
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        return _run(str(find_tool("ctr")), "--address", str(self.socket), "-n", CRI_NAMESPACE,
-                    *args, check=check, timeout=timeout)
+        return _run(
+            str(find_tool("ctr")),
+            "--address",
+            str(self.socket),
+            "-n",
+            CRI_NAMESPACE,
+            *args,
+            check=check,
+            timeout=timeout,
+        )
 
     def import_image(self, archive: Path) -> None:
         """Load an image archive (docker save or OCI layout) into the CRI namespace, unpacked."""
@@ -122,8 +139,9 @@ class Node:
         return any(_pid_of(Path(state_dir), name) for name in DAEMONS)
 
     @classmethod
-    def stop_from_state_dir(cls, state_dir: str | Path, log: Callable[[str], None] | None = None,
-                            timeout: float = 30.0) -> list[str]:
+    def stop_from_state_dir(
+        cls, state_dir: str | Path, log: Callable[[str], None] | None = None, timeout: float = 30.0
+    ) -> list[str]:
         """Stop the node of `state_dir` and remove everything it left; returns what it did."""
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         state = Path(state_dir).resolve()
@@ -160,8 +178,8 @@ class Node:
         return f"""\
 # Written by atlas_devstack.node: a containerd of its own for the Atlas deploy node.
 version = 3
-root = "{self.containerd_dir / 'root'}"
-state = "{self.containerd_dir / 'state'}"
+root = "{self.containerd_dir / "root"}"
+state = "{self.containerd_dir / "state"}"
 # The sandbox refuses to lower oom_score_adj: leave containerd's own as it is.
 oom_score = 0
 # NRI would open /var/run/nri/nri.sock; the node does not use it.
@@ -177,7 +195,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   address = ""
 
 [plugins."io.containerd.internal.v1.opt"]
-  path = "{self.containerd_dir / 'opt'}"
+  path = "{self.containerd_dir / "opt"}"
 
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "overlayfs"
@@ -197,12 +215,12 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        BinaryName = "{shutil.which('runc') or '/usr/sbin/runc'}"
+        BinaryName = "{shutil.which("runc") or "/usr/sbin/runc"}"
         Root = "{runtime_root}"
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{cni_bin_dir()}"]
-    conf_dir = "{self.cni_dir / 'net.d'}"
+    conf_dir = "{self.cni_dir / "net.d"}"
     max_conf_num = 1
 
 [plugins."io.containerd.grpc.v1.cri"]
@@ -216,11 +234,19 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             "cniVersion": "1.0.0",
             "name": "atlas",
             "plugins": [
-                {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False,
-                 "hairpinMode": True,
-                 "ipam": {"type": "host-local", "dataDir": str(self.cni_dir / "ipam"),
-                          "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
-                          "routes": [{"dst": "0.0.0.0/0"}]}},
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": str(self.cni_dir / "ipam"),
+                        "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                    },
+                },
                 {"type": "portmap", "capabilities": {"portMappings": True}},
             ],
         }
@@ -236,58 +262,88 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         # docker.io installs, does not work with containerd 2).
         env = {**os.environ, "PATH": f"{shim.parent}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
         self._spawn("containerd", [str(containerd), "--config", str(config)], env=env)
-        wait_for("containerd socket", lambda: self.socket.exists() and self.ctr(
-            "version", check=False, timeout=10).returncode == 0, self.startup_timeout, interval=POLL,
-                 failed=self._died, error=NodeError)
+        wait_for(
+            "containerd socket",
+            lambda: self.socket.exists() and self.ctr("version", check=False, timeout=10).returncode == 0,
+            self.startup_timeout,
+            interval=POLL,
+            failed=self._died,
+            error=NodeError,
+        )
 
     # ---- kubelet
 
     def _start_kubelet(self) -> None:
         pki = _Pki(self.cp.dir)
         kubeconfig = self.cp.node_kubeconfig("kubelet", f"system:node:{NODE_NAME}", ("system:nodes",))
-        serving_crt, serving_key = pki.issue_files("kubelet-serving", f"system:node:{NODE_NAME}",
-                                                   server_sans=(NODE_IP, NODE_NAME))
+        serving_crt, serving_key = pki.issue_files(
+            "kubelet-serving", f"system:node:{NODE_NAME}", server_sans=(NODE_IP, NODE_NAME)
+        )
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
         ports = self._ports()
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             # The kubelet API (logs, exec) on the node's bridge address only; health on loopback.
-            "address": NODE_IP, "port": ports["kubelet"], "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": ports["kubelet_healthz"],
-            "tlsCertFile": str(serving_crt), "tlsPrivateKeyFile": str(serving_key),
-            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
-                               "x509": {"clientCAFile": str(pki.ca_crt)}},
+            "address": NODE_IP,
+            "port": ports["kubelet"],
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": ports["kubelet_healthz"],
+            "tlsCertFile": str(serving_crt),
+            "tlsPrivateKeyFile": str(serving_key),
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(pki.ca_crt)},
+            },
             "authorization": {"mode": "Webhook"},
             "containerRuntimeEndpoint": f"unix://{self.socket}",
             # This kernel mounts cgroup v1 (the kubelet refuses it unless told otherwise).
-            "cgroupDriver": "cgroupfs", "failCgroupV1": False, "failSwapOn": False,
+            "cgroupDriver": "cgroupfs",
+            "failCgroupV1": False,
+            "failSwapOn": False,
             # The sandbox refuses lowering oom_score_adj (the kubelet's default is -999).
             "oomScoreAdj": 0,
-            "clusterDNS": [CLUSTER_DNS_IP], "clusterDomain": CLUSTER_DOMAIN,
+            "clusterDNS": [CLUSTER_DNS_IP],
+            "clusterDomain": CLUSTER_DOMAIN,
             # Pods resolve through CoreDNS only: no upstream resolver, nothing leaves the machine.
             "resolvConf": "",
             "podLogsDir": str(self.dir / "pod-logs"),
             "volumePluginDir": str(self.kubelet_dir / "volume-plugins"),
             "staticPodPath": "",
-            "rotateCertificates": False, "serverTLSBootstrap": False,
+            "rotateCertificates": False,
+            "serverTLSBootstrap": False,
             "serializeImagePulls": False,
             # Images are imported, never pulled: never garbage-collect them.
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
             # The disk is shared with the rest of the machine: evict only when really short.
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2%",
-                             "imagefs.available": "2%", "nodefs.inodesFree": "2%"},
+            "evictionHard": {
+                "memory.available": "100Mi",
+                "nodefs.available": "2%",
+                "imagefs.available": "2%",
+                "nodefs.inodesFree": "2%",
+            },
             "mergeDefaultEvictionSettings": False,
             "maxPods": 110,
             "shutdownGracePeriod": "0s",
         }
         config_path = self.kubelet_dir / "config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self._spawn("kubelet", [
-            str(find_tool("kubelet")), f"--config={config_path}", f"--kubeconfig={kubeconfig}",
-            f"--root-dir={self.kubelet_dir / 'root'}", f"--cert-dir={self.kubelet_dir / 'pki'}",
-            f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", "--v=1",
-        ])
+        self._spawn(
+            "kubelet",
+            [
+                str(find_tool("kubelet")),
+                f"--config={config_path}",
+                f"--kubeconfig={kubeconfig}",
+                f"--root-dir={self.kubelet_dir / 'root'}",
+                f"--cert-dir={self.kubelet_dir / 'pki'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                "--v=1",
+            ],
+        )
 
     def _start_kube_proxy(self) -> None:
         kubeconfig = self.cp.node_kubeconfig("kube-proxy", "system:kube-proxy")
@@ -305,8 +361,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             "nodePortAddresses": [f"{NODE_IP}/32"],
             "iptables": {"localhostNodePorts": False},
             # Leave the host's conntrack sysctls alone (0 = do not set).
-            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
-                          "tcpCloseWaitTimeout": "0s"},
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
         }
         path = self.dir / "kube-proxy.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -319,8 +374,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
                 return False
             conds = {c["type"]: c["status"] for c in json.loads(res.stdout)["status"].get("conditions", [])}
             return conds.get("Ready") == "True"
-        wait_for(f"node {NODE_NAME} Ready", ready, self.startup_timeout, interval=POLL, failed=self._died,
-                 error=NodeError)
+
+        wait_for(
+            f"node {NODE_NAME} Ready", ready, self.startup_timeout, interval=POLL, failed=self._died, error=NodeError
+        )
 
     # ---- processes
 
@@ -328,29 +385,38 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         path = self.dir / "ports.json"
         if path.exists():
             return json.loads(path.read_text())
-        ports = {"kubelet": _free_port(NODE_IP), "kubelet_healthz": _free_port("127.0.0.1"),
-                 "kube_proxy_healthz": _free_port("127.0.0.1"),
-                 "kube_proxy_metrics": _free_port("127.0.0.1")}
+        ports = {
+            "kubelet": _free_port(NODE_IP),
+            "kubelet_healthz": _free_port("127.0.0.1"),
+            "kube_proxy_healthz": _free_port("127.0.0.1"),
+            "kube_proxy_metrics": _free_port("127.0.0.1"),
+        }
         path.write_text(json.dumps(ports))
         return ports
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> None:
         with open(self.logs / f"{name}.log", "ab") as log_file:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, cwd=self.dir, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=env,
+                start_new_session=True,
+            )
         self._procs[name] = proc
         (self.dir / f"{name}.pid").write_text(f"{proc.pid}\n")
 
     def _died(self) -> str | None:
         for name, proc in self._procs.items():
             if proc.poll() is not None:
-                return (f"{name} exited with {proc.returncode}; log tail:\n"
-                        + _tail(self.logs / f"{name}.log"))
+                return f"{name} exited with {proc.returncode}; log tail:\n" + _tail(self.logs / f"{name}.log")
         return None
 
 
 # --------------------------------------------------------------------------- teardown helpers
+
 
 def _pid_of(state: Path, name: str) -> int | None:
     """The pid in <state>/<name>.pid if that process is still ours (pids get reused)."""
@@ -386,8 +452,12 @@ def _remove_all_containers(state: Path, socket_path: Path) -> list[str]:
         _run(*ctr, "tasks", "kill", "-s", "SIGKILL", task, check=False)
     for task in tasks:
         try:
-            wait_for(f"task {task} deleted", lambda: _run(*ctr, "tasks", "delete", task, check=False).returncode == 0,  # noqa: B023 (run in this iteration)
-                     15, interval=POLL)
+            wait_for(
+                f"task {task} deleted",
+                lambda: _run(*ctr, "tasks", "delete", task, check=False).returncode == 0,  # noqa: B023 (run in this iteration)
+                15,
+                interval=POLL,
+            )
         except WaitTimeout:
             pass  # its container is deleted below all the same
     if tasks:

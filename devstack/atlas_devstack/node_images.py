@@ -33,8 +33,12 @@ def coredns_image() -> str:
 
 def redis_version() -> str:
     # By its own name: Debian's redis-server is a link whose target acts on argv[0].
-    out = subprocess.run([shutil.which("redis-server") or "/usr/bin/redis-server", "--version"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return re.search(r"v=(\S+)", out).group(1)
 
 
@@ -60,15 +64,21 @@ def _shared_libraries(binary: str) -> list[Path]:
 
 
 def write_pause(out: Path) -> Path:
-    write_image_archive(out, pause_image(), [ImageFile(find_tool("pause"), "/pause")],
-                        entrypoint=["/pause"], user="65535:65535")
+    write_image_archive(
+        out, pause_image(), [ImageFile(find_tool("pause"), "/pause")], entrypoint=["/pause"], user="65535:65535"
+    )
     return out
 
 
 def write_coredns(out: Path) -> Path:
-    write_image_archive(out, coredns_image(), [ImageFile(find_tool("coredns"), "/coredns")],
-                        entrypoint=["/coredns"], user="65532:65532",
-                        exposed_ports=["1053/udp", "1053/tcp"])
+    write_image_archive(
+        out,
+        coredns_image(),
+        [ImageFile(find_tool("coredns"), "/coredns")],
+        entrypoint=["/coredns"],
+        user="65532:65532",
+        exposed_ports=["1053/udp", "1053/tcp"],
+    )
     return out
 
 
@@ -83,6 +93,14 @@ def write_redis(out: Path) -> Path:
         # Keep the path the binary asks for (e.g. /lib64/ld-linux-x86-64.so.2), content resolved.
         files.append(ImageFile(lib.resolve(), str(lib), 0o755))
     repo, tag = redis_image()
-    write_image_archive(out, f"{repo}:{tag}", files, entrypoint=[], cmd=["redis-server"],
-                        user="999:999", env={"PATH": "/usr/bin:/bin"}, exposed_ports=["6379/tcp"])
+    write_image_archive(
+        out,
+        f"{repo}:{tag}",
+        files,
+        entrypoint=[],
+        cmd=["redis-server"],
+        user="999:999",
+        env={"PATH": "/usr/bin:/bin"},
+        exposed_ports=["6379/tcp"],
+    )
     return out

@@ -71,8 +71,10 @@ class NodeNetwork:
 
     def up(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for sysctl, module in (("net.bridge.bridge-nf-call-iptables", "br_netfilter"),
-                               ("net.netfilter.nf_conntrack_tcp_be_liberal", "nf_conntrack")):
+        for sysctl, module in (
+            ("net.bridge.bridge-nf-call-iptables", "br_netfilter"),
+            ("net.netfilter.nf_conntrack_tcp_be_liberal", "nf_conntrack"),
+        ):
             if _read_sysctl(sysctl) is None:
                 _run("modprobe", module, check=False)
         saved = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
@@ -134,8 +136,13 @@ class NodeNetwork:
 # own are removed by `kube-proxy --cleanup`.
 OWNED_CHAINS = {
     "filter": ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "CNI-FORWARD"),
-    "nat": ("KUBE-KUBELET-CANARY", "CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-SNAT", "CNI-HOSTPORT-MASQ",
-            "CNI-HOSTPORT-SETMARK"),
+    "nat": (
+        "KUBE-KUBELET-CANARY",
+        "CNI-HOSTPORT-DNAT",
+        "CNI-HOSTPORT-SNAT",
+        "CNI-HOSTPORT-MASQ",
+        "CNI-HOSTPORT-SETMARK",
+    ),
     "mangle": ("KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT"),
 }
 
@@ -152,8 +159,12 @@ def remove_owned_chains() -> list[str]:
             present = [c for c in chains if f"-N {c}" in rules]
             for rule in rules:
                 parts = rule.split()
-                if parts[:1] == ["-A"] and "-j" in parts and parts[parts.index("-j") + 1] in present \
-                        and parts[1] not in present:
+                if (
+                    parts[:1] == ["-A"]
+                    and "-j" in parts
+                    and parts[parts.index("-j") + 1] in present
+                    and parts[1] not in present
+                ):
                     ipt("-t", table, "-D", *parts[1:])
             for chain in present:
                 ipt("-t", table, "-F", chain)

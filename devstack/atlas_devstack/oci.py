@@ -27,8 +27,8 @@ INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 
 @dataclass(frozen=True)
 class ImageFile:
-    source: Path      # file on this machine
-    path: str         # absolute path inside the image
+    source: Path  # file on this machine
+    path: str  # absolute path inside the image
     mode: int = 0o755
 
 
@@ -69,9 +69,17 @@ def _json(doc: dict) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def write_image_archive(out: Path, ref: str, files: list[ImageFile], *, entrypoint: list[str],
-                        cmd: list[str] | None = None, user: str | None = None,
-                        env: dict[str, str] | None = None, exposed_ports: Sequence[str] = ()) -> str:
+def write_image_archive(
+    out: Path,
+    ref: str,
+    files: list[ImageFile],
+    *,
+    entrypoint: list[str],
+    cmd: list[str] | None = None,
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+    exposed_ports: Sequence[str] = (),
+) -> str:
     """Write an OCI image layout tarball for `ref` (e.g. registry.k8s.io/pause:3.10.2) to
     `out`; returns the manifest digest."""
     layer_digest, layer = _blob(_layer(files))
@@ -84,25 +92,43 @@ def write_image_archive(out: Path, ref: str, files: list[ImageFile], *, entrypoi
         image_config["Env"] = [f"{k}={v}" for k, v in env.items()]
     if exposed_ports:
         image_config["ExposedPorts"] = {p: {} for p in exposed_ports}
-    config_digest, config = _blob(_json({
-        "architecture": "amd64", "os": "linux", "config": image_config,
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-        "history": [{"created_by": "atlas_devstack.oci: " + ", ".join(f.path for f in files)}],
-    }))
-    manifest_digest, manifest = _blob(_json({
-        "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": LAYER_MEDIA_TYPE, "digest": layer_digest, "size": len(layer)}],
-    }))
+    config_digest, config = _blob(
+        _json(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": image_config,
+                "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+                "history": [{"created_by": "atlas_devstack.oci: " + ", ".join(f.path for f in files)}],
+            }
+        )
+    )
+    manifest_digest, manifest = _blob(
+        _json(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_MEDIA_TYPE,
+                "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config)},
+                "layers": [{"mediaType": LAYER_MEDIA_TYPE, "digest": layer_digest, "size": len(layer)}],
+            }
+        )
+    )
     tag = ref.rsplit(":", 1)[1] if ":" in ref.rsplit("/", 1)[-1] else "latest"
-    index = _json({
-        "schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
-        "manifests": [{
-            "mediaType": MANIFEST_MEDIA_TYPE, "digest": manifest_digest, "size": len(manifest),
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": tag},
-        }],
-    })
+    index = _json(
+        {
+            "schemaVersion": 2,
+            "mediaType": INDEX_MEDIA_TYPE,
+            "manifests": [
+                {
+                    "mediaType": MANIFEST_MEDIA_TYPE,
+                    "digest": manifest_digest,
+                    "size": len(manifest),
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "annotations": {"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": tag},
+                }
+            ],
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -110,8 +136,7 @@ def write_image_archive(out: Path, ref: str, files: list[ImageFile], *, entrypoi
         _tar_member(tar, "index.json", index, 0o644)
         _tar_member(tar, "blobs/", None, 0o755)
         _tar_member(tar, "blobs/sha256/", None, 0o755)
-        for digest, data in ((layer_digest, layer), (config_digest, config),
-                             (manifest_digest, manifest)):
+        for digest, data in ((layer_digest, layer), (config_digest, config), (manifest_digest, manifest)):
             _tar_member(tar, "blobs/sha256/" + digest.split(":", 1)[1], data, 0o644)
     tmp.replace(out)
     return manifest_digest

@@ -52,9 +52,11 @@ class OidcIssuer:
 
     def jwt_config(self, **claim_mappings: Any) -> dict[str, Any]:
         """This issuer as an ``ATLAS_JWT_ISSUERS`` entry (the chart's ``workloadIdentity.jwt``)."""
-        return {"issuer": {"url": self.url, "audiences": [CLIENT_ID], "certificateAuthority": self.ca_pem},
-                "claimMappings": claim_mappings or {"username": {"claim": "email", "prefix": ""},
-                                                    "groups": {"claim": "groups", "prefix": ""}}}
+        return {
+            "issuer": {"url": self.url, "audiences": [CLIENT_ID], "certificateAuthority": self.ca_pem},
+            "claimMappings": claim_mappings
+            or {"username": {"claim": "email", "prefix": ""}, "groups": {"claim": "groups", "prefix": ""}},
+        }
 
     def ready(self) -> bool:
         try:
@@ -80,22 +82,45 @@ class OidcIssuer:
 
     def id_token(self, subject: str, claims: dict[str, Any] | None = None, *, client_id: str = CLIENT_ID) -> str:
         """An ID token for user ``subject`` with ``claims`` (e.g. email, groups), audience ``client_id``."""
-        put = urllib.request.Request(f"{self.url}/users/{urllib.parse.quote(subject)}", method="PUT",
-                                     data=json.dumps(claims or {}).encode(),
-                                     headers={"content-type": "application/json"})
+        put = urllib.request.Request(
+            f"{self.url}/users/{urllib.parse.quote(subject)}",
+            method="PUT",
+            data=json.dumps(claims or {}).encode(),
+            headers={"content-type": "application/json"},
+        )
         self._open(put).close()
-        query = urllib.parse.urlencode({"client_id": client_id, "redirect_uri": REDIRECT_URI,
-                                        "response_type": "code", "scope": "openid email profile", "state": "s"})
-        authorize = urllib.request.Request(f"{self.url}/oauth2/authorize?{query}", method="POST",
-                                           data=urllib.parse.urlencode({"sub": subject}).encode())
+        query = urllib.parse.urlencode(
+            {
+                "client_id": client_id,
+                "redirect_uri": REDIRECT_URI,
+                "response_type": "code",
+                "scope": "openid email profile",
+                "state": "s",
+            }
+        )
+        authorize = urllib.request.Request(
+            f"{self.url}/oauth2/authorize?{query}",
+            method="POST",
+            data=urllib.parse.urlencode({"sub": subject}).encode(),
+        )
         redirect = self._open(authorize)
         location = redirect.headers.get("location") or ""
         code = urllib.parse.parse_qs(urllib.parse.urlparse(location).query).get("code")
         if not code:
             raise RuntimeError(f"the OIDC issuer authorised no code (redirect {location!r})")
-        token = urllib.request.Request(f"{self.url}/oauth2/token", method="POST", data=urllib.parse.urlencode({
-            "grant_type": "authorization_code", "code": code[0], "redirect_uri": REDIRECT_URI,
-            "client_id": client_id, "client_secret": "any"}).encode())
+        token = urllib.request.Request(
+            f"{self.url}/oauth2/token",
+            method="POST",
+            data=urllib.parse.urlencode(
+                {
+                    "grant_type": "authorization_code",
+                    "code": code[0],
+                    "redirect_uri": REDIRECT_URI,
+                    "client_id": client_id,
+                    "client_secret": "any",
+                }
+            ).encode(),
+        )
         with self._open(token) as response:
             return json.loads(response.read())["id_token"]
 
@@ -111,8 +136,19 @@ def tls_files(directory: Path) -> tuple[Path, Path, Path]:
 
 
 def command(port: int, cert: Path, key: Path, token_max_age: int = 3600) -> list[str]:
-    return [sys.executable, "-m", "atlas_devstack.oidc_issuer", "--port", str(port), "--cert", str(cert),
-            "--key", str(key), "--token-max-age", str(token_max_age)]
+    return [
+        sys.executable,
+        "-m",
+        "atlas_devstack.oidc_issuer",
+        "--port",
+        str(port),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "--token-max-age",
+        str(token_max_age),
+    ]
 
 
 class OidcIssuerProcess(OidcIssuer):
@@ -132,8 +168,13 @@ class OidcIssuerProcess(OidcIssuer):
     def start(self, timeout: float = 30.0) -> "OidcIssuerProcess":
         # the child holds its own descriptor of the log: the parent's is closed once it started
         with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
-            self._proc = subprocess.Popen(command(self.port, self.cert, self.key, self.token_max_age),
-                                          stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            self._proc = subprocess.Popen(
+                command(self.port, self.cert, self.key, self.token_max_age),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self._proc.poll() is not None:
@@ -169,8 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True)
     parser.add_argument("--token-max-age", type=int, default=3600)
     args = parser.parse_args(argv)
-    uvicorn.run(app(access_token_max_age=timedelta(seconds=args.token_max_age)), interface="wsgi",
-                host=args.host, port=args.port, ssl_certfile=args.cert, ssl_keyfile=args.key, log_level="warning")
+    uvicorn.run(
+        app(access_token_max_age=timedelta(seconds=args.token_max_age)),
+        interface="wsgi",
+        host=args.host,
+        port=args.port,
+        ssl_certfile=args.cert,
+        ssl_keyfile=args.key,
+        log_level="warning",
+    )
     return 0
 
 

@@ -72,17 +72,21 @@ class ChildExited(RuntimeError):
 
     def __init__(self, name: str, returncode: int | None, detail: str = "") -> None:
         self.name, self.returncode, self.detail = name, returncode, detail
-        how = f"was killed by {signal.Signals(-returncode).name}" if returncode is not None and returncode < 0 \
+        how = (
+            f"was killed by {signal.Signals(-returncode).name}"
+            if returncode is not None and returncode < 0
             else f"exited with {returncode}"
+        )
         super().__init__(f"{name} {how}")
 
 
 # --------------------------------------------------------------------------- signals
 
+
 class _SignalState:
     installed = False
-    stopping = False          # a stop is under way: later signals are ignored
-    held = 0                  # depth of signals_held() sections
+    stopping = False  # a stop is under way: later signals are ignored
+    held = 0  # depth of signals_held() sections
     pending: int | None = None
 
 
@@ -150,8 +154,7 @@ def stop_on_signals() -> Iterator[OnExit]:
             _state.installed, _state.stopping, _state.held, _state.pending = False, False, 0, None
 
 
-def run(name: str, body: Callable[[OnExit], int | None], *,
-        errors: tuple[type[BaseException], ...] = ()) -> int:
+def run(name: str, body: Callable[[OnExit], int | None], *, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run an entry point's ``body(on_exit)`` under ``stop_on_signals``; return its exit code.
 
     ``errors``: exception types whose message is enough (no traceback), e.g. a start-up
@@ -180,6 +183,7 @@ def _say(msg: str) -> None:
 
 # --------------------------------------------------------------------------- waiting
 
+
 def wait_any(procs: Mapping[str, subprocess.Popen]) -> tuple[str, int]:
     """Block until one of ``procs`` exits; return (its name, its return code).
 
@@ -205,6 +209,7 @@ def wait_any(procs: Mapping[str, subprocess.Popen]) -> tuple[str, int]:
 
 # --------------------------------------------------------------------------- inspecting pids
 
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) does not count."""
     try:
@@ -229,6 +234,7 @@ def pid_cmdline(pid: int) -> str:
 
 
 # --------------------------------------------------------------------------- stopping
+
 
 def _gone(pid: int) -> bool:
     try:
@@ -306,7 +312,11 @@ class ServerProcess:
         with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", self.MODULE, *self.HOST_ARGS, "--port", str(self.port), *self.args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
         proc = self._proc
 
         def healthy() -> bool:
@@ -314,8 +324,14 @@ class ServerProcess:
                 return resp.status == 200
 
         try:
-            wait_for(f"{self.LABEL} /healthz", healthy, timeout, retry=(OSError,), error=RuntimeError,
-                     failed=lambda: f"{self.LABEL} exited with {proc.returncode}" if proc.poll() is not None else None)
+            wait_for(
+                f"{self.LABEL} /healthz",
+                healthy,
+                timeout,
+                retry=(OSError,),
+                error=RuntimeError,
+                failed=lambda: f"{self.LABEL} exited with {proc.returncode}" if proc.poll() is not None else None,
+            )
         except RuntimeError:
             self.stop()
             raise

@@ -39,7 +39,6 @@ def sync_client(url: str):
     return redis.RedisCluster.from_url(url) if on_cluster else redis.Redis.from_url(url)
 
 
-
 @dataclass
 class NodeInfo:
     port: int
@@ -65,7 +64,7 @@ def _command(port: int, *args: str, timeout: float = 2.0) -> str:
             if data.startswith(b"$"):
                 head, _, rest = data.partition(b"\r\n")
                 if len(rest) >= int(head[1:]) + 2:
-                    data = rest[:int(head[1:])]
+                    data = rest[: int(head[1:])]
                     break
     return data.decode(errors="replace")
 
@@ -76,8 +75,9 @@ def _free_port_pair() -> tuple[int, int]:
 
 
 class RedisCluster:
-    def __init__(self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 1000,
-                 start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 1000, start_timeout: float = 30.0
+    ) -> None:
         self.masters_wanted = masters
         self.replicas_per_master = replicas
         self.node_timeout_ms = node_timeout_ms
@@ -103,20 +103,40 @@ class RedisCluster:
         try:
             for _ in range(total):
                 port, bus = _free_port_pair()
-                server = RedisServer(port=port, extra_args=(
-                    "--cluster-enabled", "yes", "--cluster-port", str(bus),
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", str(self.node_timeout_ms),
-                    # a replica takes over however long its link was down (tests kill masters)
-                    "--cluster-replica-validity-factor", "0",
-                ))
+                server = RedisServer(
+                    port=port,
+                    extra_args=(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        str(bus),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(self.node_timeout_ms),
+                        # a replica takes over however long its link was down (tests kill masters)
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ),
+                )
                 self.servers[port] = server.start()
             cli = shutil.which("redis-cli")
             if cli is None:
                 raise FileNotFoundError("redis-cli not found: install redis-tools (make system-deps)")
-            subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.servers),
-                            "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"],
-                           check=True, capture_output=True, timeout=self.start_timeout)
+            subprocess.run(
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{p}" for p in self.servers),
+                    "--cluster-replicas",
+                    str(self.replicas_per_master),
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=self.start_timeout,
+            )
             self.wait_ok(self.start_timeout)
         except BaseException:
             self.cleanup()
@@ -166,8 +186,9 @@ class RedisCluster:
                         continue  # a slot in migration
                     lo, _, hi = item.partition("-")
                     slots.append((int(lo), int(hi or lo)))
-                out.append(NodeInfo(node_port, fields[0], "master" in flags,
-                                    None if fields[3] == "-" else fields[3], slots))
+                out.append(
+                    NodeInfo(node_port, fields[0], "master" in flags, None if fields[3] == "-" else fields[3], slots)
+                )
             return out
         return []
 
@@ -221,8 +242,9 @@ class RedisCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlas_devstack.redis_cluster",
-                                     description="A Redis Cluster on 127.0.0.1, in the foreground.")
+    parser = argparse.ArgumentParser(
+        prog="python -m atlas_devstack.redis_cluster", description="A Redis Cluster on 127.0.0.1, in the foreground."
+    )
     parser.add_argument("--masters", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1, help="replicas per master")
     args = parser.parse_args(argv)
@@ -235,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         procs = {f"redis-{p}": s.process for p, s in cluster.servers.items() if s.process is not None}
         name, code = processes.wait_any(procs)
         raise processes.ChildExited(name, code)
-    return processes.run("redis-cluster", body, errors=(FileNotFoundError, RuntimeError, TimeoutError,
-                                                         subprocess.CalledProcessError))
+
+    return processes.run(
+        "redis-cluster", body, errors=(FileNotFoundError, RuntimeError, TimeoutError, subprocess.CalledProcessError)
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,17 @@ class ReplicaServer(RedisServer):
 class SentinelServer(RedisServer):
     """``redis-server sentinel.conf --sentinel`` monitoring one master (conf rewritten by it)."""
 
-    def __init__(self, master_name: str, master_port: int, quorum: int, *, down_after_ms: int,
-                 master_password: str | None = None, sentinel_password: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        master_name: str,
+        master_port: int,
+        quorum: int,
+        *,
+        down_after_ms: int,
+        master_password: str | None = None,
+        sentinel_password: str | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(password=sentinel_password, **kwargs)
         self.master_name = master_name
         self.master_port = master_port
@@ -95,9 +104,17 @@ def _command(port: int, *args: str, password: str | None = None, timeout: float 
 
 
 class SentinelGroup:
-    def __init__(self, replicas: int = 2, sentinels: int = 3, *, master_name: str = "atlas",
-                 password: str | None = None, sentinel_password: str | None = None,
-                 down_after_ms: int = 1000, start_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        replicas: int = 2,
+        sentinels: int = 3,
+        *,
+        master_name: str = "atlas",
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        down_after_ms: int = 1000,
+        start_timeout: float = 20.0,
+    ) -> None:
         self.master_name = master_name
         self.password = password
         self.sentinel_password = sentinel_password
@@ -105,9 +122,17 @@ class SentinelGroup:
         self.master = RedisServer(password=password)
         self.replicas = [ReplicaServer(self.master.port, password=password) for _ in range(replicas)]
         quorum = sentinels // 2 + 1
-        self.sentinels = [SentinelServer(master_name, self.master.port, quorum, down_after_ms=down_after_ms,
-                                         master_password=password, sentinel_password=sentinel_password)
-                          for _ in range(sentinels)]
+        self.sentinels = [
+            SentinelServer(
+                master_name,
+                self.master.port,
+                quorum,
+                down_after_ms=down_after_ms,
+                master_password=password,
+                sentinel_password=sentinel_password,
+            )
+            for _ in range(sentinels)
+        ]
         self.data_nodes = [self.master, *self.replicas]
 
     # ------------------------------------------------------------------ addresses
@@ -121,8 +146,9 @@ class SentinelGroup:
         """The master's port as a majority of the sentinels name it (None: no agreement yet)."""
         votes: dict[int, int] = {}
         for sentinel in self.sentinels:
-            reply = _command(sentinel.port, "SENTINEL", "get-master-addr-by-name", self.master_name,
-                             password=self.sentinel_password)
+            reply = _command(
+                sentinel.port, "SENTINEL", "get-master-addr-by-name", self.master_name, password=self.sentinel_password
+            )
             if isinstance(reply, list) and len(reply) == 2:
                 port = int(reply[1])
                 votes[port] = votes.get(port, 0) + 1
@@ -158,8 +184,10 @@ class SentinelGroup:
             if not isinstance(reply, list):
                 return False
             info = dict(zip(reply[::2], reply[1::2]))
-            if int(info.get(b"num-slaves", 0)) < len(self.replicas) or \
-                    int(info.get(b"num-other-sentinels", 0)) < len(self.sentinels) - 1:
+            if (
+                int(info.get(b"num-slaves", 0)) < len(self.replicas)
+                or int(info.get(b"num-other-sentinels", 0)) < len(self.sentinels) - 1
+            ):
                 return False
         return True
 

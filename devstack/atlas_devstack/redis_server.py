@@ -16,8 +16,8 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -96,12 +96,18 @@ class RedisServer:
             raise FileNotFoundError("redis-server not found: install it (make system-deps)")
         cmd = [
             binary,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(workdir),
-            "--logfile", str(self.logfile),
-            "--protected-mode", "yes",
-            "--daemonize", "no",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(self.logfile),
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
@@ -144,8 +150,9 @@ class RedisServer:
             return None
 
         try:
-            wait_for(f"redis-server on port {self.port}", self.ping, self.start_timeout, failed=exited,
-                     error=RuntimeError)
+            wait_for(
+                f"redis-server on port {self.port}", self.ping, self.start_timeout, failed=exited, error=RuntimeError
+            )
         except RuntimeError:
             if exited() is None:
                 self.stop()
@@ -222,10 +229,12 @@ class RedisServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlas_devstack.redis_server",
-                                     description="A redis-server on 127.0.0.1, in the foreground.")
-    parser.add_argument("--dir", help="keep RDB snapshots and a pidfile here (default: a temporary dir, "
-                        "removed on exit)")
+    parser = argparse.ArgumentParser(
+        prog="python -m atlas_devstack.redis_server", description="A redis-server on 127.0.0.1, in the foreground."
+    )
+    parser.add_argument(
+        "--dir", help="keep RDB snapshots and a pidfile here (default: a temporary dir, removed on exit)"
+    )
     parser.add_argument("--port", type=int, help="default: a free port")
     args = parser.parse_args(argv)
 
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             tail = "(no log)"
         raise processes.ChildExited("redis-server", code, f"log {server.logfile}:\n{tail}")
+
     return processes.run("redis", body, errors=(FileNotFoundError, RuntimeError, TimeoutError))
 
 

@@ -32,8 +32,8 @@ from typing import Callable, TypeVar
 
 import redis as redis_client
 
-from .controlplane import ControlPlane
 from . import oidc_issuer, processes
+from .controlplane import ControlPlane
 from .jaeger import Jaeger
 from .oidc_issuer import OidcIssuer
 from .processes import pid_alive, pid_cmdline, stop_group
@@ -56,11 +56,13 @@ class StackError(RuntimeError):
     pass
 
 
-def http(method: str, url: str, body: dict | None = None, headers: dict | None = None,
-         timeout: float = 5.0) -> tuple[int, bytes]:
+def http(
+    method: str, url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5.0
+) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "content-type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -69,9 +71,16 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
 
 
 class DevStack:
-    def __init__(self, state_dir: str | Path = DEFAULT_STATE_DIR, *, upstream_url: str | None = None,
-                 usage_interval: float = 2.0, log: Callable[[str], None] | None = None,
-                 timeout: float = 120.0, redis_url: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str | Path = DEFAULT_STATE_DIR,
+        *,
+        upstream_url: str | None = None,
+        usage_interval: float = 2.0,
+        log: Callable[[str], None] | None = None,
+        timeout: float = 120.0,
+        redis_url: str | None = None,
+    ) -> None:
         self.dir = Path(state_dir).resolve()
         # REDIS_URL names a Redis (single or Cluster) to use instead of starting one; the URL of
         # the Redis an earlier `up` started (still exported by a sourced .dev/env) does not count
@@ -115,14 +124,20 @@ class DevStack:
             self.control_plane = cp
             for path in (cp.dir / "logs").glob("*.log"):
                 self._link_log(path.stem, path)
-            base_env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig),
-                        "PATH": f"{BIN_DIR}{os.pathsep}{find_tool('kubectl').parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            base_env = {
+                **os.environ,
+                "KUBECONFIG": str(cp.kubeconfig),
+                "PATH": f"{BIN_DIR}{os.pathsep}{find_tool('kubectl').parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
 
             upstream = self.upstream_url
             if not upstream:
                 port = free_port()
-                self._spawn("mock-upstream", [sys.executable, "-m", "atlas_devstack.mock_upstream",
-                                              "--host", "127.0.0.1", "--port", str(port)], base_env)
+                self._spawn(
+                    "mock-upstream",
+                    [sys.executable, "-m", "atlas_devstack.mock_upstream", "--host", "127.0.0.1", "--port", str(port)],
+                    base_env,
+                )
                 upstream = f"http://127.0.0.1:{port}"
                 self._wait("the mock upstream", lambda: http("GET", upstream + "/healthz")[0] == 200, 30)
 
@@ -132,25 +147,45 @@ class DevStack:
 
             issuer = self._start_oidc_issuer(base_env)
             operator_metrics_port = free_port()
-            self._spawn("operator", [sys.executable, "-m", "atlas_operator"], {
-                **base_env, "ATLAS_REDIS_URL": redis_url, "ATLAS_LIVENESS_PORT": str(free_port()),
-                "ATLAS_METRICS_PORT": str(operator_metrics_port),
-                "ATLAS_USAGE_INTERVAL_SECONDS": str(self.usage_interval),
-                "ATLAS_JWT_ISSUERS": json.dumps([issuer.jwt_config()])})
+            self._spawn(
+                "operator",
+                [sys.executable, "-m", "atlas_operator"],
+                {
+                    **base_env,
+                    "ATLAS_REDIS_URL": redis_url,
+                    "ATLAS_LIVENESS_PORT": str(free_port()),
+                    "ATLAS_METRICS_PORT": str(operator_metrics_port),
+                    "ATLAS_USAGE_INTERVAL_SECONDS": str(self.usage_interval),
+                    "ATLAS_JWT_ISSUERS": json.dumps([issuer.jwt_config()]),
+                },
+            )
             gateway_port = free_port()
             gateway_url = f"http://127.0.0.1:{gateway_port}"
-            self._spawn("gateway", [sys.executable, "-m", "atlas_gateway"], {
-                **base_env, "ATLAS_REDIS_URL": redis_url, "ATLAS_UPSTREAM_URL": upstream,
-                "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(gateway_port),
-                # every request traced to the stack's Jaeger, a usage record per request in gateway.log
-                "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_http_url, "ATLAS_USAGE_RECORDS": "stdout"})
+            self._spawn(
+                "gateway",
+                [sys.executable, "-m", "atlas_gateway"],
+                {
+                    **base_env,
+                    "ATLAS_REDIS_URL": redis_url,
+                    "ATLAS_UPSTREAM_URL": upstream,
+                    "ATLAS_HOST": "127.0.0.1",
+                    "ATLAS_PORT": str(gateway_port),
+                    # every request traced to the stack's Jaeger, a usage record per request in gateway.log
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_http_url,
+                    "ATLAS_USAGE_RECORDS": "stdout",
+                },
+            )
             self._wait("the gateway's /readyz", lambda: http("GET", gateway_url + "/readyz")[0] == 200, 60)
 
             cp.kubectl("apply", "-n", DEMO_NAMESPACE, "-k", str(QUICKSTART))
-            demo_key = self._wait("the operator to generate the demo key's Secret",
-                                  lambda: self._read_demo_key(cp), self.timeout)
-            self._wait("the demo key to work through the gateway",
-                       lambda: self.chat(gateway_url, demo_key)[0] == 200, self.timeout)
+            demo_key = self._wait(
+                "the operator to generate the demo key's Secret", lambda: self._read_demo_key(cp), self.timeout
+            )
+            self._wait(
+                "the demo key to work through the gateway",
+                lambda: self.chat(gateway_url, demo_key)[0] == 200,
+                self.timeout,
+            )
 
             self.env = {
                 "KUBECONFIG": str(cp.kubeconfig),
@@ -201,8 +236,10 @@ class DevStack:
                 raise StackError(f"REDIS_URL={shown} does not answer: {exc}") from None
             finally:
                 probe.close()
-            self._log(f"[dev] redis {shown} (REDIS_URL: {kind}, redis {info.get('redis_version')}; not started "
-                      f"here; ATLAS_REDIS_CLUSTER={os.environ.get('ATLAS_REDIS_CLUSTER') or 'auto'})")
+            self._log(
+                f"[dev] redis {shown} (REDIS_URL: {kind}, redis {info.get('redis_version')}; not started "
+                f"here; ATLAS_REDIS_CLUSTER={os.environ.get('ATLAS_REDIS_CLUSTER') or 'auto'})"
+            )
             return url, False
         server = self._redis = RedisServer(dir=self.dir / "redis").start()
         self._link_log("redis", server.logfile)
@@ -210,24 +247,36 @@ class DevStack:
         return server.url, True
 
     def _read_demo_key(self, cp: ControlPlane) -> str | None:
-        res = cp.kubectl("get", "secret", DEMO_SECRET, "-n", DEMO_NAMESPACE,
-                         "-o", "jsonpath={.data.api-key}", check=False)
+        res = cp.kubectl(
+            "get", "secret", DEMO_SECRET, "-n", DEMO_NAMESPACE, "-o", "jsonpath={.data.api-key}", check=False
+        )
         if res.returncode != 0 or not res.stdout.strip():
             return None
         import base64
+
         return base64.b64decode(res.stdout.strip()).decode()
 
     @staticmethod
     def chat(gateway_url: str, key: str, model: str = DEMO_MODEL) -> tuple[int, bytes]:
-        return http("POST", gateway_url + "/v1/chat/completions",
-                    {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "ping"}]},
-                    {"authorization": f"Bearer {key}"})
+        return http(
+            "POST",
+            gateway_url + "/v1/chat/completions",
+            {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "ping"}]},
+            {"authorization": f"Bearer {key}"},
+        )
 
     def _spawn(self, service: str, argv: list[str], env: dict[str, str]) -> int:
         # The pidfile is how `down` finds it: written before a signal can interrupt us.
         with open(self.logs / f"{service}.log", "ab") as out, processes.signals_held():
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=REPO_ROOT, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                env=env,
+                start_new_session=True,
+            )
             self._services[service] = proc
             self._pidfile(service).write_text(f"{proc.pid}\n")
         self._log(f"[dev] {service} pid {proc.pid}, log {self.logs / (service + '.log')}")
@@ -236,8 +285,9 @@ class DevStack:
     def _wait(self, what: str, check: Callable[[], T], timeout: float) -> T:
         """Until ``check`` holds (its errors mean "not yet"); a StackError at once when a service
         or a control-plane process we started exited, or at the deadline."""
-        return wait_for(what, check, timeout, interval=0.1, failed=self._exited_service, retry=(Exception,),
-                        error=StackError)
+        return wait_for(
+            what, check, timeout, interval=0.1, failed=self._exited_service, retry=(Exception,), error=StackError
+        )
 
     def _exited_service(self) -> str | None:
         """Why waiting is pointless: a service (or a control-plane process) we started exited."""
@@ -280,16 +330,21 @@ class DevStack:
         exported = {}
         for line in text.splitlines():
             if line.startswith("export ") and "=" in line:
-                key, _, value = line[len("export "):].partition("=")
+                key, _, value = line[len("export ") :].partition("=")
                 if key != "PATH":  # bin/ first in PATH stays harmless
                     exported[key] = shlex.split(value)[0] if value else ""
         when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        lines = [f"# written by `python -m atlas_devstack down` at {when}: the dev stack is stopped.",
-                 "# `make dev-up` writes the real file again.",
-                 f"echo {shlex.quote(f'atlas: the dev stack in {self.dir} is down (stopped {when}); run `make dev-up`')} >&2"]
+        lines = [
+            f"# written by `python -m atlas_devstack down` at {when}: the dev stack is stopped.",
+            "# `make dev-up` writes the real file again.",
+            f"echo {shlex.quote(f'atlas: the dev stack in {self.dir} is down (stopped {when}); run `make dev-up`')} >&2",
+        ]
         # Unset what still points at this stack; the demo key by name (its value stays out of here).
-        lines += [f'[ "${{{key}:-}}" = {shlex.quote(value)} ] && unset {key}'
-                  for key, value in exported.items() if key != "ATLAS_DEMO_KEY"]
+        lines += [
+            f'[ "${{{key}:-}}" = {shlex.quote(value)} ] && unset {key}'
+            for key, value in exported.items()
+            if key != "ATLAS_DEMO_KEY"
+        ]
         lines.append("unset ATLAS_DEMO_KEY")
         lines.append("return 1 2>/dev/null || exit 1")
         self.env_file.write_text("\n".join(lines) + "\n")
@@ -312,8 +367,13 @@ class DevStack:
             except (OSError, ValueError):
                 continue
             # Only signal it when the pid still runs one of our commands (pids get reused).
-            wanted = {"gateway": "atlas_gateway", "operator": "atlas_operator",
-                      "mock-upstream": "mock_upstream", "oidc-issuer": "oidc_issuer", "jaeger": "jaeger"}[service]
+            wanted = {
+                "gateway": "atlas_gateway",
+                "operator": "atlas_operator",
+                "mock-upstream": "mock_upstream",
+                "oidc-issuer": "oidc_issuer",
+                "jaeger": "jaeger",
+            }[service]
             if pid_alive(pid) and wanted in pid_cmdline(pid):
                 stop_group(pid, timeout)
                 stopped.append(service)
@@ -374,7 +434,7 @@ openai SDK:
 
 kubectl get atlaskeys,atlasquotas:
 {kubectl_out}
-gateway {env.get('ATLAS_GATEWAY_URL')}  upstream {env.get('ATLAS_UPSTREAM_URL')}  redis {env.get('REDIS_URL')}
+gateway {env.get("ATLAS_GATEWAY_URL")}  upstream {env.get("ATLAS_UPSTREAM_URL")}  redis {env.get("REDIS_URL")}
 traces (Jaeger's query API): $ATLAS_JAEGER_URL/api/v3/traces/<trace id>   usage records: in gateway.log
 logs: python -m atlas_devstack logs --follow   (files in {self.logs})
 """

@@ -38,8 +38,15 @@ from .mock_upstream import serve_lifespan
 from .processes import ServerProcess
 
 SPECIAL = 1  # one token per template marker (<|start_header_id|>, <|eot_id|>, ...)
-TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
-              "summary_text": "text", "reasoning_text": "text", "thinking": "thinking"}
+TEXT_PARTS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "summary_text": "text",
+    "reasoning_text": "text",
+    "thinking": "thinking",
+}
 MEDIA_PARTS = {"image_url", "input_image", "image", "input_audio", "audio_url", "video_url", "video"}
 
 
@@ -156,8 +163,9 @@ class StrictUpstream:
             return await _json(send, 200, {"ok": True})
         if path.startswith("/_strict/ledger/"):
             name = path.rsplit("/", 1)[1]
-            return await _json(send, 200, self.ledgers.get(name, {"tokens": 0, "requests": 0, "prompt": 0,
-                                                                   "completion": 0}))
+            return await _json(
+                send, 200, self.ledgers.get(name, {"tokens": 0, "requests": 0, "prompt": 0, "completion": 0})
+            )
         if path == "/_strict/routes":
             return await _json(send, 200, dict(self.routes))
         if path == "/_strict/headers":
@@ -209,24 +217,32 @@ class StrictUpstream:
         rid = f"strict-{self._ids}"
         if not doc.get("stream"):
             if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length"}
-                           for i in range(len(completions))]
+                choices = [
+                    {"index": i, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length"}
+                    for i in range(len(completions))
+                ]
             else:
                 choices = [{"index": i, "text": "x", "finish_reason": "length"} for i in range(len(completions))]
-            return await _json(send, 200, {"id": rid, "object": obj, "model": doc.get("model"),
-                                           "choices": choices, "usage": usage})
+            return await _json(
+                send, 200, {"id": rid, "object": obj, "model": doc.get("model"), "choices": choices, "usage": usage}
+            )
         options = doc.get("stream_options") or {}
         continuous = bool(options.get("continuous_usage_stats"))
         await _start_sse(send)
         steps = 4
         for step in range(1, steps + 1):
             done = [n * step // steps for n in completions]
-            choices = [{"index": i, "delta": {"content": "x"}} if chat else {"index": i, "text": "x"}
-                       for i in range(len(completions))]
+            choices = [
+                {"index": i, "delta": {"content": "x"}} if chat else {"index": i, "text": "x"}
+                for i in range(len(completions))
+            ]
             chunk = {"id": rid, "object": obj + ".chunk" if chat else obj, "choices": choices}
             if continuous:
-                chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": sum(done),
-                                  "total_tokens": prompt + sum(done)}
+                chunk["usage"] = {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": sum(done),
+                    "total_tokens": prompt + sum(done),
+                }
             await _event(send, chunk)
         if options.get("include_usage"):
             await _event(send, {"id": rid, "object": obj, "choices": [], "usage": usage})
@@ -236,8 +252,11 @@ class StrictUpstream:
         prompts = self.counting.prompts(doc["input"], 2 * SPECIAL)
         self._charge(ledger, sum(prompts), 0)
         data = [{"object": "embedding", "index": i, "embedding": [0.0]} for i in range(len(prompts))]
-        await _json(send, 200, {"object": "list", "data": data,
-                                "usage": {"prompt_tokens": sum(prompts), "total_tokens": sum(prompts)}})
+        await _json(
+            send,
+            200,
+            {"object": "list", "data": data, "usage": {"prompt_tokens": sum(prompts), "total_tokens": sum(prompts)}},
+        )
 
     def _response_prompt(self, doc) -> int:
         c = self.counting
@@ -275,9 +294,14 @@ class StrictUpstream:
         self._ids += 1
         rid = f"resp_strict{self._ids}"
         usage = {"input_tokens": prompt, "output_tokens": output, "total_tokens": prompt + output}
-        response = {"id": rid, "object": "response", "status": "completed", "model": doc.get("model"),
-                    "output": [{"type": "message", "role": "assistant",
-                                "content": [{"type": "output_text", "text": "x"}]}], "usage": usage}
+        response = {
+            "id": rid,
+            "object": "response",
+            "status": "completed",
+            "model": doc.get("model"),
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}],
+            "usage": usage,
+        }
         if doc.get("store", True):
             self.stored[rid] = response
         if not doc.get("stream"):
@@ -300,21 +324,40 @@ class StrictUpstream:
         self._charge(ledger, prompt, output)
         self._ids += 1
         mid = f"msg_strict{self._ids}"
-        message = {"id": mid, "type": "message", "role": "assistant", "model": doc.get("model"),
-                   "content": [{"type": "text", "text": "x"}], "stop_reason": "max_tokens",
-                   "usage": {"input_tokens": prompt, "output_tokens": output}}
+        message = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": doc.get("model"),
+            "content": [{"type": "text", "text": "x"}],
+            "stop_reason": "max_tokens",
+            "usage": {"input_tokens": prompt, "output_tokens": output},
+        }
         if not doc.get("stream"):
             return await _json(send, 200, message)
         await _start_sse(send)
         start = {**message, "content": [], "usage": {"input_tokens": prompt, "output_tokens": 1}}
         await _event(send, {"type": "message_start", "message": start}, b"message_start")
-        await _event(send, {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                     b"content_block_start")
+        await _event(
+            send,
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            b"content_block_start",
+        )
         for step in (1, 2):
-            await _event(send, {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}},
-                         b"content_block_delta")
-            await _event(send, {"type": "message_delta", "delta": {"stop_reason": None},
-                                "usage": {"output_tokens": output * step // 2}}, b"message_delta")
+            await _event(
+                send,
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}},
+                b"content_block_delta",
+            )
+            await _event(
+                send,
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": None},
+                    "usage": {"output_tokens": output * step // 2},
+                },
+                b"message_delta",
+            )
         await _done(send, _event_bytes({"type": "message_stop"}, b"message_stop"))
 
     # ------------------------------------------------------------------ pooling and helpers
@@ -324,9 +367,15 @@ class StrictUpstream:
         docs = [d["text"] if isinstance(d, dict) else d for d in doc["documents"]]
         total = sum(query + nbytes(d) + 2 * SPECIAL for d in docs)
         self._charge(ledger, total, 0)
-        await _json(send, 200, {"id": "rerank", "results": [{"index": i, "relevance_score": 0.5}
-                                                            for i in range(len(docs))],
-                                "usage": {"total_tokens": total}})
+        await _json(
+            send,
+            200,
+            {
+                "id": "rerank",
+                "results": [{"index": i, "relevance_score": 0.5} for i in range(len(docs))],
+                "usage": {"total_tokens": total},
+            },
+        )
 
     async def score(self, send, doc, ledger):
         first = doc["text_1"] if isinstance(doc["text_1"], list) else [doc["text_1"]]
@@ -335,8 +384,15 @@ class StrictUpstream:
             first = first * len(second)
         total = sum(nbytes(a) + nbytes(b) + 2 * SPECIAL for a, b in zip(first, second))
         self._charge(ledger, total, 0)
-        await _json(send, 200, {"object": "list", "data": [{"index": i, "score": 0.5} for i in range(len(second))],
-                                "usage": {"prompt_tokens": total, "total_tokens": total}})
+        await _json(
+            send,
+            200,
+            {
+                "object": "list",
+                "data": [{"index": i, "score": 0.5} for i in range(len(second))],
+                "usage": {"prompt_tokens": total, "total_tokens": total},
+            },
+        )
 
     async def tokenize(self, send, doc, ledger):
         count = self.counting.chat(doc) if "messages" in doc else sum(self.counting.prompts(doc["prompt"], SPECIAL))
@@ -348,7 +404,7 @@ class StrictUpstream:
         await _json(send, 200, {"prompt": "x" * len(doc["tokens"])})
 
     async def _stored(self, send, method, path):
-        rid = path[len("/v1/responses/"):].split("/", 1)[0]
+        rid = path[len("/v1/responses/") :].split("/", 1)[0]
         stored = self.stored.get(rid)
         if stored is None:
             return await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
@@ -359,10 +415,14 @@ class StrictUpstream:
 
 
 _ROUTES = {
-    "/v1/chat/completions": StrictUpstream.chat, "/v1/completions": StrictUpstream.completions,
-    "/v1/embeddings": StrictUpstream.embeddings, "/v1/responses": StrictUpstream.responses,
-    "/v1/messages": StrictUpstream.messages, "/v1/rerank": StrictUpstream.rerank,
-    "/v1/score": StrictUpstream.score, "/tokenize": StrictUpstream.tokenize,
+    "/v1/chat/completions": StrictUpstream.chat,
+    "/v1/completions": StrictUpstream.completions,
+    "/v1/embeddings": StrictUpstream.embeddings,
+    "/v1/responses": StrictUpstream.responses,
+    "/v1/messages": StrictUpstream.messages,
+    "/v1/rerank": StrictUpstream.rerank,
+    "/v1/score": StrictUpstream.score,
+    "/tokenize": StrictUpstream.tokenize,
     "/detokenize": StrictUpstream.detokenize,
 }
 
@@ -385,8 +445,13 @@ async def _done(send, last: bytes) -> None:
 
 
 async def _send(send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -419,8 +484,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--media-tokens", type=int, default=1024, help="tokens one image/audio/video part becomes")
     args = parser.parse_args(argv)
     app = StrictUpstream(Counting(args.context, args.media_tokens))
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning", lifespan="on")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+    )
 
 
 if __name__ == "__main__":

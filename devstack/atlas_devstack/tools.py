@@ -42,8 +42,17 @@ _CACHE_DIRS = {
 }
 # CNI plugins live in a directory of their own (containerd's CNI bin dir: plugins only).
 CNI_PLUGINS = ("bridge", "loopback", "host-local", "portmap")
-NODE_TOOLS = ("kube-scheduler", "kube-controller-manager", "kubelet", "kube-proxy", "containerd",
-              "containerd-shim-runc-v2", "ctr", "coredns", "pause")
+NODE_TOOLS = (
+    "kube-scheduler",
+    "kube-controller-manager",
+    "kubelet",
+    "kube-proxy",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+    "coredns",
+    "pause",
+)
 
 
 class ToolNotFound(RuntimeError):
@@ -92,8 +101,9 @@ def cni_bin_dir() -> Path:
     for d in candidates:
         if all((d / p).is_file() for p in CNI_PLUGINS):
             return (d / CNI_PLUGINS[0]).resolve().parent  # bin/cni holds links into the cache
-    raise ToolNotFound(f"CNI plugins {', '.join(CNI_PLUGINS)} not found in "
-                       f"{', '.join(map(str, candidates))}; run `make node-tools`")
+    raise ToolNotFound(
+        f"CNI plugins {', '.join(CNI_PLUGINS)} not found in {', '.join(map(str, candidates))}; run `make node-tools`"
+    )
 
 
 def find_tool(tool: str) -> Path:
@@ -106,8 +116,12 @@ def find_tool(tool: str) -> Path:
             return path.resolve()
     raise ToolNotFound(
         f"{tool} not found (looked in {', '.join(str(c) for c in candidates)}); "
-        + ("run `make node-tools` (bash hack/tools/build.sh node)" if tool in NODE_TOOLS
-           else "run `make tools` (bash hack/tools/build.sh)") + " to build it from source"
+        + (
+            "run `make node-tools` (bash hack/tools/build.sh node)"
+            if tool in NODE_TOOLS
+            else "run `make tools` (bash hack/tools/build.sh)"
+        )
+        + " to build it from source"
     )
 
 

@@ -26,9 +26,16 @@ def _give_up(error: Callable[[str], Exception], what: str, timeout: float, last:
     return error(f"timed out after {timeout:g}s waiting for {what}" + (f" (last error: {last!r})" if last else ""))
 
 
-def wait_for(what: str, check: Callable[[], T], timeout: float, *, interval: float = 0.02,
-             failed: Callable[[], str | None] | None = None, retry: tuple[type[BaseException], ...] = (),
-             error: Callable[[str], Exception] = WaitTimeout) -> T:
+def wait_for(
+    what: str,
+    check: Callable[[], T],
+    timeout: float,
+    *,
+    interval: float = 0.02,
+    failed: Callable[[], str | None] | None = None,
+    retry: tuple[type[BaseException], ...] = (),
+    error: Callable[[str], Exception] = WaitTimeout,
+) -> T:
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while True:
@@ -46,9 +53,15 @@ def wait_for(what: str, check: Callable[[], T], timeout: float, *, interval: flo
         time.sleep(interval)
 
 
-async def wait_for_async(what: str, check: Callable[[], Union[T, Awaitable[T]]], timeout: float, *,
-                         interval: float = 0.02, retry: tuple[type[BaseException], ...] = (),
-                         error: Callable[[str], Exception] = WaitTimeout) -> T:
+async def wait_for_async(
+    what: str,
+    check: Callable[[], Union[T, Awaitable[T]]],
+    timeout: float,
+    *,
+    interval: float = 0.02,
+    retry: tuple[type[BaseException], ...] = (),
+    error: Callable[[str], Exception] = WaitTimeout,
+) -> T:
     """:func:`wait_for` inside an event loop: ``check`` may be a coroutine function, and the loop
     runs while it waits."""
     loop = asyncio.get_running_loop()

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 
-
 FDS_BESIDES_CONNECTIONS = 256  # Redis, the listening socket, logs, the load readings' pool, Python's own files
 
 
@@ -38,9 +37,12 @@ def _allow_connections(max_connections: int, pool_size: int) -> int:
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return max_connections
     fits = max(1, (soft - FDS_BESIDES_CONNECTIONS) // 2)
-    print(f"atlas-gateway: the open-file limit ({soft}) is below the {needed} that ATLAS_MAX_CONNECTIONS="
-          f"{max_connections} needs (a client and an upstream socket per request): capping connections at "
-          f"{fits}; raise the container's nofile limit (docs/capacity.md)", file=sys.stderr)
+    print(
+        f"atlas-gateway: the open-file limit ({soft}) is below the {needed} that ATLAS_MAX_CONNECTIONS="
+        f"{max_connections} needs (a client and an upstream socket per request): capping connections at "
+        f"{fits}; raise the container's nofile limit (docs/capacity.md)",
+        file=sys.stderr,
+    )
     return fits
 
 
@@ -114,8 +116,9 @@ def main() -> None:
         print(f"atlas-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    settings = dataclasses.replace(settings, max_connections=_allow_connections(settings.max_connections,
-                                                                                settings.upstream_pool_size))
+    settings = dataclasses.replace(
+        settings, max_connections=_allow_connections(settings.max_connections, settings.upstream_pool_size)
+    )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # prometheus_client's multiprocess mode (memory-mapped values) costs a fifth of a request's
     # CPU (docs/benchmarks.md): several workers snapshot in-memory metrics instead (worker_metrics.py)
@@ -132,8 +135,14 @@ def main() -> None:
     from .server import CoalescingHttpToolsProtocol
 
     config = uvicorn.Config(
-        create_app(settings), loop="uvloop", http=CoalescingHttpToolsProtocol, access_log=False,
-        log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=10, proxy_headers=False,
+        create_app(settings),
+        loop="uvloop",
+        http=CoalescingHttpToolsProtocol,
+        access_log=False,
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        proxy_headers=False,
         server_header=False,
         # uvicorn's own bounds; the rest (header size/time, body time, connection cap) are
         # enforced by CoalescingHttpToolsProtocol
@@ -141,7 +150,8 @@ def main() -> None:
         timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
         limit_concurrency=settings.max_connections + 1,
         # thousands of clients may connect at once (the kernel caps it at net.core.somaxconn)
-        backlog=settings.max_connections)
+        backlog=settings.max_connections,
+    )
     sock = _listener(settings.host, settings.port, reuse_port=worker)
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -54,67 +54,116 @@ if not getattr(values.ValueClass, "_multiprocess", False):
 _FAST = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-REQUESTS = Counter("atlas_gateway_requests_total", "Requests answered, by AtlasKey, model, status and priority",
-                   ["key", "model", "status", "priority"])
+REQUESTS = Counter(
+    "atlas_gateway_requests_total",
+    "Requests answered, by AtlasKey, model, status and priority",
+    ["key", "model", "status", "priority"],
+)
 PROMPT_TOKENS = Counter("atlas_gateway_prompt_tokens_total", "Prompt tokens settled", ["key", "model"])
 COMPLETION_TOKENS = Counter("atlas_gateway_completion_tokens_total", "Completion tokens settled", ["key", "model"])
 REJECTIONS = Counter("atlas_gateway_rejections_total", "Requests refused by the gateway, by reason", ["key", "reason"])
-OVERHEAD = Histogram("atlas_gateway_overhead_seconds",
-                     "Time spent in the gateway itself (request time minus upstream time)", buckets=_FAST)
-UPSTREAM_LATENCY = Histogram("atlas_gateway_upstream_latency_seconds",
-                             "Upstream time: until the full body (or, streaming, until the headers)",
-                             ["model"], buckets=_SLOW)
+OVERHEAD = Histogram(
+    "atlas_gateway_overhead_seconds",
+    "Time spent in the gateway itself (request time minus upstream time)",
+    buckets=_FAST,
+)
+UPSTREAM_LATENCY = Histogram(
+    "atlas_gateway_upstream_latency_seconds",
+    "Upstream time: until the full body (or, streaming, until the headers)",
+    ["model"],
+    buckets=_SLOW,
+)
 INFLIGHT = Gauge("atlas_gateway_inflight_requests", "Requests in flight to the upstream")
-SHED_VIEW_OTHERS = Gauge("atlas_gateway_shed_view_other_inflight_requests",
-                         "In-flight requests of the other gateway processes, as last read from Redis "
-                         "(what shared shed thresholds add to this process's own count)")
+SHED_VIEW_OTHERS = Gauge(
+    "atlas_gateway_shed_view_other_inflight_requests",
+    "In-flight requests of the other gateway processes, as last read from Redis "
+    "(what shared shed thresholds add to this process's own count)",
+)
 SHED_VIEW_PEERS = Gauge("atlas_gateway_shed_view_peers", "Other live gateway processes in the shared shed view")
 # each upstream's own load as last read from its /metrics (shedding/upstream_load.py); the label
 # is its base URL without credentials
-UPSTREAM_LOAD = Gauge("atlas_gateway_upstream_load_requests",
-                      "The upstream's own requests as it last reported them: state running "
-                      "(vllm:num_requests_running) or waiting (vllm:num_requests_waiting)", ["upstream", "state"])
-UPSTREAM_LOAD_FRESH = Gauge("atlas_gateway_upstream_load_fresh",
-                            "1 while the upstream's load reading is recent enough to shed by; 0: it cannot be "
-                            "read and the in-flight ceilings apply", ["upstream"])
-UPSTREAM_LOAD_ERRORS = Counter("atlas_gateway_upstream_load_read_errors_total",
-                               "Reads of an upstream's /metrics that failed or found no vLLM gauges", ["upstream"])
+UPSTREAM_LOAD = Gauge(
+    "atlas_gateway_upstream_load_requests",
+    "The upstream's own requests as it last reported them: state running "
+    "(vllm:num_requests_running) or waiting (vllm:num_requests_waiting)",
+    ["upstream", "state"],
+)
+UPSTREAM_LOAD_FRESH = Gauge(
+    "atlas_gateway_upstream_load_fresh",
+    "1 while the upstream's load reading is recent enough to shed by; 0: it cannot be "
+    "read and the in-flight ceilings apply",
+    ["upstream"],
+)
+UPSTREAM_LOAD_ERRORS = Counter(
+    "atlas_gateway_upstream_load_read_errors_total",
+    "Reads of an upstream's /metrics that failed or found no vLLM gauges",
+    ["upstream"],
+)
 # gauges a pod's workers report as their largest value, not their sum (worker_metrics.py): each
 # worker's view of the other processes already includes its sibling workers, and every worker
 # reads the same upstreams
-MAX_OVER_WORKERS = frozenset({"atlas_gateway_shed_view_other_inflight_requests", "atlas_gateway_shed_view_peers",
-                              "atlas_gateway_upstream_load_requests", "atlas_gateway_upstream_load_fresh"})
+MAX_OVER_WORKERS = frozenset(
+    {
+        "atlas_gateway_shed_view_other_inflight_requests",
+        "atlas_gateway_shed_view_peers",
+        "atlas_gateway_upstream_load_requests",
+        "atlas_gateway_upstream_load_fresh",
+    }
+)
 # The capacity view (docs/capacity.md): demand per model, all from figures the hot path already has.
-ADMITTED_TOKENS = Counter("atlas_gateway_admitted_tokens_total",
-                          "Tokens reserved by admitted requests (prompt estimate + completion cap), by model",
-                          ["model"])
-REFUSED_TOKENS = Counter("atlas_gateway_refused_tokens_total",
-                         "Tokens asked for by requests the admission refused (rate limits, budgets), by model",
-                         ["model", "reason"])
-UPSTREAM_INFLIGHT = Gauge("atlas_gateway_upstream_inflight_requests", "Requests in flight to the upstream, by model",
-                          ["model"])
+ADMITTED_TOKENS = Counter(
+    "atlas_gateway_admitted_tokens_total",
+    "Tokens reserved by admitted requests (prompt estimate + completion cap), by model",
+    ["model"],
+)
+REFUSED_TOKENS = Counter(
+    "atlas_gateway_refused_tokens_total",
+    "Tokens asked for by requests the admission refused (rate limits, budgets), by model",
+    ["model", "reason"],
+)
+UPSTREAM_INFLIGHT = Gauge(
+    "atlas_gateway_upstream_inflight_requests", "Requests in flight to the upstream, by model", ["model"]
+)
 REDIS_ERRORS = Counter("atlas_gateway_redis_errors_total", "Redis calls that failed", ["op"])
-OVERRUNS = Counter("atlas_gateway_usage_overrun_total",
-                   "Requests whose upstream-reported usage exceeded their reservation (charged in full)", ["key"])
-OVERRUN_TOKENS = Counter("atlas_gateway_usage_overrun_tokens_total",
-                         "Tokens reported by the upstream beyond the reservation", ["key"])
+OVERRUNS = Counter(
+    "atlas_gateway_usage_overrun_total",
+    "Requests whose upstream-reported usage exceeded their reservation (charged in full)",
+    ["key"],
+)
+OVERRUN_TOKENS = Counter(
+    "atlas_gateway_usage_overrun_tokens_total", "Tokens reported by the upstream beyond the reservation", ["key"]
+)
 
-REDIS_REPLY_ERRORS = Counter("atlas_gateway_redis_reply_errors_total",
-                             "Redis calls Redis refused with an error reply (script error, OOM, NOAUTH): "
-                             "answered 500, never let through", ["op", "kind"])
-REDIS_UNDO_PENDING = Gauge("atlas_gateway_redis_undo_pending",
-                           "Admissions/settlements with an unknown outcome, waiting to be undone in Redis")
-REDIS_UNDONE = Counter("atlas_gateway_redis_undone_total",
-                       "Unknown-outcome admissions/settlements resolved in Redis, by whether a lease was found",
-                       ["lease"])
-COST = Counter("atlas_cost_total", "Cost settled, in the currency of the AtlasKey's price list",
-               ["currency", "namespace", "name", "model"])
-LOOP_LAG = Histogram("atlas_gateway_event_loop_lag_seconds",
-                     "How late a 100 ms timer fires on the gateway's event loop: time nothing else could run "
-                     "(a long callback, a collector pause, or the process waiting for a CPU)", buckets=_FAST)
-DEMOTED = Counter("atlas_gateway_demoted_total",
-                  "Requests admitted as Sheddable because they passed a soft budget, by AtlasKey, soft budget "
-                  "and the kind it belongs to", ["key", "budget", "kind"])
+REDIS_REPLY_ERRORS = Counter(
+    "atlas_gateway_redis_reply_errors_total",
+    "Redis calls Redis refused with an error reply (script error, OOM, NOAUTH): answered 500, never let through",
+    ["op", "kind"],
+)
+REDIS_UNDO_PENDING = Gauge(
+    "atlas_gateway_redis_undo_pending", "Admissions/settlements with an unknown outcome, waiting to be undone in Redis"
+)
+REDIS_UNDONE = Counter(
+    "atlas_gateway_redis_undone_total",
+    "Unknown-outcome admissions/settlements resolved in Redis, by whether a lease was found",
+    ["lease"],
+)
+COST = Counter(
+    "atlas_cost_total",
+    "Cost settled, in the currency of the AtlasKey's price list",
+    ["currency", "namespace", "name", "model"],
+)
+LOOP_LAG = Histogram(
+    "atlas_gateway_event_loop_lag_seconds",
+    "How late a 100 ms timer fires on the gateway's event loop: time nothing else could run "
+    "(a long callback, a collector pause, or the process waiting for a CPU)",
+    buckets=_FAST,
+)
+DEMOTED = Counter(
+    "atlas_gateway_demoted_total",
+    "Requests admitted as Sheddable because they passed a soft budget, by AtlasKey, soft budget "
+    "and the kind it belongs to",
+    ["key", "budget", "kind"],
+)
 FAIL_OPEN = Counter("atlas_gateway_fail_open_total", "Requests let through unchecked because Redis was unreachable")
 
 _MAX_MODELS = 200
@@ -167,6 +216,7 @@ def _histogram_observer(histogram):
         at = bisect_left(bounds, amount)  # the last bound is +Inf: always one, except for NaN
         if amount <= bounds[at]:  # NaN: in no bucket, as prometheus_client does
             buckets[at].inc(1)
+
     return observe
 
 

@@ -23,9 +23,35 @@ class RequestContext:
     """One inference request, from its headers to its settlement: what each step learnt, for the
     steps after it (and for the metrics, whichever step ends the request)."""
 
-    __slots__ = ("rt", "route", "method", "id", "started", "response_headers", "ref", "model", "priority",
-                 "principal", "forward", "raw", "doc", "bound", "reserve", "ticket", "trace", "status", "error",
-                 "error_type", "refused_by", "shrunk", "demoted", "fail_open", "billed", "cached", "response_model")
+    __slots__ = (
+        "rt",
+        "route",
+        "method",
+        "id",
+        "started",
+        "response_headers",
+        "ref",
+        "model",
+        "priority",
+        "principal",
+        "forward",
+        "raw",
+        "doc",
+        "bound",
+        "reserve",
+        "ticket",
+        "trace",
+        "status",
+        "error",
+        "error_type",
+        "refused_by",
+        "shrunk",
+        "demoted",
+        "fail_open",
+        "billed",
+        "cached",
+        "response_model",
+    )
 
     def __init__(self, rt: Runtime, route: Route) -> None:
         self.rt = rt

@@ -19,8 +19,8 @@ from atlas_core import cluster
 
 from . import metrics, worker_metrics
 from .auth.authenticator import Authenticator
-from .auth.identity_tokens import TokenAuthenticator
 from .auth.config_cache import ConfigCache
+from .auth.identity_tokens import TokenAuthenticator
 from .auth.response_owners import ResponseOwners
 from .ledger.admission import Admission
 from .ledger.recovery import Recovery
@@ -32,8 +32,8 @@ from .shedding.upstream_load import UpstreamLoad, UpstreamQueue, display_url
 from .store.cluster import ClusterFastRedis
 from .store.failover import MasterWatch
 from .store.fastredis import FastRedis
-from .upstream.headers import UpstreamHeaders
 from .telemetry import NO_TRACING, NO_USAGE_RECORDS, start_tracing, start_usage_records
+from .upstream.headers import UpstreamHeaders
 from .upstream.targets import Upstreams, normalize_base
 
 log = logging.getLogger("atlas_gateway")
@@ -54,8 +54,12 @@ class RedisHealth:
             self._passed += 1
         if not self.degraded or now - self._last_log > 10:
             mode = "failing open: requests pass unchecked" if fail_open else "failing closed: answering 503"
-            log.warning("Redis unreachable (%s): %s; %d passed unchecked since the last report",
-                        type(exc).__name__, mode, self._passed)
+            log.warning(
+                "Redis unreachable (%s): %s; %d passed unchecked since the last report",
+                type(exc).__name__,
+                mode,
+                self._passed,
+            )
             self._last_log = now
             self._passed = 0
         self.degraded = True
@@ -142,12 +146,14 @@ class Runtime:
         self.response_owners = ResponseOwners(self.redis)
         self.fast_redis: FastRedis | ClusterFastRedis  # the hot path's client: the same calls either way
         if self.redis_cluster:
-            self.fast_redis = ClusterFastRedis(settings.redis_url, settings.redis_timeout,
-                                               settings.redis_cluster_wait_ms)
+            self.fast_redis = ClusterFastRedis(
+                settings.redis_url, settings.redis_timeout, settings.redis_cluster_wait_ms
+            )
         else:
             self.fast_redis = FastRedis(settings.redis_url, settings.redis_timeout)
-        self.admission = Admission(lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis,
-                                   max_waiting=settings.redis_max_waiting)
+        self.admission = Admission(
+            lease_ttl_seconds=settings.lease_ttl, fast=self.fast_redis, max_waiting=settings.redis_max_waiting
+        )
         sentinel_mode = self.fast_redis.locator is not None
         self.recovery = Recovery(self.admission, replays=sentinel_mode)
         # Sentinel's failovers, watched (a Redis Cluster fails over by itself: store/cluster.py)
@@ -166,11 +172,17 @@ class Runtime:
         queues = []
         for base in self.upstreams.all_bases():
             entry = own.get(base)
-            queues.append(UpstreamQueue(base, s.queue_thresholds, reading) if entry is None
-                          else UpstreamQueue(base, entry.queue_thresholds, reading and entry.read_metrics))
+            queues.append(
+                UpstreamQueue(base, s.queue_thresholds, reading)
+                if entry is None
+                else UpstreamQueue(base, entry.queue_thresholds, reading and entry.read_metrics)
+            )
         for url in set(own) - {q.base for q in queues}:
-            log.warning("ATLAS_UPSTREAM_SHEDDING names %s, which is no upstream (ATLAS_UPSTREAM_URL, "
-                        "ATLAS_UPSTREAM_MODELS): ignored", display_url(url))
+            log.warning(
+                "ATLAS_UPSTREAM_SHEDDING names %s, which is no upstream (ATLAS_UPSTREAM_URL, "
+                "ATLAS_UPSTREAM_MODELS): ignored",
+                display_url(url),
+            )
         return queues
 
     async def _fetch_metrics(self, url: str) -> bytes:
@@ -179,8 +191,10 @@ class Runtime:
         if self._load_session is None:
             self._load_session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=8, keepalive_timeout=self.settings.upstream_keepalive),
-                headers={} if self.settings.upstream_api_key is None
-                else {"Authorization": f"Bearer {self.settings.upstream_api_key}"})
+                headers={}
+                if self.settings.upstream_api_key is None
+                else {"Authorization": f"Bearer {self.settings.upstream_api_key}"},
+            )
         async with self._load_session.get(url) as resp:
             if resp.status != 200:
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
@@ -204,12 +218,12 @@ class Runtime:
             self.master_watch.start()
         self.load_view.start()
         self.upstream_load.start()
-        connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
-                                         keepalive_timeout=s.upstream_keepalive, ttl_dns_cache=60)
+        connector = aiohttp.TCPConnector(
+            limit=s.upstream_pool_size, limit_per_host=0, keepalive_timeout=s.upstream_keepalive, ttl_dns_cache=60
+        )
         self.session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, connect=s.upstream_connect_timeout,
-                                          sock_read=s.upstream_timeout),
+            timeout=aiohttp.ClientTimeout(total=None, connect=s.upstream_connect_timeout, sock_read=s.upstream_timeout),
             auto_decompress=False,  # pass bodies through as they are; SSE from vLLM is not compressed
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
@@ -229,8 +243,10 @@ class Runtime:
             await asyncio.gather(self._snapshots, return_exceptions=True)
         # undo what timed-out calls may have left, while Redis still answers (bounded wait)
         if not await self.recovery.drain(2.0):
-            log.warning("%d unknown-outcome requests not undone at shutdown: their leases expire "
-                        "by ATLAS_LEASE_TTL_SECONDS", len(self.recovery.pending))
+            log.warning(
+                "%d unknown-outcome requests not undone at shutdown: their leases expire by ATLAS_LEASE_TTL_SECONDS",
+                len(self.recovery.pending),
+            )
         self.recovery.stop()
         if self.master_watch is not None:
             await self.master_watch.stop()

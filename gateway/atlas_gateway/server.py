@@ -51,19 +51,26 @@ class ConnectionLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ConnectionLimits":
-        return cls(settings.header_timeout, settings.body_timeout, settings.max_header_bytes,
-                   settings.max_connections)
+        return cls(settings.header_timeout, settings.body_timeout, settings.max_header_bytes, settings.max_connections)
 
 
 def _error_response(status: int, message: str, code: str) -> bytes:
     """A whole HTTP response (the connection is closed after it), with the one error body."""
     body = error_body(message, "invalid_request_error", code)
-    return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
-                     b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body])
+    return b"".join(
+        [
+            STATUS_LINE[status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
 
 
-_TOO_MANY = _error_response(503, "Too many open connections to this gateway process; retry later.",
-                            "too_many_connections")
+_TOO_MANY = _error_response(
+    503, "Too many open connections to this gateway process; retry later.", "too_many_connections"
+)
 _HEADERS_TOO_LARGE = _error_response(431, "Request headers too large.", "request_header_fields_too_large")
 _HEADER_TIMEOUT = _error_response(408, "The request headers did not arrive in time.", "request_timeout")
 _BODY_TIMEOUT = _error_response(408, "The request body did not arrive in time.", "request_timeout")

@@ -90,8 +90,10 @@ def _strip_headers(raw: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         prefix = entry.endswith("*")
         stem = entry[:-1] if prefix else entry
         if not _HEADER_NAME.match(stem):
-            raise SettingsError(f"ATLAS_STRIP_HEADERS: {entry!r} is not a header name or a prefix ending in '*' "
-                                "(e.g. x-user-id, x-internal-*)")
+            raise SettingsError(
+                f"ATLAS_STRIP_HEADERS: {entry!r} is not a header name or a prefix ending in '*' "
+                "(e.g. x-user-id, x-internal-*)"
+            )
         (prefixes if prefix else names).append(stem)
     return tuple(names), tuple(prefixes)
 
@@ -104,15 +106,20 @@ def _objectives(raw: str | None) -> dict[str, str]:
         doc = json.loads(raw)
         objectives = {str(k): v for k, v in doc.items()}
     except (ValueError, AttributeError) as exc:
-        raise SettingsError("ATLAS_INFERENCE_OBJECTIVES must be a JSON object: priority class -> "
-                            'objective name, e.g. {"Critical": "critical", "Sheddable": "batch"}') from exc
+        raise SettingsError(
+            "ATLAS_INFERENCE_OBJECTIVES must be a JSON object: priority class -> "
+            'objective name, e.g. {"Critical": "critical", "Sheddable": "batch"}'
+        ) from exc
     for priority, name in objectives.items():
         if priority not in PRIORITIES:
-            raise SettingsError(f"ATLAS_INFERENCE_OBJECTIVES: {priority!r} is not a priority class "
-                                f"({', '.join(PRIORITIES)})")
+            raise SettingsError(
+                f"ATLAS_INFERENCE_OBJECTIVES: {priority!r} is not a priority class ({', '.join(PRIORITIES)})"
+            )
         if not isinstance(name, str) or not _OBJECTIVE_NAME.match(name):
-            raise SettingsError(f"ATLAS_INFERENCE_OBJECTIVES: the objective of {priority} must be an object "
-                                f"name (lower case letters, digits, '-', '.'), not {name!r}")
+            raise SettingsError(
+                f"ATLAS_INFERENCE_OBJECTIVES: the objective of {priority} must be an object "
+                f"name (lower case letters, digits, '-', '.'), not {name!r}"
+            )
     return objectives
 
 
@@ -127,8 +134,9 @@ class UpstreamShedding:
 def _check_queue_order(name: str, thresholds: tuple[int, ...]) -> None:
     enabled = [value for value in thresholds if value > 0]
     if enabled != sorted(enabled):
-        raise SettingsError(f"{name}: {thresholds} must not decrease from Sheddable to Critical: lower classes "
-                            "shed first")
+        raise SettingsError(
+            f"{name}: {thresholds} must not decrease from Sheddable to Critical: lower classes shed first"
+        )
 
 
 def _upstream_shedding(raw: str | None, defaults: tuple[int, int, int]) -> dict[str, UpstreamShedding]:
@@ -142,16 +150,21 @@ def _upstream_shedding(raw: str | None, defaults: tuple[int, int, int]) -> dict[
         doc = json.loads(raw)
         items = doc.items()
     except (ValueError, AttributeError) as exc:
-        raise SettingsError('ATLAS_UPSTREAM_SHEDDING must be a JSON object: base URL -> '
-                            '{"Sheddable": 16, "Standard": 64, "Critical": 256, "metrics": true}') from exc
+        raise SettingsError(
+            "ATLAS_UPSTREAM_SHEDDING must be a JSON object: base URL -> "
+            '{"Sheddable": 16, "Standard": 64, "Critical": 256, "metrics": true}'
+        ) from exc
     out = {}
     for url, entry in items:
         if not isinstance(entry, dict) or set(entry) - {*PRIORITIES, "metrics"}:
-            raise SettingsError(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]: an object with Sheddable, Standard, Critical "
-                                "(waiting requests) and metrics (true/false)")
+            raise SettingsError(
+                f"ATLAS_UPSTREAM_SHEDDING[{url!r}]: an object with Sheddable, Standard, Critical "
+                "(waiting requests) and metrics (true/false)"
+            )
         try:
-            sheddable, standard, critical = (max(0, int(entry.get(name, default)))
-                                             for name, default in zip(PRIORITIES[::-1], defaults, strict=True))
+            sheddable, standard, critical = (
+                max(0, int(entry.get(name, default))) for name, default in zip(PRIORITIES[::-1], defaults, strict=True)
+            )
             thresholds = (sheddable, standard, critical)
         except (TypeError, ValueError) as exc:
             raise SettingsError(f"ATLAS_UPSTREAM_SHEDDING[{url!r}]: thresholds are whole numbers") from exc
@@ -260,7 +273,9 @@ class Settings:
             return local, (0, 0, 0)
         pool = self.upstream_pool_size
         explicit = self.explicit_thresholds()
-        local_limits = tuple(limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local))
+        local_limits = tuple(
+            limit if value is None else pool if value > 0 else 0 for value, limit in zip(explicit, local)
+        )
         shared = tuple(value or 0 for value in explicit)
         return cast("tuple[int, int, int]", local_limits), cast("tuple[int, int, int]", shared)
 
@@ -284,7 +299,8 @@ class Settings:
             elif value > pool:
                 raise SettingsError(
                     f"{name}={value} exceeds ATLAS_UPSTREAM_POOL_SIZE={pool}: requests beyond the pool "
-                    "wait for a connection and time out (504) instead of being shed (503)")
+                    "wait for a connection and time out (504) instead of being shed (503)"
+                )
             if value > 0 and (not cluster or explicit is not None):  # compare like with like
                 enabled.append((name, value))
         for (lower, low), (higher, high) in zip(enabled, enabled[1:]):
@@ -295,12 +311,14 @@ class Settings:
                 sentinel.parse(self.redis_url)
             except ValueError as exc:
                 raise SettingsError(f"ATLAS_REDIS_URL: {exc}") from exc
-        for name, amount in (("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
-                             ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
-                             ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
-                             ("ATLAS_UPSTREAM_KEEPALIVE_SECONDS", self.upstream_keepalive),
-                             ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
-                             ("ATLAS_MAX_CONNECTIONS", self.max_connections)):
+        for name, amount in (
+            ("ATLAS_BODY_TIMEOUT_SECONDS", self.body_timeout),
+            ("ATLAS_HEADER_TIMEOUT_SECONDS", self.header_timeout),
+            ("ATLAS_KEEPALIVE_TIMEOUT_SECONDS", self.keepalive_timeout),
+            ("ATLAS_UPSTREAM_KEEPALIVE_SECONDS", self.upstream_keepalive),
+            ("ATLAS_MAX_HEADER_BYTES", self.max_header_bytes),
+            ("ATLAS_MAX_CONNECTIONS", self.max_connections),
+        ):
             if amount <= 0:
                 raise SettingsError(f"{name} must be > 0")
 
@@ -326,9 +344,11 @@ class Settings:
             return None if env.get(name, "") == "" else _int(env, name, 0)
 
         strip_names, strip_prefixes = _strip_headers(env.get("ATLAS_STRIP_HEADERS"))
-        queue = (max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD", 16)),
-                 max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD_STANDARD", 64)),
-                 max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD_CRITICAL", 256)))
+        queue = (
+            max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD", 16)),
+            max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD_STANDARD", 64)),
+            max(0, _int(env, "ATLAS_SHED_QUEUE_THRESHOLD_CRITICAL", 256)),
+        )
 
         return cls(
             upstream_url=upstream,

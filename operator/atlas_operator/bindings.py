@@ -71,8 +71,9 @@ class Bound:
         return "; ".join(parts) or None
 
 
-def unusable(subject: TokenSubject, service_account_tokens: bool, watches: Callable[[str], bool],
-             oidc_issuers: int) -> str | None:
+def unusable(
+    subject: TokenSubject, service_account_tokens: bool, watches: Callable[[str], bool], oidc_issuers: int
+) -> str | None:
     """Why no token can ever authenticate as ``subject`` with this operator's settings, or None."""
     if subject.kind == "ServiceAccount":
         if not service_account_tokens:
@@ -99,9 +100,13 @@ def _held(raw: Any) -> list[TokenSubject]:
     return out
 
 
-async def bind(redis: Any, ref: str, subjects: list[TokenSubject],
-               claimants_of: Callable[[TokenSubject], Iterable[Claimant]],
-               uid_of: Callable[[TokenSubject], str | None]) -> Bound:
+async def bind(
+    redis: Any,
+    ref: str,
+    subjects: list[TokenSubject],
+    claimants_of: Callable[[TokenSubject], Iterable[Claimant]],
+    uid_of: Callable[[TokenSubject], str | None],
+) -> Bound:
     """Make Redis bind to ``ref`` each of ``subjects`` it holds (and only those), with the UIDs
     of its ServiceAccounts; writes only a difference. ``subjects`` empty: release everything."""
     outcome = Bound()
@@ -124,11 +129,18 @@ async def bind(redis: Any, ref: str, subjects: list[TokenSubject],
     return outcome
 
 
-async def _write(redis: Any, ref: str, outcome: Bound, before: list[TokenSubject],
-                 owners: dict[TokenSubject, str | None], uid_of: Callable[[TokenSubject], str | None]) -> bool:
+async def _write(
+    redis: Any,
+    ref: str,
+    outcome: Bound,
+    before: list[TokenSubject],
+    owners: dict[TokenSubject, str | None],
+    uid_of: Callable[[TokenSubject], str | None],
+) -> bool:
     accounts = [s for s in outcome.held if s.kind == "ServiceAccount"]
-    current_uids = await redis.hmget(contract.IDENTITY_SERVICE_ACCOUNTS, [s.account_ref for s in accounts]) \
-        if accounts else []
+    current_uids = (
+        await redis.hmget(contract.IDENTITY_SERVICE_ACCOUNTS, [s.account_ref for s in accounts]) if accounts else []
+    )
     set_uids, drop_uids = {}, []
     for subject, current in zip(accounts, current_uids):
         uid = uid_of(subject)
@@ -196,8 +208,11 @@ def _shown(subject: TokenSubject) -> str:
     return f"{subject.kind} {subject.name!r}"
 
 
-def desired_bindings(claims: Mapping[TokenSubject, Iterable[Claimant]], current: Mapping[str, str],
-                     uid_of: Callable[[TokenSubject], str | None]) -> tuple[dict[str, str], dict[str, str]]:
+def desired_bindings(
+    claims: Mapping[TokenSubject, Iterable[Claimant]],
+    current: Mapping[str, str],
+    uid_of: Callable[[TokenSubject], str | None],
+) -> tuple[dict[str, str], dict[str, str]]:
     """Every binding (and bound ServiceAccount UID) the indexes imply, for self-healing after
     Redis lost its data: ``current`` (what was held, when known) keeps each holder."""
     bindings: dict[str, str] = {}
@@ -220,8 +235,11 @@ def rewrite_commands(bound: Mapping[str, str], uids: Mapping[str, str]) -> list[
     for subject, ref in sorted(bound.items()):
         held.setdefault(ref, []).append(subject)
     commands: list[tuple[str, ...]] = []
-    for key, mapping in ((contract.IDENTITY_BINDINGS, bound), (contract.IDENTITY_SERVICE_ACCOUNTS, uids),
-                         (HELD_INDEX, {ref: "\n".join(subjects) for ref, subjects in held.items()})):
+    for key, mapping in (
+        (contract.IDENTITY_BINDINGS, bound),
+        (contract.IDENTITY_SERVICE_ACCOUNTS, uids),
+        (HELD_INDEX, {ref: "\n".join(subjects) for ref, subjects in held.items()}),
+    ):
         if mapping:
             commands.append(("HSET", key, *(part for item in sorted(mapping.items()) for part in item)))
     return commands

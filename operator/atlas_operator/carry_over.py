@@ -32,15 +32,26 @@ class CarryOver:
         self.active: bool | None = None  # None: not checked yet
         self.carried = 0  # hashes changed by carry-overs (for tests and logs)
 
-    async def cycle(self, redis: Any, subjects: list[str], now: datetime, tags: Mapping[str, str],
-                    batch: int = 5000, unreadable: dict[str, str] | None = None) -> int:
+    async def cycle(
+        self,
+        redis: Any,
+        subjects: list[str],
+        now: datetime,
+        tags: Mapping[str, str],
+        batch: int = 5000,
+        unreadable: dict[str, str] | None = None,
+    ) -> int:
         """Carry every subject's v1 usage over; returns the Redis round trips made. A subject
         whose carry-over fails lands in ``unreadable`` (its v2 figures would be short); the
         others are carried all the same."""
         active = bool(await redis.exists(contract.V1_CONFIG_EPOCH))
         if active != self.active:
-            log.info("v1 counters %s", "found: carrying today's and this month's usage over to v2"
-                     if active else "absent: nothing to carry over")
+            log.info(
+                "v1 counters %s",
+                "found: carrying today's and this month's usage over to v2"
+                if active
+                else "absent: nothing to carry over",
+            )
             self.active = active
         if not active:
             return 1
@@ -48,7 +59,7 @@ class CarryOver:
         unreadable = unreadable if unreadable is not None else {}
         ttls = (contract.DAY_TTL_SECONDS, contract.MONTH_TTL_SECONDS)
         for start in range(0, len(subjects), batch):
-            chunk = subjects[start:start + batch]
+            chunk = subjects[start : start + batch]
             pipe = redis.pipeline(transaction=False)
             for subject in chunk:
                 for key in contract.v1_usage_keys(subject, now):
@@ -64,15 +75,15 @@ class CarryOver:
                     fields = [x for f in contract.CARRIED_FIELDS if f in v1 for x in (f, v1[f])]
                     if fields:
                         # EVAL, not EVALSHA: no script cache to keep loaded on every node (upgrade only)
-                        pipe.eval(CARRY_OVER_LUA, 1, v2_keys[j], ttls[j],
-                                  v1.get("last", "") if j == 0 else "", *fields)
+                        pipe.eval(CARRY_OVER_LUA, 1, v2_keys[j], ttls[j], v1.get("last", "") if j == 0 else "", *fields)
                         calls.append(subject)
             if calls:
                 # one damaged v1 hash fails its own EVAL only (a script error), not the batch
                 for subject, result in zip(calls, await pipe.execute(raise_on_error=False)):
                     if isinstance(result, Exception):
-                        unreadable[subject] = ("its usage counted under the v1 contract could not be carried "
-                                               f"over: {result}")
+                        unreadable[subject] = (
+                            f"its usage counted under the v1 contract could not be carried over: {result}"
+                        )
                     else:
                         self.carried += int(result)
                 trips += 1

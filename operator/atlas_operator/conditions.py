@@ -109,8 +109,14 @@ def without(conditions: list[dict[str, Any]] | None, ctype: str) -> list[dict[st
     return [dict(c) for c in conditions or () if c.get("type") != ctype]
 
 
-def with_verdict(conditions: list[dict[str, Any]] | None, in_effect: bool, reason: str, message: str,
-                 generation: int | None, now: datetime) -> list[dict[str, Any]]:
+def with_verdict(
+    conditions: list[dict[str, Any]] | None,
+    in_effect: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
     """Ready, and Stalled with the same reason while the object is not in effect (a configuration
     error: nothing will change until its cause does), removed otherwise."""
     out = merge(conditions, READY, in_effect, reason, message, generation, now)

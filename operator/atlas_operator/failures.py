@@ -38,9 +38,16 @@ RETRY_MAX = 300.0  # seconds between retries of an object that keeps failing
 Object = tuple[str, str, str]  # (kind, namespace, name)
 
 _TRANSIENT = (
-    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
-    redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError, redis.exceptions.ReadOnlyError,
-    redis.exceptions.MasterDownError, OSError, TimeoutError, asyncio.TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
 )
 
 
@@ -64,7 +71,7 @@ def describe(error: BaseException | str) -> str:
         text = f"the API server answered {status} {reason}" + (f": {detail}" if detail else "")
     else:
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
 
 
 def transient(error: BaseException | str) -> bool:
@@ -102,8 +109,15 @@ class Failures:
         self.unreported.add(ident)
         kind, namespace, name = obj
         bug = error if isinstance(error, BaseException) and not transient(error) else None  # with its traceback
-        log.warning("%s %s/%s: %s failed: %s (logged once; the others go on)", kind, namespace, name, loop,
-                    message, exc_info=bug)
+        log.warning(
+            "%s %s/%s: %s failed: %s (logged once; the others go on)",
+            kind,
+            namespace,
+            name,
+            loop,
+            message,
+            exc_info=bug,
+        )
         return True
 
     def take_report(self, loop: str, obj: Object) -> bool:
@@ -123,7 +137,7 @@ class Failures:
     def retry_in(self, loop: str, obj: Object) -> float:
         """Seconds to wait before retrying ``obj``: 2, 4, 8 ... up to RETRY_MAX."""
         streak = min(max(self.streaks[(loop, *obj)], 1), 16)  # bounded: 2.0 ** 1100 overflows
-        return min(2.0 ** streak, RETRY_MAX)
+        return min(2.0**streak, RETRY_MAX)
 
     def forget(self, live: set[Object]) -> None:
         """Drop what is known of objects that no longer exist (their series vanish)."""
@@ -138,8 +152,12 @@ class Failures:
         message = describe(error)
         if self.loops_failing.get(loop) != message:
             self.loops_failing[loop] = message
-            log.warning("%s failed: %s (logged once until it changes or recovers)", loop, message,
-                        exc_info=None if transient(error) else error)
+            log.warning(
+                "%s failed: %s (logged once until it changes or recovers)",
+                loop,
+                message,
+                exc_info=None if transient(error) else error,
+            )
 
     def loop_succeeded(self, loop: str) -> None:
         if self.loops_failing.pop(loop, None) is not None:

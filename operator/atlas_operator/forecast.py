@@ -89,8 +89,12 @@ def thin(samples: list[HistorySample], now_ms: int) -> None:
     fine_from = now_ms - FINE * 1000
     kept: list[HistorySample] = []
     for i, sample in enumerate(samples):
-        if (not kept or sample.at_ms >= fine_from or i == len(samples) - 1
-                or sample.at_ms - kept[-1].at_ms >= COARSE * 1000):
+        if (
+            not kept
+            or sample.at_ms >= fine_from
+            or i == len(samples) - 1
+            or sample.at_ms - kept[-1].at_ms >= COARSE * 1000
+        ):
             kept.append(sample)
     if len(kept) != len(samples):
         samples[:] = kept

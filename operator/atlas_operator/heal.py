@@ -55,8 +55,14 @@ def desired_configs(
         seen_hashes.add(secret.key_hash)  # even when it fails below: a duplicate never takes it over
         try:
             config, *_ = desired_key_config(
-                key.namespace, key.name, key.spec, secret.key_hash,
-                lambda ns, name: (ns, name) in names, now, price_list)
+                key.namespace,
+                key.name,
+                key.spec,
+                secret.key_hash,
+                lambda ns, name: (ns, name) in names,
+                now,
+                price_list,
+            )
         except Exception as exc:  # noqa: BLE001 - this key's own failure
             failed.append((KEYS, key, exc))
             continue

@@ -28,7 +28,7 @@ class History:
         missing = [s for s in subjects if s not in self.samples]
         trips = 0
         for start in range(0, len(missing), batch):
-            chunk = missing[start:start + batch]
+            chunk = missing[start : start + batch]
             # GETs in a pipeline, not MGET: on a Redis Cluster the histories are in many slots
             pipe = redis.pipeline(transaction=False)
             for subject in chunk:
@@ -75,9 +75,12 @@ class History:
         trips = 0
         for start in range(0, len(subjects), batch):
             pipe = redis.pipeline(transaction=False)
-            for subject in subjects[start:start + batch]:
-                pipe.set(contract.history_key(subject), contract.encode_history(self.samples.get(subject, ())),
-                         ex=contract.HISTORY_TTL_SECONDS)
+            for subject in subjects[start : start + batch]:
+                pipe.set(
+                    contract.history_key(subject),
+                    contract.encode_history(self.samples.get(subject, ())),
+                    ex=contract.HISTORY_TTL_SECONDS,
+                )
             await pipe.execute()
             trips += 1
         return trips

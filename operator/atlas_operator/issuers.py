@@ -59,9 +59,14 @@ class OidcIssuer:
 
     def unpublished(self) -> Issuer:
         """What the gateway is told about this issuer, before its keys are known."""
-        return Issuer(url=self.url, audiences=self.audiences, username_claim=self.username_claim,
-                      username_prefix=self.username_prefix, groups_claim=self.groups_claim,
-                      groups_prefix=self.groups_prefix)
+        return Issuer(
+            url=self.url,
+            audiences=self.audiences,
+            username_claim=self.username_claim,
+            username_prefix=self.username_prefix,
+            groups_claim=self.groups_claim,
+            groups_prefix=self.groups_prefix,
+        )
 
 
 _ENTRY_FIELDS = {"issuer", "claimMappings"}
@@ -102,8 +107,9 @@ def parse_oidc_issuers(text: str | None, default_audience: str) -> tuple[OidcIss
         _unknown(f"{where}.issuer", issuer, _ISSUER_FIELDS)
         url = _https(f"{where}.issuer.url", issuer.get("url"))
         if url.endswith("/") or any(o.url == url for o in out):
-            raise IssuerConfigError(f"{where}.issuer.url: {url!r} must be unique and written as the tokens' iss "
-                                    "(no trailing slash)")
+            raise IssuerConfigError(
+                f"{where}.issuer.url: {url!r} must be unique and written as the tokens' iss (no trailing slash)"
+            )
         audiences = issuer.get("audiences") or [default_audience]
         if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
             raise IssuerConfigError(f"{where}.issuer.audiences: must be a list of non-empty strings")
@@ -121,14 +127,26 @@ def parse_oidc_issuers(text: str | None, default_audience: str) -> tuple[OidcIss
         groups = mappings.get("groups") or {}
         _unknown(f"{where}.claimMappings.username", username, _CLAIM_FIELDS)
         _unknown(f"{where}.claimMappings.groups", groups, _CLAIM_FIELDS)
-        for name, value in (("username.claim", username.get("claim")), ("username.prefix", username.get("prefix")),
-                            ("groups.claim", groups.get("claim")), ("groups.prefix", groups.get("prefix"))):
+        for name, value in (
+            ("username.claim", username.get("claim")),
+            ("username.prefix", username.get("prefix")),
+            ("groups.claim", groups.get("claim")),
+            ("groups.prefix", groups.get("prefix")),
+        ):
             if value is not None and not isinstance(value, str):
                 raise IssuerConfigError(f"{where}.claimMappings.{name}: must be a string")
-        out.append(OidcIssuer(url=url, audiences=tuple(audiences), discovery_url=discovery, certificate_authority=ca,
-                              username_claim=username.get("claim") or "sub",
-                              username_prefix=username.get("prefix") or "",
-                              groups_claim=groups.get("claim") or "", groups_prefix=groups.get("prefix") or ""))
+        out.append(
+            OidcIssuer(
+                url=url,
+                audiences=tuple(audiences),
+                discovery_url=discovery,
+                certificate_authority=ca,
+                username_claim=username.get("claim") or "sub",
+                username_prefix=username.get("prefix") or "",
+                groups_claim=groups.get("claim") or "",
+                groups_prefix=groups.get("prefix") or "",
+            )
+        )
     return tuple(out)
 
 
@@ -160,8 +178,9 @@ async def fetch_oidc(issuer: OidcIssuer, now: float) -> Issuer:
     discovery_url = issuer.discovery_url or issuer.url + DISCOVERY_PATH
     discovery = await asyncio.to_thread(_get_json, discovery_url, context)
     if discovery.get("issuer") != issuer.url:
-        raise ValueError(f"{discovery_url}: discovery names issuer {discovery.get('issuer')!r}, "
-                         f"not the configured {issuer.url!r}")
+        raise ValueError(
+            f"{discovery_url}: discovery names issuer {discovery.get('issuer')!r}, not the configured {issuer.url!r}"
+        )
     jwks_uri = _https(f"{discovery_url} jwks_uri", discovery.get("jwks_uri"))
     jwks = await asyncio.to_thread(_get_json, jwks_uri, context)
     return replace(issuer.unpublished(), keys=_jwks_keys(jwks_uri, jwks), fetched_at=now)
@@ -174,8 +193,9 @@ async def fetch_cluster(get_json: Callable[[str], Awaitable[dict[str, Any]]], au
     if not isinstance(url, str) or not url:
         raise ValueError(f"{DISCOVERY_PATH}: no issuer")
     jwks = await get_json(CLUSTER_JWKS_PATH)
-    return Issuer(url=url, audiences=(audience,), keys=_jwks_keys(CLUSTER_JWKS_PATH, jwks),
-                  service_accounts=True, fetched_at=now)
+    return Issuer(
+        url=url, audiences=(audience,), keys=_jwks_keys(CLUSTER_JWKS_PATH, jwks), service_accounts=True, fetched_at=now
+    )
 
 
 # --------------------------------------------------------------------------- publishing
@@ -192,16 +212,20 @@ def _decoded(raw: dict[Any, Any]) -> dict[str, Issuer | None]:
     return out
 
 
-async def publish(redis: Any, fetched: Iterable[Issuer], configured: Iterable[str],
-                  keep_cluster: bool = False) -> list[str]:
+async def publish(
+    redis: Any, fetched: Iterable[Issuer], configured: Iterable[str], keep_cluster: bool = False
+) -> list[str]:
     """Write the issuers whose keys changed and drop those no longer configured; an issuer
     configured but not fetched yet keeps what it had (``keep_cluster``: the cluster's issuer,
     whose URL is known only once fetched). Returns the URLs written."""
     current = _decoded(await redis.hgetall(contract.IDENTITY_ISSUERS))
     wanted = set(configured)
     writes = {i.url: i for i in fetched if not i.same_publication(current.get(i.url))}
-    stale = [url for url, issuer in current.items() if url not in wanted
-             and not (keep_cluster and issuer is not None and issuer.service_accounts)]
+    stale = [
+        url
+        for url, issuer in current.items()
+        if url not in wanted and not (keep_cluster and issuer is not None and issuer.service_accounts)
+    ]
     if writes or stale:
         tx = redis.pipeline(transaction=True)
         if writes:
@@ -216,8 +240,12 @@ class IssuerRefresher:
     """Fetches every trusted issuer's keys and publishes them; remembers the last fetch of each
     so that self-healing can rewrite them without fetching."""
 
-    def __init__(self, oidc: tuple[OidcIssuer, ...], cluster_audience: str | None,
-                 get_json: Callable[[str], Awaitable[dict[str, Any]]] | None) -> None:
+    def __init__(
+        self,
+        oidc: tuple[OidcIssuer, ...],
+        cluster_audience: str | None,
+        get_json: Callable[[str], Awaitable[dict[str, Any]]] | None,
+    ) -> None:
         self.oidc = oidc
         self.cluster_audience = cluster_audience  # None: ServiceAccount tokens are not trusted
         self.get_json = get_json
@@ -239,8 +267,9 @@ class IssuerRefresher:
         except Exception as exc:  # noqa: BLE001 - one issuer's failure is its own
             message = f"{type(exc).__name__}: {exc}"
             if self.errors.get(source) != message:
-                log.warning("token issuer %s: fetching its signing keys failed: %s (kept what was published)",
-                            source, message)
+                log.warning(
+                    "token issuer %s: fetching its signing keys failed: %s (kept what was published)", source, message
+                )
             self.errors[source] = message
         else:
             if self.errors.pop(source, None) is not None:
@@ -261,5 +290,6 @@ class IssuerRefresher:
         """Publish the last fetch of each issuer (self-healing after Redis lost its data)."""
         cluster = self.last.get("cluster")
         urls = [i.url for i in self.oidc] + ([cluster.url] if cluster is not None else [])
-        return await publish(redis, self.last.values(), urls,
-                             keep_cluster=cluster is None and self.cluster_audience is not None)
+        return await publish(
+            redis, self.last.values(), urls, keep_cluster=cluster is None and self.cluster_audience is not None
+        )

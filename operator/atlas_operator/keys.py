@@ -16,7 +16,8 @@ from typing import Any, Awaitable, Callable
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
 
-from . import apikeys, conditions as cond, rotation, store, times
+from . import apikeys, rotation, store, times
+from . import conditions as cond
 from .bindings import Bound
 from .kube import KubeApi
 from .price_lists import PriceListLookup, no_price_lists, resolve_price_list
@@ -69,8 +70,13 @@ def parse_time(value: str | None) -> datetime | None:
 
 
 def desired_key_config(
-    namespace: str, name: str, spec: dict[str, Any], key_hash: str, quota_exists: QuotaExists,
-    now: datetime, price_list: PriceListLookup = no_price_lists,
+    namespace: str,
+    name: str,
+    spec: dict[str, Any],
+    key_hash: str,
+    quota_exists: QuotaExists,
+    now: datetime,
+    price_list: PriceListLookup = no_price_lists,
 ) -> tuple[KeyConfig, bool, str, str]:
     """The KeyConfig for this spec, whether the gateway serves the key, and why (pure)."""
     quota = spec.get("quotaRef") or None
@@ -109,22 +115,35 @@ def desired_key_config(
 
 
 def _desired_status(
-    obj: dict[str, Any], key_id: str | None, outcome: KeyOutcome, now: datetime,
+    obj: dict[str, Any],
+    key_id: str | None,
+    outcome: KeyOutcome,
+    now: datetime,
 ) -> dict[str, Any]:
     status = dict(obj.get("status") or {})
     generation = obj["metadata"].get("generation")
     previous = outcome.previous
     conditions = cond.with_verdict(status.get("conditions"), outcome.ready, *outcome.verdict, generation, now)
-    conditions = cond.merge(conditions, cond.SERVING, outcome.serving, outcome.reason,
-                            "the gateway accepts the key" if outcome.serving
-                            else f"the gateway refuses the key: {outcome.message}", generation, now)
+    conditions = cond.merge(
+        conditions,
+        cond.SERVING,
+        outcome.serving,
+        outcome.reason,
+        "the gateway accepts the key" if outcome.serving else f"the gateway refuses the key: {outcome.message}",
+        generation,
+        now,
+    )
     conditions, usage = starting_fields(status, conditions, generation, now)
     out: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
     out["keyId"] = key_id
-    out["previousKey"] = None if previous is None else {
-        "keyId": contract.key_id_of(previous.key_hash),
-        "expiresAt": cond.rfc3339(times.from_unix(previous.until)),
-    }
+    out["previousKey"] = (
+        None
+        if previous is None
+        else {
+            "keyId": contract.key_id_of(previous.key_hash),
+            "expiresAt": cond.rfc3339(times.from_unix(previous.until)),
+        }
+    )
     if usage is not None:
         out["usage"] = usage
     return out
@@ -167,19 +186,23 @@ async def reconcile_key(
         ref = f"{namespace}/{name}"
         if owner not in (None, ref) and await store.served_hash(redis, owner) == key_hash:
             outcome = KeyOutcome(
-                False, cond.SECRET_INVALID,  # the Secret holds another AtlasKey's key: not usable here
+                False,
+                cond.SECRET_INVALID,  # the Secret holds another AtlasKey's key: not usable here
                 f"Secret {secret_name!r} holds a key already used by AtlasKey {owner!r}",
             )
             outcome.redis_written = await store.delete_key_config(redis, namespace, name)
             key_id = None
         else:
             config, serving, reason, message = desired_key_config(
-                namespace, name, spec, key_hash, quota_exists, now, price_list)
+                namespace, name, spec, key_hash, quota_exists, now, price_list
+            )
             watched = _watched(secret)
             if serving and not watched:
                 # read by name, so it works; but unwatched, its rotation goes unnoticed (docs/operator.md)
-                message += (f"; Secret {secret_name!r} lacks the label {SECRET_WATCH_LABEL}={name}: until it has "
-                            "it, a change of its key is not noticed")
+                message += (
+                    f"; Secret {secret_name!r} lacks the label {SECRET_WATCH_LABEL}={name}: until it has "
+                    "it, a change of its key is not noticed"
+                )
             outcome = KeyOutcome(serving, reason, message, key_hash=key_hash, secret_watched=watched)
             grace = rotation.parse_duration(spec.get("rotationGracePeriod"))
             write = await store.write_key_config(redis, key_hash, config, grace, now.timestamp())
@@ -199,7 +222,10 @@ async def reconcile_key(
             # The rest works (its Secret's key, its other subjects), which the message says; the
             # conflicting subject never binds here.
             reason = cond.SUBJECT_CONFLICT if outcome.bound.conflicts else cond.SUBJECT_UNUSABLE
-            outcome.subject_problem = (reason, f"{bind_problem}; the key's Secret and its other subjects work as declared")
+            outcome.subject_problem = (
+                reason,
+                f"{bind_problem}; the key's Secret and its other subjects work as declared",
+            )
 
     old_ready = cond.find((obj.get("status") or {}).get("conditions"), cond.READY)
     desired = _desired_status(obj, key_id, outcome, now)
@@ -210,18 +236,29 @@ async def reconcile_key(
         old_id = contract.key_id_of(outcome.rotated_from)
         if outcome.previous is not None and outcome.previous.key_hash == outcome.rotated_from:
             until = cond.rfc3339(times.from_unix(outcome.previous.until))
-            events.append(("Normal", "KeyRotated",
-                           f"key {old_id} replaced by {key_id}; {old_id} keeps working until {until} "
-                           f"(rotationGracePeriod {spec.get('rotationGracePeriod')})"))
+            events.append(
+                (
+                    "Normal",
+                    "KeyRotated",
+                    f"key {old_id} replaced by {key_id}; {old_id} keeps working until {until} "
+                    f"(rotationGracePeriod {spec.get('rotationGracePeriod')})",
+                )
+            )
         else:
             events.append(("Normal", "KeyRotated", f"key {old_id} replaced by {key_id}"))
     if outcome.retired:
-        events.append(("Normal", "PreviousKeyRetired",
-                       f"key {contract.key_id_of(outcome.retired)} is no longer accepted: its "
-                       f"rotationGracePeriod ended; only {key_id} works"))
+        events.append(
+            (
+                "Normal",
+                "PreviousKeyRetired",
+                f"key {contract.key_id_of(outcome.retired)} is no longer accepted: its "
+                f"rotationGracePeriod ended; only {key_id} works",
+            )
+        )
     verdict_reason, verdict_message = outcome.verdict
     if old_ready is None or (old_ready.get("status"), old_ready.get("reason")) != (
-        "True" if outcome.ready else "False", verdict_reason
+        "True" if outcome.ready else "False",
+        verdict_reason,
     ):
         events.append(("Normal" if outcome.ready else "Warning", verdict_reason, verdict_message))
     for event in events:

@@ -35,7 +35,11 @@ class KubeApi(Protocol):
     async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, status: dict[str, Any],
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
         resource_version: str | None = None,
     ) -> str:
         """Merge-patch ``.status``; with ``resource_version`` it is a precondition.
@@ -43,9 +47,7 @@ class KubeApi(Protocol):
         Returns PATCHED, CONFLICT (the object moved on: re-read and retry) or GONE.
         """
 
-    async def post_event(
-        self, plural: str, obj: dict[str, Any], type_: str, reason: str, message: str
-    ) -> None: ...
+    async def post_event(self, plural: str, obj: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
 
     async def get_json(self, path: str) -> dict[str, Any]:
         """GET a non-resource URL of the API server (its OIDC discovery) as JSON."""
@@ -140,16 +142,18 @@ class ClientKubeApi:
 
     async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self._run(
-                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name
-            )
+            return await self._run(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
         except self._client.ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, status: dict[str, Any],
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
         resource_version: str | None = None,
     ) -> str:
         body: dict[str, Any] = {"status": status}
@@ -159,7 +163,12 @@ class ClientKubeApi:
             self.writes += 1
             await self._run(
                 self.custom.patch_namespaced_custom_object_status,
-                GROUP, VERSION, namespace, plural, name, body,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                body,
                 _content_type="application/merge-patch+json",
             )
             return PATCHED
@@ -170,27 +179,34 @@ class ClientKubeApi:
                 return GONE
             raise
 
-    async def post_event(
-        self, plural: str, obj: dict[str, Any], type_: str, reason: str, message: str
-    ) -> None:
+    async def post_event(self, plural: str, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         try:
             self.writes += 1
             await self._run(
                 self.core.create_namespaced_event,
-                obj["metadata"]["namespace"], event_body(plural, obj, type_, reason, message),
+                obj["metadata"]["namespace"],
+                event_body(plural, obj, type_, reason, message),
             )
         except self._client.ApiException as exc:  # events are best effort: never fail a reconcile
             if "NamespaceTerminating" not in (exc.body or ""):
-                log.warning("could not post event %s for %s: HTTP %s %s", reason,
-                            obj["metadata"].get("name"), exc.status, exc.reason)
+                log.warning(
+                    "could not post event %s for %s: HTTP %s %s",
+                    reason,
+                    obj["metadata"].get("name"),
+                    exc.status,
+                    exc.reason,
+                )
         except Exception as exc:
             log.warning("could not post event %s for %s: %s", reason, obj["metadata"].get("name"), exc)
 
     async def get_json(self, path: str) -> dict[str, Any]:
         # The client's own methods for these two paths (a generic call differs between versions).
-        calls = {"/.well-known/openid-configuration":
-                 self._client.WellKnownApi(self.api_client).get_service_account_issuer_open_id_configuration,
-                 "/openid/v1/jwks": self._client.OpenidApi(self.api_client).get_service_account_issuer_open_id_keyset}
+        calls = {
+            "/.well-known/openid-configuration": self._client.WellKnownApi(
+                self.api_client
+            ).get_service_account_issuer_open_id_configuration,
+            "/openid/v1/jwks": self._client.OpenidApi(self.api_client).get_service_account_issuer_open_id_keyset,
+        }
         if path not in calls:
             raise ValueError(f"{path}: not a document the operator reads")
         response = await self._run(calls[path], _preload_content=False)  # raw: typed as a str, it is JSON

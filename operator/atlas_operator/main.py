@@ -40,15 +40,24 @@ def plain(body: Any) -> dict[str, Any]:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
-                  atlaskey_views: kopf.Index, atlasquota_views: kopf.Index,
-                  keys_by_secret: kopf.Index, keys_by_quota: kopf.Index,
-                  secret_views: kopf.Index, atlaspricelist_views: kopf.Index, keys_by_subject: kopf.Index,
-                  **kwargs: Any) -> None:
+async def startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    atlaskey_views: kopf.Index,
+    atlasquota_views: kopf.Index,
+    keys_by_secret: kopf.Index,
+    keys_by_quota: kopf.Index,
+    secret_views: kopf.Index,
+    atlaspricelist_views: kopf.Index,
+    keys_by_subject: kopf.Index,
+    **kwargs: Any,
+) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration"
+    )
     settings.peering.standalone = True
     # The CRDs ship with the chart and namespaces are named, not globbed: no cluster-wide
     # CRD/namespace watches, so the operator needs no cluster-scoped RBAC beyond its own kinds.
@@ -69,23 +78,37 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     # and the write rate would be whatever that queue leaves (docs/operator.md, "Pacing").
     status_kube = ClientKubeApi.from_environment(workers=config.api_workers)
     on_cluster = await cluster.resolve(config.redis_cluster, config.redis_url, 5)
-    redis = cluster.redis_py_client(config.redis_url, on_cluster, socket_timeout=5, socket_connect_timeout=5,
-                                    health_check_interval=30)
-    memo.runtime = Runtime(config, kube, redis, {
-        "atlaskey_views": atlaskey_views, "atlasquota_views": atlasquota_views,
-        "keys_by_secret": keys_by_secret, "keys_by_quota": keys_by_quota,
-        "secret_views": secret_views, "atlaspricelist_views": atlaspricelist_views,
-        "keys_by_subject": keys_by_subject, "service_account_uids": kwargs.get("service_account_uids", {}),
-    }, status_kube=status_kube)
+    redis = cluster.redis_py_client(
+        config.redis_url, on_cluster, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+    )
+    memo.runtime = Runtime(
+        config,
+        kube,
+        redis,
+        {
+            "atlaskey_views": atlaskey_views,
+            "atlasquota_views": atlasquota_views,
+            "keys_by_secret": keys_by_secret,
+            "keys_by_quota": keys_by_quota,
+            "secret_views": secret_views,
+            "atlaspricelist_views": atlaspricelist_views,
+            "keys_by_subject": keys_by_subject,
+            "service_account_uids": kwargs.get("service_account_uids", {}),
+        },
+        status_kube=status_kube,
+    )
     memo.runtime.start()
     if config.metrics_port > 0:
         try:
             memo.metrics_server = serve_metrics(memo.runtime.metrics, config.metrics_host, config.metrics_port)
         except OSError as exc:  # metrics are for alerting; never the reason the operator is down
             logger.warning("no metrics endpoint on %s:%s: %s", config.metrics_host, config.metrics_port, exc)
-    logger.info("atlas operator: redis %s, namespaces %s, usage every %ss",
-                describe_url(config.redis_url), ",".join(config.namespaces) or "all",
-                config.usage_interval)
+    logger.info(
+        "atlas operator: redis %s, namespaces %s, usage every %ss",
+        describe_url(config.redis_url),
+        ",".join(config.namespaces) or "all",
+        config.usage_interval,
+    )
 
 
 @kopf.on.cleanup()
@@ -128,8 +151,7 @@ def keys_by_quota(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict 
 
 @kopf.index(GROUP, VERSION, KEYS)
 def keys_by_subject(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict | None:
-    claimant = Claimant(meta.get("creationTimestamp") or "", f"{namespace}/{name}",
-                        bool(meta.get("deletionTimestamp")))
+    claimant = Claimant(meta.get("creationTimestamp") or "", f"{namespace}/{name}", bool(meta.get("deletionTimestamp")))
     return {subject: claimant for subject in subjects_of(namespace, spec)} or None
 
 
@@ -177,8 +199,7 @@ async def atlaskey_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "secrets", labels={SECRET_WATCH_LABEL: kopf.PRESENT})
-async def secret_event(event: dict, namespace: str, name: str, body: kopf.Body,
-                       memo: kopf.Memo, **_: Any) -> None:
+async def secret_event(event: dict, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if event.get("type") is None:
         return  # the initial listing: every AtlasKey is resumed on its own
     await memo.runtime.secret_changed(namespace, name, body, deleted=event["type"] == "DELETED")
@@ -188,6 +209,7 @@ async def secret_event(event: dict, namespace: str, name: str, body: kopf.Body,
 # Only its UID is kept: a token names the account's UID, which must still be the current one.
 
 if SERVICE_ACCOUNT_TOKENS:
+
     @kopf.index("", "v1", "serviceaccounts")
     def service_account_uids(namespace: str, name: str, uid: str, **_: Any) -> dict:
         return {(namespace, name): uid}
@@ -197,8 +219,9 @@ if SERVICE_ACCOUNT_TOKENS:
         return runtime is not None and runtime.binds_account(namespace, name)
 
     @kopf.on.event("", "v1", "serviceaccounts", when=_bound)  # unbound accounts: nothing to do, nor log
-    async def service_account_event(event: dict, namespace: str, name: str, uid: str,
-                                    memo: kopf.Memo, **_: Any) -> None:
+    async def service_account_event(
+        event: dict, namespace: str, name: str, uid: str, memo: kopf.Memo, **_: Any
+    ) -> None:
         if event.get("type") is None:
             return  # the initial listing: every AtlasKey is resumed on its own
         await memo.runtime.service_account_changed(namespace, name, None if event["type"] == "DELETED" else uid)

@@ -58,34 +58,49 @@ class OperatorCollector:
         exhaustion = GaugeMetricFamily(
             "atlas_budget_exhaustion_seconds",
             "Seconds until a day/month budget runs out at the observed burn rate (only when before it resets)",
-            labels=["namespace", "name", "kind", "budget"])
-        burn = GaugeMetricFamily("atlas_budget_burn_tokens_per_hour",
-                                 "Burn rate the forecast uses (faster of the recent and the long window)",
-                                 labels=["namespace", "name", "kind"])
+            labels=["namespace", "name", "kind", "budget"],
+        )
+        burn = GaugeMetricFamily(
+            "atlas_budget_burn_tokens_per_hour",
+            "Burn rate the forecast uses (faster of the recent and the long window)",
+            labels=["namespace", "name", "kind"],
+        )
         for namespace, name, kind, forecast in snap.forecasts:
             burn.add_metric([namespace, name, kind], forecast.rate.tokens_per_hour)
             for ex in forecast.exhaustions:
                 exhaustion.add_metric([namespace, name, kind, ex.budget.name], max(0.0, ex.at.timestamp() - now))
-        info = GaugeMetricFamily("atlas_key_info", "One per AtlasKey: its namespace, name and AtlasQuota",
-                                 labels=["namespace", "name", "key", "quota"])
+        info = GaugeMetricFamily(
+            "atlas_key_info",
+            "One per AtlasKey: its namespace, name and AtlasQuota",
+            labels=["namespace", "name", "key", "quota"],
+        )
         for namespace, name, quota in snap.keys:
             info.add_metric([namespace, name, f"{namespace}/{name}", quota], 1)
         yield exhaustion
         yield burn
         yield info
         if snap.cycle_seconds is not None:
-            yield GaugeMetricFamily("atlas_operator_write_back_seconds", "Duration of the last usage write-back cycle",
-                                    value=snap.cycle_seconds)
-            yield GaugeMetricFamily("atlas_operator_write_back_subjects", "Subjects read by the last cycle",
-                                    value=snap.subjects)
-            yield GaugeMetricFamily("atlas_operator_write_back_patches", "Status patches written by the last cycle",
-                                    value=snap.patches)
-            yield GaugeMetricFamily("atlas_operator_write_back_deferred",
-                                    "Status changes the last cycle left for later ones (the write rate)",
-                                    value=snap.deferred)
-            yield GaugeMetricFamily("atlas_operator_status_lag_seconds",
-                                    "Seconds the status furthest behind Redis has been so (end of the last cycle)",
-                                    value=snap.lag_seconds)
+            yield GaugeMetricFamily(
+                "atlas_operator_write_back_seconds",
+                "Duration of the last usage write-back cycle",
+                value=snap.cycle_seconds,
+            )
+            yield GaugeMetricFamily(
+                "atlas_operator_write_back_subjects", "Subjects read by the last cycle", value=snap.subjects
+            )
+            yield GaugeMetricFamily(
+                "atlas_operator_write_back_patches", "Status patches written by the last cycle", value=snap.patches
+            )
+            yield GaugeMetricFamily(
+                "atlas_operator_write_back_deferred",
+                "Status changes the last cycle left for later ones (the write rate)",
+                value=snap.deferred,
+            )
+            yield GaugeMetricFamily(
+                "atlas_operator_status_lag_seconds",
+                "Seconds the status furthest behind Redis has been so (end of the last cycle)",
+                value=snap.lag_seconds,
+            )
         yield from self._failures()
 
     def _failures(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
@@ -93,20 +108,25 @@ class OperatorCollector:
         counts, failing = dict(self.failures.counts), dict(self.failures.failing)
         loop_counts = dict(self.failures.loop_counts)
         by_object = CounterMetricFamily(
-            "atlas_operator_object_failures", "Failures of one object in one loop or handler (the others went on)",
-            labels=["loop", "kind", "namespace", "name"])
+            "atlas_operator_object_failures",
+            "Failures of one object in one loop or handler (the others went on)",
+            labels=["loop", "kind", "namespace", "name"],
+        )
         for labels, count in counts.items():
             by_object.add_metric(list(labels), count)
-        now_failing = GaugeMetricFamily("atlas_operator_failing_objects",
-                                        "Objects whose last attempt in this loop failed", labels=["loop"])
+        now_failing = GaugeMetricFamily(
+            "atlas_operator_failing_objects", "Objects whose last attempt in this loop failed", labels=["loop"]
+        )
         per_loop: dict[str, int] = {}
         for loop, *_ in failing:
             per_loop[loop] = per_loop.get(loop, 0) + 1
         for loop, count in per_loop.items():
             now_failing.add_metric([loop], count)
-        cycles = CounterMetricFamily("atlas_operator_loop_failures",
-                                     "Whole cycles of a loop that failed (Redis or the API server unreachable)",
-                                     labels=["loop"])
+        cycles = CounterMetricFamily(
+            "atlas_operator_loop_failures",
+            "Whole cycles of a loop that failed (Redis or the API server unreachable)",
+            labels=["loop"],
+        )
         for loop, count in loop_counts.items():
             cycles.add_metric([loop], count)
         yield by_object

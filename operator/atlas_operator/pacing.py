@@ -32,8 +32,13 @@ def object_id(item: Item) -> ObjectId:
 class TokenBucket:
     """``qps`` tokens a second, at most ``burst`` saved up (client-go's ``flowcontrol`` bucket)."""
 
-    def __init__(self, qps: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        qps: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
         if qps <= 0:
             raise ValueError("qps must be > 0")
         self.qps = float(qps)
@@ -111,8 +116,7 @@ class StalenessQueue:
         old = (view.status.get("usage") or {}).get("tokensToday", 0)
         new = (patch.get("usage") or {}).get("tokensToday", old)
         change = abs(new - old) if isinstance(new, int) and isinstance(old, int) else 0
-        return (0 if "conditions" in patch else 1, self.since[object_id(item)],
-                1 if plural == KEYS else 0, -change)
+        return (0 if "conditions" in patch else 1, self.since[object_id(item)], 1 if plural == KEYS else 0, -change)
 
     def staleness(self, now: float | None = None) -> float:
         """Seconds the longest-waiting object has been behind (0 when all are in sync)."""

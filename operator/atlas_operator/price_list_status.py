@@ -39,10 +39,13 @@ def desired_status(view: ObjectView, keys: list[str], quotas: list[str], now: da
     }
 
 
-async def reconcile_price_list(view: ObjectView, *, kube: KubeApi, keys: list[str], quotas: list[str],
-                               now: datetime | None = None) -> bool:
+async def reconcile_price_list(
+    view: ObjectView, *, kube: KubeApi, keys: list[str], quotas: list[str], now: datetime | None = None
+) -> bool:
     """Patch what differs; True when a patch was written. StatusConflict: re-read and run again."""
     desired = desired_status(view, keys, quotas, now or datetime.now(timezone.utc))
-    obj = {"metadata": {"namespace": view.namespace, "name": view.name, "resourceVersion": view.resource_version},
-           "status": view.status}
+    obj = {
+        "metadata": {"namespace": view.namespace, "name": view.name, "resourceVersion": view.resource_version},
+        "status": view.status,
+    }
     return await write_status(kube, PRICE_LISTS, obj, desired)

@@ -15,8 +15,9 @@ def no_price_lists(namespace: str, name: str) -> None:
     return None
 
 
-def resolve_price_list(namespace: str, spec: dict[str, Any], price_list: PriceListLookup
-                       ) -> tuple[contract.PriceTable | None, str | None]:
+def resolve_price_list(
+    namespace: str, spec: dict[str, Any], price_list: PriceListLookup
+) -> tuple[contract.PriceTable | None, str | None]:
     """The table, or the refusal message when the spec names a price list that does not exist
     (never served unpriced)."""
     ref = spec.get("priceListRef") or None

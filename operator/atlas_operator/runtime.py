@@ -61,8 +61,14 @@ class SecretMapping(Mapping):
 
 
 class Runtime:
-    def __init__(self, settings: OperatorSettings, kube: KubeApi, redis: Any, indexes: dict[str, Any],
-                 status_kube: KubeApi | None = None):
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        kube: KubeApi,
+        redis: Any,
+        indexes: dict[str, Any],
+        status_kube: KubeApi | None = None,
+    ):
         self.settings = settings
         self.kube = kube
         self.status_kube = status_kube or kube  # the usage write-back's API client (its own threads)
@@ -85,8 +91,8 @@ class Runtime:
         self.tasks: list[asyncio.Task] = []
         self.issuer_retries = 0  # refresh rounds in a row with an issuer never fetched
         self.issuers = IssuerRefresher(
-            settings.jwt_issuers, settings.token_audience if settings.service_account_tokens else None,
-            kube.get_json)
+            settings.jwt_issuers, settings.token_audience if settings.service_account_tokens else None, kube.get_json
+        )
 
     # ------------------------------------------------------------------ lookups
 
@@ -127,8 +133,7 @@ class Runtime:
 
     def unusable(self, subject: TokenSubject) -> str | None:
         settings = self.settings
-        return bindings.unusable(subject, settings.service_account_tokens, settings.watches,
-                                 len(settings.jwt_issuers))
+        return bindings.unusable(subject, settings.service_account_tokens, settings.watches, len(settings.jwt_issuers))
 
     async def bind_subjects(self, namespace: str, name: str, spec: dict[str, Any]) -> bindings.Bound:
         """keys.SubjectBinder: bind this AtlasKey's usable subjects; say why the others are not."""
@@ -153,9 +158,13 @@ class Runtime:
         subject = TokenSubject("ServiceAccount", name, namespace)
         if self.binds_account(namespace, name):
             if await bindings.account_changed(self.redis, subject, uid):
-                log.info("ServiceAccount %s/%s %s: its tokens %s", namespace, name,
-                         "deleted" if uid is None else "(re)created",
-                         "are refused" if uid is None else "must carry its new UID")
+                log.info(
+                    "ServiceAccount %s/%s %s: its tokens %s",
+                    namespace,
+                    name,
+                    "deleted" if uid is None else "(re)created",
+                    "are refused" if uid is None else "must carry its new UID",
+                )
 
     def desired_identity(self) -> tuple[dict[str, str], dict[str, str]]:
         """Every binding and bound ServiceAccount UID the indexes imply (self-healing)."""
@@ -183,8 +192,9 @@ class Runtime:
         except Exception as exc:
             self.failures.failed(failures.RECONCILE, obj, exc)
             if self.failures.take_report(failures.RECONCILE, obj):
-                await self.kube.post_event(plural, body, "Warning", "ReconcileFailed",
-                                           f"reconcile failed: {failures.describe(exc)}")
+                await self.kube.post_event(
+                    plural, body, "Warning", "ReconcileFailed", f"reconcile failed: {failures.describe(exc)}"
+                )
             raise ObjectFailed(failures.describe(exc), self.failures.retry_in(failures.RECONCILE, obj)) from exc
         self.failures.succeeded(failures.RECONCILE, obj)
         self.failures.succeeded(failures.HEAL, obj)  # its config is written again
@@ -196,9 +206,14 @@ class Runtime:
 
         async def work() -> keys.KeyOutcome:
             async with self._lock(*ident):
-                return await keys.reconcile_key(body, kube=self.kube, redis=self.redis,
-                                                quota_exists=self.quota_exists, price_list=self.price_list,
-                                                bind_subjects=self.bind_subjects)
+                return await keys.reconcile_key(
+                    body,
+                    kube=self.kube,
+                    redis=self.redis,
+                    quota_exists=self.quota_exists,
+                    price_list=self.price_list,
+                    bind_subjects=self.bind_subjects,
+                )
 
         outcome = await self._guarded(KEYS, body, work)
         if outcome.bound is not None and outcome.bound.released:
@@ -208,8 +223,9 @@ class Runtime:
         if outcome.next_check is not None:
             self.scheduler.schedule(*ident, outcome.next_check)
         if outcome.redis_written or outcome.status_patched:
-            log.info("AtlasKey %s/%s reconciled: %s (keyId %s)", *ident, outcome.reason,
-                     (outcome.key_hash or "")[:8] or "-")
+            log.info(
+                "AtlasKey %s/%s reconciled: %s (keyId %s)", *ident, outcome.reason, (outcome.key_hash or "")[:8] or "-"
+            )
         return outcome
 
     async def reconcile_key_by_name(self, namespace: str, name: str) -> None:
@@ -275,9 +291,17 @@ class Runtime:
 
     async def reconcile_quota(self, body: dict[str, Any]) -> quotas.QuotaOutcome:
         meta = body["metadata"]
-        return await self._guarded(QUOTAS, body, lambda: quotas.reconcile_quota(
-            body, kube=self.kube, redis=self.redis, key_count=self.key_count(meta["namespace"], meta["name"]),
-            price_list=self.price_list))
+        return await self._guarded(
+            QUOTAS,
+            body,
+            lambda: quotas.reconcile_quota(
+                body,
+                kube=self.kube,
+                redis=self.redis,
+                key_count=self.key_count(meta["namespace"], meta["name"]),
+                price_list=self.price_list,
+            ),
+        )
 
     async def reconcile_quota_by_name(self, namespace: str, name: str) -> None:
         """Like reconcile_key_by_name, without the timer's retry (the quota's next change or
@@ -285,8 +309,7 @@ class Runtime:
         await self._reconcile_by_name(QUOTAS, self.reconcile_quota, namespace, name)
 
     async def reconcile_dependents(self, namespace: str, name: str) -> None:
-        await asyncio.gather(*(self.reconcile_key_by_name(namespace, k)
-                               for k in self.keys_of_quota(namespace, name)))
+        await asyncio.gather(*(self.reconcile_key_by_name(namespace, k) for k in self.keys_of_quota(namespace, name)))
 
     async def delete_quota(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -302,9 +325,14 @@ class Runtime:
 
     def price_list_users(self, namespace: str, name: str) -> tuple[list[str], list[str]]:
         """(keys, quotas) of the namespace naming this price list."""
+
         def naming(views: list[ObjectView]) -> list[str]:
-            return [v.name for v in views
-                    if v.namespace == namespace and v.spec.get("priceListRef") == name and not v.deleting]
+            return [
+                v.name
+                for v in views
+                if v.namespace == namespace and v.spec.get("priceListRef") == name and not v.deleting
+            ]
+
         return naming(self.key_views()), naming(self.quota_views())
 
     async def price_list_event(self, body: dict[str, Any], event_type: str | None) -> None:
@@ -341,8 +369,13 @@ class Runtime:
         for attempt in range(2):
             key_names, quota_names = self.price_list_users(view.namespace, view.name)
             try:
-                return await self._guarded(PRICE_LISTS, view.event_target(), partial(
-                    price_list_status.reconcile_price_list, view, kube=self.kube, keys=key_names, quotas=quota_names))
+                return await self._guarded(
+                    PRICE_LISTS,
+                    view.event_target(),
+                    partial(
+                        price_list_status.reconcile_price_list, view, kube=self.kube, keys=key_names, quotas=quota_names
+                    ),
+                )
             except ObjectFailed:
                 return False
             except StatusConflict:
@@ -378,33 +411,60 @@ class Runtime:
         # Patches go out until the next cycle is due (the loop runs at a fixed rate), so the
         # bucket's rate is used nearly all the time while a backlog lasts.
         deadline = self.status_bucket.clock() + self.settings.usage_interval
-        stats = await usage.usage_cycle(self.redis, self.status_kube, key_views, quota_views,
-                                        datetime.now(timezone.utc),
-                                        bucket=self.status_bucket, queue=self.status_queue,
-                                        deadline=deadline,
-                                        history=self.history, observed=observed,
-                                        carry_over=self.carry_over, tracker=self.failures)
+        stats = await usage.usage_cycle(
+            self.redis,
+            self.status_kube,
+            key_views,
+            quota_views,
+            datetime.now(timezone.utc),
+            bucket=self.status_bucket,
+            queue=self.status_queue,
+            deadline=deadline,
+            history=self.history,
+            observed=observed,
+            carry_over=self.carry_over,
+            tracker=self.failures,
+        )
         if self.failures.counts:  # objects deleted since they failed: their series go
-            self.failures.forget({(KIND_OF[KEYS], k.namespace, k.name) for k in key_views}
-                                 | {(KIND_OF[QUOTAS], q.namespace, q.name) for q in quota_views}
-                                 | {(KIND_OF[PRICE_LISTS], p.namespace, p.name) for p in self.price_list_views()})
+            self.failures.forget(
+                {(KIND_OF[KEYS], k.namespace, k.name) for k in key_views}
+                | {(KIND_OF[QUOTAS], q.namespace, q.name) for q in quota_views}
+                | {(KIND_OF[PRICE_LISTS], p.namespace, p.name) for p in self.price_list_views()}
+            )
         self.last_cycle = stats
         self.metrics.snapshot = Snapshot(
             forecasts=observed,
             keys=[(k.namespace, k.name, k.quota or "") for k in key_views if not k.deleting],
-            cycle_seconds=stats.seconds, subjects=stats.subjects, patches=stats.patches,
-            deferred=stats.deferred, lag_seconds=self.status_queue.staleness())
+            cycle_seconds=stats.seconds,
+            subjects=stats.subjects,
+            patches=stats.patches,
+            deferred=stats.deferred,
+            lag_seconds=self.status_queue.staleness(),
+        )
         if stats.patches or stats.conflicts or stats.deferred:
-            log.info("usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %d failing, "
-                     "oldest lag %.0fs, %.3fs", stats.subjects, stats.patches, stats.conflicts, stats.deferred,
-                     stats.failed, self.status_queue.staleness(), stats.seconds)
+            log.info(
+                "usage write-back: %d subjects, %d patches, %d conflicts, %d deferred, %d failing, "
+                "oldest lag %.0fs, %.3fs",
+                stats.subjects,
+                stats.patches,
+                stats.conflicts,
+                stats.deferred,
+                stats.failed,
+                self.status_queue.staleness(),
+                stats.seconds,
+            )
         return stats
 
     async def heal_once(self) -> int | None:
         result = await heal.heal_if_needed(
-            self.redis, self.key_views(), self.quota_views(),
-            SecretMapping(self.indexes["secret_views"]), datetime.now(timezone.utc), self.price_list,
-            identity=self.desired_identity)
+            self.redis,
+            self.key_views(),
+            self.quota_views(),
+            SecretMapping(self.indexes["secret_views"]),
+            datetime.now(timezone.utc),
+            self.price_list,
+            identity=self.desired_identity,
+        )
         if result is None:
             return None
         await self.issuers.republish(self.redis)
@@ -412,14 +472,28 @@ class Runtime:
             obj = (KIND_OF[plural], view.namespace, view.name)
             self.failures.failed(failures.HEAL, obj, exc)
             if self.failures.take_report(failures.HEAL, obj):
-                await self.kube.post_event(plural, view.event_target(), "Warning", "ConfigRestoreFailed",
-                                           f"self-healing could not rewrite its config: {failures.describe(exc)}")
-        log.warning("Redis had no config epoch: rewrote %d configs from the indexes (%d could not be)",
-                    result.rewritten, len(result.failed))
+                await self.kube.post_event(
+                    plural,
+                    view.event_target(),
+                    "Warning",
+                    "ConfigRestoreFailed",
+                    f"self-healing could not rewrite its config: {failures.describe(exc)}",
+                )
+        log.warning(
+            "Redis had no config epoch: rewrote %d configs from the indexes (%d could not be)",
+            result.rewritten,
+            len(result.failed),
+        )
         return result.rewritten
 
-    async def _every(self, seconds: float | Callable[[], float], fn: Callable[[], Any], name: str,
-                     at_once: bool = False, fixed_rate: bool = False) -> None:
+    async def _every(
+        self,
+        seconds: float | Callable[[], float],
+        fn: Callable[[], Any],
+        name: str,
+        at_once: bool = False,
+        fixed_rate: bool = False,
+    ) -> None:
         """Run ``fn`` every ``seconds``: after a pause that long, or with ``fixed_rate`` that long
         after the previous run started (at once when it took longer)."""
         started = None
@@ -443,16 +517,21 @@ class Runtime:
 
     def start(self) -> None:
         self.tasks = [
-            asyncio.create_task(self._every(self.settings.usage_interval, self.usage_once, failures.USAGE,
-                                            fixed_rate=True)),
+            asyncio.create_task(
+                self._every(self.settings.usage_interval, self.usage_once, failures.USAGE, fixed_rate=True)
+            ),
             asyncio.create_task(self._every(self.settings.heal_interval, self.heal_once, failures.HEAL)),
-            asyncio.create_task(self._every(self.settings.usage_interval, self.price_lists_once,
-                                            failures.PRICE_LIST_STATUS)),
+            asyncio.create_task(
+                self._every(self.settings.usage_interval, self.price_lists_once, failures.PRICE_LIST_STATUS)
+            ),
             asyncio.create_task(self.scheduler.run()),
         ]
         if self.issuers.enabled:
-            self.tasks.append(asyncio.create_task(
-                self._every(self.issuers_delay, self.refresh_issuers, failures.ISSUERS, at_once=True)))
+            self.tasks.append(
+                asyncio.create_task(
+                    self._every(self.issuers_delay, self.refresh_issuers, failures.ISSUERS, at_once=True)
+                )
+            )
 
     def issuers_delay(self) -> float:
         """ATLAS_JWKS_REFRESH_SECONDS, or sooner while an issuer has never been fetched (the API

@@ -7,9 +7,19 @@ from dataclasses import dataclass
 
 from atlas_core import cluster
 from atlas_core.flags import parse_flag
-
-from atlas_core.resources import (API_VERSION, GROUP, KEYS, KIND_OF, MANAGED_BY, MANAGED_BY_LABEL,  # noqa: F401
-                                  OWNER_LABEL, PRICE_LISTS, QUOTAS, SECRET_DATA_KEY, VERSION)
+from atlas_core.resources import (  # noqa: F401
+    API_VERSION,
+    GROUP,
+    KEYS,
+    KIND_OF,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    OWNER_LABEL,
+    PRICE_LISTS,
+    QUOTAS,
+    SECRET_DATA_KEY,
+    VERSION,
+)
 
 from .issuers import parse_oidc_issuers
 

@@ -18,13 +18,21 @@ class StatusConflict(Exception):
     """The object changed while we reconciled it: re-read and run again."""
 
 
-def starting_fields(status: dict[str, Any], conditions: list[dict[str, Any]], generation: int | None,
-                    now: datetime) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def starting_fields(
+    status: dict[str, Any], conditions: list[dict[str, Any]], generation: int | None, now: datetime
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """``conditions`` with QuotaExhausted started False when absent (the usage loop owns it: it
     then only writes real changes), and the zero usage to show when the status has none yet."""
     if cond.find(conditions, cond.QUOTA_EXHAUSTED) is None:
-        conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED, False, cond.WITHIN_BUDGET,
-                                "no day or month budget is spent", generation, now)
+        conditions = cond.merge(
+            conditions,
+            cond.QUOTA_EXHAUSTED,
+            False,
+            cond.WITHIN_BUDGET,
+            "no day or month budget is spent",
+            generation,
+            now,
+        )
     usage = None
     if "usage" not in status:
         usage = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
@@ -34,10 +42,7 @@ def starting_fields(status: dict[str, Any], conditions: list[dict[str, Any]], ge
 def status_delta(current: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any]:
     """The fields of ``desired`` that differ from ``current`` (None values delete a field)."""
     current = current or {}
-    return {
-        k: v for k, v in desired.items()
-        if not (current.get(k) == v or (v is None and k not in current))
-    }
+    return {k: v for k, v in desired.items() if not (current.get(k) == v or (v is None and k not in current))}
 
 
 async def write_status(kube: KubeApi, plural: str, obj: dict[str, Any], desired: dict[str, Any]) -> bool:

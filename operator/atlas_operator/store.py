@@ -53,7 +53,11 @@ class KeyWrite:
 
 
 async def write_key_config(
-    redis: Any, key_hash: str, config: KeyConfig, grace_seconds: float = 0.0, now: float | None = None,
+    redis: Any,
+    key_hash: str,
+    config: KeyConfig,
+    grace_seconds: float = 0.0,
+    now: float | None = None,
 ) -> KeyWrite:
     """Make Redis hold ``config`` under ``key_hash`` for this AtlasKey; on rotation drop the
     hash it had before, or keep it working ``grace_seconds`` longer (rotation.step)."""
@@ -67,7 +71,11 @@ async def write_key_config(
     served = _text(served)
     previous = _previous(previous_raw)
     plan = rotation.step(served, previous, key_hash, grace_seconds, now)
-    if plan.previous is not None and plan.rotated_from and await owner_of_hash(redis, plan.rotated_from) not in (ref, None):
+    if (
+        plan.previous is not None
+        and plan.rotated_from
+        and await owner_of_hash(redis, plan.rotated_from) not in (ref, None)
+    ):
         plan = rotation.RotationStep(None, rotated_from=plan.rotated_from)  # not ours to keep serving
     encoded = config.encode()
     previous_encoded = _previous_config(config, plan.previous)
@@ -84,8 +92,7 @@ async def write_key_config(
             tx.delete(contract.key_config_key(stale))
     if plan.previous is not None:
         # Expires by itself at the deadline: the old key is refused on time even if the operator is down.
-        tx.set(contract.key_config_key(plan.previous.key_hash), previous_encoded,
-               pxat=int(plan.previous.until * 1000))
+        tx.set(contract.key_config_key(plan.previous.key_hash), previous_encoded, pxat=int(plan.previous.until * 1000))
         tx.hset(contract.PREVIOUS_KEY_INDEX, ref, plan.previous.encode())
     elif previous is not None:
         tx.hdel(contract.PREVIOUS_KEY_INDEX, ref)

@@ -20,7 +20,9 @@ from typing import Any, Iterable
 from atlas_core import contract
 from atlas_core.contract import Limits, Usage
 
-from . import conditions as cond, failures, forecast as fc
+from . import conditions as cond
+from . import failures
+from . import forecast as fc
 from .carry_over import CarryOver
 from .history import History
 from .kube import CONFLICT, PATCHED, KubeApi
@@ -48,16 +50,17 @@ class CycleStats:
 
 def exhaustion(limits: Limits, usage: Usage) -> tuple[bool, str, str]:
     if limits.tokens_per_day is not None and usage.tokens_today >= limits.tokens_per_day:
-        return True, cond.DAILY_BUDGET_SPENT, (
-            f"tokensPerDay ({limits.tokens_per_day}) is spent for {usage.day}")
+        return True, cond.DAILY_BUDGET_SPENT, (f"tokensPerDay ({limits.tokens_per_day}) is spent for {usage.day}")
     if limits.tokens_per_month is not None and usage.tokens_this_month >= limits.tokens_per_month:
-        return True, cond.MONTHLY_BUDGET_SPENT, (
-            f"tokensPerMonth ({limits.tokens_per_month}) is spent for {usage.month}")
+        return (
+            True,
+            cond.MONTHLY_BUDGET_SPENT,
+            (f"tokensPerMonth ({limits.tokens_per_month}) is spent for {usage.month}"),
+        )
     if limits.cost_per_day is not None and (usage.cost_today or 0) >= contract.to_micro(limits.cost_per_day):
         return True, cond.DAILY_BUDGET_SPENT, f"costPerDay ({limits.cost_per_day}) is spent for {usage.day}"
     if limits.cost_per_month is not None and (usage.cost_this_month or 0) >= contract.to_micro(limits.cost_per_month):
-        return True, cond.MONTHLY_BUDGET_SPENT, (
-            f"costPerMonth ({limits.cost_per_month}) is spent for {usage.month}")
+        return True, cond.MONTHLY_BUDGET_SPENT, (f"costPerMonth ({limits.cost_per_month}) is spent for {usage.month}")
     return False, cond.WITHIN_BUDGET, "no day or month budget is spent"
 
 
@@ -72,12 +75,16 @@ def demotion(limits: Limits, usage: Usage) -> tuple[bool, str, str] | None:
     budget, limit = passed
     shown = contract.format_micro(limit) if "Cost" in budget else limit
     period = usage.day if budget.endswith("Day") else usage.month
-    return True, cond.soft_budget_reason(budget), (
-        f"{budget} ({shown}) is passed for {period}: requests are admitted as Sheddable")
+    return (
+        True,
+        cond.soft_budget_reason(budget),
+        (f"{budget} ({shown}) is passed for {period}: requests are admitted as Sheddable"),
+    )
 
 
-def key_demotion(own: tuple[bool, str, str] | None, quota: str | None,
-                 shared: tuple[bool, str, str] | None) -> tuple[bool, str, str] | None:
+def key_demotion(
+    own: tuple[bool, str, str] | None, quota: str | None, shared: tuple[bool, str, str] | None
+) -> tuple[bool, str, str] | None:
     """A key's Demoted condition: its own, or its AtlasQuota's when that one is passed (every
     request of the key is demoted then too)."""
     if shared is not None and shared[0] and not (own and own[0]):
@@ -114,19 +121,28 @@ def at_risk_condition(forecast: "fc.Forecast | ForecastFailed | None") -> tuple[
         return False, cond.NO_FORECAST, "too little history, or no usage recently, to forecast"
     first = forecast.first
     if first is None:
-        return False, cond.WITHIN_BUDGET, (
-            "at the current burn rate no day or month budget runs out before it resets")
+        return False, cond.WITHIN_BUDGET, ("at the current burn rate no day or month budget runs out before it resets")
     budget = first.budget
-    return True, cond.at_risk_reason(budget.name), (
-        f"{budget.name} ({budget.limit}) runs out at {cond.rfc3339(first.at)} at "
-        f"{forecast.rate.tokens_per_hour} tokens/hour ({forecast.rate.basis}), before it resets "
-        f"at {cond.rfc3339(budget.resets_at)}")
+    return (
+        True,
+        cond.at_risk_reason(budget.name),
+        (
+            f"{budget.name} ({budget.limit}) runs out at {cond.rfc3339(first.at)} at "
+            f"{forecast.rate.tokens_per_hour} tokens/hour ({forecast.rate.basis}), before it resets "
+            f"at {cond.rfc3339(budget.resets_at)}"
+        ),
+    )
 
 
 def status_patch(
-    view: ObjectView, usage: Usage, exhausted: tuple[bool, str, str], now: datetime,
-    keys: int | None = None, forecast: Any = NO_FORECAST,
-    events: list[tuple[str, str, str]] | None = None, demoted: tuple[bool, str, str] | None = None,
+    view: ObjectView,
+    usage: Usage,
+    exhausted: tuple[bool, str, str],
+    now: datetime,
+    keys: int | None = None,
+    forecast: Any = NO_FORECAST,
+    events: list[tuple[str, str, str]] | None = None,
+    demoted: tuple[bool, str, str] | None = None,
 ) -> dict[str, Any] | None:
     """The status fields to patch for one object, or None when everything already matches.
 
@@ -150,16 +166,22 @@ def status_patch(
     current = cond.find(conditions, cond.QUOTA_EXHAUSTED)
     is_exhausted, reason, message = exhausted
     if current is None or (current.get("status"), current.get("reason"), current.get("message")) != (
-        "True" if is_exhausted else "False", reason, message
+        "True" if is_exhausted else "False",
+        reason,
+        message,
     ):
-        patch["conditions"] = conditions = cond.merge(conditions, cond.QUOTA_EXHAUSTED,
-                                                      is_exhausted, reason, message, view.generation, now)
+        patch["conditions"] = conditions = cond.merge(
+            conditions, cond.QUOTA_EXHAUSTED, is_exhausted, reason, message, view.generation, now
+        )
     shown_demoted = cond.find(conditions, cond.DEMOTED)
     if demoted is None:
         if shown_demoted is not None:
             patch["conditions"] = conditions = cond.without(conditions, cond.DEMOTED)
-    elif shown_demoted is None or (shown_demoted.get("status"), shown_demoted.get("reason"),
-                                   shown_demoted.get("message")) != ("True" if demoted[0] else "False", *demoted[1:]):
+    elif shown_demoted is None or (
+        shown_demoted.get("status"),
+        shown_demoted.get("reason"),
+        shown_demoted.get("message"),
+    ) != ("True" if demoted[0] else "False", *demoted[1:]):
         patch["conditions"] = conditions = cond.merge(conditions, cond.DEMOTED, *demoted, view.generation, now)
     if forecast is not NO_FORECAST:
         shown = view.status.get("forecast")
@@ -170,13 +192,13 @@ def status_patch(
         shown_failing = (at_risk or {}).get("reason") == cond.FORECAST_FAILED
         # a forecast failure shows at once (and when it changes); so does its end
         failure_news = (failing and (at_risk or {}).get("message") != message) or (shown_failing and not failing)
-        if (fc.changed_meaningfully(shown, wanted, now) or (at_risk is None and wanted is not None)
-                or failure_news):
+        if fc.changed_meaningfully(shown, wanted, now) or (at_risk is None and wanted is not None) or failure_news:
             if wanted is not None or shown is not None:
                 patch["forecast"] = _merge_fields(shown, wanted)
             if at_risk is not None or wanted is not None or failing:
-                patch["conditions"] = cond.merge(conditions, cond.BUDGET_AT_RISK, risky, reason,
-                                                 message, view.generation, now)
+                patch["conditions"] = cond.merge(
+                    conditions, cond.BUDGET_AT_RISK, risky, reason, message, view.generation, now
+                )
                 if risky and (at_risk is None or at_risk.get("status") != "True") and events is not None:
                     events.append(("Warning", cond.BUDGET_AT_RISK, message))
     return patch or None
@@ -188,13 +210,15 @@ def stale_patch(view: ObjectView, reason: str, message: str, now: datetime) -> d
     conditions = view.status.get("conditions")
     shown = cond.find(conditions, cond.USAGE_STALE)
     if shown is not None and (shown.get("status"), shown.get("reason"), shown.get("message")) == (
-            "True", reason, message):
+        "True",
+        reason,
+        message,
+    ):
         return None
     return {"conditions": cond.merge(conditions, cond.USAGE_STALE, True, reason, message, view.generation, now)}
 
 
-def _forecast(history: History | None, subject: str, limits: Limits, usage: Usage, now: datetime,
-              now_ms: int) -> Any:
+def _forecast(history: History | None, subject: str, limits: Limits, usage: Usage, now: datetime, now_ms: int) -> Any:
     if history is None:
         return NO_FORECAST
     rate = history.observe(subject, now_ms, usage.month, usage.tokens_this_month)
@@ -204,10 +228,15 @@ def _forecast(history: History | None, subject: str, limits: Limits, usage: Usag
 
 
 def plan(
-    keys: Iterable[ObjectView], quotas: Iterable[ObjectView], usages: dict[str, Usage], now: datetime,
-    history: History | None = None, observed: Observed | None = None,
+    keys: Iterable[ObjectView],
+    quotas: Iterable[ObjectView],
+    usages: dict[str, Usage],
+    now: datetime,
+    history: History | None = None,
+    observed: Observed | None = None,
     events: dict[tuple[str, str, str], list[tuple[str, str, str]]] | None = None,
-    unreadable: dict[str, str] | None = None, failed: Failed | None = None,
+    unreadable: dict[str, str] | None = None,
+    failed: Failed | None = None,
 ) -> list[tuple[str, ObjectView, dict[str, Any]]]:
     """Every (plural, object, status patch) a cycle must write (the diffing itself).
 
@@ -247,12 +276,25 @@ def plan(
             elif subject not in usages:
                 continue
             else:
-                patch = _plan_object(plural, view, subject, usages[subject], now, now_ms, history, observed,
-                                     posted, bound, quota_notices, failed)
+                patch = _plan_object(
+                    plural,
+                    view,
+                    subject,
+                    usages[subject],
+                    now,
+                    now_ms,
+                    history,
+                    observed,
+                    posted,
+                    bound,
+                    quota_notices,
+                    failed,
+                )
         except Exception as exc:  # noqa: BLE001 - this object's failure, reported; the cycle goes on
             failed.append((failures.USAGE, plural, view, exc))
-            patch = stale_patch(view, cond.WRITE_BACK_FAILED, f"its status could not be planned: "
-                                f"{failures.describe(exc)}", now)
+            patch = stale_patch(
+                view, cond.WRITE_BACK_FAILED, f"its status could not be planned: {failures.describe(exc)}", now
+            )
         if patch:
             out.append((plural, view, patch))
             if posted:
@@ -260,10 +302,20 @@ def plan(
     return out
 
 
-def _plan_object(plural: str, view: ObjectView, subject: str, usage: Usage, now: datetime, now_ms: int,
-                 history: History | None, observed: Observed, posted: list[tuple[str, str, str]],
-                 bound: dict[tuple[str, str], int], quota_notices: dict[tuple[str, str], tuple[Any, Any]],
-                 failed: Failed) -> dict[str, Any] | None:
+def _plan_object(
+    plural: str,
+    view: ObjectView,
+    subject: str,
+    usage: Usage,
+    now: datetime,
+    now_ms: int,
+    history: History | None,
+    observed: Observed,
+    posted: list[tuple[str, str, str]],
+    bound: dict[tuple[str, str], int],
+    quota_notices: dict[tuple[str, str], tuple[Any, Any]],
+    failed: Failed,
+) -> dict[str, Any] | None:
     limits = Limits.from_spec(view.spec.get("limits"))
     state = exhaustion(limits, usage)
     demoted = demotion(limits, usage)
@@ -285,21 +337,29 @@ def _plan_object(plural: str, view: ObjectView, subject: str, usage: Usage, now:
     return status_patch(view, usage, state, now, keys=keys, forecast=forecast, events=posted, demoted=demoted)
 
 
-async def read_all(redis: Any, subjects: list[str], now: datetime, batch: int,
-                   tags: dict[str, str] | None = None,
-                   unreadable: dict[str, str] | None = None) -> tuple[dict[str, Usage], int]:
+async def read_all(
+    redis: Any,
+    subjects: list[str],
+    now: datetime,
+    batch: int,
+    tags: dict[str, str] | None = None,
+    unreadable: dict[str, str] | None = None,
+) -> tuple[dict[str, Usage], int]:
     usages: dict[str, Usage] = {}
     trips = 0
     for start in range(0, len(subjects), batch):
-        usages.update(await contract.read_usages(redis, subjects[start:start + batch], now, tags, unreadable))
+        usages.update(await contract.read_usages(redis, subjects[start : start + batch], now, tags, unreadable))
         trips += 1
     return usages, trips
 
 
 def slot_tags(keys: Iterable[ObjectView]) -> dict[str, str]:
     """subject -> slot tag of every AtlasKey bound to a quota (the others' tag is their subject)."""
-    return {contract.key_subject(k.namespace, k.name): contract.slot_tag(k.namespace, k.name, k.quota)
-            for k in keys if k.quota}
+    return {
+        contract.key_subject(k.namespace, k.name): contract.slot_tag(k.namespace, k.name, k.quota)
+        for k in keys
+        if k.quota
+    }
 
 
 async def usage_cycle(
@@ -350,8 +410,17 @@ async def usage_cycle(
     events: dict[tuple[str, str, str], list[tuple[str, str, str]]] = {}
     failed: Failed = []
     mark = time.perf_counter()
-    todo = plan(keys, quotas, usages, now, history=history, observed=observed, events=events,
-                unreadable=unreadable, failed=failed)
+    todo = plan(
+        keys,
+        quotas,
+        usages,
+        now,
+        history=history,
+        observed=observed,
+        events=events,
+        unreadable=unreadable,
+        failed=failed,
+    )
     stats.plan_seconds = time.perf_counter() - mark
     stats.forecasts = len(observed)
     if history is not None:
@@ -400,8 +469,9 @@ EVENTS_PER_CYCLE = 50
 EVENT_REASONS = {failures.USAGE: "UsageWriteBackFailed", failures.FORECAST: "ForecastFailed"}
 
 
-async def _show_refusal(kube: KubeApi, plural: str, view: ObjectView, patch: dict[str, Any],
-                        exc: Exception, now: datetime) -> None:
+async def _show_refusal(
+    kube: KubeApi, plural: str, view: ObjectView, patch: dict[str, Any], exc: Exception, now: datetime
+) -> None:
     """After a refused status patch, try the UsageStale condition alone: a patch the API server
     refuses for one of its values may still take a condition saying so."""
     stale = stale_patch(view, cond.STATUS_REFUSED, f"the status patch was refused: {failures.describe(exc)}", now)
@@ -413,8 +483,14 @@ async def _show_refusal(kube: KubeApi, plural: str, view: ObjectView, patch: dic
         pass
 
 
-async def report(kube: KubeApi, tracker: "failures.Failures", failed: Failed,
-                 keys: list[ObjectView], quotas: list[ObjectView], max_events: int = EVENTS_PER_CYCLE) -> None:
+async def report(
+    kube: KubeApi,
+    tracker: "failures.Failures",
+    failed: Failed,
+    keys: list[ObjectView],
+    quotas: list[ObjectView],
+    max_events: int = EVENTS_PER_CYCLE,
+) -> None:
     """Tell ``tracker`` what failed and what works again; post the Event of each new failure,
     at most ``max_events`` per cycle (a bug failing every object must not become 10,000 API
     calls in one cycle: the others are posted in the next ones)."""
@@ -428,8 +504,13 @@ async def report(kube: KubeApi, tracker: "failures.Failures", failed: Failed,
         tracker.failed(loop, obj, error)
         if posted < max_events and tracker.take_report(loop, obj):
             posted += 1
-            await kube.post_event(plural, view.event_target(), "Warning", EVENT_REASONS[loop],
-                                  f"{loop} failed: {failures.describe(error)}")
+            await kube.post_event(
+                plural,
+                view.event_target(),
+                "Warning",
+                EVENT_REASONS[loop],
+                f"{loop} failed: {failures.describe(error)}",
+            )
     if tracker.failing:
         for plural, views in ((KEYS, keys), (QUOTAS, quotas)):
             for view in views:

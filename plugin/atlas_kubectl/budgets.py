@@ -59,10 +59,17 @@ class Row:
         return float(self.used * 100 / self.limit)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "kind": self.kind, "name": self.name, "budget": self.budget,
-                "used": _plain(self.used), "limit": None if self.limit is None else _plain(self.limit),
-                "percent": None if self.percent is None else round(self.percent, 2),
-                "tokensPerHour": self.tokens_per_hour, "exhaustsAt": rfc3339(self.exhausts_at)}
+        return {
+            "namespace": self.namespace,
+            "kind": self.kind,
+            "name": self.name,
+            "budget": self.budget,
+            "used": _plain(self.used),
+            "limit": None if self.limit is None else _plain(self.limit),
+            "percent": None if self.percent is None else round(self.percent, 2),
+            "tokensPerHour": self.tokens_per_hour,
+            "exhaustsAt": rfc3339(self.exhausts_at),
+        }
 
 
 @dataclass(frozen=True)
@@ -79,9 +86,16 @@ class Burn:
     last_request: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "kind": self.kind, "name": self.name,
-                "tokensPerHour": self.tokens_per_hour, "basis": self.basis, "tokensToday": self.tokens_today,
-                "requestsToday": self.requests_today, "lastRequestTime": self.last_request}
+        return {
+            "namespace": self.namespace,
+            "kind": self.kind,
+            "name": self.name,
+            "tokensPerHour": self.tokens_per_hour,
+            "basis": self.basis,
+            "tokensToday": self.tokens_today,
+            "requestsToday": self.requests_today,
+            "lastRequestTime": self.last_request,
+        }
 
 
 def usage_rows(objects: Iterable[dict[str, Any]], now: datetime) -> list[Row]:
@@ -91,8 +105,11 @@ def usage_rows(objects: Iterable[dict[str, Any]], now: datetime) -> list[Row]:
         limits = spec.get("limits") or {}
         figures = current_usage(status.get("usage") or {}, now)
         rate = (status.get("forecast") or {}).get("tokensPerHour")
-        ident = (meta.get("namespace") or "", KIND_NAMES.get(obj.get("kind"), obj.get("kind") or ""),
-                 meta.get("name") or "")
+        ident = (
+            meta.get("namespace") or "",
+            KIND_NAMES.get(obj.get("kind"), obj.get("kind") or ""),
+            meta.get("name") or "",
+        )
         found = False
         for budget in BUDGETS:
             if limits.get(budget.limit) is None:
@@ -111,10 +128,18 @@ def burn_rows(objects: Iterable[dict[str, Any]], now: datetime) -> list[Burn]:
     for obj in objects:
         meta, status = obj.get("metadata") or {}, obj.get("status") or {}
         forecast, figures = status.get("forecast") or {}, current_usage(status.get("usage") or {}, now)
-        out.append(Burn(meta.get("namespace") or "", KIND_NAMES.get(obj.get("kind"), obj.get("kind") or ""),
-                        meta.get("name") or "", forecast.get("tokensPerHour"), forecast.get("basis"),
-                        int(figures.get("tokensToday") or 0), int(figures.get("requestsToday") or 0),
-                        figures.get("lastRequestTime")))
+        out.append(
+            Burn(
+                meta.get("namespace") or "",
+                KIND_NAMES.get(obj.get("kind"), obj.get("kind") or ""),
+                meta.get("name") or "",
+                forecast.get("tokensPerHour"),
+                forecast.get("basis"),
+                int(figures.get("tokensToday") or 0),
+                int(figures.get("requestsToday") or 0),
+                figures.get("lastRequestTime"),
+            )
+        )
     return out
 
 

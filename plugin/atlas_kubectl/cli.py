@@ -58,10 +58,20 @@ def cmd_usage(args: argparse.Namespace, cluster: Cluster) -> str:
     if args.output == "json":
         return json.dumps([r.as_dict() for r in rows], indent=2)
     headers = ["KIND", "NAME", "BUDGET", "USED", "LIMIT", "USED%", "TOKENS/HOUR", "EXHAUSTS"]
-    lines = [[r.kind, r.name, r.budget, _number(r.used), _number(r.limit), _percent(r.percent),
-              r.tokens_per_hour, _exhausts(r)] for r in rows]
-    return _table(args, cluster, headers, [r.namespace for r in rows], lines,
-                  "no AtlasKeys or AtlasQuotas found")
+    lines = [
+        [
+            r.kind,
+            r.name,
+            r.budget,
+            _number(r.used),
+            _number(r.limit),
+            _percent(r.percent),
+            r.tokens_per_hour,
+            _exhausts(r),
+        ]
+        for r in rows
+    ]
+    return _table(args, cluster, headers, [r.namespace for r in rows], lines, "no AtlasKeys or AtlasQuotas found")
 
 
 def cmd_top(args: argparse.Namespace, cluster: Cluster) -> str:
@@ -70,10 +80,10 @@ def cmd_top(args: argparse.Namespace, cluster: Cluster) -> str:
     if args.output == "json":
         return json.dumps([b.as_dict() for b in rows], indent=2)
     headers = ["KIND", "NAME", "TOKENS/HOUR", "BASIS", "TOKENS TODAY", "REQUESTS TODAY", "LAST REQUEST"]
-    lines = [[b.kind, b.name, b.tokens_per_hour, b.basis, b.tokens_today, b.requests_today, b.last_request]
-             for b in rows]
-    return _table(args, cluster, headers, [b.namespace for b in rows], lines,
-                  "no AtlasKeys or AtlasQuotas found")
+    lines = [
+        [b.kind, b.name, b.tokens_per_hour, b.basis, b.tokens_today, b.requests_today, b.last_request] for b in rows
+    ]
+    return _table(args, cluster, headers, [b.namespace for b in rows], lines, "no AtlasKeys or AtlasQuotas found")
 
 
 def cmd_key_reveal(args: argparse.Namespace, cluster: Cluster) -> str:
@@ -91,8 +101,14 @@ def _atlas_objects(cluster: Cluster, selector: str | None) -> list[dict[str, Any
     return cluster.list(QUOTAS, selector) + cluster.list(KEYS, selector)
 
 
-def _table(args: argparse.Namespace, cluster: Cluster, headers: list[str], namespaces: list[str],
-           lines: list[list[Any]], empty: str) -> str:
+def _table(
+    args: argparse.Namespace,
+    cluster: Cluster,
+    headers: list[str],
+    namespaces: list[str],
+    lines: list[list[Any]],
+    empty: str,
+) -> str:
     if not lines:
         scope = "any namespace" if cluster.all_namespaces else f'namespace "{cluster.namespace}"'
         print(f"{empty} in {scope}", file=sys.stderr)  # as kubectl: the "nothing" notice on stderr
@@ -146,16 +162,20 @@ def _connection_flags(parser: argparse.ArgumentParser, default: Any) -> None:
 def _list_flags(parser: argparse.ArgumentParser, sorts: dict, default_sort: str) -> None:
     parser.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
     parser.add_argument("-l", "--selector", help="label selector, as kubectl's -l")
-    parser.add_argument("--sort-by", choices=sorted(sorts), default=default_sort,
-                        help=f"order of the rows (default {default_sort})")
+    parser.add_argument(
+        "--sort-by", choices=sorted(sorts), default=default_sort, help=f"order of the rows (default {default_sort})"
+    )
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     parser.add_argument("--no-headers", action="store_true", help="omit the header line")
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="kubectl atlas", description=__doc__.split("\n\n")[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    top = argparse.ArgumentParser(
+        prog="kubectl atlas",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     _connection_flags(top, None)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -174,14 +194,26 @@ def parser() -> argparse.ArgumentParser:
     key_sub = key.add_subparsers(dest="key_command", required=True, metavar="COMMAND")
     reveal = command("reveal", cmd_key_reveal, "print the AtlasKey's key (from its Secret)", key_sub)
     reveal.add_argument("name", metavar="NAME")
-    rotate = command("rotate", cmd_key_rotate,
-                     "put a fresh key in the AtlasKey's Secret; the old one keeps working for its "
-                     "rotationGracePeriod", key_sub)
+    rotate = command(
+        "rotate",
+        cmd_key_rotate,
+        "put a fresh key in the AtlasKey's Secret; the old one keeps working for its rotationGracePeriod",
+        key_sub,
+    )
     rotate.add_argument("name", metavar="NAME")
-    rotate.add_argument("--force", action="store_true",
-                        help="rotate even while the previous key is still in its grace period (it is refused at once)")
-    rotate.add_argument("--wait", default=True, type=_boolean, nargs="?", const=True,
-                        help="wait until the operator serves the new key (default true; --wait=false to not)")
+    rotate.add_argument(
+        "--force",
+        action="store_true",
+        help="rotate even while the previous key is still in its grace period (it is refused at once)",
+    )
+    rotate.add_argument(
+        "--wait",
+        default=True,
+        type=_boolean,
+        nargs="?",
+        const=True,
+        help="wait until the operator serves the new key (default true; --wait=false to not)",
+    )
     rotate.add_argument("--timeout", type=duration, default=30.0, help="how long --wait waits (default 30s)")
     return top
 

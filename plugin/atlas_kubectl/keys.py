@@ -16,8 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from atlas_core import contract
-from atlas_core.resources import (KEYS, OWNER_LABEL, SECRET_DATA_KEY, generate_api_key, read_api_key,
-                                  secret_name_of)
+from atlas_core.resources import KEYS, OWNER_LABEL, SECRET_DATA_KEY, generate_api_key, read_api_key, secret_name_of
 
 from .kube import Cluster, PluginError
 
@@ -44,19 +43,25 @@ class Rotation:
     def report(self) -> str:
         lines = []
         if self.labelled:
-            lines.append(f'labelled Secret "{self.secret}" {OWNER_LABEL}={self.name} so that the operator '
-                         "notices changes of its key")
-        lines.append(f'AtlasKey "{self.name}": key {self.old_id or "<none>"} replaced by {self.new_id} '
-                     f'in Secret "{self.secret}"')
+            lines.append(
+                f'labelled Secret "{self.secret}" {OWNER_LABEL}={self.name} so that the operator '
+                "notices changes of its key"
+            )
+        lines.append(
+            f'AtlasKey "{self.name}": key {self.old_id or "<none>"} replaced by {self.new_id} in Secret "{self.secret}"'
+        )
         previous = (self.status or {}).get("previousKey") or {}
         if self.status is None:
             lines.append("not waiting for the operator (--wait=false): " + self._promise())
         elif previous.get("keyId") == self.old_id and previous.get("expiresAt"):
-            lines.append(f"the gateway accepts both until {previous['expiresAt']} "
-                         f"(rotationGracePeriod {self.grace}); then only {self.new_id}")
+            lines.append(
+                f"the gateway accepts both until {previous['expiresAt']} "
+                f"(rotationGracePeriod {self.grace}); then only {self.new_id}"
+            )
         else:
-            lines.append(f"the gateway accepts only {self.new_id} now" +
-                         ("" if self.has_grace else " (no rotationGracePeriod)"))
+            lines.append(
+                f"the gateway accepts only {self.new_id} now" + ("" if self.has_grace else " (no rotationGracePeriod)")
+            )
         lines.append(f"read the new key with: kubectl atlas key reveal {self.name}")
         return "\n".join(lines)
 
@@ -70,8 +75,15 @@ class Rotation:
         return "the old key is refused as soon as the operator takes the new one"
 
 
-def rotate(cluster: Cluster, name: str, *, force: bool = False, wait: bool = True, timeout: float = 30.0,
-           now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> Rotation:
+def rotate(
+    cluster: Cluster,
+    name: str,
+    *,
+    force: bool = False,
+    wait: bool = True,
+    timeout: float = 30.0,
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> Rotation:
     key = cluster.get(KEYS, name)
     spec, status = key.get("spec") or {}, key.get("status") or {}
     secret_name = secret_name_of(name, spec)
@@ -82,7 +94,8 @@ def rotate(cluster: Cluster, name: str, *, force: bool = False, wait: bool = Tru
     if until and _parse(until) > now() and not force:
         raise PluginError(
             f'AtlasKey "{name}": key {previous.get("keyId")} is still in its rotationGracePeriod until {until} '
-            "(from the last rotation); rotating again now would refuse it at once. Wait until then, or pass --force")
+            "(from the last rotation); rotating again now would refuse it at once. Wait until then, or pass --force"
+        )
 
     old_value, _ = read_api_key(secret)
     old_id = contract.key_id_of(contract.hash_api_key(old_value)) if old_value else status.get("keyId")
@@ -113,7 +126,8 @@ def _refuse_foreign_owner(secret: dict[str, Any], key: dict[str, Any]) -> None:
             raise PluginError(
                 f'Secret "{secret["metadata"]["name"]}" is managed by {ref.get("kind")}/{ref.get("name")}, '
                 "which would put the old key back: rotate the key at its source; the operator picks the "
-                "change up from the Secret")
+                "change up from the Secret"
+            )
 
 
 def _wait_for_key(cluster: Cluster, name: str, new_id: str, timeout: float) -> dict[str, Any]:
@@ -123,7 +137,8 @@ def _wait_for_key(cluster: Cluster, name: str, new_id: str, timeout: float) -> d
         shown = (cluster.get(KEYS, name).get("status") or {}).get("keyId")
         raise PluginError(
             f'the Secret holds the new key {new_id}, but after {timeout:g}s AtlasKey "{name}" still shows key '
-            f"{shown}: is the operator running? (--wait=false does not wait for it)")
+            f"{shown}: is the operator running? (--wait=false does not wait for it)"
+        )
     return found.get("status") or {}
 
 

@@ -42,11 +42,13 @@ class Cluster:
     @property
     def custom(self) -> Any:
         from kubernetes import client
+
         return client.CustomObjectsApi(self.api_client)
 
     @property
     def core(self) -> Any:
         from kubernetes import client
+
         return client.CoreV1Api(self.api_client)
 
     def list(self, plural: str, selector: str | None = None) -> list[dict[str, Any]]:
@@ -62,10 +64,12 @@ class Cluster:
         return list(found.get("items") or ())
 
     def get(self, plural: str, name: str) -> dict[str, Any]:
-        with self.errors(f"get {plural}", missing=f'{KIND_OF[plural]} "{name}" not found in namespace '
-                                                  f'"{self.namespace}"'):
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name,
-                                                            _request_timeout=TIMEOUT)
+        with self.errors(
+            f"get {plural}", missing=f'{KIND_OF[plural]} "{name}" not found in namespace "{self.namespace}"'
+        ):
+            return self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, plural, name, _request_timeout=TIMEOUT
+            )
 
     def get_secret(self, name: str) -> dict[str, Any]:
         with self.errors("get secrets", missing=f'Secret "{name}" not found in namespace "{self.namespace}"'):
@@ -73,14 +77,19 @@ class Cluster:
         return self.api_client.sanitize_for_serialization(secret)
 
     def patch_secret(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        with self.errors("patch secrets", missing=f'Secret "{name}" not found in namespace "{self.namespace}"',
-                         conflict=f'Secret "{name}" changed while it was being rotated: run the command again'):
-            secret = self.core.patch_namespaced_secret(name, self.namespace, patch, _request_timeout=TIMEOUT,
-                                                       _content_type="application/merge-patch+json")
+        with self.errors(
+            "patch secrets",
+            missing=f'Secret "{name}" not found in namespace "{self.namespace}"',
+            conflict=f'Secret "{name}" changed while it was being rotated: run the command again',
+        ):
+            secret = self.core.patch_namespaced_secret(
+                name, self.namespace, patch, _request_timeout=TIMEOUT, _content_type="application/merge-patch+json"
+            )
         return self.api_client.sanitize_for_serialization(secret)
 
-    def wait_for(self, plural: str, name: str, done: Callable[[dict[str, Any]], bool],
-                 timeout: float) -> dict[str, Any] | None:
+    def wait_for(
+        self, plural: str, name: str, done: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any] | None:
         """Watch one object until ``done(object)`` (as `kubectl wait` does); None at the deadline."""
         from kubernetes import watch
 
@@ -88,10 +97,16 @@ class Cluster:
         stream = watch.Watch()
         with self.errors(f"watch {plural}"):
             while (left := deadline - time.monotonic()) > 0:
-                for event in stream.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION,
-                                           self.namespace, plural, field_selector=f"metadata.name={name}",
-                                           timeout_seconds=max(1, int(left)),
-                                           _request_timeout=(TIMEOUT[0], left + 5)):
+                for event in stream.stream(
+                    self.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    plural,
+                    field_selector=f"metadata.name={name}",
+                    timeout_seconds=max(1, int(left)),
+                    _request_timeout=(TIMEOUT[0], left + 5),
+                ):
                     if event["type"] in ("ADDED", "MODIFIED") and done(event["object"]):
                         stream.stop()
                         return event["object"]
@@ -130,17 +145,23 @@ class _Errors:
         if exc.status == 404 and self.missing and "the server could not find the requested resource" not in message:
             return NotFound(self.missing)
         if exc.status == 404:
-            return PluginError(f"the API server at {self.cluster.server} does not serve "
-                               f"{GROUP}/{VERSION}: are Atlas's CRDs installed? (kubectl apply -f crds/, "
-                               "or the chart)")
+            return PluginError(
+                f"the API server at {self.cluster.server} does not serve "
+                f"{GROUP}/{VERSION}: are Atlas's CRDs installed? (kubectl apply -f crds/, "
+                "or the chart)"
+            )
         if exc.status == 409 and self.conflict:
             return PluginError(self.conflict)
         if exc.status == 401:
-            return PluginError(f"the API server at {self.cluster.server} refused the credentials of this "
-                               "context (401 Unauthorized): log in again or pick another --context")
+            return PluginError(
+                f"the API server at {self.cluster.server} refused the credentials of this "
+                "context (401 Unauthorized): log in again or pick another --context"
+            )
         if exc.status == 403:
-            return PluginError(f"{message} (cannot {self.action}: ask for the RBAC that allows it, e.g. the "
-                               "chart's atlas-view or atlas-edit ClusterRoles)")
+            return PluginError(
+                f"{message} (cannot {self.action}: ask for the RBAC that allows it, e.g. the "
+                "chart's atlas-view or atlas-edit ClusterRoles)"
+            )
         return PluginError(f"{self.action}: HTTP {exc.status}: {message}")
 
 
@@ -156,8 +177,7 @@ def _reason(exc: BaseException) -> str:
     return str(reason or exc)
 
 
-def connect(kubeconfig: str | None, context: str | None, namespace: str | None,
-            all_namespaces: bool) -> Cluster:
+def connect(kubeconfig: str | None, context: str | None, namespace: str | None, all_namespaces: bool) -> Cluster:
     from kubernetes import client, config
 
     kube_env = os.environ.get("KUBECONFIG")
@@ -167,22 +187,23 @@ def connect(kubeconfig: str | None, context: str | None, namespace: str | None,
         if not explicit and not default_file.exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
             configuration = client.Configuration.get_default_copy()
-            context_namespace = (IN_CLUSTER_NAMESPACE.read_text().strip()
-                                 if IN_CLUSTER_NAMESPACE.exists() else None)
+            context_namespace = IN_CLUSTER_NAMESPACE.read_text().strip() if IN_CLUSTER_NAMESPACE.exists() else None
         else:
             if not explicit and not default_file.exists():
                 raise PluginError("no kubeconfig: set KUBECONFIG, pass --kubeconfig, or create ~/.kube/config")
             configuration = client.Configuration()
             context = context or _current_context(kubeconfig or kube_env or str(default_file))
-            config.load_kube_config(config_file=kubeconfig, context=context,
-                                    client_configuration=configuration, persist_config=False)
+            config.load_kube_config(
+                config_file=kubeconfig, context=context, client_configuration=configuration, persist_config=False
+            )
             context_namespace = _context_namespace(kubeconfig, context)
     except config.ConfigException as exc:
         raise PluginError(f"kubeconfig: {exc}") from None
     except OSError as exc:
         raise PluginError(f"kubeconfig: {exc}") from None
-    return Cluster(client.ApiClient(configuration), namespace or context_namespace or "default",
-                   all_namespaces, configuration.host)
+    return Cluster(
+        client.ApiClient(configuration), namespace or context_namespace or "default", all_namespaces, configuration.host
+    )
 
 
 def _current_context(paths: str) -> str | None:

@@ -44,22 +44,31 @@ class Helm:
             "HELM_DATA_HOME": str(home / "data"),
         }
 
-    def run(self, *args: str, kubeconfig: Path | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         env = dict(self.env)
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
         else:
             env.pop("KUBECONFIG", None)
-        res = subprocess.run([str(self.binary), *map(str, args)], env=env, capture_output=True,
-                             text=True, timeout=timeout)
+        res = subprocess.run(
+            [str(self.binary), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+        )
         if check and res.returncode != 0:
-            raise AssertionError(f"helm {' '.join(map(str, args))} exited {res.returncode}:\n"
-                                 f"{res.stderr}\n{res.stdout[-2000:]}")
+            raise AssertionError(
+                f"helm {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr}\n{res.stdout[-2000:]}"
+            )
         return res
 
-    def template(self, *values_files: Path, sets: Iterable[str] = (), namespace: str = RELEASE_NAMESPACE,
-                 release: str = RELEASE, check: bool = True) -> subprocess.CompletedProcess:
+    def template(
+        self,
+        *values_files: Path,
+        sets: Iterable[str] = (),
+        namespace: str = RELEASE_NAMESPACE,
+        release: str = RELEASE,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess:
         args = ["template", release, str(CHART), "--namespace", namespace]
         for f in values_files:
             args += ["--values", str(f)]
@@ -67,10 +76,10 @@ class Helm:
             args += ["--set", s]
         return self.run(*args, check=check)
 
-    def render(self, *values_files: Path, sets: Iterable[str] = (), namespace: str = RELEASE_NAMESPACE,
-               release: str = RELEASE) -> "Manifests":
-        return Manifests.parse(self.template(*values_files, sets=sets, namespace=namespace,
-                                             release=release).stdout)
+    def render(
+        self, *values_files: Path, sets: Iterable[str] = (), namespace: str = RELEASE_NAMESPACE, release: str = RELEASE
+    ) -> "Manifests":
+        return Manifests.parse(self.template(*values_files, sets=sets, namespace=namespace, release=release).stdout)
 
 
 class Manifests(list):

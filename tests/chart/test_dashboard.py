@@ -20,11 +20,27 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "charts" / "atlas" / "files" / "dashboards" / "atlas-gateway.json"
 SUFFIXES = ("", "_total", "_bucket", "_sum", "_count", "_created")
-ALLOWED_LABELS = {"key", "model", "status", "priority", "reason", "op", "namespace", "name", "kind", "budget",
-                  "quota", "type", "le", "currency", "lease",  # lease: found/none (undo outcome)
-                  # the upstream's load as read (shedding/upstream_load.py): its base URL with any
-                  # user:password removed (display_url, unit-tested), and running/waiting
-                  "upstream", "state"}
+ALLOWED_LABELS = {
+    "key",
+    "model",
+    "status",
+    "priority",
+    "reason",
+    "op",
+    "namespace",
+    "name",
+    "kind",
+    "budget",
+    "quota",
+    "type",
+    "le",
+    "currency",
+    "lease",  # lease: found/none (undo outcome)
+    # the upstream's load as read (shedding/upstream_load.py): its base URL with any
+    # user:password removed (display_url, unit-tested), and running/waiting
+    "upstream",
+    "state",
+}
 
 
 def gateway_metrics() -> dict[str, set[str]]:
@@ -155,7 +171,7 @@ def test_per_tenant_panels_are_filtered_by_the_variables(dashboard):
         if not row.startswith(("Tenants", "Budget forecast")):
             continue
         for target in panel["targets"]:
-            assert '$namespace' in target["expr"], (panel["title"], target["expr"])
+            assert "$namespace" in target["expr"], (panel["title"], target["expr"])
             if "atlas_gateway_" in target["expr"]:  # labelled by key: joined on the operator's info metric
                 assert 'atlas_key_info{namespace=~"$namespace", quota=~"$quota", key=~"$key"}' in target["expr"]
 
@@ -163,9 +179,13 @@ def test_per_tenant_panels_are_filtered_by_the_variables(dashboard):
 def test_capacity_row_covers_the_sizing_figures(dashboard):
     capacity = [p for r, p in panels(dashboard) if r.startswith("Capacity")]
     exprs = " ".join(t["expr"] for p in capacity for t in p["targets"])
-    for metric in ("atlas_gateway_admitted_tokens_total", "atlas_gateway_refused_tokens_total",
-                   "atlas_gateway_completion_tokens_total", "atlas_gateway_upstream_inflight_requests",
-                   "atlas_gateway_upstream_latency_seconds_bucket"):
+    for metric in (
+        "atlas_gateway_admitted_tokens_total",
+        "atlas_gateway_refused_tokens_total",
+        "atlas_gateway_completion_tokens_total",
+        "atlas_gateway_upstream_inflight_requests",
+        "atlas_gateway_upstream_latency_seconds_bucket",
+    ):
         assert metric in exprs, metric
     assert all("by (model)" in t["expr"] or "by (le, model)" in t["expr"] for p in capacity for t in p["targets"])
 

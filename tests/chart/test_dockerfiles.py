@@ -27,8 +27,13 @@ TARGETS = {
     "mock-upstream": ("atlas_devstack.mock_upstream", "mock-upstream", {"devstack"}),
 }
 PRODUCT_TARGETS = ("gateway", "operator")
-PACKAGE_DIRS = {"core": "atlas_core", "gateway": "atlas_gateway", "operator": "atlas_operator",
-                "plugin": "atlas_kubectl", "devstack": "atlas_devstack"}
+PACKAGE_DIRS = {
+    "core": "atlas_core",
+    "gateway": "atlas_gateway",
+    "operator": "atlas_operator",
+    "plugin": "atlas_kubectl",
+    "devstack": "atlas_devstack",
+}
 PINNED_PYTHON = re.compile(r"^python:3\.\d+\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?$")
 
 
@@ -94,8 +99,11 @@ def dockerignore_excludes(rel: str, patterns: list[str]) -> bool:
         pat = pattern[1:] if negate else pattern
         pat = pat.rstrip("/")
         regex = fnmatch.translate(pat).replace(".*", "[^/]*").replace("[^/]*[^/]*", ".*")
-        if pat == "**" or any(re.fullmatch(regex, c) for c in candidates) or \
-                (pat.startswith("**/") and any(re.fullmatch(fnmatch.translate(pat[3:]), p) for p in parts)):
+        if (
+            pat == "**"
+            or any(re.fullmatch(regex, c) for c in candidates)
+            or (pat.startswith("**/") and any(re.fullmatch(fnmatch.translate(pat[3:]), p) for p in parts))
+        ):
             excluded = not negate
     return excluded
 
@@ -180,8 +188,10 @@ def test_each_image_extra_exists_and_the_base_dependencies_stay_small():
     assert "kopf" not in " ".join(optional["gateway"]) and "fastapi" not in " ".join(optional["operator"])
     assert "fastapi" not in " ".join(optional["gateway"])  # the gateway runs no framework (docs/gateway.md)
     # `make venv` (.[dev]) still installs everything.
-    assert any(r.replace(" ", "").startswith("atlas[") and all(e in r for e in ("gateway", "operator", "mock-upstream"))
-               for r in optional["dev"])
+    assert any(
+        r.replace(" ", "").startswith("atlas[") and all(e in r for e in ("gateway", "operator", "mock-upstream"))
+        for r in optional["dev"]
+    )
 
 
 def test_copy_sources_exist_and_survive_dockerignore():
@@ -196,9 +206,17 @@ def test_copy_sources_exist_and_survive_dockerignore():
             rel = src.rstrip("/")
             assert not dockerignore_excludes(rel, patterns), f"{src} is excluded by .dockerignore"
     # ...and what must stay out of the context does.
-    for private in (".venv/bin/python", "bin/helm", ".dev/env", ".images/gateway.tar",
-                    "tests/conftest.py", "benchmarks/__main__.py", "hack/images.sh",
-                    "gateway/atlas_gateway/__pycache__/x.pyc", ".git/config"):
+    for private in (
+        ".venv/bin/python",
+        "bin/helm",
+        ".dev/env",
+        ".images/gateway.tar",
+        "tests/conftest.py",
+        "benchmarks/__main__.py",
+        "hack/images.sh",
+        "gateway/atlas_gateway/__pycache__/x.pyc",
+        ".git/config",
+    ):
         assert dockerignore_excludes(private, patterns), f"{private} would be sent to the daemon"
 
 
@@ -223,7 +241,10 @@ def _wheel(tmp_path: Path, folders) -> zipfile.ZipFile:
     wheels = tmp_path / "wheels"
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(context)],
-        capture_output=True, text=True, timeout=240)
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (wheel,) = wheels.glob("atlas-*.whl")
     return zipfile.ZipFile(wheel)
@@ -239,16 +260,23 @@ def test_install_step_builds_a_wheel_of_only_what_the_target_copies(target, tmp_
     assert f"{module.replace('.', '/')}{'/__main__.py' if '.' not in module else '.py'}" in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
     if target == "gateway":
-        assert {"atlas_gateway/ledger/admit.lua", "atlas_gateway/ledger/settle.lua",
-                "atlas_gateway/shedding/inflight.lua"} <= names, "Lua scripts missing"
+        assert {
+            "atlas_gateway/ledger/admit.lua",
+            "atlas_gateway/ledger/settle.lua",
+            "atlas_gateway/shedding/inflight.lua",
+        } <= names, "Lua scripts missing"
 
 
 def test_the_full_checkout_builds_a_wheel_with_every_package_and_every_entrypoint(tmp_path):
     wheel = _wheel(tmp_path, sorted(PACKAGE_DIRS))
     names = set(wheel.namelist())
-    for module in ("atlas_gateway/__main__.py", "atlas_operator/__main__.py", "atlas_core/contract.py",
-                   "atlas_kubectl/cli.py",
-                   "atlas_devstack/mock_upstream.py"):
+    for module in (
+        "atlas_gateway/__main__.py",
+        "atlas_operator/__main__.py",
+        "atlas_core/contract.py",
+        "atlas_kubectl/cli.py",
+        "atlas_devstack/mock_upstream.py",
+    ):
         assert module in names, f"{module} missing from the wheel"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = wheel.read(entry_points).decode()

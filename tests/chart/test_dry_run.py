@@ -21,8 +21,13 @@ EXAMPLES = sorted(p for p in (REPO_ROOT / "examples").iterdir() if re.match(r"\d
 def monitoring_crds(control_plane):
     """Stand-ins for the Prometheus Operator CRDs (see testdata/monitoring-crds.yaml)."""
     control_plane.kubectl("apply", "-f", TESTDATA / "monitoring-crds.yaml")
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com")
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
+    )
 
 
 def ensure_namespaces(kubectl, names) -> None:
@@ -79,12 +84,14 @@ def test_gitops_overlays_patch_what_they_say():
     from atlas_devstack.tools import find_tool
 
     from .helmlib import require_tool
+
     require_tool("kubectl")
     root = REPO_ROOT / "examples" / "05-gitops-kustomize" / "overlays"
 
     def build(name):
-        out = subprocess.run([str(find_tool("kubectl")), "kustomize", str(root / name)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [str(find_tool("kubectl")), "kustomize", str(root / name)], capture_output=True, text=True, check=True
+        ).stdout
         return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out) if o}
 
     staging, prod = build("staging"), build("production")

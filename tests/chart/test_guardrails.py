@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from atlas_devstack.processes import stop_group
-from atlas_devstack.waiting import wait_for
 from atlas_devstack.tools import find_tool
+from atlas_devstack.waiting import wait_for
 
 from .helmlib import CHART, Helm, ci_values, require_tool
 
@@ -27,8 +27,17 @@ API = "atlas.bugvanquisher.io/v1alpha1"
 def render(helm: Helm, release: str, values: dict, tmp: Path, *templates: str) -> str:
     path = tmp / f"{release}.yaml"
     path.write_text(yaml.safe_dump(values))
-    args = ["template", release, CHART, "--namespace", "atlas-system", "--values", ci_values("default"),
-            "--values", path]
+    args = [
+        "template",
+        release,
+        CHART,
+        "--namespace",
+        "atlas-system",
+        "--values",
+        ci_values("default"),
+        "--values",
+        path,
+    ]
     for template in templates:
         args += ["--show-only", f"templates/guardrails/{template}"]
     return helm.run(*args).stdout
@@ -44,11 +53,23 @@ def policies(helm, control_plane, tmp_path_factory):
     so no other test's namespace is ever matched); removed afterwards."""
     tag = secrets.token_hex(3)
     release = f"grd-{tag}"
-    values = {"guardrails": {"admission": {
-        "requireQuotaRef": {"enabled": True, "namespaceSelector": {"matchLabels": {"atlas-test/require-quota-ref": tag}}},
-        "maxLimits": [{"name": "capped", "namespaceSelector": {"matchLabels": {"atlas-test/capped": tag}},
-                       "limits": {"tokensPerDay": 1000, "requestsPerSecond": 5}}],
-    }}}
+    values = {
+        "guardrails": {
+            "admission": {
+                "requireQuotaRef": {
+                    "enabled": True,
+                    "namespaceSelector": {"matchLabels": {"atlas-test/require-quota-ref": tag}},
+                },
+                "maxLimits": [
+                    {
+                        "name": "capped",
+                        "namespaceSelector": {"matchLabels": {"atlas-test/capped": tag}},
+                        "limits": {"tokensPerDay": 1000, "requestsPerSecond": 5},
+                    }
+                ],
+            }
+        }
+    }
     rendered = render(helm, release, values, tmp_path_factory.mktemp("vap"), "admission-policies.yaml")
     control_plane.kubectl("apply", "-f", "-", input=rendered)
     try:
@@ -70,9 +91,17 @@ def refused(kubectl, namespace: str, text: str, probe: str) -> str:
     """The refusal of creating `text`, waiting (with a deadline) until the API server has loaded
     a fresh policy and binding; server-side dry runs, so that an attempt admitted before then
     leaves nothing behind."""
-    res = wait_for(f"the policy refusing {probe}", lambda: (r := kubectl(
-        "create", "--dry-run=server", "-n", namespace, "-f", "-", input=text, check=False)).returncode != 0 and r,
-        30, interval=0.1, retry=(Exception,))
+    res = wait_for(
+        f"the policy refusing {probe}",
+        lambda: (
+            (r := kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=text, check=False)).returncode
+            != 0
+            and r
+        ),
+        30,
+        interval=0.1,
+        retry=(Exception,),
+    )
     assert "ValidatingAdmissionPolicy" in res.stderr, res.stderr
     return res.stderr
 
@@ -102,8 +131,11 @@ def test_limits_above_their_cap_or_missing_are_refused(kubectl, namespace_factor
     err = apply(kubectl, ns, manifest("AtlasQuota", "open", limits={"requestsPerSecond": 1})).stderr
     assert "spec.limits.tokensPerDay: required in this namespace, at most 1000" in err and "quotaRef" not in err
     # within the caps (an integer where the schema says number included), or capped by its quota
-    for ok in (manifest("AtlasQuota", "team", limits=cap), manifest("AtlasKey", "small", limits=cap),
-               manifest("AtlasKey", "pooled", quotaRef="team")):
+    for ok in (
+        manifest("AtlasQuota", "team", limits=cap),
+        manifest("AtlasKey", "small", limits=cap),
+        manifest("AtlasKey", "pooled", quotaRef="team"),
+    ):
         res = apply(kubectl, ns, ok)
         assert res.returncode == 0, res.stderr
     res = apply(kubectl, ns, manifest("AtlasKey", "pooled-big", quotaRef="team", limits={"tokensPerDay": 2000}))
@@ -112,15 +144,33 @@ def test_limits_above_their_cap_or_missing_are_refused(kubectl, namespace_factor
 
 def test_warn_mode_admits_with_a_warning(helm, kubectl, control_plane, namespace_factory, tmp_path):
     tag = secrets.token_hex(3)
-    values = {"guardrails": {"admission": {"actions": ["Warn"], "requireQuotaRef": {
-        "enabled": True, "namespaceSelector": {"matchLabels": {"atlas-test/warn": tag}}}}}}
+    values = {
+        "guardrails": {
+            "admission": {
+                "actions": ["Warn"],
+                "requireQuotaRef": {"enabled": True, "namespaceSelector": {"matchLabels": {"atlas-test/warn": tag}}},
+            }
+        }
+    }
     rendered = render(helm, f"warn-{tag}", values, tmp_path, "admission-policies.yaml")
     control_plane.kubectl("apply", "-f", "-", input=rendered)
     try:
         ns = labelled(kubectl, namespace_factory(), "atlas-test/warn", tag)
-        res = wait_for("the warning", lambda: "Warning" in (r := kubectl(
-            "create", "--dry-run=server", "-n", ns, "-f", "-", input=manifest("AtlasKey", "k"),
-            check=False)).stderr and r, 30, interval=0.1, retry=(Exception,))
+        res = wait_for(
+            "the warning",
+            lambda: (
+                "Warning"
+                in (
+                    r := kubectl(
+                        "create", "--dry-run=server", "-n", ns, "-f", "-", input=manifest("AtlasKey", "k"), check=False
+                    )
+                ).stderr
+                and r
+            ),
+            30,
+            interval=0.1,
+            retry=(Exception,),
+        )
         assert res.returncode == 0 and "spec.quotaRef: required in this namespace" in res.stderr
     finally:
         control_plane.kubectl("delete", "-f", "-", "--wait=false", input=rendered, check=False)
@@ -133,9 +183,18 @@ def aggregation(control_plane, tmp_path):
     require_tool("kube-controller-manager")
     log = tmp_path / "kcm.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(find_tool("kube-controller-manager")), f"--kubeconfig={control_plane.kubeconfig}",
-                                 "--controllers=clusterrole-aggregation", "--leader-elect=false", "--secure-port=0"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(find_tool("kube-controller-manager")),
+                f"--kubeconfig={control_plane.kubeconfig}",
+                "--controllers=clusterrole-aggregation",
+                "--leader-elect=false",
+                "--secure-port=0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
@@ -143,18 +202,26 @@ def aggregation(control_plane, tmp_path):
         proc.wait(5)
 
 
-def test_view_and_edit_roles_cover_atlas_objects(helm, kubectl, control_plane, namespace, tmp_path,
-                                                 aggregation, kubectl_atlas):
+def test_view_and_edit_roles_cover_atlas_objects(
+    helm, kubectl, control_plane, namespace, tmp_path, aggregation, kubectl_atlas
+):
     release = f"agg-{secrets.token_hex(3)}"
     rendered = render(helm, release, {"guardrails": {"aggregatedRoles": True}}, tmp_path, "aggregated-roles.yaml")
     control_plane.kubectl("apply", "-f", "-", input=rendered)
     try:
+
         def aggregated(role: str, verb: str) -> bool:
             rules = json.loads(kubectl("get", "clusterrole", role, "-o", "json").stdout).get("rules") or []
             return any("atlaskeys" in r.get("resources", ()) and verb in r.get("verbs", ()) for r in rules)
+
         for role, verb in (("view", "list"), ("edit", "list"), ("edit", "create"), ("admin", "delete")):
-            wait_for(f"{role} aggregating {verb} atlaskeys", partial(aggregated, role, verb), 30, interval=0.1,
-                     retry=(Exception,))
+            wait_for(
+                f"{role} aggregating {verb} atlaskeys",
+                partial(aggregated, role, verb),
+                30,
+                interval=0.1,
+                retry=(Exception,),
+            )
         assert not aggregated("view", "create")
 
         for user, role in (("viewer", "view"), ("editor", "edit")):
@@ -164,6 +231,7 @@ def test_view_and_edit_roles_cover_atlas_objects(helm, kubectl, control_plane, n
 
         def can(kubeconfig: Path, *what: str) -> bool:
             return kubectl("auth", "can-i", *what, "-n", namespace, kubeconfig=kubeconfig, check=False).returncode == 0
+
         assert can(viewer, "list", "atlaskeys") and can(viewer, "watch", "atlaspricelists")
         assert not can(viewer, "create", "atlaskeys") and not can(viewer, "get", "secrets")
         assert can(editor, "create", "atlaskeys") and can(editor, "delete", "atlasquotas")

@@ -18,8 +18,11 @@ from .helmlib import CHART, Helm, ci_values
 
 NS = "atlas-system"
 RELEASE = "atlas"
-CRDS = ("atlaskeys.atlas.bugvanquisher.io", "atlasquotas.atlas.bugvanquisher.io",
-        "atlaspricelists.atlas.bugvanquisher.io")
+CRDS = (
+    "atlaskeys.atlas.bugvanquisher.io",
+    "atlasquotas.atlas.bugvanquisher.io",
+    "atlaspricelists.atlas.bugvanquisher.io",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +44,28 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
     assert not any(exists(cp, "crd", c) for c in CRDS)
 
     # --- first install creates everything, CRDs included
-    helm.run("install", RELEASE, CHART, "--namespace", NS, "--create-namespace",
-             "--values", ci_values("default"), kubeconfig=kc)
-    for kind, name in [("deployment", "atlas-operator"), ("deployment", "atlas-gateway"),
-                       ("service", "atlas-gateway"), ("statefulset", "atlas-redis"), ("service", "atlas-redis"),
-                       ("serviceaccount", "atlas-operator"), ("serviceaccount", "atlas-gateway"),
-                       ("poddisruptionbudget", "atlas-gateway"), ("networkpolicy", "atlas-redis")]:
+    helm.run(
+        "install",
+        RELEASE,
+        CHART,
+        "--namespace",
+        NS,
+        "--create-namespace",
+        "--values",
+        ci_values("default"),
+        kubeconfig=kc,
+    )
+    for kind, name in [
+        ("deployment", "atlas-operator"),
+        ("deployment", "atlas-gateway"),
+        ("service", "atlas-gateway"),
+        ("statefulset", "atlas-redis"),
+        ("service", "atlas-redis"),
+        ("serviceaccount", "atlas-operator"),
+        ("serviceaccount", "atlas-gateway"),
+        ("poddisruptionbudget", "atlas-gateway"),
+        ("networkpolicy", "atlas-redis"),
+    ]:
         assert exists(cp, kind, name, "-n", NS), f"{kind}/{name} not created"
     for kind in ("clusterrole", "clusterrolebinding"):
         assert exists(cp, kind, "atlas-operator")
@@ -63,9 +82,21 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
 
     # The installed CRDs serve: a key can be created (and will outlive the release).
     cp.kubectl("create", "namespace", "keys")
-    cp.kubectl("apply", "-n", "keys", "-f", "-", input=yaml.safe_dump({
-        "apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey",
-        "metadata": {"name": "survivor"}, "spec": {"limits": {"tokensPerDay": 1000}}}))
+    cp.kubectl(
+        "apply",
+        "-n",
+        "keys",
+        "-f",
+        "-",
+        input=yaml.safe_dump(
+            {
+                "apiVersion": "atlas.bugvanquisher.io/v1alpha1",
+                "kind": "AtlasKey",
+                "metadata": {"name": "survivor"},
+                "spec": {"limits": {"tokensPerDay": 1000}},
+            }
+        ),
+    )
 
     # --- upgrade to an autoscaled gateway: HPA appears, the Deployment leaves replicas to it
     helm.run("upgrade", RELEASE, CHART, "--namespace", NS, "--values", ci_values("ha-gateway-hpa"), kubeconfig=kc)
@@ -74,8 +105,12 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
 
     # --- uninstall removes the release but keeps the CRDs and so every key
     helm.run("uninstall", RELEASE, "--namespace", NS, kubeconfig=kc)
-    for kind, name in [("deployment", "atlas-operator"), ("deployment", "atlas-gateway"),
-                       ("statefulset", "atlas-redis"), ("hpa", "atlas-gateway")]:
+    for kind, name in [
+        ("deployment", "atlas-operator"),
+        ("deployment", "atlas-gateway"),
+        ("statefulset", "atlas-redis"),
+        ("hpa", "atlas-gateway"),
+    ]:
         wait_for(f"{kind}/{name} deleted", lambda: not exists(cp, kind, name, "-n", NS), 60, interval=0.1)  # noqa: B023 (run in this iteration)
     assert not exists(cp, "clusterrole", "atlas-operator")
     for crd in CRDS:
@@ -87,8 +122,18 @@ def test_install_upgrade_uninstall(helm: Helm, bare_plane: ControlPlane):
     assert exists(cp, "atlaskey", "survivor", "-n", "keys"), "the kept CRDs were replaced, not adopted"
     # --- switching crds.keep off is an upgrade (helm patches adopted objects without removing
     # fields, so it has to be a change of the release); then uninstall removes the CRDs.
-    helm.run("upgrade", RELEASE, CHART, "--namespace", NS, "--values", ci_values("default"),
-             "--set", "crds.keep=false", kubeconfig=kc)
+    helm.run(
+        "upgrade",
+        RELEASE,
+        CHART,
+        "--namespace",
+        NS,
+        "--values",
+        ci_values("default"),
+        "--set",
+        "crds.keep=false",
+        kubeconfig=kc,
+    )
     for crd in CRDS:
         meta = yaml.safe_load(cp.kubectl("get", "crd", crd, "-o", "yaml").stdout)["metadata"]
         assert "helm.sh/resource-policy" not in (meta.get("annotations") or {})
@@ -102,8 +147,19 @@ def test_namespaced_install_creates_roles_only_where_watched(helm: Helm, bare_pl
     for ns in ("team-search", "team-batch"):
         if not exists(cp, "namespace", ns):
             cp.kubectl("create", "namespace", ns)
-    helm.run("install", "scoped", CHART, "--namespace", "scoped-system", "--create-namespace",
-             "--values", ci_values("namespaced-rbac"), "--set", "crds.install=false", kubeconfig=kc)
+    helm.run(
+        "install",
+        "scoped",
+        CHART,
+        "--namespace",
+        "scoped-system",
+        "--create-namespace",
+        "--values",
+        ci_values("namespaced-rbac"),
+        "--set",
+        "crds.install=false",
+        kubeconfig=kc,
+    )
     try:
         for ns in ("team-search", "team-batch"):
             assert exists(cp, "role", "scoped-atlas-operator", "-n", ns)

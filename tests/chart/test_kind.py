@@ -31,15 +31,21 @@ def test_kind_config_maps_the_gateway_nodeport_to_loopback():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_kind_targets_use_the_files_that_exist():
-    res = subprocess.run(["make", "-n", "kind-up", "images-load", "helm-install"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        ["make", "-n", "kind-up", "images-load", "helm-install"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     out = res.stdout
     for path in ("kind-config.yaml", "hack/images.sh", "charts/atlas/ci/kind-values.yaml", "charts/atlas"):
         assert path in out, f"{path} not used by hack/kind.mk"
         assert (REPO_ROOT / path).exists(), path
     # `make images` tags the images with the chart's default references, so kind gets exactly
     # those and helm-install needs no image override.
-    tags = subprocess.run(["bash", "hack/images.sh", "tags"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, check=True).stdout.split()
+    tags = subprocess.run(
+        ["bash", "hack/images.sh", "tags"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert f"kind load docker-image --name atlas {tags[0]} {tags[1]}" in out
     assert ".image." not in out

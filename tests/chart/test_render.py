@@ -21,11 +21,17 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # The operator's permissions, rule by rule; the chart must render exactly these (tests/chart/
 # test_operator_rbac.py proves against the real API server that they suffice).
 OPERATOR_RULES = [
-    {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaskeys", "atlasquotas"],
-     "verbs": ["get", "list", "watch", "patch"]},
+    {
+        "apiGroups": ["atlas.bugvanquisher.io"],
+        "resources": ["atlaskeys", "atlasquotas"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
     {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ["atlaspricelists"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["atlas.bugvanquisher.io"],
-     "resources": ["atlaskeys/status", "atlasquotas/status", "atlaspricelists/status"], "verbs": ["patch"]},
+    {
+        "apiGroups": ["atlas.bugvanquisher.io"],
+        "resources": ["atlaskeys/status", "atlasquotas/status", "atlaspricelists/status"],
+        "verbs": ["patch"],
+    },
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
@@ -49,6 +55,7 @@ def values_of(name: str) -> dict:
                 merge(base[k], v)
             else:
                 base[k] = v
+
     merge(merged, yaml.safe_load((CHART / "ci" / name).read_text()) or {})
     return merged
 
@@ -66,15 +73,22 @@ def env_of(container: dict) -> dict[str, dict]:
 
 @pytest.mark.parametrize("values_file", [p.name for p in CI_VALUES])
 def test_helm_lint_strict(helm, values_file):
-    res = helm.run("lint", "--strict", CHART, "--namespace", RELEASE_NAMESPACE,
-                   "--values", CHART / "ci" / values_file)
+    res = helm.run("lint", "--strict", CHART, "--namespace", RELEASE_NAMESPACE, "--values", CHART / "ci" / values_file)
     assert "1 chart(s) linted, 0 chart(s) failed" in res.stdout, res.stdout
 
 
 def test_ci_values_cover_the_documented_scenarios():
     names = {p.name for p in CI_VALUES}
-    for wanted in ("default", "external-redis-tls", "external-redis-sentinel", "external-redis-cluster",
-                   "ha-gateway-hpa", "monitoring", "namespaced-rbac", "kind"):
+    for wanted in (
+        "default",
+        "external-redis-tls",
+        "external-redis-sentinel",
+        "external-redis-cluster",
+        "ha-gateway-hpa",
+        "monitoring",
+        "namespaced-rbac",
+        "kind",
+    ):
         assert f"{wanted}-values.yaml" in names
 
 
@@ -206,8 +220,10 @@ def is_aggregated(role: dict) -> bool:
 
 ATLAS_RESOURCES = ["atlaskeys", "atlasquotas", "atlaspricelists"]
 # guardrails.aggregatedRoles: role suffix -> (the roles it joins, its only rule's verbs)
-AGGREGATED = {"-view": ({"view", "edit", "admin"}, ["get", "list", "watch"]),
-              "-edit": ({"edit", "admin"}, ["create", "update", "patch", "delete", "deletecollection"])}
+AGGREGATED = {
+    "-view": ({"view", "edit", "admin"}, ["get", "list", "watch"]),
+    "-edit": ({"edit", "admin"}, ["create", "update", "patch", "delete", "deletecollection"]),
+}
 
 
 def test_aggregated_roles_only_when_asked_and_only_atlas_kinds(rendered):
@@ -220,8 +236,12 @@ def test_aggregated_roles_only_when_asked_and_only_atlas_kinds(rendered):
     for suffix, (joins, verbs) in AGGREGATED.items():
         role = roles[f"atlas{suffix}"]
         labels = role["metadata"]["labels"]
-        assert {k.rsplit("-", 1)[-1] for k in labels if k.startswith("rbac.authorization.k8s.io/aggregate-to-")} == joins
-        assert role["rules"] == [{"apiGroups": ["atlas.bugvanquisher.io"], "resources": ATLAS_RESOURCES, "verbs": verbs}]
+        assert {
+            k.rsplit("-", 1)[-1] for k in labels if k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+        } == joins
+        assert role["rules"] == [
+            {"apiGroups": ["atlas.bugvanquisher.io"], "resources": ATLAS_RESOURCES, "verbs": verbs}
+        ]
 
 
 def test_pdb_and_hpa_presence(rendered):
@@ -234,8 +254,11 @@ def test_pdb_and_hpa_presence(rendered):
     if gw["autoscaling"]["enabled"]:
         hpa = objs.one("HorizontalPodAutoscaler")
         assert "replicas" not in dep["spec"], "the HPA owns the replica count"
-        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                                 "name": dep["metadata"]["name"]}
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": dep["metadata"]["name"],
+        }
         assert hpa["spec"]["minReplicas"] == gw["autoscaling"]["minReplicas"] >= 2
     else:
         assert dep["spec"]["replicas"] == gw["replicas"]
@@ -246,8 +269,11 @@ def test_pdb_and_hpa_presence(rendered):
 def test_redis_wiring(rendered):
     name, objs = rendered
     redis = values_of(name)["redis"]
-    urls = {c["name"]: env_of(c)["ATLAS_REDIS_URL"]["value"]
-            for d in objs.of("Deployment") for c in pod_spec(d)["containers"]}
+    urls = {
+        c["name"]: env_of(c)["ATLAS_REDIS_URL"]["value"]
+        for d in objs.of("Deployment")
+        for c in pod_spec(d)["containers"]
+    }
     assert set(urls) == {"operator", "gateway"} and len(set(urls.values())) == 1
     url = next(iter(urls.values()))
     if redis["mode"] == "bundled":
@@ -273,7 +299,10 @@ def test_redis_wiring(rendered):
             if redis["external"]["passwordSecret"]["name"]:
                 # Defined before the URL that expands it, and never inlined.
                 assert names.index("ATLAS_REDIS_PASSWORD") < names.index("ATLAS_REDIS_URL")
-                assert env_of(c)["ATLAS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == redis["external"]["passwordSecret"]
+                assert (
+                    env_of(c)["ATLAS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+                    == redis["external"]["passwordSecret"]
+                )
                 assert "$(ATLAS_REDIS_PASSWORD)@" in url
             sentinel = redis["external"].get("sentinel") or {}
             assert url.startswith(("redis+sentinel://", "rediss+sentinel://")) == bool(sentinel.get("addresses"))
@@ -316,8 +345,13 @@ def test_crds_rendered_equal_to_crds_dir(rendered):
 
 def test_every_object_is_labelled_and_namespaced_correctly(rendered):
     _, objs = rendered
-    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
-                      "ValidatingAdmissionPolicyBinding"}
+    cluster_scoped = {
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     for o in objs:
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == "atlas"
@@ -333,8 +367,11 @@ def test_every_object_is_labelled_and_namespaced_correctly(rendered):
 
 def gateway_metric_names() -> set[str]:
     """Metric names the gateway and the operator export (prometheus_client adds _total/_bucket/...)."""
-    source = "\n".join(p.read_text() for d in ("gateway/atlas_gateway", "operator/atlas_operator")
-                       for p in (REPO_ROOT / d).rglob("*.py"))
+    source = "\n".join(
+        p.read_text()
+        for d in ("gateway/atlas_gateway", "operator/atlas_operator")
+        for p in (REPO_ROOT / d).rglob("*.py")
+    )
     names = set(re.findall(r"""["'](atlas_[a-z0-9_]+)["']""", source))
     expanded = set()
     for n in names:
@@ -380,8 +417,14 @@ def test_monitoring_objects(helm):
 
     rule = objs.one("PrometheusRule")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
-    for wanted in ("AtlasKeyQuotaNearlySpent", "AtlasQuotaNearlySpent", "AtlasRedisErrors", "AtlasUpstreamErrors",
-                   "AtlasBudgetExhaustionForecast", "AtlasOperatorObjectFailing"):
+    for wanted in (
+        "AtlasKeyQuotaNearlySpent",
+        "AtlasQuotaNearlySpent",
+        "AtlasRedisErrors",
+        "AtlasUpstreamErrors",
+        "AtlasBudgetExhaustionForecast",
+        "AtlasOperatorObjectFailing",
+    ):
         assert wanted in alerts, sorted(alerts)
     for alert in alerts.values():
         used = metrics_used(alert["expr"])
@@ -427,8 +470,9 @@ def test_crds_keep_false_drops_the_keep_policy(helm):
 
 
 def test_external_redis_without_password_or_tls(helm):
-    objs = helm.render(ci_values("default"), sets=["redis.mode=external",
-                                                   "redis.external.url=redis://redis.shared:6379/3"])
+    objs = helm.render(
+        ci_values("default"), sets=["redis.mode=external", "redis.external.url=redis://redis.shared:6379/3"]
+    )
     for d in objs.of("Deployment"):
         env = env_of(pod_spec(d)["containers"][0])
         assert env["ATLAS_REDIS_URL"]["value"] == "redis://redis.shared:6379/3"
@@ -449,7 +493,9 @@ def test_sentinel_url_is_what_the_processes_parse(helm):
         assert env["ATLAS_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == values["sentinel"]["passwordSecret"]
         assert names.index("ATLAS_REDIS_SENTINEL_PASSWORD") < names.index("ATLAS_REDIS_URL")
         url = env["ATLAS_REDIS_URL"]["value"]
-        expanded = url.replace("$(ATLAS_REDIS_PASSWORD)", "data-pw").replace("$(ATLAS_REDIS_SENTINEL_PASSWORD)", "sent-pw")
+        expanded = url.replace("$(ATLAS_REDIS_PASSWORD)", "data-pw").replace(
+            "$(ATLAS_REDIS_SENTINEL_PASSWORD)", "sent-pw"
+        )
         parsed = sentinel.parse(expanded)
         assert parsed.sentinels == tuple((a.split(":")[0], 26379) for a in values["sentinel"]["addresses"])
         assert (parsed.master, parsed.db, parsed.tls) == ("atlas", 1, True)
@@ -478,11 +524,15 @@ def test_inference_gateway_values_are_what_the_gateway_parses(helm):
     (settings.py, upstream/headers.py); unset, none is rendered."""
     from atlas_gateway.settings import Settings
 
-    objs = helm.render(ci_values("default"), sets=[
-        "gateway.inferenceGateway.objectives.Critical=chat-critical",
-        "gateway.inferenceGateway.objectives.Sheddable=batch",
-        "gateway.inferenceGateway.fairnessId=true",
-        "gateway.inferenceGateway.stripHeaders={x-user-id,x-internal-*}"])
+    objs = helm.render(
+        ci_values("default"),
+        sets=[
+            "gateway.inferenceGateway.objectives.Critical=chat-critical",
+            "gateway.inferenceGateway.objectives.Sheddable=batch",
+            "gateway.inferenceGateway.fairnessId=true",
+            "gateway.inferenceGateway.stripHeaders={x-user-id,x-internal-*}",
+        ],
+    )
     env = env_of(pod_spec(objs.one("Deployment", "-gateway"))["containers"][0])
     settings = Settings.from_env({name: e["value"] for name, e in env.items() if "value" in e})
     assert settings.inference_objectives == {"Critical": "chat-critical", "Sheddable": "batch"}
@@ -519,12 +569,18 @@ def test_defaults_hold_ten_thousand_long_requests_per_process(helm):
 def test_shedding_values_are_what_the_gateway_parses(helm):
     from atlas_gateway.settings import Settings
 
-    objs = helm.render(ci_values("default"), sets=[
-        "gateway.capacity.maxConnections=2000", "gateway.capacity.upstreamPoolSize=1500",
-        "gateway.shedding.queue.Sheddable=4", "gateway.shedding.loadIntervalSeconds=0.5",
-        "gateway.shedding.inflight.Sheddable=900",
-        'gateway.shedding.upstreams.http://vllm-batch:8000.Standard=8',
-        'gateway.shedding.upstreams.http://tgi:80.metrics=false'])
+    objs = helm.render(
+        ci_values("default"),
+        sets=[
+            "gateway.capacity.maxConnections=2000",
+            "gateway.capacity.upstreamPoolSize=1500",
+            "gateway.shedding.queue.Sheddable=4",
+            "gateway.shedding.loadIntervalSeconds=0.5",
+            "gateway.shedding.inflight.Sheddable=900",
+            "gateway.shedding.upstreams.http://vllm-batch:8000.Standard=8",
+            "gateway.shedding.upstreams.http://tgi:80.metrics=false",
+        ],
+    )
     env = env_of(pod_spec(objs.one("Deployment", "-gateway"))["containers"][0])
     settings = Settings.from_env({name: e["value"] for name, e in env.items() if "value" in e})
     assert (settings.max_connections, settings.upstream_pool_size) == (2000, 1500)
@@ -539,10 +595,16 @@ def test_tracing_is_off_by_default_and_values_set_the_standard_variables(helm):
     the standard variables, the pod's name and namespace as resource attributes."""
     default = env_of(pod_spec(helm.render(ci_values("default")).one("Deployment", "-gateway"))["containers"][0])
     assert not [name for name in default if name.startswith("OTEL_") or name == "ATLAS_USAGE_RECORDS"]
-    objs = helm.render(ci_values("default"), sets=[
-        "gateway.tracing.endpoint=http://otel-collector.observability:4317", "gateway.tracing.protocol=grpc",
-        "gateway.tracing.samplerArg=0.25", "gateway.tracing.resourceAttributes.deployment\\.environment=prod",
-        "gateway.usageRecords=otlp"])
+    objs = helm.render(
+        ci_values("default"),
+        sets=[
+            "gateway.tracing.endpoint=http://otel-collector.observability:4317",
+            "gateway.tracing.protocol=grpc",
+            "gateway.tracing.samplerArg=0.25",
+            "gateway.tracing.resourceAttributes.deployment\\.environment=prod",
+            "gateway.usageRecords=otlp",
+        ],
+    )
     env = env_of(pod_spec(objs.one("Deployment", "-gateway"))["containers"][0])
     assert {name: env[name]["value"] for name in env if name.startswith("OTEL_") or name == "ATLAS_USAGE_RECORDS"} == {
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
@@ -551,12 +613,13 @@ def test_tracing_is_off_by_default_and_values_set_the_standard_variables(helm):
         "OTEL_TRACES_SAMPLER_ARG": "0.25",
         "OTEL_SERVICE_NAME": "atlas-gateway",
         "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),"
-                                    "deployment.environment=prod",
+        "deployment.environment=prod",
         "ATLAS_USAGE_RECORDS": "otlp",
     }
     # `--set samplerArg=1` is an integer to Helm, as `samplerArg: 1` in a values file is a number
-    whole = helm.render(ci_values("default"), sets=["gateway.tracing.endpoint=http://c:4318",
-                                                     "gateway.tracing.samplerArg=1"])
+    whole = helm.render(
+        ci_values("default"), sets=["gateway.tracing.endpoint=http://c:4318", "gateway.tracing.samplerArg=1"]
+    )
     whole_env = env_of(pod_spec(whole.one("Deployment", "-gateway"))["containers"][0])
     assert whole_env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "1"
     # $(POD_NAME) is expanded by the kubelet only from variables defined before it
@@ -586,10 +649,19 @@ BAD_VALUES = [
     (["redis.mode=external", "redis.external.url=http://redis:6379"], "url"),
     (["redis.mode=external", "redis.external.url=rediss://user:secret@redis:6380"], "url"),
     (["redis.mode=external", "redis.external.sentinel.addresses={s0:26379}"], "masterName"),
-    (["redis.mode=external", "redis.external.sentinel.addresses={s0}", "redis.external.sentinel.masterName=m"],
-     "addresses"),
-    (["redis.mode=external", "redis.external.sentinel.addresses={s0:26379}", "redis.external.sentinel.masterName=m",
-      "redis.external.cluster=true"], "cluster"),
+    (
+        ["redis.mode=external", "redis.external.sentinel.addresses={s0}", "redis.external.sentinel.masterName=m"],
+        "addresses",
+    ),
+    (
+        [
+            "redis.mode=external",
+            "redis.external.sentinel.addresses={s0:26379}",
+            "redis.external.sentinel.masterName=m",
+            "redis.external.cluster=true",
+        ],
+        "cluster",
+    ),
     (["redis.external.sentinel.masterName=a/b"], "masterName"),
     (["watchNamespaces={Team_Search}"], "watchNamespaces"),
     (["podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
@@ -605,8 +677,6 @@ BAD_VALUES = [
     (["gateway.inferenceGateway.objectives.Critical=Not_A_Name"], "Critical"),
     (["gateway.inferenceGateway.stripHeaders={bad header:}"], "stripHeaders"),
     (["gateway.inferenceGateway.fairnessId=maybe"], "fairnessId"),
-
-
     (["gateway.tracing.protocol=http/json"], "protocol"),
     (["gateway.tracing.sampler=parentbased_traceidratoi"], "sampler"),
     (["gateway.tracing.samplerArg=1%"], "samplerArg"),

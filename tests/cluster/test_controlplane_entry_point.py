@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from atlas_devstack.waiting import wait_for
-from tests.fixtures.leftovers import SIGNALS, REPO_ROOT, EntryPoint, listening_ports
+from tests.fixtures.leftovers import REPO_ROOT, SIGNALS, EntryPoint, listening_ports
 
 pytestmark = pytest.mark.cluster
 MODULE = "atlas_devstack.controlplane"
@@ -32,7 +32,7 @@ def entry_points(control_plane):  # control_plane: the binaries exist (or skip/f
 
 def _kubeconfig(ep: EntryPoint) -> Path:
     line = next(line for line in ep.output.splitlines() if line.startswith(READY))
-    return Path(line[len(READY):])
+    return Path(line[len(READY) :])
 
 
 def _serving(ep: EntryPoint) -> tuple[dict[int, str], set[int]]:
@@ -61,8 +61,18 @@ def test_state_dir_stops_everything_on_sigterm_and_keeps_its_data(entry_points, 
     ep = EntryPoint(tmp_path, MODULE, str(state))
     entry_points.append(ep)
     _, ports = _serving(ep)
-    subprocess.run([str(REPO_ROOT / "bin" / "kubectl"), "--kubeconfig", str(state / "kubeconfig"),
-                    "create", "namespace", "keep-me"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(REPO_ROOT / "bin" / "kubectl"),
+            "--kubeconfig",
+            str(state / "kubeconfig"),
+            "create",
+            "namespace",
+            "keep-me",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ep.signal(signal.SIGTERM)
     assert ep.wait_exit() == 128 + signal.SIGTERM
     ep.assert_nothing_left(ports, state)
@@ -71,8 +81,20 @@ def test_state_dir_stops_everything_on_sigterm_and_keeps_its_data(entry_points, 
     again = EntryPoint(tmp_path, MODULE, str(state))  # the data is reused
     entry_points.append(again)
     _, ports = _serving(again)
-    out = subprocess.run([str(REPO_ROOT / "bin" / "kubectl"), "--kubeconfig", str(state / "kubeconfig"),
-                          "get", "namespace", "keep-me", "-o", "name"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(REPO_ROOT / "bin" / "kubectl"),
+            "--kubeconfig",
+            str(state / "kubeconfig"),
+            "get",
+            "namespace",
+            "keep-me",
+            "-o",
+            "name",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout.strip() == "namespace/keep-me", out.stderr
     again.signal(signal.SIGINT)
     assert again.wait_exit() == 128 + signal.SIGINT
@@ -115,8 +137,9 @@ def test_detach_returns_once_ready_and_stop_removes_it(control_plane, tmp_path):
         ports = json.loads((state / "ports.json").read_text())
         running = ep.left_behind()  # detached: meant to run on
         assert {"etcd", "kube-apiserver"} <= {Path(cmd.split()[0]).name for cmd in running.values()}, running
-        stop = subprocess.run([sys.executable, "-m", MODULE, "--stop", str(state)], capture_output=True,
-                              text=True, check=True)
+        stop = subprocess.run(
+            [sys.executable, "-m", MODULE, "--stop", str(state)], capture_output=True, text=True, check=True
+        )
         assert stop.stdout.strip() == "stopped: kube-apiserver, etcd"
         ep.assert_nothing_left(set(ports.values()), state)
     finally:

@@ -43,8 +43,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 class Chain:
-    def __init__(self, namespace: str, mock: MockUpstreamProcess, epp: EndpointPicker, envoy: Envoy,
-                 gateway: GatewayProcess) -> None:
+    def __init__(
+        self, namespace: str, mock: MockUpstreamProcess, epp: EndpointPicker, envoy: Envoy, gateway: GatewayProcess
+    ) -> None:
         self.namespace, self.mock, self.epp, self.envoy, self.gateway = namespace, mock, epp, envoy, gateway
 
     def received(self, mock_id: str) -> dict:
@@ -52,9 +53,11 @@ class Chain:
 
     def picked(self, request_id: str) -> dict:
         """What the EPP made of the request with this x-request-id (waits for its log lines)."""
+
         def logged() -> dict | None:
             entry = self.epp.requests().get(request_id) or {}
             return entry if {"objectiveKey", "fairnessID"} <= set(entry) else None
+
         return wait_for(f"the endpoint picker's log of {request_id}", logged, 10)
 
 
@@ -63,8 +66,11 @@ def gateway_env(tmp_path: Path) -> dict[str, str]:
     helm = Helm(require_tool("helm"), tmp_path)
     deployment = helm.render(EXAMPLE / "atlas-values.yaml").one("Deployment", "-gateway")
     env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    return {e["name"]: e["value"] for e in env if e["name"] in (
-        "ATLAS_INFERENCE_OBJECTIVES", "ATLAS_STAMP_FAIRNESS_ID", "ATLAS_STRIP_HEADERS")}
+    return {
+        e["name"]: e["value"]
+        for e in env
+        if e["name"] in ("ATLAS_INFERENCE_OBJECTIVES", "ATLAS_STAMP_FAIRNESS_ID", "ATLAS_STRIP_HEADERS")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +93,15 @@ def chain(control_plane, redis_server, tmp_path_factory):
 
         def routed() -> bool:  # a body-less request: the EPP sends it to any endpoint of the pool
             return httpx.get(envoy.url + "/v1/models", timeout=2).status_code == 200
-        wait_for("Envoy to route through the endpoint picker", routed, 60, interval=0.2,
-                 retry=(httpx.TransportError,), failed=lambda: epp.exited() or envoy.exited())
+
+        wait_for(
+            "Envoy to route through the endpoint picker",
+            routed,
+            60,
+            interval=0.2,
+            retry=(httpx.TransportError,),
+            failed=lambda: epp.exited() or envoy.exited(),
+        )
         env = gateway_env(tmp_path_factory.mktemp("helm"))
         assert json.loads(env["ATLAS_INFERENCE_OBJECTIVES"])["Sheddable"] == "batch"
         gateway = GatewayProcess(redis_server.url, envoy.url, logs, ATLAS_LOG_LEVEL="warning", **env).start()
@@ -101,30 +114,59 @@ def chain(control_plane, redis_server, tmp_path_factory):
 
 
 def chat(url: str, mock_id: str, **headers: str) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=15, headers={**headers, "x-mock-id": mock_id},
-                      json={"model": ALLOWED, "messages": MESSAGES, "max_tokens": 4})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        timeout=15,
+        headers={**headers, "x-mock-id": mock_id},
+        json={"model": ALLOWED, "messages": MESSAGES, "max_tokens": 4},
+    )
 
 
 def test_straight_at_the_inference_gateway_a_client_chooses_its_objective_and_model(chain):
     """The threat: the EPP believes whatever a client sends."""
-    served = chat(chain.envoy.url, "direct-critical", **{"x-gateway-inference-objective": "assistant-critical",
-                                                         "x-gateway-model-name-rewrite": "client-model",
-                                                         "x-request-id": "direct-critical"})
+    served = chat(
+        chain.envoy.url,
+        "direct-critical",
+        **{
+            "x-gateway-inference-objective": "assistant-critical",
+            "x-gateway-model-name-rewrite": "client-model",
+            "x-request-id": "direct-critical",
+        },
+    )
     assert served.status_code == 200
     assert chain.received("direct-critical")["body"]["model"] == "client-model"  # rewritten by the EPP
     seen = chain.picked("direct-critical")
     assert (seen["objectiveKey"], seen["priority"], seen["fairnessID"]) == ("assistant-critical", 10, "default-flow")
-    dropped = chat(chain.envoy.url, "direct-batch", **{"x-gateway-inference-objective": "batch",
-                                                       "x-request-id": "direct-batch"})
+    dropped = chat(
+        chain.envoy.url, "direct-batch", **{"x-gateway-inference-objective": "batch", "x-request-id": "direct-batch"}
+    )
     assert dropped.status_code == 429 and "sheddable request dropped" in dropped.text
     assert chain.received("direct-batch")["count"] == 0
 
 
 def test_through_atlas_the_endpoint_picker_acts_on_atlas_objective_and_the_checked_model(chain, redis_server):
-    write_key(redis_server.url, "sk-chain-batch", "batch", contract.Limits(), namespace=chain.namespace,
-              quota="team-search", quota_limits=contract.Limits(), models=("allowed-*",), priority="Sheddable")
-    write_key(redis_server.url, "sk-chain-critical", "frontend", contract.Limits(), namespace=chain.namespace,
-              quota="team-search", quota_limits=contract.Limits(), models=("allowed-*",), priority="Critical")
+    write_key(
+        redis_server.url,
+        "sk-chain-batch",
+        "batch",
+        contract.Limits(),
+        namespace=chain.namespace,
+        quota="team-search",
+        quota_limits=contract.Limits(),
+        models=("allowed-*",),
+        priority="Sheddable",
+    )
+    write_key(
+        redis_server.url,
+        "sk-chain-critical",
+        "frontend",
+        contract.Limits(),
+        namespace=chain.namespace,
+        quota="team-search",
+        quota_limits=contract.Limits(),
+        models=("allowed-*",),
+        priority="Critical",
+    )
     # a Sheddable key asking for Critical scheduling and another model: the EPP sees "batch" and
     # the allowed model, and drops it while the pool is saturated
     shed = chat(chain.gateway.url, "atlas-batch", **STEERING, Authorization="Bearer sk-chain-batch")
@@ -134,9 +176,12 @@ def test_through_atlas_the_endpoint_picker_acts_on_atlas_objective_and_the_check
     assert chain.received("atlas-batch")["count"] == 0
 
     sdk = openai.OpenAI(base_url=chain.gateway.url + "/v1", api_key="sk-chain-critical", max_retries=0, timeout=15)
-    served = sdk.chat.completions.with_raw_response.create(model=ALLOWED, messages=MESSAGES, max_tokens=4,
-                                                           extra_headers={**STEERING, "x-mock-id": "atlas-critical",
-                                                                          "x-tenant-id": "t", "x-internal-route": "r"})
+    served = sdk.chat.completions.with_raw_response.create(
+        model=ALLOWED,
+        messages=MESSAGES,
+        max_tokens=4,
+        extra_headers={**STEERING, "x-mock-id": "atlas-critical", "x-tenant-id": "t", "x-internal-route": "r"},
+    )
     seen = chain.picked(served.headers["x-request-id"])
     assert (seen["objectiveKey"], seen["priority"], seen["targetModelName"]) == ("assistant-critical", 10, ALLOWED)
     assert seen["fairnessID"] == f"{chain.namespace}/team-search"  # the quota, not the client's tenant
@@ -151,15 +196,24 @@ def test_through_atlas_the_endpoint_picker_acts_on_atlas_objective_and_the_check
 
 
 def test_past_a_soft_budget_the_endpoint_picker_sheds_the_demoted_request(chain, redis_server):
-    write_key(redis_server.url, "sk-chain-soft", "nightly", contract.Limits(soft_tokens_per_day=1),
-              namespace=chain.namespace, priority="Critical")
+    write_key(
+        redis_server.url,
+        "sk-chain-soft",
+        "nightly",
+        contract.Limits(soft_tokens_per_day=1),
+        namespace=chain.namespace,
+        priority="Critical",
+    )
     auth = {"Authorization": "Bearer sk-chain-soft"}
     first = chat(chain.gateway.url, "soft-1", **auth)
-    assert first.status_code == 200 and chain.picked(first.headers["x-request-id"])["objectiveKey"] == "assistant-critical"
+    assert (
+        first.status_code == 200 and chain.picked(first.headers["x-request-id"])["objectiveKey"] == "assistant-critical"
+    )
 
     def demoted() -> httpx.Response | None:  # once the first request is settled
         answer = chat(chain.gateway.url, "soft-2", **auth)
         return answer if "x-atlas-demoted" in answer.headers else None
+
     answer = wait_for("a demoted answer", demoted, 10)
     assert answer.headers["x-atlas-demoted"] == f'softTokensPerDay; owner="AtlasKey {chain.namespace}/nightly"'
     assert answer.status_code == 429  # Sheddable now: the saturated pool drops it

@@ -76,33 +76,38 @@ class Cluster:
         return self.json(*args)["items"]
 
     def running_pods(self, component: str) -> list[dict]:
-        return [p for p in self.pods(component)
-                if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        return [
+            p
+            for p in self.pods(component)
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        ]
 
     def ready(self, pod: dict) -> bool:
-        return any(c["type"] == "Ready" and c["status"] == "True"
-                   for c in pod["status"].get("conditions", []))
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
     def wait_ready(self, component: str, count: int, timeout: float = 180) -> list[dict]:
         def check():
             pods = [p for p in self.running_pods(component) if self.ready(p)]
             return pods if len(pods) == count and len(self.pods(component)) == count else None
+
         return wait_until(f"{count} Ready {component} pod(s) and no other", check, timeout)
 
     def apply_key(self, name: str, spec: dict, namespace: str = KEY_NAMESPACE) -> str:
         """Apply an AtlasKey, wait until Ready, return its generated API key."""
-        doc = {"apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey",
-               "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        doc = {
+            "apiVersion": "atlas.bugvanquisher.io/v1alpha1",
+            "kind": "AtlasKey",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
-        self.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"atlaskey/{name}",
-                     "--timeout=90s", timeout=100)
+        self.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"atlaskey/{name}", "--timeout=90s", timeout=100)
         secret = self.json("get", "secret", "-n", namespace, f"{name}-api-key")
         return base64.b64decode(secret["data"]["api-key"]).decode()
 
     def redis_cli(self, *args: str) -> str:
         pod = self.pods("redis")[0]["metadata"]["name"]
-        return self.kubectl("exec", "-n", self.namespace, pod, "-c", "redis", "--",
-                            "redis-cli", *args).stdout
+        return self.kubectl("exec", "-n", self.namespace, pod, "-c", "redis", "--", "redis-cli", *args).stdout
 
     def live_leases(self, key_name: str, namespace: str = KEY_NAMESPACE) -> tuple[int, int]:
         """(leases whose expiry is in the future, all lease entries) of an AtlasKey."""
@@ -113,8 +118,7 @@ class Cluster:
         return live, total
 
     def usage(self, api_key: str) -> dict:
-        req = urllib.request.Request(self.gateway_url + "/v1/usage",
-                                     headers={"authorization": f"Bearer {api_key}"})
+        req = urllib.request.Request(self.gateway_url + "/v1/usage", headers={"authorization": f"Bearer {api_key}"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
@@ -126,8 +130,10 @@ class Cluster:
             with urllib.request.urlopen(f"http://{ip}:8080/metrics", timeout=10) as resp:
                 text = resp.read().decode()
             out[pod["metadata"]["name"]] = sum(
-                float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("atlas_gateway_requests_total{"))
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("atlas_gateway_requests_total{")
+            )
         return out
 
     def wait_gateways_settled(self, api_key: str, streak: int = 30, timeout: float = 90) -> None:
@@ -135,18 +141,25 @@ class Cluster:
         earlier rollout or kill is left in kube-proxy's rules."""
         import httpx
         import openai
-        client = openai.OpenAI(base_url=self.gateway_url + "/v1", api_key=api_key, max_retries=0,
-                               timeout=5, http_client=httpx.Client(
-                                   limits=httpx.Limits(max_keepalive_connections=0)))
+
+        client = openai.OpenAI(
+            base_url=self.gateway_url + "/v1",
+            api_key=api_key,
+            max_retries=0,
+            timeout=5,
+            http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)),
+        )
 
         def all_ok() -> bool:
             for _ in range(streak):
                 try:
-                    client.chat.completions.create(model=MODEL, max_tokens=1,
-                                                   messages=[{"role": "user", "content": "x"}])
+                    client.chat.completions.create(
+                        model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "x"}]
+                    )
                 except openai.OpenAIError:
                     return False
             return True
+
         with client:
             wait_until(f"{streak} requests in a row answered", all_ok, timeout)
 
@@ -159,10 +172,11 @@ class Cluster:
 
 # ------------------------------------------------------------------ load
 
+
 @dataclass
 class LoadResult:
     outcomes: Counter = field(default_factory=Counter)  # "200", "429:insufficient_quota", "conn", ...
-    error_times: list = field(default_factory=list)     # (time.monotonic() it was sent, kind) per error
+    error_times: list = field(default_factory=list)  # (time.monotonic() it was sent, kind) per error
     tokens: int = 0
     started: float = 0.0
     stopped: float = 0.0
@@ -185,6 +199,7 @@ class LoadResult:
 
 def _classify(exc: Exception) -> str:
     import openai
+
     if isinstance(exc, openai.APIStatusError):
         code = ""
         try:
@@ -194,10 +209,12 @@ def _classify(exc: Exception) -> str:
         return f"{exc.status_code}:{code}"
     if isinstance(exc, openai.APITimeoutError):
         import httpx
+
         # A SYN to an endpoint already gone (no answer) vs a request left unanswered.
         return "connect-timeout" if isinstance(exc.__cause__, httpx.ConnectTimeout) else "timeout"
     if isinstance(exc, openai.APIConnectionError):
         import httpx
+
         # Refused before reaching a gateway (an endpoint on its way out) vs cut mid-request.
         return "connect-refused" if isinstance(exc.__cause__, httpx.ConnectError) else "connection-lost"
     return type(exc).__name__
@@ -207,7 +224,8 @@ async def one_request(client, result: LoadResult, max_tokens: int = 16) -> None:
     started = time.monotonic()
     try:
         reply = await client.chat.completions.create(
-            model=MODEL, max_tokens=max_tokens, messages=[{"role": "user", "content": "ping"}])
+            model=MODEL, max_tokens=max_tokens, messages=[{"role": "user", "content": "ping"}]
+        )
         result.outcomes["200"] += 1
         result.tokens += reply.usage.total_tokens
     except Exception as exc:  # noqa: BLE001 - every outcome is counted
@@ -220,11 +238,16 @@ def openai_client(cluster: Cluster, api_key: str, timeout: float = 20.0, max_ret
     """max_retries=0 shows every error; the SDK's default (2) is what applications get."""
     import httpx
     import openai
+
     return openai.AsyncOpenAI(
-        base_url=cluster.gateway_url + "/v1", api_key=api_key, max_retries=max_retries, timeout=timeout,
+        base_url=cluster.gateway_url + "/v1",
+        api_key=api_key,
+        max_retries=max_retries,
+        timeout=timeout,
         # Short-lived connections: each request picks a Service endpoint (kube-proxy balances
         # connections, not requests), as many independent clients would.
-        http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)))
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)),
+    )
 
 
 def burst(cluster: Cluster, api_key: str, n: int) -> LoadResult:
@@ -235,6 +258,7 @@ def burst(cluster: Cluster, api_key: str, n: int) -> LoadResult:
         client = openai_client(cluster, api_key)
         async with client:
             await asyncio.gather(*(one_request(client, result) for _ in range(n)))
+
     asyncio.run(main())
     result.stopped = time.monotonic()
     return result
@@ -256,6 +280,7 @@ class Load:
         async def worker():
             while not self._stop.is_set():
                 await one_request(client, self.result)
+
         async with client:
             await asyncio.gather(*(worker() for _ in range(self.concurrency)))
 
@@ -275,6 +300,7 @@ class Load:
 
 # ------------------------------------------------------------------ session fixture
 
+
 def _bridge_exists() -> bool:
     return subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode == 0
 
@@ -293,8 +319,10 @@ def cluster(request) -> Cluster:
         yield Cluster(stack, env)
         return
     if _bridge_exists():
-        pytest.fail(f"another deploy node is running (bridge {BRIDGE} exists): `make deploy-down` first, "
-                    "or ATLAS_DEPLOY_REUSE=.deploy to test that one")
+        pytest.fail(
+            f"another deploy node is running (bridge {BRIDGE} exists): `make deploy-down` first, "
+            "or ATLAS_DEPLOY_REUSE=.deploy to test that one"
+        )
     request.getfixturevalue("docker_engine")  # the images are built with it; stopped at the end
     stack = DeployStack(TEST_STATE_DIR)
     try:
@@ -307,8 +335,6 @@ def cluster(request) -> Cluster:
 @pytest.fixture
 def key_name() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
-
-
 
 
 def pytest_collection_modifyitems(items):

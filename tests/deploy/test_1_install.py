@@ -47,12 +47,21 @@ def test_operator_reconciles_as_its_service_account(cluster: Cluster, key_name: 
     held to the chart's RBAC (allowed what reconciling needs, nothing more)."""
     pod = cluster.pods("operator")[0]
     sa = pod["spec"]["serviceAccountName"]
-    token = cluster.kubectl("exec", "-n", cluster.namespace, pod["metadata"]["name"], "--",
-                            "cat", "/var/run/secrets/kubernetes.io/serviceaccount/token").stdout.strip()
+    token = cluster.kubectl(
+        "exec",
+        "-n",
+        cluster.namespace,
+        pod["metadata"]["name"],
+        "--",
+        "cat",
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+    ).stdout.strip()
     review = urllib.request.Request(
-        cluster.apiserver_url() + "/apis/authentication.k8s.io/v1/selfsubjectreviews", method="POST",
+        cluster.apiserver_url() + "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        method="POST",
         data=json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode(),
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
     with urllib.request.urlopen(review, context=cluster.apiserver_ssl(), timeout=10) as resp:
         user = json.loads(resp.read())["status"]["userInfo"]
     assert user["username"] == f"system:serviceaccount:{cluster.namespace}:{sa}"
@@ -74,11 +83,15 @@ def test_operator_reconciles_as_its_service_account(cluster: Cluster, key_name: 
 def test_openai_sdk_through_the_gateway_service_and_usage_in_kubectl(cluster: Cluster, key_name: str):
     api_key = cluster.apply_key(key_name, {"limits": {"requestsPerSecond": 20, "tokensPerDay": 100000}})
     client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key=api_key, max_retries=0)
-    reply = client.chat.completions.create(model=MODEL, max_tokens=16,
-                                           messages=[{"role": "user", "content": "hello from a pod"}])
+    reply = client.chat.completions.create(
+        model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hello from a pod"}]
+    )
     assert reply.choices[0].message.content and reply.usage.total_tokens > 0
-    streamed = list(client.chat.completions.create(
-        model=MODEL, max_tokens=8, stream=True, messages=[{"role": "user", "content": "stream"}]))
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL, max_tokens=8, stream=True, messages=[{"role": "user", "content": "stream"}]
+        )
+    )
     assert any(chunk.choices and chunk.choices[0].delta.content for chunk in streamed)
     assert [m.id for m in client.models.list()]
 
@@ -94,16 +107,24 @@ def test_openai_sdk_through_the_gateway_service_and_usage_in_kubectl(cluster: Cl
     assert settled > reply.usage.total_tokens
 
     def column() -> str | None:
-        out = cluster.kubectl("get", "atlaskeys", "-n", "default", key_name,
-                              "-o", "custom-columns=T:.status.usage.tokensToday", "--no-headers").stdout.strip()
+        out = cluster.kubectl(
+            "get",
+            "atlaskeys",
+            "-n",
+            "default",
+            key_name,
+            "-o",
+            "custom-columns=T:.status.usage.tokensToday",
+            "--no-headers",
+        ).stdout.strip()
         return out if out == str(settled) else None
+
     wait_until("tokensToday in kubectl get atlaskeys", column, timeout=60)
     table = cluster.kubectl("get", "atlaskeys", "-n", "default", key_name).stdout
     assert "TOKENS TODAY" in table and str(settled) in table
 
 
-def test_200_concurrent_requests_over_both_replicas_never_exceed_a_budget_of_20(
-        cluster: Cluster, key_name: str):
+def test_200_concurrent_requests_over_both_replicas_never_exceed_a_budget_of_20(cluster: Cluster, key_name: str):
     # What one request costs once settled (the mock answers every request alike).
     probe_key = cluster.apply_key(key_name + "-probe", {"limits": {"tokensPerDay": 100000}})
     probe = burst(cluster, probe_key, 1)
@@ -117,8 +138,10 @@ def test_200_concurrent_requests_over_both_replicas_never_exceed_a_budget_of_20(
     after = cluster.requests_by_pod()
 
     usage = cluster.usage(api_key)["usage"]
-    print(f"\nbudget {budget} tokens ({per_request}/request): {result.outcomes}, "
-          f"settled {usage['tokensToday']}, per pod {dict((k, after[k] - before.get(k, 0)) for k in after)}")
+    print(
+        f"\nbudget {budget} tokens ({per_request}/request): {result.outcomes}, "
+        f"settled {usage['tokensToday']}, per pod {dict((k, after[k] - before.get(k, 0)) for k in after)}"
+    )
     assert usage["tokensToday"] <= budget, "over budget"
     assert usage["tokensToday"] == result.tokens == result.ok * per_request
     assert 1 <= result.ok <= 20
@@ -141,8 +164,9 @@ def test_the_docs_walkthrough_as_written(cluster: Cluster):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("OPENAI_API_KEY", None)
     env.pop("OPENAI_BASE_URL", None)
-    res = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", body], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
     assert res.returncode == 0, res.stderr
     assert "CompletionUsage(" in res.stdout and "my-first-key" in res.stdout
     assert "Running" in res.stdout  # kubectl get pods

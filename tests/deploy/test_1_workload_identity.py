@@ -29,10 +29,13 @@ def test_a_job_calls_the_gateway_service_with_its_service_account_token(cluster:
     container = job["spec"]["template"]["spec"]["containers"][0]
     container["image"], container["imagePullPolicy"] = image, "Never"
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["ATLAS_URL"] == f"http://atlas-gateway.{cluster.namespace}.svc:8080/v1", \
+    assert env["ATLAS_URL"] == f"http://atlas-gateway.{cluster.namespace}.svc:8080/v1", (
         "the example names the release's gateway Service"
-    assert job["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"][
-        "audience"] == "atlas"
+    )
+    assert (
+        job["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+        == "atlas"
+    )
 
     # the AtlasKey first, so that the Job's first request finds its binding
     key = next(o for o in objects if o["kind"] == "AtlasKey")
@@ -40,16 +43,25 @@ def test_a_job_calls_the_gateway_service_with_its_service_account_token(cluster:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all([account, key]))
     cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"atlaskey/{KEY}", "--timeout=90s", timeout=100)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(job))
-    done = cluster.kubectl("wait", "-n", namespace, "--for=condition=complete", f"job/{JOB}", "--timeout=180s",
-                           check=False, timeout=190)
+    done = cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=complete", f"job/{JOB}", "--timeout=180s", check=False, timeout=190
+    )
     logs = cluster.kubectl("logs", "-n", namespace, f"job/{JOB}", check=False).stdout
     assert done.returncode == 0, f"the Job did not complete: {done.stderr}\n{logs}"
     assert "tokens used:" in logs
 
     # counted as the AtlasKey: its status and the gateway's metrics name it
-    usage = wait_until("the Job's request in the AtlasKey's usage", lambda: (
-        u := (cluster.json("get", "atlaskey", "-n", namespace, KEY).get("status") or {}).get("usage") or {}
-    ).get("requestsToday") == 1 and u, timeout=60)
+    usage = wait_until(
+        "the Job's request in the AtlasKey's usage",
+        lambda: (
+            (u := (cluster.json("get", "atlaskey", "-n", namespace, KEY).get("status") or {}).get("usage") or {}).get(
+                "requestsToday"
+            )
+            == 1
+            and u
+        ),
+        timeout=60,
+    )
     assert usage["tokensToday"] > 0
     label = f'key="{namespace}/{KEY}"'
     scraped = ""
@@ -63,17 +75,21 @@ def test_a_job_calls_the_gateway_service_with_its_service_account_token(cluster:
     token = cluster.kubectl("create", "token", ACCOUNT, "-n", namespace, "--audience", "atlas").stdout.strip()
     assert token not in scraped
     review = urllib.request.Request(
-        cluster.apiserver_url() + "/apis/authentication.k8s.io/v1/selfsubjectreviews", method="POST",
+        cluster.apiserver_url() + "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        method="POST",
         data=json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode(),
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
     try:
         urllib.request.urlopen(review, context=cluster.apiserver_ssl(), timeout=10)
         raise AssertionError("an Atlas token authenticated to the API server")
     except urllib.error.HTTPError as exc:
         assert exc.code == 401
-    assert cluster.usage(token)["key"] == {"namespace": namespace, "name": KEY,
-                                           "keyId": cluster.json("get", "atlaskey", "-n", namespace, KEY)[
-                                               "status"]["keyId"]}
+    assert cluster.usage(token)["key"] == {
+        "namespace": namespace,
+        "name": KEY,
+        "keyId": cluster.json("get", "atlaskey", "-n", namespace, KEY)["status"]["keyId"],
+    }
     cluster.kubectl("delete", "serviceaccount", ACCOUNT, "-n", namespace)
 
     def refused() -> bool:
@@ -82,5 +98,6 @@ def test_a_job_calls_the_gateway_service_with_its_service_account_token(cluster:
         except urllib.error.HTTPError as exc:
             return exc.code == 401
         return False
+
     wait_until("the deleted ServiceAccount's token refused", refused, timeout=60)
     cluster.kubectl("delete", "namespace", namespace, "--wait=false")

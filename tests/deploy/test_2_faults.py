@@ -14,8 +14,14 @@ LEASE_TTL_SECONDS = 300  # the gateway's default ATLAS_LEASE_TTL_SECONDS (the ch
 
 
 def _events(cluster: Cluster, key_name: str) -> list[str]:
-    items = cluster.json("get", "events", "-n", "default",
-                         "--field-selector", f"involvedObject.kind=AtlasKey,involvedObject.name={key_name}")["items"]
+    items = cluster.json(
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        f"involvedObject.kind=AtlasKey,involvedObject.name={key_name}",
+    )["items"]
     return sorted(f"{e['reason']}x{e.get('count', 1)}" for e in items)
 
 
@@ -24,8 +30,10 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
     cluster.wait_gateways_settled(api_key)
     victim = cluster.running_pods("gateway")[0]["metadata"]["name"]
     concurrency = 8
-    with Load(cluster, api_key, concurrency=concurrency) as load, \
-            Load(cluster, api_key, concurrency=2, max_retries=2) as app:
+    with (
+        Load(cluster, api_key, concurrency=concurrency) as load,
+        Load(cluster, api_key, concurrency=2, max_retries=2) as app,
+    ):
         load.wait_for_requests(100)
         # (so that "every lease released" below is not true of a key that never had one)
         wait_until("leases in use under load", lambda: cluster.live_leases(key_name)[0] > 0, timeout=30)
@@ -37,9 +45,11 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
         answered = load.result.total()
         load.wait_for_requests(answered + 100)  # and traffic flows on through both replicas
     result = load.result
-    print(f"\ngateway pod deleted under load: raw clients {result.total()} requests, {result.ok} ok, "
-          f"errors {result.errors}; SDK-default clients {app.result.total()} requests, "
-          f"errors {app.result.errors}")
+    print(
+        f"\ngateway pod deleted under load: raw clients {result.total()} requests, {result.ok} ok, "
+        f"errors {result.errors}; SDK-default clients {app.result.total()} requests, "
+        f"errors {app.result.errors}"
+    )
     assert result.ok >= 200
     # Bounded: no request that reached the deleted pod is lost (it drains); the only errors
     # are connections refused while its endpoint was being removed, which the SDK retries.
@@ -54,8 +64,11 @@ def test_gateway_pod_deleted_under_load(cluster: Cluster, key_name: str):
 
     # No lease outlives its TTL: every concurrency slot is released (the killed pod drained),
     # and no entry expires later than a TTL after the kill.
-    live, entries = wait_until("every lease released", lambda: (
-        lambda lv: lv if lv[0] == 0 else None)(cluster.live_leases(key_name)), timeout=30)
+    live, entries = wait_until(
+        "every lease released",
+        lambda: (lambda lv: lv if lv[0] == 0 else None)(cluster.live_leases(key_name)),
+        timeout=30,
+    )
     zset = contract.lease_key(contract.key_subject("default", key_name))
     latest = cluster.redis_cli("ZRANGE", zset, "-1", "-1", "WITHSCORES").split()
     if latest:
@@ -75,10 +88,21 @@ def test_operator_pod_deleted_replacement_resumes_without_duplicate_work(cluster
 
     # It resumes: a new key gets reconciled, a change to an old one too.
     second = cluster.apply_key(key_name + "-2", {"limits": {"tokensPerDay": 5000}})
-    cluster.kubectl("patch", "atlaskey", "-n", "default", key_name, "--type=merge",
-                    "-p", '{"spec":{"limits":{"tokensPerDay":200000}}}')
-    wait_until("the change reconciled", lambda: cluster.json(
-        "get", "atlaskey", "-n", "default", key_name)["status"].get("observedGeneration") == 2, timeout=60)
+    cluster.kubectl(
+        "patch",
+        "atlaskey",
+        "-n",
+        "default",
+        key_name,
+        "--type=merge",
+        "-p",
+        '{"spec":{"limits":{"tokensPerDay":200000}}}',
+    )
+    wait_until(
+        "the change reconciled",
+        lambda: cluster.json("get", "atlaskey", "-n", "default", key_name)["status"].get("observedGeneration") == 2,
+        timeout=60,
+    )
     for key in (api_key, second):
         client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key=key, max_retries=0)
         client.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}])
@@ -91,8 +115,9 @@ def test_operator_pod_deleted_replacement_resumes_without_duplicate_work(cluster
     assert secret_after["data"] == secret_before["data"]
     events_after = _events(cluster, key_name)
     print(f"\nevents of the existing key before {events_before}, after {events_after}")
-    assert [e for e in events_after if e.startswith("SecretGenerated")] == \
-        [e for e in events_before if e.startswith("SecretGenerated")]
+    assert [e for e in events_after if e.startswith("SecretGenerated")] == [
+        e for e in events_before if e.startswith("SecretGenerated")
+    ]
 
 
 def test_redis_restarted_gateways_fail_closed_then_recover(cluster: Cluster, key_name: str):
@@ -101,11 +126,11 @@ def test_redis_restarted_gateways_fail_closed_then_recover(cluster: Cluster, key
     for _ in range(3):
         client.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x"}])
     before = cluster.usage(api_key)["usage"]
-    restarts_before = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
-                       for p in cluster.pods("gateway")}
+    restarts_before = {
+        p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.pods("gateway")
+    }
 
-    cluster.kubectl("delete", "pod", "-n", cluster.namespace, "-l", "app.kubernetes.io/component=redis",
-                    "--wait=false")
+    cluster.kubectl("delete", "pod", "-n", cluster.namespace, "-l", "app.kubernetes.io/component=redis", "--wait=false")
     outcomes: dict[str, int] = {}
 
     def ask() -> str:
@@ -118,6 +143,7 @@ def test_redis_restarted_gateways_fail_closed_then_recover(cluster: Cluster, key
             kind = "connection"
         outcomes[kind] = outcomes.get(kind, 0) + 1
         return kind
+
     wait_until("the gateways to answer 503 (fail-closed)", lambda: ask() == "503:server_error", timeout=60)
     wait_until("the gateways to recover by themselves", lambda: ask() == "200", timeout=180)
     print(f"\nRedis restart: outcomes {outcomes}")
@@ -127,9 +153,13 @@ def test_redis_restarted_gateways_fail_closed_then_recover(cluster: Cluster, key
     after = cluster.usage(api_key)["usage"]
     assert after["tokensToday"] > before["tokensToday"]
     assert after["requestsToday"] == before["requestsToday"] + outcomes["200"]
-    assert {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
-            for p in cluster.pods("gateway")} == restarts_before
+    assert {
+        p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.pods("gateway")
+    } == restarts_before
     cluster.wait_ready("redis", 1)
-    live, entries = wait_until("every lease released", lambda: (
-        lambda lv: lv if lv[0] == 0 else None)(cluster.live_leases(key_name)), timeout=30)
+    live, entries = wait_until(
+        "every lease released",
+        lambda: (lambda lv: lv if lv[0] == 0 else None)(cluster.live_leases(key_name)),
+        timeout=30,
+    )
     print(f"leases left: live {live}, entries {entries}")

@@ -27,16 +27,23 @@ def _upgrade(cluster: Cluster, *sets: str) -> None:
 
 def test_a_trace_from_a_gateway_pod(cluster: Cluster, key_name: str):
     with Jaeger(host=cluster.env["ATLAS_HOST_FROM_PODS"]) as jaeger:
-        _upgrade(cluster, f"gateway.tracing.endpoint={jaeger.otlp_http_url}", "gateway.tracing.samplerArg=1",
-                 "gateway.usageRecords=stdout")
+        _upgrade(
+            cluster,
+            f"gateway.tracing.endpoint={jaeger.otlp_http_url}",
+            "gateway.tracing.samplerArg=1",
+            "gateway.usageRecords=stdout",
+        )
         try:
             api_key = cluster.apply_key(key_name, {"limits": {"tokensPerDay": 100000}})
             cluster.wait_gateways_settled(api_key)
             trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
             client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key=api_key, max_retries=0)
             raw = client.chat.completions.with_raw_response.create(
-                model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "trace me"}],
-                extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+                model=MODEL,
+                max_tokens=8,
+                messages=[{"role": "user", "content": "trace me"}],
+                extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+            )
             usage = raw.parse().usage
             spans = jaeger.wait_for_spans(trace_id, 4, timeout=60)
             [server] = [s for s in spans if s["name"] == "POST /v1/chat/completions"]
@@ -57,6 +64,7 @@ def test_a_trace_from_a_gateway_pod(cluster: Cluster, key_name: str):
                 log = cluster.kubectl("logs", "-n", cluster.namespace, resource["k8s.pod.name"]).stdout
                 lines = [json.loads(line) for line in log.splitlines() if request_id in line and line.startswith("{")]
                 return lines[0] if lines else None
+
             found = wait_until("the usage record in the pod's log", record, timeout=30)
             assert found["traceId"] == trace_id and found["key"] == f"default/{key_name}"
         finally:

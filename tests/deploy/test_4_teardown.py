@@ -20,8 +20,7 @@ def test_deploy_down_leaves_no_process_mount_or_network_device(cluster: Cluster)
     cluster.stack.down()
 
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    ours = [line for line in ps.splitlines() if state in line or "containerd-shim-runc-v2" in line
-            and state in line]
+    ours = [line for line in ps.splitlines() if state in line or "containerd-shim-runc-v2" in line and state in line]
     assert not ours, ours
     mounts = subprocess.run(["mount"], capture_output=True, text=True).stdout
     assert state not in mounts
@@ -29,8 +28,10 @@ def test_deploy_down_leaves_no_process_mount_or_network_device(cluster: Cluster)
     assert BRIDGE not in links and "veth" not in links, links
     for table in ("filter", "nat", "mangle"):
         rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True).stdout
-        assert not [r for r in rules.splitlines() if r.startswith("-N ")
-                    and r.split()[1].startswith(("KUBE-", "CNI-", "ATLAS-"))], rules
-    assert subprocess.run(["ip", "route", "show", "10.0.0.0/24"], capture_output=True,
-                          text=True).stdout.strip() == ""
+        assert not [
+            r
+            for r in rules.splitlines()
+            if r.startswith("-N ") and r.split()[1].startswith(("KUBE-", "CNI-", "ATLAS-"))
+        ], rules
+    assert subprocess.run(["ip", "route", "show", "10.0.0.0/24"], capture_output=True, text=True).stdout.strip() == ""
     assert not cluster.stack.leftovers()

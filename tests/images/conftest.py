@@ -36,14 +36,16 @@ def docker_cli(docker_engine: str) -> str:
 def images(docker_cli, request) -> dict[str, str]:
     """target -> image reference, built from this checkout (warm: Docker's layer cache)."""
     log = _reporter_log(request.config)
-    res = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "build"],
-                         capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(
+        ["bash", str(REPO_ROOT / "hack" / "images.sh"), "build"], capture_output=True, text=True, timeout=1800
+    )
     for line in res.stderr.splitlines():
         if line.startswith("[images]"):
             log(line)
     assert res.returncode == 0, f"hack/images.sh failed:\n{res.stderr[-4000:]}"
-    tags = subprocess.run(["bash", str(REPO_ROOT / "hack" / "images.sh"), "tags"],
-                          capture_output=True, text=True, check=True).stdout.split()
+    tags = subprocess.run(
+        ["bash", str(REPO_ROOT / "hack" / "images.sh"), "tags"], capture_output=True, text=True, check=True
+    ).stdout.split()
     return dict(zip(TARGETS, tags))
 
 
@@ -56,8 +58,10 @@ def chart(tmp_path_factory) -> Manifests:
 
 @pytest.fixture(scope="session")
 def pod_specs(chart: Manifests) -> dict[str, PodSpec]:
-    return {component: PodSpec.of(chart.one("Deployment", f"-{component}"), component)
-            for component in ("gateway", "operator")}
+    return {
+        component: PodSpec.of(chart.one("Deployment", f"-{component}"), component)
+        for component in ("gateway", "operator")
+    }
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ def _ok(url: str) -> bool:
 
 def wait_ready(container: Container, url: str, timeout: float = 60) -> None:
     """Wait until url answers 200; fail at once if the container exits, with its log either way."""
+
     def exited() -> str | None:
         return None if container.running() else f"{container.image} exited {container.state()['ExitCode']}"
 
@@ -74,34 +75,82 @@ def test_the_chart_runs_both_planes_hardened(pod_specs):
 
 # Each product image holds its own process and nothing else: no devstack, no other plane, no pip.
 HOLDS = {
-    "gateway": ({"atlas_core", "atlas_gateway", "uvicorn", "uvloop", "httptools", "aiohttp",
-                 "redis", "hiredis", "prometheus_client"},
-                {"atlas_operator", "atlas_devstack", "kopf", "kubernetes", "benchmarks", "tests", "pip",
-                 "setuptools", "openai", "httpx", "yaml", "watchfiles", "fastapi", "pydantic"}),
-    "operator": ({"atlas_core", "atlas_operator", "kopf", "kubernetes", "redis", "prometheus_client"},
-                 {"atlas_gateway", "atlas_devstack", "fastapi", "uvicorn", "benchmarks", "tests", "pip",
-                  "setuptools", "openai"}),
-    "mock-upstream": ({"atlas_devstack", "uvicorn", "uvloop", "httptools"},
-                      {"atlas_operator", "kopf", "kubernetes", "pip"}),
+    "gateway": (
+        {
+            "atlas_core",
+            "atlas_gateway",
+            "uvicorn",
+            "uvloop",
+            "httptools",
+            "aiohttp",
+            "redis",
+            "hiredis",
+            "prometheus_client",
+        },
+        {
+            "atlas_operator",
+            "atlas_devstack",
+            "kopf",
+            "kubernetes",
+            "benchmarks",
+            "tests",
+            "pip",
+            "setuptools",
+            "openai",
+            "httpx",
+            "yaml",
+            "watchfiles",
+            "fastapi",
+            "pydantic",
+        },
+    ),
+    "operator": (
+        {"atlas_core", "atlas_operator", "kopf", "kubernetes", "redis", "prometheus_client"},
+        {"atlas_gateway", "atlas_devstack", "fastapi", "uvicorn", "benchmarks", "tests", "pip", "setuptools", "openai"},
+    ),
+    "mock-upstream": (
+        {"atlas_devstack", "uvicorn", "uvloop", "httptools"},
+        {"atlas_operator", "kopf", "kubernetes", "pip"},
+    ),
 }
 
 
 @pytest.mark.parametrize("target", sorted(HOLDS))
 def test_an_image_installs_only_what_its_process_needs(images, target):
     present, absent = HOLDS[target]
-    probe = ("import importlib.util, json, sys; "
-             "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))")
-    res = docker("run", "--rm", "--network", "none", "--read-only", "--user", "10001:10001",
-                 "--cap-drop", "ALL", "--entrypoint", "python", images[target], "-c", probe,
-                 *sorted(present | absent))
+    probe = (
+        "import importlib.util, json, sys; "
+        "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))"
+    )
+    res = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        "--user",
+        "10001:10001",
+        "--cap-drop",
+        "ALL",
+        "--entrypoint",
+        "python",
+        images[target],
+        "-c",
+        probe,
+        *sorted(present | absent),
+    )
     found = json.loads(res.stdout)
     assert {m for m in present if not found[m]} == set(), f"{target} lacks what it runs"
     assert {m for m in absent if found[m]} == set(), f"{target} holds what it never runs"
     # ...and no console script of another plane that would only fail on import.
-    scripts = docker("run", "--rm", "--network", "none", "--entrypoint", "ls", images[target],
-                     "/opt/atlas/bin").stdout.split()
-    others = {"gateway": {"atlas-operator"}, "operator": {"atlas-gateway"},
-              "mock-upstream": {"atlas-gateway", "atlas-operator"}}[target] | {"kubectl-atlas"}
+    scripts = docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "ls", images[target], "/opt/atlas/bin"
+    ).stdout.split()
+    others = {
+        "gateway": {"atlas-operator"},
+        "operator": {"atlas-gateway"},
+        "mock-upstream": {"atlas-gateway", "atlas-operator"},
+    }[target] | {"kubectl-atlas"}
     assert not others & set(scripts), scripts
 
 
@@ -112,12 +161,31 @@ IMPORTS = {"gateway": "atlas_gateway", "operator": "atlas_operator", "mock-upstr
 
 @pytest.mark.parametrize("target", sorted(IMPORTS))
 def test_every_module_of_the_plane_imports_in_its_image(images, target):
-    probe = ("import importlib, pkgutil, sys; root = importlib.import_module(sys.argv[1]); "
-             "names = [m.name for m in pkgutil.walk_packages(getattr(root, '__path__', []), root.__name__ + '.')]; "
-             "[importlib.import_module(n) for n in names]; print(len(names))")
-    res = docker("run", "--rm", "--network", "none", "--read-only", "--user", "10001:10001",
-                 "--cap-drop", "ALL", "--tmpfs", "/tmp", "--entrypoint", "python", images[target], "-c", probe,
-                 IMPORTS[target], check=False)
+    probe = (
+        "import importlib, pkgutil, sys; root = importlib.import_module(sys.argv[1]); "
+        "names = [m.name for m in pkgutil.walk_packages(getattr(root, '__path__', []), root.__name__ + '.')]; "
+        "[importlib.import_module(n) for n in names]; print(len(names))"
+    )
+    res = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        "--user",
+        "10001:10001",
+        "--cap-drop",
+        "ALL",
+        "--tmpfs",
+        "/tmp",
+        "--entrypoint",
+        "python",
+        images[target],
+        "-c",
+        probe,
+        IMPORTS[target],
+        check=False,
+    )
     assert res.returncode == 0, f"{target}: {res.stderr[-2000:]}"
 
 
@@ -125,16 +193,25 @@ def test_every_module_of_the_plane_imports_in_its_image(images, target):
 def test_gateway_starts_and_answers_its_probes(images, pod_specs, redis_url, workers):
     """As the chart runs it; 2 workers also needs the writable /tmp (the workers' metrics snapshots)."""
     port = free_port()
-    env = {"ATLAS_REDIS_URL": redis_url, "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(port),
-           "ATLAS_WORKERS": str(workers), "ATLAS_UPSTREAM_URL": f"http://127.0.0.1:{free_port()}"}
+    env = {
+        "ATLAS_REDIS_URL": redis_url,
+        "ATLAS_HOST": "127.0.0.1",
+        "ATLAS_PORT": str(port),
+        "ATLAS_WORKERS": str(workers),
+        "ATLAS_UPSTREAM_URL": f"http://127.0.0.1:{free_port()}",
+    }
     with Container.as_chart_runs(pod_specs["gateway"], env) as gateway:
         base = f"http://127.0.0.1:{port}"
         wait_ready(gateway, base + "/readyz")  # the readiness probe: Redis reachable
         assert _ok(base + "/healthz")  # the liveness probe
         status, body = http("GET", base + "/metrics")
         assert status == 200 and b"atlas_" in body
-        status, body = http("POST", base + "/v1/chat/completions", {"model": "m", "messages": []},
-                            headers={"authorization": "Bearer sk-atlas-unknown"})
+        status, body = http(
+            "POST",
+            base + "/v1/chat/completions",
+            {"model": "m", "messages": []},
+            headers={"authorization": "Bearer sk-atlas-unknown"},
+        )
         assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
         assert_healthy(gateway)
 
@@ -183,9 +260,13 @@ def module_redis():
 @pytest.fixture(scope="module")
 def operator_container(images, pod_specs, in_cluster_credentials, module_redis):
     port = free_port()
-    env = {**in_cluster_credentials["env"], "ATLAS_REDIS_URL": module_redis.url,
-           "ATLAS_LIVENESS_HOST": "127.0.0.1", "ATLAS_LIVENESS_PORT": str(port),
-           "ATLAS_USAGE_INTERVAL_SECONDS": "1"}
+    env = {
+        **in_cluster_credentials["env"],
+        "ATLAS_REDIS_URL": module_redis.url,
+        "ATLAS_LIVENESS_HOST": "127.0.0.1",
+        "ATLAS_LIVENESS_PORT": str(port),
+        "ATLAS_USAGE_INTERVAL_SECONDS": "1",
+    }
     container = Container.as_chart_runs(pod_specs["operator"], env, in_cluster_credentials["flags"])
     with container:
         wait_ready(container, f"http://127.0.0.1:{port}/healthz", timeout=90)  # the liveness probe
@@ -197,10 +278,11 @@ def operator_container(images, pod_specs, in_cluster_credentials, module_redis):
 def mock_upstream_container(images):
     port = free_port()
     # The deploy tier's fixture image; run hardened too, as a pod of it would be.
-    container = Container(images["mock-upstream"],
-                          ["--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
-                           "--security-opt", "no-new-privileges"],
-                          {"MOCK_HOST": "127.0.0.1", "MOCK_PORT": str(port)})
+    container = Container(
+        images["mock-upstream"],
+        ["--read-only", "--user", "10001:10001", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"],
+        {"MOCK_HOST": "127.0.0.1", "MOCK_PORT": str(port)},
+    )
     with container:
         wait_ready(container, f"http://127.0.0.1:{port}/healthz")
         container.url = f"http://127.0.0.1:{port}"
@@ -210,8 +292,12 @@ def mock_upstream_container(images):
 @pytest.fixture(scope="module")
 def gateway_container(images, pod_specs, module_redis, mock_upstream_container):
     port = free_port()
-    env = {"ATLAS_REDIS_URL": module_redis.url, "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(port),
-           "ATLAS_UPSTREAM_URL": mock_upstream_container.url}
+    env = {
+        "ATLAS_REDIS_URL": module_redis.url,
+        "ATLAS_HOST": "127.0.0.1",
+        "ATLAS_PORT": str(port),
+        "ATLAS_UPSTREAM_URL": mock_upstream_container.url,
+    }
     with Container.as_chart_runs(pod_specs["gateway"], env) as container:
         wait_ready(container, f"http://127.0.0.1:{port}/readyz")
         container.url = f"http://127.0.0.1:{port}"
@@ -219,18 +305,29 @@ def gateway_container(images, pod_specs, module_redis, mock_upstream_container):
 
 
 def test_operator_reconciles_in_cluster_and_the_gateway_serves_its_key(
-        own_control_plane, operator_container, gateway_container, mock_upstream_container):
+    own_control_plane, operator_container, gateway_container, mock_upstream_container
+):
     cp = own_control_plane
     cp.kubectl("create", "namespace", "team-a")
-    cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-        "apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey",
-        "metadata": {"name": "search", "namespace": "team-a"},
-        "spec": {"limits": {"tokensPerDay": 100000, "requestsPerSecond": 50}}}))
+    cp.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=yaml.safe_dump(
+            {
+                "apiVersion": "atlas.bugvanquisher.io/v1alpha1",
+                "kind": "AtlasKey",
+                "metadata": {"name": "search", "namespace": "team-a"},
+                "spec": {"limits": {"tokensPerDay": 100000, "requestsPerSecond": 50}},
+            }
+        ),
+    )
 
     def key_ready() -> dict | None:
         obj = json.loads(cp.kubectl("get", "atlaskey", "search", "-n", "team-a", "-o", "json").stdout)
         ready = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"]
         return obj if ready and ready[0]["status"] == "True" else None
+
     key = wait_for("AtlasKey team-a/search Ready", key_ready, 60, interval=0.1, retry=(Exception,))
     assert len(key["status"]["keyId"]) == 8
 
@@ -240,8 +337,9 @@ def test_operator_reconciles_in_cluster_and_the_gateway_serves_its_key(
     assert api_key.startswith("sk-atlas-")
 
     client = openai.OpenAI(base_url=gateway_container.url + "/v1", api_key=api_key, max_retries=0, timeout=10)
-    reply = client.chat.completions.create(model="llama-3.1-8b-instruct", max_tokens=8,
-                                           messages=[{"role": "user", "content": "hello from a container"}])
+    reply = client.chat.completions.create(
+        model="llama-3.1-8b-instruct", max_tokens=8, messages=[{"role": "user", "content": "hello from a container"}]
+    )
     assert reply.usage is not None and reply.usage.completion_tokens > 0
     spent = reply.usage.total_tokens
 
@@ -249,6 +347,7 @@ def test_operator_reconciles_in_cluster_and_the_gateway_serves_its_key(
     def usage_shown() -> bool:
         obj = json.loads(cp.kubectl("get", "atlaskey", "search", "-n", "team-a", "-o", "json").stdout)
         return obj.get("status", {}).get("usage", {}).get("tokensToday") == spent
+
     wait_for("tokensToday in the AtlasKey's status", usage_shown, 30, interval=0.1, retry=(Exception,))
 
     assert _ok(operator_container.liveness_url)

@@ -49,10 +49,12 @@ def ledger(redis_url: str) -> dict[str, int]:
     client = redis.Redis.from_url(redis_url)
     try:
         day_key, _ = contract.usage_keys(SUBJECT, datetime.now(timezone.utc))
-        return {"leases": client.zcard(contract.lease_key(SUBJECT)),
-                "reserved": client.hlen(contract.lease_tokens_key(SUBJECT)),
-                "settled": int(client.hget(day_key, contract.USAGE_SETTLED) or 0),
-                "requests": int(client.hget(day_key, contract.USAGE_REQUESTS) or 0)}
+        return {
+            "leases": client.zcard(contract.lease_key(SUBJECT)),
+            "reserved": client.hlen(contract.lease_tokens_key(SUBJECT)),
+            "settled": int(client.hget(day_key, contract.USAGE_SETTLED) or 0),
+            "requests": int(client.hget(day_key, contract.USAGE_REQUESTS) or 0),
+        }
     finally:
         client.close()
 
@@ -63,6 +65,7 @@ def prompt_bound(gw: InProcessGateway, body: dict) -> int:
 
 async def assert_slot_free(gw: InProcessGateway, upstream: ScriptedUpstream) -> None:
     """The key's only concurrency slot is free again: a new request is admitted and answered."""
+
     async def answer(request):
         await request.json_response(200, {"id": "c2", "choices": [], "usage": USAGE})
 
@@ -105,8 +108,12 @@ async def test_client_gone_mid_stream_is_billed_for_what_was_delivered_once(gate
     assert gateway.settlements == {rid: 1}
     # the gateway hung up on the upstream: it never reads (or pays for) the rest
     await asyncio.wait_for(upstream.requests[0].closed.wait(), 5)
-    assert ledger(redis_url) == {"leases": 0, "reserved": 0, "settled": prompt_bound(gateway, STREAM) + 3,
-                                 "requests": 1}
+    assert ledger(redis_url) == {
+        "leases": 0,
+        "reserved": 0,
+        "settled": prompt_bound(gateway, STREAM) + 3,
+        "requests": 1,
+    }
     await assert_slot_free(gateway, upstream)
 
 
@@ -114,6 +121,7 @@ async def test_client_gone_mid_stream_is_billed_for_what_was_delivered_once(gate
 async def test_client_gone_right_after_admission_is_billed_the_prefill_once(gateway, upstream, redis_url, body):
     """The client leaves while the upstream has not answered yet: the request is aborted
     upstream (a non-streaming one once it has waited WATCH_AFTER) and billed its prompt."""
+
     async def never_answers(request):
         await request.closed.wait()
 
@@ -130,7 +138,8 @@ async def test_client_gone_right_after_admission_is_billed_the_prefill_once(gate
 
 
 async def test_upstream_cut_after_its_headers_ends_the_stream_with_an_error_and_settles_once(
-        gateway, upstream, redis_url):
+    gateway, upstream, redis_url
+):
     async def crashes(request):
         await request.start_sse()
         await request.sse(chunk("a"))
@@ -145,8 +154,12 @@ async def test_upstream_cut_after_its_headers_ends_the_stream_with_an_error_and_
     assert len(events) == 3 and b"upstream_disconnected" in events[-1], events
     rid = ex.headers[b"x-request-id"].decode()
     assert gateway.settlements == {rid: 1}
-    assert ledger(redis_url) == {"leases": 0, "reserved": 0, "settled": prompt_bound(gateway, STREAM) + 2,
-                                 "requests": 1}
+    assert ledger(redis_url) == {
+        "leases": 0,
+        "reserved": 0,
+        "settled": prompt_bound(gateway, STREAM) + 2,
+        "requests": 1,
+    }
     await assert_slot_free(gateway, upstream)
 
 
@@ -183,6 +196,7 @@ async def test_upstream_unreachable_after_admission_is_a_502_that_settles_once(r
 async def test_a_cancelled_handler_still_settles_once(gateway, upstream, redis_url):
     """Server shutdown cancels the handler task while the upstream thinks: the cancellation goes
     on (the server wants it), the reservation does not stay behind."""
+
     async def never_answers(request):
         await request.closed.wait()
 

@@ -24,14 +24,18 @@ def samples(gw) -> dict[tuple[str, tuple], float]:
 
 
 def value(metrics, name, **labels) -> float:
-    return sum(v for (n, ls), v in metrics.items()
-               if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+    return sum(
+        v for (n, ls), v in metrics.items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items())
+    )
 
 
 def chat(gw, key, max_tokens=10, **headers):
-    return httpx.post(gw.url + "/v1/chat/completions", timeout=10,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
-                      headers={"Authorization": f"Bearer {key}", **headers})
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
+        headers={"Authorization": f"Bearer {key}", **headers},
+    )
 
 
 def test_capacity_metrics_per_model(redis_url, mock_upstream, start_gateway):
@@ -40,8 +44,9 @@ def test_capacity_metrics_per_model(redis_url, mock_upstream, start_gateway):
     assert chat(gw, "sk-capacity-0001").status_code == 200
     m = samples(gw)
     admitted = value(m, "atlas_gateway_admitted_tokens_total", model=MODEL)
-    settled = (value(m, "atlas_gateway_prompt_tokens_total", model=MODEL)
-               + value(m, "atlas_gateway_completion_tokens_total", model=MODEL))
+    settled = value(m, "atlas_gateway_prompt_tokens_total", model=MODEL) + value(
+        m, "atlas_gateway_completion_tokens_total", model=MODEL
+    )
     assert admitted >= 10 and 0 < settled <= admitted  # reserved = estimate + cap; settled = real usage
     assert value(m, "atlas_gateway_upstream_latency_seconds_count", model=MODEL) == 1
     assert value(m, "atlas_gateway_upstream_inflight_requests", model=MODEL) == 0
@@ -56,9 +61,15 @@ def test_capacity_metrics_per_model(redis_url, mock_upstream, start_gateway):
     slow = threading.Thread(target=chat, args=(gw, "sk-capacity-0001", 2), kwargs={"x-mock-latency-ms": "1500"})
     slow.start()
     try:
-        wait_for("in-flight gauge counts the slow request",
-                 lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 1, 5)
+        wait_for(
+            "in-flight gauge counts the slow request",
+            lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 1,
+            5,
+        )
     finally:
         slow.join()
-    wait_for("in-flight gauge back to 0",
-             lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 0, 5)
+    wait_for(
+        "in-flight gauge back to 0",
+        lambda: value(samples(gw), "atlas_gateway_upstream_inflight_requests", model=MODEL) == 0,
+        5,
+    )

@@ -45,7 +45,8 @@ def write_config(url: str) -> None:
 
 
 SUBJECTS = [contract.key_subject("chaos", f"key-{i}") for i in range(len(KEYS))] + [
-    contract.quota_subject("chaos", "shared")]
+    contract.quota_subject("chaos", "shared")
+]
 TAG = contract.quota_subject("chaos", "shared")  # every key is bound to the quota: its slot tag
 
 
@@ -66,8 +67,12 @@ def day_counters(r: redis.Redis, subject: str) -> tuple[int, int]:
 
 def settled_soon(r: redis.Redis, timeout: float = 2.0) -> None:
     """Wait (with a deadline) until the requests just answered have settled: no lease left."""
-    wait_for("no lease left after settlement", lambda: not leases_left(r), timeout,
-             error=lambda message: AssertionError(f"{message}: {leases_left(r)}"))
+    wait_for(
+        "no lease left after settlement",
+        lambda: not leases_left(r),
+        timeout,
+        error=lambda message: AssertionError(f"{message}: {leases_left(r)}"),
+    )
 
 
 @pytest.fixture
@@ -78,18 +83,30 @@ def own_redis():
 
 def test_chaos_leaves_no_lease_and_counters_read_true(own_redis, mock_upstream, start_gateway):
     write_config(own_redis.url)
-    gw = start_gateway(own_redis.url, mock_upstream.url, ATLAS_LEASE_TTL_SECONDS=str(LEASE_TTL),
-                       ATLAS_REDIS_TIMEOUT_SECONDS="0.3", ATLAS_CONFIG_TTL_SECONDS="0.3")
+    gw = start_gateway(
+        own_redis.url,
+        mock_upstream.url,
+        ATLAS_LEASE_TTL_SECONDS=str(LEASE_TTL),
+        ATLAS_REDIS_TIMEOUT_SECONDS="0.3",
+        ATLAS_CONFIG_TTL_SECONDS="0.3",
+    )
     statuses: Counter = Counter()
     rng = random.Random(10)
     faults: list[str] = []
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         stream = rng.random() < 0.25
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "chaos " * rng.randint(1, 20)}],
-                "max_tokens": rng.randint(1, 40), "stream": stream}
-        headers = {"Authorization": f"Bearer {KEYS[i % len(KEYS)]}",
-                   "x-mock-latency-ms": str(rng.randint(0, 600)), "x-mock-chunk-delay-ms": "10"}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "chaos " * rng.randint(1, 20)}],
+            "max_tokens": rng.randint(1, 40),
+            "stream": stream,
+        }
+        headers = {
+            "Authorization": f"Bearer {KEYS[i % len(KEYS)]}",
+            "x-mock-latency-ms": str(rng.randint(0, 600)),
+            "x-mock-chunk-delay-ms": "10",
+        }
         try:
             async with client.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=headers) as resp:
                 async for _ in resp.aiter_bytes():
@@ -176,11 +193,18 @@ def test_chaos_leaves_no_lease_and_counters_read_true(own_redis, mock_upstream, 
     # concurrency reads true: all of maxConcurrent at once
     async def concurrent() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
-            return list(await asyncio.gather(*(client.post(
-                gw.url + "/v1/chat/completions",
-                json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
-                headers={"Authorization": f"Bearer {KEYS[0]}", "x-mock-latency-ms": "1000"})
-                for _ in range(KEY_LIMITS.max_concurrent))))
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.post(
+                            gw.url + "/v1/chat/completions",
+                            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+                            headers={"Authorization": f"Bearer {KEYS[0]}", "x-mock-latency-ms": "1000"},
+                        )
+                        for _ in range(KEY_LIMITS.max_concurrent)
+                    )
+                )
+            )
 
     responses = asyncio.run(concurrent())
     assert [x.status_code for x in responses] == [200] * KEY_LIMITS.max_concurrent
@@ -196,5 +220,7 @@ def test_chaos_leaves_no_lease_and_counters_read_true(own_redis, mock_upstream, 
     assert int(resp.headers["x-ratelimit-remaining-tokens"]) == KEY_LIMITS.tokens_per_day - key_settled - reserve
     settled_soon(r)  # its own lease goes with its settlement, right after the answer
     r.close()
-    print(f"\nchaos: {dict(statuses)}; traffic ended {traffic_end - last_fault:.2f}s after the last fault "
-          f"with leases {at_traffic_end or 'none'}, none left {drained_after:.2f}s later (lease TTL {LEASE_TTL}s)")
+    print(
+        f"\nchaos: {dict(statuses)}; traffic ended {traffic_end - last_fault:.2f}s after the last fault "
+        f"with leases {at_traffic_end or 'none'}, none left {drained_after:.2f}s later (lease TTL {LEASE_TTL}s)"
+    )

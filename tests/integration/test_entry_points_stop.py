@@ -9,13 +9,15 @@ import signal
 
 import pytest
 
-from atlas_devstack.waiting import wait_for
 from atlas_devstack.redis_server import free_port, redis_server_binary
+from atlas_devstack.waiting import wait_for
 from tests.fixtures.leftovers import SIGNALS, EntryPoint, listening_ports
 
 # Like the redis fixtures: skipped without redis-server, except under CI (nothing is skipped there).
-needs_redis = pytest.mark.skipif(redis_server_binary() is None and not os.environ.get("CI"),
-                                 reason="redis-server not installed: run `make system-deps`")
+needs_redis = pytest.mark.skipif(
+    redis_server_binary() is None and not os.environ.get("CI"),
+    reason="redis-server not installed: run `make system-deps`",
+)
 
 
 @pytest.fixture
@@ -39,8 +41,9 @@ def _start(entry_points, tmp_path, module, *args, ready: str) -> tuple[EntryPoin
 @pytest.mark.parametrize("persistent", [False, True], ids=["ephemeral", "dir"])
 def test_redis_server_stops_redis_on_signal(entry_points, tmp_path, sig, persistent):
     args = ["--dir", str(tmp_path / "redis")] if persistent else []
-    ep, children, ports = _start(entry_points, tmp_path, "atlas_devstack.redis_server", *args,
-                                 ready="export REDIS_URL=")
+    ep, children, ports = _start(
+        entry_points, tmp_path, "atlas_devstack.redis_server", *args, ready="export REDIS_URL="
+    )
     assert any("redis-server" in cmd for cmd in children.values()), children
     assert ports, "redis-server listens somewhere"
     ep.signal(sig)

@@ -22,8 +22,9 @@ def own_redis():
 
 
 def chat(gw, key: str) -> httpx.Response:
-    return httpx.post(gw.url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"},
-                      timeout=10)
+    return httpx.post(
+        gw.url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
 
 
 def test_fail_closed_then_recovers(own_redis, mock_upstream, start_gateway):
@@ -55,16 +56,17 @@ def test_fail_open_passes_with_metric_and_log_line(own_redis, mock_upstream, sta
     assert passed.status_code == 200
     assert chat(gw, "sk-never-seen").status_code == 503  # an unknown key is never let through
     metrics = httpx.get(gw.url + "/metrics").text
-    assert any(line.startswith("atlas_gateway_fail_open_total") and not line.endswith(" 0.0")
-               for line in metrics.splitlines())
+    assert any(
+        line.startswith("atlas_gateway_fail_open_total") and not line.endswith(" 0.0") for line in metrics.splitlines()
+    )
     wait_for("fail-open log line", lambda: "failing open" in gw.log(), 5)
 
     own_redis.start()
     write_key(own_redis.url, "sk-open", "open", contract.Limits(tokens_per_day=10_000))
-    wait_for("limits enforced again",
-             lambda: chat(gw, "sk-open").headers.get("x-ratelimit-limit-tokens") == "10000", 10)
+    wait_for(
+        "limits enforced again", lambda: chat(gw, "sk-open").headers.get("x-ratelimit-limit-tokens") == "10000", 10
+    )
     wait_for("recovery log line", lambda: "reachable again" in gw.log(), 5)
-
 
 
 def test_workload_identity_tokens_follow_the_fail_mode(own_redis, mock_upstream, start_gateway):
@@ -73,8 +75,7 @@ def test_workload_identity_tokens_follow_the_fail_mode(own_redis, mock_upstream,
     from benchmarks.token_auth import write_token_binding
 
     def bound_token(account: str) -> str:
-        return write_token_binding(own_redis.url, namespace="team", key_name="open", api_key="sk-open",
-                                   account=account)
+        return write_token_binding(own_redis.url, namespace="team", key_name="open", api_key="sk-open", account=account)
 
     write_key(own_redis.url, "sk-open", "open", contract.Limits(tokens_per_day=10_000))
     seen, unseen = bound_token("runner"), bound_token("other")

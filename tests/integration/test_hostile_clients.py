@@ -31,8 +31,10 @@ def connect(gw) -> socket.socket:
 
 
 def request_head(key: str, length: int, path: str = "/v1/chat/completions") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, bytes]:
@@ -47,8 +49,14 @@ def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, bytes]
             data += chunk
             if b"\r\n\r\n" in data:
                 head, _, rest = data.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), None)
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    None,
+                )
                 if length is not None and len(rest) >= length:
                     break
     except socket.timeout:
@@ -91,14 +99,35 @@ def test_deeply_nested_json_is_a_400_without_a_traceback(redis_url, mock_upstrea
     for depth in (65, 900, 5000):
         nested = "[" * depth + "]" * depth
         body = '{"model": "%s", "messages": [{"role": "user", "content": %s}]}' % (MODEL, nested)
-        resp = httpx.post(gw.url + "/v1/chat/completions", content=body, timeout=10,
-                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        resp = httpx.post(
+            gw.url + "/v1/chat/completions",
+            content=body,
+            timeout=10,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         assert resp.status_code == 400, (depth, resp.status_code, resp.text[:200])
         assert resp.json()["error"]["type"] == "invalid_request_error"
-    shallow = {**BODY, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"a": {"type": "array", "items": {"type": "object"}}}}}}]}
-    assert httpx.post(gw.url + "/v1/chat/completions", json=shallow, timeout=10,
-                      headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    shallow = {
+        **BODY,
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"a": {"type": "array", "items": {"type": "object"}}},
+                    },
+                },
+            }
+        ],
+    }
+    assert (
+        httpx.post(
+            gw.url + "/v1/chat/completions", json=shallow, timeout=10, headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+        == 200
+    )
     assert len(gw.log()) - log_before < 2000, "per-request tracebacks in the log"
 
 
@@ -195,9 +224,16 @@ def test_open_connections_are_capped_per_process(redis_url, mock_upstream, start
     extra.close()
     for sock in held:
         sock.close()
-    wait_for("service once the held connections are gone",
-             lambda: httpx.post(gw.url + "/v1/chat/completions", json=BODY, timeout=5,
-                                headers={"Authorization": f"Bearer {key}"}).status_code == 200, 5)
+    wait_for(
+        "service once the held connections are gone",
+        lambda: (
+            httpx.post(
+                gw.url + "/v1/chat/completions", json=BODY, timeout=5, headers={"Authorization": f"Bearer {key}"}
+            ).status_code
+            == 200
+        ),
+        5,
+    )
 
 
 # ------------------------------------------------------------------------ 6. shedding
@@ -208,14 +244,18 @@ def test_critical_requests_are_shed_at_the_pool_size_not_timed_out(redis_url, mo
     four go through, two are shed with 503 + Retry-After; none waits for a pooled connection
     into a 504 from a healthy upstream."""
     write_key(redis_url, "sk-critical", "critical", contract.Limits(max_concurrent=100), priority="Critical")
-    gw = start_gateway(redis_url, mock_upstream.url, ATLAS_UPSTREAM_POOL_SIZE="4",
-                       ATLAS_UPSTREAM_CONNECT_TIMEOUT="0.5")
+    gw = start_gateway(redis_url, mock_upstream.url, ATLAS_UPSTREAM_POOL_SIZE="4", ATLAS_UPSTREAM_CONNECT_TIMEOUT="0.5")
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=10) as client:
+
             async def one() -> httpx.Response:
-                return await client.post(gw.url + "/v1/chat/completions", json=BODY, headers={
-                    "Authorization": "Bearer sk-critical", "x-mock-latency-ms": "1500"})
+                return await client.post(
+                    gw.url + "/v1/chat/completions",
+                    json=BODY,
+                    headers={"Authorization": "Bearer sk-critical", "x-mock-latency-ms": "1500"},
+                )
+
             return list(await asyncio.gather(*(one() for _ in range(6))))
 
     responses = asyncio.run(run())
@@ -228,19 +268,26 @@ def test_critical_requests_are_shed_at_the_pool_size_not_timed_out(redis_url, mo
 # --------------------------------------------------------------------- 7. forwarded priority
 
 
-@pytest.mark.parametrize("route,body", [
-    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello"}),
-    ("/v1/chat/completions", BODY),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5}),
-])
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello"}),
+        ("/v1/chat/completions", BODY),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5}),
+    ],
+)
 def test_forwarded_priority_is_always_atlas_s(redis_url, mock_upstream, start_gateway, route, body):
     write_key(redis_url, "sk-batch", "batch", contract.Limits(), priority="Sheddable")
     gw = start_gateway(redis_url, mock_upstream.url, ATLAS_FORWARD_PRIORITY="true")
     plain = start_gateway(redis_url, mock_upstream.url)  # ATLAS_FORWARD_PRIORITY off
     for gateway, expected in ((gw, 2), (plain, None)):
         mock_id = f"prio-{route.rsplit('/', 1)[1]}-{gateway.port}"
-        resp = httpx.post(gateway.url + route, json={**body, "priority": -1000}, timeout=10,
-                          headers={"Authorization": "Bearer sk-batch", "x-mock-id": mock_id})
+        resp = httpx.post(
+            gateway.url + route,
+            json={**body, "priority": -1000},
+            timeout=10,
+            headers={"Authorization": "Bearer sk-batch", "x-mock-id": mock_id},
+        )
         assert resp.status_code == 200, resp.text
         seen = httpx.get(f"{mock_upstream.url}/_mock/requests/{mock_id}").json()["body"]
         assert seen.get("priority") == expected, (route, seen)

@@ -41,9 +41,15 @@ BODIES = {
 def gateway(redis_server, strict_upstream, tmp_path_factory):
     from tests.fixtures.gateway import GatewayProcess
 
-    gw = GatewayProcess(redis_server.url, strict_upstream.url, tmp_path_factory.mktemp("steering"),
-                        ATLAS_LOG_LEVEL="warning", ATLAS_INFERENCE_OBJECTIVES=json.dumps(OBJECTIVES),
-                        ATLAS_STAMP_FAIRNESS_ID="true", ATLAS_STRIP_HEADERS="x-user-id, x-internal-*").start()
+    gw = GatewayProcess(
+        redis_server.url,
+        strict_upstream.url,
+        tmp_path_factory.mktemp("steering"),
+        ATLAS_LOG_LEVEL="warning",
+        ATLAS_INFERENCE_OBJECTIVES=json.dumps(OBJECTIVES),
+        ATLAS_STAMP_FAIRNESS_ID="true",
+        ATLAS_STRIP_HEADERS="x-user-id, x-internal-*",
+    ).start()
     yield gw
     gw.stop()
 
@@ -55,9 +61,17 @@ def received(upstream) -> dict[str, dict[str, str]]:
 
 
 def test_no_client_header_steers_the_endpoint_picker_on_any_route(gateway, strict_upstream, redis_server):
-    write_key(redis_server.url, "sk-batch-steer", "batch", contract.Limits(tokens_per_day=1_000_000),
-              namespace="search", quota="team-search", quota_limits=contract.Limits(),
-              models=("allowed-*",), priority="Sheddable")
+    write_key(
+        redis_server.url,
+        "sk-batch-steer",
+        "batch",
+        contract.Limits(tokens_per_day=1_000_000),
+        namespace="search",
+        quota="team-search",
+        quota_limits=contract.Limits(),
+        models=("allowed-*",),
+        priority="Sheddable",
+    )
     auth = {"Authorization": "Bearer sk-batch-steer"}
     sent = {**STEERING, **SITE_HEADERS, "openai-beta": "kept"}
     for path, body in BODIES.items():
@@ -85,18 +99,26 @@ def test_no_client_header_steers_the_endpoint_picker_on_any_route(gateway, stric
 
 
 def test_the_objective_follows_the_effective_priority_and_the_fairness_id_the_key_without_a_quota(
-        gateway, strict_upstream, redis_server):
-    write_key(redis_server.url, "sk-critical-steer", "frontend", contract.Limits(), namespace="search",
-              priority="Critical")
+    gateway, strict_upstream, redis_server
+):
+    write_key(
+        redis_server.url, "sk-critical-steer", "frontend", contract.Limits(), namespace="search", priority="Critical"
+    )
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-critical-steer", max_retries=0)
-    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                   extra_headers=STEERING)
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_headers=STEERING
+    )
     headers = received(strict_upstream)["/v1/chat/completions"]
     assert [headers[name] for name in OBJECTIVE_HEADERS] == ["chat-critical"] * 2
     assert [headers[name] for name in FAIRNESS_HEADERS] == ["search/frontend"] * 2
     # the request lowers its class (never raises it): the objective follows, streamed too
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                            stream=True, extra_headers={**STEERING, "x-atlas-priority": "Sheddable"})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        stream=True,
+        extra_headers={**STEERING, "x-atlas-priority": "Sheddable"},
+    )
     assert [chunk for chunk in stream]
     headers = received(strict_upstream)["/v1/chat/completions"]
     assert [headers[name] for name in OBJECTIVE_HEADERS] == ["batch"] * 2
@@ -105,6 +127,7 @@ def test_the_objective_follows_the_effective_priority_and_the_fairness_id_the_ke
 
 # ---------------------------------------------------------------------------- through a real Envoy
 
+
 @pytest.fixture(scope="module")
 def trusting_envoy(mock_upstream, tmp_path_factory):
     """A real Envoy in front of the mock upstream that treats requests from 127.0.0.0/8 as
@@ -112,11 +135,17 @@ def trusting_envoy(mock_upstream, tmp_path_factory):
     it then honours their x-envoy-* headers."""
     from atlas_devstack.inference_gateway import Envoy
 
-    envoy = Envoy(tmp_path_factory.mktemp("envoy") / "envoy.log", upstream_port=mock_upstream.port,
-                  internal_cidr="127.0.0.0/8").start()
+    envoy = Envoy(
+        tmp_path_factory.mktemp("envoy") / "envoy.log", upstream_port=mock_upstream.port, internal_cidr="127.0.0.0/8"
+    ).start()
     try:
-        wait_for("envoy to route", lambda: httpx.get(envoy.url + "/v1/models").status_code == 200, 30,
-                 retry=(httpx.TransportError,), failed=envoy.exited)
+        wait_for(
+            "envoy to route",
+            lambda: httpx.get(envoy.url + "/v1/models").status_code == 200,
+            30,
+            retry=(httpx.TransportError,),
+            failed=envoy.exited,
+        )
         yield envoy
     finally:
         envoy.stop()
@@ -126,18 +155,24 @@ def sent(mock_upstream, mock_id: str) -> int:
     return httpx.get(f"{mock_upstream.url}/_mock/requests/{mock_id}").json()["count"]
 
 
-def test_a_client_cannot_make_envoy_retry_what_atlas_reserved_once(trusting_envoy, mock_upstream, redis_server,
-                                                                    start_gateway):
+def test_a_client_cannot_make_envoy_retry_what_atlas_reserved_once(
+    trusting_envoy, mock_upstream, redis_server, start_gateway
+):
     """x-envoy-retry-on from a client Envoy trusts: the upstream generates once per retry, for one
     reservation (the metering invariant). Atlas removes it; Envoy sends the request once."""
     body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     retry = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "3", "x-mock-fail": "500"}
-    direct = httpx.post(trusting_envoy.url + "/v1/chat/completions", json=body, headers={**retry, "x-mock-id": "direct"})
+    direct = httpx.post(
+        trusting_envoy.url + "/v1/chat/completions", json=body, headers={**retry, "x-mock-id": "direct"}
+    )
     assert direct.status_code == 500 and sent(mock_upstream, "direct") == 4  # 1 + 3 retries
     gateway = start_gateway(redis_server.url, trusting_envoy.url)
     write_key(redis_server.url, "sk-retry", "retry", contract.Limits(tokens_per_day=1000))
-    through = httpx.post(gateway.url + "/v1/chat/completions", json=body,
-                         headers={**STEERING, **retry, "x-mock-id": "through-atlas", "Authorization": "Bearer sk-retry"})
+    through = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={**STEERING, **retry, "x-mock-id": "through-atlas", "Authorization": "Bearer sk-retry"},
+    )
     assert through.status_code == 500 and sent(mock_upstream, "through-atlas") == 1
     # and nothing else the client set to steer reached the model server through Envoy
     received_there = httpx.get(f"{mock_upstream.url}/_mock/requests/through-atlas").json()["headers"]

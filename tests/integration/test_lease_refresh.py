@@ -24,8 +24,9 @@ def test_long_stream_keeps_its_slot_past_the_lease_ttl(redis_url, mock_upstream,
     # 200 events, 40 ms apart: about 8 s, many lease TTLs
     stream_headers = {**auth, "x-mock-completion-tokens": "200", "x-mock-chunk-delay-ms": "40"}
     try:
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=stream_headers,
-                          timeout=30) as stream:
+        with httpx.stream(
+            "POST", gw.url + "/v1/chat/completions", json=body, headers=stream_headers, timeout=30
+        ) as stream:
             assert stream.status_code == 200
             events = stream.iter_lines()
             assert next(events).startswith("data:")
@@ -41,15 +42,20 @@ def test_long_stream_keeps_its_slot_past_the_lease_ttl(redis_url, mock_upstream,
 
             wait_for("lease refreshed past its first expiry", refreshed_past_first_expiry, 5)
             # without the refresh admit.lua would purge the expired lease and admit this one
-            second = httpx.post(gw.url + "/v1/chat/completions", headers=auth, timeout=10,
-                                json={**body, "stream": False, "max_tokens": 1})
+            second = httpx.post(
+                gw.url + "/v1/chat/completions",
+                headers=auth,
+                timeout=10,
+                json={**body, "stream": False, "max_tokens": 1},
+            )
             assert second.status_code == 429, second.text
             assert second.json()["error"]["code"] == "rate_limit_exceeded"
             lines = [line for line in events if line]
             assert lines[-1] == "data: [DONE]"  # the stream was still running and ended normally
         wait_for("lease released after the stream", lambda: client.zcard(lease) == 0, 5)
-        third = httpx.post(gw.url + "/v1/chat/completions", headers=auth, timeout=10,
-                           json={**body, "stream": False, "max_tokens": 1})
+        third = httpx.post(
+            gw.url + "/v1/chat/completions", headers=auth, timeout=10, json={**body, "stream": False, "max_tokens": 1}
+        )
         assert third.status_code == 200
     finally:
         client.close()

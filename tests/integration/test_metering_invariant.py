@@ -31,9 +31,9 @@ import pytest
 import redis
 
 from atlas_core import contract
-from atlas_gateway.settings import Settings
 from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
+from atlas_gateway.settings import Settings
 from tests.fixtures.gateway import write_key
 
 CONCURRENCY = 200
@@ -41,11 +41,30 @@ FITS = 10  # each budget holds this many full reservations (and a half)
 MODEL = "strict-model"
 ROWS: list[dict] = []
 
-TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look a term up.", "parameters": {
-    "type": "object", "properties": {"term": {"type": "string", "description": "what to look up"},
-                                     "limit": {"type": "integer"}}, "required": ["term"]}}}]
-TOOL_CALLS = [{"id": "call_1", "type": "function",
-               "function": {"name": "lookup", "arguments": json.dumps({"term": "atlas", "limit": 3})}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a term up.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "term": {"type": "string", "description": "what to look up"},
+                    "limit": {"type": "integer"},
+                },
+                "required": ["term"],
+            },
+        },
+    }
+]
+TOOL_CALLS = [
+    {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": json.dumps({"term": "atlas", "limit": 3})},
+    }
+]
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
 
 
@@ -64,48 +83,124 @@ def user(content) -> dict:
 
 SHAPES = [
     Shape("chat, no max_tokens", "chat", "/v1/chat/completions", {"messages": [user("Tell me everything.")]}),
-    Shape("chat, max_completion_tokens 0 + max_tokens 1000", "chat", "/v1/chat/completions",
-          {"messages": [user("hi")], "max_completion_tokens": 0, "max_tokens": 1000}),
+    Shape(
+        "chat, max_completion_tokens 0 + max_tokens 1000",
+        "chat",
+        "/v1/chat/completions",
+        {"messages": [user("hi")], "max_completion_tokens": 0, "max_tokens": 1000},
+    ),
     Shape("chat, n=3", "chat", "/v1/chat/completions", {"messages": [user("three ways")], "n": 3, "max_tokens": 64}),
-    Shape("chat, tools + tool calls + results", "chat", "/v1/chat/completions", {
-        "tools": TOOLS, "max_tokens": 32, "messages": [
-            {"role": "system", "content": "You look things up."}, user("What is atlas?"),
-            {"role": "assistant", "content": None, "tool_calls": TOOL_CALLS},
-            {"role": "tool", "tool_call_id": "call_1", "content": "Atlas is a gateway."}]}),
-    Shape("chat, media parts", "chat", "/v1/chat/completions", {"max_tokens": 16, "messages": [
-        user([{"type": "text", "text": "Compare these."}, IMAGE, IMAGE])]}),
-    Shape("chat, short words ('a a a ...')", "chat", "/v1/chat/completions",
-          {"messages": [user("a " * 3000)], "max_tokens": 8}),
-    Shape("chat, per-frame cumulative usage", "chat", "/v1/chat/completions", {
-        "messages": [user("count")], "max_tokens": 40,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
-    Shape("completions, batch of 100 prompts", "completions", "/v1/completions",
-          {"prompt": ["Once upon a time"] * 100, "max_tokens": 20}),
-    Shape("completions, token-id batch, best_of 3", "completions", "/v1/completions",
-          {"prompt": [[101, 102, 103] * 20, [7] * 9], "n": 2, "best_of": 3, "max_tokens": 10}),
-    Shape("embeddings, batch of 50 inputs", "embeddings", "/v1/embeddings",
-          {"input": ["the quick brown fox"] * 50}, streams=False),
-    Shape("responses, items, no max_output_tokens", "responses", "/v1/responses", {
-        "instructions": "Be brief.", "tools": TOOLS, "input": [
-            {"role": "user", "content": [{"type": "input_text", "text": "look it up"}]},
-            {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{\"term\": \"x\"}"},
-            {"type": "function_call_output", "call_id": "c1", "output": "found x"}]}),
-    Shape("messages, system + tool_use/tool_result", "messages", "/v1/messages", {
-        "max_tokens": 40, "system": "You are terse.", "messages": [
-            user("look up atlas"),
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "lookup",
-                                               "input": {"term": "atlas"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a gateway"}]}]}),
-    Shape("rerank, 20 documents", "rerank", "/v1/rerank",
-          {"query": "what is a gateway", "documents": [f"document number {i}" for i in range(20)]}, streams=False),
-    Shape("score, 1 x 10", "score", "/v1/score",
-          {"text_1": "a query", "text_2": [f"candidate {i}" for i in range(10)]}, streams=False),
+    Shape(
+        "chat, tools + tool calls + results",
+        "chat",
+        "/v1/chat/completions",
+        {
+            "tools": TOOLS,
+            "max_tokens": 32,
+            "messages": [
+                {"role": "system", "content": "You look things up."},
+                user("What is atlas?"),
+                {"role": "assistant", "content": None, "tool_calls": TOOL_CALLS},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Atlas is a gateway."},
+            ],
+        },
+    ),
+    Shape(
+        "chat, media parts",
+        "chat",
+        "/v1/chat/completions",
+        {"max_tokens": 16, "messages": [user([{"type": "text", "text": "Compare these."}, IMAGE, IMAGE])]},
+    ),
+    Shape(
+        "chat, short words ('a a a ...')",
+        "chat",
+        "/v1/chat/completions",
+        {"messages": [user("a " * 3000)], "max_tokens": 8},
+    ),
+    Shape(
+        "chat, per-frame cumulative usage",
+        "chat",
+        "/v1/chat/completions",
+        {
+            "messages": [user("count")],
+            "max_tokens": 40,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
+    ),
+    Shape(
+        "completions, batch of 100 prompts",
+        "completions",
+        "/v1/completions",
+        {"prompt": ["Once upon a time"] * 100, "max_tokens": 20},
+    ),
+    Shape(
+        "completions, token-id batch, best_of 3",
+        "completions",
+        "/v1/completions",
+        {"prompt": [[101, 102, 103] * 20, [7] * 9], "n": 2, "best_of": 3, "max_tokens": 10},
+    ),
+    Shape(
+        "embeddings, batch of 50 inputs",
+        "embeddings",
+        "/v1/embeddings",
+        {"input": ["the quick brown fox"] * 50},
+        streams=False,
+    ),
+    Shape(
+        "responses, items, no max_output_tokens",
+        "responses",
+        "/v1/responses",
+        {
+            "instructions": "Be brief.",
+            "tools": TOOLS,
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "look it up"}]},
+                {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": '{"term": "x"}'},
+                {"type": "function_call_output", "call_id": "c1", "output": "found x"},
+            ],
+        },
+    ),
+    Shape(
+        "messages, system + tool_use/tool_result",
+        "messages",
+        "/v1/messages",
+        {
+            "max_tokens": 40,
+            "system": "You are terse.",
+            "messages": [
+                user("look up atlas"),
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t1", "name": "lookup", "input": {"term": "atlas"}}],
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a gateway"}]},
+            ],
+        },
+    ),
+    Shape(
+        "rerank, 20 documents",
+        "rerank",
+        "/v1/rerank",
+        {"query": "what is a gateway", "documents": [f"document number {i}" for i in range(20)]},
+        streams=False,
+    ),
+    Shape(
+        "score, 1 x 10",
+        "score",
+        "/v1/score",
+        {"text_1": "a query", "text_2": [f"candidate {i}" for i in range(10)]},
+        streams=False,
+    ),
 ]
 
 BUDGETS = ("key tokensPerDay", "quota tokensPerDay", "key tokensPerMinute", "quota tokensPerDay, Shrink")
 
-CASES = [(shape, stream, budget) for shape in SHAPES for stream in ((False, True) if shape.streams else (False,))
-         for budget in BUDGETS]
+CASES = [
+    (shape, stream, budget)
+    for shape in SHAPES
+    for stream in ((False, True) if shape.streams else (False,))
+    for budget in BUDGETS
+]
 
 
 def case_id(case) -> str:
@@ -117,8 +212,9 @@ def case_id(case) -> str:
 def gateway(redis_server, strict_upstream, tmp_path_factory):
     from tests.fixtures.gateway import GatewayProcess
 
-    gw = GatewayProcess(redis_server.url, strict_upstream.url, tmp_path_factory.mktemp("metering"),
-                        ATLAS_LOG_LEVEL="warning").start()
+    gw = GatewayProcess(
+        redis_server.url, strict_upstream.url, tmp_path_factory.mktemp("metering"), ATLAS_LOG_LEVEL="warning"
+    ).start()
     yield gw
     gw.stop()
     table = os.environ.get("ATLAS_METERING_TABLE")
@@ -136,6 +232,7 @@ async def fire(url: str, api_key: str, ledger: str, body: dict) -> list[tuple[in
     headers = {"Authorization": f"Bearer {api_key}", "x-strict-ledger": ledger}
     connector = aiohttp.TCPConnector(limit=CONCURRENCY)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+
         async def one():
             async with session.post(url, json=body, headers=headers) as resp:
                 return resp.status, await resp.read(), dict(resp.headers)
@@ -164,15 +261,24 @@ async def test_upstream_count_never_exceeds_the_budget(case, gateway, strict_ups
         write_key(redis_server.url, api_key, name, contract.Limits(tokens_per_day=budget))
         subject = contract.key_subject("team", name)
     elif budget_kind.startswith("quota tokensPerDay"):
-        write_key(redis_server.url, api_key, name, contract.Limits(), quota=f"q-{index}",
-                  quota_limits=contract.Limits(tokens_per_day=budget))
+        write_key(
+            redis_server.url,
+            api_key,
+            name,
+            contract.Limits(),
+            quota=f"q-{index}",
+            quota_limits=contract.Limits(tokens_per_day=budget),
+        )
         subject = contract.quota_subject("team", f"q-{index}")
         if budget_kind.endswith("Shrink"):
             client = redis.Redis.from_url(redis_server.url)
             try:  # as the operator writes an AtlasQuota with onBudgetShortfall: Shrink
-                client.set(contract.quota_config_key("team", f"q-{index}"), contract.QuotaConfig(
-                    "team", f"q-{index}", contract.Limits(tokens_per_day=budget),
-                    contract.Shortfall("Shrink", 16)).encode())
+                client.set(
+                    contract.quota_config_key("team", f"q-{index}"),
+                    contract.QuotaConfig(
+                        "team", f"q-{index}", contract.Limits(tokens_per_day=budget), contract.Shortfall("Shrink", 16)
+                    ).encode(),
+                )
             finally:
                 client.close()
     else:
@@ -188,11 +294,27 @@ async def test_upstream_count_never_exceeds_the_budget(case, gateway, strict_ups
     admitted = statuses.count(200)
     counted = ledger_of(strict_upstream.url, name)
     allowed = budget if budget_kind != "key tokensPerMinute" else budget + int(budget * (elapsed + 1) / 60)
-    shrunk = sum(1 for s, _, h in replies if s == 200 and "x-atlas-max-tokens" in h
-                 and int(h["x-atlas-max-tokens"]) < meter.bound(route(shape.route), json.loads(json.dumps(body))).cap)
-    ROWS.append({"shape": shape.name, "stream": stream, "budget_kind": budget_kind, "reservation": reserve,
-                 "admitted": admitted, "shrunk": shrunk, "refused": statuses.count(429),
-                 "counted": counted["tokens"], "budget": budget, "seconds": round(elapsed, 2)})
+    shrunk = sum(
+        1
+        for s, _, h in replies
+        if s == 200
+        and "x-atlas-max-tokens" in h
+        and int(h["x-atlas-max-tokens"]) < meter.bound(route(shape.route), json.loads(json.dumps(body))).cap
+    )
+    ROWS.append(
+        {
+            "shape": shape.name,
+            "stream": stream,
+            "budget_kind": budget_kind,
+            "reservation": reserve,
+            "admitted": admitted,
+            "shrunk": shrunk,
+            "refused": statuses.count(429),
+            "counted": counted["tokens"],
+            "budget": budget,
+            "seconds": round(elapsed, 2),
+        }
+    )
 
     assert counted["requests"] == admitted  # every admitted request reached the upstream, no refused one did
     assert counted["tokens"] <= allowed, f"upstream counted {counted['tokens']} on a budget of {budget}"

@@ -26,8 +26,9 @@ NOW = datetime.now(timezone.utc)
 
 @pytest.fixture
 async def aredis(redis_cluster, cluster_client):
-    client = cluster.redis_py_client(redis_cluster.url, True, socket_timeout=5, socket_connect_timeout=5,
-                                     health_check_interval=30)
+    client = cluster.redis_py_client(
+        redis_cluster.url, True, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+    )
     assert isinstance(client, AsyncRedisCluster)
     yield client
     await client.aclose()
@@ -44,8 +45,9 @@ async def test_operator_writes_config_and_reads_usage_on_a_cluster(aredis, clust
     await reconcile_quota(kube.get(QUOTAS, "pool"), kube=kube, redis=aredis, key_count=6, now=NOW)
     for i, name in enumerate(names):  # half bound to the quota, half on their own slots
         kube.add(KEYS, name, {"quotaRef": "pool"} if i % 2 else {"limits": {"tokensPerDay": 500}})
-        outcome = await reconcile_key(kube.get(KEYS, name), kube=kube, redis=aredis,
-                                      quota_exists=lambda *_: True, now=NOW)
+        outcome = await reconcile_key(
+            kube.get(KEYS, name), kube=kube, redis=aredis, quota_exists=lambda *_: True, now=NOW
+        )
         assert outcome.redis_written
     assert cluster_client.hlen(contract.KEY_INDEX) == 12
 
@@ -60,8 +62,9 @@ async def test_operator_writes_config_and_reads_usage_on_a_cluster(aredis, clust
     assert len(slots) > 1  # keys without a quota really are spread over the cluster
 
     history = History()
-    stats = await usage_cycle(aredis, kube, [view(kube, KEYS, n) for n in names], [view(kube, QUOTAS, "pool")],
-                              NOW, history=history)
+    stats = await usage_cycle(
+        aredis, kube, [view(kube, KEYS, n) for n in names], [view(kube, QUOTAS, "pool")], NOW, history=history
+    )
     assert stats.subjects == 13
     for i, name in enumerate(names):
         assert kube.get(KEYS, name)["status"]["usage"]["tokensToday"] == 10 + i
@@ -70,10 +73,13 @@ async def test_operator_writes_config_and_reads_usage_on_a_cluster(aredis, clust
 
     # self-healing: Redis lost its config (a FLUSHALL on every master); rewritten across the cluster
     cluster_client.flushall(target_nodes=cluster_client.PRIMARIES)
-    secrets = {("team", f"{n}-api-key"): SecretView("1", contract.hash_api_key(kube.secret_value(f"{n}-api-key")))
-               for n in names}
-    healed = await heal_if_needed(aredis, [view(kube, KEYS, n) for n in names], [view(kube, QUOTAS, "pool")],
-                                     secrets, NOW)
+    secrets = {
+        ("team", f"{n}-api-key"): SecretView("1", contract.hash_api_key(kube.secret_value(f"{n}-api-key")))
+        for n in names
+    }
+    healed = await heal_if_needed(
+        aredis, [view(kube, KEYS, n) for n in names], [view(kube, QUOTAS, "pool")], secrets, NOW
+    )
     assert (healed.rewritten, healed.failed) == (13, []) and cluster_client.exists(contract.CONFIG_EPOCH)
 
 
@@ -92,6 +98,9 @@ async def test_v1_usage_carried_over_on_a_cluster(aredis, cluster_client):
     await carry.cycle(aredis, subjects, NOW, tags)  # idempotent
     usages = await contract.read_usages(aredis, subjects, NOW, tags)
     for i, subject in enumerate(subjects):
-        assert (usages[subject].tokens_today, usages[subject].tokens_this_month,
-                usages[subject].requests_today) == (100 + i, 1000 + i, 2)
+        assert (usages[subject].tokens_today, usages[subject].tokens_this_month, usages[subject].requests_today) == (
+            100 + i,
+            1000 + i,
+            2,
+        )
     assert carry.carried == 3 * len(subjects)  # day settled + requests, month settled; once each

@@ -12,9 +12,9 @@ import httpx
 import redis
 
 from atlas_core import cluster, contract
-from atlas_gateway.settings import Settings
 from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
+from atlas_gateway.settings import Settings
 from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
@@ -22,13 +22,18 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."
 
 
 def chat(gw, key: str, **headers) -> httpx.Response:
-    return httpx.post(gw.url + "/v1/chat/completions", json=BODY, timeout=10,
-                      headers={"authorization": f"Bearer {key}", **headers})
+    return httpx.post(
+        gw.url + "/v1/chat/completions", json=BODY, timeout=10, headers={"authorization": f"Bearer {key}", **headers}
+    )
 
 
 def test_slot_maths_agrees_with_the_servers(cluster_client):
-    names = [contract.day_usage_key(contract.key_subject("team", "a"), "2026-12-01", contract.quota_subject("team", "q")),
-             contract.key_config_key("ab" * 32), contract.lease_key(contract.key_subject("x", "y")), "plain-key"]
+    names = [
+        contract.day_usage_key(contract.key_subject("team", "a"), "2026-12-01", contract.quota_subject("team", "q")),
+        contract.key_config_key("ab" * 32),
+        contract.lease_key(contract.key_subject("x", "y")),
+        "plain-key",
+    ]
     for name in names:
         assert cluster.key_slot(name) == cluster_client.cluster_keyslot(name), name
 
@@ -37,8 +42,14 @@ def test_admission_settlement_and_usage_on_a_cluster(redis_cluster, cluster_clie
     """Keys with and without a quota land in different slots (and nodes); each admission is one
     script call on the node of its slot; /v1/usage reads them back (redis-py's cluster pipeline)."""
     write_key(redis_cluster.url, "sk-c-solo", "solo", contract.Limits(tokens_per_day=100_000, max_concurrent=4))
-    write_key(redis_cluster.url, "sk-c-shared", "shared-a", contract.Limits(tokens_per_day=100_000),
-              quota="pool", quota_limits=contract.Limits(tokens_per_day=100_000))
+    write_key(
+        redis_cluster.url,
+        "sk-c-shared",
+        "shared-a",
+        contract.Limits(tokens_per_day=100_000),
+        quota="pool",
+        quota_limits=contract.Limits(tokens_per_day=100_000),
+    )
     gw = start_gateway(redis_cluster.url, mock_upstream.url, ATLAS_REDIS_CLUSTER="true")
     for key in ("sk-c-solo", "sk-c-shared"):
         for _ in range(3):
@@ -51,7 +62,9 @@ def test_admission_settlement_and_usage_on_a_cluster(redis_cluster, cluster_clie
     # the counters really are spread over the cluster, each admission's keys in one slot
     now = datetime.now(timezone.utc)
     solo_day, _ = contract.usage_keys(contract.key_subject("team", "solo"), now)
-    shared_day, _ = contract.usage_keys(contract.key_subject("team", "shared-a"), now, contract.quota_subject("team", "pool"))
+    shared_day, _ = contract.usage_keys(
+        contract.key_subject("team", "shared-a"), now, contract.quota_subject("team", "pool")
+    )
     quota_day, _ = contract.usage_keys(contract.quota_subject("team", "pool"), now)
     assert cluster_client.keyslot(shared_day) == cluster_client.keyslot(quota_day) != cluster_client.keyslot(solo_day)
     assert int(cluster_client.hget(quota_day, "settled")) == 45
@@ -60,23 +73,35 @@ def test_admission_settlement_and_usage_on_a_cluster(redis_cluster, cluster_clie
 
 
 async def test_200_concurrent_requests_through_2_gateways_over_2_keys_never_overshoot(
-        redis_cluster, cluster_client, mock_upstream, start_gateway):
+    redis_cluster, cluster_client, mock_upstream, start_gateway
+):
     """The issue's exactness check: a quota whose day budget fits exactly 20 requests, two keys
     bound to it, 200 concurrent requests split over two gateway processes."""
     bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(route("chat"), BODY)
     budget = 20 * bound.reserve
     for name in ("left", "right"):
-        write_key(redis_cluster.url, f"sk-c-{name}", name, contract.Limits(), quota="exact",
-                  quota_limits=contract.Limits(tokens_per_day=budget))
+        write_key(
+            redis_cluster.url,
+            f"sk-c-{name}",
+            name,
+            contract.Limits(),
+            quota="exact",
+            quota_limits=contract.Limits(tokens_per_day=budget),
+        )
     gateways = [start_gateway(redis_cluster.url, mock_upstream.url, ATLAS_REDIS_CLUSTER="true") for _ in range(2)]
     # the mock bills exactly the reservation, so settling refunds nothing: exactly 20 fit
-    headers = {"x-mock-latency-ms": "100", "x-mock-prompt-tokens": str(bound.prompt),
-               "x-mock-completion-tokens": str(bound.reserve - bound.prompt)}
+    headers = {
+        "x-mock-latency-ms": "100",
+        "x-mock-prompt-tokens": str(bound.prompt),
+        "x-mock-completion-tokens": str(bound.reserve - bound.prompt),
+    }
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def one(i: int) -> int:
             gw, key = gateways[i % 2], ("sk-c-left", "sk-c-right")[(i // 2) % 2]
-            async with session.post(gw.url + "/v1/chat/completions", json=BODY,
-                                    headers={**headers, "authorization": f"Bearer {key}"}) as resp:
+            async with session.post(
+                gw.url + "/v1/chat/completions", json=BODY, headers={**headers, "authorization": f"Bearer {key}"}
+            ) as resp:
                 await resp.read()
                 return resp.status
 
@@ -85,13 +110,16 @@ async def test_200_concurrent_requests_through_2_gateways_over_2_keys_never_over
     quota_day, _ = contract.usage_keys(contract.quota_subject("team", "exact"), datetime.now(timezone.utc))
     assert int(cluster_client.hget(quota_day, "settled")) == budget
     assert cluster_client.zcard(contract.lease_key(contract.quota_subject("team", "exact"))) == 0
-    print(f"\ncluster exactness: {statuses.count(200)} admitted, {statuses.count(429)} refused (429), "
-          f"settled {budget} of a budget of {budget} tokens, 0 leases left")
+    print(
+        f"\ncluster exactness: {statuses.count(200)} admitted, {statuses.count(429)} refused (429), "
+        f"settled {budget} of a budget of {budget} tokens, 0 leases left"
+    )
 
 
 def _migrate_slot(cluster_nodes, slot: int, source, target, *, finish: bool) -> None:
     """Move one slot's keys from ``source`` to ``target`` (CLUSTER SETSLOT + MIGRATE); without
     ``finish`` the slot stays in migration (the source answers ASK for keys it no longer has)."""
+
     def node(port: int) -> redis.Redis:
         return redis.Redis(port=port)
 
@@ -106,22 +134,33 @@ def _migrate_slot(cluster_nodes, slot: int, source, target, *, finish: bool) -> 
                 node(master.port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
 
 
-def test_gateway_follows_ask_then_moved_when_a_slot_migrates(redis_cluster, cluster_client, mock_upstream,
-                                                             start_gateway):
+def test_gateway_follows_ask_then_moved_when_a_slot_migrates(
+    redis_cluster, cluster_client, mock_upstream, start_gateway
+):
     """A resharding under the gateway's feet: the quota's slot is migrated to another master.
     While it is in migration, ASK then TRYAGAIN (retried, then 503: nothing ran); once it is
     done, MOVED (the gateway updates its map). The budget counts on across the move."""
     small = {**BODY, "max_tokens": 5}
     reserve = Meter.from_settings(Settings(upstream_url="http://unused")).bound(route("chat"), small).reserve
-    write_key(redis_cluster.url, "sk-c-move", "mover", contract.Limits(), quota="moving",
-              quota_limits=contract.Limits(tokens_per_day=3 * reserve))
+    write_key(
+        redis_cluster.url,
+        "sk-c-move",
+        "mover",
+        contract.Limits(),
+        quota="moving",
+        quota_limits=contract.Limits(tokens_per_day=3 * reserve),
+    )
     gw = start_gateway(redis_cluster.url, mock_upstream.url, ATLAS_REDIS_CLUSTER="true")
     # the mock bills exactly the reservation: three requests fit the budget
     tokens = {"x-mock-prompt-tokens": str(reserve - 5), "x-mock-completion-tokens": "5"}
 
     def ask() -> httpx.Response:
-        return httpx.post(gw.url + "/v1/chat/completions", json=small, timeout=10,
-                          headers={"authorization": "Bearer sk-c-move", **tokens})
+        return httpx.post(
+            gw.url + "/v1/chat/completions",
+            json=small,
+            timeout=10,
+            headers={"authorization": "Bearer sk-c-move", **tokens},
+        )
 
     slot = cluster.key_slot(contract.quota_subject("team", "moving"))
     source = redis_cluster.master_of(slot)
@@ -153,8 +192,8 @@ def test_cluster_mode_is_detected_when_not_named(redis_cluster, cluster_client, 
 async def test_a_reply_means_the_replica_has_it_too(redis_cluster, cluster_client):
     """ClusterFastRedis answers a call only once WAIT saw a replica acknowledge it: read from the
     replica right after the replies, every admission is there (no failover can lose it)."""
-    from atlas_gateway.ledger.admission import Admission
     from atlas_gateway.auth.principal import Principal
+    from atlas_gateway.ledger.admission import Admission
     from atlas_gateway.store.cluster import ClusterFastRedis
 
     fast = ClusterFastRedis(redis_cluster.url, 2.0, wait_ms=1000)

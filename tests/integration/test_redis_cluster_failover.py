@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from atlas_core import cluster, contract
 from atlas_devstack.waiting import wait_for, wait_for_async
-from atlas_gateway.settings import Settings
 from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
+from atlas_gateway.settings import Settings
 from tests.fixtures.gateway import write_key
 
 MODEL = "llama-3.1-8b-instruct"
@@ -35,16 +35,26 @@ def _undo_pending(gw) -> float:
 
 
 async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
-        redis_cluster, cluster_client, mock_upstream, start_gateway):
+    redis_cluster, cluster_client, mock_upstream, start_gateway
+):
     bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(route("chat"), BODY)
     budget = BUDGET_REQUESTS * bound.reserve
     for name in ("one", "two"):
-        write_key(redis_cluster.url, f"sk-f-{name}", name, contract.Limits(max_concurrent=64), quota="pool",
-                  quota_limits=contract.Limits(tokens_per_day=budget, max_concurrent=128))
+        write_key(
+            redis_cluster.url,
+            f"sk-f-{name}",
+            name,
+            contract.Limits(max_concurrent=64),
+            quota="pool",
+            quota_limits=contract.Limits(tokens_per_day=budget, max_concurrent=128),
+        )
     env = {"ATLAS_REDIS_CLUSTER": "true", "ATLAS_LEASE_TTL_SECONDS": str(LEASE_TTL)}
     gateways = [start_gateway(redis_cluster.url, mock_upstream.url, **env) for _ in range(2)]
-    headers = {"x-mock-latency-ms": "20", "x-mock-prompt-tokens": str(bound.prompt),
-               "x-mock-completion-tokens": str(bound.reserve - bound.prompt)}
+    headers = {
+        "x-mock-latency-ms": "20",
+        "x-mock-prompt-tokens": str(bound.prompt),
+        "x-mock-completion-tokens": str(bound.reserve - bound.prompt),
+    }
     slot = cluster.key_slot(contract.quota_subject("team", "pool"))
 
     results: list[tuple[float, int]] = []  # (monotonic time, status)
@@ -55,8 +65,9 @@ async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
         gw, key = gateways[i % 2], ("sk-f-one", "sk-f-two")[(i // 2) % 2]
         while not stop.is_set():
             try:
-                async with session.post(gw.url + "/v1/chat/completions", json=BODY,
-                                        headers={**headers, "authorization": f"Bearer {key}"}) as resp:
+                async with session.post(
+                    gw.url + "/v1/chat/completions", json=BODY, headers={**headers, "authorization": f"Bearer {key}"}
+                ) as resp:
                     body = await resp.read()
                     results.append((time.monotonic(), resp.status))
                     if resp.status >= 500:
@@ -75,8 +86,11 @@ async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
             master, replica = redis_cluster.kill_master_of(slot)
             promotion = await asyncio.to_thread(redis_cluster.wait_promoted, replica, 30)
             # traffic goes on until the budget is spent (429s from the promoted master)
-            await wait_for_async("the budget to run out after the failover",
-                                 lambda: sum(1 for t, s in results if s == 429 and t > killed_at) >= 50, 60)
+            await wait_for_async(
+                "the budget to run out after the failover",
+                lambda: sum(1 for t, s in results if s == 429 and t > killed_at) >= 50,
+                60,
+            )
         finally:
             stop.set()
             await asyncio.gather(*workers)
@@ -94,20 +108,34 @@ async def test_master_killed_under_traffic_no_overshoot_leases_recovered(
     assert settled <= budget
 
     # Every lease released (settled, undone or expired) within one lease TTL of the traffic's end
-    lease_keys = [contract.lease_key(s, contract.quota_subject("team", "pool"))
-                  for s in (contract.quota_subject("team", "pool"), contract.key_subject("team", "one"),
-                            contract.key_subject("team", "two"))]
+    lease_keys = [
+        contract.lease_key(s, contract.quota_subject("team", "pool"))
+        for s in (
+            contract.quota_subject("team", "pool"),
+            contract.key_subject("team", "one"),
+            contract.key_subject("team", "two"),
+        )
+    ]
     wait_for("every lease gone", lambda: all(cluster_client.zcard(k) == 0 for k in lease_keys), LEASE_TTL)
     leases_gone_after = time.monotonic() - stopped_at
     wait_for("no undo pending", lambda: all(_undo_pending(gw) == 0 for gw in gateways), LEASE_TTL)
 
     window = (failed[-1][0] - failed[0][0]) if failed else 0.0
-    print(f"\nfailover: master :{master.port} SIGKILLed, replica :{replica.port} promoted after "
-          f"{promotion:.2f}s; {len(results)} requests: {admitted()} admitted, {statuses.count(429)} refused "
-          f"(429), {len(failed)} failed (503) over {window:.2f}s (first {failed[0][0] - killed_at:.2f}s after "
-          f"the kill)" if failed else "no request failed")
-    print(f"failover: settled {settled} of {budget} tokens ({admitted()} x {bound.reserve} = "
-          f"{admitted() * bound.reserve} admitted); leases gone {leases_gone_after:.2f}s after the traffic")
+    print(
+        f"\nfailover: master :{master.port} SIGKILLed, replica :{replica.port} promoted after "
+        f"{promotion:.2f}s; {len(results)} requests: {admitted()} admitted, {statuses.count(429)} refused "
+        f"(429), {len(failed)} failed (503) over {window:.2f}s (first {failed[0][0] - killed_at:.2f}s after "
+        f"the kill)"
+        if failed
+        else "no request failed"
+    )
+    print(
+        f"failover: settled {settled} of {budget} tokens ({admitted()} x {bound.reserve} = "
+        f"{admitted() * bound.reserve} admitted); leases gone {leases_gone_after:.2f}s after the traffic"
+    )
     # traffic recovered: requests were admitted after the failures ended
-    assert failed == [] or any(s == 200 for t, s in results if t > failed[-1][0]) or \
-        any(s == 429 for t, s in results if t > failed[-1][0])
+    assert (
+        failed == []
+        or any(s == 200 for t, s in results if t > failed[-1][0])
+        or any(s == 429 for t, s in results if t > failed[-1][0])
+    )

@@ -35,8 +35,12 @@ def own_redis():
 
 
 def chat(gw, key: str, headers: dict | None = None, timeout: float = 10) -> httpx.Response:
-    return httpx.post(gw.url + "/v1/chat/completions", json=BODY, timeout=timeout,
-                      headers={"Authorization": f"Bearer {key}", **(headers or {})})
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        json=BODY,
+        timeout=timeout,
+        headers={"Authorization": f"Bearer {key}", **(headers or {})},
+    )
 
 
 def metric(gw, name: str, **labels: str) -> float:
@@ -76,8 +80,14 @@ def test_admission_that_timed_out_leaves_no_lease(own_redis, mock_upstream, star
     passes unchecked); when Redis resumes it runs the queued admissions. The gateway undoes them:
     no lease and no reservation outlive the stall, although the lease TTL is five minutes."""
     write_key(own_redis.url, "sk-stall", "stall", contract.Limits(max_concurrent=1, tokens_per_day=100_000))
-    gw = start_gateway(own_redis.url, mock_upstream.url, ATLAS_FAIL_MODE=mode, ATLAS_REDIS_TIMEOUT_SECONDS="0.3",
-                       ATLAS_CONFIG_TTL_SECONDS="3600", ATLAS_LEASE_TTL_SECONDS="300")
+    gw = start_gateway(
+        own_redis.url,
+        mock_upstream.url,
+        ATLAS_FAIL_MODE=mode,
+        ATLAS_REDIS_TIMEOUT_SECONDS="0.3",
+        ATLAS_CONFIG_TTL_SECONDS="3600",
+        ATLAS_LEASE_TTL_SECONDS="300",
+    )
     r = redis.Redis.from_url(own_redis.url)
     assert chat(gw, "sk-stall").status_code == 200  # caches the key's config
 
@@ -88,9 +98,13 @@ def test_admission_that_timed_out_leaves_no_lease(own_redis, mock_upstream, star
         own_redis.resume()
     assert statuses == ([503] * 5 if mode == "closed" else [200] * 5)
 
-    wait_for("undo of the timed-out admissions",
-             lambda: metric(gw, "atlas_gateway_redis_undo_pending") == 0
-             and metric(gw, "atlas_gateway_redis_undone_total") >= 5, 10)
+    wait_for(
+        "undo of the timed-out admissions",
+        lambda: (
+            metric(gw, "atlas_gateway_redis_undo_pending") == 0 and metric(gw, "atlas_gateway_redis_undone_total") >= 5
+        ),
+        10,
+    )
     # a full request after the undo: Redis has run everything that was queued behind the stall
     settled_before = settled_today(r, "stall")
     ok = chat(gw, "sk-stall")
@@ -108,16 +122,24 @@ def test_settlement_that_timed_out_is_settled_once_redis_answers(own_redis, mock
     times out. The gateway settles it (NOSCRIPT, load, run) once Redis answers: the lease is
     gone and the tokens are billed exactly once."""
     write_key(own_redis.url, "sk-settle", "settle", contract.Limits(max_concurrent=2, tokens_per_day=100_000))
-    gw = start_gateway(own_redis.url, mock_upstream.url, ATLAS_REDIS_TIMEOUT_SECONDS="0.3",
-                       ATLAS_CONFIG_TTL_SECONDS="3600", ATLAS_LEASE_TTL_SECONDS="300")
+    gw = start_gateway(
+        own_redis.url,
+        mock_upstream.url,
+        ATLAS_REDIS_TIMEOUT_SECONDS="0.3",
+        ATLAS_CONFIG_TTL_SECONDS="3600",
+        ATLAS_LEASE_TTL_SECONDS="300",
+    )
     r = redis.Redis.from_url(own_redis.url)
     assert chat(gw, "sk-settle").status_code == 200
     wait_for("the first request's settlement", lambda: leases(r, "settle") == (0, 0), 2)
     before = settled_today(r, "settle")
 
     result: dict = {}
-    slow = threading.Thread(target=lambda: result.setdefault("resp", chat(
-        gw, "sk-settle", {"x-mock-latency-ms": "1500", "x-mock-completion-tokens": "4"})))
+    slow = threading.Thread(
+        target=lambda: result.setdefault(
+            "resp", chat(gw, "sk-settle", {"x-mock-latency-ms": "1500", "x-mock-completion-tokens": "4"})
+        )
+    )
     slow.start()
     wait_for("the slow request's lease", lambda: leases(r, "settle")[0] == 1, 5)
     r.script_flush()  # as after a restart: the settlement's EVALSHA meets NOSCRIPT
@@ -126,12 +148,16 @@ def test_settlement_that_timed_out_is_settled_once_redis_answers(own_redis, mock
         slow.join(10)
         assert result["resp"].status_code == 200  # the client is answered before settlement
         billed = result["resp"].json()["usage"]["total_tokens"]
-        wait_for("the settlement to time out",
-                 lambda: metric(gw, "atlas_gateway_redis_errors_total", op="settle") >= 1, 5)
+        wait_for(
+            "the settlement to time out", lambda: metric(gw, "atlas_gateway_redis_errors_total", op="settle") >= 1, 5
+        )
     finally:
         own_redis.resume()
-    wait_for("the late settlement",
-             lambda: metric(gw, "atlas_gateway_redis_undo_pending") == 0 and leases(r, "settle") == (0, 0), 10)
+    wait_for(
+        "the late settlement",
+        lambda: metric(gw, "atlas_gateway_redis_undo_pending") == 0 and leases(r, "settle") == (0, 0),
+        10,
+    )
     assert settled_today(r, "settle") - before == billed
     r.close()
 
@@ -168,10 +194,12 @@ def test_reconnects_use_the_configured_database_and_password(mock_upstream, star
                 await killer_client.aclose()
 
             async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=20)) as client:
+
                 async def worker() -> None:
                     for _ in range(15):
-                        resp = await client.post(gw.url + "/v1/chat/completions", json=BODY,
-                                                  headers={"Authorization": "Bearer sk-db"})
+                        resp = await client.post(
+                            gw.url + "/v1/chat/completions", json=BODY, headers={"Authorization": "Bearer sk-db"}
+                        )
                         statuses.append(resp.status_code)
 
                 kill = asyncio.ensure_future(killer())

@@ -24,8 +24,8 @@ from atlas_core import contract
 from atlas_devstack.processes import stop_process
 from atlas_devstack.redis_server import free_port, redis_server_binary
 from atlas_devstack.waiting import wait_for
-from atlas_gateway.ledger.admission import Admission
 from atlas_gateway.auth.principal import Principal
+from atlas_gateway.ledger.admission import Admission
 from atlas_gateway.store.fastredis import FastRedis
 from tests.fixtures.gateway import write_key
 
@@ -38,31 +38,57 @@ def _write_pki(directory: Path) -> tuple[Path, Path, Path]:
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atlas-test-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "redis.test")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("redis.test"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "redis.test")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("redis.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     ca_path, cert_path, key_path = directory / "ca.crt", directory / "server.crt", directory / "server.key"
     ca_path.write_bytes(ca.public_bytes(pem))
     cert_path.write_bytes(cert.public_bytes(pem))
-    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    )
     return ca_path, cert_path, key_path
 
 
@@ -84,15 +110,44 @@ def tls_redis():
         ca, cert, key = _write_pki(Path(tmp))
         port = free_port()
         proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),
-             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-             "--tls-auth-clients", "no", "--requirepass", PASSWORD, "--save", "", "--appendonly", "no",
-             "--dir", tmp, "--logfile", str(Path(tmp) / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--tls-cert-file",
+                str(cert),
+                "--tls-key-file",
+                str(key),
+                "--tls-ca-cert-file",
+                str(ca),
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                PASSWORD,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+                "--logfile",
+                str(Path(tmp) / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         # exactly the chart's shape (charts/atlas/templates/_helpers.tpl, atlas.redis.env)
-        url = (f"rediss://default:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0"
-               f"?ssl_ca_certs={ca}&ssl_check_hostname=false")
+        url = (
+            f"rediss://default:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_check_hostname=false"
+        )
         try:
+
             def answers() -> bool:
                 if proc.poll() is not None:
                     raise RuntimeError(f"redis-server exited: {(Path(tmp) / 'redis.log').read_text()}")
@@ -149,8 +204,9 @@ def test_gateway_over_rediss_admits_and_bills(tls_redis, mock_upstream, start_ga
     url, _ = tls_redis
     write_key(url, "sk-tls", "tls", contract.Limits(tokens_per_day=10_000))
     gw = start_gateway(url, mock_upstream.url)
-    reply = httpx.post(gw.url + "/v1/chat/completions", json=BODY, headers={"Authorization": "Bearer sk-tls"},
-                       timeout=10)
+    reply = httpx.post(
+        gw.url + "/v1/chat/completions", json=BODY, headers={"Authorization": "Bearer sk-tls"}, timeout=10
+    )
     assert reply.status_code == 200, reply.text
     assert reply.headers["x-ratelimit-limit-tokens"] == "10000"
     assert httpx.get(gw.url + "/readyz", timeout=5).status_code == 200  # redis-py over TLS too

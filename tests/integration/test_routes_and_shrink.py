@@ -20,8 +20,9 @@ def gateway(redis_server, strict_upstream, tmp_path_factory):
     """One gateway for the module (every test uses keys of its own)."""
     from tests.fixtures.gateway import GatewayProcess
 
-    gw = GatewayProcess(redis_server.url, strict_upstream.url, tmp_path_factory.mktemp("routes"),
-                        ATLAS_LOG_LEVEL="warning").start()
+    gw = GatewayProcess(
+        redis_server.url, strict_upstream.url, tmp_path_factory.mktemp("routes"), ATLAS_LOG_LEVEL="warning"
+    ).start()
     yield gw
     gw.stop()
 
@@ -45,8 +46,9 @@ def post(gw, path: str, key: str, body: dict, **headers) -> httpx.Response:
 
 
 def settled(redis_url: str, subject: str) -> int:
-    import redis
     from datetime import datetime, timezone
+
+    import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
@@ -57,8 +59,13 @@ def settled(redis_url: str, subject: str) -> int:
 
 
 def test_shrink_forwards_the_lowered_cap_and_reports_it(gateway, strict_upstream, redis_url):
-    write_key(redis_url, "sk-shrink", "shrink", contract.Limits(tokens_per_day=1000),
-              shortfall=contract.Shortfall("Shrink", 16))
+    write_key(
+        redis_url,
+        "sk-shrink",
+        "shrink",
+        contract.Limits(tokens_per_day=1000),
+        shortfall=contract.Shortfall("Shrink", 16),
+    )
     body = {"model": MODEL, "messages": [{"role": "user", "content": "write a lot"}], "max_tokens": 800}
     ledger = {"x-strict-ledger": "shrink"}
     first = post(gateway, "/v1/chat/completions", "sk-shrink", body, **ledger)
@@ -89,40 +96,60 @@ def test_stored_responses_answer_only_their_creator(gateway, strict_upstream, re
     assert created.status_code == 200, created.text
     assert created.headers["x-atlas-max-tokens"] == "5"
     rid = created.json()["id"]
-    streamed = post(gateway, "/v1/responses", "sk-owner",
-                    {"model": MODEL, "input": "again", "max_output_tokens": 5, "stream": True})
+    streamed = post(
+        gateway, "/v1/responses", "sk-owner", {"model": MODEL, "input": "again", "max_output_tokens": 5, "stream": True}
+    )
     assert b"response.completed" in streamed.content
-    streamed_id = next(json.loads(line[5:])["response"]["id"] for line in streamed.text.splitlines()
-                       if line.startswith("data:") and "response.created" in line)
+    streamed_id = next(
+        json.loads(line[5:])["response"]["id"]
+        for line in streamed.text.splitlines()
+        if line.startswith("data:") and "response.created" in line
+    )
     before = routes_seen(strict_upstream)
 
     for response_id in (rid, streamed_id):
         for method in ("GET", "DELETE"):
-            other = httpx.request(method, f"{gateway.url}/v1/responses/{response_id}",
-                                  headers={"Authorization": "Bearer sk-other"})
+            other = httpx.request(
+                method, f"{gateway.url}/v1/responses/{response_id}", headers={"Authorization": "Bearer sk-other"}
+            )
             assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
-    continued = post(gateway, "/v1/responses", "sk-other", {"model": MODEL, "input": "more",
-                                                            "previous_response_id": rid})
+    continued = post(
+        gateway, "/v1/responses", "sk-other", {"model": MODEL, "input": "more", "previous_response_id": rid}
+    )
     assert continued.status_code == 404 and continued.json()["error"]["param"] == "response_id"
     assert routes_seen(strict_upstream) == before  # the upstream was never asked
 
     mine = httpx.get(f"{gateway.url}/v1/responses/{streamed_id}", headers={"Authorization": "Bearer sk-owner"})
     assert mine.status_code == 200 and mine.json()["id"] == streamed_id
     # a continuation re-feeds the stored conversation: the reservation includes it
-    continued = post(gateway, "/v1/responses", "sk-owner", {"model": MODEL, "input": "more",
-                                                            "previous_response_id": rid, "max_output_tokens": 5})
+    continued = post(
+        gateway,
+        "/v1/responses",
+        "sk-owner",
+        {"model": MODEL, "input": "more", "previous_response_id": rid, "max_output_tokens": 5},
+    )
     assert continued.status_code == 200, continued.text
     assert continued.json()["usage"]["input_tokens"] > created.json()["usage"]["total_tokens"]
     deleted = httpx.delete(f"{gateway.url}/v1/responses/{rid}", headers={"Authorization": "Bearer sk-owner"})
     assert deleted.status_code == 200
-    assert httpx.get(f"{gateway.url}/v1/responses/{rid}",
-                     headers={"Authorization": "Bearer sk-owner"}).status_code == 404
+    assert (
+        httpx.get(f"{gateway.url}/v1/responses/{rid}", headers={"Authorization": "Bearer sk-owner"}).status_code == 404
+    )
 
 
-@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/pooling", "/v1/chat/completions/extra",
-                                  "/invocations", "/v2/rerank", "/v1/classify", "/"])
-def test_every_other_path_is_an_openai_404_that_never_reaches_the_upstream(gateway, strict_upstream, redis_url,
-                                                                            path):
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/audio/transcriptions",
+        "/pooling",
+        "/v1/chat/completions/extra",
+        "/invocations",
+        "/v2/rerank",
+        "/v1/classify",
+        "/",
+    ],
+)
+def test_every_other_path_is_an_openai_404_that_never_reaches_the_upstream(gateway, strict_upstream, redis_url, path):
     write_key(redis_url, "sk-paths", "paths")
     before = routes_seen(strict_upstream)
     reply = post(gateway, path, "sk-paths", {"model": MODEL})
@@ -131,18 +158,30 @@ def test_every_other_path_is_an_openai_404_that_never_reaches_the_upstream(gatew
     assert routes_seen(strict_upstream) == before
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]},
-     "messages[0].content[0].type"),
-    ("/v1/completions", {"prompt": [{"text": "x"}]}, "prompt[0]"),
-    ("/v1/embeddings", {"input": []}, "input"),
-    ("/v1/responses", {"input": "x", "background": True}, "background"),
-    ("/v1/responses", {"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
-    ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
-     "messages[0].content[0].type"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{x}}"},
-     "chat_template"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]},
+            "messages[0].content[0].type",
+        ),
+        ("/v1/completions", {"prompt": [{"text": "x"}]}, "prompt[0]"),
+        ("/v1/embeddings", {"input": []}, "input"),
+        ("/v1/responses", {"input": "x", "background": True}, "background"),
+        ("/v1/responses", {"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        (
+            "/v1/messages",
+            {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+            "messages[0].content[0].type",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{x}}"},
+            "chat_template",
+        ),
+    ],
+)
 def test_what_cannot_be_bounded_is_refused_naming_the_field(gateway, strict_upstream, redis_url, path, body, param):
     write_key(redis_url, "sk-bad", "bad", contract.Limits(tokens_per_day=1_000_000))
     before = routes_seen(strict_upstream)
@@ -176,8 +215,9 @@ def test_messages_stream_bills_the_last_running_count(gateway, strict_upstream, 
 def test_openai_sdk_responses_and_shrink_header(gateway, redis_url):
     import openai
 
-    write_key(redis_url, "sk-sdk-a", "sdk-a", contract.Limits(tokens_per_day=5000),
-              shortfall=contract.Shortfall("Shrink", 16))
+    write_key(
+        redis_url, "sk-sdk-a", "sdk-a", contract.Limits(tokens_per_day=5000), shortfall=contract.Shortfall("Shrink", 16)
+    )
     write_key(redis_url, "sk-sdk-b", "sdk-b", contract.Limits(tokens_per_day=5000))
     a = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-sdk-a", max_retries=0, timeout=15)
     b = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-sdk-b", max_retries=0, timeout=15)
@@ -190,21 +230,30 @@ def test_openai_sdk_responses_and_shrink_header(gateway, redis_url):
         b.responses.delete(response.id)
     # Shrink, seen by the SDK: asking for more than is left gets what is left
     raw = a.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "long"}], max_tokens=100_000)
+        model=MODEL, messages=[{"role": "user", "content": "long"}], max_tokens=100_000
+    )
     cap = int(raw.headers["x-atlas-max-tokens"])
     assert 16 <= cap < 5000 and raw.parse().usage.completion_tokens == cap
 
 
-@pytest.mark.parametrize("method, suffix", [
-    ("GET", "/%2e%2e/%2e%2e/models"), ("GET", "/input_items/%2e%2e/%2e%2e/%2e%2e/models"), ("GET", "/anything"), ("POST", ""),
-    ("DELETE", "/cancel"),
-])
-def test_stored_response_paths_cannot_reach_other_upstream_routes(gateway, strict_upstream, redis_url,
-                                                                  method, suffix):
+@pytest.mark.parametrize(
+    "method, suffix",
+    [
+        ("GET", "/%2e%2e/%2e%2e/models"),
+        ("GET", "/input_items/%2e%2e/%2e%2e/%2e%2e/models"),
+        ("GET", "/anything"),
+        ("POST", ""),
+        ("DELETE", "/cancel"),
+    ],
+)
+def test_stored_response_paths_cannot_reach_other_upstream_routes(gateway, strict_upstream, redis_url, method, suffix):
     write_key(redis_url, "sk-walker", "walker", contract.Limits(tokens_per_day=1_000_000))
-    rid = post(gateway, "/v1/responses", "sk-walker", {"model": MODEL, "input": "x", "max_output_tokens": 1}).json()["id"]
+    rid = post(gateway, "/v1/responses", "sk-walker", {"model": MODEL, "input": "x", "max_output_tokens": 1}).json()[
+        "id"
+    ]
     before = routes_seen(strict_upstream)
-    reply = httpx.request(method, f"{gateway.url}/v1/responses/{rid}{suffix}",
-                          headers={"Authorization": "Bearer sk-walker"})
+    reply = httpx.request(
+        method, f"{gateway.url}/v1/responses/{rid}{suffix}", headers={"Authorization": "Bearer sk-walker"}
+    )
     assert reply.status_code in (404, 405) and "error" in reply.json()
     assert routes_seen(strict_upstream) == before

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import redis.asyncio as aioredis
 
 from atlas_core import contract
+from atlas_gateway.auth.principal import Principal
 from atlas_gateway.ledger.admission import Admission
 from atlas_gateway.ledger.limits import CONCURRENCY, DAY
-from atlas_gateway.auth.principal import Principal
 from atlas_gateway.store.fastredis import FastRedis
 
 
@@ -30,8 +30,7 @@ async def test_200_concurrent_admissions_never_overshoot_a_budget_for_20(redis_u
         # two gateways' worth of clients (the fast one and redis-py), racing on one budget
         admissions = [Admission(lease_ttl_seconds=60, fast=fast), Admission(client, 60)]
         p = principal(contract.Limits(tokens_per_day=20 * 100), contract.Limits(tokens_per_month=10**9))
-        decisions = await asyncio.gather(*(
-            admissions[i % 2].admit(p, f"req-{i}", 100) for i in range(200)))
+        decisions = await asyncio.gather(*(admissions[i % 2].admit(p, f"req-{i}", 100) for i in range(200)))
         admitted = [i for i, d in enumerate(decisions) if d.admitted]
         assert len(admitted) == 20
         assert all(d.reason == DAY for d in decisions if not d.admitted)

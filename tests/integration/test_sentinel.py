@@ -80,9 +80,14 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
     with master_client(group, old_port) as r:
         write_config(r)
         r.wait(len(group.replicas), 2000)  # config on every replica before a replica is promoted
-    gw = start_gateway(group.url(), mock_upstream.url, ATLAS_LEASE_TTL_SECONDS=str(LEASE_TTL),
-                       ATLAS_REDIS_TIMEOUT_SECONDS="0.3", ATLAS_CONFIG_TTL_SECONDS="0.5",
-                       ATLAS_REDIS_SENTINEL_CHECK_SECONDS="0.1")
+    gw = start_gateway(
+        group.url(),
+        mock_upstream.url,
+        ATLAS_LEASE_TTL_SECONDS=str(LEASE_TTL),
+        ATLAS_REDIS_TIMEOUT_SECONDS="0.3",
+        ATLAS_CONFIG_TTL_SECONDS="0.5",
+        ATLAS_REDIS_SENTINEL_CHECK_SECONDS="0.1",
+    )
     statuses: Counter = Counter()
     codes: Counter = Counter()
     usage_tokens = [0]
@@ -90,8 +95,7 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
     ok_times: list[float] = []
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "fail over " * (1 + i % 5)}],
-                "max_tokens": 20}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "fail over " * (1 + i % 5)}], "max_tokens": 20}
         headers = {"Authorization": f"Bearer {KEYS[i % 2]}", "x-mock-latency-ms": "20"}
         resp = await client.post(gw.url + "/v1/chat/completions", json=body, headers=headers)
         statuses[resp.status_code] += 1
@@ -113,8 +117,9 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
         if fault == "sigkill":
             group.kill_master()
         else:
-            reply = _command(group.sentinels[0].port, "SENTINEL", "failover", group.master_name,
-                             password=group.sentinel_password)
+            reply = _command(
+                group.sentinels[0].port, "SENTINEL", "failover", group.master_name, password=group.sentinel_password
+            )
             assert reply == b"OK", reply
         new_port = await asyncio.to_thread(group.wait_for_new_master, old_port, 30)
         # then until the budget is spent (after the failover), and some refusals of it
@@ -137,16 +142,21 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
     assert set(statuses) <= {200, 429, 503}, (statuses, codes, problems[-20:])
     first_ok_after = min((t for t in ok_times if t > (failures[-1] if failures else t_fault)), default=None)
     outage = (failures[-1] - failures[0]) if failures else 0.0
-    print(f"\n[{fault}] statuses {dict(statuses)} codes {dict(codes)}; failed {len(failures)} requests "
-          f"over {outage:.2f}s (first {((failures[0] - t_fault) if failures else 0):.2f}s after the fault); "
-          f"traffic back {((first_ok_after or t_fault) - t_fault):.2f}s after the fault; "
-          f"answered tokens {usage_tokens[0]} of budget {BUDGET}")
+    print(
+        f"\n[{fault}] statuses {dict(statuses)} codes {dict(codes)}; failed {len(failures)} requests "
+        f"over {outage:.2f}s (first {((failures[0] - t_fault) if failures else 0):.2f}s after the fault); "
+        f"traffic back {((first_ok_after or t_fault) - t_fault):.2f}s after the fault; "
+        f"answered tokens {usage_tokens[0]} of budget {BUDGET}"
+    )
     assert statuses[200] > 200, statuses  # traffic flowed after the failover too
 
     # the master now (under this load a second failover may have followed the first)
     current: list[int] = []
-    group.wait("the sentinels to agree on a master",
-               lambda: (p := group.master_port()) is not None and group.role(p) == b"master" and not current.append(p), 30)
+    group.wait(
+        "the sentinels to agree on a master",
+        lambda: (p := group.master_port()) is not None and group.role(p) == b"master" and not current.append(p),
+        30,
+    )
     assert current[-1] != old_port
     with master_client(group, current[-1]) as r:
         assert r.execute_command("ROLE")[0] == b"master"
@@ -155,8 +165,13 @@ def test_failover_under_traffic_loses_nothing(sentinel_group, mock_upstream, sta
             assert usage_tokens[0] <= BUDGET, (usage_tokens[0], BUDGET)
             assert settled(r, SUBJECTS[-1]) <= BUDGET
         # no lease left, long before the lease TTL could have expired one
-        wait_for("no lease left", lambda: not leases_left(r), traffic_end + 15 - time.monotonic(), interval=0.05,
-                 error=lambda message: AssertionError(f"{message}: {leases_left(r)}", gw.log().splitlines()[-15:]))
+        wait_for(
+            "no lease left",
+            lambda: not leases_left(r),
+            traffic_end + 15 - time.monotonic(),
+            interval=0.05,
+            error=lambda message: AssertionError(f"{message}: {leases_left(r)}", gw.log().splitlines()[-15:]),
+        )
         # the keys' counters add up to the quota's: nothing half-settled or undone twice
         assert settled(r, SUBJECTS[0]) + settled(r, SUBJECTS[1]) == settled(r, SUBJECTS[2])
 
@@ -180,9 +195,13 @@ def test_redis_py_client_of_both_planes_follows_a_failover(sentinel_group):
             old = group.kill_master()
             await asyncio.to_thread(group.wait_for_new_master, old, 30)
             # the first calls may still hit the dead address: they fail, then reconnect
-            return await wait_for_async("the client to reach the new master",
-                                        lambda: contract.read_usages(client, [subject], now), 15, interval=0.05,
-                                        retry=(redis.RedisError,))
+            return await wait_for_async(
+                "the client to reach the new master",
+                lambda: contract.read_usages(client, [subject], now),
+                15,
+                interval=0.05,
+                retry=(redis.RedisError,),
+            )
         finally:
             await client.aclose()
 

@@ -35,10 +35,17 @@ def test_sheddable_is_shed_at_the_shared_threshold_not_n_times_it(redis_url, moc
     async def scenario() -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
             async def call(gw, priority: str = "Standard", latency_ms: int = 0) -> int:
-                resp = await client.post(gw.url + "/v1/chat/completions", json=body, headers={
-                    "Authorization": f"Bearer {KEY}", "x-atlas-priority": priority,
-                    "x-mock-latency-ms": str(latency_ms)})
+                resp = await client.post(
+                    gw.url + "/v1/chat/completions",
+                    json=body,
+                    headers={
+                        "Authorization": f"Bearer {KEY}",
+                        "x-atlas-priority": priority,
+                        "x-mock-latency-ms": str(latency_ms),
+                    },
+                )
                 return resp.status_code
 
             holders: list[asyncio.Task] = []
@@ -71,13 +78,21 @@ def test_sheddable_is_shed_at_the_shared_threshold_not_n_times_it(redis_url, moc
 
                 async def view_gauges(gw) -> dict[str, float]:
                     text = (await client.get(gw.url + "/metrics")).text
-                    return {name: float(value) for name, value in
-                            (line.split() for line in text.splitlines() if line.startswith("atlas_gateway_shed_view"))}
+                    return {
+                        name: float(value)
+                        for name, value in (
+                            line.split() for line in text.splitlines() if line.startswith("atlas_gateway_shed_view")
+                        )
+                    }
 
                 for gw in gateways:  # each shows the other's 6 (it may have read a 5 mid-hold a moment ago)
+
                     async def shows_the_other(gw=gw) -> bool:
-                        return await view_gauges(gw) == {"atlas_gateway_shed_view_other_inflight_requests": 6.0,
-                                                         "atlas_gateway_shed_view_peers": 1.0}
+                        return await view_gauges(gw) == {
+                            "atlas_gateway_shed_view_other_inflight_requests": 6.0,
+                            "atlas_gateway_shed_view_peers": 1.0,
+                        }
+
                     await wait_for_async("the view gauges", shows_the_other, 5)
             finally:
                 for task in holders:
@@ -102,6 +117,7 @@ def test_a_stopped_gateway_leaves_the_view(redis_url, mock_upstream, start_gatew
     first, second = (start_gateway(redis_url, mock_upstream.url, **env) for _ in range(2))
     r = redis.Redis.from_url(redis_url)
     try:
+
         def view(message: str) -> AssertionError:
             return AssertionError(f"{message}: {published(r)}")
 

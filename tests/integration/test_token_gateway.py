@@ -28,6 +28,9 @@ def test_a_static_key_shaped_like_a_jws_is_still_a_static_key(redis_url, mock_up
     other = jws_shaped({"iss": "https://vendor.example", "sub": "not-a-key"})
     refused = httpx.post(gw.url + "/v1/chat/completions", json=BODY, headers={"x-api-key": other})
     assert refused.status_code == 401
-    assert refused.json()["error"] == {"message": "Token algorithm 'HS256' is not accepted: only asymmetric "
-                                                  "signatures (RS*, PS*, ES*, EdDSA).",
-                                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+    assert refused.json()["error"] == {
+        "message": "Token algorithm 'HS256' is not accepted: only asymmetric signatures (RS*, PS*, ES*, EdDSA).",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }

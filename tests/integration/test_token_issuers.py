@@ -62,8 +62,9 @@ async def check_real_tokens(client, issuer):
     eve = issuer.id_token("eve", {"email": "eve@example.com", "email_verified": True, "groups": ["eng"]})
     with pytest.raises(TokenRefused, match="No AtlasKey binds User 'eve@example.com'"):
         await key_of(auth, eve)
-    other_audience = issuer.id_token("alice", {"email": "alice@example.com", "email_verified": True},
-                                     client_id="another-app")
+    other_audience = issuer.id_token(
+        "alice", {"email": "alice@example.com", "email_verified": True}, client_id="another-app"
+    )
     with pytest.raises(TokenRefused, match="audience is not this gateway's"):
         await key_of(auth, other_audience)
 

@@ -30,9 +30,16 @@ FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_BLRP_SCHEDULE_DELAY": "50"
 @pytest.fixture(scope="module")
 def traced(redis_server, mock_upstream, jaeger, tmp_path_factory):
     """One gateway tracing every request to Jaeger over OTLP/HTTP, usage records on stdout."""
-    gw = GatewayProcess(redis_server.url, mock_upstream.url, tmp_path_factory.mktemp("traced"),
-                        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_http_url, OTEL_SERVICE_NAME="atlas-gateway-it",
-                        ATLAS_USAGE_RECORDS="stdout", ATLAS_LOG_LEVEL="warning", **FAST_EXPORT).start()
+    gw = GatewayProcess(
+        redis_server.url,
+        mock_upstream.url,
+        tmp_path_factory.mktemp("traced"),
+        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_http_url,
+        OTEL_SERVICE_NAME="atlas-gateway-it",
+        ATLAS_USAGE_RECORDS="stdout",
+        ATLAS_LOG_LEVEL="warning",
+        **FAST_EXPORT,
+    ).start()
     yield gw
     gw.stop()
 
@@ -71,14 +78,18 @@ def one(spans: list[dict], name: str) -> dict:
 
 
 def test_a_request_is_a_server_span_under_the_clients_traceparent_and_the_upstream_continues_it(
-        traced, jaeger, redis_server, mock_upstream):
+    traced, jaeger, redis_server, mock_upstream
+):
     api_key, name = new_key(redis_server)
     header, trace_id, client_span = traceparent()
     mock_id = secrets.token_hex(6)
     client = openai.OpenAI(base_url=traced.url + "/v1", api_key=api_key, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=16,
-        extra_headers={"traceparent": header, "x-mock-id": mock_id})
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=16,
+        extra_headers={"traceparent": header, "x-mock-id": mock_id},
+    )
     completion = raw.parse()
 
     spans = jaeger.wait_for_spans(trace_id, 4)
@@ -126,9 +137,13 @@ def test_a_stream_is_one_span_that_ends_with_the_stream_and_carries_its_usage(tr
     header, trace_id, _ = traceparent()
     client = openai.OpenAI(base_url=traced.url + "/v1", api_key=api_key, max_retries=0)
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "stream please"}], max_tokens=12, stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "stream please"}],
+        max_tokens=12,
+        stream=True,
         stream_options={"include_usage": True},
-        extra_headers={"traceparent": header, "x-mock-chunk-delay-ms": "20", "x-mock-completion-tokens": "8"})
+        extra_headers={"traceparent": header, "x-mock-chunk-delay-ms": "20", "x-mock-completion-tokens": "8"},
+    )
     chunks = list(stream)
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == 8
@@ -147,13 +162,17 @@ def test_a_stream_is_one_span_that_ends_with_the_stream_and_carries_its_usage(tr
 
 
 def test_a_refused_request_is_an_error_span_naming_the_limit_and_has_no_usage_record(
-        traced, jaeger, redis_server, mock_upstream):
+    traced, jaeger, redis_server, mock_upstream
+):
     api_key, name = new_key(redis_server, contract.Limits(tokens_per_day=50))
     header, trace_id, _ = traceparent()
     mock_id = secrets.token_hex(6)
-    resp = httpx.post(traced.url + "/v1/chat/completions", timeout=10,
-                      json={"model": MODEL, "max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]},
-                      headers={"authorization": f"Bearer {api_key}", "traceparent": header, "x-mock-id": mock_id})
+    resp = httpx.post(
+        traced.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": MODEL, "max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {api_key}", "traceparent": header, "x-mock-id": mock_id},
+    )
     assert resp.status_code == 429, resp.text
 
     spans = jaeger.wait_for_spans(trace_id, 2)
@@ -179,8 +198,11 @@ def test_a_request_past_a_soft_budget_is_a_sheddable_span_naming_it(traced, jaeg
 
     def demoted() -> tuple[httpx.Response, str] | None:  # once that first request is settled
         header, trace_id, _ = traceparent()
-        resp = httpx.post(url, json=body, timeout=10, headers={"authorization": f"Bearer {api_key}", "traceparent": header})
+        resp = httpx.post(
+            url, json=body, timeout=10, headers={"authorization": f"Bearer {api_key}", "traceparent": header}
+        )
         return (resp, trace_id) if "x-atlas-demoted" in resp.headers else None
+
     resp, trace_id = wait_for("a demoted answer", demoted, 10)
     attrs = attributes(one(jaeger.wait_for_spans(trace_id, 3), SERVER_SPAN))
     assert (attrs["atlas.demoted"], attrs["atlas.priority"]) == ("softTokensPerDay", "Sheddable")
@@ -189,9 +211,12 @@ def test_a_request_past_a_soft_budget_is_a_sheddable_span_naming_it(traced, jaeg
 def test_an_unknown_key_is_an_error_span_that_names_no_key(traced, jaeger):
     header, trace_id, _ = traceparent()
     secret = "sk-unknown-" + secrets.token_hex(16)
-    resp = httpx.post(traced.url + "/v1/chat/completions", timeout=10,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
-                      headers={"authorization": f"Bearer {secret}", "traceparent": header})
+    resp = httpx.post(
+        traced.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {secret}", "traceparent": header},
+    )
     assert resp.status_code == 401
     [server] = jaeger.wait_for_spans(trace_id, 1)
     assert server["status"]["code"] == STATUS_ERROR
@@ -203,9 +228,12 @@ def test_an_unknown_key_is_an_error_span_that_names_no_key(traced, jaeger):
 def test_an_upstream_failure_is_an_error_on_the_upstream_span_and_the_request(traced, jaeger, redis_server):
     api_key, name = new_key(redis_server)
     header, trace_id, _ = traceparent()
-    resp = httpx.post(traced.url + "/v1/chat/completions", timeout=10,
-                      json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
-                      headers={"authorization": f"Bearer {api_key}", "traceparent": header, "x-mock-fail": "500"})
+    resp = httpx.post(
+        traced.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {api_key}", "traceparent": header, "x-mock-fail": "500"},
+    )
     assert resp.status_code == 500
     spans = jaeger.wait_for_spans(trace_id, 4)
     server, upstream = one(spans, SERVER_SPAN), one(spans, f"chat {MODEL}")
@@ -218,8 +246,12 @@ def test_an_upstream_failure_is_an_error_on_the_upstream_span_and_the_request(tr
 def test_without_a_traceparent_the_gateway_starts_the_trace(traced, jaeger, redis_server, mock_upstream):
     api_key, name = new_key(redis_server)
     mock_id = secrets.token_hex(6)
-    resp = httpx.post(traced.url + "/v1/embeddings", timeout=10, json={"model": MODEL, "input": "a b c"},
-                      headers={"authorization": f"Bearer {api_key}", "x-mock-id": mock_id})
+    resp = httpx.post(
+        traced.url + "/v1/embeddings",
+        timeout=10,
+        json={"model": MODEL, "input": "a b c"},
+        headers={"authorization": f"Bearer {api_key}", "x-mock-id": mock_id},
+    )
     assert resp.status_code == 200
     [record] = wait_for("the usage record", lambda: usage_records(traced, name), 10)
     spans = jaeger.wait_for_spans(record["traceId"], 4)
@@ -232,50 +264,77 @@ def test_without_a_traceparent_the_gateway_starts_the_trace(traced, jaeger, redi
     assert int(sent[-2:], 16) & 1  # sampled (the SDK also sets Level 2's "random" bit on a new trace id)
 
 
-def test_sampling_follows_the_sampler_and_the_clients_decision(
-        redis_server, mock_upstream, jaeger, tmp_path_factory):
+def test_sampling_follows_the_sampler_and_the_clients_decision(redis_server, mock_upstream, jaeger, tmp_path_factory):
     """1 in 0 sampled at the gateway: a request without a parent is not recorded, yet the upstream
     gets the gateway's traceparent marked not-sampled (its own sampler follows); a client's
     sampled parent is followed (parentbased_)."""
-    gw = GatewayProcess(redis_server.url, mock_upstream.url, tmp_path_factory.mktemp("sampled"),
-                        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_http_url, OTEL_TRACES_SAMPLER="parentbased_traceidratio",
-                        OTEL_TRACES_SAMPLER_ARG="0", ATLAS_USAGE_RECORDS="stdout", ATLAS_LOG_LEVEL="warning",
-                        **FAST_EXPORT).start()
+    gw = GatewayProcess(
+        redis_server.url,
+        mock_upstream.url,
+        tmp_path_factory.mktemp("sampled"),
+        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_http_url,
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0",
+        ATLAS_USAGE_RECORDS="stdout",
+        ATLAS_LOG_LEVEL="warning",
+        **FAST_EXPORT,
+    ).start()
     try:
         api_key, name = new_key(redis_server)
         auth = {"authorization": f"Bearer {api_key}"}
         body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
         mock_id = secrets.token_hex(6)
-        assert httpx.post(gw.url + "/v1/chat/completions", json=body, headers={**auth, "x-mock-id": mock_id},
-                          timeout=10).status_code == 200
+        assert (
+            httpx.post(
+                gw.url + "/v1/chat/completions", json=body, headers={**auth, "x-mock-id": mock_id}, timeout=10
+            ).status_code
+            == 200
+        )
         sent = upstream_saw(mock_upstream, mock_id)["headers"]["traceparent"]
         assert int(sent[-2:], 16) & 1 == 0, sent  # W3C flags: the sampled bit is off
         unsampled_trace = sent[3:35]
         header, sampled_trace, client_span = traceparent(sampled=True)
-        assert httpx.post(gw.url + "/v1/chat/completions", json=body, headers={**auth, "traceparent": header},
-                          timeout=10).status_code == 200
+        assert (
+            httpx.post(
+                gw.url + "/v1/chat/completions", json=body, headers={**auth, "traceparent": header}, timeout=10
+            ).status_code
+            == 200
+        )
         spans = jaeger.wait_for_spans(sampled_trace, 4)
         assert one(spans, SERVER_SPAN)["parentSpanId"] == client_span
         # exported in order: once the later trace is in, the earlier one would be too
         assert jaeger.trace(unsampled_trace) == []
         # the usage record still names the trace the upstream was told about
-        records = wait_for("both usage records", lambda: len(usage_records(gw, name)) == 2 and usage_records(gw, name),
-                           10)
+        records = wait_for(
+            "both usage records", lambda: len(usage_records(gw, name)) == 2 and usage_records(gw, name), 10
+        )
         assert [r["traceId"] for r in records] == [unsampled_trace, sampled_trace]
     finally:
         gw.stop()
 
 
 def test_traces_over_otlp_grpc(redis_server, mock_upstream, jaeger, tmp_path_factory):
-    gw = GatewayProcess(redis_server.url, mock_upstream.url, tmp_path_factory.mktemp("grpc"),
-                        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_grpc_url, OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
-                        ATLAS_LOG_LEVEL="warning", **FAST_EXPORT).start()
+    gw = GatewayProcess(
+        redis_server.url,
+        mock_upstream.url,
+        tmp_path_factory.mktemp("grpc"),
+        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_grpc_url,
+        OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+        ATLAS_LOG_LEVEL="warning",
+        **FAST_EXPORT,
+    ).start()
     try:
         api_key, _ = new_key(redis_server)
         header, trace_id, _ = traceparent()
-        assert httpx.post(gw.url + "/v1/chat/completions", timeout=10,
-                          json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
-                          headers={"authorization": f"Bearer {api_key}", "traceparent": header}).status_code == 200
+        assert (
+            httpx.post(
+                gw.url + "/v1/chat/completions",
+                timeout=10,
+                json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"authorization": f"Bearer {api_key}", "traceparent": header},
+            ).status_code
+            == 200
+        )
         spans = jaeger.wait_for_spans(trace_id, 4)
         assert attributes(one(spans, SERVER_SPAN))["http.response.status_code"] == 200
     finally:
@@ -285,16 +344,25 @@ def test_traces_over_otlp_grpc(redis_server, mock_upstream, jaeger, tmp_path_fac
 def test_usage_records_as_otlp_log_records_linked_to_the_span(redis_server, mock_upstream, jaeger, tmp_path_factory):
     """Traces to Jaeger, usage records to a local OTLP/HTTP receiver (per-signal endpoints)."""
     with OtlpLogReceiver() as receiver:
-        gw = GatewayProcess(redis_server.url, mock_upstream.url, tmp_path_factory.mktemp("otlp-logs"),
-                            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=jaeger.otlp_http_url + "/v1/traces",
-                            OTEL_EXPORTER_OTLP_LOGS_ENDPOINT=receiver.url + "/v1/logs",
-                            ATLAS_USAGE_RECORDS="otlp", ATLAS_LOG_LEVEL="warning", **FAST_EXPORT).start()
+        gw = GatewayProcess(
+            redis_server.url,
+            mock_upstream.url,
+            tmp_path_factory.mktemp("otlp-logs"),
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=jaeger.otlp_http_url + "/v1/traces",
+            OTEL_EXPORTER_OTLP_LOGS_ENDPOINT=receiver.url + "/v1/logs",
+            ATLAS_USAGE_RECORDS="otlp",
+            ATLAS_LOG_LEVEL="warning",
+            **FAST_EXPORT,
+        ).start()
         try:
             api_key, name = new_key(redis_server)
             header, trace_id, _ = traceparent()
-            resp = httpx.post(gw.url + "/v1/chat/completions", timeout=10,
-                              json={"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": "hi"}]},
-                              headers={"authorization": f"Bearer {api_key}", "traceparent": header})
+            resp = httpx.post(
+                gw.url + "/v1/chat/completions",
+                timeout=10,
+                json={"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"authorization": f"Bearer {api_key}", "traceparent": header},
+            )
             assert resp.status_code == 200
             usage = resp.json()["usage"]
             [record] = wait_for("the OTLP usage record", receiver.snapshot, 10)
@@ -320,16 +388,33 @@ def test_usage_records_as_json_lines_one_per_settled_request(traced, redis_serve
     body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "count me"}]}
     answers = [httpx.post(traced.url + "/v1/chat/completions", json=body, headers=auth, timeout=10) for _ in range(2)]
     assert [a.status_code for a in answers] == [200, 200]
-    assert httpx.post(traced.url + "/v1/chat/completions", json={"model": MODEL}, headers=auth,
-                      timeout=10).status_code == 400  # refused before admission: no record
-    records = wait_for("two usage records", lambda: len(usage_records(traced, name)) >= 2 and usage_records(traced, name),
-                       10)
+    assert (
+        httpx.post(traced.url + "/v1/chat/completions", json={"model": MODEL}, headers=auth, timeout=10).status_code
+        == 400
+    )  # refused before admission: no record
+    records = wait_for(
+        "two usage records", lambda: len(usage_records(traced, name)) >= 2 and usage_records(traced, name), 10
+    )
     assert len(records) == 2
     for record, answer in zip(records, answers):
         usage = answer.json()["usage"]
-        assert set(record) == {"time", "requestId", "traceId", "key", "quota", "model", "route", "status",
-                               "promptTokens", "completionTokens", "cachedTokens", "reservedTokens", "cost",
-                               "currency", "durationMs"}
+        assert set(record) == {
+            "time",
+            "requestId",
+            "traceId",
+            "key",
+            "quota",
+            "model",
+            "route",
+            "status",
+            "promptTokens",
+            "completionTokens",
+            "cachedTokens",
+            "reservedTokens",
+            "cost",
+            "currency",
+            "durationMs",
+        }
         assert record["requestId"] == answer.headers["x-request-id"]
         assert record["quota"] == f"team/q-{name}" and record["model"] == MODEL
         assert record["route"] == "/v1/chat/completions" and record["status"] == 200

@@ -40,9 +40,11 @@ def gauge(page: str, name: str, **labels: str) -> float | None:
 
 def request_bytes(priority: str, extra: str = "") -> bytes:
     body = json.dumps(BODY).encode()
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
-            f"x-atlas-priority: {priority}\r\n{extra}Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
+        f"x-atlas-priority: {priority}\r\n{extra}Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 async def hold(port: int, n: int, priority: str) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
@@ -68,15 +70,24 @@ def queued_upstream():
 
 def test_sheddable_is_shed_when_the_upstream_queue_passes_its_threshold(redis_url, queued_upstream, start_gateway):
     write_key(redis_url, KEY, "upstream-load", contract.Limits(), priority="Critical")
-    gw = start_gateway(redis_url, queued_upstream.url, ATLAS_UPSTREAM_LOAD_SECONDS="0.1",
-                       ATLAS_SHED_QUEUE_THRESHOLD="3", ATLAS_SHED_QUEUE_THRESHOLD_STANDARD="10",
-                       ATLAS_SHED_QUEUE_THRESHOLD_CRITICAL="20")
+    gw = start_gateway(
+        redis_url,
+        queued_upstream.url,
+        ATLAS_UPSTREAM_LOAD_SECONDS="0.1",
+        ATLAS_SHED_QUEUE_THRESHOLD="3",
+        ATLAS_SHED_QUEUE_THRESHOLD_STANDARD="10",
+        ATLAS_SHED_QUEUE_THRESHOLD_CRITICAL="20",
+    )
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
+
             async def call(priority: str) -> httpx.Response:
-                return await client.post(gw.url + "/v1/chat/completions", json=BODY,
-                                         headers={"Authorization": f"Bearer {KEY}", "x-atlas-priority": priority})
+                return await client.post(
+                    gw.url + "/v1/chat/completions",
+                    json=BODY,
+                    headers={"Authorization": f"Bearer {KEY}", "x-atlas-priority": priority},
+                )
 
             async def gateway_sees(waiting: int) -> bool:
                 page = (await client.get(gw.url + "/metrics")).text
@@ -109,14 +120,16 @@ def test_an_idle_upstream_with_2000_long_requests_sheds_none(redis_url, start_ga
 
         async def scenario() -> None:
             async with httpx.AsyncClient(timeout=60) as client:
+
                 async def metric(name: str, **labels: str) -> float | None:
                     return gauge((await client.get(gw.url + "/metrics")).text, name, **labels)
 
                 async def mock_running() -> float | None:
                     if not exports_load:
                         return None
-                    return gauge((await client.get(mock.url + "/metrics")).text, "vllm:num_requests_running",
-                                 model_name=MODEL)
+                    return gauge(
+                        (await client.get(mock.url + "/metrics")).text, "vllm:num_requests_running", model_name=MODEL
+                    )
 
                 # Sheddable: the first class shed, were anything shed
                 conns = await hold(gw.port, HELD, "Sheddable")
@@ -129,8 +142,7 @@ def test_an_idle_upstream_with_2000_long_requests_sheds_none(redis_url, start_ga
                         assert await metric("atlas_gateway_upstream_load_fresh", upstream=mock.url) == 1
                     else:
                         assert await metric("atlas_gateway_upstream_load_fresh", upstream=mock.url) == 0
-                    shed = await metric("atlas_gateway_rejections_total", key="team/upstream-load",
-                                        reason="overloaded")
+                    shed = await metric("atlas_gateway_rejections_total", key="team/upstream-load", reason="overloaded")
                     assert not shed
                 finally:
                     release(conns)

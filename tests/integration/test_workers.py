@@ -45,8 +45,12 @@ def snapshots(tmp) -> dict[int, float]:
         with open(path) as fh:
             families = json.load(fh)
         out[int(os.path.basename(path)[:-5])] = sum(
-            value for name, _, _, samples in families if name == "atlas_gateway_requests"
-            for sample, _, value in samples if sample == "atlas_gateway_requests_total")
+            value
+            for name, _, _, samples in families
+            if name == "atlas_gateway_requests"
+            for sample, _, value in samples
+            if sample == "atlas_gateway_requests_total"
+        )
     return out
 
 
@@ -59,8 +63,9 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(redis_url, mock_ups
     send(gw, "sk-workers", 60)
     # each worker snapshots its counts once a second: the sum is exact once both have
     wait_for("/metrics counting all 60 requests", lambda: requests_counted(gw) == 60, 10)
-    per_worker = wait_for("both workers' snapshots",
-                          lambda: (s := snapshots(str(tmp_path))) and sum(s.values()) == 60 and s, 10)
+    per_worker = wait_for(
+        "both workers' snapshots", lambda: (s := snapshots(str(tmp_path))) and sum(s.values()) == 60 and s, 10
+    )
     assert len(per_worker) == 2 and all(v > 0 for v in per_worker.values()), per_worker  # both served
 
     # a worker that dies is started again; what it had counted stays counted

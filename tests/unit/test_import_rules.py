@@ -13,8 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_import_rule_is_kept(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # import-linter resolves the packages from the installed checkout
-    status = cli.lint_imports(config_filename=str(REPO_ROOT / ".importlinter"), cache_dir=str(tmp_path),
-                              no_logo=True)
+    status = cli.lint_imports(config_filename=str(REPO_ROOT / ".importlinter"), cache_dir=str(tmp_path), no_logo=True)
     report = capsys.readouterr().out
     assert status == cli.EXIT_STATUS_SUCCESS, report
     assert "0 broken" in report and " kept" in report

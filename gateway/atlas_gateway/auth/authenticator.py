@@ -29,8 +29,14 @@ class Authenticator:
     The hot path calls the three steps apart (it checks the declared body size between the
     first two, and labels a 403 with the key); every other endpoint calls :meth:`authenticate`."""
 
-    def __init__(self, cache: ConfigCache, redis_health: Any, fail_open: bool,
-                 tokens: TokenAuthenticator | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cache: ConfigCache,
+        redis_health: Any,
+        fail_open: bool,
+        tokens: TokenAuthenticator | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.cache = cache
         self.redis_health = redis_health  # runtime.RedisHealth: fail-open logging
         self.fail_open = fail_open
@@ -52,7 +58,9 @@ class Authenticator:
         credential_hash = hash_api_key(api_key)
         tokens = self.tokens if looks_like_jwt(api_key) else None  # None: a static key
         try:
-            key_hash = await self._token_key(tokens, api_key, credential_hash) if tokens is not None else credential_hash
+            key_hash = (
+                await self._token_key(tokens, api_key, credential_hash) if tokens is not None else credential_hash
+            )
             principal = await self.cache.lookup(key_hash)
         except REDIS_FAILURES as exc:
             if not is_transport_failure(exc):

@@ -191,14 +191,23 @@ def verify(token: str, issuers: TrustedIssuer, header: dict[str, Any], leeway: f
     alg, kid = header["alg"], header.get("kid")
     keys = issuers.candidates(alg, kid if isinstance(kid, str) else None)
     if not keys:
-        raise TokenRefused(f"Token key id {kid!r} is not a signing key of issuer {issuer.url!r}."
-                           if kid is not None else
-                           f"Issuer {issuer.url!r} has no {alg} signing key for this token.")
+        raise TokenRefused(
+            f"Token key id {kid!r} is not a signing key of issuer {issuer.url!r}."
+            if kid is not None
+            else f"Issuer {issuer.url!r} has no {alg} signing key for this token."
+        )
     verified = None
     for key in keys:
         try:
-            verified = jwt.decode(token, key, algorithms=[alg], audience=list(issuer.audiences), issuer=issuer.url,
-                                  leeway=leeway, options={"require": ["exp", "iss", "aud"]})
+            verified = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=list(issuer.audiences),
+                issuer=issuer.url,
+                leeway=leeway,
+                options={"require": ["exp", "iss", "aud"]},
+            )
             break
         except jwt.InvalidSignatureError:
             continue
@@ -207,8 +216,10 @@ def verify(token: str, issuers: TrustedIssuer, header: dict[str, Any], leeway: f
         except jwt.ImmatureSignatureError:
             raise TokenRefused("The token is not valid yet (nbf/iat in the future).") from None
         except jwt.InvalidAudienceError:
-            raise TokenRefused("The token's audience is not this gateway's: request a token for audience "
-                               f"{' or '.join(repr(a) for a in issuer.audiences)}.") from None
+            raise TokenRefused(
+                "The token's audience is not this gateway's: request a token for audience "
+                f"{' or '.join(repr(a) for a in issuer.audiences)}."
+            ) from None
         except jwt.MissingRequiredClaimError as exc:
             raise TokenRefused(f"The token has no {exc.claim!r} claim.") from None
         except jwt.InvalidTokenError as exc:
@@ -216,8 +227,7 @@ def verify(token: str, issuers: TrustedIssuer, header: dict[str, Any], leeway: f
         except (ValueError, TypeError, OverflowError):  # a shape the library did not expect: never a 500
             raise TokenRefused("The token is not valid.") from None
     if verified is None:
-        raise TokenRefused("The token's signature does not verify with issuer "
-                           f"{issuer.url!r}'s keys.")
+        raise TokenRefused(f"The token's signature does not verify with issuer {issuer.url!r}'s keys.")
     exp = verified["exp"]
     if not isinstance(exp, (int, float)) or not 0 < exp <= contract.MAX_UNIX_SECONDS:
         raise TokenRefused("The token's exp is not a time.")
@@ -231,8 +241,12 @@ def _service_account(url: str, claims: dict[str, Any], expires_at: float) -> Ver
     info = claims.get("kubernetes.io")
     account = info.get("serviceaccount") if isinstance(info, dict) else None
     namespace = info.get("namespace") if isinstance(info, dict) else None
-    if not (isinstance(account, dict) and isinstance(namespace, str) and isinstance(account.get("name"), str)
-            and isinstance(account.get("uid"), str)):
+    if not (
+        isinstance(account, dict)
+        and isinstance(namespace, str)
+        and isinstance(account.get("name"), str)
+        and isinstance(account.get("uid"), str)
+    ):
         raise TokenRefused("The token names no ServiceAccount (kubernetes.io claim).")
     name = account["name"]
     if claims.get("sub") != f"system:serviceaccount:{namespace}:{name}":
@@ -267,11 +281,11 @@ def split(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     header, claims = _b64json(parts[0]), _b64json(parts[1])
     alg = header.get("alg")
     if alg not in contract.TOKEN_ALGORITHMS:
-        raise TokenRefused(f"Token algorithm {alg!r} is not accepted: only asymmetric signatures "
-                           "(RS*, PS*, ES*, EdDSA).", foreign=True)
+        raise TokenRefused(
+            f"Token algorithm {alg!r} is not accepted: only asymmetric signatures (RS*, PS*, ES*, EdDSA).", foreign=True
+        )
     if header.get("crit") is not None:
-        raise TokenRefused("The token has critical header parameters this gateway does not understand.",
-                           foreign=True)
+        raise TokenRefused("The token has critical header parameters this gateway does not understand.", foreign=True)
     if not isinstance(claims.get("iss"), str):
         raise TokenRefused("The token has no issuer (iss).", foreign=True)
     return header, claims
@@ -291,13 +305,16 @@ async def bound_key(redis: Any, token: VerifiedToken) -> str:
     if token.account_uid is not None:
         current = replies[1].decode() if isinstance(replies[1], bytes) else replies[1]
         if refs[0] is not None and current != token.account_uid:
-            raise TokenRefused(f"{token.describe()} no longer exists (deleted or recreated since the "
-                               "token was issued): its token is refused.")
+            raise TokenRefused(
+                f"{token.describe()} no longer exists (deleted or recreated since the "
+                "token was issued): its token is refused."
+            )
     ref = _choose(token, refs)
     key_hash = await redis.hget(contract.KEY_INDEX, ref)
     if key_hash is None:
-        raise TokenRefused(f"AtlasKey {ref}, which binds {token.describe()}, has no usable key: see its "
-                           "status.", 403, "key_not_ready")
+        raise TokenRefused(
+            f"AtlasKey {ref}, which binds {token.describe()}, has no usable key: see its status.", 403, "key_not_ready"
+        )
     return key_hash.decode() if isinstance(key_hash, bytes) else key_hash
 
 
@@ -307,8 +324,12 @@ def _choose(token: VerifiedToken, refs: list[str | None]) -> str:
         return refs[0]
     by_groups = sorted({ref for subject, ref in zip(token.subjects, refs) if subject.kind == "Group" and ref})
     if len(by_groups) > 1:
-        raise TokenRefused(f"{token.describe()}: its groups are bound by several AtlasKeys "
-                           f"({', '.join(by_groups)}); bind the user itself to choose one.", 403, "ambiguous_subject")
+        raise TokenRefused(
+            f"{token.describe()}: its groups are bound by several AtlasKeys "
+            f"({', '.join(by_groups)}); bind the user itself to choose one.",
+            403,
+            "ambiguous_subject",
+        )
     if not by_groups:
         raise TokenRefused(f"No AtlasKey binds {token.describe()}.")
     return by_groups[0]
@@ -320,8 +341,9 @@ def _choose(token: VerifiedToken, refs: list[str | None]) -> str:
 class _Entry:
     __slots__ = ("token", "key_hash", "refusal", "recheck_at")
 
-    def __init__(self, token: VerifiedToken | None, key_hash: str | None, refusal: TokenRefused | None,
-                 recheck_at: float) -> None:
+    def __init__(
+        self, token: VerifiedToken | None, key_hash: str | None, refusal: TokenRefused | None, recheck_at: float
+    ) -> None:
         self.token, self.key_hash, self.refusal, self.recheck_at = token, key_hash, refusal, recheck_at
 
     def live_key_hash(self, now: float, leeway: float) -> str | None:
@@ -335,9 +357,17 @@ class TokenAuthenticator:
     """token -> the key hash of its AtlasKey (then looked up like any key's), cached by the
     token's SHA-256: signature once per token, binding once per ``recheck`` seconds."""
 
-    def __init__(self, redis: Any, *, leeway: float = 10.0, recheck: float = 1.0, issuer_ttl: float = 5.0,
-                 max_entries: int = 100_000, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        leeway: float = 10.0,
+        recheck: float = 1.0,
+        issuer_ttl: float = 5.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.redis = redis
         self.leeway = leeway
         self.recheck = recheck

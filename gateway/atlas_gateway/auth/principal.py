@@ -15,8 +15,23 @@ class Principal:
     """Everything the hot path needs about one key, precomputed when the config is loaded."""
 
     __slots__ = (
-        "key", "quota", "quota_missing", "ref", "fairness_id", "subjects", "subject_limits", "allows_model", "priority",
-        "price_tables", "cost_limited", "priced", "currency", "tag", "ledger", "soft_limited", "_prices",
+        "key",
+        "quota",
+        "quota_missing",
+        "ref",
+        "fairness_id",
+        "subjects",
+        "subject_limits",
+        "allows_model",
+        "priority",
+        "price_tables",
+        "cost_limited",
+        "priced",
+        "currency",
+        "tag",
+        "ledger",
+        "soft_limited",
+        "_prices",
     )
     _PRICES_KEPT = 256  # models whose prices are remembered (a client names any model it likes)
 
@@ -70,8 +85,9 @@ class Principal:
         quota = self.quota
         if quota is not None and quota.refusal:
             return errors.permission_denied(
-                f"API key {key.ref} is not usable: AtlasQuota {quota.name!r}: "
-                f"{quota.refusal_message or quota.refusal}", quota.refusal)
+                f"API key {key.ref} is not usable: AtlasQuota {quota.name!r}: {quota.refusal_message or quota.refusal}",
+                quota.refusal,
+            )
         return None
 
     def prices_for(self, model: str) -> tuple["contract.Price | None", ...] | None:
@@ -91,7 +107,9 @@ class Principal:
                 listed = f"AtlasPriceList {table.name!r}" if table is not None else "no AtlasPriceList"
                 raise errors.permission_denied(
                     f"{owner} has a cost budget, but {listed} has no price for model '{model}' "
-                    "(and no default): the request cannot be priced.", "model_not_priced")
+                    "(and no default): the request cannot be priced.",
+                    "model_not_priced",
+                )
             out.append(price)
         if len(self._prices) >= self._PRICES_KEPT:
             self._prices.clear()

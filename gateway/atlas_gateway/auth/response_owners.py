@@ -40,8 +40,11 @@ class ResponseOwners:
 
     async def record(self, response_id: str, subject: str, tokens: int) -> None:
         try:
-            await self.redis.set(contract.response_owner_key(response_id),
-                                 contract.encode_response_owner(subject, tokens), ex=contract.RESPONSE_TTL_SECONDS)
+            await self.redis.set(
+                contract.response_owner_key(response_id),
+                contract.encode_response_owner(subject, tokens),
+                ex=contract.RESPONSE_TTL_SECONDS,
+            )
         except REDIS_FAILURES:
             metrics.count_redis_error("response_owner")  # the response stays unreachable through Atlas
 

@@ -108,9 +108,7 @@ class InferenceEndpoint:
         model = validate(req.route, doc)
         req.model = metrics.model_label(model)
         if not principal.allows_model(model):
-            raise errors.permission_denied(
-                f"API key {principal.ref} may not use model '{model}'.", "model_not_allowed"
-            )
+            raise errors.permission_denied(f"API key {principal.ref} may not use model '{model}'.", "model_not_allowed")
         priority = req.priority = effective_priority(principal.priority, headers.priority)
         queue = rt.upstream_load.queue_for(rt.upstreams.base_for(model))  # its last load reading
         if rt.shedder.should_shed(priority, queue):
@@ -136,8 +134,9 @@ class InferenceEndpoint:
         span = req.trace.child("atlas.admission")
         failure = None
         try:
-            decision = await rt.admission.admit(principal, req.id, reserve, prompt_estimate, bound.sequences, costs,
-                                                shed_demoted)
+            decision = await rt.admission.admit(
+                principal, req.id, reserve, prompt_estimate, bound.sequences, costs, shed_demoted
+            )
         except QueueFull:
             failure = "admission queue full"
             raise errors.admissions_queued() from None

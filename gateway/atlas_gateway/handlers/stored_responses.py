@@ -4,9 +4,8 @@ only, nothing metered)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -45,17 +44,22 @@ class StoredResponseEndpoint:
     async def _handle(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         method = scope["method"]
         path: str = scope["path"]
-        response_id, _, rest = path[len(self.prefix):].partition("/")
+        response_id, _, rest = path[len(self.prefix) :].partition("/")
         allowed = _SUBPATHS.get(method)
         if allowed is None:
             raise errors.method_not_allowed()
-        if rest not in allowed or not response_id or response_id.strip(".") == "" \
-                or not _ID_CHARS.issuperset(response_id):
+        if (
+            rest not in allowed
+            or not response_id
+            or response_id.strip(".") == ""
+            or not _ID_CHARS.issuperset(response_id)
+        ):
             raise errors.not_found(path)
         principal = await rt.auth.authenticate(api_key_from_headers(scope["headers"]))
         await rt.response_owners.tokens_of(principal, response_id)
         forward = rt.upstream_headers.stamp(
-            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _FORWARDED})
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _FORWARDED}
+        )
         url = rt.upstreams.base_for("") + path
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
@@ -64,8 +68,13 @@ class StoredResponseEndpoint:
         try:
             async with session.request(method, url, headers=forward) as resp:
                 content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
-                await send({"type": "http.response.start", "status": resp.status,
-                            "headers": [(b"content-type", content_type), *headers]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": resp.status,
+                        "headers": [(b"content-type", content_type), *headers],
+                    }
+                )
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

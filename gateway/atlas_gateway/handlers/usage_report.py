@@ -3,9 +3,8 @@ AtlasQuota."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from atlas_core import contract
 
@@ -28,6 +27,7 @@ def _remaining(limits: contract.Limits, usage: contract.Usage) -> dict:
         "tokensThisMonth": left(limits.tokens_per_month, usage.tokens_this_month),
     }
     if limits.cost_limited:  # decimal strings, like status.usage.costToday
+
         def cost_left(limit: float | None, used: int | None) -> str | None:
             return None if limit is None else contract.format_micro(max(0, contract.to_micro(limit) - (used or 0)))
 
@@ -37,8 +37,12 @@ def _remaining(limits: contract.Limits, usage: contract.Usage) -> dict:
 
 
 # what each soft budget leaves is shown under the usage figure it counts
-_SOFT_FIGURES = {"softTokensPerDay": "tokensToday", "softTokensPerMonth": "tokensThisMonth",
-                 "softCostPerDay": "costToday", "softCostPerMonth": "costThisMonth"}
+_SOFT_FIGURES = {
+    "softTokensPerDay": "tokensToday",
+    "softTokensPerMonth": "tokensThisMonth",
+    "softCostPerDay": "costToday",
+    "softCostPerMonth": "costThisMonth",
+}
 
 
 def _soft(limits: contract.Limits, usage: contract.Usage) -> dict:
@@ -63,8 +67,9 @@ class UsageEndpoint(ServiceEndpoint):
         principal = await self.principal(rt, scope)
         now = datetime.now(timezone.utc)
         try:
-            usages = await contract.read_usages(rt.redis, principal.subjects, now,
-                                                dict.fromkeys(principal.subjects, principal.tag))
+            usages = await contract.read_usages(
+                rt.redis, principal.subjects, now, dict.fromkeys(principal.subjects, principal.tag)
+            )
         except REDIS_FAILURES as exc:
             if not is_transport_failure(exc):
                 raise reply_error("usage", exc) from None

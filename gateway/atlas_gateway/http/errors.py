@@ -63,8 +63,13 @@ def not_found(path: str) -> GatewayError:
 
 def response_not_found(response_id: str) -> GatewayError:
     """A stored response that does not exist, or is another key's (the same answer)."""
-    return GatewayError(404, f"Response with id '{response_id}' not found.", "invalid_request_error",
-                        param="response_id", code="not_found")
+    return GatewayError(
+        404,
+        f"Response with id '{response_id}' not found.",
+        "invalid_request_error",
+        param="response_id",
+        code="not_found",
+    )
 
 
 def method_not_allowed() -> GatewayError:
@@ -75,22 +80,31 @@ def rate_limited(limited: str, message: str, retry_after: int) -> GatewayError:
     """429 for requests/s, tokens/min and concurrency. ``limited`` (the error's type) is
     ``requests`` or ``tokens``."""
     return GatewayError(
-        429, message, limited, "rate_limit_exceeded",
+        429,
+        message,
+        limited,
+        "rate_limit_exceeded",
         headers=[(b"retry-after", str(retry_after).encode())],
     )
 
 
 def quota_exhausted(message: str, retry_after: int) -> GatewayError:
     return GatewayError(
-        429, message, "insufficient_quota", "insufficient_quota",
+        429,
+        message,
+        "insufficient_quota",
+        "insufficient_quota",
         headers=[(b"retry-after", str(retry_after).encode()), (b"x-should-retry", b"false")],
     )
 
 
 def shed(retry_after: int = 1) -> GatewayError:
     return GatewayError(
-        503, "The upstream is saturated; this request's priority class is being shed. Retry later.",
-        "server_error", "overloaded", headers=[(b"retry-after", str(retry_after).encode())],
+        503,
+        "The upstream is saturated; this request's priority class is being shed. Retry later.",
+        "server_error",
+        "overloaded",
+        headers=[(b"retry-after", str(retry_after).encode())],
     )
 
 
@@ -98,33 +112,44 @@ def admissions_queued(retry_after: int = 1) -> GatewayError:
     """Too many admissions already wait for a healthy Redis (ATLAS_REDIS_MAX_WAITING): load
     shedding, not an outage (docs/design-decisions.md)."""
     return GatewayError(
-        503, "Too many requests are waiting for the quota store; retry later.",
-        "server_error", "admission_queue_full", headers=[(b"retry-after", str(retry_after).encode())],
+        503,
+        "Too many requests are waiting for the quota store; retry later.",
+        "server_error",
+        "admission_queue_full",
+        headers=[(b"retry-after", str(retry_after).encode())],
     )
 
 
 def redis_unavailable() -> GatewayError:
     return GatewayError(
-        503, "Quota store unavailable; refusing requests until it is back (fail-closed).",
-        "server_error", "quota_store_unavailable", headers=[(b"retry-after", b"1")],
+        503,
+        "Quota store unavailable; refusing requests until it is back (fail-closed).",
+        "server_error",
+        "quota_store_unavailable",
+        headers=[(b"retry-after", b"1")],
     )
 
 
 def redis_refused(kind: str) -> GatewayError:
     return GatewayError(
-        500, f"Quota store refused the request ({kind}); nothing was let through unchecked.",
-        "server_error", "quota_store_error",
+        500,
+        f"Quota store refused the request ({kind}); nothing was let through unchecked.",
+        "server_error",
+        "quota_store_error",
     )
 
 
 def request_timeout(what: str = "body") -> GatewayError:
-    return GatewayError(408, f"The request {what} did not arrive in time.", "invalid_request_error",
-                        "request_timeout")
+    return GatewayError(408, f"The request {what} did not arrive in time.", "invalid_request_error", "request_timeout")
 
 
 def upstream_unreachable(detail: str = "") -> GatewayError:
-    return GatewayError(502, "Upstream model server unreachable." + (f" {detail}" if detail else ""),
-                        "server_error", "upstream_unreachable")
+    return GatewayError(
+        502,
+        "Upstream model server unreachable." + (f" {detail}" if detail else ""),
+        "server_error",
+        "upstream_unreachable",
+    )
 
 
 def upstream_timeout() -> GatewayError:

@@ -10,11 +10,26 @@ from __future__ import annotations
 
 # Request headers never forwarded upstream: hop-by-hop, the client's Atlas credentials, our own
 # controls, and accept-encoding (the gateway reads usage out of the body, so it wants identity).
-NOT_FORWARDED = frozenset({
-    b"host", b"content-length", b"authorization", b"x-api-key", b"connection", b"keep-alive",
-    b"transfer-encoding", b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-connection",
-    b"x-atlas-priority", b"accept-encoding", b"expect", b"x-request-id",
-})
+NOT_FORWARDED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"x-api-key",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"x-atlas-priority",
+        b"accept-encoding",
+        b"expect",
+        b"x-request-id",
+    }
+)
 _BEARER = b"bearer "
 
 

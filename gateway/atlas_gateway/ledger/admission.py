@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from ..store.cluster import ClusterFastRedis
 
 
-
 def _lua(*names: str) -> str:
     """One script's source: the named files of this package, in order (a shared part first)."""
     return "\n".join(resources.files(__package__).joinpath(name).read_text() for name in names)
@@ -134,8 +133,14 @@ class Admission:
     answers 503 + Retry-After). A healthy Redis answering a burst in turn is then never taken
     for a Redis outage, nor made to queue calls without bound (docs/design-decisions.md)."""
 
-    def __init__(self, redis: Any = None, lease_ttl_seconds: float = 300.0, *,
-                 fast: FastRedis | ClusterFastRedis | None = None, max_waiting: int = 0) -> None:
+    def __init__(
+        self,
+        redis: Any = None,
+        lease_ttl_seconds: float = 300.0,
+        *,
+        fast: FastRedis | ClusterFastRedis | None = None,
+        max_waiting: int = 0,
+    ) -> None:
         def runner(source: str) -> Any:
             return FastScript(fast, source) if fast is not None else RedisPyScript(redis, source)
 
@@ -151,9 +156,16 @@ class Admission:
         self.max_waiting = max_waiting
         self.waiting = 0  # admissions sent to Redis and not answered yet
 
-    async def admit(self, principal: Principal, request_id: str, reserve: int,
-                    prompt: int | None = None, sequences: int = 0,
-                    costs: tuple[bytes, bytes] = NO_COST, shed_if_demoted: bool = False) -> Decision:
+    async def admit(
+        self,
+        principal: Principal,
+        request_id: str,
+        reserve: int,
+        prompt: int | None = None,
+        sequences: int = 0,
+        costs: tuple[bytes, bytes] = NO_COST,
+        shed_if_demoted: bool = False,
+    ) -> Decision:
         """Reserve ``reserve`` tokens, of which ``prompt`` are the prompt and the rest a
         completion cap times ``sequences`` (which a Shrink budget may lower), and ``costs``
         (micro-units per subject, :func:`calls.cost_args`) on cost-limited subjects.
@@ -164,29 +176,49 @@ class Admission:
         now = time.time()
         cal = self.calendar.refresh(now)
         shape, _ = self.calls.shapes(principal, cal.day, cal.month)
-        dynamic = self.calls.admit_args(request_id, reserve, cal.ms_until_day_end(now), cal.ms_until_month_end(now),
-                                        reserve if prompt is None else prompt, sequences, costs, shed_if_demoted)
+        dynamic = self.calls.admit_args(
+            request_id,
+            reserve,
+            cal.ms_until_day_end(now),
+            cal.ms_until_month_end(now),
+            reserve if prompt is None else prompt,
+            sequences,
+            costs,
+            shed_if_demoted,
+        )
         self.waiting += 1
         try:
             return Decision(await self._admit(shape, dynamic))
         finally:
             self.waiting -= 1
 
-    async def settle(self, principal: Principal, request_id: str, reserved: int, actual: int,
-                     costs: tuple[bytes, bytes] = NO_COST) -> int:
+    async def settle(
+        self, principal: Principal, request_id: str, reserved: int, actual: int, costs: tuple[bytes, bytes] = NO_COST
+    ) -> int:
         cal = self.calendar.refresh()
         _, shape = self.calls.shapes(principal, cal.day, cal.month)
         return int(await self._settle(shape, self.calls.settle_args(request_id, actual, reserved, costs)))
 
-    async def undo(self, principal: Principal, request_id: str, reserved: int, actual: int, *,
-                   admission: bool, costs: tuple[bytes, bytes] = NO_COST) -> int:
+    async def undo(
+        self,
+        principal: Principal,
+        request_id: str,
+        reserved: int,
+        actual: int,
+        *,
+        admission: bool,
+        costs: tuple[bytes, bytes] = NO_COST,
+    ) -> int:
         """Resolve a request whose admission (``admission=True``) or settlement outcome is
         unknown (undo.lua): idempotent, so a caller retries it until Redis answers. Returns the
         leases it dropped."""
         cal = self.calendar.refresh()
         shape = self.calls.undo_shape(principal, cal.day, cal.month)
-        return int(await self._undo(shape, self.calls.settle_args(request_id, actual, reserved, costs),
-                                    self.calls.undo_tail(admission)))
+        return int(
+            await self._undo(
+                shape, self.calls.settle_args(request_id, actual, reserved, costs), self.calls.undo_tail(admission)
+            )
+        )
 
     async def refresh(self, principal: Principal, request_id: str) -> int:
         """Push the leases of a request still in flight forward by the lease TTL (refresh.lua);

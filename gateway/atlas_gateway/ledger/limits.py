@@ -81,8 +81,11 @@ class Refusal:
 
     def error(self, owner: str, reserve: int, retry_after: int) -> errors.GatewayError:
         message = self.message.format(owner=owner, reserve=reserve)
-        err = (errors.rate_limited(self.rate, message, retry_after) if self.rate is not None
-               else errors.quota_exhausted(message, retry_after))
+        err = (
+            errors.rate_limited(self.rate, message, retry_after)
+            if self.rate is not None
+            else errors.quota_exhausted(message, retry_after)
+        )
         err.reason = self.name
         return err
 
@@ -92,19 +95,37 @@ _MONTH_RESET = "it resets on the 1st, 00:00 UTC."
 REFUSALS = {
     REQUESTS: Refusal("requests_per_second", "requests", "Rate limit reached for requests per second on {owner}."),
     CONCURRENCY: Refusal("concurrency", "requests", "Too many concurrent requests on {owner}."),
-    TOKENS: Refusal("tokens_per_minute", "tokens",
-                    "Rate limit reached for tokens per minute on {owner}: this request needs {reserve} tokens."),
-    TOO_LARGE: Refusal("tokens_per_minute", "tokens",
-                       "Request too large: it needs {reserve} tokens, more than the tokens-per-minute limit of "
-                       "{owner}. Lower max_tokens or the prompt size."),
-    DAY: Refusal("tokens_per_day", None, "Daily token budget of {owner} is spent (this request needs {reserve} "
-                 "tokens); " + _DAY_RESET),
-    MONTH: Refusal("tokens_per_month", None, "Monthly token budget of {owner} is spent (this request needs "
-                   "{reserve} tokens); " + _MONTH_RESET),
-    COST_DAY: Refusal("cost_per_day", None, "Daily cost budget of {owner} is spent (or cannot hold this request's "
-                      "priced reservation); " + _DAY_RESET),
-    COST_MONTH: Refusal("cost_per_month", None, "Monthly cost budget of {owner} is spent (or cannot hold this "
-                        "request's priced reservation); " + _MONTH_RESET),
+    TOKENS: Refusal(
+        "tokens_per_minute",
+        "tokens",
+        "Rate limit reached for tokens per minute on {owner}: this request needs {reserve} tokens.",
+    ),
+    TOO_LARGE: Refusal(
+        "tokens_per_minute",
+        "tokens",
+        "Request too large: it needs {reserve} tokens, more than the tokens-per-minute limit of "
+        "{owner}. Lower max_tokens or the prompt size.",
+    ),
+    DAY: Refusal(
+        "tokens_per_day",
+        None,
+        "Daily token budget of {owner} is spent (this request needs {reserve} tokens); " + _DAY_RESET,
+    ),
+    MONTH: Refusal(
+        "tokens_per_month",
+        None,
+        "Monthly token budget of {owner} is spent (this request needs {reserve} tokens); " + _MONTH_RESET,
+    ),
+    COST_DAY: Refusal(
+        "cost_per_day",
+        None,
+        "Daily cost budget of {owner} is spent (or cannot hold this request's priced reservation); " + _DAY_RESET,
+    ),
+    COST_MONTH: Refusal(
+        "cost_per_month",
+        None,
+        "Monthly cost budget of {owner} is spent (or cannot hold this request's priced reservation); " + _MONTH_RESET,
+    ),
     # an admission that ran after the gateway undid its request id: its caller has already been
     # answered (503), so no client reads this one
     UNDONE: Refusal("undone", None, "The request on {owner} was withdrawn after a Redis failure."),

@@ -60,15 +60,16 @@ class Acknowledged:
 
 
 class Recovery:
-    BATCH = 64             # undo calls in flight at once (pipelined on the hot-path connection)
+    BATCH = 64  # undo calls in flight at once (pipelined on the hot-path connection)
     MAX_PENDING = 100_000  # bounded memory; beyond it, the lease TTL is the bound
-    REPLY_ATTEMPTS = 5     # an undo that Redis refuses (script error) is not retried for ever
+    REPLY_ATTEMPTS = 5  # an undo that Redis refuses (script error) is not retried for ever
     # how far back a master switch can lose settlements: the old master answers until the
     # sentinels reconfigure it, about one INFO period (1 s) after the promotion; 10 s of margin
     REPLAY_SECONDS = 10.0
 
-    def __init__(self, admission: Admission, first_delay: float = 0.05, max_delay: float = 1.0,
-                 replays: bool = False) -> None:
+    def __init__(
+        self, admission: Admission, first_delay: float = 0.05, max_delay: float = 1.0, replays: bool = False
+    ) -> None:
         self.admission = admission
         self.replays = replays
         self.recent: deque[Acknowledged] = deque()
@@ -82,12 +83,20 @@ class Recovery:
     def undo_admission(self, principal: Principal, request_id: str, reserved: int) -> None:
         self._add(principal, request_id, reserved, 0, True)
 
-    def settle_later(self, principal: Principal, request_id: str, reserved: int, actual: int,
-                     costs: tuple[bytes, bytes] = NO_COST) -> None:
+    def settle_later(
+        self, principal: Principal, request_id: str, reserved: int, actual: int, costs: tuple[bytes, bytes] = NO_COST
+    ) -> None:
         self._add(principal, request_id, reserved, actual, False, costs)
 
-    def _add(self, principal: Principal, request_id: str, reserved: int, actual: int, admission: bool,
-             costs: tuple[bytes, bytes] = NO_COST) -> None:
+    def _add(
+        self,
+        principal: Principal,
+        request_id: str,
+        reserved: int,
+        actual: int,
+        admission: bool,
+        costs: tuple[bytes, bytes] = NO_COST,
+    ) -> None:
         if not key_calls(principal).leased:
             return  # nothing it left can outlive a minute: its buckets refill by themselves
         if len(self.pending) >= self.MAX_PENDING:
@@ -98,8 +107,9 @@ class Recovery:
             self._task = asyncio.ensure_future(self._run())
         self._wakeup.set()
 
-    def settled(self, principal: Principal, request_id: str, reserved: int, actual: int,
-                costs: tuple[bytes, bytes]) -> None:
+    def settled(
+        self, principal: Principal, request_id: str, reserved: int, actual: int, costs: tuple[bytes, bytes]
+    ) -> None:
         """A settlement Redis acknowledged (kept for ``replay_after_failover``)."""
         if not key_calls(principal).leased:
             return
@@ -144,8 +154,9 @@ class Recovery:
 
     async def _one(self, item: Unresolved) -> bool:
         try:
-            dropped = await self.admission.undo(item.principal, item.request_id, item.reserved, item.actual,
-                                                admission=item.admission, costs=item.costs)
+            dropped = await self.admission.undo(
+                item.principal, item.request_id, item.reserved, item.actual, admission=item.admission, costs=item.costs
+            )
         except REDIS_FAILURES as exc:
             if is_transport_failure(exc):
                 return False
@@ -153,8 +164,9 @@ class Recovery:
             metrics.count_redis_reply_error("undo", reply_kind(exc))
             if item.refused < self.REPLY_ATTEMPTS:
                 return False
-            log.error("giving up undoing request %s: Redis refused it %d times (%s)", item.request_id, item.refused,
-                      exc)
+            log.error(
+                "giving up undoing request %s: Redis refused it %d times (%s)", item.request_id, item.refused, exc
+            )
         else:
             metrics.REDIS_UNDONE.labels("found" if dropped else "none").inc()
         self._forget(item.request_id)

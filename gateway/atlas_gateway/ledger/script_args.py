@@ -49,8 +49,9 @@ def key_calls(principal: Principal) -> KeyCalls:
     return calls
 
 
-def cost_args(prices: tuple["contract.Price | None", ...] | None, prompt: int, completion: int,
-              cached: int = 0) -> tuple[bytes, bytes]:
+def cost_args(
+    prices: tuple["contract.Price | None", ...] | None, prompt: int, completion: int, cached: int = 0
+) -> tuple[bytes, bytes]:
     """The two per-subject cost arguments of admit/settle/undo (micro-units; ``0`` = none)."""
     if prices is None:
         return NO_COST
@@ -89,8 +90,9 @@ class ScriptCalls:
                 settle_keys += [bucket_tok, lease, lease_tok, day_key, month_key, lease_cost, lease_sum]
             admit_keys.append(contract.undone_key(principal.subjects[0], tag).encode())  # tombstones (undo.lua)
             count = str(len(principal.subjects)).encode()
-            cached.admit = CallShape(admit_keys, (self.lease_ttl_ms, count, self.day_ttl, self.month_ttl,
-                                                  *cached.limit_args))
+            cached.admit = CallShape(
+                admit_keys, (self.lease_ttl_ms, count, self.day_ttl, self.month_ttl, *cached.limit_args)
+            )
             cached.settle = CallShape(settle_keys, (count, self.day_ttl, self.month_ttl, *cached.settle_args))
             cached.day = day
         return cached.admit, cached.settle
@@ -108,20 +110,42 @@ class ScriptCalls:
         shape = cached.refresh
         if shape is None:
             tag = principal.tag
-            keys = [k.encode() for s in principal.subjects
-                    for k in (contract.lease_key(s, tag), contract.lease_tokens_key(s, tag),
-                              contract.lease_cost_key(s, tag), contract.lease_sum_key(s, tag))]
+            keys = [
+                k.encode()
+                for s in principal.subjects
+                for k in (
+                    contract.lease_key(s, tag),
+                    contract.lease_tokens_key(s, tag),
+                    contract.lease_cost_key(s, tag),
+                    contract.lease_sum_key(s, tag),
+                )
+            ]
             shape = cached.refresh = CallShape(keys, ())
         return shape
 
     # ------------------------------------------------------------------ per-request parts
 
     @staticmethod
-    def admit_args(request_id: str, reserve: int, ms_to_day_end: int, ms_to_month_end: int, prompt: int,
-                   sequences: int, costs: tuple[bytes, bytes], shed_if_demoted: bool = False) -> tuple[bytes, ...]:
-        return (request_id.encode(), str(reserve).encode(), str(ms_to_day_end).encode(),
-                str(ms_to_month_end).encode(), str(prompt).encode(), str(sequences).encode(), *costs,
-                b"1" if shed_if_demoted else b"0")
+    def admit_args(
+        request_id: str,
+        reserve: int,
+        ms_to_day_end: int,
+        ms_to_month_end: int,
+        prompt: int,
+        sequences: int,
+        costs: tuple[bytes, bytes],
+        shed_if_demoted: bool = False,
+    ) -> tuple[bytes, ...]:
+        return (
+            request_id.encode(),
+            str(reserve).encode(),
+            str(ms_to_day_end).encode(),
+            str(ms_to_month_end).encode(),
+            str(prompt).encode(),
+            str(sequences).encode(),
+            *costs,
+            b"1" if shed_if_demoted else b"0",
+        )
 
     @staticmethod
     def settle_args(request_id: str, actual: int, reserved: int, costs: tuple[bytes, bytes]) -> tuple[bytes, ...]:

@@ -26,8 +26,16 @@ class Ticket:
 
     __slots__ = ("admission", "recovery", "principal", "request_id", "reserved", "done", "prices", "model", "cost")
 
-    def __init__(self, admission: Admission, recovery: Recovery, principal: Principal, request_id: str,
-                 reserved: int, prices: tuple | None = None, model: str = "") -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        recovery: Recovery,
+        principal: Principal,
+        request_id: str,
+        reserved: int,
+        prices: tuple | None = None,
+        model: str = "",
+    ) -> None:
         self.admission = admission
         self.recovery = recovery
         self.principal = principal

@@ -41,8 +41,13 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 TEXT_FIELDS = {  # content part type -> the field holding its text
-    "text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
-    "summary_text": "text", "reasoning_text": "text", "thinking": "thinking",
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "summary_text": "text",
+    "reasoning_text": "text",
+    "thinking": "thinking",
 }
 MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio_url", "video_url", "video"})
 RESPONSE_ITEMS = frozenset({"message", "function_call", "function_call_output", "reasoning"})
@@ -99,16 +104,18 @@ def rendered_len(value: Any, depth: int = 0) -> int:
     if isinstance(value, dict):
         if not value:
             return 2
-        return 2 + 4 * depth + sum(inner + 4 + rendered_len(str(k)) + rendered_len(v, depth + 1)
-                                   for k, v in value.items())
+        return (
+            2 + 4 * depth + sum(inner + 4 + rendered_len(str(k)) + rendered_len(v, depth + 1) for k, v in value.items())
+        )
     return len(str(value))
 
 
 class Meter:
     """Bounds per route, with the allowances from the settings."""
 
-    def __init__(self, default_cap: int, per_request: int = 64, per_message: int = 8, per_prompt: int = 4,
-                 media_part: int = 2048) -> None:
+    def __init__(
+        self, default_cap: int, per_request: int = 64, per_message: int = 8, per_prompt: int = 4, media_part: int = 2048
+    ) -> None:
         self.default_cap = default_cap
         self.per_request = per_request
         self.per_message = per_message
@@ -117,9 +124,13 @@ class Meter:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Meter":
-        return cls(settings.default_max_tokens, settings.template_tokens_per_request,
-                   settings.template_tokens_per_message, settings.template_tokens_per_prompt,
-                   settings.media_part_tokens)
+        return cls(
+            settings.default_max_tokens,
+            settings.template_tokens_per_request,
+            settings.template_tokens_per_message,
+            settings.template_tokens_per_prompt,
+            settings.media_part_tokens,
+        )
 
     # ------------------------------------------------------------------ pieces
 
@@ -139,8 +150,9 @@ class Meter:
             if kind in TEXT_FIELDS:
                 text = part.get(TEXT_FIELDS[kind])
                 if not isinstance(text, str):
-                    raise _bad(f"'{path}[{i}].{TEXT_FIELDS[kind]}' must be a string.",
-                               f"{path}[{i}].{TEXT_FIELDS[kind]}")
+                    raise _bad(
+                        f"'{path}[{i}].{TEXT_FIELDS[kind]}' must be a string.", f"{path}[{i}].{TEXT_FIELDS[kind]}"
+                    )
                 total += utf8_len(text) + 1
             elif kind in MEDIA_PARTS:
                 total += self.media_part
@@ -148,10 +160,14 @@ class Meter:
                 total += rendered_len(part)
             elif kind == "tool_result":
                 total += self.content(part.get("content"), f"{path}[{i}].content") + rendered_len(
-                    {k: v for k, v in part.items() if k != "content"})
+                    {k: v for k, v in part.items() if k != "content"}
+                )
             else:
-                raise _bad(f"Unsupported content part type {kind!r} at '{path}[{i}].type': the gateway "
-                           "cannot bound its token count.", f"{path}[{i}].type")
+                raise _bad(
+                    f"Unsupported content part type {kind!r} at '{path}[{i}].type': the gateway "
+                    "cannot bound its token count.",
+                    f"{path}[{i}].type",
+                )
         return total
 
     def messages(self, messages: Any, path: str = "messages") -> int:
@@ -176,8 +192,11 @@ class Meter:
         if isinstance(value, str):
             return utf8_len(value) + self.per_prompt, 1
         if not isinstance(value, list) or not value:
-            raise _bad(f"'{path}' must be a string, an array of strings, or an array of token ids "
-                       "(or of arrays of them), and not empty.", path)
+            raise _bad(
+                f"'{path}' must be a string, an array of strings, or an array of token ids "
+                "(or of arrays of them), and not empty.",
+                path,
+            )
         first = value[0]
         if isinstance(first, int) and not isinstance(first, bool):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
@@ -283,9 +302,11 @@ class Meter:
         return self._score_pairs(doc), 1
 
     def _response_input(self, doc: dict[str, Any]) -> int:
-        for name, why in (("background", "a background response is generated after the request ends"),
-                          ("conversation", "a stored conversation's length is unknown to the gateway"),
-                          ("prompt", "a stored prompt template's length is unknown to the gateway")):
+        for name, why in (
+            ("background", "a background response is generated after the request ends"),
+            ("conversation", "a stored conversation's length is unknown to the gateway"),
+            ("prompt", "a stored prompt template's length is unknown to the gateway"),
+        ):
             if doc.get(name):
                 raise _bad(f"'{name}' cannot be metered: {why}.", name)
         _check_tools(doc.get("tools"), "tools", ("function",))
@@ -302,14 +323,17 @@ class Meter:
                 raise _bad(f"'{path}' must be an object.", path)
             kind = item.get("type", "message")
             if kind not in RESPONSE_ITEMS:
-                raise _bad(f"Unsupported input item type {kind!r} at '{path}.type': the gateway cannot "
-                           "bound its token count.", f"{path}.type")
+                raise _bad(
+                    f"Unsupported input item type {kind!r} at '{path}.type': the gateway cannot bound its token count.",
+                    f"{path}.type",
+                )
             total += self.per_message
             if kind == "message":
                 total += utf8_len(str(item.get("role", ""))) + self.content(item.get("content"), f"{path}.content")
             elif kind == "function_call_output" and isinstance(item.get("output"), list):
                 total += self.content(item["output"], f"{path}.output") + rendered_len(
-                    {k: v for k, v in item.items() if k != "output"})
+                    {k: v for k, v in item.items() if k != "output"}
+                )
             else:
                 total += rendered_len(item)
         return total
@@ -340,8 +364,10 @@ def _check_tools(tools: Any, path: str, allowed: tuple) -> None:
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type") not in allowed:
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise _bad(f"Unsupported tool type {kind!r} at '{path}[{i}].type': only client-executed "
-                       "tools can be metered.", f"{path}[{i}].type")
+            raise _bad(
+                f"Unsupported tool type {kind!r} at '{path}[{i}].type': only client-executed tools can be metered.",
+                f"{path}[{i}].type",
+            )
 
 
 @lru_cache(maxsize=None)

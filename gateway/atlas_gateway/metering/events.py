@@ -33,7 +33,7 @@ def _note_response_id(block: bytes, state: StreamState) -> None:
     at = block.find(b"data:")
     end = block.find(b"\n\n", at)
     try:
-        doc = json.loads(block[at + 5:end if end > 0 else None])
+        doc = json.loads(block[at + 5 : end if end > 0 else None])
     except ValueError:
         return
     response = doc.get("response") if isinstance(doc, dict) else None
@@ -58,7 +58,7 @@ def filter_events(block: bytes, state: StreamState, strip_usage: bool) -> bytes:
         if not event:
             continue
         if USAGE_OBJECT.search(event) is not None:
-            data = event[event.find(b"data:") + 5:].strip()
+            data = event[event.find(b"data:") + 5 :].strip()
             try:
                 doc = json.loads(data)
             except ValueError:

@@ -18,7 +18,7 @@ def usage_from_body(body: bytes) -> dict | None:
     if match is None:
         return None
     try:
-        obj, _ = _DECODER.raw_decode(body[match.end() - 1:].decode("utf-8"))
+        obj, _ = _DECODER.raw_decode(body[match.end() - 1 :].decode("utf-8"))
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None

@@ -58,8 +58,9 @@ class LoadView:
         """One round trip: publish this process's count, take in the others'."""
         now = time.monotonic()
         try:
-            others, peers = await self.script(self.shape, (self.process_id.encode(), str(self.shedder.mine).encode(),
-                                                           str(self.ttl_ms).encode()))
+            others, peers = await self.script(
+                self.shape, (self.process_id.encode(), str(self.shedder.mine).encode(), str(self.ttl_ms).encode())
+            )
         except REDIS_FAILURES:
             if now > self.fresh_until:  # stale: this process's share of each shared threshold
                 self.shedder.others, self.shedder.scale = 0, self.peers + 1

@@ -35,8 +35,9 @@ class Shedder:
 
     __slots__ = ("inflight", "admitting", "pool", "limits", "shared", "others", "scale")
 
-    def __init__(self, sheddable: int, standard: int, critical: int,
-                 shared: tuple[int, int, int] = (0, 0, 0), pool: int = 0) -> None:
+    def __init__(
+        self, sheddable: int, standard: int, critical: int, shared: tuple[int, int, int] = (0, 0, 0), pool: int = 0
+    ) -> None:
         self.inflight = 0
         self.admitting = 0
         self.pool = pool  # every class is shed at this many of this process's requests; 0: none

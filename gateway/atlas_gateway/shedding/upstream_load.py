@@ -137,8 +137,12 @@ class UpstreamLoad:
         metrics.UPSTREAM_LOAD.labels(queue.label, "waiting").set(queue.waiting)
         metrics.UPSTREAM_LOAD_FRESH.labels(queue.label).set(1)
         if queue.failing is not None:
-            log.warning("upstream %s: load readable again (running %d, waiting %d): shedding by its queue",
-                        queue.label, queue.running, queue.waiting)
+            log.warning(
+                "upstream %s: load readable again (running %d, waiting %d): shedding by its queue",
+                queue.label,
+                queue.running,
+                queue.waiting,
+            )
             queue.failing = None
 
     def _failed(self, queue: UpstreamQueue, now: float, exc: Exception) -> None:
@@ -150,8 +154,12 @@ class UpstreamLoad:
         if queue.failing is None:
             queue.failing = type(exc).__name__
             reason = str(exc) if isinstance(exc, NoLoadExported) else type(exc).__name__
-            log.warning("upstream %s: its load cannot be read from /metrics (%s): shedding by the in-flight "
-                        "ceilings (ATLAS_SHED_THRESHOLD*) until it can", queue.label, reason)
+            log.warning(
+                "upstream %s: its load cannot be read from /metrics (%s): shedding by the in-flight "
+                "ceilings (ATLAS_SHED_THRESHOLD*) until it can",
+                queue.label,
+                reason,
+            )
 
     async def _run(self) -> None:
         while True:

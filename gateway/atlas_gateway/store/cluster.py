@@ -48,7 +48,7 @@ def _bulk(command: bytes, pos: int) -> tuple[bytes, int]:
     """The bulk string at ``pos`` of a RESP-encoded command, and the position after it."""
     end = command.index(b"\r\n", pos)
     start = end + 2
-    stop = start + int(command[pos + 1:end])
+    stop = start + int(command[pos + 1 : end])
     return command[start:stop], stop + 2
 
 
@@ -70,13 +70,13 @@ def first_key(command: bytes) -> bytes | None:
 
 
 class ClusterFastRedis:
-    REFRESH_GAP = 0.1      # seconds between two topology refreshes, at least
-    REFRESH_EVERY = 30.0   # and at least this often while commands flow
-    MAX_REDIRECTS = 5      # MOVED/ASK hops for one command (a resharding in progress)
+    REFRESH_GAP = 0.1  # seconds between two topology refreshes, at least
+    REFRESH_EVERY = 30.0  # and at least this often while commands flow
+    MAX_REDIRECTS = 5  # MOVED/ASK hops for one command (a resharding in progress)
     # TRYAGAIN: the slot of a multi-key call is being migrated (milliseconds per slot with
     # redis-cli --cluster reshard); wait a little before answering "unavailable"
     TRYAGAIN_BACKOFF = (0.02, 0.05, 0.1)
-    SLOT_CACHE = 100_000   # hash tag (or untagged key) -> slot, bounded
+    SLOT_CACHE = 100_000  # hash tag (or untagged key) -> slot, bounded
 
     locator = None  # Sentinel does not front a Redis Cluster (failover.MasterWatch skips it)
 
@@ -106,7 +106,7 @@ class ClusterFastRedis:
         start = command.find(b"{")
         if start > 0:
             end = command.find(b"}", start)
-            slot = self._slot_of.get(command[start:end + 1]) if end > start + 1 else None
+            slot = self._slot_of.get(command[start : end + 1]) if end > start + 1 else None
             if slot is None:
                 slot = self._slot(first_key(command))
         else:
@@ -140,7 +140,7 @@ class ClusterFastRedis:
             return None
         start = key.find(b"{")
         end = key.find(b"}", start + 1) if start >= 0 else -1
-        cache_key = key[start:end + 1] if end > start + 1 else key
+        cache_key = key[start : end + 1] if end > start + 1 else key
         slot = self._slot_of.get(cache_key)
         if slot is None:
             if len(self._slot_of) >= self.SLOT_CACHE:
@@ -220,8 +220,13 @@ class ClusterFastRedis:
         if proto is None or proto.closed:
             proto = await node._ready()
         wait_entry = proto.atlas_wait
-        if wait_entry is not None and proto.outgoing and proto.outgoing[-1] is self._wait \
-                and proto.waiters and proto.waiters[-1] is wait_entry:
+        if (
+            wait_entry is not None
+            and proto.outgoing
+            and proto.outgoing[-1] is self._wait
+            and proto.waiters
+            and proto.waiters[-1] is wait_entry
+        ):
             proto.outgoing.pop()  # still unsent: the batch's WAIT moves behind this command
             proto.waiters.pop()
             reply = proto.call(command)
@@ -336,8 +341,9 @@ class ClusterFastRedis:
         Not from CLUSTER SLOTS, which leaves out a replica that has not replicated a write yet."""
         masters = self._masters()
         roles = await asyncio.gather(*(m.execute(b"ROLE") for m in masters), return_exceptions=True)
-        self._replicated = {id(m) for m, role in zip(masters, roles)
-                            if isinstance(role, list) and len(role) > 2 and role[2]}
+        self._replicated = {
+            id(m) for m, role in zip(masters, roles) if isinstance(role, list) and len(role) > 2 and role[2]
+        }
 
     def _apply(self, asked: FastRedis, reply: list) -> None:
         slots: list[FastRedis | None] = [None] * SLOTS
@@ -347,7 +353,7 @@ class ClusterFastRedis:
             if host in ("", "?"):  # "the node you asked" (an unknown endpoint)
                 host = asked.host
             node = self._node_at(host, int(master[1]))
-            slots[start:end + 1] = [node] * (end - start + 1)
+            slots[start : end + 1] = [node] * (end - start + 1)
             for replica in entry[3:]:  # known, so a refresh can ask it once its master is gone
                 rhost = replica[0].decode() if isinstance(replica[0], bytes) else str(replica[0])
                 self._node_at(rhost if rhost not in ("", "?") else asked.host, int(replica[1]))

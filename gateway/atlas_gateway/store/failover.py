@@ -38,13 +38,25 @@ from .fastredis import FastRedis
 log = logging.getLogger("atlas_gateway")
 
 # Steps of a failover before (or at) the promotion: stop writing to the old master now.
-FENCE_EVENTS = ("+try-failover", "+elected-leader", "+failover-state-select-slave", "+selected-slave",
-                "+failover-state-send-slaveof-noone", "+failover-state-wait-promotion")
+FENCE_EVENTS = (
+    "+try-failover",
+    "+elected-leader",
+    "+failover-state-select-slave",
+    "+selected-slave",
+    "+failover-state-send-slaveof-noone",
+    "+failover-state-wait-promotion",
+)
 # The leader saw the replica it chose report the master role: "slave <ip>:<port> <ip> <port> @ ..."
 PROMOTED = "+promoted-slave"
 # The failover ended: the sentinels name a master again (or kept the old one).
-END_EVENTS = ("+switch-master", "-failover-abort-not-elected", "-failover-abort-no-good-slave",
-              "-failover-abort-slave-timeout", "-failover-abort-master-is-back", "+failover-end")
+END_EVENTS = (
+    "+switch-master",
+    "-failover-abort-not-elected",
+    "-failover-abort-no-good-slave",
+    "-failover-abort-slave-timeout",
+    "-failover-abort-master-is-back",
+    "+failover-end",
+)
 FENCE_SECONDS = 10.0  # longest a failover may fence traffic without announcing its end
 
 
@@ -71,8 +83,11 @@ class MasterWatch:
         if locator is None or locator.config.master not in words:
             return  # another master that sentinel watches
         if channel in FENCE_EVENTS and not locator.fenced:
-            log.warning("Redis Sentinel: failover of %s under way (%s): holding Redis calls until it ends",
-                        locator.config.master, channel)
+            log.warning(
+                "Redis Sentinel: failover of %s under way (%s): holding Redis calls until it ends",
+                locator.config.master,
+                channel,
+            )
             locator.fence(FENCE_SECONDS)
             self.fast.disconnect()
         elif channel == PROMOTED and len(words) >= 4 and words[0] == "slave":
@@ -123,8 +138,13 @@ class MasterWatch:
         current = self.fast.master
         if current is None or named == current:
             return False
-        log.warning("the sentinels name a new Redis master %s:%d (was %s:%d): reconnecting",
-                    named[0], named[1], current[0], current[1])
+        log.warning(
+            "the sentinels name a new Redis master %s:%d (was %s:%d): reconnecting",
+            named[0],
+            named[1],
+            current[0],
+            current[1],
+        )
         self.fast.disconnect()
         return True
 

@@ -23,17 +23,45 @@ from ..http import errors
 from .fastredis import NotSent, ReplyError
 
 # redis-py's RedisCluster: no master for the slot (yet); RedisClusterException is no RedisError
-_CLUSTER_UNAVAILABLE = (redis_errors.ClusterDownError, redis_errors.TryAgainError, redis_errors.ClusterError,
-                        redis_errors.RedisClusterException)
+_CLUSTER_UNAVAILABLE = (
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
+)
 
 # every exception a Redis call (hot-path client or redis-py) may raise
-REDIS_FAILURES = (redis_errors.RedisError, redis_errors.RedisClusterException, ReplyError, OSError,
-                  asyncio.TimeoutError)
+REDIS_FAILURES = (
+    redis_errors.RedisError,
+    redis_errors.RedisClusterException,
+    ReplyError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 # first word of an error reply -> metric label (bounded: anything else is "ERR")
-_REPLY_KINDS = frozenset({"ERR", "OOM", "NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT", "READONLY", "BUSY",
-                          "LOADING", "MASTERDOWN", "MISCONF", "WRONGTYPE", "EXECABORT", "CROSSSLOT",
-                          "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
+_REPLY_KINDS = frozenset(
+    {
+        "ERR",
+        "OOM",
+        "NOAUTH",
+        "WRONGPASS",
+        "NOPERM",
+        "NOSCRIPT",
+        "READONLY",
+        "BUSY",
+        "LOADING",
+        "MASTERDOWN",
+        "MISCONF",
+        "WRONGTYPE",
+        "EXECABORT",
+        "CROSSSLOT",
+        "MOVED",
+        "ASK",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+    }
+)
 
 
 def is_transport_failure(exc: BaseException) -> bool:

@@ -233,14 +233,18 @@ class FastRedis:
         loop = asyncio.get_running_loop()
         host, port = await self._address()
         _, proto = await patient_wait_for(
-            loop.create_connection(self._protocol, host, port, ssl=self.ssl,
-                                   server_hostname=host if self.ssl is not None else None),
-            self.timeout
+            loop.create_connection(
+                self._protocol, host, port, ssl=self.ssl, server_hostname=host if self.ssl is not None else None
+            ),
+            self.timeout,
         )
         try:
             if self.password is not None:
-                auth = (b"AUTH", self.username.encode(), self.password.encode()) if self.username else (
-                    b"AUTH", self.password.encode())
+                auth = (
+                    (b"AUTH", self.username.encode(), self.password.encode())
+                    if self.username
+                    else (b"AUTH", self.password.encode())
+                )
                 await self._call(proto, auth)
             if self.db:
                 await self._call(proto, (b"SELECT", str(self.db).encode()))

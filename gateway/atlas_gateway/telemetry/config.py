@@ -15,12 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-
 TRACE_EXPORTERS = ("otlp", "console")
 PROTOCOLS = ("http/protobuf", "grpc")  # http/json: the Python SDK has no such exporter
 USAGE_RECORDS = ("off", "stdout", "otlp")
-SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
-            "parentbased_traceidratio")
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 
 
 class TelemetryConfigError(ValueError):
@@ -52,16 +57,21 @@ class TelemetryConfig:
         if usage in ("none", "false", "0", "no"):
             usage = "off"
         if usage not in USAGE_RECORDS:
-            raise TelemetryConfigError(f"ATLAS_USAGE_RECORDS={env['ATLAS_USAGE_RECORDS']!r}: "
-                                       f"expected one of {', '.join(USAGE_RECORDS)}")
+            raise TelemetryConfigError(
+                f"ATLAS_USAGE_RECORDS={env['ATLAS_USAGE_RECORDS']!r}: expected one of {', '.join(USAGE_RECORDS)}"
+            )
         if disabled:
             return cls(usage_records="off" if usage == "otlp" else usage)
         exporters = _trace_exporters(env)
         sampler, ratio = _sampler(env) if exporters else ("parentbased_always_on", 1.0)
-        return cls(trace_exporters=exporters, sampler=sampler, sampler_ratio=ratio,
-                   trace_protocol=_protocol(env, "TRACES") if "otlp" in exporters else "http/protobuf",
-                   usage_records=usage,
-                   logs_protocol=_protocol(env, "LOGS") if usage == "otlp" else "http/protobuf")
+        return cls(
+            trace_exporters=exporters,
+            sampler=sampler,
+            sampler_ratio=ratio,
+            trace_protocol=_protocol(env, "TRACES") if "otlp" in exporters else "http/protobuf",
+            usage_records=usage,
+            logs_protocol=_protocol(env, "LOGS") if usage == "otlp" else "http/protobuf",
+        )
 
 
 def _trace_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -76,8 +86,10 @@ def _trace_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
         return ()
     unknown = [n for n in names if n not in TRACE_EXPORTERS]
     if unknown:
-        raise TelemetryConfigError(f"OTEL_TRACES_EXPORTER={raw!r}: unknown exporter {unknown[0]!r} "
-                                   f"(this gateway has {', '.join(TRACE_EXPORTERS)}, none)")
+        raise TelemetryConfigError(
+            f"OTEL_TRACES_EXPORTER={raw!r}: unknown exporter {unknown[0]!r} "
+            f"(this gateway has {', '.join(TRACE_EXPORTERS)}, none)"
+        )
     return names
 
 

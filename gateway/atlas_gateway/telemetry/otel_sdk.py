@@ -8,8 +8,8 @@ headers, certificates, timeouts (OTEL_EXPORTER_OTLP_*) and batching (OTEL_BSP_*,
 from __future__ import annotations
 
 import socket
-from random import getrandbits
 from importlib import metadata
+from random import getrandbits
 from time import perf_counter, time_ns
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
@@ -91,8 +91,12 @@ class SpanTrace:
     def upstream(self, model: str) -> Child:
         """The upstream call as a client span, with the traceparent that makes the upstream's own
         spans (vLLM's) its children."""
-        span = self.tracer.start_span(f"{self.operation} {model}", self.context, SpanKind.CLIENT,
-                                      {"gen_ai.operation.name": self.operation, "gen_ai.request.model": model})
+        span = self.tracer.start_span(
+            f"{self.operation} {model}",
+            self.context,
+            SpanKind.CLIENT,
+            {"gen_ai.operation.name": self.operation, "gen_ai.request.model": model},
+        )
         context = span.get_span_context()
         return Child(span, f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
 
@@ -169,8 +173,12 @@ class SdkTracing:
             return UnsampledTrace(trace_id, random_bit)
         self.ids.decided = trace_id if parent is None else 0
         start_ns = time_ns() - int((perf_counter() - started) * 1e9)
-        span = self.tracer.start_span(f"{method} {route.path}", self.propagator.extract(forward) if parent else None,
-                                      SpanKind.SERVER, start_time=start_ns)
+        span = self.tracer.start_span(
+            f"{method} {route.path}",
+            self.propagator.extract(forward) if parent else None,
+            SpanKind.SERVER,
+            start_time=start_ns,
+        )
         return SpanTrace(self.tracer, span, route.operation)
 
     def shutdown(self) -> None:
@@ -200,8 +208,12 @@ class OtlpUsageRecords:
         trace = req.trace
         record = usage_record(req, trace.trace_id or client_trace_id(req.forward))
         attributes = {f"atlas.usage.{name}": value for name, value in record.items() if value is not None}
-        self.logger.emit(event_name="atlas.usage", body="usage", attributes=attributes,
-                         context=trace.context if trace.recording else None)
+        self.logger.emit(
+            event_name="atlas.usage",
+            body="usage",
+            attributes=attributes,
+            context=trace.context if trace.recording else None,
+        )
 
     def shutdown(self) -> None:
         self.provider.force_flush(FLUSH_MILLIS)

@@ -27,6 +27,7 @@ from .sse import pump
 if TYPE_CHECKING:
     from ..ledger.ticket import Ticket
 
+
 @dataclass(frozen=True, slots=True)
 class Bill:
     """What a request is charged at settlement: prompt and completion tokens."""
@@ -41,15 +42,28 @@ class Bill:
 
 NOTHING = Bill(0, 0)
 
-_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 class UpstreamCall:
     """Forward one admitted request and settle it, whatever happens."""
 
-    __slots__ = ("req", "rt", "ticket", "upstream_seconds", "finishing", "client_gone", "billed", "cached",
-                 "watcher", "_receive", "_task", "_refresher", "_refreshing", "owner")
+    __slots__ = (
+        "req",
+        "rt",
+        "ticket",
+        "upstream_seconds",
+        "finishing",
+        "client_gone",
+        "billed",
+        "cached",
+        "watcher",
+        "_receive",
+        "_task",
+        "_refresher",
+        "_refreshing",
+        "owner",
+    )
 
     # A non-streaming request starts listening for a client disconnect only once it has been
     # upstream this long: the listener task is a large share of the handler's own work
@@ -127,12 +141,16 @@ class UpstreamCall:
         bound, principal, session, loop = req.bound, req.principal, rt.session, rt.loop
         # set before any upstream call: by the handler (bound, principal) and Runtime.start()
         assert bound is not None and principal is not None and session is not None and loop is not None
-        body = UpstreamBody(req.route, req.doc, req.raw, bound.cap,
-                            None if rt.settings.forward_priority is None else rt.settings.forward_priority[req.priority])
+        body = UpstreamBody(
+            req.route,
+            req.doc,
+            req.raw,
+            bound.cap,
+            None if rt.settings.forward_priority is None else rt.settings.forward_priority[req.priority],
+        )
         streaming = body.streaming
         span = req.trace.upstream(req.doc["model"])  # the upstream call's span, if traced
-        forward = rt.upstream_headers.stamp(req.forward, req.id, req.priority, principal.fairness_id,
-                                            span.traceparent)
+        forward = rt.upstream_headers.stamp(req.forward, req.id, req.priority, principal.fairness_id, span.traceparent)
         forward["content-type"] = "application/json"
         url = rt.upstreams.base_for(req.doc["model"]) + req.route.path
 
@@ -232,8 +250,10 @@ class UpstreamCall:
             return NOTHING  # the upstream refused it: nothing was generated
         # a 200 without usage: charge the prompt estimate and the body's size as completion
         req = self.req
-        return Bill(req.prompt_estimate, min(text_tokens(body.decode("utf-8", "replace")),
-                                             max(0, req.reserve - req.prompt_estimate)))
+        return Bill(
+            req.prompt_estimate,
+            min(text_tokens(body.decode("utf-8", "replace")), max(0, req.reserve - req.prompt_estimate)),
+        )
 
     async def _stream(self, resp: aiohttp.ClientResponse, send: Send, strip_usage: bool) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self.req.response_headers})

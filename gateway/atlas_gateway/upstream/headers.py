@@ -34,15 +34,23 @@ REFUSED_PREFIXES = (
     "x-remote-",
     "x-auth-request-",
 )
-REFUSED_NAMES = frozenset({
-    "forwarded", "x-real-ip", "x-original-path",
-    # llm-d's older SLO names (x-llm-d-slo-* now)
-    "x-slo-ttft-ms", "x-slo-tpot-ms",
-    # llm-d's routing sidecar: where prefill, encoding, KV-cache transfer and data-parallel
-    # requests go (host:port, set by the endpoint picker); vLLM: which data-parallel rank serves
-    "x-prefiller-host-port", "x-encoder-hosts-ports", "x-data-parallel-host-port",
-    "x-kv-cache-source-host-port", "x-data-parallel-rank",
-})
+REFUSED_NAMES = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "x-original-path",
+        # llm-d's older SLO names (x-llm-d-slo-* now)
+        "x-slo-ttft-ms",
+        "x-slo-tpot-ms",
+        # llm-d's routing sidecar: where prefill, encoding, KV-cache transfer and data-parallel
+        # requests go (host:port, set by the endpoint picker); vLLM: which data-parallel rank serves
+        "x-prefiller-host-port",
+        "x-encoder-hosts-ports",
+        "x-data-parallel-host-port",
+        "x-kv-cache-source-host-port",
+        "x-data-parallel-rank",
+    }
+)
 
 # The steering headers Atlas stamps, under both names an endpoint picker may read: llm-d's
 # (read first) and the Gateway API Inference Extension's (llm-d's deprecated alias).
@@ -55,9 +63,15 @@ class UpstreamHeaders:
 
     __slots__ = ("credentials", "names", "prefixes", "objectives", "fairness")
 
-    def __init__(self, credentials: str | None = None, *, strip_names: tuple[str, ...] = (),
-                 strip_prefixes: tuple[str, ...] = (), objectives: Mapping[str, str] | None = None,
-                 fairness: bool = False) -> None:
+    def __init__(
+        self,
+        credentials: str | None = None,
+        *,
+        strip_names: tuple[str, ...] = (),
+        strip_prefixes: tuple[str, ...] = (),
+        objectives: Mapping[str, str] | None = None,
+        fairness: bool = False,
+    ) -> None:
         self.credentials = credentials  # Authorization for the upstream (never the client's key)
         self.names = REFUSED_NAMES | frozenset(strip_names)
         self.prefixes = REFUSED_PREFIXES + tuple(strip_prefixes)
@@ -66,12 +80,22 @@ class UpstreamHeaders:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "UpstreamHeaders":
-        return cls(f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None,
-                   strip_names=settings.strip_headers, strip_prefixes=settings.strip_header_prefixes,
-                   objectives=settings.inference_objectives, fairness=settings.stamp_fairness_id)
+        return cls(
+            f"Bearer {settings.upstream_api_key}" if settings.upstream_api_key else None,
+            strip_names=settings.strip_headers,
+            strip_prefixes=settings.strip_header_prefixes,
+            objectives=settings.inference_objectives,
+            fairness=settings.stamp_fairness_id,
+        )
 
-    def stamp(self, headers: dict[str, str], request_id: str | None = None, priority: str | None = None,
-              fairness_id: str | None = None, traceparent: str | None = None) -> dict[str, str]:
+    def stamp(
+        self,
+        headers: dict[str, str],
+        request_id: str | None = None,
+        priority: str | None = None,
+        fairness_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> dict[str, str]:
         """``headers`` (the client's, lower-case names; changed in place) without the refused ones,
         with Atlas's request id, the upstream's credentials, when the gateway traces its own
         ``traceparent`` (telemetry/: the upstream's spans become the gateway's children; with

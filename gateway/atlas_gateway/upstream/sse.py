@@ -28,7 +28,7 @@ async def pump(resp: aiohttp.ClientResponse, send: Send, state: StreamState, str
             end = buf.rfind(b"\n\n")
             if end < 0:
                 continue
-            block, buf = buf[: end + 2], buf[end + 2:]
+            block, buf = buf[: end + 2], buf[end + 2 :]
             out = filter_events(block, state, strip_usage)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -41,8 +41,18 @@ async def pump(resp: aiohttp.ClientResponse, send: Send, state: StreamState, str
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
     if state.error == "timeout":
-        await send({"type": "http.response.body", "more_body": True,
-                    "body": error_event("The upstream timed out mid-stream.", "upstream_timeout")})
+        await send(
+            {
+                "type": "http.response.body",
+                "more_body": True,
+                "body": error_event("The upstream timed out mid-stream.", "upstream_timeout"),
+            }
+        )
     elif state.error == "disconnected":
-        await send({"type": "http.response.body", "more_body": True,
-                    "body": error_event("The upstream connection was lost mid-stream.", "upstream_disconnected")})
+        await send(
+            {
+                "type": "http.response.body",
+                "more_body": True,
+                "body": error_event("The upstream connection was lost mid-stream.", "upstream_disconnected"),
+            }
+        )

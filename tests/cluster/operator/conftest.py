@@ -39,9 +39,17 @@ def upstream(tmp_path_factory):
 @pytest.fixture(scope="package")
 def gateway(op_redis, upstream, tmp_path_factory):
     port = free_port()
-    proc = Proc("atlas_gateway", {"ATLAS_REDIS_URL": op_redis.url, "ATLAS_UPSTREAM_URL": upstream.url,
-                                  "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(port)},
-                tmp_path_factory.mktemp("gateway") / "gateway.log", ready_url=f"http://127.0.0.1:{port}/readyz")
+    proc = Proc(
+        "atlas_gateway",
+        {
+            "ATLAS_REDIS_URL": op_redis.url,
+            "ATLAS_UPSTREAM_URL": upstream.url,
+            "ATLAS_HOST": "127.0.0.1",
+            "ATLAS_PORT": str(port),
+        },
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+    )
     proc.start()
     try:
         yield Gateway(f"http://127.0.0.1:{port}")
@@ -56,9 +64,22 @@ def chart_operator_rbac() -> str:
     """The operator's ClusterRole and binding exactly as the Helm chart renders them: one source
     of truth, so a verb the operator needs but the chart lacks fails these tests too."""
     rendered = subprocess.run(
-        [str(find_tool("helm")), "template", "atlas", str(CHART), "--namespace", "atlas-system",
-         "--show-only", "templates/operator/rbac.yaml", "--set", "gateway.upstream.url=http://upstream:8000"],
-        check=True, capture_output=True, text=True)
+        [
+            str(find_tool("helm")),
+            "template",
+            "atlas",
+            str(CHART),
+            "--namespace",
+            "atlas-system",
+            "--show-only",
+            "templates/operator/rbac.yaml",
+            "--set",
+            "gateway.upstream.url=http://upstream:8000",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return rendered.stdout
 
 
@@ -69,7 +90,8 @@ def operator_kubeconfig(control_plane, tmp_path_factory) -> Path:
     rbac.write_text(chart_operator_rbac())
     control_plane.kubectl("apply", "-f", str(rbac))
     return control_plane.service_account_kubeconfig(
-        "atlas-system", "atlas-operator", tmp_path_factory.mktemp("sa") / "kubeconfig")
+        "atlas-system", "atlas-operator", tmp_path_factory.mktemp("sa") / "kubeconfig"
+    )
 
 
 @pytest.fixture(scope="package")
@@ -81,8 +103,12 @@ def oidc_issuer(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def operator(operator_kubeconfig, op_redis, oidc_issuer, tmp_path_factory):
-    proc = operator_proc(operator_kubeconfig, op_redis.url,
-                         tmp_path_factory.mktemp("operator") / "operator.log", jwt_issuers=[oidc_issuer.jwt_config()])
+    proc = operator_proc(
+        operator_kubeconfig,
+        op_redis.url,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        jwt_issuers=[oidc_issuer.jwt_config()],
+    )
     proc.start()
     try:
         yield proc
@@ -98,7 +124,9 @@ def kube(kubectl, namespace) -> Kube:
 @pytest.fixture
 def record(capsys):
     """Print a latency measured by a test (one sample; the numbers go into docs/operator.md)."""
+
     def emit(name: str, seconds: float) -> None:
         with capsys.disabled():
             print(f"\n[measure] {name}: {seconds * 1000:.0f} ms")
+
     return emit

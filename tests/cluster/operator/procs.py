@@ -34,14 +34,22 @@ class Proc:
 
     def start(self, timeout: float = 60.0) -> "Proc":
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", self.module], env={**os.environ, **self.env},
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env={**os.environ, **self.env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
         if self.ready_url:
+
             def ready() -> bool:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.module} exited {self.proc.returncode}:\n{self.log_tail()}")
                 return http("GET", self.ready_url, timeout=1)[0] == 200
+
             wait_until(f"{self.module} ready", ready, timeout)
         return self
 
@@ -63,12 +71,20 @@ class Proc:
 
 def operator_proc(kubeconfig: Path, redis_url: str, log_path: Path, jwt_issuers: list | None = None) -> Proc:
     port = free_port()
-    proc = Proc("atlas_operator", {
-        "KUBECONFIG": str(kubeconfig), "ATLAS_REDIS_URL": redis_url, "ATLAS_LIVENESS_PORT": str(port),
-        "ATLAS_METRICS_PORT": str(free_port()),
-        "ATLAS_USAGE_INTERVAL_SECONDS": "1", "ATLAS_HEAL_INTERVAL_SECONDS": "1",
-        "ATLAS_JWT_ISSUERS": json.dumps(jwt_issuers or []),
-    }, log_path, ready_url=f"http://127.0.0.1:{port}/healthz")
+    proc = Proc(
+        "atlas_operator",
+        {
+            "KUBECONFIG": str(kubeconfig),
+            "ATLAS_REDIS_URL": redis_url,
+            "ATLAS_LIVENESS_PORT": str(port),
+            "ATLAS_METRICS_PORT": str(free_port()),
+            "ATLAS_USAGE_INTERVAL_SECONDS": "1",
+            "ATLAS_HEAL_INTERVAL_SECONDS": "1",
+            "ATLAS_JWT_ISSUERS": json.dumps(jwt_issuers or []),
+        },
+        log_path,
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+    )
     proc.metrics_url = f"http://127.0.0.1:{proc.env['ATLAS_METRICS_PORT']}/metrics"
     return proc
 
@@ -77,11 +93,15 @@ class Gateway:
     def __init__(self, url: str):
         self.url = url
 
-    def chat(self, key: str, model: str = "llama-3.1-8b-instruct", tokens: int = 8,
-             headers: dict[str, str] | None = None) -> tuple[int, dict]:
-        status, body = http("POST", self.url + "/v1/chat/completions",
-                            {"model": model, "max_tokens": tokens, "messages": [{"role": "user", "content": "hi"}]},
-                            {"authorization": f"Bearer {key}", **(headers or {})})
+    def chat(
+        self, key: str, model: str = "llama-3.1-8b-instruct", tokens: int = 8, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict]:
+        status, body = http(
+            "POST",
+            self.url + "/v1/chat/completions",
+            {"model": model, "max_tokens": tokens, "messages": [{"role": "user", "content": "hi"}]},
+            {"authorization": f"Bearer {key}", **(headers or {})},
+        )
         try:
             return status, json.loads(body or b"{}")
         except ValueError:
@@ -131,13 +151,20 @@ class Kube:
 
 
 def key_manifest(name: str, **spec: Any) -> str:
-    return json.dumps({"apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey",
-                       "metadata": {"name": name}, "spec": spec})
+    return json.dumps(
+        {"apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasKey", "metadata": {"name": name}, "spec": spec}
+    )
 
 
 def quota_manifest(name: str, **limits: Any) -> str:
-    return json.dumps({"apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasQuota",
-                       "metadata": {"name": name}, "spec": {"limits": limits}})
+    return json.dumps(
+        {
+            "apiVersion": "atlas.bugvanquisher.io/v1alpha1",
+            "kind": "AtlasQuota",
+            "metadata": {"name": name},
+            "spec": {"limits": limits},
+        }
+    )
 
 
 def secret_manifest(name: str, value: str, atlaskey: str | None = None) -> str:

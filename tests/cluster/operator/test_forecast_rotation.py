@@ -62,8 +62,9 @@ def gauge_of(operator, metric: str, **labels) -> float | None:
 
 
 def events_of(kube, name: str) -> list[str]:
-    return kube("get", "events", "--field-selector", f"involvedObject.name={name}",
-                "-o", "jsonpath={.items[*].reason}").stdout.split()
+    return kube(
+        "get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}"
+    ).stdout.split()
 
 
 def test_forecast_under_traffic_survives_an_operator_restart(kube, gateway, operator, redis_client):
@@ -76,21 +77,40 @@ def test_forecast_under_traffic_survives_an_operator_restart(kube, gateway, oper
 
     with Traffic(gateway, key) as traffic:
         # At least one minute of history is needed: no forecast before, one soon after.
-        forecast = wait_until("status.forecast with exhaustsAt", lambda: (
-            f := (kube.get("atlaskey", "burner")["status"].get("forecast") or {})).get("exhaustsAt") and f, 150, 0.5)
+        forecast = wait_until(
+            "status.forecast with exhaustsAt",
+            lambda: (f := (kube.get("atlaskey", "burner")["status"].get("forecast") or {})).get("exhaustsAt") and f,
+            150,
+            0.5,
+        )
         assert forecast["tokensPerHour"] > 0 and forecast["basis"].startswith("last ")
-        risk = wait_until("BudgetAtRisk=True", lambda: (
-            c := kube.condition("atlaskey", "burner", "BudgetAtRisk")).get("status") == "True" and c, 15)
+        risk = wait_until(
+            "BudgetAtRisk=True",
+            lambda: (c := kube.condition("atlaskey", "burner", "BudgetAtRisk")).get("status") == "True" and c,
+            15,
+        )
         assert risk["reason"] == "TokensPerMonthAtRisk" and "tokensPerMonth (50000)" in risk["message"]
         wait_until("the BudgetAtRisk Event", lambda: "BudgetAtRisk" in events_of(kube, "burner"), 15)
         assert kube.columns("atlaskey", "burner")["EXHAUSTS"] == forecast["exhaustsAt"]
-        wait_until("the quota's forecast", lambda: (kube.get("atlasquota", "pool")["status"].get("forecast") or {})
-                   .get("tokensPerHour", 0) > 0, 30)
+        wait_until(
+            "the quota's forecast",
+            lambda: (kube.get("atlasquota", "pool")["status"].get("forecast") or {}).get("tokensPerHour", 0) > 0,
+            30,
+        )
         wide = kube("get", "atlasquotas", "pool", "-o", "wide").stdout.splitlines()
         assert "TOKENS/HOUR" in wide[0] and "EXHAUSTS" in wide[0]
-        seconds = wait_until("the exhaustion gauge", lambda: gauge_of(
-            operator, "atlas_budget_exhaustion_seconds", namespace=kube.ns, name="burner", kind="AtlasKey",
-            budget="tokensPerMonth"), 15)
+        seconds = wait_until(
+            "the exhaustion gauge",
+            lambda: gauge_of(
+                operator,
+                "atlas_budget_exhaustion_seconds",
+                namespace=kube.ns,
+                name="burner",
+                kind="AtlasKey",
+                budget="tokensPerMonth",
+            ),
+            15,
+        )
         assert 0 < seconds < 31 * 86400
         assert gauge_of(operator, "atlas_key_info", namespace=kube.ns, name="burner", quota="pool") == 1
         assert len(contract.decode_history(redis_client.get(contract.history_key(subject)))) >= 2  # persisted
@@ -99,8 +119,13 @@ def test_forecast_under_traffic_survives_an_operator_restart(kube, gateway, oper
         operator.start()
         # From scratch a forecast needs a minute of history; the restarted operator reads it
         # back from Redis, so its gauge is there within a few cycles.
-        wait_until("a forecast from the restarted operator", lambda: gauge_of(
-            operator, "atlas_budget_burn_tokens_per_hour", namespace=kube.ns, name="burner", kind="AtlasKey"), 20)
+        wait_until(
+            "a forecast from the restarted operator",
+            lambda: gauge_of(
+                operator, "atlas_budget_burn_tokens_per_hour", namespace=kube.ns, name="burner", kind="AtlasKey"
+            ),
+            20,
+        )
         status = kube.get("atlaskey", "burner")["status"]
         assert status["forecast"].get("exhaustsAt")  # never dropped by the restart
         assert kube.condition("atlaskey", "burner", "BudgetAtRisk")["status"] == "True"
@@ -125,13 +150,18 @@ def test_rotation_grace_keeps_both_keys_then_only_the_new(kube, gateway, redis_c
     wait_until("first key accepted", lambda: gateway.chat(first)[0] == 200, 30)
 
     kube.apply(secret_manifest("graced", second, atlaskey="graced"))
-    wait_until("the new key is served", lambda: redis_client.hget(contract.KEY_INDEX, f"{kube.ns}/graced") == h2.encode(), 15)
+    wait_until(
+        "the new key is served", lambda: redis_client.hget(contract.KEY_INDEX, f"{kube.ns}/graced") == h2.encode(), 15
+    )
     # During the grace: both configs in Redis, one usage identity, both keys work.
     old, new = (contract.KeyConfig.decode(redis_client.get(contract.key_config_key(h))) for h in (h1, h2))
     assert (old.namespace, old.name) == (new.namespace, new.name) == (kube.ns, "graced")
     assert redis_client.pttl(contract.key_config_key(h1)) > 0
-    previous = wait_until("status shows both key ids", lambda: (
-        p := kube.get("atlaskey", "graced")["status"].get("previousKey")) and p, 10)
+    previous = wait_until(
+        "status shows both key ids",
+        lambda: (p := kube.get("atlaskey", "graced")["status"].get("previousKey")) and p,
+        10,
+    )
     assert previous["keyId"] == h1[:8] and kube.get("atlaskey", "graced")["status"]["keyId"] == h2[:8]
     assert gateway.chat(first)[0] == 200 and gateway.chat(second)[0] == 200
     # kopf posts Events in the background, after the status patch: wait for it, don't race it

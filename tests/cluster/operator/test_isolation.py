@@ -31,8 +31,9 @@ def _stack(operator, gateway):
 
 def settled_this_month(redis_client, subject: str, tag: str | None = None) -> int:
     day, month = contract.usage_keys(subject, datetime.now(timezone.utc), tag)
-    return contract.parse_usage(redis_client.hgetall(day), redis_client.hgetall(month),
-                                datetime.now(timezone.utc)).tokens_this_month
+    return contract.parse_usage(
+        redis_client.hgetall(day), redis_client.hgetall(month), datetime.now(timezone.utc)
+    ).tokens_this_month
 
 
 def shown_this_month(kube, kind: str, name: str) -> int | None:
@@ -44,8 +45,7 @@ def seed_an_hour_of_history(redis_client, subject: str) -> None:
     (what the operator's persisted history gives a key that has existed that long)."""
     now = datetime.now(timezone.utc)
     sample = HistorySample(int((time.time() - 3500) * 1000), contract.month_of(now), 0, 0)
-    redis_client.set(contract.history_key(subject), contract.encode_history([sample]),
-                     ex=contract.HISTORY_TTL_SECONDS)
+    redis_client.set(contract.history_key(subject), contract.encode_history([sample]), ex=contract.HISTORY_TTL_SECONDS)
 
 
 def metric(operator, metric_name: str, **labels) -> float | None:
@@ -64,8 +64,10 @@ def test_a_huge_budget_with_a_trickle_of_use_stops_no_status(kube, gateway, redi
     kube.apply(key_manifest("big", limits={"tokensPerMonth": 1_000_000_000}))
     kube.apply(key_manifest("plain", limits={"tokensPerDay": 100_000}))
     kube.apply(key_manifest("member", quotaRef="shared"))
-    keys = {name: wait_until(f"the Secret of {name}", lambda n=name: kube.secret_key(f"{n}-api-key"), 30)
-            for name in ("big", "plain", "member")}
+    keys = {
+        name: wait_until(f"the Secret of {name}", lambda n=name: kube.secret_key(f"{n}-api-key"), 30)
+        for name in ("big", "plain", "member")
+    }
     for name, key in keys.items():
         wait_until(f"{name} accepted", lambda k=key: gateway.chat(k, tokens=1, headers=TRICKLE)[0] == 200, 30)
 
@@ -78,13 +80,18 @@ def test_a_huge_budget_with_a_trickle_of_use_stops_no_status(kube, gateway, redi
     def tag(name: str) -> str | None:
         return contract.slot_tag(kube.ns, name, "shared") if name == "member" else None
 
-    expected = {("atlaskey", name): settled_this_month(redis_client, contract.key_subject(kube.ns, name), tag(name))
-                for name in keys}
+    expected = {
+        ("atlaskey", name): settled_this_month(redis_client, contract.key_subject(kube.ns, name), tag(name))
+        for name in keys
+    }
     expected[("atlasquota", "shared")] = settled_this_month(redis_client, contract.quota_subject(kube.ns, "shared"))
     assert expected[("atlaskey", "big")] == 4 and all(expected.values())
     for (kind, name), tokens in sorted(expected.items(), key=lambda item: item[0][1] == "big"):  # the others first
-        wait_until(f"{kind} {name} shows its {tokens} tokens", lambda k=kind, n=name, t=tokens:
-                   shown_this_month(kube, k, n) == t, 30)
+        wait_until(
+            f"{kind} {name} shows its {tokens} tokens",
+            lambda k=kind, n=name, t=tokens: shown_this_month(kube, k, n) == t,
+            30,
+        )
 
     forecast = wait_until("the big key's forecast", lambda: kube.get("atlaskey", "big")["status"].get("forecast"), 30)
     assert 0 < forecast["tokensPerHour"] <= 5
@@ -101,35 +108,47 @@ def events_of(kube, name: str) -> list[tuple[str, str]]:
 def test_an_object_whose_usage_cannot_be_read_shows_it_and_stops_no_other(kube, gateway, operator, redis_client):
     kube.apply(key_manifest("damaged", limits={"tokensPerDay": 100_000}))
     kube.apply(key_manifest("healthy", limits={"tokensPerDay": 100_000}))
-    keys = {name: wait_until(f"the Secret of {name}", lambda n=name: kube.secret_key(f"{n}-api-key"), 30)
-            for name in ("damaged", "healthy")}
+    keys = {
+        name: wait_until(f"the Secret of {name}", lambda n=name: kube.secret_key(f"{n}-api-key"), 30)
+        for name in ("damaged", "healthy")
+    }
     for key in keys.values():
         wait_until("accepted", lambda k=key: gateway.chat(k, tokens=1, headers=TRICKLE)[0] == 200, 30)
     damaged = contract.key_subject(kube.ns, "damaged")
     day, _ = contract.usage_keys(damaged, datetime.now(timezone.utc))
     redis_client.hset(day, contract.USAGE_SETTLED, "not-a-number")  # what no gateway writes
 
-    stale = wait_until("UsageStale on the damaged key", lambda: (
-        c := kube.condition("atlaskey", "damaged", "UsageStale")).get("status") == "True" and c, 30)
+    stale = wait_until(
+        "UsageStale on the damaged key",
+        lambda: (c := kube.condition("atlaskey", "damaged", "UsageStale")).get("status") == "True" and c,
+        30,
+    )
     assert stale["reason"] == "UsageUnreadable" and "not-a-number" in stale["message"]
     wait_until("its Event", lambda: any(r == "UsageWriteBackFailed" for r, _ in events_of(kube, "damaged")), 15)
     labels = dict(loop="usage write-back", kind="AtlasKey", namespace=kube.ns, name="damaged")
-    failures = wait_until("the failure counter", lambda: metric(operator, "atlas_operator_object_failures_total",
-                                                                **labels), 15)
+    failures = wait_until(
+        "the failure counter", lambda: metric(operator, "atlas_operator_object_failures_total", **labels), 15
+    )
 
     for _ in range(2):  # the others go on
         assert gateway.chat(keys["healthy"], tokens=1, headers=TRICKLE)[0] == 200
     wait_until("the healthy key's usage", lambda: shown_this_month(kube, "atlaskey", "healthy") == 6, 30)
-    assert wait_until("counted every cycle", lambda: metric(
-        operator, "atlas_operator_object_failures_total", **labels) > failures + 1, 15)
+    assert wait_until(
+        "counted every cycle",
+        lambda: metric(operator, "atlas_operator_object_failures_total", **labels) > failures + 1,
+        15,
+    )
     assert len([r for r, _ in events_of(kube, "damaged") if r == "UsageWriteBackFailed"]) == 1  # once
     assert operator.log_text().count(f"AtlasKey {kube.ns}/damaged: usage write-back failed") == 1
 
     redis_client.hset(day, contract.USAGE_SETTLED, 2)  # repaired: the condition goes, the usage shows
     wait_until("UsageStale removed", lambda: not kube.condition("atlaskey", "damaged", "UsageStale"), 30)
     assert shown_this_month(kube, "atlaskey", "damaged") == 2
-    wait_until("the log saying it works again",
-               lambda: f"AtlasKey {kube.ns}/damaged: usage write-back works again" in operator.log_text(), 15)
+    wait_until(
+        "the log saying it works again",
+        lambda: f"AtlasKey {kube.ns}/damaged: usage write-back works again" in operator.log_text(),
+        15,
+    )
 
 
 def test_a_key_that_fails_to_reconcile_shows_it_is_retried_and_recovers(kube, gateway, operator, redis_client):
@@ -146,8 +165,11 @@ def test_a_key_that_fails_to_reconcile_shows_it_is_retried_and_recovers(kube, ga
     wait_until("the other key works", lambda: gateway.chat(fine, tokens=1, headers=TRICKLE)[0] == 200, 30)
     wait_until("ReconcileFailed", lambda: [m for r, m in events_of(kube, "blocked") if r == "ReconcileFailed"], 30)
     labels = dict(loop="reconcile", kind="AtlasKey", namespace=kube.ns, name="blocked")
-    wait_until("its retries counted", lambda: (metric(operator, "atlas_operator_object_failures_total", **labels)
-                                               or 0) >= 2, 30)
+    wait_until(
+        "its retries counted",
+        lambda: (metric(operator, "atlas_operator_object_failures_total", **labels) or 0) >= 2,
+        30,
+    )
     (message,) = [m for r, m in events_of(kube, "blocked") if r == "ReconcileFailed"]  # once, not per retry
     assert "WRONGTYPE" in message and value not in message
     assert gateway.chat(value)[0] != 200  # not served (the gateway itself reads WRONGTYPE: a 500)

@@ -28,9 +28,14 @@ def test_reveal_usage_and_rotate_with_a_grace_period(kube, gateway, kubectl_atla
     for _ in range(3):
         assert gateway.chat(first, tokens=16)[0] == 200
 
-    used = wait_until("usage in status", lambda: (
-        kube.get("atlaskey", "live")["status"].get("usage") or {}).get("requestsToday", 0) >= 4 and
-        kube.get("atlaskey", "live")["status"]["usage"]["tokensToday"], 30)
+    used = wait_until(
+        "usage in status",
+        lambda: (
+            (kube.get("atlaskey", "live")["status"].get("usage") or {}).get("requestsToday", 0) >= 4
+            and kube.get("atlaskey", "live")["status"]["usage"]["tokensToday"]
+        ),
+        30,
+    )
     (row,) = json.loads(kubectl_atlas("usage", "-n", kube.ns, "-o", "json").stdout)
     assert (row["name"], row["budget"], row["used"], row["limit"]) == ("live", "tokensPerDay", used, 100000)
 

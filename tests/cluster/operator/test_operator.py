@@ -18,7 +18,6 @@ from .procs import key_manifest, quota_manifest, secret_manifest, wait_until
 pytestmark = pytest.mark.cluster
 
 
-
 @pytest.fixture(autouse=True)
 def _stack(operator, gateway):
     """Every test here needs the operator and the gateway running."""
@@ -49,16 +48,28 @@ def test_apply_makes_a_working_key_and_usage_shows_in_kubectl(kube, gateway, red
 
     for _ in range(3):
         assert gateway.chat(key)[0] == 200
-    cols = wait_until("usage in kubectl get atlaskeys",
-                      lambda: (c := kube.columns("atlaskey", "frontend"))["TOKENS TODAY"] not in ("", "0", "<none>") and c, 30)
+    cols = wait_until(
+        "usage in kubectl get atlaskeys",
+        lambda: (c := kube.columns("atlaskey", "frontend"))["TOKENS TODAY"] not in ("", "0", "<none>") and c,
+        30,
+    )
     assert cols["QUOTA"] == "team" and cols["TOKENS/DAY"] == "50000" and cols["READY"] == "True"
     assert int(cols["TOKENS TODAY"]) > 0 and int(cols["TOKENS THIS MONTH"]) >= int(cols["TOKENS TODAY"])
-    quota = wait_until("usage and key count on the quota",
-                       lambda: (c := kube.columns("atlasquota", "team"))["TOKENS TODAY"] not in ("", "0", "<none>")
-                       and c["KEYS"] == "1" and c, 30)
+    quota = wait_until(
+        "usage and key count on the quota",
+        lambda: (
+            (c := kube.columns("atlasquota", "team"))["TOKENS TODAY"] not in ("", "0", "<none>")
+            and c["KEYS"] == "1"
+            and c
+        ),
+        30,
+    )
     assert quota["READY"] == "True"
-    usage = wait_until("requestsToday 4", lambda: (u := (kube.get("atlaskey", "frontend")["status"]["usage"]))
-                       ["requestsToday"] == 4 and u, 30)
+    usage = wait_until(
+        "requestsToday 4",
+        lambda: (u := (kube.get("atlaskey", "frontend")["status"]["usage"]))["requestsToday"] == 4 and u,
+        30,
+    )
     assert usage["day"] == contract.day_of(datetime.now(timezone.utc))
 
 
@@ -70,8 +81,15 @@ def test_suspend_and_resume(kube, gateway):
     wait_until("refused while suspended", lambda: status_of(gateway, key)() == 403, 10)
     # suspended on purpose: in effect as declared (Ready=True, so GitOps tools read it Current),
     # Serving=False saying it refuses traffic
-    wait_until("Serving=False/Suspended", lambda: kube.condition("atlaskey", "batch", "Serving").get("reason") == "Suspended", 10)
-    assert kube.condition("atlaskey", "batch")["status"] == "True" and kube.columns("atlaskey", "batch")["SERVING"] == "False"
+    wait_until(
+        "Serving=False/Suspended",
+        lambda: kube.condition("atlaskey", "batch", "Serving").get("reason") == "Suspended",
+        10,
+    )
+    assert (
+        kube.condition("atlaskey", "batch")["status"] == "True"
+        and kube.columns("atlaskey", "batch")["SERVING"] == "False"
+    )
     kube("patch", "atlaskey", "batch", "--type=merge", "-p", '{"spec":{"suspended":false}}')
     wait_until("accepted again", lambda: status_of(gateway, key)() == 200, 10)
 
@@ -83,8 +101,11 @@ def test_expiry_takes_effect_without_another_event(kube, gateway):
     wait_until("accepted before expiry", lambda: status_of(gateway, key)() == 200, 10)
     wait_until("refused after expiry", lambda: status_of(gateway, key)() == 403, 15)
     assert datetime.now(timezone.utc) >= expires
-    cond = wait_until("Serving=False/Expired", lambda: (
-        c := kube.condition("atlaskey", "temp", "Serving")).get("reason") == "Expired" and c, 10)
+    cond = wait_until(
+        "Serving=False/Expired",
+        lambda: (c := kube.condition("atlaskey", "temp", "Serving")).get("reason") == "Expired" and c,
+        10,
+    )
     assert cond["status"] == "False" and kube.condition("atlaskey", "temp")["status"] == "True"
 
 
@@ -110,14 +131,20 @@ def test_rotation_old_refused_new_accepted_usage_kept(kube, gateway):
     kube.apply(secret_manifest("ext", "sk-first-0123456789abcdef", atlaskey="rot"))
     kube.apply(key_manifest("rot", secretName="ext"))
     wait_until("first key accepted", lambda: status_of(gateway, "sk-first-0123456789abcdef")() == 200, 30)
-    wait_until("usage written", lambda: (kube.get("atlaskey", "rot")["status"].get("usage") or {}).get("requestsToday", 0) >= 1, 15)
+    wait_until(
+        "usage written",
+        lambda: (kube.get("atlaskey", "rot")["status"].get("usage") or {}).get("requestsToday", 0) >= 1,
+        15,
+    )
     kube.apply(secret_manifest("ext", "sk-second-0123456789abcdef", atlaskey="rot"))
     wait_until("new key accepted", lambda: status_of(gateway, "sk-second-0123456789abcdef")() == 200, 15)
     wait_until("old key refused", lambda: status_of(gateway, "sk-first-0123456789abcdef")() == 401, 5)
-    wait_until("usage kept across rotation",
-               lambda: kube.get("atlaskey", "rot")["status"]["usage"]["requestsToday"] >= 2, 15)
+    wait_until(
+        "usage kept across rotation", lambda: kube.get("atlaskey", "rot")["status"]["usage"]["requestsToday"] >= 2, 15
+    )
     assert kube.get("atlaskey", "rot")["status"]["keyId"] == contract.key_id_of(
-        contract.hash_api_key("sk-second-0123456789abcdef"))
+        contract.hash_api_key("sk-second-0123456789abcdef")
+    )
     # A Secret without `api-key` makes the key invalid and refused.
     kube("patch", "secret", "ext", "--type=json", "-p", '[{"op":"remove","path":"/data/api-key"}]')
     wait_until("SecretInvalid", lambda: kube.condition("atlaskey", "rot").get("reason") == "SecretInvalid", 10)
@@ -182,15 +209,21 @@ def test_restart_changes_nothing(kube, gateway, redis_client, operator, kubectl)
     kube.apply(key_manifest("steady", quotaRef="q"))
     key = wait_until("the generated Secret", lambda: kube.secret_key("steady-api-key"), 30)
     wait_until("accepted", lambda: status_of(gateway, key)() == 200, 30)
-    wait_until("usage settled in status",
-               lambda: (kube.get("atlaskey", "steady")["status"].get("usage") or {}).get("requestsToday") == 1, 15)
+    wait_until(
+        "usage settled in status",
+        lambda: (kube.get("atlaskey", "steady")["status"].get("usage") or {}).get("requestsToday") == 1,
+        15,
+    )
     wait_until("quota status settled", lambda: kube.columns("atlasquota", "q")["KEYS"] == "1", 15)
 
     def versions():
-        return {kind: kube.get(kind, name)["metadata"]["resourceVersion"]
-                for kind, name in (("atlaskey", "steady"), ("atlasquota", "q"), ("secret", "steady-api-key"))}
+        return {
+            kind: kube.get(kind, name)["metadata"]["resourceVersion"]
+            for kind, name in (("atlaskey", "steady"), ("atlasquota", "q"), ("secret", "steady-api-key"))
+        }
 
     before, writes = versions(), _KeyWrites(redis_client)
+
     def steady_events():
         out = kube("get", "events", "-o", "jsonpath={range .items[*]}{.involvedObject.name}{'\\n'}{end}").stdout
         return out.split().count("steady")
@@ -199,8 +232,11 @@ def test_restart_changes_nothing(kube, gateway, redis_client, operator, kubectl)
     operator.stop()
     resumed = operator.log_text().count(f"[{kube.ns}/steady] Handler 'atlaskey_changed' succeeded")
     operator.start()
-    wait_until("the restarted operator resumed the key",
-               lambda: operator.log_text().count(f"[{kube.ns}/steady] Handler 'atlaskey_changed' succeeded") > resumed, 30)
+    wait_until(
+        "the restarted operator resumed the key",
+        lambda: operator.log_text().count(f"[{kube.ns}/steady] Handler 'atlaskey_changed' succeeded") > resumed,
+        30,
+    )
     # A canary whose usage reaches its status proves the restarted operator got past its
     # resume work and through at least one full usage write-back cycle.
     # (No gateway traffic here: its Lua scripts' writes would count in commandstats too.)
@@ -208,8 +244,11 @@ def test_restart_changes_nothing(kube, gateway, redis_client, operator, kubectl)
     wait_until("canary Ready", lambda: kube.condition("atlaskey", "canary").get("status") == "True", 30)
     day_key, _ = contract.usage_keys(contract.key_subject(kube.ns, "canary"), datetime.now(timezone.utc))
     redis_client.hincrby(day_key, "requests", 1)
-    wait_until("canary usage written back",
-               lambda: (kube.get("atlaskey", "canary")["status"].get("usage") or {}).get("requestsToday") == 1, 15)
+    wait_until(
+        "canary usage written back",
+        lambda: (kube.get("atlaskey", "canary")["status"].get("usage") or {}).get("requestsToday") == 1,
+        15,
+    )
     assert versions() == before
     # The canary's own config and this test's counter bump; nothing for "steady" or "q".
     canary_day = day_key
@@ -221,13 +260,12 @@ def test_restart_changes_nothing(kube, gateway, redis_client, operator, kubectl)
     assert steady_events() == events_before
 
 
-
-
 def test_namespace_selection(control_plane, kubectl, kube, tmp_path):
     """ATLAS_NAMESPACES limits what an operator touches: a second operator (own Redis) that
     watches only this test's namespace writes config for its keys and ignores another one's."""
-    from atlas_devstack.redis_server import RedisServer
     import redis as redislib
+
+    from atlas_devstack.redis_server import RedisServer
 
     from .procs import Kube, operator_proc
 
@@ -241,11 +279,17 @@ def test_namespace_selection(control_plane, kubectl, kube, tmp_path):
             client = redislib.Redis.from_url(own_redis.url)
             other.apply(key_manifest("outside"))
             kube.apply(key_manifest("inside"))
-            wait_until("the scoped operator wrote its namespace's key",
-                       lambda: client.hget(contract.KEY_INDEX, f"{kube.ns}/inside"), 30)
+            wait_until(
+                "the scoped operator wrote its namespace's key",
+                lambda: client.hget(contract.KEY_INDEX, f"{kube.ns}/inside"),
+                30,
+            )
             # "outside" is handled by the session operator (cluster-wide) but never by this one.
-            wait_until("outside Ready (session operator)",
-                       lambda: other.condition("atlaskey", "outside").get("status") == "True", 30)
+            wait_until(
+                "outside Ready (session operator)",
+                lambda: other.condition("atlaskey", "outside").get("status") == "True",
+                30,
+            )
             assert client.hget(contract.KEY_INDEX, f"{other.ns}/outside") is None
             assert f"{other.ns}/outside" not in proc.log_text()
             client.close()
@@ -259,9 +303,24 @@ def test_events_posted_and_no_permission_errors(kube, operator):
     refused by the API server."""
     kube.apply(key_manifest("evented", quotaRef="missing"))
     wait_until("QuotaNotFound", lambda: kube.condition("atlaskey", "evented").get("reason") == "QuotaNotFound", 30)
-    reasons = wait_until("Events for the key", lambda: set(kube(
-        "get", "events", "--field-selector", "involvedObject.name=evented",
-        "-o", "jsonpath={.items[*].reason}").stdout.split()) >= {"SecretGenerated", "QuotaNotFound"} and True, 10)
+    reasons = wait_until(
+        "Events for the key",
+        lambda: (
+            set(
+                kube(
+                    "get",
+                    "events",
+                    "--field-selector",
+                    "involvedObject.name=evented",
+                    "-o",
+                    "jsonpath={.items[*].reason}",
+                ).stdout.split()
+            )
+            >= {"SecretGenerated", "QuotaNotFound"}
+            and True
+        ),
+        10,
+    )
     assert reasons
     log = operator.log_text()
     # An RBAC denial reads `... is forbidden: User "system:serviceaccount:..." cannot ...`.
@@ -273,18 +332,30 @@ def test_events_posted_and_no_permission_errors(kube, operator):
 def test_shrink_from_the_manifest_lowers_the_forwarded_cap(kube, gateway):
     import urllib.request
 
-    kube.apply(key_manifest("shrinker", limits={"tokensPerDay": 300}, onBudgetShortfall="Shrink",
-                            minCompletionTokens=16))
+    kube.apply(
+        key_manifest("shrinker", limits={"tokensPerDay": 300}, onBudgetShortfall="Shrink", minCompletionTokens=16)
+    )
     key = wait_until("the generated Secret", lambda: kube.secret_key("shrinker-api-key"), 30)
     wait_until("accepted", lambda: status_of(gateway, key)() == 200, 30)
-    body = json.dumps({"model": "llama-3.1-8b-instruct", "max_tokens": 5000,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    request = urllib.request.Request(gateway.url + "/v1/chat/completions", body, method="POST", headers={
-        "authorization": f"Bearer {key}", "content-type": "application/json"})
+    body = json.dumps(
+        {"model": "llama-3.1-8b-instruct", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    request = urllib.request.Request(
+        gateway.url + "/v1/chat/completions",
+        body,
+        method="POST",
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.status == 200
         cap = int(resp.headers["x-atlas-max-tokens"])
     assert 16 <= cap < 300  # what the day budget still held, not a 429
-    kube("patch", "atlaskey", "shrinker", "--type=merge", "-p",
-         '{"spec":{"onBudgetShortfall":"Reject","minCompletionTokens":null}}')
+    kube(
+        "patch",
+        "atlaskey",
+        "shrinker",
+        "--type=merge",
+        "-p",
+        '{"spec":{"onBudgetShortfall":"Reject","minCompletionTokens":null}}',
+    )
     wait_until("Reject again: the same request is refused", lambda: gateway.chat(key, tokens=5000)[0] == 429, 15)

@@ -23,15 +23,23 @@ def _stack(operator, gateway):
 
 
 def quota(soft: int) -> str:
-    return json.dumps({"apiVersion": "atlas.bugvanquisher.io/v1alpha1", "kind": "AtlasQuota",
-                       "metadata": {"name": "batch-team"},
-                       "spec": {"limits": {"tokensPerDay": 1_000_000, "softTokensPerDay": soft}}})
+    return json.dumps(
+        {
+            "apiVersion": "atlas.bugvanquisher.io/v1alpha1",
+            "kind": "AtlasQuota",
+            "metadata": {"name": "batch-team"},
+            "spec": {"limits": {"tokensPerDay": 1_000_000, "softTokensPerDay": soft}},
+        }
+    )
 
 
 def chat(gateway, key: str) -> httpx.Response:
-    return httpx.post(gateway.url + "/v1/chat/completions", timeout=10, headers={"authorization": f"Bearer {key}"},
-                      json={"model": "llama-3.1-8b-instruct", "max_tokens": 8,
-                            "messages": [{"role": "user", "content": "hi"}]})
+    return httpx.post(
+        gateway.url + "/v1/chat/completions",
+        timeout=10,
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "llama-3.1-8b-instruct", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+    )
 
 
 def test_past_a_soft_budget_the_key_is_demoted_shown_and_still_healthy(kube, gateway, tmp_path):
@@ -39,13 +47,17 @@ def test_past_a_soft_budget_the_key_is_demoted_shown_and_still_healthy(kube, gat
     kube.apply(key_manifest("nightly", quotaRef="batch-team", priority="Critical"))
     key = wait_until("the generated Secret", lambda: kube.secret_key("nightly-api-key"), 30)
     wait_until("served", lambda: chat(gateway, key).status_code == 200, 30)
-    wait_until("Demoted=False on the key (its quota has a soft budget)",
-               lambda: kube.condition("atlaskey", "nightly", "Demoted").get("status") == "False", 30)
+    wait_until(
+        "Demoted=False on the key (its quota has a soft budget)",
+        lambda: kube.condition("atlaskey", "nightly", "Demoted").get("status") == "False",
+        30,
+    )
 
     # each answer settles about 13 tokens (mock upstream): 20 are soon reached
     owner = f'softTokensPerDay; owner="AtlasQuota {kube.ns}/batch-team"'
-    demoted = wait_until("a demoted answer", lambda: (r := chat(gateway, key)).headers.get("x-atlas-demoted") == owner
-                         and r, 30)
+    demoted = wait_until(
+        "a demoted answer", lambda: (r := chat(gateway, key)).headers.get("x-atlas-demoted") == owner and r, 30
+    )
     assert demoted.status_code == 200
     kube("wait", "--for=condition=Demoted", "atlasquota/batch-team", "atlaskey/nightly", "--timeout=30s")
     shown = kube.condition("atlaskey", "nightly", "Demoted")
@@ -55,7 +67,10 @@ def test_past_a_soft_budget_the_key_is_demoted_shown_and_still_healthy(kube, gat
     objects = [kube.get("atlaskey", "nightly"), kube.get("atlasquota", "batch-team")]
     for got in gitops_health(objects, tmp_path):
         assert (got["argocd"]["status"], got["kstatus"]["status"], got["flux"]["status"]) == (
-            "Healthy", "Current", "Current"), got
+            "Healthy",
+            "Current",
+            "Current",
+        ), got
         assert "softTokensPerDay (20) is passed" in got["argocd"]["message"]  # Argo CD's message says why
 
     # a higher soft budget: no longer passed, the condition turns False and answers are not demoted

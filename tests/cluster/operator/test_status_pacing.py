@@ -63,8 +63,15 @@ class UsageWatch:
                     for obj in listed["items"]:
                         self._see(obj, now)
                     rv = listed["metadata"]["resourceVersion"]
-                for event in self.watch.stream(self.api.list_namespaced_custom_object, GROUP, VERSION,
-                                               self.namespace, "atlaskeys", resource_version=rv, timeout_seconds=60):
+                for event in self.watch.stream(
+                    self.api.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    "atlaskeys",
+                    resource_version=rv,
+                    timeout_seconds=60,
+                ):
                     rv = event["object"]["metadata"]["resourceVersion"]
                     if event["type"] in ("ADDED", "MODIFIED"):
                         self._see(event["object"], time.monotonic())
@@ -81,8 +88,14 @@ def paced_operator(operator, operator_kubeconfig, op_redis, namespace, tmp_path)
     """This test's operator alone writes the namespace: the shared one is stopped meanwhile."""
     operator.stop()
     proc = operator_proc(operator_kubeconfig, op_redis.url, tmp_path / "operator.log")
-    proc.env.update({"ATLAS_NAMESPACES": namespace, "ATLAS_USAGE_INTERVAL_SECONDS": str(INTERVAL),
-                     "ATLAS_STATUS_WRITES_PER_SECOND": str(RATE), "ATLAS_STATUS_WRITE_BURST": str(BURST)})
+    proc.env.update(
+        {
+            "ATLAS_NAMESPACES": namespace,
+            "ATLAS_USAGE_INTERVAL_SECONDS": str(INTERVAL),
+            "ATLAS_STATUS_WRITES_PER_SECOND": str(RATE),
+            "ATLAS_STATUS_WRITE_BURST": str(BURST),
+        }
+    )
     try:
         yield proc
     finally:
@@ -91,10 +104,14 @@ def paced_operator(operator, operator_kubeconfig, op_redis, namespace, tmp_path)
 
 
 def write_back_idle(operator) -> bool:
-    metrics = {family.name: family.samples[0].value
-               for family in text_string_to_metric_families(httpx.get(operator.metrics_url, timeout=5).text)
-               if family.name.startswith("atlas_operator_write_back") and family.samples}
-    return metrics.get("atlas_operator_write_back_patches") == 0 and metrics.get("atlas_operator_write_back_deferred") == 0
+    metrics = {
+        family.name: family.samples[0].value
+        for family in text_string_to_metric_families(httpx.get(operator.metrics_url, timeout=5).text)
+        if family.name.startswith("atlas_operator_write_back") and family.samples
+    }
+    return (
+        metrics.get("atlas_operator_write_back_patches") == 0 and metrics.get("atlas_operator_write_back_deferred") == 0
+    )
 
 
 def rss_mib(pid: int) -> int:
@@ -103,29 +120,41 @@ def rss_mib(pid: int) -> int:
 
 
 def fleet_manifest(n: int) -> str:
-    items = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasQuota", "metadata": {"name": "team"},
-              "spec": {"limits": {"tokensPerDay": 10**9}}}]
-    items += [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "AtlasKey", "metadata": {"name": f"k{i}"},
-               "spec": {"quotaRef": "team"}} for i in range(n)]
+    items = [
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AtlasQuota",
+            "metadata": {"name": "team"},
+            "spec": {"limits": {"tokensPerDay": 10**9}},
+        }
+    ]
+    items += [
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AtlasKey",
+            "metadata": {"name": f"k{i}"},
+            "spec": {"quotaRef": "team"},
+        }
+        for i in range(n)
+    ]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
-def test_every_status_converges_within_the_bound_of_the_rate(kube, kubeconfig, namespace, paced_operator,
-                                                             redis_client):
+def test_every_status_converges_within_the_bound_of_the_rate(kube, kubeconfig, namespace, paced_operator, redis_client):
     watch = UsageWatch(kubeconfig, namespace)
     try:
         kube("create", "-f", "-", input=fleet_manifest(KEYS_IN_FLEET))
         paced_operator.start()
         # first statuses come from the reconciles (not paced): every key gets its keyId
-        wait_until("every key reconciled", lambda: len(watch.reconciled) == KEYS_IN_FLEET, timeout=300,
-                   interval=0.5)
+        wait_until("every key reconciled", lambda: len(watch.reconciled) == KEYS_IN_FLEET, timeout=300, interval=0.5)
         # the bound holds from an idle write-back (the fleet's first statuses written)
         wait_until("the write-back idle", lambda: write_back_idle(paced_operator), timeout=300, interval=INTERVAL)
         now = datetime.now(timezone.utc)
         pipe = redis_client.pipeline(transaction=False)
         for i in range(KEYS_IN_FLEET):
-            day, month = contract.usage_keys(contract.key_subject(namespace, f"k{i}"), now,
-                                              contract.slot_tag(namespace, f"k{i}", "team"))
+            day, month = contract.usage_keys(
+                contract.key_subject(namespace, f"k{i}"), now, contract.slot_tag(namespace, f"k{i}", "team")
+            )
             pipe.hset(day, mapping={"settled": 7, "requests": 1})
             pipe.hset(month, mapping={"settled": 7})
         watch.target = 7
@@ -134,11 +163,17 @@ def test_every_status_converges_within_the_bound_of_the_rate(kube, kubeconfig, n
         # the bound: the next cycle reads it (one interval), then keys / rate; plus an interval
         # of slack for a loaded machine and the watch's delivery
         bound = 2 * INTERVAL + KEYS_IN_FLEET / RATE + INTERVAL
-        wait_until("every status showing its usage", lambda: len(watch.shown_at) == KEYS_IN_FLEET,
-                   timeout=bound + 60, interval=0.2)
+        wait_until(
+            "every status showing its usage",
+            lambda: len(watch.shown_at) == KEYS_IN_FLEET,
+            timeout=bound + 60,
+            interval=0.2,
+        )
         stale = sorted(t - t0 for t in watch.shown_at.values())
-        print(f"\n[measure] {KEYS_IN_FLEET} keys at {RATE}/s: staleness p50 {stale[len(stale) // 2]:.1f}s "
-              f"max {stale[-1]:.1f}s (bound {bound:.0f}s); operator RSS {rss_mib(paced_operator.proc.pid)} MiB")
+        print(
+            f"\n[measure] {KEYS_IN_FLEET} keys at {RATE}/s: staleness p50 {stale[len(stale) // 2]:.1f}s "
+            f"max {stale[-1]:.1f}s (bound {bound:.0f}s); operator RSS {rss_mib(paced_operator.proc.pid)} MiB"
+        )
         assert stale[-1] <= bound, f"the last status took {stale[-1]:.1f}s, bound {bound:.0f}s"
         # ... and the rate held: in any window of T seconds at most BURST + RATE * T patches
         # (a small allowance for the watch delivering a few of them late together)

@@ -25,27 +25,43 @@ def today() -> dict:
     return {"day": now.strftime("%Y-%m-%d"), "month": now.strftime("%Y-%m")}
 
 
-def apply(kubectl, namespace: str, kind: str, name: str, spec: dict, status: dict | None = None,
-          labels: dict | None = None) -> None:
+def apply(
+    kubectl, namespace: str, kind: str, name: str, spec: dict, status: dict | None = None, labels: dict | None = None
+) -> None:
     meta = {"name": name, "namespace": namespace, **({"labels": labels} if labels else {})}
     kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": API, "kind": kind, "metadata": meta, "spec": spec}))
     if status is not None:
-        kubectl("patch", kind.lower(), name, "-n", namespace, "--subresource=status", "--type=merge",
-                "-p", json.dumps({"status": status}))
+        kubectl(
+            "patch",
+            kind.lower(),
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": status}),
+        )
 
 
-def secret(kubectl, namespace: str, name: str, value: str, labels: dict | None = None,
-           owner: dict | None = None) -> None:
+def secret(
+    kubectl, namespace: str, name: str, value: str, labels: dict | None = None, owner: dict | None = None
+) -> None:
     meta = {"name": name, "namespace": namespace, "labels": labels or {}}
     if owner:
         meta["ownerReferences"] = [owner]
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": meta,
-                                                  "stringData": {"api-key": value}}))
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": {"api-key": value}}),
+    )
 
 
 def table(text: str) -> list[dict[str, str]]:
     """Rows of a kubectl-style table as {HEADER: cell}; columns are 3+ spaces apart."""
     import re
+
     lines = text.splitlines()
     starts = [m.start() for m in re.finditer(r"\S+(?: \S+)*", lines[0])]
     heads = [lines[0][s:e].strip() for s, e in zip(starts, starts[1:] + [None])]
@@ -55,13 +71,34 @@ def table(text: str) -> list[dict[str, str]]:
 @pytest.fixture
 def team(kubectl, namespace):
     """A namespace with a quota and three keys at known usage."""
-    apply(kubectl, namespace, "AtlasQuota", "shared", {"limits": {"tokensPerDay": 10000, "tokensPerMonth": 100000}},
-          {"usage": {**today(), "tokensToday": 2500, "tokensThisMonth": 9000}})
-    apply(kubectl, namespace, "AtlasKey", "busy", {"quotaRef": "shared", "limits": {"tokensPerDay": 1000}},
-          {"usage": {**today(), "tokensToday": 900, "requestsToday": 30},
-           "forecast": {"tokensPerHour": 120000, "basis": "last 5m"}}, labels={"tier": "gold"})
-    apply(kubectl, namespace, "AtlasKey", "calm", {"limits": {"tokensPerDay": 1000}},
-          {"usage": {**today(), "tokensToday": 100, "requestsToday": 2}})
+    apply(
+        kubectl,
+        namespace,
+        "AtlasQuota",
+        "shared",
+        {"limits": {"tokensPerDay": 10000, "tokensPerMonth": 100000}},
+        {"usage": {**today(), "tokensToday": 2500, "tokensThisMonth": 9000}},
+    )
+    apply(
+        kubectl,
+        namespace,
+        "AtlasKey",
+        "busy",
+        {"quotaRef": "shared", "limits": {"tokensPerDay": 1000}},
+        {
+            "usage": {**today(), "tokensToday": 900, "requestsToday": 30},
+            "forecast": {"tokensPerHour": 120000, "basis": "last 5m"},
+        },
+        labels={"tier": "gold"},
+    )
+    apply(
+        kubectl,
+        namespace,
+        "AtlasKey",
+        "calm",
+        {"limits": {"tokensPerDay": 1000}},
+        {"usage": {**today(), "tokensToday": 100, "requestsToday": 2}},
+    )
     apply(kubectl, namespace, "AtlasKey", "open", {}, {"usage": {**today(), "tokensToday": 4000}})
     return namespace
 
@@ -69,9 +106,13 @@ def team(kubectl, namespace):
 def test_usage_shows_each_budget_used_limit_percent_and_forecast(kubectl_atlas, team):
     rows = table(kubectl_atlas("usage", "-n", team).stdout)
     got = {(r["KIND"], r["NAME"], r["BUDGET"]): r for r in rows}
-    assert set(got) == {("quota", "shared", "tokensPerDay"), ("quota", "shared", "tokensPerMonth"),
-                        ("key", "busy", "tokensPerDay"), ("key", "calm", "tokensPerDay"),
-                        ("key", "open", "<none>")}
+    assert set(got) == {
+        ("quota", "shared", "tokensPerDay"),
+        ("quota", "shared", "tokensPerMonth"),
+        ("key", "busy", "tokensPerDay"),
+        ("key", "calm", "tokensPerDay"),
+        ("key", "open", "<none>"),
+    }
     busy = got["key", "busy", "tokensPerDay"]
     assert (busy["USED"], busy["LIMIT"], busy["USED%"], busy["TOKENS/HOUR"]) == ("900", "1000", "90.0%", "120000")
     # 100 tokens left at 120000/hour: three seconds from now
@@ -85,18 +126,38 @@ def test_usage_shows_each_budget_used_limit_percent_and_forecast(kubectl_atlas, 
 def test_usage_sorts_and_filters_like_kubectl(kubectl_atlas, team):
     by_percent = table(kubectl_atlas("usage", "-n", team, "--sort-by", "percent").stdout)
     assert [(r["NAME"], r["USED%"]) for r in by_percent] == [
-        ("busy", "90.0%"), ("shared", "25.0%"), ("calm", "10.0%"), ("shared", "9.0%"), ("open", "<none>")]
+        ("busy", "90.0%"),
+        ("shared", "25.0%"),
+        ("calm", "10.0%"),
+        ("shared", "9.0%"),
+        ("open", "<none>"),
+    ]
     gold = table(kubectl_atlas("usage", "-n", team, "-l", "tier=gold").stdout)
     assert [r["NAME"] for r in gold] == ["busy"]
     rows = json.loads(kubectl_atlas("usage", "-n", team, "-o", "json").stdout)
-    assert {"namespace": team, "kind": "key", "name": "calm", "budget": "tokensPerDay", "used": 100,
-            "limit": 1000, "percent": 10.0, "tokensPerHour": None, "exhaustsAt": None} in rows
+    assert {
+        "namespace": team,
+        "kind": "key",
+        "name": "calm",
+        "budget": "tokensPerDay",
+        "used": 100,
+        "limit": 1000,
+        "percent": 10.0,
+        "tokensPerHour": None,
+        "exhaustsAt": None,
+    } in rows
 
 
 def test_all_namespaces_adds_the_namespace_column(kubectl_atlas, kubectl, team, namespace_factory):
     other = namespace_factory()
-    apply(kubectl, other, "AtlasKey", "elsewhere", {"limits": {"tokensPerDay": 10}},
-          {"usage": {**today(), "tokensToday": 10}})
+    apply(
+        kubectl,
+        other,
+        "AtlasKey",
+        "elsewhere",
+        {"limits": {"tokensPerDay": 10}},
+        {"usage": {**today(), "tokensToday": 10}},
+    )
     rows = table(kubectl_atlas("usage", "-A", "--sort-by", "percent").stdout)
     mine = [(r["NAMESPACE"], r["NAME"], r["EXHAUSTS"]) for r in rows if r["NAMESPACE"] in (team, other)]
     assert mine[0] == (other, "elsewhere", "spent")
@@ -112,21 +173,30 @@ def test_top_lists_the_burn_rate_busiest_first(kubectl_atlas, team):
 
 
 def test_namespace_and_context_come_from_the_kubeconfig_as_kubectl_reads_it(
-        kubectl_atlas, control_plane, team, namespace_factory, tmp_path):
+    kubectl_atlas, control_plane, team, namespace_factory, tmp_path
+):
     elsewhere = namespace_factory()
     config = yaml.safe_load(control_plane.kubeconfig.read_text())
     (ctx,) = config["contexts"]
-    config["contexts"] = [{"name": "team", "context": {**ctx["context"], "namespace": team}},
-                          {"name": "other", "context": {**ctx["context"], "namespace": elsewhere}}]
+    config["contexts"] = [
+        {"name": "team", "context": {**ctx["context"], "namespace": team}},
+        {"name": "other", "context": {**ctx["context"], "namespace": elsewhere}},
+    ]
     config["current-context"] = "team"
     path = tmp_path / "config"
     path.write_text(yaml.safe_dump(config))
-    assert {r["NAME"] for r in table(kubectl_atlas("usage", kubeconfig=path).stdout)} == {"busy", "calm", "open", "shared"}
+    assert {r["NAME"] for r in table(kubectl_atlas("usage", kubeconfig=path).stdout)} == {
+        "busy",
+        "calm",
+        "open",
+        "shared",
+    }
     empty = kubectl_atlas("usage", "--context", "other", kubeconfig=path)
     assert empty.stdout == "" and f'namespace "{elsewhere}"' in empty.stderr
     # --kubeconfig wins over $KUBECONFIG, and -n over the context's namespace
-    res = kubectl_atlas("usage", "--kubeconfig", str(path), "-n", team, "--context", "other",
-                        kubeconfig=tmp_path / "missing")
+    res = kubectl_atlas(
+        "usage", "--kubeconfig", str(path), "-n", team, "--context", "other", kubeconfig=tmp_path / "missing"
+    )
     assert "busy" in res.stdout
     # $KUBECONFIG may list several files: the first that names a current context wins (kubectl's
     # rule; the kubernetes client alone would take the last)
@@ -144,11 +214,14 @@ def test_reveal_prints_the_key_and_nothing_else(kubectl_atlas, kubectl, namespac
     assert res.stdout == "sk-user-supplied-0123456789\n" and res.stderr == ""
 
 
-@pytest.mark.parametrize("setup,message", [
-    ("no-key", 'AtlasKey "ghost" not found in namespace'),
-    ("no-secret", 'Secret "ghost-api-key" not found in namespace'),
-    ("empty", "the Secret has no data key 'api-key'"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        ("no-key", 'AtlasKey "ghost" not found in namespace'),
+        ("no-secret", 'Secret "ghost-api-key" not found in namespace'),
+        ("empty", "the Secret has no data key 'api-key'"),
+    ],
+)
 def test_reveal_says_clearly_what_is_missing(kubectl_atlas, kubectl, namespace, setup, message):
     if setup != "no-key":
         apply(kubectl, namespace, "AtlasKey", "ghost", {})
@@ -180,9 +253,19 @@ def test_rotate_writes_a_fresh_key_into_the_same_secret_and_labels_it(kubectl_at
 
 def test_rotate_refuses_a_secret_another_controller_owns(kubectl_atlas, kubectl, namespace):
     apply(kubectl, namespace, "AtlasKey", "sealed", {})
-    secret(kubectl, namespace, "sealed-api-key", "sk-from-git-0123456789",
-           owner={"apiVersion": "bitnami.com/v1alpha1", "kind": "SealedSecret", "name": "sealed-api-key",
-                  "uid": "0b8c3f4e-0000-4000-8000-000000000001", "controller": True})
+    secret(
+        kubectl,
+        namespace,
+        "sealed-api-key",
+        "sk-from-git-0123456789",
+        owner={
+            "apiVersion": "bitnami.com/v1alpha1",
+            "kind": "SealedSecret",
+            "name": "sealed-api-key",
+            "uid": "0b8c3f4e-0000-4000-8000-000000000001",
+            "controller": True,
+        },
+    )
     res = kubectl_atlas("key", "rotate", "sealed", "-n", namespace, check=False)
     assert res.returncode == 1 and "managed by SealedSecret/sealed-api-key" in res.stderr
     assert secret_value(kubectl, namespace, "sealed-api-key")[0] == "sk-from-git-0123456789"
@@ -190,8 +273,14 @@ def test_rotate_refuses_a_secret_another_controller_owns(kubectl_atlas, kubectl,
 
 def test_rotate_waits_out_a_running_grace_period_unless_forced(kubectl_atlas, kubectl, namespace):
     until = (datetime.now(timezone.utc) + timedelta(minutes=9)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    apply(kubectl, namespace, "AtlasKey", "k", {"rotationGracePeriod": "10m"},
-          {"keyId": "bbbbbbbb", "previousKey": {"keyId": "aaaaaaaa", "expiresAt": until}})
+    apply(
+        kubectl,
+        namespace,
+        "AtlasKey",
+        "k",
+        {"rotationGracePeriod": "10m"},
+        {"keyId": "bbbbbbbb", "previousKey": {"keyId": "aaaaaaaa", "expiresAt": until}},
+    )
     secret(kubectl, namespace, "k-api-key", "sk-current-0123456789", labels={"atlas.bugvanquisher.io/atlaskey": "k"})
     res = kubectl_atlas("key", "rotate", "k", "-n", namespace, check=False)
     assert res.returncode == 1

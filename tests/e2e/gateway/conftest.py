@@ -18,11 +18,15 @@ DEAD_PORT = free_port()  # nothing listens here: the "down-*" models route to it
 @pytest.fixture(scope="module")
 def gateway(redis_server, mock_upstream, tmp_path_factory):  # noqa: F811
     gw = GatewayProcess(
-        redis_server.url, mock_upstream.url, tmp_path_factory.mktemp("gw"),
+        redis_server.url,
+        mock_upstream.url,
+        tmp_path_factory.mktemp("gw"),
         ATLAS_UPSTREAM_MODELS=json.dumps({"down-*": f"http://127.0.0.1:{DEAD_PORT}"}),
         ATLAS_UPSTREAM_TIMEOUT="1",
         ATLAS_MAX_BODY_BYTES="65536",
-        ATLAS_SHED_THRESHOLD="2", ATLAS_SHED_THRESHOLD_STANDARD="50", ATLAS_SHED_THRESHOLD_CRITICAL="100",
+        ATLAS_SHED_THRESHOLD="2",
+        ATLAS_SHED_THRESHOLD_STANDARD="50",
+        ATLAS_SHED_THRESHOLD_CRITICAL="100",
         ATLAS_DEFAULT_MAX_TOKENS="256",
     ).start()
     yield gw

@@ -14,8 +14,9 @@ from atlas_core import contract
 MODEL = "llama-3.1-8b-instruct"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 # 100 USD per million tokens either way: 100 micro-units per token, so 0.01 USD ~ 100 tokens
-PRICES = contract.PriceTable.from_spec("prices", {
-    "currency": "USD", "prices": [{"model": "llama-*", "input": 100, "output": 100}]})
+PRICES = contract.PriceTable.from_spec(
+    "prices", {"currency": "USD", "prices": [{"model": "llama-*", "input": 100, "output": 100}]}
+)
 
 
 def test_cost_budget_spent_is_insufficient_quota(sdk, new_key, gateway):
@@ -40,8 +41,7 @@ def test_cost_budget_spent_is_insufficient_quota(sdk, new_key, gateway):
     assert spent == Decimal(usage["usage"]["tokensToday"] * 100) / 1_000_000
 
     metrics = httpx.get(gateway.url + "/metrics").text
-    line = next(l for l in metrics.splitlines()
-                if l.startswith("atlas_cost_total{") and f'name="{name}"' in l)
+    line = next(l for l in metrics.splitlines() if l.startswith("atlas_cost_total{") and f'name="{name}"' in l)
     assert 'currency="USD"' in line and 'namespace="team"' in line and f'model="{MODEL}"' in line
     assert Decimal(line.rsplit(" ", 1)[1]).quantize(Decimal("0.000001")) == spent
 

@@ -14,9 +14,9 @@ import redis
 
 from atlas_core import contract
 from atlas_devstack.waiting import wait_for
-from atlas_gateway.settings import Settings
 from atlas_gateway.metering.bounds import Meter
 from atlas_gateway.routes import route
+from atlas_gateway.settings import Settings
 
 MODEL = "llama-3.1-8b-instruct"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
@@ -30,8 +30,9 @@ def usage_of(redis_url: str, name: str, namespace: str = "team", quota: str | No
     client = redis.Redis.from_url(redis_url)
     try:
         now = datetime.now(timezone.utc)
-        day, month = contract.usage_keys(contract.key_subject(namespace, name), now,
-                                         contract.slot_tag(namespace, name, quota))
+        day, month = contract.usage_keys(
+            contract.key_subject(namespace, name), now, contract.slot_tag(namespace, name, quota)
+        )
         return contract.parse_usage(client.hgetall(day), client.hgetall(month), now)
     finally:
         client.close()
@@ -48,11 +49,15 @@ def leases_of(redis_url: str, name: str, namespace: str = "team") -> int:
 
 # ---------------------------------------------------------------------------- happy paths
 
+
 def test_chat_sync_with_rate_limit_headers(sdk, new_key, redis_url):
     key, name = new_key(contract.Limits(requests_per_second=10, tokens_per_day=100_000))
     raw = sdk(key).chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=10,
-        extra_headers={"x-mock-prompt-tokens": "5", "x-mock-completion-tokens": "7"})
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=10,
+        extra_headers={"x-mock-prompt-tokens": "5", "x-mock-completion-tokens": "7"},
+    )
     completion = raw.parse()
     assert completion.choices[0].message.content.startswith("tok")
     assert completion.usage.total_tokens == 12
@@ -70,8 +75,12 @@ def test_streaming_strips_injected_usage(sdk, new_key, mock_upstream, redis_url)
     key, name = new_key(contract.Limits(tokens_per_day=100_000))
     mock_id = uuid.uuid4().hex
     stream = sdk(key).chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=6, stream=True,
-        extra_headers={"x-mock-id": mock_id, "x-mock-prompt-tokens": "4"})
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        stream=True,
+        extra_headers={"x-mock-id": mock_id, "x-mock-prompt-tokens": "4"},
+    )
     chunks = list(stream)
     assert len(chunks) == 6
     assert all(c.choices for c in chunks), "the usage-only chunk reached the client"
@@ -84,8 +93,13 @@ def test_streaming_strips_injected_usage(sdk, new_key, mock_upstream, redis_url)
 def test_streaming_keeps_usage_when_client_asked(sdk, new_key, redis_url):
     key, name = new_key()
     stream = sdk(key).chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=3, stream=True, stream_options={"include_usage": True},
-        extra_headers={"x-mock-prompt-tokens": "4"})
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-mock-prompt-tokens": "4"},
+    )
     chunks = list(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 7
     wait_for("settlement", lambda: usage_of(redis_url, name).tokens_today == 7, 5)
@@ -94,11 +108,13 @@ def test_streaming_keeps_usage_when_client_asked(sdk, new_key, redis_url):
 def test_completions_and_embeddings(sdk, new_key, redis_url):
     key, name = new_key(contract.Limits(tokens_per_minute=100_000))
     client = sdk(key)
-    text = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=4,
-                                     extra_headers={"x-mock-prompt-tokens": "2"})
+    text = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=4, extra_headers={"x-mock-prompt-tokens": "2"}
+    )
     assert text.choices[0].text and text.usage.total_tokens == 6
-    emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"],
-                                   extra_headers={"x-mock-prompt-tokens": "3"})
+    emb = client.embeddings.create(
+        model="text-embedding-3-small", input=["a", "b"], extra_headers={"x-mock-prompt-tokens": "3"}
+    )
     assert len(emb.data) == 2
     wait_for("both settled", lambda: usage_of(redis_url, name).tokens_today == 9, 5)
 
@@ -110,11 +126,14 @@ def test_models_filtered_by_allowed_globs(sdk, new_key):
 
 
 def test_usage_endpoint(gateway, new_key, redis_url):
-    key, name = new_key(contract.Limits(tokens_per_day=1000), quota="team-budget",
-                        quota_limits=contract.Limits(tokens_per_month=50_000))
-    r = httpx.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}",
-                   "x-mock-prompt-tokens": "5", "x-mock-completion-tokens": "7"},
-                   json={"model": MODEL, "messages": MESSAGES, "max_tokens": 10})
+    key, name = new_key(
+        contract.Limits(tokens_per_day=1000), quota="team-budget", quota_limits=contract.Limits(tokens_per_month=50_000)
+    )
+    r = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}", "x-mock-prompt-tokens": "5", "x-mock-completion-tokens": "7"},
+        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 10},
+    )
     assert r.status_code == 200
     wait_for("settlement", lambda: usage_of(redis_url, name, quota="team-budget").tokens_today == 12, 5)
     doc = httpx.get(gateway.url + "/v1/usage", headers={"x-api-key": key}).json()
@@ -128,6 +147,7 @@ def test_usage_endpoint(gateway, new_key, redis_url):
 
 
 # ---------------------------------------------------------------------------- refusals
+
 
 def test_rate_limit_error_carries_headers(sdk, new_key, gateway):
     key, name = new_key(contract.Limits(requests_per_second=0.5, burst=1))
@@ -193,12 +213,17 @@ def test_body_too_large_and_malformed_json(gateway, new_key):
 
 # ---------------------------------------------------------------------------- failures
 
+
 def test_upstream_drop_mid_stream(sdk, new_key, mock_upstream, redis_url):
     key, name = new_key(contract.Limits(max_concurrent=2, tokens_per_day=100_000))
     mock_id = uuid.uuid4().hex
     stream = sdk(key).chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=10, stream=True,
-        extra_headers={"x-mock-fail": "drop-mid-stream", "x-mock-id": mock_id})
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=10,
+        stream=True,
+        extra_headers={"x-mock-fail": "drop-mid-stream", "x-mock-id": mock_id},
+    )
     received = []
     with pytest.raises(openai.APIError) as exc:
         for chunk in stream:
@@ -243,8 +268,9 @@ def test_upstream_timeout_is_504_and_sent_once(sdk, new_key, mock_upstream, redi
     key, name = new_key(contract.Limits(max_concurrent=1))
     mock_id = uuid.uuid4().hex
     with pytest.raises(openai.APIStatusError) as exc:
-        sdk(key).chat.completions.create(model=MODEL, messages=MESSAGES,
-                                         extra_headers={"x-mock-fail": "hang", "x-mock-id": mock_id})
+        sdk(key).chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_headers={"x-mock-fail": "hang", "x-mock-id": mock_id}
+        )
     assert exc.value.status_code == 504
     wait_for("lease released", lambda: leases_of(redis_url, name) == 0, 5)
     assert mock_record(mock_upstream, mock_id)["count"] == 1
@@ -254,8 +280,11 @@ def test_upstream_timeout_is_504_and_sent_once(sdk, new_key, mock_upstream, redi
 def test_upstream_500_passed_through_and_never_retried(gateway, new_key, mock_upstream):
     key, _ = new_key()
     mock_id = uuid.uuid4().hex
-    r = httpx.post(gateway.url + "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES},
-                   headers={"Authorization": f"Bearer {key}", "x-mock-fail": "500", "x-mock-id": mock_id})
+    r = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {key}", "x-mock-fail": "500", "x-mock-id": mock_id},
+    )
     assert r.status_code == 500
     assert mock_record(mock_upstream, mock_id)["count"] == 1
 
@@ -267,18 +296,27 @@ def test_sheddable_shed_under_saturation(gateway, new_key):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 100, "stream": True}
     slow = {"Authorization": f"Bearer {critical}", "x-mock-chunk-delay-ms": "50"}
     with httpx.Client(timeout=10) as client:
-        with client.stream("POST", url, json=body, headers=slow) as first, \
-                client.stream("POST", url, json=body, headers=slow) as second:
+        with (
+            client.stream("POST", url, json=body, headers=slow) as first,
+            client.stream("POST", url, json=body, headers=slow) as second,
+        ):
             assert first.status_code == second.status_code == 200  # 2 in flight = the threshold
-            shed = httpx.post(url, json={"model": MODEL, "messages": MESSAGES},
-                              headers={"Authorization": f"Bearer {sheddable}"})
+            shed = httpx.post(
+                url, json={"model": MODEL, "messages": MESSAGES}, headers={"Authorization": f"Bearer {sheddable}"}
+            )
             assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
             assert shed.json()["error"]["type"] == "server_error"
-            lowered = httpx.post(url, json={"model": MODEL, "messages": MESSAGES},
-                                 headers={"Authorization": f"Bearer {critical}", "x-atlas-priority": "Sheddable"})
+            lowered = httpx.post(
+                url,
+                json={"model": MODEL, "messages": MESSAGES},
+                headers={"Authorization": f"Bearer {critical}", "x-atlas-priority": "Sheddable"},
+            )
             assert lowered.status_code == 503  # a header may lower the class
-            ok = httpx.post(url, json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
-                            headers={"Authorization": f"Bearer {critical}"})
+            ok = httpx.post(
+                url,
+                json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
+                headers={"Authorization": f"Bearer {critical}"},
+            )
             assert ok.status_code == 200  # Critical is shed last
 
 
@@ -297,20 +335,32 @@ def test_client_disconnect_aborts_non_streaming_request(gateway, new_key, mock_u
     key, name = new_key(contract.Limits(max_concurrent=1, tokens_per_day=100_000))
     mock_id = uuid.uuid4().hex
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway.url + "/v1/chat/completions", timeout=0.4,
-                   json={"model": MODEL, "messages": MESSAGES, "max_tokens": 50},
-                   headers={"Authorization": f"Bearer {key}", "x-mock-fail": "hang", "x-mock-id": mock_id})
+        httpx.post(
+            gateway.url + "/v1/chat/completions",
+            timeout=0.4,
+            json={"model": MODEL, "messages": MESSAGES, "max_tokens": 50},
+            headers={"Authorization": f"Bearer {key}", "x-mock-fail": "hang", "x-mock-id": mock_id},
+        )
     wait_for("upstream aborted", lambda: mock_record(mock_upstream, mock_id).get("disconnected"), 5)
     wait_for("lease released", lambda: leases_of(redis_url, name) == 0, 5)
-    prompt_bound = Meter.from_settings(Settings(upstream_url="http://unused")).bound(
-        route("chat"), {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}).prompt
+    prompt_bound = (
+        Meter.from_settings(Settings(upstream_url="http://unused"))
+        .bound(route("chat"), {"model": MODEL, "messages": MESSAGES, "max_tokens": 50})
+        .prompt
+    )
     assert usage_of(redis_url, name).tokens_today == prompt_bound  # the prompt bound, no completion
     assert mock_record(mock_upstream, mock_id)["count"] == 1
 
 
 def test_request_id_on_every_response(gateway):
-    for method, path in (("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/v1/nope"), ("GET", "/nope"),
-                         ("GET", "/v1/chat/completions"), ("GET", "/v1/models")):
+    for method, path in (
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/nope"),
+        ("GET", "/nope"),
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+    ):
         r = httpx.request(method, gateway.url + path)
         assert r.headers.get("x-request-id"), (method, path, r.status_code)
     assert httpx.get(gateway.url + "/v1/nope").json()["error"]["code"] == "unknown_url"
@@ -320,7 +370,8 @@ def test_request_id_on_every_response(gateway):
 def test_usage_above_the_reservation_is_charged_in_full_and_counted(sdk, gateway, new_key, redis_url):
     key, name = new_key(contract.Limits(tokens_per_day=100_000))
     completion = sdk(key).chat.completions.create(  # an upstream that counts far more than the bound
-        model=MODEL, messages=MESSAGES, max_tokens=5, extra_headers={"x-mock-prompt-tokens": "5000"})
+        model=MODEL, messages=MESSAGES, max_tokens=5, extra_headers={"x-mock-prompt-tokens": "5000"}
+    )
     assert completion.usage.total_tokens == 5005
     wait_for("charged in full", lambda: usage_of(redis_url, name).tokens_today == 5005, 5)
     metrics_text = httpx.get(gateway.url + "/metrics").text
@@ -331,7 +382,8 @@ def test_the_cap_is_forwarded_even_when_the_client_sends_none(sdk, new_key, mock
     key, _ = new_key(contract.Limits(tokens_per_day=100_000))
     mock_id = uuid.uuid4().hex
     raw = sdk(key).chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, extra_headers={"x-mock-id": mock_id})
+        model=MODEL, messages=MESSAGES, extra_headers={"x-mock-id": mock_id}
+    )
     assert raw.headers["x-atlas-max-tokens"] == "256"  # this gateway's ATLAS_DEFAULT_MAX_TOKENS
     forwarded = mock_record(mock_upstream, mock_id)["body"]
     assert forwarded["max_tokens"] == forwarded["max_completion_tokens"] == 256

@@ -25,10 +25,17 @@ OBJECTIVES = {"Critical": "chat-critical", "Standard": "chat", "Sheddable": "bat
 
 @pytest.fixture(scope="module")
 def gateway(redis_server, mock_upstream, tmp_path_factory):  # noqa: F811
-    gw = GatewayProcess(redis_server.url, mock_upstream.url, tmp_path_factory.mktemp("igw"),
-                        ATLAS_INFERENCE_OBJECTIVES=json.dumps(OBJECTIVES), ATLAS_STAMP_FAIRNESS_ID="true",
-                        ATLAS_SHED_SCOPE="process", ATLAS_SHED_THRESHOLD="2", ATLAS_SHED_THRESHOLD_STANDARD="50",
-                        ATLAS_SHED_THRESHOLD_CRITICAL="100").start()
+    gw = GatewayProcess(
+        redis_server.url,
+        mock_upstream.url,
+        tmp_path_factory.mktemp("igw"),
+        ATLAS_INFERENCE_OBJECTIVES=json.dumps(OBJECTIVES),
+        ATLAS_STAMP_FAIRNESS_ID="true",
+        ATLAS_SHED_SCOPE="process",
+        ATLAS_SHED_THRESHOLD="2",
+        ATLAS_SHED_THRESHOLD_STANDARD="50",
+        ATLAS_SHED_THRESHOLD_CRITICAL="100",
+    ).start()
     yield gw
     gw.stop()
 
@@ -50,14 +57,18 @@ def usage(gateway, api_key: str) -> dict:
 
 def test_soft_budget_demotes_the_objective_stamped_and_says_so(gateway, mock_upstream, redis_url):
     # Critical until 40 tokens settled today (the mock answers prompt 5 + completion 16 = 21 tokens)
-    api_key, name = new_key(redis_url, contract.Limits(tokens_per_day=10_000, soft_tokens_per_day=40),
-                            priority="Critical")
+    api_key, name = new_key(
+        redis_url, contract.Limits(tokens_per_day=10_000, soft_tokens_per_day=40), priority="Critical"
+    )
     sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=15)
 
     def ask(mock_id: str):
         return sdk.chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=16,
-            extra_headers={**STEERING, "x-mock-id": mock_id, "x-mock-prompt-tokens": "5"})
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=16,
+            extra_headers={**STEERING, "x-mock-id": mock_id, "x-mock-prompt-tokens": "5"},
+        )
 
     for n, settled in ((1, 21), (2, 42)):  # below 40 settled: Critical
         answer = ask(f"{name}-{n}")
@@ -83,8 +94,13 @@ def test_soft_budget_demotes_the_objective_stamped_and_says_so(gateway, mock_ups
 
 def test_a_demoted_request_is_shed_with_the_sheddable_ones(gateway, redis_url):
     busy, _ = new_key(redis_url, contract.Limits(), priority="Critical")
-    api_key, name = new_key(redis_url, contract.Limits(), priority="Critical", quota="team-batch",
-                            quota_limits=contract.Limits(soft_tokens_per_month=1))
+    api_key, name = new_key(
+        redis_url,
+        contract.Limits(),
+        priority="Critical",
+        quota="team-batch",
+        quota_limits=contract.Limits(soft_tokens_per_month=1),
+    )
     url = gateway.url + "/v1/chat/completions"
     ask = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
     first = httpx.post(url, json=ask, headers={"Authorization": f"Bearer {api_key}"})
@@ -94,8 +110,10 @@ def test_a_demoted_request_is_shed_with_the_sheddable_ones(gateway, redis_url):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 100, "stream": True}
     slow = {"Authorization": f"Bearer {busy}", "x-mock-chunk-delay-ms": "50"}
     with httpx.Client(timeout=10) as client:
-        with client.stream("POST", url, json=body, headers=slow) as one, \
-                client.stream("POST", url, json=body, headers=slow) as two:
+        with (
+            client.stream("POST", url, json=body, headers=slow) as one,
+            client.stream("POST", url, json=body, headers=slow) as two,
+        ):
             assert one.status_code == two.status_code == 200  # 2 in flight: Sheddable is shed
             shed = httpx.post(url, json=ask, headers={"Authorization": f"Bearer {api_key}"})
             assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"

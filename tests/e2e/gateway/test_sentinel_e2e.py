@@ -29,7 +29,9 @@ def test_openai_sdk_through_a_sentinel_failover(group, mock_upstream, tmp_path):
 
     with redis.Redis(port=group.master.port, password="pw") as r:
         key_hash = contract.hash_api_key(API_KEY)
-        cfg = contract.KeyConfig("team", "ha-key", contract.key_id_of(key_hash), contract.Limits(tokens_per_day=100_000))
+        cfg = contract.KeyConfig(
+            "team", "ha-key", contract.key_id_of(key_hash), contract.Limits(tokens_per_day=100_000)
+        )
         r.set(contract.key_config_key(key_hash), cfg.encode())
         r.wait(1, 2000)
     gw = GatewayProcess(group.url(), mock_upstream.url, tmp_path, ATLAS_REDIS_TIMEOUT_SECONDS="0.3").start()
@@ -37,8 +39,9 @@ def test_openai_sdk_through_a_sentinel_failover(group, mock_upstream, tmp_path):
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key=API_KEY, max_retries=0, timeout=15)
 
         def ask() -> int:
-            reply = client.chat.completions.create(model=MODEL, max_tokens=5,
-                                                   messages=[{"role": "user", "content": "hello"}])
+            reply = client.chat.completions.create(
+                model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hello"}]
+            )
             return reply.usage.total_tokens
 
         answered = ask()

@@ -56,8 +56,11 @@ def test_signal_during_up_stops_what_it_started(entry_points, tmp_path, sig):
     assert not list(state.glob("**/*.pid"))
 
 
-@pytest.mark.parametrize("pidfile, name", [("controlplane/kube-apiserver.pid", "kube-apiserver"),
-                                           ("gateway.pid", "gateway")], ids=["kube-apiserver", "gateway"])
+@pytest.mark.parametrize(
+    "pidfile, name",
+    [("controlplane/kube-apiserver.pid", "kube-apiserver"), ("gateway.pid", "gateway")],
+    ids=["kube-apiserver", "gateway"],
+)
 def test_a_dead_child_fails_up_at_once_and_stops_the_rest(entry_points, tmp_path, pidfile, name):
     ep, state = _up(entry_points, tmp_path)
     wait_for(f"{name} to be started", (state / pidfile).exists, 120, interval=0.01)
@@ -73,8 +76,12 @@ def test_down_stops_everything_and_invalidates_the_env_file(entry_points, tmp_pa
     ep, state = _up(entry_points, tmp_path)
     assert ep.wait_exit(240) == 0, ep.output
     env_file = state / "env"
-    source = ["bash", "-c", f'. {env_file}; echo "rc=$? gateway=${{ATLAS_GATEWAY_URL:-}} '
-              'key=${ATLAS_DEMO_KEY:-} kubeconfig=${KUBECONFIG:-}"']
+    source = [
+        "bash",
+        "-c",
+        f'. {env_file}; echo "rc=$? gateway=${{ATLAS_GATEWAY_URL:-}} '
+        'key=${ATLAS_DEMO_KEY:-} kubeconfig=${KUBECONFIG:-}"',
+    ]
     before = subprocess.run(source, capture_output=True, text=True).stdout
     assert "rc=0 gateway=http://127.0.0.1:" in before and "key=sk-atlas-" in before
     # Detached by design: `up` has exited and the stack runs on. redis-server writes its title
@@ -85,24 +92,37 @@ def test_down_stops_everything_and_invalidates_the_env_file(entry_points, tmp_pa
     ports = listening_ports(set(running))
     assert len(ports) >= 5, ports
 
-    down = subprocess.run([*ep.proc.args[:2], MODULE, "--state-dir", str(state), "down"],
-                          capture_output=True, text=True, timeout=120)
+    down = subprocess.run(
+        [*ep.proc.args[:2], MODULE, "--state-dir", str(state), "down"], capture_output=True, text=True, timeout=120
+    )
     assert down.returncode == 0, down.stderr
     ep.assert_nothing_left(ports, state)
 
     # Sourced in a shell that had the old values: it says so, unsets them, returns 1.
     stale = dict(line.split("=", 1) for line in before.split()[1:])
-    after = subprocess.run(["bash", "-c", f'. {env_file}; echo "rc=$? gateway=${{ATLAS_GATEWAY_URL:-}} '
-                            'key=${ATLAS_DEMO_KEY:-} kubeconfig=${KUBECONFIG:-}"'],
-                           env={"PATH": os.environ["PATH"], "ATLAS_GATEWAY_URL": stale["gateway"],
-                                "ATLAS_DEMO_KEY": stale["key"], "KUBECONFIG": stale["kubeconfig"]},
-                           capture_output=True, text=True)
+    after = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'. {env_file}; echo "rc=$? gateway=${{ATLAS_GATEWAY_URL:-}} '
+            'key=${ATLAS_DEMO_KEY:-} kubeconfig=${KUBECONFIG:-}"',
+        ],
+        env={
+            "PATH": os.environ["PATH"],
+            "ATLAS_GATEWAY_URL": stale["gateway"],
+            "ATLAS_DEMO_KEY": stale["key"],
+            "KUBECONFIG": stale["kubeconfig"],
+        },
+        capture_output=True,
+        text=True,
+    )
     assert after.stdout.strip() == "rc=1 gateway= key= kubeconfig=", after
     assert "dev stack" in after.stderr and "is down" in after.stderr and "make dev-up" in after.stderr
     assert stale["key"] not in env_file.read_text()  # the key does not linger in the file
     strict = subprocess.run(["bash", "-c", f"set -e; . {env_file}; echo reached"], capture_output=True, text=True)
     assert strict.returncode != 0 and "reached" not in strict.stdout
 
-    again = subprocess.run([*ep.proc.args[:2], MODULE, "--state-dir", str(state), "down"],
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [*ep.proc.args[:2], MODULE, "--state-dir", str(state), "down"], capture_output=True, text=True, timeout=60
+    )
     assert again.returncode == 0 and "nothing was running" in again.stderr

@@ -33,10 +33,24 @@ Requests/sec:   6602.40
 Transfer/sec:      3.58MB
 """
 
-VEGETA_REPORT = {"latencies": {"total": 43661565, "mean": 873231, "50th": 607124, "90th": 960266,
-                               "95th": 2161030, "99th": 7265169, "max": 7265169, "min": 351120},
-                 "requests": 50, "rate": 51.03, "throughput": 46.9, "success": 0.96,
-                 "status_codes": {"200": 48, "503": 1, "0": 1}, "errors": ["503 Service Unavailable"]}
+VEGETA_REPORT = {
+    "latencies": {
+        "total": 43661565,
+        "mean": 873231,
+        "50th": 607124,
+        "90th": 960266,
+        "95th": 2161030,
+        "99th": 7265169,
+        "max": 7265169,
+        "min": 351120,
+    },
+    "requests": 50,
+    "rate": 51.03,
+    "throughput": 46.9,
+    "success": 0.96,
+    "status_codes": {"200": 48, "503": 1, "0": 1},
+    "errors": ["503 Service Unavailable"],
+}
 
 
 def test_wrk_output_is_read_with_units_and_every_kind_of_error():
@@ -111,15 +125,29 @@ def _results() -> report.Results:
     res = report.Results(gateways=["Atlas abc"], meta={"started": "2026-12-01 23:00 UTC", "duration": "5"})
     res.closed = {
         "nginx directly": {1: _run(0.06, 0.59, 12000, nginx=10), 16: _run(0.12, 0.43, 128162, nginx=8)},
-        "Atlas abc → nginx": {1: _run(0.41, 1.01, 2000, **{"gateway": 140, "redis-server": 28}),
-                              16: _run(2.0, 7.0, 6595, **{"gateway": 149, "redis-server": 19})},
+        "Atlas abc → nginx": {
+            1: _run(0.41, 1.01, 2000, **{"gateway": 140, "redis-server": 28}),
+            16: _run(2.0, 7.0, 6595, **{"gateway": 149, "redis-server": 19}),
+        },
     }
-    res.fixed = {"nginx directly": {500: _run(0.2, 0.6, 500, nginx=30), 2000: "not run: over capacity"},
-                 "Atlas abc → nginx": {500: _run(0.5, 1.2, 500, gateway=200)}}
-    res.prompts = {"nginx directly": {(1024, False): _run(0.05, 0.1, 1), (204800, False): _run(0.15, 0.3, 1),
-                                      (1024, True): _run(0.06, 0.1, 1), (204800, True): _run(0.2, 0.3, 1)},
-                   "Atlas abc → nginx": {(1024, False): _run(0.75, 1, 1), (204800, False): _run(0.95, 1, 1),
-                                         (1024, True): _run(1.16, 2, 1), (204800, True): _run(2.4, 3, 1)}}
+    res.fixed = {
+        "nginx directly": {500: _run(0.2, 0.6, 500, nginx=30), 2000: "not run: over capacity"},
+        "Atlas abc → nginx": {500: _run(0.5, 1.2, 500, gateway=200)},
+    }
+    res.prompts = {
+        "nginx directly": {
+            (1024, False): _run(0.05, 0.1, 1),
+            (204800, False): _run(0.15, 0.3, 1),
+            (1024, True): _run(0.06, 0.1, 1),
+            (204800, True): _run(0.2, 0.3, 1),
+        },
+        "Atlas abc → nginx": {
+            (1024, False): _run(0.75, 1, 1),
+            (204800, False): _run(0.95, 1, 1),
+            (1024, True): _run(1.16, 2, 1),
+            (204800, True): _run(2.4, 3, 1),
+        },
+    }
     return res
 
 
@@ -142,7 +170,10 @@ def test_targets_are_judged_from_the_measured_runs():
 def test_rendered_tables_have_the_issue_columns_and_say_met_or_missed():
     text = report.render(_results())
     assert "| target | req/s c=16 | p50 c=1 | p99 c=1 | p99 c=16 | CPU per request |" in text
-    assert "| Atlas abc → nginx | 6,595 | 0.41 ms | 1.01 ms | 7.00 ms | 149 µs (c=16), 140 µs (c=1), plus 19 µs in redis-server |" in text
+    assert (
+        "| Atlas abc → nginx | 6,595 | 0.41 ms | 1.01 ms | 7.00 ms | 149 µs (c=16), 140 µs (c=1), plus 19 µs in redis-server |"
+        in text
+    )
     assert "not run: over capacity" in text
     assert "0.95 ms (+0.80)" in text
     assert "**missed**" in text and ": met" in text
@@ -151,8 +182,13 @@ def test_rendered_tables_have_the_issue_columns_and_say_met_or_missed():
 def test_docs_section_is_inserted_once_then_replaced_and_the_rest_kept():
     doc = "# Benchmarks\n\nintro\n\n## Results\n\nolder results\n"
     first = report.replace_section(doc, "table one")
-    assert first.index("## Results") < first.index(report.BEGIN) < first.index("table one") < first.index(
-        report.END) < first.index("older results")
+    assert (
+        first.index("## Results")
+        < first.index(report.BEGIN)
+        < first.index("table one")
+        < first.index(report.END)
+        < first.index("older results")
+    )
     second = report.replace_section(first, "table two")
     assert "table one" not in second and second.count(report.BEGIN) == 1 and second.count("table two") == 1
     assert second.replace("table two", "table one") == first
@@ -186,11 +222,13 @@ def test_nginx_config_serves_both_locations_and_refuses_variables(tmp_path):
 
 
 def test_profile_is_summed_per_function_by_own_and_total_time():
-    collapsed = ('process 7:"python -m atlas_gateway";main (atlas_gateway/__main__.py:60);run (asyncio/runners.py:1);'
-                 "handle (atlas_gateway/proxy.py:10);loads (json/__init__.py:346) 30\n"
-                 "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12);send (uvicorn/server.py:99) 50\n"
-                 "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12) 20\n"
-                 "garbage line\n")
+    collapsed = (
+        'process 7:"python -m atlas_gateway";main (atlas_gateway/__main__.py:60);run (asyncio/runners.py:1);'
+        "handle (atlas_gateway/proxy.py:10);loads (json/__init__.py:346) 30\n"
+        "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12);send (uvicorn/server.py:99) 50\n"
+        "run (asyncio/runners.py:1);handle (atlas_gateway/proxy.py:12) 20\n"
+        "garbage line\n"
+    )
     samples, own, total = profiling.top_functions(collapsed)
     assert samples == 100
     assert own[0] == ("send (server.py)", 50)
@@ -232,10 +270,14 @@ def test_memory_probe_reads_whole_answers_chunked_or_not():
 
 def test_atlas_cpu_is_divided_by_both_floors_and_judged_against_the_bare_forward():
     res = _results()
-    res.closed[report.NGINX_PROXY] = {1: _run(0.1, 0.2, 9000, **{"nginx proxy": 25}),
-                                      16: _run(0.4, 0.9, 36000, **{"nginx proxy": 20})}
-    res.closed[report.BARE_FORWARD] = {1: _run(0.3, 0.5, 3000, **{"bare forward": 300}),
-                                       16: _run(1.5, 3.0, 7000, **{"bare forward": 100})}
+    res.closed[report.NGINX_PROXY] = {
+        1: _run(0.1, 0.2, 9000, **{"nginx proxy": 25}),
+        16: _run(0.4, 0.9, 36000, **{"nginx proxy": 20}),
+    }
+    res.closed[report.BARE_FORWARD] = {
+        1: _run(0.3, 0.5, 3000, **{"bare forward": 300}),
+        16: _run(1.5, 3.0, 7000, **{"bare forward": 100}),
+    }
     assert report.ratio(res, "Atlas abc → nginx", report.BARE_FORWARD) == pytest.approx(1.49)
     assert report.ratio(res, "Atlas abc → nginx", report.NGINX_PROXY) == pytest.approx(7.45)
     text = report.render(res)
@@ -264,12 +306,15 @@ def test_raw_client_reuses_its_connection_and_reads_status_type_and_body():
         async def serve(reader, writer):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int([ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0]
-                             .split(b":")[1])
+                length = int(
+                    [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0].split(b":")[1]
+                )
                 seen.append(head.split(b"\r\n")[0] + b" " + await reader.readexactly(length))
                 answer = b'{"n":%d}' % len(seen)
-                writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/x-test\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(answer), answer))
+                writer.write(
+                    b"HTTP/1.1 201 Created\r\ncontent-type: application/x-test\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(answer), answer)
+                )
 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]

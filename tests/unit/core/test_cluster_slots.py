@@ -6,11 +6,11 @@ import fakeredis
 import pytest
 
 from atlas_core import cluster, contract
-from atlas_gateway.ledger.admission import Admission
 from atlas_gateway.auth.principal import Principal
+from atlas_gateway.ledger.admission import Admission
 from atlas_gateway.ledger.script_args import ScriptCalls
-from atlas_gateway.store.fastredis import pack
 from atlas_gateway.store.cluster import first_key
+from atlas_gateway.store.fastredis import pack
 from atlas_operator.carry_over import CarryOver
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
@@ -26,15 +26,20 @@ def test_key_slot_matches_redis_cluster_spec():
 
 @pytest.mark.parametrize("quota", [None, "shared"])
 def test_every_key_of_every_script_call_shares_one_slot(quota):
-    key = contract.KeyConfig("team", "app", "0123abcd", contract.Limits(tokens_per_day=10, max_concurrent=2),
-                             quota=quota)
+    key = contract.KeyConfig(
+        "team", "app", "0123abcd", contract.Limits(tokens_per_day=10, max_concurrent=2), quota=quota
+    )
     quota_config = contract.QuotaConfig("team", "shared", contract.Limits(tokens_per_day=5)) if quota else None
     principal = Principal(key, quota_config)
     calls = ScriptCalls(60)
     admit, settle = calls.shapes(principal, "2026-11-27", "2026-11")
     admit_keys = admit.keys
-    every = admit.keys + settle.keys + calls.undo_shape(principal, "2026-11-27", "2026-11").keys + \
-        calls.refresh_shape(principal).keys
+    every = (
+        admit.keys
+        + settle.keys
+        + calls.undo_shape(principal, "2026-11-27", "2026-11").keys
+        + calls.refresh_shape(principal).keys
+    )
     assert len({cluster.key_slot(k) for k in every}) == 1
     expected_tag = contract.quota_subject("team", "shared") if quota else contract.key_subject("team", "app")
     assert all(k.decode().startswith(f"atlas:v2:{{{expected_tag}}}:") for k in every)
@@ -45,8 +50,14 @@ def test_every_key_of_every_script_call_shares_one_slot(quota):
 
 
 def test_config_keys_share_one_slot_for_the_operators_transactions():
-    names = [contract.key_config_key("ab" * 32), contract.quota_config_key("n", "q"), contract.KEY_INDEX,
-             contract.QUOTA_INDEX, contract.PREVIOUS_KEY_INDEX, contract.CONFIG_EPOCH]
+    names = [
+        contract.key_config_key("ab" * 32),
+        contract.quota_config_key("n", "q"),
+        contract.KEY_INDEX,
+        contract.QUOTA_INDEX,
+        contract.PREVIOUS_KEY_INDEX,
+        contract.CONFIG_EPOCH,
+    ]
     assert len({cluster.key_slot(n) for n in names}) == 1
 
 
@@ -59,7 +70,13 @@ def test_first_key_routes_scripts_by_their_first_key():
 
 def test_parse_mode():
     assert [cluster.parse_mode(v) for v in (None, "", "auto", "TRUE", "1", "off")] == [
-        "auto", "auto", "auto", "true", "true", "false"]
+        "auto",
+        "auto",
+        "auto",
+        "true",
+        "true",
+        "false",
+    ]
     with pytest.raises(ValueError, match="ATLAS_REDIS_CLUSTER"):
         cluster.parse_mode("sometimes")
 

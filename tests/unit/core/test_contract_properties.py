@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from fractions import Fraction
 
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from atlas_core import contract
 from atlas_core.contract import INT64_MAX, INT64_MIN, HistorySample, PreviousKey, Price
@@ -39,8 +40,12 @@ def test_micro_units_shown_as_a_decimal_read_back_exactly(micro):
     assert text == "0" if micro == 0 else not text.endswith("0") or "." not in text
 
 
-@given(prompt=tokens, completion=tokens, cached=tokens,
-       prices=st.lists(st.integers(0, CRD_MAX_PRICE * contract.MICRO), min_size=3, max_size=3))
+@given(
+    prompt=tokens,
+    completion=tokens,
+    cached=tokens,
+    prices=st.lists(st.integers(0, CRD_MAX_PRICE * contract.MICRO), min_size=3, max_size=3),
+)
 def test_a_requests_cost_is_the_exact_cost_rounded_up_and_grows_with_its_tokens(prompt, completion, cached, prices):
     price = Price("*", *prices)
     cost = price.cost(prompt, completion, cached)
@@ -51,8 +56,11 @@ def test_a_requests_cost_is_the_exact_cost_rounded_up_and_grows_with_its_tokens(
     assert price.cost(0, 0, 0) == 0
 
 
-@given(st.decimals(min_value=0, max_value=CRD_MAX_PRICE, places=6), st.decimals(min_value=0, max_value=CRD_MAX_PRICE,
-                                                                               places=6), tokens)
+@given(
+    st.decimals(min_value=0, max_value=CRD_MAX_PRICE, places=6),
+    st.decimals(min_value=0, max_value=CRD_MAX_PRICE, places=6),
+    tokens,
+)
 def test_a_price_list_entry_never_undercharges(input_price, output_price, n):
     """From the CRD's decimal prices per million tokens to micro-units per token x 10^6."""
     price = Price.from_spec("*", {"input": str(input_price), "output": str(output_price)})
@@ -63,16 +71,23 @@ def test_a_price_list_entry_never_undercharges(input_price, output_price, n):
 
 
 redis_values = st.one_of(
-    st.none(), st.integers(-(2**70), 2**70).map(str), st.floats().map(repr), st.text(max_size=12),
-    st.sampled_from(["inf", "-inf", "nan", "NaN", "1e400", "12.0", " 7 ", "0x10", ""]))
+    st.none(),
+    st.integers(-(2**70), 2**70).map(str),
+    st.floats().map(repr),
+    st.text(max_size=12),
+    st.sampled_from(["inf", "-inf", "nan", "NaN", "1e400", "12.0", " 7 ", "0x10", ""]),
+)
 
 
 @given(settled=redis_values, requests=redis_values, last=redis_values, cost=redis_values, month=redis_values)
 def test_usage_counters_parse_into_int64_figures_or_a_clear_value_error(settled, requests, last, cost, month):
     """Whatever a usage hash holds: a Usage whose figures a status can show (int64, a real time),
     or ValueError, the one error the readers isolate per subject. Never OverflowError."""
-    day_hash = {k: v.encode() for k, v in (("settled", settled), ("requests", requests), ("last", last),
-                                           ("cost", cost)) if v is not None}
+    day_hash = {
+        k: v.encode()
+        for k, v in (("settled", settled), ("requests", requests), ("last", last), ("cost", cost))
+        if v is not None
+    }
     month_hash = {b"settled": month.encode()} if month is not None else {}
     try:
         usage = contract.parse_usage(day_hash, month_hash, NOW)
@@ -83,9 +98,18 @@ def test_usage_counters_parse_into_int64_figures_or_a_clear_value_error(settled,
     usage.to_status(priced=True)
 
 
-@given(st.text(max_size=80) | st.lists(st.tuples(st.integers(-(2**70), 2**70), st.text(max_size=8),
-                                                 st.integers(-(2**70), 2**70), st.integers(-(2**70), 2**70)),
-                                       max_size=5).map(lambda xs: ",".join(" ".join(map(str, x)) for x in xs)))
+@given(
+    st.text(max_size=80)
+    | st.lists(
+        st.tuples(
+            st.integers(-(2**70), 2**70),
+            st.text(max_size=8),
+            st.integers(-(2**70), 2**70),
+            st.integers(-(2**70), 2**70),
+        ),
+        max_size=5,
+    ).map(lambda xs: ",".join(" ".join(map(str, x)) for x in xs))
+)
 def test_a_damaged_history_loses_only_its_damaged_samples(raw):
     samples = contract.decode_history(raw)
     assert [s.at_ms for s in samples] == sorted(s.at_ms for s in samples)
@@ -95,8 +119,10 @@ def test_a_damaged_history_loses_only_its_damaged_samples(raw):
         assert HistorySample.decode(sample.encode()) == sample
 
 
-@given(st.text(max_size=30) | st.builds(lambda h, t: f"{h} {t}", st.text("0123456789abcdef", max_size=8),
-                                         st.floats().map(repr)))
+@given(
+    st.text(max_size=30)
+    | st.builds(lambda h, t: f"{h} {t}", st.text("0123456789abcdef", max_size=8), st.floats().map(repr))
+)
 def test_a_previous_key_deadline_is_a_time_redis_and_a_datetime_can_hold(raw):
     try:
         previous = PreviousKey.decode(raw)

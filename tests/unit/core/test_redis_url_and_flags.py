@@ -11,11 +11,24 @@ from atlas_core.flags import parse_flag
 from atlas_core.redis_url import RedisAddress, TlsOptions
 
 
-@pytest.mark.parametrize("raw, default, expected", [
-    (None, True, True), ("", False, False), ("  ", None, None),
-    ("1", False, True), (" TRUE ", False, True), ("yes", False, True), ("on", False, True), ("y", False, True),
-    ("0", True, False), ("False", True, False), ("no", True, False), ("OFF", True, False), ("f", True, False),
-])
+@pytest.mark.parametrize(
+    "raw, default, expected",
+    [
+        (None, True, True),
+        ("", False, False),
+        ("  ", None, None),
+        ("1", False, True),
+        (" TRUE ", False, True),
+        ("yes", False, True),
+        ("on", False, True),
+        ("y", False, True),
+        ("0", True, False),
+        ("False", True, False),
+        ("no", True, False),
+        ("OFF", True, False),
+        ("f", True, False),
+    ],
+)
 def test_flags(raw, default, expected):
     assert parse_flag(raw, default) is expected
 
@@ -26,11 +39,22 @@ def test_a_value_that_is_neither_is_an_error_naming_it():
 
 
 def test_tls_options_read_alike_for_both_clients():
-    query = {"ssl_cert_reqs": ["optional"], "ssl_ca_certs": ["/ca.pem"], "ssl_check_hostname": ["false"],
-             "ssl_certfile": ["/c.pem"], "ssl_keyfile": ["/k.pem"]}
+    query = {
+        "ssl_cert_reqs": ["optional"],
+        "ssl_ca_certs": ["/ca.pem"],
+        "ssl_check_hostname": ["false"],
+        "ssl_certfile": ["/c.pem"],
+        "ssl_keyfile": ["/k.pem"],
+    }
     tls = TlsOptions.from_query(query)
-    assert tls.redis_py_kwargs() == {"ssl": True, "ssl_cert_reqs": "optional", "ssl_ca_certs": "/ca.pem",
-                                     "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem", "ssl_check_hostname": False}
+    assert tls.redis_py_kwargs() == {
+        "ssl": True,
+        "ssl_cert_reqs": "optional",
+        "ssl_ca_certs": "/ca.pem",
+        "ssl_certfile": "/c.pem",
+        "ssl_keyfile": "/k.pem",
+        "ssl_check_hostname": False,
+    }
     assert TlsOptions.from_query({}).redis_py_kwargs() == {"ssl": True, "ssl_cert_reqs": "required"}
     context = TlsOptions.from_query({"ssl_cert_reqs": ["none"]}).ssl_context()
     assert (context.verify_mode, context.check_hostname) == (ssl.CERT_NONE, False)
@@ -39,8 +63,10 @@ def test_tls_options_read_alike_for_both_clients():
     assert parsed.tls_options == TlsOptions(cert_reqs="optional", ca_certs="/ca.pem")
 
 
-@pytest.mark.parametrize("query, message", [({"ssl_cert_reqs": ["maybe"]}, "ssl_cert_reqs"),
-                                            ({"ssl_check_hostname": ["perhaps"]}, "ssl_check_hostname")])
+@pytest.mark.parametrize(
+    "query, message",
+    [({"ssl_cert_reqs": ["maybe"]}, "ssl_cert_reqs"), ({"ssl_check_hostname": ["perhaps"]}, "ssl_check_hostname")],
+)
 def test_a_bad_tls_option_is_refused_naming_it(query, message):
     with pytest.raises(ValueError, match=message):
         TlsOptions.from_query(query)

@@ -7,13 +7,15 @@ import ssl
 import pytest
 
 from atlas_core import sentinel
-from atlas_gateway.store.fastredis import FastRedis
 from atlas_gateway.settings import Settings, SettingsError
+from atlas_gateway.store.fastredis import FastRedis
 
 
 def test_full_url():
-    url = ("redis+sentinel://atlas:p%40ss@s0:26380,s1,[::1]:26381/mymaster/2"
-           "?sentinel_password=s%26cret&sentinel_username=watcher")
+    url = (
+        "redis+sentinel://atlas:p%40ss@s0:26380,s1,[::1]:26381/mymaster/2"
+        "?sentinel_password=s%26cret&sentinel_username=watcher"
+    )
     cfg = sentinel.parse(url)
     assert cfg.sentinels == (("s0", 26380), ("s1", 26379), ("::1", 26381))
     assert (cfg.master, cfg.db, cfg.tls) == ("mymaster", 2, False)
@@ -25,19 +27,28 @@ def test_full_url():
 
 def test_minimal_url_and_db_in_the_query():
     cfg = sentinel.parse("redis+sentinel://s0/m")
-    assert (cfg.sentinels, cfg.master, cfg.db, cfg.password, cfg.sentinel_password) == ((("s0", 26379),), "m", 0, None, None)
+    assert (cfg.sentinels, cfg.master, cfg.db, cfg.password, cfg.sentinel_password) == (
+        (("s0", 26379),),
+        "m",
+        0,
+        None,
+        None,
+    )
     assert sentinel.parse("redis+sentinel://s0/m?db=4").db == 4
     assert sentinel.parse("redis+sentinel://:pw@s0/m").password == "pw"
 
 
-@pytest.mark.parametrize("url,message", [
-    ("redis+sentinel://s0:26379", "names the master"),
-    ("redis+sentinel:///m", "at least one sentinel"),
-    ("redis+sentinel://s0:port/m", "not a number"),
-    ("redis+sentinel://s0/m/x", "must be a number"),
-    ("redis+sentinel://s0/m/1/2", "path is"),
-    ("redis://s0/0", "not a Sentinel URL"),
-])
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("redis+sentinel://s0:26379", "names the master"),
+        ("redis+sentinel:///m", "at least one sentinel"),
+        ("redis+sentinel://s0:port/m", "not a number"),
+        ("redis+sentinel://s0/m/x", "must be a number"),
+        ("redis+sentinel://s0/m/1/2", "path is"),
+        ("redis://s0/0", "not a Sentinel URL"),
+    ],
+)
 def test_bad_urls_say_what_is_wrong(url, message):
     with pytest.raises(ValueError, match=message):
         sentinel.parse(url)
@@ -65,8 +76,9 @@ def test_redis_py_client_follows_the_sentinels():
     assert [s.connection_pool.connection_kwargs["password"] for s in sentinels] == ["x", "x"]
 
 
-@pytest.mark.parametrize("reply,ok", [([b"master", 0, []], True), ([b"slave", b"h", 1, b"connected", 0], False),
-                                      ([b"sentinel", []], False)])
+@pytest.mark.parametrize(
+    "reply,ok", [([b"master", 0, []], True), ([b"slave", b"h", 1, b"connected", 0], False), ([b"sentinel", []], False)]
+)
 def test_role_check(reply, ok):
     if ok:
         sentinel.MasterLocator.check_role(reply)
@@ -77,9 +89,16 @@ def test_role_check(reply, ok):
 
 def _view(port: int, epoch: int, *flags: str) -> dict:
     flags = {"master", *flags}
-    return {"ip": "10.0.0.1", "port": port, "config-epoch": epoch, "flags": ",".join(sorted(flags)),
-            "is_master": True, "is_sdown": "s_down" in flags, "is_odown": "o_down" in flags,
-            "num-other-sentinels": 2}
+    return {
+        "ip": "10.0.0.1",
+        "port": port,
+        "config-epoch": epoch,
+        "flags": ",".join(sorted(flags)),
+        "is_master": True,
+        "is_sdown": "s_down" in flags,
+        "is_odown": "o_down" in flags,
+        "num-other-sentinels": 2,
+    }
 
 
 class _FakeSentinel:

@@ -19,8 +19,14 @@ def test_archive_is_an_oci_layout_with_matching_digests(tmp_path):
     binary = tmp_path / "pause"
     binary.write_bytes(b"\x7fELF not really")
     out = tmp_path / "pause.tar"
-    digest = write_image_archive(out, "registry.k8s.io/pause:3.10.2", [ImageFile(binary, "/pause")],
-                                 entrypoint=["/pause"], user="65535:65535", env={"PATH": "/"})
+    digest = write_image_archive(
+        out,
+        "registry.k8s.io/pause:3.10.2",
+        [ImageFile(binary, "/pause")],
+        entrypoint=["/pause"],
+        user="65535:65535",
+        env={"PATH": "/"},
+    )
     files = _read(out)
     assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
     index = json.loads(files["index.json"])
@@ -48,8 +54,9 @@ def test_nested_paths_get_their_parent_directories_and_the_archive_is_reproducib
     lib.write_bytes(b"lib")
     files = [ImageFile(lib, "/usr/lib/x86_64-linux-gnu/libx.so", 0o644)]
     a, b = tmp_path / "a.tar", tmp_path / "b.tar"
-    assert write_image_archive(a, "atlas.local/x:1", files, entrypoint=[], cmd=["x"]) == \
-        write_image_archive(b, "atlas.local/x:1", files, entrypoint=[], cmd=["x"])
+    assert write_image_archive(a, "atlas.local/x:1", files, entrypoint=[], cmd=["x"]) == write_image_archive(
+        b, "atlas.local/x:1", files, entrypoint=[], cmd=["x"]
+    )
     assert a.read_bytes() == b.read_bytes()
     blobs = _read(a)
     manifest_digest = json.loads(blobs["index.json"])["manifests"][0]["digest"]

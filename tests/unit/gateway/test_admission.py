@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 import pytest
 
 from atlas_core import contract
-from atlas_gateway.ledger import admission as adm, limits
+from atlas_gateway.ledger import admission as adm
+from atlas_gateway.ledger import limits
 from atlas_gateway.ledger.script_args import key_calls
 
 from .conftest import make_principal
@@ -161,8 +162,9 @@ async def test_unlimited_key_is_admitted_without_headers(admission):
     assert d.admitted and d.headers == []
 
 
-@pytest.mark.parametrize("ms,text", [(0, "0ms"), (250, "250ms"), (1500, "1.5s"), (60_000, "1m0s"),
-                                     (3_723_000, "1h2m3s")])
+@pytest.mark.parametrize(
+    "ms,text", [(0, "0ms"), (250, "250ms"), (1500, "1.5s"), (60_000, "1m0s"), (3_723_000, "1h2m3s")]
+)
 def test_format_duration(ms, text):
     assert adm.format_duration(ms) == text
 
@@ -189,8 +191,10 @@ async def test_ticket_settles_exactly_once(admission, fake_redis):
 
 
 async def test_every_counter_key_gets_a_ttl(admission, fake_redis):
-    p = make_principal(contract.Limits(requests_per_second=5, tokens_per_minute=1000, tokens_per_day=10_000,
-                                       max_concurrent=3), contract.Limits(tokens_per_month=100_000))
+    p = make_principal(
+        contract.Limits(requests_per_second=5, tokens_per_minute=1000, tokens_per_day=10_000, max_concurrent=3),
+        contract.Limits(tokens_per_month=100_000),
+    )
     for rid in ("a", "b"):
         assert (await admission.admit(p, rid, 100)).admitted
         await admission.settle(p, rid, 100, 40)
@@ -275,16 +279,20 @@ async def test_reject_policy_never_shrinks(admission):
 
 
 async def test_shrink_on_the_quota_and_the_lowest_fit_wins(admission):
-    p = make_principal(contract.Limits(tokens_per_day=10_000, tokens_per_month=600),
-                       contract.Limits(tokens_per_day=400), shortfall=SHRINK,
-                       quota_shortfall=SHRINK)
+    p = make_principal(
+        contract.Limits(tokens_per_day=10_000, tokens_per_month=600),
+        contract.Limits(tokens_per_day=400),
+        shortfall=SHRINK,
+        quota_shortfall=SHRINK,
+    )
     decision = await admission.admit(p, "a", 100 + 1000, 100, 1)
     assert decision.admitted and decision.reserved == 400  # the quota's day budget is the lowest
 
 
 async def test_a_reject_subject_still_refuses_what_a_shrink_subject_would_shrink(admission):
-    p = make_principal(contract.Limits(tokens_per_day=300), contract.Limits(tokens_per_day=10_000),
-                       quota_shortfall=SHRINK)
+    p = make_principal(
+        contract.Limits(tokens_per_day=300), contract.Limits(tokens_per_day=10_000), quota_shortfall=SHRINK
+    )
     refused = await admission.admit(p, "a", 100 + 1000, 100, 1)
     assert not refused.admitted and refused.reason == limits.DAY and refused.subject == 1
 
@@ -296,14 +304,16 @@ async def test_the_shrunk_reservation_is_what_tokens_per_minute_sees(admission):
     p = make_principal(contract.Limits(tokens_per_day=400, tokens_per_minute=450), shortfall=SHRINK, name="b")
     assert (await admission.admit(p, "b", 100 + 1000, 100, 1)).reserved == 400
 
+
 # ----------------------------------------------------------------------- undo.lua (issue 10)
 
 
 async def test_undo_of_an_admission_that_ran_leaves_nothing(admission, fake_redis):
     """The admission ran (its reply was lost): undo drops lease and reservation on every
     subject, takes back the request count and the tokens-per-minute reservation."""
-    p = make_principal(contract.Limits(max_concurrent=1, tokens_per_minute=1_000),
-                       contract.Limits(tokens_per_day=10_000))
+    p = make_principal(
+        contract.Limits(max_concurrent=1, tokens_per_minute=1_000), contract.Limits(tokens_per_day=10_000)
+    )
     assert (await admission.admit(p, "lost", 300)).admitted
     assert await admission.undo(p, "lost", 300, 0, admission=True) == 2
     for subject in (KEY, QUOTA):

@@ -13,8 +13,9 @@ from atlas_gateway.routes import ROUTES
 from atlas_gateway.settings import Settings
 
 # nothing listens there: the lifespan must not need Redis to start or stop
-SETTINGS = Settings(upstream_url="http://127.0.0.1:9", redis_url="redis://127.0.0.1:9/0", redis_cluster="false",
-                    gc_threshold=0)
+SETTINGS = Settings(
+    upstream_url="http://127.0.0.1:9", redis_url="redis://127.0.0.1:9/0", redis_cluster="false", gc_threshold=0
+)
 
 
 class Channel:

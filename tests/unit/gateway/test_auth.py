@@ -32,10 +32,10 @@ async def test_unknown_key_is_cached_negatively(fake_redis):
 async def test_deleted_key_refused_after_ttl(fake_redis):
     cache = ConfigCache(fake_redis, ttl=0.05)
     key_hash = contract.hash_api_key("sk-1")
-    await fake_redis.set(contract.key_config_key(key_hash),
-                         contract.KeyConfig("team", "k", key_hash[:8]).encode())
+    await fake_redis.set(contract.key_config_key(key_hash), contract.KeyConfig("team", "k", key_hash[:8]).encode())
     assert await cache.lookup(key_hash) is not None
     await fake_redis.delete(contract.key_config_key(key_hash))
+
     async def refused() -> bool:
         return await cache.lookup(key_hash) is None
 
@@ -46,18 +46,22 @@ async def test_deleted_key_refused_after_ttl(fake_redis):
 async def test_missing_quota_is_refused_not_unlimited(fake_redis):
     cache = ConfigCache(fake_redis, ttl=1)
     key_hash = contract.hash_api_key("sk-2")
-    await fake_redis.set(contract.key_config_key(key_hash),
-                         contract.KeyConfig("team", "k", key_hash[:8], quota="gone").encode())
+    await fake_redis.set(
+        contract.key_config_key(key_hash), contract.KeyConfig("team", "k", key_hash[:8], quota="gone").encode()
+    )
     principal = await cache.lookup(key_hash)
     refusal = principal.refusal(time.time())
     assert refusal.status == 403 and refusal.code == "QuotaNotFound"
 
 
-@pytest.mark.parametrize("fields,code", [
-    ({"suspended": True}, "Suspended"),
-    ({"expires_at": 1.0}, "Expired"),
-    ({"refusal": "SecretInvalid", "refusal_message": "bad secret"}, "SecretInvalid"),
-])
+@pytest.mark.parametrize(
+    "fields,code",
+    [
+        ({"suspended": True}, "Suspended"),
+        ({"expires_at": 1.0}, "Expired"),
+        ({"refusal": "SecretInvalid", "refusal_message": "bad secret"}, "SecretInvalid"),
+    ],
+)
 def test_refusals(fields, code):
     principal = make_principal(contract.Limits(), **fields)
     refusal = principal.refusal(time.time())
@@ -85,8 +89,9 @@ async def test_authenticator_refuses_on_its_own_clock(fake_redis):
     now = [1_000.0]
     auth = Authenticator(ConfigCache(fake_redis, ttl=60), _Health(), fail_open=False, clock=lambda: now[0])
     key_hash = contract.hash_api_key("sk-clock")
-    await fake_redis.set(contract.key_config_key(key_hash),
-                         contract.KeyConfig("team", "k", key_hash[:8], expires_at=2_000.0).encode())
+    await fake_redis.set(
+        contract.key_config_key(key_hash), contract.KeyConfig("team", "k", key_hash[:8], expires_at=2_000.0).encode()
+    )
     assert (await auth.authenticate("sk-clock")).ref == "team/k"
     now[0] = 2_000.0  # the key's expiresAt, by the authenticator's clock (not the test's)
     with pytest.raises(errors.GatewayError) as refused:

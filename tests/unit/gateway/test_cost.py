@@ -17,21 +17,30 @@ from atlas_gateway.metering.usage import cached_tokens
 KEY = contract.key_subject("team", "app")
 QUOTA = contract.quota_subject("team", "shared")
 
-TABLE = contract.PriceTable.from_spec("prices", {
-    "currency": "USD",
-    "prices": [
-        {"model": "gpt-4o-mini*", "input": 0.15, "cachedInput": 0.075, "output": 0.6},
-        {"model": "gpt-4o*", "input": 2.5, "output": 10},
-    ],
-})
-WITH_DEFAULT = contract.PriceTable.from_spec("prices", {
-    "currency": "EUR", "prices": [], "default": {"input": 1, "output": 2},
-})
+TABLE = contract.PriceTable.from_spec(
+    "prices",
+    {
+        "currency": "USD",
+        "prices": [
+            {"model": "gpt-4o-mini*", "input": 0.15, "cachedInput": 0.075, "output": 0.6},
+            {"model": "gpt-4o*", "input": 2.5, "output": 10},
+        ],
+    },
+)
+WITH_DEFAULT = contract.PriceTable.from_spec(
+    "prices",
+    {
+        "currency": "EUR",
+        "prices": [],
+        "default": {"input": 1, "output": 2},
+    },
+)
 
 
 def principal(limits: contract.Limits, table=TABLE, quota_limits=None, quota_table=None) -> Principal:
-    key = contract.KeyConfig("team", "app", "0123abcd", limits, quota="shared" if quota_limits else None,
-                             price_list=table)
+    key = contract.KeyConfig(
+        "team", "app", "0123abcd", limits, quota="shared" if quota_limits else None, price_list=table
+    )
     quota = contract.QuotaConfig("team", "shared", quota_limits, price_list=quota_table) if quota_limits else None
     return Principal(key, quota)
 
@@ -98,8 +107,13 @@ def test_config_round_trip_keeps_prices():
     key = contract.KeyConfig("team", "app", "0123abcd", contract.Limits(cost_per_day=1.5), price_list=TABLE)
     again = contract.KeyConfig.decode(key.encode())
     assert again.price_list == TABLE and again.limits.cost_per_day == 1.5
-    quota = contract.QuotaConfig("team", "q", price_list=WITH_DEFAULT, refusal="PriceListNotFound",
-                                  refusal_message="AtlasPriceList 'p' not found")
+    quota = contract.QuotaConfig(
+        "team",
+        "q",
+        price_list=WITH_DEFAULT,
+        refusal="PriceListNotFound",
+        refusal_message="AtlasPriceList 'p' not found",
+    )
     assert contract.QuotaConfig.decode(quota.encode()) == quota
 
 
@@ -147,8 +161,9 @@ async def test_cost_budget_arithmetic_is_exact(admission, fake_redis):
 
 
 async def test_quota_cost_budget_in_its_own_price_list(admission, fake_redis):
-    p = principal(contract.Limits(), table=None, quota_limits=contract.Limits(cost_per_month=0.000003),
-                  quota_table=WITH_DEFAULT)
+    p = principal(
+        contract.Limits(), table=None, quota_limits=contract.Limits(cost_per_month=0.000003), quota_table=WITH_DEFAULT
+    )
     prices = p.prices_for("any-model")
     assert prices[0] is None and prices[1].input == 1_000_000
     costs = cost_args(prices, 2, 0)  # 2 tokens at 1 EUR/M = 2 micro

@@ -27,8 +27,13 @@ KEY_HASH = "ab" * 32
 
 def jwk(private, kid, alg=None):
     public = private.public_key()
-    algorithm = ECAlgorithm if isinstance(private, ec.EllipticCurvePrivateKey) else \
-        OKPAlgorithm if isinstance(private, ed25519.Ed25519PrivateKey) else RSAAlgorithm
+    algorithm = (
+        ECAlgorithm
+        if isinstance(private, ec.EllipticCurvePrivateKey)
+        else OKPAlgorithm
+        if isinstance(private, ed25519.Ed25519PrivateKey)
+        else RSAAlgorithm
+    )
     doc = algorithm.to_jwk(public, as_dict=True)
     doc["kid"] = kid
     if alg:
@@ -44,17 +49,31 @@ OTHER_EC = ec.generate_private_key(ec.SECP256R1())
 
 def sa_claims(name="batch-runner", namespace="jobs", uid=SA_UID, **extra):
     now = int(time.time())
-    claims = {"iss": CLUSTER, "aud": ["atlas"], "sub": f"system:serviceaccount:{namespace}:{name}",
-              "iat": now, "nbf": now, "exp": now + 3600,
-              "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": uid}}}
+    claims = {
+        "iss": CLUSTER,
+        "aud": ["atlas"],
+        "sub": f"system:serviceaccount:{namespace}:{name}",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": uid}},
+    }
     claims.update(extra)
     return claims
 
 
 def oidc_claims(**extra):
     now = int(time.time())
-    claims = {"iss": OIDC, "aud": "atlas", "sub": "u-1", "email": "alice@example.com", "email_verified": True,
-              "groups": ["team-search", "everyone"], "iat": now, "exp": now + 600}
+    claims = {
+        "iss": OIDC,
+        "aud": "atlas",
+        "sub": "u-1",
+        "email": "alice@example.com",
+        "email_verified": True,
+        "groups": ["team-search", "everyone"],
+        "iat": now,
+        "exp": now + 600,
+    }
     claims.update(extra)
     return claims
 
@@ -71,17 +90,34 @@ def b64(doc):
 @pytest.fixture
 async def redis():
     client = fakeredis.FakeAsyncRedis()
-    await client.hset(contract.IDENTITY_ISSUERS, mapping={
-        CLUSTER: Issuer(CLUSTER, ("atlas",), (jwk(EC_KEY, "sa-1"),), service_accounts=True).encode(),
-        OIDC: Issuer(OIDC, ("atlas",), (jwk(RSA_KEY, "rsa-1", "RS256"), jwk(ED_KEY, "ed-1")),
-                     username_claim="email", groups_claim="groups", groups_prefix="oidc:").encode(),
-    })
-    await client.hset(contract.IDENTITY_BINDINGS, mapping={
-        "ServiceAccount:jobs/batch-runner": "team/batch", "User:alice@example.com": "team/alice",
-        "Group:oidc:search-a": "team/a", "Group:oidc:search-b": "team/b", "Group:oidc:team-search": "team/search"})
+    await client.hset(
+        contract.IDENTITY_ISSUERS,
+        mapping={
+            CLUSTER: Issuer(CLUSTER, ("atlas",), (jwk(EC_KEY, "sa-1"),), service_accounts=True).encode(),
+            OIDC: Issuer(
+                OIDC,
+                ("atlas",),
+                (jwk(RSA_KEY, "rsa-1", "RS256"), jwk(ED_KEY, "ed-1")),
+                username_claim="email",
+                groups_claim="groups",
+                groups_prefix="oidc:",
+            ).encode(),
+        },
+    )
+    await client.hset(
+        contract.IDENTITY_BINDINGS,
+        mapping={
+            "ServiceAccount:jobs/batch-runner": "team/batch",
+            "User:alice@example.com": "team/alice",
+            "Group:oidc:search-a": "team/a",
+            "Group:oidc:search-b": "team/b",
+            "Group:oidc:team-search": "team/search",
+        },
+    )
     await client.hset(contract.IDENTITY_SERVICE_ACCOUNTS, "jobs/batch-runner", SA_UID)
-    await client.hset(contract.KEY_INDEX, mapping={"team/batch": KEY_HASH, "team/alice": "cd" * 32,
-                                                   "team/search": "ef" * 32})
+    await client.hset(
+        contract.KEY_INDEX, mapping={"team/batch": KEY_HASH, "team/alice": "cd" * 32, "team/search": "ef" * 32}
+    )
     yield client
     await client.aclose()
 
@@ -145,48 +181,83 @@ async def test_a_recreated_service_account_refuses_the_old_accounts_token(redis,
     assert "no longer exists" in await refused(auth, sign(sa_claims()))
 
 
-@pytest.mark.parametrize("case, token, expected", [
-    ("malformed", "eyJhbGciOiJFUzI1NiJ9.not-base64!.x", "not a well-formed JWT"),
-    ("not json", "eyJ" + "x" * 10 + ".e30.sig", "not a well-formed JWT"),
-    ("alg none", b64({"alg": "none"}) + "." + b64(sa_claims()) + ".", "algorithm 'none' is not accepted"),
-    ("no alg", b64({"typ": "JWT"}) + "." + b64(sa_claims()) + ".x", "algorithm None is not accepted"),
-    ("crit", b64({"alg": "ES256", "kid": "sa-1", "crit": ["x"]}) + "." + b64(sa_claims()) + ".x", "critical header"),
-])
+@pytest.mark.parametrize(
+    "case, token, expected",
+    [
+        ("malformed", "eyJhbGciOiJFUzI1NiJ9.not-base64!.x", "not a well-formed JWT"),
+        ("not json", "eyJ" + "x" * 10 + ".e30.sig", "not a well-formed JWT"),
+        ("alg none", b64({"alg": "none"}) + "." + b64(sa_claims()) + ".", "algorithm 'none' is not accepted"),
+        ("no alg", b64({"typ": "JWT"}) + "." + b64(sa_claims()) + ".x", "algorithm None is not accepted"),
+        (
+            "crit",
+            b64({"alg": "ES256", "kid": "sa-1", "crit": ["x"]}) + "." + b64(sa_claims()) + ".x",
+            "critical header",
+        ),
+    ],
+)
 async def test_malformed_tokens_are_refused(auth, case, token, expected):
     assert expected in await refused(auth, token)
 
 
 async def test_hmac_with_the_issuers_public_key_as_secret_is_refused(auth):
     """Algorithm confusion: an attacker signs HS256 with the published public key."""
-    public_pem = RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = RSA_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     header = b64({"alg": "HS256", "kid": "rsa-1"})
     payload = b64(oidc_claims())
     import hmac
+
     sig = base64.urlsafe_b64encode(hmac.new(public_pem, f"{header}.{payload}".encode(), "sha256").digest())
     token = f"{header}.{payload}.{sig.rstrip(b'=').decode()}"
     assert "algorithm 'HS256' is not accepted" in await refused(auth, token)
 
 
-@pytest.mark.parametrize("case, make, expected", [
-    ("unknown issuer", lambda: sign(sa_claims(iss="https://evil.example")), "issuer 'https://evil.example' is not trusted"),
-    ("unknown kid", lambda: sign(sa_claims(), kid="rotated-away"), "key id 'rotated-away' is not a signing key"),
-    ("forged signature", lambda: sign(sa_claims(), OTHER_EC), "signature does not verify"),
-    ("wrong audience", lambda: sign(sa_claims(aud=["kubernetes"])), "audience is not this gateway's"),
-    ("no audience", lambda: sign({k: v for k, v in sa_claims().items() if k != "aud"}), "no 'aud' claim"),
-    ("expired", lambda: sign(sa_claims(exp=int(time.time()) - 60)), "has expired"),
-    ("not yet valid", lambda: sign(sa_claims(nbf=int(time.time()) + 600)), "not valid yet"),
-    ("no exp", lambda: sign({k: v for k, v in sa_claims().items() if k != "exp"}), "no 'exp' claim"),
-    ("key of another family", lambda: sign(sa_claims(), RSA_KEY, "RS256", "sa-1"), "is not a signing key"),
-    ("alg the JWK forbids", lambda: sign(oidc_claims(), RSA_KEY, "PS256", "rsa-1"), "is not a signing key"),
-    ("unbound account", lambda: sign(sa_claims(name="stranger")), "No AtlasKey binds ServiceAccount jobs/stranger"),
-    ("sub and account disagree", lambda: sign(sa_claims(sub="system:serviceaccount:jobs:admin")), "subject does not match"),
-    ("no kubernetes.io", lambda: sign({k: v for k, v in sa_claims().items() if k != "kubernetes.io"}), "names no ServiceAccount"),
-    ("unbound user", lambda: sign(oidc_claims(email="eve@example.com", groups=[]), RSA_KEY, "RS256", "rsa-1"),
-     "No AtlasKey binds User 'eve@example.com'"),
-    ("email not verified", lambda: sign(oidc_claims(email_verified=False), RSA_KEY, "RS256", "rsa-1"), "not verified"),
-    ("groups not a list", lambda: sign(oidc_claims(groups={"a": 1}), RSA_KEY, "RS256", "rsa-1"), "not a list of groups"),
-])
+@pytest.mark.parametrize(
+    "case, make, expected",
+    [
+        (
+            "unknown issuer",
+            lambda: sign(sa_claims(iss="https://evil.example")),
+            "issuer 'https://evil.example' is not trusted",
+        ),
+        ("unknown kid", lambda: sign(sa_claims(), kid="rotated-away"), "key id 'rotated-away' is not a signing key"),
+        ("forged signature", lambda: sign(sa_claims(), OTHER_EC), "signature does not verify"),
+        ("wrong audience", lambda: sign(sa_claims(aud=["kubernetes"])), "audience is not this gateway's"),
+        ("no audience", lambda: sign({k: v for k, v in sa_claims().items() if k != "aud"}), "no 'aud' claim"),
+        ("expired", lambda: sign(sa_claims(exp=int(time.time()) - 60)), "has expired"),
+        ("not yet valid", lambda: sign(sa_claims(nbf=int(time.time()) + 600)), "not valid yet"),
+        ("no exp", lambda: sign({k: v for k, v in sa_claims().items() if k != "exp"}), "no 'exp' claim"),
+        ("key of another family", lambda: sign(sa_claims(), RSA_KEY, "RS256", "sa-1"), "is not a signing key"),
+        ("alg the JWK forbids", lambda: sign(oidc_claims(), RSA_KEY, "PS256", "rsa-1"), "is not a signing key"),
+        ("unbound account", lambda: sign(sa_claims(name="stranger")), "No AtlasKey binds ServiceAccount jobs/stranger"),
+        (
+            "sub and account disagree",
+            lambda: sign(sa_claims(sub="system:serviceaccount:jobs:admin")),
+            "subject does not match",
+        ),
+        (
+            "no kubernetes.io",
+            lambda: sign({k: v for k, v in sa_claims().items() if k != "kubernetes.io"}),
+            "names no ServiceAccount",
+        ),
+        (
+            "unbound user",
+            lambda: sign(oidc_claims(email="eve@example.com", groups=[]), RSA_KEY, "RS256", "rsa-1"),
+            "No AtlasKey binds User 'eve@example.com'",
+        ),
+        (
+            "email not verified",
+            lambda: sign(oidc_claims(email_verified=False), RSA_KEY, "RS256", "rsa-1"),
+            "not verified",
+        ),
+        (
+            "groups not a list",
+            lambda: sign(oidc_claims(groups={"a": 1}), RSA_KEY, "RS256", "rsa-1"),
+            "not a list of groups",
+        ),
+    ],
+)
 async def test_hostile_or_unusable_tokens_are_refused_with_401(auth, case, make, expected):
     assert expected in await refused(auth, make())
 
@@ -199,16 +270,20 @@ async def test_groups_binding_several_keys_are_ambiguous_and_refused(auth):
 
 async def test_a_bound_key_without_a_usable_secret_is_a_403(redis, auth):
     await redis.hdel(contract.KEY_INDEX, "team/batch")
-    assert "AtlasKey team/batch, which binds ServiceAccount jobs/batch-runner, has no usable key" in \
-        await refused(auth, sign(sa_claims()), status=403)
+    assert "AtlasKey team/batch, which binds ServiceAccount jobs/batch-runner, has no usable key" in await refused(
+        auth, sign(sa_claims()), status=403
+    )
 
 
 async def test_a_key_published_after_the_token_was_first_seen_is_found(redis):
     auth = TokenAuthenticator(redis, issuer_ttl=3600)
     assert await key_of(auth, sign(sa_claims())) == KEY_HASH  # issuers loaded
     rotated = ec.generate_private_key(ec.SECP256R1())
-    await redis.hset(contract.IDENTITY_ISSUERS, CLUSTER, Issuer(
-        CLUSTER, ("atlas",), (jwk(EC_KEY, "sa-1"), jwk(rotated, "sa-2")), service_accounts=True).encode())
+    await redis.hset(
+        contract.IDENTITY_ISSUERS,
+        CLUSTER,
+        Issuer(CLUSTER, ("atlas",), (jwk(EC_KEY, "sa-1"), jwk(rotated, "sa-2")), service_accounts=True).encode(),
+    )
     auth.issuers._loaded_at -= 1.0  # a second later: an unknown kid reloads the issuers
     assert await key_of(auth, sign(sa_claims(), rotated, kid="sa-2")) == KEY_HASH
 
@@ -238,8 +313,16 @@ async def test_a_burst_of_a_new_tokens_requests_verifies_it_once(redis, monkeypa
     assert len(calls) == 2  # the forged one: once too
 
 
-@pytest.mark.parametrize("claims", [
-    {"exp": "tomorrow"}, {"exp": 10**400}, {"nbf": [1]}, {"aud": {"x": 1}}, {"iat": "now"}, {"kubernetes.io": "x"},
-])
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": "tomorrow"},
+        {"exp": 10**400},
+        {"nbf": [1]},
+        {"aud": {"x": 1}},
+        {"iat": "now"},
+        {"kubernetes.io": "x"},
+    ],
+)
 async def test_odd_claim_shapes_are_refused_never_raised(auth, claims):
     await refused(auth, sign(sa_claims(**claims)))

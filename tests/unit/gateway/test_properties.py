@@ -8,7 +8,8 @@ import re
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from atlas_core import contract
 from atlas_gateway.http.errors import GatewayError
@@ -60,8 +61,9 @@ def test_reset_durations_never_understate_the_wait(ms):
 limits_or_absent = st.integers(min_value=-1, max_value=CRD_MAX_TOKENS)
 
 
-@given(limits_or_absent, st.integers(0, CRD_MAX_TOKENS), any_ms, limits_or_absent, st.integers(0, CRD_MAX_TOKENS),
-       any_ms)
+@given(
+    limits_or_absent, st.integers(0, CRD_MAX_TOKENS), any_ms, limits_or_absent, st.integers(0, CRD_MAX_TOKENS), any_ms
+)
 def test_rate_limit_headers_are_present_for_each_limited_kind_and_plain_ascii(rl, rr, rs, tl, tr, ts):
     headers = dict(rate_limit_headers(rl, rr, rs, tl, tr, ts))
     for kind, limit, remaining in (("requests", rl, rr), ("tokens", tl, tr)):
@@ -76,8 +78,12 @@ def test_rate_limit_headers_are_present_for_each_limited_kind_and_plain_ascii(rl
 # --------------------------------------------------------------------------- Retry-After
 
 
-@given(reason=st.sampled_from(sorted(r for r in REFUSALS if r < 99)), retry_ms=st.integers(0, 2**63 - 1),
-       subject=st.sampled_from([0, 1, 2]), reserve=st.integers(0, CRD_MAX_TOKENS))
+@given(
+    reason=st.sampled_from(sorted(r for r in REFUSALS if r < 99)),
+    retry_ms=st.integers(0, 2**63 - 1),
+    subject=st.sampled_from([0, 1, 2]),
+    reserve=st.integers(0, CRD_MAX_TOKENS),
+)
 def test_retry_after_is_a_whole_number_of_seconds_no_sooner_than_the_real_wait(reason, retry_ms, subject, reserve):
     principal = make_principal(contract.Limits(tokens_per_day=1), contract.Limits(tokens_per_day=1))
     decision = Decision([0, reason, subject, retry_ms, -1, -1, 0, -1, -1, 0, reserve, 0, 0])
@@ -96,8 +102,12 @@ def test_retry_after_is_a_whole_number_of_seconds_no_sooner_than_the_real_wait(r
 
 def _near_boundaries() -> st.SearchStrategy[float]:
     """Instants within a few seconds of a UTC month start (year ends included)."""
-    return st.builds(lambda year, month, offset: datetime(year, month, 1, tzinfo=UTC).timestamp() + offset,
-                     st.integers(1970, 9998), st.integers(1, 12), st.floats(-5, 5)).filter(lambda t: t >= 0)
+    return st.builds(
+        lambda year, month, offset: datetime(year, month, 1, tzinfo=UTC).timestamp() + offset,
+        st.integers(1970, 9998),
+        st.integers(1, 12),
+        st.floats(-5, 5),
+    ).filter(lambda t: t >= 0)
 
 
 instants = st.one_of(st.floats(0, LATEST), _near_boundaries())
@@ -128,18 +138,29 @@ caps = st.one_of(st.none(), st.integers(0, 10**30))  # validation admits any int
 counts = st.one_of(st.none(), st.integers(1, 10**12))
 
 
-@given(messages=st.lists(texts, min_size=1, max_size=5), max_tokens=caps, max_completion_tokens=caps, n=counts,
-       best_of=counts, default_cap=st.integers(1, 10**6))
+@given(
+    messages=st.lists(texts, min_size=1, max_size=5),
+    max_tokens=caps,
+    max_completion_tokens=caps,
+    n=counts,
+    best_of=counts,
+    default_cap=st.integers(1, 10**6),
+)
 @example(messages=["hi"], max_tokens=10**20, max_completion_tokens=None, n=None, best_of=None, default_cap=16)
 def test_a_chat_reservation_bounds_the_request_and_fits_the_admission_script(
-        messages, max_tokens, max_completion_tokens, n, best_of, default_cap):
+    messages, max_tokens, max_completion_tokens, n, best_of, default_cap
+):
     """reserve = prompt + cap x sequences, where the prompt bound counts every byte of text, the
     cap is the smallest positive cap field (else the default) and sequences max(n, best_of).
     A reservation the admission script cannot count exactly (2^53, far above the CRD's largest
     budget) is refused with a 400 naming the cap field, never sent to Redis."""
     doc = {"model": "m", "messages": [{"role": "user", "content": text} for text in messages]}
-    for name, value in (("max_tokens", max_tokens), ("max_completion_tokens", max_completion_tokens), ("n", n),
-                        ("best_of", best_of)):
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("max_completion_tokens", max_completion_tokens),
+        ("n", n),
+        ("best_of", best_of),
+    ):
         if value is not None:
             doc[name] = value
     meter = Meter(default_cap=default_cap)
@@ -157,8 +178,12 @@ def test_a_chat_reservation_bounds_the_request_and_fits_the_admission_script(
     assert bound.reserve == bound.prompt + cap * sequences < EXACT
 
 
-@given(prompt=st.integers(0, CRD_MAX_TOKENS), completion=st.integers(0, CRD_MAX_TOKENS),
-       cached=st.integers(0, CRD_MAX_TOKENS), prices=st.lists(st.integers(0, 10**12), min_size=3, max_size=3))
+@given(
+    prompt=st.integers(0, CRD_MAX_TOKENS),
+    completion=st.integers(0, CRD_MAX_TOKENS),
+    cached=st.integers(0, CRD_MAX_TOKENS),
+    prices=st.lists(st.integers(0, 10**12), min_size=3, max_size=3),
+)
 def test_cost_arguments_are_integer_micro_units_never_below_the_exact_cost(prompt, completion, cached, prices):
     price = contract.Price("*", *prices)
     key, quota = cost_args((price, None), prompt, completion, cached)
@@ -168,8 +193,11 @@ def test_cost_arguments_are_integer_micro_units_never_below_the_exact_cost(promp
     assert exact <= int(key) < exact + 1
 
 
-@given(rps=st.floats(min_value=5e-324, max_value=1e6, exclude_min=False), tokens=st.integers(1, CRD_MAX_TOKENS),
-       cost=st.floats(min_value=1e-6, max_value=1e9))
+@given(
+    rps=st.floats(min_value=5e-324, max_value=1e6, exclude_min=False),
+    tokens=st.integers(1, CRD_MAX_TOKENS),
+    cost=st.floats(min_value=1e-6, max_value=1e9),
+)
 def test_limits_reach_the_script_as_the_numbers_they_are(rps, tokens, cost):
     """Every limit argument reads back (Lua's tonumber, like Python's float) as the limit itself."""
     limits = contract.Limits(requests_per_second=rps, tokens_per_day=tokens, cost_per_day=cost)

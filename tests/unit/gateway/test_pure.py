@@ -6,35 +6,38 @@ import json
 
 import pytest
 
+from atlas_gateway.globs import compile_globs, first_match
 from atlas_gateway.http import errors
 from atlas_gateway.http.headers import RequestHeaders, api_key_from_headers
-from atlas_gateway.store.fastredis import ReplyError, pack, reply_reader
-from atlas_gateway.globs import compile_globs, first_match
-from atlas_gateway.shedding.priority import effective_priority
-from atlas_gateway.shedding.shedder import Shedder
-from atlas_gateway.routes import route
-from atlas_gateway.settings import Settings, SettingsError
 from atlas_gateway.metering.events import StreamState, filter_events
-from atlas_gateway.upstream.targets import Upstreams
 from atlas_gateway.metering.usage import split_usage, usage_from_body
 from atlas_gateway.metering.validation import parse_body, validate
-
+from atlas_gateway.routes import route
+from atlas_gateway.settings import Settings, SettingsError
+from atlas_gateway.shedding.priority import effective_priority
+from atlas_gateway.shedding.shedder import Shedder
+from atlas_gateway.store.fastredis import ReplyError, pack, reply_reader
+from atlas_gateway.upstream.targets import Upstreams
 
 # ------------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("err,status,type_,code", [
-    (errors.invalid_api_key(), 401, "invalid_request_error", "invalid_api_key"),
-    (errors.permission_denied("no"), 403, "permission_error", None),
-    (errors.bad_request("bad", param="model"), 400, "invalid_request_error", None),
-    (errors.body_too_large(10), 413, "invalid_request_error", "request_too_large"),
-    (errors.rate_limited("requests", "slow down", 3), 429, "requests", "rate_limit_exceeded"),
-    (errors.rate_limited("tokens", "slow down", 3), 429, "tokens", "rate_limit_exceeded"),
-    (errors.quota_exhausted("spent", 60), 429, "insufficient_quota", "insufficient_quota"),
-    (errors.shed(), 503, "server_error", "overloaded"),
-    (errors.redis_unavailable(), 503, "server_error", "quota_store_unavailable"),
-    (errors.upstream_unreachable(), 502, "server_error", "upstream_unreachable"),
-    (errors.upstream_timeout(), 504, "server_error", "upstream_timeout"),
-])
+
+@pytest.mark.parametrize(
+    "err,status,type_,code",
+    [
+        (errors.invalid_api_key(), 401, "invalid_request_error", "invalid_api_key"),
+        (errors.permission_denied("no"), 403, "permission_error", None),
+        (errors.bad_request("bad", param="model"), 400, "invalid_request_error", None),
+        (errors.body_too_large(10), 413, "invalid_request_error", "request_too_large"),
+        (errors.rate_limited("requests", "slow down", 3), 429, "requests", "rate_limit_exceeded"),
+        (errors.rate_limited("tokens", "slow down", 3), 429, "tokens", "rate_limit_exceeded"),
+        (errors.quota_exhausted("spent", 60), 429, "insufficient_quota", "insufficient_quota"),
+        (errors.shed(), 503, "server_error", "overloaded"),
+        (errors.redis_unavailable(), 503, "server_error", "quota_store_unavailable"),
+        (errors.upstream_unreachable(), 502, "server_error", "upstream_unreachable"),
+        (errors.upstream_timeout(), 504, "server_error", "upstream_timeout"),
+    ],
+)
 def test_error_shapes(err, status, type_, code):
     doc = json.loads(err.body())
     assert err.status == status
@@ -50,11 +53,12 @@ def test_retry_after_headers():
 
 # ------------------------------------------------------------------------------ globs, upstreams
 
+
 def test_globs():
     allow = compile_globs(("llama-3.1-8b-instruct", "qwen2.5-*"))
     assert allow("qwen2.5-7b-instruct") and allow("llama-3.1-8b-instruct")
     assert not allow("llama-3.1-70b") and not allow("QWEN2.5-7b")
-    assert compile_globs(()) ("anything")
+    assert compile_globs(())("anything")
     assert compile_globs(("a*",)) is compile_globs(("a*",))  # compiled once
 
 
@@ -68,11 +72,18 @@ def test_upstream_map_first_match_and_default():
 
 # ------------------------------------------------------------------------------ priority
 
-@pytest.mark.parametrize("key,header,expected", [
-    ("Critical", None, "Critical"), ("Critical", "sheddable", "Sheddable"),
-    ("Sheddable", "Critical", "Sheddable"), ("Standard", "Critical", "Standard"),
-    ("Standard", "bogus", "Standard"), ("Standard", "Sheddable", "Sheddable"),
-])
+
+@pytest.mark.parametrize(
+    "key,header,expected",
+    [
+        ("Critical", None, "Critical"),
+        ("Critical", "sheddable", "Sheddable"),
+        ("Sheddable", "Critical", "Sheddable"),
+        ("Standard", "Critical", "Standard"),
+        ("Standard", "bogus", "Standard"),
+        ("Standard", "Sheddable", "Sheddable"),
+    ],
+)
 def test_priority_may_be_lowered_never_raised(key, header, expected):
     assert effective_priority(key, header) == expected
 
@@ -89,6 +100,7 @@ def test_shedding_order():
 
 
 # ------------------------------------------------------------------------------ auth, validation
+
 
 def test_api_key_extraction():
     assert api_key_from_headers([(b"authorization", b"Bearer sk-1")]) == "sk-1"
@@ -107,12 +119,21 @@ def test_api_key_extraction():
 
 def test_the_hot_path_header_parser_reads_controls_and_forwards_the_rest():
     """The hot path's one pass (proxy.py uses RequestHeaders with forward=True)."""
-    parsed = RequestHeaders([
-        (b"host", b"gw"), (b"authorization", b"Bearer sk-1"), (b"x-api-key", b"sk-2"),
-        (b"content-length", b"123"), (b"x-atlas-priority", b"Sheddable"), (b"accept-encoding", b"gzip"),
-        (b"x-request-id", b"client-chosen"), (b"connection", b"keep-alive"), (b"openai-beta", b"x"),
-        (b"x-custom", b"\xe9"),
-    ], forward=True)
+    parsed = RequestHeaders(
+        [
+            (b"host", b"gw"),
+            (b"authorization", b"Bearer sk-1"),
+            (b"x-api-key", b"sk-2"),
+            (b"content-length", b"123"),
+            (b"x-atlas-priority", b"Sheddable"),
+            (b"accept-encoding", b"gzip"),
+            (b"x-request-id", b"client-chosen"),
+            (b"connection", b"keep-alive"),
+            (b"openai-beta", b"x"),
+            (b"x-custom", b"\xe9"),
+        ],
+        forward=True,
+    )
     assert parsed.api_key == "sk-1" and parsed.priority == "Sheddable" and parsed.content_length == 123
     # credentials, hop-by-hop headers, our controls and the client's request id never go upstream
     assert parsed.forward == {"openai-beta": "x", "x-custom": "\xe9"}
@@ -136,6 +157,7 @@ def test_validation_errors_name_the_field():
 
 # ------------------------------------------------------------------------------ usage / SSE
 
+
 def test_usage_from_body():
     body = b'{"choices":[{"message":{"content":"\\"usage\\": x"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
     assert split_usage(usage_from_body(body)) == (3, 4, 7)
@@ -147,9 +169,11 @@ def _event(doc) -> bytes:
 
 
 def test_sse_filter_strips_injected_usage_chunk_only():
-    block = (_event({"choices": [{"delta": {"content": "a"}}], "usage": None})
-             + _event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
-             + b"data: [DONE]\n\n")
+    block = (
+        _event({"choices": [{"delta": {"content": "a"}}], "usage": None})
+        + _event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
+        + b"data: [DONE]\n\n"
+    )
     state = StreamState()
     out = filter_events(block, state, strip_usage=True)
     assert b'"prompt_tokens"' not in out and b"[DONE]" in out and b'"content": "a"' in out
@@ -159,6 +183,7 @@ def test_sse_filter_strips_injected_usage_chunk_only():
 
 
 # ------------------------------------------------------------------------------ RESP, settings
+
 
 def test_resp_pack_and_parse():
     assert pack((b"PING",)) == b"*1\r\n$4\r\nPING\r\n"
@@ -173,9 +198,15 @@ def test_resp_pack_and_parse():
 def test_settings_from_env():
     with pytest.raises(SettingsError):
         Settings.from_env({})
-    s = Settings.from_env({"ATLAS_UPSTREAM_URL": "http://u", "ATLAS_FAIL_MODE": "open",
-                           "ATLAS_SHED_THRESHOLD": "10", "ATLAS_FORWARD_PRIORITY": "true",
-                           "ATLAS_UPSTREAM_MODELS": '{"q*": "http://q"}'})
+    s = Settings.from_env(
+        {
+            "ATLAS_UPSTREAM_URL": "http://u",
+            "ATLAS_FAIL_MODE": "open",
+            "ATLAS_SHED_THRESHOLD": "10",
+            "ATLAS_FORWARD_PRIORITY": "true",
+            "ATLAS_UPSTREAM_MODELS": '{"q*": "http://q"}',
+        }
+    )
     assert s.fail_open and s.shed_thresholds() == (10, 11264, 12288)  # the others follow the pool
     assert s.forward_priority["Critical"] < s.forward_priority["Sheddable"]
     assert s.upstream_models == (("q*", "http://q"),)
@@ -184,28 +215,31 @@ def test_settings_from_env():
 
 
 def test_pre_encoded_script_call_equals_plain_encoding():
-    from atlas_gateway.store.scripts import CallShape
-    from atlas_gateway.store.scripts import FastScript
+    from atlas_gateway.store.scripts import CallShape, FastScript
 
     script = FastScript(client=None, source="return 1")
     shape = CallShape((b"k1", b"k2"), (b"a", b"bcd", b""))
     dynamic, tail = (b"rid", b"12"), (b"1",)
     for _ in range(2):  # the first call encodes the shape, the second reuses that encoding
-        assert script.encode(shape, dynamic) == pack((b"EVALSHA", script.sha, b"2", b"k1", b"k2", *dynamic,
-                                                      b"a", b"bcd", b""))
-        assert script.encode(shape, dynamic, tail) == pack((b"EVALSHA", script.sha, b"2", b"k1", b"k2", *dynamic,
-                                                            b"a", b"bcd", b"", b"1"))
+        assert script.encode(shape, dynamic) == pack(
+            (b"EVALSHA", script.sha, b"2", b"k1", b"k2", *dynamic, b"a", b"bcd", b"")
+        )
+        assert script.encode(shape, dynamic, tail) == pack(
+            (b"EVALSHA", script.sha, b"2", b"k1", b"k2", *dynamic, b"a", b"bcd", b"", b"1")
+        )
     assert shape.encoded is not None
 
 
 # ------------------------------------------------------------------------------- usage of every route
 
+
 def test_split_usage_reads_every_routes_fields():
     assert split_usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}) == (3, 4, 7)
     assert split_usage({"input_tokens": 5, "output_tokens": 6, "total_tokens": 11}) == (5, 6, 11)
     # Anthropic counts cache reads and writes apart from input_tokens
-    assert split_usage({"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 10,
-                        "output_tokens": 2}) == (115, 2, 117)
+    assert split_usage(
+        {"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 10, "output_tokens": 2}
+    ) == (115, 2, 117)
     assert split_usage({"total_tokens": 42}) == (42, 0, 42)  # rerank: all prompt
 
 
@@ -216,29 +250,50 @@ def sse(event: str | None, doc: dict) -> bytes:
 
 def test_stream_usage_is_cumulative_and_the_last_value_wins():
     state = StreamState()
-    filter_events(sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9,
-                                                                                "output_tokens": 1}}}),
-            state, False)
+    filter_events(
+        sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1}}}),
+        state,
+        False,
+    )
     filter_events(sse("content_block_delta", {"type": "content_block_delta", "delta": {"text": "x"}}), state, False)
     filter_events(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 15}}), state, False)
     filter_events(sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 30}}), state, False)
     assert split_usage(state.usage) == (9, 30, 39)
     chat = StreamState()
     for done in (1, 2, 3):  # per-frame cumulative usage (continuous_usage_stats)
-        filter_events(sse(None, {"choices": [{"delta": {"content": "x"}}],
-                           "usage": {"prompt_tokens": 4, "completion_tokens": done, "total_tokens": 4 + done}}),
-                chat, True)
+        filter_events(
+            sse(
+                None,
+                {
+                    "choices": [{"delta": {"content": "x"}}],
+                    "usage": {"prompt_tokens": 4, "completion_tokens": done, "total_tokens": 4 + done},
+                },
+            ),
+            chat,
+            True,
+        )
     assert split_usage(chat.usage) == (4, 3, 7) and chat.delivered == 3
 
 
 def test_responses_stream_notes_the_id_and_the_terminal_usage():
     state = StreamState(want_id=True)
-    filter_events(sse("response.created", {"type": "response.created", "response": {"id": "resp_1", "usage": None}}),
-            state, False)
+    filter_events(
+        sse("response.created", {"type": "response.created", "response": {"id": "resp_1", "usage": None}}), state, False
+    )
     filter_events(sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": "x"}), state, False)
-    filter_events(sse("response.incomplete", {"type": "response.incomplete", "response": {
-        "id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}}), state, False)
+    filter_events(
+        sse(
+            "response.incomplete",
+            {
+                "type": "response.incomplete",
+                "response": {"id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}},
+            },
+        ),
+        state,
+        False,
+    )
     assert state.response_id == "resp_1" and split_usage(state.usage) == (7, 3, 10)
+
 
 def test_shed_thresholds_follow_the_pool_and_never_exceed_it():
     base = {"ATLAS_UPSTREAM_URL": "http://u"}
@@ -263,8 +318,10 @@ def test_cluster_scope_makes_explicit_thresholds_shared_totals():
     s = Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "150"})
     assert s.shed_limits() == ((100, 91, 100), (150, 0, 0))
     assert Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "0"}).shed_limits() == ((0, 91, 100), (0, 0, 0))
-    assert Settings.from_env({**base, "ATLAS_SHED_SCOPE": "process", "ATLAS_SHED_THRESHOLD": "10"}
-                             ).shed_limits() == ((10, 91, 100), (0, 0, 0))
+    assert Settings.from_env({**base, "ATLAS_SHED_SCOPE": "process", "ATLAS_SHED_THRESHOLD": "10"}).shed_limits() == (
+        (10, 91, 100),
+        (0, 0, 0),
+    )
     with pytest.raises(SettingsError, match="lower classes shed first"):
         Settings.from_env({**base, "ATLAS_SHED_THRESHOLD": "500", "ATLAS_SHED_THRESHOLD_STANDARD": "400"})
     with pytest.raises(SettingsError, match="ATLAS_SHED_SCOPE"):
@@ -294,7 +351,9 @@ def test_shedder_counts_requests_awaiting_admission():
 @pytest.mark.parametrize("depth,refused", [(64, False), (65, True), (900, True)])
 def test_nesting_limit(depth, refused):
     body = b'{"model": "m", "messages": [{"role": "user", "content": "%s"}], "x": %s}' % (
-        b"[" * 500, b"[" * (depth - 1) + b"]" * (depth - 1))  # brackets in a string do not count
+        b"[" * 500,
+        b"[" * (depth - 1) + b"]" * (depth - 1),
+    )  # brackets in a string do not count
     if refused:
         with pytest.raises(errors.GatewayError) as exc:
             parse_body(body)
@@ -330,11 +389,22 @@ def test_a_started_process_freezes_its_heap_and_raises_the_collector_threshold()
     import subprocess
     import sys
 
-    code = ("import gc; from atlas_gateway.runtime import settle_heap; settle_heap(1234); "
-            "print(gc.get_freeze_count() > 1000, gc.get_threshold()); settle_heap(0)")
+    code = (
+        "import gc; from atlas_gateway.runtime import settle_heap; settle_heap(1234); "
+        "print(gc.get_freeze_count() > 1000, gc.get_threshold()); settle_heap(0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split(None, 1) == ["True", "(1234, 10, 10)\n"]
-    off = subprocess.run([sys.executable, "-c", "import gc; from atlas_gateway.runtime import settle_heap; "
-                          "settle_heap(0); print(gc.get_freeze_count(), gc.get_threshold()[0])"],
-                         capture_output=True, text=True, timeout=60, check=True)
+    off = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import gc; from atlas_gateway.runtime import settle_heap; "
+            "settle_heap(0); print(gc.get_freeze_count(), gc.get_threshold()[0])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert off.stdout.split() == ["0", "700"]

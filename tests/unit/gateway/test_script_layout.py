@@ -48,8 +48,12 @@ def test_the_scripts_write_exactly_the_contracts_usage_fields():
 
 
 def test_parse_usage_reads_the_contract_fields():
-    day = {contract.USAGE_SETTLED.encode(): b"7", contract.USAGE_REQUESTS.encode(): b"2",
-           contract.USAGE_LAST.encode(): b"1700000000000", contract.USAGE_COST.encode(): b"5"}
+    day = {
+        contract.USAGE_SETTLED.encode(): b"7",
+        contract.USAGE_REQUESTS.encode(): b"2",
+        contract.USAGE_LAST.encode(): b"1700000000000",
+        contract.USAGE_COST.encode(): b"5",
+    }
     month = {contract.USAGE_SETTLED.encode(): b"70", contract.USAGE_COST.encode(): b"50"}
     usage = contract.parse_usage(day, month, datetime.now(timezone.utc))
     assert (usage.tokens_today, usage.requests_today, usage.tokens_this_month) == (7, 2, 70)
@@ -64,9 +68,9 @@ def test_calls_put_the_usage_hashes_where_the_scripts_read_them():
     for i, subject in enumerate(principal.subjects):
         day = contract.day_usage_key(subject, "2026-12-01", principal.tag).encode()
         month = contract.month_usage_key(subject, "2026-12", principal.tag).encode()
-        assert admit.keys[i * 8 + 4: i * 8 + 6] == [day, month]  # KEYS[k + 5], KEYS[k + 6]
-        assert settle.keys[i * 7 + 3: i * 7 + 5] == [day, month]  # KEYS[k + 4], KEYS[k + 5]
-        assert undo.keys[i * 7 + 3: i * 7 + 5] == [day, month]
+        assert admit.keys[i * 8 + 4 : i * 8 + 6] == [day, month]  # KEYS[k + 5], KEYS[k + 6]
+        assert settle.keys[i * 7 + 3 : i * 7 + 5] == [day, month]  # KEYS[k + 4], KEYS[k + 5]
+        assert undo.keys[i * 7 + 3 : i * 7 + 5] == [day, month]
         totals = contract.lease_sum_key(subject, principal.tag).encode()
         assert admit.keys[i * 8 + 7] == settle.keys[i * 7 + 6] == undo.keys[i * 7 + 6] == totals
     tombstones = contract.undone_key(principal.subjects[0], principal.tag).encode()
@@ -76,8 +80,9 @@ def test_calls_put_the_usage_hashes_where_the_scripts_read_them():
     source = resources.files("atlas_gateway.ledger").joinpath("admit.lua").read_text()
     base, per = (int(re.search(rf"^local {name} = (\d+)$", source, re.M).group(1)) for name in ("BASE", "PER"))
     dynamic = calls.admit_args("r", 1, 2, 3, 1, 0, (b"0", b"0"), True)
-    assert base == len(dynamic) + 4 and re.search(rf"^local lease_ttl = tonumber\(ARGV\[{len(dynamic) + 1}\]\)$",
-                                                 source, re.M)
+    assert base == len(dynamic) + 4 and re.search(
+        rf"^local lease_ttl = tonumber\(ARGV\[{len(dynamic) + 1}\]\)$", source, re.M
+    )
     assert admit.static[:2] == (b"60000", b"2") and len(admit.static) == 4 + 2 * per
     assert settle.static[0] == b"2" and len(settle.static) == 3 + 2 * 2
     assert undo.static == (*settle.static, b"60000")  # + the tombstone TTL

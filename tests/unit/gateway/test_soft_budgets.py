@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 
 from atlas_core import contract
 from atlas_gateway.handlers.usage_report import _soft
-from atlas_gateway.ledger import admission as adm, limits
+from atlas_gateway.ledger import admission as adm
+from atlas_gateway.ledger import limits
 from atlas_gateway.ledger.script_args import cost_args
 
 from .conftest import make_principal
@@ -16,13 +17,19 @@ from .conftest import make_principal
 def test_usage_report_names_the_soft_budget_passed_and_what_each_leaves():
     limits = contract.Limits(tokens_per_day=1000, soft_tokens_per_day=800, soft_cost_per_month=2.5)
     usage = contract.Usage(tokens_today=300, tokens_this_month=9000, cost_this_month=1_000_000)
-    assert _soft(limits, usage) == {"demoted": None, "remainingBeforeDemotion": {
-        "tokensToday": 500, "tokensThisMonth": None, "costThisMonth": "1.5"}}
+    assert _soft(limits, usage) == {
+        "demoted": None,
+        "remainingBeforeDemotion": {"tokensToday": 500, "tokensThisMonth": None, "costThisMonth": "1.5"},
+    }
     usage = contract.Usage(tokens_today=800, tokens_this_month=9000, cost_this_month=2_600_000)
-    assert _soft(limits, usage) == {"demoted": "softTokensPerDay", "remainingBeforeDemotion": {
-        "tokensToday": 0, "tokensThisMonth": None, "costThisMonth": "0"}}
+    assert _soft(limits, usage) == {
+        "demoted": "softTokensPerDay",
+        "remainingBeforeDemotion": {"tokensToday": 0, "tokensThisMonth": None, "costThisMonth": "0"},
+    }
     assert _soft(contract.Limits(tokens_per_day=5), usage) == {
-        "demoted": None, "remainingBeforeDemotion": {"tokensToday": None, "tokensThisMonth": None}}
+        "demoted": None,
+        "remainingBeforeDemotion": {"tokensToday": None, "tokensThisMonth": None},
+    }
 
 
 # ---------------------------------------------------------------------------- admit.lua on fakeredis

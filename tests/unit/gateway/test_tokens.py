@@ -23,12 +23,28 @@ def test_text_is_bounded_by_its_utf8_bytes():
     assert utf8_len("😀") == 4
 
 
-@pytest.mark.parametrize("value", [
-    {"a": [1, 2.5, None, True], "b": {"c": "x\"y\n", "d": []}, "e": {}},
-    [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "q": {"type": "string", "description": "日本語 — query"}}}}}],
-    "plain", 12, None, [],
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": [1, 2.5, None, True], "b": {"c": 'x"y\n', "d": []}, "e": {}},
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"q": {"type": "string", "description": "日本語 — query"}},
+                    },
+                },
+            }
+        ],
+        "plain",
+        12,
+        None,
+        [],
+    ],
+)
 def test_rendered_len_is_the_indent_4_rendering(value):
     assert rendered_len(value) == len(json.dumps(value, indent=4, ensure_ascii=False).encode())
     # which also bounds the compact and the default-separator renderings templates use
@@ -43,31 +59,54 @@ def test_chat_bound_counts_roles_content_and_template_allowances():
 
 def test_chat_tools_tool_calls_and_tool_results_are_counted_as_rendered():
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
-    calls = [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"x\"}"}}]
-    body = chat({"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
-                {"role": "tool", "tool_call_id": "c1", "content": "result text"}, tools=tools)
+    calls = [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}]
+    body = chat(
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "result text"},
+        tools=tools,
+    )
     bound = METER.bound(route("chat"), body)
-    expected = (10 + 3 * 5 + len("user") + 2 + len("assistant") + rendered_len(calls)
-                + len("tool") + len("c1") + len("result text") + rendered_len(tools))
+    expected = (
+        10
+        + 3 * 5
+        + len("user")
+        + 2
+        + len("assistant")
+        + rendered_len(calls)
+        + len("tool")
+        + len("c1")
+        + len("result text")
+        + rendered_len(tools)
+    )
     assert bound.prompt == expected
 
 
 def test_media_parts_count_the_configured_allowance_each():
-    parts = [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "http://x/1.png"}},
-             {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]
+    parts = [
+        {"type": "text", "text": "abc"},
+        {"type": "image_url", "image_url": {"url": "http://x/1.png"}},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    ]
     bound = METER.bound(route("chat"), chat({"role": "user", "content": parts}))
     assert bound.prompt == 10 + 5 + 4 + (3 + 1) + 2 * 300
 
 
-@pytest.mark.parametrize("body, param", [
-    (chat({"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}), "messages[0].content[0].type"),
-    (chat({"role": "user", "content": [{"text": "no type"}]}), "messages[0].content[0].type"),
-    (chat({"role": "user", "content": [{"type": "text", "text": 5}]}), "messages[0].content[0].text"),
-    (chat({"role": "user", "content": 42}), "messages[0].content"),
-    (chat("just a string"), "messages[0]"),
-    (chat({"role": "user", "content": "x"}, chat_template="{{ messages * 100 }}"), "chat_template"),
-    (chat({"role": "user", "content": "x"}, tools=[{"type": "web_search"}]), "tools[0].type"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (
+            chat({"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}),
+            "messages[0].content[0].type",
+        ),
+        (chat({"role": "user", "content": [{"text": "no type"}]}), "messages[0].content[0].type"),
+        (chat({"role": "user", "content": [{"type": "text", "text": 5}]}), "messages[0].content[0].text"),
+        (chat({"role": "user", "content": 42}), "messages[0].content"),
+        (chat("just a string"), "messages[0]"),
+        (chat({"role": "user", "content": "x"}, chat_template="{{ messages * 100 }}"), "chat_template"),
+        (chat({"role": "user", "content": "x"}, tools=[{"type": "web_search"}]), "tools[0].type"),
+    ],
+)
 def test_what_cannot_be_bounded_is_a_400_naming_the_field(body, param):
     with pytest.raises(errors.GatewayError) as exc:
         METER.bound(route("chat"), body)
@@ -99,10 +138,17 @@ def test_batched_and_token_prompts():
     assert (emb.prompt, emb.sequences, emb.reserve) == (5 + 8 + 2, 0, 15)
 
 
-@pytest.mark.parametrize("prompt, param", [
-    ([], "prompt"), ([1, "a"], "prompt"), (["a", 3], "prompt[1]"), ([[1], []], "prompt[1]"),
-    ([{"x": 1}], "prompt[0]"), ([True], "prompt[0]"),
-])
+@pytest.mark.parametrize(
+    "prompt, param",
+    [
+        ([], "prompt"),
+        ([1, "a"], "prompt"),
+        (["a", 3], "prompt[1]"),
+        ([[1], []], "prompt[1]"),
+        ([{"x": 1}], "prompt[0]"),
+        ([True], "prompt[0]"),
+    ],
+)
 def test_unknown_prompt_shapes_are_refused(prompt, param):
     with pytest.raises(errors.GatewayError) as exc:
         METER.bound(route("completions"), {"prompt": prompt})
@@ -110,24 +156,48 @@ def test_unknown_prompt_shapes_are_refused(prompt, param):
 
 
 def test_responses_bound():
-    body = {"model": "m", "instructions": "be brief", "max_output_tokens": 30, "input": [
-        {"role": "user", "content": [{"type": "input_text", "text": "hello"},
-                                     {"type": "input_image", "image_url": "http://x"}]},
-        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
-        {"type": "function_call_output", "call_id": "c", "output": "42"},
-    ]}
+    body = {
+        "model": "m",
+        "instructions": "be brief",
+        "max_output_tokens": 30,
+        "input": [
+            {
+                "role": "user",
+                "content": [{"type": "input_text", "text": "hello"}, {"type": "input_image", "image_url": "http://x"}],
+            },
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "42"},
+        ],
+    }
     bound = METER.bound(route("responses"), body, previous_tokens=1000)
-    expected = (10 + 5 + len("be brief") + 5 + 4 + 6 + 300 + 5 + rendered_len(body["input"][1])
-                + 5 + rendered_len(body["input"][2]) + 1000)
+    expected = (
+        10
+        + 5
+        + len("be brief")
+        + 5
+        + 4
+        + 6
+        + 300
+        + 5
+        + rendered_len(body["input"][1])
+        + 5
+        + rendered_len(body["input"][2])
+        + 1000
+    )
     assert (bound.prompt, bound.cap, bound.sequences) == (expected, 30, 1)
     assert METER.bound(route("responses"), {"model": "m", "input": "hi"}).prompt == 10 + 5 + 2
 
 
-@pytest.mark.parametrize("field, value, param", [
-    ("background", True, "background"), ("conversation", "conv_1", "conversation"),
-    ("prompt", {"id": "pmpt_1"}, "prompt"), ("input", [{"type": "item_reference", "id": "x"}], "input[0].type"),
-    ("tools", [{"type": "file_search"}], "tools[0].type"),
-])
+@pytest.mark.parametrize(
+    "field, value, param",
+    [
+        ("background", True, "background"),
+        ("conversation", "conv_1", "conversation"),
+        ("prompt", {"id": "pmpt_1"}, "prompt"),
+        ("input", [{"type": "item_reference", "id": "x"}], "input[0].type"),
+        ("tools", [{"type": "file_search"}], "tools[0].type"),
+    ],
+)
 def test_responses_that_cannot_be_bounded(field, value, param):
     with pytest.raises(errors.GatewayError) as exc:
         METER.bound(route("responses"), {"model": "m", "input": "hi", field: value})
@@ -135,17 +205,23 @@ def test_responses_that_cannot_be_bounded(field, value, param):
 
 
 def test_messages_bound_counts_system_tool_use_and_results():
-    body = {"model": "m", "max_tokens": 50, "system": [{"type": "text", "text": "sys"}], "messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
-                                      "content": [{"type": "text", "text": "ok"}]}]},
-    ]}
+    body = {
+        "model": "m",
+        "max_tokens": 50,
+        "system": [{"type": "text", "text": "sys"}],
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}}]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "ok"}]}],
+            },
+        ],
+    }
     bound = METER.bound(route("messages"), body)
     tool_use = body["messages"][1]["content"][0]
     result_rest = {"type": "tool_result", "tool_use_id": "t"}
-    expected = (10 + 3 * 5 + 4 + 2 + 9 + rendered_len(tool_use) + 4 + (2 + 1) + rendered_len(result_rest)
-                + 5 + (3 + 1))
+    expected = 10 + 3 * 5 + 4 + 2 + 9 + rendered_len(tool_use) + 4 + (2 + 1) + rendered_len(result_rest) + 5 + (3 + 1)
     assert (bound.prompt, bound.cap) == (expected, 50)
     with pytest.raises(errors.GatewayError) as exc:
         METER.bound(route("messages"), {**body, "tools": [{"type": "web_search_20250305", "name": "s"}]})
@@ -178,16 +254,19 @@ def test_apply_cap_sets_every_cap_field_coherently():
     assert doc == {"prompt": "x", "max_tokens": 9}
 
 
-@pytest.mark.parametrize("name, doc, cap, patch", [
-    ("chat", {"model": "m", "max_tokens": 16}, 16, None),  # sent by the client: re-serialised
-    ("chat", {"model": "m"}, 100, b',"max_completion_tokens":100,"max_tokens":100'),
-    ("chat", {"model": "m", "max_tokens": 16, "max_completion_tokens": 16}, 16, None),
-    ("chat", {"model": "m", "max_tokens": 1000, "max_completion_tokens": 0}, 1000, None),
-    ("chat", {"model": "m", "max_tokens": 800}, 200, None),  # shrunk: the field changes
-    ("chat", {"model": "m", "max_tokens": 16, "min_tokens": 20}, 16, None),
-    ("completions", {"model": "m", "max_tokens": 5, "max_completion_tokens": 9}, 5, None),
-    ("responses", {"model": "m"}, 7, b',"max_output_tokens":7'),
-])
+@pytest.mark.parametrize(
+    "name, doc, cap, patch",
+    [
+        ("chat", {"model": "m", "max_tokens": 16}, 16, None),  # sent by the client: re-serialised
+        ("chat", {"model": "m"}, 100, b',"max_completion_tokens":100,"max_tokens":100'),
+        ("chat", {"model": "m", "max_tokens": 16, "max_completion_tokens": 16}, 16, None),
+        ("chat", {"model": "m", "max_tokens": 1000, "max_completion_tokens": 0}, 1000, None),
+        ("chat", {"model": "m", "max_tokens": 800}, 200, None),  # shrunk: the field changes
+        ("chat", {"model": "m", "max_tokens": 16, "min_tokens": 20}, 16, None),
+        ("completions", {"model": "m", "max_tokens": 5, "max_completion_tokens": 9}, 5, None),
+        ("responses", {"model": "m"}, 7, b',"max_output_tokens":7'),
+    ],
+)
 def test_cap_patch_appends_only_missing_fields(name, doc, cap, patch):
     raw = json.dumps(doc).encode() + b" \n"
     assert cap_patch(route(name), doc, cap, raw) == patch
@@ -198,11 +277,14 @@ def test_cap_patch_appends_only_missing_fields(name, doc, cap, patch):
         assert patched == expected
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"model":"m","max_tokens":5000,"max_tokens":16}',  # duplicate: an upstream may read the first
-    b'{"model":"m","max_tok\\u0065ns":5000,"max_tokens":16}',  # escaped duplicate
-    b'{"model":"m","max_output_tokens":99}',  # a field the route does not read: appended to
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","max_tokens":5000,"max_tokens":16}',  # duplicate: an upstream may read the first
+        b'{"model":"m","max_tok\\u0065ns":5000,"max_tokens":16}',  # escaped duplicate
+        b'{"model":"m","max_output_tokens":99}',  # a field the route does not read: appended to
+    ],
+)
 def test_cap_patch_refuses_ambiguous_bodies(raw):
     doc = json.loads(raw)
     patch = cap_patch(route("chat"), doc, 16, raw)

@@ -15,8 +15,9 @@ from atlas_gateway.routes import route
 PROMPT = "x" * 200_000 + " caf\u00e9 \u4e2d"  # a big prompt with non-ASCII text
 
 
-def forwarded(doc: dict, raw: bytes | None = None, cap: int = 64, priority: int | None = None,
-              name: str = "chat") -> tuple[UpstreamBody, bytes]:
+def forwarded(
+    doc: dict, raw: bytes | None = None, cap: int = 64, priority: int | None = None, name: str = "chat"
+) -> tuple[UpstreamBody, bytes]:
     raw = raw if raw is not None else json.dumps(doc).encode() + b"\n"
     return UpstreamBody(route(name), parse_body(raw), raw, cap, priority), raw
 
@@ -35,9 +36,14 @@ def test_a_big_streaming_prompt_is_spliced_not_re_serialised(ensure_ascii):
     assert body.streaming and body.strip_usage
     assert spliced(body, raw)
     assert body.payload.endswith(
-        b',"max_completion_tokens":64,"max_tokens":64,"stream_options":{"include_usage":true}}')
-    assert json.loads(body.payload) == {**doc, "max_completion_tokens": 64, "max_tokens": 64,
-                                        "stream_options": {"include_usage": True}}
+        b',"max_completion_tokens":64,"max_tokens":64,"stream_options":{"include_usage":true}}'
+    )
+    assert json.loads(body.payload) == {
+        **doc,
+        "max_completion_tokens": 64,
+        "max_tokens": 64,
+        "stream_options": {"include_usage": True},
+    }
 
 
 @pytest.mark.parametrize("ensure_ascii", [True, False])
@@ -74,10 +80,13 @@ def test_forwarded_priority_is_appended_and_a_clients_own_is_replaced_or_removed
     assert json.loads(body.payload) == doc
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tok\\u0065ns":5000,"max_tokens":64}',
-    b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5000,"max_tokens":64}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tok\\u0065ns":5000,"max_tokens":64}',
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5000,"max_tokens":64}',
+    ],
+)
 def test_an_ambiguous_cap_is_re_serialised_with_one_key(raw):
     body, _ = forwarded({}, raw)
     assert body.payload.count(b'"max_tokens"') == 1 and json.loads(body.payload)["max_tokens"] == 64

@@ -10,8 +10,7 @@ import pytest
 
 from atlas_gateway.settings import Settings, SettingsError
 from atlas_gateway.shedding.shedder import Shedder
-from atlas_gateway.shedding.upstream_load import (NoLoadExported, UpstreamLoad, UpstreamQueue, display_url,
-                                                  parse_load)
+from atlas_gateway.shedding.upstream_load import NoLoadExported, UpstreamLoad, UpstreamQueue, display_url, parse_load
 
 VLLM_PAGE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -46,10 +45,16 @@ def queue(waiting: int, thresholds=(16, 64, 256)) -> UpstreamQueue:
     return q
 
 
-@pytest.mark.parametrize("waiting,shed", [
-    (0, set()), (15, set()), (16, {"Sheddable"}), (64, {"Sheddable", "Standard"}),
-    (256, {"Sheddable", "Standard", "Critical"}),
-])
+@pytest.mark.parametrize(
+    "waiting,shed",
+    [
+        (0, set()),
+        (15, set()),
+        (16, {"Sheddable"}),
+        (64, {"Sheddable", "Standard"}),
+        (256, {"Sheddable", "Standard", "Critical"}),
+    ],
+)
 def test_classes_are_shed_from_the_bottom_as_the_queue_grows(waiting, shed):
     shedder = Shedder(10, 20, 30, pool=1000)
     shedder.inflight = 500  # far past every in-flight ceiling: a fresh reading decides instead
@@ -127,9 +132,13 @@ def test_a_failure_within_the_staleness_bound_keeps_the_last_reading():
 
 
 def test_per_upstream_thresholds_and_their_validation():
-    s = Settings.from_env({"ATLAS_UPSTREAM_URL": "http://a",
-                           "ATLAS_SHED_QUEUE_THRESHOLD_STANDARD": "40",
-                           "ATLAS_UPSTREAM_SHEDDING": '{"http://b/v1": {"Sheddable": 2, "metrics": false}}'})
+    s = Settings.from_env(
+        {
+            "ATLAS_UPSTREAM_URL": "http://a",
+            "ATLAS_SHED_QUEUE_THRESHOLD_STANDARD": "40",
+            "ATLAS_UPSTREAM_SHEDDING": '{"http://b/v1": {"Sheddable": 2, "metrics": false}}',
+        }
+    )
     assert s.queue_thresholds == (16, 40, 256)
     entry = s.upstream_shedding["http://b/v1"]
     assert entry.queue_thresholds == (2, 40, 256) and not entry.read_metrics
@@ -142,9 +151,18 @@ def test_per_upstream_thresholds_and_their_validation():
 def test_the_runtime_gives_each_upstream_its_own_thresholds():
     from atlas_gateway.runtime import Runtime
 
-    rt = Runtime(Settings.from_env({
-        "ATLAS_UPSTREAM_URL": "http://a/v1", "ATLAS_UPSTREAM_MODELS": '{"q*": "http://b"}',
-        "ATLAS_UPSTREAM_SHEDDING": '{"http://b/v1": {"Sheddable": 2, "Standard": 3, "Critical": 4}}'}))
+    rt = Runtime(
+        Settings.from_env(
+            {
+                "ATLAS_UPSTREAM_URL": "http://a/v1",
+                "ATLAS_UPSTREAM_MODELS": '{"q*": "http://b"}',
+                "ATLAS_UPSTREAM_SHEDDING": '{"http://b/v1": {"Sheddable": 2, "Standard": 3, "Critical": 4}}',
+            }
+        )
+    )
     assert rt.upstream_load.queue_for(rt.upstreams.base_for("qwen")).limits == {
-        "Sheddable": 2, "Standard": 3, "Critical": 4}
+        "Sheddable": 2,
+        "Standard": 3,
+        "Critical": 4,
+    }
     assert rt.upstream_load.queue_for(rt.upstreams.base_for("llama")).limits["Sheddable"] == 16

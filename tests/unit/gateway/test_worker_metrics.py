@@ -37,7 +37,8 @@ def test_counters_add_up_over_every_snapshot_and_gauges_over_live_workers(tmp_pa
     own = worker_metrics.snapshot()  # this process's live values are in the sum too
     assert value(text, 'atlas_gateway_requests_total{key="a/b"}') == 12
     assert value(text, "atlas_gateway_inflight_requests ") == 2 + sum(
-        v for name, _, _, samples in own if name == "atlas_gateway_inflight_requests" for _, _, v in samples)
+        v for name, _, _, samples in own if name == "atlas_gateway_inflight_requests" for _, _, v in samples
+    )
     assert "process_" not in text and "python_" not in text  # per-process families stay out
 
 
@@ -50,10 +51,23 @@ def test_a_snapshot_is_replaced_whole(tmp_path):
 def test_the_shed_view_gauges_report_their_largest_value_not_their_sum(tmp_path):
     """Each worker's view of the other gateway processes already counts its sibling workers."""
     for pid, others in ((os.getppid(), 3), (1, 5)):  # two live processes
-        (tmp_path / f"{pid}.json").write_text(json.dumps([[
-            "atlas_gateway_shed_view_other_inflight_requests", "gauge", "Others",
-            [["atlas_gateway_shed_view_other_inflight_requests", {}, others]]]]))
+        (tmp_path / f"{pid}.json").write_text(
+            json.dumps(
+                [
+                    [
+                        "atlas_gateway_shed_view_other_inflight_requests",
+                        "gauge",
+                        "Others",
+                        [["atlas_gateway_shed_view_other_inflight_requests", {}, others]],
+                    ]
+                ]
+            )
+        )
     text = worker_metrics.render(str(tmp_path)).decode()
-    own = [v for name, _, _, samples in worker_metrics.snapshot()
-           if name == "atlas_gateway_shed_view_other_inflight_requests" for _, _, v in samples]
+    own = [
+        v
+        for name, _, _, samples in worker_metrics.snapshot()
+        if name == "atlas_gateway_shed_view_other_inflight_requests"
+        for _, _, v in samples
+    ]
     assert value(text, "atlas_gateway_shed_view_other_inflight_requests ") == max([5, *own])

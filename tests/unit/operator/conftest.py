@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import pytest
 import fakeredis
+import pytest
 
 from .fakes import FakeKube
 

@@ -52,8 +52,13 @@ class FakeKube:
         obj = {
             "apiVersion": API_VERSION,
             "kind": KIND_OF[plural],
-            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{next(_uid)}",
-                         "generation": 1, "resourceVersion": str(next(_rv))},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": f"uid-{next(_uid)}",
+                "generation": 1,
+                "resourceVersion": str(next(_rv)),
+            },
             "spec": copy.deepcopy(spec),
         }
         self.objects[(plural, namespace, name)] = obj
@@ -70,8 +75,11 @@ class FakeKube:
         return copy.deepcopy(self.objects[(plural, namespace, name)])
 
     def put_secret(self, name: str, value: str | None, namespace: str = "team", raw: dict | None = None) -> None:
-        data = raw if raw is not None else (
-            {"api-key": base64.b64encode(value.encode()).decode()} if value is not None else {})
+        data = (
+            raw
+            if raw is not None
+            else ({"api-key": base64.b64encode(value.encode()).decode()} if value is not None else {})
+        )
         self.secrets[(namespace, name)] = {
             "metadata": {"name": name, "namespace": namespace, "resourceVersion": str(next(_rv))},
             "data": data,

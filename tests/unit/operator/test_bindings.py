@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 
 from atlas_core import contract
 from atlas_core.contract import TokenSubject
-from atlas_operator import bindings, conditions as cond
+from atlas_operator import bindings
+from atlas_operator import conditions as cond
 from atlas_operator.bindings import Claimant, subjects_of
 from atlas_operator.keys import reconcile_key
 from atlas_operator.settings import KEYS
@@ -51,15 +52,27 @@ async def account_uid(redis, subject: TokenSubject) -> str | None:
 
 
 def test_subjects_resolve_the_service_account_namespace_and_drop_duplicates():
-    spec = {"subjects": [{"kind": "ServiceAccount", "name": "runner"},
-                         {"kind": "ServiceAccount", "name": "runner", "namespace": "team"},
-                         {"kind": "ServiceAccount", "name": "runner", "namespace": "jobs"},
-                         {"kind": "User", "name": "alice"}, {"kind": "Group", "name": "search"}]}
-    assert subjects_of("team", spec) == [TokenSubject("ServiceAccount", "runner", "team"),
-                                         TokenSubject("ServiceAccount", "runner", "jobs"),
-                                         TokenSubject("User", "alice"), TokenSubject("Group", "search")]
+    spec = {
+        "subjects": [
+            {"kind": "ServiceAccount", "name": "runner"},
+            {"kind": "ServiceAccount", "name": "runner", "namespace": "team"},
+            {"kind": "ServiceAccount", "name": "runner", "namespace": "jobs"},
+            {"kind": "User", "name": "alice"},
+            {"kind": "Group", "name": "search"},
+        ]
+    }
+    assert subjects_of("team", spec) == [
+        TokenSubject("ServiceAccount", "runner", "team"),
+        TokenSubject("ServiceAccount", "runner", "jobs"),
+        TokenSubject("User", "alice"),
+        TokenSubject("Group", "search"),
+    ]
     assert [s.encode() for s in subjects_of("team", spec)] == [
-        "ServiceAccount:team/runner", "ServiceAccount:jobs/runner", "User:alice", "Group:search"]
+        "ServiceAccount:team/runner",
+        "ServiceAccount:jobs/runner",
+        "User:alice",
+        "Group:search",
+    ]
 
 
 def test_the_holder_keeps_a_subject_while_it_claims_it_else_the_earliest_claimant_gets_it():
@@ -156,8 +169,10 @@ def test_unusable_subjects_say_why():
 
 
 async def test_self_healing_rewrites_bindings_uids_and_the_held_index(redis):
-    claims = {SA: [Claimant("2026-02-01T00:00:00Z", "b/late"), Claimant("2026-01-01T00:00:00Z", "a/early")],
-              ALICE: [Claimant("2026-01-01T00:00:00Z", "a/early", deleting=True)]}
+    claims = {
+        SA: [Claimant("2026-02-01T00:00:00Z", "b/late"), Claimant("2026-01-01T00:00:00Z", "a/early")],
+        ALICE: [Claimant("2026-01-01T00:00:00Z", "a/early", deleting=True)],
+    }
     bound, uids = bindings.desired_bindings(claims, {}, lambda s: "uid-7")
     assert bound == {SA.encode(): "a/early"} and uids == {SA.account_ref: "uid-7"}
     for command in bindings.rewrite_commands(bound, uids):
@@ -178,8 +193,14 @@ async def test_reconcile_shows_a_conflict_on_the_later_key_whose_secret_still_wo
         return await bindings.bind(redis, f"{namespace}/{name}", subjects_of(namespace, spec), claims.of, claims.uid)
 
     for name in ("second", "first"):  # the later key reconciled first must not win
-        await reconcile_key(kube.get(KEYS, name), kube=kube, redis=redis, quota_exists=lambda ns, q: False,
-                            now=NOW, bind_subjects=binder)
+        await reconcile_key(
+            kube.get(KEYS, name),
+            kube=kube,
+            redis=redis,
+            quota_exists=lambda ns, q: False,
+            now=NOW,
+            bind_subjects=binder,
+        )
     first = kube.get(KEYS, "first")["status"]["conditions"]
     second = kube.get(KEYS, "second")["status"]["conditions"]
     assert cond.find(first, cond.READY)["status"] == "True" and cond.find(first, cond.STALLED) is None

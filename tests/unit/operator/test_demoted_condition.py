@@ -27,8 +27,11 @@ async def setup(kube, redis):
     and c has no quota."""
     kube.add(QUOTAS, "team-search", {"limits": {"tokensPerDay": 1000, "softTokensPerDay": 500}})
     await reconcile_quota(kube.get(QUOTAS, "team-search"), kube=kube, redis=redis, key_count=2, now=NOW)
-    for name, spec in (("a", {"quotaRef": "team-search", "limits": {"tokensPerDay": 100, "softTokensPerDay": 60}}),
-                       ("b", {"quotaRef": "team-search"}), ("c", {})):
+    for name, spec in (
+        ("a", {"quotaRef": "team-search", "limits": {"tokensPerDay": 100, "softTokensPerDay": 60}}),
+        ("b", {"quotaRef": "team-search"}),
+        ("c", {}),
+    ):
         kube.add(KEYS, name, spec)
         await reconcile_key(kube.get(KEYS, name), kube=kube, redis=redis, quota_exists=lambda *_: True, now=NOW)
 
@@ -49,14 +52,18 @@ async def test_demoted_while_a_soft_budget_is_passed_on_the_object_and_on_its_qu
     await setup(kube, redis)
     shown = await cycle(kube, redis)
     assert {n: state(c) for n, c in shown.items()} == {
-        "a": ("False", cond.WITHIN_SOFT_BUDGET), "b": ("False", cond.WITHIN_SOFT_BUDGET), "c": None,
-        "team-search": ("False", cond.WITHIN_SOFT_BUDGET)}
+        "a": ("False", cond.WITHIN_SOFT_BUDGET),
+        "b": ("False", cond.WITHIN_SOFT_BUDGET),
+        "c": None,
+        "team-search": ("False", cond.WITHIN_SOFT_BUDGET),
+    }
 
     await settle(redis, contract.key_subject("team", "a"), 60)  # a's own soft budget reached
     shown = await cycle(kube, redis)
     assert state(shown["a"]) == ("True", "SoftTokensPerDayPassed")
-    assert shown["a"]["message"] == ("softTokensPerDay (60) is passed for 2026-11-27: requests are admitted "
-                                     "as Sheddable")
+    assert shown["a"]["message"] == (
+        "softTokensPerDay (60) is passed for 2026-11-27: requests are admitted as Sheddable"
+    )
     assert state(shown["b"]) == ("False", cond.WITHIN_SOFT_BUDGET)
 
     await settle(redis, TAG, 500)  # the quota's: every key bound to it is demoted
@@ -90,6 +97,9 @@ def test_cost_soft_budgets_are_compared_in_micro_units():
     usage = contract.Usage(day="2026-11-27", month="2026-11", cost_this_month=2_499_999)
     assert demotion(limits, usage)[0] is False
     passed = demotion(limits, contract.Usage(day="2026-11-27", month="2026-11", cost_this_month=2_500_000))
-    assert passed == (True, "SoftCostPerMonthPassed",
-                      "softCostPerMonth (2.5) is passed for 2026-11: requests are admitted as Sheddable")
+    assert passed == (
+        True,
+        "SoftCostPerMonthPassed",
+        "softCostPerMonth (2.5) is passed for 2026-11: requests are admitted as Sheddable",
+    )
     assert demotion(contract.Limits(tokens_per_day=5), usage) is None

@@ -9,13 +9,14 @@ import pytest
 
 from atlas_core import contract
 from atlas_core.contract import Limits
-from benchmarks.forecast_accuracy import START, bursty, simulate, steady
-from atlas_operator import conditions as cond, forecast as fc
+from atlas_operator import conditions as cond
+from atlas_operator import forecast as fc
 from atlas_operator.history import History
 from atlas_operator.keys import reconcile_key
 from atlas_operator.settings import KEYS
 from atlas_operator.usage import usage_cycle
 from atlas_operator.views import ObjectView
+from benchmarks.forecast_accuracy import START, bursty, simulate, steady
 
 PER_HOUR = 60_000
 
@@ -105,27 +106,38 @@ def test_the_soonest_budget_is_named_and_a_spent_one_runs_out_now():
     limits = Limits(tokens_per_day=10_000, tokens_per_month=11_000)
     result = fc.forecast(rate, fc.token_budgets(limits, 9_000, 10_500, now), now)
     assert [e.budget.name for e in result.exhaustions] == ["tokensPerMonth", "tokensPerDay"]
-    assert result.to_status() == {"tokensPerHour": 1000, "basis": "last 5m",
-                                  "exhaustsAt": "2026-11-27T12:30:00Z"}
+    assert result.to_status() == {"tokensPerHour": 1000, "basis": "last 5m", "exhaustsAt": "2026-11-27T12:30:00Z"}
     spent = fc.forecast(rate, fc.token_budgets(Limits(tokens_per_day=10), 10, 10, now), now)
     assert spent.first.at == now
 
 
-@pytest.mark.parametrize("old,new,changed", [
-    (None, None, False),
-    (None, {"tokensPerHour": 5, "basis": "last 5m"}, True),
-    ({"tokensPerHour": 1000, "basis": "last 5m"}, None, True),
-    ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1090, "basis": "last 1h"}, False),
-    ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1200, "basis": "last 5m"}, False),
-    ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1300, "basis": "last 5m"}, True),
-    ({"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
-     {"tokensPerHour": 1150, "exhaustsAt": "2026-11-27T14:00:00Z"}, True),
-    ({"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
-     {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:05:00Z"}, False),  # 5 min of 2 h
-    ({"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
-     {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:30:00Z"}, True),
-    ({"tokensPerHour": 1000}, {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"}, True),
-])
+@pytest.mark.parametrize(
+    "old,new,changed",
+    [
+        (None, None, False),
+        (None, {"tokensPerHour": 5, "basis": "last 5m"}, True),
+        ({"tokensPerHour": 1000, "basis": "last 5m"}, None, True),
+        ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1090, "basis": "last 1h"}, False),
+        ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1200, "basis": "last 5m"}, False),
+        ({"tokensPerHour": 1000, "basis": "last 5m"}, {"tokensPerHour": 1300, "basis": "last 5m"}, True),
+        (
+            {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
+            {"tokensPerHour": 1150, "exhaustsAt": "2026-11-27T14:00:00Z"},
+            True,
+        ),
+        (
+            {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
+            {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:05:00Z"},
+            False,
+        ),  # 5 min of 2 h
+        (
+            {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"},
+            {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:30:00Z"},
+            True,
+        ),
+        ({"tokensPerHour": 1000}, {"tokensPerHour": 1000, "exhaustsAt": "2026-11-27T14:00:00Z"}, True),
+    ],
+)
 def test_only_meaningful_forecast_changes_count(old, new, changed):
     now = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
     assert fc.changed_meaningfully(old, new, now) is changed
@@ -168,8 +180,7 @@ async def test_quiet_subjects_write_no_history(redis):
 
 async def _key(kube, redis, limits):
     kube.add(KEYS, "burner", {"limits": limits})
-    await reconcile_key(kube.get(KEYS, "burner"), kube=kube, redis=redis,
-                        quota_exists=lambda *_: True, now=START)
+    await reconcile_key(kube.get(KEYS, "burner"), kube=kube, redis=redis, quota_exists=lambda *_: True, now=START)
 
 
 async def _set_usage(redis, now, tokens):
@@ -188,8 +199,9 @@ async def test_forecast_condition_and_event_in_the_write_back(kube, redis):
         await _set_usage(redis, now, step * 1000)
         kube.patches.clear()
         observed = []
-        await usage_cycle(redis, kube, [ObjectView.of(kube.get(KEYS, "burner"))], [], now,
-                          history=history, observed=observed)
+        await usage_cycle(
+            redis, kube, [ObjectView.of(kube.get(KEYS, "burner"))], [], now, history=history, observed=observed
+        )
         patches_with_forecast += sum(1 for p in kube.patches if "forecast" in p[3])
         now += timedelta(seconds=10)
     status = kube.get(KEYS, "burner")["status"]
@@ -203,7 +215,7 @@ async def test_forecast_condition_and_event_in_the_write_back(kube, redis):
     assert len(at_risk_events) == 1  # once, when it turned True
     assert at_risk_events[0][:2] == ("burner", "Warning") and "tokensPerDay" in at_risk_events[0][3]
     assert patches_with_forecast <= 6  # a steady burn: the forecast is not rewritten every cycle
-    (namespace, name, kind, result), = observed
+    ((namespace, name, kind, result),) = observed
     assert (namespace, name, kind) == ("team", "burner", "AtlasKey") and result.first is not None
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 from datetime import datetime, timedelta, timezone
 
-from atlas_operator import apikeys, conditions as cond
+from atlas_operator import apikeys
+from atlas_operator import conditions as cond
 from atlas_operator.expiry import ExpiryScheduler
 from atlas_operator.settings import OperatorSettings
 
@@ -38,8 +39,9 @@ def test_read_api_key_variants():
 
 
 def test_settings_from_env():
-    s = OperatorSettings.from_env({"ATLAS_NAMESPACES": "a, b,,", "ATLAS_USAGE_INTERVAL_SECONDS": "2.5",
-                                   "ATLAS_LIVENESS_PORT": "9000"})
+    s = OperatorSettings.from_env(
+        {"ATLAS_NAMESPACES": "a, b,,", "ATLAS_USAGE_INTERVAL_SECONDS": "2.5", "ATLAS_LIVENESS_PORT": "9000"}
+    )
     assert s.namespaces == ("a", "b") and s.usage_interval == 2.5
     assert s.liveness_endpoint == "http://127.0.0.1:9000/healthz"
     default = OperatorSettings.from_env({})

@@ -13,7 +13,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, Limits
-from atlas_operator import conditions as cond, failures, forecast as fc, main, times, usage
+from atlas_operator import conditions as cond
+from atlas_operator import failures, main, times, usage
+from atlas_operator import forecast as fc
 from atlas_operator.carry_over import CarryOver
 from atlas_operator.failures import Failures, ObjectFailed
 from atlas_operator.heal import heal_if_needed
@@ -52,11 +54,13 @@ async def test_huge_budget_with_a_trickle_beside_ordinary_keys(kube, redis):
         day, month = contract.usage_keys(contract.key_subject("team", name), NOW)
         await redis.hset(day, mapping={"settled": tokens, "requests": 1})
         await redis.hset(month, mapping={"settled": tokens})
-    stats = await usage_cycle(redis, kube, [_view(kube, KEYS, n) for n in ("big", "a", "b")], [], NOW,
-                              history=history)
+    stats = await usage_cycle(redis, kube, [_view(kube, KEYS, n) for n in ("big", "a", "b")], [], NOW, history=history)
     assert stats.failed == 0 and stats.patches == 3
     assert {n: kube.get(KEYS, n)["status"]["usage"]["tokensThisMonth"] for n in ("big", "a", "b")} == {
-        "big": 5, "a": 40, "b": 70}
+        "big": 5,
+        "a": 40,
+        "b": 70,
+    }
     assert kube.get(KEYS, "big")["status"]["forecast"] == {"tokensPerHour": 5, "basis": "last 1h"}
 
 
@@ -93,12 +97,27 @@ def test_a_failing_forecast_withdraws_only_that_forecast(monkeypatch):
         return real(rate, budgets, now)
 
     monkeypatch.setattr(fc, "forecast", forecast)
-    within = [{"type": cond.BUDGET_AT_RISK, "status": "False", "reason": cond.WITHIN_BUDGET, "message": "m",
-               "lastTransitionTime": "2026-11-27T00:00:00Z"}]
-    views = [ObjectView("team", n, "1", 1, {"limits": {"tokensPerDay": limit}},
-                        {"observedGeneration": 1, "forecast": {"tokensPerHour": 9, "basis": "last 5m"},
-                         "conditions": within}, False)
-             for n, limit in (("broken", 666), ("fine", 10**6))]
+    within = [
+        {
+            "type": cond.BUDGET_AT_RISK,
+            "status": "False",
+            "reason": cond.WITHIN_BUDGET,
+            "message": "m",
+            "lastTransitionTime": "2026-11-27T00:00:00Z",
+        }
+    ]
+    views = [
+        ObjectView(
+            "team",
+            n,
+            "1",
+            1,
+            {"limits": {"tokensPerDay": limit}},
+            {"observedGeneration": 1, "forecast": {"tokensPerHour": 9, "basis": "last 5m"}, "conditions": within},
+            False,
+        )
+        for n, limit in (("broken", 666), ("fine", 10**6))
+    ]
     history = History()
     usages = {}
     for view in views:
@@ -117,10 +136,13 @@ def test_a_failing_forecast_withdraws_only_that_forecast(monkeypatch):
 
 
 def test_an_object_that_cannot_be_planned_gets_usage_stale_and_the_others_go_on():
-    views = [ObjectView("team", n, "1", 1, {"limits": {"tokensPerDay": limit}}, {"observedGeneration": 1}, False)
-             for n, limit in (("a", 100), ("odd", "many"), ("z", 100))]  # int("many") raises
-    usages = {contract.key_subject("team", n): contract.Usage(tokens_today=7, day="d", month="m")
-              for n in ("a", "odd", "z")}
+    views = [
+        ObjectView("team", n, "1", 1, {"limits": {"tokensPerDay": limit}}, {"observedGeneration": 1}, False)
+        for n, limit in (("a", 100), ("odd", "many"), ("z", 100))
+    ]  # int("many") raises
+    usages = {
+        contract.key_subject("team", n): contract.Usage(tokens_today=7, day="d", month="m") for n in ("a", "odd", "z")
+    }
     failed = []
     todo = {view.name: patch for _, view, patch in plan(views, [], usages, NOW, failed=failed)}
     assert todo["a"]["usage"]["tokensToday"] == 7 and todo["z"]["usage"]["tokensToday"] == 7
@@ -163,8 +185,10 @@ async def test_unreadable_counters_show_once_and_clear_when_repaired(kube, redis
 
 async def test_events_of_many_new_failures_are_spread_over_cycles(kube, redis):
     """A bug failing every object must not post thousands of Events in one cycle."""
-    views = [ObjectView("team", f"k{i}", "1", 1, {"limits": {"tokensPerDay": "lots"}}, {"observedGeneration": 1},
-                        False) for i in range(60)]
+    views = [
+        ObjectView("team", f"k{i}", "1", 1, {"limits": {"tokensPerDay": "lots"}}, {"observedGeneration": 1}, False)
+        for i in range(60)
+    ]
     for view in views:
         await _use(redis, view.name, 1)
     tracker = Failures()
@@ -182,8 +206,9 @@ async def test_a_refused_status_patch_is_that_objects_own(kube, redis):
         await _use(redis, name, 10)
     kube.invalid_fields["refused"] = {"usage"}  # the API server refuses its figures, not a condition
     tracker = Failures()
-    stats = await usage_cycle(redis, kube, [_view(kube, KEYS, n) for n in ("a", "refused", "z")], [], NOW,
-                              tracker=tracker)
+    stats = await usage_cycle(
+        redis, kube, [_view(kube, KEYS, n) for n in ("a", "refused", "z")], [], NOW, tracker=tracker
+    )
     assert (stats.patches, stats.failed) == (2, 1)
     stale = cond.find(kube.get(KEYS, "refused")["status"]["conditions"], cond.USAGE_STALE)
     assert stale["reason"] == cond.STATUS_REFUSED and "422 Unprocessable Entity: status.usage" in stale["message"]
@@ -192,8 +217,9 @@ async def test_a_refused_status_patch_is_that_objects_own(kube, redis):
     kube.refuse["a"] = ConnectionResetError("the API server went away")  # not even a condition gets through
     await _use(redis, "a", 20)
     kube.patches.clear()
-    stats = await usage_cycle(redis, kube, [_view(kube, KEYS, n) for n in ("a", "refused", "z")], [], NOW,
-                              tracker=tracker)
+    stats = await usage_cycle(
+        redis, kube, [_view(kube, KEYS, n) for n in ("a", "refused", "z")], [], NOW, tracker=tracker
+    )
     assert stats.failed == 2 and ("usage write-back", "AtlasKey", "team", "a") in tracker.failing
     assert kube.patches == []  # "refused" already shows why: its refused patch is all it costs
 
@@ -206,8 +232,9 @@ async def test_damaged_v1_counters_fail_only_their_carry_over(kube, redis):
         await redis.hset(day, mapping={"settled": settled, "requests": 1})
         await redis.hset(month, mapping={"settled": settled})
     carry_over = CarryOver()
-    stats = await usage_cycle(redis, kube, [_view(kube, KEYS, n) for n in ("a", "damaged")], [], NOW,
-                              carry_over=carry_over)
+    stats = await usage_cycle(
+        redis, kube, [_view(kube, KEYS, n) for n in ("a", "damaged")], [], NOW, carry_over=carry_over
+    )
     assert stats.failed == 1
     assert kube.get(KEYS, "a")["status"]["usage"]["tokensToday"] == 25
     stale = cond.find(kube.get(KEYS, "damaged")["status"]["conditions"], cond.USAGE_STALE)
@@ -218,12 +245,17 @@ async def test_damaged_v1_counters_fail_only_their_carry_over(kube, redis):
 
 
 async def test_self_healing_restores_every_config_but_the_failing_ones(redis):
-    keys = [ObjectView("team", n, "1", 1, spec, {}, False) for n, spec in (
-        ("a", {}), ("broken", {"limits": {"tokensPerDay": "lots"}}), ("z", {}))]
-    secrets = {("team", f"{n}-api-key"): SecretView("1", contract.hash_api_key(f"sk-{n}-0123456789"))
-               for n in ("a", "broken", "z")}
-    healed = await heal_if_needed(redis, keys, [ObjectView("team", "q", "1", 1, {"limits": "x"}, {}, False)],
-                                  secrets, NOW)
+    keys = [
+        ObjectView("team", n, "1", 1, spec, {}, False)
+        for n, spec in (("a", {}), ("broken", {"limits": {"tokensPerDay": "lots"}}), ("z", {}))
+    ]
+    secrets = {
+        ("team", f"{n}-api-key"): SecretView("1", contract.hash_api_key(f"sk-{n}-0123456789"))
+        for n in ("a", "broken", "z")
+    }
+    healed = await heal_if_needed(
+        redis, keys, [ObjectView("team", "q", "1", 1, {"limits": "x"}, {}, False)], secrets, NOW
+    )
     assert healed.rewritten == 2
     assert sorted((plural, view.name) for plural, view, _ in healed.failed) == [(KEYS, "broken"), (QUOTAS, "q")]
     for name in ("a", "z"):
@@ -289,8 +321,9 @@ async def test_failures_are_counted_in_the_operator_metrics(kube, redis):
     registry = CollectorRegistry(auto_describe=False)
     registry.register(OperatorCollector(rt.failures))
     text = generate_latest(registry).decode()
-    assert ('atlas_operator_object_failures_total{kind="AtlasKey",loop="usage write-back",name="k",'
-            'namespace="team"} 2.0') in text
+    assert (
+        'atlas_operator_object_failures_total{kind="AtlasKey",loop="usage write-back",name="k",namespace="team"} 2.0'
+    ) in text
     assert 'atlas_operator_failing_objects{loop="usage write-back"} 1.0' in text
     assert 'atlas_operator_loop_failures_total{loop="self-healing"} 1.0' in text
 
@@ -320,20 +353,24 @@ async def test_a_whole_loop_failing_is_logged_once_until_it_recovers(kube, redis
 # --------------------------------------------------------------------------- instants
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2027-01-01t00:00:00z", datetime(2027, 1, 1, tzinfo=timezone.utc)),  # RFC 3339 allows lowercase
-    ("2027-01-01T00:00:00.123456789Z", datetime(2027, 1, 1, 0, 0, 0, 123456, tzinfo=timezone.utc)),
-    ("2027-01-01T01:00:00+01:00", datetime(2027, 1, 1, tzinfo=timezone.utc)),
-    ("0001-01-01T00:00:00+01:00", times.EARLIEST),  # past year 1 in UTC: saturates
-    ("9999-12-31T23:59:59-01:00", times.LATEST),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2027-01-01t00:00:00z", datetime(2027, 1, 1, tzinfo=timezone.utc)),  # RFC 3339 allows lowercase
+        ("2027-01-01T00:00:00.123456789Z", datetime(2027, 1, 1, 0, 0, 0, 123456, tzinfo=timezone.utc)),
+        ("2027-01-01T01:00:00+01:00", datetime(2027, 1, 1, tzinfo=timezone.utc)),
+        ("0001-01-01T00:00:00+01:00", times.EARLIEST),  # past year 1 in UTC: saturates
+        ("9999-12-31T23:59:59-01:00", times.LATEST),
+    ],
+)
 def test_expires_at_as_the_api_server_admits_it(text, expected):
     assert parse_time(text) == expected
 
 
 def test_an_expiry_before_year_one_is_simply_expired():
-    _, ready, reason, _ = desired_key_config("team", "k", {"expiresAt": "0001-01-01T00:00:00+01:00"}, "ab" * 32,
-                                             lambda *_: True, NOW)
+    _, ready, reason, _ = desired_key_config(
+        "team", "k", {"expiresAt": "0001-01-01T00:00:00+01:00"}, "ab" * 32, lambda *_: True, NOW
+    )
     assert (ready, reason) == (False, cond.EXPIRED)
 
 

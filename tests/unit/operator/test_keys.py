@@ -10,8 +10,8 @@ from atlas_core import contract
 from atlas_core.contract import KeyConfig
 from atlas_operator import conditions as cond
 from atlas_operator.keys import reconcile_key
-from atlas_operator.status import StatusConflict
 from atlas_operator.settings import KEYS, SECRET_WATCH_LABEL
+from atlas_operator.status import StatusConflict
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 GOOD_KEY = "sk-test-0123456789abcdef"
@@ -32,8 +32,9 @@ def verdict(obj) -> tuple:
 
 
 async def run(kube, redis, name="frontend", quotas=(), now=NOW):
-    return await reconcile_key(kube.get(KEYS, name), kube=kube, redis=redis,
-                               quota_exists=lambda ns, q: q in quotas, now=now)
+    return await reconcile_key(
+        kube.get(KEYS, name), kube=kube, redis=redis, quota_exists=lambda ns, q: q in quotas, now=now
+    )
 
 
 async def config_for(redis, key: str) -> KeyConfig | None:
@@ -124,12 +125,15 @@ async def test_rotation_replaces_config_and_keeps_usage(kube, redis):
     assert outcome.rotated_from == contract.hash_api_key(GOOD_KEY)
     assert await config_for(redis, GOOD_KEY) is None
     assert (await config_for(redis, "sk-rotated-key-000000000")).name == "frontend"
-    assert await redis.hget(contract.KEY_INDEX, "team/frontend") == contract.hash_api_key(
-        "sk-rotated-key-000000000").encode()
+    assert (
+        await redis.hget(contract.KEY_INDEX, "team/frontend")
+        == contract.hash_api_key("sk-rotated-key-000000000").encode()
+    )
     assert int(await redis.hget(day_key, "settled")) == 42
     assert "KeyRotated" in [e[2] for e in kube.events]
     assert kube.get(KEYS, "frontend")["status"]["keyId"] == contract.key_id_of(
-        contract.hash_api_key("sk-rotated-key-000000000"))
+        contract.hash_api_key("sk-rotated-key-000000000")
+    )
 
 
 async def test_missing_quota_refuses_never_unlimited(kube, redis):
@@ -215,8 +219,9 @@ async def test_delete_removes_config_keeps_counters(kube, redis):
 
 
 async def test_budget_shortfall_policy_is_written_for_the_gateway(kube, redis):
-    kube.add(KEYS, "shrinker", {"limits": {"tokensPerDay": 1000}, "onBudgetShortfall": "Shrink",
-                                "minCompletionTokens": 64})
+    kube.add(
+        KEYS, "shrinker", {"limits": {"tokensPerDay": 1000}, "onBudgetShortfall": "Shrink", "minCompletionTokens": 64}
+    )
     await run(kube, redis, name="shrinker")
     config = await config_for(redis, kube.secret_value("shrinker-api-key"))
     assert config.shortfall == contract.Shortfall("Shrink", 64)

@@ -18,8 +18,9 @@ NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
 
 def item(plural, name, tokens_before=0, tokens_after=1, conditions=False, rv="1"):
-    view = ObjectView("team", name, rv, 1, {}, {"usage": {"tokensToday": tokens_before}, "observedGeneration": 1},
-                      False)
+    view = ObjectView(
+        "team", name, rv, 1, {}, {"usage": {"tokensToday": tokens_before}, "observedGeneration": 1}, False
+    )
     patch = {"usage": {"tokensToday": tokens_after}}
     if conditions:
         patch["conditions"] = []
@@ -77,13 +78,15 @@ def test_condition_flips_first_then_the_stalest_then_quotas_then_the_biggest_cha
     order, _ = queue.order([item(KEYS, "old-small", 0, 1)])
     assert names(order) == ["old-small"]  # not written: still behind next cycle
     clock.now += 10
-    order, waiting = queue.order([
-        item(KEYS, "old-small", 0, 2),
-        item(KEYS, "new-big", 0, 10_000),
-        item(KEYS, "new-small", 0, 5),
-        item(QUOTAS, "new-quota", 0, 1),
-        item(KEYS, "new-flip", 0, 1, conditions=True),
-    ])
+    order, waiting = queue.order(
+        [
+            item(KEYS, "old-small", 0, 2),
+            item(KEYS, "new-big", 0, 10_000),
+            item(KEYS, "new-small", 0, 5),
+            item(QUOTAS, "new-quota", 0, 1),
+            item(KEYS, "new-flip", 0, 1, conditions=True),
+        ]
+    )
     assert names(order) == ["new-flip", "old-small", "new-quota", "new-big", "new-small"]
     assert waiting == 0
     assert queue.staleness() == 10.0  # old-small has been behind since the first cycle
@@ -157,8 +160,7 @@ async def test_a_busy_fleet_is_written_round_robin_within_the_rate(kube, redis):
         kube.patches.clear()
         await _traffic(redis, n, [1000 if i < 2 else 1 for i in range(n)])  # k0, k1 burn the most
         deadline = clock() + 1.0
-        stats = await usage_cycle(redis, kube, *_views(kube, n), NOW, bucket=bucket, queue=queue,
-                                  deadline=deadline)
+        stats = await usage_cycle(redis, kube, *_views(kube, n), NOW, bucket=bucket, queue=queue, deadline=deadline)
         assert stats.patches <= per_cycle * 2  # the saved burst plus one second's tokens
         for _, _, name, _ in kube.patches:
             last_written[name] = cycle

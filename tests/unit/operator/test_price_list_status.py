@@ -13,8 +13,10 @@ from atlas_operator.views import ObjectView
 from .test_runtime import index_key, index_quota, make_runtime
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
-PRICES = {"currency": "USD", "prices": [{"model": "llama-*", "input": 0.1, "output": 0.2},
-                                        {"model": "qwen*", "input": 0.2, "output": 0.4}]}
+PRICES = {
+    "currency": "USD",
+    "prices": [{"model": "llama-*", "input": 0.1, "output": 0.2}, {"model": "qwen*", "input": 0.2, "output": 0.4}],
+}
 
 
 def index_price_list(rt, kube, name):
@@ -29,7 +31,11 @@ def test_status_names_the_models_and_who_uses_it():
     assert status["usedBy"] == {"keys": ["k1", "k2"], "quotas": ["q"]}
     (ready,) = status["conditions"]
     assert (ready["type"], ready["status"], ready["reason"], ready["observedGeneration"]) == (
-        cond.READY, "True", cond.ACTIVE, 3)
+        cond.READY,
+        "True",
+        cond.ACTIVE,
+        3,
+    )
 
 
 def test_used_by_lists_a_bounded_number_of_names_but_counts_all():
@@ -39,8 +45,12 @@ def test_used_by_lists_a_bounded_number_of_names_but_counts_all():
 
 
 def test_prices_the_operator_cannot_read_are_stalled():
-    view = ObjectView.of({"metadata": {"namespace": "team", "name": "p", "generation": 1},
-                          "spec": {"currency": "USD", "prices": [{"model": "x", "input": "lots", "output": 1}]}})
+    view = ObjectView.of(
+        {
+            "metadata": {"namespace": "team", "name": "p", "generation": 1},
+            "spec": {"currency": "USD", "prices": [{"model": "x", "input": "lots", "output": 1}]},
+        }
+    )
     conditions = {c["type"]: c for c in desired_status(view, [], [], NOW)["conditions"]}
     assert conditions[cond.READY]["status"] == "False" and conditions[cond.STALLED]["status"] == "True"
     assert conditions[cond.STALLED]["reason"] == cond.PRICES_INVALID
@@ -49,8 +59,9 @@ def test_prices_the_operator_cannot_read_are_stalled():
 async def test_reconcile_writes_once_then_nothing(kube):
     kube.add(PRICE_LISTS, "p", PRICES)
     assert await reconcile_price_list(ObjectView.of(kube.get(PRICE_LISTS, "p")), kube=kube, keys=[], quotas=[], now=NOW)
-    assert not await reconcile_price_list(ObjectView.of(kube.get(PRICE_LISTS, "p")), kube=kube, keys=[], quotas=[],
-                                          now=NOW)
+    assert not await reconcile_price_list(
+        ObjectView.of(kube.get(PRICE_LISTS, "p")), kube=kube, keys=[], quotas=[], now=NOW
+    )
     assert kube.get(PRICE_LISTS, "p")["status"]["observedGeneration"] == 1
 
 

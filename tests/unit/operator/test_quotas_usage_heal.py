@@ -6,7 +6,8 @@ from datetime import datetime, timezone
 
 from atlas_core import contract
 from atlas_core.contract import KeyConfig, QuotaConfig
-from atlas_operator import conditions as cond, store
+from atlas_operator import conditions as cond
+from atlas_operator import store
 from atlas_operator.heal import heal_if_needed
 from atlas_operator.keys import reconcile_key
 from atlas_operator.pacing import StalenessQueue, TokenBucket
@@ -22,16 +23,14 @@ NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
 async def test_quota_config_status_and_delete(kube, redis):
     kube.add(QUOTAS, "team-search", {"limits": {"tokensPerDay": 100, "maxConcurrent": 3}})
-    outcome = await reconcile_quota(kube.get(QUOTAS, "team-search"), kube=kube, redis=redis,
-                                    key_count=2, now=NOW)
+    outcome = await reconcile_quota(kube.get(QUOTAS, "team-search"), kube=kube, redis=redis, key_count=2, now=NOW)
     assert outcome.redis_written and outcome.status_patched
     raw = await redis.get(contract.quota_config_key("team", "team-search"))
     assert QuotaConfig.decode(raw).limits.max_concurrent == 3
     assert await redis.sismember(contract.QUOTA_INDEX, "team/team-search")
     status = kube.get(QUOTAS, "team-search")["status"]
     assert status["keys"] == 2 and cond.find(status["conditions"], cond.READY)["status"] == "True"
-    again = await reconcile_quota(kube.get(QUOTAS, "team-search"), kube=kube, redis=redis,
-                                  key_count=2, now=NOW)
+    again = await reconcile_quota(kube.get(QUOTAS, "team-search"), kube=kube, redis=redis, key_count=2, now=NOW)
     assert not again.redis_written and not again.status_patched
     assert await delete_quota(kube.get(QUOTAS, "team-search"), redis=redis)
     assert await redis.get(contract.quota_config_key("team", "team-search")) is None
@@ -44,8 +43,9 @@ async def test_quota_pricing_from_a_missing_price_list_is_stalled_until_it_exist
     assert (conditions[cond.READY]["status"], conditions[cond.STALLED]["status"]) == ("False", "True")
     assert conditions[cond.STALLED]["reason"] == cond.PRICE_LIST_NOT_FOUND
     spec = {"currency": "USD", "prices": [{"model": "*", "input": 1, "output": 1}]}
-    await reconcile_quota(kube.get(QUOTAS, "q"), kube=kube, redis=redis, key_count=0, now=NOW,
-                          price_list=lambda ns, name: spec)
+    await reconcile_quota(
+        kube.get(QUOTAS, "q"), kube=kube, redis=redis, key_count=0, now=NOW, price_list=lambda ns, name: spec
+    )
     conditions = {c["type"]: c for c in kube.get(QUOTAS, "q")["status"]["conditions"]}
     assert conditions[cond.READY]["status"] == "True" and cond.STALLED not in conditions
 
@@ -66,8 +66,7 @@ async def _setup(kube, redis):
     await reconcile_quota(kube.get(QUOTAS, "team-search"), kube=kube, redis=redis, key_count=2, now=NOW)
     for name, limits in (("a", {"tokensPerDay": 100}), ("b", {})):
         kube.add(KEYS, name, {"quotaRef": "team-search", "limits": limits})
-        await reconcile_key(kube.get(KEYS, name), kube=kube, redis=redis,
-                            quota_exists=lambda *_: True, now=NOW)
+        await reconcile_key(kube.get(KEYS, name), kube=kube, redis=redis, quota_exists=lambda *_: True, now=NOW)
 
 
 async def test_usage_cycle_patches_only_changes(kube, redis):
@@ -94,8 +93,9 @@ async def test_quota_exhausted_on_key_and_shared(kube, redis):
     await _setup(kube, redis)
     await settle(redis, contract.key_subject("team", "a"), 100)
     await settle(redis, contract.quota_subject("team", "team-search"), 1000)
-    await usage_cycle(redis, kube, [view(kube, KEYS, "a"), view(kube, KEYS, "b")],
-                      [view(kube, QUOTAS, "team-search")], NOW)
+    await usage_cycle(
+        redis, kube, [view(kube, KEYS, "a"), view(kube, KEYS, "b")], [view(kube, QUOTAS, "team-search")], NOW
+    )
     a = cond.find(kube.get(KEYS, "a")["status"]["conditions"], cond.QUOTA_EXHAUSTED)
     b = cond.find(kube.get(KEYS, "b")["status"]["conditions"], cond.QUOTA_EXHAUSTED)
     q = cond.find(kube.get(QUOTAS, "team-search")["status"]["conditions"], cond.QUOTA_EXHAUSTED)
@@ -136,8 +136,9 @@ async def test_self_heal_rewrites_identical_config(kube, redis):
     for name in ("a", "b"):
         value = kube.secret_value(f"{name}-api-key")
         secrets[("team", f"{name}-api-key")] = SecretView("1", contract.hash_api_key(value))
-    rewritten = await heal_if_needed(redis, [view(kube, KEYS, "a"), view(kube, KEYS, "b")],
-                                     [view(kube, QUOTAS, "team-search")], secrets, NOW)
+    rewritten = await heal_if_needed(
+        redis, [view(kube, KEYS, "a"), view(kube, KEYS, "b")], [view(kube, QUOTAS, "team-search")], secrets, NOW
+    )
     assert rewritten.rewritten == 3 and not rewritten.failed and await store.epoch_present(redis)
     assert {k: await redis.get(k) for k in await redis.keys("atlas:v2:{config}:key:*")} == before
     assert await redis.get(contract.quota_config_key("team", "team-search")) == before_quota

@@ -19,8 +19,9 @@ H_OLD, H_NEW, H_NEWER = (contract.hash_api_key(k) for k in (OLD, NEW, NEWER))
 # --------------------------------------------------------------------------- the state machine
 
 
-@pytest.mark.parametrize("text,seconds", [("0", 0), ("", 0), (None, 0), ("3s", 3), ("10m", 600),
-                                          ("1h30m", 5400), ("2h0m5s", 7205)])
+@pytest.mark.parametrize(
+    "text,seconds", [("0", 0), ("", 0), (None, 0), ("3s", 3), ("10m", 600), ("1h30m", 5400), ("2h0m5s", 7205)]
+)
 def test_parse_duration(text, seconds):
     assert rotation.parse_duration(text) == seconds
 
@@ -66,8 +67,7 @@ def now_utc() -> datetime:  # real time: Redis expires the previous key's entry 
 
 
 async def run(kube, redis, now):
-    return await reconcile_key(kube.get(KEYS, "web"), kube=kube, redis=redis,
-                               quota_exists=lambda *_: True, now=now)
+    return await reconcile_key(kube.get(KEYS, "web"), kube=kube, redis=redis, quota_exists=lambda *_: True, now=now)
 
 
 async def config(redis, key_hash):
@@ -78,8 +78,7 @@ async def config(redis, key_hash):
 async def test_grace_period_serves_both_keys_with_one_identity_then_only_the_new(kube, redis):
     now = now_utc()
     kube.put_secret("web-key", OLD)
-    kube.add(KEYS, "web", {"secretName": "web-key", "rotationGracePeriod": "10m",
-                           "limits": {"tokensPerDay": 1000}})
+    kube.add(KEYS, "web", {"secretName": "web-key", "rotationGracePeriod": "10m", "limits": {"tokensPerDay": 1000}})
     await run(kube, redis, now)
     kube.put_secret("web-key", NEW)
     rotated = await run(kube, redis, now)
@@ -99,8 +98,9 @@ async def test_grace_period_serves_both_keys_with_one_identity_then_only_the_new
     assert H_OLD[:8] in event[3] and "keeps working until" in event[3]
 
     # a spec change during the grace reaches the previous key too (same identity, same limits)
-    kube.update_spec(KEYS, "web", {"secretName": "web-key", "rotationGracePeriod": "10m",
-                                   "limits": {"tokensPerDay": 5}})
+    kube.update_spec(
+        KEYS, "web", {"secretName": "web-key", "rotationGracePeriod": "10m", "limits": {"tokensPerDay": 5}}
+    )
     await run(kube, redis, now + timedelta(minutes=1))
     assert (await config(redis, H_OLD)).limits.tokens_per_day == 5
 

@@ -13,8 +13,7 @@ from atlas_operator.views import ObjectView, SecretView
 
 
 def make_runtime(kube, redis) -> Runtime:
-    indexes = {n: {} for n in ("atlaskey_views", "atlasquota_views", "keys_by_secret", "keys_by_quota",
-                               "secret_views")}
+    indexes = {n: {} for n in ("atlaskey_views", "atlasquota_views", "keys_by_secret", "keys_by_quota", "secret_views")}
     return Runtime(OperatorSettings(), kube, redis, indexes)
 
 
@@ -80,8 +79,9 @@ async def test_heal_and_usage_run_from_the_indexes(kube, redis):
     index_key(rt, kube, "k")
     await rt.reconcile_key(kube.get(KEYS, "k"))
     value = kube.secret_value("k-api-key")
-    rt.indexes["secret_views"][("team", "k-api-key")] = [SecretView.of(
-        {"metadata": {}, "data": {"api-key": base64.b64encode(value.encode()).decode()}})]
+    rt.indexes["secret_views"][("team", "k-api-key")] = [
+        SecretView.of({"metadata": {}, "data": {"api-key": base64.b64encode(value.encode()).decode()}})
+    ]
     await redis.flushall()
     assert await rt.heal_once() == 1
     assert await redis.exists(contract.key_config_key(contract.hash_api_key(value)))

@@ -49,7 +49,14 @@ fi
 [ -e "$APT_STATE_FILE" ] && run rm -f "$APT_STATE_FILE"
 [ -d "$(dirname "$APT_STATE_FILE")" ] && run rmdir --ignore-fail-on-non-empty "$(dirname "$APT_STATE_FILE")"
 
-# 3. Caches and state outside the checkout, then inside it.
+# 3. Caches and state outside the checkout, then inside it. A mount left below the engine's
+# directories (dockerd binds its default network namespace under its exec root and does not
+# always unmount it when stopped) would make rm fail with "Device or resource busy": unmount
+# those first, the deepest first.
+for root in "$DOCKER_DATA" "$DOCKER_RUN"; do
+  awk -v root="$root" '$2 == root || index($2, root "/") == 1 {print $2}' /proc/mounts | sort -r |
+    while read -r mountpoint; do run umount -l "$mountpoint"; done
+done
 for path in "$CACHE_ROOT" "$DOCKER_DATA" "$DOCKER_RUN" \
             .venv bin .dev .deploy .deploy-test .images .bench .pytest_cache; do
   [ -e "$path" ] || [ -L "$path" ] || continue

@@ -46,7 +46,9 @@ class CountingKube:
         self.writes += 1
 
 
-def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectView], list[ObjectView]]:
+def settled_status(now: datetime) -> tuple[dict, list[dict]]:
+    """A reconciled object's status parts with nothing used yet: its zero usage of today and this
+    month, and the condition saying no budget is spent (what the write-back starts from)."""
     zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
     within = [
         {
@@ -58,6 +60,11 @@ def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectVi
             "observedGeneration": 1,
         }
     ]
+    return zero, within
+
+
+def make_views(n_keys: int, n_quotas: int, now: datetime) -> tuple[list[ObjectView], list[ObjectView]]:
+    zero, within = settled_status(now)
     quotas = [
         ObjectView(
             "bench",
@@ -172,17 +179,7 @@ async def run_real(n_keys: int, n_quotas: int, redis_url: str, kubeconfig: str, 
     print(f"creating {n_keys} AtlasKeys and {n_quotas} AtlasQuotas in {namespace} (real API server) ...")
     t0 = time.perf_counter()
     now = datetime.now(timezone.utc)
-    zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
-    within = [
-        {
-            "type": "QuotaExhausted",
-            "status": "False",
-            "reason": "WithinBudget",
-            "message": "no day or month budget is spent",
-            "lastTransitionTime": "2026-01-01T00:00:00Z",
-            "observedGeneration": 1,
-        }
-    ]
+    zero, within = settled_status(now)
 
     async def create(plural: str, name: str, spec: dict) -> None:
         await api._run(

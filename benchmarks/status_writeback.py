@@ -41,6 +41,7 @@ from atlas_operator import usage
 from atlas_operator.kube import ClientKubeApi
 from atlas_operator.views import ObjectView
 
+from . import operator_scale
 from .procs import cpu_seconds
 from .status_staleness import GROUP, VERSION, percentile
 
@@ -96,17 +97,7 @@ class Index:
 
 
 def create_fleet(kube: ClientKubeApi, n: int, now: datetime) -> None:
-    zero = contract.Usage(day=contract.day_of(now), month=contract.month_of(now)).to_status()
-    within = [
-        {
-            "type": "QuotaExhausted",
-            "status": "False",
-            "reason": "WithinBudget",
-            "message": "no day or month budget is spent",
-            "lastTransitionTime": "2026-01-01T00:00:00Z",
-            "observedGeneration": 1,
-        }
-    ]
+    zero, within = operator_scale.settled_status(now)
     kube.core.create_namespace({"metadata": {"name": NAMESPACE}})
 
     def one(i: int) -> None:
